@@ -1,0 +1,160 @@
+"""The base class every autoencoder plugin derives from (the plugin contract).
+
+A subclass calls ``super().__init__(input_shape=..., latent_dim=...)`` and implements
+``encode``, ``decode``, ``loss`` and ``get_config``. Everything else here is shared.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from aecore.errors import ConfigError, ShapeError
+
+
+def check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints, without the batch axis."""
+    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
+        input_shape = (input_shape,)
+    if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
+        raise ConfigError(
+            f"input_shape must be a tuple of positive ints such as (64,) or (1, 28, 28); "
+            f"got {input_shape!r}"
+        )
+    shape = tuple(input_shape)
+    if not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ConfigError(
+            f"input_shape must be a non-empty tuple of positive ints; got {input_shape!r}"
+        )
+    return shape
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+class Autoencoder(nn.Module, abc.ABC):
+    """An autoencoder: ``encode`` to a ``(B, latent_dim)`` code, ``decode`` back.
+
+    Optional hooks the trainer uses when a subclass defines them:
+
+    * ``init_from_data(x)``: data-dependent initialisation (e.g. PCA) on a tensor of
+      normalised training inputs, called once before the first epoch of a fresh run.
+    * ``pretrain(batches, log)``: a pretraining stage run before fine-tuning (the deep
+      autoencoder's layer-wise RBMs).
+    * ``train_step(x) -> dict``: a model with its own update rule (an RBM) sets
+      ``uses_optimizer = False`` and updates its parameters itself.
+    * ``sample(n)``: draw ``n`` inputs from a generative model.
+    """
+
+    #: input ranks (without the batch axis) the model accepts; conv models say (3,)
+    input_ranks: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    #: False for models that update their own parameters in ``train_step``
+    uses_optimizer: ClassVar[bool] = True
+    #: a ``DemoRecipe`` (see aecore.demo) for ``aecore demo``, or None
+    demo: ClassVar[Any] = None
+
+    def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
+        super().__init__()
+        shape = check_input_shape(input_shape)
+        if len(shape) not in self.input_ranks:
+            expected = " or ".join(f"{r}-D" for r in self.input_ranks)
+            raise ConfigError(
+                f"{type(self).__name__} accepts {expected} input shapes "
+                f"(without the batch axis); got input_shape={shape}"
+            )
+        self.input_shape: tuple[int, ...] = shape
+        self.latent_dim: int = check_positive_int("latent_dim", latent_dim)
+        # set by aecore.load / the trainer: the data normalisation saved with the model
+        self.normalization = None
+
+    # -- the contract ---------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, *input_shape) -> (B, latent_dim)``, deterministic."""
+
+    @abc.abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim) -> (B, *input_shape)``."""
+
+    @abc.abstractmethod
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training objective: ``{"loss": scalar, <named terms>...}``."""
+
+    @abc.abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """JSON-able keywords that rebuild the model: ``type(m)(**m.get_config())``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.decode(self.encode(x))
+
+    # -- shared helpers -------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        """Number of input features, ``prod(input_shape)``."""
+        n = 1
+        for d in self.input_shape:
+            n *= d
+        return n
+
+    def base_config(self) -> dict[str, Any]:
+        """The two keywords every model has, in JSON form; subclasses extend it."""
+        return {"input_shape": list(self.input_shape), "latent_dim": self.latent_dim}
+
+    def check_input(self, x: Any) -> None:
+        """Raise a ShapeError unless ``x`` is a float tensor of shape (B, *input_shape)."""
+        if not isinstance(x, torch.Tensor):
+            raise ShapeError(
+                f"{type(self).__name__} expects a torch.Tensor of shape "
+                f"(B, {', '.join(map(str, self.input_shape))}); got {type(x).__name__}"
+            )
+        if not x.is_floating_point():
+            raise ShapeError(
+                f"{type(self).__name__} expects a floating-point tensor; got dtype {x.dtype}"
+            )
+        if torch.jit.is_tracing() or _is_exporting():
+            return
+        if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
+            expected = ", ".join(map(str, self.input_shape))
+            raise ShapeError(
+                f"{type(self).__name__} expects input of shape (B, {expected}); "
+                f"got {tuple(x.shape)}"
+            )
+
+    def check_code(self, z: Any) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ShapeError(
+                f"{type(self).__name__}.decode expects codes of shape "
+                f"(B, {self.latent_dim}); got {got}"
+            )
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample anomaly score: mean squared reconstruction error, shape (B,)."""
+        self.check_input(x)
+        was_training = self.training
+        self.eval()
+        try:
+            x_hat = self(x)
+        finally:
+            self.train(was_training)
+        return (x_hat - x).pow(2).flatten(1).mean(1)
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"
+
+
+def _is_exporting() -> bool:
+    """True while torch.export / the ONNX exporter traces the model (symbolic shapes)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())

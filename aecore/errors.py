@@ -1,0 +1,34 @@
+"""Exceptions. All derive from ValueError or RuntimeError, so existing handlers work;
+the CLI prints any AecoreError as one line without a traceback."""
+
+
+class AecoreError(Exception):
+    """Base of every error aecore raises on purpose (bad input, bad files, ...)."""
+
+
+class ConfigError(AecoreError, ValueError):
+    """A hyperparameter or constructor argument is out of range or of the wrong type."""
+
+
+class ShapeError(AecoreError, ValueError):
+    """A tensor or array has a shape the model or op does not accept."""
+
+
+class DataError(AecoreError, ValueError):
+    """A data source is missing, malformed or holds values that cannot be used."""
+
+
+class RegistryError(AecoreError, LookupError):
+    """A model name is unknown, broken, or claimed by two distributions."""
+
+
+class ModelFileError(AecoreError, ValueError):
+    """A saved model, checkpoint or ONNX file is not what it claims to be."""
+
+
+class TrainingError(AecoreError, RuntimeError):
+    """Training cannot go on (non-finite loss, interrupted, ...)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint to resume from."""

@@ -1,0 +1,64 @@
+"""Building blocks shared by the plugins: activations, MLPs, reconstruction losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aecore.params import choice
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
+}
+
+RECONSTRUCTIONS = ("mse", "bce")
+
+
+def activation(name: str, param: str = "activation") -> nn.Module:
+    return ACTIVATIONS[choice(param, name, list(ACTIVATIONS))]()
+
+
+def mlp(sizes: Sequence[int], act: str, *, final_activation: bool = False) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``act`` between them."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+def reconstruction_error(x_hat: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean reconstruction loss per element. ``bce`` takes *logits* in ``x_hat``
+    (numerically stable) and needs targets in [0, 1]."""
+    if kind == "mse":
+        return F.mse_loss(x_hat, x)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(x_hat, x)
+    raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}; got {kind!r}")
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def pca_basis(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and the top-k principal directions (k, D) of rows of ``x``; when the
+    data has fewer than k directions the rest are zero."""
+    x = flatten(x).double()
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    comps = torch.zeros(k, x.shape[1], dtype=x.dtype)
+    n = min(k, vh.shape[0])
+    comps[:n] = vh[:n]
+    return mean.float(), comps.float()

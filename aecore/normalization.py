@@ -1,0 +1,114 @@
+"""Data normalisation fitted on training data and stored with the model.
+
+numpy only: the torch-free runtime applies the same normalisation to ONNX inputs.
+Parameters are per feature (flattened input) and kept as float64 lists in JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+KINDS = ("minmax", "standardize", "none")
+_CHUNK = 65536  # rows per pass when fitting on memory-mapped data
+
+
+class Normalization:
+    """``minmax`` scales to [0, 1]; ``standardize`` to zero mean and unit variance;
+    ``none`` leaves data alone. ``shift``/``scale`` hold one value (global statistics,
+    the default for min-max so images stay images) or one per feature. Features with
+    scale 0 (constant on train) are only shifted."""
+
+    def __init__(self, kind: str = "none", shift=None, scale=None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"normalization must be one of {', '.join(KINDS)}; got {kind!r}")
+        self.kind = kind
+        self.shift = None if shift is None else np.asarray(shift, dtype=np.float64).ravel()
+        self.scale = None if scale is None else np.asarray(scale, dtype=np.float64).ravel()
+        if kind != "none" and (
+            self.shift is None or self.scale is None or self.shift.shape != self.scale.shape
+        ):
+            raise ValueError(f"normalization {kind!r} needs shift and scale of equal size")
+
+    @classmethod
+    def fit(cls, kind: str, data: np.ndarray, per_feature: bool | None = None) -> Normalization:
+        """Fit on ``data`` of shape (N, ...), streaming over rows (memory maps stay on
+        disk). ``per_feature`` defaults to False for minmax, True for standardize."""
+        if kind not in KINDS:
+            raise ValueError(f"normalization must be one of {', '.join(KINDS)}; got {kind!r}")
+        if kind == "none":
+            return cls("none")
+        n = len(data)
+        if n == 0:
+            raise ValueError("cannot fit a normalization on an empty array")
+        d = int(np.prod(data.shape[1:]))
+        lo = np.full(d, np.inf)
+        hi = np.full(d, -np.inf)
+        total = np.zeros(d)
+        total_sq = np.zeros(d)
+        for start in range(0, n, _CHUNK):
+            block = np.asarray(data[start : start + _CHUNK], dtype=np.float64).reshape(-1, d)
+            lo = np.minimum(lo, block.min(0))
+            hi = np.maximum(hi, block.max(0))
+            total += block.sum(0)
+            total_sq += np.square(block).sum(0)
+        if per_feature is None:
+            per_feature = kind == "standardize"
+        if not per_feature:
+            lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
+            total, total_sq = total.sum(keepdims=True) / d, total_sq.sum(keepdims=True) / d
+        if kind == "minmax":
+            shift, scale = lo, hi - lo
+        else:
+            mean = total / n
+            shift, scale = mean, np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+        scale = np.where(scale > 1e-12, scale, 0.0)
+        return cls(kind, shift, scale)
+
+    def _params(self, shape) -> tuple[np.ndarray, np.ndarray]:
+        d = int(np.prod(shape[1:]))
+        inv = np.where(self.scale > 0, 1.0 / np.where(self.scale > 0, self.scale, 1.0), 1.0)
+        if self.shift.size == 1:
+            return self.shift.reshape(()), inv.reshape(())
+        if self.shift.size != d:
+            raise ValueError(
+                f"normalization was fitted on {self.shift.size} features; data has {d} "
+                f"(shape {tuple(shape)})"
+            )
+        return self.shift.reshape(shape[1:]), inv.reshape(shape[1:])
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Normalise a batch (N, ...) -> float32."""
+        x = np.asarray(x)
+        if self.kind == "none":
+            return x.astype(np.float32, copy=False)
+        shift, inv = self._params(x.shape)
+        return ((x - shift) * inv).astype(np.float32)
+
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        """Map normalised values back to data units."""
+        x = np.asarray(x)
+        if self.kind == "none":
+            return x.astype(np.float32, copy=False)
+        shift, inv = self._params(x.shape)
+        return (x / inv + shift).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "none":
+            return {"kind": "none"}
+        return {"kind": self.kind, "shift": self.shift.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Normalization:
+        if not d:
+            return cls("none")
+        if not isinstance(d, dict) or "kind" not in d:
+            raise ValueError(f"malformed normalization record: {d!r}")
+        return cls(d["kind"], d.get("shift"), d.get("scale"))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Normalization) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Normalization({self.kind!r})"

@@ -1,0 +1,66 @@
+"""Hyperparameter checks shared by the plugins: each failure names the parameter,
+its value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from aecore.errors import ConfigError
+
+
+def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A real number in [low, high] (or open at either end)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ConfigError(f"{name} must be a number in {interval}; got {value!r}")
+    return float(value)
+
+
+def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{name} must be an int in {rng}; got {value!r}")
+    return value
+
+
+def int_list(name: str, value: Any, *, allow_empty: bool = True) -> list[int]:
+    """A list of positive ints such as hidden-layer widths."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or (not allow_empty and len(value) == 0)
+    ):
+        need = "a non-empty list" if not allow_empty else "a list"
+        raise ConfigError(f"{name} must be {need} of positive ints; got {value!r}")
+    return list(value)

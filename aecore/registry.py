@@ -1,0 +1,225 @@
+"""Model registry: variants are discovered through the ``aecore.models`` entry points.
+
+Discovery is lazy and cached: the entry-point table is read on first use and each
+plugin is imported the first time it is needed. A plugin that fails to import, or
+whose object is not an ``aecore.Autoencoder`` subclass, is listed as broken with its
+reason and a warning; it never breaks the registry or ``import aecore``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from aecore.errors import RegistryError
+
+GROUP = "aecore.models"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class BrokenPluginWarning(UserWarning):
+    """A registered plugin could not be loaded; the rest of the registry works."""
+
+
+@dataclass
+class ModelEntry:
+    """One registered model name and where it comes from."""
+
+    name: str
+    target: str  # "module:attr" as written in the entry point
+    distribution: str
+    version: str
+    claimants: list[str] = field(default_factory=list)  # "dist version" per claim
+    _cls: Any = None
+    _error: str | None = None
+    _loaded: bool = False
+
+    @property
+    def conflict(self) -> bool:
+        return len(self.claimants) > 1
+
+    def load(self) -> Any:
+        """The model class, importing the plugin on first call (None if broken)."""
+        if not self._loaded:
+            self._loaded = True
+            self._cls, self._error = _load_target(self)
+            if self._error is not None:
+                warnings.warn(
+                    f"aecore plugin {self.name!r} ({self.target}, from {self.distribution}) "
+                    f"is broken: {self._error}",
+                    BrokenPluginWarning,
+                    stacklevel=3,
+                )
+        return self._cls
+
+    @property
+    def status(self) -> str:
+        if self.conflict:
+            return "conflict"
+        self.load()
+        return "ok" if self._error is None else "broken"
+
+    @property
+    def reason(self) -> str | None:
+        if self.conflict:
+            return conflict_message(self)
+        self.load()
+        return self._error
+
+
+def conflict_message(entry: ModelEntry) -> str:
+    return f"model name {entry.name!r} is claimed by " + " and by ".join(entry.claimants)
+
+
+def _load_target(entry: ModelEntry) -> tuple[Any, str | None]:
+    from aecore.base import Autoencoder
+
+    if not NAME_PATTERN.match(entry.name):
+        return None, (
+            f"invalid model name {entry.name!r}: use lowercase letters, digits, '-' and '_'"
+        )
+    module_name, _, attr = entry.target.partition(":")
+    try:
+        import importlib
+
+        obj = importlib.import_module(module_name.strip())
+        for part in attr.strip().split(".") if attr.strip() else []:
+            obj = getattr(obj, part)
+    except Exception as exc:  # a plugin's import may fail in any way
+        return None, f"import failed: {type(exc).__name__}: {exc}"
+    if not (isinstance(obj, type) and issubclass(obj, Autoencoder)):
+        return None, f"{entry.target} is {obj!r}, not a subclass of aecore.Autoencoder"
+    return obj, None
+
+
+_entries: dict[str, ModelEntry] | None = None
+_local: dict[str, type] = {}
+
+
+def _discover() -> dict[str, ModelEntry]:
+    global _entries
+    if _entries is not None:
+        return _entries
+    found: dict[str, ModelEntry] = {}
+    for dist in metadata.distributions():
+        dist_name = dist.metadata["Name"] or "<unknown>"
+        for ep in dist.entry_points:
+            if ep.group != GROUP:
+                continue
+            claimant = f"{dist_name} {dist.version}"
+            entry = found.get(ep.name)
+            if entry is None:
+                found[ep.name] = ModelEntry(
+                    ep.name, ep.value, dist_name, dist.version, claimants=[claimant]
+                )
+            elif entry.target != ep.value or _norm(entry.distribution) != _norm(dist_name):
+                # the same distribution seen twice on sys.path is not a conflict
+                if claimant not in entry.claimants:
+                    entry.claimants.append(claimant)
+    for name, cls in _local.items():
+        found[name] = ModelEntry(
+            name,
+            f"{cls.__module__}:{cls.__qualname__}",
+            "<registered in process>",
+            "",
+            claimants=["<registered in process>"],
+            _cls=cls,
+            _loaded=True,
+        )
+    _entries = dict(sorted(found.items()))
+    return _entries
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def refresh() -> None:
+    """Forget the cached entry-point table (after installing a plugin at run time)."""
+    global _entries
+    _entries = None
+    metadata_cache = getattr(metadata, "_cache_clear", None)
+    if metadata_cache:
+        metadata_cache()
+
+
+def register(name: str, cls: type) -> None:
+    """Register a model class in this process only (tests, notebooks).
+
+    Packages should use the ``aecore.models`` entry-point group instead, so the model
+    can be found by ``aecore load`` in any process.
+    """
+    from aecore.base import Autoencoder
+
+    if not NAME_PATTERN.match(name):
+        raise RegistryError(
+            f"invalid model name {name!r}: use lowercase letters, digits, '-' and '_'"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, Autoencoder)):
+        raise RegistryError(f"{cls!r} is not a subclass of aecore.Autoencoder")
+    existing = _discover().get(name)
+    if existing is not None and existing.load() is not cls:
+        raise RegistryError(
+            f"model name {name!r} is already registered by {existing.distribution} "
+            f"({existing.target})"
+        )
+    _local[name] = cls
+    refresh()
+
+
+def unregister(name: str) -> None:
+    """Undo ``register`` for a name registered in this process."""
+    _local.pop(name, None)
+    refresh()
+
+
+def model_entries() -> list[ModelEntry]:
+    """Every registered name with its origin and status (``ok``, ``broken``, ``conflict``)."""
+    return list(_discover().values())
+
+
+def list_models(include_broken: bool = False) -> list[str]:
+    """Names of the usable models (all names with ``include_broken=True``)."""
+    return [e.name for e in model_entries() if include_broken or e.status == "ok"]
+
+
+def model_class(name: str) -> type:
+    """The class registered as ``name``."""
+    if not isinstance(name, str):
+        raise RegistryError(f"model name must be a string; got {name!r}")
+    entries = _discover()
+    entry = entries.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        available = ", ".join(e for e in entries if entries[e].status == "ok") or "none"
+        raise RegistryError(f"unknown model {name!r}{hint} (available: {available})")
+    if entry.conflict:
+        raise RegistryError(conflict_message(entry))
+    cls = entry.load()
+    if cls is None:
+        raise RegistryError(f"model {name!r} is broken: {entry.reason}")
+    return cls
+
+
+def create(name: str, *, input_shape: Any, latent_dim: int, **hparams: Any):
+    """Build the model registered as ``name``."""
+    cls = model_class(name)
+    return cls(input_shape=input_shape, latent_dim=latent_dim, **hparams)
+
+
+def name_of(model_or_cls: Any) -> str:
+    """The registry name of a model instance or class."""
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    for entry in model_entries():
+        if not entry.conflict and entry.load() is cls:
+            return entry.name
+    raise RegistryError(
+        f"{cls.__module__}.{cls.__qualname__} is not a registered model: register it "
+        f"under the '{GROUP}' entry-point group (or aecore.registry.register for a "
+        f"process-local model) before saving it"
+    )

@@ -1,0 +1,138 @@
+"""``ae``: the plain undercomplete autoencoder, an MLP over flattened inputs.
+
+The encoder and decoder are each a linear map plus a nonlinear MLP branch added to
+it. A linear autoencoder's optimum is PCA's subspace, so with ``init="pca"`` the
+linear paths start at PCA (fitted on the training data) and the nonlinear branches
+start at zero output: training begins at PCA's reconstruction and early stopping can
+only keep what improves on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aecore import params
+from aecore.base import Autoencoder
+from aecore.demo import DemoRecipe
+from aecore.errors import ConfigError
+from aecore.layers import (
+    ACTIVATIONS,
+    RECONSTRUCTIONS,
+    flatten,
+    mlp,
+    pca_basis,
+    reconstruction_error,
+)
+from aecore.layers import activation as make_activation
+
+
+class PlainAutoencoder(Autoencoder):
+    """MLP autoencoder for inputs of any shape (flattened to ``prod(input_shape)``)."""
+
+    demo = DemoRecipe(data="digits", latent_dim=8, epochs=120)
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        hidden=(256,),
+        activation="relu",
+        output_activation="identity",
+        reconstruction="mse",
+        linear_path=True,
+        init="pca",
+        dropout=0.0,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.hidden = params.int_list("hidden", hidden)
+        self.activation = params.choice("activation", activation, list(ACTIVATIONS))
+        self.output_activation = params.choice(
+            "output_activation", output_activation, ["identity", "sigmoid"]
+        )
+        self.reconstruction = params.choice("reconstruction", reconstruction, RECONSTRUCTIONS)
+        if self.reconstruction == "bce" and self.output_activation != "sigmoid":
+            raise ConfigError(
+                "reconstruction='bce' needs output_activation='sigmoid' (inputs in [0, 1]); "
+                f"got output_activation={output_activation!r}"
+            )
+        if not isinstance(linear_path, bool):
+            raise ConfigError(f"linear_path must be true or false; got {linear_path!r}")
+        self.linear_path = linear_path
+        self.init = params.choice("init", init, ["pca", "random"])
+        self.dropout = params.number("dropout", dropout, low=0.0, high=1.0, high_open=True)
+
+        d, k = self.input_size, self.latent_dim
+        self.encoder_mlp = self._branch([d, *self.hidden, k])
+        self.decoder_mlp = self._branch([k, *reversed(self.hidden), d])
+        self.encoder_linear = nn.Linear(d, k) if linear_path else None
+        self.decoder_linear = nn.Linear(k, d) if linear_path else None
+        self.output = make_activation(self.output_activation, "output_activation")
+
+    def _branch(self, sizes: list[int]) -> nn.Sequential:
+        net = mlp(sizes, self.activation)
+        if self.dropout > 0:
+            # dropout after each hidden activation, never on the code or the output
+            layers: list[nn.Module] = []
+            for layer in net:
+                layers.append(layer)
+                if not isinstance(layer, nn.Linear):
+                    layers.append(nn.Dropout(self.dropout))
+            net = nn.Sequential(*layers)
+        return net
+
+    def get_config(self) -> dict:
+        return {
+            **self.base_config(),
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "output_activation": self.output_activation,
+            "reconstruction": self.reconstruction,
+            "linear_path": self.linear_path,
+            "init": self.init,
+            "dropout": self.dropout,
+        }
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """PCA initialisation of the linear paths; nonlinear branches output zero."""
+        if not (self.linear_path and self.init == "pca"):
+            return
+        mean, comps = pca_basis(x, self.latent_dim)
+        mean, comps = mean.to(self.encoder_linear.weight), comps.to(self.encoder_linear.weight)
+        self.encoder_linear.weight.copy_(comps)
+        self.encoder_linear.bias.copy_(-comps @ mean)
+        self.decoder_linear.weight.copy_(comps.T)
+        self.decoder_linear.bias.copy_(mean)
+        for branch in (self.encoder_mlp, self.decoder_mlp):
+            last = [m for m in branch if isinstance(m, nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.zero_()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        flat = flatten(x)
+        z = self.encoder_mlp(flat)
+        if self.encoder_linear is not None:
+            z = z + self.encoder_linear(flat)
+        return z
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_code(z)
+        out = self.decoder_mlp(z)
+        if self.decoder_linear is not None:
+            out = out + self.decoder_linear(z)
+        return out
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.output(self._logits(z)).reshape(-1, *self.input_shape)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self._logits(self.encode(x))
+        target = flatten(x)
+        if self.reconstruction == "bce":
+            recon = reconstruction_error(logits, target, "bce")
+        else:
+            recon = reconstruction_error(self.output(logits), target, "mse")
+        return {"loss": recon, "recon": recon}

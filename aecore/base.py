@@ -53,6 +53,9 @@ class Autoencoder(nn.Module, abc.ABC):
     * ``train_step(x) -> dict``: a model with its own update rule (an RBM) sets
       ``uses_optimizer = False`` and updates its parameters itself.
     * ``sample(n)``: draw ``n`` inputs from a generative model.
+    * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
+      (floats; a ``"baselines"`` dict of label -> test MSE adds rows to its table).
+    * ``demo_figures(prepared, out_dir) -> list[(caption, path)]``: extra demo figures.
     """
 
     #: input ranks (without the batch axis) the model accepts; conv models say (3,)

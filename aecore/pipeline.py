@@ -182,5 +182,5 @@ def evaluate(model, prepared: Prepared) -> dict[str, float]:
     result["ratio_to_pca"] = result["test_mse"] / max(result["pca_test_mse"], 1e-300)
     extra = getattr(model, "evaluation_metrics", None)
     if extra is not None:
-        result.update(extra(torch.as_tensor(test)))
+        result.update(extra(torch.as_tensor(test), prepared))
     return result

@@ -5,7 +5,10 @@ registered through the ``aecore.models`` entry-point group, exactly as a third-p
 package registers its own.
 """
 
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -22,6 +25,72 @@ BUILTIN_MODELS = [
     "rbm = aecore_plugins.rbm:RBM",
     "deep = aecore_plugins.deep:DeepAutoencoder",
 ]
+
+
+# --- kernels (csrc/): the CPU extension always, the CUDA one where torch has CUDA ---------
+
+
+def _kernel_extensions():
+    """ext_modules and cmdclass for aecore._C (CPU) and aecore._C_cuda (CUDA).
+
+    AECORE_CUDA=0|1 forces the CUDA extension off/on; by default it is built when torch
+    has CUDA and nvcc is found. Without torch or a compiler nothing is built and aecore
+    runs on its pure-PyTorch reference kernels.
+    """
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        return [], {}
+    csrc = "csrc"
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    exts = [
+        cpp_extension.CppExtension(
+            "aecore._C",
+            [f"{csrc}/ops_cpu.cpp"],
+            include_dirs=[str(ROOT / csrc)],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    want_cuda = os.environ.get("AECORE_CUDA")
+    has_cuda = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
+    try:
+        import torch
+
+        has_cuda = has_cuda and torch.version.cuda is not None
+    except ImportError:
+        has_cuda = False
+    if want_cuda == "1" or (want_cuda is None and has_cuda):
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "aecore._C_cuda",
+                [
+                    f"{csrc}/ops_cuda.cpp",
+                    f"{csrc}/cuda/rbm_cuda.cu",
+                    f"{csrc}/cuda/sparsity_cuda.cu",
+                ],
+                include_dirs=[str(ROOT / csrc)],
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]},
+            )
+        )
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """A failed kernel build warns and leaves aecore on its reference kernels."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # any compiler failure is non-fatal
+                print(
+                    f"WARNING: building {ext.name} failed ({exc}); aecore will use its "
+                    "pure-PyTorch reference kernels",
+                    file=sys.stderr,
+                )
+
+    return exts, {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = _kernel_extensions()
 
 setup(
     name="aecore",
@@ -49,4 +118,6 @@ setup(
         "console_scripts": ["aecore = aecore.cli:main"],
         "aecore.models": BUILTIN_MODELS,
     },
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

@@ -102,10 +102,10 @@ def check_shapes(cls, shape, hparams) -> None:
         x = _batch(shape, n, seed=2)
         with torch.no_grad():
             z = model.encode(x)
+            if tuple(z.shape) != (n, LATENT_DIM):
+                _fail(cls, "shapes", f"encode gave {tuple(z.shape)}, expected {(n, LATENT_DIM)}")
             x_hat = model.decode(z)
             y1, y2 = model(x), model(x)
-        if tuple(z.shape) != (n, LATENT_DIM):
-            _fail(cls, "shapes", f"encode gave {tuple(z.shape)}, expected {(n, LATENT_DIM)}")
         if tuple(x_hat.shape) != (n, *shape):
             _fail(cls, "shapes", f"decode gave {tuple(x_hat.shape)}, expected {(n, *shape)}")
         if not torch.equal(y1, y2):

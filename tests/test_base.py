@@ -1,0 +1,93 @@
+"""The base class contract and the `ae` plugin's own behaviour and errors."""
+
+import pytest
+import torch
+
+import aecore
+from aecore.errors import ConfigError, ShapeError
+
+
+def test_base_keeps_shape_and_latent_dim_and_forward_is_decode_of_encode():
+    m = aecore.create("ae", input_shape=[1, 4, 4], latent_dim=3).eval()
+    assert m.input_shape == (1, 4, 4) and m.latent_dim == 3 and m.input_size == 16
+    x = torch.rand(5, 1, 4, 4)
+    assert torch.equal(m(x), m.decode(m.encode(x)))
+    assert m.score(x).shape == (5,)
+    assert torch.allclose(m.score(x), (m(x) - x).pow(2).flatten(1).mean(1))
+
+
+def test_abstract_methods_are_required():
+    class Incomplete(aecore.Autoencoder):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete(input_shape=(3,), latent_dim=1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((5, 7), r"expects input of shape \(B, 6\); got \(5, 7\)"),
+        ((6,), r"expects input of shape \(B, 6\); got \(6,\)"),
+        ((2, 1, 6), r"expects input of shape \(B, 6\); got \(2, 1, 6\)"),
+    ],
+)
+def test_wrong_input_shape_says_expected_and_got(shape, message):
+    m = aecore.create("ae", input_shape=(6,), latent_dim=2)
+    with pytest.raises(ShapeError, match=message):
+        m(torch.rand(shape))
+
+
+def test_wrong_input_type_and_dtype():
+    m = aecore.create("ae", input_shape=(6,), latent_dim=2)
+    with pytest.raises(ShapeError, match=r"expects a torch.Tensor of shape \(B, 6\); got list"):
+        m.encode([[0.0] * 6])
+    with pytest.raises(ShapeError, match="expects a floating-point tensor; got dtype torch.int64"):
+        m(torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"decode expects codes of shape \(B, 2\); got \(4, 3\)"):
+        m.decode(torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"input_shape": (0,)},
+            "input_shape must be a non-empty tuple of positive ints; got \\(0,\\)",
+        ),
+        ({"input_shape": "64"}, "input_shape must be a tuple of positive ints"),
+        ({"latent_dim": 0}, "latent_dim must be a positive int; got 0"),
+        ({"hidden": [16, -1]}, "hidden must be a list of positive ints; got \\[16, -1\\]"),
+        ({"activation": "swish9"}, "activation must be one of 'relu', .*; got 'swish9'"),
+        ({"reconstruction": "l2"}, "reconstruction must be one of 'mse', 'bce'; got 'l2'"),
+        ({"reconstruction": "bce"}, "reconstruction='bce' needs output_activation='sigmoid'"),
+        ({"dropout": 1.0}, "dropout must be a number in \\[0, 1\\); got 1.0"),
+        ({"init": "xavier"}, "init must be one of 'pca', 'random'; got 'xavier'"),
+    ],
+)
+def test_ae_rejects_bad_hyperparameters(kwargs, message):
+    args = {"input_shape": (6,), "latent_dim": 2, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        aecore.create("ae", **args)
+
+
+def test_pca_init_reproduces_pca_before_training():
+    torch.manual_seed(0)
+    x = torch.randn(200, 10) @ torch.randn(10, 10)
+    m = aecore.create("ae", input_shape=(10,), latent_dim=3)
+    m.init_from_data(x)
+    xc = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    pca = xc @ vh[:3].T @ vh[:3] + x.mean(0)
+    with torch.no_grad():
+        assert torch.allclose(m(x), pca, atol=1e-4)
+
+
+def test_bce_variant_outputs_probabilities():
+    m = aecore.create(
+        "ae", input_shape=(6,), latent_dim=2, output_activation="sigmoid", reconstruction="bce"
+    )
+    x = torch.rand(4, 6)
+    y = m(x)
+    assert ((y >= 0) & (y <= 1)).all()
+    assert set(m.loss(x)) == {"loss", "recon"}

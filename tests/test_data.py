@@ -1,0 +1,218 @@
+"""Data sources, splits, normalisation, and their error messages."""
+
+import gzip
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from aecore.data import ArrayView, load_data, read_idx, split_indices
+from aecore.errors import DataError
+from aecore.normalization import Normalization
+
+
+def write_idx(path, array, magic_type=0x08, gz=False):
+    header = bytes([0, 0, magic_type, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    payload = header + array.astype(">u1" if magic_type == 0x08 else ">f4").tobytes()
+    if gz:
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def test_digits_as_vectors_and_images():
+    vec, img = load_data("digits"), load_data("digits:image")
+    assert vec.x.shape == (1797, 64) and img.x.shape == (1797, 1, 8, 8)
+    assert vec.labels.shape == (1797,) and vec.x.max() == 16
+    np.testing.assert_array_equal(vec.x, img.x.reshape(1797, 64))
+
+
+def test_npy_is_memory_mapped(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(60, dtype=np.float32).reshape(20, 3))
+    ds = load_data(f"npy:{tmp_path / 'a.npy'}")
+    assert isinstance(ds.x, np.memmap) and ds.x.shape == (20, 3)
+
+
+def test_npz_uncompressed_member_is_memory_mapped_and_keys_are_chosen(tmp_path):
+    x = np.random.default_rng(0).random((30, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, other=np.zeros((2, 2)))
+    ds = load_data(f"npz:{tmp_path / 'd.npz'}")
+    assert isinstance(ds.x, np.memmap)
+    np.testing.assert_array_equal(ds.x, x)
+    np.testing.assert_array_equal(load_data(f"npz:{tmp_path / 'd.npz'}:other").x, np.zeros((2, 2)))
+    np.savez_compressed(tmp_path / "c.npz", data=x)
+    np.testing.assert_array_equal(load_data(f"npz:{tmp_path / 'c.npz'}").x, x)
+    with pytest.raises(DataError, match=r"no array 'nope' in .*d\.npz; it holds x, other"):
+        load_data(f"npz:{tmp_path / 'd.npz'}:nope")
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    with pytest.raises(DataError, match=r"holds several arrays \(a, b\); choose one"):
+        load_data(f"npz:{tmp_path / 'two.npz'}")
+
+
+def test_csv_with_header(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,c\n1,2,3\n4,5,6\n")
+    np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'd.csv'}").x, [[1, 2, 3], [4, 5, 6]])
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_images_and_labels(tmp_path, gz):
+    images = np.random.default_rng(1).integers(0, 255, (5, 4, 3)).astype(np.uint8)
+    labels = np.arange(5, dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    ip = write_idx(tmp_path / f"img-idx3-ubyte{suffix}", images, gz=gz)
+    lp = write_idx(tmp_path / f"lab-idx1-ubyte{suffix}", labels, gz=gz)
+    ds = load_data(f"idx:{ip}:{lp}")
+    assert ds.x.shape == (5, 1, 4, 3)
+    np.testing.assert_array_equal(ds.x[:, 0], images)
+    np.testing.assert_array_equal(ds.labels, labels)
+
+
+def test_idx_float_type(tmp_path):
+    arr = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_allclose(read_idx(write_idx(tmp_path / "f.idx", arr, magic_type=0x0D)), arr)
+
+
+def test_patches_are_normalised_like_ngs_exercise():
+    x = load_data("patches:500").x
+    assert x.shape == (500, 64)
+    assert 0.1 - 1e-6 <= x.min() and x.max() <= 0.9 + 1e-6
+
+
+# -- bad data: one clear line each ---------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"npy: file not found: .*nothere\.npy"):
+        load_data(f"npy:{tmp_path / 'nothere.npy'}")
+
+
+def test_unknown_source():
+    with pytest.raises(DataError, match=r"unknown data source 'mnist'.*expected one of digits"):
+        load_data("mnist")
+
+
+def test_idx_wrong_magic(tmp_path):
+    (tmp_path / "x.idx").write_bytes(b"\x12\x34\x08\x03" + b"\0" * 20)
+    with pytest.raises(DataError, match=r"is not an IDX file: wrong magic number 12340803"):
+        load_data(f"idx:{tmp_path / 'x.idx'}")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_truncated(tmp_path, gz):
+    p = write_idx(tmp_path / "t.idx", np.zeros((10, 4, 4), np.uint8))
+    payload = p.read_bytes()[:-30]
+    p.write_bytes(gzip.compress(payload) if gz else payload)
+    with pytest.raises(
+        DataError, match=r"is truncated: the header promises shape \(10, 4, 4\) \(160 bytes"
+    ):
+        load_data(f"idx:{p}")
+
+
+def test_nan_is_located(tmp_path):
+    x = np.ones((7, 3), np.float32)
+    x[5, 2] = np.nan
+    np.save(tmp_path / "n.npy", x)
+    with pytest.raises(DataError, match=r"nan at row 5, feature 2 \(1 non-finite value"):
+        load_data(f"npy:{tmp_path / 'n.npy'}")
+
+
+def test_inf_in_image_is_located(tmp_path):
+    x = np.ones((4, 1, 2, 2), np.float32)
+    x[3, 0, 1, 0] = -np.inf
+    np.save(tmp_path / "i.npy", x)
+    with pytest.raises(DataError, match=r"-inf at row 3, feature \(0, 1, 0\)"):
+        load_data(f"npy:{tmp_path / 'i.npy'}")
+
+
+def test_non_numeric_csv(tmp_path):
+    (tmp_path / "b.csv").write_text("a,b\n1,2\n3,oops\n")
+    with pytest.raises(DataError, match=r"line 3: non-numeric value 'oops'"):
+        load_data(f"csv:{tmp_path / 'b.csv'}")
+
+
+def test_ragged_csv(tmp_path):
+    (tmp_path / "r.csv").write_text("1,2\n3\n")
+    with pytest.raises(DataError, match=r"line 2: 1 columns, expected 2"):
+        load_data(f"csv:{tmp_path / 'r.csv'}")
+
+
+def test_empty_array(tmp_path):
+    np.save(tmp_path / "e.npy", np.zeros((0, 5), np.float32))
+    with pytest.raises(DataError, match=r"the data is empty \(shape \(0, 5\)\)"):
+        load_data(f"npy:{tmp_path / 'e.npy'}")
+
+
+def test_one_dimensional_array(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros(5, np.float32))
+    with pytest.raises(
+        DataError, match=r"expected an array of rows \(N, features...\).*got shape \(5,\)"
+    ):
+        load_data(f"npy:{tmp_path / 'v.npy'}")
+
+
+def test_pickled_npy_is_refused(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="not a plain numeric .npy array"):
+        load_data(f"npy:{tmp_path / 'o.npy'}")
+
+
+def test_not_a_zip(tmp_path):
+    (tmp_path / "z.npz").write_bytes(b"hello")
+    with pytest.raises(DataError, match="is not an .npz archive"):
+        load_data(f"npz:{tmp_path / 'z.npz'}")
+    assert zipfile  # the module under test reads zip archives directly
+
+
+# -- split and normalisation -----------------------------------------------------------
+@given(st.integers(10, 500), st.integers(0, 10**6))
+def test_split_is_a_seeded_partition(n, seed):
+    s = split_indices(n, val_fraction=0.1, test_fraction=0.2, seed=seed)
+    joined = np.concatenate([s.train, s.val, s.test])
+    assert sorted(joined.tolist()) == list(range(n))
+    again = split_indices(n, val_fraction=0.1, test_fraction=0.2, seed=seed)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip((s.train, s.val, s.test), (again.train, again.val, again.test))
+    )
+
+
+def test_split_rejects_bad_fractions():
+    with pytest.raises(DataError, match=r"val_fraction \+ test_fraction must be < 1"):
+        split_indices(10, val_fraction=0.5, test_fraction=0.5)
+
+
+@given(
+    hnp.arrays(
+        np.float64, st.tuples(st.integers(2, 30), st.integers(1, 6)), elements=st.floats(-1e3, 1e3)
+    ),
+    st.sampled_from(["minmax", "standardize"]),
+    st.booleans(),
+)
+def test_normalization_round_trips(x, kind, per_feature):
+    norm = Normalization.fit(kind, x, per_feature=per_feature)
+    y = norm.apply(x)
+    np.testing.assert_allclose(norm.invert(y), x, rtol=1e-4, atol=1e-2)
+    if kind == "minmax":
+        assert y.min() >= -1e-5 and y.max() <= 1 + 1e-5
+    assert Normalization.from_dict(norm.to_dict()) == norm
+
+
+def test_normalization_is_fitted_on_train_rows_only():
+    x = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    s = split_indices(10, val_fraction=0.0, test_fraction=0.3, seed=0)
+    norm = Normalization.fit("minmax", ArrayView(x, s.train))
+    lo, hi = x[s.train].min(), x[s.train].max()
+    assert norm.shift[0] == lo and norm.scale[0] == hi - lo
+
+
+def test_array_view_reads_only_the_rows_asked(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.save(tmp_path / "a.npy", x)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    view = ArrayView(mm, np.array([7, 2, 5]), Normalization("minmax", [0.0], [39.0]))
+    np.testing.assert_allclose(view[np.array([2, 0])], x[[5, 7]] / 39.0)
+    np.testing.assert_allclose(view[1], x[2] / 39.0)

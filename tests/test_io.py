@@ -1,0 +1,138 @@
+"""Model folders: round trip, refusal to overwrite, and files that are not what they claim."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import aecore
+from aecore.errors import ModelFileError
+from aecore.normalization import Normalization
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = aecore.create("ae", input_shape=(6,), latent_dim=2, hidden=[8])
+    model.normalization = Normalization("standardize", np.arange(6.0), np.ones(6) * 2)
+    aecore.save(model, tmp_path / "m", metrics={"test_mse": 0.5}, data={"source": "digits"})
+    return model, tmp_path / "m"
+
+
+def test_round_trip(saved):
+    model, path = saved
+    loaded = aecore.load(path)
+    x = torch.rand(4, 6)
+    assert torch.equal(model.eval()(x), loaded(x))
+    assert not loaded.training
+    assert loaded.normalization == model.normalization
+    record = json.loads((path / "model.json").read_text())
+    assert record["model"] == "ae" and record["config"] == model.get_config()
+    assert record["metrics"] == {"test_mse": 0.5} and record["input_shape"] == [6]
+    assert record["aecore_version"] == aecore.__version__ and record["torch_version"]
+    assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_refuses_to_overwrite_a_saved_model(saved):
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    with pytest.raises(ModelFileError, match="already holds a saved model; pass overwrite=True"):
+        aecore.save(model, path)
+    assert (path / "model.safetensors").read_bytes() == before
+    aecore.save(model, path, overwrite=True)
+
+
+class Boom:
+    """Unpickling this creates a file: proof that something was executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_renamed_safetensors_is_refused_and_never_executed(saved, tmp_path):
+    _, path = saved
+    marker = tmp_path / "executed"
+    (path / "model.safetensors").write_bytes(pickle.dumps(Boom(str(marker))))
+    with pytest.raises(ModelFileError, match="not a safetensors file: it looks like a pickle"):
+        aecore.load(path)
+    torch.save({"w": torch.zeros(1)}, path / "model.safetensors")
+    with pytest.raises(ModelFileError, match="not a safetensors file: it looks like a pickle"):
+        aecore.load(path)
+    assert not marker.exists()
+
+
+def test_corrupt_header(saved):
+    _, path = saved
+    blob = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + blob[8:])
+    with pytest.raises(ModelFileError, match=r"corrupt header \(claims 1000000000000 header bytes"):
+        aecore.load(path)
+    n = int.from_bytes(blob[:8], "little")
+    (path / "model.safetensors").write_bytes(blob[:8] + b"{" * n + blob[8 + n :])
+    with pytest.raises(ModelFileError, match="corrupt header"):
+        aecore.load(path)
+
+
+def test_truncated_weights(saved):
+    _, path = saved
+    blob = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(blob[:-40])
+    with pytest.raises(
+        ModelFileError, match="truncated or corrupt: tensor .* lies outside the file"
+    ):
+        aecore.load(path)
+
+
+def test_weights_that_do_not_match_the_config(saved):
+    _, path = saved
+    record = json.loads((path / "model.json").read_text())
+    record["config"]["hidden"] = [9]
+    (path / "model.json").write_text(json.dumps(record))
+    with pytest.raises(
+        ModelFileError,
+        match=r"do not match the model config: .*has shape \(8, 6\), the config builds \(9, 6\)",
+    ):
+        aecore.load(path)
+
+
+def test_unknown_model_name(saved):
+    _, path = saved
+    record = json.loads((path / "model.json").read_text())
+    record["model"] = "no-such-model"
+    (path / "model.json").write_text(json.dumps(record))
+    with pytest.raises(ModelFileError, match="unknown model 'no-such-model'"):
+        aecore.load(path)
+
+
+def test_config_the_model_rejects(saved):
+    _, path = saved
+    record = json.loads((path / "model.json").read_text())
+    record["config"]["activation"] = "swish9"
+    (path / "model.json").write_text(json.dumps(record))
+    with pytest.raises(
+        ModelFileError, match="saved config does not build: activation must be one of"
+    ):
+        aecore.load(path)
+    record["config"]["surprise"] = 1
+    (path / "model.json").write_text(json.dumps(record))
+    with pytest.raises(ModelFileError, match="does not fit ae: .*surprise"):
+        aecore.load(path)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(ModelFileError, match="not a model folder \\(no such directory\\)"):
+        aecore.load(tmp_path / "nothing")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ModelFileError, match="not a model folder \\(no model.json\\)"):
+        aecore.load(tmp_path / "d")
+    (tmp_path / "d" / "model.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="model.json is not valid JSON"):
+        aecore.load(tmp_path / "d")
+    (tmp_path / "d" / "model.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ModelFileError, match="is not an aecore model record"):
+        aecore.load(tmp_path / "d")

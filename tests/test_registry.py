@@ -1,0 +1,183 @@
+"""Entry-point discovery, broken plugins, name conflicts, third-party plugins."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import aecore
+from aecore import registry
+from aecore.errors import RegistryError
+
+HERE = Path(__file__).parent
+
+
+def make_dist(root: Path, name: str, version: str, entry_points: dict[str, str]) -> None:
+    """A minimal installed distribution (dist-info) declaring aecore.models entry points."""
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = ["[aecore.models]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def extra_site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.refresh()
+    yield tmp_path
+    monkeypatch.undo()
+    registry.refresh()
+
+
+def test_builtin_ae_is_discovered_through_entry_points():
+    entry = {e.name: e for e in registry.model_entries()}["ae"]
+    assert entry.distribution == "aecore"
+    assert entry.target == "aecore_plugins.ae:PlainAutoencoder"
+    assert "ae" in aecore.list_models()
+    assert aecore.model_class("ae").__name__ == "PlainAutoencoder"
+
+
+def test_create_builds_the_named_model():
+    model = aecore.create("ae", input_shape=(10,), latent_dim=3, hidden=[16])
+    assert isinstance(model, aecore.Autoencoder)
+    assert model.input_shape == (10,) and model.latent_dim == 3
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(RegistryError, match=r"unknown model 'aee'; did you mean 'ae'"):
+        aecore.model_class("aee")
+
+
+def test_broken_plugins_are_listed_with_reason_and_others_keep_working(extra_site):
+    (extra_site / "not_a_model_mod.py").write_text("class Thing:\n    pass\n")
+    make_dist(
+        extra_site,
+        "broken-plugins",
+        "1.0",
+        {
+            "missing-module": "no_such_module_xyz:Model",
+            "wrong-type": "not_a_model_mod:Thing",
+            "BadName": "not_a_model_mod:Thing",
+        },
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        usable = aecore.list_models()
+        entries = {e.name: e for e in registry.model_entries()}
+    assert "ae" in usable and "missing-module" not in usable
+    assert entries["missing-module"].status == "broken"
+    assert "ModuleNotFoundError" in entries["missing-module"].reason
+    assert "not a subclass of aecore.Autoencoder" in entries["wrong-type"].reason
+    assert "invalid model name 'BadName'" in entries["BadName"].reason
+    assert any(issubclass(w.category, registry.BrokenPluginWarning) for w in caught)
+    with pytest.raises(RegistryError, match="model 'missing-module' is broken: import failed"):
+        aecore.model_class("missing-module")
+    # the rest still works
+    assert aecore.create("ae", input_shape=(4,), latent_dim=2).latent_dim == 2
+
+
+def test_two_distributions_claiming_one_name_is_an_error_naming_both(extra_site):
+    (extra_site / "dup_mod.py").write_text(
+        "from aecore_plugins.ae import PlainAutoencoder as A\nclass B(A):\n    pass\n"
+    )
+    make_dist(extra_site, "first-dist", "1.0", {"dup": "dup_mod:A"})
+    make_dist(extra_site, "second-dist", "2.5", {"dup": "dup_mod:B"})
+    with pytest.raises(RegistryError) as err:
+        aecore.model_class("dup")
+    message = str(err.value)
+    assert "first-dist 1.0" in message and "second-dist 2.5" in message
+    assert {e.name: e.status for e in registry.model_entries()}["dup"] == "conflict"
+
+
+def test_process_local_registration_round_trip():
+    from aecore_plugins.ae import PlainAutoencoder
+
+    class Local(PlainAutoencoder):
+        pass
+
+    registry.register("local-ae", Local)
+    try:
+        assert aecore.model_class("local-ae") is Local
+        assert registry.name_of(Local(input_shape=(4,), latent_dim=2)) == "local-ae"
+        with pytest.raises(RegistryError, match="already registered"):
+            registry.register("ae", Local)
+    finally:
+        registry.unregister("local-ae")
+    with pytest.raises(RegistryError, match="not a registered model"):
+        registry.name_of(Local)
+
+
+def test_registry_import_is_lazy():
+    """import aecore must not import plugins (or even torch)."""
+    code = "import sys, aecore; print(json.dumps(['torch' in sys.modules, 'aecore_plugins.ae' in sys.modules]))"
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == [False, False]
+
+
+def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(HERE / "plugin_example"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "aecore", "models"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tiny" in listing and "aecore-example-plugin 0.3.0" in listing
+    out = tmp_path / "tiny-model"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aecore",
+            "train",
+            "tiny",
+            "--data",
+            "digits",
+            "--latent-dim",
+            "4",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    script = (
+        "import aecore, torch; from aecore.testing import check_autoencoder\n"
+        f"m = aecore.load({str(out)!r}); assert type(m).__name__ == 'TinyAutoencoder'\n"
+        "assert m(torch.rand(3, 64)).shape == (3, 64)\n"
+        "print(len(check_autoencoder('tiny')))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert int(ran.stdout.strip()) > 0

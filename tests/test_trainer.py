@@ -1,0 +1,279 @@
+"""Trainer: reproducibility, data kinds, early stopping, non-finite losses, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import aecore
+from aecore.errors import ConfigError, DataError, ModelFileError, ShapeError, TrainingError
+from aecore.errors import TrainingInterrupted
+from aecore.fileio import atomic_write, load_tensors
+from aecore.trainer import Trainer
+from aecore_plugins.ae import PlainAutoencoder
+
+X = np.random.default_rng(0).random((90, 6)).astype(np.float32)
+VAL = np.random.default_rng(1).random((20, 6)).astype(np.float32)
+
+
+def make(seed=0, **hp):
+    torch.manual_seed(seed)
+    hp.setdefault("hidden", [8])
+    return aecore.create("ae", input_shape=(6,), latent_dim=2, **hp)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fit(data=X, val=None, seed=0, **kw):
+    model = make(seed, dropout=kw.pop("dropout", 0.0))
+    kw.setdefault("epochs", 3)
+    kw.setdefault("batch_size", 16)
+    history = Trainer(seed=seed, device="cpu", progress=False, **kw).fit(model, data, val)
+    return model, history
+
+
+def test_same_seed_same_weights_different_seed_differs():
+    a, _ = fit(seed=3, dropout=0.1)
+    b, _ = fit(seed=3, dropout=0.1)
+    c, _ = fit(seed=4, dropout=0.1)
+    assert same(weights(a), weights(b))
+    assert not same(weights(a), weights(c))
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["ndarray", "tensor", "dataset", "dataloader"],
+)
+def test_accepts_arrays_tensors_datasets_and_loaders(kind):
+    t = torch.as_tensor(X)
+    data = {
+        "ndarray": X,
+        "tensor": t,
+        "dataset": TensorDataset(t, torch.zeros(len(t))),
+        "dataloader": DataLoader(TensorDataset(t), batch_size=16, shuffle=True),
+    }[kind]
+    model, history = fit(data, epochs=2)
+    assert len(history.epochs) == 2 and history.epochs[-1]["train_loss"] > 0
+
+
+def test_arrays_and_tensors_train_identically():
+    a, _ = fit(X)
+    b, _ = fit(torch.as_tensor(X))
+    assert same(weights(a), weights(b))
+
+
+def test_training_lowers_loss_and_writes_metrics(tmp_path):
+    model, history = fit(val=VAL, epochs=15, out_dir=tmp_path)
+    losses = history.metric("train_loss")
+    assert losses[-1] < losses[0]
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 16))
+    assert {"train_loss", "train_recon", "val_loss", "seconds"} <= set(lines[0])
+
+
+def test_early_stopping_restores_best_validation_weights():
+    # a tiny validation set that training quickly overfits against
+    model, history = fit(val=VAL[:3] * 3, epochs=40, patience=3, lr=0.05)
+    assert history.stopped_early
+    assert len(history.epochs) < 40
+    best = history.best_val_loss
+    assert best == min([history.best_val_loss, *history.metric("val_loss")])
+    final = Trainer(epochs=1, device="cpu")._evaluate(model, _val_batches(VAL[:3] * 3))["loss"]
+    assert final == pytest.approx(best, rel=1e-6)
+
+
+def _val_batches(v):
+    from aecore.trainer import _Batches
+
+    return _Batches(v, 16, False, 0, "val")
+
+
+class NanAfter(PlainAutoencoder):
+    """Returns a NaN loss on its n-th training call."""
+
+    nan_at = 5
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = 0
+
+    def loss(self, x):
+        terms = super().loss(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.nan_at:
+                terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_weights():
+    torch.manual_seed(0)
+    model = NanAfter(input_shape=(6,), latent_dim=2, hidden=[8])
+    trainer = Trainer(epochs=5, batch_size=30, device="cpu", progress=False)  # 3 steps per epoch
+    snapshots = []
+    original_step = trainer._step
+
+    def recording_step(*args):
+        snapshots.append(weights(model))
+        return original_step(*args)
+
+    trainer._step = recording_step
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss \(nan\) at epoch 2, step 2 \(global step 5\)"
+    ):
+        trainer.fit(model, X)
+    assert same(weights(model), snapshots[-1])
+    assert all(torch.isfinite(v).all() for v in weights(model).values())
+
+
+def test_grad_clip_bounds_the_update():
+    model = make(init="random")  # no data-dependent init between the snapshot and the step
+    before = weights(model)
+    Trainer(
+        epochs=1,
+        batch_size=90,
+        lr=1.0,
+        optimizer="sgd",
+        grad_clip=1e-6,
+        device="cpu",
+        progress=False,
+    ).fit(model, X)
+    change = sum((weights(model)[k] - before[k]).pow(2).sum() for k in before).sqrt()
+    assert 0 < change <= 1.1e-6  # float32 rounding of w + dw adds a little
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_resume_mid_epoch_is_exact(tmp_path, loader):
+    def data():
+        if loader:
+            return DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=16, shuffle=True)
+        return X
+
+    ref, ref_hist = fit(data(), val=VAL, epochs=4, dropout=0.2)
+
+    class StopAt:
+        def __init__(self, trainer, at):
+            self.trainer, self.at, self.calls = trainer, at, 0
+
+    model = make(dropout=0.2)
+    trainer = Trainer(
+        epochs=4, batch_size=16, seed=0, device="cpu", progress=False, out_dir=tmp_path
+    )
+    original = trainer._step
+    calls = {"n": 0}
+
+    def step(*args):
+        out = original(*args)
+        calls["n"] += 1
+        if calls["n"] == 9:  # mid epoch 2 (6 steps per epoch)
+            trainer.stop_requested = "SIGTERM"
+        return out
+
+    trainer._step = step
+    with pytest.raises(
+        TrainingInterrupted, match=r"interrupted by SIGTERM at step 9; checkpoint saved"
+    ):
+        trainer.fit(model, data(), VAL)
+
+    resumed = make(dropout=0.2)
+    hist = Trainer(
+        epochs=4, batch_size=16, seed=0, device="cpu", progress=False, out_dir=tmp_path, resume=True
+    ).fit(resumed, data(), VAL)
+    assert same(weights(resumed), weights(ref))
+    assert hist.metric("val_loss") == pytest.approx(ref_hist.metric("val_loss"), rel=1e-6)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3, 4]
+
+
+def test_resume_extends_a_finished_run_exactly(tmp_path):
+    ref, _ = fit(val=VAL, epochs=5)
+    model = make()
+    Trainer(epochs=2, batch_size=16, device="cpu", progress=False, out_dir=tmp_path).fit(
+        model, X, VAL
+    )
+    model = make(seed=99)  # weights come from the checkpoint, not from construction
+    Trainer(
+        epochs=5, batch_size=16, device="cpu", progress=False, out_dir=tmp_path, resume=True
+    ).fit(model, X, VAL)
+    assert same(weights(model), weights(ref))
+
+
+def test_checkpoint_is_pickle_free_safetensors(tmp_path):
+    fit(epochs=1, out_dir=tmp_path)
+    head = (tmp_path / "checkpoint.safetensors").read_bytes()[:8]
+    assert not head.startswith(b"\x80") and not head.startswith(b"PK")
+    tensors, meta = load_tensors(tmp_path / "checkpoint.safetensors")
+    assert meta["format"] == "aecore-checkpoint" and meta["epoch"] == 1
+    assert any(k.startswith("optim.") for k in tensors)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    fit(epochs=1, out_dir=tmp_path)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(
+        ConfigError, match=r"already holds a training run .*resume=True \(--resume\)"
+    ):
+        fit(epochs=1, out_dir=tmp_path)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="cannot resume: no checkpoint.safetensors in"):
+        fit(out_dir=tmp_path, resume=True)
+    fit(epochs=1, out_dir=tmp_path)
+    other = aecore.create("ae", input_shape=(6,), latent_dim=3, hidden=[8])
+    with pytest.raises(
+        ModelFileError, match="cannot resume: .* was written for a model with config"
+    ):
+        Trainer(epochs=2, batch_size=16, device="cpu", out_dir=tmp_path, resume=True).fit(other, X)
+    with pytest.raises(
+        ConfigError, match=r"cannot resume exactly: the checkpoint used batch_size=16"
+    ):
+        Trainer(epochs=2, batch_size=8, device="cpu", out_dir=tmp_path, resume=True).fit(make(), X)
+
+
+def test_atomic_write_keeps_the_previous_file_when_writing_fails(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def failing(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_bad_arguments_and_data():
+    with pytest.raises(ConfigError, match="epochs must be an int in \\[1, inf\\]; got 0"):
+        Trainer(epochs=0)
+    with pytest.raises(ConfigError, match="lr must be a number in \\(0, inf\\); got -1"):
+        Trainer(lr=-1)
+    with pytest.raises(ConfigError, match="device must be one of"):
+        Trainer(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+            Trainer(device="cuda")
+    with pytest.raises(
+        DataError, match="expected an ndarray, tensor, torch Dataset or DataLoader; got str"
+    ):
+        fit("digits")
+    with pytest.raises(DataError, match="the data is empty"):
+        fit(np.zeros((0, 6), np.float32))
+    with pytest.raises(
+        ShapeError,
+        match=r"does not fit the model: .*expects input of shape \(B, 6\); got \(16, 5\)",
+    ):
+        fit(np.zeros((20, 5), np.float32))
+    with pytest.raises(ConfigError, match="expects an aecore.Autoencoder; got Linear"):
+        Trainer().fit(torch.nn.Linear(2, 2), X)

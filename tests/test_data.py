@@ -81,7 +81,7 @@ def test_idx_float_type(tmp_path):
 def test_patches_are_normalised_like_ngs_exercise():
     x = load_data("patches:500").x
     assert x.shape == (500, 64)
-    assert 0.1 - 1e-6 <= x.min() and x.max() <= 0.9 + 1e-6
+    assert x.min() >= 0.1 - 1e-6 and x.max() <= 0.9 + 1e-6
 
 
 # -- bad data: one clear line each ---------------------------------------------------

@@ -1,0 +1,136 @@
+"""``denoising``: the denoising autoencoder of Vincent et al. (2008).
+
+Training corrupts each batch afresh inside ``loss`` and asks the network to reconstruct
+the *clean* input, so it must learn the data's structure rather than the identity.
+Inference (``encode``, ``forward``) is the clean, deterministic path. The body is the
+``ae`` plugin's MLP (linear path + nonlinear branch, PCA initialisation).
+
+Corruptions (values in the model's normalised units):
+
+* ``gaussian``: add N(0, sigma^2) noise to every element;
+* ``masking``: set each element to 0 with probability ``p``;
+* ``salt_pepper``: with probability ``p`` set an element to the batch's minimum or
+  maximum (each with probability 1/2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from aecore_plugins.ae import PlainAutoencoder
+
+from aecore import params
+from aecore.demo import DemoRecipe
+from aecore.layers import flatten, reconstruction_error
+
+CORRUPTIONS = ("gaussian", "masking", "salt_pepper")
+
+
+def corrupt(
+    x: torch.Tensor,
+    kind: str,
+    *,
+    sigma: float = 0.0,
+    p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A corrupted copy of ``x`` (``x`` itself is left alone); see the module docstring."""
+    if kind == "gaussian":
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x + sigma * noise
+    hit = torch.rand(x.shape, generator=generator, device=x.device) < p
+    if kind == "masking":
+        return x.masked_fill(hit, 0.0)
+    if kind == "salt_pepper":
+        salt = torch.rand(x.shape, generator=generator, device=x.device) < 0.5
+        extreme = torch.where(salt, x.max(), x.min())
+        return torch.where(hit, extreme, x)
+    raise ValueError(f"corruption must be one of {CORRUPTIONS}; got {kind!r}")
+
+
+class DenoisingAutoencoder(PlainAutoencoder):
+    """The ``ae`` MLP trained to undo random corruption of its inputs."""
+
+    demo = DemoRecipe(
+        data="digits",
+        latent_dim=16,
+        epochs=150,
+        hparams={"corruption": "masking", "p": 0.3},
+    )
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        corruption="masking",
+        sigma=0.3,
+        p=0.3,
+        **mlp_hparams,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim, **mlp_hparams)
+        self.corruption = params.choice("corruption", corruption, CORRUPTIONS)
+        # both are checked whatever the corruption, so a config never holds a bad value
+        self.sigma = params.number("sigma", sigma, low=0.0)
+        self.p = params.number("p", p, low=0.0, high=1.0)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "corruption": self.corruption,
+            "sigma": self.sigma,
+            "p": self.p,
+        }
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x`` corrupted by this model's noise process (fresh draws on every call)."""
+        return corrupt(x, self.corruption, sigma=self.sigma, p=self.p, generator=generator)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_input(x)
+        logits = self._logits(self.encode(self.corrupt(x)))
+        target = flatten(x)  # the clean input
+        if self.reconstruction == "bce":
+            recon = reconstruction_error(logits, target, "bce")
+        else:
+            recon = reconstruction_error(self.output(logits), target, "mse")
+        return {"loss": recon, "recon": recon}
+
+    @torch.no_grad()
+    def denoising_mse(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """MSE against clean ``x`` of the corrupted inputs and of their reconstructions."""
+        was_training = self.training
+        self.eval()
+        try:
+            noisy = self.corrupt(x, generator)
+            denoised = self(noisy)
+        finally:
+            self.train(was_training)
+        return {
+            "corrupted_mse": float((noisy - x).pow(2).mean()),
+            "denoised_mse": float((denoised - x).pow(2).mean()),
+        }
+
+    def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict[str, float]:
+        return self.denoising_mse(x_test, torch.Generator().manual_seed(0))
+
+    def demo_figures(self, prepared, out_dir) -> list[tuple[str, Path]]:
+        from aecore import plots
+
+        clean = torch.as_tensor(prepared.view("test").to_numpy()[:12])
+        noisy = self.corrupt(clean, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            denoised = self.eval()(noisy)
+        path = plots.image_rows(
+            [
+                ("corrupted", noisy.numpy()),
+                ("denoised", denoised.numpy()),
+                ("clean", clean.numpy()),
+            ],
+            Path(out_dir) / "denoising.png",
+            f"{self.corruption} corruption",
+        )
+        return [("test inputs: corrupted / denoised / clean", path)]

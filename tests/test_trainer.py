@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from aecore_plugins.ae import PlainAutoencoder
 from torch.utils.data import DataLoader, TensorDataset
 
 import aecore
@@ -19,6 +18,7 @@ from aecore.errors import (
 )
 from aecore.fileio import atomic_write, load_tensors
 from aecore.trainer import Trainer
+from aecore_plugins.ae import PlainAutoencoder
 
 X = np.random.default_rng(0).random((90, 6)).astype(np.float32)
 VAL = np.random.default_rng(1).random((20, 6)).astype(np.float32)

@@ -1,0 +1,205 @@
+"""The aecore command: train / eval / models / info / demo, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import aecore
+from aecore.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ae8"
+    code = main(
+        [
+            "train",
+            "ae",
+            "--data",
+            "digits",
+            "--latent-dim",
+            "8",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "hidden=[32]",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_model_folder_with_metrics_and_checkpoint(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"model.json", "model.safetensors", "metrics.jsonl", "checkpoint.safetensors"} <= names
+    record = json.loads((trained / "model.json").read_text())
+    assert record["config"]["hidden"] == [32]
+    assert record["data"]["source"] == "digits" and record["data"]["split"]["test"] == 359
+    assert record["normalization"]["kind"] == "minmax"
+    assert record["metrics"]["pca_test_mse"] > 0
+
+
+def test_eval_compares_with_pca_on_the_same_split(trained, capsys):
+    code, out, _ = run(capsys, "eval", str(trained))
+    assert code == 0
+    assert "PCA (8 components)" in out and "test split of 359 rows" in out
+    code, out, _ = run(capsys, "eval", str(trained), "--json")
+    metrics = json.loads(out)
+    saved = json.loads((trained / "model.json").read_text())["metrics"]
+    assert metrics["test_mse"] == pytest.approx(saved["test_mse"], rel=1e-6)
+    assert metrics["pca_test_mse"] == pytest.approx(saved["pca_test_mse"], rel=1e-9)
+
+
+def test_resume_continues_and_a_second_train_refuses_to_overwrite(trained, capsys):
+    code, _, err = run(
+        capsys,
+        "train",
+        "ae",
+        "--data",
+        "digits",
+        "--latent-dim",
+        "8",
+        "--epochs",
+        "3",
+        "--out",
+        str(trained),
+        "--quiet",
+        "--set",
+        "hidden=[32]",
+    )
+    assert code == 1 and err.count("\n") == 1
+    assert "already holds a training run (checkpoint.safetensors); resume it" in err
+    code, out, _ = run(
+        capsys,
+        "train",
+        "ae",
+        "--data",
+        "digits",
+        "--latent-dim",
+        "8",
+        "--epochs",
+        "5",
+        "--out",
+        str(trained),
+        "--quiet",
+        "--set",
+        "hidden=[32]",
+        "--resume",
+    )
+    assert code == 0 and "of 5" in out
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3, 4, 5]
+
+
+def test_models_lists_name_class_distribution_and_status(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("ae "))
+    assert "aecore_plugins.ae.PlainAutoencoder" in row and f"aecore {aecore.__version__}" in row
+    assert row.rstrip().endswith("ok")
+
+
+def test_info_shows_versions_and_kernels(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and f"aecore {aecore.__version__}" in out and "torch " in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "nosuch", "--data", "digits", "--out", "{tmp}/x"], "unknown model 'nosuch'"),
+        (
+            ["train", "ae", "--data", "npy:{tmp}/missing.npy", "--out", "{tmp}/x"],
+            "npy: file not found",
+        ),
+        (
+            ["train", "ae", "--data", "digits", "--out", "{tmp}/x", "--set", "hidden"],
+            "--set expects key=value",
+        ),
+        (
+            ["train", "ae", "--data", "digits", "--out", "{tmp}/x", "--set", "dropout=2"],
+            "dropout must be a number in [0, 1); got 2",
+        ),
+        (
+            ["train", "ae", "--data", "digits", "--out", "{tmp}/x", "--epochs", "0"],
+            "epochs must be an int in [1, inf]; got 0",
+        ),
+        (["eval", "{tmp}/nothing"], "not a model folder"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 1
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_data_shape_the_model_does_not_accept(tmp_path, capsys):
+    from aecore import registry
+    from aecore_plugins.ae import PlainAutoencoder
+
+    class ImagesOnly(PlainAutoencoder):
+        input_ranks = (3,)
+
+    registry.register("images-only", ImagesOnly)
+    try:
+        code, _, err = run(
+            capsys,
+            "train",
+            "images-only",
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "m"),
+            "--epochs",
+            "1",
+            "--quiet",
+        )
+    finally:
+        registry.unregister("images-only")
+    assert code == 1
+    assert (
+        "ImagesOnly accepts 3-D input shapes (without the batch axis); got input_shape=(64,)" in err
+    )
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    ran = subprocess.run(
+        [sys.executable, "-m", "aecore", "--debug", "eval", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode != 0 and "Traceback" in ran.stderr and "ModelFileError" in ran.stderr
+
+
+def test_python_dash_m_and_console_script_agree():
+    ran = subprocess.run(
+        [sys.executable, "-m", "aecore", "--version"], capture_output=True, text=True
+    )
+    assert ran.stdout.strip() == f"aecore {aecore.__version__}"
+
+
+def test_demo_writes_report_and_figures(tmp_path, capsys, monkeypatch):
+    from aecore import demo
+    from aecore_plugins.ae import PlainAutoencoder
+
+    quick = demo.DemoRecipe(data="digits", latent_dim=2, epochs=2, hparams={"hidden": [16]})
+    monkeypatch.setattr(PlainAutoencoder, "demo", quick)
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path), "--models", "ae", "--quiet")
+    assert code == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| ae | digits | 2 |" in report
+    for png in ("reconstructions.png", "loss.png", "latent.png"):
+        data = (tmp_path / "ae" / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 2000
+        assert f"ae/{png}" in report

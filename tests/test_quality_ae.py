@@ -1,0 +1,17 @@
+"""Quality of the plain autoencoder on digits against PCA (80/20 split), through the
+same pipeline as `aecore train` (70/10/20 train/val/test; PCA fitted on train+val)."""
+
+import pytest
+
+from aecore.pipeline import train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("code_size", "max_ratio"), [(8, 0.5), (30, 1.0)])
+def test_ae_beats_pca_on_digits(code_size, max_ratio):
+    result = train(
+        "ae", "digits", None, latent_dim=code_size, epochs=200, seed=0, device="cpu", progress=False
+    )
+    m = result.metrics
+    assert m["test_rows"] == 359
+    assert m["test_mse"] <= max_ratio * m["pca_test_mse"], m

@@ -22,12 +22,14 @@ namespace cpu {
 
 // exp for float with ~2 ulp error, branch-free so that a loop over it vectorises
 // (glibc's expf is a scalar call per element and would dominate the pass). Cephes
-// range reduction and polynomial; inputs are clamped to the finite range.
+// range reduction and polynomial; inputs are clamped to the finite range. Needs
+// -fno-trapping-math to vectorise (the selects must not be kept as branches).
 inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f;
-  const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float nf = static_cast<float>(n);
+  const float nf = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
+  const int n = static_cast<int>(nf);
   const float r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -72,26 +74,62 @@ inline void row_range(int64_t rows, int nt, int tid, int64_t& r0, int64_t& r1) {
 
 namespace detail {
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define AECORE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define AECORE_CLONES
+#endif
+
+
 constexpr int64_t kChunk = 256;  // columns per Philox batch (multiple of 4)
 
-// Philox words for columns [c0, c0 + n) of `row`; c0 is a multiple of 4.
-inline void philox_words(uint32_t* out, int64_t row, int64_t c0, int64_t n, uint32_t k0,
+// Philox words for columns [c0, c0 + n) of `row` (c0 a multiple of 4, n <= kChunk):
+// out[4g + l] = lane l of philox(ctr = {c0/4 + g, row, stream, offset}). The counters are
+// kept as four arrays (structure of arrays) and the rounds run across all groups at once,
+// so the 32x32->64 multiplies vectorise; target_clones adds AVX2 / AVX-512 versions
+// picked at load time, the default build stays baseline x86-64.
+AECORE_CLONES static void philox_words(uint32_t* out, int64_t row, int64_t c0, int64_t n, uint32_t k0,
                          uint32_t k1, uint32_t stream, uint32_t offset) {
-  const int64_t g0 = c0 / 4;
+  constexpr int L = kChunk / 4;
+  alignas(64) uint32_t x0[L], x1[L], x2[L], x3[L];
+  const uint32_t g0 = static_cast<uint32_t>(c0 / 4);
+  for (int g = 0; g < L; ++g) {
+    x0[g] = g0 + static_cast<uint32_t>(g);
+    x1[g] = static_cast<uint32_t>(row);
+    x2[g] = stream;
+    x3[g] = offset;
+  }
+  uint32_t ka = k0, kb = k1;
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      ka += philox_detail::kW0;
+      kb += philox_detail::kW1;
+    }
+    for (int g = 0; g < L; ++g) {
+      const uint64_t p0 = static_cast<uint64_t>(philox_detail::kM0) * x0[g];
+      const uint64_t p1 = static_cast<uint64_t>(philox_detail::kM1) * x2[g];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ x1[g] ^ ka;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ x3[g] ^ kb;
+      x0[g] = n0;
+      x1[g] = static_cast<uint32_t>(p1);
+      x2[g] = n2;
+      x3[g] = static_cast<uint32_t>(p0);
+    }
+  }
   const int64_t ng = (n + 3) / 4;
   for (int64_t g = 0; g < ng; ++g) {
-    const Philox4x32 r = philox4x32_10(static_cast<uint32_t>(g0 + g), static_cast<uint32_t>(row),
-                                       stream, offset, k0, k1);
-    out[4 * g + 0] = r.v[0];
-    out[4 * g + 1] = r.v[1];
-    out[4 * g + 2] = r.v[2];
-    out[4 * g + 3] = r.v[3];
+    out[4 * g + 0] = x0[g];
+    out[4 * g + 1] = x1[g];
+    out[4 * g + 2] = x2[g];
+    out[4 * g + 3] = x3[g];
   }
 }
 
 template <typename T>
-void pass_rows(const UnitPass<T>& a, int64_t r0, int64_t r1, double* acc_mean, double* acc_state,
-               double* acc_data, double& sq) {
+__attribute__((always_inline)) inline void pass_rows_impl(const UnitPass<T>& a, int64_t r0,
+                                                          int64_t r1, double* acc_mean,
+                                                          double* acc_state, double* acc_data,
+                                                          double& sq) {
   const int64_t C = a.cols;
   uint32_t k0 = 0, k1 = 0, offset = 0;
   if (a.sample && !a.noise) {
@@ -152,6 +190,19 @@ void pass_rows(const UnitPass<T>& a, int64_t r0, int64_t r1, double* acc_mean, d
     if (acc_state)
       for (int64_t j = 0; j < C; ++j) acc_state[j] += static_cast<double>(st[j]);
   }
+}
+
+// Non-template entry points so that target_clones can compile the pass for AVX2 and
+// AVX-512 too (picked at load time); the default clone is baseline x86-64.
+AECORE_CLONES static void pass_rows(const UnitPass<float>& a, int64_t r0, int64_t r1,
+                                    double* acc_mean, double* acc_state, double* acc_data,
+                                    double& sq) {
+  pass_rows_impl<float>(a, r0, r1, acc_mean, acc_state, acc_data, sq);
+}
+AECORE_CLONES static void pass_rows(const UnitPass<double>& a, int64_t r0, int64_t r1,
+                                    double* acc_mean, double* acc_state, double* acc_data,
+                                    double& sq) {
+  pass_rows_impl<double>(a, r0, r1, acc_mean, acc_state, acc_data, sq);
 }
 
 }  // namespace detail

@@ -1,0 +1,271 @@
+// Unit tests of the torch-free kernels (no framework: each check prints and counts).
+//   * Philox-4x32-10 against the Random123 known-answer vectors (tests/kat_vectors).
+//   * The vectorised Philox batch against the scalar generator.
+//   * The fused unit pass against a plain scalar loop (means, samples, column sums).
+//   * Sampling frequencies against probabilities; KL and top-k against direct formulas.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels/philox.h"
+#include "kernels/rbm_cpu.h"
+#include "kernels/sparsity_cpu.h"
+
+static int failures = 0;
+#define CHECK(cond, ...)                                     \
+  do {                                                       \
+    if (!(cond)) {                                           \
+      ++failures;                                            \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                              \
+      std::printf("\n");                                     \
+    }                                                        \
+  } while (0)
+
+using namespace aecore;
+
+static void test_philox_kat() {
+  struct Kat {
+    uint32_t ctr[4], key[2], out[4];
+  };
+  // Random123 tests/kat_vectors, the three "philox4x32 10" lines.
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
+       {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Kat& k : kats) {
+    const Philox4x32 r =
+        philox4x32_10(k.ctr[0], k.ctr[1], k.ctr[2], k.ctr[3], k.key[0], k.key[1]);
+    for (int l = 0; l < 4; ++l)
+      CHECK(r.v[l] == k.out[l], "lane %d: got %08x want %08x", l, r.v[l], k.out[l]);
+  }
+}
+
+static void test_philox_batch() {
+  std::vector<uint32_t> words(cpu::detail::kChunk);
+  for (int64_t c0 : {0, 256, 1024}) {
+    for (int64_t n : {1, 3, 4, 5, 255, 256}) {
+      cpu::detail::philox_words(words.data(), 7, c0, n, 0x12345678u, 0x9abcdef0u, 3, 11);
+      for (int64_t j = 0; j < n; ++j) {
+        const Philox4x32 r = philox4x32_10(static_cast<uint32_t>((c0 + j) / 4), 7, 3, 11,
+                                           0x12345678u, 0x9abcdef0u);
+        CHECK(words[j] == r.v[j % 4], "c0=%ld n=%ld j=%ld", (long)c0, (long)n, (long)j);
+      }
+    }
+  }
+}
+
+static void test_uniforms() {
+  CHECK(uniform01<float>(0xffffffffu) < 1.0f, "float uniform reaches 1");
+  CHECK(uniform01<double>(0xffffffffu) < 1.0, "double uniform reaches 1");
+  CHECK(uniform01<float>(0) == 0.0f, "float uniform of 0");
+  float z0, z1;
+  box_muller<float>(0, 0, z0, z1);
+  CHECK(std::isfinite(z0) && std::isfinite(z1), "box-muller at u=0 not finite");
+}
+
+template <typename T>
+static double sigmoid_ref(double x) {
+  return 1.0 / (1.0 + std::exp(-x));
+}
+
+// The fused pass vs a scalar loop, with explicit uniforms and with Philox.
+template <typename T>
+static void test_unit_pass(int64_t rows, int64_t cols, bool gaussian, bool philox) {
+  std::mt19937 gen(42);
+  std::normal_distribution<double> nd(0.0, 2.0);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  std::vector<T> x(rows * cols), x0, bias(cols), noise(rows * cols), data(rows * cols),
+      state(rows * cols);
+  for (auto& e : x) e = static_cast<T>(nd(gen));
+  for (auto& e : bias) e = static_cast<T>(nd(gen));
+  for (auto& e : noise) e = static_cast<T>(gaussian ? nd(gen) : ud(gen));
+  for (auto& e : data) e = static_cast<T>(ud(gen) < 0.5);
+  x0 = x;
+  const int64_t rng[2] = {0x1234567890abcdefLL, 99};
+  std::vector<double> cs_mean(cols, 0.0), cs_state(cols, 0.0), cs_data(cols, 0.0);
+  double sq = 0.0;
+  UnitPass<T> p;
+  p.x = x.data();
+  p.rows = rows;
+  p.cols = cols;
+  p.bias = bias.data();
+  p.unit = gaussian ? Unit::Gaussian : Unit::Bernoulli;
+  p.sample = true;
+  p.state = state.data();
+  p.noise = philox ? nullptr : noise.data();
+  p.rng = rng;
+  p.stream = 5;
+  p.colsum_mean = cs_mean.data();
+  p.colsum_state = cs_state.data();
+  p.data = data.data();
+  p.colsum_data = cs_data.data();
+  p.sq_err = &sq;
+  cpu::unit_pass<T>(p);
+  const double tol = sizeof(T) == 4 ? 2e-6 : 1e-12;
+  std::vector<double> want_mean(cols, 0.0), want_state(cols, 0.0), want_data(cols, 0.0);
+  double want_sq = 0.0;
+  int64_t bad_mean = 0, bad_state = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t e = i * cols + j;
+      const T pre = static_cast<T>(x0[e] + bias[j]);
+      const double m = gaussian ? static_cast<double>(pre) : sigmoid_ref<T>(pre);
+      if (std::abs(static_cast<double>(x[e]) - m) > tol * (1 + std::abs(m))) ++bad_mean;
+      double s;
+      if (philox) {
+        const Philox4x32 r = philox4x32_10(static_cast<uint32_t>(j / 4),
+                                           static_cast<uint32_t>(i), 5, 99, 0x90abcdefu,
+                                           0x12345678u);
+        if (gaussian) {
+          T z0, z1;
+          const int pair = (j % 4) / 2;
+          box_muller<T>(r.v[2 * pair], r.v[2 * pair + 1], z0, z1);
+          s = static_cast<double>(x[e] + ((j % 2) == 0 ? z0 : z1));
+        } else {
+          s = uniform01<T>(r.v[j % 4]) < x[e] ? 1.0 : 0.0;
+        }
+      } else {
+        s = gaussian ? static_cast<double>(x[e] + noise[e]) : (noise[e] < x[e] ? 1.0 : 0.0);
+      }
+      if (static_cast<double>(state[e]) != s) ++bad_state;
+      want_mean[j] += static_cast<double>(x[e]);
+      want_state[j] += static_cast<double>(state[e]);
+      want_data[j] += static_cast<double>(data[e]);
+      const double d = static_cast<double>(data[e]) - static_cast<double>(x[e]);
+      want_sq += d * d;
+    }
+  }
+  CHECK(bad_mean == 0, "%ld means off (rows=%ld cols=%ld gaussian=%d)", (long)bad_mean,
+        (long)rows, (long)cols, gaussian);
+  CHECK(bad_state == 0, "%ld states off (rows=%ld cols=%ld gaussian=%d philox=%d)",
+        (long)bad_state, (long)rows, (long)cols, gaussian, philox);
+  for (int64_t j = 0; j < cols; ++j) {
+    CHECK(std::abs(cs_mean[j] - want_mean[j]) < 1e-9 * (1 + rows), "colsum mean %ld", (long)j);
+    CHECK(std::abs(cs_state[j] - want_state[j]) < 1e-9 * (1 + rows), "colsum state %ld",
+          (long)j);
+    CHECK(std::abs(cs_data[j] - want_data[j]) < 1e-9 * (1 + rows), "colsum data %ld", (long)j);
+  }
+  CHECK(std::abs(sq - want_sq) < 1e-9 * (1 + want_sq), "sq err %g vs %g", sq, want_sq);
+}
+
+// Sample frequencies of Philox Bernoulli draws match the probabilities.
+static void test_bernoulli_frequencies() {
+  const int64_t rows = 20000, cols = 8;
+  std::vector<float> x(rows * cols), bias(cols, 0.0f), state(rows * cols);
+  const float logits[8] = {-4.f, -2.f, -1.f, 0.f, 0.5f, 1.f, 2.f, 4.f};
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) x[i * cols + j] = logits[j];
+  const int64_t rng[2] = {2024, 7};
+  std::vector<double> cs(cols, 0.0);
+  UnitPass<float> p;
+  p.x = x.data();
+  p.rows = rows;
+  p.cols = cols;
+  p.bias = bias.data();
+  p.state = state.data();
+  p.rng = rng;
+  p.colsum_state = cs.data();
+  cpu::unit_pass<float>(p);
+  for (int64_t j = 0; j < cols; ++j) {
+    const double pj = 1.0 / (1.0 + std::exp(-logits[j]));
+    const double freq = cs[j] / rows;
+    const double se = std::sqrt(pj * (1 - pj) / rows);
+    CHECK(std::abs(freq - pj) < 5 * se, "col %ld: freq %g vs p %g", (long)j, freq, pj);
+  }
+}
+
+static void test_exp_approx() {
+  double worst = 0.0;
+  for (float x = -87.0f; x <= 88.0f; x += 0.0137f) {
+    const double e = static_cast<double>(cpu::exp_approx(x));
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(e - want) / want);
+  }
+  CHECK(worst < 5e-7, "exp_approx relative error %g", worst);
+  CHECK(cpu::sigmoid(-200.0f) >= 0.0f && cpu::sigmoid(-200.0f) < 1e-30f, "sigmoid(-200)");
+  CHECK(cpu::sigmoid(200.0f) == 1.0f, "sigmoid(200)");
+}
+
+static void test_kl() {
+  const int64_t rows = 37, cols = 5;
+  std::vector<double> h(rows * cols), mean(cols), grad(rows * cols), gmean(cols, 0.25);
+  std::mt19937 gen(1);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  for (auto& e : h) e = ud(gen) * 0.3;
+  for (int64_t i = 0; i < rows; ++i) h[i * cols + 4] = 0.0;  // a dead unit: clamped
+  const double rho = 0.1, beta = 3.0;
+  const double loss = cpu::kl_sparsity_forward<double>(h.data(), rows, cols, rho, beta,
+                                                       mean.data());
+  double want = 0.0;
+  for (int64_t j = 0; j < cols; ++j) {
+    double m = 0.0;
+    for (int64_t i = 0; i < rows; ++i) m += h[i * cols + j];
+    m /= rows;
+    CHECK(std::abs(mean[j] - m) < 1e-14, "mean %ld", (long)j);
+    const double q = std::min(std::max(m, cpu::kKlEps), 1 - cpu::kKlEps);
+    want += rho * std::log(rho / q) + (1 - rho) * std::log((1 - rho) / (1 - q));
+  }
+  CHECK(std::abs(loss - beta * want) < 1e-10, "loss %g want %g", loss, beta * want);
+  cpu::kl_sparsity_backward<double>(2.0, gmean.data(), mean.data(), rows, cols, rho, beta,
+                                    grad.data());
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double m = mean[j];
+      const double d = j == 4 ? 0.0 : -rho / m + (1 - rho) / (1 - m);
+      const double g = (2.0 * beta * d + 0.25) / rows;
+      CHECK(std::abs(grad[i * cols + j] - g) < 1e-12, "grad %ld %ld", (long)i, (long)j);
+    }
+}
+
+static void test_topk() {
+  const int64_t rows = 3, cols = 7, k = 3;
+  const float nan = std::nanf("");
+  const float z[rows * cols] = {1, 5, 3, 5, 2, 0, 5,  // ties: lower indices win
+                                -1, -2, nan, -3, 4, -4, 0, 9, 8, 7, 6, 5, 4, 3};
+  std::vector<float> out(rows * cols), grad(rows * cols), gout(rows * cols, 1.5f);
+  std::vector<int64_t> idx(rows * k);
+  cpu::topk_forward<float>(z, rows, cols, k, out.data(), idx.data());
+  const int64_t want[rows][k] = {{1, 3, 6}, {2, 4, 6}, {0, 1, 2}};
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t t = 0; t < k; ++t)
+      CHECK(idx[i * k + t] == want[i][t], "row %ld idx %ld = %ld", (long)i, (long)t,
+            (long)idx[i * k + t]);
+  CHECK(out[0] == 0 && out[1] == 5 && out[2] == 0 && out[3] == 5 && out[6] == 5, "row 0 values");
+  CHECK(std::isnan(out[7 + 2]) && out[7 + 4] == 4 && out[7 + 6] == 0 && out[7] == 0, "row 1");
+  cpu::topk_backward<float>(gout.data(), idx.data(), rows, cols, k, grad.data());
+  int kept = 0;
+  for (float g : grad) kept += g == 1.5f;
+  CHECK(kept == rows * k, "kept gradient entries %d", kept);
+  CHECK(grad[0] == 0 && grad[1] == 1.5f, "row 0 gradient");
+}
+
+int main() {
+  test_philox_kat();
+  test_philox_batch();
+  test_uniforms();
+  test_exp_approx();
+  for (bool gaussian : {false, true})
+    for (bool philox : {false, true}) {
+      test_unit_pass<float>(1, 1, gaussian, philox);
+      test_unit_pass<float>(3, 7, gaussian, philox);
+      test_unit_pass<float>(129, 301, gaussian, philox);  // > 1 chunk, threaded
+      test_unit_pass<double>(65, 517, gaussian, philox);
+    }
+  test_bernoulli_frequencies();
+  test_kl();
+  test_topk();
+  if (failures) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all kernel tests passed\n");
+  return 0;
+}

@@ -54,6 +54,7 @@ class Autoencoder(nn.Module, abc.ABC):
       ``uses_optimizer = False`` and updates its parameters itself.
     * ``sample(n)``: draw ``n`` inputs from a generative model.
     * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
+      on (up to 20000 rows of) the normalised test split
       (floats; a ``"baselines"`` dict of label -> test MSE adds rows to its table).
     * ``demo_figures(prepared, out_dir) -> list[(caption, path)]``: extra demo figures.
     """

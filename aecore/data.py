@@ -28,7 +28,7 @@ import numpy as np
 from aecore.errors import DataError
 from aecore.normalization import Normalization
 
-_SCAN_CHUNK = 65536
+_SCAN_BYTES = 32 * 2**20  # bytes read per pass when scanning memory-mapped data
 
 
 @dataclass
@@ -102,8 +102,9 @@ def as_dataset(x: Any, labels=None, source: str = "array", *, check_finite: bool
 def check_all_finite(x: np.ndarray, source: str) -> None:
     """Raise a DataError naming the first NaN/inf (row and feature index)."""
     n = len(x)
-    for start in range(0, n, _SCAN_CHUNK):
-        block = np.asarray(x[start : start + _SCAN_CHUNK])
+    chunk = max(1, _SCAN_BYTES // max(1, x[:1].nbytes))
+    for start in range(0, n, chunk):
+        block = np.asarray(x[start : start + chunk])
         bad = ~np.isfinite(block)
         if bad.any():
             where = np.argwhere(bad)[0]

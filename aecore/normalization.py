@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("minmax", "standardize", "none")
-_CHUNK = 65536  # rows per pass when fitting on memory-mapped data
+_CHUNK_BYTES = 32 * 2**20  # float64 working set per pass when fitting on memory maps
 
 
 class Normalization:
@@ -47,8 +47,9 @@ class Normalization:
         hi = np.full(d, -np.inf)
         total = np.zeros(d)
         total_sq = np.zeros(d)
-        for start in range(0, n, _CHUNK):
-            block = np.asarray(data[start : start + _CHUNK], dtype=np.float64).reshape(-1, d)
+        rows = max(1, _CHUNK_BYTES // (8 * d))
+        for start in range(0, n, rows):
+            block = np.asarray(data[start : start + rows], dtype=np.float64).reshape(-1, d)
             lo = np.minimum(lo, block.min(0))
             hi = np.maximum(hi, block.max(0))
             total += block.sum(0)

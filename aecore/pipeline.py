@@ -145,42 +145,58 @@ def train(
     return TrainResult(model, history, prepared, metrics)
 
 
-@torch.no_grad()
-def reconstruction_mse(model, x: np.ndarray, batch_size: int = 1024) -> float:
-    """Mean squared reconstruction error per element, in normalised units."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb = torch.as_tensor(x[start : start + batch_size])
-        total += float((model(xb) - xb).pow(2).sum())
-        count += xb.numel()
-    return total / count
+#: PCA is fitted on at most this many train+val rows (a seeded sample beyond that), so
+#: evaluating on data larger than memory stays bounded; test errors stream over all rows
+MAX_FIT_ROWS = 20000
+EVAL_BATCH = 1024
 
 
-def pca_mse(train: np.ndarray, test: np.ndarray, k: int) -> float:
-    """Test MSE of PCA with ``k`` components fitted on ``train``."""
-    a = train.reshape(len(train), -1).astype(np.float64)
-    b = test.reshape(len(test), -1).astype(np.float64)
+def pca_basis(fit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and top-``k`` principal directions (rows) of ``fit``."""
+    a = fit.reshape(len(fit), -1).astype(np.float64)
     mean = a.mean(0)
     _, _, vt = np.linalg.svd(a - mean, full_matrices=False)
-    comps = vt[: min(k, vt.shape[0])]
-    rec = (b - mean) @ comps.T @ comps + mean
-    return float(np.mean((rec - b) ** 2))
+    return mean, vt[: min(k, vt.shape[0])]
 
 
-def evaluate(model, prepared: Prepared) -> dict[str, float]:
-    """Test reconstruction MSE of ``model`` and of PCA at the same code size, fitted on
-    the same train+val rows, in the same normalised units."""
-    test = prepared.view("test").to_numpy()
-    fit_rows = np.concatenate([prepared.split.train, prepared.split.val])
-    fit = ArrayView(prepared.dataset.x, fit_rows, prepared.normalization).to_numpy()
-    result = {
-        "test_mse": reconstruction_mse(model, test),
-        "pca_test_mse": pca_mse(fit, test, model.latent_dim),
+def _sample_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
+@torch.no_grad()
+def evaluate(model, prepared: Prepared) -> dict[str, Any]:
+    """Test reconstruction MSE (per element, normalised units) of ``model`` and of PCA
+    with the same code size fitted on the same train+val rows, streamed over the test
+    split in batches."""
+    model.eval()
+    fit_rows = _sample_rows(
+        np.concatenate([prepared.split.train, prepared.split.val]), MAX_FIT_ROWS, 0
+    )
+    mean, comps = pca_basis(
+        ArrayView(prepared.dataset.x, fit_rows, prepared.normalization).to_numpy(),
+        model.latent_dim,
+    )
+    test = prepared.view("test")
+    model_sq = pca_sq = 0.0
+    count = 0
+    for start in range(0, len(test), EVAL_BATCH):
+        xb = test[np.arange(start, min(start + EVAL_BATCH, len(test)))]
+        t = torch.as_tensor(xb)
+        model_sq += float((model(t) - t).pow(2).sum())
+        flat = xb.reshape(len(xb), -1).astype(np.float64)
+        rec = (flat - mean) @ comps.T @ comps + mean
+        pca_sq += float(np.square(rec - flat).sum())
+        count += xb.size
+    result: dict[str, Any] = {
+        "test_mse": model_sq / count,
+        "pca_test_mse": pca_sq / count,
         "test_rows": len(test),
     }
     result["ratio_to_pca"] = result["test_mse"] / max(result["pca_test_mse"], 1e-300)
     extra = getattr(model, "evaluation_metrics", None)
     if extra is not None:
-        result.update(extra(torch.as_tensor(test), prepared))
+        sample = _sample_rows(np.arange(len(test)), MAX_FIT_ROWS, 1)
+        result.update(extra(torch.as_tensor(test[sample]), prepared))
     return result

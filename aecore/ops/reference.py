@@ -164,9 +164,11 @@ def cd_step(
 
 
 def _kl(h: Tensor, rho: float, beta: float) -> Tensor:
-    q = h.mean(0).clamp(KL_EPS, 1.0 - KL_EPS)
+    # The (H,) vector math runs in float64 as in the kernels: in float32, 1 - KL_EPS is
+    # off by 1% of KL_EPS, which moves the penalty of a saturated unit visibly.
+    q = h.mean(0).double().clamp(KL_EPS, 1.0 - KL_EPS)
     kl = rho * torch.log(rho / q) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - q))
-    return beta * kl.sum()
+    return (beta * kl.sum()).to(h.dtype)
 
 
 def kl_sparsity(h: Tensor, rho: float, beta: float = 1.0) -> Tensor:

@@ -1,0 +1,228 @@
+"""aecore.ops.kl_sparsity / topk_sparsify: fused kernels vs the reference oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aecore import ops
+from aecore.errors import ConfigError, ShapeError
+from aecore.ops import reference
+
+needs_ext = pytest.mark.skipif(
+    ops.backend("kl_sparsity", "cpu") != "fused cpu", reason="CPU extension not loaded"
+)
+
+cases = st.fixed_dictionaries(
+    {
+        "B": st.sampled_from([1, 2, 3, 7, 16, 33]),
+        "H": st.integers(1, 40),
+        "dtype": st.sampled_from([torch.float32, torch.float64]),
+        "noncontig": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def strided(x, noncontig):
+    """The same values, stored transposed (a non-contiguous view) when asked."""
+    return x.t().contiguous().t() if noncontig else x
+
+
+def tol(dtype):
+    return (
+        {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    )
+
+
+# --- kl_sparsity -------------------------------------------------------------------------
+
+
+def activations(c, dead=True):
+    g = torch.Generator().manual_seed(c["seed"])
+    h = torch.rand(c["B"], c["H"], generator=g, dtype=torch.float64) * 0.4
+    if dead and c["H"] > 2:  # a dead and a saturated unit: the clamp must be active
+        h[:, 0] = 0.0
+        h[:, 1] = 1.0
+    return strided(h.to(c["dtype"]), c["noncontig"])
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(c=cases, rho=st.floats(0.01, 0.5), beta=st.floats(0.0, 5.0))
+def test_kl_fused_equals_reference(c, rho, beta):
+    h = activations(c).requires_grad_(True)
+    got = ops.kl_sparsity(h, rho, beta)
+    (g_got,) = torch.autograd.grad(got * 1.7, h)
+    want = reference.kl_sparsity(h, rho, beta)
+    (g_want,) = torch.autograd.grad(want * 1.7, h)
+    assert got.shape == () and got.dtype == c["dtype"]
+    torch.testing.assert_close(got, want, **tol(c["dtype"]))
+    torch.testing.assert_close(g_got, g_want, **tol(c["dtype"]))
+    assert torch.isfinite(got)
+    if c["H"] > 2:  # clamped columns get no gradient
+        assert torch.count_nonzero(g_got[:, :2]) == 0
+
+
+def test_kl_value_by_hand():
+    h = torch.tensor([[0.2, 0.0], [0.4, 1.0]], dtype=torch.float64)
+    rho, beta, eps = 0.1, 2.0, ops.KL_EPS
+    assert eps == 1e-6
+
+    def kl(q):
+        return rho * math.log(rho / q) + (1 - rho) * math.log((1 - rho) / (1 - q))
+
+    want = beta * (kl(0.3) + kl(0.5))
+    assert float(ops.kl_sparsity(h, rho, beta)) == pytest.approx(want, rel=1e-12)
+    h[:, 1] = 0.0  # dead unit: ρ̂ clamped to eps, finite penalty
+    want = beta * (kl(0.3) + kl(eps))
+    assert float(ops.kl_sparsity(h, rho, beta)) == pytest.approx(want, rel=1e-12)
+
+
+def test_kl_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    h = (torch.rand(6, 5, generator=g, dtype=torch.float64) * 0.6 + 0.2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ops.kl_sparsity(x, 0.15, 1.3), (h,))
+    hs = strided(h.detach(), True).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ops.kl_sparsity(x, 0.3, 0.7), (hs,))
+
+
+@needs_ext
+def test_kl_opcheck_and_backward_op():
+    from torch.library import opcheck
+
+    h = torch.rand(7, 4, dtype=torch.float64, requires_grad=True)
+    opcheck(torch.ops.aecore.kl_sparsity, (h, 0.1, 2.0))
+    opcheck(torch.ops.aecore.kl_sparsity, (h.detach().float(), 0.3, 0.0))
+    mean = h.detach().mean(0)
+    opcheck(
+        torch.ops.aecore.kl_sparsity_backward, (torch.tensor(1.5).double(), mean, mean, 7, 0.1, 2.0)
+    )
+    opcheck(
+        torch.ops.aecore.kl_sparsity_backward, (torch.tensor(1.5).double(), None, mean, 3, 0.1, 2.0)
+    )
+    # the op's second output (the column means) is differentiable too
+    loss, m = torch.ops.aecore.kl_sparsity(h, 0.1, 2.0)
+    (g,) = torch.autograd.grad(m.sum(), h)
+    torch.testing.assert_close(g, torch.full_like(h, 1 / 7))
+
+
+BAD_KL = [
+    ((torch.rand(3),), ShapeError, r"h must be 2-D, got shape \(3\)"),
+    ((torch.rand(0, 4),), ShapeError, "at least one row"),
+    ((torch.rand(3, 4).half(),), ConfigError, "h must be float32 or float64, got torch.float16"),
+    ((torch.rand(3, 4), 0.0), ConfigError, r"rho must lie in the open interval \(0, 1\), got 0.0"),
+    ((torch.rand(3, 4), 1.0), ConfigError, r"rho must lie in the open interval \(0, 1\)"),
+    ((torch.rand(3, 4), float("nan")), ConfigError, "rho must lie in the open interval"),
+    ((torch.rand(3, 4), "0.1"), ConfigError, "rho must be a real number"),
+    ((torch.rand(3, 4), 0.1, -1.0), ConfigError, "beta must be finite and >= 0, got -1.0"),
+    ((torch.rand(3, 4), 0.1, float("inf")), ConfigError, "beta must be finite"),
+    (([[0.1]], 0.1), ConfigError, "h must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("fn", [ops.kl_sparsity, reference.kl_sparsity])
+@pytest.mark.parametrize(("args", "exc", "msg"), BAD_KL)
+def test_kl_bad_inputs(fn, args, exc, msg):
+    if len(args) == 1:
+        args = (*args, 0.1)
+    with pytest.raises(exc, match=msg):
+        fn(*args)
+
+
+# --- topk_sparsify -----------------------------------------------------------------------
+
+
+def distinct_values(B, D, dtype, seed, noncontig):
+    """A (B, D) matrix without ties (ties are implementation-defined in torch.topk)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(B * D, generator=g).reshape(B, D).to(torch.float64)
+    z = (perm + 0.25 - B * D // 2) / 7  # distinct and never 0
+    return strided(z.to(dtype), noncontig)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(c=cases, data=st.data())
+def test_topk_fused_equals_reference(c, data):
+    k = data.draw(st.integers(1, c["H"]))
+    B = data.draw(st.sampled_from([0, c["B"]]))  # empty batch too
+    z = distinct_values(B, c["H"], c["dtype"], c["seed"], c["noncontig"]).requires_grad_(True)
+    got = ops.topk_sparsify(z, k)
+    want = reference.topk_sparsify(z, k)
+    assert torch.equal(got, want)
+    assert got.is_contiguous() and got.dtype == c["dtype"]
+    grad_out = torch.randn(B, c["H"], dtype=c["dtype"])
+    (g_got,) = torch.autograd.grad(got, z, grad_out)
+    (g_want,) = torch.autograd.grad(want, z, grad_out)
+    assert torch.equal(g_got, g_want)
+    assert int((got != 0).sum()) == B * k or B == 0  # values are never 0
+    # the gradient reaches exactly the kept entries
+    assert torch.equal(g_got != 0, (got != 0) & (grad_out != 0))
+
+
+@needs_ext
+def test_topk_ties_keep_lower_index_and_nan_is_largest():
+    z = torch.tensor([[1.0, 5.0, 3.0, 5.0, 2.0, 0.0, 5.0], [0.0, float("nan"), 0.0, 0.0, -1, 0, 0]])
+    out = ops.topk_sparsify(z, 2)
+    assert out[0].tolist() == [0, 5, 0, 5, 0, 0, 0]
+    assert math.isnan(out[1, 1]) and out[1].nan_to_num(9).tolist() == [0, 9, 0, 0, 0, 0, 0]
+    # k == D keeps everything
+    assert torch.equal(ops.topk_sparsify(z[:1], 7), z[:1])
+
+
+def test_topk_gradcheck_float64():
+    z = distinct_values(5, 9, torch.float64, 1, False).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ops.topk_sparsify(x, 3), (z,))
+    assert torch.autograd.gradcheck(lambda x: reference.topk_sparsify(x, 3), (z,))
+
+
+@needs_ext
+def test_topk_opcheck():
+    from torch.library import opcheck
+
+    z = distinct_values(6, 9, torch.float64, 2, False).requires_grad_(True)
+    opcheck(torch.ops.aecore.topk_sparsify, (z, 3))
+    opcheck(torch.ops.aecore.topk_sparsify, (z.detach().float(), 9))
+    _, idx = torch.ops.aecore.topk_sparsify(z.detach(), 3)
+    opcheck(torch.ops.aecore.topk_sparsify_backward, (torch.randn(6, 9, dtype=torch.float64), idx))
+
+
+@needs_ext
+def test_sparsity_ops_under_torch_compile_fullgraph():
+    h = torch.rand(8, 6, requires_grad=True)
+    z = distinct_values(8, 6, torch.float32, 3, False).requires_grad_(True)
+
+    def loss(h, z):
+        return ops.kl_sparsity(h, 0.1, 2.0) + (ops.topk_sparsify(z, 2) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(h, z)
+    g_got = torch.autograd.grad(got, (h, z))
+    want = loss(h, z)
+    g_want = torch.autograd.grad(want, (h, z))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+BAD_TOPK = [
+    ((torch.rand(3), 1), ShapeError, r"z must be 2-D, got shape \(3\)"),
+    ((torch.rand(2, 3, 4), 1), ShapeError, "z must be 2-D"),
+    ((torch.rand(3, 0), 1), ShapeError, "at least one column"),
+    ((torch.rand(3, 4), 0), ConfigError, r"k must lie in \[1, 4\], got 0"),
+    ((torch.rand(3, 4), 5), ConfigError, r"k must lie in \[1, 4\], got 5"),
+    ((torch.rand(3, 4), 2.0), ConfigError, "k must be an int"),
+    ((torch.arange(12).reshape(3, 4), 2), ConfigError, "z must be float32 or float64"),
+]
+
+
+@pytest.mark.parametrize("fn", [ops.topk_sparsify, reference.topk_sparsify])
+@pytest.mark.parametrize(("args", "exc", "msg"), BAD_TOPK)
+def test_topk_bad_inputs(fn, args, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fn(*args)

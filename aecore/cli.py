@@ -75,6 +75,8 @@ def cmd_train(args) -> int:
             trainer_hook=stopper.attach,
         )
     m = result.metrics
+    if not result.is_main:
+        return 0
     print(
         f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} "
         f"(PCA {m['pca_test_mse']:.6g}, ratio {m['ratio_to_pca']:.3f}), "
@@ -257,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["kernels", "onnx"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     s.set_defaults(func=cmd_bench)
+
+    from aecore import cli_inference
+
+    cli_inference.add_commands(sub)
     return p
 
 

@@ -267,7 +267,10 @@ class OnnxAutoencoder(_ArrayModel):
         self.aecore_version = meta.get("aecore.version", "")
         _check_signature(graph, self.part, self.input_shape, self.latent_dim)
         self._graphs: dict[str, _Graph | None] = {self.part: graph}
-        self._paths = part_paths(self.path)
+        # siblings by name; a part file named otherwise (e.g. enc.onnx) stands alone
+        self._paths: dict[str, Path | None] = {
+            p: (None if q == self.path else q) for p, q in part_paths(self.path).items()
+        }
         self._paths[self.part] = self.path
 
     def __repr__(self) -> str:
@@ -280,7 +283,10 @@ class OnnxAutoencoder(_ArrayModel):
     def parts(self) -> tuple[str, ...]:
         """The parts available: the loaded file and siblings present on disk."""
         return tuple(
-            p for p in PARTS if self._graphs.get(p) is not None or self._paths[p].is_file()
+            p
+            for p in PARTS
+            if self._graphs.get(p) is not None
+            or (p not in self._graphs and self._paths[p] is not None and self._paths[p].is_file())
         )
 
     # -- sessions -----------------------------------------------------------------------
@@ -331,7 +337,7 @@ class OnnxAutoencoder(_ArrayModel):
             return self._graphs[part]
         path = self._paths[part]
         graph = None
-        if path.is_file():
+        if path is not None and path.is_file():
             graph, meta = self._open(path)
             if meta.get("aecore.export_id") != self.export_id or meta["aecore.part"] != part:
                 raise ModelFileError(
@@ -343,10 +349,11 @@ class OnnxAutoencoder(_ArrayModel):
         return graph
 
     def _missing(self, part: str, method: str) -> ModelFileError:
+        expected = part_paths(self.path)
         return ModelFileError(
-            f"{method} needs the {part} graph, {self._paths[part]}, which is not there "
+            f"{method} needs the {part} graph, {expected[part]}, which is not there "
             f"({self.path} holds the {self.part} part); export all parts with "
-            f"`aecore export MODEL_DIR --out {self._paths['full']} --all`"
+            f"`aecore export MODEL_DIR --out {expected['full']} --all`"
         )
 
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:

@@ -1,0 +1,190 @@
+"""``sparse``: a one-hidden-layer autoencoder whose hidden layer is the (sparse) code.
+
+The code may be overcomplete (``latent_dim`` larger than the input); a sparsity
+constraint, not a bottleneck, stops it from copying the input. Three penalties:
+
+* ``kl``: Ng's sparse autoencoder (CS294A notes): sigmoid units, plus
+  ``beta * sum_j KL(rho || mean activation of unit j)`` (``aecore.ops.kl_sparsity``);
+* ``l1``: ``l1_lambda`` times the mean over examples of the summed absolute activations;
+* ``topk``: the k-sparse autoencoder of Makhzani & Frey (2013): keep the ``k`` largest
+  codes of each example, zero the rest (``aecore.ops.topk_sparsify``); at inference
+  ``encode`` keeps ``round(alpha * k)`` of them (their alpha > 1 option).
+
+The objective is Ng's: half the summed squared error per example,
+``(input_size / 2) * recon`` where ``recon`` is the per-element MSE logged beside it,
+plus the penalty, plus ``weight_decay / 2`` times the squared weights (not biases).
+So Ng's settings (rho=0.01, beta=3, weight_decay=1e-4) mean what they mean in his notes.
+``loss`` also logs ``mean_activation`` and ``dead_fraction``: the share of code units
+whose magnitude stays below 1e-3 on every example of the batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aecore import ops, params
+from aecore.base import Autoencoder
+from aecore.demo import DemoRecipe
+from aecore.errors import ConfigError
+from aecore.layers import ACTIVATIONS, flatten
+from aecore.layers import activation as make_activation
+
+PENALTIES = ("kl", "l1", "topk")
+#: the hidden activation each penalty gets with ``activation="auto"``
+DEFAULT_ACTIVATION = {"kl": "sigmoid", "l1": "relu", "topk": "identity"}
+#: a unit is dead on a batch when its activation magnitude never exceeds this
+DEAD_THRESHOLD = 1e-3
+
+
+class SparseAutoencoder(Autoencoder):
+    """Encoder ``x -> act(W1 x + b1)`` (k-sparsified for ``topk``), decoder
+    ``h -> out(W2 h + b2)``; the hidden layer ``h`` is the code."""
+
+    # Ng's exercise: 64 -> 100 sigmoid units on 8x8 natural-image patches
+    demo = DemoRecipe(
+        data="patches",
+        latent_dim=100,
+        epochs=100,
+        batch_size=100,
+        lr=3e-3,
+        normalize="none",  # the patches come scaled to [0.1, 0.9] for sigmoid outputs
+        hparams={
+            "penalty": "kl",
+            "rho": 0.01,
+            "beta": 3.0,
+            "weight_decay": 1e-4,
+            "output_activation": "sigmoid",
+        },
+    )
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        penalty="kl",
+        rho=0.05,
+        beta=3.0,
+        l1_lambda=1e-3,
+        k=None,
+        alpha=1.0,
+        activation="auto",
+        output_activation="identity",
+        weight_decay=0.0,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.penalty = params.choice("penalty", penalty, PENALTIES)
+        self.rho = params.number("rho", rho, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.beta = params.number("beta", beta, low=0.0)
+        self.l1_lambda = params.number("l1_lambda", l1_lambda, low=0.0)
+        if k is None:
+            k = max(1, self.latent_dim // 4)
+        # the code is the hidden layer, so k counts hidden units
+        self.k = params.integer("k", k, low=1, high=self.latent_dim)
+        self.alpha = params.number("alpha", alpha, low=1.0)
+        if round(self.alpha * self.k) > self.latent_dim:
+            raise ConfigError(
+                f"alpha must be in [1, {self.latent_dim / self.k:g}] so that round(alpha * k) "
+                f"codes fit in latent_dim={self.latent_dim} (k={self.k}); got {alpha!r}"
+            )
+        if activation == "auto":
+            activation = DEFAULT_ACTIVATION[self.penalty]
+        self.activation = params.choice("activation", activation, ["auto", *ACTIVATIONS])
+        if self.penalty == "kl" and self.activation != "sigmoid":
+            raise ConfigError(
+                "penalty='kl' needs activation='sigmoid' (or 'auto'): the KL penalty compares "
+                f"mean activations in (0, 1) with rho; got activation={activation!r}"
+            )
+        self.output_activation = params.choice(
+            "output_activation", output_activation, ["identity", "sigmoid"]
+        )
+        self.weight_decay = params.number("weight_decay", weight_decay, low=0.0)
+
+        self.encoder = nn.Linear(self.input_size, self.latent_dim)
+        # the encoder sees inputs minus the training mean (set by init_from_data): the same
+        # model class (the bias can absorb it), but Adam no longer turns the filters' flat
+        # component into a second bias, so the filters show only what the data varies in
+        self.register_buffer("input_mean", torch.zeros(self.input_size))
+        self.decoder = nn.Linear(self.latent_dim, self.input_size)
+        self.hidden_activation = make_activation(self.activation)
+        self.output = make_activation(self.output_activation, "output_activation")
+
+    def get_config(self) -> dict:
+        return {
+            **self.base_config(),
+            "penalty": self.penalty,
+            "rho": self.rho,
+            "beta": self.beta,
+            "l1_lambda": self.l1_lambda,
+            "k": self.k,
+            "alpha": self.alpha,
+            "activation": self.activation,
+            "output_activation": self.output_activation,
+            "weight_decay": self.weight_decay,
+        }
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        self.input_mean.copy_(flatten(x).mean(0).to(self.input_mean))
+
+    @property
+    def inference_k(self) -> int:
+        """How many codes ``encode`` keeps with the ``topk`` penalty: round(alpha * k)."""
+        return round(self.alpha * self.k)
+
+    def _hidden(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        self.check_input(x)
+        h = self.hidden_activation(self.encoder(flatten(x) - self.input_mean))
+        return ops.topk_sparsify(h, k) if self.penalty == "topk" else h
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._hidden(x, self.inference_k)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_code(z)
+        return self.output(self.decoder(z)).reshape(-1, *self.input_shape)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self._hidden(x, self.k)
+        recon = (self.decode(h) - x).pow(2).mean()
+        if self.penalty == "kl":
+            sparsity = ops.kl_sparsity(h, self.rho, self.beta)
+        elif self.penalty == "l1":
+            sparsity = self.l1_lambda * h.abs().sum(1).mean()
+        else:  # topk: the constraint is in the code itself
+            sparsity = h.new_zeros(())
+        decay = (
+            0.5
+            * self.weight_decay
+            * (self.encoder.weight.square().sum() + self.decoder.weight.square().sum())
+        )
+        loss = 0.5 * self.input_size * recon + sparsity + decay
+        with torch.no_grad():
+            mean_activation = h.mean()
+            dead_fraction = (h.abs().amax(0) <= DEAD_THRESHOLD).float().mean()
+        return {
+            "loss": loss,
+            "recon": recon,
+            "sparsity": sparsity,
+            "weight_decay": decay,
+            "mean_activation": mean_activation,
+            "dead_fraction": dead_fraction,
+        }
+
+    def filters(self) -> torch.Tensor:
+        """Each code unit's input weights, shaped like an input: (latent_dim, *input_shape)."""
+        return self.encoder.weight.detach().reshape(self.latent_dim, *self.input_shape)
+
+    def demo_figures(self, prepared, out_dir) -> list[tuple[str, Path]]:
+        from aecore import plots
+
+        filters = self.filters().cpu().numpy()
+        if plots.as_images(filters) is None:
+            return []  # not image-shaped inputs: nothing to draw
+        path = plots.filter_grid(
+            filters, Path(out_dir) / "filters.png", f"{self.latent_dim} {self.penalty} filters"
+        )
+        return [("encoder filters (one per code unit)", path)]

@@ -100,8 +100,8 @@ class _ArrayModel:
         if norm.kind != "none":
             shift, scale = norm.shift, norm.scale
             if shift.size != 1 and shift.size != int(np.prod(self.input_shape)):
-                raise ModelFileError(
-                    f"the stored normalisation has {shift.size} features; the model has "
+                raise ConfigError(
+                    f"the normalisation has {shift.size} features; the model has "
                     f"{int(np.prod(self.input_shape))}"
                 )
             shape = () if shift.size == 1 else self.input_shape
@@ -262,10 +262,13 @@ class OnnxAutoencoder(_ArrayModel):
             norm = Normalization.from_dict(_json_field(meta, "aecore.normalization", self.path))
         except ValueError as exc:
             raise ModelFileError(f"{self.path}: malformed aecore.normalization: {exc}") from None
-        self.normalization = norm
+        _check_signature(graph, self.part, self.input_shape, self.latent_dim)
+        try:
+            self.normalization = norm
+        except ConfigError as exc:
+            raise ModelFileError(f"{self.path}: {exc}") from None
         self.export_id = meta.get("aecore.export_id", "")
         self.aecore_version = meta.get("aecore.version", "")
-        _check_signature(graph, self.part, self.input_shape, self.latent_dim)
         self._graphs: dict[str, _Graph | None] = {self.part: graph}
         # siblings by name; a part file named otherwise (e.g. enc.onnx) stands alone
         self._paths: dict[str, Path | None] = {

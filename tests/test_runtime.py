@@ -1,0 +1,446 @@
+"""The torch-free runtime (aecore.runtime), the inference CLI and ``aecore bench onnx``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import aecore
+from aecore import cli
+from aecore.errors import ConfigError, DataError, ModelFileError, ShapeError
+from aecore.normalization import Normalization
+from aecore.runtime import OnnxAutoencoder, part_paths
+from aecore.testing import VECTOR_SHAPE, _fresh
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small ae (12 features, code 3) with a min-max normalisation, saved as a folder
+    and exported by ``aecore export --all``: (model, folder, onnx path)."""
+    tmp = tmp_path_factory.mktemp("runtime")
+    model = _fresh(aecore.model_class("ae"), VECTOR_SHAPE, {"hidden": [16]}).eval()
+    model.normalization = Normalization("minmax", np.zeros(12), np.linspace(2.0, 24.0, 12))
+    folder = aecore.save(model, tmp / "model")
+    path = tmp / "export" / "m.onnx"
+    path.parent.mkdir()
+    assert cli.main(["export", str(folder), "--out", str(path), "--all"]) == 0
+    return model, folder, path
+
+
+@pytest.fixture(scope="module")
+def runtime(saved):
+    return OnnxAutoencoder(saved[2])
+
+
+def _data(n: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, 12)) * 16).astype(np.float32)
+
+
+def _torch_reference(model, x: np.ndarray) -> dict[str, np.ndarray]:
+    norm = model.normalization
+    xn = torch.from_numpy(norm.apply(x))
+    with torch.no_grad():
+        z, x_hat = model.encode(xn), model(xn)
+    return {
+        "encode": z.numpy(),
+        "reconstruct": norm.invert(x_hat.numpy()),
+        "decode": norm.invert(model.decode(z).detach().numpy()),
+        "score": (x_hat - xn).pow(2).mean(1).numpy(),
+    }
+
+
+# -- the runtime -----------------------------------------------------------------------
+def test_export_all_writes_three_files_and_the_runtime_finds_them(saved, runtime):
+    model, _, path = saved
+    assert all(p.is_file() for p in part_paths(path).values())
+    assert runtime.parts == ("full", "encoder", "decoder")
+    assert (runtime.name, runtime.input_shape, runtime.latent_dim) == ("ae", (12,), 3)
+    assert runtime.normalization == model.normalization
+    assert runtime.config == model.get_config()
+    # any part file of the export opens the same model
+    assert OnnxAutoencoder(part_paths(path)["decoder"]).parts == runtime.parts
+
+
+def test_outputs_match_torch_in_data_units(saved, runtime):
+    model = saved[0]
+    x = _data(33)
+    want = _torch_reference(model, x)
+    z = runtime.encode(x)
+    np.testing.assert_allclose(z, want["encode"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runtime.reconstruct(x), want["reconstruct"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(runtime.decode(z), want["decode"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(runtime.score(x), want["score"], rtol=1e-4, atol=1e-7)
+    assert runtime.score(x).shape == (33,) and runtime.score(x).dtype == np.float32
+
+
+def test_float64_and_integer_inputs_give_the_float32_results(runtime):
+    x = np.round(_data(6))
+    expected = runtime.reconstruct(x.astype(np.float32))
+    for dtype in (np.float64, np.int64, np.uint8):
+        np.testing.assert_allclose(runtime.reconstruct(x.astype(dtype)), expected, atol=1e-4)
+    # lists work too
+    np.testing.assert_allclose(runtime.encode(x.tolist()), runtime.encode(x), atol=1e-6)
+
+
+@given(n=st.integers(0, 30), batch_size=st.integers(1, 40))
+def test_any_batch_size_and_chunking_give_the_same_rows(runtime, n, batch_size):
+    x = _data(n, seed=n)
+    for method, width in (("encode", (3,)), ("reconstruct", (12,)), ("score", ())):
+        whole = getattr(runtime, method)(x, batch_size=10_000)
+        chunked = getattr(runtime, method)(x, batch_size=batch_size)
+        assert whole.shape == chunked.shape == (n, *width)
+        np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_the_input_is_never_modified(runtime):
+    x = _data(4)
+    before = x.copy()
+    runtime.reconstruct(x)
+    runtime.score(x)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize(
+    ("method", "array", "error", "message"),
+    [
+        (
+            "encode",
+            np.zeros((5, 13), np.float32),
+            ShapeError,
+            r"shape \(N, 12\); got shape \(5, 13\)",
+        ),
+        ("reconstruct", np.zeros((12,), np.float32), ShapeError, r"single sample pass x\[None\]"),
+        ("score", np.zeros((2, 3, 4), np.float32), ShapeError, r"reshape to \(N, 12\)"),
+        ("encode", np.array([["a"] * 12]), DataError, r"float or integer array .*got dtype <U1"),
+        ("score", np.zeros((2, 12), np.complex64), DataError, "got dtype complex64"),
+        ("decode", np.zeros((2, 4), np.float32), ShapeError, r"codes of shape \(N, 3\)"),
+    ],
+)
+def test_bad_inputs_state_the_expected_shape(runtime, method, array, error, message):
+    with pytest.raises(error, match=message):
+        getattr(runtime, method)(array)
+
+
+def test_bad_arguments(saved, runtime):
+    with pytest.raises(ConfigError, match="batch_size must be a positive int"):
+        runtime.encode(_data(2), batch_size=0)
+    with pytest.raises(ConfigError, match=r"providers \['NoSuchExecutionProvider'\]"):
+        OnnxAutoencoder(saved[2], providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ConfigError, match="providers must be a list"):
+        OnnxAutoencoder(saved[2], providers="CPUExecutionProvider")
+    with pytest.raises(ConfigError, match="threads must be a positive int"):
+        OnnxAutoencoder(saved[2], threads=0)
+    one_thread = OnnxAutoencoder(saved[2], threads=1)
+    np.testing.assert_allclose(one_thread.encode(_data(3)), runtime.encode(_data(3)), atol=1e-6)
+
+
+# -- bad files ---------------------------------------------------------------------------
+def test_corrupt_truncated_and_missing_files(saved, tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01not a protobuf" * 20)
+    with pytest.raises(ModelFileError, match="garbage.onnx is not a readable ONNX model"):
+        OnnxAutoencoder(garbage)
+    truncated = tmp_path / "truncated.onnx"
+    blob = saved[2].read_bytes()
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelFileError, match="truncated.onnx is not a readable ONNX model"):
+        OnnxAutoencoder(truncated)
+    with pytest.raises(ModelFileError, match="file not found"):
+        OnnxAutoencoder(tmp_path / "absent.onnx")
+    with pytest.raises(ModelFileError, match="is a directory"):
+        OnnxAutoencoder(tmp_path)
+
+
+def test_a_foreign_onnx_model_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 12])],
+    )
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ModelFileError, match="an ONNX model but not an aecore export"):
+        OnnxAutoencoder(path)
+
+
+def _rewrite(src: Path, dst: Path, **changes: str) -> Path:
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update(changes)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_tampered_metadata_is_refused(saved, tmp_path):
+    src = saved[2]
+    newer = _rewrite(src, tmp_path / "newer.onnx", **{"aecore.format_version": "99"})
+    with pytest.raises(ModelFileError, match="format version '99' is not supported"):
+        OnnxAutoencoder(newer)
+    lying = _rewrite(src, tmp_path / "lying.onnx", **{"aecore.input_shape": "[13]"})
+    with pytest.raises(ModelFileError, match=r"input has shape .*metadata says \(batch, 13\)"):
+        OnnxAutoencoder(lying)
+    broken = _rewrite(src, tmp_path / "broken.onnx", **{"aecore.config": "{not json"})
+    with pytest.raises(ModelFileError, match="'aecore.config' is not valid JSON"):
+        OnnxAutoencoder(broken)
+
+
+def test_a_sibling_from_another_export_is_refused(saved, tmp_path):
+    files = part_paths(saved[2])
+    shutil.copy(files["full"], tmp_path / "m.onnx")
+    _rewrite(files["encoder"], tmp_path / "m.encoder.onnx", **{"aecore.export_id": "other"})
+    mixed = OnnxAutoencoder(tmp_path / "m.onnx")
+    mixed.reconstruct(_data(2))  # the full graph is fine
+    with pytest.raises(ModelFileError, match="does not belong to"):
+        mixed.encode(_data(2))
+    with pytest.raises(ModelFileError, match=r"decode needs the decoder graph.*--all"):
+        mixed.decode(np.zeros((1, 3), np.float32))
+
+
+def test_without_the_full_graph_reconstruct_chains_the_halves(saved, runtime, tmp_path):
+    files = part_paths(saved[2])
+    for part in ("encoder", "decoder"):
+        shutil.copy(files[part], tmp_path / files[part].name)
+    halves = OnnxAutoencoder(tmp_path / "m.encoder.onnx")
+    assert halves.parts == ("encoder", "decoder")
+    x = _data(5)
+    np.testing.assert_allclose(halves.reconstruct(x), runtime.reconstruct(x), atol=1e-4)
+
+
+# -- torch-free ----------------------------------------------------------------------------
+NO_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class _NoTorch:  # the runtime must work where torch is not installed
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is not installed here (blocked by the test)")
+            return None
+
+    sys.meta_path.insert(0, _NoTorch())
+    """
+)
+
+TORCH_FREE_SCRIPT = NO_TORCH + textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    try:
+        import torch  # noqa: F401
+        raise SystemExit("the torch blocker does not work")
+    except ImportError:
+        pass
+
+    from aecore.runtime import OnnxAutoencoder
+    from aecore import cli
+
+    model_path, x_path, out_path = sys.argv[1:4]
+    ae = OnnxAutoencoder(model_path)
+    x = np.load(x_path)
+    z = ae.encode(x)
+    result = {
+        "encode": z.tolist(),
+        "reconstruct": ae.reconstruct(x).tolist(),
+        "decode": ae.decode(z).tolist(),
+        "score": ae.score(x).tolist(),
+    }
+    assert cli.main(["score", model_path, "--input", x_path, "--output", out_path]) == 0
+    loaded = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+    assert not loaded, loaded
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def test_runtime_and_cli_work_without_torch(saved, tmp_path):
+    model, _, path = saved
+    x = _data(7)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TORCH_FREE_SCRIPT,
+            str(path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "s.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    got = {k: np.asarray(v, dtype=np.float32) for k, v in json.loads(line[7:]).items()}
+    want = _torch_reference(model, x)
+    for key in ("encode", "reconstruct", "decode", "score"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "s.csv"), want["score"], rtol=1e-4)
+
+
+# -- the CLI -------------------------------------------------------------------------------
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_torch_and_onnx_give_the_same_outputs(saved, tmp_path, capsys):
+    model, folder, path = saved
+    x = _data(9)
+    np.save(tmp_path / "x.npy", x)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",", header=",".join(f"f{i}" for i in range(12)))
+    want = _torch_reference(model, x)
+    for command in ("encode", "reconstruct", "score"):
+        for source, suffix in ((folder, "npy"), (path, "csv")):
+            out = tmp_path / f"{command}-{Path(source).name}.{suffix}"
+            inp = tmp_path / ("x.csv" if suffix == "npy" else "x.npy")
+            rc, stdout, _ = _cli(capsys, command, source, "--input", inp, "--output", out)
+            assert rc == 0 and str(out) in stdout
+            got = np.load(out) if suffix == "npy" else np.loadtxt(out, delimiter=",")
+            np.testing.assert_allclose(
+                got.reshape(want[command].shape), want[command], rtol=1e-4, atol=1e-4
+            )
+    np.save(tmp_path / "z.npy", want["encode"])
+    rc, _, _ = _cli(
+        capsys, "decode", path, "--input", tmp_path / "z.npy", "--output", tmp_path / "d.npy"
+    )
+    assert rc == 0
+    np.testing.assert_allclose(np.load(tmp_path / "d.npy"), want["decode"], atol=1e-4)
+
+
+def test_cli_reshapes_flat_csv_rows_for_image_models(tmp_path, capsys):
+    model = _fresh(aecore.model_class("ae"), (1, 4, 4), {"hidden": [8]}).eval()
+    folder = aecore.save(model, tmp_path / "img")
+    x = np.random.default_rng(0).random((5, 16)).astype(np.float32)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    rc, _, err = _cli(
+        capsys, "reconstruct", folder, "--input", tmp_path / "x.csv", "--output", tmp_path / "r.npy"
+    )
+    assert rc == 0, err
+    with torch.no_grad():
+        want = model(torch.from_numpy(x.reshape(5, 1, 4, 4))).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), want, atol=1e-5)
+
+
+def test_cli_errors_are_one_line(saved, tmp_path, capsys):
+    _, folder, path = saved
+    np.save(tmp_path / "x.npy", _data(3))
+    np.save(tmp_path / "wide.npy", np.zeros((3, 13), np.float32))
+    (tmp_path / "taken.npy").write_bytes(b"keep me")
+    cases = [
+        (
+            ["encode", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "taken.npy"],
+            "taken.npy exists; pass --overwrite",
+        ),
+        (
+            ["encode", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "z.txt"],
+            "expected a file name ending in .npy or .csv",
+        ),
+        (
+            ["encode", path, "--input", tmp_path / "x.txt", "--output", tmp_path / "z.npy"],
+            "expected a .npy or .csv file",
+        ),
+        (
+            ["score", folder, "--input", tmp_path / "wide.npy", "--output", tmp_path / "s.npy"],
+            r"expects inputs of shape (N, 12); got shape (3, 13)",
+        ),
+        (
+            [
+                "score",
+                tmp_path / "nothing",
+                "--input",
+                tmp_path / "x.npy",
+                "--output",
+                tmp_path / "s.npy",
+            ],
+            "no such model folder or .onnx file",
+        ),
+        (["export", folder, "--out", path], "exists; pass overwrite=True (--overwrite)"),
+    ]
+    for argv, message in cases:
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 1 and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "taken.npy").read_bytes() == b"keep me"
+    rc, _, err = _cli(
+        capsys,
+        "encode",
+        path,
+        "--input",
+        tmp_path / "x.npy",
+        "--output",
+        tmp_path / "taken.npy",
+        "--overwrite",
+    )
+    assert rc == 0, err
+    assert np.load(tmp_path / "taken.npy").shape == (3, 3)
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+def test_bench_onnx_reports_every_backend(tmp_path, capsys):
+    report_path = tmp_path / "bench.json"
+    rc, out, _ = _cli(
+        capsys,
+        "bench",
+        "onnx",
+        "--models",
+        "ae",
+        "--calls",
+        "20",
+        "--big-batch",
+        "16",
+        "--rounds",
+        "2",
+        "--latent-dim",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+        report_path,
+    )
+    assert rc == 0
+    assert "batch 1: latency" in out and "batch 16: throughput" in out
+    report = json.loads(report_path.read_text())
+    (row,) = report["results"]
+    assert row["model"] == "ae"
+    for batch in ("batch1", "batch16"):
+        seconds = row[batch]["seconds_per_call"]
+        assert set(seconds) == {
+            "torch",
+            "onnxruntime",
+            "aecore.runtime",
+            "aecore.runtime without normalisation",
+        }
+        assert all(v > 0 for v in seconds.values())
+        assert row[batch]["wrapper_overhead"] == pytest.approx(
+            seconds["aecore.runtime"] / seconds["onnxruntime"] - 1
+        )
+
+
+def test_bench_onnx_rejects_unknown_models(capsys):
+    rc, _, err = _cli(capsys, "bench", "onnx", "--models", "nope")
+    assert rc == 1 and "unknown model 'nope'" in err

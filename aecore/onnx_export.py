@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -285,7 +286,7 @@ def _to_onnx(model: nn.Module, name: str, part: str, module: nn.Module, opset: i
         raise _export_failure(name, part, exc, "tracing") from None
     program = _decompose_custom_ops(program, name, part)
     try:
-        with _quiet():
+        with _quiet(), _reused_op_registry():
             onnx_program = torch.onnx.export(
                 program,
                 dynamo=True,
@@ -371,6 +372,42 @@ def _has_op(op_name: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+_registry_lock = threading.Lock()
+_registries: dict[tuple, Any] = {}  # from_torchlib arguments -> registry
+
+
+@contextlib.contextmanager
+def _reused_op_registry() -> Iterator[None]:
+    """torch.onnx rebuilds its table of ATen -> ONNX functions (about a second) on every
+    export; build it once per opset and process. The exporter only reads the table (we
+    pass no custom translations). This reaches into torch's private exporter module,
+    so it is guarded: where that changes, exports are just slower."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        cls = _registration.ONNXRegistry
+        original = cls.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(klass, *args, **kwargs):
+        if klass is not cls:  # a subclass: not ours to cache
+            return build(klass, *args, **kwargs)
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _registries:
+            _registries[key] = build(klass, *args, **kwargs)
+        return _registries[key]
+
+    with _registry_lock:
+        cls.from_torchlib = classmethod(from_torchlib)
+        try:
+            yield
+        finally:
+            cls.from_torchlib = original
 
 
 @contextlib.contextmanager

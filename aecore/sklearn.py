@@ -1,0 +1,341 @@
+"""scikit-learn estimator around any registered aecore model, for tabular data.
+
+``AutoencoderTransformer`` fits a registry model on ``X`` of shape (n_samples,
+n_features) and then works as a transformer (``transform`` gives codes,
+``inverse_transform`` decodes back to the data's units) and as an outlier detector
+(``score_samples`` is the negative per-sample reconstruction error, ``predict`` flags
+the ``contamination`` share of the training rows that reconstruct worst as -1), so it
+slots into ``Pipeline`` and ``GridSearchCV``. Needs scikit-learn >= 1.6.
+
+Model hyperparameters go in as extra keywords (``hidden=[64]``); ``get_params`` and
+``set_params`` list and accept them next to the estimator's own parameters, so
+``clone`` and a grid over an hparam work.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    OutlierMixin,
+    TransformerMixin,
+)
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from aecore import params
+from aecore.errors import ConfigError, RegistryError, ShapeError
+from aecore.normalization import Normalization
+
+_FLOATS = [np.float64, np.float32]
+_CHUNK_ROWS = 4096  # rows per forward pass at inference, to bound memory
+_SEED_BOUND = 2**31 - 1
+
+
+def model_hparam_names(model: str) -> set[str] | None:
+    """The hyperparameter keywords registry model ``model`` takes besides input_shape
+    and latent_dim, following ``**kwargs`` passed on to a parent class (the denoising
+    model takes the ae's); None when they cannot be listed."""
+    from aecore.base import Autoencoder
+    from aecore.registry import model_class
+
+    names: set[str] = set()
+    for klass in model_class(model).__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if not issubclass(klass, Autoencoder):
+            return None  # **kwargs reach a constructor outside the plugin contract
+        passes_kwargs_on = False
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                passes_kwargs_on = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.add(p.name)
+        if not passes_kwargs_on:
+            break
+    return names - {"self", "input_shape", "latent_dim"}
+
+
+class AutoencoderTransformer(
+    ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator
+):
+    """An aecore autoencoder as a scikit-learn transformer and outlier detector.
+
+    Parameters
+    ----------
+    model : str, default="ae"
+        Registry name of the model (``aecore models`` lists them). It must accept
+        vector inputs: ``input_shape=(n_features,)``.
+    latent_dim : int, default=2
+        Size of the code ``transform`` returns.
+    epochs : int, default=10
+        Training epochs (fewer when early stopping ends the run).
+    batch_size : int, default=64
+    lr : float or None, default=None
+        Learning rate: of the trainer's Adam optimizer (None: 1e-3), or, for a model
+        that updates its own parameters and has an ``lr`` hyperparameter (``rbm``),
+        that hyperparameter (None: the model's default).
+    normalize : {"standardize", "minmax", "none"}, default="standardize"
+        Per-feature normalisation fitted on ``X`` in ``fit``. The model trains and
+        scores in normalised units; ``inverse_transform`` returns data units.
+    contamination : float in (0, 0.5], default=0.1
+        Share of the training rows ``predict`` flags as outliers: ``offset_`` is
+        that percentile of the training ``score_samples``.
+    validation_fraction : float in [0, 1), default=0.0
+        With a value above 0, this share of the rows (drawn from ``random_state``) is
+        held out; training keeps the weights of the epoch with the lowest validation
+        loss and stops after ``patience`` epochs without improvement.
+    patience : int, default=10
+        Early-stopping patience in epochs (only with ``validation_fraction > 0``).
+    random_state : int, RandomState instance or None, default=None
+        Seeds weight initialisation, batch order and noise. An int gives the same
+        fitted model on every fit; None draws a seed from numpy's global RNG.
+    device : str, default="cpu"
+        Where to train: "cpu", "cuda", "cuda:N" or "auto". Inference runs on CPU.
+    **hparams
+        Hyperparameters of the model, e.g. ``hidden=[64]`` for ``ae``.
+
+    Attributes
+    ----------
+    model_ : aecore.Autoencoder
+        The trained model (on CPU, in eval mode), its ``normalization`` set.
+    normalization_ : aecore.Normalization
+        The normalisation fitted on ``X``.
+    history_ : aecore.History
+        Per-epoch training metrics.
+    n_iter_ : int
+        Epochs run.
+    offset_ : float
+        ``decision_function = score_samples - offset_``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` had string column names.
+    """
+
+    def __init__(
+        self,
+        model: str = "ae",
+        *,
+        latent_dim: int = 2,
+        epochs: int = 10,
+        batch_size: int = 64,
+        lr: float | None = None,
+        normalize: str = "standardize",
+        contamination: float = 0.1,
+        validation_fraction: float = 0.0,
+        patience: int = 10,
+        random_state=None,
+        device: str = "cpu",
+        **hparams: Any,
+    ) -> None:
+        self.model = model
+        self.latent_dim = latent_dim
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.normalize = normalize
+        self.contamination = contamination
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.random_state = random_state
+        self.device = device
+        # private, so scikit-learn's checks do not take them for fitted state
+        self._hparams = hparams
+
+    # -- parameters: the estimator's own plus the model's hparams --------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {**super().get_params(deep=deep), **self._hparams}
+
+    def set_params(self, **params: Any) -> AutoencoderTransformer:
+        own_names = set(self._get_param_names())
+        own = {k: v for k, v in params.items() if k in own_names}
+        extra = {k: v for k, v in params.items() if k not in own_names}
+        # check everything before changing anything, against the model being set
+        allowed = self._known_hparams(own.get("model", self.model))
+        for key in extra:
+            if "__" in key or (allowed is not None and key not in allowed):
+                valid = sorted(own_names | (allowed or set()) | set(self._hparams))
+                raise ValueError(
+                    f"Invalid parameter {key!r} for estimator {self}. Valid parameters "
+                    f"are: {valid!r} (hyperparameters of model "
+                    f"{own.get('model', self.model)!r} included)."
+                )
+        super().set_params(**own)
+        self._hparams = {**self._hparams, **extra}
+        return self
+
+    @staticmethod
+    def _known_hparams(model: Any) -> set[str] | None:
+        """The model's hparam names; None when they cannot be known here (an unknown
+        model name is reported by ``fit``, with the registry's message)."""
+        try:
+            return model_hparam_names(model)
+        except RegistryError:
+            return None
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # codes come back in the input's float dtype (the network computes in float32)
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = False
+        tags.non_deterministic = False  # a fixed random_state gives the same fit
+        return tags
+
+    # -- fitting ---------------------------------------------------------------------
+    def fit(self, X, y=None) -> AutoencoderTransformer:
+        """Fit the normalisation and train the model on ``X``; ``y`` is ignored."""
+        from aecore.registry import create, model_class
+        from aecore.trainer import Trainer
+
+        X = validate_data(self, X, dtype=_FLOATS)
+        contamination = params.number(
+            "contamination", self.contamination, low=0.0, high=0.5, low_open=True
+        )
+        normalize = params.choice("normalize", self.normalize, ["standardize", "minmax", "none"])
+        val_fraction = params.number(
+            "validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True
+        )
+        patience = params.integer("patience", self.patience, low=1)
+        hparams = self._model_hparams(model_class(self.model))
+        seed = self._seed()
+        trainer_lr = 1e-3 if self.lr is None or "lr" in hparams else self.lr
+        trainer = Trainer(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=trainer_lr,
+            seed=seed,
+            device=self.device,
+            patience=patience if val_fraction > 0 else None,
+            progress=False,
+        )
+
+        # seeded model construction without touching the caller's global torch RNG
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            net = create(
+                self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
+            )
+            normalization = Normalization.fit(normalize, X, per_feature=True)
+            x = normalization.apply(X)
+            net.normalization = normalization
+            train, val = self._split(x, val_fraction, seed)
+            history = trainer.fit(net, torch.from_numpy(train), val)
+        net.cpu().eval()
+
+        self.model_ = net
+        self.normalization_ = normalization
+        self.history_ = history
+        self.n_iter_ = len(history.epochs)
+        self._n_features_out = net.latent_dim
+        self.offset_ = float(np.percentile(self._scores(x), 100.0 * contamination))
+        return self
+
+    def _model_hparams(self, model_cls: type) -> dict[str, Any]:
+        """The keywords for the model: ``hparams`` checked by name, plus ``lr`` for a
+        model that updates its own parameters with its own learning rate."""
+        allowed = model_hparam_names(self.model)
+        for key in self._hparams:
+            if allowed is not None and key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"model {self.model!r} has no hyperparameter {key!r}{hint} "
+                    f"(its hyperparameters: {', '.join(sorted(allowed)) or 'none'})"
+                )
+        hparams = dict(self._hparams)
+        if self.lr is not None and not model_cls.uses_optimizer and "lr" in (allowed or ()):
+            hparams["lr"] = self.lr
+        return hparams
+
+    def _seed(self) -> int:
+        """The trainer's seed: ``random_state`` itself when it is an int."""
+        if isinstance(self.random_state, (int, np.integer)) and not isinstance(
+            self.random_state, bool
+        ):
+            return params.integer("random_state", int(self.random_state), low=0)
+        return int(check_random_state(self.random_state).randint(_SEED_BOUND))
+
+    @staticmethod
+    def _split(x: np.ndarray, val_fraction: float, seed: int):
+        if val_fraction == 0:
+            return x, None
+        n_val = round(val_fraction * len(x))
+        if not 1 <= n_val < len(x):
+            raise ConfigError(
+                f"validation_fraction={val_fraction} of {len(x)} rows leaves "
+                f"{n_val} validation and {len(x) - n_val} training rows; both need at "
+                f"least 1 (use more rows or validation_fraction=0)"
+            )
+        order = np.random.default_rng(seed).permutation(len(x))
+        return x[order[n_val:]], torch.from_numpy(x[order[:n_val]])
+
+    # -- inference -------------------------------------------------------------------
+    def _normalized(self, X) -> tuple[np.ndarray, np.dtype]:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=_FLOATS, reset=False)
+        return self.normalization_.apply(X), X.dtype
+
+    @torch.no_grad()
+    def _chunks(self, method: str, x: np.ndarray) -> np.ndarray:
+        """``model_.<method>`` over row chunks, computed in float64: float32 matrix
+        products round differently for different batch sizes, and a row's result
+        must not depend on which other rows came with it."""
+        fn = getattr(copy.deepcopy(self.model_).double().eval(), method)
+        x = np.asarray(x, dtype=np.float64)
+        out = [
+            fn(torch.from_numpy(np.ascontiguousarray(x[i : i + _CHUNK_ROWS]))).numpy()
+            for i in range(0, len(x), _CHUNK_ROWS)
+        ]
+        return np.concatenate(out)
+
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        # the model's per-sample anomaly score hook: mean squared reconstruction
+        # error in normalised units unless the plugin defines its own
+        return -self._chunks("score", x)
+
+    def transform(self, X) -> np.ndarray:
+        """Codes of ``X``: (n_samples, latent_dim), in ``X``'s float dtype."""
+        x, dtype = self._normalized(X)
+        return self._chunks("encode", x).reshape(len(x), -1).astype(dtype)
+
+    def inverse_transform(self, X) -> np.ndarray:
+        """Decode codes (n_samples, latent_dim) to rows in the data's units."""
+        check_is_fitted(self)
+        z = check_array(X, dtype=_FLOATS)
+        if z.shape[1] != self.model_.latent_dim:
+            raise ShapeError(
+                f"X has {z.shape[1]} features, but {type(self).__name__}.inverse_transform "
+                f"is expecting {self.model_.latent_dim} (latent_dim) features as input"
+            )
+        decoded = self._chunks("decode", z)
+        decoded = decoded.reshape(len(z), self.n_features_in_)
+        return self.normalization_.invert(decoded).astype(z.dtype)
+
+    def score_samples(self, X) -> np.ndarray:
+        """Negative per-sample reconstruction error (normalised units): higher is
+        more normal."""
+        x, _ = self._normalized(X)
+        return self._scores(x)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative for outliers."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """+1 for inliers, -1 for outliers (decision_function below 0)."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def score(self, X, y=None) -> float:
+        """Mean ``score_samples``: the negative mean reconstruction error, so
+        ``GridSearchCV`` without a scorer prefers models that reconstruct held-out
+        rows better. Comparable only between fits with the same ``normalize``."""
+        return float(np.mean(self.score_samples(X)))

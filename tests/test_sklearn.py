@@ -1,0 +1,360 @@
+"""aecore.sklearn.AutoencoderTransformer: scikit-learn's own estimator checks for each
+built-in vector model, hparams through get_params/set_params/clone, Pipeline and
+GridSearchCV, reproducibility, units, outlier flags, quality on digits, bad inputs."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+import aecore
+from aecore import registry
+from aecore.base import Autoencoder
+from aecore.errors import ConfigError, DataError, RegistryError, ShapeError
+from aecore.sklearn import AutoencoderTransformer, model_hparam_names
+
+DIGITS_X, DIGITS_Y = load_digits(return_X_y=True)
+RNG = np.random.default_rng(0)
+TABLE = RNG.normal(size=(120, 5)) * [1.0, 10.0, 0.1, 3.0, 1.0] + [0.0, 500.0, -2.0, 7.0, 1.0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # these nets are tiny: on 2 shared cores a second intra-op thread only adds
+    # contention (a digits fit ran ~5x slower with 2 threads under load)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(model="ae", **kw):
+    kw.setdefault("epochs", 2)
+    kw.setdefault("random_state", 0)
+    return AutoencoderTransformer(model, **kw)
+
+
+# -- scikit-learn's estimator checks, for every built-in model that takes vectors -----
+# (conv needs (C, H, W) inputs; vae's default Bernoulli decoder and the RBM's Bernoulli
+# units need inputs in [0, 1], hence minmax)
+@parametrize_with_checks(
+    [
+        small("ae", hidden=[8]),
+        small("denoising", hidden=[8]),
+        small("sparse"),
+        small("vae", hidden=[8], normalize="minmax"),
+        small("rbm", normalize="minmax"),
+    ],
+    expected_failed_checks=lambda est: {},
+)
+# check data is not binary: the RBM rightly warns that it reads it as probabilities
+@pytest.mark.filterwarnings("ignore:RBM.* got non-binary values")
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_tags_declare_a_transformer_and_outlier_detector():
+    tags = AutoencoderTransformer().__sklearn_tags__()
+    assert tags.estimator_type == "outlier_detector"
+    assert tags.transformer_tags.preserves_dtype == ["float64", "float32"]
+    assert not tags.input_tags.allow_nan and not tags.input_tags.sparse
+    assert not tags.non_deterministic and tags.requires_fit
+
+
+# -- hyperparameters through get_params / set_params / clone ------------------------
+def test_hparams_are_params_and_survive_clone():
+    est = AutoencoderTransformer(latent_dim=3, hidden=[16, 4], dropout=0.1)
+    params = est.get_params()
+    assert params["hidden"] == [16, 4] and params["dropout"] == 0.1
+    assert params["latent_dim"] == 3 and params["model"] == "ae"
+    twin = clone(est)
+    assert twin.get_params() == params and twin is not est
+    assert "hidden=[16, 4]" in repr(est)
+
+    twin.set_params(hidden=[8], latent_dim=2)
+    assert twin.get_params()["hidden"] == [8] and twin.get_params()["latent_dim"] == 2
+    assert est.get_params()["hidden"] == [16, 4]  # the original is untouched
+    fitted = twin.fit(TABLE)
+    assert fitted.model_.hidden == [8] and fitted.model_.latent_dim == 2
+    assert fitted.model_.dropout == 0.1
+
+
+def test_set_params_rejects_what_the_model_does_not_take():
+    est = AutoencoderTransformer()
+    with pytest.raises(ValueError, match=r"Invalid parameter 'hiden'.*'hidden'"):
+        est.set_params(hiden=[8])
+    with pytest.raises(ValueError, match=r"Invalid parameter 'p'"):
+        est.set_params(p=0.2)  # a denoising hparam, not an ae one
+    with pytest.raises(ValueError, match=r"Invalid parameter 'hidden__x'"):
+        est.set_params(hidden__x=1)
+    assert est.get_params() == AutoencoderTransformer().get_params()  # nothing changed
+    # switching the model in the same call checks against the new model
+    est.set_params(model="denoising", p=0.2, hidden=[8])
+    assert est.get_params()["p"] == 0.2
+    assert est.fit(TABLE[:40]).model_.p == 0.2
+
+
+def test_hparam_names_follow_kwargs_to_the_parent_model():
+    ae = model_hparam_names("ae")
+    assert {"hidden", "activation", "dropout"} <= ae
+    assert model_hparam_names("denoising") == ae | {"corruption", "sigma", "p"}
+
+
+def test_unknown_hparam_given_to_the_constructor_fails_at_fit():
+    est = AutoencoderTransformer(hiden=[8])  # scikit-learn validates in fit, not init
+    with pytest.raises(ConfigError, match=r"no hyperparameter 'hiden'; did you mean 'hidden'"):
+        est.fit(TABLE)
+
+
+class _SelfUpdating(Autoencoder):
+    """A model with its own update rule and learning rate, like the RBM."""
+
+    uses_optimizer = False
+
+    def __init__(self, *, input_shape, latent_dim, lr=0.5):
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.lr = lr
+        self.enc = nn.Linear(self.input_size, latent_dim)
+        self.dec = nn.Linear(latent_dim, self.input_size)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return self.dec(z)
+
+    def loss(self, x):
+        recon = (self(x) - x).pow(2).mean()
+        return {"loss": recon}
+
+    def train_step(self, x):
+        with torch.enable_grad():
+            terms = self.loss(x)
+            self.zero_grad()
+            terms["loss"].backward()
+        with torch.no_grad():
+            for p in self.parameters():
+                p -= self.lr * p.grad
+        return {k: v.detach() for k, v in terms.items()}
+
+    def get_config(self):
+        return {**self.base_config(), "lr": self.lr}
+
+
+@pytest.fixture
+def self_updating():
+    registry.register("sklearn-test-selfupdating", _SelfUpdating)
+    yield "sklearn-test-selfupdating"
+    registry.unregister("sklearn-test-selfupdating")
+
+
+def test_lr_goes_to_a_self_updating_models_own_lr(self_updating):
+    assert model_hparam_names(self_updating) == {"lr"}
+    assert small(self_updating, lr=0.01).fit(TABLE).model_.lr == 0.01
+    assert small(self_updating).fit(TABLE).model_.lr == 0.5  # None: the model's default
+
+
+# -- fitting: reproducible, seeded, leaves the caller's RNG alone --------------------
+def test_fixed_random_state_gives_identical_fits_and_seeds_differ():
+    a = small(hidden=[8], dropout=0.2, epochs=3).fit(TABLE).transform(TABLE)
+    b = small(hidden=[8], dropout=0.2, epochs=3).fit(TABLE).transform(TABLE)
+    c = small(hidden=[8], dropout=0.2, epochs=3, random_state=1).fit(TABLE).transform(TABLE)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    d = small(hidden=[8], random_state=np.random.RandomState(3)).fit(TABLE).transform(TABLE)
+    assert d.shape == (len(TABLE), 2)
+
+
+def test_fit_does_not_move_the_global_torch_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    small(hidden=[8]).fit(TABLE)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_validation_fraction_early_stops_and_records_history():
+    est = small(hidden=[8], epochs=40, validation_fraction=0.25, patience=2, lr=0.05)
+    est.fit(TABLE)
+    assert "val_loss" in est.history_.epochs[0]
+    assert est.history_.stopped_early and est.n_iter_ == len(est.history_.epochs) < 40
+    # the weights kept are the best validation epoch's (epoch 0: before training)
+    assert est.history_.best_val_loss <= min(e["val_loss"] for e in est.history_.epochs)
+
+
+# -- what the methods return --------------------------------------------------------
+def test_transform_and_inverse_transform_shapes_dtypes_and_units():
+    est = small(hidden=[16], latent_dim=3, epochs=5).fit(TABLE)
+    codes = est.transform(TABLE)
+    assert codes.shape == (len(TABLE), 3) and codes.dtype == np.float64
+    assert est.transform(TABLE.astype(np.float32)).dtype == np.float32
+    assert list(est.get_feature_names_out()) == [f"autoencodertransformer{i}" for i in range(3)]
+
+    recon = est.inverse_transform(codes)
+    assert recon.shape == TABLE.shape and recon.dtype == np.float64
+    # back in the data's units: column 1 lives around 500 with spread 10
+    assert abs(recon[:, 1].mean() - 500) < 5
+    # score_samples is minus the mean squared error of that reconstruction, measured in
+    # the standardised units the model was fitted in
+    norm = est.normalization_
+    err = ((norm.apply(recon) - norm.apply(TABLE)) ** 2).mean(1)
+    np.testing.assert_allclose(-est.score_samples(TABLE), err, rtol=1e-4, atol=1e-6)
+    assert est.score(TABLE) == pytest.approx(est.score_samples(TABLE).mean())
+
+
+def test_predict_flags_the_contamination_share_of_training_rows():
+    est = small(hidden=[8], contamination=0.2).fit(TABLE)
+    flags = est.predict(TABLE)
+    assert set(np.unique(flags)) == {-1, 1}
+    assert np.mean(flags == -1) == pytest.approx(0.2, abs=1 / len(TABLE))
+    np.testing.assert_allclose(est.decision_function(TABLE), est.score_samples(TABLE) - est.offset_)
+    # the worst-reconstructed rows are the flagged ones
+    scores = est.score_samples(TABLE)
+    assert scores[flags == -1].max() < scores[flags == 1].min()
+
+
+def test_pickled_estimator_and_saved_model_give_the_same_codes(tmp_path):
+    est = small(hidden=[8], latent_dim=2).fit(TABLE)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(again.transform(TABLE), est.transform(TABLE))
+    # model_ is an ordinary aecore model carrying its normalisation: it saves and loads
+    aecore.save(est.model_, tmp_path / "m")
+    loaded = aecore.load(tmp_path / "m")
+    assert loaded.normalization == est.normalization_
+    x = torch.as_tensor(loaded.normalization.apply(TABLE))
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            loaded.encode(x).numpy(), est.transform(TABLE), rtol=1e-4, atol=1e-5
+        )
+
+
+# -- quality on digits --------------------------------------------------------------
+def digits_split():
+    return train_test_split(DIGITS_X, DIGITS_Y, test_size=0.3, random_state=0)
+
+
+def test_beats_pca_on_held_out_digits_and_spots_scrambled_digits():
+    x_train, x_test, _, _ = digits_split()
+    est = AutoencoderTransformer(latent_dim=8, epochs=10, hidden=[32], random_state=0)
+    est.fit(x_train)
+    # PCA at the same code size, in the same standardised units
+    norm = est.normalization_
+    pca = PCA(8).fit(norm.apply(x_train))
+    z = norm.apply(x_test)
+    pca_mse = np.mean((pca.inverse_transform(pca.transform(z)) - z) ** 2)
+    ae_mse = -est.score(x_test)
+    assert ae_mse < 0.9 * pca_mse  # measured about 0.45 vs 0.54
+
+    # outliers: digits with their pixels scrambled (same intensities, no strokes)
+    rng = np.random.default_rng(0)
+    scrambled = np.array([rng.permutation(row) for row in x_test[:100]])
+    scores = np.r_[est.score_samples(x_test), est.score_samples(scrambled)]
+    normal = np.r_[np.ones(len(x_test)), np.zeros(len(scrambled))]
+    assert roc_auc_score(normal, scores) > 0.98  # measured 0.9999
+    assert np.mean(est.predict(scrambled) == -1) > 0.95
+    assert np.mean(est.predict(x_test) == -1) < 0.2  # ~ contamination=0.1 on new digits
+
+
+# -- Pipeline and GridSearchCV ------------------------------------------------------
+def test_grid_search_over_latent_dim_with_the_estimators_own_score():
+    x = DIGITS_X[:600]
+    search = GridSearchCV(
+        AutoencoderTransformer(epochs=3, hidden=[16], random_state=0),
+        {"latent_dim": [1, 8]},
+        cv=2,
+    )
+    search.fit(x)
+    assert search.best_params_ == {"latent_dim": 8}  # more code, better reconstruction
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[1] > scores[0] and np.all(scores < 0)
+
+
+def test_grid_search_over_an_hparam_of_a_pipeline_step():
+    x_train, x_test, y_train, y_test = digits_split()
+    pipe = Pipeline(
+        [
+            ("ae", AutoencoderTransformer(latent_dim=16, epochs=5, random_state=0)),
+            ("clf", LogisticRegression(max_iter=300)),
+        ]
+    )
+    search = GridSearchCV(pipe, {"ae__hidden": [[4], [32]]}, cv=2)
+    search.fit(x_train, y_train)
+    assert [p["ae__hidden"] for p in search.cv_results_["params"]] == [[4], [32]]
+    best = search.best_estimator_.named_steps["ae"]
+    assert best.get_params()["hidden"] in ([4], [32])
+    assert best.model_.hidden == best.get_params()["hidden"]
+    assert search.score(x_test, y_test) > 0.9  # digits from 16 learned features
+
+
+# -- bad inputs ---------------------------------------------------------------------
+def test_unknown_model_gives_the_registry_message():
+    with pytest.raises(RegistryError, match=r"unknown model 'aee'; did you mean 'ae'"):
+        AutoencoderTransformer("aee").fit(TABLE)
+
+
+def test_model_that_does_not_take_vectors_says_so():
+    with pytest.raises(ConfigError, match=r"accepts 3-D input shapes"):
+        AutoencoderTransformer("conv").fit(TABLE)
+
+
+def test_vae_bernoulli_decoder_needs_minmax():
+    with pytest.raises(DataError, match=r"normalize with 'minmax'"):
+        small("vae", hidden=[8]).fit(TABLE)
+
+
+@pytest.mark.parametrize("contamination", [0, 0.51, -0.1, "auto", float("nan")])
+def test_contamination_outside_0_to_half_is_refused(contamination):
+    with pytest.raises(ConfigError, match=r"contamination must be a number in \(0, 0.5\]"):
+        small(contamination=contamination).fit(TABLE)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"normalize": "zscore"}, r"normalize must be one of 'standardize'"),
+        ({"validation_fraction": 1.0}, r"validation_fraction must be a number in \[0, 1\)"),
+        ({"patience": 0}, r"patience must be an int in \[1, inf\]"),
+        ({"epochs": 0}, r"epochs must be an int in \[1, inf\]"),
+        ({"lr": -1.0}, r"lr must be a number in \(0, inf\)"),
+        ({"random_state": -3}, r"random_state must be an int in \[0, inf\]"),
+        ({"latent_dim": 0}, r"latent_dim must be a positive int"),
+        ({"hidden": [0]}, r"hidden must be a list of positive ints"),
+    ],
+)
+def test_bad_settings_are_named(params, message):
+    with pytest.raises(ConfigError, match=message):
+        small(**params).fit(TABLE)
+
+
+def test_validation_fraction_that_leaves_no_rows_is_refused():
+    with pytest.raises(ConfigError, match=r"leaves 0 validation and 3 training rows"):
+        small(validation_fraction=0.1).fit(TABLE[:3])
+
+
+def test_nan_and_wrong_widths_get_scikit_learns_messages():
+    bad = TABLE.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"Input X contains NaN"):
+        small().fit(bad)
+    est = small(hidden=[8]).fit(TABLE)
+    with pytest.raises(ValueError, match=r"Input X contains NaN"):
+        est.score_samples(bad)
+    with pytest.raises(
+        ValueError, match=r"X has 4 features, but AutoencoderTransformer is expecting 5"
+    ):
+        est.transform(TABLE[:, :4])
+    with pytest.raises(ShapeError, match=r"inverse_transform is expecting 2 \(latent_dim\)"):
+        est.inverse_transform(np.zeros((3, 5)))
+    with pytest.raises(NotFittedError):
+        small().predict(TABLE)

@@ -21,6 +21,7 @@ class TrainResult:
     history: Any
     prepared: Prepared
     metrics: dict[str, Any]
+    is_main: bool = True
 
 
 @dataclass
@@ -140,9 +141,9 @@ def train(
     metrics = evaluate(model, prepared)
     metrics["best_epoch"] = history.best_epoch
     metrics["epochs_run"] = len(history.epochs)
-    if out is not None:
+    if out is not None and trainer.is_main:  # under torchrun, rank 0 writes
         save(model, out, metrics=metrics, data=prepared.record, overwrite=True)
-    return TrainResult(model, history, prepared, metrics)
+    return TrainResult(model, history, prepared, metrics, trainer.is_main)
 
 
 #: PCA is fitted on at most this many train+val rows (a seeded sample beyond that), so

@@ -110,8 +110,17 @@ class _Batches:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=gen)
 
+    def global_size(self, epoch_step: int) -> int:
+        """Rows in global batch ``epoch_step`` (the last one may be short)."""
+        return min(self.batch_size, self.n - epoch_step * self.batch_size)
+
     def epoch(
-        self, epoch: int, skip: int = 0, rng_at_start: torch.Tensor | None = None
+        self,
+        epoch: int,
+        skip: int = 0,
+        rng_at_start: torch.Tensor | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[torch.Tensor]:
         if self.loader is not None:
             if not skip:
@@ -133,6 +142,10 @@ class _Batches:
         order = self.order(epoch)
         for i in range(skip, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            # under torchrun each process takes a strided share of the same global batch
+            # (what a DistributedSampler does per epoch, done per step), so N processes
+            # step exactly like one process with the same global batch
+            idx = idx[rank::world]
             if self.array is not None:
                 if isinstance(self.array, torch.Tensor):
                     yield self.array[idx]
@@ -215,6 +228,7 @@ class Trainer:
     # -- public ----------------------------------------------------------------------
     def fit(self, model, data: Any, val_data: Any = None) -> History:
         from aecore.base import Autoencoder
+        from aecore.distributed import DistContext
 
         if not isinstance(model, Autoencoder):
             raise ConfigError(
@@ -226,6 +240,21 @@ class Trainer:
             if val_data is not None
             else None
         )
+        self.dist = DistContext.from_env(self.device)
+        try:
+            return self._fit(model, train, val)
+        finally:
+            self.dist.close()
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that logs and writes files (rank 0 under torchrun)."""
+        dist = getattr(self, "dist", None)
+        return dist is None or dist.is_main
+
+    def _fit(self, model, train: _Batches, val: _Batches | None) -> History:
+        if self.dist.active:
+            self._check_distributed(model, train)
         model.to(self.device)
         optimizer = self._make_optimizer(model) if model.uses_optimizer else None
         state = _RunState()
@@ -233,20 +262,53 @@ class Trainer:
             self._load_checkpoint(model, optimizer, state)
         else:
             self._check_fresh_out_dir()
-            torch.manual_seed(self.seed)
+            self.dist.barrier()  # nobody writes before every process has checked
+            torch.manual_seed(self.seed + self.dist.rank)
             self._check_first_batch(model, train)
+            # data-dependent init and pretraining see the whole data in every process,
+            # so all start identical (DDP also broadcasts rank 0's weights)
             self._data_init(model, train)
             if hasattr(model, "pretrain"):
                 model.pretrain(lambda: train.epoch(0), self._log_line)
             if val is not None:
                 state.record_val(self._evaluate(model, val), 0, model, self.min_delta)
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.is_main:
                 self._rewrite_metrics(state)
+        self._loss_fn = self._distributed_loss(model) if self.dist.active else model.loss
         self._loop(model, optimizer, train, val, state)
         if state.best_state is not None:
             model.load_state_dict(state.best_state)
         model.eval()
         return state.history
+
+    def _check_distributed(self, model, train: _Batches) -> None:
+        name = type(model).__name__
+        if not model.uses_optimizer:
+            raise ConfigError(
+                f"{name} updates its own parameters (train_step) and does not support "
+                f"multi-process training; run it in one process (without torchrun)"
+            )
+        if train.loader is not None:
+            raise ConfigError(
+                "under torchrun pass an array, tensor or Dataset rather than a DataLoader: "
+                "aecore shards each global batch across the processes itself"
+            )
+        if self.batch_size < self.dist.world:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be at least the number of processes "
+                f"({self.dist.world})"
+            )
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+
+    def _distributed_loss(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(
+            _LossModule(model),
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+        )
+        return ddp
 
     # -- internals -------------------------------------------------------------------
     def _make_optimizer(self, model):
@@ -292,6 +354,8 @@ class Trainer:
             init(torch.cat(xs).to(self.device))
 
     def _show_progress(self) -> bool:
+        if not self.is_main:
+            return False
         if self.progress is not None:
             return self.progress
         return sys.stderr.isatty()
@@ -319,9 +383,19 @@ class Trainer:
             if state.epoch_step == 0:
                 state.epoch_rng = torch.get_rng_state()
                 state.sums, state.count = {}, 0
-            for x in train.epoch(epoch, skip=state.epoch_step, rng_at_start=state.epoch_rng):
+            batches = train.epoch(
+                epoch,
+                skip=state.epoch_step,
+                rng_at_start=state.epoch_rng,
+                rank=self.dist.rank,
+                world=self.dist.world,
+            )
+            for x in batches:
                 x = x.to(self.device, non_blocking=True).float()
-                terms = self._step(model, optimizer, x, epoch, state)
+                global_rows = (
+                    train.global_size(state.epoch_step) if train.loader is None else len(x)
+                )
+                terms = self._step(model, optimizer, x, global_rows, epoch, state)
                 for k, v in terms.items():
                     state.sums[k] = state.sums.get(k, 0.0) + v * len(x)
                 state.count += len(x)
@@ -329,7 +403,7 @@ class Trainer:
                 state.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
-                if self.stop_requested is not None:
+                if self._stop_now():
                     bar.close()
                     self._last_step = state.step
                     self._save_checkpoint(model, optimizer, state)
@@ -338,7 +412,8 @@ class Trainer:
                     self._save_checkpoint(model, optimizer, state)
             bar.close()
             record = {"epoch": epoch, "step": state.step}
-            record.update({f"train_{k}": v / max(state.count, 1) for k, v in state.sums.items()})
+            sums, count = self._global_sums(state)
+            record.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
             improved = False
             if val is not None:
                 val_terms = self._evaluate(model, val)
@@ -363,23 +438,37 @@ class Trainer:
                 )
             )
 
+    def _stop_now(self) -> bool:
+        # every process must stop at the same step, whichever received the signal
+        return self.dist.any([self.stop_requested is not None], self.device)[0]
+
+    def _global_sums(self, state: _RunState) -> tuple[dict[str, float], int]:
+        """Epoch metric sums and row count over all processes."""
+        keys = sorted(state.sums)
+        totals = self.dist.sum([state.sums[k] for k in keys] + [state.count], self.device)
+        return dict(zip(keys, totals[:-1])), int(totals[-1])
+
     def _step(
-        self, model, optimizer, x: torch.Tensor, epoch: int, state: _RunState
+        self, model, optimizer, x: torch.Tensor, global_rows: int, epoch: int, state: _RunState
     ) -> dict[str, float]:
         where = f"epoch {epoch}, step {state.epoch_step + 1} (global step {state.step + 1})"
         if optimizer is None:
             terms = model.train_step(x)
         else:
-            terms = model.loss(x)
+            terms = self._loss_fn(x)
             if "loss" not in terms:
                 raise TrainingError(f"{type(model).__name__}.loss returned no 'loss' key")
             loss = terms["loss"]
-            if not torch.isfinite(loss):
+            if self.dist.any([not torch.isfinite(loss)], self.device)[0]:
                 raise TrainingError(
                     f"non-finite loss ({loss.item()}) at {where}; the model keeps the weights "
                     f"from before this step. Lower the learning rate or set grad_clip."
                 )
             optimizer.zero_grad(set_to_none=True)
+            if self.dist.active:
+                # DDP averages gradients over processes; weighting each process's mean by
+                # its share of the global batch makes that the global batch mean
+                loss = loss * (len(x) * self.dist.world / global_rows)
             loss.backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -426,7 +515,7 @@ class Trainer:
 
     # -- files -----------------------------------------------------------------------
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / METRICS, "a", encoding="utf-8") as f:
@@ -442,6 +531,11 @@ class Trainer:
     def _save_checkpoint(self, model, optimizer, state: _RunState) -> None:
         if self.out_dir is None:
             return
+        # collectives first: every process takes part, only rank 0 writes
+        rng_states = self.dist.gather(torch.get_rng_state(), self.device)
+        sums, count = self._global_sums(state)
+        if not self.is_main:
+            return
         tensors: dict[str, torch.Tensor] = {}
         for k, v in model.state_dict().items():
             tensors[f"model.{k}"] = v
@@ -449,7 +543,8 @@ class Trainer:
         if state.best_state is not None:
             for k, v in state.best_state.items():
                 tensors[f"best.{k}"] = v
-        tensors["rng.cpu"] = torch.get_rng_state()
+        for rank, rng in enumerate(rng_states):
+            tensors[f"rng.cpu.{rank}"] = rng
         tensors["rng.epoch_start"] = (
             state.epoch_rng if state.epoch_rng is not None else torch.get_rng_state()
         )
@@ -463,8 +558,9 @@ class Trainer:
             "epoch": state.epoch,
             "epoch_step": state.epoch_step,
             "step": state.step,
-            "sums": state.sums,
-            "count": state.count,
+            "sums": sums,
+            "count": count,
+            "world_size": self.dist.world,
             "bad_epochs": state.bad_epochs,
             "history": state.history.to_dict(),
             "has_best": state.best_state is not None,
@@ -485,6 +581,11 @@ class Trainer:
                 f"cannot resume: {path} was written for a model with config "
                 f"{meta['model_config']}, not {model.get_config()}"
             )
+        if meta["world_size"] != self.dist.world:
+            raise ConfigError(
+                f"cannot resume exactly: the checkpoint was written by {meta['world_size']} "
+                f"process(es); resume with the same number (got {self.dist.world})"
+            )
         saved = meta["trainer"]
         if saved["batch_size"] != self.batch_size or saved["seed"] != self.seed:
             raise ConfigError(
@@ -498,19 +599,34 @@ class Trainer:
         if meta["has_best"]:
             state.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         state.epoch, state.epoch_step, state.step = meta["epoch"], meta["epoch_step"], meta["step"]
-        state.sums, state.count, state.bad_epochs = meta["sums"], meta["count"], meta["bad_epochs"]
+        # rank 0 carries the interrupted epoch's global sums; the rest add to them
+        if self.is_main:
+            state.sums, state.count = meta["sums"], meta["count"]
+        state.bad_epochs = meta["bad_epochs"]
         h = meta["history"]
         state.history = History(
             h["epochs"], h["best_epoch"], h["best_val_loss"], h["stopped_early"]
         )
         state.best_val = h["best_val_loss"] if h["best_val_loss"] is not None else math.inf
         state.epoch_rng = tensors["rng.epoch_start"]
-        torch.set_rng_state(tensors["rng.cpu"])
+        torch.set_rng_state(tensors[f"rng.cpu.{self.dist.rank}"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if state.history.stopped_early:
             state.epoch = self.epochs
-        self._rewrite_metrics(state)
+        if self.is_main:
+            self._rewrite_metrics(state)
+
+
+class _LossModule(torch.nn.Module):
+    """DDP hooks into ``forward``: this makes ``model.loss`` the forward it wraps."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(x)
 
 
 class _RunState:

@@ -1,0 +1,129 @@
+"""Multi-process training under torchrun (gloo on CPU) matches one process."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import aecore
+from aecore.errors import ConfigError
+
+ARGS = [
+    "train",
+    "ae",
+    "--data",
+    "digits",
+    "--latent-dim",
+    "4",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "64",
+    "--quiet",
+    "--set",
+    "hidden=[32]",
+]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "aecore", *ARGS, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "aecore",
+            *ARGS,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    # rank 0 alone logs and saves
+    assert two.stdout.count("saved ae to") == 1
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        # the only difference is the order of the gradient all-reduce's float additions
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    one_losses = [line for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two_losses = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one_losses) == len(two_losses) == 3
+
+
+class OwnUpdate(aecore.Autoencoder):
+    uses_optimizer = False
+
+    def __init__(self, *, input_shape, latent_dim):
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.w = torch.nn.Parameter(torch.zeros(self.input_size, latent_dim))
+
+    def get_config(self):
+        return self.base_config()
+
+    def encode(self, x):
+        return x.flatten(1) @ self.w
+
+    def decode(self, z):
+        return (z @ self.w.T).reshape(-1, *self.input_shape)
+
+    def loss(self, x):
+        r = (self(x) - x).pow(2).mean()
+        return {"loss": r}
+
+    def train_step(self, x):
+        return {"loss": self.loss(x)["loss"].detach()}
+
+
+def _fake_world(monkeypatch, world):
+    from aecore import distributed
+
+    monkeypatch.setattr(
+        distributed.DistContext, "from_env", classmethod(lambda cls, device: cls(0, world))
+    )
+
+
+def test_models_with_their_own_update_rule_refuse_clearly(monkeypatch):
+    _fake_world(monkeypatch, 2)
+    model = OwnUpdate(input_shape=(4,), latent_dim=2)
+    with pytest.raises(
+        ConfigError, match="updates its own parameters .* does not support multi-process"
+    ):
+        aecore.Trainer(epochs=1, device="cpu").fit(model, np.zeros((8, 4), np.float32))
+
+
+def test_a_dataloader_is_refused_under_torchrun(monkeypatch):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _fake_world(monkeypatch, 2)
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    loader = DataLoader(TensorDataset(torch.zeros(8, 4)), batch_size=4)
+    with pytest.raises(
+        ConfigError, match="pass an array, tensor or Dataset rather than a DataLoader"
+    ):
+        aecore.Trainer(epochs=1, device="cpu").fit(model, loader)
+    with pytest.raises(
+        ConfigError, match=r"batch_size \(1\) must be at least the number of processes \(2\)"
+    ):
+        aecore.Trainer(epochs=1, batch_size=1, device="cpu").fit(
+            model, np.zeros((8, 4), np.float32)
+        )

@@ -1,0 +1,110 @@
+"""SIGTERM/SIGINT checkpoint at the next step; --resume ends where an uninterrupted run
+ends; a kill during a checkpoint write leaves the previous checkpoint intact."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from aecore.fileio import load_tensors, save_tensors
+
+ARGS = [
+    "train",
+    "ae",
+    "--data",
+    "digits",
+    "--latent-dim",
+    "4",
+    "--epochs",
+    "6",
+    "--batch-size",
+    "8",
+    "--patience",
+    "100",
+    "--quiet",
+    "--set",
+    "hidden=[32]",
+    "--set",
+    "dropout=0.1",
+]
+
+
+def aecore_cmd(*args):
+    return [sys.executable, "-m", "aecore", *args]
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, sig):
+    ref = subprocess.run(
+        aecore_cmd(*ARGS, "--out", str(tmp_path / "ref")), capture_output=True, text=True
+    )
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        aecore_cmd(*ARGS, "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert f"training interrupted by {sig.name} at step" in err
+    assert "Resume with --resume" in err
+    step = int(err.split(" at step ")[1].split(";")[0])
+    _, meta = load_tensors(out / "checkpoint.safetensors")
+    assert meta["step"] == step and meta["epoch"] < 6
+    assert not (out / "model.json").exists()
+
+    resumed = subprocess.run(
+        aecore_cmd(*ARGS, "--out", str(out), "--resume"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "ref" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert metrics.read_text().count("\n") == 6
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    import torch
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_tensors(path, {"w": torch.arange(4.0)}, {"epoch": 1})
+    before = path.read_bytes()
+    writer = textwrap.dedent(f"""
+        import time
+        from aecore import fileio
+        def slow(f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        fileio.atomic_write({str(path)!r}, slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait(timeout=30)
+    assert path.read_bytes() == before
+    tensors, meta = load_tensors(path)
+    assert meta == {"epoch": 1} and tensors["w"].tolist() == [0, 1, 2, 3]
+    # the next write cleans up what the killed writer left behind
+    save_tensors(path, {"w": torch.zeros(1)}, {"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]

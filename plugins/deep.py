@@ -1,0 +1,369 @@
+"""``deep``: Hinton & Salakhutdinov's (2006) deep autoencoder, pretrained as a stack
+of RBMs, unrolled, then fine-tuned by backpropagation.
+
+Layer-wise pretraining trains one ``rbm`` per layer (plugins/rbm.py) on the hidden
+probabilities of the layer below; the top RBM has linear hidden units with Gaussian
+noise, so the code is real-valued. The stack is unrolled into an encoder (RBM weights,
+hidden biases) and a decoder (transposed weights, visible biases), which the Trainer
+then fine-tunes on reconstruction error through ``loss``. ``pretrain=False`` skips the
+RBMs and fine-tunes from a random start, so the benefit is measurable.
+
+``aecore eval`` on a saved ``deep`` model adds Hinton's comparison: the same net
+trained without pretraining on the same train/val split, with the fine-tuning budget the
+model itself had (epochs, batch size, learning rate, patience, seed: recorded when
+training starts), next to PCA at the same code size.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from aecore import params
+from aecore.base import Autoencoder
+from aecore.demo import DemoRecipe
+from aecore.errors import ConfigError
+from aecore.layers import flatten, reconstruction_error
+from aecore_plugins.rbm import RBM, NonBinaryDataWarning
+
+#: epochs at the RBMs' initial momentum before it rises (Hinton's practical guide: ~5)
+MOMENTUM_WARMUP_EPOCHS = 5
+#: fine-tuning budget assumed when the model was not trained through aecore's Trainer:
+#: epochs, batch size, learning rate, patience, seed (the `aecore train` defaults)
+DEFAULT_BUDGET = (50.0, 64.0, 1e-3, 20.0, 0.0)
+
+
+class DeepAutoencoder(Autoencoder):
+    """Sigmoid MLP autoencoder ``input -> hidden... -> latent_dim -> ...hidden -> input``
+    with a linear code layer, pretrained layer-wise as RBMs (``pretrain=True``).
+
+    Hyperparameters: ``hidden`` encoder widths (Hinton's MNIST net: [1000, 500, 250]
+    with latent_dim 30); ``visible`` input units (``bernoulli``: data in [0, 1], logistic
+    outputs; ``gaussian``: standardised real data, linear outputs); ``reconstruction``
+    (fine-tuning loss, ``bce`` = cross-entropy as in the paper, or ``mse``);
+    ``pretrain``; ``pretrain_epochs`` per layer; ``pretrain_lr`` for the binary RBMs and
+    ``pretrain_lr_gaussian`` for those with Gaussian units (the top one, and the bottom
+    one when ``visible='gaussian'``); ``pretrain_k`` (CD-k); ``pretrain_weight_decay``.
+    """
+
+    demo = DemoRecipe(
+        data="digits",
+        latent_dim=2,
+        epochs=60,
+        lr=3e-3,
+        hparams={"hidden": [256, 128], "pretrain_epochs": 20},
+    )
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        hidden=(256, 128),
+        visible="bernoulli",
+        reconstruction="bce",
+        pretrain=True,
+        pretrain_epochs=50,
+        pretrain_lr=0.1,
+        pretrain_lr_gaussian=0.01,
+        pretrain_k=1,
+        pretrain_weight_decay=2e-4,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        if isinstance(hidden, (list, tuple)) and len(hidden) == 0:
+            raise ConfigError(
+                "deep needs at least one hidden layer between the input and the code, "
+                "e.g. hidden=[1000, 500, 250]; got hidden=[] (use 'ae' or 'rbm' for a "
+                "shallow model)"
+            )
+        self.hidden = params.int_list("hidden", hidden, allow_empty=False)
+        self.visible = params.choice("visible", visible, ["bernoulli", "gaussian"])
+        self.reconstruction = params.choice("reconstruction", reconstruction, ["bce", "mse"])
+        if self.reconstruction == "bce" and self.visible != "bernoulli":
+            raise ConfigError(
+                "reconstruction='bce' needs visible='bernoulli' (data in [0, 1]); "
+                "use reconstruction='mse' with visible='gaussian'"
+            )
+        if not isinstance(pretrain, bool):
+            raise ConfigError(f"pretrain must be true or false; got {pretrain!r}")
+        # not `self.pretrain`: that name is the Trainer's pretraining hook below
+        self.use_pretraining = pretrain
+        self.pretrain_epochs = params.integer("pretrain_epochs", pretrain_epochs, low=1)
+        self.pretrain_lr = params.number("pretrain_lr", pretrain_lr, low=0.0, low_open=True)
+        self.pretrain_lr_gaussian = params.number(
+            "pretrain_lr_gaussian", pretrain_lr_gaussian, low=0.0, low_open=True
+        )
+        if isinstance(pretrain_k, bool) or not isinstance(pretrain_k, int) or pretrain_k < 1:
+            raise ConfigError(
+                f"pretrain_k (Gibbs steps per update) must be an int >= 1; got {pretrain_k!r}"
+            )
+        self.pretrain_k = pretrain_k
+        self.pretrain_weight_decay = params.number(
+            "pretrain_weight_decay", pretrain_weight_decay, low=0.0
+        )
+
+        sizes = self.layer_sizes
+        n = len(sizes) - 1
+        self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        # decoder[j] mirrors encoder[n - 1 - j]
+        self.decoder = nn.ModuleList(nn.Linear(sizes[i + 1], sizes[i]) for i in reversed(range(n)))
+        # the fine-tuning budget, for the no-pretraining comparison (see evaluation_metrics)
+        self.register_buffer(
+            "finetune_budget", torch.zeros(len(DEFAULT_BUDGET), dtype=torch.float64)
+        )
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Widths from the input to the code, e.g. [64, 256, 128, 8]."""
+        return [self.input_size, *self.hidden, self.latent_dim]
+
+    def get_config(self) -> dict:
+        return {
+            **self.base_config(),
+            "hidden": list(self.hidden),
+            "visible": self.visible,
+            "reconstruction": self.reconstruction,
+            "pretrain": self.use_pretraining,
+            "pretrain_epochs": self.pretrain_epochs,
+            "pretrain_lr": self.pretrain_lr,
+            "pretrain_lr_gaussian": self.pretrain_lr_gaussian,
+            "pretrain_k": self.pretrain_k,
+            "pretrain_weight_decay": self.pretrain_weight_decay,
+        }
+
+    # -- the network -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        h = flatten(x)
+        for i, layer in enumerate(self.encoder):
+            h = layer(h)
+            if i < len(self.encoder) - 1:  # the code layer is linear
+                h = torch.sigmoid(h)
+        return h
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_code(z)
+        h = z
+        for i, layer in enumerate(self.decoder):
+            h = layer(h)
+            if i < len(self.decoder) - 1:
+                h = torch.sigmoid(h)
+        return h
+
+    def _output(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.visible == "bernoulli" else logits
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._output(self._logits(z)).reshape(-1, *self.input_shape)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self._logits(self.encode(x))
+        target = flatten(x)
+        if self.reconstruction == "bce":
+            recon = reconstruction_error(logits, target, "bce")
+        else:
+            recon = reconstruction_error(self._output(logits), target, "mse")
+        return {"loss": recon, "recon": recon}
+
+    # -- pretraining -------------------------------------------------------------------
+    def layer_rbms(self) -> list[RBM]:
+        """Fresh RBMs for the layers, bottom to top, configured as the paper's."""
+        sizes = self.layer_sizes
+        rbms = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            top, bottom = i == len(sizes) - 2, i == 0
+            visible = self.visible if bottom else "bernoulli"
+            hidden = "gaussian" if top else "bernoulli"
+            gaussian = "gaussian" in (visible, hidden)
+            rbms.append(
+                RBM(
+                    input_shape=(n_in,),
+                    latent_dim=n_out,
+                    visible=visible,
+                    hidden=hidden,
+                    k=self.pretrain_k,
+                    lr=self.pretrain_lr_gaussian if gaussian else self.pretrain_lr,
+                    weight_decay=self.pretrain_weight_decay,
+                )
+            )
+        return rbms
+
+    def pretrain(self, batches, log) -> None:
+        """The Trainer's pretraining hook: train the RBM stack layer by layer on
+        ``batches()`` (an iterator over training batches) and unroll it into the net."""
+        self._record_budget(log)
+        if not self.use_pretraining:
+            return
+        from tqdm.auto import tqdm
+
+        device = self.encoder[0].weight.device
+        rbms = [rbm.to(device) for rbm in self.layer_rbms()]
+        with warnings.catch_warnings():
+            # grey pixels and lower layers' probabilities are meant as probabilities here
+            warnings.simplefilter("ignore", NonBinaryDataWarning)
+            for i, rbm in enumerate(rbms):
+                below = rbms[:i]
+                first = [v for v, _ in zip(_inputs(batches, below, device), range(8))]
+                rbm.init_from_data(torch.cat(first))
+                bar = tqdm(
+                    total=self.pretrain_epochs,
+                    desc=f"pretraining RBM {i + 1}/{len(rbms)}",
+                    disable=not sys.stderr.isatty(),
+                    leave=False,
+                    file=sys.stderr,
+                )
+                for epoch in range(self.pretrain_epochs):
+                    warm = epoch < MOMENTUM_WARMUP_EPOCHS
+                    momentum = rbm.initial_momentum if warm else rbm.momentum
+                    total, count = 0.0, 0
+                    for v in _inputs(batches, below, device):
+                        total += float(rbm.train_step(v, momentum=momentum)["loss"]) * len(v)
+                        count += len(v)
+                    bar.update(1)
+                    bar.set_postfix(recon=f"{total / max(count, 1):.4g}", refresh=False)
+                bar.close()
+                log(
+                    f"pretrained RBM {i + 1}/{len(rbms)} ({rbm.input_size}->{rbm.latent_dim}, "
+                    f"{rbm.visible}-{rbm.hidden}): reconstruction error "
+                    f"{total / max(count, 1):.5g} after {self.pretrain_epochs} epochs"
+                )
+        self.unroll(rbms)
+
+    @torch.no_grad()
+    def unroll(self, rbms: list[RBM]) -> None:
+        """Copy a stack of trained RBMs (bottom first) into the encoder and, transposed,
+        into the decoder. Their widths must chain: input -> hidden... -> latent_dim."""
+        sizes = self.layer_sizes
+        if len(rbms) != len(sizes) - 1:
+            raise ConfigError(
+                f"this net has {len(sizes) - 1} layers ({'-'.join(map(str, sizes))}); got "
+                f"{len(rbms)} RBMs"
+            )
+        for i, rbm in enumerate(rbms):
+            if (rbm.input_size, rbm.latent_dim) != (sizes[i], sizes[i + 1]):
+                raise ConfigError(
+                    f"RBM {i + 1} is {rbm.input_size}->{rbm.latent_dim} but layer {i + 1} of "
+                    f"this net is {sizes[i]}->{sizes[i + 1]}: the RBM widths must chain "
+                    f"{'-'.join(map(str, sizes))}"
+                )
+        n = len(rbms)
+        for i, rbm in enumerate(rbms):
+            self.encoder[i].weight.copy_(rbm.W.t())
+            self.encoder[i].bias.copy_(rbm.b_h)
+            self.decoder[n - 1 - i].weight.copy_(rbm.W)
+            self.decoder[n - 1 - i].bias.copy_(rbm.b_v)
+
+    @classmethod
+    def from_rbms(cls, rbms: list[RBM], **hparams) -> DeepAutoencoder:
+        """A deep autoencoder unrolled from RBMs trained elsewhere (bottom first)."""
+        if not rbms:
+            raise ConfigError("from_rbms needs at least one RBM; got none")
+        for i, (lower, upper) in enumerate(zip(rbms[:-1], rbms[1:])):
+            if lower.latent_dim != upper.input_size:
+                raise ConfigError(
+                    f"RBM widths do not chain: RBM {i + 1} has {lower.latent_dim} hidden "
+                    f"units but RBM {i + 2} has {upper.input_size} visible units"
+                )
+        if len(rbms) < 2:
+            raise ConfigError(
+                "a deep autoencoder needs at least two RBMs (one hidden layer and the code); "
+                "got one"
+            )
+        model = cls(
+            input_shape=rbms[0].input_shape,
+            latent_dim=rbms[-1].latent_dim,
+            hidden=[r.latent_dim for r in rbms[:-1]],
+            **hparams,
+        )
+        model.unroll(rbms)
+        return model
+
+    def _record_budget(self, log) -> None:
+        # the Trainer passes its bound _log_line: read the run's settings from it so the
+        # no-pretraining comparison gets the same budget (defaults otherwise)
+        trainer = getattr(log, "__self__", None)
+        try:
+            budget = (
+                float(trainer.epochs),
+                float(trainer.batch_size),
+                float(trainer.lr),
+                float(trainer.patience or 0),
+                float(trainer.seed),
+            )
+        except (AttributeError, TypeError, ValueError):
+            budget = DEFAULT_BUDGET
+        self.finetune_budget.copy_(torch.tensor(budget, dtype=torch.float64))
+
+    # -- evaluation: Hinton's table ----------------------------------------------------
+    def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict:
+        """``aecore eval``'s extra row: the same net without pretraining, trained on the
+        same train/val split with this model's fine-tuning budget, its test MSE.
+
+        Only for a saved model (``aecore eval``, which sets ``metadata``): the ``aecore
+        train`` run that just fine-tuned this net does not pay for a second training."""
+        if getattr(self, "metadata", None) is None or not self.use_pretraining:
+            return {}
+        from aecore.trainer import Trainer
+
+        budget = [float(b) for b in self.finetune_budget]
+        if not any(budget):
+            budget = list(DEFAULT_BUDGET)
+        epochs, batch_size, lr, patience, seed = budget
+        torch.manual_seed(int(seed))
+        baseline = type(self)(**{**self.get_config(), "pretrain": False})
+        baseline.normalization = self.normalization
+        Trainer(
+            epochs=int(epochs),
+            batch_size=int(batch_size),
+            lr=lr,
+            seed=int(seed),
+            device="cpu",
+            patience=int(patience) or None,
+            progress=False,
+        ).fit(baseline, prepared.view("train"), prepared.view("val"))
+        with torch.no_grad():
+            mse = float((baseline.eval()(x_test) - x_test).pow(2).mean())
+        return {"baselines": {f"same net without pretraining ({int(epochs)} epochs)": mse}}
+
+    # -- demo --------------------------------------------------------------------------
+    def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
+        from aecore import plots
+        from aecore.pipeline import pca_basis
+
+        figures = []
+        if self.latent_dim == 2:
+            fit = prepared.view("train").to_numpy()
+            test = prepared.view("test").to_numpy()
+            mean, comps = pca_basis(fit, 2)
+            codes = (test.reshape(len(test), -1) - mean) @ comps.T
+            figures.append(
+                (
+                    "PCA's 2-D codes of the test split, for comparison with the deep "
+                    "autoencoder's (Hinton & Salakhutdinov 2006, Fig. 3)",
+                    plots.latent_map(
+                        codes, prepared.labels("test"), out_dir / "pca_codes.png", "PCA"
+                    ),
+                )
+            )
+        first = self.encoder[0].weight.detach().cpu().numpy()
+        if plots.as_images(first[:1]) is not None:
+            figures.append(
+                (
+                    "first-layer filters (encoder weights of each first hidden unit)",
+                    plots.filter_grid(first[:100], out_dir / "filters.png"),
+                )
+            )
+        return figures
+
+
+def _inputs(batches, below: list[RBM], device):
+    """Training batches as the input of the next RBM: flat rows pushed through the RBMs
+    already trained (their hidden probabilities, as in the paper)."""
+    for x in batches():
+        v = flatten(x.to(device).float())
+        for rbm in below:
+            v = rbm.hidden_mean(v)
+        yield v

@@ -1,0 +1,384 @@
+"""``rbm``: a restricted Boltzmann machine trained by contrastive divergence.
+
+Bernoulli–Bernoulli by default; ``visible="gaussian"`` gives unit-variance Gaussian
+visible units for real-valued (standardised) data, and ``hidden="gaussian"`` linear
+hidden units with unit-variance Gaussian noise (the top layer of Hinton &
+Salakhutdinov's deep autoencoder). Training follows Hinton's "A Practical Guide to
+Training Restricted Boltzmann Machines" (2010): CD-k or persistent CD (Tieleman 2008),
+small random weights, visible biases at log(p / (1 - p)) of the data, momentum 0.5 for
+the first updates then 0.9, L2 weight decay on the weights only, mean-field visible
+reconstructions. The Gibbs sampling and CD statistics run through ``aecore.ops``
+(fused kernels where built); linear hidden units, which those ops do not cover, use the
+same formulas in plain PyTorch here.
+
+The RBM updates its own parameters (``uses_optimizer = False``): the Trainer calls
+``train_step`` per batch. All optimiser state (velocities, the persistent chain, the
+step counter) lives in buffers, so checkpoints resume exactly. As an autoencoder,
+``encode`` gives the hidden means and ``decode`` the visible means.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aecore import ops, params
+from aecore.base import Autoencoder
+from aecore.demo import DemoRecipe
+from aecore.errors import ConfigError, DataError, TrainingError
+from aecore.layers import flatten
+
+UNITS = ("bernoulli", "gaussian")
+
+
+class NonBinaryDataWarning(UserWarning):
+    """A Bernoulli RBM got values strictly between 0 and 1 (used as probabilities)."""
+
+
+class DataRangeWarning(UserWarning):
+    """A Bernoulli RBM got values outside [0, 1] (clipped)."""
+
+
+class RBM(Autoencoder):
+    """Restricted Boltzmann machine with ``latent_dim`` hidden units.
+
+    Hyperparameters: ``visible`` / ``hidden`` unit types; ``k`` Gibbs steps per update;
+    ``persistent`` (PCD with ``chains`` fantasy particles); ``lr`` (default 0.1 for
+    Bernoulli–Bernoulli, 0.001 when a layer is Gaussian, as the guide advises);
+    ``momentum`` reached after ``momentum_warmup`` updates at ``initial_momentum``;
+    ``weight_decay`` (L2 on the weights); ``sample_visible`` (sample the reconstructions
+    instead of using their means); ``strict`` (non-binary data for Bernoulli visible
+    units is an error instead of a warning).
+    """
+
+    uses_optimizer = False
+    demo = DemoRecipe(
+        data="digits",
+        latent_dim=100,
+        epochs=30,
+        batch_size=32,
+        hparams={"lr": 0.05, "persistent": True, "chains": 100},
+    )
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        visible="bernoulli",
+        hidden="bernoulli",
+        k=1,
+        persistent=False,
+        chains=64,
+        lr=None,
+        momentum=0.9,
+        initial_momentum=0.5,
+        momentum_warmup=100,
+        weight_decay=2e-4,
+        sample_visible=False,
+        strict=False,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.visible = params.choice("visible", visible, UNITS)
+        self.hidden = params.choice("hidden", hidden, UNITS)
+        if self.visible == "gaussian" and self.hidden == "gaussian":
+            raise ConfigError(
+                "visible='gaussian' with hidden='gaussian' has no normalisable distribution; "
+                "make at least one side 'bernoulli'"
+            )
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k (Gibbs steps per update) must be an int >= 1; got {k!r}")
+        self.k = k
+        if not isinstance(persistent, bool):
+            raise ConfigError(f"persistent must be true or false; got {persistent!r}")
+        self.persistent = persistent
+        self.chains = params.integer("chains", chains, low=1)
+        if lr is None:
+            lr = 0.1 if self.visible == self.hidden == "bernoulli" else 0.001
+        self.lr = params.number("lr", lr, low=0.0, low_open=True)
+        self.momentum = params.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        self.initial_momentum = params.number(
+            "initial_momentum", initial_momentum, low=0.0, high=1.0, high_open=True
+        )
+        self.momentum_warmup = params.integer("momentum_warmup", momentum_warmup, low=0)
+        self.weight_decay = params.number("weight_decay", weight_decay, low=0.0)
+        for name, flag in (("sample_visible", sample_visible), ("strict", strict)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be true or false; got {flag!r}")
+        self.sample_visible = sample_visible
+        self.strict = strict
+
+        n_visible, n_hidden = self.input_size, self.latent_dim
+        # W is (visible, hidden), the layout of aecore.ops and of Hinton's code
+        self.W = nn.Parameter(0.01 * torch.randn(n_visible, n_hidden), requires_grad=False)
+        self.b_v = nn.Parameter(torch.zeros(n_visible), requires_grad=False)
+        self.b_h = nn.Parameter(torch.zeros(n_hidden), requires_grad=False)
+        # optimiser state as buffers: saved in checkpoints, so resume is exact
+        self.register_buffer("velocity_W", torch.zeros(n_visible, n_hidden))
+        self.register_buffer("velocity_b_v", torch.zeros(n_visible))
+        self.register_buffer("velocity_b_h", torch.zeros(n_hidden))
+        self.register_buffer("chain", torch.zeros(self.chains if persistent else 0, n_hidden))
+        self.register_buffer("chain_started", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self._warned: set[type] = set()
+
+    def get_config(self) -> dict:
+        return {
+            **self.base_config(),
+            "visible": self.visible,
+            "hidden": self.hidden,
+            "k": self.k,
+            "persistent": self.persistent,
+            "chains": self.chains,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "initial_momentum": self.initial_momentum,
+            "momentum_warmup": self.momentum_warmup,
+            "weight_decay": self.weight_decay,
+            "sample_visible": self.sample_visible,
+            "strict": self.strict,
+        }
+
+    # -- the autoencoder view ----------------------------------------------------------
+    def hidden_mean(self, v: torch.Tensor) -> torch.Tensor:
+        """E[h | v] for flat visible rows ``v`` (B, V)."""
+        pre = v @ self.W + self.b_h
+        return pre if self.hidden == "gaussian" else torch.sigmoid(pre)
+
+    def visible_mean(self, h: torch.Tensor) -> torch.Tensor:
+        """E[v | h] as flat rows (B, V)."""
+        pre = h @ self.W.t() + self.b_v
+        return pre if self.visible == "gaussian" else torch.sigmoid(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.hidden_mean(flatten(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_code(z)
+        return self.visible_mean(z).reshape(-1, *self.input_shape)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean-field reconstruction error per element (what ``model(x)`` reconstructs);
+        the RBM is not trained on it, but it is what validation and early stopping see."""
+        recon = F.mse_loss(self(x), x)
+        return {"loss": recon, "recon": recon}
+
+    # -- energy-based quantities -------------------------------------------------------
+    def free_energy(self, x: torch.Tensor) -> torch.Tensor:
+        """F(v) with p(v) ∝ exp(-F(v)), per sample (B,); the hidden units summed out."""
+        self.check_input(x)
+        v = flatten(x)
+        pre = v @ self.W + self.b_h
+        if self.hidden == "gaussian":
+            hidden_term = 0.5 * pre.pow(2).sum(1)
+        else:
+            hidden_term = F.softplus(pre).sum(1)
+        if self.visible == "gaussian":
+            visible_term = 0.5 * (v - self.b_v).pow(2).sum(1)
+        else:
+            visible_term = -(v @ self.b_v)
+        return visible_term - hidden_term
+
+    @torch.no_grad()
+    def pseudo_likelihood(self, x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+        """Stochastic pseudo-log-likelihood per sample (B,), the estimator of
+        scikit-learn's ``BernoulliRBM.score_samples``: flip one randomly chosen unit per
+        sample (v -> 1 - v) and return ``V * log sigmoid(F(v_flipped) - F(v))``."""
+        if self.visible != "bernoulli":
+            raise ConfigError(
+                "pseudo_likelihood flips binary units: it needs visible='bernoulli'; "
+                f"this RBM has visible={self.visible!r}"
+            )
+        self.check_input(x)
+        v = flatten(x)
+        gen = torch.Generator().manual_seed(params.integer("seed", seed, low=0))
+        cols = torch.randint(0, v.shape[1], (v.shape[0],), generator=gen).to(v.device)
+        rows = torch.arange(v.shape[0], device=v.device)
+        flipped = v.clone()
+        flipped[rows, cols] = 1 - flipped[rows, cols]
+        fe = self.free_energy(v.reshape(x.shape))
+        fe_flipped = self.free_energy(flipped.reshape(x.shape))
+        return v.shape[1] * F.logsigmoid(fe_flipped - fe)
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int = 1000, *, seed: int | None = None) -> torch.Tensor:
+        """``n`` visible means after ``steps`` Gibbs steps from random visible states."""
+        n = params.integer("n", n, low=1)
+        steps = params.integer("steps", steps, low=1)
+        gen = torch.Generator(self.W.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        shape = (n, self.input_size)
+        if self.visible == "gaussian":
+            v = torch.randn(shape, generator=gen, device=self.W.device) + self.b_v
+        else:
+            v = torch.bernoulli(torch.full(shape, 0.5, device=self.W.device), generator=gen)
+        if self.hidden == "bernoulli":
+            out = ops.gibbs_chain(
+                v, self.W, self.b_v, self.b_h, steps,
+                visible=self.visible, sample_visible=True, generator=gen,
+            )  # fmt: skip
+            v_mean = out.v_mean
+        else:
+            v_mean = self._linear_hidden_chain(v, None, steps, True, gen)[1]
+        return v_mean.reshape(n, *self.input_shape)
+
+    # -- training ----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Visible biases from the data: log(p / (1 - p)) for Bernoulli units (so the
+        hidden units start by explaining what the biases cannot), the mean for Gaussian."""
+        v = self._visible_data(x)
+        if self.visible == "gaussian":
+            self.b_v.copy_(v.mean(0))
+        else:
+            p = v.mean(0).clamp(1e-3, 1 - 1e-3)
+            self.b_v.copy_(torch.log(p / (1 - p)))
+
+    @torch.no_grad()
+    def train_step(self, x: torch.Tensor, *, momentum: float | None = None) -> dict:
+        """One CD-k / PCD-k update on batch ``x``; ``momentum`` overrides the schedule.
+
+        Returns ``{"loss": reconstruction error per element}``: for CD, of the
+        reconstruction the chain made from the data (Hinton's monitor); for PCD, whose
+        chain does not reconstruct the batch, of the mean-field reconstruction."""
+        v = self._visible_data(x)
+        chain = None
+        if self.persistent:
+            if not bool(self.chain_started):
+                # start the fantasy particles at the first batch's hidden states
+                start = (
+                    torch.bernoulli(self.hidden_mean(v))
+                    if self.hidden == "bernoulli"
+                    else (
+                        self.hidden_mean(v) + torch.randn(len(v), self.latent_dim, device=v.device)
+                    )
+                )
+                self.chain.copy_(start[torch.arange(self.chains) % len(v)])
+                self.chain_started.fill_(True)
+            chain = self.chain
+        if self.hidden == "bernoulli":
+            stats = ops.cd_step(
+                v, self.W, self.b_v, self.b_h, self.k,
+                chain=chain, visible=self.visible, sample_visible=self.sample_visible,
+            )  # fmt: skip
+        else:
+            stats = self._linear_hidden_cd(v, chain)
+        if self.persistent:
+            self.chain.copy_(stats.chain)
+            recon = F.mse_loss(self.visible_mean(self.hidden_mean(v)), v)
+        else:
+            recon = stats.recon_error / v.shape[1]
+        if not torch.isfinite(stats.dW).all():
+            raise TrainingError(
+                f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
+                f"(now {self.lr:g}), Gaussian units need about 0.001"
+            )
+        if momentum is None:
+            warm = int(self.updates) < self.momentum_warmup
+            momentum = self.initial_momentum if warm else self.momentum
+        self.velocity_W.mul_(momentum).add_(stats.dW - self.weight_decay * self.W, alpha=self.lr)
+        self.velocity_b_v.mul_(momentum).add_(stats.db_v, alpha=self.lr)
+        self.velocity_b_h.mul_(momentum).add_(stats.db_h, alpha=self.lr)
+        self.W.add_(self.velocity_W)
+        self.b_v.add_(self.velocity_b_v)
+        self.b_h.add_(self.velocity_b_h)
+        self.updates.add_(1)
+        return {"loss": recon.detach().reshape(())}
+
+    def _visible_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat float rows, checked against the visible unit type (see ``strict``)."""
+        self.check_input(x)
+        v = flatten(x).to(self.W.dtype)
+        if self.visible != "bernoulli" or v.numel() == 0:
+            return v
+        lo, hi = float(v.min()), float(v.max())
+        if lo < 0 or hi > 1:
+            self._complain(
+                DataRangeWarning,
+                f"RBM(visible='bernoulli') needs data in [0, 1]; got values in "
+                f"[{lo:.4g}, {hi:.4g}]",
+                "clipping them to [0, 1]",
+                "normalise to [0, 1] (--normalize minmax) or use visible='gaussian' for "
+                "real-valued data",
+            )
+            return v.clamp(0, 1)
+        if not bool(((v == 0) | (v == 1)).all()):
+            self._complain(
+                NonBinaryDataWarning,
+                "RBM(visible='bernoulli') got non-binary values in [0, 1]",
+                "using them as the probabilities of the visible units being on (as "
+                "scikit-learn's BernoulliRBM does)",
+                "binarise the data",
+            )
+        return v
+
+    def _complain(self, category: type, problem: str, action: str, fix: str) -> None:
+        if self.strict:
+            raise DataError(f"{problem}; {fix} (strict=True makes this an error)")
+        if category not in self._warned:  # once per model: training sees every batch
+            self._warned.add(category)
+            warnings.warn(
+                f"{problem}: {action}; {fix}, or pass strict=True to make this an error",
+                category,
+                stacklevel=3,
+            )
+
+    def _linear_hidden_chain(self, v, chain, k, sample_visible, generator=None):
+        """Gibbs chain with linear hidden units h ~ N(vW + b_h, 1) (Bernoulli visible):
+        returns (positive hidden means, final visible means, final visible state,
+        final hidden means, final hidden sample)."""
+        ph0 = v @ self.W + self.b_h
+
+        def noisy(mean):
+            return mean + torch.randn(mean.shape, generator=generator, device=mean.device)
+
+        h = chain if chain is not None else noisy(ph0)
+        for _ in range(k):
+            v_mean = torch.sigmoid(h @ self.W.t() + self.b_v)
+            v_state = torch.bernoulli(v_mean, generator=generator) if sample_visible else v_mean
+            ph = v_state @ self.W + self.b_h
+            h = noisy(ph)
+        return ph0, v_mean, v_state, ph, h
+
+    def _linear_hidden_cd(self, v, chain) -> ops.CDStats:
+        """CD statistics with linear hidden units, as ``ops.cd_step`` computes them for
+        Bernoulli ones (positive minus negative phase, each averaged over its batch)."""
+        ph0, v_mean, v_k, ph_k, h = self._linear_hidden_chain(v, chain, self.k, self.sample_visible)
+        n, n_chain = max(len(v), 1), max(len(v_k), 1)
+        dW = v.t() @ ph0 / n - v_k.t() @ ph_k / n_chain
+        db_v = v.sum(0) / n - v_k.sum(0) / n_chain
+        db_h = ph0.sum(0) / n - ph_k.sum(0) / n_chain
+        recon = (v - v_mean).pow(2).sum() / n if chain is None else torch.tensor(math.nan)
+        return ops.CDStats(dW, db_v, db_h, h, recon)
+
+    # -- demo --------------------------------------------------------------------------
+    def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
+        from aecore import plots
+
+        samples = self.sample(12, steps=1000, seed=0).cpu().numpy()
+        figures = [
+            (
+                "samples: visible means after a 1000-step Gibbs chain from random states",
+                plots.image_rows([("samples", samples)], out_dir / "samples.png"),
+            )
+        ]
+        if plots.as_images(self.W.t()[:1].cpu().numpy()) is not None:
+            figures.append(
+                (
+                    "filters: each hidden unit's weights to the visible units",
+                    plots.filter_grid(self.W.t().cpu().numpy(), out_dir / "filters.png"),
+                )
+            )
+        return figures
+
+    def extra_repr(self) -> str:
+        mode = f"PCD-{self.k}" if self.persistent else f"CD-{self.k}"
+        return f"{super().extra_repr()}, {self.visible}-{self.hidden}, {mode}, lr={self.lr:g}"

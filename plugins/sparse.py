@@ -39,6 +39,16 @@ DEFAULT_ACTIVATION = {"kl": "sigmoid", "l1": "relu", "topk": "identity"}
 DEAD_THRESHOLD = 1e-3
 
 
+@torch.no_grad()
+def activity(h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean activation of codes ``h`` (B, latent_dim) and the fraction of dead units:
+    those whose magnitude stays at or below DEAD_THRESHOLD on every row."""
+    return {
+        "mean_activation": h.mean(),
+        "dead_fraction": (h.abs().amax(0) <= DEAD_THRESHOLD).float().mean(),
+    }
+
+
 class SparseAutoencoder(Autoencoder):
     """Encoder ``x -> act(W1 x + b1)`` (k-sparsified for ``topk``), decoder
     ``h -> out(W2 h + b2)``; the hidden layer ``h`` is the code."""
@@ -162,17 +172,26 @@ class SparseAutoencoder(Autoencoder):
             * (self.encoder.weight.square().sum() + self.decoder.weight.square().sum())
         )
         loss = 0.5 * self.input_size * recon + sparsity + decay
-        with torch.no_grad():
-            mean_activation = h.mean()
-            dead_fraction = (h.abs().amax(0) <= DEAD_THRESHOLD).float().mean()
         return {
             "loss": loss,
             "recon": recon,
             "sparsity": sparsity,
             "weight_decay": decay,
-            "mean_activation": mean_activation,
-            "dead_fraction": dead_fraction,
+            **activity(h),
         }
+
+    @torch.no_grad()
+    def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict[str, float]:
+        """The code's activity on the whole test split (``aecore eval``)."""
+        was_training = self.training
+        self.eval()
+        try:
+            h = self.encode(x_test)
+        finally:
+            self.train(was_training)
+        terms = activity(h)
+        terms["active_fraction"] = (h.abs() > DEAD_THRESHOLD).float().mean()
+        return {name: float(value) for name, value in terms.items()}
 
     def filters(self) -> torch.Tensor:
         """Each code unit's input weights, shaped like an input: (latent_dim, *input_shape)."""

@@ -110,6 +110,14 @@ def test_dead_fraction_counts_units_silent_on_the_whole_batch():
     assert float(model.loss(_x())["dead_fraction"]) == pytest.approx(0.5)
 
 
+def test_evaluation_metrics_report_the_codes_activity_on_test_data():
+    model = SparseAutoencoder(input_shape=(64,), latent_dim=40, penalty="topk", k=4, alpha=2.0)
+    metrics = model.evaluation_metrics(_x(n=50), None)
+    assert set(metrics) == {"mean_activation", "dead_fraction", "active_fraction"}
+    assert metrics["active_fraction"] == pytest.approx(8 / 40)  # alpha * k codes per row
+    assert 0.0 <= metrics["dead_fraction"] <= 1 - 8 / 40
+
+
 def test_encode_needs_no_training_mode_and_is_deterministic():
     model = SparseAutoencoder(input_shape=(64,), latent_dim=40, penalty="topk", k=5).train()
     x = _x()

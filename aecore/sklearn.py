@@ -21,14 +21,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import (
-    BaseEstimator,
-    ClassNamePrefixFeaturesOutMixin,
-    OutlierMixin,
-    TransformerMixin,
-)
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+try:
+    from sklearn.base import (
+        BaseEstimator,
+        ClassNamePrefixFeaturesOutMixin,
+        OutlierMixin,
+        TransformerMixin,
+    )
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
+    raise ImportError(
+        f"aecore.sklearn needs scikit-learn >= 1.6 (pip install 'aecore[sklearn]'): {exc}"
+    ) from exc
 
 from aecore import params
 from aecore.errors import ConfigError, RegistryError, ShapeError
@@ -161,7 +167,7 @@ class AutoencoderTransformer(
         allowed = self._known_hparams(own.get("model", self.model))
         for key in extra:
             if "__" in key or (allowed is not None and key not in allowed):
-                valid = sorted(own_names | (allowed or set()) | set(self._hparams))
+                valid = sorted(own_names | (allowed or set()))
                 raise ValueError(
                     f"Invalid parameter {key!r} for estimator {self}. Valid parameters "
                     f"are: {valid!r} (hyperparameters of model "
@@ -182,7 +188,8 @@ class AutoencoderTransformer(
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        # codes come back in the input's float dtype (the network computes in float32)
+        # codes come back in the input's float dtype (trained in float32, evaluated in
+        # float64 so that a row's result does not depend on the batch it came in)
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         tags.input_tags.allow_nan = False
         tags.input_tags.sparse = False
@@ -225,7 +232,9 @@ class AutoencoderTransformer(
                 self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
             )
             normalization = Normalization.fit(normalize, X, per_feature=True)
-            x = normalization.apply(X)
+            # apply() may hand back X itself (a read-only memory map, say): torch
+            # wants memory it may write
+            x = np.require(normalization.apply(X), requirements=["C", "W"])
             net.normalization = normalization
             train, val = self._split(x, val_fraction, seed)
             history = trainer.fit(net, torch.from_numpy(train), val)

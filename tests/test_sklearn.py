@@ -3,6 +3,7 @@ built-in vector model, hparams through get_params/set_params/clone, Pipeline and
 GridSearchCV, reproducibility, units, outlier flags, quality on digits, bad inputs."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -358,3 +359,21 @@ def test_nan_and_wrong_widths_get_scikit_learns_messages():
         est.inverse_transform(np.zeros((3, 5)))
     with pytest.raises(NotFittedError):
         small().predict(TABLE)
+
+
+def test_read_only_float32_data_with_no_normalisation_fits_without_warnings():
+    x = TABLE.astype(np.float32)
+    x.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = small(hidden=[8], normalize="none").fit(x)
+    assert est.normalization_.kind == "none" and est.transform(x).dtype == np.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_and_serves_on_cpu():
+    cpu = small(hidden=[8], epochs=3).fit(TABLE)
+    gpu = small(hidden=[8], epochs=3, device="cuda").fit(TABLE)
+    assert next(gpu.model_.parameters()).device.type == "cpu"
+    # same seed, same batches, same initial weights: only kernel rounding differs
+    np.testing.assert_allclose(gpu.transform(TABLE), cpu.transform(TABLE), atol=1e-3)

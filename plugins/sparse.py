@@ -190,7 +190,8 @@ class SparseAutoencoder(Autoencoder):
         finally:
             self.train(was_training)
         terms = activity(h)
-        terms["active_fraction"] = (h.abs() > DEAD_THRESHOLD).float().mean()
+        if self.penalty != "kl":  # sigmoid codes are never exactly zero
+            terms["nonzero_fraction"] = (h != 0).float().mean()
         return {name: float(value) for name, value in terms.items()}
 
     def filters(self) -> torch.Tensor:

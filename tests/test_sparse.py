@@ -113,8 +113,8 @@ def test_dead_fraction_counts_units_silent_on_the_whole_batch():
 def test_evaluation_metrics_report_the_codes_activity_on_test_data():
     model = SparseAutoencoder(input_shape=(64,), latent_dim=40, penalty="topk", k=4, alpha=2.0)
     metrics = model.evaluation_metrics(_x(n=50), None)
-    assert set(metrics) == {"mean_activation", "dead_fraction", "active_fraction"}
-    assert metrics["active_fraction"] == pytest.approx(8 / 40)  # alpha * k codes per row
+    assert set(metrics) == {"mean_activation", "dead_fraction", "nonzero_fraction"}
+    assert metrics["nonzero_fraction"] == pytest.approx(8 / 40)  # alpha * k codes per row
     assert 0.0 <= metrics["dead_fraction"] <= 1 - 8 / 40
 
 

@@ -187,6 +187,40 @@ if _CPU[0]:
     )
 
 
+# The public functions differentiate through these lean autograd.Functions (same forward
+# and backward ops as the registrations above, which serve direct torch.ops.aecore users):
+# torch.library's generic autograd wrapper costs ~100 us a call in Python, as much as the
+# kernels themselves at typical sizes. Dynamo traces both without graph breaks.
+class _KLSparsity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, rho, beta):
+        loss, mean = torch.ops.aecore.kl_sparsity(h, rho, beta)
+        ctx.save_for_backward(mean)
+        ctx.rows, ctx.rho, ctx.beta = h.shape[0], rho, beta
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (mean,) = ctx.saved_tensors
+        grad = torch.ops.aecore.kl_sparsity_backward(
+            grad_loss, None, mean, ctx.rows, ctx.rho, ctx.beta
+        )
+        return grad, None, None
+
+
+class _TopkSparsify(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, k):
+        out, indices = torch.ops.aecore.topk_sparsify(z, k)
+        ctx.save_for_backward(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        return torch.ops.aecore.topk_sparsify_backward(grad_out, indices), None
+
+
 # --- the public ops ----------------------------------------------------------------------
 
 
@@ -306,6 +340,8 @@ def kl_sparsity(h: Tensor, rho: float, beta: float = 1.0) -> Tensor:
     """
     rho, beta = check.kl_args(h, rho, beta)
     if _fused(h):
+        if h.requires_grad and torch.is_grad_enabled():
+            return _KLSparsity.apply(h, rho, beta)
         return torch.ops.aecore.kl_sparsity(h, rho, beta)[0]
     return reference._kl(h, rho, beta)
 
@@ -319,5 +355,7 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     """
     check.topk_args(z, k)
     if _fused(z):
+        if z.requires_grad and torch.is_grad_enabled():
+            return _TopkSparsify.apply(z, k)
         return torch.ops.aecore.topk_sparsify(z, k)[0]
     return reference._topk(z, k)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "rbm_cpu.h"
@@ -73,33 +74,147 @@ inline bool topk_before(T a, int64_t ia, T b, int64_t ib) {
   return ia < ib;
 }
 
+namespace detail {
+
+// Per-thread buffers of the filtered top-k.
+template <typename T>
+struct TopkScratch {
+  std::vector<T> gmax, cand_val;
+  std::vector<int64_t> cand_idx;
+};
+
+// Exact top-k of row `zi` by a size-k heap (any input, NaN included). Leaves the kept
+// column indices, ascending, in hp[0..k).
+template <typename T>
+void topk_row_heap(const T* zi, int64_t cols, int64_t k, int64_t* hp) {
+  // hp[0] is the entry that would be dropped first ("worst" of the kept).
+  auto worse = [zi](int64_t a, int64_t b) { return topk_before(zi[a], a, zi[b], b); };
+  for (int64_t j = 0; j < k; ++j) hp[j] = j;
+  std::make_heap(hp, hp + k, worse);
+  // `thr` caches the root's value: one predictable compare rejects almost every
+  // element; NaNs (x != x) always take the exact comparison.
+  T thr = zi[hp[0]];
+  for (int64_t j = k; j < cols; ++j) {
+    const T x = zi[j];
+    if ((x > thr || x != x) && topk_before(x, j, thr, hp[0])) {
+      std::pop_heap(hp, hp + k, worse);
+      hp[k - 1] = j;
+      std::push_heap(hp, hp + k, worse);
+      thr = zi[hp[0]];
+    }
+  }
+  std::sort(hp, hp + k);
+}
+
+// Top-k of a NaN-free row by filtering. Column j belongs to group j mod G (G >= k groups);
+// the k-th largest group maximum t0 is <= the row's k-th largest value (k groups have a
+// maximum >= t0), so every kept entry is >= t0. Every step is a branch-free, vectorised
+// loop: the group maxima; t0 by counting, for each maximum, the maxima above it; the
+// filter (blocks of 16 tested at once, few candidates pass); the exact rank of each
+// candidate (value, then lower index first), which leaves the kept indices ascending.
+// Returns false, doing nothing, if the row holds a NaN or too many candidates (ties); the
+// caller then uses the heap.
+template <typename T>
+__attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restrict__ zi,
+                                                                int64_t cols, int64_t k,
+                                                                int64_t G, TopkScratch<T>& s,
+                                                                int64_t* hp) {
+  T* __restrict__ gmax = s.gmax.data();
+  int nan = 0;  // an int sum (not a bool or) so that the loops vectorise
+  for (int64_t g = 0; g < G; ++g) {
+    gmax[g] = zi[g];
+    nan += zi[g] != zi[g];
+  }
+  int64_t t = G;
+  for (; t + G <= cols; t += G) {
+    const T* __restrict__ zt = zi + t;
+    int nt = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      gmax[g] = zt[g] > gmax[g] ? zt[g] : gmax[g];
+      nt += zt[g] != zt[g];
+    }
+    nan += nt;
+  }
+  for (int64_t g = 0; g < cols - t; ++g) {
+    gmax[g] = zi[t + g] > gmax[g] ? zi[t + g] : gmax[g];
+    nan += zi[t + g] != zi[t + g];
+  }
+  if (nan) return false;
+  T t0 = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < G; ++i) {
+    int32_t above = 0;
+    for (int64_t j = 0; j < G; ++j) above += gmax[j] > gmax[i];
+    if (above < k && gmax[i] > t0) t0 = gmax[i];  // gmax[i] is the k-th largest or above
+  }
+  T* __restrict__ cv = s.cand_val.data();
+  int64_t* __restrict__ ci = s.cand_idx.data();
+  const int64_t cap = static_cast<int64_t>(s.cand_val.size());
+  int64_t n = 0, j = 0;
+  for (; j + 16 <= cols; j += 16) {
+    int hits = 0;
+    for (int l = 0; l < 16; ++l) hits += zi[j + l] >= t0;
+    if (hits == 0) continue;
+    if (n + hits > cap) return false;
+    for (int l = 0; l < 16; ++l)
+      if (zi[j + l] >= t0) {
+        cv[n] = zi[j + l];
+        ci[n++] = j + l;
+      }
+  }
+  for (; j < cols; ++j)
+    if (zi[j] >= t0) {
+      if (n == cap) return false;
+      cv[n] = zi[j];
+      ci[n++] = j;
+    }
+  int64_t kept = 0;
+  for (int64_t a = 0; a < n; ++a) {
+    int32_t rank = 0;
+    const T x = cv[a];
+    for (int64_t b = 0; b < n; ++b) rank += (cv[b] > x) | ((cv[b] == x) & (b < a));
+    if (rank < k) hp[kept++] = ci[a];
+  }
+  return true;  // candidates are in column order, so hp is ascending
+}
+
+AECORE_CLONES static bool topk_row_filter(const float* zi, int64_t cols, int64_t k, int64_t G,
+                                          TopkScratch<float>& s, int64_t* hp) {
+  return topk_row_filter_impl<float>(zi, cols, k, G, s, hp);
+}
+AECORE_CLONES static bool topk_row_filter(const double* zi, int64_t cols, int64_t k, int64_t G,
+                                          TopkScratch<double>& s, int64_t* hp) {
+  return topk_row_filter_impl<double>(zi, cols, k, G, s, hp);
+}
+
+}  // namespace detail
+
 // Forward: for each row keep the k largest entries (ties: lower index), zero the rest.
-// idx[i, :] receives the kept column indices (ascending). A size-k min-heap over the row
-// keeps the pass O(cols + k log k · hits); after the first few entries almost every
-// element is rejected by one comparison with the heap's root.
+// idx[i, :] receives the kept column indices (ascending). Small k relative to the row
+// uses the filter (detail::topk_row_filter), otherwise or with NaNs a size-k heap.
 template <typename T>
 void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int64_t* idx) {
   if (rows == 0 || cols == 0) return;
   const int nt = num_threads_for(rows * cols);
+  // 4k groups keep the candidate count near k; below 4 elements a group the filter
+  // would not pay.
+  const int64_t G = 4 * k;
+  const bool filter = cols >= 4 * G;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<int64_t> heap(static_cast<size_t>(k));
+    std::vector<int64_t> hp(static_cast<size_t>(k));
+    detail::TopkScratch<T> scratch;
+    if (filter) {
+      scratch.gmax.resize(static_cast<size_t>(G));
+      // The exact ranking is quadratic in the candidates: past 8k of them (heavy ties)
+      // the heap is cheaper.
+      scratch.cand_val.resize(static_cast<size_t>(8 * k));
+      scratch.cand_idx.resize(static_cast<size_t>(8 * k));
+    }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
-      const T* __restrict__ zi = z + i * cols;
-      // heap[0] is the entry that would be dropped first ("worst" of the kept).
-      auto worse = [zi](int64_t a, int64_t b) { return topk_before(zi[a], a, zi[b], b); };
-      int64_t* hp = heap.data();
-      for (int64_t j = 0; j < k; ++j) hp[j] = j;
-      std::make_heap(hp, hp + k, worse);
-      for (int64_t j = k; j < cols; ++j) {
-        if (topk_before(zi[j], j, zi[hp[0]], hp[0])) {
-          std::pop_heap(hp, hp + k, worse);
-          hp[k - 1] = j;
-          std::push_heap(hp, hp + k, worse);
-        }
-      }
-      std::sort(hp, hp + k);
+      const T* zi = z + i * cols;
+      if (!filter || !detail::topk_row_filter(zi, cols, k, G, scratch, hp.data()))
+        detail::topk_row_heap(zi, cols, k, hp.data());
       T* __restrict__ oi = out + i * cols;
       std::memset(oi, 0, sizeof(T) * cols);
       int64_t* __restrict__ ii = idx + i * k;

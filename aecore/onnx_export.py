@@ -14,11 +14,12 @@ Each file's metadata props (``aecore.*``) carry the registry name, config, data
 normalisation, input shape, code size, part, aecore version and an export id shared by
 the parts of one export; the runtime needs nothing else.
 
-Graphs hold standard ONNX ops only. aecore's own fused kernels on inference paths
-(``torch.ops.aecore.topk_sparsify``) are replaced at export time by plain-PyTorch
-equivalents, so a k-sparse code exports as TopK + ScatterElements. A third-party plugin with its own custom op registers a
-plain-PyTorch equivalent with ``register_export_decomposition``. A model that still
-cannot be exported raises ``OnnxExportError`` naming the model and the operation.
+Graphs hold standard, deterministic ONNX ops only (checked on every export). aecore's
+fused kernels on inference paths (``torch.ops.aecore.topk_sparsify``) are replaced at
+export time by plain-PyTorch equivalents, so a k-sparse code exports as TopK +
+ScatterElements; a third-party plugin with its own custom op registers an equivalent
+with ``register_export_decomposition``. A model that still cannot be exported raises
+``OnnxExportError`` naming the model and the operation.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def register_export_decomposition(op: Any, fn: Callable) -> None:
     positional arguments and results (for plugins that ship their own kernels).
 
     ``op`` is an ``OpOverload`` such as ``torch.ops.mylib.fused.default`` (an
-    ``OpOverloadPacket`` registers all its overloads). aecore's own ops need no
-    registration: they map to ``aecore.ops.reference`` automatically.
+    ``OpOverloadPacket`` registers all its overloads). The function is traced in the
+    op's place, so it must use ops that export (ATen ops, no data-dependent Python
+    control flow). aecore registers its own ops itself.
     """
     if not callable(fn):
         raise ConfigError(f"decomposition for {op!r} must be callable; got {fn!r}")
@@ -112,7 +114,8 @@ def export_onnx(
 
     ``part`` is ``"full"``, ``"encoder"``, ``"decoder"`` or ``"all"`` (see the module
     docstring). Refuses to replace existing files unless ``overwrite=True``. Returns
-    ``path``, the file to give ``aecore.runtime.OnnxAutoencoder``.
+    the path written (for ``"all"``, the full graph's), the file to give
+    ``aecore.runtime.OnnxAutoencoder``.
     """
     if part not in (*PARTS, "all"):
         raise ConfigError(f"part must be one of full, encoder, decoder, all; got {part!r}")
@@ -144,12 +147,15 @@ def export_onnx(
     for p, proto in protos.items():
         blob = proto.SerializeToString()
         atomic_write(targets[p], lambda f, blob=blob: f.write(blob))
-    return path
+    return targets["full"] if part == "all" else path
 
 
 def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFAULT_OPSET):
     """The checked ``onnx.ModelProto`` of each part in ``parts``, in memory (no files).
     ``model`` is left as it was (a CPU float32 eval copy is exported)."""
+    parts = tuple(parts)
+    if not parts or any(p not in PARTS for p in parts):
+        raise ConfigError(f"parts must be a non-empty subset of {PARTS}; got {parts!r}")
     model = _export_copy(model, name)
     metadata = _metadata(model, name)
     if len(parts) == 1:

@@ -30,7 +30,10 @@ _COMMANDS = {
     "encode": ("codes (N, latent_dim) of inputs", "inputs"),
     "decode": ("inputs, in data units, decoded from codes (N, latent_dim)", "codes"),
     "reconstruct": ("reconstructions of inputs, in data units", "inputs"),
-    "score": ("anomaly score per row: mean squared reconstruction error", "inputs"),
+    "score": (
+        "anomaly score per row: mean squared reconstruction error (normalised units)",
+        "inputs",
+    ),
 }
 
 

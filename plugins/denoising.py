@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from aecore_plugins.ae import PlainAutoencoder
 
 from aecore import params
 from aecore.demo import DemoRecipe
 from aecore.layers import flatten, reconstruction_error
+from aecore_plugins.ae import PlainAutoencoder
 
 CORRUPTIONS = ("gaussian", "masking", "salt_pepper")
 

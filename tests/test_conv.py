@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aecore_plugins.conv import ConvAutoencoder, downsampled_sizes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecore.errors import ConfigError, ShapeError
 from aecore.pipeline import train
 from aecore.testing import check_autoencoder
+from aecore_plugins.conv import ConvAutoencoder, downsampled_sizes
 
 
 def test_conformance():

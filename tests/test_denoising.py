@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aecore_plugins.ae import PlainAutoencoder
-from aecore_plugins.denoising import CORRUPTIONS, DenoisingAutoencoder, corrupt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecore.errors import ConfigError
 from aecore.pipeline import prepare, train
 from aecore.testing import check_autoencoder
+from aecore_plugins.ae import PlainAutoencoder
+from aecore_plugins.denoising import CORRUPTIONS, DenoisingAutoencoder, corrupt
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)

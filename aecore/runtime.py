@@ -97,6 +97,7 @@ class _ArrayModel:
         # float32 copies of its parameters for the hot path (float32 inputs, outputs);
         # other dtypes go through Normalization.apply, which computes in float64
         self._shift = self._scale = self._inv = None
+        self._shifted = False  # a zero shift (min-max of non-negative data) saves a pass
         if norm.kind != "none":
             shift, scale = norm.shift, norm.scale
             if shift.size != 1 and shift.size != int(np.prod(self.input_shape)):
@@ -109,12 +110,15 @@ class _ArrayModel:
             self._shift = shift.reshape(shape).astype(np.float32)
             self._scale = safe.reshape(shape).astype(np.float32)
             self._inv = (1.0 / safe).reshape(shape).astype(np.float32)
+            self._shifted = bool(np.any(self._shift))
 
     def _apply(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != np.float32:
             return self._normalization.apply(x)
         if self._shift is None:
             return x
+        if not self._shifted:
+            return np.multiply(x, self._inv)
         y = np.subtract(x, self._shift)
         y *= self._inv
         return y
@@ -123,7 +127,8 @@ class _ArrayModel:
         """Normalised model outputs (a fresh float32 array, changed in place) -> data units."""
         if self._shift is not None:
             y *= self._scale
-            y += self._shift
+            if self._shifted:
+                y += self._shift
         return y
 
     # -- public API -------------------------------------------------------------------

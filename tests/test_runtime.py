@@ -20,7 +20,7 @@ import aecore
 from aecore import cli
 from aecore.errors import ConfigError, DataError, ModelFileError, ShapeError
 from aecore.normalization import Normalization
-from aecore.runtime import OnnxAutoencoder, part_paths
+from aecore.runtime import OnnxAutoencoder, _ArrayModel, part_paths
 from aecore.testing import VECTOR_SHAPE, _fresh
 
 onnx = pytest.importorskip("onnx")
@@ -148,6 +148,47 @@ def test_bad_arguments(saved, runtime):
         OnnxAutoencoder(saved[2], threads=0)
     one_thread = OnnxAutoencoder(saved[2], threads=1)
     np.testing.assert_allclose(one_thread.encode(_data(3)), runtime.encode(_data(3)), atol=1e-6)
+
+
+class _Identity(_ArrayModel):
+    """The numpy front end around an identity "model": isolates the normalisation."""
+
+    name, input_shape, latent_dim = "identity", (2, 3), 6
+
+    def __init__(self, norm):
+        self.normalization = norm
+
+    def _forward(self, part, batch):
+        return np.array(batch, dtype=np.float32).reshape(len(batch), *self.input_shape)
+
+
+@given(
+    kind=st.sampled_from(["minmax", "standardize", "none"]),
+    per_feature=st.booleans(),
+    offset=st.sampled_from([0.0, 3.5, -1000.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_fast_normalisation_matches_normalization_py(kind, per_feature, offset, seed):
+    rng = np.random.default_rng(seed)
+    train = rng.random((20, 2, 3)) * 50 + offset
+    train[:, 0, 0] = offset  # a constant feature: scale 0, only shifted
+    norm = Normalization.fit(kind, train, per_feature=per_feature)
+    model = _Identity(norm)
+    x = (rng.random((7, 2, 3)) * 50 + offset).astype(np.float32)
+    tolerance = 1e-5 * (1 + abs(offset))
+    np.testing.assert_allclose(model._apply(x), norm.apply(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.reconstruct(x), x, rtol=1e-5, atol=tolerance)
+    np.testing.assert_allclose(model.score(x), 0.0, atol=1e-10)  # identity: no error
+    np.testing.assert_allclose(
+        model.decode(norm.apply(x).reshape(7, 6)), norm.invert(norm.apply(x)), atol=tolerance
+    )
+    # float64 inputs take Normalization.apply itself
+    np.testing.assert_allclose(model._apply(x.astype(np.float64)), norm.apply(x), atol=1e-6)
+
+
+def test_a_normalisation_of_the_wrong_size_is_refused():
+    with pytest.raises(ConfigError, match="normalisation has 5 features; the model has 6"):
+        _Identity(Normalization("standardize", np.zeros(5), np.ones(5)))
 
 
 # -- bad files ---------------------------------------------------------------------------

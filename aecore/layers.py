@@ -62,3 +62,15 @@ def pca_basis(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = min(k, vh.shape[0])
     comps[:n] = vh[:n]
     return mean.float(), comps.float()
+
+
+# -- added for the denoising and conv plugins (issue 4) ------------------------------
+def reconstruction_from_logits(
+    logits: torch.Tensor, target: torch.Tensor, kind: str, output: nn.Module
+) -> torch.Tensor:
+    """The reconstruction loss of a decoder that produces ``logits`` before its output
+    activation ``output``: ``bce`` straight on the logits (numerically stable), ``mse``
+    on ``output(logits)``. ``logits`` and ``target`` have the same shape."""
+    if kind == "bce":
+        return reconstruction_error(logits, target, "bce")
+    return reconstruction_error(output(logits), target, kind)

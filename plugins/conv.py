@@ -18,7 +18,7 @@ from aecore import params
 from aecore.base import Autoencoder
 from aecore.demo import DemoRecipe
 from aecore.errors import ConfigError
-from aecore.layers import ACTIVATIONS, RECONSTRUCTIONS, reconstruction_error
+from aecore.layers import ACTIVATIONS, RECONSTRUCTIONS, reconstruction_from_logits
 from aecore.layers import activation as make_activation
 
 
@@ -128,10 +128,7 @@ class ConvAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self._logits(self.encode(x))
-        if self.reconstruction == "bce":
-            recon = reconstruction_error(logits, x, "bce")
-        else:
-            recon = reconstruction_error(self.output(logits), x, "mse")
+        recon = reconstruction_from_logits(logits, x, self.reconstruction, self.output)
         return {"loss": recon, "recon": recon}
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from aecore import params
 from aecore.demo import DemoRecipe
-from aecore.layers import flatten, reconstruction_error
+from aecore.layers import flatten, reconstruction_from_logits
 from aecore_plugins.ae import PlainAutoencoder
 
 CORRUPTIONS = ("gaussian", "masking", "salt_pepper")
@@ -90,11 +90,8 @@ class DenoisingAutoencoder(PlainAutoencoder):
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         logits = self._logits(self.encode(self.corrupt(x)))
-        target = flatten(x)  # the clean input
-        if self.reconstruction == "bce":
-            recon = reconstruction_error(logits, target, "bce")
-        else:
-            recon = reconstruction_error(self.output(logits), target, "mse")
+        # the target is the clean input
+        recon = reconstruction_from_logits(logits, flatten(x), self.reconstruction, self.output)
         return {"loss": recon, "recon": recon}
 
     @torch.no_grad()

@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
@@ -89,6 +91,41 @@ def test_hparams_are_params_and_survive_clone():
     fitted = twin.fit(TABLE)
     assert fitted.model_.hidden == [8] and fitted.model_.latent_dim == 2
     assert fitted.model_.dropout == 0.1
+
+
+ae_hparams = st.fixed_dictionaries(
+    {},
+    optional={
+        "hidden": st.lists(st.integers(1, 512), max_size=3),
+        "dropout": st.floats(0, 0.9),
+        "activation": st.sampled_from(["relu", "tanh", "gelu"]),
+        "linear_path": st.booleans(),
+        "init": st.sampled_from(["pca", "random"]),
+    },
+)
+
+
+@given(first=ae_hparams, second=ae_hparams, latent_dim=st.integers(1, 32))
+def test_any_hparams_round_trip_through_params_and_clone(first, second, latent_dim):
+    est = AutoencoderTransformer(latent_dim=latent_dim, **first)
+    assert (
+        clone(est).get_params()
+        == est.get_params()
+        == {
+            **AutoencoderTransformer().get_params(),
+            "latent_dim": latent_dim,
+            **first,
+        }
+    )
+    est.set_params(**second)
+    assert est.get_params() == {
+        **AutoencoderTransformer().get_params(),
+        "latent_dim": latent_dim,
+        **first,
+        **second,
+    }
+    rebuilt = AutoencoderTransformer(**est.get_params())
+    assert rebuilt.get_params() == est.get_params()
 
 
 def test_set_params_rejects_what_the_model_does_not_take():

@@ -1,0 +1,419 @@
+"""``vae``: the variational autoencoder of Kingma & Welling (2014), trained by SGVB.
+
+The encoder gives a diagonal Gaussian posterior q(z|x) = N(mean, diag(exp(logvar)));
+the loss draws one reparameterised z = mean + std * eps per input and minimises
+``recon + beta * kl``, where ``recon`` is -log p(x|z) summed over the input features
+and ``kl`` = KL(q(z|x) || N(0, I)) in closed form, both in nats per input. ``beta != 1``
+gives a beta-VAE (Higgins et al. 2017); ``warmup_steps`` ramps beta linearly from 0 over
+that many training steps (Sønderby et al. 2016; Bowman et al. 2016).
+
+The decoder is Bernoulli (the net outputs logits; ``decode`` returns probabilities, and
+inputs must lie in [0, 1], e.g. ``--normalize minmax``) or Gaussian with a learned
+per-feature standard deviation (``decoder_std="learned"``, floored at
+``min_decoder_std`` so that constant pixels cannot drive the likelihood to infinity) or
+a fixed one (``decoder_std=0.1``). ``encode`` returns the posterior mean, so
+``model(x) = decode(encode(x))`` is deterministic and is what ONNX exports.
+
+``elbo(x)`` and ``log_likelihood(x, k)`` (the importance-weighted bound of Burda et
+al. 2016, which tends to log p(x) as k grows) are per-input, in nats; ``aecore eval``
+reports both on the test split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aecore import params
+from aecore.base import Autoencoder
+from aecore.demo import DemoRecipe
+from aecore.errors import ConfigError, DataError
+from aecore.layers import ACTIVATIONS, flatten, mlp
+
+DECODERS = ("bernoulli", "gaussian")
+BACKBONES = ("mlp", "conv")
+LOG_2PI = math.log(2 * math.pi)
+#: numbers of elements (samples x inputs x features) one importance-sampling chunk holds
+_CHUNK_ELEMENTS = 1 << 20
+#: posterior samples per input in an eval-mode (validation) loss
+_EVAL_SAMPLES = 16
+#: test rows (at most) of the k = 1000 log-likelihood in ``aecore eval``
+EVAL_LL_ROWS = 2000
+#: inputs per batch in elbo / log_likelihood
+_ROW_BATCH = 512
+
+
+class VariationalAutoencoder(Autoencoder):
+    """VAE with an MLP (any input shape) or convolutional (``(C, H, W)``) backbone."""
+
+    # the recipe of the issue's quality bar (test log-likelihood on digits, see README)
+    demo = DemoRecipe(data="digits", latent_dim=8, epochs=400, batch_size=256, lr=5e-3)
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        backbone="mlp",
+        hidden=(256, 256),
+        activation="tanh",
+        channels=(32, 64),
+        kernel_size=3,
+        decoder="bernoulli",
+        decoder_std="learned",
+        min_decoder_std=1e-3,
+        beta=1.0,
+        warmup_steps=0,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.backbone = params.choice("backbone", backbone, BACKBONES)
+        self.hidden = params.int_list("hidden", hidden)
+        self.activation = params.choice("activation", activation, list(ACTIVATIONS))
+        self.channels = params.int_list("channels", channels, allow_empty=False)
+        self.kernel_size = params.integer("kernel_size", kernel_size, low=2)
+        self.decoder = params.choice("decoder", decoder, DECODERS)
+        if decoder_std != "learned":
+            decoder_std = _fixed_std(decoder_std)
+        self.decoder_std = decoder_std
+        self.min_decoder_std = params.number(
+            "min_decoder_std", min_decoder_std, low=0.0, low_open=True
+        )
+        self.beta = params.number("beta", beta, low=0.0)
+        self.warmup_steps = params.integer("warmup_steps", warmup_steps, low=0)
+        if self.backbone == "conv" and len(self.input_shape) != 3:
+            raise ConfigError(
+                f"backbone='conv' needs a 3-D input_shape (C, H, W); got "
+                f"input_shape={self.input_shape} ({len(self.input_shape)}-D). Use "
+                f"backbone='mlp' for vectors, or reshape the data to images "
+                f"(e.g. --data digits:image)"
+            )
+        # a learned Gaussian scale doubles the decoder's output: (loc, raw scale) per feature
+        self.outputs_per_feature = 2 if self._learned_std else 1
+        if self.backbone == "mlp":
+            self.encoder_body, features, self.decoder_net = self._mlp_backbone()
+        else:
+            self.encoder_body, features, self.decoder_net = self._conv_backbone()
+        self.encoder_head = nn.Linear(features, 2 * self.latent_dim)
+        # training steps taken so far (loss calls in training mode): drives the KL warm-up
+        # and, being a buffer, is saved in checkpoints so a resumed run continues exactly
+        self.register_buffer("steps_taken", torch.zeros((), dtype=torch.int64))
+
+    def _mlp_backbone(self) -> tuple[nn.Module, int, nn.Module]:
+        """Encoder body (inputs -> features), its width, and the decoder (codes -> flat
+        outputs), as MLPs over flattened inputs."""
+        sizes = [self.input_size, *self.hidden]
+        body = nn.Sequential(nn.Flatten(), mlp(sizes, self.activation, final_activation=True))
+        out = self.outputs_per_feature * self.input_size
+        decoder = mlp([self.latent_dim, *reversed(self.hidden), out], self.activation)
+        return body, sizes[-1], decoder
+
+    def _conv_backbone(self) -> tuple[nn.Module, int, nn.Module]:
+        """The same three pieces from the ``conv`` plugin's layer stacks: its strided
+        convolutions as the encoder body; its linear map and transposed convolutions,
+        built for ``outputs_per_feature`` times the input channels, as the decoder."""
+        from aecore_plugins.conv import ConvAutoencoder
+
+        c, h, w = self.input_shape
+        stacks = {
+            "channels": self.channels,
+            "kernel_size": self.kernel_size,
+            "activation": self.activation,
+        }
+        # only the layer stacks are kept; the rest of these two models is discarded
+        enc = ConvAutoencoder(input_shape=self.input_shape, latent_dim=self.latent_dim, **stacks)
+        dec = ConvAutoencoder(
+            input_shape=(self.outputs_per_feature * c, h, w), latent_dim=self.latent_dim, **stacks
+        )
+        body = nn.Sequential(enc.encoder_convs, nn.Flatten())
+        decoder = nn.Sequential(
+            dec.decoder_linear,
+            nn.Unflatten(1, dec.feature_shape),
+            dec.decoder_convs,
+            nn.Flatten(),  # (B, m*C, H, W) -> (B, m*C*H*W): channel groups stay contiguous
+        )
+        return body, enc.encoder_linear.in_features, decoder
+
+    @property
+    def _learned_std(self) -> bool:
+        return self.decoder == "gaussian" and self.decoder_std == "learned"
+
+    def get_config(self) -> dict:
+        return {
+            **self.base_config(),
+            "backbone": self.backbone,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "channels": list(self.channels),
+            "kernel_size": self.kernel_size,
+            "decoder": self.decoder,
+            "decoder_std": self.decoder_std,
+            "min_decoder_std": self.min_decoder_std,
+            "beta": self.beta,
+            "warmup_steps": self.warmup_steps,
+        }
+
+    # -- the model ------------------------------------------------------------------
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of q(z|x), each ``(B, latent_dim)``."""
+        self.check_input(x)
+        mean, logvar = self.encoder_head(self.encoder_body(x)).chunk(2, dim=1)
+        return mean, logvar
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.posterior(x)[0]
+
+    def _decoder_output(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flat ``(B, D)`` logits (Bernoulli) or means (Gaussian), and the Gaussian
+        standard deviation (``(B, D)`` when learned, None otherwise)."""
+        self.check_code(z)
+        out = self.decoder_net(z).reshape(z.shape[0], self.outputs_per_feature, self.input_size)
+        if not self._learned_std:
+            return out[:, 0], None
+        return out[:, 0], self.min_decoder_std + F.softplus(out[:, 1])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean: Bernoulli probabilities or Gaussian means."""
+        loc, _ = self._decoder_output(z)
+        if self.decoder == "bernoulli":
+            loc = torch.sigmoid(loc)
+        return loc.reshape(-1, *self.input_shape)
+
+    def _log_px(self, x_flat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) per row, summed over features. ``z`` may hold several samples per
+        input as ``(S * B, latent_dim)``; ``x_flat`` is ``(B, D)``."""
+        loc, std = self._decoder_output(z)
+        loc = loc.reshape(-1, *x_flat.shape)
+        if self.decoder == "bernoulli":
+            # log Bernoulli(x; sigmoid(l)) = -BCE(l, x); the cross-entropy form also holds
+            # for grey values in [0, 1], the usual convention for such data
+            logp = -F.binary_cross_entropy_with_logits(loc, x_flat.expand_as(loc), reduction="none")
+        else:
+            if std is None:
+                std_t = torch.tensor(self.decoder_std, dtype=loc.dtype, device=loc.device)
+                log_std = torch.log(std_t)
+            else:
+                std_t = std.reshape(loc.shape)
+                log_std = torch.log(std_t)
+            logp = -0.5 * ((x_flat - loc) / std_t).pow(2) - log_std - 0.5 * LOG_2PI
+        return logp.sum(-1).reshape(-1)
+
+    def _check_range(self, x: torch.Tensor) -> None:
+        if self.decoder == "bernoulli":
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0.0 or hi > 1.0:
+                raise DataError(
+                    f"decoder='bernoulli' needs inputs in [0, 1] (normalize with 'minmax'); "
+                    f"got values in [{lo:.4g}, {hi:.4g}]"
+                )
+
+    def current_beta(self) -> float:
+        """The KL weight of the next training step (ramped during warm-up)."""
+        if self.warmup_steps == 0:
+            return self.beta
+        done = int(self.steps_taken)
+        return self.beta * min(1.0, (done + 1) / self.warmup_steps)
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SGVB: ``recon + beta * kl`` with one reparameterised sample per input, nats
+        per input. In eval mode (validation) beta is the full value, so validation
+        losses stay comparable through the warm-up."""
+        mean, logvar = self.posterior(x)
+        self._check_range(x)
+        # validation averages several draws: early stopping then follows the model, not
+        # the noise of one sample per input
+        n = 1 if self.training else _EVAL_SAMPLES
+        z = _draw(mean, logvar, n, None)[0].reshape(-1, self.latent_dim)
+        recon = -self._log_px(flatten(x), z).mean()
+        kl = _kl_to_standard_normal(mean, logvar).mean()
+        beta = self.current_beta() if self.training else self.beta
+        terms = {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+        if self.warmup_steps:
+            terms["beta"] = torch.tensor(beta)
+        if self.training:
+            self.steps_taken += 1
+        return terms
+
+    # -- likelihood estimates ---------------------------------------------------------
+    @torch.no_grad()
+    def elbo(
+        self, x: torch.Tensor, samples: int = 1, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Evidence lower bound per input, ``(B,)`` nats: E_q[log p(x|z)] (averaged over
+        ``samples`` draws) minus the closed-form KL. Always with beta = 1."""
+        samples = params.integer("samples", samples, low=1)
+
+        def rows(xb: torch.Tensor) -> torch.Tensor:
+            mean, logvar = self.posterior(xb)
+            x_flat = flatten(xb)
+            total = torch.zeros(len(xb), dtype=torch.float64, device=xb.device)
+            for n in _chunks(samples, x_flat.numel()):
+                z = _draw(mean, logvar, n, generator)[0].reshape(-1, self.latent_dim)
+                total += self._log_px(x_flat, z).reshape(n, -1).double().sum(0)
+            return total / samples - _kl_to_standard_normal(mean, logvar).double()
+
+        return self._per_row_batch(x, rows)
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: torch.Tensor, k: int = 1000, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x) per input, ``(B,)`` nats (Burda et
+        al. 2016): log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x). A lower bound in
+        expectation that rises with ``k`` towards log p(x) (k = 1 is the ELBO's one-sample
+        estimate). Inputs and samples go in chunks, so k = 1000 fits in memory."""
+        k = params.integer("k", k, low=1)
+
+        def rows(xb: torch.Tensor) -> torch.Tensor:
+            mean, logvar = self.posterior(xb)
+            x_flat = flatten(xb)
+            acc = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=xb.device)
+            for n in _chunks(k, x_flat.numel()):
+                z, eps = _draw(mean, logvar, n, generator)
+                log_px = self._log_px(x_flat, z.reshape(-1, self.latent_dim)).reshape(n, -1)
+                log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+                # z = mean + std * eps, so log q(z|x) = log N(eps; 0, I) - sum log std
+                log_qz = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)
+                log_w = (log_px + log_pz - log_qz).double()
+                acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+            return acc - math.log(k)
+
+        return self._per_row_batch(x, rows)
+
+    def _per_row_batch(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """``fn`` over row batches of ``x`` in eval mode, concatenated, in x's dtype."""
+        self.check_input(x)
+        self._check_range(x)
+        with _eval_mode(self):
+            out = [fn(x[i : i + _ROW_BATCH]) for i in range(0, len(x), _ROW_BATCH)]
+        return torch.cat(out).to(x.dtype)
+
+    # -- generation and the hooks of aecore eval / demo ---------------------------------
+    @torch.no_grad()
+    def sample(
+        self, n: int, *, mean: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` draws from the model: z ~ N(0, I), then the decoder's mean (``mean=True``,
+        the usual picture) or a draw x ~ p(x|z) (``mean=False``)."""
+        n = params.integer("n", n, low=1)
+        with _eval_mode(self):
+            device = self.encoder_head.weight.device
+            z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+            loc, std = self._decoder_output(z)
+            if self.decoder == "bernoulli":
+                probs = torch.sigmoid(loc)
+                x = probs if mean else torch.bernoulli(probs, generator=generator)
+            elif mean:
+                x = loc
+            else:
+                scale = std if std is not None else self.decoder_std
+                x = loc + scale * torch.randn(loc.shape, generator=generator, device=device)
+            return x.reshape(n, *self.input_shape)
+
+    def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict[str, float | int]:
+        """Mean test ELBO (100 samples per input) and k = 1000 importance-weighted
+        log-likelihood, nats per input, seeded so reruns agree. The k = 1000 estimate
+        costs 1000 decoder passes per input, so it uses at most ``EVAL_LL_ROWS`` rows."""
+        x = x_test.float()
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        x_ll = x[:EVAL_LL_ROWS]
+        return {
+            "test_elbo": float(self.elbo(x, samples=100, generator=gen).double().mean()),
+            "test_log_likelihood_k1000": float(
+                self.log_likelihood(x_ll, k=1000, generator=gen).double().mean()
+            ),
+            "test_log_likelihood_rows": len(x_ll),
+        }
+
+    def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
+        from aecore import plots
+
+        gen = torch.Generator().manual_seed(0)
+        samples = self.sample(36, generator=gen).numpy()
+        figures = [
+            (
+                "samples: decoder means for z ~ N(0, I)",
+                plots.image_rows(
+                    [("samples", samples[i : i + 12]) for i in range(0, 36, 12)],
+                    out_dir / "samples.png",
+                ),
+            )
+        ]
+        figures.append(
+            (
+                "latent traversal: each row moves one code unit from -2.5 to 2.5 (others at "
+                "the posterior mean of a test input); units sorted by their mean KL",
+                self._traversal_figure(prepared, out_dir / "traversal.png"),
+            )
+        )
+        return figures
+
+    @torch.no_grad()
+    def _traversal_figure(self, prepared, path):
+        from aecore import plots
+
+        test = torch.as_tensor(prepared.view("test").to_numpy()).float()
+        with _eval_mode(self):
+            mean, logvar = self.posterior(test)
+            kl_per_unit = _kl_to_standard_normal(mean, logvar, per_unit=True).mean(0)
+            order = torch.argsort(kl_per_unit, descending=True)[:10]
+            steps = torch.linspace(-2.5, 2.5, 9)
+            rows = []
+            for unit in order.tolist():
+                z = mean[:1].repeat(len(steps), 1)
+                z[:, unit] = steps
+                rows.append(
+                    (f"z{unit} (KL {float(kl_per_unit[unit]):.2f})", self.decode(z).numpy())
+                )
+        return plots.image_rows(rows, path)
+
+
+def _fixed_std(value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"decoder_std must be 'learned' or a number in (0, inf) (a fixed Gaussian "
+            f"standard deviation); got {value!r}"
+        )
+    return float(value)
+
+
+def _kl_to_standard_normal(
+    mean: torch.Tensor, logvar: torch.Tensor, per_unit: bool = False
+) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in nats, per row (or per row and unit)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl if per_unit else kl.sum(-1)
+
+
+def _draw(mean, logvar, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` reparameterised samples per row: z and eps, each ``(n, B, latent_dim)``."""
+    eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
+    return mean + torch.exp(0.5 * logvar) * eps, eps
+
+
+def _chunks(total: int, elements_per_sample: int):
+    """Split ``total`` samples into chunks of at most ~_CHUNK_ELEMENTS decoder outputs."""
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(1, elements_per_sample))
+    done = 0
+    while done < total:
+        n = min(per_chunk, total - done)
+        yield n
+        done += n
+
+
+class _eval_mode:
+    """Context manager: eval mode inside, the previous mode restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)

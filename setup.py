@@ -111,7 +111,7 @@ setup(
     extras_require={
         "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         "runtime": ["numpy>=1.24", "onnxruntime>=1.18"],
-        "sklearn": ["scikit-learn>=1.3"],
+        "sklearn": ["scikit-learn>=1.6"],
         "plots": ["matplotlib>=3.7"],
     },
     entry_points={

@@ -20,6 +20,7 @@ _LAZY = {
     "load_data": "aecore.data",
     "Normalization": "aecore.normalization",
     "AecoreError": "aecore.errors",
+    "AutoencoderTransformer": "aecore.sklearn",
     "export_onnx": "aecore.onnx_export",
 }
 

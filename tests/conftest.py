@@ -1,9 +1,16 @@
 import os
 
+# small models on 2 cores: one thread per process avoids OpenMP oversubscription (and
+# subprocesses the tests start inherit it)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # CI has 2 cores: keep property tests modest and free of wall-clock deadlines
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 settings.register_profile(
     "aecore", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

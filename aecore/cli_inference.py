@@ -131,7 +131,9 @@ class TorchArrayModel(_ArrayModel):
                 out = self.model.decode(x)
             else:
                 out = self.model(x)
-        return out.float().numpy()
+        result = out.float().numpy()
+        # the caller changes outputs in place: never hand back a view of the input
+        return result.copy() if np.may_share_memory(result, batch) else result
 
 
 def open_model(spec: str) -> _ArrayModel:

@@ -70,7 +70,7 @@ def _kernel_extensions():
                     f"{csrc}/cuda/sparsity_cuda.cu",
                 ],
                 include_dirs=[str(ROOT / csrc)],
-                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]},
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++17"]},
             )
         )
 

@@ -75,9 +75,9 @@ inline void row_range(int64_t rows, int nt, int tid, int64_t& r0, int64_t& r1) {
 namespace detail {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define AECORE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define AECORE_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), unused))
 #else
-#define AECORE_CLONES
+#define AECORE_CLONES __attribute__((unused))
 #endif
 
 

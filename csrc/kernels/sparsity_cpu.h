@@ -10,24 +10,10 @@
 #include <vector>
 
 #include "rbm_cpu.h"
+#include "sparsity_common.h"
 
 namespace aecore {
 namespace cpu {
-
-// rho-hat is clamped to [kKlEps, 1 - kKlEps] before the logs, so the penalty stays finite
-// for dead (always 0) or saturated (always 1) units. Same constant in reference.py.
-constexpr double kKlEps = 1e-6;
-
-// KL(rho || q) and its derivative in q, with q clamped; `inside` is false where the clamp
-// was active (then the gradient through the clamp is zero, as for torch.clamp).
-inline double kl_term(double rho, double q) {
-  const double qc = std::min(std::max(q, kKlEps), 1.0 - kKlEps);
-  return rho * std::log(rho / qc) + (1.0 - rho) * std::log((1.0 - rho) / (1.0 - qc));
-}
-inline double kl_dterm(double rho, double q) {
-  if (!(q >= kKlEps && q <= 1.0 - kKlEps)) return 0.0;  // clamped (or NaN)
-  return -rho / q + (1.0 - rho) / (1.0 - q);
-}
 
 // Forward: mean[j] = mean_i h[i,j]; returns beta * sum_j KL(rho || mean[j]).
 template <typename T>
@@ -39,7 +25,7 @@ double kl_sparsity_forward(const T* h, int64_t rows, int64_t cols, double rho, d
   for (int64_t j = 0; j < cols; ++j) {
     const double q = sums[j] / static_cast<double>(rows);
     mean[j] = static_cast<T>(q);
-    loss += kl_term(rho, q);
+    loss += aecore::kl_term(rho, q);
   }
   return beta * loss;
 }
@@ -54,7 +40,7 @@ void kl_sparsity_backward(T grad_loss, const T* grad_mean, const T* mean, int64_
   std::vector<T> coef(static_cast<size_t>(cols));
   const double inv_b = 1.0 / static_cast<double>(rows);
   for (int64_t j = 0; j < cols; ++j) {
-    double c = static_cast<double>(grad_loss) * beta * kl_dterm(rho, static_cast<double>(mean[j]));
+    double c = static_cast<double>(grad_loss) * beta * aecore::kl_dterm(rho, static_cast<double>(mean[j]));
     if (grad_mean) c += static_cast<double>(grad_mean[j]);
     coef[j] = static_cast<T>(c * inv_b);
   }
@@ -62,16 +48,6 @@ void kl_sparsity_backward(T grad_loss, const T* grad_mean, const T* mean, int64_
   const int nt = num_threads_for(rows * cols);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t i = 0; i < rows; ++i) std::memcpy(grad + i * cols, cf, sizeof(T) * cols);
-}
-
-// Total order used by top-k: NaN above everything (as torch.topk), then by value, and
-// among equal values the lower index first. `a_idx < b_idx` breaks ties.
-template <typename T>
-inline bool topk_before(T a, int64_t ia, T b, int64_t ib) {
-  const bool na = std::isnan(a), nb = std::isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
-  return ia < ib;
 }
 
 namespace detail {

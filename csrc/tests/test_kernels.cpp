@@ -210,7 +210,7 @@ static void test_kl() {
     for (int64_t i = 0; i < rows; ++i) m += h[i * cols + j];
     m /= rows;
     CHECK(std::abs(mean[j] - m) < 1e-14, "mean %ld", (long)j);
-    const double q = std::min(std::max(m, cpu::kKlEps), 1 - cpu::kKlEps);
+    const double q = std::min(std::max(m, kKlEps), 1 - kKlEps);
     want += rho * std::log(rho / q) + (1 - rho) * std::log((1 - rho) / (1 - q));
   }
   CHECK(std::abs(loss - beta * want) < 1e-10, "loss %g want %g", loss, beta * want);

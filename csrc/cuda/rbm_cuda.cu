@@ -1,0 +1,157 @@
+// CUDA Gibbs unit pass: bias + mean function + Philox sample + column sums in one pass
+// over a GEMM output. One thread owns a group of 4 adjacent columns (one Philox call
+// gives its 4 uniforms, the same counters as the CPU kernel) and strides over rows;
+// column sums are reduced over the block's rows in shared memory, then added atomically.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.cuh"
+#include "kernels/philox.h"
+
+namespace aecore {
+namespace cuda {
+namespace {
+
+constexpr int kBX = 32;  // column groups per block
+constexpr int kBY = 8;   // rows per block (then grid-stride)
+
+__device__ __forceinline__ float sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+// Sums v over threadIdx.y (same threadIdx.x) and adds the total to *dst from row 0.
+// All threads of the block must call it (it synchronises).
+__device__ void block_col_add(double v, double* dst, double (*sh)[kBX], bool valid) {
+  sh[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.y == 0 && valid) {
+    double s = 0.0;
+    for (int y = 0; y < kBY; ++y) s += sh[y][threadIdx.x];
+    atomicAdd(dst, s);
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void unit_pass_kernel(UnitPass<T> a) {
+  __shared__ double sh[kBY][kBX];
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kBX + threadIdx.x;
+  const int64_t c0 = 4 * g;
+  const bool active = c0 < a.cols;
+  const bool philox = a.sample && a.noise == nullptr && a.state != nullptr;
+  uint32_t k0 = 0, k1 = 0, offset = 0;
+  if (philox) {
+    seed_to_key(static_cast<uint64_t>(a.rng[0]), k0, k1);
+    offset = static_cast<uint32_t>(a.rng[1]);
+  }
+  double acc_mean[4] = {0, 0, 0, 0}, acc_state[4] = {0, 0, 0, 0}, acc_data[4] = {0, 0, 0, 0};
+  double sq = 0.0;
+  if (active) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kBY + threadIdx.y; i < a.rows;
+         i += static_cast<int64_t>(gridDim.y) * kBY) {
+      Philox4x32 r = {{0, 0, 0, 0}};
+      if (philox)
+        r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(i), a.stream, offset, k0,
+                          k1);
+      T z[4] = {0, 0, 0, 0};
+      if (philox && a.unit == Unit::Gaussian) {
+        box_muller<T>(r.v[0], r.v[1], z[0], z[1]);
+        box_muller<T>(r.v[2], r.v[3], z[2], z[3]);
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t j = c0 + l;
+        if (j >= a.cols) break;
+        const int64_t e = i * a.cols + j;
+        T m = a.x[e] + a.bias[j];
+        if (a.unit == Unit::Bernoulli) m = sigmoid_d(m);
+        a.x[e] = m;
+        acc_mean[l] += static_cast<double>(m);
+        if (a.data) {
+          const double d = static_cast<double>(a.data[e]);
+          const double diff = d - static_cast<double>(m);
+          sq += diff * diff;
+          acc_data[l] += d;
+        }
+        if (a.state) {
+          T s;
+          if (!a.sample) {
+            s = m;
+          } else if (a.unit == Unit::Bernoulli) {
+            const T u = a.noise ? a.noise[e] : uniform01<T>(r.v[l]);
+            s = u < m ? T(1) : T(0);
+          } else {
+            s = m + (a.noise ? a.noise[e] : z[l]);
+          }
+          a.state[e] = s;
+          acc_state[l] += static_cast<double>(s);
+        }
+      }
+    }
+  }
+  for (int l = 0; l < 4; ++l) {
+    const bool valid = active && c0 + l < a.cols;
+    if (a.colsum_mean) block_col_add(acc_mean[l], a.colsum_mean + c0 + l, sh, valid);
+    if (a.colsum_state) block_col_add(acc_state[l], a.colsum_state + c0 + l, sh, valid);
+    if (a.colsum_data) block_col_add(acc_data[l], a.colsum_data + c0 + l, sh, valid);
+  }
+  if (a.sq_err) {
+    // whole-block sum of sq: reduce over x as well (kBX * kBY values)
+    sh[threadIdx.y][threadIdx.x] = sq;
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+      double s = 0.0;
+      for (int y = 0; y < kBY; ++y)
+        for (int x = 0; x < kBX; ++x) s += sh[y][x];
+      atomicAdd(a.sq_err, s);
+    }
+  }
+}
+
+inline dim3 grid_for(int64_t rows, int64_t cols) {
+  const int64_t groups = (cols + 3) / 4;
+  const int64_t gx = (groups + kBX - 1) / kBX;
+  int64_t gy = (rows + kBY - 1) / kBY;
+  if (gy > 1024) gy = 1024;  // grid-stride beyond; keeps the atomics per column bounded
+  if (gy < 1) gy = 1;
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+template <typename T>
+__global__ void column_sums_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
+                                   double* out) {
+  __shared__ double sh[kBY][kBX];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kBX + threadIdx.x;
+  double s = 0.0;
+  if (j < cols)
+    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kBY + threadIdx.y; i < rows;
+         i += static_cast<int64_t>(gridDim.y) * kBY)
+      s += static_cast<double>(x[i * cols + j]);
+  block_col_add(s, out + j, sh, j < cols);
+}
+
+}  // namespace
+
+template <typename T>
+void unit_pass(const UnitPass<T>& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  unit_pass_kernel<T><<<grid_for(p.rows, p.cols), dim3(kBX, kBY), 0, stream>>>(p);
+}
+
+template <typename T>
+void column_sums(const T* x, int64_t rows, int64_t cols, double* out, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t gx = (cols + kBX - 1) / kBX;
+  int64_t gy = (rows + kBY - 1) / kBY;
+  if (gy > 1024) gy = 1024;
+  column_sums_kernel<T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+                          dim3(kBX, kBY), 0, stream>>>(x, rows, cols, out);
+}
+
+template void unit_pass<float>(const UnitPass<float>&, cudaStream_t);
+template void unit_pass<double>(const UnitPass<double>&, cudaStream_t);
+template void column_sums<float>(const float*, int64_t, int64_t, double*, cudaStream_t);
+template void column_sums<double>(const double*, int64_t, int64_t, double*, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace aecore

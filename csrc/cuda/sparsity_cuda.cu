@@ -1,0 +1,161 @@
+// CUDA kernels of the sparsity penalties. KL: the forward's column sums come from
+// rbm_cuda.cu (column_sums); a one-block finalize turns them into means and the loss; the
+// backward is one write pass. Top-k: one block per row.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.cuh"
+#include "kernels/sparsity_common.h"
+
+namespace aecore {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void kl_finalize_kernel(const double* __restrict__ sums, int64_t rows, int64_t cols,
+                                   double rho, double beta, T* __restrict__ mean,
+                                   T* __restrict__ loss) {
+  __shared__ double sh[kThreads];
+  double s = 0.0;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const double q = sums[j] / static_cast<double>(rows);
+    mean[j] = static_cast<T>(q);
+    s += kl_term(rho, q);
+  }
+  sh[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *loss = static_cast<T>(beta * sh[0]);
+}
+
+// The gradient is constant along a column: each thread computes its column's coefficient
+// once and writes it down a strided set of rows.
+template <typename T>
+__global__ void kl_backward_kernel(const T* __restrict__ grad_loss, const T* __restrict__ grad_mean,
+                                   const T* __restrict__ mean, int64_t rows, int64_t cols,
+                                   double rho, double beta, T* __restrict__ grad) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  double c = static_cast<double>(*grad_loss) * beta * kl_dterm(rho, static_cast<double>(mean[j]));
+  if (grad_mean) c += static_cast<double>(grad_mean[j]);
+  const T coef = static_cast<T>(c / static_cast<double>(rows));
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) grad[i * cols + j] = coef;
+}
+
+// One block per row, k rounds: each round every thread finds, among its strided
+// elements, the best one ranked after the previous pick (the order is total: NaN first,
+// then value, then lower index), and a shared-memory argmax picks the next kept entry.
+// No mask is needed; O(k * cols / threads) per row, aimed at the small k of k-sparse
+// autoencoders.
+template <typename T>
+__global__ void topk_kernel(const T* __restrict__ z, int64_t cols, int64_t k, T* __restrict__ out,
+                            int64_t* __restrict__ idx) {
+  __shared__ T sv[kThreads];
+  __shared__ int64_t si[kThreads];
+  __shared__ T prev_v;
+  __shared__ int64_t prev_i;
+  const int64_t row = blockIdx.x;
+  const T* zi = z + row * cols;
+  T* oi = out + row * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) oi[j] = T(0);
+  for (int64_t t = 0; t < k; ++t) {
+    T best_v = T(0);
+    int64_t best_i = -1;
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      const T x = zi[j];
+      if (t > 0 && !topk_before(prev_v, prev_i, x, j)) continue;  // already kept
+      if (best_i < 0 || topk_before(x, j, best_v, best_i)) {
+        best_v = x;
+        best_i = j;
+      }
+    }
+    sv[threadIdx.x] = best_v;
+    si[threadIdx.x] = best_i;
+    __syncthreads();
+    for (int w = kThreads / 2; w > 0; w /= 2) {
+      if (threadIdx.x < w) {
+        const int64_t oi2 = si[threadIdx.x + w];
+        if (oi2 >= 0 && (si[threadIdx.x] < 0 ||
+                         topk_before(sv[threadIdx.x + w], oi2, sv[threadIdx.x], si[threadIdx.x]))) {
+          sv[threadIdx.x] = sv[threadIdx.x + w];
+          si[threadIdx.x] = oi2;
+        }
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      prev_v = sv[0];
+      prev_i = si[0];
+      idx[row * k + t] = si[0];
+      oi[si[0]] = sv[0];
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void topk_backward_kernel(const T* __restrict__ grad_out, const int64_t* __restrict__ idx,
+                                     int64_t cols, int64_t k, T* __restrict__ grad) {
+  const int64_t row = blockIdx.x;
+  T* gi = grad + row * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) gi[j] = T(0);
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < k; t += kThreads) {
+    const int64_t j = idx[row * k + t];
+    gi[j] = grad_out[row * cols + j];
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void kl_finalize(const double* sums, int64_t rows, int64_t cols, double rho, double beta, T* mean,
+                 T* loss, cudaStream_t stream) {
+  kl_finalize_kernel<T><<<1, kThreads, 0, stream>>>(sums, rows, cols, rho, beta, mean, loss);
+}
+
+template <typename T>
+void kl_backward(const T* grad_loss, const T* grad_mean, const T* mean, int64_t rows,
+                 int64_t cols, double rho, double beta, T* grad, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t gx = (cols + kThreads - 1) / kThreads;
+  const int64_t gy = rows < 4096 ? rows : 4096;
+  kl_backward_kernel<T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0,
+                          stream>>>(grad_loss, grad_mean, mean, rows, cols, rho, beta, grad);
+}
+
+template <typename T>
+void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int64_t* idx,
+                  cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  topk_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(z, cols, k, out, idx);
+}
+
+template <typename T>
+void topk_backward(const T* grad_out, const int64_t* idx, int64_t rows, int64_t cols, int64_t k,
+                   T* grad, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  topk_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(grad_out, idx, cols,
+                                                                               k, grad);
+}
+
+#define AECORE_INSTANTIATE(T)                                                                     \
+  template void kl_finalize<T>(const double*, int64_t, int64_t, double, double, T*, T*,          \
+                               cudaStream_t);                                                     \
+  template void kl_backward<T>(const T*, const T*, const T*, int64_t, int64_t, double, double,  \
+                               T*, cudaStream_t);                                                 \
+  template void topk_forward<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t*, cudaStream_t); \
+  template void topk_backward<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*,        \
+                                 cudaStream_t);
+AECORE_INSTANTIATE(float)
+AECORE_INSTANTIATE(double)
+#undef AECORE_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace aecore

@@ -92,8 +92,12 @@ class SparseAutoencoder(Autoencoder):
         self.l1_lambda = params.number("l1_lambda", l1_lambda, low=0.0)
         if k is None:
             k = max(1, self.latent_dim // 4)
-        # the code is the hidden layer, so k counts hidden units
-        self.k = params.integer("k", k, low=1, high=self.latent_dim)
+        try:
+            self.k = params.integer("k", k, low=1, high=self.latent_dim)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (k counts kept code units: at most latent_dim={self.latent_dim})"
+            ) from None
         self.alpha = params.number("alpha", alpha, low=1.0)
         if round(self.alpha * self.k) > self.latent_dim:
             raise ConfigError(

@@ -132,7 +132,7 @@ def test_encode_needs_no_training_mode_and_is_deterministic():
         ({"rho": 1.5}, "rho must be a number in (0, 1); got 1.5"),
         ({"beta": -1}, "beta must be a number in [0, inf); got -1"),
         ({"l1_lambda": -0.1}, "l1_lambda must be a number in [0, inf); got -0.1"),
-        ({"k": 21}, "k must be an int in [1, 20]; got 21"),
+        ({"k": 21}, "k must be an int in [1, 20]; got 21 (k counts kept code units: at most"),
         ({"k": 0}, "k must be an int in [1, 20]; got 0"),
         ({"k": 2.5}, "k must be an int in [1, 20]; got 2.5"),
         ({"alpha": 0.5}, "alpha must be a number in [1, inf); got 0.5"),

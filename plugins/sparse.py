@@ -15,7 +15,7 @@ The objective is Ng's: half the summed squared error per example,
 plus the penalty, plus ``weight_decay / 2`` times the squared weights (not biases).
 So Ng's settings (rho=0.01, beta=3, weight_decay=1e-4) mean what they mean in his notes.
 ``loss`` also logs ``mean_activation`` and ``dead_fraction``: the share of code units
-whose magnitude stays below 1e-3 on every example of the batch.
+whose magnitude stays at or below 1e-3 on every example of the batch.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def activity(h: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class SparseAutoencoder(Autoencoder):
-    """Encoder ``x -> act(W1 x + b1)`` (k-sparsified for ``topk``), decoder
-    ``h -> out(W2 h + b2)``; the hidden layer ``h`` is the code."""
+    """Encoder ``x -> act(W1 (x - m) + b1)`` with ``m`` the training mean (k-sparsified
+    for ``topk``), decoder ``h -> out(W2 h + b2)``; the hidden layer ``h`` is the code."""
 
     # Ng's exercise: 64 -> 100 sigmoid units on 8x8 natural-image patches
     demo = DemoRecipe(

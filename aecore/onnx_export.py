@@ -321,11 +321,9 @@ def _decompose_custom_ops(program, name: str, part: str):
             continue
         fn = _DECOMPOSITIONS.get(op)
         if fn is None:
-            trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-            where = f" (at {trace[-1].strip()})" if trace else ""
             raise OnnxExportError(
                 f"cannot export {name} ({part}) to ONNX: custom op "
-                f"{op.namespace}::{op._opname}{where} has no plain-PyTorch equivalent for "
+                f"{op.namespace}::{op._opname} has no plain-PyTorch equivalent for "
                 f"export; register one with aecore.onnx_export.register_export_decomposition"
             )
         table[op] = fn
@@ -418,8 +416,12 @@ def _reused_op_registry() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporter prints progress and logs warnings (e.g. torchvision missing)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    """The exporter prints progress, logs warnings (e.g. torchvision missing) and, on
+    failure, dumps the partial graph to stderr; our error says what failed instead."""
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -427,6 +429,7 @@ def _quiet() -> Iterator[None]:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
         ):
             warnings.simplefilter("ignore")
             yield
@@ -443,6 +446,12 @@ _OP_PATTERNS = (
 
 
 def _export_failure(name: str, part: str, exc: BaseException, stage: str) -> OnnxExportError:
+    if "Constraints violated" in str(exc) and "specialized it to be a constant" in str(exc):
+        return OnnxExportError(
+            f"cannot export {name} ({part}) to ONNX: its forward works only for the batch "
+            f"size it was traced with, and ONNX graphs take any batch size; derive shapes "
+            f"from the input (x.reshape(len(x), -1) or reshape(-1, ...)), not constants"
+        )
     op = _failing_op(exc)
     where = _user_frame(exc)
     what = op or where or "an operation"

@@ -193,6 +193,11 @@ class _DataDependent(_Tiny):
         return -h
 
 
+class _FixedBatch(_Tiny):
+    def squash(self, h):
+        return h.reshape(2, -1).reshape(-1, self.latent_dim)  # the example's batch size
+
+
 class _Stochastic(_Tiny):
     def squash(self, h):
         return h + torch.randn_like(h)  # noise in the eval forward
@@ -236,6 +241,12 @@ def test_registered_decomposition_makes_a_custom_op_exportable(registered, monke
 def test_data_dependent_control_flow_names_model_and_line(registered, tmp_path):
     model = registered("tiny-branchy", _DataDependent)
     with pytest.raises(OnnxExportError, match=r"tiny-branchy.*if h\.sum\(\) > 0.*test_onnx\.py"):
+        export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_a_forward_tied_to_one_batch_size_is_explained(registered, tmp_path):
+    model = registered("tiny-fixed", _FixedBatch)
+    with pytest.raises(OnnxExportError, match=r"tiny-fixed.*works only for the batch size"):
         export_onnx(model, tmp_path / "m.onnx")
 
 

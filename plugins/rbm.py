@@ -48,7 +48,8 @@ class RBM(Autoencoder):
 
     Hyperparameters: ``visible`` / ``hidden`` unit types; ``k`` Gibbs steps per update;
     ``persistent`` (PCD with ``chains`` fantasy particles); ``lr`` (default 0.1 for
-    Bernoulli–Bernoulli, 0.001 when a layer is Gaussian, as the guide advises);
+    Bernoulli–Bernoulli, 0.01 when a layer is Gaussian: the guide advises a rate one
+    or two orders of magnitude smaller for them);
     ``momentum`` reached after ``momentum_warmup`` updates at ``initial_momentum``;
     ``weight_decay`` (L2 on the weights); ``sample_visible`` (sample the reconstructions
     instead of using their means); ``strict`` (non-binary data for Bernoulli visible
@@ -98,7 +99,7 @@ class RBM(Autoencoder):
         self.persistent = persistent
         self.chains = params.integer("chains", chains, low=1)
         if lr is None:
-            lr = 0.1 if self.visible == self.hidden == "bernoulli" else 0.001
+            lr = 0.1 if self.visible == self.hidden == "bernoulli" else 0.01
         self.lr = params.number("lr", lr, low=0.0, low_open=True)
         self.momentum = params.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.initial_momentum = params.number(
@@ -279,7 +280,7 @@ class RBM(Autoencoder):
         if not torch.isfinite(stats.dW).all():
             raise TrainingError(
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
-                f"(now {self.lr:g}), Gaussian units need about 0.001"
+                f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
             )
         if momentum is None:
             warm = int(self.updates) < self.momentum_warmup

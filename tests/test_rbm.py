@@ -1,0 +1,299 @@
+"""The ``rbm`` plugin: energies, the pseudo-likelihood estimator, training through the
+Trainer (exact resume), scikit-learn comparison, bad input."""
+
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aecore.errors import ConfigError, DataError
+from aecore.pipeline import prepare
+from aecore.trainer import Trainer
+from aecore_plugins.rbm import RBM, DataRangeWarning, NonBinaryDataWarning
+
+
+@pytest.fixture
+def one_thread():
+    # tiny GEMMs: a second thread only adds contention on the shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    p = prepare("digits", seed=0)  # minmax: digits / 16, in [0, 1] as BernoulliRBM expects
+    return p.view("train").to_numpy(), p.view("test").to_numpy()
+
+
+def random_rbm(v, h, seed, **hparams):
+    torch.manual_seed(seed)
+    rbm = RBM(input_shape=(v,), latent_dim=h, **hparams)
+    with torch.no_grad():
+        rbm.W.normal_(0, 1)
+        rbm.b_v.normal_(0, 1)
+        rbm.b_h.normal_(0, 1)
+    return rbm.double()
+
+
+# -- energies -------------------------------------------------------------------------
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**16))
+def test_free_energy_sums_out_the_hidden_units(n_visible, n_hidden, seed):
+    """F(v) = -log sum_h exp(-E(v, h)), E = -v.b_v - h.b_h - v W h, by enumeration."""
+    rbm = random_rbm(n_visible, n_hidden, seed)
+    states = torch.tensor(
+        list(itertools.product([0.0, 1.0], repeat=n_visible)), dtype=torch.float64
+    )
+    hs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n_hidden)), dtype=torch.float64)
+    with torch.no_grad():
+        energy = -(states @ rbm.b_v)[:, None] - (hs @ rbm.b_h)[None] - states @ rbm.W @ hs.T
+        expected = -torch.logsumexp(-energy, dim=1)
+        assert torch.allclose(rbm.free_energy(states), expected, atol=1e-9)
+
+
+def test_gaussian_visible_free_energy_matches_numerical_integral():
+    # one Gaussian visible unit, two binary hidden units: F(v) up to the same constant
+    rbm = random_rbm(1, 2, seed=3, visible="gaussian")
+    hs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=2)), dtype=torch.float64)
+    v = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        energy = 0.5 * (v - rbm.b_v).pow(2) - hs @ rbm.b_h - v @ rbm.W @ hs.T
+        expected = -torch.logsumexp(-energy, dim=1)
+        assert torch.allclose(rbm.free_energy(v), expected, atol=1e-9)
+
+
+def test_linear_hidden_free_energy_integrates_the_gaussian():
+    rbm = random_rbm(3, 1, seed=4, hidden="gaussian")
+    v = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    h = torch.linspace(-30, 30, 200001, dtype=torch.float64)
+    with torch.no_grad():
+        a = (v @ rbm.W + rbm.b_h)[:, :1]
+        integrand = torch.exp(v @ rbm.b_v[:, None] + a * h - 0.5 * h**2)
+        numeric = -torch.log(torch.trapezoid(integrand, h) / math.sqrt(2 * math.pi))
+        assert torch.allclose(rbm.free_energy(v), numeric, atol=1e-6)
+
+
+def test_pseudo_likelihood_is_scikit_learns_estimator():
+    from sklearn.neural_network import BernoulliRBM
+
+    rbm = random_rbm(1, 5, seed=5)  # one visible unit: both estimators flip the same bit
+    sk = BernoulliRBM(n_components=5, random_state=0)
+    sk.components_ = rbm.W.detach().numpy().T
+    sk.intercept_visible_ = rbm.b_v.detach().numpy()
+    sk.intercept_hidden_ = rbm.b_h.detach().numpy()
+    sk.n_features_in_ = 1
+    x = np.array([[0.0], [1.0], [0.25]])
+    ours = rbm.pseudo_likelihood(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(ours, sk.score_samples(x), rtol=1e-10)
+    wide = random_rbm(6, 4, seed=6)
+    xw = torch.rand(5, 6, dtype=torch.float64)
+    sk_fe = BernoulliRBM(n_components=4)
+    sk_fe.components_ = wide.W.detach().numpy().T
+    sk_fe.intercept_visible_ = wide.b_v.detach().numpy()
+    sk_fe.intercept_hidden_ = wide.b_h.detach().numpy()
+    np.testing.assert_allclose(
+        wide.free_energy(xw).detach().numpy(), sk_fe._free_energy(xw.numpy()), rtol=1e-10
+    )
+    # seeded: the same seed flips the same units
+    assert torch.equal(wide.pseudo_likelihood(xw, seed=1), wide.pseudo_likelihood(xw, seed=1))
+
+
+def test_pseudo_likelihood_needs_bernoulli_visible_units():
+    rbm = RBM(input_shape=(4,), latent_dim=2, visible="gaussian")
+    with pytest.raises(ConfigError, match="pseudo_likelihood .* needs visible='bernoulli'"):
+        rbm.pseudo_likelihood(torch.zeros(2, 4))
+
+
+# -- training -------------------------------------------------------------------------
+def test_rbm_matches_or_beats_scikit_learn_on_digits(digits, one_thread):
+    """Same hidden size, batch size, learning rate and epochs as BernoulliRBM; the
+    rest aecore's defaults (CD-1, momentum, weight decay). Mean pseudo-likelihood of
+    the test split over 5 random flips, for both."""
+    from sklearn.neural_network import BernoulliRBM
+
+    train, test = digits
+    hidden, batch, lr, epochs = 64, 10, 0.1, 10
+    sk_scores = []
+    for seed in range(2):
+        sk = BernoulliRBM(
+            n_components=hidden,
+            batch_size=batch,
+            learning_rate=lr,
+            n_iter=epochs,
+            random_state=seed,
+        ).fit(train)
+        sk_scores += [sk.score_samples(test).mean() for _ in range(5)]
+    ours = []
+    x = torch.as_tensor(test)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        rbm = RBM(input_shape=(64,), latent_dim=hidden, lr=lr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonBinaryDataWarning)
+            Trainer(epochs=epochs, batch_size=batch, seed=seed, progress=False).fit(rbm, train)
+        ours += [float(rbm.pseudo_likelihood(x, seed=s).mean()) for s in range(5)]
+    assert np.mean(ours) >= np.mean(sk_scores), (np.mean(ours), np.mean(sk_scores))
+
+
+@pytest.mark.parametrize("hparams", [{}, {"persistent": True, "chains": 16}, {"k": 3}])
+def test_training_lowers_reconstruction_error_and_keeps_state_in_buffers(digits, hparams):
+    train, _ = digits
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(64,), latent_dim=32, **hparams)
+    x = torch.as_tensor(train)
+    before = float(rbm.loss(x)["loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonBinaryDataWarning)
+        history = Trainer(epochs=3, batch_size=32, seed=0, progress=False).fit(rbm, train)
+    assert float(rbm.loss(x)["loss"]) < before
+    assert len(history.metric("train_loss")) == 3
+    assert int(rbm.updates) == 3 * math.ceil(len(train) / 32)
+    buffers = dict(rbm.named_buffers())
+    assert {"velocity_W", "velocity_b_v", "velocity_b_h", "chain", "updates"} <= set(buffers)
+    if rbm.persistent:
+        assert tuple(rbm.chain.shape) == (16, 32) and bool(rbm.chain_started)
+
+
+def test_momentum_schedule_and_weight_decay():
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(4,), latent_dim=3, momentum_warmup=1, weight_decay=0.0, lr=0.5)
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0]] * 4)
+    rbm.train_step(x)
+    first = rbm.velocity_W.clone()
+    W_before = rbm.W.clone()
+    rbm.train_step(x)
+    # the second update uses momentum 0.9: velocity = 0.9 * first + lr * dW
+    grad = (rbm.velocity_W - 0.9 * first) / 0.5
+    assert torch.allclose(rbm.W, W_before + rbm.velocity_W)
+    assert grad.abs().max() < 1.0  # a CD statistic, not a stale velocity
+    # weight decay pulls the weights towards zero when the data says nothing
+    decay = RBM(
+        input_shape=(4,), latent_dim=3, weight_decay=0.5, lr=0.1, momentum=0.0, initial_momentum=0.0
+    )
+    with torch.no_grad():
+        decay.W.fill_(1.0)
+    norms = []
+    for _ in range(3):
+        norms.append(float(decay.W.norm()))
+        decay.train_step(torch.zeros(8, 4))
+    assert norms[0] > norms[1] > norms[2]
+
+
+def test_resume_is_exact(digits, tmp_path):
+    train, _ = digits
+    data = train[:256]
+
+    def run(out, epochs, resume=False):
+        torch.manual_seed(0)
+        rbm = RBM(input_shape=(64,), latent_dim=16, persistent=True, chains=8, momentum_warmup=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonBinaryDataWarning)
+            Trainer(
+                epochs=epochs, batch_size=32, seed=3, out_dir=out, resume=resume, progress=False
+            ).fit(rbm, data)
+        return rbm
+
+    straight = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 3, resume=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_gaussian_visible_rbm_learns_standardised_data(one_thread):
+    p = prepare("digits", normalize="standardize", seed=0)
+    train = p.view("train").to_numpy()
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(64,), latent_dim=48, visible="gaussian")
+    assert rbm.lr == 0.01  # the guide's smaller rate for Gaussian units
+    x = torch.as_tensor(train)
+    before = float(rbm.loss(x)["loss"])
+    Trainer(epochs=5, batch_size=32, seed=0, progress=False).fit(rbm, train)
+    assert float(rbm.loss(x)["loss"]) < 0.6 * before
+
+
+def test_sample_is_seeded_and_in_range():
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(1, 4, 4), latent_dim=6)
+    a = rbm.sample(5, steps=20, seed=1)
+    assert a.shape == (5, 1, 4, 4)
+    assert torch.equal(a, rbm.sample(5, steps=20, seed=1))
+    assert ((a >= 0) & (a <= 1)).all()
+    linear = RBM(input_shape=(6,), latent_dim=2, hidden="gaussian").sample(3, steps=5, seed=0)
+    assert linear.shape == (3, 6) and torch.isfinite(linear).all()
+
+
+def test_encode_decode_are_hidden_and_visible_means():
+    rbm = random_rbm(5, 3, seed=7).float()
+    x = torch.rand(4, 5)
+    with torch.no_grad():
+        h = rbm.encode(x)
+        assert torch.allclose(h, torch.sigmoid(x @ rbm.W + rbm.b_h))
+        assert torch.allclose(rbm.decode(h), torch.sigmoid(h @ rbm.W.T + rbm.b_v))
+        assert torch.allclose(rbm(x), rbm.decode(h))
+
+
+# -- bad input ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("hparams", "message"),
+    [
+        ({"k": 0}, r"k \(Gibbs steps per update\) must be an int >= 1; got 0"),
+        ({"k": 1.5}, r"k \(Gibbs steps per update\) must be an int >= 1; got 1.5"),
+        ({"visible": "binary"}, r"visible must be one of 'bernoulli', 'gaussian'; got 'binary'"),
+        ({"visible": "gaussian", "hidden": "gaussian"}, r"no normalisable distribution"),
+        ({"lr": 0}, r"lr must be a number in \(0, inf\); got 0"),
+        ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\); got 1.0"),
+        ({"persistent": "yes"}, r"persistent must be true or false; got 'yes'"),
+        ({"chains": 0}, r"chains must be an int in \[1, inf\]; got 0"),
+    ],
+)
+def test_bad_hyperparameters_are_named(hparams, message):
+    with pytest.raises(ConfigError, match=message):
+        RBM(input_shape=(4,), latent_dim=2, **hparams)
+
+
+def test_non_binary_data_warns_once_and_says_what_it_does():
+    rbm = RBM(input_shape=(3,), latent_dim=2)
+    with pytest.warns(NonBinaryDataWarning, match="using them as the probabilities") as record:
+        rbm.train_step(torch.tensor([[0.5, 1.0, 0.0]]))
+        rbm.train_step(torch.tensor([[0.25, 1.0, 0.0]]))
+    assert len([w for w in record if w.category is NonBinaryDataWarning]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RBM(input_shape=(3,), latent_dim=2).train_step(torch.tensor([[0.0, 1.0, 1.0]]))
+
+
+def test_out_of_range_data_is_clipped_with_a_warning():
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(2,), latent_dim=2)
+    clipped = RBM(input_shape=(2,), latent_dim=2)
+    clipped.load_state_dict(rbm.state_dict())
+    torch.manual_seed(1)
+    with pytest.warns(DataRangeWarning, match=r"values in \[-1, 3\]: clipping them to \[0, 1\]"):
+        rbm.train_step(torch.tensor([[-1.0, 3.0]]))
+    torch.manual_seed(1)
+    clipped.train_step(torch.tensor([[0.0, 1.0]]))
+    assert torch.equal(rbm.W, clipped.W)
+
+
+def test_strict_makes_non_binary_data_an_error():
+    rbm = RBM(input_shape=(2,), latent_dim=2, strict=True)
+    with pytest.raises(DataError, match=r"non-binary values in \[0, 1\]; binarise the data"):
+        rbm.train_step(torch.tensor([[0.5, 1.0]]))
+    with pytest.raises(DataError, match=r"needs data in \[0, 1\]; got values in \[0, 2\]"):
+        rbm.train_step(torch.tensor([[0.0, 2.0]]))
+
+
+def test_demo_figures(tmp_path):
+    p = prepare("digits", seed=0)
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(64,), latent_dim=16)
+    figures = rbm.demo_figures(p, tmp_path)
+    assert [path.name for _, path in figures] == ["samples.png", "filters.png"]
+    assert all(path.stat().st_size > 0 for _, path in figures)

@@ -348,34 +348,37 @@ def _topk_sparsify(z: torch.Tensor, k: int):
     return torch.zeros_like(z).scatter(1, indices, values), indices
 
 
-_AECORE_OPS = {"topk_sparsify": _topk_sparsify}
+#: aecore's compiled ops on inference paths, by name (registered when the extension is)
+_AECORE_OPS: dict[str, Callable] = {"topk_sparsify": _topk_sparsify}
 _aecore_ops_registered = False
 
 
 def _register_aecore_ops() -> None:
-    """Register the equivalents of aecore's compiled ops that inference paths use,
-    once, when the extension providing them is loaded."""
+    """Register the plain-PyTorch equivalents of aecore's compiled ops, once, when the
+    extension providing them is loaded. ``aecore.ops`` may publish more (or newer) in
+    ``EXPORT_DECOMPOSITIONS`` (op name or overload -> function); user registrations win."""
     global _aecore_ops_registered
     if _aecore_ops_registered:
         return
     _aecore_ops_registered = True
     try:
-        import aecore.ops  # noqa: F401  (loads the extension, registering torch.ops.aecore)
+        import aecore.ops  # loads the extension, which defines torch.ops.aecore.*
     except ImportError:
         return
-    for op_name, fn in _AECORE_OPS.items():
-        packet = getattr(torch.ops.aecore, op_name, None) if _has_op(op_name) else None
-        if packet is not None:
-            for overload in packet.overloads():
-                _DECOMPOSITIONS.setdefault(getattr(packet, overload), fn)
-
-
-def _has_op(op_name: str) -> bool:
-    try:
-        getattr(torch.ops.aecore, op_name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+    table: dict[Any, Callable] = {**_AECORE_OPS, **getattr(aecore.ops, "EXPORT_DECOMPOSITIONS", {})}
+    for op, fn in table.items():
+        if isinstance(op, str):
+            try:
+                op = getattr(torch.ops.aecore, op)
+            except (AttributeError, RuntimeError):  # the extension is not built
+                continue
+        overloads = (
+            [getattr(op, name) for name in op.overloads()]
+            if isinstance(op, torch._ops.OpOverloadPacket)
+            else [op]
+        )
+        for overload in overloads:
+            _DECOMPOSITIONS.setdefault(overload, fn)
 
 
 _registry_lock = threading.Lock()

@@ -1,0 +1,176 @@
+"""The ``deep`` plugin: stacked-RBM pretraining, unrolling, the no-pretraining
+comparison in ``aecore eval``, quality against PCA on digits, bad input."""
+
+import time
+
+import pytest
+import torch
+
+from aecore.cli import main
+from aecore.errors import ConfigError
+from aecore.pipeline import prepare, train
+from aecore_plugins.deep import DeepAutoencoder
+from aecore_plugins.rbm import RBM
+
+
+@pytest.fixture
+def one_thread():
+    # tiny GEMMs: a second thread only adds contention on the shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_rbms(sizes, seed=0):
+    torch.manual_seed(seed)
+    rbms = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        hidden = "gaussian" if i == len(sizes) - 2 else "bernoulli"
+        rbm = RBM(input_shape=(a,), latent_dim=b, hidden=hidden)
+        with torch.no_grad():
+            rbm.W.normal_()
+            rbm.b_v.normal_()
+            rbm.b_h.normal_()
+        rbms.append(rbm)
+    return rbms
+
+
+def test_unrolling_copies_the_rbms_and_transposes_them_for_the_decoder():
+    rbms = random_rbms([10, 7, 5, 3])
+    model = DeepAutoencoder.from_rbms(rbms, linear_path=False)
+    assert model.layer_sizes == [10, 7, 5, 3]
+    for i, rbm in enumerate(rbms):
+        assert torch.equal(model.encoder[i].weight, rbm.W.t())
+        assert torch.equal(model.encoder[i].bias, rbm.b_h)
+        assert torch.equal(model.decoder[2 - i].weight, rbm.W)
+        assert torch.equal(model.decoder[2 - i].bias, rbm.b_v)
+    # the encoder is the RBMs' hidden means stacked (linear at the top)
+    x = torch.rand(4, 10)
+    with torch.no_grad():
+        h = x
+        for rbm in rbms:
+            h = rbm.hidden_mean(h)
+        assert torch.allclose(model.encode(x), h, atol=1e-6)
+        v = model.encode(x)
+        for rbm in reversed(rbms):
+            v = torch.sigmoid(v @ rbm.W.t() + rbm.b_v)
+        assert torch.allclose(model.decode(model.encode(x)), v, atol=1e-6)
+
+
+def test_the_zero_linear_path_leaves_the_unrolled_net_unchanged():
+    rbms = random_rbms([10, 6, 2])
+    plain = DeepAutoencoder.from_rbms(rbms, linear_path=False)
+    with_path = DeepAutoencoder.from_rbms(rbms, linear_path=True)
+    x = torch.rand(3, 10)
+    with torch.no_grad():
+        assert torch.equal(plain(x), with_path(x))
+
+
+def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
+    p = prepare("digits", seed=0)
+    x = torch.as_tensor(p.view("train").to_numpy())
+
+    def batches():
+        return iter(x.split(64))
+
+    torch.manual_seed(0)
+    model = DeepAutoencoder(input_shape=(64,), latent_dim=8, hidden=[64, 32], pretrain_epochs=8)
+    with torch.no_grad():
+        random_start = float(model.loss(x)["loss"])
+    lines = []
+    model.pretrain(batches, lines.append)
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        assert line.startswith(f"pretrained RBM {i + 1}/3 ") and "reconstruction error" in line
+    assert "64->64, bernoulli-bernoulli" in lines[0]
+    assert "32->8, bernoulli-gaussian" in lines[2]
+    with torch.no_grad():
+        assert float(model.loss(x)["loss"]) < 0.6 * random_start
+    # pretrain=False keeps the random start and logs nothing
+    torch.manual_seed(0)
+    skip = DeepAutoencoder(input_shape=(64,), latent_dim=8, hidden=[64, 32], pretrain=False)
+    before = {k: v.clone() for k, v in skip.state_dict().items() if k != "finetune_budget"}
+    lines.clear()
+    skip.pretrain(batches, lines.append)
+    assert lines == []
+    assert all(torch.equal(v, skip.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_deep_autoencoder_against_pca_on_digits(one_thread):
+    """Hinton & Salakhutdinov's claim at three code sizes, through `aecore train`'s
+    pipeline (70/10/20 split, PCA fitted on train+val): code 2 <= 0.55 x PCA's test MSE,
+    8 <= 0.40 x, 30 <= 1.0 x."""
+    start = time.perf_counter()
+    ratios = {}
+    for code, bound in [(2, 0.55), (8, 0.40), (30, 1.0)]:
+        result = train(
+            "deep", "digits", None, latent_dim=code, epochs=300, lr=3e-3, seed=0,
+            device="cpu", progress=False,
+        )  # fmt: skip
+        ratios[code] = result.metrics["ratio_to_pca"]
+        assert result.metrics["test_rows"] == 359
+        assert ratios[code] <= bound, (code, ratios)
+    print(f"deep/PCA test MSE ratios {ratios} in {time.perf_counter() - start:.0f} s")
+
+
+def test_eval_prints_pretrained_pca_and_no_pretraining_rows(tmp_path, capsys, one_thread):
+    out = tmp_path / "deep"
+    args = ["train", "deep", "--data", "digits", "--latent-dim", "4", "--out", str(out)]
+    args += ["--epochs", "3", "--quiet", "--set", "hidden=[16]", "--set", "pretrain_epochs=2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "PCA (4 components)" in table
+    assert "same net without pretraining (3 epochs)" in table
+    # the budget recorded at train time is what the comparison run used
+    from aecore.io import load
+
+    budget = load(out).finetune_budget.tolist()
+    assert budget == [3.0, 64.0, 1e-3, 20.0, 0.0]
+
+
+# -- bad input ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("hparams", "message"),
+    [
+        ({"hidden": []}, r"deep needs at least one hidden layer .* got hidden=\[\]"),
+        ({"hidden": [100, 0]}, r"hidden must be a non-empty list of positive ints; got \[100, 0\]"),
+        ({"visible": "gaussian"}, r"reconstruction='bce' needs visible='bernoulli'"),
+        ({"pretrain": "yes"}, r"pretrain must be true or false; got 'yes'"),
+        ({"pretrain_k": 0}, r"pretrain_k \(Gibbs steps per update\) must be an int >= 1; got 0"),
+        ({"pretrain_epochs": 0}, r"pretrain_epochs must be an int in \[1, inf\]; got 0"),
+    ],
+)
+def test_bad_hyperparameters_are_named(hparams, message):
+    if hparams.get("visible") == "gaussian":
+        hparams["reconstruction"] = "bce"
+    with pytest.raises(ConfigError, match=message):
+        DeepAutoencoder(input_shape=(64,), latent_dim=2, **hparams)
+
+
+def test_rbm_widths_must_chain():
+    a = RBM(input_shape=(10,), latent_dim=6)
+    b = RBM(input_shape=(5,), latent_dim=2, hidden="gaussian")
+    with pytest.raises(
+        ConfigError, match="RBM widths do not chain: RBM 1 has 6 hidden units but RBM 2 has 5"
+    ):
+        DeepAutoencoder.from_rbms([a, b])
+    with pytest.raises(ConfigError, match="from_rbms needs at least one RBM; got none"):
+        DeepAutoencoder.from_rbms([])
+    model = DeepAutoencoder(input_shape=(10,), latent_dim=2, hidden=[6])
+    with pytest.raises(ConfigError, match="RBM 2 is 5->2 but layer 2 of this net is 6->2"):
+        model.unroll([a, b])
+    with pytest.raises(ConfigError, match="this net has 2 layers .* got 1 RBMs"):
+        model.unroll([a])
+
+
+def test_demo_figures(tmp_path):
+    p = prepare("digits", seed=0)
+    torch.manual_seed(0)
+    model = DeepAutoencoder(input_shape=(64,), latent_dim=2, hidden=[16], pretrain=False)
+    figures = model.demo_figures(p, tmp_path)
+    assert [path.name for _, path in figures] == ["pca_codes.png", "filters.png"]
+    assert all(path.stat().st_size > 0 for _, path in figures)

@@ -491,21 +491,21 @@ def _failing_op(exc: BaseException) -> str | None:
 
 
 def _user_frame(exc: BaseException) -> str | None:
-    """The deepest traceback frame outside torch and aecore's exporter: the model line
-    that the tracer could not handle."""
-    torch_dir = os.path.dirname(torch.__file__)
+    """The deepest traceback frame outside torch, the ONNX packages, the standard
+    library and this module: the model line that the tracer could not handle."""
+    import sysconfig
+
+    import onnx
+
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, onnx) if m.__file__) + (
+        sysconfig.get_paths()["stdlib"] + os.sep,
+    )
     found = None
     for e in _chain(exc):
         for frame in traceback.extract_tb(e.__traceback__):
             filename = frame.filename
-            if (
-                filename.startswith(torch_dir)
-                or filename == __file__
-                or "site-packages" in filename
-            ):
-                continue
-            if "<" in filename:  # generated code
-                continue
+            if filename.startswith(skip) or filename == __file__ or "<" in filename:
+                continue  # "<...>": generated code
             code = (frame.line or "").strip()
             found = f"`{code}` ({os.path.basename(filename)}:{frame.lineno} in {frame.name})"
     return found

@@ -59,7 +59,7 @@ class RBM(Autoencoder):
     uses_optimizer = False
     demo = DemoRecipe(
         data="digits",
-        latent_dim=100,
+        latent_dim=32,
         epochs=30,
         batch_size=32,
         hparams={"lr": 0.05, "persistent": True, "chains": 100},

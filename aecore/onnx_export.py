@@ -496,10 +496,11 @@ def _user_frame(exc: BaseException) -> str | None:
     import sysconfig
 
     import onnx
+    import onnxscript
 
-    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, onnx) if m.__file__) + (
-        sysconfig.get_paths()["stdlib"] + os.sep,
-    )
+    packages = (torch, onnx, onnxscript)
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in packages if m.__file__)
+    skip += (sysconfig.get_paths()["stdlib"] + os.sep,)
     found = None
     for e in _chain(exc):
         for frame in traceback.extract_tb(e.__traceback__):

@@ -198,6 +198,13 @@ class _FixedBatch(_Tiny):
         return h.reshape(2, -1).reshape(-1, self.latent_dim)  # the example's batch size
 
 
+class _Untranslatable(_Tiny):
+    def squash(self, h):
+        # traces fine, but torch.onnx has no ONNX function for aten::cummax (torch 2.13);
+        # if a later torch gains one, pick another op without a translation
+        return torch.cummax(h, 1)[0]
+
+
 class _Stochastic(_Tiny):
     def squash(self, h):
         return h + torch.randn_like(h)  # noise in the eval forward
@@ -241,6 +248,12 @@ def test_registered_decomposition_makes_a_custom_op_exportable(registered, monke
 def test_data_dependent_control_flow_names_model_and_line(registered, tmp_path):
     model = registered("tiny-branchy", _DataDependent)
     with pytest.raises(OnnxExportError, match=r"tiny-branchy.*if h\.sum\(\) > 0.*test_onnx\.py"):
+        export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_an_op_without_onnx_translation_is_named(registered, tmp_path):
+    model = registered("tiny-cummax", _Untranslatable)
+    with pytest.raises(OnnxExportError, match=r"tiny-cummax.*aten::cummax.*translation to ONNX"):
         export_onnx(model, tmp_path / "m.onnx")
 
 

@@ -348,7 +348,11 @@ class DeepAutoencoder(Autoencoder):
             trainer.fit(baseline, prepared.view("train"), prepared.view("val"))
         with torch.no_grad():
             mse = float((baseline.eval()(x_test) - x_test).pow(2).mean())
-        return {"baselines": {f"same net without pretraining ({int(epochs)} epochs)": mse}}
+        label = (
+            f"same net without pretraining (same budget: up to {int(epochs)} epochs, "
+            f"batch {int(batch_size)}, lr {lr:g})"
+        )
+        return {"baselines": {label: mse}}
 
     # -- demo --------------------------------------------------------------------------
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:

@@ -124,7 +124,7 @@ def test_eval_prints_pretrained_pca_and_no_pretraining_rows(tmp_path, capsys, on
     assert main(["eval", str(out)]) == 0
     table = capsys.readouterr().out
     assert "PCA (4 components)" in table
-    assert "same net without pretraining (3 epochs)" in table
+    assert "same net without pretraining (same budget: up to 3 epochs, batch 64, lr 0.001)" in table
     # the budget recorded at train time is what the comparison run used
     from aecore.io import load
 

@@ -175,6 +175,33 @@ def test_topk_ties_keep_lower_index_and_nan_is_largest():
     assert torch.equal(ops.topk_sparsify(z[:1], 7), z[:1])
 
 
+def stable_topk_oracle(z, k):
+    """Keeps the k first entries of a stable descending sort: ties to the lower index,
+    NaN above everything (torch.sort puts NaN first when descending)."""
+    idx = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(z).scatter(1, idx, z.gather(1, idx))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 16, 40])
+def test_topk_wide_rows_ties_and_nans(k, dtype):
+    """Rows wide enough for the filtered path (D >= 16 k), with heavy ties (small integers:
+    more candidates than the filter keeps, so the heap takes over) and NaN rows."""
+    g = torch.Generator().manual_seed(k)
+    z = torch.randn(12, 1024, generator=g, dtype=torch.float64).to(dtype)
+    z[3] = torch.randint(0, 4, (1024,), generator=g).to(dtype)  # massive ties
+    z[4] = 0.0  # all equal: keeps the first k columns
+    z[5, [7, 300, 900]] = float("nan")
+    z[6] = -float("inf")
+    z[7, 1000:] = float("inf")
+    out = ops.topk_sparsify(z, k)
+    torch.testing.assert_close(out, stable_topk_oracle(z, k), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(ops.topk_sparsify(z[4:5], k) != 0, torch.zeros_like(z[4:5]) != 0)
+    kept = ops.topk_sparsify(z[4:5] + 1.0, k)
+    assert kept[0, :k].tolist() == [1.0] * k and torch.count_nonzero(kept[0, k:]) == 0
+
+
 def test_topk_gradcheck_float64():
     z = distinct_values(5, 9, torch.float64, 1, False).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: ops.topk_sparsify(x, 3), (z,))

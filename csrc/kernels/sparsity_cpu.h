@@ -15,19 +15,79 @@
 namespace aecore {
 namespace cpu {
 
+// log for float, ~1 ulp, branch-free so that a loop over it vectorises (glibc's scalar
+// log calls would cost more than the pass over h at typical sizes). Cephes logf: split
+// x = m * 2^e with m in [sqrt(1/2), sqrt(2)), then a degree-9 polynomial in m - 1.
+// Valid for positive normal x (the clamped rho-hat always is).
+inline float log_approx(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e -= small ? 1 : 0;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * fe;
+}
+
+namespace detail {
+// sum_j KL(rho || clamp(q_j)). float: vectorised float logs (relative error ~1e-7, below
+// float32 output precision); double: libm logs.
+inline double kl_sum(const double* q, int64_t cols, double rho, float) {
+  const float r = static_cast<float>(rho), r1 = static_cast<float>(1.0 - rho);
+  const float lr = std::log(r), lr1 = std::log(r1);
+  const float lo = static_cast<float>(kKlEps), hi = static_cast<float>(1.0 - kKlEps);
+  std::vector<float> terms(static_cast<size_t>(cols));
+  float* __restrict__ t = terms.data();
+  // vectorised: the terms go to a buffer (a double-sum reduction would not vectorise)
+  for (int64_t j = 0; j < cols; ++j) {
+    float qc = static_cast<float>(q[j]);
+    qc = qc < lo ? lo : qc;
+    qc = qc > hi ? hi : qc;
+    // 1 - q from the double value: 1 - float(q) would lose KL_EPS-sized differences
+    float om = static_cast<float>(1.0 - q[j]);
+    om = om < lo ? lo : om;
+    om = om > hi ? hi : om;
+    t[j] = r * (lr - log_approx(qc)) + r1 * (lr1 - log_approx(om));
+  }
+  double s = 0.0;
+  for (int64_t j = 0; j < cols; ++j) s += static_cast<double>(t[j]);
+  return s;
+}
+inline double kl_sum(const double* q, int64_t cols, double rho, double) {
+  double s = 0.0;
+  for (int64_t j = 0; j < cols; ++j) s += aecore::kl_term(rho, q[j]);
+  return s;
+}
+}  // namespace detail
+
 // Forward: mean[j] = mean_i h[i,j]; returns beta * sum_j KL(rho || mean[j]).
 template <typename T>
 double kl_sparsity_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta,
                            T* mean) {
-  std::vector<double> sums(static_cast<size_t>(cols), 0.0);
-  column_sums(h, rows, cols, sums.data());
-  double loss = 0.0;
+  std::vector<double> q(static_cast<size_t>(cols), 0.0);
+  column_sums(h, rows, cols, q.data());
   for (int64_t j = 0; j < cols; ++j) {
-    const double q = sums[j] / static_cast<double>(rows);
-    mean[j] = static_cast<T>(q);
-    loss += aecore::kl_term(rho, q);
+    q[j] /= static_cast<double>(rows);
+    mean[j] = static_cast<T>(q[j]);
   }
-  return beta * loss;
+  return beta * detail::kl_sum(q.data(), cols, rho, T(0));
 }
 
 // Backward: d loss / d h[i,j] is the same for every row i, so the per-column coefficient
@@ -116,11 +176,12 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
     nan += zi[t + g] != zi[t + g];
   }
   if (nan) return false;
-  T t0 = -std::numeric_limits<T>::infinity();
+  // t0 = the smallest maximum with fewer than k maxima above it: the k-th largest.
+  T t0 = std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < G; ++i) {
     int32_t above = 0;
     for (int64_t j = 0; j < G; ++j) above += gmax[j] > gmax[i];
-    if (above < k && gmax[i] > t0) t0 = gmax[i];  // gmax[i] is the k-th largest or above
+    if (above < k && gmax[i] < t0) t0 = gmax[i];
   }
   T* __restrict__ cv = s.cand_val.data();
   int64_t* __restrict__ ci = s.cand_idx.data();
@@ -143,6 +204,7 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
       cv[n] = zi[j];
       ci[n++] = j;
     }
+  if (n < k) return false;  // cannot happen (t0 is a lower bound); stay exact regardless
   int64_t kept = 0;
   for (int64_t a = 0; a < n; ++a) {
     int32_t rank = 0;

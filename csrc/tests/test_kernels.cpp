@@ -194,6 +194,39 @@ static void test_exp_approx() {
   CHECK(cpu::sigmoid(200.0f) == 1.0f, "sigmoid(200)");
 }
 
+static void test_log_approx() {
+  double worst = 0.0;
+  for (float x = 1e-7f; x < 1.0f; x *= 1.001f) {
+    const double got = static_cast<double>(cpu::log_approx(x));
+    worst = std::max(worst, std::abs(got - std::log(static_cast<double>(x))) /
+                                std::max(1e-3, std::abs(std::log(static_cast<double>(x)))));
+  }
+  CHECK(worst < 3e-7, "log_approx relative error %g", worst);
+}
+
+template <typename T>
+static void test_kl_dtype() {
+  // float and double kernels agree with the double formula (float: to 1e-6 relative)
+  const int64_t rows = 9, cols = 300;
+  std::vector<T> h(rows * cols), mean(cols);
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  for (auto& e : h) e = static_cast<T>(ud(gen) * ud(gen));
+  for (int64_t i = 0; i < rows; ++i) {
+    h[i * cols] = T(0);
+    h[i * cols + 1] = T(1);
+  }
+  const double loss = cpu::kl_sparsity_forward<T>(h.data(), rows, cols, 0.05, 1.0, mean.data());
+  double want = 0.0;
+  for (int64_t j = 0; j < cols; ++j) {
+    double m = 0.0;
+    for (int64_t i = 0; i < rows; ++i) m += static_cast<double>(h[i * cols + j]);
+    want += kl_term(0.05, m / rows);
+  }
+  CHECK(std::abs(loss - want) < (sizeof(T) == 4 ? 1e-6 : 1e-12) * want, "kl loss %.9g vs %.9g",
+        loss, want);
+}
+
 static void test_kl() {
   const int64_t rows = 37, cols = 5;
   std::vector<double> h(rows * cols), mean(cols), grad(rows * cols), gmean(cols, 0.25);
@@ -247,6 +280,28 @@ static void test_topk() {
   CHECK(grad[0] == 0 && grad[1] == 1.5f, "row 0 gradient");
 }
 
+// Wide rows take the filtered path: it must agree with the heap on every row.
+static void test_topk_filter_vs_heap() {
+  std::mt19937 gen(9);
+  std::normal_distribution<float> nd;
+  for (int64_t k : {1, 2, 5, 16, 40}) {
+    const int64_t cols = 1024;
+    std::vector<float> z(cols);
+    std::vector<int64_t> a(k), b(k);
+    for (int rep = 0; rep < 20; ++rep) {
+      for (auto& e : z) e = rep % 4 == 3 ? static_cast<float>(static_cast<int>(nd(gen) * 2)) : nd(gen);
+      cpu::detail::TopkScratch<float> s;
+      s.gmax.resize(4 * k);
+      s.cand_val.resize(8 * k);
+      s.cand_idx.resize(8 * k);
+      const bool used = cpu::detail::topk_row_filter(z.data(), cols, k, 4 * k, s, a.data());
+      cpu::detail::topk_row_heap(z.data(), cols, k, b.data());
+      if (used) CHECK(a == b, "k=%ld rep=%d: filter and heap disagree", (long)k, rep);
+      CHECK(used || rep % 4 == 3, "k=%ld rep=%d: filter declined distinct values", (long)k, rep);
+    }
+  }
+}
+
 int main() {
   test_philox_kat();
   test_philox_batch();
@@ -260,8 +315,12 @@ int main() {
       test_unit_pass<double>(65, 517, gaussian, philox);
     }
   test_bernoulli_frequencies();
+  test_log_approx();
+  test_kl_dtype<float>();
+  test_kl_dtype<double>();
   test_kl();
   test_topk();
+  test_topk_filter_vs_heap();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

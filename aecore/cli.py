@@ -51,7 +51,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from aecore.pipeline import train
+    from aecore.pipeline import format_ratio, train
 
     hparams = _parse_set(args.set)
     with _graceful_stop() as stopper:
@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
         return 0
     print(
         f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} "
-        f"(PCA {m['pca_test_mse']:.6g}, ratio {m['ratio_to_pca']:.3f}), "
+        f"(PCA {m['pca_test_mse']:.6g}, ratio {format_ratio(m['ratio_to_pca'])}), "
         f"best epoch {m['best_epoch']} of {m['epochs_run']}"
     )
     return 0
@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from aecore.io import load
-    from aecore.pipeline import evaluate, prepare_like
+    from aecore.pipeline import evaluate, format_ratio, prepare_like
 
     model = load(args.model_dir)
     prepared = prepare_like(model.metadata, args.data)
@@ -100,16 +100,17 @@ def cmd_eval(args) -> int:
         f"{name} ({args.model_dir}) on {prepared.record['source']}, test split of "
         f"{metrics['test_rows']} rows, code size {model.latent_dim}"
     )
+    pca = metrics["pca_test_mse"]
+
+    def vs_pca(mse: float) -> str:
+        return format_ratio(None if metrics["ratio_to_pca"] is None else mse / pca)
+
     rows = [
-        (
-            name,
-            f"{metrics['test_mse']:.6g}",
-            "1.000" if False else f"{metrics['ratio_to_pca']:.3f}",
-        ),
-        (f"PCA ({model.latent_dim} components)", f"{metrics['pca_test_mse']:.6g}", "1.000"),
+        (name, f"{metrics['test_mse']:.6g}", vs_pca(metrics["test_mse"])),
+        (f"PCA ({model.latent_dim} components)", f"{pca:.6g}", vs_pca(pca)),
     ]
     for label, mse in (metrics.get("baselines") or {}).items():
-        rows.append((label, f"{mse:.6g}", f"{mse / metrics['pca_test_mse']:.3f}"))
+        rows.append((label, f"{mse:.6g}", vs_pca(mse)))
     _table(["model", "test MSE", "vs PCA"], rows)
     skip = {"test_mse", "pca_test_mse", "ratio_to_pca", "test_rows", "baselines"}
     for key, value in metrics.items():

@@ -23,6 +23,8 @@ class DemoRecipe:
     batch_size: int = 64
     lr: float = 1e-3
     normalize: str = "minmax"
+    optimizer: str = "adam"
+    patience: int | None = 20
     hparams: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,7 +40,7 @@ def run(
     import torch
 
     from aecore import plots
-    from aecore.pipeline import train
+    from aecore.pipeline import format_ratio, train
     from aecore.registry import model_class, model_entries
 
     out_dir = Path(out_dir)
@@ -76,6 +78,8 @@ def run(
             seed=seed,
             device="cpu",
             normalize=recipe.normalize,
+            optimizer=recipe.optimizer,
+            patience=recipe.patience,
             overwrite=True,
             progress=progress,
         )
@@ -89,7 +93,7 @@ def run(
         lines.append(
             f"| {name} | {recipe.data} | {recipe.latent_dim} | {len(history.epochs)} | "
             f"{metrics['test_mse']:.5f} | {metrics['pca_test_mse']:.5f} | "
-            f"{metrics['ratio_to_pca']:.3f} | {seconds:.1f} |"
+            f"{format_ratio(metrics['ratio_to_pca'])} | {seconds:.1f} |"
         )
         test = prepared.view("test").to_numpy()
         with torch.no_grad():

@@ -109,6 +109,7 @@ def train(
     progress: bool | None = None,
     checkpoint_every: int | None = None,
     trainer_hook=None,
+    optimizer: str = "adam",
 ):
     """Train registry model ``name`` on ``source``; save it to ``out`` when given."""
     from aecore.io import save
@@ -133,6 +134,7 @@ def train(
         overwrite=overwrite,
         progress=progress,
         checkpoint_every=checkpoint_every,
+        optimizer=optimizer,
     )
     if trainer_hook is not None:
         trainer_hook(trainer)
@@ -167,6 +169,10 @@ def _sample_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def format_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.3f}"
+
+
 def evaluate(model, prepared: Prepared) -> dict[str, Any]:
     """Test reconstruction MSE (per element, normalised units) of ``model`` and of PCA
     with the same code size fitted on the same train+val rows, streamed over the test
@@ -195,7 +201,9 @@ def evaluate(model, prepared: Prepared) -> dict[str, Any]:
         "pca_test_mse": pca_sq / count,
         "test_rows": len(test),
     }
-    result["ratio_to_pca"] = result["test_mse"] / max(result["pca_test_mse"], 1e-300)
+    # with a code as wide as the input PCA reconstructs exactly: no meaningful ratio
+    exact = result["pca_test_mse"] <= 1e-9 * max(result["test_mse"], 1e-300)
+    result["ratio_to_pca"] = None if exact else result["test_mse"] / result["pca_test_mse"]
     extra = getattr(model, "evaluation_metrics", None)
     if extra is not None:
         sample = _sample_rows(np.arange(len(test)), MAX_FIT_ROWS, 1)

@@ -86,9 +86,11 @@ def latent_map(z: np.ndarray, labels: np.ndarray | None, path: str | Path, title
     elif z.shape[1] == 1:
         z = np.column_stack([z[:, 0], np.zeros(len(z))])
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    sc = ax.scatter(z[:, 0], z[:, 1], c=labels if labels is not None else None, cmap="tab10", s=6)
     if labels is not None:
+        sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=6)
         fig.colorbar(sc, ax=ax, label="label")
+    else:
+        ax.scatter(z[:, 0], z[:, 1], s=6)
     ax.set_xlabel(f"{axis_name}1")
     ax.set_ylabel(f"{axis_name}2")
     ax.set_title(title, fontsize=10)

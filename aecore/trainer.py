@@ -28,7 +28,14 @@ from aecore.params import choice, integer, number
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    # full-batch quasi-Newton, as in Ng's sparse autoencoder exercise: use a batch_size
+    # of the whole data; each step runs up to 20 iterations with a line search
+    "lbfgs": torch.optim.LBFGS,
+}
 
 
 @dataclass
@@ -210,6 +217,8 @@ class Trainer:
         self.grad_clip = (
             None if grad_clip is None else number("grad_clip", grad_clip, low=0.0, low_open=True)
         )
+        if self.optimizer_name == "lbfgs" and self.grad_clip is not None:
+            raise ConfigError("grad_clip does not apply to optimizer='lbfgs' (it line-searches)")
         self.patience = None if patience is None else integer("patience", patience, low=1)
         self.min_delta = number("min_delta", min_delta, low=0.0)
         self.shuffle = bool(shuffle)
@@ -316,6 +325,12 @@ class Trainer:
         if not params:
             raise ConfigError(f"{type(model).__name__} has no trainable parameters")
         cls = OPTIMIZERS[self.optimizer_name]
+        if self.optimizer_name == "lbfgs":
+            if self.weight_decay:
+                raise ConfigError("weight_decay does not apply to optimizer='lbfgs'")
+            return cls(
+                params, lr=self.lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe"
+            )
         kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = 0.9
@@ -464,12 +479,14 @@ class Trainer:
                     f"non-finite loss ({loss.item()}) at {where}; the model keeps the weights "
                     f"from before this step. Lower the learning rate or set grad_clip."
                 )
+            # DDP averages gradients over processes; weighting each process's mean by its
+            # share of the global batch makes that the global batch mean
+            scale = len(x) * self.dist.world / global_rows if self.dist.active else 1.0
+            if isinstance(optimizer, torch.optim.LBFGS):
+                self._lbfgs_step(model, optimizer, x, scale, where)
+                return {k: float(v.detach()) for k, v in terms.items()}
             optimizer.zero_grad(set_to_none=True)
-            if self.dist.active:
-                # DDP averages gradients over processes; weighting each process's mean by
-                # its share of the global batch makes that the global batch mean
-                loss = loss * (len(x) * self.dist.world / global_rows)
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             if not torch.isfinite(norm):
@@ -484,6 +501,28 @@ class Trainer:
                 )
             optimizer.step()
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _lbfgs_step(self, model, optimizer, x: torch.Tensor, scale: float, where: str) -> None:
+        """One L-BFGS step; it re-evaluates the loss during its line search, so the
+        weights are checked afterwards and put back if they went non-finite."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            loss = self._loss_fn(x)["loss"] * scale
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            raise TrainingError(
+                f"non-finite weights after the L-BFGS step at {where}; the model keeps the "
+                f"weights from before this step. Lower the learning rate."
+            )
 
     @torch.no_grad()
     def _evaluate(self, model, val: _Batches) -> dict[str, float]:

@@ -57,9 +57,11 @@ class SparseAutoencoder(Autoencoder):
     demo = DemoRecipe(
         data="patches",
         latent_dim=100,
-        epochs=100,
-        batch_size=100,
-        lr=3e-3,
+        # Ng's exercise: full-batch L-BFGS (20 steps of up to 20 iterations)
+        epochs=20,
+        batch_size=10000,
+        lr=1.0,
+        optimizer="lbfgs",
         normalize="none",  # the patches come scaled to [0.1, 0.9] for sigmoid outputs
         hparams={
             "penalty": "kl",

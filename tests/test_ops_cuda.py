@@ -1,0 +1,110 @@
+"""CUDA kernels vs the reference (skipped without a CUDA device and the CUDA extension).
+
+These have never run in the machines aecore is developed on (no GPU there); they are
+the first thing to run on one: ``pytest tests/test_ops_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aecore import ops
+from aecore.ops import reference
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or ops.backend("cd_step", "cuda") != "fused cuda",
+    reason="needs a CUDA device and the CUDA extension (aecore._C_cuda)",
+)
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def rbm(B, V, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.rand(B, V, generator=g) < 0.4).to(dtype)
+    W = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    b_v = torch.randn(V, generator=g).to(dtype)
+    b_h = torch.randn(H, generator=g).to(dtype)
+    return [t.cuda() for t in (v, W, b_v, b_h)]
+
+
+def uniform_noise(k, B, H, V, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ops.GibbsNoise(
+        torch.rand(B, H, generator=g, dtype=dtype).cuda(),
+        torch.rand(k, B, H, generator=g, dtype=dtype).cuda(),
+        torch.rand(k, B, V, generator=g, dtype=dtype).cuda(),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("B", "V", "H", "k"), [(1, 1, 1, 1), (7, 13, 5, 2), (128, 784, 1000, 1)])
+def test_cd_step_cuda_matches_reference_given_noise(B, V, H, k, dtype):
+    v, W, b_v, b_h = rbm(B, V, H, dtype)
+    noise = uniform_noise(k, B, H, V, dtype, 1)
+    got = ops.cd_step(v, W, b_v, b_h, k, noise=noise)
+    want = reference.cd_step(v, W, b_v, b_h, k, noise=noise)
+    # samples may differ where a uniform sits within an ulp of its probability
+    mismatch = (got.chain != want.chain).float().mean().item()
+    assert mismatch < 1e-3
+    if mismatch == 0:
+        tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+        for a, b in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gibbs_cuda_sampling_frequencies(dtype):
+    n = 20000
+    v, W, b_v, b_h = rbm(1, 6, 5, dtype)
+    out = ops.gibbs_chain(v.expand(n, 6).contiguous(), W, b_v, b_h, 1)
+    se = ((out.ph0 * (1 - out.ph0)).mean(0) / n).sqrt().clamp_min(1e-3)
+    assert float(((out.h0.mean(0) - out.ph0.mean(0)).abs() / se).max()) < 5
+    g1 = torch.Generator(device="cuda").manual_seed(3)
+    g2 = torch.Generator(device="cuda").manual_seed(3)
+    a = ops.gibbs_chain(v, W, b_v, b_h, 2, generator=g1)
+    b = ops.gibbs_chain(v, W, b_v, b_h, 2, generator=g2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    z = ops.gibbs_chain(v.expand(n, 6).contiguous(), W, b_v, b_h, 1, visible="gaussian")
+    noise = (z.v - z.v_mean).flatten().double()
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("B", "H"), [(1, 1), (33, 17), (4096, 16384)])
+def test_kl_cuda_matches_reference(B, H, dtype):
+    h = (torch.rand(B, H, dtype=dtype, device="cuda") * 0.3).requires_grad_(True)
+    got = ops.kl_sparsity(h, 0.05, 2.0)
+    (g1,) = torch.autograd.grad(got, h)
+    want = reference.kl_sparsity(h, 0.05, 2.0)
+    (g2,) = torch.autograd.grad(want, h)
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(g1, g2, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("B", "D", "k"), [(1, 1, 1), (9, 50, 7), (4096, 16384, 32)])
+def test_topk_cuda_matches_reference(B, D, k, dtype):
+    perm = torch.randperm(B * D, device="cuda").reshape(B, D).to(dtype)
+    z = ((perm + 0.25) / 7).requires_grad_(True)  # distinct values
+    got = ops.topk_sparsify(z, k)
+    assert torch.equal(got, reference.topk_sparsify(z, k))
+    go = torch.randn_like(z)
+    (g1,) = torch.autograd.grad(got, z, go)
+    (g2,) = torch.autograd.grad(reference.topk_sparsify(z, k), z, go)
+    assert torch.equal(g1, g2)
+
+
+def test_opcheck_cuda():
+    from torch.library import opcheck
+
+    v, W, b_v, b_h = rbm(6, 5, 3, torch.float64)
+    rng = torch.tensor([3, 4], device="cuda")
+    opcheck(torch.ops.aecore.cd_step, (v, W, b_v, b_h, 2, None, False, True, rng, None, None, None))
+    opcheck(torch.ops.aecore.gibbs_chain, (v, W, b_v, b_h, 1, True, True, rng, None, None, None))
+    h = torch.rand(7, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    opcheck(torch.ops.aecore.kl_sparsity, (h, 0.1, 2.0))
+    z = torch.randn(7, 9, dtype=torch.float64, device="cuda", requires_grad=True)
+    opcheck(torch.ops.aecore.topk_sparsify, (z, 3))

@@ -255,13 +255,7 @@ class RBM(Autoencoder):
         if self.persistent:
             if not bool(self.chain_started):
                 # start the fantasy particles at the first batch's hidden states
-                start = (
-                    torch.bernoulli(self.hidden_mean(v))
-                    if self.hidden == "bernoulli"
-                    else (
-                        self.hidden_mean(v) + torch.randn(len(v), self.latent_dim, device=v.device)
-                    )
-                )
+                start = self._sample_hidden(self.hidden_mean(v))
                 self.chain.copy_(start[torch.arange(self.chains) % len(v)])
                 self.chain_started.fill_(True)
             chain = self.chain
@@ -272,16 +266,16 @@ class RBM(Autoencoder):
             )  # fmt: skip
         else:
             stats = self._linear_hidden_cd(v, chain)
-        if self.persistent:
-            self.chain.copy_(stats.chain)
-            recon = F.mse_loss(self.visible_mean(self.hidden_mean(v)), v)
-        else:
-            recon = stats.recon_error / v.shape[1]
         if not torch.isfinite(stats.dW).all():
             raise TrainingError(
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
                 f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
             )
+        if self.persistent:
+            self.chain.copy_(stats.chain)
+            recon = F.mse_loss(self.visible_mean(self.hidden_mean(v)), v)
+        else:
+            recon = stats.recon_error / v.shape[1]
         if momentum is None:
             warm = int(self.updates) < self.momentum_warmup
             momentum = self.initial_momentum if warm else self.momentum
@@ -332,21 +326,24 @@ class RBM(Autoencoder):
                 stacklevel=3,
             )
 
+    def _sample_hidden(self, mean: torch.Tensor, generator=None) -> torch.Tensor:
+        """A hidden state given its mean: Bernoulli, or mean + unit Gaussian noise."""
+        if self.hidden == "bernoulli":
+            return torch.bernoulli(mean, generator=generator)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + noise
+
     def _linear_hidden_chain(self, v, chain, k, sample_visible, generator=None):
         """Gibbs chain with linear hidden units h ~ N(vW + b_h, 1) (Bernoulli visible):
         returns (positive hidden means, final visible means, final visible state,
         final hidden means, final hidden sample)."""
         ph0 = v @ self.W + self.b_h
-
-        def noisy(mean):
-            return mean + torch.randn(mean.shape, generator=generator, device=mean.device)
-
-        h = chain if chain is not None else noisy(ph0)
+        h = chain if chain is not None else self._sample_hidden(ph0, generator)
         for _ in range(k):
             v_mean = torch.sigmoid(h @ self.W.t() + self.b_v)
             v_state = torch.bernoulli(v_mean, generator=generator) if sample_visible else v_mean
             ph = v_state @ self.W + self.b_h
-            h = noisy(ph)
+            h = self._sample_hidden(ph, generator)
         return ph0, v_mean, v_state, ph, h
 
     def _linear_hidden_cd(self, v, chain) -> ops.CDStats:

@@ -283,3 +283,33 @@ def test_bad_arguments_and_data():
         fit(np.zeros((20, 5), np.float32))
     with pytest.raises(ConfigError, match="expects an aecore.Autoencoder; got Linear"):
         Trainer().fit(torch.nn.Linear(2, 2), X)
+
+
+def test_lbfgs_full_batch_trains_and_resumes_exactly(tmp_path):
+    ref, hist = fit(epochs=4, batch_size=1000, optimizer="lbfgs", lr=1.0)
+    losses = hist.metric("train_loss")
+    assert losses[-1] < losses[0]
+    model = make()
+    Trainer(
+        epochs=2,
+        batch_size=1000,
+        optimizer="lbfgs",
+        lr=1.0,
+        device="cpu",
+        progress=False,
+        out_dir=tmp_path,
+    ).fit(model, X)
+    model = make()
+    Trainer(
+        epochs=4,
+        batch_size=1000,
+        optimizer="lbfgs",
+        lr=1.0,
+        device="cpu",
+        progress=False,
+        out_dir=tmp_path,
+        resume=True,
+    ).fit(model, X)
+    assert same(weights(model), weights(ref))
+    with pytest.raises(ConfigError, match="grad_clip does not apply to optimizer='lbfgs'"):
+        Trainer(optimizer="lbfgs", grad_clip=1.0)

@@ -388,6 +388,23 @@ def test_cli_reshapes_flat_csv_rows_for_image_models(tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), want, atol=1e-5)
 
 
+def test_cli_exports_one_part_at_another_opset(saved, runtime, tmp_path, capsys):
+    _, folder, _ = saved
+    out = tmp_path / "d.onnx"
+    rc, stdout, err = _cli(
+        capsys, "export", folder, "--out", out, "--part", "decoder", "--opset", "20"
+    )
+    assert rc == 0 and f"wrote {out}" in stdout, err
+    proto = onnx.load(str(out))
+    assert [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")] == [20]
+    decoder = OnnxAutoencoder(out)
+    assert decoder.parts == ("decoder",)
+    z = runtime.encode(_data(4))
+    np.testing.assert_allclose(decoder.decode(z), runtime.decode(z), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelFileError, match=r"encode needs the encoder graph"):
+        decoder.encode(_data(1))
+
+
 def test_cli_errors_are_one_line(saved, tmp_path, capsys):
     _, folder, path = saved
     np.save(tmp_path / "x.npy", _data(3))

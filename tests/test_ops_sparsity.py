@@ -253,3 +253,30 @@ BAD_TOPK = [
 def test_topk_bad_inputs(fn, args, exc, msg):
     with pytest.raises(exc, match=msg):
         fn(*args)
+
+
+@needs_ext
+def test_all_ops_under_inductor_fullgraph():
+    """The default torch.compile backend (inductor) calls the fused ops as extern kernels,
+    forward and backward, in one graph."""
+    g = torch.Generator().manual_seed(0)
+    v = (torch.rand(8, 6, generator=g) < 0.5).float()
+    W, b_v, b_h = torch.randn(6, 4, generator=g), torch.zeros(6), torch.zeros(4)
+    h = torch.rand(8, 6, generator=g, requires_grad=True)
+    z = distinct_values(8, 6, torch.float32, 4, False).requires_grad_(True)
+
+    def penalties(h, z):
+        return ops.kl_sparsity(h, 0.1, 2.0) + (ops.topk_sparsify(z, 2) ** 2).sum()
+
+    @torch.compile(fullgraph=True)
+    def step(v, W, b_v, b_h, h, z):
+        s = ops.cd_step(v, W, b_v, b_h, 1)
+        return W + 0.1 * s.dW, s.chain, penalties(h, z)
+
+    W2, chain, loss = step(v, W, b_v, b_h, h, z)
+    grads = torch.autograd.grad(loss, (h, z))
+    want = penalties(h, z)
+    torch.testing.assert_close(loss, want)
+    for a, b in zip(grads, torch.autograd.grad(want, (h, z))):
+        torch.testing.assert_close(a, b)
+    assert W2.shape == (6, 4) and set(chain.unique().tolist()) <= {0.0, 1.0}

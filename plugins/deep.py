@@ -27,13 +27,15 @@ from aecore.base import Autoencoder
 from aecore.demo import DemoRecipe
 from aecore.errors import ConfigError
 from aecore.layers import flatten, reconstruction_error
+from aecore.trainer import OPTIMIZERS
 from aecore_plugins.rbm import RBM, NonBinaryDataWarning
 
 #: epochs at the RBMs' initial momentum before it rises (Hinton's practical guide: ~5)
 MOMENTUM_WARMUP_EPOCHS = 5
 #: fine-tuning budget assumed when the model was not trained through aecore's Trainer:
-#: epochs, batch size, learning rate, patience, seed (the `aecore train` defaults)
-DEFAULT_BUDGET = (50.0, 64.0, 1e-3, 20.0, 0.0)
+#: epochs, batch size, learning rate, patience, seed, optimizer (index into the
+#: Trainer's OPTIMIZERS), weight decay (the `aecore train` defaults)
+DEFAULT_BUDGET = (50.0, 64.0, 1e-3, 20.0, 0.0, float(list(OPTIMIZERS).index("adam")), 0.0)
 
 
 class DeepAutoencoder(Autoencoder):
@@ -312,8 +314,10 @@ class DeepAutoencoder(Autoencoder):
                 float(trainer.lr),
                 float(trainer.patience or 0),
                 float(trainer.seed),
+                float(list(OPTIMIZERS).index(trainer.optimizer_name)),
+                float(trainer.weight_decay),
             )
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError):  # not aecore's Trainer
             budget = DEFAULT_BUDGET
         self.finetune_budget.copy_(torch.tensor(budget, dtype=torch.float64))
 
@@ -331,7 +335,7 @@ class DeepAutoencoder(Autoencoder):
         budget = [float(b) for b in self.finetune_budget]
         if not any(budget):
             budget = list(DEFAULT_BUDGET)
-        epochs, batch_size, lr, patience, seed = budget
+        epochs, batch_size, lr, patience, seed, optimizer, weight_decay = budget
         torch.manual_seed(int(seed))
         baseline = type(self)(**{**self.get_config(), "pretrain": False})
         baseline.normalization = self.normalization
@@ -342,6 +346,8 @@ class DeepAutoencoder(Autoencoder):
             seed=int(seed),
             device="cpu",
             patience=int(patience) or None,
+            optimizer=list(OPTIMIZERS)[int(optimizer)],
+            weight_decay=weight_decay,
             progress=False,
         )
         with torch.enable_grad():  # aecore.pipeline.evaluate runs under no_grad
@@ -350,7 +356,7 @@ class DeepAutoencoder(Autoencoder):
             mse = float((baseline.eval()(x_test) - x_test).pow(2).mean())
         label = (
             f"same net without pretraining (same budget: up to {int(epochs)} epochs, "
-            f"batch {int(batch_size)}, lr {lr:g})"
+            f"batch {int(batch_size)}, {list(OPTIMIZERS)[int(optimizer)]} lr {lr:g})"
         )
         return {"baselines": {label: mse}}
 

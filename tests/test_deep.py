@@ -9,6 +9,7 @@ import torch
 from aecore.cli import main
 from aecore.errors import ConfigError
 from aecore.pipeline import prepare, train
+from aecore.trainer import OPTIMIZERS
 from aecore_plugins.deep import DeepAutoencoder
 from aecore_plugins.rbm import RBM
 
@@ -124,12 +125,16 @@ def test_eval_prints_pretrained_pca_and_no_pretraining_rows(tmp_path, capsys, on
     assert main(["eval", str(out)]) == 0
     table = capsys.readouterr().out
     assert "PCA (4 components)" in table
-    assert "same net without pretraining (same budget: up to 3 epochs, batch 64, lr 0.001)" in table
+    assert (
+        "same net without pretraining (same budget: up to 3 epochs, batch 64, adam lr 0.001)"
+        in table
+    )
     # the budget recorded at train time is what the comparison run used
     from aecore.io import load
 
     budget = load(out).finetune_budget.tolist()
-    assert budget == [3.0, 64.0, 1e-3, 20.0, 0.0]
+    adam = float(list(OPTIMIZERS).index("adam"))
+    assert budget == [3.0, 64.0, 1e-3, 20.0, 0.0, adam, 0.0]
 
 
 # -- bad input ------------------------------------------------------------------------

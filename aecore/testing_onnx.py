@@ -26,6 +26,10 @@ def check_onnx_parity(cls: type, shape: tuple[int, ...], hparams: dict[str, Any]
     from aecore.testing import ConformanceError, _fail, _fresh, _registered
 
     try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+
         from aecore.onnx_export import OnnxExportError, export_protos
     except ImportError as exc:
         raise ConformanceError(

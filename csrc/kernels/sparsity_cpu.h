@@ -117,6 +117,8 @@ template <typename T>
 struct TopkScratch {
   std::vector<T> gmax, cand_val;
   std::vector<int64_t> cand_idx;
+  std::vector<int32_t> above;
+  std::vector<uint8_t> flags;
 };
 
 // Exact top-k of row `zi` by a size-k heap (any input, NaN included). Leaves the kept
@@ -177,29 +179,36 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
   }
   if (nan) return false;
   // t0 = the smallest maximum with fewer than k maxima above it: the k-th largest.
-  T t0 = std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < G; ++i) {
-    int32_t above = 0;
-    for (int64_t j = 0; j < G; ++j) above += gmax[j] > gmax[i];
-    if (above < k && gmax[i] < t0) t0 = gmax[i];
+  // (j outer, i inner: the counts update as whole vectors, no horizontal sums)
+  int32_t* __restrict__ above = s.above.data();
+  for (int64_t i = 0; i < G; ++i) above[i] = 0;
+  for (int64_t j = 0; j < G; ++j) {
+    const T mj = gmax[j];
+    for (int64_t i = 0; i < G; ++i) above[i] += mj > gmax[i];
   }
+  T t0 = std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < G; ++i) t0 = (above[i] < k && gmax[i] < t0) ? gmax[i] : t0;
+  // the filter: a vectorised pass writes one flag byte per column, then 8 columns are
+  // skipped at a time where the flags are all zero (almost everywhere)
+  uint8_t* __restrict__ flag = s.flags.data();
+  for (int64_t j = 0; j < cols; ++j) flag[j] = zi[j] >= t0;
   T* __restrict__ cv = s.cand_val.data();
   int64_t* __restrict__ ci = s.cand_idx.data();
   const int64_t cap = static_cast<int64_t>(s.cand_val.size());
   int64_t n = 0, j = 0;
-  for (; j + 16 <= cols; j += 16) {
-    int hits = 0;
-    for (int l = 0; l < 16; ++l) hits += zi[j + l] >= t0;
-    if (hits == 0) continue;
-    if (n + hits > cap) return false;
-    for (int l = 0; l < 16; ++l)
-      if (zi[j + l] >= t0) {
+  for (; j + 8 <= cols; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, flag + j, sizeof(word));
+    if (word == 0) continue;
+    for (int l = 0; l < 8; ++l)
+      if (flag[j + l]) {
+        if (n == cap) return false;
         cv[n] = zi[j + l];
         ci[n++] = j + l;
       }
   }
   for (; j < cols; ++j)
-    if (zi[j] >= t0) {
+    if (flag[j]) {
       if (n == cap) return false;
       cv[n] = zi[j];
       ci[n++] = j;
@@ -243,6 +252,8 @@ void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int
     detail::TopkScratch<T> scratch;
     if (filter) {
       scratch.gmax.resize(static_cast<size_t>(G));
+      scratch.above.resize(static_cast<size_t>(G));
+      scratch.flags.resize(static_cast<size_t>(cols));
       // The exact ranking is quadratic in the candidates: past 8k of them (heavy ties)
       // the heap is cheaper.
       scratch.cand_val.resize(static_cast<size_t>(8 * k));

@@ -48,8 +48,9 @@ class Autoencoder(nn.Module, abc.ABC):
 
     * ``init_from_data(x)``: data-dependent initialisation (e.g. PCA) on a tensor of
       normalised training inputs, called once before the first epoch of a fresh run.
-    * ``pretrain(batches, log)``: a pretraining stage run before fine-tuning (the deep
-      autoencoder's layer-wise RBMs).
+    * ``pretrain(batches, trainer)``: a pretraining stage run before fine-tuning (the
+      deep autoencoder's layer-wise RBMs); ``batches()`` iterates over the training
+      batches, ``trainer`` is the Trainer (its settings, ``log(msg)``, ``show_progress``).
     * ``train_step(x) -> dict``: a model with its own update rule (an RBM) sets
       ``uses_optimizer = False`` and updates its parameters itself.
     * ``sample(n)``: draw ``n`` inputs from a generative model.

@@ -70,17 +70,20 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
             head = f.read(8)
             if len(head) < 8:
                 raise ModelFileError(f"{path} is not a safetensors file: only {size} bytes")
-            if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+            (n,) = struct.unpack("<Q", head)
+            plausible = n <= min(size - 8, _MAX_HEADER) and f.read(1) == b"{"
+            if not plausible and _looks_pickled(head):
+                # (checked only now: a valid header length may start with byte 0x80 too)
                 raise ModelFileError(
                     f"{path} is not a safetensors file: it looks like a pickle or torch.save "
                     f"archive, which aecore never loads (it could run code)"
                 )
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
+            if not plausible:
                 raise ModelFileError(
                     f"{path} is not a safetensors file: corrupt header (claims {n} header bytes "
                     f"in a {size}-byte file)"
                 )
+            f.seek(8)
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise ModelFileError(f"{path}: file not found") from None
@@ -98,6 +101,11 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
                 f"{path} is truncated or corrupt: tensor {key!r} lies outside the file"
             )
     return header
+
+
+def _looks_pickled(head: bytes) -> bool:
+    """A pickle (protocol 2-5 opcode) or a torch.save zip archive."""
+    return (head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04"
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:

@@ -168,11 +168,11 @@ def _sample_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
 
 
-@torch.no_grad()
 def format_ratio(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.3f}"
 
 
+@torch.no_grad()
 def evaluate(model, prepared: Prepared) -> dict[str, Any]:
     """Test reconstruction MSE (per element, normalised units) of ``model`` and of PCA
     with the same code size fitted on the same train+val rows, streamed over the test

@@ -278,7 +278,7 @@ class Trainer:
             # so all start identical (DDP also broadcasts rank 0's weights)
             self._data_init(model, train)
             if hasattr(model, "pretrain"):
-                model.pretrain(lambda: train.epoch(0), self._log_line)
+                model.pretrain(lambda: train.epoch(0), self)
             if val is not None:
                 state.record_val(self._evaluate(model, val), 0, model, self.min_delta)
             if self.out_dir is not None and self.is_main:
@@ -368,15 +368,18 @@ class Trainer:
         with torch.no_grad():
             init(torch.cat(xs).to(self.device))
 
-    def _show_progress(self) -> bool:
+    @property
+    def show_progress(self) -> bool:
+        """Whether this process shows progress bars (a terminal, rank 0, unless set)."""
         if not self.is_main:
             return False
         if self.progress is not None:
             return self.progress
         return sys.stderr.isatty()
 
-    def _log_line(self, message: str) -> None:
-        if self._show_progress():
+    def log(self, message: str) -> None:
+        """A line for the user (stderr, when progress is shown)."""
+        if self.show_progress:
             print(message, file=sys.stderr)
 
     def _loop(self, model, optimizer, train: _Batches, val, state: _RunState) -> None:
@@ -391,7 +394,7 @@ class Trainer:
                 total=n_batches,
                 initial=state.epoch_step,
                 desc=f"epoch {epoch}/{self.epochs}",
-                disable=not self._show_progress(),
+                disable=not self.show_progress,
                 leave=False,
                 file=sys.stderr,
             )
@@ -446,7 +449,7 @@ class Trainer:
                 state.bad_epochs = 0
             self._append_metrics(record)
             self._save_checkpoint(model, optimizer, state)
-            self._log_line(
+            self.log(
                 f"epoch {epoch}: "
                 + ", ".join(
                     f"{k}={v:.5g}" for k, v in record.items() if k.startswith(("train_", "val_"))

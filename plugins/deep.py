@@ -215,10 +215,10 @@ class DeepAutoencoder(Autoencoder):
             )
         return rbms
 
-    def pretrain(self, batches, log) -> None:
+    def pretrain(self, batches, trainer) -> None:
         """The Trainer's pretraining hook: train the RBM stack layer by layer on
         ``batches()`` (an iterator over training batches) and unroll it into the net."""
-        self._record_budget(log)
+        self._record_budget(trainer)
         if not self.use_pretraining:
             return
         from tqdm.auto import tqdm
@@ -235,7 +235,7 @@ class DeepAutoencoder(Autoencoder):
                 bar = tqdm(
                     total=self.pretrain_epochs,
                     desc=f"pretraining RBM {i + 1}/{len(rbms)}",
-                    disable=not sys.stderr.isatty(),
+                    disable=not trainer.show_progress,
                     leave=False,
                     file=sys.stderr,
                 )
@@ -249,7 +249,7 @@ class DeepAutoencoder(Autoencoder):
                     bar.update(1)
                     bar.set_postfix(recon=f"{total / max(count, 1):.4g}", refresh=False)
                 bar.close()
-                log(
+                trainer.log(
                     f"pretrained RBM {i + 1}/{len(rbms)} ({rbm.input_size}->{rbm.latent_dim}, "
                     f"{rbm.visible}-{rbm.hidden}): reconstruction error "
                     f"{total / max(count, 1):.5g} after {self.pretrain_epochs} epochs"
@@ -305,10 +305,8 @@ class DeepAutoencoder(Autoencoder):
         model.unroll(rbms)
         return model
 
-    def _record_budget(self, log) -> None:
-        # the Trainer passes its bound _log_line: read the run's settings from it so the
-        # no-pretraining comparison gets the same budget (defaults otherwise)
-        trainer = getattr(log, "__self__", None)
+    def _record_budget(self, trainer) -> None:
+        # the no-pretraining comparison in `aecore eval` gets the same training budget
         try:
             budget = (
                 float(trainer.epochs),

@@ -9,7 +9,7 @@ import torch
 from aecore.cli import main
 from aecore.errors import ConfigError
 from aecore.pipeline import prepare, train
-from aecore.trainer import OPTIMIZERS
+from aecore.trainer import OPTIMIZERS, Trainer
 from aecore_plugins.deep import DeepAutoencoder
 from aecore_plugins.rbm import RBM
 
@@ -80,7 +80,9 @@ def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
     with torch.no_grad():
         random_start = float(model.loss(x)["loss"])
     lines = []
-    model.pretrain(batches, lines.append)
+    trainer = Trainer(progress=False, device="cpu")
+    trainer.log = lines.append
+    model.pretrain(batches, trainer)
     assert len(lines) == 3
     for i, line in enumerate(lines):
         assert line.startswith(f"pretrained RBM {i + 1}/3 ") and "reconstruction error" in line
@@ -93,7 +95,7 @@ def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
     skip = DeepAutoencoder(input_shape=(64,), latent_dim=8, hidden=[64, 32], pretrain=False)
     before = {k: v.clone() for k, v in skip.state_dict().items() if k != "finetune_budget"}
     lines.clear()
-    skip.pretrain(batches, lines.append)
+    skip.pretrain(batches, trainer)
     assert lines == []
     assert all(torch.equal(v, skip.state_dict()[k]) for k, v in before.items())
 

@@ -136,3 +136,18 @@ def test_not_a_model_folder(tmp_path):
     (tmp_path / "d" / "model.json").write_text('{"format": "something-else"}')
     with pytest.raises(ModelFileError, match="is not an aecore model record"):
         aecore.load(tmp_path / "d")
+
+
+def test_a_valid_file_whose_header_length_starts_with_0x80_loads(tmp_path):
+    """The header length is little-endian: its first byte may look like a pickle opcode."""
+    from aecore.fileio import load_tensors, save_tensors
+
+    path = tmp_path / "t.safetensors"
+    for pad in range(300):
+        save_tensors(path, {"w": torch.arange(3.0)}, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    tensors, meta = load_tensors(path)
+    assert tensors["w"].tolist() == [0.0, 1.0, 2.0] and meta["pad"] == "x" * pad

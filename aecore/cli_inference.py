@@ -16,7 +16,6 @@ extension; an existing output is only replaced with ``--overwrite``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -181,15 +180,14 @@ def check_output(path: Path, overwrite: bool) -> None:
 def write_array(path: Path, array: np.ndarray, *, overwrite: bool = False) -> None:
     """Write ``array`` as .npy or .csv (rows flattened), atomically: readers never see
     a half-written file and a failed write leaves any previous file intact."""
+    from aecore.fileio import atomic_write
+
     check_output(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix.lower() == ".npy":
-                np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            else:
-                np.savetxt(f, array.reshape(len(array), -1), delimiter=",", fmt="%.9g")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        if path.suffix.lower() == ".npy":
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        else:
+            np.savetxt(f, array.reshape(len(array), -1), delimiter=",", fmt="%.9g")
+
+    atomic_write(path, write)

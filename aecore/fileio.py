@@ -1,4 +1,7 @@
-"""Atomic file writes and pickle-free tensor files (safetensors + JSON metadata)."""
+"""Atomic file writes and pickle-free tensor files (safetensors + JSON metadata).
+
+torch is imported inside the tensor functions only: the torch-free runtime writes its
+outputs with ``atomic_write`` too."""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from aecore.errors import ModelFileError
+
+if TYPE_CHECKING:
+    import torch
 
 _META_KEY = "aecore"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -131,6 +135,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]
 def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested dict/list structure by a reference into
     ``tensors``, leaving a JSON-able skeleton."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj
         return {"__tensor__": prefix}

@@ -30,6 +30,9 @@ class Normalization:
             self.shift is None or self.scale is None or self.shift.shape != self.scale.shape
         ):
             raise ValueError(f"normalization {kind!r} needs shift and scale of equal size")
+        if kind != "none":  # computed once: apply/invert sit on inference hot paths
+            safe = np.where(self.scale > 0, self.scale, 1.0)
+            self._inverse_scale = np.where(self.scale > 0, 1.0 / safe, 1.0)
 
     @classmethod
     def fit(cls, kind: str, data: np.ndarray, per_feature: bool | None = None) -> Normalization:
@@ -69,7 +72,7 @@ class Normalization:
 
     def _params(self, shape) -> tuple[np.ndarray, np.ndarray]:
         d = int(np.prod(shape[1:]))
-        inv = np.where(self.scale > 0, 1.0 / np.where(self.scale > 0, self.scale, 1.0), 1.0)
+        inv = self._inverse_scale
         if self.shift.size == 1:
             return self.shift.reshape(()), inv.reshape(())
         if self.shift.size != d:

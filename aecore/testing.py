@@ -7,6 +7,7 @@ A third-party plugin runs them in its own test suite::
         check_autoencoder(MyAutoencoder)
 
 Each failure is an ``AssertionError`` naming the model, the check and what was wrong.
+The ONNX parity check needs ``pip install aecore[onnx]``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from aecore.testing_onnx import check_onnx_parity
 
 VECTOR_SHAPE = (12,)
 IMAGE_SHAPE = (1, 8, 8)
@@ -193,7 +196,7 @@ def check_save_load(cls, shape, hparams) -> None:
             _fail(cls, "save/load", "normalisation not restored")
 
 
-#: the checks every plugin must pass, in order; other modules (ONNX parity) append
+#: the checks every plugin must pass, in order
 CHECKS: list[Callable] = [
     check_construction,
     check_config_round_trip,
@@ -201,6 +204,7 @@ CHECKS: list[Callable] = [
     check_loss,
     check_training_lowers_loss,
     check_save_load,
+    check_onnx_parity,
 ]
 
 

@@ -27,3 +27,23 @@ def test_python_api_example_runs(tmp_path):
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert (tmp_path / "runs" / "ae" / "model.json").exists()
     assert (tmp_path / "ae.onnx").exists()
+
+
+def test_scikit_learn_example_runs():
+    code = python_block("The same models as a scikit-learn transformer")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+
+def test_plugin_example_matches_the_one_the_tests_install():
+    """The README's plugin is the plugin tests/plugin_example ships (minus its docstring)."""
+    shipped = (
+        Path(__file__).parent / "plugin_example" / "aecore_example_plugin" / "__init__.py"
+    ).read_text()
+    readme = python_block("## Writing a plugin")
+    for line in (
+        "class TinyAutoencoder(aecore.Autoencoder):",
+        'return {**self.base_config(), "bias": self.bias}',
+        "self.enc = nn.Linear(self.input_size, latent_dim, bias=bias)",
+    ):
+        assert line in shipped and line in readme

@@ -3,6 +3,7 @@
 // the GEMMs through at::mm / at::addmm (MKL/OpenBLAS or cuBLAS) and calls into the
 // torch-free kernels. `K` is the backend (CpuKernels or CudaKernels) with static methods
 //   unit_pass<T>(UnitPass<T>), column_sums<T>(x, rows, cols, double* out),
+//   finalize_stats<T>(StatsFinal<T>),
 //   kl_forward<T>(h, rows, cols, rho, beta, T* mean, T* loss),
 //   kl_backward<T>(const T* grad_loss, const T* grad_mean, mean, rows, cols, rho, beta, grad),
 //   topk_forward<T>(z, rows, cols, k, out, idx), topk_backward<T>(g, idx, rows, cols, k, grad).
@@ -91,19 +92,20 @@ struct Gibbs {
     const at::Tensor b_h = b_h_in.contiguous();
     const at::Tensor rng = rng_in.contiguous();
     const at::Tensor Wt = W.t();
-    const auto dopts = v.options().dtype(at::kDouble);
-    at::Tensor sum_ph0, sum_phk, sum_vk, sum_v, sq;
-    if (stats) {
-      sum_ph0 = at::zeros({H}, dopts);
-      sum_phk = at::zeros({H}, dopts);
-      sum_vk = at::zeros({V}, dopts);
-      sum_v = at::zeros({V}, dopts);
-      sq = at::zeros({1}, dopts);
-    }
+    // The statistics' accumulators, one zeroed double buffer (few small allocations:
+    // at RBM sizes like 64x64x256 the per-call overhead is a real part of the time):
+    // [sum ph0 (H) | sum ph_k (H) | sum v (V) | sum v_k (V) | sum (v - v_mean)^2 (1)].
+    at::Tensor acc;
+    if (stats) acc = at::zeros({2 * H + 2 * V + 1}, v.options().dtype(at::kDouble));
 
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "aecore_gibbs", [&] {
       using T = scalar_t;
-      auto dptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<double>() : nullptr; };
+      double* const a0 = stats ? acc.data_ptr<double>() : nullptr;
+      double* const sum_ph0 = stats ? a0 : nullptr;
+      double* const sum_phk = stats ? a0 + H : nullptr;
+      double* const sum_v = stats ? a0 + 2 * H : nullptr;
+      double* const sum_vk = stats ? a0 + 2 * H + V : nullptr;
+      double* const sq = stats ? a0 + 2 * H + 2 * V : nullptr;
       // positive phase: ph0 = sigmoid(v W + b_h), h0 ~ Bernoulli(ph0) (CD only)
       ph0 = at::mm(v, W);
       const bool need_h0 = !(stats && pcd);
@@ -120,7 +122,7 @@ struct Gibbs {
         p.noise = opt_ptr<T>(nh0);
         p.rng = rng.data_ptr<int64_t>();
         p.stream = 0;
-        p.colsum_mean = dptr(sum_ph0);
+        p.colsum_mean = sum_ph0;
         K::template unit_pass<T>(p);
       }
       at::Tensor hcur = pcd ? chain_in->contiguous() : h0;
@@ -142,11 +144,11 @@ struct Gibbs {
           p.rng = rng.data_ptr<int64_t>();
           p.stream = static_cast<uint32_t>(2 * t - 1);
           if (stats && last) {
-            p.colsum_state = dptr(sum_vk);
+            p.colsum_state = sum_vk;
             if (!pcd) {  // the reconstruction error and sum(v) ride along this pass
               p.data = v.data_ptr<T>();
-              p.colsum_data = dptr(sum_v);
-              p.sq_err = dptr(sq);
+              p.colsum_data = sum_v;
+              p.sq_err = sq;
             }
           }
           K::template unit_pass<T>(p);
@@ -166,7 +168,7 @@ struct Gibbs {
           p.noise = nh.has_value() ? opt_ptr<T>(nh) + (t - 1) * Bc * H : nullptr;
           p.rng = rng.data_ptr<int64_t>();
           p.stream = static_cast<uint32_t>(2 * t);
-          if (stats && last) p.colsum_mean = dptr(sum_phk);
+          if (stats && last) p.colsum_mean = sum_phk;
           K::template unit_pass<T>(p);
         }
         hcur = hs;
@@ -178,16 +180,26 @@ struct Gibbs {
         }
       }
       if (stats) {
-        if (pcd) K::template column_sums<T>(v.data_ptr<T>(), B, V, sum_v.data_ptr<double>());
+        if (pcd) K::template column_sums<T>(v.data_ptr<T>(), B, V, sum_v);
         const double inv_b = 1.0 / static_cast<double>(std::max<int64_t>(B, 1));
         const double inv_bc = 1.0 / static_cast<double>(std::max<int64_t>(Bc, 1));
         // dW = v^T ph0 / B - v_k^T ph_k / Bc: two BLAS calls, the second accumulating.
         dW = at::mm(v.t(), ph0);
         dW.addmm_(v_k.t(), ph_k, /*beta=*/inv_b, /*alpha=*/-inv_bc);
-        db_v = (sum_v.mul(inv_b) - sum_vk.mul(inv_bc)).to(v.scalar_type());
-        db_h = (sum_ph0.mul(inv_b) - sum_phk.mul(inv_bc)).to(v.scalar_type());
-        recon = pcd ? at::full({}, std::numeric_limits<double>::quiet_NaN(), v.options())
-                    : sq.mul(inv_b).reshape({}).to(v.scalar_type());
+        db_v = at::empty({V}, v.options());
+        db_h = at::empty({H}, v.options());
+        recon = at::empty({}, v.options());
+        StatsFinal<T> f;
+        f.acc = a0;
+        f.V = V;
+        f.H = H;
+        f.inv_b = inv_b;
+        f.inv_bc = inv_bc;
+        f.pcd = pcd;
+        f.db_v = db_v.data_ptr<T>();
+        f.db_h = db_h.data_ptr<T>();
+        f.recon = recon.data_ptr<T>();
+        K::template finalize_stats<T>(f);
       }
     });
   }

@@ -21,6 +21,10 @@ struct CpuKernels {
     cpu::column_sums<T>(x, rows, cols, out);
   }
   template <typename T>
+  static void finalize_stats(const StatsFinal<T>& f) {
+    for (int64_t e = 0; e <= f.V + f.H; ++e) finalize_stats_element(f, e);
+  }
+  template <typename T>
   static void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
                          T* loss) {
     *loss = static_cast<T>(cpu::kl_sparsity_forward<T>(h, rows, cols, rho, beta, mean));

@@ -31,6 +31,11 @@ struct CudaKernels {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>
+  static void finalize_stats(const StatsFinal<T>& f) {
+    cuda::finalize_stats<T>(f, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
   static void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
                          T* loss) {
     at::Tensor sums = at::zeros({cols}, doubles());

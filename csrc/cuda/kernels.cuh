@@ -16,6 +16,10 @@ namespace cuda {
 template <typename T>
 void unit_pass(const UnitPass<T>& p, cudaStream_t stream);
 
+// cd_step's bias statistics and reconstruction error (kernels/unit_pass.h, StatsFinal).
+template <typename T>
+void finalize_stats(const StatsFinal<T>& f, cudaStream_t stream);
+
 // out[j] += sum_i x[i, j]  (out zeroed by the caller).
 template <typename T>
 void column_sums(const T* x, int64_t rows, int64_t cols, double* out, cudaStream_t stream);

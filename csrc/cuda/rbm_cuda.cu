@@ -130,7 +130,19 @@ __global__ void column_sums_kernel(const T* __restrict__ x, int64_t rows, int64_
   block_col_add(s, out + j, sh, j < cols);
 }
 
+template <typename T>
+__global__ void finalize_stats_kernel(StatsFinal<T> f) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  finalize_stats_element(f, e);
+}
+
 }  // namespace
+
+template <typename T>
+void finalize_stats(const StatsFinal<T>& f, cudaStream_t stream) {
+  const int64_t n = f.V + f.H + 1;
+  finalize_stats_kernel<T><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(f);
+}
 
 template <typename T>
 void unit_pass(const UnitPass<T>& p, cudaStream_t stream) {
@@ -150,6 +162,8 @@ void column_sums(const T* x, int64_t rows, int64_t cols, double* out, cudaStream
 
 template void unit_pass<float>(const UnitPass<float>&, cudaStream_t);
 template void unit_pass<double>(const UnitPass<double>&, cudaStream_t);
+template void finalize_stats<float>(const StatsFinal<float>&, cudaStream_t);
+template void finalize_stats<double>(const StatsFinal<double>&, cudaStream_t);
 template void column_sums<float>(const float*, int64_t, int64_t, double*, cudaStream_t);
 template void column_sums<double>(const double*, int64_t, int64_t, double*, cudaStream_t);
 

@@ -50,7 +50,7 @@ class VariationalAutoencoder(Autoencoder):
     """VAE with an MLP (any input shape) or convolutional (``(C, H, W)``) backbone."""
 
     # the recipe of the issue's quality bar (test log-likelihood on digits, see README)
-    demo = DemoRecipe(data="digits", latent_dim=8, epochs=400, batch_size=256, lr=5e-3)
+    demo = DemoRecipe(data="digits", latent_dim=8, epochs=500, batch_size=128, lr=1e-3)
 
     def __init__(
         self,
@@ -77,6 +77,11 @@ class VariationalAutoencoder(Autoencoder):
         self.decoder = params.choice("decoder", decoder, DECODERS)
         if decoder_std != "learned":
             decoder_std = _fixed_std(decoder_std)
+            if self.decoder != "gaussian":
+                raise ConfigError(
+                    f"decoder_std={decoder_std!r} applies to decoder='gaussian' only; "
+                    f"got decoder={decoder!r} (a Bernoulli decoder has no scale)"
+                )
         self.decoder_std = decoder_std
         self.min_decoder_std = params.number(
             "min_decoder_std", min_decoder_std, low=0.0, low_open=True
@@ -191,13 +196,10 @@ class VariationalAutoencoder(Autoencoder):
             # for grey values in [0, 1], the usual convention for such data
             logp = -F.binary_cross_entropy_with_logits(loc, x_flat.expand_as(loc), reduction="none")
         else:
-            if std is None:
-                std_t = torch.tensor(self.decoder_std, dtype=loc.dtype, device=loc.device)
-                log_std = torch.log(std_t)
-            else:
-                std_t = std.reshape(loc.shape)
-                log_std = torch.log(std_t)
-            logp = -0.5 * ((x_flat - loc) / std_t).pow(2) - log_std - 0.5 * LOG_2PI
+            if std is None:  # fixed
+                std = torch.tensor(self.decoder_std, dtype=loc.dtype, device=loc.device)
+            std = std.reshape(-1, *x_flat.shape) if std.dim() else std
+            logp = -0.5 * ((x_flat - loc) / std).pow(2) - torch.log(std) - 0.5 * LOG_2PI
         return logp.sum(-1).reshape(-1)
 
     def _check_range(self, x: torch.Tensor) -> None:

@@ -259,6 +259,7 @@ def test_sample_draws_from_the_prior():
         ({"backbone": "rnn"}, r"backbone must be one of 'mlp', 'conv'; got 'rnn'"),
         ({"decoder_std": 0}, r"decoder_std must be 'learned' or a number in \(0, inf\).*got 0"),
         ({"decoder_std": "fixed"}, r"decoder_std must be 'learned' or .*got 'fixed'"),
+        ({"decoder_std": 0.1}, r"decoder_std=0.1 applies to decoder='gaussian' only"),
         ({"min_decoder_std": 0.0}, r"min_decoder_std must be a number in \(0, inf\); got 0.0"),
         ({"warmup_steps": -1}, r"warmup_steps must be an int in \[0, inf\]; got -1"),
         ({"warmup_steps": 2.5}, r"warmup_steps must be an int in \[0, inf\]; got 2.5"),

@@ -15,7 +15,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -23,21 +22,39 @@ from aecore import ops
 from aecore.ops import reference
 
 
-def _timer(
-    device: str, fn: Callable[[], object], repeats: int, clock=time.perf_counter, warmup: int = 2
-) -> float:
-    """Median time of fn() in milliseconds (synchronising CUDA around each call)."""
+def _time_round_robin(
+    device: str, impls: dict, repeats: int, clock=time.perf_counter, budget_s: float = 1.0
+) -> tuple[dict, dict]:
+    """Median time (ms) of each implementation, and the errors of those that failed.
+
+    The implementations are timed in turns (one call of each per round), so load from
+    other processes on a shared machine hits all of them alike; fast cases get more
+    rounds (up to ~budget_s of calls each, at least `repeats`).
+    """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        sync()
-        times.append(clock() - t0)
-    return statistics.median(times) * 1e3
+    errors, first = {}, {}
+    for name, fn in impls.items():
+        try:
+            fn()  # warm-up (and torch.compile's compilation)
+            sync()
+            t0 = clock()
+            fn()
+            sync()
+            first[name] = max(clock() - t0, 1e-6)
+        except Exception as exc:  # e.g. torch.compile without a working C++ compiler
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    live = [n for n in impls if n not in errors]
+    if not live:
+        return {}, errors
+    rounds = int(min(10 * repeats, max(repeats, budget_s / max(first[n] for n in live))))
+    samples = {n: [] for n in live}
+    for _ in range(rounds):
+        for name in live:
+            t0 = clock()
+            impls[name]()
+            sync()
+            samples[name].append(clock() - t0)
+    return {n: statistics.median(v) * 1e3 for n, v in samples.items()}, errors
 
 
 def _compiled(fn):
@@ -231,13 +248,10 @@ def run(device: str = "cpu", quick: bool = False, clock: str = "wall") -> dict:
         timer_clock = time.thread_time
     results = []
     for name, impls in _cases(device):
-        times = {}
-        for impl, fn in impls.items():
-            n = max(3, repeats // 3) if "RBM" in name else repeats
-            try:
-                times[impl] = _timer(device, fn, n, clock=timer_clock)
-            except Exception as exc:  # e.g. torch.compile without a working C++ compiler
-                print(f"  {name} / {impl}: failed: {exc}", file=sys.stderr)
+        n = max(3, repeats // 3) if "RBM" in name else repeats
+        times, errors = _time_round_robin(device, impls, n, clock=timer_clock)
+        for impl, err in errors.items():
+            print(f"  {name} / {impl}: failed: {err}", file=sys.stderr)
         fused = times.get("fused")
         for impl, ms in times.items():
             results.append(

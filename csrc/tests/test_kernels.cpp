@@ -48,15 +48,31 @@ static void test_philox_kat() {
   }
 }
 
+using PhiloxWords = void (*)(uint32_t*, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t,
+                            uint32_t);
+
+// Every SIMD version of the batched generator (those this CPU runs) against the scalar one.
 static void test_philox_batch() {
-  std::vector<uint32_t> words(cpu::detail::kChunk);
+  std::vector<std::pair<const char*, PhiloxWords>> versions = {
+      {"dispatch", cpu::detail::philox_words}, {"portable", cpu::detail::philox_words_portable}};
+#ifdef AECORE_PHILOX_SIMD
+  if (__builtin_cpu_supports("avx2")) versions.push_back({"avx2", cpu::detail::philox_words_avx2});
+  if (__builtin_cpu_supports("avx512f"))
+    versions.push_back({"avx512", cpu::detail::philox_words_avx512});
+#endif
+  std::printf("philox batch versions tested:");
+  for (auto& v : versions) std::printf(" %s", v.first);
+  std::printf("\n");
+  alignas(64) uint32_t words[cpu::detail::kChunk];
+  for (auto& version : versions)
   for (int64_t c0 : {0, 256, 1024}) {
     for (int64_t n : {1, 3, 4, 5, 255, 256}) {
-      cpu::detail::philox_words(words.data(), 7, c0, n, 0x12345678u, 0x9abcdef0u, 3, 11);
+      version.second(words, 7, c0, n, 0x12345678u, 0x9abcdef0u, 3, 11);
       for (int64_t j = 0; j < n; ++j) {
         const Philox4x32 r = philox4x32_10(static_cast<uint32_t>((c0 + j) / 4), 7, 3, 11,
                                            0x12345678u, 0x9abcdef0u);
-        CHECK(words[j] == r.v[j % 4], "c0=%ld n=%ld j=%ld", (long)c0, (long)n, (long)j);
+        CHECK(words[j] == r.v[j % 4], "%s c0=%ld n=%ld j=%ld", version.first, (long)c0, (long)n,
+              (long)j);
       }
     }
   }

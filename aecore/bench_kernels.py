@@ -10,6 +10,7 @@ are noisy, so compare ratios from one run only.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -48,12 +49,18 @@ def _time_round_robin(
         return {}, errors
     rounds = int(min(10 * repeats, max(repeats, budget_s / max(first[n] for n in live))))
     samples = {n: [] for n in live}
-    for _ in range(rounds):
-        for name in live:
-            t0 = clock()
-            impls[name]()
-            sync()
-            samples[name].append(clock() - t0)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land on whichever call runs then
+    try:
+        for _ in range(rounds):
+            for name in live:
+                t0 = clock()
+                impls[name]()
+                sync()
+                samples[name].append(clock() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return {n: statistics.median(v) * 1e3 for n, v in samples.items()}, errors
 
 

@@ -328,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         default="wall",
         help="wall time (default), or single-threaded CPU time for a shared machine",
     )
+    p.add_argument("--threads", type=int, help="torch.set_num_threads(N) first (CPU)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("aecore bench kernels: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("aecore bench kernels: --device cuda but CUDA is not available", file=sys.stderr)
         return 2

@@ -61,21 +61,45 @@ def _kernel_extensions():
     except ImportError:
         has_cuda = False
     if want_cuda == "1" or (want_cuda is None and has_cuda):
-        exts.append(
-            cpp_extension.CUDAExtension(
-                "aecore._C_cuda",
-                [
-                    f"{csrc}/ops_cuda.cpp",
-                    f"{csrc}/cuda/rbm_cuda.cu",
-                    f"{csrc}/cuda/sparsity_cuda.cu",
-                ],
-                include_dirs=[str(ROOT / csrc)],
-                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++17"]},
+        try:
+            exts.append(
+                cpp_extension.CUDAExtension(
+                    "aecore._C_cuda",
+                    [
+                        f"{csrc}/ops_cuda.cpp",
+                        f"{csrc}/cuda/rbm_cuda.cu",
+                        f"{csrc}/cuda/sparsity_cuda.cu",
+                    ],
+                    include_dirs=[str(ROOT / csrc)],
+                    extra_compile_args={
+                        "cxx": ["-O3", "-std=c++20"],
+                        "nvcc": ["-O3", "-std=c++17"],
+                    },
+                )
             )
-        )
+        except (OSError, RuntimeError) as exc:  # e.g. no CUDA_HOME
+            if want_cuda == "1":
+                raise RuntimeError(
+                    f"AECORE_CUDA=1 but the CUDA extension cannot be configured: {exc}"
+                ) from exc
+            print(f"WARNING: not building the CUDA kernels: {exc}", file=sys.stderr)
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """A failed kernel build warns and leaves aecore on its reference kernels."""
+
+        def build_extensions(self):
+            self._failed = set()
+            try:  # torch checks the compiler here, before any extension is built
+                super().build_extensions()
+            except Exception as exc:  # no usable compiler: non-fatal
+                print(
+                    f"WARNING: not building aecore's kernels ({exc}); aecore will use its "
+                    "pure-PyTorch reference kernels",
+                    file=sys.stderr,
+                )
+                self._failed = {ext.name for ext in self.extensions}
+            # what failed is not copied into the package
+            self.extensions = [e for e in self.extensions if e.name not in self._failed]
 
         def build_extension(self, ext):
             try:
@@ -86,6 +110,7 @@ def _kernel_extensions():
                     "pure-PyTorch reference kernels",
                     file=sys.stderr,
                 )
+                self._failed.add(ext.name)
 
     return exts, {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 

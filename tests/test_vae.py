@@ -156,6 +156,16 @@ def test_kl_warmup_ramps_beta_over_training_steps_only():
     assert int(model.steps_taken) == 6
 
 
+@settings(max_examples=20, deadline=None)
+@given(beta=st.floats(0.0, 5.0), warmup=st.integers(1, 12), calls=st.integers(1, 16))
+def test_warmup_schedule_is_linear_then_flat(beta, warmup, calls):
+    model = _vae(beta=beta, warmup_steps=warmup, hidden=[4]).train()
+    x = _x(2)
+    got = [float(model.loss(x)["beta"]) for _ in range(calls)]
+    expected = [beta * min(1.0, step / warmup) for step in range(1, calls + 1)]
+    assert got == pytest.approx(expected)
+
+
 def test_warmup_step_count_is_saved_with_the_model(tmp_path):
     model = _vae(beta=1.0, warmup_steps=10).train()
     for _ in range(3):

@@ -68,6 +68,9 @@ struct Gibbs {
     TORCH_CHECK(b_h_in.dim() == 1 && b_h_in.size(0) == H, "aecore: b_h must be (", H, ",)");
     TORCH_CHECK(rng_in.scalar_type() == at::kLong && rng_in.numel() == 2,
                 "aecore: rng must be an int64 tensor {seed, offset}");
+    // the kernels read it where they run (CUDA kernels from device memory)
+    TORCH_CHECK(rng_in.device() == v_in.device(), "aecore: rng is on ", rng_in.device(),
+                ", expected ", v_in.device());
     const bool pcd = chain_in.has_value();
     if (pcd) {
       check_same(v_in, *chain_in, "chain");

@@ -190,6 +190,16 @@ class _graceful_stop:
             signal.signal(sig, handler)
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import torch
+
+    from aecore.params import integer
+
+    torch.set_num_threads(integer("--threads", threads, low=1))
+
+
 def _table(header: list[str], rows: list[tuple]) -> None:
     rows = [tuple(str(c) for c in r) for r in rows]
     widths = [
@@ -238,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace a run or model in --out")
     s.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (small models on a busy machine: 1)",
+    )
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="test reconstruction error of a saved model vs PCA")
@@ -254,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", default=None, help="comma-separated subset")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks: kernels or onnx")
@@ -274,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _set_threads(getattr(args, "threads", None))
         return args.func(args)
     except Exception as exc:
         from aecore.errors import AecoreError, TrainingInterrupted

@@ -136,6 +136,10 @@ def test_info_shows_versions_and_kernels(capsys):
             "epochs must be an int in [1, inf]; got 0",
         ),
         (["eval", "{tmp}/nothing"], "not a model folder"),
+        (
+            ["train", "ae", "--data", "digits", "--out", "{tmp}/x", "--threads", "0"],
+            "--threads must be an int in [1, inf]; got 0",
+        ),
     ],
 )
 def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):

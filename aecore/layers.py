@@ -22,6 +22,22 @@ ACTIVATIONS = {
 }
 
 RECONSTRUCTIONS = ("mse", "bce")
+OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
+
+
+def output_and_reconstruction(output_activation: str, reconstruction: str) -> tuple[str, str]:
+    """Check a decoder's output activation and reconstruction loss together: BCE needs
+    outputs (and so inputs) in [0, 1]."""
+    from aecore.errors import ConfigError
+
+    choice("output_activation", output_activation, OUTPUT_ACTIVATIONS)
+    choice("reconstruction", reconstruction, RECONSTRUCTIONS)
+    if reconstruction == "bce" and output_activation != "sigmoid":
+        raise ConfigError(
+            "reconstruction='bce' needs output_activation='sigmoid' (inputs in [0, 1]); "
+            f"got output_activation={output_activation!r}"
+        )
+    return output_activation, reconstruction
 
 
 def activation(name: str, param: str = "activation") -> nn.Module:
@@ -66,7 +82,7 @@ def pca_basis(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- added for the denoising and conv plugins (issue 4) ------------------------------
 def reconstruction_from_logits(
-    logits: torch.Tensor, target: torch.Tensor, kind: str, output: nn.Module
+    logits: torch.Tensor, target: torch.Tensor, kind: str, output
 ) -> torch.Tensor:
     """The reconstruction loss of a decoder that produces ``logits`` before its output
     activation ``output``: ``bce`` straight on the logits (numerically stable), ``mse``

@@ -18,11 +18,11 @@ from aecore.demo import DemoRecipe
 from aecore.errors import ConfigError
 from aecore.layers import (
     ACTIVATIONS,
-    RECONSTRUCTIONS,
     flatten,
     mlp,
+    output_and_reconstruction,
     pca_basis,
-    reconstruction_error,
+    reconstruction_from_logits,
 )
 from aecore.layers import activation as make_activation
 
@@ -48,15 +48,9 @@ class PlainAutoencoder(Autoencoder):
         super().__init__(input_shape=input_shape, latent_dim=latent_dim)
         self.hidden = params.int_list("hidden", hidden)
         self.activation = params.choice("activation", activation, list(ACTIVATIONS))
-        self.output_activation = params.choice(
-            "output_activation", output_activation, ["identity", "sigmoid"]
+        self.output_activation, self.reconstruction = output_and_reconstruction(
+            output_activation, reconstruction
         )
-        self.reconstruction = params.choice("reconstruction", reconstruction, RECONSTRUCTIONS)
-        if self.reconstruction == "bce" and self.output_activation != "sigmoid":
-            raise ConfigError(
-                "reconstruction='bce' needs output_activation='sigmoid' (inputs in [0, 1]); "
-                f"got output_activation={output_activation!r}"
-            )
         if not isinstance(linear_path, bool):
             raise ConfigError(f"linear_path must be true or false; got {linear_path!r}")
         self.linear_path = linear_path
@@ -130,9 +124,5 @@ class PlainAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self._logits(self.encode(x))
-        target = flatten(x)
-        if self.reconstruction == "bce":
-            recon = reconstruction_error(logits, target, "bce")
-        else:
-            recon = reconstruction_error(self.output(logits), target, "mse")
+        recon = reconstruction_from_logits(logits, flatten(x), self.reconstruction, self.output)
         return {"loss": recon, "recon": recon}

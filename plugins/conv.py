@@ -17,8 +17,11 @@ from torch import nn
 from aecore import params
 from aecore.base import Autoencoder
 from aecore.demo import DemoRecipe
-from aecore.errors import ConfigError
-from aecore.layers import ACTIVATIONS, RECONSTRUCTIONS, reconstruction_from_logits
+from aecore.layers import (
+    ACTIVATIONS,
+    output_and_reconstruction,
+    reconstruction_from_logits,
+)
 from aecore.layers import activation as make_activation
 
 
@@ -61,15 +64,9 @@ class ConvAutoencoder(Autoencoder):
         self.channels = params.int_list("channels", channels, allow_empty=False)
         self.kernel_size = params.integer("kernel_size", kernel_size, low=2)
         self.activation = params.choice("activation", activation, list(ACTIVATIONS))
-        self.output_activation = params.choice(
-            "output_activation", output_activation, ["identity", "sigmoid"]
+        self.output_activation, self.reconstruction = output_and_reconstruction(
+            output_activation, reconstruction
         )
-        self.reconstruction = params.choice("reconstruction", reconstruction, RECONSTRUCTIONS)
-        if self.reconstruction == "bce" and self.output_activation != "sigmoid":
-            raise ConfigError(
-                "reconstruction='bce' needs output_activation='sigmoid' (inputs in [0, 1]); "
-                f"got output_activation={output_activation!r}"
-            )
 
         in_channels, height, width = self.input_shape
         k, pad, depth = self.kernel_size, self.kernel_size // 2, len(self.channels)

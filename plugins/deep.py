@@ -28,7 +28,7 @@ from aecore import params
 from aecore.base import Autoencoder
 from aecore.demo import DemoRecipe
 from aecore.errors import ConfigError
-from aecore.layers import flatten, reconstruction_error
+from aecore.layers import flatten, reconstruction_from_logits
 from aecore.trainer import OPTIMIZERS
 from aecore_plugins.rbm import RBM, NonBinaryDataWarning
 
@@ -185,11 +185,7 @@ class DeepAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self._logits(self.encode(x))
-        target = flatten(x)
-        if self.reconstruction == "bce":
-            recon = reconstruction_error(logits, target, "bce")
-        else:
-            recon = reconstruction_error(self._output(logits), target, "mse")
+        recon = reconstruction_from_logits(logits, flatten(x), self.reconstruction, self._output)
         return {"loss": recon, "recon": recon}
 
     # -- pretraining -------------------------------------------------------------------

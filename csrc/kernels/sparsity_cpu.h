@@ -117,8 +117,6 @@ template <typename T>
 struct TopkScratch {
   std::vector<T> gmax, cand_val;
   std::vector<int64_t> cand_idx;
-  std::vector<int32_t> above;
-  std::vector<uint8_t> flags;
 };
 
 // Exact top-k of row `zi` by a size-k heap (any input, NaN included). Leaves the kept
@@ -146,12 +144,12 @@ void topk_row_heap(const T* zi, int64_t cols, int64_t k, int64_t* hp) {
 
 // Top-k of a NaN-free row by filtering. Column j belongs to group j mod G (G >= k groups);
 // the k-th largest group maximum t0 is <= the row's k-th largest value (k groups have a
-// maximum >= t0), so every kept entry is >= t0. Every step is a branch-free, vectorised
-// loop: the group maxima; t0 by counting, for each maximum, the maxima above it; the
-// filter (blocks of 16 tested at once, few candidates pass); the exact rank of each
-// candidate (value, then lower index first), which leaves the kept indices ascending.
-// Returns false, doing nothing, if the row holds a NaN or too many candidates (ties); the
-// caller then uses the heap.
+// maximum >= t0), so every kept entry is >= t0 and lies in a group whose maximum is >= t0.
+// Steps: the group maxima (one vectorised, branch-free pass over the row); t0 by counting,
+// for each maximum, the maxima above it (vectorised); the candidates from the ~k groups
+// that reach t0; their exact rank (value, then lower index first). Returns false, doing
+// nothing, if the row holds a NaN or too many candidates (ties): the caller then uses
+// the heap.
 template <typename T>
 __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restrict__ zi,
                                                                 int64_t cols, int64_t k,
@@ -179,49 +177,46 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
   }
   if (nan) return false;
   // t0 = the smallest maximum with fewer than k maxima above it: the k-th largest.
-  // (j outer, i inner: the counts update as whole vectors, no horizontal sums)
-  int32_t* __restrict__ above = s.above.data();
-  for (int64_t i = 0; i < G; ++i) above[i] = 0;
-  for (int64_t j = 0; j < G; ++j) {
-    const T mj = gmax[j];
-    for (int64_t i = 0; i < G; ++i) above[i] += mj > gmax[i];
-  }
+  // The counts stay in a register: 16 maxima at a time against all the others (gmax is
+  // padded with -inf to a multiple of 16; the padding never counts as above anything).
+  const int64_t Gp = (G + 15) / 16 * 16;
+  for (int64_t g = G; g < Gp; ++g) gmax[g] = -std::numeric_limits<T>::infinity();
   T t0 = std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < G; ++i) t0 = (above[i] < k && gmax[i] < t0) ? gmax[i] : t0;
-  // the filter: a vectorised pass writes one flag byte per column, then 8 columns are
-  // skipped at a time where the flags are all zero (almost everywhere)
-  uint8_t* __restrict__ flag = s.flags.data();
-  for (int64_t j = 0; j < cols; ++j) flag[j] = zi[j] >= t0;
+  for (int64_t i0 = 0; i0 < Gp; i0 += 16) {
+    int32_t cnt[16] = {0};
+    for (int64_t j = 0; j < G; ++j) {
+      const T mj = gmax[j];
+      for (int l = 0; l < 16; ++l) cnt[l] += mj > gmax[i0 + l];
+    }
+    for (int l = 0; l < 16 && i0 + l < G; ++l)
+      t0 = (cnt[l] < k && gmax[i0 + l] < t0) ? gmax[i0 + l] : t0;
+  }
+  // Candidates: only a group whose maximum reaches t0 can hold one (about k groups).
   T* __restrict__ cv = s.cand_val.data();
   int64_t* __restrict__ ci = s.cand_idx.data();
   const int64_t cap = static_cast<int64_t>(s.cand_val.size());
-  int64_t n = 0, j = 0;
-  for (; j + 8 <= cols; j += 8) {
-    uint64_t word;
-    std::memcpy(&word, flag + j, sizeof(word));
-    if (word == 0) continue;
-    for (int l = 0; l < 8; ++l)
-      if (flag[j + l]) {
+  int64_t n = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    if (gmax[g] < t0) continue;
+    for (int64_t j = g; j < cols; j += G)
+      if (zi[j] >= t0) {
         if (n == cap) return false;
-        cv[n] = zi[j + l];
-        ci[n++] = j + l;
+        cv[n] = zi[j];
+        ci[n++] = j;
       }
   }
-  for (; j < cols; ++j)
-    if (flag[j]) {
-      if (n == cap) return false;
-      cv[n] = zi[j];
-      ci[n++] = j;
-    }
   if (n < k) return false;  // cannot happen (t0 is a lower bound); stay exact regardless
+  // Exact rank of each candidate: larger values first, then the lower column index.
   int64_t kept = 0;
   for (int64_t a = 0; a < n; ++a) {
     int32_t rank = 0;
     const T x = cv[a];
-    for (int64_t b = 0; b < n; ++b) rank += (cv[b] > x) | ((cv[b] == x) & (b < a));
-    if (rank < k) hp[kept++] = ci[a];
+    const int64_t ja = ci[a];
+    for (int64_t b = 0; b < n; ++b) rank += (cv[b] > x) | ((cv[b] == x) & (ci[b] < ja));
+    if (rank < k) hp[kept++] = ja;
   }
-  return true;  // candidates are in column order, so hp is ascending
+  std::sort(hp, hp + k);
+  return true;
 }
 
 AECORE_CLONES static bool topk_row_filter(const float* zi, int64_t cols, int64_t k, int64_t G,
@@ -251,9 +246,7 @@ void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int
     std::vector<int64_t> hp(static_cast<size_t>(k));
     detail::TopkScratch<T> scratch;
     if (filter) {
-      scratch.gmax.resize(static_cast<size_t>(G));
-      scratch.above.resize(static_cast<size_t>(G));
-      scratch.flags.resize(static_cast<size_t>(cols));
+      scratch.gmax.resize(static_cast<size_t>((G + 15) / 16 * 16));
       // The exact ranking is quadratic in the candidates: past 8k of them (heavy ties)
       // the heap is cheaper.
       scratch.cand_val.resize(static_cast<size_t>(8 * k));

@@ -307,9 +307,7 @@ static void test_topk_filter_vs_heap() {
     for (int rep = 0; rep < 20; ++rep) {
       for (auto& e : z) e = rep % 4 == 3 ? static_cast<float>(static_cast<int>(nd(gen) * 2)) : nd(gen);
       cpu::detail::TopkScratch<float> s;
-      s.gmax.resize(4 * k);
-      s.above.resize(4 * k);
-      s.flags.resize(cols);
+      s.gmax.resize((4 * k + 15) / 16 * 16);
       s.cand_val.resize(8 * k);
       s.cand_idx.resize(8 * k);
       const bool used = cpu::detail::topk_row_filter(z.data(), cols, k, 4 * k, s, a.data());

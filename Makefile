@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # Reinstall when the pinned environment, the build or the kernels change; Python
 # sources are an editable install and need nothing.
-$(STAMP): requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+$(STAMP): requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
@@ -20,9 +20,12 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csr
 demo: install
 	$(BIN)/aecore demo --out runs/demo
 
+# native: the torch-free kernels' C++ tests (ctest) and an nvcc compile check of the
+# CUDA kernels, each skipped with a message where cmake / nvcc is missing
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	csrc/run_native_tests.sh
 	$(BIN)/python -m pytest -q
 
 lint:

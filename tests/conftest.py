@@ -18,5 +18,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "aecore"))
 
 
 @pytest.fixture
-def tmp_dir(tmp_path):
-    return tmp_path
+def one_thread():
+    """One torch thread for this test even when OMP_NUM_THREADS says otherwise: tiny
+    GEMMs only gain contention from a second thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

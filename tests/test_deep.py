@@ -14,15 +14,6 @@ from aecore_plugins.deep import DeepAutoencoder
 from aecore_plugins.rbm import RBM
 
 
-@pytest.fixture
-def one_thread():
-    # tiny GEMMs: a second thread only adds contention on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_rbms(sizes, seed=0):
     torch.manual_seed(seed)
     rbms = []

@@ -17,15 +17,6 @@ from aecore.trainer import Trainer
 from aecore_plugins.rbm import RBM, DataRangeWarning, NonBinaryDataWarning
 
 
-@pytest.fixture
-def one_thread():
-    # tiny GEMMs: a second thread only adds contention on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     p = prepare("digits", seed=0)  # minmax: digits / 16, in [0, 1] as BernoulliRBM expects

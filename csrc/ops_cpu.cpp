@@ -5,11 +5,62 @@
 
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kernels/rbm_cpu.h"
 #include "kernels/sparsity_cpu.h"
 #include "ops_common.h"
 
+// MKL's per-thread thread count (exported by libtorch_cpu when torch uses MKL). Weak, so
+// that the extension still loads against a torch built with another BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace aecore {
+
+// Small Gibbs problems run on the calling thread alone, GEMMs included: at RBM sizes like
+// 64x64x256 a GEMM takes ~15 us and a fork/join of the BLAS / OpenMP team costs about as
+// much, and on a busy machine (another thread pool spinning, e.g. numpy's OpenBLAS after
+// a call) a team that waits for a descheduled thread takes milliseconds. Both knobs are
+// per thread (the OpenMP ICV and MKL's local setting), restored on exit, so other threads
+// and later calls are unaffected.
+class SerialScope {
+ public:
+  explicit SerialScope(bool on) : on_(on) {
+    if (!on_) return;
+#ifdef _OPENMP
+    omp_prev_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    if (MKL_Set_Num_Threads_Local) mkl_prev_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialScope() {
+    if (!on_) return;
+#ifdef _OPENMP
+    omp_set_num_threads(omp_prev_);
+#endif
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev_);
+  }
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  bool on_;
+  int omp_prev_ = 1;
+  int mkl_prev_ = 0;
+};
+
+// Multiply-adds of one GEMM of the chain, B x V x H (B the larger of the data and chain
+// batches); below the threshold the whole op runs serially (see SerialScope).
+inline bool gibbs_is_small(const at::Tensor& v, const at::Tensor& W,
+                           const std::optional<at::Tensor>& chain) {
+  constexpr int64_t threshold = int64_t(1) << 21;  // 2M: digits' 64x64x256 is 1M
+  if (v.dim() != 2 || W.dim() != 2) return false;  // the op reports the error
+  int64_t B = v.size(0);
+  if (chain.has_value() && chain->dim() == 2) B = std::max(B, chain->size(0));
+  return B * v.size(1) * W.size(1) < threshold;
+}
 
 struct CpuKernels {
   template <typename T>
@@ -63,9 +114,30 @@ TORCH_LIBRARY(aecore, m) {
   m.def("topk_sparsify_backward(Tensor grad_out, Tensor indices) -> Tensor");
 }
 
+GibbsOut gibbs_chain_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
+                         const at::Tensor& b_h, int64_t k, bool gaussian, bool sample_visible,
+                         const at::Tensor& rng, const std::optional<at::Tensor>& noise_h0,
+                         const std::optional<at::Tensor>& noise_h,
+                         const std::optional<at::Tensor>& noise_v) {
+  SerialScope serial(gibbs_is_small(v, W, std::nullopt));
+  return gibbs_chain_impl<CpuKernels>(v, W, b_v, b_h, k, gaussian, sample_visible, rng, noise_h0,
+                                      noise_h, noise_v);
+}
+
+CDOut cd_step_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
+                  const at::Tensor& b_h, int64_t k, const std::optional<at::Tensor>& chain,
+                  bool gaussian, bool sample_visible, const at::Tensor& rng,
+                  const std::optional<at::Tensor>& noise_h0,
+                  const std::optional<at::Tensor>& noise_h,
+                  const std::optional<at::Tensor>& noise_v) {
+  SerialScope serial(gibbs_is_small(v, W, chain));
+  return cd_step_impl<CpuKernels>(v, W, b_v, b_h, k, chain, gaussian, sample_visible, rng,
+                                  noise_h0, noise_h, noise_v);
+}
+
 TORCH_LIBRARY_IMPL(aecore, CPU, m) {
-  m.impl("gibbs_chain", &gibbs_chain_impl<CpuKernels>);
-  m.impl("cd_step", &cd_step_impl<CpuKernels>);
+  m.impl("gibbs_chain", &gibbs_chain_cpu);
+  m.impl("cd_step", &cd_step_cpu);
   m.impl("kl_sparsity", &kl_sparsity_impl<CpuKernels>);
   m.impl("kl_sparsity_backward", &kl_sparsity_backward_impl<CpuKernels>);
   m.impl("topk_sparsify", &topk_sparsify_impl<CpuKernels>);

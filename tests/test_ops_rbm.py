@@ -360,3 +360,27 @@ def test_bad_chain():
         ops.cd_step(V5, W53, BV, BH, chain=torch.zeros(2, 4))
     with pytest.raises(ConfigError, match="chain has dtype torch.float64"):
         ops.cd_step(V5, W53, BV, BH, chain=torch.zeros(2, 3, dtype=torch.float64))
+
+
+@needs_ext
+def test_small_problems_restore_the_thread_settings():
+    """Small Gibbs problems run serially inside the op (per-thread OpenMP / MKL settings);
+    the caller's thread count is back afterwards, also when the op raises, and the samples
+    do not depend on it."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        v, W, b_v, b_h = make_rbm(16, 8, 6, torch.float32, 5)
+        a = ops.cd_step(v, W, b_v, b_h, generator=torch.Generator().manual_seed(1))
+        assert torch.get_num_threads() == 2
+        rng = torch.zeros(2, dtype=torch.int64)
+        with pytest.raises(RuntimeError):
+            torch.ops.aecore.cd_step(
+                v, W, b_v[:3], b_h, 1, None, False, True, rng, None, None, None
+            )
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        b = ops.cd_step(v, W, b_v, b_h, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a.chain, b.chain, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)

@@ -142,6 +142,69 @@ void topk_row_heap(const T* zi, int64_t cols, int64_t k, int64_t* hp) {
   std::sort(hp, hp + k);
 }
 
+// The candidate buffers hold this many entries beyond their capacity (vector stores).
+constexpr int64_t kCandSlack = 16;
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// Entries >= t (no NaNs) of x[0, cols) into cv / ci in column order, 16 (float) or 8
+// (double) at a time, branch-free: compare, compress, store, advance by the popcount.
+// Returns their count, or -2 past `cap` (the buffers have kCandSlack entries more).
+__attribute__((target("avx512f"))) static int64_t collect_avx512(const float* x, int64_t cols,
+                                                                  float t, float* cv,
+                                                                  int64_t* ci, int64_t cap) {
+  const __m512 tv = _mm512_set1_ps(t);
+  const __m512i lo = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i hi = _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t j = 0; j < cols; j += 16) {
+    const int64_t r = cols - j;
+    const __mmask16 in = r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + j);
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(in, v, tv, _CMP_GE_OQ);
+    _mm512_storeu_ps(cv + n, _mm512_maskz_compress_ps(m, v));
+    const __m512i base = _mm512_set1_epi64(j);
+    const __mmask8 m0 = static_cast<__mmask8>(m), m1 = static_cast<__mmask8>(m >> 8);
+    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi64(m0, _mm512_add_epi64(base, lo)));
+    const int64_t n0 = n + __builtin_popcount(m0);
+    _mm512_storeu_si512(ci + n0, _mm512_maskz_compress_epi64(m1, _mm512_add_epi64(base, hi)));
+    n = n0 + __builtin_popcount(m1);
+    if (n > cap) return -2;
+  }
+  return n;
+}
+__attribute__((target("avx512f"))) static int64_t collect_avx512(const double* x, int64_t cols,
+                                                                  double t, double* cv,
+                                                                  int64_t* ci, int64_t cap) {
+  const __m512d tv = _mm512_set1_pd(t);
+  const __m512i lo = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t n = 0;
+  for (int64_t j = 0; j < cols; j += 8) {
+    const int64_t r = cols - j;
+    const __mmask8 in = r >= 8 ? __mmask8(0xFF) : __mmask8((1u << r) - 1u);
+    const __m512d v = _mm512_maskz_loadu_pd(in, x + j);
+    const __mmask8 m = _mm512_mask_cmp_pd_mask(in, v, tv, _CMP_GE_OQ);
+    _mm512_storeu_pd(cv + n, _mm512_maskz_compress_pd(m, v));
+    _mm512_storeu_si512(ci + n,
+                        _mm512_maskz_compress_epi64(m, _mm512_add_epi64(_mm512_set1_epi64(j), lo)));
+    n += __builtin_popcount(m);
+    if (n > cap) return -2;
+  }
+  return n;
+}
+#endif
+
+// collect_avx512 where the CPU has AVX-512, else -1 (the caller scans group by group).
+template <typename T>
+inline int64_t collect_at_least(const T* x, int64_t cols, T t, T* cv, int64_t* ci, int64_t cap) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return collect_avx512(x, cols, t, cv, ci, cap);
+#else
+  (void)x, (void)cols, (void)t, (void)cv, (void)ci, (void)cap;
+#endif
+  return -1;
+}
+
 // Top-k of a NaN-free row by filtering. Column j belongs to group j mod G (G >= k groups);
 // the k-th largest group maximum t0 is <= the row's k-th largest value (k groups have a
 // maximum >= t0), so every kept entry is >= t0 and lies in a group whose maximum is >= t0.
@@ -188,22 +251,34 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
       const T mj = gmax[j];
       for (int l = 0; l < 16; ++l) cnt[l] += mj > gmax[i0 + l];
     }
-    for (int l = 0; l < 16 && i0 + l < G; ++l)
-      t0 = (cnt[l] < k && gmax[i0 + l] < t0) ? gmax[i0 + l] : t0;
+    // (a padding lane has all G >= k maxima above it: it never qualifies)
+    T m = std::numeric_limits<T>::infinity();
+    for (int l = 0; l < 16; ++l) {
+      const T x = cnt[l] < k ? gmax[i0 + l] : std::numeric_limits<T>::infinity();
+      m = x < m ? x : m;
+    }
+    t0 = m < t0 ? m : t0;
   }
-  // Candidates: only a group whose maximum reaches t0 can hold one (about k groups).
+  // Candidates: every entry >= t0. With AVX-512 a full vector scan (compress-stores, in
+  // column order); otherwise only the groups whose maximum reaches t0 (about k of them)
+  // are scanned, and the kept indices are sorted at the end.
   T* __restrict__ cv = s.cand_val.data();
   int64_t* __restrict__ ci = s.cand_idx.data();
-  const int64_t cap = static_cast<int64_t>(s.cand_val.size());
-  int64_t n = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    if (gmax[g] < t0) continue;
-    for (int64_t j = g; j < cols; j += G)
-      if (zi[j] >= t0) {
-        if (n == cap) return false;
-        cv[n] = zi[j];
-        ci[n++] = j;
-      }
+  const int64_t cap = static_cast<int64_t>(s.cand_val.size()) - kCandSlack;
+  int64_t n = collect_at_least(zi, cols, t0, cv, ci, cap);
+  const bool ascending = n >= 0;
+  if (n == -2) return false;  // over capacity (heavy ties)
+  if (n == -1) {
+    n = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      if (gmax[g] < t0) continue;
+      for (int64_t j = g; j < cols; j += G)
+        if (zi[j] >= t0) {
+          if (n == cap) return false;
+          cv[n] = zi[j];
+          ci[n++] = j;
+        }
+    }
   }
   if (n < k) return false;  // cannot happen (t0 is a lower bound); stay exact regardless
   // Exact rank of each candidate: larger values first, then the lower column index.
@@ -215,7 +290,7 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
     for (int64_t b = 0; b < n; ++b) rank += (cv[b] > x) | ((cv[b] == x) & (ci[b] < ja));
     if (rank < k) hp[kept++] = ja;
   }
-  std::sort(hp, hp + k);
+  if (!ascending) std::sort(hp, hp + k);
   return true;
 }
 
@@ -249,8 +324,8 @@ void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int
       scratch.gmax.resize(static_cast<size_t>((G + 15) / 16 * 16));
       // The exact ranking is quadratic in the candidates: past 8k of them (heavy ties)
       // the heap is cheaper.
-      scratch.cand_val.resize(static_cast<size_t>(8 * k));
-      scratch.cand_idx.resize(static_cast<size_t>(8 * k));
+      scratch.cand_val.resize(static_cast<size_t>(8 * k + detail::kCandSlack));
+      scratch.cand_idx.resize(static_cast<size_t>(8 * k + detail::kCandSlack));
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {

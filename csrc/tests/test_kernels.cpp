@@ -296,26 +296,29 @@ static void test_topk() {
   CHECK(grad[0] == 0 && grad[1] == 1.5f, "row 0 gradient");
 }
 
-// Wide rows take the filtered path: it must agree with the heap on every row.
+// Wide rows take the filtered path: it must agree with the heap on every row (widths
+// that are and are not a multiple of the vector width, float and double).
+template <typename T>
 static void test_topk_filter_vs_heap() {
   std::mt19937 gen(9);
   std::normal_distribution<float> nd;
-  for (int64_t k : {1, 2, 5, 16, 40}) {
-    const int64_t cols = 1024;
-    std::vector<float> z(cols);
-    std::vector<int64_t> a(k), b(k);
-    for (int rep = 0; rep < 20; ++rep) {
-      for (auto& e : z) e = rep % 4 == 3 ? static_cast<float>(static_cast<int>(nd(gen) * 2)) : nd(gen);
-      cpu::detail::TopkScratch<float> s;
-      s.gmax.resize((4 * k + 15) / 16 * 16);
-      s.cand_val.resize(8 * k);
-      s.cand_idx.resize(8 * k);
-      const bool used = cpu::detail::topk_row_filter(z.data(), cols, k, 4 * k, s, a.data());
-      cpu::detail::topk_row_heap(z.data(), cols, k, b.data());
-      if (used) CHECK(a == b, "k=%ld rep=%d: filter and heap disagree", (long)k, rep);
-      CHECK(used || rep % 4 == 3, "k=%ld rep=%d: filter declined distinct values", (long)k, rep);
+  for (int64_t cols : {1024, 1031})
+    for (int64_t k : {1, 2, 5, 16, 40}) {
+      std::vector<T> z(cols);
+      std::vector<int64_t> a(k), b(k);
+      for (int rep = 0; rep < 20; ++rep) {
+        for (auto& e : z)
+          e = rep % 4 == 3 ? static_cast<T>(static_cast<int>(nd(gen) * 2)) : static_cast<T>(nd(gen));
+        cpu::detail::TopkScratch<T> s;
+        s.gmax.resize((4 * k + 15) / 16 * 16);
+        s.cand_val.resize(8 * k + cpu::detail::kCandSlack);
+        s.cand_idx.resize(8 * k + cpu::detail::kCandSlack);
+        const bool used = cpu::detail::topk_row_filter(z.data(), cols, k, 4 * k, s, a.data());
+        cpu::detail::topk_row_heap(z.data(), cols, k, b.data());
+        if (used) CHECK(a == b, "k=%ld rep=%d: filter and heap disagree", (long)k, rep);
+        CHECK(used || rep % 4 == 3, "k=%ld rep=%d: filter declined distinct values", (long)k, rep);
+      }
     }
-  }
 }
 
 int main() {
@@ -336,7 +339,8 @@ int main() {
   test_kl_dtype<double>();
   test_kl();
   test_topk();
-  test_topk_filter_vs_heap();
+  test_topk_filter_vs_heap<float>();
+  test_topk_filter_vs_heap<double>();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

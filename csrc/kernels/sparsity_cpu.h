@@ -219,25 +219,20 @@ __attribute__((always_inline)) inline bool topk_row_filter_impl(const T* __restr
                                                                 int64_t G, TopkScratch<T>& s,
                                                                 int64_t* hp) {
   T* __restrict__ gmax = s.gmax.data();
-  int nan = 0;  // an int sum (not a bool or) so that the loops vectorise
-  for (int64_t g = 0; g < G; ++g) {
-    gmax[g] = zi[g];
-    nan += zi[g] != zi[g];
-  }
+  // NaN-sticky maxima (a NaN x is taken, and neither `x > NaN` nor `x != x` holds for a
+  // number x, so a NaN maximum stays): the row has a NaN iff some group maximum is NaN,
+  // so no per-element NaN count.
+  for (int64_t g = 0; g < G; ++g) gmax[g] = zi[g];
   int64_t t = G;
   for (; t + G <= cols; t += G) {
     const T* __restrict__ zt = zi + t;
-    int nt = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      gmax[g] = zt[g] > gmax[g] ? zt[g] : gmax[g];
-      nt += zt[g] != zt[g];
-    }
-    nan += nt;
+    for (int64_t g = 0; g < G; ++g)
+      gmax[g] = ((zt[g] > gmax[g]) | (zt[g] != zt[g])) ? zt[g] : gmax[g];
   }
-  for (int64_t g = 0; g < cols - t; ++g) {
-    gmax[g] = zi[t + g] > gmax[g] ? zi[t + g] : gmax[g];
-    nan += zi[t + g] != zi[t + g];
-  }
+  for (int64_t g = 0; g < cols - t; ++g)
+    gmax[g] = ((zi[t + g] > gmax[g]) | (zi[t + g] != zi[t + g])) ? zi[t + g] : gmax[g];
+  int nan = 0;  // an int sum (not a bool or) so that the loop vectorises
+  for (int64_t g = 0; g < G; ++g) nan += gmax[g] != gmax[g];
   if (nan) return false;
   // t0 = the smallest maximum with fewer than k maxima above it: the k-th largest.
   // The counts stay in a register: 16 maxima at a time against all the others (gmax is

@@ -309,6 +309,8 @@ static void test_topk_filter_vs_heap() {
       for (int rep = 0; rep < 20; ++rep) {
         for (auto& e : z)
           e = rep % 4 == 3 ? static_cast<T>(static_cast<int>(nd(gen) * 2)) : static_cast<T>(nd(gen));
+        const bool nan = rep % 5 == 4;  // anywhere in the row: the filter must decline
+        if (nan) z[(rep * 37 + k) % cols] = std::numeric_limits<T>::quiet_NaN();
         cpu::detail::TopkScratch<T> s;
         s.gmax.resize((4 * k + 15) / 16 * 16);
         s.cand_val.resize(8 * k + cpu::detail::kCandSlack);
@@ -316,7 +318,9 @@ static void test_topk_filter_vs_heap() {
         const bool used = cpu::detail::topk_row_filter(z.data(), cols, k, 4 * k, s, a.data());
         cpu::detail::topk_row_heap(z.data(), cols, k, b.data());
         if (used) CHECK(a == b, "k=%ld rep=%d: filter and heap disagree", (long)k, rep);
-        CHECK(used || rep % 4 == 3, "k=%ld rep=%d: filter declined distinct values", (long)k, rep);
+        CHECK(!(used && nan), "k=%ld rep=%d: filter took a row with a NaN", (long)k, rep);
+        CHECK(used || nan || rep % 4 == 3, "k=%ld rep=%d: filter declined distinct values",
+              (long)k, rep);
       }
     }
 }

@@ -49,13 +49,11 @@ inline float log_approx(float x) {
 namespace detail {
 // sum_j KL(rho || clamp(q_j)). float: vectorised float logs (relative error ~1e-7, below
 // float32 output precision); double: libm logs.
-inline double kl_sum(const double* q, int64_t cols, double rho, float) {
-  const float r = static_cast<float>(rho), r1 = static_cast<float>(1.0 - rho);
-  const float lr = std::log(r), lr1 = std::log(r1);
+// The float KL terms; compiled for AVX-512 / AVX2 too (target_clones), ~4x the baseline
+// SSE2 loop, which was a third of the forward at 256x1024.
+AECORE_CLONES static void kl_terms(const double* __restrict__ q, int64_t cols, float r, float r1,
+                                   float lr, float lr1, float* __restrict__ t) {
   const float lo = static_cast<float>(kKlEps), hi = static_cast<float>(1.0 - kKlEps);
-  std::vector<float> terms(static_cast<size_t>(cols));
-  float* __restrict__ t = terms.data();
-  // vectorised: the terms go to a buffer (a double-sum reduction would not vectorise)
   for (int64_t j = 0; j < cols; ++j) {
     float qc = static_cast<float>(q[j]);
     qc = qc < lo ? lo : qc;
@@ -66,8 +64,15 @@ inline double kl_sum(const double* q, int64_t cols, double rho, float) {
     om = om > hi ? hi : om;
     t[j] = r * (lr - log_approx(qc)) + r1 * (lr1 - log_approx(om));
   }
+}
+inline double kl_sum(const double* q, int64_t cols, double rho, float) {
+  const float r = static_cast<float>(rho), r1 = static_cast<float>(1.0 - rho);
+  const float lr = std::log(r), lr1 = std::log(r1);
+  // vectorised: the terms go to a buffer (a double-sum reduction would not vectorise)
+  std::vector<float> terms(static_cast<size_t>(cols));
+  kl_terms(q, cols, r, r1, lr, lr1, terms.data());
   double s = 0.0;
-  for (int64_t j = 0; j < cols; ++j) s += static_cast<double>(t[j]);
+  for (int64_t j = 0; j < cols; ++j) s += static_cast<double>(terms[j]);
   return s;
 }
 inline double kl_sum(const double* q, int64_t cols, double rho, double) {

@@ -242,7 +242,8 @@ def _rng(v: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _gibbs_fused(op, v, W, b_v, b_h, k, chain, gaussian, sample_visible, generator, noise):
-    v, W, b_v, b_h = v.detach(), W.detach(), b_v.detach(), b_h.detach()
+    # not differentiable: detach what requires grad (a detach costs ~0.5 us; skip the rest)
+    v, W, b_v, b_h = (t.detach() if t.requires_grad else t for t in (v, W, b_v, b_h))
     if noise is None:
         rng, nh0, nh, nv = _rng(v, generator), None, None, None
     else:
@@ -257,7 +258,7 @@ def _gibbs_fused(op, v, W, b_v, b_h, k, chain, gaussian, sample_visible, generat
             v, W, b_v, b_h, k, gaussian, sample_visible, rng, nh0, nh, nv
         )
         return GibbsChain(*out)
-    if chain is not None:
+    if chain is not None and chain.requires_grad:
         chain = chain.detach()
     out = torch.ops.aecore.cd_step(
         v, W, b_v, b_h, k, chain, gaussian, sample_visible, rng, nh0, nh, nv

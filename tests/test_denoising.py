@@ -45,8 +45,9 @@ def test_salt_pepper_sets_extremes_at_rate_p(p, seed):
     assert torch.isin(y[changed], torch.stack([x.min(), x.max()])).all()
     sd = (p * (1 - p) / x.numel()) ** 0.5
     # an element already at an extreme can be "hit" without changing: at most 2 of them
-    assert float(changed.float().mean()) <= p + 5 * sd + 1e-9
-    assert float(changed.float().mean()) >= p - 5 * sd - 2 / x.numel()
+    rate = float(changed.double().mean())  # float32 would round p=1's 3198/3200 below
+    assert rate <= p + 5 * sd + 1e-9
+    assert rate >= p - 5 * sd - 2 / x.numel() - 1e-12
 
 
 @settings(max_examples=15, deadline=None)

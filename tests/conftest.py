@@ -12,7 +12,13 @@ from hypothesis import HealthCheck, settings
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 settings.register_profile(
-    "aecore", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "aecore",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    # CI (CI=true) replays the same examples every run: a landing never hinges on luck;
+    # local runs keep exploring new ones
+    derandomize=bool(os.environ.get("CI")),
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "aecore"))
 

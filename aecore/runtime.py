@@ -26,6 +26,7 @@ chains encoder and decoder.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Sequence
@@ -71,7 +72,7 @@ class _Graph:
         self.run = session.run
 
 
-class _ArrayModel:
+class _ArrayModel(abc.ABC):
     """numpy front end shared by the ONNX runtime and ``aecore``'s PyTorch CLI path:
     input checks, normalisation, batching. Subclasses set ``name``, ``input_shape``,
     ``latent_dim`` and ``normalization``, and implement ``_forward``."""
@@ -80,9 +81,9 @@ class _ArrayModel:
     input_shape: tuple[int, ...]
     latent_dim: int
 
+    @abc.abstractmethod
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
         """Run one part on a float32 batch (normalised units)."""
-        raise NotImplementedError
 
     @property
     def normalization(self) -> Normalization:

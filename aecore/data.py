@@ -219,7 +219,8 @@ def _csv(rest: str):
     p = _existing(rest, "csv")
     rows: list[list[float]] = []
     width = None
-    with open(p, newline="", encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark would otherwise make the first row look like a header
+    with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -417,10 +418,13 @@ class ArrayView:
         x: np.ndarray,
         indices: np.ndarray | None = None,
         normalization: Normalization | None = None,
+        *,
+        raw: bool = False,
     ) -> None:
         self.x = x
         self.indices = np.arange(len(x)) if indices is None else np.asarray(indices)
         self.normalization = normalization or Normalization("none")
+        self.raw = raw  # rows as stored (dtype kept), e.g. to fit a normalisation
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -432,9 +436,14 @@ class ArrayView:
     def __getitem__(self, item) -> np.ndarray:
         rows = self.indices[item]
         if np.ndim(rows) == 0:
-            return self.normalization.apply(np.asarray(self.x[int(rows)])[None])[0]
+            row = np.asarray(self.x[int(rows)])
+            return row if self.raw else self.normalization.apply(row[None])[0]
         order = np.argsort(rows, kind="stable")  # read memory maps forward
         block = np.asarray(self.x[rows[order]])
+        if self.raw:
+            out = np.empty_like(block)
+            out[order] = block
+            return out
         out = np.empty_like(block, dtype=np.float32)
         out[order] = self.normalization.apply(block)
         return out

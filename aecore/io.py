@@ -103,7 +103,10 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an aecore model record (no 'format': '{FORMAT}')")
-    if record.get("format_version", 0) > FORMAT_VERSION:
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{path}: 'format_version' must be an integer; got {version!r}")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} was written by a newer aecore (format {record['format_version']}); "
             f"upgrade aecore to load it"
@@ -136,7 +139,10 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
             f"{directory}: the saved config does not fit {record['model']}: {exc}"
         ) from None
     load_weights(model, directory / WEIGHTS)
-    model.normalization = Normalization.from_dict(record.get("normalization"))
+    try:
+        model.normalization = Normalization.from_dict(record.get("normalization"))
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{directory}: malformed normalization in {CONFIG}: {exc}") from None
     model.metadata = record
     return model.to(device).eval()
 

@@ -45,28 +45,38 @@ class Normalization:
         n = len(data)
         if n == 0:
             raise ValueError("cannot fit a normalization on an empty array")
+        if per_feature is None:
+            per_feature = kind == "standardize"
         d = int(np.prod(data.shape[1:]))
         lo = np.full(d, np.inf)
         hi = np.full(d, -np.inf)
+        # sums of deviations from a pivot near the mean (the first rows'), so data far
+        # from zero (1e9 + noise) keeps its variance instead of cancelling it away
+        pivot = None
         total = np.zeros(d)
         total_sq = np.zeros(d)
         rows = max(1, _CHUNK_BYTES // (8 * d))
         for start in range(0, n, rows):
             block = np.asarray(data[start : start + rows], dtype=np.float64).reshape(-1, d)
+            if pivot is None:
+                pivot = block.mean(0) if per_feature else np.full(d, block.mean())
             lo = np.minimum(lo, block.min(0))
             hi = np.maximum(hi, block.max(0))
-            total += block.sum(0)
-            total_sq += np.square(block).sum(0)
-        if per_feature is None:
-            per_feature = kind == "standardize"
+            dev = block - pivot
+            total += dev.sum(0)
+            total_sq += np.square(dev).sum(0)
+        count = n
         if not per_feature:
             lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
-            total, total_sq = total.sum(keepdims=True) / d, total_sq.sum(keepdims=True) / d
+            pivot = pivot[:1]
+            total, total_sq = total.sum(keepdims=True), total_sq.sum(keepdims=True)
+            count = n * d
         if kind == "minmax":
             shift, scale = lo, hi - lo
         else:
-            mean = total / n
-            shift, scale = mean, np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+            offset = total / count
+            shift = pivot + offset
+            scale = np.sqrt(np.maximum(total_sq / count - offset**2, 0.0))
         scale = np.where(scale > 1e-12, scale, 0.0)
         return cls(kind, shift, scale)
 

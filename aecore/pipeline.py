@@ -56,7 +56,7 @@ def prepare(
     split = split_indices(
         len(dataset), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
-    norm = Normalization.fit(normalize, ArrayView(dataset.x, split.train), per_feature)
+    norm = Normalization.fit(normalize, ArrayView(dataset.x, split.train, raw=True), per_feature)
     record = {
         "source": source,
         "rows": len(dataset),

@@ -74,14 +74,21 @@ class _Batches:
     """Seeded mini-batches over arrays, tensors, torch Datasets or a DataLoader."""
 
     def __init__(self, data: Any, batch_size: int, shuffle: bool, seed: int, name: str) -> None:
-        from torch.utils.data import DataLoader, Dataset
+        from torch.utils.data import DataLoader, Dataset, IterableDataset
 
         self.loader = None
         self.array = None
         self.dataset = None
+        if isinstance(data, IterableDataset) or (
+            isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
+        ):
+            raise DataError(
+                f"{name}: an IterableDataset has no length to shuffle, split into epochs or "
+                f"resume from; pass a map-style Dataset, an array or a memory map instead"
+            )
         if isinstance(data, DataLoader):
             self.loader = data
-            self.n = len(data.dataset) if hasattr(data.dataset, "__len__") else None
+            self.n = len(data.dataset)
         elif isinstance(data, (np.ndarray, torch.Tensor)) or (
             hasattr(data, "__getitem__")
             and hasattr(data, "shape")
@@ -307,6 +314,18 @@ class Trainer:
                 f"batch_size ({self.batch_size}) must be at least the number of processes "
                 f"({self.dist.world})"
             )
+        last = train.n % self.batch_size
+        if 0 < last < self.dist.world:
+            raise ConfigError(
+                f"the last batch of {train.n} rows at batch_size {self.batch_size} has {last} "
+                f"row(s), fewer than the {self.dist.world} processes (one would get none): "
+                f"choose a batch_size that leaves 0 or at least {self.dist.world} rows over"
+            )
+        if self.optimizer_name == "lbfgs":
+            raise ConfigError(
+                "optimizer='lbfgs' line-searches on each process's own loss, so processes "
+                "would disagree; use it in one process"
+            )
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
 
@@ -339,7 +358,8 @@ class Trainer:
     def _check_fresh_out_dir(self) -> None:
         if self.out_dir is None or self.overwrite:
             return
-        for name in (CHECKPOINT, METRICS):
+        # model.json: a saved model the run would replace (aecore train saves there)
+        for name in (CHECKPOINT, METRICS, "model.json"):
             if (self.out_dir / name).exists():
                 raise ConfigError(
                     f"{self.out_dir} already holds a training run ({name}); resume it with "

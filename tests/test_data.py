@@ -216,3 +216,28 @@ def test_array_view_reads_only_the_rows_asked(tmp_path):
     view = ArrayView(mm, np.array([7, 2, 5]), Normalization("minmax", [0.0], [39.0]))
     np.testing.assert_allclose(view[np.array([2, 0])], x[[5, 7]] / 39.0)
     np.testing.assert_allclose(view[1], x[2] / 39.0)
+
+
+def test_csv_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf1,2,3\n4,5,6\n")
+    np.testing.assert_array_equal(
+        load_data(f"csv:{tmp_path / 'bom.csv'}").x, [[1, 2, 3], [4, 5, 6]]
+    )
+
+
+@pytest.mark.parametrize("per_feature", [True, False])
+def test_standardize_keeps_precision_far_from_zero(per_feature):
+    x = 1e9 + np.random.default_rng(0).standard_normal((1000, 3))
+    norm = Normalization.fit("standardize", x, per_feature=per_feature)
+    y = (x - norm.shift) / norm.scale  # in float64, as fitted
+    assert np.all(np.abs(y.std(0) - 1) < 0.05) and np.all(np.abs(y.mean()) < 0.05)
+
+
+def test_prepare_fits_on_rows_as_stored_not_float32(tmp_path):
+    from aecore.pipeline import prepare
+
+    x = 1e7 + np.random.default_rng(0).standard_normal((500, 2))
+    np.save(tmp_path / "far.npy", x)
+    data = prepare(f"npy:{tmp_path / 'far.npy'}", normalize="standardize")
+    train = data.view("train").to_numpy()
+    assert np.all(np.abs(train.std(0) - 1) < 0.05)

@@ -151,3 +151,16 @@ def test_a_valid_file_whose_header_length_starts_with_0x80_loads(tmp_path):
         pytest.fail("no padding gave a header length starting with 0x80")
     tensors, meta = load_tensors(path)
     assert tensors["w"].tolist() == [0.0, 1.0, 2.0] and meta["pad"] == "x" * pad
+
+
+def test_malformed_record_fields(saved):
+    _, path = saved
+    record = json.loads((path / "model.json").read_text())
+    bad = {**record, "format_version": "2"}
+    (path / "model.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelFileError, match="'format_version' must be an integer; got '2'"):
+        aecore.load(path)
+    bad = {**record, "normalization": {"kind": "minmax"}}
+    (path / "model.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelFileError, match="malformed normalization in model.json"):
+        aecore.load(path)

@@ -313,3 +313,33 @@ def test_lbfgs_full_batch_trains_and_resumes_exactly(tmp_path):
     assert same(weights(model), weights(ref))
     with pytest.raises(ConfigError, match="grad_clip does not apply to optimizer='lbfgs'"):
         Trainer(optimizer="lbfgs", grad_clip=1.0)
+
+
+def test_a_saved_model_in_out_dir_is_not_replaced(tmp_path):
+    aecore.save(make(), tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds a training run \(model.json\)"):
+        fit(epochs=1, out_dir=tmp_path)
+
+
+def test_an_iterable_dataset_gets_a_clear_error():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(torch.rand(8, 6))
+
+    for data in (Stream(), DataLoader(Stream(), batch_size=4)):
+        with pytest.raises(DataError, match="an IterableDataset has no length"):
+            fit(data)
+
+
+def test_torchrun_refuses_a_last_batch_smaller_than_the_world_and_lbfgs(monkeypatch):
+    from aecore import distributed
+
+    monkeypatch.setattr(
+        distributed.DistContext, "from_env", classmethod(lambda cls, device: cls(0, 2))
+    )
+    with pytest.raises(ConfigError, match=r"the last batch of 9 rows at batch_size 4 has 1 row"):
+        Trainer(epochs=1, batch_size=4, device="cpu").fit(make(), X[:9])
+    with pytest.raises(ConfigError, match="optimizer='lbfgs' line-searches on each process"):
+        Trainer(epochs=1, batch_size=8, optimizer="lbfgs", device="cpu").fit(make(), X[:16])

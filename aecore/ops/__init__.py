@@ -290,9 +290,9 @@ def gibbs_chain(
     Fused kernels: GEMMs through ATen (BLAS / cuBLAS), then one pass per GEMM output that
     adds the bias, applies the sigmoid and samples with Philox, no uniform tensor made.
     """
-    gaussian = check.gibbs_args("gibbs_chain", v, W, b_v, b_h, k, None, visible, sample_visible)
-    check.generator_arg("gibbs_chain", generator, v)
-    check.noise_arg("gibbs_chain", noise, v, W, k, None, sample_visible)
+    gaussian = check.gibbs_call(
+        "gibbs_chain", v, W, b_v, b_h, k, None, visible, sample_visible, generator, noise
+    )
     if _fused(v):
         return _gibbs_fused(
             "gibbs_chain", v, W, b_v, b_h, k, None, gaussian, sample_visible, generator, noise
@@ -329,9 +329,9 @@ def cd_step(
     bias + sigmoid + Philox sampling in one pass per GEMM output, with the column sums for
     db_v / db_h and the reconstruction error accumulated in those same passes.
     """
-    gaussian = check.gibbs_args("cd_step", v, W, b_v, b_h, k, chain, visible, sample_visible)
-    check.generator_arg("cd_step", generator, v)
-    check.noise_arg("cd_step", noise, v, W, k, chain, sample_visible)
+    gaussian = check.gibbs_call(
+        "cd_step", v, W, b_v, b_h, k, chain, visible, sample_visible, generator, noise
+    )
     if _fused(v):
         return _gibbs_fused(
             "cd_step", v, W, b_v, b_h, k, chain, gaussian, sample_visible, generator, noise

@@ -105,6 +105,15 @@ def noise_arg(op, noise, v, W, k, chain, sample_visible) -> None:
             raise ShapeError(f"{op}: noise.{name} must have shape {shape}, got {_shape(t)}")
 
 
+def gibbs_call(op, v, W, b_v, b_h, k, chain, visible, sample_visible, generator, noise) -> bool:
+    """Every check of a gibbs_chain / cd_step call (the public op and the reference make
+    the same ones); returns whether the visible units are Gaussian."""
+    gaussian = gibbs_args(op, v, W, b_v, b_h, k, chain, visible, sample_visible)
+    generator_arg(op, generator, v)
+    noise_arg(op, noise, v, W, k, chain, sample_visible)
+    return gaussian
+
+
 def _real(op, name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{op}: {name} must be a real number, got {value!r}")

@@ -135,9 +135,9 @@ def gibbs_chain(
     noise: GibbsNoise | None = None,
 ) -> GibbsChain:
     """k alternating Gibbs steps v -> h -> v -> h (see :func:`aecore.ops.gibbs_chain`)."""
-    gaussian = check.gibbs_args("gibbs_chain", v, W, b_v, b_h, k, None, visible, sample_visible)
-    check.generator_arg("gibbs_chain", generator, v)
-    check.noise_arg("gibbs_chain", noise, v, W, k, None, sample_visible)
+    gaussian = check.gibbs_call(
+        "gibbs_chain", v, W, b_v, b_h, k, None, visible, sample_visible, generator, noise
+    )
     with torch.no_grad():
         return _gibbs(v, W, b_v, b_h, k, None, gaussian, sample_visible, noise, generator, False)
 
@@ -156,9 +156,9 @@ def cd_step(
     noise: GibbsNoise | None = None,
 ) -> CDStats:
     """CD-k / PCD-k statistics (see :func:`aecore.ops.cd_step`)."""
-    gaussian = check.gibbs_args("cd_step", v, W, b_v, b_h, k, chain, visible, sample_visible)
-    check.generator_arg("cd_step", generator, v)
-    check.noise_arg("cd_step", noise, v, W, k, chain, sample_visible)
+    gaussian = check.gibbs_call(
+        "cd_step", v, W, b_v, b_h, k, chain, visible, sample_visible, generator, noise
+    )
     with torch.no_grad():
         return _gibbs(v, W, b_v, b_h, k, chain, gaussian, sample_visible, noise, generator, True)
 

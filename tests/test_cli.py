@@ -16,26 +16,29 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def train_args(epochs, out):
+    """A quick `aecore train ae` on digits into ``out``."""
+    return [
+        "train",
+        "ae",
+        "--data",
+        "digits",
+        "--latent-dim",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "hidden=[32]",
+    ]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "ae8"
-    code = main(
-        [
-            "train",
-            "ae",
-            "--data",
-            "digits",
-            "--latent-dim",
-            "8",
-            "--epochs",
-            "3",
-            "--out",
-            str(out),
-            "--quiet",
-            "--set",
-            "hidden=[32]",
-        ]
-    )
+    code = main(train_args(3, out))
     assert code == 0
     return out
 
@@ -62,41 +65,10 @@ def test_eval_compares_with_pca_on_the_same_split(trained, capsys):
 
 
 def test_resume_continues_and_a_second_train_refuses_to_overwrite(trained, capsys):
-    code, _, err = run(
-        capsys,
-        "train",
-        "ae",
-        "--data",
-        "digits",
-        "--latent-dim",
-        "8",
-        "--epochs",
-        "3",
-        "--out",
-        str(trained),
-        "--quiet",
-        "--set",
-        "hidden=[32]",
-    )
+    code, _, err = run(capsys, *train_args(3, trained))
     assert code == 1 and err.count("\n") == 1
     assert "already holds a training run (checkpoint.safetensors); resume it" in err
-    code, out, _ = run(
-        capsys,
-        "train",
-        "ae",
-        "--data",
-        "digits",
-        "--latent-dim",
-        "8",
-        "--epochs",
-        "5",
-        "--out",
-        str(trained),
-        "--quiet",
-        "--set",
-        "hidden=[32]",
-        "--resume",
-    )
+    code, out, _ = run(capsys, *train_args(5, trained), "--resume")
     assert code == 0 and "of 5" in out
     lines = (trained / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3, 4, 5]

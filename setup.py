@@ -1,8 +1,10 @@
-"""Build of aecore: the library, the built-in plugins and (see csrc/) its kernels.
+"""Build of aecore: the library, the built-in plugins, the benchmarks and (see csrc/)
+its kernels.
 
 The built-in variants in plugins/ install as the package ``aecore_plugins`` and are
 registered through the ``aecore.models`` entry-point group, exactly as a third-party
-package registers its own.
+package registers its own; benchmarks/ installs as ``aecore_benchmarks`` so that
+``aecore bench`` works for a pip-installed user too.
 """
 
 import os
@@ -30,8 +32,13 @@ BUILTIN_MODELS = [
 # --- kernels (csrc/): the CPU extension always, the CUDA one where torch has CUDA ---------
 
 
+# one C++ standard for every translation unit (CMakeLists.txt and the nvcc check agree)
+CXX_STD = "-std=c++20"
+
+
 def _kernel_extensions():
-    """ext_modules and cmdclass for aecore._C (CPU) and aecore._C_cuda (CUDA).
+    """ext_modules and cmdclass for aecore._C (the op schemas), aecore._C_cpu (CPU
+    kernels) and aecore._C_cuda (CUDA kernels).
 
     AECORE_CUDA=0|1 forces the CUDA extension off/on; by default it is built when torch
     has CUDA and nvcc is found. Without torch or a compiler nothing is built and aecore
@@ -42,15 +49,22 @@ def _kernel_extensions():
     except ImportError:
         return [], {}
     csrc = "csrc"
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    include = [str(ROOT / csrc)]
+    cpu_flags = ["-O3", CXX_STD, "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     exts = [
         cpp_extension.CppExtension(
             "aecore._C",
-            [f"{csrc}/ops_cpu.cpp"],
-            include_dirs=[str(ROOT / csrc)],
-            extra_compile_args={"cxx": cxx},
+            [f"{csrc}/ops.cpp"],
+            include_dirs=include,
+            extra_compile_args={"cxx": ["-O2", CXX_STD]},
+        ),
+        cpp_extension.CppExtension(
+            "aecore._C_cpu",
+            [f"{csrc}/cpu/ops_cpu.cpp"],
+            include_dirs=include,
+            extra_compile_args={"cxx": cpu_flags},
             extra_link_args=["-fopenmp"],
-        )
+        ),
     ]
     want_cuda = os.environ.get("AECORE_CUDA")
     has_cuda = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
@@ -66,15 +80,12 @@ def _kernel_extensions():
                 cpp_extension.CUDAExtension(
                     "aecore._C_cuda",
                     [
-                        f"{csrc}/ops_cuda.cpp",
+                        f"{csrc}/cuda/ops_cuda.cpp",
                         f"{csrc}/cuda/rbm_cuda.cu",
                         f"{csrc}/cuda/sparsity_cuda.cu",
                     ],
-                    include_dirs=[str(ROOT / csrc)],
-                    extra_compile_args={
-                        "cxx": ["-O3", "-std=c++20"],
-                        "nvcc": ["-O3", "-std=c++17"],
-                    },
+                    include_dirs=include,
+                    extra_compile_args={"cxx": ["-O3", CXX_STD], "nvcc": ["-O3", CXX_STD]},
                 )
             )
         except (OSError, RuntimeError) as exc:  # e.g. no CUDA_HOME
@@ -124,8 +135,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["aecore", "aecore.*"]) + ["aecore_plugins"],
-    package_dir={"aecore_plugins": "plugins"},
+    packages=find_packages(include=["aecore", "aecore.*"])
+    + ["aecore_plugins", "aecore_benchmarks"],
+    package_dir={"aecore_plugins": "plugins", "aecore_benchmarks": "benchmarks"},
     install_requires=[
         # older torch has known torch.load code-execution holes
         "torch>=2.10",

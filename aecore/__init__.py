@@ -9,19 +9,23 @@ from aecore._version import __version__
 # public name -> module that defines it (imported on first use)
 _LAZY = {
     "Autoencoder": "aecore.base",
+    "capabilities": "aecore.registry",
+    "create": "aecore.registry",
     "list_models": "aecore.registry",
     "model_class": "aecore.registry",
-    "create": "aecore.registry",
     "model_entries": "aecore.registry",
-    "Trainer": "aecore.trainer",
-    "History": "aecore.trainer",
-    "save": "aecore.io",
-    "load": "aecore.io",
+    "TrainConfig": "aecore.config",
+    "DemoRecipe": "aecore.config",
+    "Trainer": "aecore.training",
+    "History": "aecore.training",
+    "save": "aecore.io.model_folder",
+    "load": "aecore.io.model_folder",
     "load_data": "aecore.data",
-    "Normalization": "aecore.normalization",
+    "prepare": "aecore.data",
+    "Normalization": "aecore.data",
     "AecoreError": "aecore.errors",
     "AutoencoderTransformer": "aecore.sklearn",
-    "export_onnx": "aecore.onnx_export",
+    "export_onnx": "aecore.onnx",
 }
 
 __all__ = ["__version__", *_LAZY]

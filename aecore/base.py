@@ -7,7 +7,8 @@ A subclass calls ``super().__init__(input_shape=..., latent_dim=...)`` and imple
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -44,19 +45,20 @@ def check_positive_int(name: str, value: Any) -> int:
 class Autoencoder(nn.Module, abc.ABC):
     """An autoencoder: ``encode`` to a ``(B, latent_dim)`` code, ``decode`` back.
 
-    Optional hooks the trainer uses when a subclass defines them:
+    Optional hooks the trainer and tools use when a subclass defines them:
 
     * ``init_from_data(x)``: data-dependent initialisation (e.g. PCA) on a tensor of
       normalised training inputs, called once before the first epoch of a fresh run.
-    * ``pretrain(batches, trainer)``: a pretraining stage run before fine-tuning (the
-      deep autoencoder's layer-wise RBMs); ``batches()`` iterates over the training
-      batches, ``trainer`` is the Trainer (its settings, ``log(msg)``, ``show_progress``).
+    * ``pretrain(batches, log)``: a pretraining stage run before fine-tuning (the deep
+      autoencoder's layer-wise RBMs); ``batches()`` iterates over the training batches,
+      ``log(message)`` reports progress to the user.
     * ``train_step(x) -> dict``: a model with its own update rule (an RBM) sets
       ``uses_optimizer = False`` and updates its parameters itself.
     * ``sample(n)``: draw ``n`` inputs from a generative model.
     * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
-      on (up to 20000 rows of) the normalised test split
-      (floats; a ``"baselines"`` dict of label -> test MSE adds rows to its table).
+      on (up to 20000 rows of) the normalised test split (floats; a ``"baselines"``
+      dict of label -> test MSE adds rows to its table). A loaded model has
+      ``metadata`` (its ``model.json``), whose ``"training"`` is its run's TrainConfig.
     * ``demo_figures(prepared, out_dir) -> list[(caption, path)]``: extra demo figures.
     """
 
@@ -64,8 +66,10 @@ class Autoencoder(nn.Module, abc.ABC):
     input_ranks: ClassVar[tuple[int, ...]] = (1, 2, 3)
     #: False for models that update their own parameters in ``train_step``
     uses_optimizer: ClassVar[bool] = True
-    #: a ``DemoRecipe`` (see aecore.demo) for ``aecore demo``, or None
+    #: an ``aecore.DemoRecipe`` for ``aecore demo``, or None
     demo: ClassVar[Any] = None
+    #: state-dict keys that older versions of the model saved and loading now ignores
+    retired_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
         super().__init__()
@@ -147,16 +151,23 @@ class Autoencoder(nn.Module, abc.ABC):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample anomaly score: mean squared reconstruction error, shape (B,)."""
         self.check_input(x)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             x_hat = self(x)
-        finally:
-            self.train(was_training)
         return (x_hat - x).pow(2).flatten(1).mean(1)
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _is_exporting() -> bool:

@@ -32,3 +32,7 @@ class TrainingError(AecoreError, RuntimeError):
 
 class TrainingInterrupted(TrainingError):
     """Training stopped on SIGTERM/SIGINT after writing a checkpoint to resume from."""
+
+
+class OnnxExportError(AecoreError, RuntimeError):
+    """A model cannot be exported to ONNX (the message names the model and the op)."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecore.errors import ConfigError
 from aecore.params import choice
 
 ACTIVATIONS = {
@@ -28,8 +29,6 @@ OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 def output_and_reconstruction(output_activation: str, reconstruction: str) -> tuple[str, str]:
     """Check a decoder's output activation and reconstruction loss together: BCE needs
     outputs (and so inputs) in [0, 1]."""
-    from aecore.errors import ConfigError
-
     choice("output_activation", output_activation, OUTPUT_ACTIVATIONS)
     choice("reconstruction", reconstruction, RECONSTRUCTIONS)
     if reconstruction == "bce" and output_activation != "sigmoid":
@@ -69,18 +68,18 @@ def flatten(x: torch.Tensor) -> torch.Tensor:
 
 
 def pca_basis(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and the top-k principal directions (k, D) of rows of ``x``; when the
-    data has fewer than k directions the rest are zero."""
+    """Mean (D,) and the top-k principal directions (k, D) of the rows of ``x``
+    (flattened), in float64 on x's device; when the data has fewer than k directions
+    the rest are zero (they add nothing to a projection)."""
     x = flatten(x).double()
     mean = x.mean(0)
     _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    comps = torch.zeros(k, x.shape[1], dtype=x.dtype)
+    comps = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
     n = min(k, vh.shape[0])
     comps[:n] = vh[:n]
-    return mean.float(), comps.float()
+    return mean, comps
 
 
-# -- added for the denoising and conv plugins (issue 4) ------------------------------
 def reconstruction_from_logits(
     logits: torch.Tensor, target: torch.Tensor, kind: str, output
 ) -> torch.Tensor:

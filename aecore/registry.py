@@ -9,8 +9,11 @@ reason and a warning; it never breaks the registry or ``import aecore``.
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import importlib
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -76,7 +79,7 @@ def conflict_message(entry: ModelEntry) -> str:
 
 
 def _load_target(entry: ModelEntry) -> tuple[Any, str | None]:
-    from aecore.base import Autoencoder
+    from aecore.base import Autoencoder  # torch: only once a plugin is loaded
 
     if not NAME_PATTERN.match(entry.name):
         return None, (
@@ -84,8 +87,6 @@ def _load_target(entry: ModelEntry) -> tuple[Any, str | None]:
         )
     module_name, _, attr = entry.target.partition(":")
     try:
-        import importlib
-
         obj = importlib.import_module(module_name.strip())
         for part in attr.strip().split(".") if attr.strip() else []:
             obj = getattr(obj, part)
@@ -153,7 +154,7 @@ def register(name: str, cls: type) -> None:
     Packages should use the ``aecore.models`` entry-point group instead, so the model
     can be found by ``aecore load`` in any process.
     """
-    from aecore.base import Autoencoder
+    from aecore.base import Autoencoder  # torch: only once a model is registered
 
     if not NAME_PATTERN.match(name):
         raise RegistryError(
@@ -182,9 +183,69 @@ def model_entries() -> list[ModelEntry]:
     return list(_discover().values())
 
 
-def list_models(include_broken: bool = False) -> list[str]:
-    """Names of the usable models (all names with ``include_broken=True``)."""
-    return [e.name for e in model_entries() if include_broken or e.status == "ok"]
+#: what a model class can do, by name: what tests and tools select models by
+CAPABILITIES: dict[str, Callable[[type], bool]] = {
+    # takes vector inputs (D,), e.g. tabular data and the scikit-learn estimator
+    "vector": lambda cls: 1 in cls.input_ranks,
+    # takes image inputs (C, H, W)
+    "image": lambda cls: 3 in cls.input_ranks,
+    # trained by the Trainer's optimizer through loss(); multi-process training works
+    "optimizer": lambda cls: bool(cls.uses_optimizer),
+    # updates its own parameters in train_step()
+    "own-update": lambda cls: not cls.uses_optimizer,
+    "data-init": lambda cls: callable(getattr(cls, "init_from_data", None)),
+    "pretrain": lambda cls: callable(getattr(cls, "pretrain", None)),
+    "sample": lambda cls: callable(getattr(cls, "sample", None)),
+    "demo": lambda cls: getattr(cls, "demo", None) is not None,
+}
+
+
+def capabilities(cls: type) -> frozenset[str]:
+    """The CAPABILITIES names that hold for model class ``cls``."""
+    return frozenset(name for name, test in CAPABILITIES.items() if test(cls))
+
+
+def list_models(
+    include_broken: bool = False,
+    *,
+    filter: str | Iterable[str] = "",
+    exclude_filters: str | Iterable[str] = (),
+    requires: str | Iterable[str] = (),
+) -> list[str]:
+    """Names of the usable models (all names with ``include_broken=True``), sorted.
+
+    ``filter`` / ``exclude_filters``: shell-style patterns (``"s*"``) a name must match
+    one of / must match none of; ``requires``: capability names (``CAPABILITIES``) the
+    model must all have, e.g. ``list_models(requires="vector")``.
+    """
+    include = _patterns(filter)
+    exclude = _patterns(exclude_filters)
+    needed = set(_patterns(requires))
+    unknown = needed - set(CAPABILITIES)
+    if unknown:
+        raise RegistryError(
+            f"unknown capabilit{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; "
+            f"known: {', '.join(CAPABILITIES)}"
+        )
+    names = []
+    for e in model_entries():
+        usable = e.status == "ok"
+        if not (include_broken or usable):
+            continue
+        if include and not any(fnmatch.fnmatchcase(e.name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(e.name, p) for p in exclude):
+            continue
+        if needed and not (usable and needed <= capabilities(e.load())):
+            continue
+        names.append(e.name)
+    return names
+
+
+def _patterns(value: str | Iterable[str]) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    return list(value)
 
 
 def model_class(name: str) -> type:

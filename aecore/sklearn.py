@@ -37,10 +37,16 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
     ) from exc
 
 from aecore import params
+from aecore.base import Autoencoder
+from aecore.config import TrainConfig
+from aecore.data.normalization import Normalization
 from aecore.errors import ConfigError, RegistryError, ShapeError
-from aecore.normalization import Normalization
+from aecore.registry import create, model_class
+from aecore.training import Trainer
 
 _FLOATS = [np.float64, np.float32]
+#: the training defaults the estimator shares with Trainer and ``aecore train``
+_DEFAULTS = TrainConfig()
 _CHUNK_ROWS = 4096  # rows per forward pass at inference, to bound memory
 _SEED_BOUND = 2**31 - 1
 
@@ -49,9 +55,6 @@ def model_hparam_names(model: str) -> set[str] | None:
     """The hyperparameter keywords registry model ``model`` takes besides input_shape
     and latent_dim, following ``**kwargs`` passed on to a parent class (the denoising
     model takes the ae's); None when they cannot be listed."""
-    from aecore.base import Autoencoder
-    from aecore.registry import model_class
-
     names: set[str] = set()
     for klass in model_class(model).__mro__:
         if "__init__" not in vars(klass):
@@ -81,13 +84,13 @@ class AutoencoderTransformer(
         vector inputs: ``input_shape=(n_features,)``.
     latent_dim : int, default=2
         Size of the code ``transform`` returns.
-    epochs : int, default=10
+    epochs : int, default=TrainConfig.epochs (50)
         Training epochs (fewer when early stopping ends the run).
-    batch_size : int, default=64
+    batch_size : int, default=TrainConfig.batch_size (64)
     lr : float or None, default=None
-        Learning rate: of the trainer's Adam optimizer (None: 1e-3), or, for a model
-        that updates its own parameters and has an ``lr`` hyperparameter (``rbm``),
-        that hyperparameter (None: the model's default).
+        Learning rate: of the trainer's optimizer (None: TrainConfig.lr, 1e-3), or, for
+        a model that updates its own parameters and has an ``lr`` hyperparameter
+        (``rbm``), that hyperparameter (None: the model's default).
     normalize : {"standardize", "minmax", "none"}, default="standardize"
         Per-feature normalisation fitted on ``X`` in ``fit``. The model trains and
         scores in normalised units; ``inverse_transform`` returns data units.
@@ -98,7 +101,7 @@ class AutoencoderTransformer(
         With a value above 0, this share of the rows (drawn from ``random_state``) is
         held out; training keeps the weights of the epoch with the lowest validation
         loss and stops after ``patience`` epochs without improvement.
-    patience : int, default=10
+    patience : int or None, default=TrainConfig.patience (20)
         Early-stopping patience in epochs (only with ``validation_fraction > 0``).
     random_state : int, RandomState instance or None, default=None
         Seeds weight initialisation, batch order and noise. An int gives the same
@@ -130,13 +133,13 @@ class AutoencoderTransformer(
         model: str = "ae",
         *,
         latent_dim: int = 2,
-        epochs: int = 10,
-        batch_size: int = 64,
+        epochs: int = _DEFAULTS.epochs,
+        batch_size: int = _DEFAULTS.batch_size,
         lr: float | None = None,
         normalize: str = "standardize",
         contamination: float = 0.1,
         validation_fraction: float = 0.0,
-        patience: int = 10,
+        patience: int | None = _DEFAULTS.patience,
         random_state=None,
         device: str = "cpu",
         **hparams: Any,
@@ -199,9 +202,6 @@ class AutoencoderTransformer(
     # -- fitting ---------------------------------------------------------------------
     def fit(self, X, y=None) -> AutoencoderTransformer:
         """Fit the normalisation and train the model on ``X``; ``y`` is ignored."""
-        from aecore.registry import create, model_class
-        from aecore.trainer import Trainer
-
         X = validate_data(self, X, dtype=_FLOATS)
         contamination = params.number(
             "contamination", self.contamination, low=0.0, high=0.5, low_open=True
@@ -210,19 +210,20 @@ class AutoencoderTransformer(
         val_fraction = params.number(
             "validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True
         )
-        patience = params.integer("patience", self.patience, low=1)
         hparams = self._model_hparams(model_class(self.model))
         seed = self._seed()
-        trainer_lr = 1e-3 if self.lr is None or "lr" in hparams else self.lr
-        trainer = Trainer(
+        trainer_lr = _DEFAULTS.lr if self.lr is None or "lr" in hparams else self.lr
+        config = TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
             lr=trainer_lr,
             seed=seed,
             device=self.device,
-            patience=patience if val_fraction > 0 else None,
-            progress=False,
+            patience=self.patience,
         )
+        if val_fraction == 0:  # early stopping needs validation rows
+            config = config.replace(patience=None)
+        trainer = Trainer(config, progress=False)
 
         # seeded model construction without touching the caller's global torch RNG
         devices = [trainer.device] if trainer.device.type == "cuda" else []

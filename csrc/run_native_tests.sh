@@ -4,8 +4,8 @@
 #      in build/native, then run them with ctest;
 #   2. nvcc present: compile-check every CUDA file (csrc/**/*.cu) with `nvcc -c`; they
 #      include no torch headers, so this works without CUDA torch and without a GPU;
-#   3. AECORE_CHECK_CUDA_BINDING=1 (opt-in, ~30 s): syntax-check the CUDA torch binding
-#      csrc/ops_cuda.cpp against the installed torch headers.
+#   3. AECORE_CHECK_CUDA_BINDING=1 (opt-in): syntax-check the CUDA torch binding
+#      csrc/cuda/ops_cuda.cpp against the installed torch headers.
 # Each step says when it is skipped. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ if command -v nvcc >/dev/null 2>&1; then
   trap 'rm -rf "$out"' EXIT
   for cu in $(find csrc -name '*.cu' | sort); do
     echo "nvcc -c $cu"
-    nvcc -std=c++17 -O3 -arch=sm_90 -Icsrc -c "$cu" -o "$out/$(basename "$cu").o"
+    nvcc -std=c++20 -O3 -arch=sm_90 -Icsrc -c "$cu" -o "$out/$(basename "$cu").o"
   done
   echo "CUDA kernels: compile check passed"
 else
@@ -42,7 +42,10 @@ if [ "${AECORE_CHECK_CUDA_BINDING:-0}" = "1" ]; then
     echo "CUDA binding: skipped: nvcc not found"
     exit 0
   fi
-  cuda_inc="$(dirname "$(dirname "$(command -v nvcc)")")/include"
+  # the toolkit's headers: CUDA_HOME, else next to the nvcc on PATH
+  cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+  [ -f "$cuda_home/include/cuda_runtime.h" ] || cuda_home=/usr/local/cuda
+  cuda_inc="$cuda_home/include"
   includes=$("$PYTHON" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
   py_inc=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   # CPU builds of torch ship c10/cuda headers without this generated one.
@@ -51,6 +54,6 @@ if [ "${AECORE_CHECK_CUDA_BINDING:-0}" = "1" ]; then
   [ -f "$stub/cuda_cmake_macros.h" ] || echo '#define C10_CUDA_BUILD_SHARED_LIBS' >"$stub/cuda_cmake_macros.h"
   # shellcheck disable=SC2086
   ${CXX:-g++} -std=c++20 -fsyntax-only -Wall -Icsrc $includes -Ibuild/native/stub -I"$py_inc" \
-    -I"$cuda_inc" csrc/ops_cuda.cpp
+    -I"$cuda_inc" csrc/cuda/ops_cuda.cpp
   echo "CUDA binding: syntax check passed"
 fi

@@ -14,7 +14,7 @@ from torch import nn
 
 from aecore import params
 from aecore.base import Autoencoder
-from aecore.demo import DemoRecipe
+from aecore.config import DemoRecipe
 from aecore.errors import ConfigError
 from aecore.layers import (
     ACTIVATIONS,

@@ -16,7 +16,7 @@ from torch import nn
 
 from aecore import params
 from aecore.base import Autoencoder
-from aecore.demo import DemoRecipe
+from aecore.config import DemoRecipe
 from aecore.layers import (
     ACTIVATIONS,
     output_and_reconstruction,

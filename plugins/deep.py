@@ -10,34 +10,27 @@ RBMs and fine-tunes from a random start, so the benefit is measurable.
 
 ``aecore eval`` on a saved ``deep`` model adds Hinton's comparison: the same net
 (same config, ``pretrain=False``) trained there and then on the same train/val split,
-with the fine-tuning budget the model itself had (epochs, batch size, optimizer,
-learning rate, weight decay, patience, seed: recorded from the Trainer when training
-starts), next to PCA at the same code size. ``aecore train`` does not run it, so
+with the training config the model itself was fine-tuned with (``model.json``'s
+``training``), next to PCA at the same code size. ``aecore train`` does not run it, so
 training does not pay twice; ``aecore eval`` takes about as long as the fine-tuning.
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
-
 import torch
 from torch import nn
 
-from aecore import params
-from aecore.base import Autoencoder
-from aecore.demo import DemoRecipe
+from aecore import params, plots
+from aecore.base import Autoencoder, eval_mode
+from aecore.config import DemoRecipe
 from aecore.errors import ConfigError
-from aecore.layers import flatten, reconstruction_from_logits
-from aecore.trainer import OPTIMIZERS
-from aecore_plugins.rbm import RBM, NonBinaryDataWarning
+from aecore.io.model_folder import training_config
+from aecore.layers import flatten, pca_basis, reconstruction_from_logits
+from aecore.training import Trainer
+from aecore_plugins.rbm import RBM
 
 #: epochs at the RBMs' initial momentum before it rises (Hinton's practical guide: ~5)
 MOMENTUM_WARMUP_EPOCHS = 5
-#: fine-tuning budget assumed when the model was not trained through aecore's Trainer:
-#: epochs, batch size, learning rate, patience, seed, optimizer (index into the
-#: Trainer's OPTIMIZERS), weight decay (the `aecore train` defaults)
-DEFAULT_BUDGET = (50.0, 64.0, 1e-3, 20.0, 0.0, float(list(OPTIMIZERS).index("adam")), 0.0)
 
 
 class DeepAutoencoder(Autoencoder):
@@ -66,6 +59,8 @@ class DeepAutoencoder(Autoencoder):
         lr=3e-3,
         hparams={"hidden": [256, 128], "pretrain_epochs": 20},
     )
+    # older versions kept the fine-tuning settings in this buffer (now in model.json)
+    retired_state_keys = ("finetune_budget",)
 
     def __init__(
         self,
@@ -133,10 +128,6 @@ class DeepAutoencoder(Autoencoder):
             nn.init.zeros_(self.decoder_linear.weight)
         else:
             self.encoder_linear = self.decoder_linear = None
-        # the fine-tuning budget, for the no-pretraining comparison (see evaluation_metrics)
-        self.register_buffer(
-            "finetune_budget", torch.zeros(len(DEFAULT_BUDGET), dtype=torch.float64)
-        )
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -207,49 +198,36 @@ class DeepAutoencoder(Autoencoder):
                     k=self.pretrain_k,
                     lr=self.pretrain_lr_gaussian if gaussian else self.pretrain_lr,
                     weight_decay=self.pretrain_weight_decay,
+                    # grey pixels and the layers' hidden means below are probabilities
+                    probabilities=visible == "bernoulli",
                 )
             )
         return rbms
 
-    def pretrain(self, batches, trainer) -> None:
+    def pretrain(self, batches, log) -> None:
         """The Trainer's pretraining hook: train the RBM stack layer by layer on
-        ``batches()`` (an iterator over training batches) and unroll it into the net."""
-        self._record_budget(trainer)
+        ``batches()`` (an iterator over training batches) and unroll it into the net;
+        ``log(message)`` reports each layer."""
         if not self.use_pretraining:
             return
-        from tqdm.auto import tqdm
-
         device = self.encoder[0].weight.device
         rbms = [rbm.to(device) for rbm in self.layer_rbms()]
-        with warnings.catch_warnings():
-            # grey pixels and lower layers' probabilities are meant as probabilities here
-            warnings.simplefilter("ignore", NonBinaryDataWarning)
-            for i, rbm in enumerate(rbms):
-                below = rbms[:i]
-                first = [v for v, _ in zip(_inputs(batches, below, device), range(8))]
-                rbm.init_from_data(torch.cat(first))
-                bar = tqdm(
-                    total=self.pretrain_epochs,
-                    desc=f"pretraining RBM {i + 1}/{len(rbms)}",
-                    disable=not trainer.show_progress,
-                    leave=False,
-                    file=sys.stderr,
-                )
-                for epoch in range(self.pretrain_epochs):
-                    warm = epoch < MOMENTUM_WARMUP_EPOCHS
-                    momentum = rbm.initial_momentum if warm else rbm.momentum
-                    total, count = 0.0, 0
-                    for v in _inputs(batches, below, device):
-                        total += float(rbm.train_step(v, momentum=momentum)["loss"]) * len(v)
-                        count += len(v)
-                    bar.update(1)
-                    bar.set_postfix(recon=f"{total / max(count, 1):.4g}", refresh=False)
-                bar.close()
-                trainer.log(
-                    f"pretrained RBM {i + 1}/{len(rbms)} ({rbm.input_size}->{rbm.latent_dim}, "
-                    f"{rbm.visible}-{rbm.hidden}): reconstruction error "
-                    f"{total / max(count, 1):.5g} after {self.pretrain_epochs} epochs"
-                )
+        for i, rbm in enumerate(rbms):
+            below = rbms[:i]
+            first = [v for v, _ in zip(_inputs(batches, below, device), range(8))]
+            rbm.init_from_data(torch.cat(first))
+            for epoch in range(self.pretrain_epochs):
+                warm = epoch < MOMENTUM_WARMUP_EPOCHS
+                momentum = rbm.initial_momentum if warm else rbm.momentum
+                total, count = 0.0, 0
+                for v in _inputs(batches, below, device):
+                    total += float(rbm.train_step(v, momentum=momentum)["loss"]) * len(v)
+                    count += len(v)
+            log(
+                f"pretrained RBM {i + 1}/{len(rbms)} ({rbm.input_size}->{rbm.latent_dim}, "
+                f"{rbm.visible}-{rbm.hidden}): reconstruction error "
+                f"{total / max(count, 1):.5g} after {self.pretrain_epochs} epochs"
+            )
         self.unroll(rbms)
 
     @torch.no_grad()
@@ -301,72 +279,38 @@ class DeepAutoencoder(Autoencoder):
         model.unroll(rbms)
         return model
 
-    def _record_budget(self, trainer) -> None:
-        # the no-pretraining comparison in `aecore eval` gets the same training budget
-        try:
-            budget = (
-                float(trainer.epochs),
-                float(trainer.batch_size),
-                float(trainer.lr),
-                float(trainer.patience or 0),
-                float(trainer.seed),
-                float(list(OPTIMIZERS).index(trainer.optimizer_name)),
-                float(trainer.weight_decay),
-            )
-        except (AttributeError, TypeError, ValueError):  # not aecore's Trainer
-            budget = DEFAULT_BUDGET
-        self.finetune_budget.copy_(torch.tensor(budget, dtype=torch.float64))
-
     # -- evaluation: Hinton's table ----------------------------------------------------
     def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict:
         """``aecore eval``'s extra row: the same net without pretraining, trained on the
-        same train/val split with this model's fine-tuning budget, its test MSE.
+        same train/val split with this model's training config, its test MSE.
 
         Only for a saved model (``aecore eval``, which sets ``metadata``): the ``aecore
         train`` run that just fine-tuned this net does not pay for a second training."""
         if getattr(self, "metadata", None) is None or not self.use_pretraining:
             return {}
-        from aecore.trainer import Trainer
-
-        budget = [float(b) for b in self.finetune_budget]
-        if not any(budget):
-            budget = list(DEFAULT_BUDGET)
-        epochs, batch_size, lr, patience, seed, optimizer, weight_decay = budget
-        torch.manual_seed(int(seed))
+        config = training_config(self.metadata).replace(device="cpu")
+        torch.manual_seed(config.seed)
         baseline = type(self)(**{**self.get_config(), "pretrain": False})
         baseline.normalization = self.normalization
-        trainer = Trainer(
-            epochs=int(epochs),
-            batch_size=int(batch_size),
-            lr=lr,
-            seed=int(seed),
-            device="cpu",
-            patience=int(patience) or None,
-            optimizer=list(OPTIMIZERS)[int(optimizer)],
-            weight_decay=weight_decay,
-            progress=False,
-        )
         with torch.enable_grad():  # aecore.pipeline.evaluate runs under no_grad
-            trainer.fit(baseline, prepared.view("train"), prepared.view("val"))
-        with torch.no_grad():
-            mse = float((baseline.eval()(x_test) - x_test).pow(2).mean())
+            Trainer(config, progress=False).fit(
+                baseline, prepared.view("train"), prepared.view("val")
+            )
+        with torch.no_grad(), eval_mode(baseline):
+            mse = float((baseline(x_test) - x_test).pow(2).mean())
         label = (
-            f"same net without pretraining (same budget: up to {int(epochs)} epochs, "
-            f"batch {int(batch_size)}, {list(OPTIMIZERS)[int(optimizer)]} lr {lr:g})"
+            f"same net without pretraining (same training: up to {config.epochs} epochs, "
+            f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g})"
         )
         return {"baselines": {label: mse}}
 
     # -- demo --------------------------------------------------------------------------
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
-        from aecore import plots
-        from aecore.pipeline import pca_basis
-
         figures = []
         if self.latent_dim == 2:
-            fit = prepared.view("train").to_numpy()
+            mean, comps = pca_basis(torch.as_tensor(prepared.view("train").to_numpy()), 2)
             test = prepared.view("test").to_numpy()
-            mean, comps = pca_basis(fit, 2)
-            codes = (test.reshape(len(test), -1) - mean) @ comps.T
+            codes = (test.reshape(len(test), -1) - mean.numpy()) @ comps.numpy().T
             figures.append(
                 (
                     "PCA's 2-D codes of the test split, for comparison with the deep "

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from aecore import params
-from aecore.demo import DemoRecipe
+from aecore import params, plots
+from aecore.base import eval_mode
+from aecore.config import DemoRecipe
 from aecore.layers import flatten, reconstruction_from_logits
 from aecore_plugins.ae import PlainAutoencoder
 
@@ -99,13 +100,9 @@ class DenoisingAutoencoder(PlainAutoencoder):
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, float]:
         """MSE against clean ``x`` of the corrupted inputs and of their reconstructions."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             noisy = self.corrupt(x, generator)
             denoised = self(noisy)
-        finally:
-            self.train(was_training)
         return {
             "corrupted_mse": float((noisy - x).pow(2).mean()),
             "denoised_mse": float((denoised - x).pow(2).mean()),
@@ -115,12 +112,10 @@ class DenoisingAutoencoder(PlainAutoencoder):
         return self.denoising_mse(x_test, torch.Generator().manual_seed(0))
 
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, Path]]:
-        from aecore import plots
-
         clean = torch.as_tensor(prepared.view("test").to_numpy()[:12])
         noisy = self.corrupt(clean, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            denoised = self.eval()(noisy)
+        with torch.no_grad(), eval_mode(self):
+            denoised = self(noisy)
         path = plots.image_rows(
             [
                 ("corrupted", noisy.numpy()),

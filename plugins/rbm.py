@@ -8,8 +8,7 @@ Training Restricted Boltzmann Machines" (2010): CD-k or persistent CD (Tieleman 
 small random weights, visible biases at log(p / (1 - p)) of the data, momentum 0.5 for
 the first updates then 0.9, L2 weight decay on the weights only, mean-field visible
 reconstructions. The Gibbs sampling and CD statistics run through ``aecore.ops``
-(fused kernels where built); linear hidden units, which those ops do not cover, use the
-same formulas in plain PyTorch here.
+(fused kernels where built) for every combination of unit types.
 
 The RBM updates its own parameters (``uses_optimizer = False``): the Trainer calls
 ``train_step`` per batch. All optimiser state (velocities, the persistent chain, the
@@ -19,16 +18,15 @@ step counter) lives in buffers, so checkpoints resume exactly. As an autoencoder
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecore import ops, params
+from aecore import ops, params, plots
 from aecore.base import Autoencoder
-from aecore.demo import DemoRecipe
+from aecore.config import DemoRecipe
 from aecore.errors import ConfigError, DataError, TrainingError
 from aecore.layers import flatten
 
@@ -53,7 +51,8 @@ class RBM(Autoencoder):
     ``momentum`` reached after ``momentum_warmup`` updates at ``initial_momentum``;
     ``weight_decay`` (L2 on the weights); ``sample_visible`` (sample the reconstructions
     instead of using their means); ``strict`` (non-binary data for Bernoulli visible
-    units is an error instead of a warning).
+    units is an error instead of a warning); ``probabilities`` (values in [0, 1] are
+    meant as the probabilities of the visible units, e.g. grey pixels: no warning).
     """
 
     uses_optimizer = False
@@ -62,7 +61,7 @@ class RBM(Autoencoder):
         latent_dim=32,
         epochs=30,
         batch_size=32,
-        hparams={"lr": 0.05, "persistent": True, "chains": 100},
+        hparams={"lr": 0.05, "persistent": True, "chains": 100, "probabilities": True},
     )
 
     def __init__(
@@ -82,6 +81,7 @@ class RBM(Autoencoder):
         weight_decay=2e-4,
         sample_visible=False,
         strict=False,
+        probabilities=False,
     ) -> None:
         super().__init__(input_shape=input_shape, latent_dim=latent_dim)
         self.visible = params.choice("visible", visible, UNITS)
@@ -107,11 +107,18 @@ class RBM(Autoencoder):
         )
         self.momentum_warmup = params.integer("momentum_warmup", momentum_warmup, low=0)
         self.weight_decay = params.number("weight_decay", weight_decay, low=0.0)
-        for name, flag in (("sample_visible", sample_visible), ("strict", strict)):
+        flags = (("sample_visible", sample_visible), ("strict", strict))
+        for name, flag in (*flags, ("probabilities", probabilities)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{name} must be true or false; got {flag!r}")
         self.sample_visible = sample_visible
         self.strict = strict
+        if strict and probabilities:
+            raise ConfigError(
+                "strict=True makes non-binary data an error and probabilities=True accepts "
+                "it as probabilities; choose one"
+            )
+        self.probabilities = probabilities
 
         n_visible, n_hidden = self.input_size, self.latent_dim
         # W is (visible, hidden), the layout of aecore.ops and of Hinton's code
@@ -142,6 +149,7 @@ class RBM(Autoencoder):
             "weight_decay": self.weight_decay,
             "sample_visible": self.sample_visible,
             "strict": self.strict,
+            "probabilities": self.probabilities,
         }
 
     # -- the autoencoder view ----------------------------------------------------------
@@ -221,15 +229,11 @@ class RBM(Autoencoder):
             v = torch.randn(shape, generator=gen, device=self.W.device) + self.b_v
         else:
             v = torch.bernoulli(torch.full(shape, 0.5, device=self.W.device), generator=gen)
-        if self.hidden == "bernoulli":
-            out = ops.gibbs_chain(
-                v, self.W, self.b_v, self.b_h, steps,
-                visible=self.visible, sample_visible=True, generator=gen,
-            )  # fmt: skip
-            v_mean = out.v_mean
-        else:
-            v_mean = self._linear_hidden_chain(v, None, steps, True, gen)[1]
-        return v_mean.reshape(n, *self.input_shape)
+        out = ops.gibbs_chain(
+            v, self.W, self.b_v, self.b_h, steps,
+            visible=self.visible, hidden=self.hidden, sample_visible=True, generator=gen,
+        )  # fmt: skip
+        return out.v_mean.reshape(n, *self.input_shape)
 
     # -- training ----------------------------------------------------------------------
     @torch.no_grad()
@@ -252,20 +256,18 @@ class RBM(Autoencoder):
         chain does not reconstruct the batch, of the mean-field reconstruction."""
         v = self._visible_data(x)
         chain = None
+        units = {"visible": self.visible, "hidden": self.hidden}
         if self.persistent:
             if not bool(self.chain_started):
                 # start the fantasy particles at the first batch's hidden states
-                start = self._sample_hidden(self.hidden_mean(v))
+                start = ops.gibbs_chain(v, self.W, self.b_v, self.b_h, **units).h0
                 self.chain.copy_(start[torch.arange(self.chains) % len(v)])
                 self.chain_started.fill_(True)
             chain = self.chain
-        if self.hidden == "bernoulli":
-            stats = ops.cd_step(
-                v, self.W, self.b_v, self.b_h, self.k,
-                chain=chain, visible=self.visible, sample_visible=self.sample_visible,
-            )  # fmt: skip
-        else:
-            stats = self._linear_hidden_cd(v, chain)
+        stats = ops.cd_step(
+            v, self.W, self.b_v, self.b_h, self.k,
+            chain=chain, sample_visible=self.sample_visible, **units,
+        )  # fmt: skip
         if not torch.isfinite(stats.dW).all():
             raise TrainingError(
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
@@ -305,13 +307,13 @@ class RBM(Autoencoder):
                 "real-valued data",
             )
             return v.clamp(0, 1)
-        if not bool(((v == 0) | (v == 1)).all()):
+        if not self.probabilities and not bool(((v == 0) | (v == 1)).all()):
             self._complain(
                 NonBinaryDataWarning,
                 "RBM(visible='bernoulli') got non-binary values in [0, 1]",
                 "using them as the probabilities of the visible units being on (as "
                 "scikit-learn's BernoulliRBM does)",
-                "binarise the data",
+                "binarise the data (or pass probabilities=True if they are meant so)",
             )
         return v
 
@@ -326,41 +328,8 @@ class RBM(Autoencoder):
                 stacklevel=3,
             )
 
-    def _sample_hidden(self, mean: torch.Tensor, generator=None) -> torch.Tensor:
-        """A hidden state given its mean: Bernoulli, or mean + unit Gaussian noise."""
-        if self.hidden == "bernoulli":
-            return torch.bernoulli(mean, generator=generator)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return mean + noise
-
-    def _linear_hidden_chain(self, v, chain, k, sample_visible, generator=None):
-        """Gibbs chain with linear hidden units h ~ N(vW + b_h, 1) (Bernoulli visible):
-        returns (positive hidden means, final visible means, final visible state,
-        final hidden means, final hidden sample)."""
-        ph0 = v @ self.W + self.b_h
-        h = chain if chain is not None else self._sample_hidden(ph0, generator)
-        for _ in range(k):
-            v_mean = torch.sigmoid(h @ self.W.t() + self.b_v)
-            v_state = torch.bernoulli(v_mean, generator=generator) if sample_visible else v_mean
-            ph = v_state @ self.W + self.b_h
-            h = self._sample_hidden(ph, generator)
-        return ph0, v_mean, v_state, ph, h
-
-    def _linear_hidden_cd(self, v, chain) -> ops.CDStats:
-        """CD statistics with linear hidden units, as ``ops.cd_step`` computes them for
-        Bernoulli ones (positive minus negative phase, each averaged over its batch)."""
-        ph0, v_mean, v_k, ph_k, h = self._linear_hidden_chain(v, chain, self.k, self.sample_visible)
-        n, n_chain = max(len(v), 1), max(len(v_k), 1)
-        dW = v.t() @ ph0 / n - v_k.t() @ ph_k / n_chain
-        db_v = v.sum(0) / n - v_k.sum(0) / n_chain
-        db_h = ph0.sum(0) / n - ph_k.sum(0) / n_chain
-        recon = (v - v_mean).pow(2).sum() / n if chain is None else torch.tensor(math.nan)
-        return ops.CDStats(dW, db_v, db_h, h, recon)
-
     # -- demo --------------------------------------------------------------------------
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
-        from aecore import plots
-
         samples = self.sample(12, steps=1000, seed=0).cpu().numpy()
         figures = [
             (

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aecore import ops, params
-from aecore.base import Autoencoder
-from aecore.demo import DemoRecipe
+from aecore import ops, params, plots
+from aecore.base import Autoencoder, eval_mode
+from aecore.config import DemoRecipe
 from aecore.errors import ConfigError
 from aecore.layers import ACTIVATIONS, flatten
 from aecore.layers import activation as make_activation
@@ -189,12 +189,8 @@ class SparseAutoencoder(Autoencoder):
     @torch.no_grad()
     def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict[str, float]:
         """The code's activity on the whole test split (``aecore eval``)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             h = self.encode(x_test)
-        finally:
-            self.train(was_training)
         terms = activity(h)
         if self.penalty != "kl":  # sigmoid codes are never exactly zero
             terms["nonzero_fraction"] = (h != 0).float().mean()
@@ -205,8 +201,6 @@ class SparseAutoencoder(Autoencoder):
         return self.encoder.weight.detach().reshape(self.latent_dim, *self.input_shape)
 
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, Path]]:
-        from aecore import plots
-
         filters = self.filters().cpu().numpy()
         if plots.as_images(filters) is None:
             return []  # not image-shaped inputs: nothing to draw

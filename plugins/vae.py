@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecore import params
-from aecore.base import Autoencoder
-from aecore.demo import DemoRecipe
+from aecore import params, plots
+from aecore.base import Autoencoder, eval_mode
+from aecore.config import DemoRecipe
 from aecore.errors import ConfigError, DataError
 from aecore.layers import ACTIVATIONS, flatten, mlp
+from aecore_plugins.conv import ConvAutoencoder
 
 DECODERS = ("bernoulli", "gaussian")
 BACKBONES = ("mlp", "conv")
@@ -49,7 +50,7 @@ _ROW_BATCH = 512
 class VariationalAutoencoder(Autoencoder):
     """VAE with an MLP (any input shape) or convolutional (``(C, H, W)``) backbone."""
 
-    # the recipe of the issue's quality bar (test log-likelihood on digits, see README)
+    # the README's quality recipe (test log-likelihood on digits)
     demo = DemoRecipe(data="digits", latent_dim=8, epochs=500, batch_size=128, lr=1e-3)
 
     def __init__(
@@ -119,8 +120,6 @@ class VariationalAutoencoder(Autoencoder):
         """The same three pieces from the ``conv`` plugin's layer stacks: its strided
         convolutions as the encoder body; its linear map and transposed convolutions,
         built for ``outputs_per_feature`` times the input channels, as the decoder."""
-        from aecore_plugins.conv import ConvAutoencoder
-
         c, h, w = self.input_shape
         stacks = {
             "channels": self.channels,
@@ -288,7 +287,7 @@ class VariationalAutoencoder(Autoencoder):
         """``fn`` over row batches of ``x`` in eval mode, concatenated, in x's dtype."""
         self.check_input(x)
         self._check_range(x)
-        with _eval_mode(self):
+        with eval_mode(self):
             out = [fn(x[i : i + _ROW_BATCH]) for i in range(0, len(x), _ROW_BATCH)]
         return torch.cat(out).to(x.dtype)
 
@@ -300,7 +299,7 @@ class VariationalAutoencoder(Autoencoder):
         """``n`` draws from the model: z ~ N(0, I), then the decoder's mean (``mean=True``,
         the usual picture) or a draw x ~ p(x|z) (``mean=False``)."""
         n = params.integer("n", n, low=1)
-        with _eval_mode(self):
+        with eval_mode(self):
             device = self.encoder_head.weight.device
             z = torch.randn(n, self.latent_dim, generator=generator, device=device)
             loc, std = self._decoder_output(z)
@@ -330,8 +329,6 @@ class VariationalAutoencoder(Autoencoder):
         }
 
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
-        from aecore import plots
-
         gen = torch.Generator().manual_seed(0)
         samples = self.sample(36, generator=gen).numpy()
         figures = [
@@ -354,10 +351,8 @@ class VariationalAutoencoder(Autoencoder):
 
     @torch.no_grad()
     def _traversal_figure(self, prepared, path):
-        from aecore import plots
-
         test = torch.as_tensor(prepared.view("test").to_numpy()).float()
-        with _eval_mode(self):
+        with eval_mode(self):
             mean, logvar = self.posterior(test)
             kl_per_unit = _kl_to_standard_normal(mean, logvar, per_unit=True).mean(0)
             order = torch.argsort(kl_per_unit, descending=True)[:10]
@@ -404,18 +399,3 @@ def _chunks(total: int, elements_per_sample: int):
         n = min(per_chunk, total - done)
         yield n
         done += n
-
-
-class _eval_mode:
-    """Context manager: eval mode inside, the previous mode restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)

@@ -7,13 +7,34 @@ import aecore
 from aecore.errors import ConfigError, ShapeError
 
 
-def test_base_keeps_shape_and_latent_dim_and_forward_is_decode_of_encode():
-    m = aecore.create("ae", input_shape=[1, 4, 4], latent_dim=3).eval()
-    assert m.input_shape == (1, 4, 4) and m.latent_dim == 3 and m.input_size == 16
-    x = torch.rand(5, 1, 4, 4)
-    assert torch.equal(m(x), m.decode(m.encode(x)))
-    assert m.score(x).shape == (5,)
-    assert torch.allclose(m.score(x), (m(x) - x).pow(2).flatten(1).mean(1))
+class Halving(aecore.Autoencoder):
+    """encode keeps the first feature, halved; decode puts it back in every feature."""
+
+    def encode(self, x):
+        return x.flatten(1)[:, :1] / 2
+
+    def decode(self, z):
+        return z.expand(-1, self.input_size).reshape(-1, *self.input_shape)
+
+    def loss(self, x):
+        return {"loss": (self(x) - x).pow(2).mean()}
+
+    def get_config(self):
+        return self.base_config()
+
+
+def test_forward_decodes_the_code_and_score_is_the_mean_squared_error_per_row():
+    m = Halving(input_shape=[1, 1, 2], latent_dim=1)
+    assert m.input_shape == (1, 1, 2) and m.input_size == 2
+    assert m.get_config() == {"input_shape": [1, 1, 2], "latent_dim": 1}
+    x = torch.tensor([[[[2.0, 4.0]]], [[[0.0, 1.0]]]])
+    # rows reconstruct as [1, 1] and [0, 0]: errors (1 + 9) / 2 and (0 + 1) / 2
+    assert m(x).flatten(1).tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    m.train()
+    assert m.score(x).tolist() == [5.0, 0.5]
+    assert m.training  # score evaluates in eval mode and puts the mode back
+    with pytest.raises(ShapeError, match=r"Halving expects input of shape \(B, 1, 1, 2\)"):
+        m.score(torch.zeros(2, 2))
 
 
 def test_abstract_methods_are_required():

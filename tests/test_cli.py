@@ -1,5 +1,7 @@
 """The aecore command: train / eval / models / info / demo, and one-line errors."""
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -51,6 +53,31 @@ def test_train_writes_a_model_folder_with_metrics_and_checkpoint(trained):
     assert record["data"]["source"] == "digits" and record["data"]["split"]["test"] == 359
     assert record["normalization"]["kind"] == "minmax"
     assert record["metrics"]["pca_test_mse"] > 0
+    # the run's training settings: the flags given over TrainConfig's defaults
+    assert record["training"] == {**aecore.TrainConfig().to_dict(), "epochs": 3}
+
+
+def test_every_training_setting_is_a_flag_with_the_library_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(aecore.TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in help_text, flag
+        default = "none" if field.default is None else str(field.default).lower()
+        assert f"(default: {default})" in help_text, field.name
+
+
+def test_optional_settings_take_none_and_unknown_values_are_named(tmp_path, capsys):
+    from aecore.cli.train import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--patience", "none", "--grad-clip", "0.5", "--no-shuffle"])
+    assert config_from_args(args) == aecore.TrainConfig(patience=None, grad_clip=0.5, shuffle=False)
+    assert config_from_args(parser.parse_args([])) == aecore.TrainConfig()
+    code, _, err = run(capsys, *train_args(1, tmp_path / "m"), "--optimizer", "rmsprop")
+    assert code == 1 and "optimizer must be one of 'adam', 'adamw', 'sgd', 'lbfgs'" in err
 
 
 def test_eval_compares_with_pca_on_the_same_split(trained, capsys):
@@ -166,10 +193,9 @@ def test_python_dash_m_and_console_script_agree():
 
 
 def test_demo_writes_report_and_figures(tmp_path, capsys, monkeypatch):
-    from aecore import demo
     from aecore_plugins.ae import PlainAutoencoder
 
-    quick = demo.DemoRecipe(data="digits", latent_dim=2, epochs=2, hparams={"hidden": [16]})
+    quick = aecore.DemoRecipe(data="digits", latent_dim=2, epochs=2, hparams={"hidden": [16]})
     monkeypatch.setattr(PlainAutoencoder, "demo", quick)
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path), "--models", "ae", "--quiet")
     assert code == 0

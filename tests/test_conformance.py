@@ -1,44 +1,94 @@
-"""The conformance kit over every registered model: each new plugin is checked here."""
+"""The conformance kit: one test item per registered model, input shape and check (a
+new plugin is checked here without editing anything), and the kit itself catching
+models that break the contract."""
 
 import pytest
 import torch
 
 import aecore
-from aecore.testing import ConformanceError, check_autoencoder
+from aecore.testing import (
+    CHECKS,
+    ConformanceError,
+    ModelSpec,
+    check_autoencoder,
+    check_config_round_trip,
+    check_shapes,
+    parametrize_with_checks,
+)
+from aecore_plugins.ae import PlainAutoencoder
+
+# the kit feeds random [0, 1] inputs, which the rbm rightly reads as probabilities
+pytestmark = pytest.mark.filterwarnings("ignore:RBM.* got non-binary values")
 
 
-@pytest.mark.parametrize("name", aecore.list_models())
-def test_registered_model_conforms(name):
-    assert check_autoencoder(name)
+@parametrize_with_checks(aecore.list_models())
+def test_registered_model_conforms(model, check):
+    check(model)
 
 
-def test_kit_catches_a_model_that_breaks_the_contract():
-    from aecore_plugins.ae import PlainAutoencoder
+class WrongCode(PlainAutoencoder):
+    def encode(self, x):
+        return super().encode(x)[:, :1]  # drops code units
 
-    class WrongCode(PlainAutoencoder):
-        def encode(self, x):
-            return super().encode(x)[:, :1]  # drops code units
 
-    with pytest.raises(
-        ConformanceError, match=r"WrongCode: shapes: encode gave \(1, 1\), expected \(1, 3\)"
-    ):
+class LossyConfig(PlainAutoencoder):
+    def get_config(self):
+        config = super().get_config()
+        del config["hidden"]
+        return config
+
+
+class Stochastic(PlainAutoencoder):
+    def forward(self, x):
+        return super().forward(x) + torch.rand_like(x)
+
+
+@pytest.mark.parametrize(
+    ("cls", "hparams", "check", "message"),
+    [
+        (WrongCode, {}, check_shapes, r"WrongCode: shapes: encode gave \(1, 1\), expected"),
+        (LossyConfig, {"hidden": [7]}, check_config_round_trip, "LossyConfig: config round"),
+        (Stochastic, {}, check_shapes, r"Stochastic: shapes: model\(x\) is not deterministic"),
+    ],
+)
+def test_each_check_catches_its_contract_break(cls, hparams, check, message):
+    with pytest.raises(ConformanceError, match=message):
+        check(ModelSpec(cls, (12,), hparams))
+
+
+def test_check_autoencoder_reports_every_failure_not_just_the_first():
+    with pytest.raises(ConformanceError) as info:
         check_autoencoder(WrongCode)
+    failures = str(info.value).splitlines()
+    # both input shapes fail the shape check, and the checks whose calls crash on the
+    # too-narrow code are reported as well instead of ending the run
+    assert any(f.startswith("check_shapes(12,): WrongCode: shapes:") for f in failures)
+    assert any(f.startswith("check_shapes(1, 8, 8): WrongCode: shapes:") for f in failures)
+    assert any(
+        f.startswith("check_loss(12,): WrongCode raised ShapeError: WrongCode.decode expects")
+        for f in failures
+    )
+    names = check_autoencoder("ae", {"hidden": [8]})
+    assert names == [f"{c.__name__}{s}" for s in ((12,), (1, 8, 8)) for c in CHECKS]
 
-    class LossyConfig(PlainAutoencoder):
-        def get_config(self):
-            config = super().get_config()
-            del config["hidden"]
-            return config
 
-    with pytest.raises(ConformanceError, match="LossyConfig: config round trip"):
-        check_autoencoder(LossyConfig, {"hidden": [7]})
-
-    class Stochastic(PlainAutoencoder):
-        def forward(self, x):
-            return super().forward(x) + torch.rand_like(x)
-
-    with pytest.raises(ConformanceError, match="not deterministic in eval mode"):
-        check_autoencoder(Stochastic)
+def test_parametrize_with_checks_gives_one_item_per_shape_and_check():
+    mark = parametrize_with_checks(
+        ["conv", ("ae", {"hidden": [4]}), ModelSpec(PlainAutoencoder, (3,))]
+    )
+    argnames, params = mark.args
+    assert argnames == ("model", "check")
+    ids = [p.id for p in params]
+    names = [c.__name__ for c in CHECKS]
+    assert ids == (
+        [f"conv-image-{n}" for n in names]  # conv takes images only
+        + [f"ae(hidden=[4])-vector-{n}" for n in names]
+        + [f"ae(hidden=[4])-image-{n}" for n in names]
+        + [f"PlainAutoencoder-vector-{n}" for n in names]
+    )
+    spec, check = params[len(names)].values
+    assert spec == ModelSpec(aecore.model_class("ae"), (12,), {"hidden": [4]})
+    assert check is CHECKS[0]
 
 
 def test_kit_rejects_non_models():

@@ -10,25 +10,16 @@ from hypothesis import strategies as st
 
 from aecore.errors import ConfigError, ShapeError
 from aecore.pipeline import train
-from aecore.testing import check_autoencoder
+from aecore.testing import parametrize_with_checks
 from aecore_plugins.conv import ConvAutoencoder, downsampled_sizes
 
-
-def test_conformance():
-    check_autoencoder(ConvAutoencoder)
+DEEPER_BCE = {"channels": [4, 8, 8], "output_activation": "sigmoid", "reconstruction": "bce"}
 
 
-@pytest.mark.parametrize("kernel_size", [2, 5])
-def test_conformance_other_kernels_and_bce(kernel_size):
-    check_autoencoder(
-        ConvAutoencoder,
-        {
-            "channels": [4, 8, 8],
-            "kernel_size": kernel_size,
-            "output_activation": "sigmoid",
-            "reconstruction": "bce",
-        },
-    )
+# the defaults are checked by tests/test_conformance.py
+@parametrize_with_checks([(ConvAutoencoder, {**DEEPER_BCE, "kernel_size": k}) for k in (2, 5)])
+def test_conformance_other_kernels_and_bce(model, check):
+    check(model)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (1, 13, 17), (3, 17, 13), (2, 1, 1)])

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aecore.data import ArrayView, load_data, read_idx, split_indices
+from aecore.data import ArrayView, Normalization, load_data, prepare, split_indices
+from aecore.data.files import read_idx
 from aecore.errors import DataError
-from aecore.normalization import Normalization
 
 
 def write_idx(path, array, magic_type=0x08, gz=False):
@@ -234,8 +234,6 @@ def test_standardize_keeps_precision_far_from_zero(per_feature):
 
 
 def test_prepare_fits_on_rows_as_stored_not_float32(tmp_path):
-    from aecore.pipeline import prepare
-
     x = 1e7 + np.random.default_rng(0).standard_normal((500, 2))
     np.save(tmp_path / "far.npy", x)
     data = prepare(f"npy:{tmp_path / 'far.npy'}", normalize="standardize")

@@ -1,15 +1,17 @@
 """The ``deep`` plugin: stacked-RBM pretraining, unrolling, the no-pretraining
 comparison in ``aecore eval``, quality against PCA on digits, bad input."""
 
+import json
 import time
 
 import pytest
 import torch
 
+import aecore
 from aecore.cli import main
+from aecore.data import prepare
 from aecore.errors import ConfigError
-from aecore.pipeline import prepare, train
-from aecore.trainer import OPTIMIZERS, Trainer
+from aecore.pipeline import train
 from aecore_plugins.deep import DeepAutoencoder
 from aecore_plugins.rbm import RBM
 
@@ -71,9 +73,7 @@ def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
     with torch.no_grad():
         random_start = float(model.loss(x)["loss"])
     lines = []
-    trainer = Trainer(progress=False, device="cpu")
-    trainer.log = lines.append
-    model.pretrain(batches, trainer)
+    model.pretrain(batches, lines.append)
     assert len(lines) == 3
     for i, line in enumerate(lines):
         assert line.startswith(f"pretrained RBM {i + 1}/3 ") and "reconstruction error" in line
@@ -84,9 +84,9 @@ def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
     # pretrain=False keeps the random start and logs nothing
     torch.manual_seed(0)
     skip = DeepAutoencoder(input_shape=(64,), latent_dim=8, hidden=[64, 32], pretrain=False)
-    before = {k: v.clone() for k, v in skip.state_dict().items() if k != "finetune_budget"}
+    before = {k: v.clone() for k, v in skip.state_dict().items()}
     lines.clear()
-    skip.pretrain(batches, trainer)
+    skip.pretrain(batches, lines.append)
     assert lines == []
     assert all(torch.equal(v, skip.state_dict()[k]) for k, v in before.items())
 
@@ -118,16 +118,32 @@ def test_eval_prints_pretrained_pca_and_no_pretraining_rows(tmp_path, capsys, on
     assert main(["eval", str(out)]) == 0
     table = capsys.readouterr().out
     assert "PCA (4 components)" in table
+    # the comparison run trains with the config recorded in model.json at train time
     assert (
-        "same net without pretraining (same budget: up to 3 epochs, batch 64, adam lr 0.001)"
+        "same net without pretraining (same training: up to 3 epochs, batch 64, adam lr 0.001)"
         in table
     )
-    # the budget recorded at train time is what the comparison run used
-    from aecore.io import load
+    record = json.loads((out / "model.json").read_text())
+    record["training"]["epochs"] = 2
+    (out / "model.json").write_text(json.dumps(record))
+    assert main(["eval", str(out)]) == 0
+    assert "up to 2 epochs" in capsys.readouterr().out
 
-    budget = load(out).finetune_budget.tolist()
-    adam = float(list(OPTIMIZERS).index("adam"))
-    assert budget == [3.0, 64.0, 1e-3, 20.0, 0.0, adam, 0.0]
+
+def test_a_model_saved_with_the_retired_budget_buffer_still_loads(tmp_path):
+    """Older versions saved the fine-tuning settings as a weight buffer; loading ignores it."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = DeepAutoencoder(input_shape=(6,), latent_dim=2, hidden=[4])
+    aecore.save(model, tmp_path / "old")
+    state = load_file(str(tmp_path / "old" / "model.safetensors"))
+    state["finetune_budget"] = torch.zeros(7, dtype=torch.float64)
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    loaded = aecore.load(tmp_path / "old")
+    x = torch.rand(3, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
 
 
 # -- bad input ------------------------------------------------------------------------

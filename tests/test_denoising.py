@@ -8,16 +8,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aecore.data import prepare
 from aecore.errors import ConfigError
-from aecore.pipeline import prepare, train
-from aecore.testing import check_autoencoder
+from aecore.pipeline import train
+from aecore.testing import parametrize_with_checks
 from aecore_plugins.ae import PlainAutoencoder
 from aecore_plugins.denoising import CORRUPTIONS, DenoisingAutoencoder, corrupt
 
 
-@pytest.mark.parametrize("corruption", CORRUPTIONS)
-def test_conformance(corruption):
-    check_autoencoder(DenoisingAutoencoder, {"corruption": corruption})
+# the default (masking) is checked by tests/test_conformance.py
+@parametrize_with_checks(
+    [(DenoisingAutoencoder, {"corruption": c}) for c in ("gaussian", "salt_pepper")]
+)
+def test_conformance_of_other_corruptions(model, check):
+    check(model)
 
 
 def _x(n=64, d=50, seed=0):

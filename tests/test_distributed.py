@@ -95,7 +95,7 @@ class OwnUpdate(aecore.Autoencoder):
 
 
 def _fake_world(monkeypatch, world):
-    from aecore import distributed
+    from aecore.training import distributed
 
     monkeypatch.setattr(
         distributed.DistContext, "from_env", classmethod(lambda cls, device: cls(0, world))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import aecore
+from aecore.data import Normalization
 from aecore.errors import ModelFileError
-from aecore.normalization import Normalization
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_not_a_model_folder(tmp_path):
 
 def test_a_valid_file_whose_header_length_starts_with_0x80_loads(tmp_path):
     """The header length is little-endian: its first byte may look like a pickle opcode."""
-    from aecore.fileio import load_tensors, save_tensors
+    from aecore.io.tensors import load_tensors, save_tensors
 
     path = tmp_path / "t.safetensors"
     for pad in range(300):

@@ -11,21 +11,27 @@ import pytest
 import torch
 
 import aecore
-from aecore import onnx_export, registry
+from aecore import registry
 from aecore.base import Autoencoder
+from aecore.data import Normalization
 from aecore.errors import ConfigError, ModelFileError
-from aecore.normalization import Normalization
-from aecore.onnx_export import (
-    BATCH_DIM,
+from aecore.onnx import (
     MIN_OPSET,
     OnnxExportError,
+    decompositions,
     export_onnx,
     export_protos,
     register_export_decomposition,
 )
+from aecore.onnx.graphs import BATCH_DIM
 from aecore.runtime import OnnxAutoencoder, part_paths
-from aecore.testing import IMAGE_SHAPE, VECTOR_SHAPE, ConformanceError, _fresh
-from aecore.testing_onnx import ATOL, RTOL, assert_onnx_parity, check_onnx_parity
+from aecore.testing import IMAGE_SHAPE, VECTOR_SHAPE, ConformanceError, ModelSpec
+from aecore.testing.onnx_parity import ATOL, RTOL, assert_onnx_parity, check_onnx_parity
+
+
+def _fresh(cls, shape, hparams):
+    return ModelSpec(cls, shape, hparams).build()
+
 
 onnx = pytest.importorskip("onnx")
 
@@ -142,7 +148,7 @@ def test_k_sparse_codes_export_as_topk_and_scatter(exported):
 
 
 def test_the_kit_check_passes_for_ae():
-    check_onnx_parity(aecore.model_class("ae"), VECTOR_SHAPE, {})
+    check_onnx_parity(ModelSpec(aecore.model_class("ae"), VECTOR_SHAPE))
 
 
 # -- a tiny model to break --------------------------------------------------------------
@@ -238,7 +244,7 @@ def test_custom_op_without_equivalent_names_model_and_op(registered, tmp_path):
 
 def test_registered_decomposition_makes_a_custom_op_exportable(registered, monkeypatch):
     model = registered("tiny-custom2", _CustomOp).eval()
-    monkeypatch.setattr(onnx_export, "_DECOMPOSITIONS", {})  # forget it after this test
+    monkeypatch.setattr(decompositions, "_DECOMPOSITIONS", {})  # forget it after this test
     register_export_decomposition(torch.ops.aecore_test.squash, torch.tanh)
     protos = export_protos(model, "tiny-custom2", ("encoder",))
     assert "Tanh" in {n.op_type for n in protos["encoder"].graph.node}
@@ -274,7 +280,7 @@ def test_the_kit_check_catches_an_export_that_differs(registered):
     with pytest.raises(
         ConformanceError, match=r"onnx parity: full graph at batch 1: onnxruntime differs"
     ):
-        check_onnx_parity(_ExportsDifferently, (6,), {})
+        check_onnx_parity(ModelSpec(_ExportsDifferently, (6,)))
 
 
 def test_unregistered_model_is_refused(tmp_path):

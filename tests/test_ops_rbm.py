@@ -34,8 +34,9 @@ def make_rbm(B, V, H, dtype, seed, noncontig=False, scale=1.0):
     return v, W, b_v, b_h
 
 
-def safe_noise(v, W, b_v, b_h, k, chain, gaussian, sample_visible, seed, pcd_stats=False):
-    """GibbsNoise whose uniforms stay MARGIN away from every probability they decide.
+def safe_noise(v, W, b_v, b_h, k, chain, units, sample_visible, seed, pcd_stats=False):
+    """GibbsNoise for (visible, hidden) ``units`` whose uniforms stay MARGIN away from
+    every probability they decide (Gaussian units get standard normals).
 
     Runs the chain in float64 alongside (probabilities differ from either implementation
     by far less than MARGIN) and nudges each uniform that lands too close.
@@ -43,39 +44,39 @@ def safe_noise(v, W, b_v, b_h, k, chain, gaussian, sample_visible, seed, pcd_sta
     g = torch.Generator().manual_seed(seed)
     d = torch.float64
     v64, W64, bv64, bh64 = v.to(d), W.to(d), b_v.to(d), b_h.to(d)
+    gaussian_v, gaussian_h = (u == "gaussian" for u in units)
 
-    def draw(p):
-        u = torch.rand(p.shape, generator=g, dtype=d)
-        close = (u - p).abs() < MARGIN
-        u = torch.where(close, torch.where(p < 0.5, p + 2 * MARGIN, p - 2 * MARGIN), u)
-        return u.clamp(0.0, 1.0 - 2**-24)
+    def mean(pre, gaussian):
+        return pre if gaussian else torch.sigmoid(pre)
 
-    ph0 = torch.sigmoid(v64 @ W64 + bh64)
-    u_h0 = draw(ph0)
-    h = chain.to(d) if chain is not None else (u_h0 < ph0).to(d)
-    us_h, us_v = [], []
-    for _ in range(k):
-        pre = h @ W64.t() + bv64
+    def draw(m, gaussian):
+        """(noise, sample) for means m."""
         if gaussian:
-            z = torch.randn(pre.shape, generator=g, dtype=d)
-            us_v.append(z)
-            vs = pre + z if sample_visible else pre
-        else:
-            pv = torch.sigmoid(pre)
-            u = draw(pv)
-            us_v.append(u)
-            vs = (u < pv).to(d) if sample_visible else pv
+            z = torch.randn(m.shape, generator=g, dtype=d)
+            return z, m + z
+        u = torch.rand(m.shape, generator=g, dtype=d)
+        close = (u - m).abs() < MARGIN
+        u = torch.where(close, torch.where(m < 0.5, m + 2 * MARGIN, m - 2 * MARGIN), u)
+        u = u.clamp(0.0, 1.0 - 2**-24)
+        return u, (u < m).to(d)
+
+    n_h0, h0 = draw(mean(v64 @ W64 + bh64, gaussian_h), gaussian_h)
+    h = chain.to(d) if chain is not None else h0.to(v.dtype).to(d)
+    ns_h, ns_v = [], []
+    for _ in range(k):
+        pv = mean(h @ W64.t() + bv64, gaussian_v)
+        n_v, vs = draw(pv, gaussian_v)
+        ns_v.append(n_v)
         # the state actually fed on is computed in v's dtype by both implementations
-        vs = vs.to(v.dtype).to(d)
-        ph = torch.sigmoid(vs @ W64 + bh64)
-        u = draw(ph)
-        us_h.append(u)
-        h = (u < ph).to(d)
+        vs = (vs if sample_visible else pv).to(v.dtype).to(d)
+        n_h, h = draw(mean(vs @ W64 + bh64, gaussian_h), gaussian_h)
+        ns_h.append(n_h)
+        h = h.to(v.dtype).to(d)
     dt = v.dtype
     return ops.GibbsNoise(
-        None if pcd_stats else u_h0.to(dt),
-        torch.stack(us_h).to(dt),
-        torch.stack(us_v).to(dt) if sample_visible else None,
+        None if pcd_stats else n_h0.to(dt),
+        torch.stack(ns_h).to(dt),
+        torch.stack(ns_v).to(dt) if sample_visible else None,
     )
 
 
@@ -92,7 +93,10 @@ rbm_cases = st.fixed_dictionaries(
         "H": st.integers(1, 11),
         "k": st.integers(1, 3),
         "dtype": st.sampled_from([torch.float32, torch.float64]),
-        "gaussian": st.booleans(),
+        # (visible, hidden) unit types; both Gaussian has no distribution
+        "units": st.sampled_from(
+            [("bernoulli", "bernoulli"), ("gaussian", "bernoulli"), ("bernoulli", "gaussian")]
+        ),
         "sample_visible": st.booleans(),
         "noncontig": st.booleans(),
         "seed": st.integers(0, 2**16),
@@ -105,16 +109,23 @@ rbm_cases = st.fixed_dictionaries(
 @given(c=rbm_cases)
 def test_gibbs_chain_fused_equals_reference_given_noise(c):
     v, W, b_v, b_h = make_rbm(c["B"], c["V"], c["H"], c["dtype"], c["seed"], c["noncontig"])
-    visible = "gaussian" if c["gaussian"] else "bernoulli"
-    noise = safe_noise(v, W, b_v, b_h, c["k"], None, c["gaussian"], c["sample_visible"], c["seed"])
-    kw = {"visible": visible, "sample_visible": c["sample_visible"], "noise": noise}
-    got = ops.gibbs_chain(v, W, b_v, b_h, c["k"], **kw)
-    want = reference.gibbs_chain(v, W, b_v, b_h, c["k"], **kw)
+    visible, hidden = c["units"]
+    noise = safe_noise(v, W, b_v, b_h, c["k"], None, c["units"], c["sample_visible"], c["seed"])
+    kw = {"visible": visible, "hidden": hidden, "sample_visible": c["sample_visible"]}
+    got = ops.gibbs_chain(v, W, b_v, b_h, c["k"], noise=noise, **kw)
+    want = reference.gibbs_chain(v, W, b_v, b_h, c["k"], noise=noise, **kw)
     assert isinstance(got, ops.GibbsChain)
-    for name in ("h0", "h") + (("v",) if not c["gaussian"] and c["sample_visible"] else ()):
+    # Bernoulli samples are exact (the noise keeps clear of every threshold)
+    exact = ("h0", "h") if hidden == "bernoulli" else ()
+    if visible == "bernoulli" and c["sample_visible"]:
+        exact += ("v",)
+    for name in exact:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
-    for name in ("ph0", "v", "v_mean", "ph"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol(c["dtype"]))
+    t = tol(c["dtype"])
+    if "gaussian" in c["units"]:  # O(1) real states: more rounding reaches the end
+        t = {"rtol": t["rtol"] * 10, "atol": t["atol"] * 10}
+    for name in ("ph0", "h0", "v", "v_mean", "ph", "h"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **t)
     B, V, H = c["B"], c["V"], c["H"]
     assert [tuple(t.shape) for t in got] == [(B, H), (B, H), (B, V), (B, V), (B, H), (B, H)]
     assert all(t.dtype == c["dtype"] for t in got)
@@ -129,18 +140,22 @@ def test_cd_step_fused_equals_reference_given_noise(c, pcd, Bc):
     if pcd:
         g = torch.Generator().manual_seed(c["seed"] + 1)
         chain = (torch.rand(Bc, c["H"], generator=g) < 0.5).to(c["dtype"])
-    visible = "gaussian" if c["gaussian"] else "bernoulli"
+    visible, hidden = c["units"]
     noise = safe_noise(
-        v, W, b_v, b_h, c["k"], chain, c["gaussian"], c["sample_visible"], c["seed"], pcd
+        v, W, b_v, b_h, c["k"], chain, c["units"], c["sample_visible"], c["seed"], pcd
     )
-    kw = {"chain": chain, "visible": visible, "sample_visible": c["sample_visible"]}
+    kw = {"chain": chain, "visible": visible, "hidden": hidden}
+    kw["sample_visible"] = c["sample_visible"]
     got = ops.cd_step(v, W, b_v, b_h, c["k"], noise=noise, **kw)
     want = reference.cd_step(v, W, b_v, b_h, c["k"], noise=noise, **kw)
     assert isinstance(got, ops.CDStats)
-    assert torch.equal(got.chain, want.chain)
     t = tol(c["dtype"])
-    if c["gaussian"]:  # Gaussian states are O(1) reals: statistics sum more rounding
+    if "gaussian" in c["units"]:  # Gaussian states are O(1) reals: more rounding
         t = {"rtol": t["rtol"] * 10, "atol": t["atol"] * 10}
+    if hidden == "bernoulli":
+        assert torch.equal(got.chain, want.chain)
+    else:
+        torch.testing.assert_close(got.chain, want.chain, **t)
     for name in ("dW", "db_v", "db_h"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **t)
     if pcd:
@@ -155,7 +170,7 @@ def test_cd_step_fused_equals_reference_given_noise(c, pcd, Bc):
 def test_cd_step_statistics_by_hand():
     """CD-1 with explicit noise, checked against the formulas written out directly."""
     v, W, b_v, b_h = make_rbm(6, 5, 4, torch.float64, 3)
-    noise = safe_noise(v, W, b_v, b_h, 1, None, False, True, 3)
+    noise = safe_noise(v, W, b_v, b_h, 1, None, ("bernoulli", "bernoulli"), True, 3)
     s = ops.cd_step(v, W, b_v, b_h, 1, noise=noise)
     ph0 = torch.sigmoid(v @ W + b_h)
     h0 = (noise.h0 < ph0).double()
@@ -203,16 +218,21 @@ def test_sampling_frequencies_match_probabilities(op, dtype):
     assert set(out.h0.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("layer", ["visible", "hidden"])
 @pytest.mark.parametrize("op", ["fused", "reference"])
-def test_gaussian_visible_noise_is_standard_normal(op):
+def test_gaussian_unit_noise_is_standard_normal(op, layer):
     if op == "fused" and not FUSED_CPU:
         pytest.skip("CPU extension not loaded")
     fn = ops.gibbs_chain if op == "fused" else reference.gibbs_chain
     v, W, b_v, b_h = make_rbm(3000, 8, 4, torch.float64, 5)
-    out = fn(v, W, b_v, b_h, 1, visible="gaussian", generator=torch.Generator().manual_seed(1))
-    z = (out.v - out.v_mean).flatten()
-    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1.0) < 0.03
-    assert abs(float((z**3).mean())) < 0.1 and abs(float((z**4).mean()) - 3.0) < 0.2
+    out = fn(v, W, b_v, b_h, 1, generator=torch.Generator().manual_seed(1), **{layer: "gaussian"})
+    pairs = [(out.v, out.v_mean)] if layer == "visible" else [(out.h0, out.ph0), (out.h, out.ph)]
+    for sample, mean in pairs:
+        z = (sample - mean).flatten()
+        assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1.0) < 0.03
+        assert abs(float((z**3).mean())) < 0.1 and abs(float((z**4).mean()) - 3.0) < 0.2
+    if layer == "hidden":  # linear means: E[h | v] = v W + b_h
+        torch.testing.assert_close(out.ph0, v @ W + b_h)
 
 
 @pytest.mark.parametrize("fn", [ops.gibbs_chain, ops.cd_step, reference.cd_step])
@@ -284,21 +304,23 @@ def test_opcheck_gibbs_ops():
     v, W, b_v, b_h = make_rbm(6, 5, 3, torch.float64, 1)
     rng = torch.tensor([3, 4])
     chain = torch.ones(4, 3, dtype=torch.float64)  # PCD state with Bc != B
-    noise = safe_noise(v, W, b_v, b_h, 2, None, False, True, 1)
+    noise = safe_noise(v, W, b_v, b_h, 2, None, ("bernoulli", "bernoulli"), True, 1)
     for args in [
-        (v, W, b_v, b_h, 2, False, True, rng, None, None, None),
-        (v, W, b_v, b_h, 1, True, False, rng, None, None, None),
-        (v, W, b_v, b_h, 2, False, True, rng, *noise),
+        (v, W, b_v, b_h, 2, False, False, True, rng, None, None, None),
+        (v, W, b_v, b_h, 1, True, False, False, rng, None, None, None),
+        (v, W, b_v, b_h, 1, False, True, True, rng, None, None, None),
+        (v, W, b_v, b_h, 2, False, False, True, rng, *noise),
     ]:
         opcheck(torch.ops.aecore.gibbs_chain, args)
     for args in [
-        (v, W, b_v, b_h, 2, None, False, True, rng, None, None, None),
-        (v, W, b_v, b_h, 1, None, True, False, rng, None, None, None),
+        (v, W, b_v, b_h, 2, None, False, False, True, rng, None, None, None),
+        (v, W, b_v, b_h, 1, None, True, False, False, rng, None, None, None),
+        (v, W, b_v, b_h, 1, None, False, True, False, rng, None, None, None),
     ]:
         opcheck(torch.ops.aecore.cd_step, args)
     # PCD returns recon_error = NaN, which opcheck's output comparison cannot equal; check
     # the rest of it (schema, fake kernel) without that comparison.
-    args = (v, W, b_v, b_h, 1, chain, True, True, rng, None, None, None)
+    args = (v, W, b_v, b_h, 1, chain, True, False, True, rng, None, None, None)
     opcheck(torch.ops.aecore.cd_step, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -310,10 +332,12 @@ def test_torch_compile_fullgraph():
     def step(v, W, b_v, b_h, chain):
         s = ops.cd_step(v, W, b_v, b_h, 2, chain=chain)
         g = ops.gibbs_chain(v, W, b_v, b_h, 1, visible="gaussian")
-        return W + 0.1 * s.dW, s.chain, g.v_mean
+        lin = ops.cd_step(v, W, b_v, b_h, 1, hidden="gaussian")
+        return W + 0.1 * s.dW, s.chain, g.v_mean, lin.dW
 
-    W2, chain, vm = step(v, W, b_v, b_h, torch.zeros(3, 4))
+    W2, chain, vm, dW = step(v, W, b_v, b_h, torch.zeros(3, 4))
     assert W2.shape == W.shape and chain.shape == (3, 4) and vm.shape == (8, 6)
+    assert dW.shape == W.shape
     assert set(chain.unique().tolist()) <= {0.0, 1.0}
 
 
@@ -336,6 +360,13 @@ BAD = [
     ((V5, W53, BV, BH, 2.0), {}, ConfigError, "k must be an int"),
     ((V5, W53, BV, BH, True), {}, ConfigError, "k must be an int"),
     ((V5, W53, BV, BH), {"visible": "poisson"}, ConfigError, "visible must be 'bernoulli'"),
+    ((V5, W53, BV, BH), {"hidden": "relu"}, ConfigError, "hidden must be 'bernoulli'"),
+    (
+        (V5, W53, BV, BH),
+        {"visible": "gaussian", "hidden": "gaussian"},
+        ConfigError,
+        "visible='gaussian' with hidden='gaussian' has no normalisable distribution",
+    ),
     ((V5, W53, BV, BH), {"generator": 3}, ConfigError, "generator must be a torch.Generator"),
     ((V5, W53, BV, BH), {"noise": (1, 2, 3)}, ConfigError, "noise must be an aecore.ops"),
     (
@@ -376,7 +407,7 @@ def test_small_problems_restore_the_thread_settings():
         rng = torch.zeros(2, dtype=torch.int64)
         with pytest.raises(RuntimeError):
             torch.ops.aecore.cd_step(
-                v, W, b_v[:3], b_h, 1, None, False, True, rng, None, None, None
+                v, W, b_v[:3], b_h, 1, None, False, False, True, rng, None, None, None
             )
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from aecore.fileio import load_tensors, save_tensors
+from aecore.io.tensors import load_tensors, save_tensors
 
 ARGS = [
     "train",
@@ -90,13 +90,13 @@ def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
     before = path.read_bytes()
     writer = textwrap.dedent(f"""
         import time
-        from aecore import fileio
+        from aecore.io import atomic
         def slow(f):
             f.write(b"half a checkpoint")
             f.flush()
             print("writing", flush=True)
             time.sleep(60)
-        fileio.atomic_write({str(path)!r}, slow)
+        atomic.atomic_write({str(path)!r}, slow)
     """)
     proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aecore.data import prepare
 from aecore.errors import ConfigError, DataError
-from aecore.pipeline import prepare
-from aecore.trainer import Trainer
+from aecore.training import Trainer
 from aecore_plugins.rbm import RBM, DataRangeWarning, NonBinaryDataWarning
 
 
@@ -279,6 +279,17 @@ def test_strict_makes_non_binary_data_an_error():
         rbm.train_step(torch.tensor([[0.5, 1.0]]))
     with pytest.raises(DataError, match=r"needs data in \[0, 1\]; got values in \[0, 2\]"):
         rbm.train_step(torch.tensor([[0.0, 2.0]]))
+
+
+def test_probabilities_accepts_grey_values_quietly_but_still_clips_out_of_range():
+    rbm = RBM(input_shape=(2,), latent_dim=2, probabilities=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rbm.train_step(torch.tensor([[0.5, 1.0]]))
+    with pytest.warns(DataRangeWarning, match="clipping them to"):
+        rbm.train_step(torch.tensor([[0.0, 2.0]]))
+    with pytest.raises(ConfigError, match="strict=True makes non-binary data an error"):
+        RBM(input_shape=(2,), latent_dim=2, probabilities=True, strict=True)
 
 
 def test_demo_figures(tmp_path):

@@ -112,6 +112,18 @@ def test_process_local_registration_round_trip():
         registry.name_of(Local)
 
 
+def test_list_models_filters_by_name_and_capability():
+    assert registry.list_models() == sorted(registry.list_models())
+    assert registry.list_models(filter="d*") == ["deep", "denoising"]
+    assert "ae" not in registry.list_models(exclude_filters=["a*", "v*"])
+    assert registry.list_models(requires="own-update") == ["rbm"]
+    assert "conv" not in registry.list_models(requires="vector")
+    assert set(registry.list_models(requires=["sample", "optimizer"])) == {"vae"}
+    assert registry.capabilities(aecore.model_class("conv")) >= {"image", "optimizer", "demo"}
+    with pytest.raises(RegistryError, match="unknown capability \\['gpu'\\]; known: vector"):
+        registry.list_models(requires="gpu")
+
+
 def test_registry_import_is_lazy():
     """import aecore must not import plugins (or even torch)."""
     code = "import sys, aecore; print(json.dumps(['torch' in sys.modules, 'aecore_plugins.ae' in sys.modules]))"
@@ -172,12 +184,40 @@ def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_
         text=True,
         check=True,
     )
+    onnx_path = tmp_path / "tiny.onnx"
+    subprocess.run(
+        [sys.executable, "-m", "aecore", "export", str(out), "--out", str(onnx_path), "--all"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     script = (
         "import aecore, torch; from aecore.testing import check_autoencoder\n"
+        "from aecore.runtime import OnnxAutoencoder\n"
         f"m = aecore.load({str(out)!r}); assert type(m).__name__ == 'TinyAutoencoder'\n"
-        "assert m(torch.rand(3, 64)).shape == (3, 64)\n"
+        "x = torch.rand(3, 64)\n"
+        f"rt = OnnxAutoencoder({str(onnx_path)!r})\n"
+        "torch.testing.assert_close(torch.as_tensor(rt.encode(x.numpy() * 16)), "
+        "m.encode(torch.as_tensor(m.normalization.apply(x.numpy() * 16))))\n"
         "print(len(check_autoencoder('tiny')))\n"
     )
     ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    assert int(ran.stdout.strip()) > 0
+    assert int(ran.stdout.strip()) == 14  # 7 checks, vector and image inputs
+    # the kit in the plugin's own pytest suite: one item per check, in one line
+    (tmp_path / "test_tiny.py").write_text(
+        "from aecore.testing import parametrize_with_checks\n\n\n"
+        "@parametrize_with_checks(['tiny'])\n"
+        "def test_conformance(model, check):\n"
+        "    check(model)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    assert "14 passed" in ran.stdout

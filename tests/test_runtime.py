@@ -18,10 +18,15 @@ from hypothesis import strategies as st
 
 import aecore
 from aecore import cli
+from aecore.data import Normalization
 from aecore.errors import ConfigError, DataError, ModelFileError, ShapeError
-from aecore.normalization import Normalization
-from aecore.runtime import OnnxAutoencoder, _ArrayModel, part_paths
-from aecore.testing import VECTOR_SHAPE, _fresh
+from aecore.runtime import ArrayModel, OnnxAutoencoder, part_paths
+from aecore.testing import VECTOR_SHAPE, ModelSpec
+
+
+def _fresh(cls, shape, hparams):
+    return ModelSpec(cls, shape, hparams).build()
+
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -150,7 +155,7 @@ def test_bad_arguments(saved, runtime):
     np.testing.assert_allclose(one_thread.encode(_data(3)), runtime.encode(_data(3)), atol=1e-6)
 
 
-class _Identity(_ArrayModel):
+class _Identity(ArrayModel):
     """The numpy front end around an identity "model": isolates the normalisation."""
 
     name, input_shape, latent_dim = "identity", (2, 3), 6

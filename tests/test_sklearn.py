@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from model_settings import small_hparams
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
@@ -48,16 +49,12 @@ def small(model="ae", **kw):
     return AutoencoderTransformer(model, **kw)
 
 
-# -- scikit-learn's estimator checks, for every built-in model that takes vectors -----
-# (conv needs (C, H, W) inputs; vae's default Bernoulli decoder and the RBM's Bernoulli
-# units need inputs in [0, 1], hence minmax)
+# -- scikit-learn's estimator checks, for every registered model that takes vectors -----
+# (minmax: the vae's Bernoulli decoder and the RBM's Bernoulli units need [0, 1] inputs)
 @parametrize_with_checks(
     [
-        small("ae", hidden=[8]),
-        small("denoising", hidden=[8]),
-        small("sparse"),
-        small("vae", hidden=[8], normalize="minmax"),
-        small("rbm", normalize="minmax"),
+        small(name, normalize="minmax", **small_hparams(name))
+        for name in aecore.list_models(requires="vector")
     ],
     expected_failed_checks=lambda est: {},
 )

@@ -16,8 +16,9 @@ from aecore.errors import (
     TrainingError,
     TrainingInterrupted,
 )
-from aecore.fileio import atomic_write, load_tensors
-from aecore.trainer import Trainer
+from aecore.io.atomic import atomic_write
+from aecore.io.tensors import load_tensors
+from aecore.training import Trainer
 from aecore_plugins.ae import PlainAutoencoder
 
 X = np.random.default_rng(0).random((90, 6)).astype(np.float32)
@@ -92,31 +93,39 @@ def test_early_stopping_restores_best_validation_weights():
     assert len(history.epochs) < 40
     best = history.best_val_loss
     assert best == min([history.best_val_loss, *history.metric("val_loss")])
-    final = Trainer(epochs=1, device="cpu")._evaluate(model, _val_batches(VAL[:3] * 3))["loss"]
+    assert not model.training
+    with torch.no_grad():
+        final = float(model.loss(torch.as_tensor(VAL[:3] * 3))["loss"])
     assert final == pytest.approx(best, rel=1e-6)
 
 
-def _val_batches(v):
-    from aecore.trainer import _Batches
-
-    return _Batches(v, 16, False, 0, "val")
-
-
-class NanAfter(PlainAutoencoder):
-    """Returns a NaN loss on its n-th training call."""
-
-    nan_at = 5
+class Counting(PlainAutoencoder):
+    """Counts its training steps (loss calls in training mode) and snapshots the weights
+    each starts from; ``on_step(n)`` runs at each."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.calls = 0
+        self.snapshots = []
+        self.on_step = lambda n: None
+
+    def loss(self, x):
+        if self.training:
+            self.calls += 1
+            self.snapshots.append(weights(self))
+            self.on_step(self.calls)
+        return super().loss(x)
+
+
+class NanAfter(Counting):
+    """Returns a NaN loss on its n-th training call."""
+
+    nan_at = 5
 
     def loss(self, x):
         terms = super().loss(x)
-        if self.training:
-            self.calls += 1
-            if self.calls == self.nan_at:
-                terms["loss"] = terms["loss"] * float("nan")
+        if self.training and self.calls == self.nan_at:
+            terms["loss"] = terms["loss"] * float("nan")
         return terms
 
 
@@ -124,19 +133,12 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_weights():
     torch.manual_seed(0)
     model = NanAfter(input_shape=(6,), latent_dim=2, hidden=[8])
     trainer = Trainer(epochs=5, batch_size=30, device="cpu", progress=False)  # 3 steps per epoch
-    snapshots = []
-    original_step = trainer._step
-
-    def recording_step(*args):
-        snapshots.append(weights(model))
-        return original_step(*args)
-
-    trainer._step = recording_step
     with pytest.raises(
         TrainingError, match=r"non-finite loss \(nan\) at epoch 2, step 2 \(global step 5\)"
     ):
         trainer.fit(model, X)
-    assert same(weights(model), snapshots[-1])
+    assert model.calls == 5
+    assert same(weights(model), model.snapshots[-1])
     assert all(torch.isfinite(v).all() for v in weights(model).values())
 
 
@@ -165,25 +167,13 @@ def test_resume_mid_epoch_is_exact(tmp_path, loader):
 
     ref, ref_hist = fit(data(), val=VAL, epochs=4, dropout=0.2)
 
-    class StopAt:
-        def __init__(self, trainer, at):
-            self.trainer, self.at, self.calls = trainer, at, 0
-
-    model = make(dropout=0.2)
+    torch.manual_seed(0)
+    model = Counting(input_shape=(6,), latent_dim=2, hidden=[8], dropout=0.2)
     trainer = Trainer(
         epochs=4, batch_size=16, seed=0, device="cpu", progress=False, out_dir=tmp_path
     )
-    original = trainer._step
-    calls = {"n": 0}
-
-    def step(*args):
-        out = original(*args)
-        calls["n"] += 1
-        if calls["n"] == 9:  # mid epoch 2 (6 steps per epoch)
-            trainer.stop_requested = "SIGTERM"
-        return out
-
-    trainer._step = step
+    # as a signal handler does: mid epoch 2 (6 steps per epoch), stop after this step
+    model.on_step = lambda n: n == 9 and trainer.request_stop("SIGTERM")
     with pytest.raises(
         TrainingInterrupted, match=r"interrupted by SIGTERM at step 9; checkpoint saved"
     ):
@@ -334,7 +324,7 @@ def test_an_iterable_dataset_gets_a_clear_error():
 
 
 def test_torchrun_refuses_a_last_batch_smaller_than_the_world_and_lbfgs(monkeypatch):
-    from aecore import distributed
+    from aecore.training import distributed
 
     monkeypatch.setattr(
         distributed.DistContext, "from_env", classmethod(lambda cls, device: cls(0, 2))

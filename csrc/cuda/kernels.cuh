@@ -6,17 +6,17 @@
 
 #include <cstdint>
 
-#include "kernels/unit_pass.h"
+#include "common/unit_pass.h"
 
 namespace aecore {
 namespace cuda {
 
-// The Gibbs unit pass (see kernels/unit_pass.h); `rng` and all buffers are device memory;
+// The Gibbs unit pass (see common/unit_pass.h); `rng` and all buffers are device memory;
 // accumulators are added to with atomics, so the caller zeroes them.
 template <typename T>
 void unit_pass(const UnitPass<T>& p, cudaStream_t stream);
 
-// cd_step's bias statistics and reconstruction error (kernels/unit_pass.h, StatsFinal).
+// cd_step's bias statistics and reconstruction error (common/unit_pass.h, StatsFinal).
 template <typename T>
 void finalize_stats(const StatsFinal<T>& f, cudaStream_t stream);
 

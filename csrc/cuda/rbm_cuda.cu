@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "cuda/kernels.cuh"
-#include "kernels/philox.h"
+#include "common/philox.h"
 
 namespace aecore {
 namespace cuda {

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "cuda/kernels.cuh"
-#include "kernels/sparsity_common.h"
+#include "common/sparsity_common.h"
 
 namespace aecore {
 namespace cuda {

@@ -9,9 +9,9 @@
 #include <random>
 #include <vector>
 
-#include "kernels/philox.h"
-#include "kernels/rbm_cpu.h"
-#include "kernels/sparsity_cpu.h"
+#include "common/philox.h"
+#include "cpu/rbm_cpu.h"
+#include "cpu/sparsity_cpu.h"
 
 static int failures = 0;
 #define CHECK(cond, ...)                                     \

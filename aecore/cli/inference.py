@@ -1,0 +1,190 @@
+"""``aecore encode | decode | reconstruct | score | export``: apply or export a model.
+
+MODEL is a model folder (run by PyTorch) or an ``.onnx`` file (run by onnxruntime,
+through ``aecore.runtime``; that path never imports torch, so these commands work in
+an environment with only numpy and onnxruntime). Both paths compute the same thing:
+inputs in data units are normalised with the stored normalisation, outputs of
+``reconstruct`` / ``decode`` are inverted back to data units, and ``score`` is the
+per-row mean squared reconstruction error in normalised units.
+
+Inputs: ``.npy`` (memory-mapped) or ``.csv`` (numeric, optional header), one row per
+sample; rows of ``prod(input_shape)`` values are reshaped for image models. Outputs:
+``.npy`` (``(N, ...)`` arrays) or ``.csv`` (one row per sample, flattened), chosen by
+extension; an existing output is only replaced with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from aecore.data.sources import load_data
+from aecore.errors import DataError, ModelFileError
+from aecore.io.atomic import atomic_write
+from aecore.runtime import DEFAULT_BATCH_SIZE, ArrayModel, OnnxAutoencoder, part_paths
+
+OUTPUT_SUFFIXES = (".npy", ".csv")
+
+_COMMANDS = {
+    "encode": ("codes (N, latent_dim) of inputs", "inputs"),
+    "decode": ("inputs, in data units, decoded from codes (N, latent_dim)", "codes"),
+    "reconstruct": ("reconstructions of inputs, in data units", "inputs"),
+    "score": (
+        "anomaly score per row: mean squared reconstruction error (normalised units)",
+        "inputs",
+    ),
+}
+
+
+def add_commands(sub) -> None:
+    """Add the inference and export commands to ``aecore``'s subparsers."""
+    for command, (what, takes) in _COMMANDS.items():
+        s = sub.add_parser(command, help=what, description=f"Write {what}.")
+        s.add_argument("model", help="model folder (PyTorch) or .onnx file (onnxruntime)")
+        s.add_argument("--input", required=True, help=f"{takes}: .npy or .csv, one row each")
+        s.add_argument("--output", required=True, help=".npy or .csv (by extension)")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        s.add_argument(
+            "--batch-size",
+            type=int,
+            default=DEFAULT_BATCH_SIZE,
+            help=f"rows per model call (default {DEFAULT_BATCH_SIZE})",
+        )
+        s.set_defaults(func=cmd_apply, action=command)
+
+    s = sub.add_parser(
+        "export",
+        help="export a saved model to ONNX",
+        description=(
+            "Export a model folder to ONNX. --all writes FILE (full model) with "
+            "FILE's stem.encoder.onnx and .decoder.onnx beside it: the layout "
+            "aecore.runtime.OnnxAutoencoder and `aecore encode FILE` use."
+        ),
+    )
+    s.add_argument("model_dir", help="model folder written by `aecore train`")
+    s.add_argument("--out", required=True, help="ONNX file to write (ends in .onnx)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument(
+        "--part", choices=["full", "encoder", "decoder"], default="full", help="default: full"
+    )
+    which.add_argument("--all", action="store_true", help="write all three parts")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.set_defaults(func=cmd_export)
+
+
+# -- commands ------------------------------------------------------------------------
+def cmd_apply(args) -> int:
+    out_path = Path(args.output)
+    check_output(out_path, args.overwrite)
+    model = open_model(args.model)
+    data = read_rows(Path(args.input))
+    if args.action == "decode":
+        result = model.decode(data, batch_size=args.batch_size)
+    else:
+        rows = as_model_rows(data, model.input_shape)
+        result = getattr(model, args.action)(rows, batch_size=args.batch_size)
+    write_array(out_path, result, overwrite=args.overwrite)
+    backend = "onnxruntime" if isinstance(model, OnnxAutoencoder) else "torch"
+    print(
+        f"{args.action}: {len(result)} rows of {args.input} through {model.name} "
+        f"({backend}) -> {out_path} {tuple(result.shape)}"
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from aecore.onnx import export_onnx
+
+    part = "all" if args.all else args.part
+    path = export_onnx(args.model_dir, args.out, part, opset=args.opset, overwrite=args.overwrite)
+    written = list(part_paths(path).values()) if part == "all" else [path]
+    for p in written:
+        print(f"wrote {p} ({os.path.getsize(p) / 1024:.1f} KiB)")
+    return 0
+
+
+# -- models ----------------------------------------------------------------------------
+class TorchArrayModel(ArrayModel):
+    """A model folder run by PyTorch behind ``OnnxAutoencoder``'s numpy interface."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from aecore.io.model_folder import load
+
+        self.model = load(directory)
+        self.name = self.model.metadata["model"]
+        self.input_shape = tuple(self.model.input_shape)
+        self.latent_dim = self.model.latent_dim
+        self.normalization = self.model.normalization
+
+    def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        # torch refuses read-only buffers (memory maps): copy those
+        x = torch.from_numpy(np.require(batch, np.float32, ["C", "W"]))
+        with torch.inference_mode():
+            if part == "encoder":
+                out = self.model.encode(x)
+            elif part == "decoder":
+                out = self.model.decode(x)
+            else:
+                out = self.model(x)
+        result = out.float().numpy()
+        # the caller changes outputs in place: never hand back a view of the input
+        return result.copy() if np.may_share_memory(result, batch) else result
+
+
+def open_model(spec: str) -> ArrayModel:
+    """A model folder (torch) or an .onnx file (onnxruntime) by path."""
+    path = Path(spec)
+    if path.is_dir():
+        return TorchArrayModel(path)
+    if path.suffix.lower() == ".onnx":
+        return OnnxAutoencoder(path)
+    if not path.exists():
+        raise ModelFileError(f"{spec}: no such model folder or .onnx file")
+    raise ModelFileError(f"{spec}: expected a model folder or an .onnx file")
+
+
+# -- files -----------------------------------------------------------------------------
+def read_rows(path: Path) -> np.ndarray:
+    """An .npy or .csv file of rows, checked for numeric, finite values."""
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".csv"):
+        raise DataError(f"--input {path}: expected a .npy or .csv file")
+    return load_data(f"{suffix[1:]}:{path}").x
+
+
+def as_model_rows(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """Flat rows (N, prod(input_shape)) -> (N, *input_shape) for image models; other
+    shapes pass through for the model to check."""
+    if len(input_shape) > 1 and x.ndim == 2 and x.shape[1] == int(np.prod(input_shape)):
+        return x.reshape(len(x), *input_shape)
+    return x
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise DataError(f"--output {path}: expected a file name ending in .npy or .csv")
+    if path.is_dir():
+        raise DataError(f"--output {path} is a directory")
+    if path.exists() and not overwrite:
+        raise DataError(f"--output {path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise DataError(f"--output {path}: directory {path.parent} does not exist")
+
+
+def write_array(path: Path, array: np.ndarray, *, overwrite: bool = False) -> None:
+    """Write ``array`` as .npy or .csv (rows flattened), atomically: readers never see
+    a half-written file and a failed write leaves any previous file intact."""
+    check_output(path, overwrite)
+
+    def write(f) -> None:
+        if path.suffix.lower() == ".npy":
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        else:
+            np.savetxt(f, array.reshape(len(array), -1), delimiter=",", fmt="%.9g")
+
+    atomic_write(path, write)

@@ -1,0 +1,117 @@
+"""The ``aecore`` command: the parser (each command module adds its commands), the
+small commands (``models``, ``info``, ``bench``) and the error handling: errors print
+one line on stderr and exit non-zero; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aecore._version import __version__
+from aecore.cli import demo, inference, train
+from aecore.cli.tables import print_table
+from aecore.errors import AecoreError, TrainingInterrupted
+from aecore.params import integer
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (with --resume)
+
+#: ``aecore bench WHAT`` -> the benchmark module (installed from benchmarks/)
+BENCHMARKS = {"kernels": "aecore_benchmarks.kernels", "onnx": "aecore_benchmarks.runtime"}
+
+
+def cmd_models(args) -> int:
+    from aecore.registry import model_entries
+
+    rows = []
+    for e in model_entries():
+        if e.status != "ok" and not args.all:
+            continue
+        cls = e.load() if not e.conflict else None
+        cls_name = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else e.target
+        status = e.status if e.status == "ok" else f"{e.status}: {e.reason}"
+        rows.append((e.name, cls_name, f"{e.distribution} {e.version}".strip(), status))
+    print_table(["name", "class", "distribution", "status"], rows)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    print(f"aecore {__version__}")
+    print(f"python {platform.python_version()} ({sys.executable})")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)}")
+    else:
+        print("cuda: not available")
+    from aecore.ops import backend_report
+
+    print("kernels:")
+    print_table(["op", "device", "implementation"], backend_report())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aecore", description="Plugin-based autoencoders for PyTorch")
+    p.add_argument("--version", action="version", version=f"aecore {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list registered models")
+    s.add_argument("--all", action="store_true", help="include broken plugins and why")
+    s.set_defaults(func=cmd_models)
+
+    train.add_commands(sub)
+
+    s = sub.add_parser("info", help="versions, devices and kernel implementations")
+    s.set_defaults(func=cmd_info)
+
+    demo.add_command(sub)
+
+    s = sub.add_parser("bench", help="benchmarks: kernels or onnx")
+    s.add_argument("what", choices=sorted(BENCHMARKS))
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    s.set_defaults(func=cmd_bench)
+
+    inference.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(integer("--threads", threads, low=1))
+        return args.func(args)
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, TrainingInterrupted):
+            print(f"aecore: {exc}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, (AecoreError, OSError)):
+            print(f"aecore: error: {exc}", file=sys.stderr)
+        else:
+            print(
+                f"aecore: internal error: {type(exc).__name__}: {exc} (rerun with --debug "
+                f"for the traceback)",
+                file=sys.stderr,
+            )
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("aecore: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,210 @@
+"""``aecore train`` and ``aecore eval``. The training flags are generated from
+``TrainConfig``'s fields (same names, defaults and help), so the command line cannot
+drift from the library's defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from typing import Any
+
+from aecore.cli.tables import format_ratio, print_table
+from aecore.config import TrainConfig
+from aecore.data.sources import SOURCE_FORMS
+from aecore.errors import ConfigError
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("train", help="train a model on a data source and save it")
+    s.add_argument("model", help="registry name (see `aecore models`)")
+    s.add_argument("--data", required=True, help=SOURCE_FORMS)
+    s.add_argument("--out", required=True, help="model folder to write")
+    s.add_argument("--latent-dim", type=int, default=8, help="code size (default 8)")
+    s.add_argument("--normalize", default="minmax", choices=["minmax", "standardize", "none"])
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model hyperparameter (JSON value), repeatable",
+    )
+    add_config_flags(s)
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    s.add_argument("--overwrite", action="store_true", help="replace a run or model in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (small models on a busy machine: 1)",
+    )
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="test reconstruction error of a saved model vs PCA")
+    s.add_argument("model_dir")
+    s.add_argument("--data", default=None, help="data source (default: the one it was trained on)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``); a flag that
+    is not given leaves the field at its default. Optional settings take ``none``."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        optional = "None" in str(f.type)
+        help_text = f"{f.metadata['help']} (default: {_show(f.default)})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        kind = float if "float" in str(f.type) else int if "int" in str(f.type) else str
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=_optional(kind) if optional else kind,
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            help=help_text,
+        )
+
+
+def _show(value: Any) -> str:
+    return (
+        "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if hasattr(args, f.name)
+        }
+    )
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value``: values are JSON when they parse as JSON, else strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. hidden=[256,128]); got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def cmd_train(args) -> int:
+    from aecore.pipeline import train
+
+    config = config_from_args(args)
+    hparams = parse_set(args.set)
+    with GracefulStop() as stopper:
+        result = train(
+            args.model,
+            args.data,
+            args.out,
+            latent_dim=args.latent_dim,
+            hparams=hparams,
+            config=config,
+            normalize=args.normalize,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=None if not args.quiet else False,
+            trainer_hook=stopper.attach,
+        )
+    m = result.metrics
+    if not result.history.is_main:
+        return 0
+    print(
+        f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} "
+        f"(PCA {m['pca_test_mse']:.6g}, ratio {format_ratio(m['ratio_to_pca'])}), "
+        f"best epoch {m['best_epoch']} of {m['epochs_run']}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from aecore.data import prepare_like
+    from aecore.io.model_folder import load
+    from aecore.pipeline import evaluate
+
+    model = load(args.model_dir)
+    prepared = prepare_like(model.metadata, args.data)
+    metrics = evaluate(model, prepared)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    name = model.metadata["model"]
+    print(
+        f"{name} ({args.model_dir}) on {prepared.record['source']}, test split of "
+        f"{metrics['test_rows']} rows, code size {model.latent_dim}"
+    )
+    pca = metrics["pca_test_mse"]
+
+    def vs_pca(mse: float) -> str:
+        return format_ratio(None if metrics["ratio_to_pca"] is None else mse / pca)
+
+    rows = [
+        (name, f"{metrics['test_mse']:.6g}", vs_pca(metrics["test_mse"])),
+        (f"PCA ({model.latent_dim} components)", f"{pca:.6g}", vs_pca(pca)),
+    ]
+    for label, mse in (metrics.get("baselines") or {}).items():
+        rows.append((label, f"{mse:.6g}", vs_pca(mse)))
+    print_table(["model", "test MSE", "vs PCA"], rows)
+    skip = {"test_mse", "pca_test_mse", "ratio_to_pca", "test_rows", "baselines"}
+    for key, value in metrics.items():
+        if key not in skip:
+            print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT ask the trainer to checkpoint at the next step and stop; a
+    second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.previous: dict[int, Any] = {}
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    def _handle(self, signum, frame) -> None:
+        if self.trainer is None or self.trainer.stop_requested is not None:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        self.trainer.request_stop(name)
+        print(
+            f"\n{name} received: checkpointing at the next step (send again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,78 @@
+"""A data set of rows and its checks: every source ends up as a ``Dataset``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aecore.errors import DataError
+
+_SCAN_BYTES = 32 * 2**20  # bytes read per pass when scanning memory-mapped data
+
+
+@dataclass
+class Dataset:
+    """Rows ``x`` (N, *shape), maybe a memory map, optional integer ``labels``."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def as_dataset(x: Any, labels=None, source: str = "array", *, check_finite: bool = True) -> Dataset:
+    """Validate an array of rows and wrap it."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            raise DataError(
+                f"{source}: cannot convert {type(x).__name__} to an array: {exc}"
+            ) from None
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{source}: expected numeric data; got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise DataError(
+            f"{source}: expected an array of rows (N, features...) with at least 2 axes; "
+            f"got shape {x.shape}"
+        )
+    if x.shape[0] == 0 or 0 in x.shape[1:]:
+        raise DataError(f"{source}: the data is empty (shape {x.shape})")
+    if check_finite and x.dtype.kind == "f":
+        check_all_finite(x, source)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (x.shape[0],):
+            raise DataError(
+                f"{source}: expected one label per row ({x.shape[0]}); got labels of shape "
+                f"{labels.shape}"
+            )
+    return Dataset(x, labels, source)
+
+
+def check_all_finite(x: np.ndarray, source: str) -> None:
+    """Raise a DataError naming the first NaN/inf (row and feature index)."""
+    n = len(x)
+    chunk = max(1, _SCAN_BYTES // max(1, x[:1].nbytes))
+    for start in range(0, n, chunk):
+        block = np.asarray(x[start : start + chunk])
+        bad = ~np.isfinite(block)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            row = start + int(where[0])
+            index = tuple(int(i) for i in where[1:])
+            value = block[tuple(where)]
+            count = int(bad.sum())
+            raise DataError(
+                f"{source}: {value} at row {row}, feature {index if len(index) > 1 else index[0]}"
+                f" ({count} non-finite value{'s' if count > 1 else ''} in rows "
+                f"{start}-{start + len(block) - 1}); clean or impute the data first"
+            )

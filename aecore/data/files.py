@@ -1,0 +1,215 @@
+"""Readers of data files: ``.npy`` / ``.npz`` (memory-mapped where the format allows),
+numeric ``.csv`` and IDX (the MNIST format, gzipped or not). Each returns an array of
+rows and, where the file has them, labels; errors name the file and what is wrong."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from aecore.errors import DataError
+
+
+def existing_file(path: str, what: str) -> Path:
+    """``path`` as a Path to an existing file; ``what`` names the format in errors."""
+    if not path:
+        raise DataError(f"{what}: a path is required, e.g. {what}:data/train.{what}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{what}: file not found: {p}")
+    if p.is_dir():
+        raise DataError(f"{what}: expected a file, got a directory: {p}")
+    return p
+
+
+def read_npy(path: str) -> np.ndarray:
+    """A ``.npy`` array, memory-mapped (data larger than RAM streams from disk)."""
+    p = existing_file(path, "npy")
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"npy: {p} is not a plain numeric .npy array ({exc})") from None
+    except Exception as exc:
+        raise DataError(f"npy: cannot read {p}: {exc}") from None
+
+
+def read_npz(spec: str) -> np.ndarray:
+    """``PATH[:KEY]`` of an ``.npz``: memory-mapped when stored uncompressed (np.savez);
+    without a key, the array ``x`` or the only one."""
+    rest = spec
+    path, _, key = (
+        rest.rpartition(":") if rest.count(":") and not Path(rest).exists() else (rest, "", "")
+    )
+    p = existing_file(path, "npz")
+    try:
+        archive = zipfile.ZipFile(p)
+    except zipfile.BadZipFile:
+        raise DataError(f"npz: {p} is not an .npz archive (not a zip file)") from None
+    with archive:
+        members = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+        if not members:
+            raise DataError(f"npz: {p} holds no arrays")
+        if not key:
+            if len(members) > 1 and "x" not in members:
+                raise DataError(
+                    f"npz: {p} holds several arrays ({', '.join(members)}); choose one with "
+                    f"npz:{p}:KEY"
+                )
+            key = "x" if "x" in members else members[0]
+        if key not in members:
+            raise DataError(f"npz: no array {key!r} in {p}; it holds {', '.join(members)}")
+        info = archive.getinfo(key + ".npy")
+        mapped = _memmap_stored_member(p, archive, info)
+        if mapped is not None:
+            return mapped
+        with archive.open(info) as f:
+            try:
+                return np.lib.format.read_array(io.BufferedReader(f), allow_pickle=False)
+            except ValueError as exc:
+                raise DataError(f"npz: {p}:{key} is not a plain numeric array ({exc})") from None
+
+
+def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """Memory-map an uncompressed member of an .npz (np.savez stores members raw)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except ValueError:
+            return None
+        if dtype.hasobject:
+            raise DataError(f"npz: {path} holds an object array; only numeric data is read")
+        offset = f.tell()
+    return np.memmap(
+        path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    )
+
+
+def read_csv(path: str) -> np.ndarray:
+    """A numeric CSV as float32 rows; a first row that does not parse is a header."""
+    p = existing_file(path, "csv")
+    rows: list[list[float]] = []
+    width = None
+    # utf-8-sig: a byte-order mark would otherwise make the first row look like a header
+    with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            cells = [c.strip() for c in line.split(",")]
+            try:
+                values = [float(c) for c in cells]
+            except ValueError:
+                if lineno == 1 and not rows:
+                    continue  # a header row
+                bad = next(c for c in cells if not _is_float(c))
+                raise DataError(
+                    f"csv: {p} line {lineno}: non-numeric value {bad!r}; every cell after the "
+                    f"header must be a number"
+                ) from None
+            if width is None:
+                width = len(values)
+            elif len(values) != width:
+                raise DataError(f"csv: {p} line {lineno}: {len(values)} columns, expected {width}")
+            rows.append(values)
+    if not rows:
+        raise DataError(f"csv: {p} holds no data rows")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+_IDX_DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not. Plain files are memory-mapped."""
+    p = existing_file(str(path), "idx")
+    with open(p, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped:
+        try:
+            with gzip.open(p, "rb") as f:
+                raw = f.read()
+        except (OSError, EOFError) as exc:
+            raise DataError(f"idx: {p} is a damaged gzip file ({exc})") from None
+        header_src = raw
+    else:
+        raw = None
+        with open(p, "rb") as f:
+            header_src = f.read(4 + 4 * 255)
+    if len(header_src) < 4 or header_src[0] != 0 or header_src[1] != 0:
+        raise DataError(
+            f"idx: {p} is not an IDX file: wrong magic number {header_src[:4].hex() or 'empty'} "
+            f"(expected 0000 then a type byte and the number of axes, e.g. 00000803)"
+        )
+    type_code, ndim = header_src[2], header_src[3]
+    if type_code not in _IDX_DTYPES:
+        raise DataError(f"idx: {p} has unknown IDX element type 0x{type_code:02x}")
+    if ndim == 0 or len(header_src) < 4 + 4 * ndim:
+        raise DataError(f"idx: {p} is truncated: the header is incomplete")
+    shape = tuple(int.from_bytes(header_src[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    size = len(raw) - offset if raw is not None else p.stat().st_size - offset
+    if size < expected:
+        raise DataError(
+            f"idx: {p} is truncated: the header promises shape {shape} ({expected} bytes of data) "
+            f"but the file holds {size}"
+        )
+    if raw is not None:
+        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(
+            shape
+        )
+    return np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def read_idx_images(spec: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``IMAGES[:LABELS]`` IDX files: images (N, 1, H, W) (grey) and optional labels."""
+    rest = spec
+    images, labels = rest, None
+    if ":" in rest and not Path(rest).exists():
+        images, _, labels_path = rest.rpartition(":")
+        labels = read_idx(labels_path)
+        if labels.ndim != 1:
+            raise DataError(f"idx: labels file {labels_path} must be 1-D; got shape {labels.shape}")
+    x = read_idx(images)
+    if x.ndim == 1:
+        raise DataError(f"idx: {images} is 1-D (a labels file?); expected images (N, H, W)")
+    if x.ndim == 3:  # (N, H, W) grey images -> (N, 1, H, W)
+        x = x.reshape(x.shape[0], 1, *x.shape[1:])
+    if labels is not None and len(labels) != len(x):
+        raise DataError(f"idx: {len(x)} images but {len(labels)} labels")
+    return x, labels

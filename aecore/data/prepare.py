@@ -1,0 +1,82 @@
+"""A data source made ready for training: loaded, split (seeded) and with a
+normalisation fitted on the training rows. ``prepare_like`` rebuilds the same split for
+a saved model (``aecore eval``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aecore.data.dataset import Dataset
+from aecore.data.normalization import Normalization
+from aecore.data.sources import load_data
+from aecore.data.split import ArrayView, Split, split_indices
+from aecore.errors import DataError
+
+
+@dataclass
+class Prepared:
+    """A data source split into normalised train/val/test views."""
+
+    dataset: Dataset
+    split: Split
+    normalization: Normalization
+    record: dict[str, Any]
+
+    def view(self, part: str) -> ArrayView:
+        return ArrayView(self.dataset.x, getattr(self.split, part), self.normalization)
+
+    def labels(self, part: str) -> np.ndarray | None:
+        if self.dataset.labels is None:
+            return None
+        return self.dataset.labels[getattr(self.split, part)]
+
+
+def prepare(
+    source: str,
+    *,
+    normalize: str = "minmax",
+    per_feature: bool | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Prepared:
+    """Load ``source``, split it (seeded), fit the normalisation on the train rows."""
+    dataset = load_data(source)
+    split = split_indices(
+        len(dataset), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    )
+    norm = Normalization.fit(normalize, ArrayView(dataset.x, split.train, raw=True), per_feature)
+    record = {
+        "source": source,
+        "rows": len(dataset),
+        "shape": list(dataset.shape),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "normalize": normalize,
+        "per_feature": per_feature,
+        "split": split.to_dict(),
+    }
+    return Prepared(dataset, split, norm, record)
+
+
+def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Prepared:
+    """The same split and normalisation a saved model was trained with (on ``source``
+    if given, else on the source it was trained on)."""
+    data = model_record.get("data") or {}
+    if source is None and "source" not in data:
+        raise DataError("the model folder does not say what data it was trained on; pass --data")
+    prepared = prepare(
+        source or data["source"],
+        normalize=data.get("normalize", "none"),
+        per_feature=data.get("per_feature"),
+        val_fraction=data.get("val_fraction", 0.1),
+        test_fraction=data.get("test_fraction", 0.2),
+        seed=data.get("seed", 0),
+    )
+    # inference always uses the normalisation stored with the model
+    prepared.normalization = Normalization.from_dict(model_record.get("normalization"))
+    return prepared

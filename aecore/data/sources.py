@@ -1,0 +1,75 @@
+"""Named data sources: ``load_data(source)`` turns a name such as ``digits`` or
+``npy:PATH`` into a ``Dataset`` of rows.
+
+* ``digits`` / ``digits:image``: scikit-learn's bundled 8x8 digits as (N, 64) / (N, 1, 8, 8)
+* ``npy:PATH``: memory-mapped, so data larger than RAM streams from disk
+* ``npz:PATH[:KEY]``: memory-mapped when the archive is uncompressed (``np.savez``)
+* ``csv:PATH``: numeric CSV, an optional header row
+* ``idx:PATH[:LABELS]``: MNIST / Fashion-MNIST IDX files, gzipped or not
+* ``patches[:N]``: 8x8 patches of scikit-learn's sample images (Ng's sparse-coding exercise)
+
+Normalisation is not applied here: it is fitted on the training rows only
+(``aecore.data.prepare``) and applied lazily, batch by batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from aecore.data.dataset import Dataset, as_dataset
+from aecore.data.files import read_csv, read_idx_images, read_npy, read_npz
+from aecore.data.images import sample_patches
+from aecore.errors import DataError
+
+SourceResult = tuple[np.ndarray, "np.ndarray | None"]
+
+
+def _digits(rest: str) -> SourceResult:
+    from sklearn.datasets import load_digits
+
+    if rest not in ("", "image", "vector"):
+        raise DataError(f"digits: expected 'digits' or 'digits:image'; got 'digits:{rest}'")
+    bunch = load_digits()
+    x = bunch.data.astype(np.float32)
+    if rest == "image":
+        x = x.reshape(-1, 1, 8, 8)
+    return x, bunch.target.astype(np.int64)
+
+
+def _patches(rest: str) -> SourceResult:
+    n = 10000
+    if rest:
+        try:
+            n = int(rest)
+        except ValueError:
+            raise DataError(f"patches: expected patches[:COUNT]; got 'patches:{rest}'") from None
+        if n < 1:
+            raise DataError(f"patches: COUNT must be positive; got {n}")
+    return sample_patches(n), None
+
+
+#: source kind -> loader of the text after ``kind:`` -> (rows, labels or None)
+SOURCES: dict[str, Callable[[str], SourceResult]] = {
+    "digits": _digits,
+    "npy": lambda rest: (read_npy(rest), None),
+    "npz": lambda rest: (read_npz(rest), None),
+    "csv": lambda rest: (read_csv(rest), None),
+    "idx": read_idx_images,
+    "patches": _patches,
+}
+SOURCE_FORMS = (
+    "digits, digits:image, npy:PATH, npz:PATH[:KEY], csv:PATH, idx:PATH[:LABELS], patches"
+)
+
+
+def load_data(source: str, *, check_finite: bool = True) -> Dataset:
+    """Load a named data source (see the module docstring)."""
+    if not isinstance(source, str) or not source:
+        raise DataError(f"data source must be a non-empty string such as 'digits'; got {source!r}")
+    kind, _, rest = source.partition(":")
+    if kind not in SOURCES:
+        raise DataError(f"unknown data source {source!r}: expected one of {SOURCE_FORMS}")
+    x, labels = SOURCES[kind](rest)
+    return as_dataset(x, labels, source, check_finite=check_finite)

@@ -1,0 +1,89 @@
+"""The seeded train/val/test split and lazily normalised views of its rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aecore.data.normalization import Normalization
+from aecore.errors import DataError
+
+
+# -- split and normalised views ----------------------------------------------------
+@dataclass
+class Split:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def split_indices(
+    n: int, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> Split:
+    """A seeded random split of ``n`` rows; each index array is sorted (memory maps read
+    forward)."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{name} must be in [0, 1); got {f}")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction + test_fraction must be < 1; got {val_fraction} + {test_fraction}"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    if n - n_test - n_val < 1:
+        raise DataError(f"{n} rows are too few to split into train/val/test")
+    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+    return Split(np.sort(train), np.sort(val), np.sort(test))
+
+
+class ArrayView:
+    """Rows ``x[indices]`` of a (maybe memory-mapped) array, normalised on access.
+
+    Indexing with an int or an index array reads only those rows, so a view of data
+    larger than RAM costs nothing until a batch is drawn.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        indices: np.ndarray | None = None,
+        normalization: Normalization | None = None,
+        *,
+        raw: bool = False,
+    ) -> None:
+        self.x = x
+        self.indices = np.arange(len(x)) if indices is None else np.asarray(indices)
+        self.normalization = normalization or Normalization("none")
+        self.raw = raw  # rows as stored (dtype kept), e.g. to fit a normalisation
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.x.shape[1:])
+
+    def __getitem__(self, item) -> np.ndarray:
+        rows = self.indices[item]
+        if np.ndim(rows) == 0:
+            row = np.asarray(self.x[int(rows)])
+            return row if self.raw else self.normalization.apply(row[None])[0]
+        order = np.argsort(rows, kind="stable")  # read memory maps forward
+        block = np.asarray(self.x[rows[order]])
+        if self.raw:
+            out = np.empty_like(block)
+            out[order] = block
+            return out
+        out = np.empty_like(block, dtype=np.float32)
+        out[order] = self.normalization.apply(block)
+        return out
+
+    def to_numpy(self) -> np.ndarray:
+        return self[np.arange(len(self))]

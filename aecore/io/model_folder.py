@@ -1,0 +1,198 @@
+"""Model folders: ``model.safetensors`` (weights) + ``model.json`` (what rebuilds it).
+
+Loading never unpickles: weights come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aecore._version import __version__
+from aecore.config import TrainConfig
+from aecore.data.normalization import Normalization
+from aecore.errors import AecoreError, ConfigError, ModelFileError, RegistryError
+from aecore.io.atomic import atomic_write_text
+from aecore.io.tensors import check_safetensors_header, save_tensors
+from aecore.registry import model_class, name_of
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+FORMAT = "aecore-model"
+FORMAT_VERSION = 1
+
+
+def save(
+    model,
+    directory: str | os.PathLike,
+    *,
+    metrics: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    training: TrainConfig | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` (and its ``model.normalization``) into ``directory``;
+    ``training`` is the config of the run that trained it (read back by ``aecore eval``).
+
+    Refuses to replace an existing saved model unless ``overwrite=True``. Each file is
+    written atomically, weights first, so a crash never leaves a json naming weights
+    that are not there.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ModelFileError(f"cannot save into {directory}: it exists and is not a directory")
+    if (directory / CONFIG).exists() and not overwrite:
+        raise ModelFileError(
+            f"{directory} already holds a saved model; pass overwrite=True (--overwrite) "
+            f"or choose another directory"
+        )
+    name = name_of(model)
+    config = model.get_config()
+    try:
+        config_json = json.dumps(config)
+    except TypeError as exc:
+        raise ModelFileError(f"{name}.get_config() is not JSON-serialisable: {exc}") from None
+    norm = getattr(model, "normalization", None) or Normalization("none")
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "config": json.loads(config_json),
+        "input_shape": list(model.input_shape),
+        "latent_dim": model.latent_dim,
+        "normalization": norm.to_dict(),
+        "metrics": metrics or {},
+        "data": data or {},
+        "training": training.to_dict() if training is not None else None,
+        "aecore_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(directory / WEIGHTS, _unique_state(model))
+    atomic_write_text(directory / CONFIG, json.dumps(record, indent=2) + "\n")
+    return directory
+
+
+def _unique_state(model) -> dict[str, torch.Tensor]:
+    """state_dict with tied tensors stored once (safetensors refuses shared storage);
+    load restores ties by loading into the model itself."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen[ident] = key
+        out[key] = t
+    return out
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``model.json`` of a model folder, checked for the fields load needs."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFileError(f"{directory}: not a model folder (no such directory)")
+    path = directory / CONFIG
+    if not path.exists():
+        raise ModelFileError(f"{directory}: not a model folder (no {CONFIG})")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not an aecore model record (no 'format': '{FORMAT}')")
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{path}: 'format_version' must be an integer; got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} was written by a newer aecore (format {record['format_version']}); "
+            f"upgrade aecore to load it"
+        )
+    for field in ("model", "config"):
+        if field not in record:
+            raise ModelFileError(f"{path} lacks the field {field!r}")
+    if not isinstance(record["config"], dict):
+        raise ModelFileError(f"{path}: 'config' must be an object")
+    return record
+
+
+def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """Rebuild a saved model in eval mode, with ``model.normalization`` and
+    ``model.metadata`` (the whole ``model.json``) set."""
+    directory = Path(directory)
+    record = read_record(directory)
+    try:
+        cls = model_class(record["model"])
+    except RegistryError as exc:
+        raise ModelFileError(f"{directory}: {exc}") from None
+    try:
+        model = cls(**record["config"])
+    except AecoreError as exc:
+        raise ModelFileError(f"{directory}: the saved config does not build: {exc}") from None
+    except TypeError as exc:
+        raise ModelFileError(
+            f"{directory}: the saved config does not fit {record['model']}: {exc}"
+        ) from None
+    load_weights(model, directory / WEIGHTS)
+    try:
+        model.normalization = Normalization.from_dict(record.get("normalization"))
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{directory}: malformed normalization in {CONFIG}: {exc}") from None
+    training_config(record, directory)  # a malformed record fails here, not at eval
+    model.metadata = record
+    return model.to(device).eval()
+
+
+def training_config(record: dict[str, Any], directory: Any = "") -> TrainConfig:
+    """The TrainConfig a saved model was trained with (``model.json``'s ``training``);
+    the defaults for a model saved without one (trained outside aecore's Trainer)."""
+    saved = record.get("training")
+    if saved is None:
+        return TrainConfig()
+    try:
+        return TrainConfig.from_dict(saved)
+    except ConfigError as exc:
+        raise ModelFileError(f"{directory}: malformed training config in {CONFIG}: {exc}") from None
+
+
+def load_weights(model, path: Path) -> None:
+    """Load safetensors weights into ``model``, naming every mismatch."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors_header(path)
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise ModelFileError(f"{path} is corrupt: {exc}") from None
+    for key in getattr(model, "retired_state_keys", ()):
+        state.pop(key, None)  # written by an older version of the model; unused now
+    expected = model.state_dict()
+    problems = []
+    tied = set(expected) - set(_unique_state(model))
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key in sorted(set(state) & set(expected)):
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            problems.append(
+                f"{key} has shape {tuple(state[key].shape)}, the config builds "
+                f"{tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise ModelFileError(
+            f"{path}: the weights do not match the model config: {'; '.join(problems)}"
+        )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,165 @@
+"""Export models to ONNX with torch's dynamo exporter, plus the metadata the runtime needs.
+
+``export_onnx(model_or_dir, "model.onnx", part=...)`` writes one self-contained file
+per part (weights inside, opset >= 18, a dynamic batch axis named ``batch``):
+
+* ``full``: ``x -> x_hat``, the model's eval forward (``decode(encode(x))``)
+* ``encoder``: ``x -> z``
+* ``decoder``: ``z -> x_hat``
+* ``all``: the three at once: ``model.onnx`` (full) with ``model.encoder.onnx`` and
+  ``model.decoder.onnx`` beside it. ``aecore.runtime.OnnxAutoencoder("model.onnx")``
+  finds the siblings, so this is the layout to ship.
+
+Each file's metadata props (``aecore.*``) carry the registry name, config, data
+normalisation, input shape, code size, part, aecore version and an export id shared by
+the parts of one export; the runtime needs nothing else. A model that cannot be
+exported raises ``OnnxExportError`` naming the model and the operation.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aecore._version import __version__
+from aecore.base import Autoencoder
+from aecore.data.normalization import Normalization
+from aecore.errors import ConfigError, ModelFileError, OnnxExportError
+from aecore.io.atomic import atomic_write
+from aecore.io.model_folder import load
+from aecore.onnx.graphs import (
+    SIGNATURES,
+    check_model,
+    check_standard,
+    name_batch_axis,
+    slice_part,
+)
+from aecore.onnx.trace import to_onnx
+from aecore.registry import name_of
+from aecore.runtime.format import FORMAT, FORMAT_VERSION, PARTS, part_paths
+
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+
+
+def export_onnx(
+    model_or_dir: Any,
+    path: str | os.PathLike,
+    part: str = "full",
+    *,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> Path:
+    """Export a model (an ``aecore.Autoencoder`` or a saved model folder) to ``path``.
+
+    ``part`` is ``"full"``, ``"encoder"``, ``"decoder"`` or ``"all"`` (see the module
+    docstring). Refuses to replace existing files unless ``overwrite=True``. Returns
+    the path written (for ``"all"``, the full graph's), the file to give
+    ``aecore.runtime.OnnxAutoencoder``.
+    """
+    if part not in (*PARTS, "all"):
+        raise ConfigError(f"part must be one of full, encoder, decoder, all; got {part!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ConfigError(f"opset must be an int >= {MIN_OPSET}; got {opset!r}")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise ConfigError(
+            f"opset {opset} is newer than this onnx package supports "
+            f"({onnx.defs.onnx_opset_version()})"
+        )
+    path = Path(path)
+    if not path.name.endswith(".onnx") or path.name == ".onnx":
+        raise ConfigError(f"ONNX file names end in .onnx; got {str(path)!r}")
+    parts = PARTS if part == "all" else (part,)
+    targets = part_paths(path) if part == "all" else {part: path}
+    for target in targets.values():
+        if target.is_dir():
+            raise ConfigError(f"cannot write {target}: it is a directory")
+        if target.exists() and not overwrite:
+            raise ModelFileError(
+                f"{target} exists; pass overwrite=True (--overwrite) or choose another name"
+            )
+    model, name = _resolve_model(model_or_dir)
+    protos = export_protos(model, name, parts, opset=opset)
+    for p, proto in protos.items():
+        blob = proto.SerializeToString()
+        atomic_write(targets[p], lambda f, blob=blob: f.write(blob))
+    return targets["full"] if part == "all" else path
+
+
+def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFAULT_OPSET):
+    """The checked ``onnx.ModelProto`` of each part in ``parts``, in memory (no files).
+    ``model`` is left as it was (a CPU float32 eval copy is exported)."""
+    parts = tuple(parts)
+    if not parts or any(p not in PARTS for p in parts):
+        raise ConfigError(f"parts must be a non-empty subset of {PARTS}; got {parts!r}")
+    model = _export_copy(model, name)
+    metadata = _metadata(model, name)
+    if len(parts) == 1:
+        (only,) = parts
+        raw = {only: to_onnx(model, name, only, opset)}
+    else:
+        # one trace for all parts, sliced into the three graphs afterwards: tracing
+        # dominates the cost and the slices hold exactly what separate exports would
+        combined = to_onnx(model, name, "all", opset)
+        raw = {p: slice_part(combined, p) for p in parts}
+    out = {}
+    for p, proto in raw.items():
+        name_batch_axis(proto)
+        check_standard(proto, name, p)
+        del proto.metadata_props[:]
+        for key, value in {**metadata, "aecore.part": p}.items():
+            proto.metadata_props.add(key=key, value=value)
+        proto.doc_string = f"aecore {name} ({p}): {SIGNATURES[p][0]} -> {SIGNATURES[p][1]}"
+        check_model(proto, name, p)
+        out[p] = proto
+    return out
+
+
+def _resolve_model(model_or_dir: Any) -> tuple[nn.Module, str]:
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model = load(model_or_dir)
+        return model, model.metadata["model"]
+    if isinstance(model_or_dir, Autoencoder):
+        return model_or_dir, name_of(model_or_dir)
+    raise ConfigError(
+        f"export_onnx expects an aecore.Autoencoder or a model folder; "
+        f"got {type(model_or_dir).__name__}"
+    )
+
+
+def _export_copy(model: nn.Module, name: str) -> nn.Module:
+    try:
+        clone = copy.deepcopy(model)
+    except Exception as exc:  # a plugin holding something uncopyable
+        raise OnnxExportError(f"cannot export {name}: the model cannot be copied: {exc}") from None
+    return clone.to(device="cpu", dtype=torch.float32).eval()
+
+
+def _metadata(model: nn.Module, name: str) -> dict[str, str]:
+    config = json.dumps(model.get_config(), sort_keys=True)
+    norm = getattr(model, "normalization", None) or Normalization("none")
+    digest = hashlib.sha256(f"{name}\n{config}".encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {
+        "aecore.format": FORMAT,
+        "aecore.format_version": str(FORMAT_VERSION),
+        "aecore.model": name,
+        "aecore.config": config,
+        "aecore.normalization": json.dumps(norm.to_dict()),
+        "aecore.input_shape": json.dumps(list(model.input_shape)),
+        "aecore.latent_dim": str(model.latent_dim),
+        "aecore.version": __version__,
+        "aecore.torch_version": torch.__version__.split("+")[0],
+        "aecore.export_id": digest.hexdigest()[:20],
+    }

@@ -1,0 +1,156 @@
+"""The compiled kernels from Python: fake (meta) kernels and autograd for the
+``torch.ops.aecore`` schemas, and the calls the public ops make when the kernels for a
+tensor's device are loaded. Arguments arrive validated (aecore.ops.validation)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from aecore.ops._extension import SCHEMAS_LOADED
+from aecore.ops.types import CDStats, GibbsCall, GibbsChain
+
+if SCHEMAS_LOADED:
+
+    @torch.library.register_fake("aecore::gibbs_chain")
+    def _gibbs_chain_fake(v, W, b_v, b_h, k, gaussian_v, gaussian_h, sample_v, rng, n0, nh, nv):
+        B, V, H = v.shape[0], v.shape[1], W.shape[1]
+        return tuple(v.new_empty(s) for s in ((B, H), (B, H), (B, V), (B, V), (B, H), (B, H)))
+
+    @torch.library.register_fake("aecore::cd_step")
+    def _cd_step_fake(v, W, b_v, b_h, k, chain, gaussian_v, gaussian_h, sample_v, rng, n0, nh, nv):
+        V, H = v.shape[1], W.shape[1]
+        Bc = chain.shape[0] if chain is not None else v.shape[0]
+        return (
+            v.new_empty((V, H)),
+            v.new_empty((V,)),
+            v.new_empty((H,)),
+            v.new_empty((Bc, H)),
+            v.new_empty(()),
+        )
+
+    @torch.library.register_fake("aecore::kl_sparsity")
+    def _kl_fake(h, rho, beta):
+        return h.new_empty(()), h.new_empty((h.shape[1],))
+
+    @torch.library.register_fake("aecore::kl_sparsity_backward")
+    def _kl_backward_fake(grad_loss, grad_mean, mean, rows, rho, beta):
+        return mean.new_empty((rows, mean.shape[0]))
+
+    @torch.library.register_fake("aecore::topk_sparsify")
+    def _topk_fake(z, k):
+        return z.new_empty(z.shape), z.new_empty((z.shape[0], k), dtype=torch.int64)
+
+    @torch.library.register_fake("aecore::topk_sparsify_backward")
+    def _topk_backward_fake(grad_out, indices):
+        return grad_out.new_empty(grad_out.shape)
+
+    def _kl_setup(ctx, inputs, output):
+        h, rho, beta = inputs
+        ctx.save_for_backward(output[1])
+        ctx.rows, ctx.rho, ctx.beta = h.shape[0], rho, beta
+
+    def _kl_backward(ctx, grad_loss, grad_mean):
+        (mean,) = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = mean.new_zeros(())
+        grad = torch.ops.aecore.kl_sparsity_backward(
+            grad_loss, grad_mean, mean, ctx.rows, ctx.rho, ctx.beta
+        )
+        return grad, None, None
+
+    torch.library.register_autograd("aecore::kl_sparsity", _kl_backward, setup_context=_kl_setup)
+
+    def _topk_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    def _topk_backward(ctx, grad_out, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        return torch.ops.aecore.topk_sparsify_backward(grad_out, indices), None
+
+    torch.library.register_autograd(
+        "aecore::topk_sparsify", _topk_backward, setup_context=_topk_setup
+    )
+
+
+# The public ops differentiate through these lean autograd.Functions (the same forward
+# and backward ops as the registrations above, which serve direct torch.ops.aecore
+# users): torch.library's generic autograd wrapper runs in Python and at typical sizes
+# costs as much as the kernels themselves. Dynamo traces both without graph breaks.
+#
+# In eager mode the forward ops are also called below the Autograd dispatch key: their
+# Autograd kernel is torch.library's Python wrapper (from register_autograd above), which
+# for a call that records nothing only redispatches. Under torch.compile (Dynamo cannot
+# trace that guard) they are called plainly.
+def _below_autograd(op, *args):
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _KLSparsity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, rho, beta):
+        loss, mean = _below_autograd(torch.ops.aecore.kl_sparsity.default, h, rho, beta)
+        ctx.save_for_backward(mean)
+        ctx.rows, ctx.rho, ctx.beta = h.shape[0], rho, beta
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (mean,) = ctx.saved_tensors
+        grad = torch.ops.aecore.kl_sparsity_backward(
+            grad_loss, None, mean, ctx.rows, ctx.rho, ctx.beta
+        )
+        return grad, None, None
+
+
+class _TopkSparsify(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, k):
+        out, indices = _below_autograd(torch.ops.aecore.topk_sparsify.default, z, k)
+        ctx.save_for_backward(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (indices,) = ctx.saved_tensors
+        return torch.ops.aecore.topk_sparsify_backward(grad_out, indices), None
+
+
+def kl_sparsity(h: Tensor, rho: float, beta: float) -> Tensor:
+    if h.requires_grad and torch.is_grad_enabled():
+        return _KLSparsity.apply(h, rho, beta)
+    return _below_autograd(torch.ops.aecore.kl_sparsity.default, h, rho, beta)[0]
+
+
+def topk_sparsify(z: Tensor, k: int) -> Tensor:
+    if z.requires_grad and torch.is_grad_enabled():
+        return _TopkSparsify.apply(z, k)
+    return _below_autograd(torch.ops.aecore.topk_sparsify.default, z, k)[0]
+
+
+def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:
+    """gibbs_chain / cd_step on the compiled kernels (not differentiable: operands that
+    require grad are detached; the rest are passed as they are, a detach being a real
+    cost at small sizes)."""
+    v, W, b_v, b_h = (t.detach() if t.requires_grad else t for t in (c.v, c.W, c.b_v, c.b_h))
+    chain = c.chain.detach() if c.chain is not None and c.chain.requires_grad else c.chain
+    if c.noise is None:
+        # {seed, offset} of the Philox streams, drawn from the generator on v's device
+        rng = torch.randint(
+            0, 2**62, (2,), dtype=torch.int64, device=v.device, generator=c.generator
+        )
+        nh0 = nh = nv = None
+    else:
+        rng = torch.zeros(2, dtype=torch.int64, device=v.device)
+        nh0 = None if c.stats and chain is not None else c.noise.h0
+        nh = c.noise.h
+        nv = c.noise.v if c.sample_visible else None
+    units = (c.gaussian_visible, c.gaussian_hidden, c.sample_visible)
+    if not c.stats:
+        out = torch.ops.aecore.gibbs_chain(v, W, b_v, b_h, c.k, *units, rng, nh0, nh, nv)
+        return GibbsChain(*out)
+    out = torch.ops.aecore.cd_step(v, W, b_v, b_h, c.k, chain, *units, rng, nh0, nh, nv)
+    return CDStats(*out)

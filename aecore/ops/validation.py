@@ -1,0 +1,177 @@
+"""Argument checks shared by the fused ops and the reference: every bad input becomes a
+ShapeError (rank, sizes, mismatched operands) or ConfigError (type, dtype, device, k, ρ,
+β, ...) raised here, in Python, before any kernel runs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aecore.errors import ConfigError, ShapeError
+from aecore.ops.types import UNITS, GibbsCall, GibbsNoise
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+#: upper bound on k (Gibbs steps): a larger value is almost surely a mistake.
+MAX_GIBBS_STEPS = 10_000
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(int(d)) for d in t.shape) + ")"
+
+
+def tensor(op: str, name: str, t, rank: int, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ShapeError(f"{op}: {name} must be {rank}-D, got shape {_shape(t)}")
+    if like is None:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+    else:
+        if t.dtype != like.dtype:
+            raise ConfigError(f"{op}: {name} has dtype {t.dtype} but v has {like.dtype}")
+        if t.device != like.device:
+            raise ConfigError(f"{op}: {name} is on {t.device} but v is on {like.device}")
+
+
+def int_arg(op: str, name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{op}: {name} must be an int, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{op}: {name} must lie in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _gibbs_operands(op, v, W, b_v, b_h, k, chain, visible, hidden, sample_visible) -> None:
+    """Checks the RBM operands and unit types."""
+    tensor(op, "v", v, 2)
+    tensor(op, "W", W, 2, like=v)
+    tensor(op, "b_v", b_v, 1, like=v)
+    tensor(op, "b_h", b_h, 1, like=v)
+    V = v.shape[1]
+    if W.shape[0] != V:
+        raise ShapeError(
+            f"{op}: W must have shape (V, H) with V = v.shape[1] = {V}, got {_shape(W)} "
+            "(aecore uses W of shape (visible, hidden); pass W.T for an (H, V) matrix)"
+        )
+    H = W.shape[1]
+    if b_v.shape[0] != V:
+        raise ShapeError(f"{op}: b_v must have shape ({V},), got {_shape(b_v)}")
+    if b_h.shape[0] != H:
+        raise ShapeError(f"{op}: b_h must have shape ({H},), got {_shape(b_h)}")
+    int_arg(op, "k", k, 1, MAX_GIBBS_STEPS)
+    if chain is not None:
+        tensor(op, "chain", chain, 2, like=v)
+        if chain.shape[1] != H:
+            raise ShapeError(f"{op}: chain must have shape (batch, {H}), got {_shape(chain)}")
+    for name, unit in (("visible", visible), ("hidden", hidden)):
+        if unit not in UNITS:
+            raise ConfigError(f"{op}: {name} must be 'bernoulli' or 'gaussian', got {unit!r}")
+    if visible == hidden == "gaussian":
+        raise ConfigError(
+            f"{op}: visible='gaussian' with hidden='gaussian' has no normalisable "
+            "distribution (the chain diverges); make at least one layer 'bernoulli'"
+        )
+    if not isinstance(sample_visible, bool):
+        raise ConfigError(f"{op}: sample_visible must be a bool, got {sample_visible!r}")
+
+
+def generator_arg(op, generator, v) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ConfigError(
+            f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if generator.device.type != v.device.type:
+        raise ConfigError(f"{op}: generator is on {generator.device} but v is on {v.device}")
+
+
+def noise_arg(op, noise, v, W, k, chain, sample_visible) -> None:
+    if noise is None:
+        return
+    if not isinstance(noise, GibbsNoise):
+        raise ConfigError(f"{op}: noise must be an aecore.ops.GibbsNoise, got {type(noise)}")
+    B, V, H = v.shape[0], v.shape[1], W.shape[1]
+    Bc = chain.shape[0] if chain is not None else B
+    want = {"h0": (B, H), "h": (k, Bc, H), "v": (k, Bc, V)}
+    optional = {"h0": chain is not None and op == "cd_step", "v": not sample_visible}
+    for name, shape in want.items():
+        t = getattr(noise, name)
+        if t is None:
+            if optional.get(name, False):
+                continue
+            raise ConfigError(f"{op}: noise.{name} is required here (shape {shape})")
+        tensor(op, f"noise.{name}", t, len(shape), like=v)
+        if tuple(t.shape) != shape:
+            raise ShapeError(f"{op}: noise.{name} must have shape {shape}, got {_shape(t)}")
+
+
+def gibbs_call(
+    op: str,
+    v,
+    W,
+    b_v,
+    b_h,
+    *,
+    k,
+    chain,
+    visible,
+    hidden,
+    sample_visible,
+    generator,
+    noise,
+) -> GibbsCall:
+    """Every check of a gibbs_chain (``op="gibbs_chain"``) or cd_step call: the public op
+    and the reference make the same ones and run the GibbsCall this returns."""
+    stats = op == "cd_step"
+    _gibbs_operands(op, v, W, b_v, b_h, k, chain, visible, hidden, sample_visible)
+    generator_arg(op, generator, v)
+    noise_arg(op, noise, v, W, k, chain, sample_visible)
+    return GibbsCall(
+        v=v,
+        W=W,
+        b_v=b_v,
+        b_h=b_h,
+        k=k,
+        chain=chain,
+        gaussian_visible=visible == "gaussian",
+        gaussian_hidden=hidden == "gaussian",
+        sample_visible=sample_visible,
+        generator=generator,
+        noise=noise,
+        stats=stats,
+    )
+
+
+def _real(op, name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{op}: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def kl_args(h, rho, beta) -> tuple[float, float]:
+    op = "kl_sparsity"
+    tensor(op, "h", h, 2)
+    if h.shape[0] == 0:
+        raise ShapeError(
+            f"{op}: h must have at least one row (the mean is undefined), got {_shape(h)}"
+        )
+    rho = _real(op, "rho", rho)
+    beta = _real(op, "beta", beta)
+    if not 0.0 < rho < 1.0:
+        raise ConfigError(f"{op}: rho must lie in the open interval (0, 1), got {rho}")
+    if not (beta >= 0.0 and math.isfinite(beta)):
+        raise ConfigError(f"{op}: beta must be finite and >= 0, got {beta}")
+    return rho, beta
+
+
+def topk_args(z, k) -> int:
+    op = "topk_sparsify"
+    tensor(op, "z", z, 2)
+    D = z.shape[1]
+    if D == 0:
+        raise ShapeError(f"{op}: z must have at least one column, got {_shape(z)}")
+    return int_arg(op, "k", k, 1, D)

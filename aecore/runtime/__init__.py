@@ -1,0 +1,39 @@
+"""Run exported models with onnxruntime: numpy in, numpy out, no torch needed.
+
+Needs only ``numpy`` and ``onnxruntime`` (``pip install aecore[runtime]``); importing
+this module never imports torch. Export with ``aecore export DIR --out model.onnx --all``
+(or ``aecore.export_onnx(model, "model.onnx", part="all")``), then::
+
+    from aecore.runtime import OnnxAutoencoder
+    ae = OnnxAutoencoder("model.onnx")
+    z = ae.encode(x)               # codes, (N, latent_dim)
+    x_hat = ae.reconstruct(x)      # data units, like x
+    s = ae.score(x)                # anomaly score per row, (N,)
+
+Units: ``encode``, ``reconstruct`` and ``score`` take data in the units the model was
+trained on (raw features, e.g. pixel values 0..16); the normalisation stored in the
+file is applied first, exactly as in training. ``reconstruct`` and ``decode`` return
+data units (the normalisation inverted). ``score`` is the mean squared reconstruction
+error per row *in normalised units*, i.e. ``Autoencoder.score`` of the model on
+normalised inputs, so features count equally whatever their raw scale.
+
+``model.onnx`` (the full graph) serves ``reconstruct`` and ``score``; ``encode`` and
+``decode`` use ``model.encoder.onnx`` and ``model.decoder.onnx`` beside it, which
+``--all`` writes. Any one of the three files may be given: the others are found by
+name and must come from the same export. Without the full graph, ``reconstruct``
+chains encoder and decoder.
+"""
+
+from aecore.runtime.arrays import ArrayModel
+from aecore.runtime.format import DEFAULT_BATCH_SIZE, FORMAT, FORMAT_VERSION, PARTS, part_paths
+from aecore.runtime.onnx_model import OnnxAutoencoder
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PARTS",
+    "ArrayModel",
+    "OnnxAutoencoder",
+    "part_paths",
+]

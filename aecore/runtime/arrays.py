@@ -1,0 +1,167 @@
+"""The numpy interface of a model: inputs in data units are checked, normalised with the
+stored normalisation, run in batches; outputs go back to data units. Subclasses supply
+the forward pass of each part (onnxruntime here; PyTorch in the command line)."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+from aecore.data.normalization import Normalization
+from aecore.errors import ConfigError, DataError, ShapeError
+from aecore.runtime.format import DEFAULT_BATCH_SIZE
+
+
+class ArrayModel(abc.ABC):
+    """numpy front end shared by the ONNX runtime and the command line's PyTorch path:
+    input checks, normalisation, batching. Subclasses set ``name``, ``input_shape``,
+    ``latent_dim`` and ``normalization``, and implement ``_forward``."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    latent_dim: int
+
+    @abc.abstractmethod
+    def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
+        """Run one part on a float32 batch (normalised units)."""
+
+    @property
+    def normalization(self) -> Normalization:
+        """The data normalisation stored with the model (a ``Normalization``)."""
+        return self._normalization
+
+    @normalization.setter
+    def normalization(self, norm: Normalization) -> None:
+        if not isinstance(norm, Normalization):
+            raise ConfigError(f"normalization must be a Normalization; got {norm!r}")
+        self._normalization = norm
+        # float32 copies of its parameters for the hot path (float32 inputs, outputs);
+        # other dtypes go through Normalization.apply, which computes in float64
+        self._shift = self._scale = self._inv = None
+        self._shifted = False  # a zero shift (min-max of non-negative data) saves a pass
+        if norm.kind != "none":
+            shift, scale = norm.shift, norm.scale
+            if shift.size != 1 and shift.size != int(np.prod(self.input_shape)):
+                raise ConfigError(
+                    f"the normalisation has {shift.size} features; the model has "
+                    f"{int(np.prod(self.input_shape))}"
+                )
+            shape = () if shift.size == 1 else self.input_shape
+            safe = np.where(scale > 0, scale, 1.0)  # constant features are only shifted
+            self._shift = shift.reshape(shape).astype(np.float32)
+            self._scale = safe.reshape(shape).astype(np.float32)
+            self._inv = (1.0 / safe).reshape(shape).astype(np.float32)
+            self._shifted = bool(np.any(self._shift))
+
+    def _apply(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32:
+            return self._normalization.apply(x)
+        if self._shift is None:
+            return x
+        if not self._shifted:
+            return np.multiply(x, self._inv)
+        y = np.subtract(x, self._shift)
+        y *= self._inv
+        return y
+
+    def _invert(self, y: np.ndarray) -> np.ndarray:
+        """Normalised model outputs (a fresh float32 array, changed in place) -> data units."""
+        if self._shift is not None:
+            y *= self._scale
+            if self._shifted:
+                y += self._shift
+        return y
+
+    # -- public API -------------------------------------------------------------------
+    def encode(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units."""
+        x = self._check_inputs(x)
+        return self._map("encoder", x, (self.latent_dim,), batch_size, normalize=True)
+
+    def decode(self, z: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Inputs ``(N, *input_shape)`` in data units decoded from codes ``(N, latent_dim)``."""
+        z = self._check_codes(z)
+        return self._invert(self._map("decoder", z, self.input_shape, batch_size, normalize=False))
+
+    def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """``decode(encode(x))`` in data units: normalise, run the model, invert."""
+        x = self._check_inputs(x)
+        return self._invert(self._map("full", x, self.input_shape, batch_size, normalize=True))
+
+    def score(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Anomaly score per row, ``(N,)`` float32: mean squared reconstruction error in
+        normalised units (the model's ``Autoencoder.score`` on normalised inputs)."""
+        x = self._check_inputs(x)
+        batch_size = _check_batch_size(batch_size)
+        n = len(x)
+        if 0 < n <= batch_size:
+            return self._row_errors(x)
+        out = np.empty((n,), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            out[start : start + batch_size] = self._row_errors(x[start : start + batch_size])
+        return out
+
+    def _row_errors(self, x: np.ndarray) -> np.ndarray:
+        xn = self._apply(x)
+        err = self._forward("full", xn)
+        err -= xn
+        err = err.reshape(len(err), -1)
+        # row sums of squares in one pass (np.mean over axes is several times slower)
+        return np.einsum("ij,ij->i", err, err) / err.shape[1]
+
+    # -- helpers ------------------------------------------------------------------------
+    def _map(self, part, x, out_shape, batch_size, *, normalize) -> np.ndarray:
+        batch_size = _check_batch_size(batch_size)
+        n = len(x)
+        if n <= batch_size:  # the common case: one call, no copy into an output buffer
+            if not n:
+                return np.empty((0, *out_shape), np.float32)
+            return self._forward(part, self._apply(x) if normalize else x)
+        out = np.empty((n, *out_shape), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            chunk = x[start : start + batch_size]
+            out[start : start + len(chunk)] = self._forward(
+                part, self._apply(chunk) if normalize else chunk
+            )
+        return out
+
+    def _check_inputs(self, x: Any) -> np.ndarray:
+        if type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self.input_shape:
+            if x.ndim == len(self.input_shape) + 1:  # the hot path: nothing to convert
+                return x
+        return _check_array(x, self.input_shape, f"{self.name} expects inputs", "x")
+
+    def _check_codes(self, z: Any) -> np.ndarray:
+        z = _check_array(z, (self.latent_dim,), f"{self.name}.decode expects codes", "z")
+        return z.astype(np.float32, copy=False)
+
+
+def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.ndarray:
+    expected = f"(N, {', '.join(map(str, shape))})"
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            raise DataError(
+                f"{what} as an array of shape {expected}; cannot convert {type(x).__name__}: {exc}"
+            ) from None
+    if x.dtype.kind not in "fiu":
+        raise DataError(
+            f"{what} as a float or integer array of shape {expected}; got dtype {x.dtype}"
+        )
+    if x.shape[1:] != shape or x.ndim != len(shape) + 1:
+        hint = ""
+        if x.shape == shape:
+            hint = f"; for a single sample pass {name}[None]"
+        elif x.ndim >= 1 and x.size and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
+            hint = f"; reshape to {expected} with {name}.reshape(-1, {', '.join(map(str, shape))})"
+        raise ShapeError(f"{what} of shape {expected}; got shape {tuple(x.shape)}{hint}")
+    return x
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive int; got {batch_size!r}")
+    return batch_size

@@ -1,0 +1,28 @@
+"""The layout of an aecore ONNX export: one file per part, named after the full graph's
+file, with ``aecore.*`` metadata props. The exporter (``aecore.onnx``) writes what the
+runtime reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FORMAT = "aecore-onnx"  # written by aecore.onnx, read by this package
+FORMAT_VERSION = 1
+PARTS = ("full", "encoder", "decoder")
+#: rows per onnxruntime call: bounds memory for large (memory-mapped) inputs
+DEFAULT_BATCH_SIZE = 4096
+
+
+def part_paths(path: str | os.PathLike) -> dict[str, Path]:
+    """``m.onnx`` / ``m.encoder.onnx`` / ``m.decoder.onnx`` for any of the three."""
+    path = Path(path)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    for part in ("encoder", "decoder"):
+        if stem.endswith(f".{part}"):
+            stem = stem[: -len(part) - 1]
+    return {
+        "full": path.with_name(f"{stem}.onnx"),
+        "encoder": path.with_name(f"{stem}.encoder.onnx"),
+        "decoder": path.with_name(f"{stem}.decoder.onnx"),
+    }

@@ -1,0 +1,207 @@
+"""The conformance checks: each takes a ``ModelSpec`` (a model class, an input shape and
+hyperparameters) and raises ``ConformanceError`` naming the model, the check and what
+was wrong."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aecore import registry
+from aecore.data.normalization import Normalization
+from aecore.errors import RegistryError, ShapeError
+from aecore.io.model_folder import load, save
+
+VECTOR_SHAPE = (12,)
+IMAGE_SHAPE = (1, 8, 8)
+LATENT_DIM = 3
+
+
+class ConformanceError(AssertionError):
+    """A plugin breaks the aecore model contract."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a check runs on: a model class, one input shape and its hyperparameters."""
+
+    cls: type
+    input_shape: tuple[int, ...]
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    def build(self):
+        """A fresh, seeded model (data-dependent initialisation run on a fixed batch)."""
+        torch.manual_seed(0)
+        model = self.cls(input_shape=self.input_shape, latent_dim=LATENT_DIM, **self.hparams)
+        init = getattr(model, "init_from_data", None)
+        if init is not None:
+            init(batch(self.input_shape, 32, seed=1))
+        return model
+
+    def fail(self, check: str, message: str) -> None:
+        raise ConformanceError(f"{self.name}: {check}: {message}")
+
+
+def batch(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    # values in [0, 1]: valid for BCE and Bernoulli-visible models alike
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def registered(cls: type) -> Iterator[str]:
+    """A registry name for ``cls`` (registering it in-process if it has none)."""
+    try:
+        yield registry.name_of(cls)
+        return
+    except RegistryError:
+        pass
+    name = f"conformance-{cls.__name__.lower()}"
+    registry.register(name, cls)
+    try:
+        yield name
+    finally:
+        registry.unregister(name)
+
+
+def check_construction(spec: ModelSpec) -> None:
+    model = spec.build()
+    if tuple(model.input_shape) != spec.input_shape or model.latent_dim != LATENT_DIM:
+        spec.fail(
+            "construction",
+            f"input_shape/latent_dim not kept: {model.input_shape}, {model.latent_dim}",
+        )
+
+
+def check_config_round_trip(spec: ModelSpec) -> None:
+    model = spec.build()
+    config = model.get_config()
+    try:
+        text = json.dumps(config)
+    except TypeError as exc:
+        spec.fail("config round trip", f"get_config() is not JSON-serialisable: {exc}")
+    for key in ("input_shape", "latent_dim"):
+        if key not in config:
+            spec.fail("config round trip", f"get_config() lacks {key!r}")
+    rebuilt = spec.cls(**json.loads(text))
+    if rebuilt.get_config() != config:
+        spec.fail("config round trip", f"{rebuilt.get_config()} != {config}")
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    other = {k: v.shape for k, v in rebuilt.state_dict().items()}
+    if own != other:
+        spec.fail("config round trip", "rebuilt model has different parameters")
+
+
+def check_shapes(spec: ModelSpec) -> None:
+    shape = spec.input_shape
+    model = spec.build().eval()
+    for n in (1, 5):
+        x = batch(shape, n, seed=2)
+        with torch.no_grad():
+            z = model.encode(x)
+            if tuple(z.shape) != (n, LATENT_DIM):
+                spec.fail("shapes", f"encode gave {tuple(z.shape)}, expected {(n, LATENT_DIM)}")
+            x_hat = model.decode(z)
+            y1, y2 = model(x), model(x)
+        if tuple(x_hat.shape) != (n, *shape):
+            spec.fail("shapes", f"decode gave {tuple(x_hat.shape)}, expected {(n, *shape)}")
+        if not torch.equal(y1, y2):
+            spec.fail("shapes", "model(x) is not deterministic in eval mode")
+        if not torch.isfinite(y1).all():
+            spec.fail("shapes", "model(x) has non-finite values")
+        score = model.score(x)
+        if tuple(score.shape) != (n,) or not torch.isfinite(score).all():
+            spec.fail(
+                "shapes", f"score(x) must be finite of shape ({n},); got {tuple(score.shape)}"
+            )
+    bad = batch((*shape[:-1], shape[-1] + 1), 2, seed=3)
+    try:
+        model(bad)
+    except ShapeError:
+        pass
+    else:
+        spec.fail(
+            "shapes", f"input of shape {tuple(bad.shape)} was accepted; expected a ShapeError"
+        )
+
+
+def check_loss(spec: ModelSpec) -> None:
+    model = spec.build().train()
+    x = batch(spec.input_shape, 8, seed=4)
+    terms = model.loss(x) if model.uses_optimizer else model.train_step(x)
+    if not isinstance(terms, dict) or "loss" not in terms:
+        spec.fail("loss", f"expected a dict with key 'loss'; got {type(terms).__name__}")
+    for key, value in terms.items():
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            spec.fail("loss", f"term {key!r} must be a scalar tensor")
+        if not torch.isfinite(value):
+            spec.fail("loss", f"term {key!r} is not finite: {value}")
+    if model.uses_optimizer and not terms["loss"].requires_grad:
+        spec.fail("loss", "'loss' does not require grad")
+
+
+def check_training_lowers_loss(spec: ModelSpec) -> None:
+    """A few steps on one fixed batch lower the loss (noise fixed by a seed)."""
+    model = spec.build().train()
+    x = batch(spec.input_shape, 16, seed=5)
+
+    def measure() -> float:
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            with torch.no_grad():
+                return float(model.loss(x)["loss"])
+
+    before = measure()
+    if model.uses_optimizer:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(10):
+            torch.manual_seed(123)
+            opt.zero_grad()
+            model.loss(x)["loss"].backward()
+            opt.step()
+    else:
+        for _ in range(10):
+            model.train_step(x)
+    after = measure()
+    if not after < before:
+        spec.fail(
+            "training",
+            f"10 steps on a fixed batch did not lower the loss ({before:.6g} -> {after:.6g})",
+        )
+
+
+def check_save_load(spec: ModelSpec) -> None:
+    model = spec.build().eval()
+    model.normalization = Normalization("minmax", [0.0], [2.0])
+    x = batch(spec.input_shape, 4, seed=6)
+    with registered(spec.cls), tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "m")
+        loaded = load(Path(tmp) / "m")
+        if type(loaded) is not spec.cls:
+            spec.fail("save/load", f"loaded a {type(loaded).__name__}")
+        with torch.no_grad():
+            if not torch.equal(model(x), loaded(x)):
+                spec.fail("save/load", "outputs differ after save/load")
+        if loaded.normalization != model.normalization:
+            spec.fail("save/load", "normalisation not restored")
+
+
+#: the checks that need nothing beyond torch, in order
+CORE_CHECKS = [
+    check_construction,
+    check_config_round_trip,
+    check_shapes,
+    check_loss,
+    check_training_lowers_loss,
+    check_save_load,
+]

@@ -1,0 +1,125 @@
+"""Seeded mini-batches over whatever the user trains on: arrays (memory maps too),
+tensors, map-style torch Datasets or a DataLoader. The batch order depends only on
+(seed, epoch), so a resumed run draws the same batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from aecore.errors import DataError
+
+
+class Batches:
+    """Seeded mini-batches over arrays, tensors, torch Datasets or a DataLoader."""
+
+    def __init__(self, data: Any, batch_size: int, shuffle: bool, seed: int, name: str) -> None:
+        self.loader = None
+        self.array = None
+        self.dataset = None
+        if isinstance(data, IterableDataset) or (
+            isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
+        ):
+            raise DataError(
+                f"{name}: an IterableDataset has no length to shuffle, split into epochs or "
+                f"resume from; pass a map-style Dataset, an array or a memory map instead"
+            )
+        if isinstance(data, DataLoader):
+            self.loader = data
+            self.n = len(data.dataset)
+        elif isinstance(data, (np.ndarray, torch.Tensor)) or (
+            hasattr(data, "__getitem__")
+            and hasattr(data, "shape")
+            and not isinstance(data, Dataset)
+        ):
+            if len(getattr(data, "shape", ())) < 2:
+                raise DataError(
+                    f"{name}: expected rows (N, features...); got shape {tuple(data.shape)}"
+                )
+            self.array = data
+            self.n = len(data)
+        elif isinstance(data, Dataset):
+            self.dataset = data
+            self.n = len(data)
+        else:
+            raise DataError(
+                f"{name}: expected an ndarray, tensor, torch Dataset or DataLoader; "
+                f"got {type(data).__name__}"
+            )
+        if self.n == 0:
+            raise DataError(f"{name}: the data is empty")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+
+    def __len__(self) -> int:
+        if self.loader is not None:
+            return len(self.loader)
+        return math.ceil(self.n / self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        # derived from (seed, epoch) alone, so a resumed run draws the same batches
+        if not self.shuffle:
+            return torch.arange(self.n)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def global_size(self, epoch_step: int) -> int:
+        """Rows in global batch ``epoch_step`` (the last one may be short)."""
+        return min(self.batch_size, self.n - epoch_step * self.batch_size)
+
+    def epoch(
+        self,
+        epoch: int,
+        skip: int = 0,
+        rng_at_start: torch.Tensor | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[torch.Tensor]:
+        if self.loader is not None:
+            if not skip:
+                it = iter(self.loader)
+            else:
+                # a DataLoader shuffles from torch's RNG when iteration starts: replay the
+                # epoch's start state to draw the same order, skip what was done, then
+                # put back the RNG state of the interrupted step
+                now = torch.get_rng_state()
+                if rng_at_start is not None:
+                    torch.set_rng_state(rng_at_start)
+                it = iter(self.loader)
+                for _ in range(skip):
+                    next(it, None)
+                torch.set_rng_state(now)
+            for batch in it:
+                yield _first_tensor(batch)
+            return
+        order = self.order(epoch)
+        for i in range(skip, len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            # under torchrun each process takes a strided share of the same global batch
+            # (what a DistributedSampler does per epoch, done per step), so N processes
+            # step exactly like one process with the same global batch
+            idx = idx[rank::world]
+            if self.array is not None:
+                if isinstance(self.array, torch.Tensor):
+                    yield self.array[idx]
+                else:
+                    yield torch.as_tensor(np.asarray(self.array[idx.numpy()]))
+            else:
+                yield _first_tensor(
+                    torch.utils.data.default_collate([self.dataset[int(j)] for j in idx])
+                )
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    """A (x, y) batch from a labelled Dataset trains on x."""
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = batch.get("x", next(iter(batch.values())))
+    if not isinstance(batch, torch.Tensor):
+        batch = torch.as_tensor(np.asarray(batch))
+    return batch

@@ -1,0 +1,147 @@
+"""The files of a training run in its ``out_dir``: ``metrics.jsonl`` (one line per
+epoch) and ``checkpoint.safetensors`` (model, optimizer, best weights and RNG states as
+tensors, the rest as JSON metadata), written atomically; and the resume that reads
+them back exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aecore.config import TrainConfig
+from aecore.errors import ConfigError, ModelFileError
+from aecore.io.atomic import atomic_write_text
+from aecore.io.tensors import flatten_state, load_tensors, save_tensors, unflatten_state
+from aecore.training.state import History, RunState
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+FORMAT = "aecore-checkpoint"
+#: files that mark a folder as holding a run (model.json: a model aecore train saved)
+RUN_FILES = (CHECKPOINT, METRICS, "model.json")
+
+
+def check_fresh(out_dir: Path) -> None:
+    """Refuse to start a new run where one (or a saved model) already is."""
+    for name in RUN_FILES:
+        if (out_dir / name).exists():
+            raise ConfigError(
+                f"{out_dir} already holds a training run ({name}); resume it with "
+                f"resume=True (--resume), pass overwrite=True (--overwrite), or choose "
+                f"another out_dir"
+            )
+
+
+def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rewrite_metrics(out_dir: Path, history: History) -> None:
+    """metrics.jsonl as the history says (after a resume: drops lines of lost epochs)."""
+    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history.epochs))
+
+
+def write(
+    out_dir: Path,
+    model,
+    optimizer,
+    state: RunState,
+    config: TrainConfig,
+    *,
+    rng_states: list[torch.Tensor],
+    sums: dict[str, float],
+    count: int,
+    cuda_rng: torch.Tensor | None,
+) -> None:
+    """Write the checkpoint (rank 0; ``rng_states`` holds every rank's CPU RNG state)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v
+    optim = flatten_state(optimizer.state_dict(), "optim", tensors) if optimizer else None
+    if state.best_state is not None:
+        for k, v in state.best_state.items():
+            tensors[f"best.{k}"] = v
+    for rank, rng in enumerate(rng_states):
+        tensors[f"rng.cpu.{rank}"] = rng
+    tensors["rng.epoch_start"] = (
+        state.epoch_rng if state.epoch_rng is not None else torch.get_rng_state()
+    )
+    if cuda_rng is not None:
+        tensors["rng.cuda"] = cuda_rng
+    meta = {
+        "format": FORMAT,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_config": model.get_config(),
+        "optimizer": optim,
+        "epoch": state.epoch,
+        "epoch_step": state.epoch_step,
+        "step": state.step,
+        "sums": sums,
+        "count": count,
+        "world_size": len(rng_states),
+        "bad_epochs": state.bad_epochs,
+        "history": state.history.to_dict(),
+        "has_best": state.best_state is not None,
+        "training": config.to_dict(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(out_dir / CHECKPOINT, tensors, meta)
+
+
+def read(
+    out_dir: Path,
+    model,
+    optimizer,
+    state: RunState,
+    config: TrainConfig,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> None:
+    """Restore model, optimizer, run state and RNG states from the checkpoint, after
+    checking that it belongs to this model and can continue exactly."""
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        raise ModelFileError(f"cannot resume: no {CHECKPOINT} in {out_dir}")
+    tensors, meta = load_tensors(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not an aecore checkpoint")
+    if meta["model_config"] != model.get_config():
+        raise ModelFileError(
+            f"cannot resume: {path} was written for a model with config "
+            f"{meta['model_config']}, not {model.get_config()}"
+        )
+    if meta["world_size"] != world:
+        raise ConfigError(
+            f"cannot resume exactly: the checkpoint was written by {meta['world_size']} "
+            f"process(es); resume with the same number (got {world})"
+        )
+    saved = meta.get("training") or meta.get("trainer") or {}  # "trainer": older runs
+    if saved.get("batch_size") != config.batch_size or saved.get("seed") != config.seed:
+        raise ConfigError(
+            f"cannot resume exactly: the checkpoint used batch_size={saved.get('batch_size')}, "
+            f"seed={saved.get('seed')}; got batch_size={config.batch_size}, seed={config.seed}"
+        )
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None and meta["optimizer"] is not None:
+        optimizer.load_state_dict(unflatten_state(meta["optimizer"], tensors))
+    if meta["has_best"]:
+        state.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    state.epoch, state.epoch_step, state.step = meta["epoch"], meta["epoch_step"], meta["step"]
+    # rank 0 carries the interrupted epoch's global sums; the rest add to them
+    if rank == 0:
+        state.sums, state.count = meta["sums"], meta["count"]
+    state.bad_epochs = meta["bad_epochs"]
+    state.history = History.from_dict(meta["history"])
+    best = state.history.best_val_loss
+    state.best_val = best if best is not None else float("inf")
+    state.epoch_rng = tensors["rng.epoch_start"]
+    torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)

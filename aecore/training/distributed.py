@@ -1,0 +1,98 @@
+"""Multi-process training under ``torchrun``: the process group, this process's rank,
+and the few collectives the trainer needs. One process without torchrun is a world of
+size 1 and every collective is a no-op."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class DistContext:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, owns: bool = False):
+        self.rank, self.world, self.local_rank, self.owns = rank, world, local_rank, owns
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> DistContext:
+        """Join the process group torchrun describes in the environment (gloo on CPU,
+        NCCL on CUDA), or use one the caller already initialised."""
+        if not dist.is_available():
+            return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns=True)
+
+    def device_for(self, device: torch.device) -> torch.device:
+        """This process's device: under torchrun each process takes its local GPU."""
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.active or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def any(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Element-wise OR across processes (so every rank takes the same branch)."""
+        if not self.active:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def gather(self, t: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """Every rank's copy of a same-shaped tensor (e.g. RNG states), on the CPU."""
+        if not self.active:
+            return [t]
+        local = t.to(device=device, dtype=torch.int64)  # every backend reduces int64
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local)
+        return [o.to(device="cpu", dtype=t.dtype) for o in out]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _LossModule(torch.nn.Module):
+    """DDP hooks into ``forward``: this makes ``model.loss`` the forward it wraps."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(x)
+
+
+def distributed_loss(model, device: torch.device):
+    """``model.loss`` wrapped in DistributedDataParallel (gradients averaged over the
+    processes during backward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None
+    )

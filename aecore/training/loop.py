@@ -1,0 +1,319 @@
+"""One ``Trainer.fit``: the model, its batches, the process group, the optimizer and
+the run state, and the loop over epochs and steps."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from aecore.errors import ConfigError, ShapeError, TrainingError, TrainingInterrupted
+from aecore.training import checkpoint
+from aecore.training.batches import Batches
+from aecore.training.distributed import DistContext, distributed_loss
+from aecore.training.optim import gradient_step, lbfgs_step, make_optimizer
+from aecore.training.state import History, RunState
+
+#: rows of training data that data-dependent initialisation sees at most
+INIT_ROWS = 10000
+
+
+class TrainingRun:
+    """Runs one fit of ``model`` for ``trainer`` (its config, files and stop flag)."""
+
+    def __init__(self, trainer, model, train: Batches, val: Batches | None) -> None:
+        self.trainer = trainer
+        self.config = trainer.config
+        self.out_dir = trainer.out_dir
+        self.model = model
+        self.train = train
+        self.val = val
+        self.dist = DistContext.from_env(trainer.device)
+        self.device = self.dist.device_for(trainer.device)
+        self.state = RunState()
+        self.state.history.rank, self.state.history.world_size = self.dist.rank, self.dist.world
+        self.optimizer = None
+        self.loss_fn = model.loss
+
+    # -- the run ---------------------------------------------------------------------
+    def execute(self) -> History:
+        try:
+            if self.dist.active:
+                self._check_distributed()
+            self.model.to(self.device)
+            if self.model.uses_optimizer:
+                self.optimizer = make_optimizer(self.model, self.config)
+            if self.trainer.resume:
+                self._resume()
+            else:
+                self._start()
+            if self.dist.active:
+                self.loss_fn = distributed_loss(self.model, self.device)
+            self._epochs()
+        finally:
+            self.dist.close()
+        if self.state.best_state is not None:
+            self.model.load_state_dict(self.state.best_state)
+        self.model.eval()
+        return self.state.history
+
+    def _start(self) -> None:
+        if self.out_dir is not None and not self.trainer.overwrite:
+            checkpoint.check_fresh(self.out_dir)
+        self.dist.barrier()  # nobody writes before every process has checked
+        torch.manual_seed(self.config.seed + self.dist.rank)
+        self._check_first_batch()
+        # data-dependent init and pretraining see the whole data in every process, so
+        # all start identical (DDP also broadcasts rank 0's weights)
+        self._data_init()
+        pretrain = getattr(self.model, "pretrain", None)
+        if pretrain is not None:
+            pretrain(lambda: self.train.epoch(0), self.log)
+        if self.val is not None:
+            self.state.record_val(self.evaluate(), 0, self.model, self.config.min_delta)
+        if self.out_dir is not None and self.is_main:
+            checkpoint.rewrite_metrics(self.out_dir, self.state.history)
+
+    def _resume(self) -> None:
+        checkpoint.read(
+            self.out_dir, self.model, self.optimizer, self.state, self.config,
+            rank=self.dist.rank, world=self.dist.world, device=self.device,
+        )  # fmt: skip
+        if self.state.history.stopped_early:
+            self.state.epoch = self.config.epochs
+        if self.is_main:
+            checkpoint.rewrite_metrics(self.out_dir, self.state.history)
+
+    def _epochs(self) -> None:
+        from tqdm.auto import tqdm
+
+        state, config = self.state, self.config
+        while state.epoch < config.epochs:
+            epoch = state.epoch + 1
+            start = time.perf_counter()
+            self.model.train()
+            bar = tqdm(
+                total=len(self.train),
+                initial=state.epoch_step,
+                desc=f"epoch {epoch}/{config.epochs}",
+                disable=not self.show_progress,
+                leave=False,
+                file=sys.stderr,
+            )
+            if state.epoch_step == 0:
+                state.epoch_rng = torch.get_rng_state()
+                state.sums, state.count = {}, 0
+            batches = self.train.epoch(
+                epoch,
+                skip=state.epoch_step,
+                rng_at_start=state.epoch_rng,
+                rank=self.dist.rank,
+                world=self.dist.world,
+            )
+            for x in batches:
+                x = x.to(self.device, non_blocking=True).float()
+                global_rows = (
+                    self.train.global_size(state.epoch_step)
+                    if self.train.loader is None
+                    else len(x)
+                )
+                terms = self.step(x, global_rows, epoch)
+                for k, v in terms.items():
+                    state.sums[k] = state.sums.get(k, 0.0) + v * len(x)
+                state.count += len(x)
+                state.epoch_step += 1
+                state.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
+                if self._stop_now():
+                    bar.close()
+                    self._save_checkpoint()
+                    raise TrainingInterrupted(self._interrupted_message())
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    self._save_checkpoint()
+            bar.close()
+            self._end_epoch(epoch, start)
+
+    def _end_epoch(self, epoch: int, start: float) -> None:
+        state = self.state
+        record: dict[str, Any] = {"epoch": epoch, "step": state.step}
+        sums, count = self._global_sums()
+        record.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
+        improved = False
+        if self.val is not None:
+            val_terms = self.evaluate()
+            record.update({f"val_{k}": v for k, v in val_terms.items()})
+            improved = state.record_val(val_terms, epoch, self.model, self.config.min_delta)
+        record["seconds"] = round(time.perf_counter() - start, 4)
+        state.history.epochs.append(record)
+        state.epoch, state.epoch_step = epoch, 0
+        patience = self.config.patience
+        if patience is not None and self.val is not None and not improved:
+            state.bad_epochs += 1
+            if state.bad_epochs >= patience:
+                state.history.stopped_early = True
+                state.epoch = self.config.epochs
+        elif improved:
+            state.bad_epochs = 0
+        if self.out_dir is not None and self.is_main:
+            checkpoint.append_metrics(self.out_dir, record)
+        self._save_checkpoint()
+        self.log(
+            f"epoch {epoch}: "
+            + ", ".join(
+                f"{k}={v:.5g}" for k, v in record.items() if k.startswith(("train_", "val_"))
+            )
+        )
+
+    # -- one step ----------------------------------------------------------------------
+    def step(self, x: torch.Tensor, global_rows: int, epoch: int) -> dict[str, float]:
+        """One update on batch ``x``; returns the loss terms as floats."""
+        state = self.state
+        where = f"epoch {epoch}, step {state.epoch_step + 1} (global step {state.step + 1})"
+        if self.optimizer is None:
+            terms = self.model.train_step(x)
+            return {k: float(v.detach()) for k, v in terms.items()}
+        terms = self.loss_fn(x)
+        if "loss" not in terms:
+            raise TrainingError(f"{type(self.model).__name__}.loss returned no 'loss' key")
+        loss = terms["loss"]
+        if self.dist.any([not torch.isfinite(loss)], self.device)[0]:
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at {where}; the model keeps the weights "
+                f"from before this step. Lower the learning rate or set grad_clip."
+            )
+        # DDP averages gradients over processes; weighting each process's mean by its
+        # share of the global batch makes that the global batch mean
+        scale = len(x) * self.dist.world / global_rows if self.dist.active else 1.0
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            lbfgs_step(self.model, self.optimizer, lambda: self.loss_fn(x)["loss"], scale, where)
+        else:
+            gradient_step(self.model, self.optimizer, loss, scale, self.config.grad_clip, where)
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss terms on the validation data, in eval mode, with a fixed RNG stream
+        so stochastic losses are comparable across epochs and training RNG is untouched."""
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed + 7919)
+            for x in self.val.epoch(0):
+                x = x.to(self.device).float()
+                for k, v in self.model.loss(x).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+                count += len(x)
+        self.model.train(was_training)
+        return {k: v / count for k, v in sums.items()}
+
+    # -- checks and hooks ----------------------------------------------------------------
+    def _check_distributed(self) -> None:
+        name = type(self.model).__name__
+        world, batch_size = self.dist.world, self.config.batch_size
+        if not self.model.uses_optimizer:
+            raise ConfigError(
+                f"{name} updates its own parameters (train_step) and does not support "
+                f"multi-process training; run it in one process (without torchrun)"
+            )
+        if self.train.loader is not None:
+            raise ConfigError(
+                "under torchrun pass an array, tensor or Dataset rather than a DataLoader: "
+                "aecore shards each global batch across the processes itself"
+            )
+        if batch_size < world:
+            raise ConfigError(
+                f"batch_size ({batch_size}) must be at least the number of processes ({world})"
+            )
+        last = self.train.n % batch_size
+        if 0 < last < world:
+            raise ConfigError(
+                f"the last batch of {self.train.n} rows at batch_size {batch_size} has {last} "
+                f"row(s), fewer than the {world} processes (one would get none): "
+                f"choose a batch_size that leaves 0 or at least {world} rows over"
+            )
+        if self.config.optimizer == "lbfgs":
+            raise ConfigError(
+                "optimizer='lbfgs' line-searches on each process's own loss, so processes "
+                "would disagree; use it in one process"
+            )
+
+    def _check_first_batch(self) -> None:
+        x = next(self.train.epoch(0))
+        try:
+            self.model.check_input(x.float())
+        except ShapeError as exc:
+            raise ShapeError(f"the data does not fit the model: {exc}") from None
+
+    def _data_init(self) -> None:
+        init = getattr(self.model, "init_from_data", None)
+        if init is None:
+            return
+        # a bounded sample keeps this cheap for data larger than memory
+        xs, seen = [], 0
+        for x in self.train.epoch(0):
+            xs.append(x.float())
+            seen += len(x)
+            if seen >= INIT_ROWS:
+                break
+        with torch.no_grad():
+            init(torch.cat(xs).to(self.device))
+
+    # -- processes, files and messages ---------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def show_progress(self) -> bool:
+        """Whether this process shows progress (a terminal, rank 0, unless set)."""
+        if not self.is_main:
+            return False
+        if self.trainer.progress is not None:
+            return self.trainer.progress
+        return sys.stderr.isatty()
+
+    def log(self, message: str) -> None:
+        """A line for the user (stderr, when progress is shown); what models get as
+        their ``log`` callable."""
+        if self.show_progress:
+            print(message, file=sys.stderr)
+
+    def _stop_now(self) -> bool:
+        # every process must stop at the same step, whichever received the signal
+        return self.dist.any([self.trainer.stop_requested is not None], self.device)[0]
+
+    def _global_sums(self) -> tuple[dict[str, float], int]:
+        """Epoch metric sums and row count over all processes."""
+        keys = sorted(self.state.sums)
+        values = [self.state.sums[k] for k in keys] + [self.state.count]
+        totals = self.dist.sum(values, self.device)
+        return dict(zip(keys, totals[:-1])), int(totals[-1])
+
+    def _save_checkpoint(self) -> None:
+        if self.out_dir is None:
+            return
+        # collectives first: every process takes part, only rank 0 writes
+        rng_states = self.dist.gather(torch.get_rng_state(), self.device)
+        sums, count = self._global_sums()
+        if not self.is_main:
+            return
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        checkpoint.write(
+            self.out_dir, self.model, self.optimizer, self.state, self.config,
+            rng_states=rng_states, sums=sums, count=count, cuda_rng=cuda_rng,
+        )  # fmt: skip
+
+    def _interrupted_message(self) -> str:
+        reason = self.trainer.stop_requested
+        if self.out_dir is None:
+            return f"training interrupted by {reason}; no out_dir, nothing saved"
+        return (
+            f"training interrupted by {reason} at step {self.state.step}; "
+            f"checkpoint saved in {self.out_dir}. Resume with --resume (resume=True)."
+        )

@@ -1,0 +1,93 @@
+"""Devices, optimizers and the update of one step, with the checks that keep a bad step
+from reaching the weights (non-finite loss or gradient, an L-BFGS line search that
+diverged)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from aecore.config import TrainConfig
+from aecore.errors import ConfigError, TrainingError
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    # full-batch quasi-Newton, as in Ng's sparse autoencoder exercise: use a batch_size
+    # of the whole data; each step runs up to 20 iterations with a line search
+    "lbfgs": torch.optim.LBFGS,
+}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda when torch sees a GPU, else cpu; a clear error for a missing GPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{type(model).__name__} has no trainable parameters")
+    cls = OPTIMIZERS[config.optimizer]
+    if config.optimizer == "lbfgs":
+        return cls(
+            params, lr=config.lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe"
+        )
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        kwargs["momentum"] = 0.9
+    return cls(params, **kwargs)
+
+
+def gradient_step(
+    model, optimizer, loss: torch.Tensor, scale: float, grad_clip: float | None, where: str
+) -> None:
+    """Backpropagate ``loss * scale`` and step, unless the gradient is not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    (loss * scale if scale != 1.0 else loss).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            f"non-finite gradient at {where}; the model keeps the weights from before "
+            f"this step. Lower the learning rate or set grad_clip."
+        )
+    if grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(
+            [p for p in model.parameters() if p.grad is not None], grad_clip, norm
+        )
+    optimizer.step()
+
+
+def lbfgs_step(
+    model, optimizer, loss_fn: Callable[[], torch.Tensor], scale: float, where: str
+) -> None:
+    """One L-BFGS step; it re-evaluates the loss during its line search, so the weights
+    are checked afterwards and put back if they went non-finite."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn() * scale
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        raise TrainingError(
+            f"non-finite weights after the L-BFGS step at {where}; the model keeps the "
+            f"weights from before this step. Lower the learning rate."
+        )

@@ -1,0 +1,75 @@
+"""The generic trainer: any ``aecore.Autoencoder`` through its ``loss`` (or its own
+``train_step``), seeded, resumable, with early stopping and atomic checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aecore.base import Autoencoder
+from aecore.config import TrainConfig
+from aecore.errors import ConfigError
+from aecore.training.batches import Batches
+from aecore.training.loop import TrainingRun
+from aecore.training.optim import resolve_device
+from aecore.training.state import History
+
+
+class Trainer:
+    """Fits models: ``Trainer(epochs=30, lr=1e-3).fit(model, x, x_val)``.
+
+    The training settings are a :class:`aecore.TrainConfig` (``config``), with any of its
+    fields given as keywords on top (``Trainer(config, epochs=5)``). The rest says where
+    the run lives, not how it trains:
+
+    * ``out_dir``: writes ``metrics.jsonl`` and an atomic ``checkpoint.safetensors``
+      (every ``checkpoint_every`` steps and at each epoch end);
+    * ``resume=True``: continue the run in ``out_dir`` exactly;
+    * ``overwrite=True``: start afresh even where ``out_dir`` holds a run;
+    * ``progress``: progress bars and log lines on stderr (default: when it is a terminal).
+
+    ``request_stop(reason)`` (e.g. from a signal handler) makes the running ``fit``
+    checkpoint at the next step and raise ``TrainingInterrupted``.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool | None = None,
+        **settings: Any,
+    ) -> None:
+        if config is not None and not isinstance(config, TrainConfig):
+            raise ConfigError(f"config must be an aecore.TrainConfig; got {type(config).__name__}")
+        self.config = (config or TrainConfig()).replace(**settings)
+        self.device = resolve_device(self.config.device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.resume = bool(resume)
+        self.overwrite = bool(overwrite)
+        self.progress = progress
+        if self.resume and self.out_dir is None:
+            raise ConfigError("resume=True needs out_dir (where the checkpoint is)")
+        #: why the running fit should stop at its next step (set by request_stop)
+        self.stop_requested: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_requested = reason
+
+    def fit(self, model, data: Any, val_data: Any = None) -> History:
+        """Train ``model`` on ``data`` (arrays, tensors, torch Datasets or a DataLoader),
+        with early stopping and best-weights restore on ``val_data`` when given."""
+        if not isinstance(model, Autoencoder):
+            raise ConfigError(
+                f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
+            )
+        c = self.config
+        train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
+        val = (
+            Batches(val_data, c.batch_size, False, c.seed, "val_data")
+            if val_data is not None
+            else None
+        )
+        return TrainingRun(self, model, train, val).execute()

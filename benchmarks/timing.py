@@ -1,0 +1,64 @@
+"""Timing implementations side by side: calls are interleaved (every implementation
+runs in each round), so load from other processes on a shared machine hits all of them
+alike, and medians are reported. Compare ratios from one run, not times across runs."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_in_turns(
+    impls: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    block: int = 1,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    sync: Callable[[], None] | None = None,
+    budget_s: float | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Median seconds per call of each implementation, and the errors of those that
+    failed their warm-up (e.g. torch.compile without a working compiler).
+
+    Each of ``rounds`` rounds calls every implementation ``block`` times in a row.
+    With ``budget_s``, fast cases get more rounds: up to ~budget_s of calls of the
+    slowest implementation, at most 10x ``rounds``. ``sync`` runs after every call
+    (``torch.cuda.synchronize`` for GPU work).
+    """
+    sync = sync or (lambda: None)
+    errors, first = {}, {}
+    for name, fn in impls.items():
+        try:
+            for _ in range(warmup):  # first calls allocate, plan and compile
+                fn()
+            sync()
+            t0 = clock()
+            fn()
+            sync()
+            first[name] = max(clock() - t0, 1e-9)
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    live = [n for n in impls if n not in errors]
+    if not live:
+        return {}, errors
+    if budget_s is not None:
+        slowest = max(first[n] for n in live)
+        rounds = int(min(10 * rounds, max(rounds, budget_s / slowest)))
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land on whichever call runs then
+    try:
+        for _ in range(rounds):
+            for name in live:
+                for _ in range(block):
+                    t0 = clock()
+                    impls[name]()
+                    sync()
+                    samples[name].append(clock() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: statistics.median(v) for n, v in samples.items()}, errors

@@ -1,0 +1,137 @@
+// CPU implementations of the torch.ops.aecore schemas (defined in ../ops.cpp). This is
+// the Python extension module aecore._C_cpu: importing it runs the registrations below.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/rbm_cpu.h"
+#include "cpu/sparsity_cpu.h"
+#include "ops_impl.h"
+
+// MKL's per-thread thread count (exported by libtorch_cpu when torch uses MKL). Weak, so
+// that the extension still loads against a torch built with another BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace aecore {
+
+// Small Gibbs problems run on the calling thread alone, GEMMs included: at RBM sizes like
+// 64x64x256 a fork/join of the BLAS / OpenMP team costs about as much as the GEMM itself,
+// and on a busy machine (another thread pool spinning, e.g. numpy's OpenBLAS after a
+// call) a team that waits for a descheduled thread can take far longer. Both knobs are
+// per thread (the OpenMP ICV and MKL's local setting), restored on exit, so other threads
+// and later calls are unaffected.
+class SerialScope {
+ public:
+  explicit SerialScope(bool on) : on_(on) {
+    if (!on_) return;
+#ifdef _OPENMP
+    omp_prev_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    if (MKL_Set_Num_Threads_Local) mkl_prev_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialScope() {
+    if (!on_) return;
+#ifdef _OPENMP
+    omp_set_num_threads(omp_prev_);
+#endif
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_prev_);
+  }
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  bool on_;
+  int omp_prev_ = 1;
+  int mkl_prev_ = 0;
+};
+
+// Multiply-adds of one GEMM of the chain, B x V x H (B the larger of the data and chain
+// batches); below the threshold the whole op runs serially (see SerialScope).
+inline bool gibbs_is_small(const at::Tensor& v, const at::Tensor& W,
+                           const std::optional<at::Tensor>& chain) {
+  constexpr int64_t threshold = int64_t(1) << 21;  // 2M: digits' 64x64x256 is 1M
+  if (v.dim() != 2 || W.dim() != 2) return false;  // the op reports the error
+  int64_t B = v.size(0);
+  if (chain.has_value() && chain->dim() == 2) B = std::max(B, chain->size(0));
+  return B * v.size(1) * W.size(1) < threshold;
+}
+
+struct CpuKernels {
+  template <typename T>
+  static void unit_pass(const UnitPass<T>& p) {
+    cpu::unit_pass<T>(p);
+  }
+  template <typename T>
+  static void column_sums(const T* x, int64_t rows, int64_t cols, double* out) {
+    cpu::column_sums<T>(x, rows, cols, out);
+  }
+  template <typename T>
+  static void finalize_stats(const StatsFinal<T>& f) {
+    for (int64_t e = 0; e <= f.V + f.H; ++e) finalize_stats_element(f, e);
+  }
+  template <typename T>
+  static void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
+                         T* loss) {
+    *loss = static_cast<T>(cpu::kl_sparsity_forward<T>(h, rows, cols, rho, beta, mean));
+  }
+  template <typename T>
+  static void kl_backward(const T* grad_loss, const T* grad_mean, const T* mean, int64_t rows,
+                          int64_t cols, double rho, double beta, T* grad) {
+    cpu::kl_sparsity_backward<T>(*grad_loss, grad_mean, mean, rows, cols, rho, beta, grad);
+  }
+  template <typename T>
+  static void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out,
+                           int64_t* idx) {
+    cpu::topk_forward<T>(z, rows, cols, k, out, idx);
+  }
+  template <typename T>
+  static void topk_backward(const T* g, const int64_t* idx, int64_t rows, int64_t cols, int64_t k,
+                            T* grad) {
+    cpu::topk_backward<T>(g, idx, rows, cols, k, grad);
+  }
+};
+
+GibbsOut gibbs_chain_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
+                         const at::Tensor& b_h, int64_t k, bool gaussian_visible,
+                         bool gaussian_hidden, bool sample_visible, const at::Tensor& rng,
+                         const std::optional<at::Tensor>& noise_h0,
+                         const std::optional<at::Tensor>& noise_h,
+                         const std::optional<at::Tensor>& noise_v) {
+  SerialScope serial(gibbs_is_small(v, W, std::nullopt));
+  return gibbs_chain_impl<CpuKernels>(v, W, b_v, b_h, k, gaussian_visible, gaussian_hidden,
+                                      sample_visible, rng, noise_h0, noise_h, noise_v);
+}
+
+CDOut cd_step_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
+                  const at::Tensor& b_h, int64_t k, const std::optional<at::Tensor>& chain,
+                  bool gaussian_visible, bool gaussian_hidden, bool sample_visible,
+                  const at::Tensor& rng, const std::optional<at::Tensor>& noise_h0,
+                  const std::optional<at::Tensor>& noise_h,
+                  const std::optional<at::Tensor>& noise_v) {
+  SerialScope serial(gibbs_is_small(v, W, chain));
+  return cd_step_impl<CpuKernels>(v, W, b_v, b_h, k, chain, gaussian_visible, gaussian_hidden,
+                                  sample_visible, rng, noise_h0, noise_h, noise_v);
+}
+
+TORCH_LIBRARY_IMPL(aecore, CPU, m) {
+  m.impl("gibbs_chain", &gibbs_chain_cpu);
+  m.impl("cd_step", &cd_step_cpu);
+  m.impl("kl_sparsity", &kl_sparsity_impl<CpuKernels>);
+  m.impl("kl_sparsity_backward", &kl_sparsity_backward_impl<CpuKernels>);
+  m.impl("topk_sparsify", &topk_sparsify_impl<CpuKernels>);
+  m.impl("topk_sparsify_backward", &topk_sparsify_backward_impl<CpuKernels>);
+}
+
+}  // namespace aecore
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C_cpu(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,131 @@
+// CUDA implementations of the torch.ops.aecore schemas (defined in ../ops.cpp). Built
+// only where torch has CUDA; this is the Python extension module aecore._C_cuda.
+#include <Python.h>
+
+// c10/cuda headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/kernels.cuh"
+#include "ops_impl.h"
+
+namespace aecore {
+
+struct CudaKernels {
+  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+  static at::TensorOptions doubles() {
+    return at::TensorOptions().dtype(at::kDouble).device(at::kCUDA, c10::cuda::current_device());
+  }
+  template <typename T>
+  static void unit_pass(const UnitPass<T>& p) {
+    cuda::unit_pass<T>(p, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void column_sums(const T* x, int64_t rows, int64_t cols, double* out) {
+    cuda::column_sums<T>(x, rows, cols, out, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void finalize_stats(const StatsFinal<T>& f) {
+    cuda::finalize_stats<T>(f, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
+                         T* loss) {
+    at::Tensor sums = at::zeros({cols}, doubles());
+    cuda::column_sums<T>(h, rows, cols, sums.data_ptr<double>(), stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::kl_finalize<T>(sums.data_ptr<double>(), rows, cols, rho, beta, mean, loss, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void kl_backward(const T* grad_loss, const T* grad_mean, const T* mean, int64_t rows,
+                          int64_t cols, double rho, double beta, T* grad) {
+    cuda::kl_backward<T>(grad_loss, grad_mean, mean, rows, cols, rho, beta, grad, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out,
+                           int64_t* idx) {
+    cuda::topk_forward<T>(z, rows, cols, k, out, idx, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void topk_backward(const T* g, const int64_t* idx, int64_t rows, int64_t cols, int64_t k,
+                            T* grad) {
+    cuda::topk_backward<T>(g, idx, rows, cols, k, grad, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+namespace {
+
+// Each entry point runs on the device of its first tensor (multi-GPU safety).
+GibbsOut gibbs_chain_cuda(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
+                          const at::Tensor& b_h, int64_t k, bool gaussian_visible,
+                          bool gaussian_hidden, bool sample_visible, const at::Tensor& rng,
+                          const std::optional<at::Tensor>& nh0,
+                          const std::optional<at::Tensor>& nh,
+                          const std::optional<at::Tensor>& nv) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  return gibbs_chain_impl<CudaKernels>(v, W, b_v, b_h, k, gaussian_visible, gaussian_hidden,
+                                       sample_visible, rng, nh0, nh, nv);
+}
+
+CDOut cd_step_cuda(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
+                   const at::Tensor& b_h, int64_t k, const std::optional<at::Tensor>& chain,
+                   bool gaussian_visible, bool gaussian_hidden, bool sample_visible,
+                   const at::Tensor& rng, const std::optional<at::Tensor>& nh0,
+                   const std::optional<at::Tensor>& nh, const std::optional<at::Tensor>& nv) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  return cd_step_impl<CudaKernels>(v, W, b_v, b_h, k, chain, gaussian_visible, gaussian_hidden,
+                                   sample_visible, rng, nh0, nh, nv);
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_sparsity_cuda(const at::Tensor& h, double rho, double beta) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  return kl_sparsity_impl<CudaKernels>(h, rho, beta);
+}
+
+at::Tensor kl_sparsity_backward_cuda(const at::Tensor& grad_loss,
+                                     const std::optional<at::Tensor>& grad_mean,
+                                     const at::Tensor& mean, int64_t rows, double rho,
+                                     double beta) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  return kl_sparsity_backward_impl<CudaKernels>(grad_loss, grad_mean, mean, rows, rho, beta);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_sparsify_cuda(const at::Tensor& z, int64_t k) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  return topk_sparsify_impl<CudaKernels>(z, k);
+}
+
+at::Tensor topk_sparsify_backward_cuda(const at::Tensor& grad_out, const at::Tensor& idx) {
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  return topk_sparsify_backward_impl<CudaKernels>(grad_out, idx);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
+  m.impl("gibbs_chain", &gibbs_chain_cuda);
+  m.impl("cd_step", &cd_step_cuda);
+  m.impl("kl_sparsity", &kl_sparsity_cuda);
+  m.impl("kl_sparsity_backward", &kl_sparsity_backward_cuda);
+  m.impl("topk_sparsify", &topk_sparsify_cuda);
+  m.impl("topk_sparsify_backward", &topk_sparsify_backward_cuda);
+}
+
+}  // namespace aecore
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,37 @@
+// The torch.ops.aecore schemas, defined once for every backend. This is the Python
+// extension module aecore._C; the kernels live in aecore._C_cpu (cpu/) and
+// aecore._C_cuda (cuda/), each registering its implementations with
+// TORCH_LIBRARY_IMPL, so either loads without the other. Fake (meta) kernels and
+// autograd are registered from Python (aecore/ops/_fused.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(aecore, m) {
+  // k Gibbs steps of an RBM; gaussian_visible / gaussian_hidden pick the unit types
+  m.def(
+      "gibbs_chain(Tensor v, Tensor W, Tensor b_v, Tensor b_h, int k, bool gaussian_visible, "
+      "bool gaussian_hidden, bool sample_visible, Tensor rng, Tensor? noise_h0, "
+      "Tensor? noise_h, Tensor? noise_v) "
+      "-> (Tensor ph0, Tensor h0, Tensor v, Tensor v_mean, Tensor ph, Tensor h)");
+  m.def(
+      "cd_step(Tensor v, Tensor W, Tensor b_v, Tensor b_h, int k, Tensor? chain, "
+      "bool gaussian_visible, bool gaussian_hidden, bool sample_visible, Tensor rng, "
+      "Tensor? noise_h0, Tensor? noise_h, Tensor? noise_v) "
+      "-> (Tensor dW, Tensor db_v, Tensor db_h, Tensor chain, Tensor recon_error)");
+  m.def("kl_sparsity(Tensor h, float rho, float beta) -> (Tensor loss, Tensor mean)");
+  m.def(
+      "kl_sparsity_backward(Tensor grad_loss, Tensor? grad_mean, Tensor mean, SymInt rows, "
+      "float rho, float beta) -> Tensor");
+  m.def("topk_sparsify(Tensor z, int k) -> (Tensor out, Tensor indices)");
+  m.def("topk_sparsify_backward(Tensor grad_out, Tensor indices) -> Tensor");
+}
+
+extern "C" {
+// A module with no methods: `import aecore._C` loads the library and runs the
+// registrations above (the pattern of pytorch/extension-cpp).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,93 @@
+"""What every registered model goes through, selected from the registry by capability
+(so a new plugin is tested here without editing a list): training with the Trainer and
+an exact resume, and the whole path of a user's model: ``aecore train`` on a data file,
+the saved folder with its training config, ``aecore eval``, ONNX export and the
+torch-free runtime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from model_settings import small_hparams
+
+import aecore
+from aecore.cli import main
+from aecore.runtime import OnnxAutoencoder
+from aecore.training import Trainer
+
+# random [0, 1] rows: Bernoulli units (rbm, vae, deep) read them as probabilities
+pytestmark = pytest.mark.filterwarnings("ignore:RBM.* got non-binary values")
+
+
+def _shape(name: str) -> tuple[int, ...]:
+    return (16,) if "vector" in aecore.capabilities(aecore.model_class(name)) else (1, 4, 4)
+
+
+def _rows(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *shape)).astype(np.float32)
+
+
+def _pixels(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Grey levels 0..10 with both extremes in every row (as in scanned digits), so a
+    min-max scaling fitted on the training rows maps every split into [0, 1]."""
+    x = np.random.default_rng(seed).integers(0, 11, (n, int(np.prod(shape)))).astype(np.float32)
+    x[:, 0], x[:, -1] = 0.0, 10.0
+    return x.reshape(n, *shape)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", aecore.list_models())
+def test_training_resumed_after_an_epoch_ends_where_one_run_ends(name, tmp_path):
+    shape = _shape(name)
+    x, val = _rows(48, shape, 0), _rows(16, shape, 1)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        model = aecore.create(name, input_shape=shape, latent_dim=3, **small_hparams(name))
+        settings = {"batch_size": 16, "seed": 0, "device": "cpu", "progress": False}
+        history = Trainer(epochs=epochs, **settings, **kw).fit(model, x, val)
+        return model, history
+
+    whole, whole_history = run(3)
+    run(1, out_dir=tmp_path)
+    resumed, history = run(3, out_dir=tmp_path, resume=True)
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
+    assert history.metric("train_loss") == pytest.approx(whole_history.metric("train_loss"))
+    want, got = _weights(whole), _weights(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+@pytest.mark.parametrize("name", aecore.list_models())
+def test_train_save_eval_export_and_serve_without_torch(name, tmp_path, capsys):
+    shape = _shape(name)
+    np.save(tmp_path / "rows.npy", _pixels(120, shape, 2))
+    out = tmp_path / "model"
+    args = ["train", name, "--data", f"npy:{tmp_path / 'rows.npy'}", "--out", str(out)]
+    args += ["--latent-dim", "3", "--epochs", "2", "--batch-size", "32", "--quiet"]
+    for key, value in small_hparams(name).items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0, capsys.readouterr().err
+    record = json.loads((out / "model.json").read_text())
+    assert record["model"] == name
+    assert record["training"] == {**aecore.TrainConfig().to_dict(), "epochs": 2, "batch_size": 32}
+
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["test_mse"] == pytest.approx(record["metrics"]["test_mse"], rel=1e-5)
+
+    onnx_path = tmp_path / f"{name}.onnx"
+    assert main(["export", str(out), "--out", str(onnx_path), "--all"]) == 0
+    model = aecore.load(out)
+    runtime = OnnxAutoencoder(onnx_path)
+    rows = _pixels(5, shape, 3)
+    with torch.no_grad():
+        normalised = torch.from_numpy(model.normalization.apply(rows))
+        want = model.normalization.invert(model(normalised).numpy())
+    np.testing.assert_allclose(runtime.reconstruct(rows), want, rtol=1e-4, atol=1e-4)

@@ -145,6 +145,12 @@ class DemoRecipe:
 
     __slots__ = ("data", "hparams", "latent_dim", "normalize", "train")
 
+    def __getattr__(self, name: str) -> Any:
+        # recipe.epochs, recipe.lr, ...: the training settings, read through the recipe
+        if name in FIELDS:
+            return getattr(self.train, name)
+        raise AttributeError(f"DemoRecipe has no attribute {name!r}")
+
     def __init__(
         self,
         data: str = "digits",

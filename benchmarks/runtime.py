@@ -209,3 +209,7 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

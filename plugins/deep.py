@@ -31,6 +31,8 @@ from aecore_plugins.rbm import RBM
 
 #: epochs at the RBMs' initial momentum before it rises (Hinton's practical guide: ~5)
 MOMENTUM_WARMUP_EPOCHS = 5
+#: pretraining reports its progress every this many epochs of each RBM
+LOG_EVERY = 10
 
 
 class DeepAutoencoder(Autoencoder):
@@ -206,8 +208,8 @@ class DeepAutoencoder(Autoencoder):
 
     def pretrain(self, batches, log) -> None:
         """The Trainer's pretraining hook: train the RBM stack layer by layer on
-        ``batches()`` (an iterator over training batches) and unroll it into the net;
-        ``log(message)`` reports each layer."""
+        ``batches()`` (an iterator over training batches, reshuffled at every call) and
+        unroll it into the net; ``log(message)`` reports the progress of each layer."""
         if not self.use_pretraining:
             return
         device = self.encoder[0].weight.device
@@ -223,6 +225,11 @@ class DeepAutoencoder(Autoencoder):
                 for v in _inputs(batches, below, device):
                     total += float(rbm.train_step(v, momentum=momentum)["loss"]) * len(v)
                     count += len(v)
+                if (epoch + 1) % LOG_EVERY == 0 and epoch + 1 < self.pretrain_epochs:
+                    log(
+                        f"pretraining RBM {i + 1}/{len(rbms)}: epoch {epoch + 1}/"
+                        f"{self.pretrain_epochs}, reconstruction error {total / max(count, 1):.5g}"
+                    )
             log(
                 f"pretrained RBM {i + 1}/{len(rbms)} ({rbm.input_size}->{rbm.latent_dim}, "
                 f"{rbm.visible}-{rbm.hidden}): reconstruction error "

@@ -30,6 +30,7 @@ ARGS = [
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """Also across a resume: two processes train 2 epochs, then resume to 3."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, "-m", "aecore", *ARGS, "--out", str(tmp_path / "one")],
@@ -38,27 +39,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         env=env,
     )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "aecore",
-            *ARGS,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+
+    def torchrun(*extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "aecore",
+                *ARGS,
+                "--out",
+                str(tmp_path / "two"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+
+    first = torchrun("--epochs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    two = torchrun("--resume")
     assert two.returncode == 0, two.stderr[-3000:]
-    # rank 0 alone logs and saves
-    assert two.stdout.count("saved ae to") == 1
+    # rank 0 alone logs and saves, in the fresh and in the resumed run
+    assert first.stdout.count("saved ae to") == two.stdout.count("saved ae to") == 1
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")
     assert a.keys() == b.keys()

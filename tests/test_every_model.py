@@ -1,8 +1,8 @@
 """What every registered model goes through, selected from the registry by capability
 (so a new plugin is tested here without editing a list): training with the Trainer and
 an exact resume, and the whole path of a user's model: ``aecore train`` on a data file,
-the saved folder with its training config, ``aecore eval``, ONNX export and the
-torch-free runtime."""
+the saved folder with its training config, ``aecore eval``, ONNX export and
+``aecore.runtime`` (onnxruntime)."""
 
 import json
 
@@ -64,7 +64,7 @@ def test_training_resumed_after_an_epoch_ends_where_one_run_ends(name, tmp_path)
 
 
 @pytest.mark.parametrize("name", aecore.list_models())
-def test_train_save_eval_export_and_serve_without_torch(name, tmp_path, capsys):
+def test_train_save_eval_export_and_serve_through_onnxruntime(name, tmp_path, capsys):
     shape = _shape(name)
     np.save(tmp_path / "rows.npy", _pixels(120, shape, 2))
     out = tmp_path / "model"

@@ -5,6 +5,8 @@ files outside the repository."""
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,18 @@ def test_nothing_points_outside_the_repository():
         assert "../shared" not in path.read_text(encoding="utf-8"), path
     assert (ROOT / "docs" / "ARCHITECTURE.md").is_file()
     assert "docs/ARCHITECTURE.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "names"),
+    [
+        ("aecore.demo", "aecore.config", ["DemoRecipe"]),
+        ("aecore.onnx_export", "aecore.onnx", ["register_export_decomposition", "export_onnx"]),
+    ],
+)
+def test_old_module_names_still_import_with_a_deprecation_warning(old, new, names):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated"):
+        module = importlib.import_module(old)
+    for name in names:
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)

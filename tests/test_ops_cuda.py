@@ -1,7 +1,7 @@
 """CUDA kernels vs the reference (skipped without a CUDA device and the CUDA extension).
 
-These have never run in the machines aecore is developed on (no GPU there); they are
-the first thing to run on one: ``pytest tests/test_ops_cuda.py``.
+The development machines have no GPU: these run on a GPU machine with
+``pytest tests/test_ops_cuda.py``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,27 @@ def test_cd_step_cuda_matches_reference_given_noise(B, V, H, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_hidden_units_cuda_match_reference_given_noise(dtype):
+    """Gaussian hidden units: the noise is standard normals, so states are exact sums."""
+    B, V, H, k = 33, 21, 7, 2
+    v, W, b_v, b_h = rbm(B, V, H, dtype)
+    g = torch.Generator().manual_seed(2)
+    noise = ops.GibbsNoise(
+        torch.randn(B, H, generator=g, dtype=dtype).cuda(),
+        torch.randn(k, B, H, generator=g, dtype=dtype).cuda(),
+        torch.rand(k, B, V, generator=g, dtype=dtype).cuda(),
+    )
+    kw = {"hidden": "gaussian", "sample_visible": False, "noise": noise}
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    for got, want in [
+        (ops.cd_step(v, W, b_v, b_h, k, **kw), reference.cd_step(v, W, b_v, b_h, k, **kw)),
+        (ops.gibbs_chain(v, W, b_v, b_h, k, **kw), reference.gibbs_chain(v, W, b_v, b_h, k, **kw)),
+    ]:
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gibbs_cuda_sampling_frequencies(dtype):
     n = 20000
     v, W, b_v, b_h = rbm(1, 6, 5, dtype)
@@ -102,8 +123,12 @@ def test_opcheck_cuda():
 
     v, W, b_v, b_h = rbm(6, 5, 3, torch.float64)
     rng = torch.tensor([3, 4], device="cuda")
-    opcheck(torch.ops.aecore.cd_step, (v, W, b_v, b_h, 2, None, False, True, rng, None, None, None))
-    opcheck(torch.ops.aecore.gibbs_chain, (v, W, b_v, b_h, 1, True, True, rng, None, None, None))
+    args = (v, W, b_v, b_h, 2, None, False, False, True, rng, None, None, None)
+    opcheck(torch.ops.aecore.cd_step, args)
+    args = (v, W, b_v, b_h, 1, None, False, True, False, rng, None, None, None)
+    opcheck(torch.ops.aecore.cd_step, args)
+    args = (v, W, b_v, b_h, 1, True, False, True, rng, None, None, None)
+    opcheck(torch.ops.aecore.gibbs_chain, args)
     h = torch.rand(7, 4, dtype=torch.float64, device="cuda", requires_grad=True)
     opcheck(torch.ops.aecore.kl_sparsity, (h, 0.1, 2.0))
     z = torch.randn(7, 9, dtype=torch.float64, device="cuda", requires_grad=True)

@@ -1,4 +1,5 @@
-"""The torch-free runtime (aecore.runtime), the inference CLI and ``aecore bench onnx``."""
+"""The torch-free runtime (aecore.runtime): outputs, units, batching, bad inputs and
+bad files, and a run in a process where torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -12,21 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from exported_ae import export_small_ae, torch_reference
+from exported_ae import rows as _data
 from hypothesis import given
 from hypothesis import strategies as st
 
-import aecore
-from aecore import cli
 from aecore.data import Normalization
 from aecore.errors import ConfigError, DataError, ModelFileError, ShapeError
 from aecore.runtime import ArrayModel, OnnxAutoencoder, part_paths
-from aecore.testing import VECTOR_SHAPE, ModelSpec
-
-
-def _fresh(cls, shape, hparams):
-    return ModelSpec(cls, shape, hparams).build()
-
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -36,38 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A small ae (12 features, code 3) with a min-max normalisation, saved as a folder
-    and exported by ``aecore export --all``: (model, folder, onnx path)."""
-    tmp = tmp_path_factory.mktemp("runtime")
-    model = _fresh(aecore.model_class("ae"), VECTOR_SHAPE, {"hidden": [16]}).eval()
-    model.normalization = Normalization("minmax", np.zeros(12), np.linspace(2.0, 24.0, 12))
-    folder = aecore.save(model, tmp / "model")
-    path = tmp / "export" / "m.onnx"
-    path.parent.mkdir()
-    assert cli.main(["export", str(folder), "--out", str(path), "--all"]) == 0
-    return model, folder, path
+    return export_small_ae(tmp_path_factory.mktemp("runtime"))
 
 
 @pytest.fixture(scope="module")
 def runtime(saved):
     return OnnxAutoencoder(saved[2])
-
-
-def _data(n: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).random((n, 12)) * 16).astype(np.float32)
-
-
-def _torch_reference(model, x: np.ndarray) -> dict[str, np.ndarray]:
-    norm = model.normalization
-    xn = torch.from_numpy(norm.apply(x))
-    with torch.no_grad():
-        z, x_hat = model.encode(xn), model(xn)
-    return {
-        "encode": z.numpy(),
-        "reconstruct": norm.invert(x_hat.numpy()),
-        "decode": norm.invert(model.decode(z).detach().numpy()),
-        "score": (x_hat - xn).pow(2).mean(1).numpy(),
-    }
 
 
 # -- the runtime -----------------------------------------------------------------------
@@ -85,7 +53,7 @@ def test_export_all_writes_three_files_and_the_runtime_finds_them(saved, runtime
 def test_outputs_match_torch_in_data_units(saved, runtime):
     model = saved[0]
     x = _data(33)
-    want = _torch_reference(model, x)
+    want = torch_reference(model, x)
     z = runtime.encode(x)
     np.testing.assert_allclose(z, want["encode"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(runtime.reconstruct(x), want["reconstruct"], rtol=1e-5, atol=1e-4)
@@ -342,168 +310,7 @@ def test_runtime_and_cli_work_without_torch(saved, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     got = {k: np.asarray(v, dtype=np.float32) for k, v in json.loads(line[7:]).items()}
-    want = _torch_reference(model, x)
+    want = torch_reference(model, x)
     for key in ("encode", "reconstruct", "decode", "score"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4, err_msg=key)
     np.testing.assert_allclose(np.loadtxt(tmp_path / "s.csv"), want["score"], rtol=1e-4)
-
-
-# -- the CLI -------------------------------------------------------------------------------
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_cli_torch_and_onnx_give_the_same_outputs(saved, tmp_path, capsys):
-    model, folder, path = saved
-    x = _data(9)
-    np.save(tmp_path / "x.npy", x)
-    np.savetxt(tmp_path / "x.csv", x, delimiter=",", header=",".join(f"f{i}" for i in range(12)))
-    want = _torch_reference(model, x)
-    for command in ("encode", "reconstruct", "score"):
-        for source, suffix in ((folder, "npy"), (path, "csv")):
-            out = tmp_path / f"{command}-{Path(source).name}.{suffix}"
-            inp = tmp_path / ("x.csv" if suffix == "npy" else "x.npy")
-            rc, stdout, _ = _cli(capsys, command, source, "--input", inp, "--output", out)
-            assert rc == 0 and str(out) in stdout
-            got = np.load(out) if suffix == "npy" else np.loadtxt(out, delimiter=",")
-            np.testing.assert_allclose(
-                got.reshape(want[command].shape), want[command], rtol=1e-4, atol=1e-4
-            )
-    np.save(tmp_path / "z.npy", want["encode"])
-    rc, _, _ = _cli(
-        capsys, "decode", path, "--input", tmp_path / "z.npy", "--output", tmp_path / "d.npy"
-    )
-    assert rc == 0
-    np.testing.assert_allclose(np.load(tmp_path / "d.npy"), want["decode"], atol=1e-4)
-
-
-def test_cli_reshapes_flat_csv_rows_for_image_models(tmp_path, capsys):
-    model = _fresh(aecore.model_class("ae"), (1, 4, 4), {"hidden": [8]}).eval()
-    folder = aecore.save(model, tmp_path / "img")
-    x = np.random.default_rng(0).random((5, 16)).astype(np.float32)
-    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
-    rc, _, err = _cli(
-        capsys, "reconstruct", folder, "--input", tmp_path / "x.csv", "--output", tmp_path / "r.npy"
-    )
-    assert rc == 0, err
-    with torch.no_grad():
-        want = model(torch.from_numpy(x.reshape(5, 1, 4, 4))).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), want, atol=1e-5)
-
-
-def test_cli_exports_one_part_at_another_opset(saved, runtime, tmp_path, capsys):
-    _, folder, _ = saved
-    out = tmp_path / "d.onnx"
-    rc, stdout, err = _cli(
-        capsys, "export", folder, "--out", out, "--part", "decoder", "--opset", "20"
-    )
-    assert rc == 0 and f"wrote {out}" in stdout, err
-    proto = onnx.load(str(out))
-    assert [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")] == [20]
-    decoder = OnnxAutoencoder(out)
-    assert decoder.parts == ("decoder",)
-    z = runtime.encode(_data(4))
-    np.testing.assert_allclose(decoder.decode(z), runtime.decode(z), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ModelFileError, match=r"encode needs the encoder graph"):
-        decoder.encode(_data(1))
-
-
-def test_cli_errors_are_one_line(saved, tmp_path, capsys):
-    _, folder, path = saved
-    np.save(tmp_path / "x.npy", _data(3))
-    np.save(tmp_path / "wide.npy", np.zeros((3, 13), np.float32))
-    (tmp_path / "taken.npy").write_bytes(b"keep me")
-    cases = [
-        (
-            ["encode", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "taken.npy"],
-            "taken.npy exists; pass --overwrite",
-        ),
-        (
-            ["encode", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "z.txt"],
-            "expected a file name ending in .npy or .csv",
-        ),
-        (
-            ["encode", path, "--input", tmp_path / "x.txt", "--output", tmp_path / "z.npy"],
-            "expected a .npy or .csv file",
-        ),
-        (
-            ["score", folder, "--input", tmp_path / "wide.npy", "--output", tmp_path / "s.npy"],
-            r"expects inputs of shape (N, 12); got shape (3, 13)",
-        ),
-        (
-            [
-                "score",
-                tmp_path / "nothing",
-                "--input",
-                tmp_path / "x.npy",
-                "--output",
-                tmp_path / "s.npy",
-            ],
-            "no such model folder or .onnx file",
-        ),
-        (["export", folder, "--out", path], "exists; pass overwrite=True (--overwrite)"),
-    ]
-    for argv, message in cases:
-        rc, _, err = _cli(capsys, *argv)
-        assert rc == 1 and message in err and err.count("\n") == 1, err
-    assert (tmp_path / "taken.npy").read_bytes() == b"keep me"
-    rc, _, err = _cli(
-        capsys,
-        "encode",
-        path,
-        "--input",
-        tmp_path / "x.npy",
-        "--output",
-        tmp_path / "taken.npy",
-        "--overwrite",
-    )
-    assert rc == 0, err
-    assert np.load(tmp_path / "taken.npy").shape == (3, 3)
-
-
-# -- the benchmark ----------------------------------------------------------------------------
-def test_bench_onnx_reports_every_backend(tmp_path, capsys):
-    report_path = tmp_path / "bench.json"
-    rc, out, _ = _cli(
-        capsys,
-        "bench",
-        "onnx",
-        "--models",
-        "ae",
-        "--calls",
-        "20",
-        "--big-batch",
-        "16",
-        "--rounds",
-        "2",
-        "--latent-dim",
-        "4",
-        "--threads",
-        "1",
-        "--json",
-        report_path,
-    )
-    assert rc == 0
-    assert "batch 1: latency" in out and "batch 16: throughput" in out
-    report = json.loads(report_path.read_text())
-    (row,) = report["results"]
-    assert row["model"] == "ae"
-    for batch in ("batch1", "batch16"):
-        seconds = row[batch]["seconds_per_call"]
-        assert set(seconds) == {
-            "torch",
-            "onnxruntime",
-            "aecore.runtime",
-            "aecore.runtime without normalisation",
-        }
-        assert all(v > 0 for v in seconds.values())
-        assert row[batch]["wrapper_overhead"] == pytest.approx(
-            seconds["aecore.runtime"] / seconds["onnxruntime"] - 1
-        )
-
-
-def test_bench_onnx_rejects_unknown_models(capsys):
-    rc, _, err = _cli(capsys, "bench", "onnx", "--models", "nope")
-    assert rc == 1 and "unknown model 'nope'" in err

@@ -17,7 +17,7 @@ from aecore.errors import (
     TrainingInterrupted,
 )
 from aecore.io.atomic import atomic_write
-from aecore.io.tensors import load_tensors
+from aecore.io.tensors import load_tensors, save_tensors
 from aecore.training import Trainer
 from aecore_plugins.ae import PlainAutoencoder
 
@@ -219,6 +219,57 @@ def test_existing_run_is_not_overwritten(tmp_path):
     ):
         fit(epochs=1, out_dir=tmp_path)
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_pretraining_passes_are_fresh_seeded_shuffles():
+    class Recording(PlainAutoencoder):
+        def pretrain(self, batches, log):
+            self.passes = [torch.cat(list(batches())) for _ in range(3)]
+
+    def run(seed):
+        torch.manual_seed(0)
+        model = Recording(input_shape=(6,), latent_dim=2, hidden=[8])
+        Trainer(epochs=1, batch_size=16, seed=seed, device="cpu", progress=False).fit(model, X)
+        return model.passes
+
+    a, b, c = run(0), run(0), run(1)
+    rows = sorted(map(tuple, X.tolist()))
+    for p in a:
+        assert sorted(map(tuple, p.tolist())) == rows  # every row once
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # reshuffled
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # seeded
+    assert not torch.equal(a[0], c[0])
+
+
+def test_a_resume_keeps_the_runs_training_settings(tmp_path):
+    fit(epochs=1, out_dir=tmp_path, lr=1e-3)
+    with pytest.raises(
+        ConfigError,
+        match=r"the checkpoint used lr=0.001, optimizer='adam'; got lr=0.01, optimizer='sgd' "
+        r"\(a resumed run keeps its training settings; only epochs, device, checkpoint_every",
+    ):
+        fit(epochs=2, out_dir=tmp_path, resume=True, lr=1e-2, optimizer="sgd")
+    _, history = fit(epochs=2, out_dir=tmp_path, resume=True, checkpoint_every=3)
+    assert len(history.epochs) == 2
+
+
+def test_a_checkpoint_written_by_an_older_version_still_resumes(tmp_path):
+    def deep():
+        torch.manual_seed(0)
+        return aecore.create("deep", input_shape=(6,), latent_dim=2, hidden=[4], pretrain_epochs=1)
+
+    settings = {"batch_size": 16, "device": "cpu", "progress": False, "out_dir": tmp_path}
+    Trainer(epochs=1, **settings).fit(deep(), X, VAL)
+    path = tmp_path / "checkpoint.safetensors"
+    tensors, meta = load_tensors(path)
+    for prefix in ("model.", "best."):  # a buffer older versions kept
+        tensors[prefix + "finetune_budget"] = torch.zeros(7, dtype=torch.float64)
+    del meta["model_config"]["pretrain_k"]  # a hyperparameter added since, at its default
+    meta["trainer"] = {"seed": 0, "batch_size": 16, "epochs": 1}  # the older settings record
+    del meta["training"]
+    save_tensors(path, tensors, meta)
+    history = Trainer(epochs=2, resume=True, **settings).fit(deep(), X, VAL)
+    assert [e["epoch"] for e in history.epochs] == [1, 2]
 
 
 def test_resume_errors(tmp_path):

@@ -14,7 +14,7 @@ from aecore.cli.tables import format_ratio
 from aecore.config import DemoRecipe
 
 
-def add_command(sub) -> None:
+def add_commands(sub) -> None:
     s = sub.add_parser("demo", help="train every variant with a demo recipe, write a report")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--models", default=None, help="comma-separated subset")

@@ -58,7 +58,16 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    return importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
+    try:
+        module = importlib.import_module(BENCHMARKS[args.what])
+    except ModuleNotFoundError as exc:
+        if exc.name != "aecore_benchmarks":
+            raise
+        raise AecoreError(
+            "the benchmarks are not installed (the aecore_benchmarks package, built from "
+            "benchmarks/ with aecore); reinstall aecore from its source tree"
+        ) from None
+    return module.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, devices and kernel implementations")
     s.set_defaults(func=cmd_info)
 
-    demo.add_command(sub)
+    demo.add_commands(sub)
 
     s = sub.add_parser("bench", help="benchmarks: kernels or onnx")
     s.add_argument("what", choices=sorted(BENCHMARKS))

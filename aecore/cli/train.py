@@ -152,8 +152,9 @@ def cmd_eval(args) -> int:
     model = load(args.model_dir)
     prepared = prepare_like(model.metadata, args.data)
     metrics = evaluate(model, prepared)
+    training = model.metadata.get("training")
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({**metrics, "training": training}, indent=2))
         return 0
     name = model.metadata["model"]
     print(
@@ -176,6 +177,10 @@ def cmd_eval(args) -> int:
     for key, value in metrics.items():
         if key not in skip:
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    if training is not None:
+        defaults = TrainConfig().to_dict()
+        changed = [f"{k}={v}" for k, v in training.items() if defaults.get(k) != v]
+        print(f"trained with: {', '.join(changed) or 'the default settings'}")
     return 0
 
 

@@ -50,18 +50,17 @@ def _patches(rest: str) -> SourceResult:
     return sample_patches(n), None
 
 
-#: source kind -> loader of the text after ``kind:`` -> (rows, labels or None)
-SOURCES: dict[str, Callable[[str], SourceResult]] = {
-    "digits": _digits,
-    "npy": lambda rest: (read_npy(rest), None),
-    "npz": lambda rest: (read_npz(rest), None),
-    "csv": lambda rest: (read_csv(rest), None),
-    "idx": read_idx_images,
-    "patches": _patches,
+#: source kind -> (its forms, for help and errors; the loader of the text after
+#: ``kind:``, returning rows and labels or None)
+SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
+    "digits": ("digits, digits:image", _digits),
+    "npy": ("npy:PATH", lambda rest: (read_npy(rest), None)),
+    "npz": ("npz:PATH[:KEY]", lambda rest: (read_npz(rest), None)),
+    "csv": ("csv:PATH", lambda rest: (read_csv(rest), None)),
+    "idx": ("idx:PATH[:LABELS]", read_idx_images),
+    "patches": ("patches", _patches),
 }
-SOURCE_FORMS = (
-    "digits, digits:image, npy:PATH, npz:PATH[:KEY], csv:PATH, idx:PATH[:LABELS], patches"
-)
+SOURCE_FORMS = ", ".join(forms for forms, _ in SOURCES.values())
 
 
 def load_data(source: str, *, check_finite: bool = True) -> Dataset:
@@ -71,5 +70,5 @@ def load_data(source: str, *, check_finite: bool = True) -> Dataset:
     kind, _, rest = source.partition(":")
     if kind not in SOURCES:
         raise DataError(f"unknown data source {source!r}: expected one of {SOURCE_FORMS}")
-    x, labels = SOURCES[kind](rest)
+    x, labels = SOURCES[kind][1](rest)
     return as_dataset(x, labels, source, check_finite=check_finite)

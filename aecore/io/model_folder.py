@@ -8,13 +8,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from aecore._version import __version__
-from aecore.config import TrainConfig
+from aecore.config import FIELDS, TrainConfig
 from aecore.data.normalization import Normalization
 from aecore.errors import AecoreError, ConfigError, ModelFileError, RegistryError
 from aecore.io.atomic import atomic_write_text
@@ -156,6 +157,15 @@ def training_config(record: dict[str, Any], directory: Any = "") -> TrainConfig:
     saved = record.get("training")
     if saved is None:
         return TrainConfig()
+    if isinstance(saved, dict) and set(saved) - set(FIELDS):
+        # written by a newer aecore: the settings this version knows still apply
+        unknown = sorted(set(saved) - set(FIELDS))
+        warnings.warn(
+            f"{directory}: ignoring training settings this aecore does not know: "
+            f"{', '.join(unknown)}",
+            stacklevel=2,
+        )
+        saved = {k: v for k, v in saved.items() if k in FIELDS}
     try:
         return TrainConfig.from_dict(saved)
     except ConfigError as exc:

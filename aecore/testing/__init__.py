@@ -39,7 +39,7 @@ from aecore.testing.checks import (
     check_shapes,
     check_training_lowers_loss,
 )
-from aecore.testing.onnx_parity import check_onnx_parity
+from aecore.testing.onnx_parity import ONNX_PACKAGES, check_onnx_parity
 
 __all__ = [
     "CHECKS",
@@ -126,11 +126,23 @@ def parametrize_with_checks(
     shape and check, with ids like ``tiny-vector-check_shapes``. ``models`` holds
     registry names, classes, ``(name or class, hparams)`` pairs (each checked with every
     input shape it takes) or ``ModelSpec``s (one shape); the decorated test takes
-    ``model`` (a ModelSpec) and ``check`` and calls ``check(model)``."""
+    ``model`` (a ModelSpec) and ``check`` and calls ``check(model)``. Without the ONNX
+    packages the ONNX parity items are skipped, saying what to install."""
+    import importlib.util
+
     import pytest  # only where the kit runs under pytest
 
+    missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+    no_onnx = pytest.mark.skip(
+        reason=f"onnx parity needs {', '.join(missing)} (pip install aecore[onnx])"
+    )
     params = [
-        pytest.param(spec, check, id=f"{prefix}-{check.__name__}")
+        pytest.param(
+            spec,
+            check,
+            id=f"{prefix}-{check.__name__}",
+            marks=[no_onnx] if missing and check is check_onnx_parity else [],
+        )
         for prefix, spec in _specs(models)
         for check in checks or CHECKS
     ]

@@ -15,6 +15,8 @@ import torch
 
 from aecore.testing.checks import ConformanceError, ModelSpec, registered
 
+#: what the check needs beyond torch
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 #: batch sizes compared (1: the tracer's special case; 7: odd; 256: a real batch)
 BATCH_SIZES = (1, 7, 256)
 #: float32 tolerance: |onnx - torch| <= ATOL + RTOL * |torch|

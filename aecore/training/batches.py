@@ -60,11 +60,15 @@ class Batches:
             return len(self.loader)
         return math.ceil(self.n / self.batch_size)
 
-    def order(self, epoch: int) -> torch.Tensor:
+    #: shuffles of passes outside the training epochs (pretraining) come from their own
+    #: stream, so they never repeat a training epoch's order
+    PRETRAIN_STREAM = 1
+
+    def order(self, epoch: int, stream: int = 0) -> torch.Tensor:
         # derived from (seed, epoch) alone, so a resumed run draws the same batches
         if not self.shuffle:
             return torch.arange(self.n)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + (stream << 40))
         return torch.randperm(self.n, generator=gen)
 
     def global_size(self, epoch_step: int) -> int:
@@ -78,6 +82,7 @@ class Batches:
         rng_at_start: torch.Tensor | None = None,
         rank: int = 0,
         world: int = 1,
+        stream: int = 0,
     ) -> Iterator[torch.Tensor]:
         if self.loader is not None:
             if not skip:
@@ -96,7 +101,7 @@ class Batches:
             for batch in it:
                 yield _first_tensor(batch)
             return
-        order = self.order(epoch)
+        order = self.order(epoch, stream)
         for i in range(skip, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             # under torchrun each process takes a strided share of the same global batch

@@ -22,6 +22,8 @@ METRICS = "metrics.jsonl"
 FORMAT = "aecore-checkpoint"
 #: files that mark a folder as holding a run (model.json: a model aecore train saved)
 RUN_FILES = (CHECKPOINT, METRICS, "model.json")
+#: training settings a resume may change: they do not alter what the steps compute
+RESUMABLE_CHANGES = ("epochs", "device", "checkpoint_every")
 
 
 def check_fresh(out_dir: Path) -> None:
@@ -112,7 +114,7 @@ def read(
     tensors, meta = load_tensors(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an aecore checkpoint")
-    if meta["model_config"] != model.get_config():
+    if not _same_model(model, meta["model_config"]):
         raise ModelFileError(
             f"cannot resume: {path} was written for a model with config "
             f"{meta['model_config']}, not {model.get_config()}"
@@ -122,17 +124,13 @@ def read(
             f"cannot resume exactly: the checkpoint was written by {meta['world_size']} "
             f"process(es); resume with the same number (got {world})"
         )
-    saved = meta.get("training") or meta.get("trainer") or {}  # "trainer": older runs
-    if saved.get("batch_size") != config.batch_size or saved.get("seed") != config.seed:
-        raise ConfigError(
-            f"cannot resume exactly: the checkpoint used batch_size={saved.get('batch_size')}, "
-            f"seed={saved.get('seed')}; got batch_size={config.batch_size}, seed={config.seed}"
-        )
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _check_settings(meta.get("training") or meta.get("trainer") or {}, config)
+    retired = set(getattr(model, "retired_state_keys", ()))
+    model.load_state_dict(_state(tensors, "model.", retired))
     if optimizer is not None and meta["optimizer"] is not None:
         optimizer.load_state_dict(unflatten_state(meta["optimizer"], tensors))
     if meta["has_best"]:
-        state.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        state.best_state = _state(tensors, "best.", retired)
     state.epoch, state.epoch_step, state.step = meta["epoch"], meta["epoch_step"], meta["step"]
     # rank 0 carries the interrupted epoch's global sums; the rest add to them
     if rank == 0:
@@ -145,3 +143,38 @@ def read(
     torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
+def _state(tensors: dict[str, torch.Tensor], prefix: str, retired: set[str]) -> dict:
+    """The state dict stored under ``prefix``, without keys the model no longer has."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix) and k[n:] not in retired}
+
+
+def _same_model(model, saved_config: dict[str, Any]) -> bool:
+    """Whether the checkpoint's model config builds this model. Compared after a rebuild,
+    so that hyperparameters added since the checkpoint (at their defaults) match."""
+    if saved_config == model.get_config():
+        return True
+    try:
+        return type(model)(**saved_config).get_config() == model.get_config()
+    except Exception:  # a config this class no longer takes
+        return False
+
+
+def _check_settings(saved: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run keeps the training settings it started with (older checkpoints
+    recorded some of them only); only RESUMABLE_CHANGES may differ."""
+    requested = config.to_dict()
+    changed = [
+        name
+        for name, value in saved.items()
+        if name in requested and name not in RESUMABLE_CHANGES and value != requested[name]
+    ]
+    if changed:
+        used = ", ".join(f"{name}={saved[name]!r}" for name in changed)
+        got = ", ".join(f"{name}={requested[name]!r}" for name in changed)
+        raise ConfigError(
+            f"cannot resume exactly: the checkpoint used {used}; got {got} (a resumed run "
+            f"keeps its training settings; only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )

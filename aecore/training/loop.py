@@ -3,6 +3,7 @@ the run state, and the loop over epochs and steps."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from typing import Any
@@ -33,7 +34,6 @@ class TrainingRun:
         self.dist = DistContext.from_env(trainer.device)
         self.device = self.dist.device_for(trainer.device)
         self.state = RunState()
-        self.state.history.rank, self.state.history.world_size = self.dist.rank, self.dist.world
         self.optimizer = None
         self.loss_fn = model.loss
 
@@ -51,6 +51,9 @@ class TrainingRun:
                 self._start()
             if self.dist.active:
                 self.loss_fn = distributed_loss(self.model, self.device)
+            # which process this is (a resume replaces the history with the saved one)
+            self.state.history.rank = self.dist.rank
+            self.state.history.world_size = self.dist.world
             self._epochs()
         finally:
             self.dist.close()
@@ -70,7 +73,10 @@ class TrainingRun:
         self._data_init()
         pretrain = getattr(self.model, "pretrain", None)
         if pretrain is not None:
-            pretrain(lambda: self.train.epoch(0), self.log)
+            # every pass over the data is a fresh seeded shuffle
+            passes = itertools.count(1)
+            stream = Batches.PRETRAIN_STREAM
+            pretrain(lambda: self.train.epoch(next(passes), stream=stream), self.log)
         if self.val is not None:
             self.state.record_val(self.evaluate(), 0, self.model, self.config.min_delta)
         if self.out_dir is not None and self.is_main:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError
@@ -44,6 +46,8 @@ class Trainer:
     ) -> None:
         if config is not None and not isinstance(config, TrainConfig):
             raise ConfigError(f"config must be an aecore.TrainConfig; got {type(config).__name__}")
+        if isinstance(settings.get("device"), torch.device):  # the config stores its name
+            settings["device"] = str(settings["device"])
         self.config = (config or TrainConfig()).replace(**settings)
         self.device = resolve_device(self.config.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None

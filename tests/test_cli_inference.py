@@ -1,0 +1,197 @@
+"""``aecore encode | decode | reconstruct | score | export`` on model folders (PyTorch)
+and .onnx files (onnxruntime), their one-line errors, and ``aecore bench onnx``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from exported_ae import export_small_ae, torch_reference
+from exported_ae import rows as _data
+
+import aecore
+from aecore import cli
+from aecore.errors import ModelFileError
+from aecore.runtime import OnnxAutoencoder
+from aecore.testing import ModelSpec
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _fresh(cls, shape, hparams):
+    return ModelSpec(cls, shape, hparams).build()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return export_small_ae(tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture(scope="module")
+def runtime(saved):
+    return OnnxAutoencoder(saved[2])
+
+
+# -- the CLI -------------------------------------------------------------------------------
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_torch_and_onnx_give_the_same_outputs(saved, tmp_path, capsys):
+    model, folder, path = saved
+    x = _data(9)
+    np.save(tmp_path / "x.npy", x)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",", header=",".join(f"f{i}" for i in range(12)))
+    want = torch_reference(model, x)
+    for command in ("encode", "reconstruct", "score"):
+        for source, suffix in ((folder, "npy"), (path, "csv")):
+            out = tmp_path / f"{command}-{Path(source).name}.{suffix}"
+            inp = tmp_path / ("x.csv" if suffix == "npy" else "x.npy")
+            rc, stdout, _ = _cli(capsys, command, source, "--input", inp, "--output", out)
+            assert rc == 0 and str(out) in stdout
+            got = np.load(out) if suffix == "npy" else np.loadtxt(out, delimiter=",")
+            np.testing.assert_allclose(
+                got.reshape(want[command].shape), want[command], rtol=1e-4, atol=1e-4
+            )
+    np.save(tmp_path / "z.npy", want["encode"])
+    rc, _, _ = _cli(
+        capsys, "decode", path, "--input", tmp_path / "z.npy", "--output", tmp_path / "d.npy"
+    )
+    assert rc == 0
+    np.testing.assert_allclose(np.load(tmp_path / "d.npy"), want["decode"], atol=1e-4)
+
+
+def test_cli_reshapes_flat_csv_rows_for_image_models(tmp_path, capsys):
+    model = _fresh(aecore.model_class("ae"), (1, 4, 4), {"hidden": [8]}).eval()
+    folder = aecore.save(model, tmp_path / "img")
+    x = np.random.default_rng(0).random((5, 16)).astype(np.float32)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    rc, _, err = _cli(
+        capsys, "reconstruct", folder, "--input", tmp_path / "x.csv", "--output", tmp_path / "r.npy"
+    )
+    assert rc == 0, err
+    with torch.no_grad():
+        want = model(torch.from_numpy(x.reshape(5, 1, 4, 4))).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), want, atol=1e-5)
+
+
+def test_cli_exports_one_part_at_another_opset(saved, runtime, tmp_path, capsys):
+    _, folder, _ = saved
+    out = tmp_path / "d.onnx"
+    rc, stdout, err = _cli(
+        capsys, "export", folder, "--out", out, "--part", "decoder", "--opset", "20"
+    )
+    assert rc == 0 and f"wrote {out}" in stdout, err
+    proto = onnx.load(str(out))
+    assert [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")] == [20]
+    decoder = OnnxAutoencoder(out)
+    assert decoder.parts == ("decoder",)
+    z = runtime.encode(_data(4))
+    np.testing.assert_allclose(decoder.decode(z), runtime.decode(z), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelFileError, match=r"encode needs the encoder graph"):
+        decoder.encode(_data(1))
+
+
+def test_cli_errors_are_one_line(saved, tmp_path, capsys):
+    _, folder, path = saved
+    np.save(tmp_path / "x.npy", _data(3))
+    np.save(tmp_path / "wide.npy", np.zeros((3, 13), np.float32))
+    (tmp_path / "taken.npy").write_bytes(b"keep me")
+    cases = [
+        (
+            ["encode", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "taken.npy"],
+            "taken.npy exists; pass --overwrite",
+        ),
+        (
+            ["encode", path, "--input", tmp_path / "x.npy", "--output", tmp_path / "z.txt"],
+            "expected a file name ending in .npy or .csv",
+        ),
+        (
+            ["encode", path, "--input", tmp_path / "x.txt", "--output", tmp_path / "z.npy"],
+            "expected a .npy or .csv file",
+        ),
+        (
+            ["score", folder, "--input", tmp_path / "wide.npy", "--output", tmp_path / "s.npy"],
+            r"expects inputs of shape (N, 12); got shape (3, 13)",
+        ),
+        (
+            [
+                "score",
+                tmp_path / "nothing",
+                "--input",
+                tmp_path / "x.npy",
+                "--output",
+                tmp_path / "s.npy",
+            ],
+            "no such model folder or .onnx file",
+        ),
+        (["export", folder, "--out", path], "exists; pass overwrite=True (--overwrite)"),
+    ]
+    for argv, message in cases:
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 1 and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "taken.npy").read_bytes() == b"keep me"
+    rc, _, err = _cli(
+        capsys,
+        "encode",
+        path,
+        "--input",
+        tmp_path / "x.npy",
+        "--output",
+        tmp_path / "taken.npy",
+        "--overwrite",
+    )
+    assert rc == 0, err
+    assert np.load(tmp_path / "taken.npy").shape == (3, 3)
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+def test_bench_onnx_reports_every_backend(tmp_path, capsys):
+    report_path = tmp_path / "bench.json"
+    rc, out, _ = _cli(
+        capsys,
+        "bench",
+        "onnx",
+        "--models",
+        "ae",
+        "--calls",
+        "20",
+        "--big-batch",
+        "16",
+        "--rounds",
+        "2",
+        "--latent-dim",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+        report_path,
+    )
+    assert rc == 0
+    assert "batch 1: latency" in out and "batch 16: throughput" in out
+    report = json.loads(report_path.read_text())
+    (row,) = report["results"]
+    assert row["model"] == "ae"
+    for batch in ("batch1", "batch16"):
+        seconds = row[batch]["seconds_per_call"]
+        assert set(seconds) == {
+            "torch",
+            "onnxruntime",
+            "aecore.runtime",
+            "aecore.runtime without normalisation",
+        }
+        assert all(v > 0 for v in seconds.values())
+        assert row[batch]["wrapper_overhead"] == pytest.approx(
+            seconds["aecore.runtime"] / seconds["onnxruntime"] - 1
+        )
+
+
+def test_bench_onnx_rejects_unknown_models(capsys):
+    rc, _, err = _cli(capsys, "bench", "onnx", "--models", "nope")
+    assert rc == 1 and "unknown model 'nope'" in err

@@ -70,6 +70,13 @@ class Autoencoder(nn.Module, abc.ABC):
     demo: ClassVar[Any] = None
     #: state-dict keys that older versions of the model saved and loading now ignores
     retired_state_keys: ClassVar[tuple[str, ...]] = ()
+    #: hyperparameters added after a model was first released, with the values that
+    #: rebuild a config saved before them (their defaults may differ)
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
+    #: True when, with its default hyperparameters, the model starts at PCA's solution
+    #: (``init_from_data`` makes ``model(x)`` PCA's reconstruction at ``latent_dim``) and
+    #: training can only improve on it (capability ``pca-start``)
+    pca_start: ClassVar[bool] = False
 
     def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
         super().__init__()
@@ -154,6 +161,13 @@ class Autoencoder(nn.Module, abc.ABC):
         with eval_mode(self):
             x_hat = self(x)
         return (x_hat - x).pow(2).flatten(1).mean(1)
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        """The range the model's inputs must lie in (``(0.0, 1.0)`` for Bernoulli units
+        or sigmoid outputs), or None for any real values: what the scikit-learn
+        estimator's ``normalize="auto"`` follows."""
+        return None
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"

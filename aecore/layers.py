@@ -80,6 +80,28 @@ def pca_basis(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, comps
 
 
+@torch.no_grad()
+def init_pca_path(encoder: nn.Linear, decoder: nn.Linear, x: torch.Tensor) -> None:
+    """Make ``encoder`` (D -> k) give the PCA coordinates of ``x``'s rows and ``decoder``
+    (k -> D) map them back: ``decoder(encoder(x))`` is PCA's reconstruction at code k.
+    A linear autoencoder's optimum is PCA's subspace (Baldi & Hornik 1989), so a model
+    whose nonlinear parts start at zero beside this path starts at PCA's solution."""
+    mean, comps = pca_basis(x, encoder.out_features)
+    mean, comps = mean.to(encoder.weight), comps.to(encoder.weight)
+    encoder.weight.copy_(comps)
+    encoder.bias.copy_(-comps @ mean)
+    decoder.weight.copy_(comps.T)
+    decoder.bias.copy_(mean)
+
+
+@torch.no_grad()
+def zero_(layer: nn.Module) -> None:
+    """Weights and bias of ``layer`` to zero: a branch ending in it outputs zero until
+    training moves it (its input still carries gradient to this layer)."""
+    for p in layer.parameters():
+        p.zero_()
+
+
 def reconstruction_from_logits(
     logits: torch.Tensor, target: torch.Tensor, kind: str, output
 ) -> torch.Tensor:

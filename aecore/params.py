@@ -16,6 +16,12 @@ def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     return value
 
 
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}")
+    return value
+
+
 def number(
     name: str,
     value: Any,

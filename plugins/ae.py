@@ -15,14 +15,14 @@ from torch import nn
 from aecore import params
 from aecore.base import Autoencoder
 from aecore.config import DemoRecipe
-from aecore.errors import ConfigError
 from aecore.layers import (
     ACTIVATIONS,
     flatten,
+    init_pca_path,
     mlp,
     output_and_reconstruction,
-    pca_basis,
     reconstruction_from_logits,
+    zero_,
 )
 from aecore.layers import activation as make_activation
 
@@ -31,6 +31,7 @@ class PlainAutoencoder(Autoencoder):
     """MLP autoencoder for inputs of any shape (flattened to ``prod(input_shape)``)."""
 
     demo = DemoRecipe(data="digits", latent_dim=8, epochs=120)
+    pca_start = True
 
     def __init__(
         self,
@@ -51,10 +52,9 @@ class PlainAutoencoder(Autoencoder):
         self.output_activation, self.reconstruction = output_and_reconstruction(
             output_activation, reconstruction
         )
-        if not isinstance(linear_path, bool):
-            raise ConfigError(f"linear_path must be true or false; got {linear_path!r}")
-        self.linear_path = linear_path
+        self.linear_path = params.flag("linear_path", linear_path)
         self.init = params.choice("init", init, ["pca", "random"])
+        self.pca_start = linear_path and self.init == "pca"
         self.dropout = params.number("dropout", dropout, low=0.0, high=1.0, high_open=True)
 
         d, k = self.input_size, self.latent_dim
@@ -63,6 +63,10 @@ class PlainAutoencoder(Autoencoder):
         self.encoder_linear = nn.Linear(d, k) if linear_path else None
         self.decoder_linear = nn.Linear(k, d) if linear_path else None
         self.output = make_activation(self.output_activation, "output_activation")
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.output_activation == "sigmoid" else None
 
     def _branch(self, sizes: list[int]) -> nn.Sequential:
         net = mlp(sizes, self.activation)
@@ -93,16 +97,9 @@ class PlainAutoencoder(Autoencoder):
         """PCA initialisation of the linear paths; nonlinear branches output zero."""
         if not (self.linear_path and self.init == "pca"):
             return
-        mean, comps = pca_basis(x, self.latent_dim)
-        mean, comps = mean.to(self.encoder_linear.weight), comps.to(self.encoder_linear.weight)
-        self.encoder_linear.weight.copy_(comps)
-        self.encoder_linear.bias.copy_(-comps @ mean)
-        self.decoder_linear.weight.copy_(comps.T)
-        self.decoder_linear.bias.copy_(mean)
+        init_pca_path(self.encoder_linear, self.decoder_linear, x)
         for branch in (self.encoder_mlp, self.decoder_mlp):
-            last = [m for m in branch if isinstance(m, nn.Linear)][-1]
-            last.weight.zero_()
-            last.bias.zero_()
+            zero_([m for m in branch if isinstance(m, nn.Linear)][-1])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

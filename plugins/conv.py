@@ -7,9 +7,16 @@ convolution gets the ``output_padding`` (0 or 1 per axis) that restores the exac
 its encoder layer started from, so the output shape equals the input shape for odd,
 rectangular and tiny images too (13x17, 8x8, 1x1). Every size is fixed at construction:
 the forward pass has no data-dependent shapes and uses standard ops only (ONNX export).
+
+Beside the convolutional branches runs a linear path (``linear_path``, on by default)
+from the flattened image to the code and back, initialised at PCA (fitted on the
+training data), while each branch's last layer starts at zero: training starts at
+PCA's reconstruction and can only improve on it, at any code size.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,8 +26,10 @@ from aecore.base import Autoencoder
 from aecore.config import DemoRecipe
 from aecore.layers import (
     ACTIVATIONS,
+    init_pca_path,
     output_and_reconstruction,
     reconstruction_from_logits,
+    zero_,
 )
 from aecore.layers import activation as make_activation
 
@@ -48,6 +57,9 @@ class ConvAutoencoder(Autoencoder):
 
     input_ranks = (3,)
     demo = DemoRecipe(data="digits:image", latent_dim=8, epochs=120, lr=2e-3)
+    pca_start = True
+    # models saved before the linear path existed had none
+    legacy_defaults: ClassVar[dict] = {"linear_path": False}
 
     def __init__(
         self,
@@ -59,8 +71,11 @@ class ConvAutoencoder(Autoencoder):
         activation="relu",
         output_activation="identity",
         reconstruction="mse",
+        linear_path=True,
     ) -> None:
         super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        self.linear_path = params.flag("linear_path", linear_path)
+        self.pca_start = linear_path
         self.channels = params.int_list("channels", channels, allow_empty=False)
         self.kernel_size = params.integer("kernel_size", kernel_size, low=2)
         self.activation = params.choice("activation", activation, list(ACTIVATIONS))
@@ -97,6 +112,13 @@ class ConvAutoencoder(Autoencoder):
                 decoder.append(self._act())
         self.decoder_convs = nn.Sequential(*decoder)
         self.output = make_activation(self.output_activation, "output_activation")
+        if linear_path:
+            self.encoder_pca = nn.Linear(self.input_size, self.latent_dim)
+            self.decoder_pca = nn.Linear(self.latent_dim, self.input_size)
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.output_activation == "sigmoid" else None
 
     def _act(self) -> nn.Module:
         return make_activation(self.activation)
@@ -109,16 +131,29 @@ class ConvAutoencoder(Autoencoder):
             "activation": self.activation,
             "output_activation": self.output_activation,
             "reconstruction": self.reconstruction,
+            "linear_path": self.linear_path,
         }
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """PCA initialisation of the linear path; the branches start at zero output."""
+        if self.linear_path:
+            init_pca_path(self.encoder_pca, self.decoder_pca, x.flatten(1))
+            zero_(self.encoder_linear)
+            zero_(self.decoder_convs[-1])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.encoder_linear(self.encoder_convs(x).flatten(1))
+        z = self.encoder_linear(self.encoder_convs(x).flatten(1))
+        return z + self.encoder_pca(x.flatten(1)) if self.linear_path else z
 
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
         self.check_code(z)
         features = self.decoder_linear(z).reshape(-1, *self.feature_shape)
-        return self.decoder_convs(features)
+        out = self.decoder_convs(features)
+        if self.linear_path:
+            out = out + self.decoder_pca(z).reshape(-1, *self.input_shape)
+        return out
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.output(self._logits(z))

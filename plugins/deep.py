@@ -8,6 +8,19 @@ hidden biases) and a decoder (transposed weights, visible biases), which the Tra
 then fine-tunes on reconstruction error through ``loss``. ``pretrain=False`` skips the
 RBMs and fine-tunes from a random start, so the benefit is measurable.
 
+Where fine-tuning starts (``start``):
+
+* ``"pca"`` (the default): beside the unrolled net runs a linear path, input -> code ->
+  output, initialised at PCA (fitted on the training data); the net's code layer and
+  output layer start at zero, its hidden layers at the pretrained RBMs. Fine-tuning
+  begins at PCA's reconstruction (clipped to [0, 1] for Bernoulli inputs, never
+  further from them) and can only improve on it, at any code size and budget.
+* ``"pretrained"``: the unrolled RBMs as they are (logistic outputs for Bernoulli
+  inputs), with ``linear_path`` adding zero-initialised linear maps to the logits:
+  Hinton & Salakhutdinov's start, the stronger one for small codes given a long
+  fine-tuning (the README's recipe), but worse than PCA where sigmoid layers are slow
+  to become linear (large codes, short budgets).
+
 ``aecore eval`` on a saved ``deep`` model adds Hinton's comparison: the same net
 (same config, ``pretrain=False``) trained there and then on the same train/val split,
 with the training config the model itself was fine-tuned with (``model.json``'s
@@ -17,6 +30,8 @@ training does not pay twice; ``aecore eval`` takes about as long as the fine-tun
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -25,10 +40,18 @@ from aecore.base import Autoencoder, eval_mode
 from aecore.config import DemoRecipe
 from aecore.errors import ConfigError
 from aecore.io.model_folder import training_config
-from aecore.layers import flatten, pca_basis, reconstruction_from_logits
+from aecore.layers import (
+    flatten,
+    init_pca_path,
+    pca_basis,
+    reconstruction_from_logits,
+    zero_,
+)
 from aecore.training import Trainer
 from aecore_plugins.rbm import RBM
 
+#: where fine-tuning starts (see the module docstring)
+STARTS = ("pca", "pretrained")
 #: epochs at the RBMs' initial momentum before it rises (Hinton's practical guide: ~5)
 MOMENTUM_WARMUP_EPOCHS = 5
 #: pretraining reports its progress every this many epochs of each RBM
@@ -39,10 +62,8 @@ class DeepAutoencoder(Autoencoder):
     """Sigmoid MLP autoencoder ``input -> hidden... -> latent_dim -> ...hidden -> input``
     with a linear code layer, pretrained layer-wise as RBMs (``pretrain=True``).
 
-    ``linear_path`` (default on; off = the paper's net exactly) adds linear maps
-    input -> code and code -> output (logits), initialised at zero so the unrolled
-    RBMs are the starting point unchanged. On small data they let fine-tuning reach
-    PCA-level error at large code sizes, where sigmoid layers are slow to become linear.
+    ``start`` (``"pca"`` or ``"pretrained"``, see the module docstring); ``linear_path``
+    (with ``start="pretrained"``: off = the paper's net exactly; ``start="pca"`` needs it).
 
     Hyperparameters: ``hidden`` encoder widths (Hinton's MNIST net: [1000, 500, 250]
     with latent_dim 30); ``visible`` input units (``bernoulli``: data in [0, 1], logistic
@@ -63,6 +84,9 @@ class DeepAutoencoder(Autoencoder):
     )
     # older versions kept the fine-tuning settings in this buffer (now in model.json)
     retired_state_keys = ("finetune_budget",)
+    pca_start = True
+    # saved before fine-tuning could start at PCA: the unrolled net
+    legacy_defaults: ClassVar[dict] = {"start": "pretrained"}
 
     def __init__(
         self,
@@ -72,6 +96,7 @@ class DeepAutoencoder(Autoencoder):
         hidden=(256, 128),
         visible="bernoulli",
         reconstruction="mse",
+        start="pca",
         linear_path=True,
         pretrain=True,
         pretrain_epochs=50,
@@ -95,13 +120,21 @@ class DeepAutoencoder(Autoencoder):
                 "reconstruction='bce' needs visible='bernoulli' (data in [0, 1]); "
                 "use reconstruction='mse' with visible='gaussian'"
             )
-        if not isinstance(linear_path, bool):
-            raise ConfigError(f"linear_path must be true or false; got {linear_path!r}")
-        self.linear_path = linear_path
-        if not isinstance(pretrain, bool):
-            raise ConfigError(f"pretrain must be true or false; got {pretrain!r}")
+        self.linear_path = params.flag("linear_path", linear_path)
+        self.start = params.choice("start", start, STARTS)
+        self.pca_start = self.start == "pca"
+        if self.start == "pca" and not linear_path:
+            raise ConfigError(
+                "start='pca' begins on the linear path: it needs linear_path=true "
+                "(linear_path=false, the paper's net, goes with start='pretrained')"
+            )
+        if self.start == "pca" and self.reconstruction == "bce":
+            raise ConfigError(
+                "reconstruction='bce' is the cross-entropy of the pretrained net's logistic "
+                "outputs: it goes with start='pretrained' (start='pca' fine-tunes on mse)"
+            )
         # not `self.pretrain`: that name is the Trainer's pretraining hook below
-        self.use_pretraining = pretrain
+        self.use_pretraining = params.flag("pretrain", pretrain)
         self.pretrain_epochs = params.integer("pretrain_epochs", pretrain_epochs, low=1)
         self.pretrain_lr = params.number("pretrain_lr", pretrain_lr, low=0.0, low_open=True)
         self.pretrain_lr_gaussian = params.number(
@@ -121,15 +154,22 @@ class DeepAutoencoder(Autoencoder):
         self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         # decoder[j] mirrors encoder[n - 1 - j]
         self.decoder = nn.ModuleList(nn.Linear(sizes[i + 1], sizes[i]) for i in reversed(range(n)))
+        pca = self.start == "pca"
         if linear_path:
-            # zero at the start, so the pretrained net is unrolled exactly; fine-tuning
-            # can then fit the near-linear part of the map (large codes) through them
-            self.encoder_linear = nn.Linear(sizes[0], sizes[-1], bias=False)
-            self.decoder_linear = nn.Linear(sizes[-1], sizes[0], bias=False)
-            nn.init.zeros_(self.encoder_linear.weight)
-            nn.init.zeros_(self.decoder_linear.weight)
+            # start='pretrained': zero at the start, so the pretrained net is unrolled
+            # exactly; fine-tuning can then fit the near-linear part of the map (large
+            # codes) through them. start='pca': PCA's projection (init_from_data)
+            self.encoder_linear = nn.Linear(sizes[0], sizes[-1], bias=pca)
+            self.decoder_linear = nn.Linear(sizes[-1], sizes[0], bias=pca)
+            if not pca:
+                nn.init.zeros_(self.encoder_linear.weight)
+                nn.init.zeros_(self.decoder_linear.weight)
         else:
             self.encoder_linear = self.decoder_linear = None
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.visible == "bernoulli" else None
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -142,6 +182,7 @@ class DeepAutoencoder(Autoencoder):
             "hidden": list(self.hidden),
             "visible": self.visible,
             "reconstruction": self.reconstruction,
+            "start": self.start,
             "linear_path": self.linear_path,
             "pretrain": self.use_pretraining,
             "pretrain_epochs": self.pretrain_epochs,
@@ -171,7 +212,23 @@ class DeepAutoencoder(Autoencoder):
         return h if self.decoder_linear is None else h + self.decoder_linear(z)
 
     def _output(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits) if self.visible == "bernoulli" else logits
+        if self.visible == "gaussian":
+            return logits
+        if self.start == "pca":  # a clipped linear output: PCA's, never further from [0, 1] data
+            return logits.clamp(0.0, 1.0)
+        return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """start='pca': the linear path at PCA, the net's code and output layers at zero
+        (its hidden layers keep what pretraining gives them, see ``unroll``)."""
+        if self.start == "pca":
+            init_pca_path(self.encoder_linear, self.decoder_linear, flatten(x))
+            self._zero_net_ends()
+
+    def _zero_net_ends(self) -> None:
+        zero_(self.encoder[-1])
+        zero_(self.decoder[-1])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._output(self._logits(z)).reshape(-1, *self.input_shape)
@@ -260,6 +317,8 @@ class DeepAutoencoder(Autoencoder):
             self.encoder[i].bias.copy_(rbm.b_h)
             self.decoder[n - 1 - i].weight.copy_(rbm.W)
             self.decoder[n - 1 - i].bias.copy_(rbm.b_v)
+        if self.start == "pca":  # the net joins the PCA path from zero
+            self._zero_net_ends()
 
     @classmethod
     def from_rbms(cls, rbms: list[RBM], **hparams) -> DeepAutoencoder:
@@ -281,7 +340,7 @@ class DeepAutoencoder(Autoencoder):
             input_shape=rbms[0].input_shape,
             latent_dim=rbms[-1].latent_dim,
             hidden=[r.latent_dim for r in rbms[:-1]],
-            **hparams,
+            **{"start": "pretrained", **hparams},  # the RBMs as they are, unless asked
         )
         model.unroll(rbms)
         return model

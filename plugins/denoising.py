@@ -17,15 +17,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aecore import params, plots
 from aecore.base import eval_mode
 from aecore.config import DemoRecipe
-from aecore.layers import flatten, reconstruction_from_logits
+from aecore.layers import flatten, pca_basis, reconstruction_from_logits
 from aecore_plugins.ae import PlainAutoencoder
 
 CORRUPTIONS = ("gaussian", "masking", "salt_pepper")
+#: training rows (at most) the PCA baseline of ``aecore eval`` is fitted on
+PCA_FIT_ROWS = 20000
 
 
 def corrupt(
@@ -97,19 +100,36 @@ class DenoisingAutoencoder(PlainAutoencoder):
 
     @torch.no_grad()
     def denoising_mse(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        pca: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """MSE against clean ``x`` of the corrupted inputs and of their reconstructions."""
+        """MSE against clean ``x`` of the corrupted inputs and of their reconstructions;
+        with ``pca`` (mean, components) also of PCA's projection of the same corrupted
+        inputs, the linear denoiser a denoising model has to beat."""
         with eval_mode(self):
             noisy = self.corrupt(x, generator)
             denoised = self(noisy)
-        return {
+        out = {
             "corrupted_mse": float((noisy - x).pow(2).mean()),
             "denoised_mse": float((denoised - x).pow(2).mean()),
         }
+        if pca is not None:
+            mean, comps = (t.to(x.device, torch.float64) for t in pca)
+            flat = flatten(noisy).double() - mean
+            projected = flat @ comps.T @ comps + mean
+            out["pca_denoised_mse"] = float((projected - flatten(x).double()).pow(2).mean())
+            out["denoised_vs_pca"] = out["denoised_mse"] / out["pca_denoised_mse"]
+        return out
 
     def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict[str, float]:
-        return self.denoising_mse(x_test, torch.Generator().manual_seed(0))
+        """``aecore eval``: the corrupted test inputs, their denoised outputs and PCA's
+        projection of them (PCA fitted on the training rows), each against the clean."""
+        train = prepared.view("train")
+        rows = np.random.default_rng(0).permutation(len(train))[:PCA_FIT_ROWS]
+        pca = pca_basis(torch.as_tensor(train[np.sort(rows)]), self.latent_dim)
+        return self.denoising_mse(x_test, torch.Generator().manual_seed(0), pca)
 
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, Path]]:
         clean = torch.as_tensor(prepared.view("test").to_numpy()[:12])

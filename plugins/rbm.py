@@ -94,9 +94,7 @@ class RBM(Autoencoder):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k (Gibbs steps per update) must be an int >= 1; got {k!r}")
         self.k = k
-        if not isinstance(persistent, bool):
-            raise ConfigError(f"persistent must be true or false; got {persistent!r}")
-        self.persistent = persistent
+        self.persistent = params.flag("persistent", persistent)
         self.chains = params.integer("chains", chains, low=1)
         if lr is None:
             lr = 0.1 if self.visible == self.hidden == "bernoulli" else 0.01
@@ -107,12 +105,9 @@ class RBM(Autoencoder):
         )
         self.momentum_warmup = params.integer("momentum_warmup", momentum_warmup, low=0)
         self.weight_decay = params.number("weight_decay", weight_decay, low=0.0)
-        flags = (("sample_visible", sample_visible), ("strict", strict))
-        for name, flag in (*flags, ("probabilities", probabilities)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{name} must be true or false; got {flag!r}")
-        self.sample_visible = sample_visible
-        self.strict = strict
+        self.sample_visible = params.flag("sample_visible", sample_visible)
+        self.strict = params.flag("strict", strict)
+        params.flag("probabilities", probabilities)
         if strict and probabilities:
             raise ConfigError(
                 "strict=True makes non-binary data an error and probabilities=True accepts "
@@ -151,6 +146,10 @@ class RBM(Autoencoder):
             "strict": self.strict,
             "probabilities": self.probabilities,
         }
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.visible == "bernoulli" else None
 
     # -- the autoencoder view ----------------------------------------------------------
     def hidden_mean(self, v: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,10 @@
-"""``sparse``: a one-hidden-layer autoencoder whose hidden layer is the (sparse) code.
+"""``sparse``: an autoencoder whose code carries a sparsity penalty.
 
-The code may be overcomplete (``latent_dim`` larger than the input); a sparsity
-constraint, not a bottleneck, stops it from copying the input. Three penalties:
+The encoder is one layer, ``code = act(W1 (x - m) + b1)`` with ``m`` the training mean;
+the decoder is linear, ``W2 code + b2`` (through the output activation), plus an
+optional nonlinear branch (``hidden`` widths) whose last layer starts at zero. The code
+may be overcomplete (``latent_dim`` larger than the input); a sparsity constraint, not a
+bottleneck, stops it from copying the input. Three penalties:
 
 * ``kl``: Ng's sparse autoencoder (CS294A notes): sigmoid units, plus
   ``beta * sum_j KL(rho || mean activation of unit j)`` (``aecore.ops.kl_sparsity``);
@@ -16,11 +19,19 @@ plus the penalty, plus ``weight_decay / 2`` times the squared weights (not biase
 So Ng's settings (rho=0.01, beta=3, weight_decay=1e-4) mean what they mean in his notes.
 ``loss`` also logs ``mean_activation`` and ``dead_fraction``: the share of code units
 whose magnitude stays at or below 1e-3 on every example of the batch.
+
+The defaults follow the code size. An overcomplete code gets Ng's model (``kl``, one
+layer each way). An undercomplete code, where PCA is the best any linear decoder can
+do, gets a linear code with the ``l1`` penalty, started at PCA's solution
+(``pca_start``) with a nonlinear decoder branch (``hidden=[256]``) beside the linear
+decoder: it begins at PCA's reconstruction and trades it for sparsity only as far as
+that pays. The resolved values are what ``get_config`` records.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +40,7 @@ from aecore import ops, params, plots
 from aecore.base import Autoencoder, eval_mode
 from aecore.config import DemoRecipe
 from aecore.errors import ConfigError
-from aecore.layers import ACTIVATIONS, flatten
+from aecore.layers import ACTIVATIONS, flatten, init_pca_path, mlp, zero_
 from aecore.layers import activation as make_activation
 
 PENALTIES = ("kl", "l1", "topk")
@@ -51,7 +62,11 @@ def activity(h: torch.Tensor) -> dict[str, torch.Tensor]:
 
 class SparseAutoencoder(Autoencoder):
     """Encoder ``x -> act(W1 (x - m) + b1)`` with ``m`` the training mean (k-sparsified
-    for ``topk``), decoder ``h -> out(W2 h + b2)``; the hidden layer ``h`` is the code."""
+    for ``topk``), decoder ``h -> out(W2 h + b2 + branch(h))``; ``h`` is the code."""
+
+    pca_start = True  # with its defaults, for undercomplete codes (see the module docs)
+    # saved before these existed: one linear layer each way, random start
+    legacy_defaults: ClassVar[dict] = {"pca_start": False, "hidden": []}
 
     # Ng's exercise: 64 -> 100 sigmoid units on 8x8 natural-image patches
     demo = DemoRecipe(
@@ -77,7 +92,7 @@ class SparseAutoencoder(Autoencoder):
         *,
         input_shape,
         latent_dim,
-        penalty="kl",
+        penalty="auto",
         rho=0.05,
         beta=3.0,
         l1_lambda=1e-3,
@@ -86,8 +101,13 @@ class SparseAutoencoder(Autoencoder):
         activation="auto",
         output_activation="identity",
         weight_decay=0.0,
+        pca_start="auto",
+        hidden="auto",
     ) -> None:
         super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        undercomplete = self.latent_dim < self.input_size
+        if penalty == "auto":
+            penalty = "l1" if undercomplete else "kl"
         self.penalty = params.choice("penalty", penalty, PENALTIES)
         self.rho = params.number("rho", rho, low=0.0, high=1.0, low_open=True, high_open=True)
         self.beta = params.number("beta", beta, low=0.0)
@@ -107,7 +127,8 @@ class SparseAutoencoder(Autoencoder):
                 f"codes fit in latent_dim={self.latent_dim} (k={self.k}); got {alpha!r}"
             )
         if activation == "auto":
-            activation = DEFAULT_ACTIVATION[self.penalty]
+            linear_code = undercomplete and self.penalty == "l1" and pca_start in ("auto", True)
+            activation = "identity" if linear_code else DEFAULT_ACTIVATION[self.penalty]
         self.activation = params.choice("activation", activation, ["auto", *ACTIVATIONS])
         if self.penalty == "kl" and self.activation != "sigmoid":
             raise ConfigError(
@@ -118,6 +139,23 @@ class SparseAutoencoder(Autoencoder):
             "output_activation", output_activation, ["identity", "sigmoid"]
         )
         self.weight_decay = params.number("weight_decay", weight_decay, low=0.0)
+        # PCA's coordinates fill a linear, dense code narrower than the input
+        can_start_at_pca = undercomplete and self.activation == "identity" and penalty == "l1"
+        if pca_start == "auto":
+            pca_start = can_start_at_pca
+        if not isinstance(pca_start, bool):
+            raise ConfigError(f"pca_start must be true, false or 'auto'; got {pca_start!r}")
+        if pca_start and not can_start_at_pca:
+            raise ConfigError(
+                "pca_start=true needs an undercomplete code (latent_dim < input size), "
+                f"activation='identity' and penalty='l1'; got latent_dim={self.latent_dim}, "
+                f"input size {self.input_size}, activation={self.activation!r}, "
+                f"penalty={self.penalty!r}"
+            )
+        self.pca_start = pca_start
+        if hidden == "auto":
+            hidden = [256] if pca_start else []
+        self.hidden = params.int_list("hidden", hidden)
 
         self.encoder = nn.Linear(self.input_size, self.latent_dim)
         # the encoder sees inputs minus the training mean (set by init_from_data): the same
@@ -127,6 +165,11 @@ class SparseAutoencoder(Autoencoder):
         self.decoder = nn.Linear(self.latent_dim, self.input_size)
         self.hidden_activation = make_activation(self.activation)
         self.output = make_activation(self.output_activation, "output_activation")
+        # a nonlinear correction beside the linear decoder: what lets an undercomplete
+        # code reconstruct better than PCA, which bounds every linear decoder
+        self.decoder_mlp = (
+            mlp([self.latent_dim, *self.hidden, self.input_size], "relu") if self.hidden else None
+        )
 
     def get_config(self) -> dict:
         return {
@@ -140,11 +183,22 @@ class SparseAutoencoder(Autoencoder):
             "activation": self.activation,
             "output_activation": self.output_activation,
             "weight_decay": self.weight_decay,
+            "pca_start": self.pca_start,
+            "hidden": list(self.hidden),
         }
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
         self.input_mean.copy_(flatten(x).mean(0).to(self.input_mean))
+        if self.pca_start:  # the code starts as PCA's coordinates of the centred input
+            init_pca_path(self.encoder, self.decoder, flatten(x))
+            self.encoder.bias.zero_()  # the encoder sees x - mean already
+        if self.decoder_mlp is not None:
+            zero_(self.decoder_mlp[-1])
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.output_activation == "sigmoid" else None
 
     @property
     def inference_k(self) -> int:
@@ -161,7 +215,10 @@ class SparseAutoencoder(Autoencoder):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         self.check_code(z)
-        return self.output(self.decoder(z)).reshape(-1, *self.input_shape)
+        out = self.decoder(z)
+        if self.decoder_mlp is not None:
+            out = out + self.decoder_mlp(z)
+        return self.output(out).reshape(-1, *self.input_shape)
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self._hidden(x, self.k)

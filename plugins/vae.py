@@ -125,6 +125,7 @@ class VariationalAutoencoder(Autoencoder):
             "channels": self.channels,
             "kernel_size": self.kernel_size,
             "activation": self.activation,
+            "linear_path": False,
         }
         # only the layer stacks are kept; the rest of these two models is discarded
         enc = ConvAutoencoder(input_shape=self.input_shape, latent_dim=self.latent_dim, **stacks)
@@ -139,6 +140,10 @@ class VariationalAutoencoder(Autoencoder):
             nn.Flatten(),  # (B, m*C, H, W) -> (B, m*C*H*W): channel groups stay contiguous
         )
         return body, enc.encoder_linear.in_features, decoder
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.decoder == "bernoulli" else None
 
     @property
     def _learned_std(self) -> bool:

@@ -69,7 +69,9 @@ def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
         return iter(x.split(64))
 
     torch.manual_seed(0)
-    model = DeepAutoencoder(input_shape=(64,), latent_dim=8, hidden=[64, 32], pretrain_epochs=8)
+    model = DeepAutoencoder(
+        input_shape=(64,), latent_dim=8, hidden=[64, 32], pretrain_epochs=8, start="pretrained"
+    )
     with torch.no_grad():
         random_start = float(model.loss(x)["loss"])
     lines = []
@@ -93,15 +95,18 @@ def test_pretraining_logs_each_layer_and_starts_better_than_random(one_thread):
 
 @pytest.mark.slow
 def test_deep_autoencoder_against_pca_on_digits(one_thread):
-    """Hinton & Salakhutdinov's claim at three code sizes, through `aecore train`'s
-    pipeline (70/10/20 split, PCA fitted on train+val): code 2 <= 0.55 x PCA's test MSE,
-    8 <= 0.40 x, 30 <= 1.0 x."""
+    """The README's recipe through `aecore train`'s pipeline (80/0/20 split: no early
+    stopping, 250 epochs at lr 1e-3; PCA fitted on the training rows): codes 2 and 8
+    start from the pretrained net, code 30 from PCA. Bounds for this one split (the
+    quality benchmark reports the median over four): code 2 <= 0.55 x PCA's test MSE,
+    8 <= 0.39 x, 30 <= 0.5 x."""
     start = time.perf_counter()
     ratios = {}
-    for code, bound in [(2, 0.55), (8, 0.40), (30, 1.0)]:
+    recipe = {"epochs": 250, "lr": 1e-3, "val_fraction": 0.0, "seed": 0, "device": "cpu"}
+    for code, bound, begin in [(2, 0.55, "pretrained"), (8, 0.39, "pretrained"), (30, 0.5, "pca")]:
         result = train(
-            "deep", "digits", None, latent_dim=code, epochs=300, lr=3e-3, seed=0,
-            device="cpu", progress=False,
+            "deep", "digits", None, latent_dim=code, hparams={"start": begin}, progress=False,
+            **recipe,
         )  # fmt: skip
         ratios[code] = result.metrics["ratio_to_pca"]
         assert result.metrics["test_rows"] == 359
@@ -156,6 +161,9 @@ def test_a_model_saved_with_the_retired_budget_buffer_still_loads(tmp_path):
         ({"pretrain": "yes"}, r"pretrain must be true or false; got 'yes'"),
         ({"pretrain_k": 0}, r"pretrain_k \(Gibbs steps per update\) must be an int >= 1; got 0"),
         ({"pretrain_epochs": 0}, r"pretrain_epochs must be an int in \[1, inf\]; got 0"),
+        ({"start": "random"}, r"start must be one of 'pca', 'pretrained'; got 'random'"),
+        ({"linear_path": False}, r"start='pca' begins on the linear path: it needs linear_path"),
+        ({"reconstruction": "bce"}, r"reconstruction='bce' .* goes with start='pretrained'"),
     ],
 )
 def test_bad_hyperparameters_are_named(hparams, message):
@@ -179,6 +187,40 @@ def test_rbm_widths_must_chain():
         model.unroll([a, b])
     with pytest.raises(ConfigError, match="this net has 2 layers .* got 1 RBMs"):
         model.unroll([a])
+
+
+def test_pca_start_keeps_the_pretrained_hidden_layers_and_starts_at_pca():
+    x = torch.as_tensor(prepare("digits", seed=0).view("train").to_numpy())
+    torch.manual_seed(0)
+    model = DeepAutoencoder(input_shape=(64,), latent_dim=4, hidden=[32, 16], pretrain_epochs=2)
+    model.pretrain(lambda: iter(x.split(64)), lambda message: None)
+    model.init_from_data(x)
+    rbms_first_layer = model.encoder[0].weight.clone()
+    assert rbms_first_layer.abs().sum() > 0  # pretrained, kept
+    assert model.encoder[-1].weight.abs().sum() == 0 == model.decoder[-1].weight.abs().sum()
+    with torch.no_grad():
+        start = float(model.eval()(x).sub(x).pow(2).mean())
+    flat = x.double()
+    from aecore.layers import pca_basis
+
+    mean, comps = pca_basis(flat, 4)
+    pca = float(((flat - mean) @ comps.T @ comps + mean - flat).pow(2).mean())
+    assert start <= pca  # PCA's reconstruction, clipped to the data's [0, 1]
+    assert start == pytest.approx(pca, rel=0.05)
+
+
+def test_a_model_saved_before_start_existed_loads_as_the_unrolled_net(tmp_path):
+    torch.manual_seed(0)
+    model = DeepAutoencoder(input_shape=(6,), latent_dim=2, hidden=[4], start="pretrained")
+    aecore.save(model, tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "model.json").read_text())
+    del record["config"]["start"]
+    (tmp_path / "old" / "model.json").write_text(json.dumps(record))
+    loaded = aecore.load(tmp_path / "old")
+    assert loaded.start == "pretrained"
+    x = torch.rand(3, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_demo_figures(tmp_path):

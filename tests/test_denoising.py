@@ -155,5 +155,10 @@ def test_demo_figure_and_metrics(tmp_path):
     assert "corrupted" in caption and path.exists() and path.stat().st_size > 1000
     test = torch.as_tensor(prepared.view("test").to_numpy())
     metrics = model.evaluation_metrics(test, prepared)
-    assert set(metrics) == {"corrupted_mse", "denoised_mse"}
+    assert set(metrics) == {
+        "corrupted_mse", "denoised_mse", "pca_denoised_mse", "denoised_vs_pca"
+    }  # fmt: skip
+    assert metrics["denoised_vs_pca"] == pytest.approx(
+        metrics["denoised_mse"] / metrics["pca_denoised_mse"]
+    )
     assert metrics["corrupted_mse"] > 0

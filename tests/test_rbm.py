@@ -141,7 +141,9 @@ def test_training_lowers_reconstruction_error_and_keeps_state_in_buffers(digits,
     before = float(rbm.loss(x)["loss"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonBinaryDataWarning)
-        history = Trainer(epochs=3, batch_size=32, seed=0, progress=False).fit(rbm, train)
+        history = Trainer(epochs=3, batch_size=32, seed=0, progress=False, val_fraction=0.0).fit(
+            rbm, train
+        )
     assert float(rbm.loss(x)["loss"]) < before
     assert len(history.metric("train_loss")) == 3
     assert int(rbm.updates) == 3 * math.ceil(len(train) / 32)

@@ -92,7 +92,9 @@ def test_loss_terms_are_ngs_objective():
 
 def test_l1_penalty_is_lambda_times_mean_summed_activation():
     torch.manual_seed(0)
-    model = SparseAutoencoder(input_shape=(64,), latent_dim=30, penalty="l1", l1_lambda=0.01)
+    model = SparseAutoencoder(
+        input_shape=(64,), latent_dim=30, penalty="l1", l1_lambda=0.01, pca_start=False
+    )
     x = _x()
     h = torch.relu(model.encoder(x))
     assert model.activation == "relu"
@@ -100,7 +102,7 @@ def test_l1_penalty_is_lambda_times_mean_summed_activation():
 
 
 def test_dead_fraction_counts_units_silent_on_the_whole_batch():
-    model = SparseAutoencoder(input_shape=(64,), latent_dim=10, penalty="l1")
+    model = SparseAutoencoder(input_shape=(64,), latent_dim=10, penalty="l1", pca_start=False)
     with torch.no_grad():
         model.encoder.bias[:3] = -1e3  # relu(-big) == 0 for every example: 3 dead units
         model.encoder.bias[3:] = 1e3
@@ -140,7 +142,9 @@ def test_encode_needs_no_training_mode_and_is_deterministic():
         ({"alpha": 0.5}, "alpha must be a number in [1, inf); got 0.5"),
         ({"k": 8, "alpha": 3.0}, "alpha must be in [1, 2.5] so that round(alpha * k)"),
         ({"penalty": "l2"}, "penalty must be one of 'kl', 'l1', 'topk'; got 'l2'"),
-        ({"activation": "relu"}, "penalty='kl' needs activation='sigmoid'"),
+        ({"penalty": "kl", "activation": "relu"}, "penalty='kl' needs activation='sigmoid'"),
+        ({"penalty": "kl", "pca_start": True}, "pca_start=true needs an undercomplete code"),
+        ({"pca_start": "yes"}, "pca_start must be true, false or 'auto'; got 'yes'"),
         ({"weight_decay": -1e-4}, "weight_decay must be a number in [0, inf); got -0.0001"),
         ({"output_activation": "tanh"}, "output_activation must be one of"),
     ],

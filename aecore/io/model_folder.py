@@ -134,7 +134,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     except RegistryError as exc:
         raise ModelFileError(f"{directory}: {exc}") from None
     try:
-        model = cls(**record["config"])
+        model = cls(**saved_config(cls, record["config"]))
     except AecoreError as exc:
         raise ModelFileError(f"{directory}: the saved config does not build: {exc}") from None
     except TypeError as exc:
@@ -149,6 +149,12 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     training_config(record, directory)  # a malformed record fails here, not at eval
     model.metadata = record
     return model.to(device).eval()
+
+
+def saved_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The keywords that rebuild a saved config: hyperparameters added since it was
+    written take the values that reproduce the model as it was saved."""
+    return {**getattr(cls, "legacy_defaults", {}), **config}
 
 
 def training_config(record: dict[str, Any], directory: Any = "") -> TrainConfig:

@@ -1,5 +1,5 @@
-"""Natural-image patches from scikit-learn's sample images, prepared as for Ng's sparse
-autoencoder exercise."""
+"""Natural-image patches from scikit-learn's sample images: whitened grey patches as in
+Ng's sparse autoencoder exercise, and plain colour patches."""
 
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def sample_patches(n: int = 10000, size: int = 8, seed: int = 0) -> np.ndarray:
     limit = 3 * out.std()
     out = np.clip(out, -limit, limit) / limit
     return ((out + 1) * 0.4 + 0.1).astype(np.float32)
+
+
+def sample_colour_patches(n: int = 5000, size: int = 8, seed: int = 0) -> np.ndarray:
+    """Random ``size``x``size`` colour patches of scikit-learn's sample images as they
+    are: (n, 3, size, size) float32 pixel values 0..255 (channels first)."""
+    from sklearn.datasets import load_sample_images
+
+    images = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    which = rng.integers(len(images), size=n)
+    for i, k in enumerate(which):
+        img = images[k]
+        r = rng.integers(img.shape[0] - size + 1)
+        c = rng.integers(img.shape[1] - size + 1)
+        out[i] = img[r : r + size, c : c + size].transpose(2, 0, 1)
+    return out

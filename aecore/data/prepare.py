@@ -12,7 +12,7 @@ import numpy as np
 from aecore.data.dataset import Dataset
 from aecore.data.normalization import Normalization
 from aecore.data.sources import load_data
-from aecore.data.split import ArrayView, Split, split_indices
+from aecore.data.split import SPLIT_METHODS, ArrayView, Split, split_indices
 from aecore.errors import DataError
 
 
@@ -42,13 +42,23 @@ def prepare(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    split: str = "random",
 ) -> Prepared:
-    """Load ``source``, split it (seeded), fit the normalisation on the train rows."""
+    """Load ``source``, split it (seeded; ``split="stratified"`` keeps each label's share
+    in every part), fit the normalisation on the train rows."""
+    if split not in SPLIT_METHODS:
+        raise DataError(f"split must be one of {', '.join(SPLIT_METHODS)}; got {split!r}")
     dataset = load_data(source)
-    split = split_indices(
-        len(dataset), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    if split == "stratified" and dataset.labels is None:
+        raise DataError(f"split='stratified' needs labels; {source} has none")
+    parts = split_indices(
+        len(dataset),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        labels=dataset.labels if split == "stratified" else None,
     )
-    norm = Normalization.fit(normalize, ArrayView(dataset.x, split.train, raw=True), per_feature)
+    norm = Normalization.fit(normalize, ArrayView(dataset.x, parts.train, raw=True), per_feature)
     record = {
         "source": source,
         "rows": len(dataset),
@@ -58,9 +68,10 @@ def prepare(
         "test_fraction": test_fraction,
         "normalize": normalize,
         "per_feature": per_feature,
-        "split": split.to_dict(),
+        "split_method": split,
+        "split": parts.to_dict(),
     }
-    return Prepared(dataset, split, norm, record)
+    return Prepared(dataset, parts, norm, record)
 
 
 def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Prepared:
@@ -76,6 +87,7 @@ def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Pre
         val_fraction=data.get("val_fraction", 0.1),
         test_fraction=data.get("test_fraction", 0.2),
         seed=data.get("seed", 0),
+        split=data.get("split_method", "random"),
     )
     # inference always uses the normalisation stored with the model
     prepared.normalization = Normalization.from_dict(model_record.get("normalization"))

@@ -7,6 +7,7 @@
 * ``csv:PATH``: numeric CSV, an optional header row
 * ``idx:PATH[:LABELS]``: MNIST / Fashion-MNIST IDX files, gzipped or not
 * ``patches[:N]``: 8x8 patches of scikit-learn's sample images (Ng's sparse-coding exercise)
+* ``colour_patches[:N]``: 8x8 colour patches of the same images, (N, 3, 8, 8) pixels 0..255
 
 Normalisation is not applied here: it is fitted on the training rows only
 (``aecore.data.prepare``) and applied lazily, batch by batch.
@@ -20,7 +21,7 @@ import numpy as np
 
 from aecore.data.dataset import Dataset, as_dataset
 from aecore.data.files import read_csv, read_idx_images, read_npy, read_npz
-from aecore.data.images import sample_patches
+from aecore.data.images import sample_colour_patches, sample_patches
 from aecore.errors import DataError
 
 SourceResult = tuple[np.ndarray, "np.ndarray | None"]
@@ -38,16 +39,17 @@ def _digits(rest: str) -> SourceResult:
     return x, bunch.target.astype(np.int64)
 
 
-def _patches(rest: str) -> SourceResult:
-    n = 10000
-    if rest:
-        try:
-            n = int(rest)
-        except ValueError:
-            raise DataError(f"patches: expected patches[:COUNT]; got 'patches:{rest}'") from None
-        if n < 1:
-            raise DataError(f"patches: COUNT must be positive; got {n}")
-    return sample_patches(n), None
+def _count(kind: str, rest: str, default: int) -> int:
+    """The COUNT of ``kind[:COUNT]``."""
+    if not rest:
+        return default
+    try:
+        n = int(rest)
+    except ValueError:
+        raise DataError(f"{kind}: expected {kind}[:COUNT]; got '{kind}:{rest}'") from None
+    if n < 1:
+        raise DataError(f"{kind}: COUNT must be positive; got {n}")
+    return n
 
 
 #: source kind -> (its forms, for help and errors; the loader of the text after
@@ -58,7 +60,11 @@ SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
     "npz": ("npz:PATH[:KEY]", lambda rest: (read_npz(rest), None)),
     "csv": ("csv:PATH", lambda rest: (read_csv(rest), None)),
     "idx": ("idx:PATH[:LABELS]", read_idx_images),
-    "patches": ("patches", _patches),
+    "patches": ("patches", lambda rest: (sample_patches(_count("patches", rest, 10000)), None)),
+    "colour_patches": (
+        "colour_patches",
+        lambda rest: (sample_colour_patches(_count("colour_patches", rest, 5000)), None),
+    ),
 }
 SOURCE_FORMS = ", ".join(forms for forms, _ in SOURCES.values())
 

@@ -22,11 +22,21 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+#: how rows are assigned to train/val/test: at random, or at random within each label
+SPLIT_METHODS = ("random", "stratified")
+
+
 def split_indices(
-    n: int, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    n: int,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
 ) -> Split:
     """A seeded random split of ``n`` rows; each index array is sorted (memory maps read
-    forward)."""
+    forward). With ``labels`` it is stratified: every label keeps its share of the rows
+    in each part."""
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= f < 1:
             raise DataError(f"{name} must be in [0, 1); got {f}")
@@ -34,13 +44,25 @@ def split_indices(
         raise DataError(
             f"val_fraction + test_fraction must be < 1; got {val_fraction} + {test_fraction}"
         )
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    n_val = int(round(n * val_fraction))
-    if n - n_test - n_val < 1:
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        groups = [rng.permutation(n)]
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise DataError(f"a stratified split needs one label per row ({n}); got {labels.shape}")
+        groups = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    parts: tuple[list, list, list] = ([], [], [])
+    for perm in groups:
+        n_test = int(round(len(perm) * test_fraction))
+        n_val = int(round(len(perm) * val_fraction))
+        parts[0].append(perm[n_test + n_val :])
+        parts[1].append(perm[n_test : n_test + n_val])
+        parts[2].append(perm[:n_test])
+    train, val, test = (np.sort(np.concatenate(p)) for p in parts)
+    if len(train) < 1:
         raise DataError(f"{n} rows are too few to split into train/val/test")
-    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
-    return Split(np.sort(train), np.sort(val), np.sort(test))
+    return Split(train, val, test)
 
 
 class ArrayView:

@@ -50,16 +50,34 @@ class TrainConfig:
     grad_clip: float | None = field(
         default=None, metadata=_doc("clip the global gradient norm to this value (none: off)")
     )
+    val_fraction: float = field(
+        default=0.1,
+        metadata=_doc(
+            "the share of the training rows held out (seeded) for early stopping and the "
+            "best-weights choice when no validation data is given (0: train on every row "
+            "and keep the final weights unless the start did better); aecore train splits "
+            "its data with it"
+        ),
+    )
     patience: int | None = field(
         default=20,
         metadata=_doc(
-            "early stopping: stop after this many epochs without a better validation loss "
-            "(needs validation data; none: run every epoch). The best epoch's weights are "
-            "restored either way"
+            "early stopping: stop after this many epochs without a better (smoothed) "
+            "validation loss, once it is clearly worse than the best (needs validation "
+            "data; none: run every epoch)"
         ),
     )
     min_delta: float = field(
         default=0.0, metadata=_doc("a validation loss must beat the best by more than this")
+    )
+    smoothing: float = field(
+        default=0.8,
+        metadata=_doc(
+            "early stopping judges an exponential moving average of the validation loss "
+            "with this weight on the past (0: the raw loss), and restores the best epoch's "
+            "weights only when the final ones are worse by more than the curve's noise: a "
+            "small, noisy validation set neither stops a run early nor picks a lucky epoch"
+        ),
     )
     seed: int = field(
         default=0, metadata=_doc("seeds initial weights, batch order, noise and sampling")
@@ -81,7 +99,9 @@ class TrainConfig:
             params.number("grad_clip", self.grad_clip, low=0.0, low_open=True)
         if self.patience is not None:
             params.integer("patience", self.patience, low=1)
+        params.number("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
         params.number("min_delta", self.min_delta, low=0.0)
+        params.number("smoothing", self.smoothing, low=0.0, high=1.0, high_open=True)
         params.integer("seed", self.seed, low=0)
         params.choice("device", self.device, DEVICES)
         if not isinstance(self.shuffle, bool):
@@ -96,7 +116,7 @@ class TrainConfig:
             if self.weight_decay:
                 raise ConfigError("weight_decay does not apply to optimizer='lbfgs'")
         # ints given for float settings (lr=1) are stored as floats: one JSON form
-        for name in ("lr", "weight_decay", "min_delta", "grad_clip"):
+        for name in ("lr", "weight_decay", "min_delta", "grad_clip", "smoothing", "val_fraction"):
             value = getattr(self, name)
             if isinstance(value, int):
                 object.__setattr__(self, name, float(value))

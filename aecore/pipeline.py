@@ -20,7 +20,7 @@ from aecore.training import History, Trainer
 
 __all__ = ["TrainResult", "evaluate", "prepare", "prepare_like", "train"]
 
-#: PCA is fitted on at most this many train+val rows (a seeded sample beyond that), so
+#: PCA is fitted on at most this many training rows (a seeded sample beyond that), so
 #: evaluating on data larger than memory stays bounded; test errors stream over all rows
 MAX_FIT_ROWS = 20000
 EVAL_BATCH = 1024
@@ -44,6 +44,7 @@ def train(
     hparams: dict[str, Any] | None = None,
     config: TrainConfig | None = None,
     normalize: str = "minmax",
+    split: str = "random",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
@@ -51,13 +52,18 @@ def train(
     **settings: Any,
 ) -> TrainResult:
     """Train registry model ``name`` on ``source`` (split 70/10/20 with the config's
-    seed, normalisation fitted on the train rows) and save it to ``out`` when given.
+    seed and ``val_fraction``, ``split="stratified"`` by label; ``val_fraction=0`` gives
+    80/0/20 without early stopping; normalisation fitted on the train rows) and save it
+    to ``out`` when given.
 
     Training settings are ``config`` (default ``TrainConfig()``) with ``settings``
     (its field names) on top; ``trainer_hook(trainer)`` runs before training starts.
     """
     config = (config or TrainConfig()).replace(**settings)
-    prepared = prepare(source, normalize=normalize, seed=config.seed)
+    prepared = prepare(
+        source, normalize=normalize, seed=config.seed, split=split,
+        val_fraction=config.val_fraction,
+    )  # fmt: skip
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(
         name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **(hparams or {})
@@ -66,10 +72,13 @@ def train(
     trainer = Trainer(config, out_dir=out, resume=resume, overwrite=overwrite, progress=progress)
     if trainer_hook is not None:
         trainer_hook(trainer)
-    history = trainer.fit(model, prepared.view("train"), prepared.view("val"))
+    # the split's validation rows (with val_fraction=0 there are none, nor a hold-out)
+    val = prepared.view("val") if len(prepared.split.val) else None
+    history = trainer.fit(model, prepared.view("train"), val)
     model.cpu().eval()
     metrics = evaluate(model, prepared)
     metrics["best_epoch"] = history.best_epoch
+    metrics["kept_epoch"] = history.kept_epoch
     metrics["epochs_run"] = len(history.epochs)
     if out is not None and history.is_main:  # under torchrun, rank 0 writes
         save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
@@ -85,12 +94,11 @@ def _sample_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
 @torch.no_grad()
 def evaluate(model, prepared: Prepared) -> dict[str, Any]:
     """Test reconstruction MSE (per element, normalised units) of ``model`` and of PCA
-    with the same code size fitted on the same train+val rows, streamed over the test
-    split in batches; plus the model's own ``evaluation_metrics``."""
+    with the same code size fitted on the same training rows (those the model learns
+    from; the validation rows only choose its weights), streamed over the test split in
+    batches; plus the model's own ``evaluation_metrics``."""
     model.eval()
-    fit_rows = _sample_rows(
-        np.concatenate([prepared.split.train, prepared.split.val]), MAX_FIT_ROWS, 0
-    )
+    fit_rows = _sample_rows(prepared.split.train, MAX_FIT_ROWS, 0)
     fit = ArrayView(prepared.dataset.x, fit_rows, prepared.normalization).to_numpy()
     mean, comps = (t.numpy() for t in pca_basis(torch.from_numpy(fit), model.latent_dim))
     test = prepared.view("test")

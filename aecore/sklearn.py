@@ -91,18 +91,21 @@ class AutoencoderTransformer(
         Learning rate: of the trainer's optimizer (None: TrainConfig.lr, 1e-3), or, for
         a model that updates its own parameters and has an ``lr`` hyperparameter
         (``rbm``), that hyperparameter (None: the model's default).
-    normalize : {"standardize", "minmax", "none"}, default="standardize"
-        Per-feature normalisation fitted on ``X`` in ``fit``. The model trains and
-        scores in normalised units; ``inverse_transform`` returns data units.
+    normalize : {"auto", "standardize", "minmax", "none"}, default="auto"
+        Per-feature normalisation fitted on ``X`` in ``fit``: ``"auto"`` follows the
+        model's ``input_range`` (min-max for models that need inputs in [0, 1], such as
+        Bernoulli units, else standardisation). The model trains and scores in
+        normalised units, new rows clipped to the model's input range;
+        ``inverse_transform`` returns data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.
-    validation_fraction : float in [0, 1), default=0.0
-        With a value above 0, this share of the rows (drawn from ``random_state``) is
-        held out; training keeps the weights of the epoch with the lowest validation
-        loss and stops after ``patience`` epochs without improvement.
+    validation_fraction : float in [0, 1), default=TrainConfig.val_fraction (0.1)
+        This share of the rows (drawn from ``random_state``) is held out: training
+        stops early and keeps the best weights as judged on it (see ``aecore.Trainer``).
+        0 trains on every row (and keeps the final weights unless the start did better).
     patience : int or None, default=TrainConfig.patience (20)
-        Early-stopping patience in epochs (only with ``validation_fraction > 0``).
+        Early-stopping patience in epochs.
     random_state : int, RandomState instance or None, default=None
         Seeds weight initialisation, batch order and noise. An int gives the same
         fitted model on every fit; None draws a seed from numpy's global RNG.
@@ -136,9 +139,9 @@ class AutoencoderTransformer(
         epochs: int = _DEFAULTS.epochs,
         batch_size: int = _DEFAULTS.batch_size,
         lr: float | None = None,
-        normalize: str = "standardize",
+        normalize: str = "auto",
         contamination: float = 0.1,
-        validation_fraction: float = 0.0,
+        validation_fraction: float = _DEFAULTS.val_fraction,
         patience: int | None = _DEFAULTS.patience,
         random_state=None,
         device: str = "cpu",
@@ -206,9 +209,8 @@ class AutoencoderTransformer(
         contamination = params.number(
             "contamination", self.contamination, low=0.0, high=0.5, low_open=True
         )
-        normalize = params.choice("normalize", self.normalize, ["standardize", "minmax", "none"])
-        val_fraction = params.number(
-            "validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True
+        normalize = params.choice(
+            "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
         seed = self._seed()
@@ -220,9 +222,8 @@ class AutoencoderTransformer(
             seed=seed,
             device=self.device,
             patience=self.patience,
+            val_fraction=self._validation_fraction(),
         )
-        if val_fraction == 0:  # early stopping needs validation rows
-            config = config.replace(patience=None)
         trainer = Trainer(config, progress=False)
 
         # seeded model construction without touching the caller's global torch RNG
@@ -232,13 +233,14 @@ class AutoencoderTransformer(
             net = create(
                 self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
             )
+            if normalize == "auto":
+                normalize = "minmax" if net.input_range is not None else "standardize"
             normalization = Normalization.fit(normalize, X, per_feature=True)
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
             net.normalization = normalization
-            train, val = self._split(x, val_fraction, seed)
-            history = trainer.fit(net, torch.from_numpy(train), val)
+            history = trainer.fit(net, torch.from_numpy(x))
         net.cpu().eval()
 
         self.model_ = net
@@ -274,25 +276,21 @@ class AutoencoderTransformer(
             return params.integer("random_state", int(self.random_state), low=0)
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
 
-    @staticmethod
-    def _split(x: np.ndarray, val_fraction: float, seed: int):
-        if val_fraction == 0:
-            return x, None
-        n_val = round(val_fraction * len(x))
-        if not 1 <= n_val < len(x):
-            raise ConfigError(
-                f"validation_fraction={val_fraction} of {len(x)} rows leaves "
-                f"{n_val} validation and {len(x) - n_val} training rows; both need at "
-                f"least 1 (use more rows or validation_fraction=0)"
-            )
-        order = np.random.default_rng(seed).permutation(len(x))
-        return x[order[n_val:]], torch.from_numpy(x[order[:n_val]])
+    def _validation_fraction(self) -> float:
+        # named by the estimator's parameter, not TrainConfig's field, in the error
+        return params.number(
+            "validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True
+        )
 
     # -- inference -------------------------------------------------------------------
     def _normalized(self, X) -> tuple[np.ndarray, np.dtype]:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=_FLOATS, reset=False)
-        return self.normalization_.apply(X), X.dtype
+        x = self.normalization_.apply(X)
+        bounds = self.model_.input_range
+        if bounds is not None:  # rows beyond the training range: the model's range holds
+            x = np.clip(x, *bounds)
+        return x, X.dtype
 
     @torch.no_grad()
     def _chunks(self, method: str, x: np.ndarray) -> np.ndarray:

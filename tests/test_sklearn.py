@@ -343,9 +343,14 @@ def test_model_that_does_not_take_vectors_says_so():
         AutoencoderTransformer("conv").fit(TABLE)
 
 
-def test_vae_bernoulli_decoder_needs_minmax():
+def test_normalize_auto_follows_the_models_input_range():
+    vae = small("vae", hidden=[8]).fit(TABLE)  # a Bernoulli decoder: inputs in [0, 1]
+    assert vae.normalization_.kind == "minmax" and vae.get_params()["normalize"] == "auto"
+    far = TABLE * 3.0  # rows beyond the training range are clipped to the model's range
+    assert np.isfinite(vae.transform(far)).all() and np.isfinite(vae.score_samples(far)).all()
+    assert small("ae", hidden=[8]).fit(TABLE).normalization_.kind == "standardize"
     with pytest.raises(DataError, match=r"normalize with 'minmax'"):
-        small("vae", hidden=[8]).fit(TABLE)
+        small("vae", hidden=[8], normalize="standardize").fit(TABLE)
 
 
 @pytest.mark.parametrize("contamination", [0, 0.51, -0.1, "auto", float("nan")])
@@ -357,7 +362,7 @@ def test_contamination_outside_0_to_half_is_refused(contamination):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"normalize": "zscore"}, r"normalize must be one of 'standardize'"),
+        ({"normalize": "zscore"}, r"normalize must be one of 'auto', 'standardize'"),
         ({"validation_fraction": 1.0}, r"validation_fraction must be a number in \[0, 1\)"),
         ({"patience": 0}, r"patience must be an int in \[1, inf\]"),
         ({"epochs": 0}, r"epochs must be an int in \[1, inf\]"),
@@ -372,9 +377,10 @@ def test_bad_settings_are_named(params, message):
         small(**params).fit(TABLE)
 
 
-def test_validation_fraction_that_leaves_no_rows_is_refused():
-    with pytest.raises(ConfigError, match=r"leaves 0 validation and 3 training rows"):
-        small(validation_fraction=0.1).fit(TABLE[:3])
+def test_too_few_rows_for_a_hold_out_train_on_every_row():
+    est = small(validation_fraction=0.1).fit(TABLE[:3])  # round(0.3) = 0 rows to hold out
+    assert "val_loss" not in est.history_.epochs[0]
+    assert "val_loss" in small().fit(TABLE).history_.epochs[0]  # the default holds out 10%
 
 
 def test_nan_and_wrong_widths_get_scikit_learns_messages():

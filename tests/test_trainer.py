@@ -40,7 +40,7 @@ def same(a, b):
 
 
 def fit(data=X, val=None, seed=0, **kw):
-    model = make(seed, dropout=kw.pop("dropout", 0.0))
+    model = make(seed, dropout=kw.pop("dropout", 0.0), init=kw.pop("init", "pca"))
     kw.setdefault("epochs", 3)
     kw.setdefault("batch_size", 16)
     history = Trainer(seed=seed, device="cpu", progress=False, **kw).fit(model, data, val)
@@ -87,16 +87,59 @@ def test_training_lowers_loss_and_writes_metrics(tmp_path):
 
 
 def test_early_stopping_restores_best_validation_weights():
-    # a tiny validation set that training quickly overfits against
-    model, history = fit(val=VAL[:3] * 3, epochs=40, patience=3, lr=0.05)
+    # a tiny validation set that training quickly overfits against; a random start (a
+    # PCA start would come back: 9 rows cannot show the best epoch beats it)
+    model, history = fit(val=VAL[:3], epochs=150, patience=3, lr=0.2, init="random")
     assert history.stopped_early
-    assert len(history.epochs) < 40
+    assert len(history.epochs) < 150
     best = history.best_val_loss
-    assert best == min([history.best_val_loss, *history.metric("val_loss")])
+    # the best epoch is judged on the smoothed curve; its raw loss is recorded
+    smoothed = history.metric("val_loss_smoothed")
+    assert min(smoothed) == smoothed[history.best_epoch - 1]
+    assert history.kept_epoch == history.best_epoch
+    assert best == history.metric("val_loss")[history.best_epoch - 1]
     assert not model.training
     with torch.no_grad():
-        final = float(model.loss(torch.as_tensor(VAL[:3] * 3))["loss"])
+        final = float(model.loss(torch.as_tensor(VAL[:3]))["loss"])
     assert final == pytest.approx(best, rel=1e-6)
+
+
+def _curve(values, smoothing):
+    """A RunState fed ``values`` as per-epoch validation losses (epoch 0 first)."""
+    from aecore.training.state import RunState
+
+    state, model = RunState(), make()
+    for epoch, loss in enumerate(values):
+        state.record_val(loss, epoch, model, 0.0, smoothing)
+        if epoch:
+            state.history.epochs.append(
+                {"epoch": epoch, "val_loss": loss, "val_loss_smoothed": state.smoothed}
+            )
+    return state
+
+
+def test_the_smoothed_curve_sees_a_trend_through_noise():
+    rng = np.random.default_rng(0)
+    trend = np.linspace(1.0, 0.9, 80)
+    noisy = trend + rng.normal(0, 0.02, 80)
+    smooth = _curve(noisy, 0.8)
+    # the smoothed curve follows the trend to the end (a patience of 10 epochs would not
+    # stop it early), and the last weights are as good as its best within the noise
+    assert smooth.history.best_epoch >= 70
+    assert not smooth.rising(20) and not smooth.gap_is_real(0.0, 20)
+
+
+def test_best_weights_come_back_only_when_the_gap_is_real():
+    rng = np.random.default_rng(1)
+    flat = 0.5 + rng.normal(0, 0.01, 60)  # no trend: the final weights are as good
+    assert not _curve(flat, 0.8).gap_is_real(0.0, 20)
+    rising = np.concatenate([np.linspace(1.0, 0.5, 30), np.linspace(0.5, 0.8, 30)])
+    rising += rng.normal(0, 0.01, 60)  # overfitting: restore the best epoch
+    state = _curve(rising, 0.8)
+    assert state.rising(20) and state.gap_is_real(0.0, 20)
+    assert 25 <= state.history.best_epoch <= 40
+    # a clear step up without noise is a real gap too
+    assert _curve([1.0, 0.5, 0.5, 0.5, 0.6, 0.6, 0.6], 0.0).gap_is_real(0.0, 3)
 
 
 class Counting(PlainAutoencoder):
@@ -221,6 +264,31 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
 
 
+def test_without_validation_data_a_seeded_share_of_the_rows_is_held_out():
+    class Seen(PlainAutoencoder):
+        def loss(self, x):
+            if self.training:
+                self.rows.update(map(tuple, x.tolist()))
+            return super().loss(x)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = Seen(input_shape=(6,), latent_dim=2, hidden=[8])
+        model.rows = set()
+        history = Trainer(epochs=2, batch_size=16, device="cpu", progress=False, **kw).fit(model, X)
+        return model.rows, history
+
+    rows, history = run()
+    assert len(rows) == 81 and "val_loss" in history.epochs[0]  # 9 of 90 rows held out
+    assert run()[0] == rows  # seeded
+    everything, history = run(val_fraction=0.0)
+    assert len(everything) == 90 and "val_loss" not in history.epochs[0]
+    loader = DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=16)
+    torch.manual_seed(0)
+    history = Trainer(epochs=1, device="cpu", progress=False).fit(make(), loader)
+    assert "val_loss" not in history.epochs[0]  # a DataLoader draws its own batches
+
+
 def test_pretraining_passes_are_fresh_seeded_shuffles():
     class Recording(PlainAutoencoder):
         def pretrain(self, batches, log):
@@ -229,7 +297,8 @@ def test_pretraining_passes_are_fresh_seeded_shuffles():
     def run(seed):
         torch.manual_seed(0)
         model = Recording(input_shape=(6,), latent_dim=2, hidden=[8])
-        Trainer(epochs=1, batch_size=16, seed=seed, device="cpu", progress=False).fit(model, X)
+        settings = {"batch_size": 16, "seed": seed, "device": "cpu", "progress": False}
+        Trainer(epochs=1, val_fraction=0.0, **settings).fit(model, X)
         return model.passes
 
     a, b, c = run(0), run(0), run(1)
@@ -381,6 +450,6 @@ def test_torchrun_refuses_a_last_batch_smaller_than_the_world_and_lbfgs(monkeypa
         distributed.DistContext, "from_env", classmethod(lambda cls, device: cls(0, 2))
     )
     with pytest.raises(ConfigError, match=r"the last batch of 9 rows at batch_size 4 has 1 row"):
-        Trainer(epochs=1, batch_size=4, device="cpu").fit(make(), X[:9])
+        Trainer(epochs=1, batch_size=4, device="cpu", val_fraction=0.0).fit(make(), X[:9])
     with pytest.raises(ConfigError, match="optimizer='lbfgs' line-searches on each process"):
         Trainer(epochs=1, batch_size=8, optimizer="lbfgs", device="cpu").fit(make(), X[:16])

@@ -14,6 +14,7 @@ from typing import Any
 from aecore.cli.tables import format_ratio, print_table
 from aecore.config import TrainConfig
 from aecore.data.sources import SOURCE_FORMS
+from aecore.data.split import SPLIT_METHODS
 from aecore.errors import ConfigError
 
 
@@ -24,6 +25,12 @@ def add_commands(sub) -> None:
     s.add_argument("--out", required=True, help="model folder to write")
     s.add_argument("--latent-dim", type=int, default=8, help="code size (default 8)")
     s.add_argument("--normalize", default="minmax", choices=["minmax", "standardize", "none"])
+    s.add_argument(
+        "--split",
+        default="random",
+        choices=list(SPLIT_METHODS),
+        help="70/10/20 split at random (seeded by --seed) or stratified by label",
+    )
     s.add_argument(
         "--set",
         action="append",
@@ -128,6 +135,7 @@ def cmd_train(args) -> int:
             hparams=hparams,
             config=config,
             normalize=args.normalize,
+            split=args.split,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=None if not args.quiet else False,
@@ -139,7 +147,7 @@ def cmd_train(args) -> int:
     print(
         f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} "
         f"(PCA {m['pca_test_mse']:.6g}, ratio {format_ratio(m['ratio_to_pca'])}), "
-        f"best epoch {m['best_epoch']} of {m['epochs_run']}"
+        f"weights of epoch {m['kept_epoch']} of {m['epochs_run']}"
     )
     return 0
 

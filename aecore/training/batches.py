@@ -4,6 +4,7 @@ tensors, map-style torch Datasets or a DataLoader. The batch order depends only 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ class Batches:
         self.loader = None
         self.array = None
         self.dataset = None
+        self.rows: torch.Tensor | None = None  # the data's rows these batches draw from
         if isinstance(data, IterableDataset) or (
             isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
         ):
@@ -55,14 +57,35 @@ class Batches:
             raise DataError(f"{name}: the data is empty")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
+    def hold_out(self, fraction: float, seed: int) -> tuple[Batches, Batches] | None:
+        """(train, validation) batches over a seeded ``fraction`` of the rows held out;
+        None where that leaves either side empty, or for a DataLoader (which draws its
+        own batches)."""
+        if self.loader is not None:
+            return None
+        n_val = round(fraction * self.n)
+        if n_val < 1 or self.n - n_val < 1:
+            return None
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.HOLD_OUT_STREAM << 40))
+        perm = torch.randperm(self.n, generator=gen)
+        mine = self.rows if self.rows is not None else torch.arange(self.n)
+        parts = []
+        for rows, shuffle in ((perm[n_val:], self.shuffle), (perm[:n_val], False)):
+            part = copy.copy(self)
+            part.rows = mine[rows.sort().values]  # sorted: memory maps read forward
+            part.n, part.shuffle = len(part.rows), shuffle
+            parts.append(part)
+        return parts[0], parts[1]
+
     def __len__(self) -> int:
         if self.loader is not None:
             return len(self.loader)
         return math.ceil(self.n / self.batch_size)
 
     #: shuffles of passes outside the training epochs (pretraining) come from their own
-    #: stream, so they never repeat a training epoch's order
+    #: stream, so they never repeat a training epoch's order; so does the hold-out split
     PRETRAIN_STREAM = 1
+    HOLD_OUT_STREAM = 2
 
     def order(self, epoch: int, stream: int = 0) -> torch.Tensor:
         # derived from (seed, epoch) alone, so a resumed run draws the same batches
@@ -104,6 +127,8 @@ class Batches:
         order = self.order(epoch, stream)
         for i in range(skip, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if self.rows is not None:
+                idx = self.rows[idx]
             # under torchrun each process takes a strided share of the same global batch
             # (what a DistributedSampler does per epoch, done per step), so N processes
             # step exactly like one process with the same global batch

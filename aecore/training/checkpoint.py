@@ -14,6 +14,7 @@ import torch
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, ModelFileError
 from aecore.io.atomic import atomic_write_text
+from aecore.io.model_folder import saved_config as saved_config_of
 from aecore.io.tensors import flatten_state, load_tensors, save_tensors, unflatten_state
 from aecore.training.state import History, RunState
 
@@ -68,6 +69,8 @@ def write(
     if state.best_state is not None:
         for k, v in state.best_state.items():
             tensors[f"best.{k}"] = v
+    for k, v in (state.start_state or {}).items():
+        tensors[f"start.{k}"] = v
     for rank, rng in enumerate(rng_states):
         tensors[f"rng.cpu.{rank}"] = rng
     tensors["rng.epoch_start"] = (
@@ -87,6 +90,8 @@ def write(
         "count": count,
         "world_size": len(rng_states),
         "bad_epochs": state.bad_epochs,
+        "smoothed": state.smoothed,
+        "best_smoothed": state.best_val if state.best_state is not None else None,
         "history": state.history.to_dict(),
         "has_best": state.best_state is not None,
         "training": config.to_dict(),
@@ -131,14 +136,18 @@ def read(
         optimizer.load_state_dict(unflatten_state(meta["optimizer"], tensors))
     if meta["has_best"]:
         state.best_state = _state(tensors, "best.", retired)
+    if any(k.startswith("start.") for k in tensors):
+        state.start_state = _state(tensors, "start.", retired)
     state.epoch, state.epoch_step, state.step = meta["epoch"], meta["epoch_step"], meta["step"]
     # rank 0 carries the interrupted epoch's global sums; the rest add to them
     if rank == 0:
         state.sums, state.count = meta["sums"], meta["count"]
     state.bad_epochs = meta["bad_epochs"]
     state.history = History.from_dict(meta["history"])
-    best = state.history.best_val_loss
+    # older checkpoints judged the raw loss: their best raw loss is the best value
+    best = meta.get("best_smoothed", state.history.best_val_loss)
     state.best_val = best if best is not None else float("inf")
+    state.smoothed = meta.get("smoothed", best)
     state.epoch_rng = tensors["rng.epoch_start"]
     torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
     if "rng.cuda" in tensors and device.type == "cuda":
@@ -157,7 +166,9 @@ def _same_model(model, saved_config: dict[str, Any]) -> bool:
     if saved_config == model.get_config():
         return True
     try:
-        return type(model)(**saved_config).get_config() == model.get_config()
+        return type(model)(**saved_config_of(type(model), saved_config)).get_config() == (
+            model.get_config()
+        )
     except Exception:  # a config this class no longer takes
         return False
 

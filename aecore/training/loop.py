@@ -14,6 +14,7 @@ from aecore.errors import ConfigError, ShapeError, TrainingError, TrainingInterr
 from aecore.training import checkpoint
 from aecore.training.batches import Batches
 from aecore.training.distributed import DistContext, distributed_loss
+from aecore.training.evaluation import chunk_losses, clearly_lower, mean_losses
 from aecore.training.optim import gradient_step, lbfgs_step, make_optimizer
 from aecore.training.state import History, RunState
 
@@ -24,13 +25,16 @@ INIT_ROWS = 10000
 class TrainingRun:
     """Runs one fit of ``model`` for ``trainer`` (its config, files and stop flag)."""
 
-    def __init__(self, trainer, model, train: Batches, val: Batches | None) -> None:
+    def __init__(
+        self, trainer, model, train: Batches, val: Batches | None, init_data: Batches
+    ) -> None:
         self.trainer = trainer
         self.config = trainer.config
         self.out_dir = trainer.out_dir
         self.model = model
         self.train = train
         self.val = val
+        self.init_data = init_data  # the rows data-dependent initialisation sees
         self.dist = DistContext.from_env(trainer.device)
         self.device = self.dist.device_for(trainer.device)
         self.state = RunState()
@@ -57,10 +61,50 @@ class TrainingRun:
             self._epochs()
         finally:
             self.dist.close()
-        if self.state.best_state is not None:
-            self.model.load_state_dict(self.state.best_state)
+        self._keep_best_weights()
         self.model.eval()
         return self.state.history
+
+    def _keep_best_weights(self) -> None:
+        """With validation data: the best epoch's weights, unless the final ones are as
+        good within the noise of the curve (then training did not overfit: keep what it
+        reached). Without: the start's, if training ended worse on the training sample
+        than it began (a start such as PCA's is then never lost)."""
+        state = self.state
+        epochs = state.history.epochs
+        state.history.kept_epoch = epochs[-1]["epoch"] if epochs else 0
+        if state.best_state is None:
+            return
+        if self.val is not None:
+            worse = self._gap_is_real()
+        else:
+            worse = self.evaluate(self._train_sample())["loss"] > state.best_val
+        if worse:
+            self.model.load_state_dict(state.best_state)
+            state.history.kept_epoch = state.history.best_epoch
+        if state.start_state is not None and not self._beats_start():
+            self.model.load_state_dict(state.start_state)
+            state.history.kept_epoch = 0
+
+    def _beats_start(self) -> bool:
+        """Whether the model's weights beat the start's on the validation rows beyond
+        their noise (``evaluation.clearly_lower``). A known start such as PCA's is
+        otherwise kept: a gain the validation data cannot show is as likely a loss on
+        new data."""
+        seed, device = self.config.seed, self.device
+        trained = chunk_losses(self.model, self.val.epoch(0), seed, device)
+        kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.state.start_state)
+        start = chunk_losses(self.model, self.val.epoch(0), seed, device)
+        self.model.load_state_dict(kept)
+        return clearly_lower(trained, start)
+
+    def _window(self) -> int:
+        """Epochs of the validation curve that its trend and noise are judged on."""
+        return max(20, 2 * (self.config.patience or 0))
+
+    def _gap_is_real(self) -> bool:
+        return self.state.gap_is_real(self.config.min_delta, self._window())
 
     def _start(self) -> None:
         if self.out_dir is not None and not self.trainer.overwrite:
@@ -78,7 +122,14 @@ class TrainingRun:
             stream = Batches.PRETRAIN_STREAM
             pretrain(lambda: self.train.epoch(next(passes), stream=stream), self.log)
         if self.val is not None:
-            self.state.record_val(self.evaluate(), 0, self.model, self.config.min_delta)
+            if getattr(self.model, "pca_start", False):
+                self.state.start_state = {
+                    k: v.detach().clone() for k, v in self.model.state_dict().items()
+                }
+            loss = self.evaluate()["loss"]
+            self.state.record_val(loss, 0, self.model, self.config.min_delta, self.config.smoothing)
+        else:  # the start to fall back on: its loss on a sample of the training rows
+            self.state.record_start(self.evaluate(self._train_sample())["loss"], self.model)
         if self.out_dir is not None and self.is_main:
             checkpoint.rewrite_metrics(self.out_dir, self.state.history)
 
@@ -151,14 +202,20 @@ class TrainingRun:
         if self.val is not None:
             val_terms = self.evaluate()
             record.update({f"val_{k}": v for k, v in val_terms.items()})
-            improved = state.record_val(val_terms, epoch, self.model, self.config.min_delta)
+            c = self.config
+            improved = state.record_val(
+                val_terms["loss"], epoch, self.model, c.min_delta, c.smoothing
+            )
+            record["val_loss_smoothed"] = state.smoothed
         record["seconds"] = round(time.perf_counter() - start, 4)
         state.history.epochs.append(record)
         state.epoch, state.epoch_step = epoch, 0
         patience = self.config.patience
         if patience is not None and self.val is not None and not improved:
             state.bad_epochs += 1
-            if state.bad_epochs >= patience:
+            # stop only once the curve clearly turns up (overfitting): a plateau whose
+            # noise hides a slow improvement runs on to the budget
+            if state.bad_epochs >= patience and state.rising(self._window()):
                 state.history.stopped_early = True
                 state.epoch = self.config.epochs
         elif improved:
@@ -199,24 +256,10 @@ class TrainingRun:
             gradient_step(self.model, self.optimizer, loss, scale, self.config.grad_clip, where)
         return {k: float(v.detach()) for k, v in terms.items()}
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss terms on the validation data, in eval mode, with a fixed RNG stream
-        so stochastic losses are comparable across epochs and training RNG is untouched."""
-        was_training = self.model.training
-        self.model.eval()
-        sums: dict[str, float] = {}
-        count = 0
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed + 7919)
-            for x in self.val.epoch(0):
-                x = x.to(self.device).float()
-                for k, v in self.model.loss(x).items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(x)
-                count += len(x)
-        self.model.train(was_training)
-        return {k: v / count for k, v in sums.items()}
+    def evaluate(self, batches=None) -> dict[str, float]:
+        """Mean loss terms on the validation data (or ``batches``)."""
+        batches = self.val.epoch(0) if batches is None else batches
+        return mean_losses(self.model, batches, self.config.seed, self.device)
 
     # -- checks and hooks ----------------------------------------------------------------
     def _check_distributed(self) -> None:
@@ -256,19 +299,24 @@ class TrainingRun:
         except ShapeError as exc:
             raise ShapeError(f"the data does not fit the model: {exc}") from None
 
-    def _data_init(self) -> None:
-        init = getattr(self.model, "init_from_data", None)
-        if init is None:
-            return
-        # a bounded sample keeps this cheap for data larger than memory
+    def _train_sample(self) -> list[torch.Tensor]:
+        """The first batches of the first epoch's order of the rows given to fit, up to
+        INIT_ROWS: a bounded sample (data larger than memory stays on disk), the same in
+        every process."""
         xs, seen = [], 0
-        for x in self.train.epoch(0):
+        for x in self.init_data.epoch(0):
             xs.append(x.float())
             seen += len(x)
             if seen >= INIT_ROWS:
                 break
+        return xs
+
+    def _data_init(self) -> None:
+        init = getattr(self.model, "init_from_data", None)
+        if init is None:
+            return
         with torch.no_grad():
-            init(torch.cat(xs).to(self.device))
+            init(torch.cat(self._train_sample()).to(self.device))
 
     # -- processes, files and messages ---------------------------------------------------
     @property

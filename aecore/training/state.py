@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -14,6 +15,9 @@ import torch
 class History:
     """Per-epoch metrics of a run (``epochs[i]`` is a dict of floats).
 
+    ``best_epoch`` / ``best_val_loss``: the epoch with the best (smoothed) validation
+    loss and its raw loss; ``kept_epoch``: the epoch whose weights the model holds at the
+    end (the best one, unless the final weights were as good within the noise).
     ``rank`` / ``world_size``: the process that produced it under torchrun (0 / 1 in a
     single process); only rank 0 writes files.
     """
@@ -22,6 +26,7 @@ class History:
     best_epoch: int | None = None
     best_val_loss: float | None = None
     stopped_early: bool = False
+    kept_epoch: int | None = None
     rank: int = 0
     world_size: int = 1
 
@@ -47,7 +52,7 @@ class History:
 
 class RunState:
     """Where a run is: completed epochs and steps, the running epoch's metric sums,
-    early-stopping bookkeeping and the best weights so far."""
+    early-stopping bookkeeping (on the smoothed validation loss) and the best weights."""
 
     def __init__(self) -> None:
         self.epoch = 0  # completed epochs
@@ -56,18 +61,63 @@ class RunState:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.bad_epochs = 0
-        self.best_val = math.inf
+        self.best_val = math.inf  # the best smoothed validation loss
+        self.smoothed: float | None = None  # the moving average of the validation loss
         self.best_state: dict[str, torch.Tensor] | None = None
+        # a model that starts at a known solution (PCA's): its starting weights, which
+        # the run keeps unless the trained ones do better beyond the validation noise
+        self.start_state: dict[str, torch.Tensor] | None = None
         self.epoch_rng: torch.Tensor | None = None  # torch's RNG state when the epoch began
         self.history = History()
 
-    def record_val(self, terms: dict[str, float], epoch: int, model, min_delta: float) -> bool:
-        """Note a validation result; True (and the weights kept) when it is the best."""
-        loss = terms["loss"]
-        if loss < self.best_val - min_delta:
-            self.best_val = loss
+    def record_val(
+        self, loss: float, epoch: int, model, min_delta: float, smoothing: float
+    ) -> bool:
+        """Note a validation loss; True (and the weights kept) when its moving average
+        is the best so far."""
+        if self.smoothed is None:
+            self.smoothed = loss
+        else:
+            self.smoothed = smoothing * self.smoothed + (1.0 - smoothing) * loss
+        if self.smoothed < self.best_val - min_delta:
+            self.best_val = self.smoothed
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self.history.best_epoch = epoch
             self.history.best_val_loss = loss
             return True
         return False
+
+    def record_start(self, loss: float, model) -> None:
+        """Without validation data: the starting weights and their loss, to fall back on."""
+        self.best_val = loss
+        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.history.best_epoch = 0
+
+    def _recent(self, window: int) -> np.ndarray:
+        losses = [e["val_loss"] for e in self.history.epochs[-window:] if "val_loss" in e]
+        return np.asarray(losses, dtype=np.float64)
+
+    def rising(self, window: int) -> bool:
+        """Whether the raw validation loss of the last ``window`` epochs rises: a least
+        squares slope above zero by more than three standard errors (asked every epoch,
+        a looser test would fire by chance on a long flat stretch)."""
+        y = self._recent(window)
+        if len(y) < 3:
+            return False
+        t = np.arange(len(y), dtype=np.float64) - (len(y) - 1) / 2
+        slope = float(t @ (y - y.mean()) / (t @ t))
+        residual = y - y.mean() - slope * t
+        se = math.sqrt(float(residual @ residual) / (len(y) - 2) / float(t @ t))
+        return slope > 3.0 * se
+
+    def gap_is_real(self, min_delta: float, window: int) -> bool:
+        """Whether the final weights are worse than the best ones beyond the noise: the
+        smoothed loss above its best by more than ``min_delta`` and twice the spread of
+        the last ``window`` raw losses around their own trend, or still rising."""
+        if self.smoothed is None or self.smoothed <= self.best_val:
+            return False
+        if self.rising(window):
+            return True
+        y = self._recent(window)
+        spread = float(np.std(y - y.mean())) if len(y) > 1 else 0.0
+        return self.smoothed - self.best_val > max(min_delta, 2.0 * spread)

@@ -30,6 +30,14 @@ class Trainer:
     * ``overwrite=True``: start afresh even where ``out_dir`` holds a run;
     * ``progress``: progress bars and log lines on stderr (default: when it is a terminal).
 
+    ``fit`` ends with the weights that did best: with validation data, the best epoch's
+    (judged on the smoothed validation loss, see ``TrainConfig.smoothing``) unless the
+    final ones are as good within the curve's noise; without, the final ones unless
+    they do worse on the training data than the start did (a start such as PCA's is
+    never lost). A model that starts at PCA's solution (``pca_start``) keeps its start
+    unless the trained weights beat it on the validation data by more than two standard
+    errors of the paired difference. ``History.kept_epoch`` says which (0: the start).
+
     ``request_stop(reason)`` (e.g. from a signal handler) makes the running ``fit``
     checkpoint at the next step and raise ``TrainingInterrupted``.
     """
@@ -64,16 +72,19 @@ class Trainer:
 
     def fit(self, model, data: Any, val_data: Any = None) -> History:
         """Train ``model`` on ``data`` (arrays, tensors, torch Datasets or a DataLoader),
-        with early stopping and best-weights restore on ``val_data`` when given."""
+        with early stopping and the best weights judged on ``val_data``; without it, on
+        ``config.val_fraction`` of ``data``'s rows held out (not from a DataLoader)."""
         if not isinstance(model, Autoencoder):
             raise ConfigError(
                 f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
             )
         c = self.config
-        train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
-        val = (
-            Batches(val_data, c.batch_size, False, c.seed, "val_data")
-            if val_data is not None
-            else None
-        )
-        return TrainingRun(self, model, train, val).execute()
+        given = train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
+        if val_data is not None:
+            val = Batches(val_data, c.batch_size, False, c.seed, "val_data")
+        else:
+            split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
+            train, val = split if split is not None else (train, None)
+        # data-dependent initialisation sees every row the user trains on: a PCA start
+        # is then PCA's solution on those rows, whatever the trainer holds out
+        return TrainingRun(self, model, train, val, init_data=given).execute()

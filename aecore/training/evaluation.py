@@ -1,0 +1,67 @@
+"""A model's losses on held-out rows, judged in eval mode under a fixed RNG stream (so
+stochastic losses compare across epochs and weights, and training's RNG is untouched),
+and the paired test that decides whether trained weights beat a known start."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+#: rows per chunk in the paired comparison, and the standard errors by which trained
+#: weights must beat a known start
+CHUNK_ROWS = 8
+START_MARGIN = 2.0
+
+
+@contextmanager
+def judging(model, seed: int, device: torch.device) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + 7919)
+            yield
+    finally:
+        model.train(was_training)
+
+
+def mean_losses(
+    model, batches: Iterable[torch.Tensor], seed: int, device: torch.device
+) -> dict[str, float]:
+    """Row-weighted mean of each loss term over ``batches``."""
+    sums: dict[str, float] = {}
+    count = 0
+    with judging(model, seed, device):
+        for x in batches:
+            x = x.to(device).float()
+            for k, v in model.loss(x).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+            count += len(x)
+    return {k: v / count for k, v in sums.items()}
+
+
+def chunk_losses(
+    model, batches: Iterable[torch.Tensor], seed: int, device: torch.device
+) -> np.ndarray:
+    """The loss of each chunk of CHUNK_ROWS rows of ``batches``."""
+    losses = []
+    with judging(model, seed, device):
+        for x in batches:
+            for chunk in x.to(device).float().split(CHUNK_ROWS):
+                losses.append(float(model.loss(chunk)["loss"]))
+    return np.asarray(losses, dtype=np.float64)
+
+
+def clearly_lower(trained: np.ndarray, start: np.ndarray) -> bool:
+    """Whether paired chunk losses ``trained`` are below ``start`` by more than
+    START_MARGIN standard errors of the mean difference (a one-sided paired test)."""
+    gain = start - trained
+    if len(gain) < 2:
+        return False
+    se = float(gain.std(ddof=1)) / math.sqrt(len(gain))
+    return float(gain.mean()) > START_MARGIN * se

@@ -17,7 +17,11 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (with --resume)
 
 #: ``aecore bench WHAT`` -> the benchmark module (installed from benchmarks/)
-BENCHMARKS = {"kernels": "aecore_benchmarks.kernels", "onnx": "aecore_benchmarks.runtime"}
+BENCHMARKS = {
+    "kernels": "aecore_benchmarks.kernels",
+    "onnx": "aecore_benchmarks.runtime",
+    "quality": "aecore_benchmarks.quality",
+}
 
 
 def cmd_models(args) -> int:
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_commands(sub)
 
-    s = sub.add_parser("bench", help="benchmarks: kernels or onnx")
+    s = sub.add_parser("bench", help="benchmarks: kernels, onnx or quality")
     s.add_argument("what", choices=sorted(BENCHMARKS))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     s.set_defaults(func=cmd_bench)

@@ -112,7 +112,8 @@ def test_learned_decoder_std_is_floored():
     model = _vae(decoder="gaussian", min_decoder_std=0.05)
     with torch.no_grad():
         model.decoder_net[-1].bias.fill_(-50.0)  # softplus(-50) ~ 0: only the floor is left
-    _, std = model._decoder_output(torch.randn(4, 3))
+    with torch.no_grad():
+        _, std = model._decoder_output(torch.randn(4, 3))
     assert float(std.min()) >= 0.05
     assert float(std.min()) == pytest.approx(0.05, rel=1e-3)
 

@@ -48,13 +48,25 @@ class Autoencoder(nn.Module, abc.ABC):
     Optional hooks the trainer and tools use when a subclass defines them:
 
     * ``init_from_data(x)``: data-dependent initialisation (e.g. PCA) on a tensor of
-      normalised training inputs, called once before the first epoch of a fresh run.
+      normalised training inputs, called before the first epoch of a fresh run of a
+      model that has not been initialised, trained or loaded yet
+      (``data_initialised``; fit sets it, so a second fit continues training).
     * ``pretrain(batches, log)``: a pretraining stage run before fine-tuning (the deep
       autoencoder's layer-wise RBMs); ``batches()`` iterates over the training batches,
       ``log(message)`` reports progress to the user.
     * ``train_step(x) -> dict``: a model with its own update rule (an RBM) sets
       ``uses_optimizer = False`` and updates its parameters itself.
     * ``sample(n)``: draw ``n`` inputs from a generative model.
+    * ``before_optimizer_step()`` / ``after_optimizer_step()``: called around each
+      optimizer step (after backward; after the update), e.g. to project gradients
+      and renormalise weights that live on a constraint set (an SAE's decoder rows).
+    * ``lr_factor(progress) -> float``: what the trainer multiplies its learning rate
+      by at ``progress`` (completed steps / the budget's steps, 0 to 1), e.g. a scale
+      for the model's size and a decay at the end of the run.
+    * ``saved_state_dict() -> dict``: the state ``aecore.save`` writes, when it differs
+      from ``state_dict()`` (an equivalent form, e.g. with an input scale folded in).
+    * ``default_normalize``: the data normalisation ``aecore train`` applies when none
+      is asked for (``"minmax"`` unless a model says otherwise).
     * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
       on (up to 20000 rows of) the normalised test split (floats; a ``"baselines"``
       dict of label -> test MSE adds rows to its table). A loaded model has
@@ -91,6 +103,8 @@ class Autoencoder(nn.Module, abc.ABC):
         self.latent_dim: int = check_positive_int("latent_dim", latent_dim)
         # set by aecore.load / the trainer: the data normalisation saved with the model
         self.normalization = None
+        # True once init_from_data ran or weights were loaded: later fits keep the weights
+        self.data_initialised = False
 
     # -- the contract ---------------------------------------------------------------
     @abc.abstractmethod

@@ -15,7 +15,7 @@ from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
-from aecore.registry import create
+from aecore.registry import create, model_class
 from aecore.training import History, Trainer
 
 __all__ = ["TrainResult", "evaluate", "prepare", "prepare_like", "train"]
@@ -43,7 +43,7 @@ def train(
     latent_dim: int = 8,
     hparams: dict[str, Any] | None = None,
     config: TrainConfig | None = None,
-    normalize: str = "minmax",
+    normalize: str = "auto",
     split: str = "random",
     resume: bool = False,
     overwrite: bool = False,
@@ -53,13 +53,15 @@ def train(
 ) -> TrainResult:
     """Train registry model ``name`` on ``source`` (split 70/10/20 with the config's
     seed and ``val_fraction``, ``split="stratified"`` by label; ``val_fraction=0`` gives
-    80/0/20 without early stopping; normalisation fitted on the train rows) and save it
-    to ``out`` when given.
+    80/0/20 without early stopping; normalisation fitted on the train rows, ``"auto"``:
+    the model's ``default_normalize`` or min-max) and save it to ``out`` when given.
 
     Training settings are ``config`` (default ``TrainConfig()``) with ``settings``
     (its field names) on top; ``trainer_hook(trainer)`` runs before training starts.
     """
     config = (config or TrainConfig()).replace(**settings)
+    if normalize == "auto":  # the model's preference (activations keep their geometry)
+        normalize = getattr(model_class(name), "default_normalize", "minmax")
     prepared = prepare(
         source, normalize=normalize, seed=config.seed, split=split,
         val_fraction=config.val_fraction,

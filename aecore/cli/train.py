@@ -24,7 +24,13 @@ def add_commands(sub) -> None:
     s.add_argument("--data", required=True, help=SOURCE_FORMS)
     s.add_argument("--out", required=True, help="model folder to write")
     s.add_argument("--latent-dim", type=int, default=8, help="code size (default 8)")
-    s.add_argument("--normalize", default="minmax", choices=["minmax", "standardize", "none"])
+    s.add_argument(
+        "--normalize",
+        default="auto",
+        choices=["auto", "minmax", "standardize", "none"],
+        help="per-feature scaling fitted on the training rows (auto: minmax, or the "
+        "model's own choice, e.g. none for sparse autoencoders on activations)",
+    )
     s.add_argument(
         "--split",
         default="random",

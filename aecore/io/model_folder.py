@@ -75,17 +75,20 @@ def save(
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / WEIGHTS, _unique_state(model))
+    # a model may save an equivalent form of its state (an SAE folds its input scale)
+    saved_state = getattr(model, "saved_state_dict", None)
+    state = saved_state() if saved_state is not None else model.state_dict()
+    save_tensors(directory / WEIGHTS, _unique_state(state))
     atomic_write_text(directory / CONFIG, json.dumps(record, indent=2) + "\n")
     return directory
 
 
-def _unique_state(model) -> dict[str, torch.Tensor]:
-    """state_dict with tied tensors stored once (safetensors refuses shared storage);
+def _unique_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with tied tensors stored once (safetensors refuses shared storage);
     load restores ties by loading into the model itself."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in seen:
             continue
@@ -148,6 +151,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
         raise ModelFileError(f"{directory}: malformed normalization in {CONFIG}: {exc}") from None
     training_config(record, directory)  # a malformed record fails here, not at eval
     model.metadata = record
+    model.data_initialised = True  # trained weights: fit continues from them
     return model.to(device).eval()
 
 
@@ -192,7 +196,7 @@ def load_weights(model, path: Path) -> None:
         state.pop(key, None)  # written by an older version of the model; unused now
     expected = model.state_dict()
     problems = []
-    tied = set(expected) - set(_unique_state(model))
+    tied = set(expected) - set(_unique_state(expected))
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     if missing:

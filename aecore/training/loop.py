@@ -250,11 +250,21 @@ class TrainingRun:
         # DDP averages gradients over processes; weighting each process's mean by its
         # share of the global batch makes that the global batch mean
         scale = len(x) * self.dist.world / global_rows if self.dist.active else 1.0
+        self._schedule_lr()
         if isinstance(self.optimizer, torch.optim.LBFGS):
             lbfgs_step(self.model, self.optimizer, lambda: self.loss_fn(x)["loss"], scale, where)
         else:
             gradient_step(self.model, self.optimizer, loss, scale, self.config.grad_clip, where)
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _schedule_lr(self) -> None:
+        """The model's learning-rate factor at this step (see ``Autoencoder``)."""
+        factor = getattr(self.model, "lr_factor", None)
+        if factor is None:
+            return
+        progress = self.state.step / max(self.config.epochs * len(self.train), 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor(min(progress, 1.0))
 
     def evaluate(self, batches=None) -> dict[str, float]:
         """Mean loss terms on the validation data (or ``batches``)."""
@@ -313,10 +323,12 @@ class TrainingRun:
 
     def _data_init(self) -> None:
         init = getattr(self.model, "init_from_data", None)
-        if init is None:
+        # a model that was trained or loaded continues from its weights
+        if init is None or getattr(self.model, "data_initialised", False):
             return
         with torch.no_grad():
             init(torch.cat(self._train_sample()).to(self.device))
+        self.model.data_initialised = True
 
     # -- processes, files and messages ---------------------------------------------------
     @property

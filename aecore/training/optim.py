@@ -37,11 +37,18 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     if not params:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters")
     cls = OPTIMIZERS[config.optimizer]
+    # a model may scale the learning rate (an SAE to its number of latents, decaying at
+    # the end of the run); the run loop updates it every step
+    factor = getattr(model, "lr_factor", None)
+    lr = config.lr * (factor(0.0) if factor is not None else 1.0)
     if config.optimizer == "lbfgs":
-        return cls(
-            params, lr=config.lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe"
-        )
-    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+        if hasattr(model, "before_optimizer_step") or hasattr(model, "after_optimizer_step"):
+            raise ConfigError(
+                f"{type(model).__name__} constrains its weights around each optimizer "
+                f"step, which L-BFGS's line search cannot honour; use adam"
+            )
+        return cls(params, lr=lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+    kwargs = {"lr": lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         kwargs["momentum"] = 0.9
     return cls(params, **kwargs)
@@ -53,6 +60,9 @@ def gradient_step(
     """Backpropagate ``loss * scale`` and step, unless the gradient is not finite."""
     optimizer.zero_grad(set_to_none=True)
     (loss * scale if scale != 1.0 else loss).backward()
+    before = getattr(model, "before_optimizer_step", None)
+    if before is not None:
+        before()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     if not torch.isfinite(norm):
@@ -66,6 +76,9 @@ def gradient_step(
             [p for p in model.parameters() if p.grad is not None], grad_clip, norm
         )
     optimizer.step()
+    after = getattr(model, "after_optimizer_step", None)
+    if after is not None:
+        after()
 
 
 def lbfgs_step(

@@ -14,7 +14,8 @@ _SCAN_BYTES = 32 * 2**20  # bytes read per pass when scanning memory-mapped data
 
 @dataclass
 class Dataset:
-    """Rows ``x`` (N, *shape), maybe a memory map, optional integer ``labels``."""
+    """Rows ``x`` (N, *shape), maybe a memory map or a lazy row store (see
+    ``as_dataset``), optional integer ``labels``."""
 
     x: np.ndarray
     labels: np.ndarray | None
@@ -29,8 +30,15 @@ class Dataset:
 
 
 def as_dataset(x: Any, labels=None, source: str = "array", *, check_finite: bool = True) -> Dataset:
-    """Validate an array of rows and wrap it."""
-    if not isinstance(x, np.ndarray):
+    """Validate an array of rows and wrap it.
+
+    An object that reads its rows on demand and says so with ``lazy_rows = True`` (an
+    activation cache: ``shape``, a numpy ``dtype``, ``ndim``, ``len``, indexing by int,
+    slice or index array) is kept as it is, like a memory map; with ``all_finite =
+    True`` it vouches that its values were checked when written and is not scanned.
+    """
+    lazy = getattr(x, "lazy_rows", False) is True
+    if not isinstance(x, np.ndarray) and not lazy:
         try:
             x = np.asarray(x)
         except Exception as exc:
@@ -46,7 +54,7 @@ def as_dataset(x: Any, labels=None, source: str = "array", *, check_finite: bool
         )
     if x.shape[0] == 0 or 0 in x.shape[1:]:
         raise DataError(f"{source}: the data is empty (shape {x.shape})")
-    if check_finite and x.dtype.kind == "f":
+    if check_finite and x.dtype.kind == "f" and not (lazy and x.all_finite):
         check_all_finite(x, source)
     if labels is not None:
         labels = np.asarray(labels)

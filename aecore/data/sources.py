@@ -8,6 +8,11 @@
 * ``idx:PATH[:LABELS]``: MNIST / Fashion-MNIST IDX files, gzipped or not
 * ``patches[:N]``: 8x8 patches of scikit-learn's sample images (Ng's sparse-coding exercise)
 * ``colour_patches[:N]``: 8x8 colour patches of the same images, (N, 3, 8, 8) pixels 0..255
+* ``activations:DIR[:HOOK]``: one hook of an activation cache (``aecore activations
+  extract``), read shard by shard on demand; HOOK may be left out when it holds one
+* ``superposition[:ROWS][,KEY=VALUE...]``: sparse non-negative combinations of more
+  feature directions than dimensions, with known ground truth (``data/superposition.py``;
+  keys d, n, p, std, noise, seed, spread; e.g. ``superposition:100000,d=64,n=512,p=0.02``)
 
 Normalisation is not applied here: it is fitted on the training rows only
 (``aecore.data.prepare``) and applied lazily, batch by batch.
@@ -16,12 +21,15 @@ Normalisation is not applied here: it is fitted on the training rows only
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from aecore.activations.cache import ActivationCache
 from aecore.data.dataset import Dataset, as_dataset
 from aecore.data.files import read_csv, read_idx_images, read_npy, read_npz
 from aecore.data.images import sample_colour_patches, sample_patches
+from aecore.data.superposition import SOURCE_FORM, superposition_rows
 from aecore.errors import DataError
 
 SourceResult = tuple[np.ndarray, "np.ndarray | None"]
@@ -52,6 +60,17 @@ def _count(kind: str, rest: str, default: int) -> int:
     return n
 
 
+def _activations(rest: str) -> SourceResult:
+    """``DIR[:HOOK]``: hook names hold dots but no colons, so the last colon that does
+    not belong to an existing folder starts the hook."""
+    if not rest:
+        raise DataError("activations: expected activations:DIR[:HOOK]; got 'activations:'")
+    folder, colon, hook = rest.rpartition(":")
+    if not colon or Path(rest).is_dir():
+        folder, hook = rest, ""
+    return ActivationCache(Path(folder).expanduser(), hook or None), None
+
+
 #: source kind -> (its forms, for help and errors; the loader of the text after
 #: ``kind:``, returning rows and labels or None)
 SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
@@ -65,6 +84,8 @@ SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
         "colour_patches",
         lambda rest: (sample_colour_patches(_count("colour_patches", rest, 5000)), None),
     ),
+    "superposition": (SOURCE_FORM, lambda rest: (superposition_rows(rest), None)),
+    "activations": ("activations:DIR[:HOOK]", _activations),
 }
 SOURCE_FORMS = ", ".join(forms for forms, _ in SOURCES.values())
 

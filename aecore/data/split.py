@@ -109,3 +109,18 @@ class ArrayView:
 
     def to_numpy(self) -> np.ndarray:
         return self[np.arange(len(self))]
+
+    def __getattr__(self, name: str):
+        # the data's own shuffle order (an activation cache reads its shards in long
+        # runs), restricted to this view's rows; only when the data has one
+        if name == "epoch_order" and hasattr(self.x, "epoch_order"):
+            return self._epoch_order
+        raise AttributeError(name)
+
+    def _epoch_order(self, epoch: int, seed: int) -> np.ndarray:
+        """Positions in this view of the rows the data's order visits, in its sequence."""
+        order = np.asarray(self.x.epoch_order(epoch, seed))
+        by_row = np.argsort(self.indices, kind="stable")
+        sorted_rows = self.indices[by_row]
+        at = np.searchsorted(sorted_rows, order).clip(max=len(sorted_rows) - 1)
+        return by_row[at[sorted_rows[at] == order]]

@@ -91,6 +91,12 @@ class Batches:
         # derived from (seed, epoch) alone, so a resumed run draws the same batches
         if not self.shuffle:
             return torch.arange(self.n)
+        data_order = getattr(self.array, "epoch_order", None)
+        if data_order is not None:
+            # the data's own shuffle (an activation cache's reads its shards in long
+            # runs); restricted to the rows these batches draw from, in its sequence
+            order = torch.as_tensor(data_order(epoch, self.seed + (stream << 40)))
+            return order if self.rows is None else _positions_in(self.rows, order)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + (stream << 40))
         return torch.randperm(self.n, generator=gen)
 
@@ -142,6 +148,13 @@ class Batches:
                 yield _first_tensor(
                     torch.utils.data.default_collate([self.dataset[int(j)] for j in idx])
                 )
+
+
+def _positions_in(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The positions in ``rows`` (sorted, as ``hold_out`` keeps them) of the rows that
+    ``order`` (a permutation of all the data's rows) visits, in its sequence."""
+    at = torch.searchsorted(rows, order).clamp_(max=len(rows) - 1)
+    return at[rows[at] == order]
 
 
 def _first_tensor(batch: Any) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""Extraction: run a model over input data with forward hooks on named modules and
+write each hook's activations, one row per token, as a sharded activation cache.
+
+One forward pass serves every hook (and stops as soon as the last of them has fired).
+An interrupted extraction resumes: run it again with the same settings and it skips the
+input rows that completed shards already cover, dropping any rows of a partly covered
+input, so the cache ends up exactly as an uninterrupted run would have written it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aecore.activations.manifest import (
+    MANIFEST,
+    check_dtype,
+    differences,
+    inputs_covered,
+    new_manifest,
+    read_manifest,
+)
+from aecore.activations.models import find_modules, fingerprint, first_tensor, load_model
+from aecore.activations.writer import CacheWriter
+from aecore.data.sources import load_data
+from aecore.errors import ConfigError, DataError
+from aecore.params import integer
+from aecore.training.optim import resolve_device
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_SHARD_ROWS = 65536
+
+
+def extract_activations(
+    model: str | nn.Module,
+    data: str,
+    hooks: list[str],
+    out: str | Path,
+    *,
+    dtype: str = "float16",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    batch_size: int = 16,
+    device: str = "cpu",
+    max_rows: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write the activations of the modules named ``hooks`` of ``model`` over ``data``
+    into the cache folder ``out`` and return its manifest.
+
+    ``model``: a transformers folder, an import path ``package.module:factory`` or an
+    ``nn.Module``. ``data``: an aecore data source; integer arrays (``npy:tokens.npy``
+    of shape (N, seq_len)) are token ids, float rows are passed as they are.
+    Activations (batch, ..., d) become rows (batch * ..., d) stored as ``dtype``, at
+    most ``max_rows`` per hook, ``shard_rows`` per file. An existing cache with the same
+    settings is resumed (or left alone when complete); one with other settings is
+    refused unless ``overwrite``. ``progress(inputs_done, inputs_total)`` is called
+    after each batch.
+    """
+    say = log or (lambda message: None)
+    check_dtype(dtype)
+    shard_rows = integer("shard_rows", shard_rows, low=1)
+    batch_size = integer("batch_size", batch_size, low=1)
+    if max_rows is not None:
+        max_rows = integer("max_rows", max_rows, low=1)
+    try:
+        target = resolve_device(device)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"device must be cpu, cuda, cuda:N or auto; got {device!r} ({exc})"
+        ) from None
+    hooks = list(hooks)
+    net, model_label = load_model(model)
+    modules = find_modules(net, hooks)
+    inputs = load_data(data).x
+    fresh = new_manifest(
+        hooks,
+        dtype,
+        shard_rows,
+        model=model_label,
+        model_fingerprint=fingerprint(net),
+        data=data,
+        input_kind="tokens" if inputs.dtype.kind in "iu" else "rows",
+        input_shape=list(inputs.shape),
+        input_fingerprint=_input_fingerprint(inputs),
+        max_rows=max_rows,
+        batch_size=batch_size,
+        finite=True,  # _rows refuses NaN, infinities and overflow of the stored dtype
+    )
+    manifest = _start(Path(out), fresh, overwrite)
+    if manifest.get("complete"):
+        say(f"{out} is complete already: nothing to do")
+        return manifest
+    writer = CacheWriter(out, manifest)
+    start = inputs_covered(manifest)
+    if start:
+        say(f"resuming {out} at input row {start} of {len(inputs)}")
+    entries = manifest["hooks"]
+    skip = {
+        h: e["rows"] - start * e["rows_per_input"] if e["rows"] else 0 for h, e in entries.items()
+    }
+    left = {h: None if max_rows is None else max_rows - e["rows"] for h, e in entries.items()}
+    net.to(target)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for first in range(start, len(inputs), batch_size):
+                if all(n is not None and n <= 0 for n in left.values()):
+                    break
+                batch = _batch(inputs, first, batch_size, net, target)
+                for hook, acts in capture(net, modules, batch).items():
+                    rows = _rows(acts, hook, len(batch), dtype, entries[hook])
+                    dropped = min(skip[hook], len(rows))  # already in a completed shard
+                    rows, skip[hook] = rows[dropped:], skip[hook] - dropped
+                    if left[hook] is not None:
+                        rows = rows[: max(left[hook], 0)]
+                        left[hook] -= len(rows)
+                    if len(rows):
+                        writer.write(hook, rows)
+                if progress is not None:
+                    progress(min(first + batch_size, len(inputs)), len(inputs))
+    finally:
+        net.train(was_training)
+    return writer.finish()
+
+
+def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue from: ``fresh`` for a new (or overwritten) cache, the
+    one on disk for a resumable one; refuses folders that are not caches and caches with
+    other settings."""
+    if (root / MANIFEST).exists():
+        old = read_manifest(root)
+        if overwrite:
+            _remove_cache(root, old)
+            return fresh
+        changed = differences(old, fresh)
+        if changed:
+            raise ConfigError(
+                f"{root} holds an activation cache with other settings ({'; '.join(changed)}); "
+                f"resume it with its own settings, pass overwrite (--overwrite) to replace it, "
+                f"or choose another output folder"
+            )
+        return old
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ConfigError(
+            f"{root} exists and is not an activation cache (no {MANIFEST}); choose a new or "
+            f"empty output folder"
+        )
+    return fresh
+
+
+def _remove_cache(root: Path, manifest: dict[str, Any]) -> None:
+    """Delete the files of the cache in ``root`` (its hook folders and manifest only)."""
+    for entry in manifest["hooks"].values():
+        folder = root / str(entry.get("dir", ""))
+        if entry.get("dir") and folder.parent == root and folder.is_dir():
+            shutil.rmtree(folder)
+    (root / MANIFEST).unlink()
+
+
+def _input_fingerprint(inputs) -> str:
+    """A sha256 of the shape, dtype and first and last rows: a changed input file is
+    not mistaken for the one a cache was started on."""
+    digest = hashlib.sha256(f"{tuple(inputs.shape)}:{inputs.dtype};".encode())
+    for part in (inputs[:16], inputs[-16:]):
+        digest.update(np.ascontiguousarray(np.asarray(part)).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _batch(inputs, first: int, size: int, net: nn.Module, device: torch.device) -> torch.Tensor:
+    """Input rows ``first:first+size`` as a tensor: token ids (int64, checked against
+    the model's vocabulary when it has one) or float32 rows."""
+    block = np.asarray(inputs[first : first + size])
+    if block.dtype.kind not in "iu":
+        return torch.from_numpy(np.array(block, dtype=np.float32)).to(device)
+    vocab = getattr(getattr(net, "config", None), "vocab_size", None)
+    low, high = int(block.min()), int(block.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        bad = low if low < 0 else high
+        row = first + int(np.argwhere(block == bad)[0][0])
+        raise DataError(
+            f"data: token id {bad} in input row {row} is outside the model's vocabulary "
+            f"(0..{vocab - 1 if isinstance(vocab, int) else 'inf'})"
+        )
+    return torch.as_tensor(block.astype(np.int64)).to(device)
+
+
+class _AllCaptured(Exception):
+    """Raised by the last hook to fire: the rest of the forward pass is not needed."""
+
+
+def capture(net: nn.Module, modules: dict[str, nn.Module], batch: torch.Tensor):
+    """``name -> output tensor`` of each module in ``modules`` for ``net(batch)``; the
+    forward pass stops once every module has produced its output."""
+    got: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            if name in got:
+                raise ConfigError(
+                    f"module {name!r} ran twice in one forward pass; hook a module that runs once"
+                )
+            got[name] = first_tensor(output, name).detach()
+            if len(got) == len(modules):
+                raise _AllCaptured
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        net(batch)
+    except _AllCaptured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if name not in got]
+    if missing:
+        raise ConfigError(f"module(s) {', '.join(missing)} did not run in the forward pass")
+    return got
+
+
+def _rows(acts: torch.Tensor, hook: str, batch: int, dtype: str, entry: dict) -> np.ndarray:
+    """Activations (batch, ..., d) as rows (batch * ..., d) of the stored dtype."""
+    if acts.ndim < 2 or acts.shape[0] != batch:
+        raise ConfigError(
+            f"module {hook!r} returned shape {tuple(acts.shape)}; expected (batch={batch}, "
+            f"..., d): the batch axis first and the features last"
+        )
+    per_input = int(np.prod(acts.shape[1:-1], dtype=np.int64))
+    if entry.setdefault("rows_per_input", per_input) != per_input:
+        raise DataError(
+            f"module {hook!r}: {per_input} rows per input row, {entry['rows_per_input']} before "
+            f"(inputs of one shape give caches that resume cleanly)"
+        )
+    rows = acts.reshape(-1, acts.shape[-1])
+    stored = rows.to(TORCH_DTYPES[dtype])
+    if not bool(torch.isfinite(stored).all()):
+        if bool(torch.isfinite(rows).all()):
+            raise DataError(
+                f"module {hook!r}: activations up to {float(rows.abs().max()):.4g} overflow "
+                f"{dtype}; extract as bfloat16 or float32"
+            )
+        raise DataError(f"module {hook!r}: the model produced NaN or infinite activations")
+    if dtype == "bfloat16":  # numpy has no bfloat16: keep the bit patterns
+        return stored.view(torch.int16).cpu().numpy().view(np.uint16)
+    return stored.cpu().numpy()

@@ -26,6 +26,11 @@ BUILTIN_MODELS = [
     "vae = aecore_plugins.vae:VariationalAutoencoder",
     "rbm = aecore_plugins.rbm:RBM",
     "deep = aecore_plugins.deep:DeepAutoencoder",
+    "sae-topk = aecore_plugins.sae:TopKSAE",
+    "sae-batchtopk = aecore_plugins.sae:BatchTopKSAE",
+    "sae-matryoshka = aecore_plugins.sae:MatryoshkaSAE",
+    "sae-relu = aecore_plugins.sae:ReLUSAE",
+    "sae-jumprelu = aecore_plugins.sae:JumpReLUSAE",
 ]
 
 

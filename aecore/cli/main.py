@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from aecore._version import __version__
-from aecore.cli import demo, inference, train
+from aecore.cli import activations, demo, inference, train
 from aecore.cli.tables import print_table
 from aecore.errors import AecoreError, TrainingInterrupted
 from aecore.params import integer
@@ -18,9 +18,11 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (with --resume)
 
 #: ``aecore bench WHAT`` -> the benchmark module (installed from benchmarks/)
 BENCHMARKS = {
+    "activations": "aecore_benchmarks.activations",
     "kernels": "aecore_benchmarks.kernels",
     "onnx": "aecore_benchmarks.runtime",
     "quality": "aecore_benchmarks.quality",
+    "sae": "aecore_benchmarks.sae",
 }
 
 
@@ -91,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_commands(sub)
 
-    s = sub.add_parser("bench", help="benchmarks: kernels, onnx or quality")
+    s = sub.add_parser("bench", help="benchmarks: " + ", ".join(sorted(BENCHMARKS)))
     s.add_argument("what", choices=sorted(BENCHMARKS))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     s.set_defaults(func=cmd_bench)
 
     inference.add_commands(sub)
+    activations.add_commands(sub)
     return p
 
 

@@ -1,0 +1,103 @@
+"""The pieces of the SAE training recipe (Gao et al. 2024; Bricken et al. 2023) that do
+not depend on the sparsity rule: the decoder's fixed row norm, the geometric median
+that starts the decoder bias, the auxiliary loss that revives dead latents and the
+bookkeeping of which latents are dead."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+GEOMETRIC_MEDIAN_STEPS = 100
+
+
+@torch.no_grad()
+def set_row_norms(weight: Tensor, norm: float) -> None:
+    """Scale each row of ``weight`` to L2 norm ``norm`` (rows of zeros stay zero)."""
+    weight.mul_(norm / weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def remove_parallel_gradient(weight: Tensor) -> None:
+    """Drop the part of each row's gradient along the row: with rows held at a fixed
+    norm, that part would only change the norm, which the next renormalisation undoes,
+    and it would distort Adam's statistics."""
+    if weight.grad is None:
+        return
+    unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    weight.grad.sub_((weight.grad * unit).sum(1, keepdim=True) * unit)
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, steps: int = GEOMETRIC_MEDIAN_STEPS, tol: float = 1e-6) -> Tensor:
+    """The point minimising the summed Euclidean distances to the rows of ``x``
+    (Weiszfeld's iterations from the mean): a centre that outliers pull less than the
+    mean, where the decoder bias starts."""
+    x = x.double()
+    median = x.mean(0)
+    for _ in range(steps):
+        dist_to = (x - median).norm(dim=1).clamp_min(1e-12)
+        weights = 1.0 / dist_to
+        new = (weights[:, None] * x).sum(0) / weights.sum()
+        moved = float((new - median).norm())
+        median = new
+        if moved <= tol * float(median.norm().clamp_min(1.0)):
+            break
+    return median
+
+
+def aux_loss(
+    residual: Tensor,
+    pre: Tensor,
+    dead: Tensor,
+    decoder: Tensor,
+    aux_k: int,
+    total_variance: Tensor,
+) -> Tensor:
+    """AuxK: the ``aux_k`` largest pre-activations among dead latents reconstruct the
+    main reconstruction's residual (squared error relative to ``total_variance``), scaled
+    down while fewer latents are dead than ``aux_k``. Gradients reach only the dead
+    latents' encoder and decoder rows, which gives them a reason to fire again."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    k = min(aux_k, n_dead)
+    masked = pre.masked_fill(~dead, -torch.inf)
+    values, indices = masked.topk(k, dim=1)
+    values = values.relu()
+    recon = torch.einsum("bk,bkd->bd", values, decoder[indices])
+    err = (recon - residual.detach()).pow(2).sum()
+    return min(n_dead / aux_k, 1.0) * err / total_variance
+
+
+class FiringTracker:
+    """Which latents fired on the training batches since the last optimizer step, to
+    update a model's count of rows seen since each latent last fired (``commit``),
+    over every process under torchrun. The count is a model buffer, so checkpoints
+    and resumes carry it."""
+
+    def __init__(self) -> None:
+        self._fired: Tensor | None = None
+        self._rows = 0
+
+    @torch.no_grad()
+    def record(self, code: Tensor) -> None:
+        fired = (code != 0).any(0)
+        self._fired = fired if self._fired is None else self._fired | fired
+        self._rows += len(code)
+
+    @torch.no_grad()
+    def commit(self, since_fired: Tensor) -> None:
+        """Add the recorded rows (all processes') to every latent's count and zero
+        the count of those that fired."""
+        if self._fired is None:
+            return
+        fired = self._fired.to(torch.int32)
+        rows = torch.tensor([self._rows], device=fired.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            dist.all_reduce(rows)
+        since_fired.add_(rows.to(since_fired))
+        since_fired.masked_fill_(fired.bool(), 0)
+        self._fired, self._rows = None, 0

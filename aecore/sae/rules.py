@@ -1,0 +1,220 @@
+"""Sparsity rules: how a sparse autoencoder turns its latents' pre-activations into the
+sparse code, and the penalty each adds to the training loss. The SAE architectures
+differ only here.
+
+* :class:`TopK` keeps each row's ``k`` largest pre-activations (ReLU'd): Gao et al.
+  2024. The selection is :func:`aecore.ops.topk_sparsify`, the op the ``sparse``
+  plugin's top-k code uses.
+* :class:`BatchTopK` keeps the ``k * rows`` largest over the whole batch (Bussmann et
+  al. 2024); at inference a single threshold, estimated during training, replaces the
+  batch (a JumpReLU with one threshold for all latents).
+* :class:`MatryoshkaBatchTopK`: BatchTopK whose loss also asks nested prefixes of the
+  latents to reconstruct on their own (Bussmann et al. 2025; Nabeshima 2024).
+* :class:`ReLUL1`: a ReLU code under an L1 penalty weighted by the decoder rows' norms
+  (Bricken et al. 2023; Conerly et al. 2024).
+* :class:`JumpReLU`: a per-latent learned threshold, trained through straight-through
+  estimators of its gradient, under an L0 penalty (Rajamanoharan et al. 2024).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from aecore import ops
+
+
+class SparsityRule(nn.Module):
+    """Pre-activations (B, n) -> code (B, n), and the rule's penalty terms."""
+
+    #: the rule's name in configs and interchange formats
+    name: ClassVar[str] = ""
+    #: whether AuxK (dead latents reconstructing the residual) applies to this rule
+    uses_aux: ClassVar[bool] = False
+
+    def code(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
+        """Named loss terms (each already weighted) that the model adds to its loss."""
+        return {}
+
+    def thresholds(self, n: int) -> Tensor | None:
+        """Per-latent inference thresholds, for formats that store a JumpReLU."""
+        return None
+
+
+class TopK(SparsityRule):
+    name = "topk"
+    uses_aux = True
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def code(self, pre: Tensor) -> Tensor:
+        return ops.topk_sparsify(pre, self.k).relu()
+
+
+def _global_rows(rows: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows
+    total = torch.tensor([rows], device=device)
+    dist.all_reduce(total)
+    return int(total)
+
+
+def _batch_threshold(values: Tensor, keep: int) -> Tensor:
+    """The ``keep``-th largest of ``values`` over every process's batch: each process's
+    own top ``keep`` holds all of its share of the global top, so gathering those
+    suffices (and under torchrun the selection equals one process's on the whole batch)."""
+    flat = values.detach().flatten()
+    local = flat.topk(min(keep, flat.numel())).values
+    if dist.is_available() and dist.is_initialized():
+        sizes = [
+            torch.zeros((), dtype=torch.long, device=flat.device)
+            for _ in range(dist.get_world_size())
+        ]
+        dist.all_gather(sizes, torch.tensor(local.numel(), device=flat.device))
+        padded = torch.full((int(max(sizes)),), -torch.inf, device=flat.device, dtype=flat.dtype)
+        padded[: local.numel()] = local
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(gathered, padded)
+        local = torch.cat(gathered).topk(keep).values
+    return local[min(keep, local.numel()) - 1]
+
+
+class BatchTopK(SparsityRule):
+    name = "batchtopk"
+    uses_aux = True
+    #: weight of each new batch in the running threshold estimate, once warmed up
+    THRESHOLD_RATE = 0.01
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        # the inference threshold: a running mean of the smallest activation each training
+        # batch kept (0 until the first training batch: a plain ReLU)
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("threshold_batches", torch.tensor(0, dtype=torch.long))
+
+    def code(self, pre: Tensor) -> Tensor:
+        acts = pre.relu()
+        if not self.training:
+            return acts * (acts > self.threshold)
+        keep = self.k * _global_rows(len(pre), pre.device)
+        cut = _batch_threshold(acts, keep)
+        mask = (acts >= cut) & (acts > 0)
+        code = acts * mask
+        if torch.is_grad_enabled():
+            kept = acts.detach()[mask]
+            if kept.numel():
+                self._update_threshold(kept.min())
+        return code
+
+    @torch.no_grad()
+    def _update_threshold(self, smallest: Tensor) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        self.threshold_batches += 1
+        # a plain mean over the first batches, then an exponential moving average
+        rate = max(1.0 / float(self.threshold_batches), self.THRESHOLD_RATE)
+        self.threshold.add_(rate * (smallest - self.threshold))
+
+    def thresholds(self, n: int) -> Tensor | None:
+        return self.threshold.expand(n).clone()
+
+
+class MatryoshkaBatchTopK(BatchTopK):
+    name = "matryoshka"
+
+    def __init__(self, k: int, prefixes: list[int]) -> None:
+        super().__init__(k)
+        self.prefixes = prefixes
+
+
+class ReLUL1(SparsityRule):
+    name = "relu"
+
+    def __init__(self, l1_coefficient: float) -> None:
+        super().__init__()
+        self.l1_coefficient = l1_coefficient
+
+    def code(self, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+    def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
+        # weighted by the rows' norms, the penalty cannot be dodged by shrinking codes
+        # while growing decoder rows
+        l1 = (code * decoder_norms).sum(1).mean()
+        return {"l1": self.l1_coefficient * l1}
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    """``pre * H(pre - threshold)``; the threshold's gradient through a rectangle-kernel
+    estimate of the step's derivative (the step itself has none)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        near = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = -(threshold / bw) * near * grad
+        return grad_pre, grad_threshold.sum(0), None
+
+
+class _StepFunction(torch.autograd.Function):
+    """``H(pre - threshold)`` with the same estimate of the threshold's gradient."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        near = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
+        return None, (-(1.0 / bw) * near * grad).sum(0), None
+
+
+class JumpReLU(SparsityRule):
+    name = "jumprelu"
+
+    def __init__(self, n: int, l0_coefficient: float, bandwidth: float, threshold: float) -> None:
+        super().__init__()
+        self.l0_coefficient = l0_coefficient
+        self.bandwidth = bandwidth
+        # in log space: the threshold stays positive whatever the optimizer does
+        self.log_threshold = nn.Parameter(torch.full((n,), float(threshold)).log())
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def code(self, pre: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return pre * (pre > self.threshold)
+        return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
+
+    def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
+        if not torch.is_grad_enabled():
+            l0 = (pre > self.threshold).sum(1).float().mean()
+        else:
+            l0 = _StepFunction.apply(pre, self.threshold, self.bandwidth).sum(1).mean()
+        return {"l0_penalty": self.l0_coefficient * l0}
+
+    def thresholds(self, n: int) -> Tensor | None:
+        return self.threshold.detach().clone()

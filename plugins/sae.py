@@ -1,0 +1,391 @@
+"""Sparse autoencoders for interpretability (SAEs): wide dictionaries of directions
+learned from a model's activations, one code base for every architecture.
+
+``x -> z = rule(W_enc (c x - b_dec) + b_enc)``, ``x_hat = (z W_dec + b_dec) / c``: an
+encoder row and a decoder row per latent (``W_enc``, ``W_dec``: (latent_dim, d)), the
+sparsity rule (``aecore.sae.rules``) the only difference between architectures:
+
+* ``sae-topk``: each row's ``k`` largest latents (Gao et al. 2024);
+* ``sae-batchtopk``: the ``k * rows`` largest over a batch, one learned threshold at
+  inference (Bussmann et al. 2024);
+* ``sae-matryoshka``: BatchTopK whose nested prefixes of latents also reconstruct on
+  their own (``prefixes``), so early latents learn general features;
+* ``sae-relu``: ReLU under an L1 penalty weighted by the decoder rows' norms;
+* ``sae-jumprelu``: learned per-latent thresholds under an L0 penalty (Rajamanoharan et
+  al. 2024).
+
+The training recipe, on by default and each switchable: inputs scaled to unit mean
+squared norm (``normalize_inputs``; ``c`` above, folded into the weights when the model
+is saved), the decoder bias started at the inputs' geometric median (``b_dec_init``),
+tied initialisation ``W_enc = W_dec`` (``tied_init``), decoder rows held at unit norm
+with the gradient's component along them removed before each step (``unit_decoder``),
+AuxK for latents dead for ``dead_window`` rows (``aux_k`` of them reconstruct the
+residual, weight ``aux_coefficient``; top-k rules), and a learning rate scaled by
+``lr_scale``: ``"auto"`` is ``0.75 * sqrt(16384 / latent_dim)``, times the trainer's
+``lr`` (the default 1e-3 gives 7.5e-4 at 16384 latents, 3e-3 at 1024: Gao et al.'s
+1 / sqrt(n) scaling), decaying linearly to zero over the last ``lr_decay`` of the run.
+
+The loss is the reconstruction's squared error relative to the data's variance
+(``fvu``: the fraction of variance unexplained, the variance measured once on the rows
+that start the model) plus the rule's penalty and AuxK. ``encode`` returns the dense (B, latent_dim) code;
+``encode_sparse`` the (values, indices) of its nonzeros.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aecore import params
+from aecore.base import Autoencoder
+from aecore.errors import ConfigError, ShapeError
+from aecore.sae import rules
+from aecore.sae.recipe import (
+    FiringTracker,
+    aux_loss,
+    geometric_median,
+    remove_parallel_gradient,
+    set_row_norms,
+)
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+#: test rows that ``aecore eval`` compares with a synthetic source's ground truth
+EVAL_TRUTH_ROWS = 50_000
+
+
+class SparseDictionary(Autoencoder):
+    """The SAE every architecture shares; a subclass names its rule (``make_rule``)."""
+
+    input_ranks: ClassVar[tuple[int, ...]] = (1,)
+    #: activations keep their geometry: no per-feature scaling before the model
+    default_normalize: ClassVar[str] = "none"
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        normalize_inputs=True,
+        b_dec_init="geometric_median",
+        tied_init=True,
+        unit_decoder=True,
+        aux_k="auto",
+        aux_coefficient=1 / 32,
+        dead_window=1_000_000,
+        lr_scale="auto",
+        lr_decay=0.2,
+    ) -> None:
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+        n, d = self.latent_dim, self.input_size
+        self.normalize_inputs = params.flag("normalize_inputs", normalize_inputs)
+        self.b_dec_init = params.choice("b_dec_init", b_dec_init, B_DEC_INITS)
+        self.tied_init = params.flag("tied_init", tied_init)
+        self.unit_decoder = params.flag("unit_decoder", unit_decoder)
+        if aux_k == "auto":
+            aux_k = max(1, d // 2)
+        self.aux_k = params.integer("aux_k", aux_k, low=1)
+        self.aux_coefficient = params.number("aux_coefficient", aux_coefficient, low=0.0)
+        self.dead_window = params.integer("dead_window", dead_window, low=1)
+        self.lr_scale_setting = lr_scale
+        if lr_scale == "auto":
+            lr_scale = 0.75 * math.sqrt(16384 / n)
+        self.lr_scale = params.number("lr_scale", lr_scale, low=0.0, low_open=True)
+        self.lr_decay = params.number("lr_decay", lr_decay, low=0.0, high=1.0)
+
+        self.W_dec = nn.Parameter(torch.randn(n, d))
+        set_row_norms(self.W_dec, 1.0)
+        self.W_enc = nn.Parameter(
+            self.W_dec.detach().clone() if self.tied_init else torch.empty(n, d)
+        )
+        if not self.tied_init:
+            nn.init.kaiming_uniform_(self.W_enc, a=math.sqrt(5))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        # c: inputs times c have unit mean squared norm (1 until init_from_data sets it)
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        # the decoder rows' fixed norm: 1, or 1 / c once c is folded into the weights
+        self.register_buffer("decoder_row_norm", torch.tensor(1.0))
+        # the scaled inputs' mean squared distance from their mean: the loss divides by
+        # it (a constant, so the loss is a mean over rows, equal under torchrun)
+        self.register_buffer("input_variance", torch.tensor(1.0))
+        # rows seen since each latent last fired: dead after dead_window of them
+        self.register_buffer("since_fired", torch.zeros(n, dtype=torch.long))
+        self.firing = FiringTracker()
+        self.rule = self.make_rule()
+
+    def make_rule(self) -> rules.SparsityRule:
+        raise NotImplementedError
+
+    def rule_config(self) -> dict[str, Any]:
+        return {}
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **self.base_config(),
+            **self.rule_config(),
+            "normalize_inputs": self.normalize_inputs,
+            "b_dec_init": self.b_dec_init,
+            "tied_init": self.tied_init,
+            "unit_decoder": self.unit_decoder,
+            "aux_k": self.aux_k,
+            "aux_coefficient": self.aux_coefficient,
+            "dead_window": self.dead_window,
+            "lr_scale": self.lr_scale_setting,
+            "lr_decay": self.lr_decay,
+        }
+
+    def dead_latents(self) -> Tensor:
+        """Latents that fired on none of the last ``dead_window`` training rows."""
+        return self.since_fired > self.dead_window
+
+    # -- the recipe's data-dependent start and optimizer hooks --------------------------
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        x = x.flatten(1).double()
+        if self.normalize_inputs:
+            mean_sq = float(x.pow(2).mean())
+            self.input_scale.fill_(1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0)
+        x = x * float(self.input_scale)
+        variance = float((x - x.mean(0)).pow(2).sum(1).mean())
+        self.input_variance.fill_(variance if variance > 0 else 1.0)
+        if self.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x).to(self.b_dec))
+        elif self.b_dec_init == "mean":
+            self.b_dec.copy_(x.mean(0).to(self.b_dec))
+
+    def lr_factor(self, progress: float) -> float:
+        """``lr_scale``, decaying linearly to 0 over the last ``lr_decay`` of the run."""
+        if self.lr_decay == 0:
+            return self.lr_scale
+        return self.lr_scale * min(1.0, (1.0 - progress) / self.lr_decay)
+
+    def before_optimizer_step(self) -> None:
+        if self.unit_decoder:
+            remove_parallel_gradient(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        if self.unit_decoder:
+            set_row_norms(self.W_dec, float(self.decoder_row_norm))
+        self.firing.commit(self.since_fired)
+
+    # -- the model ------------------------------------------------------------------------
+    def _scaled(self, x: Tensor) -> Tensor:
+        return x.flatten(1) * self.input_scale
+
+    def _pre(self, xs: Tensor) -> Tensor:
+        return F.linear(xs - self.b_dec, self.W_enc, self.b_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = x.to(self.W_enc.dtype)
+        return self.rule.code(self._pre(self._scaled(x)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        self.check_code(z)
+        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The code's nonzeros per row as ``(values, indices)``, both (B, m), m the most
+        nonzeros of any row (rows with fewer pad with zero values)."""
+        z = self.encode(x)
+        m = max(int((z != 0).sum(1).max()) if len(z) else 0, 1)
+        values, indices = z.topk(m, dim=1)
+        return values, indices
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """``decode`` from ``encode_sparse``'s output, touching only the chosen rows."""
+        if values.shape != indices.shape or values.dim() != 2:
+            raise ShapeError(
+                f"decode_sparse expects values and indices of one shape (B, m); got "
+                f"{tuple(values.shape)} and {tuple(indices.shape)}"
+            )
+        out = F.embedding_bag(
+            indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
+        )
+        return (out + self.b_dec) / self.input_scale
+
+    def dictionary(self) -> Tensor:
+        """The learned directions in input units, one unit-norm row per latent."""
+        w = self.W_dec.detach()
+        return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        self.check_input(x)
+        xs = self._scaled(x.to(self.W_enc.dtype))
+        pre = self._pre(xs)
+        code = self.rule.code(pre)
+        total_variance = self.input_variance * len(xs)
+        residual = xs - (code @ self.W_dec + self.b_dec)
+        fvu = residual.pow(2).sum() / total_variance
+        terms: dict[str, Tensor] = {"fvu": fvu}
+        loss = fvu
+        prefixes = getattr(self.rule, "prefixes", None)
+        if prefixes:  # every nested prefix of latents reconstructs on its own too
+            partial = [
+                (xs - code[:, :m] @ self.W_dec[:m] - self.b_dec).pow(2).sum() / total_variance
+                for m in prefixes[:-1]
+            ]
+            loss = (sum(partial) + fvu) / len(prefixes)
+            terms["prefix_fvu"] = partial[0].detach()
+        norms = self.W_dec.norm(dim=1)
+        for name, value in self.rule.penalty(code, pre, norms).items():
+            terms[name] = value
+            loss = loss + value
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self.firing.record(code)
+        if self.rule.uses_aux and self.aux_coefficient > 0 and training:
+            aux = aux_loss(
+                residual, pre, self.dead_latents(), self.W_dec, self.aux_k, total_variance
+            )
+            terms["auxk"] = aux.detach()
+            loss = loss + self.aux_coefficient * aux
+        terms["l0"] = (code != 0).sum(1).float().mean().detach()
+        terms["dead_fraction"] = self.dead_latents().float().mean()
+        return {"loss": loss, **terms}
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluation_metrics(self, x_test: Tensor, prepared) -> dict[str, float]:
+        """``aecore eval``: explained variance, L0, dead latents and shrinkage on the test
+        rows; on a ``superposition`` source (raw units) also MMCS and MCC against the
+        generator's true features, over the test split's first ``EVAL_TRUTH_ROWS``."""
+        from aecore.data.superposition import superposition_from_source
+        from aecore.sae.metrics import sae_metrics
+
+        truth = None
+        if prepared is not None and prepared.normalization.kind == "none":
+            truth = superposition_from_source(str(prepared.record.get("source", "")))
+        if truth is None:
+            metrics = sae_metrics(self, x_test)
+        else:
+            rows = prepared.split.test[:EVAL_TRUTH_ROWS]
+            x = torch.as_tensor(prepared.dataset.x[rows])
+            metrics = sae_metrics(self, x, truth=truth, rows=rows)
+        return {name: float(value) for name, value in metrics.items()}
+
+    # -- saving ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """The state with the input scale ``c`` folded into the weights (``c`` = 1 after):
+        the same function of raw inputs, what interchange formats and saved folders hold."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        c = state["input_scale"]
+        state["W_enc"] = state["W_enc"] * c
+        state["W_dec"] = state["W_dec"] / c
+        state["b_dec"] = state["b_dec"] / c
+        state["decoder_row_norm"] = state["decoder_row_norm"] / c
+        state["input_variance"] = state["input_variance"] / c**2
+        state["input_scale"] = torch.ones_like(c)
+        return state
+
+    # aecore.save writes the folded form: folders and exports take raw activations
+    saved_state_dict = folded_state_dict
+
+
+def _k(value, latent_dim: int) -> int:
+    if value == "auto":
+        return min(32, max(1, latent_dim // 4))
+    try:
+        return params.integer("k", value, low=1, high=latent_dim)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} (k counts active latents: at most latent_dim={latent_dim})"
+        ) from None
+
+
+class TopKSAE(SparseDictionary):
+    """``sae-topk``: each row keeps its ``k`` largest latents (``"auto"``: 32, or a
+    quarter of a smaller dictionary)."""
+
+    def __init__(self, *, input_shape, latent_dim, k="auto", **recipe) -> None:
+        self.k = _k(k, check_latents(latent_dim))
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
+
+    def make_rule(self) -> rules.SparsityRule:
+        return rules.TopK(self.k)
+
+    def rule_config(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+
+class BatchTopKSAE(TopKSAE):
+    """``sae-batchtopk``: ``k`` latents per row on average, chosen over the batch."""
+
+    def make_rule(self) -> rules.SparsityRule:
+        return rules.BatchTopK(self.k)
+
+
+class MatryoshkaSAE(TopKSAE):
+    """``sae-matryoshka``: BatchTopK plus nested prefixes (``prefixes``: their sizes,
+    the last the whole dictionary; ``"auto"``: 1/16, 1/8, 1/4, 1/2 of it and all)."""
+
+    def __init__(self, *, input_shape, latent_dim, k="auto", prefixes="auto", **recipe) -> None:
+        n = check_latents(latent_dim)
+        if prefixes == "auto":
+            prefixes = sorted({max(1, n // 2**i) for i in range(4, 0, -1)} | {n})
+        self.prefixes = params.int_list("prefixes", prefixes, allow_empty=False)
+        if self.prefixes != sorted(set(self.prefixes)) or self.prefixes[-1] != n:
+            raise ConfigError(
+                f"prefixes must be increasing sizes ending at latent_dim={n}; got {prefixes!r}"
+            )
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim, k=k, **recipe)
+
+    def make_rule(self) -> rules.SparsityRule:
+        return rules.MatryoshkaBatchTopK(self.k, self.prefixes)
+
+    def rule_config(self) -> dict[str, Any]:
+        return {"k": self.k, "prefixes": list(self.prefixes)}
+
+
+class ReLUSAE(SparseDictionary):
+    """``sae-relu``: ReLU latents under an L1 penalty (``l1_coefficient``) weighted by
+    the decoder rows' norms."""
+
+    def __init__(self, *, input_shape, latent_dim, l1_coefficient=0.05, **recipe) -> None:
+        self.l1_coefficient = params.number("l1_coefficient", l1_coefficient, low=0.0)
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
+
+    def make_rule(self) -> rules.SparsityRule:
+        return rules.ReLUL1(self.l1_coefficient)
+
+    def rule_config(self) -> dict[str, Any]:
+        return {"l1_coefficient": self.l1_coefficient}
+
+
+class JumpReLUSAE(SparseDictionary):
+    """``sae-jumprelu``: a learned threshold per latent (starting at ``threshold``)
+    under an L0 penalty (``l0_coefficient``); ``bandwidth`` is the width of the
+    straight-through estimate of the thresholds' gradient."""
+
+    def __init__(
+        self,
+        *,
+        input_shape,
+        latent_dim,
+        l0_coefficient=0.001,
+        bandwidth=0.001,
+        threshold=0.001,
+        **recipe,
+    ) -> None:
+        self.l0_coefficient = params.number("l0_coefficient", l0_coefficient, low=0.0)
+        self.bandwidth = params.number("bandwidth", bandwidth, low=0.0, low_open=True)
+        self.threshold = params.number("threshold", threshold, low=0.0, low_open=True)
+        super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
+
+    def make_rule(self) -> rules.SparsityRule:
+        return rules.JumpReLU(self.latent_dim, self.l0_coefficient, self.bandwidth, self.threshold)
+
+    def rule_config(self) -> dict[str, Any]:
+        return {
+            "l0_coefficient": self.l0_coefficient,
+            "bandwidth": self.bandwidth,
+            "threshold": self.threshold,
+        }
+
+
+def check_latents(latent_dim: Any) -> int:
+    return params.integer("latent_dim", latent_dim, low=1)

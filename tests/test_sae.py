@@ -1,0 +1,278 @@
+"""Sparse autoencoders for interpretability: the sparsity rules, the training recipe
+and the models built from them (the registry-driven tests check every SAE plugin's
+contract, saving, ONNX export and scikit-learn conformance too)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import aecore
+from aecore.errors import ConfigError, ShapeError
+from aecore.sae import rules
+from aecore.sae.recipe import (
+    FiringTracker,
+    aux_loss,
+    geometric_median,
+    remove_parallel_gradient,
+    set_row_norms,
+)
+
+SAES = aecore.list_models(filter="sae-*")
+D, N = 16, 64
+
+
+def make(name="sae-topk", seed=0, **hp):
+    torch.manual_seed(seed)
+    return aecore.create(name, input_shape=(D,), latent_dim=N, **hp)
+
+
+def sparse_data(rows=2048, seed=0, d=D, features=32):
+    """A small superposition: a few of ``features`` random directions per row."""
+    from aecore.data.superposition import Superposition
+
+    x, _ = Superposition(d=d, n_features=features, p=0.1, seed=seed).sample(rows)
+    return torch.from_numpy(x)
+
+
+def test_every_architecture_is_registered():
+    assert set(SAES) == {"sae-topk", "sae-batchtopk", "sae-matryoshka", "sae-relu", "sae-jumprelu"}
+
+
+# -- the rules ----------------------------------------------------------------------------
+def test_topk_keeps_the_k_largest_of_each_row_relud():
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [-2.0, -1.0, -3.0, 0.1]])
+    code = rules.TopK(2).code(pre)
+    torch.testing.assert_close(code, torch.tensor([[3.0, 0, 2.0, 0], [0, 0, 0, 0.1]]))
+
+
+def test_batchtopk_keeps_k_per_row_on_average_and_learns_its_threshold():
+    rule = rules.BatchTopK(2).train()
+    pre = torch.tensor([[5.0, 4.0, 3.0, 0.1], [0.2, 0.3, 0.1, 0.0]])
+    code = rule.code(pre)  # the 4 largest over the batch: all in the first row
+    torch.testing.assert_close(code, torch.tensor([[5.0, 4.0, 3.0, 0], [0, 0.3, 0, 0]]))
+    assert float(rule.threshold) == pytest.approx(0.3)  # the smallest kept
+    rule.code(torch.tensor([[1.0, 0.9, 0.8, 0.7], [0.6, 0.5, 0.4, 0.3]]))
+    assert float(rule.threshold) == pytest.approx((0.3 + 0.7) / 2)  # a running mean
+    rule.eval()
+    torch.testing.assert_close(
+        rule.code(torch.tensor([[0.6, 0.4, -1.0, 2.0]])), torch.tensor([[0.6, 0, 0, 2.0]])
+    )
+    with torch.no_grad():  # evaluation never moves the threshold
+        rule.train().code(torch.tensor([[9.0, 9.0, 9.0, 9.0]]))
+    assert float(rule.threshold) == pytest.approx(0.5)
+
+
+def test_relu_l1_is_weighted_by_the_decoder_rows_norms():
+    code = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
+    terms = rules.ReLUL1(0.5).penalty(code, code, torch.tensor([2.0, 1.0]))
+    assert float(terms["l1"]) == pytest.approx(0.5 * ((2 + 2) + 4) / 2)
+
+
+def test_jumprelu_gates_at_its_threshold_and_its_gradient_reaches_the_threshold():
+    rule = rules.JumpReLU(3, l0_coefficient=1.0, bandwidth=0.1, threshold=0.5)
+    pre = torch.tensor([[0.52, 0.4, 2.0], [0.47, 0.9, 0.0]], requires_grad=True)
+    code = rule.code(pre)
+    torch.testing.assert_close(code.detach(), torch.tensor([[0.52, 0, 2.0], [0, 0.9, 0]]))
+    code.sum().backward()
+    # d/d threshold of pre * H(pre - t): -(t / bw) per pre within bw/2 of t; the chain
+    # rule through log t multiplies by t
+    near = torch.tensor([2.0, 0.0, 0.0])  # latent 0: 0.52 and 0.47 are near 0.5
+    torch.testing.assert_close(rule.log_threshold.grad, -(0.5 / 0.1) * near * 0.5)
+    torch.testing.assert_close(pre.grad, torch.tensor([[1.0, 0, 1.0], [0, 1.0, 0]]))
+    rule.log_threshold.grad = None
+    rule.penalty(code, pre, torch.ones(3))["l0_penalty"].backward()
+    torch.testing.assert_close(rule.log_threshold.grad, -(1 / 0.1) * near / 2 * 0.5)
+
+
+# -- the recipe ---------------------------------------------------------------------------
+@given(st.integers(2, 6), st.integers(2, 6), st.integers(0, 100))
+def test_a_step_without_the_parallel_gradient_keeps_decoder_rows_on_the_sphere(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(n, d, generator=g, dtype=torch.float64))
+    set_row_norms(w, 1.0)
+    w.grad = torch.randn(n, d, generator=g, dtype=torch.float64)
+    remove_parallel_gradient(w)
+    torch.testing.assert_close((w.grad * w).sum(1), torch.zeros(n, dtype=torch.float64))
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(n, dtype=torch.float64))
+
+
+def test_the_geometric_median_resists_outliers():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(200, 3)))
+    x[:20] += 1000.0  # 10% far away
+    median = geometric_median(x)
+    assert float(median.norm()) < 1.0 < float(x.mean(0).norm())
+    # on symmetric points it is the centre
+    square = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]]) + 3
+    torch.testing.assert_close(geometric_median(square), torch.full((2,), 3.0, dtype=torch.float64))
+
+
+def test_auxk_trains_only_dead_latents_to_explain_the_residual():
+    torch.manual_seed(0)
+    decoder = torch.nn.Parameter(torch.randn(6, 4))
+    pre = torch.randn(5, 6, requires_grad=True)
+    residual = torch.randn(5, 4)
+    dead = torch.tensor([True, False, True, False, False, False])
+    loss = aux_loss(residual, pre, dead, decoder, aux_k=2, total_variance=torch.tensor(10.0))
+    assert float(loss.detach()) > 0
+    loss.backward()
+    assert torch.all(decoder.grad[~dead] == 0) and torch.all(pre.grad[:, ~dead] == 0)
+    assert decoder.grad[dead].abs().sum() > 0
+    none_dead = torch.zeros(6, dtype=torch.bool)
+    assert float(aux_loss(residual, pre, none_dead, decoder, 2, torch.tensor(1.0))) == 0.0
+
+
+def test_latents_count_rows_since_they_last_fired():
+    since = torch.zeros(3, dtype=torch.long)
+    tracker = FiringTracker()
+    tracker.record(torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+    tracker.record(torch.tensor([[0.0, 0, 2.0]]))
+    tracker.commit(since)
+    assert since.tolist() == [0, 3, 0]
+    tracker.record(torch.tensor([[0.0, 0, 1.0]]))
+    tracker.commit(since)
+    assert since.tolist() == [1, 4, 0]
+
+
+# -- the models ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SAES)
+def test_the_start_scales_inputs_to_unit_mean_square_and_centres_on_the_median(name):
+    x = sparse_data() * 7.0
+    model = make(name)
+    model.init_from_data(x)
+    scaled = x * model.input_scale
+    assert float(scaled.pow(2).mean()) == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(model.b_dec.detach(), geometric_median(scaled).float())
+    # tied: each latent reads along its own decoder row
+    torch.testing.assert_close(model.W_enc.detach(), model.W_dec.detach())
+
+
+@pytest.mark.parametrize("name", SAES)
+def test_training_holds_decoder_rows_at_unit_norm_and_explains_the_data(name):
+    x = sparse_data(4096)
+    model = make(name)
+    history = aecore.Trainer(epochs=3, batch_size=256, progress=False).fit(model, x)
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(N), rtol=0, atol=1e-5)
+    first, last = history.epochs[0], history.epochs[-1]
+    assert last["train_fvu"] < 0.5 * first["train_fvu"] + 1e-9 or last["train_fvu"] < 0.2
+    assert {"train_fvu", "train_l0", "train_dead_fraction", "val_fvu"} <= set(last)
+
+
+@pytest.mark.parametrize("name", SAES)
+def test_the_saved_form_folds_the_input_scale_and_computes_the_same(name, tmp_path):
+    x = sparse_data(2048) * 5.0
+    model = make(name)
+    aecore.Trainer(epochs=1, batch_size=256, progress=False).fit(model, x)
+    assert float(model.input_scale) != pytest.approx(1.0)
+    aecore.save(model, tmp_path / "m")
+    loaded = aecore.load(tmp_path / "m")
+    assert float(loaded.input_scale) == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode(x[:100]), model.encode(x[:100]), atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(loaded(x[:100]), model(x[:100]), atol=1e-4, rtol=1e-4)
+    # training on continues from the saved weights (no fresh start) with rows at 1 / c
+    aecore.Trainer(epochs=1, batch_size=256, progress=False).fit(loaded, x)
+    norms = loaded.W_dec.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full((N,), float(loaded.decoder_row_norm)))
+    assert float(loaded.decoder_row_norm) == pytest.approx(1 / float(model.input_scale))
+
+
+@pytest.mark.parametrize("name", SAES)
+def test_the_sparse_code_round_trips(name):
+    x = sparse_data(512)
+    model = make(name)
+    aecore.Trainer(epochs=1, batch_size=128, progress=False).fit(model, x)
+    with torch.no_grad():
+        values, indices = model.encode_sparse(x[:50])
+        dense = model.encode(x[:50])
+        rebuilt = torch.zeros_like(dense).scatter(1, indices, values)
+        torch.testing.assert_close(rebuilt, dense)
+        torch.testing.assert_close(model.decode_sparse(values, indices), model.decode(dense))
+    with pytest.raises(ShapeError, match="one shape"):
+        model.decode_sparse(values, indices[:, :1])
+
+
+def test_topk_codes_have_at_most_k_latents():
+    model = make(k=3)
+    with torch.no_grad():
+        z = model.encode(sparse_data(100))
+    assert int((z != 0).sum(1).max()) <= 3
+
+
+def test_auxk_revives_latents_that_never_fire():
+    x = sparse_data(4096)
+
+    def trained(aux_coefficient):
+        model = make(k=4, dead_window=256, aux_coefficient=aux_coefficient)
+        with torch.no_grad():  # these latents respond weakly: they never make the top k
+            model.W_enc[:16] *= 0.01
+        before = model.W_enc[:16].detach().clone()
+        aecore.Trainer(epochs=2, batch_size=256, progress=False, val_fraction=0).fit(model, x)
+        return before, model.W_enc[:16].detach()
+
+    before, after = trained(1 / 32)
+    assert float(after.norm(dim=1).min()) > 2 * float(before.norm(dim=1).max())
+    before, after = trained(0.0)  # without AuxK nothing ever reaches them
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_the_learning_rate_scales_with_the_dictionary_and_decays_at_the_end():
+    model = make(lr_decay=0.25)
+    assert model.lr_scale == pytest.approx(0.75 * math.sqrt(16384 / N))
+    assert model.lr_factor(0.0) == model.lr_factor(0.75) == model.lr_scale
+    assert model.lr_factor(0.875) == pytest.approx(model.lr_scale / 2)
+    assert model.lr_factor(1.0) == 0.0
+    assert make(lr_scale=2.0, lr_decay=0).lr_factor(0.99) == 2.0
+    opt = torch.optim.Adam(make().parameters())  # what the trainer sets each step
+    from aecore.training.optim import make_optimizer
+
+    opt = make_optimizer(model, aecore.TrainConfig(lr=1e-3))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * model.lr_scale)
+
+
+def test_matryoshka_prefixes_reconstruct_on_their_own():
+    x = sparse_data(4096)
+    model = make("sae-matryoshka")
+    assert model.prefixes == [4, 8, 16, 32, 64]
+    aecore.Trainer(epochs=2, batch_size=256, progress=False).fit(model, x)
+    with torch.no_grad():
+        terms = model.loss(x[:1024])
+    # the first 4 latents alone explain some of the variance, the whole more
+    assert float(terms["fvu"]) < float(terms["prefix_fvu"]) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "message"),
+    [
+        ("sae-topk", {"k": 0}, "k must be an int"),
+        ("sae-topk", {"k": N + 1}, "at most latent_dim"),
+        ("sae-matryoshka", {"prefixes": [8, 4, 64]}, "increasing sizes ending at"),
+        ("sae-matryoshka", {"prefixes": [8, 32]}, "ending at latent_dim=64"),
+        ("sae-relu", {"l1_coefficient": -1}, "l1_coefficient must be a number"),
+        ("sae-jumprelu", {"bandwidth": 0}, "bandwidth must be a number"),
+        ("sae-topk", {"b_dec_init": "median"}, "b_dec_init must be one of"),
+        ("sae-topk", {"lr_decay": 2}, "lr_decay must be a number in"),
+    ],
+)
+def test_bad_settings_say_what_was_expected(name, hparams, message):
+    with pytest.raises(ConfigError, match=message):
+        make(name, **hparams)
+
+
+def test_lbfgs_is_refused_for_a_constrained_decoder():
+    with pytest.raises(ConfigError, match="use adam"):
+        aecore.Trainer(optimizer="lbfgs", epochs=1, progress=False).fit(make(), sparse_data(64))
+
+
+def test_aecore_train_keeps_activations_unscaled_per_feature(tmp_path):
+    from aecore.pipeline import train
+
+    result = train("sae-topk", "superposition:2000,d=16,n=32", tmp_path / "m", latent_dim=64,
+                   epochs=1, progress=False)  # fmt: skip
+    assert result.prepared.normalization.kind == "none"

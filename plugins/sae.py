@@ -19,10 +19,11 @@ squared norm (``normalize_inputs``; ``c`` above, folded into the weights when th
 is saved), the decoder bias started at the inputs' geometric median (``b_dec_init``),
 tied initialisation ``W_enc = W_dec`` (``tied_init``), decoder rows held at unit norm
 with the gradient's component along them removed before each step (``unit_decoder``),
-AuxK for latents dead for ``dead_window`` rows (``aux_k`` of them reconstruct the
+AuxK for latents dead for ``dead_window`` rows (``"auto"``: 200 * latent_dim / k, at
+least 10,000; ``aux_k`` of them reconstruct the
 residual, weight ``aux_coefficient``; top-k rules), and a learning rate scaled by
-``lr_scale``: ``"auto"`` is ``0.75 * sqrt(16384 / latent_dim)``, times the trainer's
-``lr`` (the default 1e-3 gives 7.5e-4 at 16384 latents, 3e-3 at 1024: Gao et al.'s
+``lr_scale``: ``"auto"`` is ``1.5 * sqrt(16384 / latent_dim)``, times the trainer's
+``lr`` (the default 1e-3 gives 1.5e-3 at 16384 latents, 6e-3 at 1024: Gao et al.'s
 1 / sqrt(n) scaling), decaying linearly to zero over the last ``lr_decay`` of the run.
 
 The loss is the reconstruction's squared error relative to the data's variance
@@ -75,7 +76,7 @@ class SparseDictionary(Autoencoder):
         unit_decoder=True,
         aux_k="auto",
         aux_coefficient=1 / 32,
-        dead_window=1_000_000,
+        dead_window="auto",
         lr_scale="auto",
         lr_decay=0.2,
     ) -> None:
@@ -89,10 +90,13 @@ class SparseDictionary(Autoencoder):
             aux_k = max(1, d // 2)
         self.aux_k = params.integer("aux_k", aux_k, low=1)
         self.aux_coefficient = params.number("aux_coefficient", aux_coefficient, low=0.0)
+        self.dead_window_setting = dead_window
+        if dead_window == "auto":
+            dead_window = self.auto_dead_window()
         self.dead_window = params.integer("dead_window", dead_window, low=1)
         self.lr_scale_setting = lr_scale
         if lr_scale == "auto":
-            lr_scale = 0.75 * math.sqrt(16384 / n)
+            lr_scale = 1.5 * math.sqrt(16384 / n)
         self.lr_scale = params.number("lr_scale", lr_scale, low=0.0, low_open=True)
         self.lr_decay = params.number("lr_decay", lr_decay, low=0.0, high=1.0)
 
@@ -133,10 +137,14 @@ class SparseDictionary(Autoencoder):
             "unit_decoder": self.unit_decoder,
             "aux_k": self.aux_k,
             "aux_coefficient": self.aux_coefficient,
-            "dead_window": self.dead_window,
+            "dead_window": self.dead_window_setting,
             "lr_scale": self.lr_scale_setting,
             "lr_decay": self.lr_decay,
         }
+
+    def auto_dead_window(self) -> int:
+        """Rows without firing after which a latent counts as dead by default."""
+        return 1_000_000
 
     def dead_latents(self) -> Tensor:
         """Latents that fired on none of the last ``dead_window`` training rows."""
@@ -307,6 +315,12 @@ class TopKSAE(SparseDictionary):
 
     def make_rule(self) -> rules.SparsityRule:
         return rules.TopK(self.k)
+
+    def auto_dead_window(self) -> int:
+        # 200 times the mean gap between a latent's firings (latent_dim / k rows): long
+        # enough that a rare feature is not called dead, short enough that AuxK acts
+        # within a run of a few million rows
+        return max(10_000, 200 * self.latent_dim // self.k)
 
     def rule_config(self) -> dict[str, Any]:
         return {"k": self.k}

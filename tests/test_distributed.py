@@ -144,7 +144,7 @@ def test_sae_training_in_two_processes_matches_one(tmp_path, name):
     selection and threshold see the global batch, so two processes step as one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["train", name, "--data", "superposition:4096,d=16,n=32", "--latent-dim", "256",
-            "--epochs", "2", "--batch-size", "256", "--quiet",
+            "--epochs", "2", "--batch-size", "256", "--lr", "5e-4", "--quiet",
             "--set", "k=1", "--set", "dead_window=300"]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "aecore", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip

@@ -222,9 +222,32 @@ def test_auxk_revives_latents_that_never_fire():
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def test_auxk_reaches_dead_latents_whose_pre_activations_are_all_negative():
+    from aecore.sae.recipe import aux_loss
+
+    x = sparse_data(64)
+    model = make(k=4)
+    with torch.no_grad():
+        model.b_enc[:8] = -100.0  # below zero on every input
+    pre = model._pre(model._scaled(x))
+    assert bool((pre[:, :8] < 0).all())
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[:8] = True
+    residual = torch.randn(64, D).abs()
+    aux_loss(residual, pre, dead, model.W_dec, 4, torch.tensor(1.0)).backward()
+    grads = model.W_enc.grad.norm(dim=1)
+    assert bool((grads[:8] > 0).all()) and float(grads[8:].abs().max()) == 0.0
+
+
+def test_the_dead_window_follows_the_firing_rate_by_default():
+    assert make(k=8).dead_window == max(10_000, 200 * N // 8)
+    assert make("sae-relu").dead_window == 1_000_000
+    assert make(dead_window=77).dead_window == 77
+
+
 def test_the_learning_rate_scales_with_the_dictionary_and_decays_at_the_end():
     model = make(lr_decay=0.25)
-    assert model.lr_scale == pytest.approx(0.75 * math.sqrt(16384 / N))
+    assert model.lr_scale == pytest.approx(1.5 * math.sqrt(16384 / N))
     assert model.lr_factor(0.0) == model.lr_factor(0.75) == model.lr_scale
     assert model.lr_factor(0.875) == pytest.approx(model.lr_scale / 2)
     assert model.lr_factor(1.0) == 0.0

@@ -56,16 +56,19 @@ def aux_loss(
     total_variance: Tensor,
 ) -> Tensor:
     """AuxK: the ``aux_k`` largest pre-activations among dead latents reconstruct the
-    main reconstruction's residual (squared error relative to ``total_variance``), scaled
-    down while fewer latents are dead than ``aux_k``. Gradients reach only the dead
-    latents' encoder and decoder rows, which gives them a reason to fire again."""
+        main reconstruction's residual (squared error relative to ``total_variance``), scaled
+        down while fewer latents are dead than ``aux_k``. Gradients reach only the dead
+        latents' encoder and decoder rows, which gives them a reason to fire again (the
+    encoder's also while their pre-activations are negative)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
     k = min(aux_k, n_dead)
     masked = pre.masked_fill(~dead, -torch.inf)
     values, indices = masked.topk(k, dim=1)
-    values = values.relu()
+    # ReLU forward, identity backward: a latent whose pre-activations went negative on
+    # every input would get no gradient through the ReLU and could never come back
+    values = values + (values.relu() - values).detach()
     recon = torch.einsum("bk,bkd->bd", values, decoder[indices])
     err = (recon - residual.detach()).pow(2).sum()
     return min(n_dead / aux_k, 1.0) * err / total_variance

@@ -56,15 +56,25 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser(
         "export",
-        help="export a saved model to ONNX",
+        help="export a saved model to ONNX (or an SAE to SAELens or sparsify)",
         description=(
             "Export a model folder to ONNX. --all writes FILE (full model) with "
             "FILE's stem.encoder.onnx and .decoder.onnx beside it: the layout "
-            "aecore.runtime.OnnxAutoencoder and `aecore encode FILE` use."
+            "aecore.runtime.OnnxAutoencoder and `aecore encode FILE` use. "
+            "--format saelens or sparsify writes an SAE as that library's folder."
         ),
     )
     s.add_argument("model_dir", help="model folder written by `aecore train`")
-    s.add_argument("--out", required=True, help="ONNX file to write (ends in .onnx)")
+    s.add_argument(
+        "--out", required=True, help="ONNX file to write (ends in .onnx), or the SAE folder"
+    )
+    s.add_argument(
+        "--format",
+        choices=["onnx", "saelens", "sparsify"],
+        default="onnx",
+        help="onnx (default), or an SAE folder for SAELens or sparsify",
+    )
+    s.add_argument("--hook-name", help="SAELens: the hook point the SAE reads (metadata)")
     which = s.add_mutually_exclusive_group()
     which.add_argument(
         "--part", choices=["full", "encoder", "decoder"], default="full", help="default: full"
@@ -96,6 +106,10 @@ def cmd_apply(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format != "onnx":
+        from aecore.cli.interchange import cmd_export_folder
+
+        return cmd_export_folder(args)
     from aecore.onnx import export_onnx
 
     part = "all" if args.all else args.part

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from aecore._version import __version__
-from aecore.cli import activations, demo, inference, train
+from aecore.cli import activations, demo, inference, interchange, train
 from aecore.cli.tables import print_table
 from aecore.errors import AecoreError, TrainingInterrupted
 from aecore.params import integer
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inference.add_commands(sub)
     activations.add_commands(sub)
+    interchange.add_commands(sub)
     return p
 
 

@@ -108,7 +108,8 @@ def require_folder(path: str | os.PathLike, what: str, files: tuple[str, ...]) -
     """``path`` as a folder holding ``files``; the error names what is there instead."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFileError(f"{path}: no such {what} folder")
+        problem = "is not a folder" if path.exists() else f"no such {what} folder"
+        raise ModelFileError(f"{path}: {problem}")
     for name in files:
         if not (path / name).is_file():
             held = sorted(p.name for p in path.iterdir())
@@ -190,9 +191,11 @@ def read_weights(
 
 # -- building --------------------------------------------------------------------------
 @torch.no_grad()
-def build_sae(name: str, sae: RawSAE, hparams: dict[str, Any], where: Path):
+def build_sae(name: str, sae: RawSAE, hparams: dict[str, Any], where: Path, recorded: Any = None):
     """The aecore SAE ``name`` computing ``sae``, ready to use or to train further
-    (``data_initialised``: fit keeps the weights)."""
+    (``data_initialised``: fit keeps the weights). ``hparams``: what the format fixes;
+    ``recorded``: an aecore export's record of the model, whose training recipe is
+    kept when it still builds (the weights alone fix the function)."""
     from aecore.data.normalization import Normalization
     from aecore.errors import AecoreError
     from aecore.registry import create
@@ -201,10 +204,15 @@ def build_sae(name: str, sae: RawSAE, hparams: dict[str, Any], where: Path):
     norms = sae.W_dec.norm(dim=1)
     # rows at one norm: keep them there in further training, as the source's recipe did
     unit = bool(norms.min() > 0) and float(norms.max() / norms.min()) - 1 <= ROW_NORM_TOLERANCE
+    fixed = {**hparams, "unit_decoder": unit}
+    recipe = recorded_hparams(recorded, name)
     try:
-        model = create(name, input_shape=(d,), latent_dim=n, **{**hparams, "unit_decoder": unit})
-    except AecoreError as exc:
-        raise ModelFileError(f"{where}: cannot build {name}: {exc}") from None
+        model = create(name, input_shape=(d,), latent_dim=n, **{**recipe, **fixed})
+    except (AecoreError, TypeError):  # recorded by another aecore version: not needed
+        try:
+            model = create(name, input_shape=(d,), latent_dim=n, **fixed)
+        except AecoreError as exc:
+            raise ModelFileError(f"{where}: cannot build {name}: {exc}") from None
     dtype = model.W_enc.dtype
     model.W_enc.copy_(sae.W_enc.to(dtype))
     model.b_enc.copy_(sae.b_enc.to(dtype))
@@ -224,9 +232,9 @@ def build_sae(name: str, sae: RawSAE, hparams: dict[str, Any], where: Path):
     return model.eval()
 
 
-def stored_hparams(record: Any, name: str) -> dict[str, Any]:
+def recorded_hparams(record: Any, name: str) -> dict[str, Any]:
     """The hyperparameters an aecore export recorded (``{"model", "config"}``), when it
-    recorded them for ``name``: a round trip keeps the training recipe."""
+    recorded them for ``name``."""
     if not (isinstance(record, dict) and record.get("model") == name):
         return {}
     config = record.get("config")
@@ -267,20 +275,20 @@ def write_folder(
     temp folder beside it, then renamed into place, so a failure leaves no
     half-written folder. An existing non-empty folder is replaced only with
     ``overwrite`` and only when it holds ``marker`` (a folder of the same kind)."""
-    path = Path(path)
+    shown, path = path, Path(os.path.abspath(path))
     if path.exists() and not path.is_dir():
         raise ModelFileError(
-            f"cannot write the {what} folder {path}: it exists and is not a folder"
+            f"cannot write the {what} folder {shown}: it exists and is not a folder"
         )
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise ModelFileError(
-                f"{path} already exists and is not empty; pass overwrite=True (--overwrite) "
+                f"{shown} already exists and is not empty; pass overwrite=True (--overwrite) "
                 f"or choose another folder"
             )
         if not (path / marker).is_file():
             raise ModelFileError(
-                f"{path} holds files but no {marker}: not a {what} folder, so it is not "
+                f"{shown} holds files but no {marker}: not a {what} folder, so it is not "
                 f"replaced even with overwrite"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +317,7 @@ def write_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _sync_dir(path.parent)
-    return path
+    return Path(shown)
 
 
 def _sync_dir(folder: Path) -> None:

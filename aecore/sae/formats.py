@@ -36,7 +36,8 @@ def detect_format(path: str | os.PathLike) -> str:
     """``"saelens"`` or ``"sparsify"``: which format the folder ``path`` holds."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelFileError(f"{path}: no such SAE folder")
+        problem = "is not a folder" if path.exists() else "no such SAE folder"
+        raise ModelFileError(f"{path}: {problem}")
     has = {p.name for p in path.iterdir()}
     found = [
         fmt

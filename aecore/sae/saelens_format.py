@@ -43,7 +43,6 @@ from aecore.sae.format_common import (
     read_weights,
     require_folder,
     sae_kind,
-    stored_hparams,
     tensor_bytes,
     whole_number,
     write_folder,
@@ -120,10 +119,10 @@ def load_saelens(path: str | os.PathLike):
     n = config_int(cfg, "d_sae", where)
     _check_inputs(cfg, where)
     expected: dict[str, tuple[int, ...]] = {
-        "W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)
+        "W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,),
+        "scaling_factor": (n,),  # the pre-6 layout's finetuning scale: 1 or refused
     }  # fmt: skip
     optional = ["scaling_factor"]
-    expected["scaling_factor"] = (n,)
     if arch == "jumprelu":
         # training checkpoints of older sae-lens releases store log(threshold)
         expected.update(threshold=(n,), log_threshold=(n,))
@@ -177,8 +176,7 @@ def load_saelens(path: str | os.PathLike):
             trained_as, details = arch, cfg
         # a BatchTopK's inference form, when it is one (else the exact JumpReLU)
         name, derived = _batch_topk(trained_as, details, thresholds, n) or ("sae-jumprelu", {})
-    hparams = {**stored_hparams(metadata.get("aecore"), name), **derived}
-    return build_sae(name, sae, hparams, path)
+    return build_sae(name, sae, derived, path, recorded=metadata.get("aecore"))
 
 
 def _architecture(cfg: dict[str, Any], where: Path) -> str:

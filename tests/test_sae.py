@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aecore
+from aecore.data.superposition import superposition_from_source
 from aecore.errors import ConfigError, ShapeError
 from aecore.sae import rules
 from aecore.sae.recipe import (
@@ -299,3 +300,29 @@ def test_aecore_train_keeps_activations_unscaled_per_feature(tmp_path):
     result = train("sae-topk", "superposition:2000,d=16,n=32", tmp_path / "m", latent_dim=64,
                    epochs=1, progress=False)  # fmt: skip
     assert result.prepared.normalization.kind == "none"
+
+
+def test_evaluation_scores_a_superposition_run_against_its_true_features(tmp_path):
+    from aecore.pipeline import evaluate, train
+    from aecore.sae.metrics import sae_metrics
+
+    source = "superposition:6000,d=16,n=24,p=0.08,seed=3"
+    config = aecore.TrainConfig(epochs=3, batch_size=128)
+    result = train("sae-topk", source, tmp_path / "sae", latent_dim=48, hparams={"k": 3},
+                   config=config, progress=False)  # fmt: skip
+    assert result.prepared.normalization.kind == "none"  # SAEs see raw activations
+    metrics = evaluate(aecore.load(tmp_path / "sae"), result.prepared)
+    for name in ("explained_variance", "l0", "dead", "shrinkage", "mmcs", "mcc"):
+        assert math.isfinite(metrics[name]), name
+    assert 0 < metrics["l0"] <= 3 and metrics["mmcs"] > 0.5
+    # the same numbers as the metrics on the test rows directly
+    truth = superposition_from_source(source)
+    rows = result.prepared.split.test
+    direct = sae_metrics(result.model, torch.as_tensor(result.prepared.dataset.x[rows]),
+                         truth=truth, rows=rows)  # fmt: skip
+    assert metrics["mmcs"] == pytest.approx(direct["mmcs"], rel=1e-5)
+    assert metrics["mcc"] == pytest.approx(direct["mcc"], rel=1e-5)
+    # normalised inputs are not the generator's units: no truth metrics then
+    minmax = train("sae-topk", source, tmp_path / "mm", latent_dim=48, hparams={"k": 3},
+                   config=config, normalize="minmax", progress=False)  # fmt: skip
+    assert "mmcs" not in evaluate(minmax.model, minmax.prepared)

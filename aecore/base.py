@@ -63,6 +63,9 @@ class Autoencoder(nn.Module, abc.ABC):
     * ``lr_factor(progress) -> float``: what the trainer multiplies its learning rate
       by at ``progress`` (completed steps / the budget's steps, 0 to 1), e.g. a scale
       for the model's size and a decay at the end of the run.
+    * ``set_progress(progress)``: the trainer says, before each step, how far through
+      its budget the run is (0 to 1), for a model whose training changes over the
+      run (an SAE's top-k warm-up).
     * ``saved_state_dict() -> dict``: the state ``aecore.save`` writes, when it differs
       from ``state_dict()`` (an equivalent form, e.g. with an input scale folded in).
     * ``default_normalize``: the data normalisation ``aecore train`` applies when none

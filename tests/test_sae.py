@@ -326,3 +326,17 @@ def test_evaluation_scores_a_superposition_run_against_its_true_features(tmp_pat
     minmax = train("sae-topk", source, tmp_path / "mm", latent_dim=48, hparams={"k": 3},
                    config=config, normalize="minmax", progress=False)  # fmt: skip
     assert "mmcs" not in evaluate(minmax.model, minmax.prepared)
+
+
+def test_batchtopk_selects_per_row_during_its_warmup_then_over_the_batch():
+    model = make("sae-batchtopk", k=2, topk_warmup=0.5).train()
+    x = sparse_data(64)
+    model.set_progress(0.25)
+    z = model.encode(x)
+    assert bool(((z != 0).sum(1) <= 2).all()) and float(model.rule.threshold) == 0.0
+    model.set_progress(0.75)
+    z = model.encode(x)
+    assert int((z != 0).sum()) <= 2 * 64 and int((z != 0).sum(1).max()) > 2
+    assert float(model.rule.threshold) > 0  # estimated once batch selection runs
+    with pytest.raises(ConfigError, match="topk_warmup"):
+        make("sae-batchtopk", topk_warmup=1.5)

@@ -93,9 +93,13 @@ class BatchTopK(SparsityRule):
     #: weight of each new batch in the running threshold estimate, once warmed up
     THRESHOLD_RATE = 0.01
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, topk_warmup: float = 0.0) -> None:
         super().__init__()
         self.k = k
+        self.topk_warmup = topk_warmup
+        # how far through its run training is (set by the model's set_progress): before
+        # topk_warmup, training selects per row
+        self.progress = 1.0
         # the inference threshold: a running mean of the smallest activation each training
         # batch kept (0 until the first training batch: a plain ReLU)
         self.register_buffer("threshold", torch.tensor(0.0))
@@ -105,6 +109,8 @@ class BatchTopK(SparsityRule):
         acts = pre.relu()
         if not self.training:
             return acts * (acts > self.threshold)
+        if self.progress < self.topk_warmup and torch.is_grad_enabled():
+            return ops.topk_sparsify(pre, self.k).relu()
         keep = self.k * _global_rows(len(pre), pre.device)
         cut = _batch_threshold(acts, keep)
         mask = (acts >= cut) & (acts > 0)
@@ -131,8 +137,8 @@ class BatchTopK(SparsityRule):
 class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka"
 
-    def __init__(self, k: int, prefixes: list[int]) -> None:
-        super().__init__(k)
+    def __init__(self, k: int, prefixes: list[int], topk_warmup: float = 0.0) -> None:
+        super().__init__(k, topk_warmup)
         self.prefixes = prefixes
 
 

@@ -235,6 +235,7 @@ class TrainingRun:
         """One update on batch ``x``; returns the loss terms as floats."""
         state = self.state
         where = f"epoch {epoch}, step {state.epoch_step + 1} (global step {state.step + 1})"
+        self._report_progress()
         if self.optimizer is None:
             terms = self.model.train_step(x)
             return {k: float(v.detach()) for k, v in terms.items()}
@@ -257,14 +258,22 @@ class TrainingRun:
             gradient_step(self.model, self.optimizer, loss, scale, self.config.grad_clip, where)
         return {k: float(v.detach()) for k, v in terms.items()}
 
+    def _progress(self) -> float:
+        """Completed steps over the budget's steps, 0 to 1."""
+        return min(self.state.step / max(self.config.epochs * len(self.train), 1), 1.0)
+
+    def _report_progress(self) -> None:
+        tell = getattr(self.model, "set_progress", None)
+        if tell is not None:
+            tell(self._progress())
+
     def _schedule_lr(self) -> None:
         """The model's learning-rate factor at this step (see ``Autoencoder``)."""
         factor = getattr(self.model, "lr_factor", None)
         if factor is None:
             return
-        progress = self.state.step / max(self.config.epochs * len(self.train), 1)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr * factor(min(progress, 1.0))
+            group["lr"] = self.config.lr * factor(self._progress())
 
     def evaluate(self, batches=None) -> dict[str, float]:
         """Mean loss terms on the validation data (or ``batches``)."""

@@ -48,14 +48,13 @@ from aecore.sae import rules
 from aecore.sae.recipe import (
     FiringTracker,
     aux_loss,
+    fold_input_scale,
     geometric_median,
     remove_parallel_gradient,
     set_row_norms,
 )
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
-#: test rows that ``aecore eval`` compares with a synthetic source's ground truth
-EVAL_TRUTH_ROWS = 50_000
 
 
 class SparseDictionary(Autoencoder):
@@ -261,37 +260,17 @@ class SparseDictionary(Autoencoder):
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluation_metrics(self, x_test: Tensor, prepared) -> dict[str, float]:
-        """``aecore eval``: explained variance, L0, dead latents and shrinkage on the test
-        rows; on a ``superposition`` source (raw units) also MMCS and MCC against the
-        generator's true features, over the test split's first ``EVAL_TRUTH_ROWS``."""
-        from aecore.data.superposition import superposition_from_source
-        from aecore.sae.metrics import sae_metrics
+        """``aecore eval``: the SAE metrics, with ground truth on a superposition source."""
+        from aecore.sae.evaluation import evaluation_metrics
 
-        truth = None
-        if prepared is not None and prepared.normalization.kind == "none":
-            truth = superposition_from_source(str(prepared.record.get("source", "")))
-        if truth is None:
-            metrics = sae_metrics(self, x_test)
-        else:
-            rows = prepared.split.test[:EVAL_TRUTH_ROWS]
-            x = torch.as_tensor(prepared.dataset.x[rows])
-            metrics = sae_metrics(self, x, truth=truth, rows=rows)
-        return {name: float(value) for name, value in metrics.items()}
+        return evaluation_metrics(self, x_test, prepared)
 
     # -- saving ---------------------------------------------------------------------------
     @torch.no_grad()
     def folded_state_dict(self) -> dict[str, Tensor]:
         """The state with the input scale ``c`` folded into the weights (``c`` = 1 after):
         the same function of raw inputs, what interchange formats and saved folders hold."""
-        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        c = state["input_scale"]
-        state["W_enc"] = state["W_enc"] * c
-        state["W_dec"] = state["W_dec"] / c
-        state["b_dec"] = state["b_dec"] / c
-        state["decoder_row_norm"] = state["decoder_row_norm"] / c
-        state["input_variance"] = state["input_variance"] / c**2
-        state["input_scale"] = torch.ones_like(c)
-        return state
+        return fold_input_scale({k: v.detach().clone() for k, v in self.state_dict().items()})
 
     # aecore.save writes the folded form: folders and exports take raw activations
     saved_state_dict = folded_state_dict

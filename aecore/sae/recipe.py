@@ -47,6 +47,19 @@ def geometric_median(x: Tensor, steps: int = GEOMETRIC_MEDIAN_STEPS, tol: float 
     return median
 
 
+def fold_input_scale(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An SAE state with its input scale ``c`` folded into the weights (``c`` = 1 after):
+    the same function of raw inputs. Changes ``state`` in place and returns it."""
+    c = state["input_scale"]
+    state["W_enc"] = state["W_enc"] * c
+    state["W_dec"] = state["W_dec"] / c
+    state["b_dec"] = state["b_dec"] / c
+    state["decoder_row_norm"] = state["decoder_row_norm"] / c
+    state["input_variance"] = state["input_variance"] / c**2
+    state["input_scale"] = torch.ones_like(c)
+    return state
+
+
 def aux_loss(
     residual: Tensor,
     pre: Tensor,

@@ -3,6 +3,9 @@ data and write ``report.md`` with figures.
 
 A plugin opts in with a class attribute ``demo = aecore.DemoRecipe(...)``; it may add
 its own figures with a method ``demo_figures(prepared, out_dir) -> list[(caption, path)]``.
+Sparse autoencoders (``sae-*``) have no recipe: their data are not images, and one
+section of their own (``aecore.sae.demo``) covers them, run when no subset is named or
+the subset names one of them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from pathlib import Path
 
 from aecore.cli.tables import format_ratio
 from aecore.config import DemoRecipe
+
+#: how much of the SAE section's budgets to spend (1: the full demo; tests shrink it)
+SAE_SCALE = 1.0
 
 
 def add_commands(sub) -> None:
@@ -58,12 +64,14 @@ def run(
         "| model | data | code | epochs run | test MSE | PCA test MSE | ratio | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    header = len(lines)
     sections = []
     for name in names:
         cls = model_class(name)
         recipe: DemoRecipe | None = getattr(cls, "demo", None)
         if recipe is None:
-            log(f"{name}: no demo recipe, skipped")
+            if not name.startswith("sae-"):  # the SAE section below covers those
+                log(f"{name}: no demo recipe, skipped")
             continue
         log(f"{name}: training on {recipe.data} for up to {recipe.train.epochs} epochs")
         start = time.perf_counter()
@@ -112,6 +120,12 @@ def run(
             figures += extra(prepared, model_dir)
         sections += [f"## {name}", ""]
         sections += [f"![{cap}]({Path(p).relative_to(out_dir)})  \n{cap}\n" for cap, p in figures]
+    if len(lines) == header:  # no recipe ran (only SAEs named): no empty table
+        lines = lines[:2]
+    if models is None or any(name.startswith("sae-") for name in models):
+        from aecore.sae.demo import sae_demo
+
+        sections += sae_demo(out_dir, seed=seed, log=log, scale=SAE_SCALE, progress=progress)
     report = out_dir / "report.md"
     report.write_text("\n".join(lines + [""] + sections) + "\n", encoding="utf-8")
     log(f"wrote {report}")

@@ -125,7 +125,7 @@ def test_config_round_trip_keeps_the_noise():
 
 @pytest.mark.slow
 def test_denoises_masked_digits_to_half_the_corrupted_error(tmp_path):
-    """Issue 4's bar: on digits with masking p=0.3, reconstructions of corrupted test
+    """The denoising bar: on digits with masking p=0.3, reconstructions of corrupted test
     inputs have at most half the MSE (against the clean images) of the corrupted inputs.
     A plain autoencoder (p=0) of the same shape is worse at it: the noise in training
     is what teaches denoising."""

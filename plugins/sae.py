@@ -34,6 +34,7 @@ that start the model) plus the rule's penalty and AuxK. ``encode`` returns the d
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, ClassVar
 
@@ -120,8 +121,9 @@ class SparseDictionary(Autoencoder):
         self.firing = FiringTracker()
         self.rule = self.make_rule()
 
+    @abc.abstractmethod
     def make_rule(self) -> rules.SparsityRule:
-        raise NotImplementedError
+        """The architecture's sparsity rule."""
 
     def rule_config(self) -> dict[str, Any]:
         return {}

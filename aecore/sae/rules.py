@@ -18,6 +18,7 @@ differ only here.
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from aecore import ops
 
 
-class SparsityRule(nn.Module):
+class SparsityRule(nn.Module, abc.ABC):
     """Pre-activations (B, n) -> code (B, n), and the rule's penalty terms."""
 
     #: the rule's name in configs and interchange formats
@@ -35,8 +36,9 @@ class SparsityRule(nn.Module):
     #: whether AuxK (dead latents reconstructing the residual) applies to this rule
     uses_aux: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def code(self, pre: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The sparse code for pre-activations ``pre``."""
 
     def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
         """Named loss terms (each already weighted) that the model adds to its loss."""

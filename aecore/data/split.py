@@ -119,8 +119,17 @@ class ArrayView:
 
     def _epoch_order(self, epoch: int, seed: int) -> np.ndarray:
         """Positions in this view of the rows the data's order visits, in its sequence."""
-        order = np.asarray(self.x.epoch_order(epoch, seed))
-        by_row = np.argsort(self.indices, kind="stable")
-        sorted_rows = self.indices[by_row]
-        at = np.searchsorted(sorted_rows, order).clip(max=len(sorted_rows) - 1)
-        return by_row[at[sorted_rows[at] == order]]
+        return positions_in(self.indices, self.x.epoch_order(epoch, seed))
+
+
+def positions_in(rows, order) -> np.ndarray:
+    """The positions in ``rows`` (distinct row numbers, any order) of the rows that
+    ``order`` (a sequence of the data's rows) visits, in its sequence; rows that
+    ``rows`` lacks are skipped."""
+    rows, order = np.asarray(rows), np.asarray(order)
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    by_row = np.argsort(rows, kind="stable")
+    sorted_rows = rows[by_row]
+    at = np.searchsorted(sorted_rows, order).clip(max=len(sorted_rows) - 1)
+    return by_row[at[sorted_rows[at] == order]]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from aecore.data.split import positions_in
 from aecore.errors import DataError
 
 
@@ -95,8 +96,10 @@ class Batches:
         if data_order is not None:
             # the data's own shuffle (an activation cache's reads its shards in long
             # runs); restricted to the rows these batches draw from, in its sequence
-            order = torch.as_tensor(data_order(epoch, self.seed + (stream << 40)))
-            return order if self.rows is None else _positions_in(self.rows, order)
+            order = np.asarray(data_order(epoch, self.seed + (stream << 40)))
+            if self.rows is not None:
+                order = positions_in(self.rows.numpy(), order)
+            return torch.as_tensor(order)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + (stream << 40))
         return torch.randperm(self.n, generator=gen)
 
@@ -148,13 +151,6 @@ class Batches:
                 yield _first_tensor(
                     torch.utils.data.default_collate([self.dataset[int(j)] for j in idx])
                 )
-
-
-def _positions_in(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """The positions in ``rows`` (sorted, as ``hold_out`` keeps them) of the rows that
-    ``order`` (a permutation of all the data's rows) visits, in its sequence."""
-    at = torch.searchsorted(rows, order).clamp_(max=len(rows) - 1)
-    return at[rows[at] == order]
 
 
 def _first_tensor(batch: Any) -> torch.Tensor:

@@ -25,6 +25,19 @@ TORCH_LIBRARY(aecore, m) {
       "float rho, float beta) -> Tensor");
   m.def("topk_sparsify(Tensor z, int k) -> (Tensor out, Tensor indices)");
   m.def("topk_sparsify_backward(Tensor grad_out, Tensor indices) -> Tensor");
+  // the sparse SAE: a top-k encoder that never holds the (B, n) pre-activations, and a
+  // decoder that reads only the chosen dictionary rows
+  m.def(
+      "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k) "
+      "-> (Tensor values, Tensor indices)");
+  m.def(
+      "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, "
+      "Tensor W_enc, Tensor b_dec) "
+      "-> (Tensor grad_x, Tensor grad_W_enc, Tensor grad_b_enc, Tensor grad_b_dec)");
+  m.def("sparse_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec) -> Tensor");
+  m.def(
+      "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec) "
+      "-> (Tensor grad_values, Tensor grad_W_dec, Tensor grad_b_dec)");
 }
 
 extern "C" {

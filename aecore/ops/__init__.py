@@ -14,14 +14,17 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
 * :func:`cd_step` -> :class:`CDStats`: CD-k statistics, or PCD-k with ``chain=``.
 * :func:`kl_sparsity` -> 0-d tensor: β · Σ_j KL(ρ ‖ ρ̂_j), differentiable.
 * :func:`topk_sparsify` -> tensor: k largest entries per row kept, differentiable.
+* :func:`topk_encode` -> ``(values, indices)``: a top-k SAE encoder that never holds the
+  (B, n) pre-activations; :func:`sparse_decode`: its decoder, reading only the chosen
+  dictionary rows. Both differentiable, with sparse backward kernels.
 
 Sampling is reproducible: the fused kernels draw from Philox-4x32-10 keyed by a seed and
 an offset taken from ``generator`` (or torch's default generator), so the same seed gives
 the same samples. The CPU and CUDA streams differ from each other and from the
 reference's; supply :class:`GibbsNoise` to get the exact, deterministic path.
 
-The Gibbs ops are not differentiable (their inputs are detached); kl_sparsity and
-topk_sparsify are, with fused backward kernels.
+The Gibbs ops are not differentiable (their inputs are detached); the others are, with
+fused backward kernels.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ __all__ = [
     "gibbs_chain",
     "kl_sparsity",
     "reference",
+    "sparse_decode",
+    "topk_encode",
     "topk_sparsify",
 ]
 
@@ -153,3 +158,40 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     if fused(z):
         return _fused.topk_sparsify(z, k)
     return reference.topk(z, k)[0]
+
+
+def topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """A top-k SAE encoder: each row's k largest of ``relu((x - b_dec) W_enc^T + b_enc)``.
+
+    ``x`` (B, d), ``W_enc`` (n, d), ``b_enc`` (n,), ``b_dec`` (d,), ``k`` in [1, n]. Returns
+    ``(values, indices)``, both (B, k), best first (values ReLU'd, so a row with fewer than
+    k positive pre-activations has zeros at its end). Ties keep the lower latent index in
+    the fused kernels. Differentiable in x, W_enc, b_enc and b_dec.
+
+    Fused kernels: the pre-activations are computed a tile of latents at a time (a BLAS
+    GEMM per tile) and merged into each row's running top-k, so memory is O(B·tile + B·k),
+    never O(B·n); a NaN or infinite pre-activation raises. The backward touches only the
+    kept (row, latent) pairs: the gradient of W_enc is accumulated per latent after a
+    counting sort of the pairs (deterministic, no atomics).
+    """
+    k = check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
+    if fused(x, "topk_encode"):
+        return _fused.topk_encode(x, W_enc, b_enc, b_dec, k)
+    return reference.sparse_code(x, W_enc, b_enc, b_dec, k)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """A sparse code's reconstruction: ``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]``.
+
+    ``values`` (B, m) float and ``indices`` (B, m) int64 in [0, n) (e.g. from
+    :func:`topk_encode`), ``W_dec`` (n, d), ``b_dec`` (d,); returns (B, d). Differentiable
+    in values, W_dec and b_dec. Fused kernels: a gather-sum per row; backward: dot
+    products for the values and a per-latent accumulation (counting sort, deterministic,
+    no atomics) for W_dec.
+    """
+    check.sparse_decode_args(values, indices, W_dec, b_dec)
+    if fused(values, "sparse_decode"):
+        return _fused.sparse_decode(values, indices, W_dec, b_dec)
+    return reference.gather_decode(values, indices, W_dec, b_dec)

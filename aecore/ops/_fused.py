@@ -45,6 +45,60 @@ if SCHEMAS_LOADED:
     def _topk_backward_fake(grad_out, indices):
         return grad_out.new_empty(grad_out.shape)
 
+    @torch.library.register_fake("aecore::topk_encode")
+    def _topk_encode_fake(x, W_enc, b_enc, b_dec, k):
+        B = x.shape[0]
+        return x.new_empty((B, k)), x.new_empty((B, k), dtype=torch.int64)
+
+    @torch.library.register_fake("aecore::topk_encode_backward")
+    def _topk_encode_backward_fake(grad_values, values, indices, x, W_enc, b_dec):
+        return (
+            x.new_empty(x.shape),
+            W_enc.new_empty(W_enc.shape),
+            W_enc.new_empty((W_enc.shape[0],)),
+            x.new_empty((x.shape[1],)),
+        )
+
+    @torch.library.register_fake("aecore::sparse_decode")
+    def _sparse_decode_fake(values, indices, W_dec, b_dec):
+        return values.new_empty((values.shape[0], W_dec.shape[1]))
+
+    @torch.library.register_fake("aecore::sparse_decode_backward")
+    def _sparse_decode_backward_fake(grad_out, values, indices, W_dec):
+        return (
+            values.new_empty(values.shape),
+            W_dec.new_empty(W_dec.shape),
+            W_dec.new_empty((W_dec.shape[1],)),
+        )
+
+    def _topk_encode_setup(ctx, inputs, output):
+        x, W_enc, _b_enc, b_dec, _k = inputs
+        ctx.save_for_backward(output[0], output[1], x, W_enc, b_dec)
+
+    def _topk_encode_backward(ctx, grad_values, _grad_indices):
+        values, indices, x, W_enc, b_dec = ctx.saved_tensors
+        grads = torch.ops.aecore.topk_encode_backward(grad_values, values, indices, x, W_enc, b_dec)
+        return (*grads, None)
+
+    torch.library.register_autograd(
+        "aecore::topk_encode", _topk_encode_backward, setup_context=_topk_encode_setup
+    )
+
+    def _sparse_decode_setup(ctx, inputs, output):
+        values, indices, W_dec, _b_dec = inputs
+        ctx.save_for_backward(values, indices, W_dec)
+
+    def _sparse_decode_backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        g_values, g_W, g_b = torch.ops.aecore.sparse_decode_backward(
+            grad_out, values, indices, W_dec
+        )
+        return g_values, None, g_W, g_b
+
+    torch.library.register_autograd(
+        "aecore::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
+    )
+
     def _kl_setup(ctx, inputs, output):
         h, rho, beta = inputs
         ctx.save_for_backward(output[1])
@@ -117,6 +171,55 @@ class _TopkSparsify(torch.autograd.Function):
     def backward(ctx, grad_out):
         (indices,) = ctx.saved_tensors
         return torch.ops.aecore.topk_sparsify_backward(grad_out, indices), None
+
+
+class _TopkEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k):
+        values, indices = _below_autograd(
+            torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k
+        )
+        ctx.save_for_backward(values, indices, x, W_enc, b_dec)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices):
+        values, indices, x, W_enc, b_dec = ctx.saved_tensors
+        grads = torch.ops.aecore.topk_encode_backward(grad_values, values, indices, x, W_enc, b_dec)
+        return (*grads, None)
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec):
+        out = _below_autograd(torch.ops.aecore.sparse_decode.default, values, indices, W_dec, b_dec)
+        ctx.save_for_backward(values, indices, W_dec)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        g_values, g_W, g_b = torch.ops.aecore.sparse_decode_backward(
+            grad_out, values, indices, W_dec
+        )
+        return g_values, None, g_W, g_b
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int):
+    if _needs_grad(x, W_enc, b_enc, b_dec):
+        return _TopkEncode.apply(x, W_enc, b_enc, b_dec, k)
+    return _below_autograd(torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    if _needs_grad(values, W_dec, b_dec):
+        return _SparseDecode.apply(values, indices, W_dec, b_dec)
+    return _below_autograd(torch.ops.aecore.sparse_decode.default, values, indices, W_dec, b_dec)
 
 
 def kl_sparsity(h: Tensor, rho: float, beta: float) -> Tensor:

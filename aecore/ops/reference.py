@@ -14,6 +14,7 @@ Hinton's code; scikit-learn's ``components_`` is ``W.T``), ``b_v`` is ``(V,)``, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from aecore.ops import validation as check
@@ -142,3 +143,29 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     """
     check.topk_args(z, k)
     return topk(z, k)[0]
+
+
+def sparse_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int):
+    """topk_encode's body, for validated arguments."""
+    values, indices = F.linear(x - b_dec, W_enc, b_enc).topk(k, dim=1)
+    return values.relu(), indices
+
+
+def gather_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """sparse_decode's body, for validated arguments."""
+    if values.shape[1] == 0:
+        return b_dec.expand(len(values), -1).clone()
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int):
+    """Each row's k largest pre-activations ``(x - b_dec) W_enc^T + b_enc``, ReLU'd, as
+    ``(values, indices)`` (B, k), best first; the dense (B, n) pre-activations are made."""
+    check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
+    return sparse_code(x, W_enc, b_enc, b_dec, k)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]`` (B, d)."""
+    check.sparse_decode_args(values, indices, W_dec, b_dec)
+    return gather_decode(values, indices, W_dec, b_dec)

@@ -21,7 +21,9 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(int(d)) for d in t.shape) + ")"
 
 
-def tensor(op: str, name: str, t, rank: int, like: torch.Tensor | None = None) -> None:
+def tensor(
+    op: str, name: str, t, rank: int, like: torch.Tensor | None = None, like_name: str = "v"
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise ConfigError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
@@ -31,9 +33,9 @@ def tensor(op: str, name: str, t, rank: int, like: torch.Tensor | None = None) -
             raise ConfigError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
     else:
         if t.dtype != like.dtype:
-            raise ConfigError(f"{op}: {name} has dtype {t.dtype} but v has {like.dtype}")
+            raise ConfigError(f"{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}")
         if t.device != like.device:
-            raise ConfigError(f"{op}: {name} is on {t.device} but v is on {like.device}")
+            raise ConfigError(f"{op}: {name} is on {t.device} but {like_name} is on {like.device}")
 
 
 def int_arg(op: str, name: str, value, lo: int, hi: int) -> int:
@@ -175,3 +177,51 @@ def topk_args(z, k) -> int:
     if D == 0:
         raise ShapeError(f"{op}: z must have at least one column, got {_shape(z)}")
     return int_arg(op, "k", k, 1, D)
+
+
+def _size(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ShapeError(f"{op}: {name} must be {what}, got {_shape(t)}")
+
+
+def topk_encode_args(x, W_enc, b_enc, b_dec, k) -> int:
+    """Checks topk_encode's operands: x (B, d), W_enc (n, d), b_enc (n,), b_dec (d,)."""
+    op = "topk_encode"
+    tensor(op, "x", x, 2)
+    tensor(op, "W_enc", W_enc, 2, like=x, like_name="x")
+    tensor(op, "b_enc", b_enc, 1, like=x, like_name="x")
+    tensor(op, "b_dec", b_dec, 1, like=x, like_name="x")
+    d, n = x.shape[1], W_enc.shape[0]
+    _size(op, "W_enc", W_enc, (n, d), f"(n, {d}) for x of shape {_shape(x)}")
+    if n == 0:
+        raise ShapeError(f"{op}: W_enc must have at least one row (latent), got {_shape(W_enc)}")
+    _size(op, "b_enc", b_enc, (n,), f"({n},) for W_enc of shape {_shape(W_enc)}")
+    _size(op, "b_dec", b_dec, (d,), f"({d},) for x of shape {_shape(x)}")
+    return int_arg(op, "k", k, 1, n)
+
+
+def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
+    """Checks sparse_decode's operands: values and indices (B, m), W_dec (n, d), b_dec (d,)
+    and every index in [0, n)."""
+    op = "sparse_decode"
+    tensor(op, "values", values, 2)
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ConfigError(f"{op}: indices must be an int64 tensor, got {got}")
+    if indices.device != values.device:
+        raise ConfigError(
+            f"{op}: indices are on {indices.device} but values are on {values.device}"
+        )
+    _size(op, "indices", indices, tuple(values.shape), f"the values' shape {_shape(values)}")
+    tensor(op, "W_dec", W_dec, 2, like=values, like_name="values")
+    tensor(op, "b_dec", b_dec, 1, like=values, like_name="values")
+    n, d = W_dec.shape
+    _size(op, "b_dec", b_dec, (d,), f"({d},) for W_dec of shape {_shape(W_dec)}")
+    # under torch.compile the range is data the graph cannot branch on: the compiled CPU
+    # kernel checks it there
+    if indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(indices))
+        if lo < 0 or hi >= n:
+            raise ConfigError(
+                f"{op}: indices must lie in [0, {n}) (W_dec's rows), got values in [{lo}, {hi}]"
+            )

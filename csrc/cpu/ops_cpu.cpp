@@ -9,8 +9,10 @@
 #endif
 
 #include "cpu/rbm_cpu.h"
+#include "cpu/sae_cpu.h"
 #include "cpu/sparsity_cpu.h"
 #include "ops_impl.h"
+#include "sae_impl.h"
 
 // MKL's per-thread thread count (exported by libtorch_cpu when torch uses MKL). Weak, so
 // that the extension still loads against a torch built with another BLAS.
@@ -94,6 +96,34 @@ struct CpuKernels {
                             T* grad) {
     cpu::topk_backward<T>(g, idx, rows, cols, k, grad);
   }
+  template <typename T>
+  static void gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m,
+                         const T* W, int64_t d, const T* bias, T* out) {
+    cpu::sparse_gather_sum<T>(values, idx, rows, m, W, d, bias, out);
+  }
+  template <typename T>
+  static void dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* W,
+                   int64_t d, T* out) {
+    cpu::sparse_dots<T>(g, idx, rows, m, W, d, out);
+  }
+  template <typename T>
+  static void accumulate(const T* values, const int64_t* idx, int64_t rows, int64_t m,
+                         const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b) {
+    cpu::sparse_accumulate<T>(values, idx, rows, m, src, d, n, grad_W, grad_b);
+  }
+  template <typename T>
+  static void heap_init(int64_t rows, int64_t k, T* hv, int64_t* hi) {
+    cpu::topk_heap_init<T>(rows, k, hv, hi);
+  }
+  template <typename T>
+  static bool merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b,
+                         int64_t k, T* hv, int64_t* hi) {
+    return cpu::topk_merge_tile<T>(pre, rows, cols, col0, b, k, hv, hi);
+  }
+  template <typename T>
+  static void heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi) {
+    cpu::topk_heap_finish<T>(rows, k, hv, hi);
+  }
 };
 
 GibbsOut gibbs_chain_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
@@ -125,6 +155,10 @@ TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("kl_sparsity_backward", &kl_sparsity_backward_impl<CpuKernels>);
   m.impl("topk_sparsify", &topk_sparsify_impl<CpuKernels>);
   m.impl("topk_sparsify_backward", &topk_sparsify_backward_impl<CpuKernels>);
+  m.impl("topk_encode", &topk_encode_impl<CpuKernels>);
+  m.impl("topk_encode_backward", &topk_encode_backward_impl<CpuKernels>);
+  m.impl("sparse_decode", &sparse_decode_impl<CpuKernels>);
+  m.impl("sparse_decode_backward", &sparse_decode_backward_impl<CpuKernels>);
 }
 
 }  // namespace aecore

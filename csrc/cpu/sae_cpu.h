@@ -1,0 +1,179 @@
+// Torch-free CPU kernels of the sparse SAE ops: the streaming top-k merge of the encoder,
+// the sparse decoder (a gather-sum over the chosen dictionary rows) and the sparse
+// backward passes. Codes are (rows, m) pairs of values and latent indices.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/rbm_cpu.h"
+
+namespace aecore {
+namespace cpu {
+
+// out[r, :] = bias + sum_j values[r, j] * W[idx[r, j], :]   (bias may be null: zeros)
+template <typename T>
+void sparse_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* W,
+                       int64_t d, const T* bias, T* out) {
+  const int nt = num_threads_for(rows * m * d / 8);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict__ o = out + r * d;
+    if (bias) {
+      std::memcpy(o, bias, sizeof(T) * d);
+    } else {
+      std::memset(o, 0, sizeof(T) * d);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const T v = values[r * m + j];
+      if (v == T(0)) continue;  // padding and ReLU'd zeros add nothing
+      const T* __restrict__ w = W + idx[r * m + j] * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += v * w[c];
+    }
+  }
+}
+
+// out[r, j] = <g[r, :], W[idx[r, j], :]>
+template <typename T>
+void sparse_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* W, int64_t d,
+                 T* out) {
+  const int nt = num_threads_for(rows * m * d / 8);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ gr = g + r * d;
+    for (int64_t j = 0; j < m; ++j) {
+      const T* __restrict__ w = W + idx[r * m + j] * d;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) acc += gr[c] * w[c];
+      out[r * m + j] = acc;
+    }
+  }
+}
+
+// grad_W[l, :] = sum over entries e = (r, j) with idx[e] == l of values[e] * src[r, :], and
+// grad_b[l] = sum of those values[e] (grad_b may be null). The entries are grouped by
+// latent with a counting sort (stable, so each latent sums its entries in row order): every
+// output row is written by one thread, deterministically and without atomics.
+template <typename T>
+void sparse_accumulate(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* src,
+                       int64_t d, int64_t n, T* grad_W, T* grad_b) {
+  const int64_t entries = rows * m;
+  std::vector<int64_t> start(static_cast<size_t>(n) + 1, 0);
+  for (int64_t e = 0; e < entries; ++e) ++start[static_cast<size_t>(idx[e]) + 1];
+  for (int64_t l = 0; l < n; ++l) start[l + 1] += start[l];
+  std::vector<int64_t> order(static_cast<size_t>(entries));
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < entries; ++e) order[static_cast<size_t>(fill[idx[e]]++)] = e;
+  }
+  const int nt = num_threads_for(std::max(entries * d / 8, n * d / 8));
+  // latents differ widely in how often they fire: dynamic chunks balance the threads
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 16)
+  for (int64_t l = 0; l < n; ++l) {
+    T* __restrict__ gw = grad_W + l * d;
+    std::memset(gw, 0, sizeof(T) * d);
+    T bsum = 0;
+    for (int64_t p = start[l]; p < start[l + 1]; ++p) {
+      const int64_t e = order[static_cast<size_t>(p)];
+      const T v = values[e];
+      bsum += v;
+      if (v == T(0)) continue;
+      const T* __restrict__ s = src + (e / m) * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) gw[c] += v * s[c];
+    }
+    if (grad_b) grad_b[l] = bsum;
+  }
+}
+
+// The running top-k of each row as a size-k min-heap (root: the worst kept entry). An
+// entry is better when larger, or equal and at a lower latent index.
+template <typename T>
+inline bool sae_better(T a, int64_t ia, T b, int64_t ib) {
+  return a > b || (a == b && ia < ib);
+}
+
+template <typename T>
+inline void sae_sift_down(T* hv, int64_t* hi, int64_t k, int64_t pos) {
+  for (;;) {
+    int64_t worst = pos;
+    const int64_t l = 2 * pos + 1, r = l + 1;
+    if (l < k && sae_better(hv[worst], hi[worst], hv[l], hi[l])) worst = l;
+    if (r < k && sae_better(hv[worst], hi[worst], hv[r], hi[r])) worst = r;
+    if (worst == pos) return;
+    std::swap(hv[pos], hv[worst]);
+    std::swap(hi[pos], hi[worst]);
+    pos = worst;
+  }
+}
+
+// Starts every row's heap empty: k entries of -inf at indices past any latent.
+template <typename T>
+void topk_heap_init(int64_t rows, int64_t k, T* hv, int64_t* hi) {
+  for (int64_t e = 0; e < rows * k; ++e) {
+    hv[e] = -std::numeric_limits<T>::infinity();
+    hi[e] = std::numeric_limits<int64_t>::max();
+  }
+}
+
+// Merges one tile of pre-activations (rows, cols: latents col0 .. col0 + cols, without
+// their bias) into the rows' heaps. Returns false if a pre-activation was NaN or +inf.
+template <typename T>
+bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
+                     int64_t k, T* hv, int64_t* hi) {
+  const int nt = num_threads_for(rows * cols);
+  bool finite = true;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(&& : finite)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ p = pre + r * cols;
+    const T* __restrict__ b = b_enc + col0;
+    T* rv = hv + r * k;
+    int64_t* ri = hi + r * k;
+    T worst = rv[0];
+    for (int64_t c = 0; c < cols; ++c) {
+      const T v = p[c] + b[c];
+      // columns arrive in increasing order, so an equal value never displaces a kept one
+      if (!(v <= worst)) {
+        if (!(v - v == T(0))) {  // NaN or infinite
+          finite = false;
+          continue;
+        }
+        rv[0] = v;
+        ri[0] = col0 + c;
+        sae_sift_down(rv, ri, k, 0);
+        worst = rv[0];
+      }
+    }
+  }
+  return finite;
+}
+
+// Sorts each row's heap best first and applies the ReLU to the values.
+template <typename T>
+void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi) {
+  const int nt = num_threads_for(rows * k * 8);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* rv = hv + r * k;
+    int64_t* ri = hi + r * k;
+    // heap sort: the root (worst) goes to the end each round
+    for (int64_t end = k - 1; end > 0; --end) {
+      std::swap(rv[0], rv[end]);
+      std::swap(ri[0], ri[end]);
+      sae_sift_down(rv, ri, end, 0);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      rv[j] = rv[j] > T(0) ? rv[j] : T(0);
+      // a slot never filled (every pre-activation -inf) names latent 0 with value 0
+      if (ri[j] == std::numeric_limits<int64_t>::max()) ri[j] = 0;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace aecore

@@ -1,0 +1,181 @@
+// The ATen side of the sparse SAE ops: checks (a backstop; aecore.ops validates first),
+// outputs, the encoder's tiled GEMMs, and calls into the backend's torch-free kernels.
+// `K` has static methods
+//   gather_sum<T>(values, idx, rows, m, W, d, bias|null, out),
+//   dots<T>(g, idx, rows, m, W, d, out),
+//   accumulate<T>(values, idx, rows, m, src, d, n, grad_W, grad_b|null),
+//   heap_init<T>(rows, k, hv, hi), merge_tile<T>(pre, rows, cols, col0, b, k, hv, hi) -> bool,
+//   heap_finish<T>(rows, k, hv, hi).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "ops_impl.h"
+
+namespace aecore {
+
+inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char* name,
+                         int64_t size) {
+  check_same(ref, t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "aecore: ", name, " must be (", size,
+              ",), got ", t.sizes());
+}
+
+// values (B, m) float, indices (B, m) int64 in [0, n), on values' device. The range is
+// checked where it costs no device sync (CPU); aecore.ops checks it for every device.
+inline void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) {
+  check_float_matrix(values, "values");
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(),
+              "aecore: indices must be int64 of the values' shape ", values.sizes(), ", got ",
+              indices.scalar_type(), " ", indices.sizes());
+  TORCH_CHECK(indices.device() == values.device(), "aecore: indices are on ", indices.device(),
+              ", expected ", values.device());
+  if (indices.is_cpu() && indices.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(indices);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n,
+                "aecore: indices must lie in [0, ", n, "), got values in [", lo.item<int64_t>(),
+                ", ", hi.item<int64_t>(), "]");
+  }
+}
+
+// Latents per GEMM tile: the (B, tile) pre-activation buffer stays near 16 MB of floats.
+inline int64_t encoder_tile(int64_t rows, int64_t n) {
+  const int64_t target = (int64_t(1) << 22) / std::max<int64_t>(rows, 1);
+  const int64_t tile = std::max<int64_t>(256, target / 64 * 64);
+  return std::min(tile, n);
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor> topk_encode_impl(const at::Tensor& x_in,
+                                                    const at::Tensor& W_in,
+                                                    const at::Tensor& b_enc_in,
+                                                    const at::Tensor& b_dec_in, int64_t k) {
+  check_float_matrix(x_in, "x");
+  check_float_matrix(W_in, "W_enc");
+  check_same(x_in, W_in, "W_enc");
+  const int64_t B = x_in.size(0), d = x_in.size(1), n = W_in.size(0);
+  TORCH_CHECK(W_in.size(1) == d, "aecore: W_enc must be (n, ", d, "), got ", W_in.sizes());
+  check_vector(x_in, b_enc_in, "b_enc", n);
+  check_vector(x_in, b_dec_in, "b_dec", d);
+  TORCH_CHECK(k >= 1 && k <= n, "aecore: k must lie in [1, ", n, "], got ", k);
+  const at::Tensor xc = (x_in - b_dec_in).contiguous();
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor b_enc = b_enc_in.contiguous();
+  at::Tensor values = at::empty({B, k}, x_in.options());
+  at::Tensor indices = at::empty({B, k}, x_in.options().dtype(at::kLong));
+  if (B == 0) return {values, indices};
+  const int64_t tile = encoder_tile(B, n);
+  at::Tensor buffer = at::empty({B, tile}, x_in.options());
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "aecore_topk_encode", [&] {
+    scalar_t* hv = values.data_ptr<scalar_t>();
+    int64_t* hi = indices.data_ptr<int64_t>();
+    K::template heap_init<scalar_t>(B, k, hv, hi);
+    for (int64_t c0 = 0; c0 < n; c0 += tile) {
+      const int64_t cols = std::min(tile, n - c0);
+      at::Tensor pre = buffer.narrow(1, 0, cols);
+      if (cols != tile) pre = at::empty({B, cols}, x_in.options());
+      at::mm_out(pre, xc, W.narrow(0, c0, cols).t());
+      finite = K::template merge_tile<scalar_t>(pre.data_ptr<scalar_t>(), B, cols, c0,
+                                                b_enc.data_ptr<scalar_t>(), k, hv, hi) &&
+               finite;
+    }
+    K::template heap_finish<scalar_t>(B, k, hv, hi);
+  });
+  TORCH_CHECK(finite, "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, "
+              "b_enc or b_dec holds non-finite values (or they overflow)");
+  return {values, indices};
+}
+
+// Gradients of topk_encode given the values' gradient: only the kept (row, latent) pairs
+// with a positive value carry one.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
+    const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& x, const at::Tensor& W_in, const at::Tensor& b_dec) {
+  check_code(values, indices, W_in.size(0));
+  check_same(values, grad_values, "grad_values");
+  TORCH_CHECK(grad_values.sizes() == values.sizes(), "aecore: grad_values must be ",
+              values.sizes(), ", got ", grad_values.sizes());
+  check_float_matrix(x, "x");
+  check_same(values, x, "x");
+  check_same(values, W_in, "W_enc");
+  TORCH_CHECK(W_in.dim() == 2 && W_in.size(1) == x.size(1) && x.size(0) == values.size(0),
+              "aecore: x (B, d) and W_enc (n, d) must match the code's ", values.sizes(),
+              ", got ", x.sizes(), " and ", W_in.sizes());
+  check_vector(x, b_dec, "b_dec", x.size(1));
+  const int64_t B = x.size(0), d = x.size(1), n = W_in.size(0), m = values.size(1);
+  const at::Tensor g = (grad_values * values.gt(0)).contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor xc = (x - b_dec).contiguous();
+  at::Tensor grad_x = at::empty({B, d}, x.options());
+  at::Tensor grad_W = at::empty({n, d}, x.options());
+  at::Tensor grad_b_enc = at::empty({n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aecore_topk_encode_backward", [&] {
+    K::template gather_sum<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
+                                     W.data_ptr<scalar_t>(), d, nullptr,
+                                     grad_x.data_ptr<scalar_t>());
+    K::template accumulate<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
+                                     xc.data_ptr<scalar_t>(), d, n, grad_W.data_ptr<scalar_t>(),
+                                     grad_b_enc.data_ptr<scalar_t>());
+  });
+  at::Tensor grad_b_dec = -grad_x.sum(0);
+  return {grad_x, grad_W, grad_b_enc, grad_b_dec};
+}
+
+template <class K>
+at::Tensor sparse_decode_impl(const at::Tensor& values_in, const at::Tensor& indices_in,
+                              const at::Tensor& W_in, const at::Tensor& b_in) {
+  check_float_matrix(W_in, "W_dec");
+  check_code(values_in, indices_in, W_in.size(0));
+  check_same(values_in, W_in, "W_dec");
+  const int64_t B = values_in.size(0), m = values_in.size(1), d = W_in.size(1);
+  check_vector(values_in, b_in, "b_dec", d);
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor idx = indices_in.contiguous();
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor b = b_in.contiguous();
+  at::Tensor out = at::empty({B, d}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "aecore_sparse_decode", [&] {
+    K::template gather_sum<scalar_t>(values.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
+                                     W.data_ptr<scalar_t>(), d, b.data_ptr<scalar_t>(),
+                                     out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_impl(
+    const at::Tensor& grad_out_in, const at::Tensor& values_in, const at::Tensor& indices_in,
+    const at::Tensor& W_in) {
+  check_float_matrix(W_in, "W_dec");
+  check_code(values_in, indices_in, W_in.size(0));
+  check_float_matrix(grad_out_in, "grad_out");
+  check_same(values_in, grad_out_in, "grad_out");
+  check_same(values_in, W_in, "W_dec");
+  const int64_t B = values_in.size(0), m = values_in.size(1), n = W_in.size(0),
+                d = W_in.size(1);
+  TORCH_CHECK(grad_out_in.size(0) == B && grad_out_in.size(1) == d,
+              "aecore: grad_out must be (", B, ", ", d, "), got ", grad_out_in.sizes());
+  const at::Tensor g = grad_out_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor idx = indices_in.contiguous();
+  const at::Tensor W = W_in.contiguous();
+  at::Tensor grad_values = at::empty({B, m}, values.options());
+  at::Tensor grad_W = at::empty({n, d}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "aecore_sparse_decode_backward", [&] {
+    K::template dots<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
+                               W.data_ptr<scalar_t>(), d, grad_values.data_ptr<scalar_t>());
+    K::template accumulate<scalar_t>(values.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
+                                     g.data_ptr<scalar_t>(), d, n, grad_W.data_ptr<scalar_t>(),
+                                     nullptr);
+  });
+  return {grad_values, grad_W, g.sum(0)};
+}
+
+}  // namespace aecore

@@ -1,0 +1,208 @@
+"""aecore.ops.topk_encode / sparse_decode: the fused sparse SAE kernels vs the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aecore import ops
+from aecore.errors import ConfigError, ShapeError
+from aecore.ops import reference
+
+needs_ext = pytest.mark.skipif(
+    ops.backend("topk_encode", "cpu") != "fused cpu", reason="CPU extension not loaded"
+)
+
+cases = st.fixed_dictionaries(
+    {
+        "B": st.sampled_from([0, 1, 2, 5, 17, 40]),
+        "d": st.integers(1, 24),
+        "n": st.integers(1, 90),
+        "k": st.integers(1, 90),
+        "dtype": st.sampled_from([torch.float32, torch.float64]),
+        "noncontig": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def tol(dtype):
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
+
+
+def operands(c, requires_grad=False):
+    g = torch.Generator().manual_seed(c["seed"])
+    B, d, n = c["B"], c["d"], c["n"]
+
+    def make(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64).to(c["dtype"])
+        if c["noncontig"] and t.dim() == 2:
+            t = t.t().contiguous().t()
+        return t.requires_grad_(requires_grad)
+
+    return make(B, d), make(n, d), make(n), make(d), make(n, d)
+
+
+def grads(outputs, inputs, weights):
+    total = sum((o * w).sum() for o, w in zip(outputs, weights))
+    return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+@needs_ext
+@settings(max_examples=60, deadline=None)
+@given(c=cases)
+def test_fused_equals_reference(c):
+    k = min(c["k"], c["n"])
+    x, W_enc, b_enc, b_dec, W_dec = operands(c, requires_grad=True)
+    values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
+    ref_values, ref_indices = reference.topk_encode(x, W_enc, b_enc, b_dec, k)
+    assert values.shape == indices.shape == (c["B"], k)
+    assert indices.dtype == torch.int64
+    torch.testing.assert_close(values, ref_values, **tol(c["dtype"]))
+    # random continuous data: no ties, so the chosen latents agree wherever values do
+    positive = ref_values > 0
+    assert torch.equal(indices[positive], ref_indices[positive])
+    out = ops.sparse_decode(values, indices, W_dec, b_dec)
+    ref_out = reference.sparse_decode(ref_values, ref_indices, W_dec, b_dec)
+    torch.testing.assert_close(out, ref_out, **tol(c["dtype"]))
+    # one backward through both ops against the reference's
+    w = torch.randn(out.shape, dtype=out.dtype)
+    inputs = (x, W_enc, b_enc, b_dec, W_dec)
+    got = grads([out], inputs, [w])
+    want = grads([ref_out], inputs, [w])
+    for a, b in zip(got, want):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, **tol(c["dtype"]))
+
+
+@needs_ext
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    x, W_enc, W_dec = (
+        torch.randn(*s, generator=g, dtype=torch.float64) for s in [(6, 5), (9, 5), (9, 5)]
+    )
+    b_enc, b_dec = torch.randn(9, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    params = [t.requires_grad_() for t in (x, W_enc, b_enc, b_dec)]
+    assert torch.autograd.gradcheck(lambda *a: ops.topk_encode(*a, 3)[0], params)
+    values, indices = ops.topk_encode(x.detach(), W_enc.detach(), b_enc.detach(), b_dec.detach(), 3)
+    dec = [values.requires_grad_(), W_dec.requires_grad_(), b_dec.detach().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda v, W, b: ops.sparse_decode(v, indices, W, b), dec)
+
+
+@needs_ext
+def test_opcheck():
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(2)
+    x, W = torch.randn(7, 4, generator=g), torch.randn(12, 4, generator=g)
+    b_enc, b_dec = torch.randn(12, generator=g), torch.randn(4, generator=g)
+    args = [t.requires_grad_() for t in (x, W, b_enc, b_dec)]
+    opcheck(torch.ops.aecore.topk_encode, (*args, 3))
+    values, indices = torch.ops.aecore.topk_encode(
+        x.detach(), W.detach(), b_enc.detach(), b_dec.detach(), 3
+    )
+    opcheck(
+        torch.ops.aecore.sparse_decode,
+        (
+            values.requires_grad_(),
+            indices,
+            W.detach().requires_grad_(),
+            b_dec.detach().requires_grad_(),
+        ),
+    )
+    opcheck(
+        torch.ops.aecore.sparse_decode_backward,
+        (torch.randn(7, 4), values.detach(), indices, W.detach()),
+    )
+    opcheck(
+        torch.ops.aecore.topk_encode_backward,
+        (torch.randn(7, 3), values.detach(), indices, x.detach(), W.detach(), b_dec.detach()),
+    )
+
+
+@needs_ext
+def test_compiles_without_graph_breaks():
+    g = torch.Generator().manual_seed(3)
+    x, W_enc, W_dec = (
+        torch.randn(8, 6, generator=g),
+        torch.randn(20, 6, generator=g),
+        torch.randn(20, 6, generator=g),
+    )
+    b_enc, b_dec = torch.zeros(20), torch.randn(6, generator=g)
+
+    def step(x, W_enc, b_enc, b_dec, W_dec):
+        values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, 4)
+        return (ops.sparse_decode(values, indices, W_dec, b_dec) - x).pow(2).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
+    eager = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
+    got, want = compiled(*args), step(*eager)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    for a, b in zip(args, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_ext
+def test_ties_keep_the_lower_latent_and_short_rows_pad_with_zeros():
+    x = torch.ones(2, 3)
+    W = torch.zeros(6, 3)
+    b_enc = torch.tensor([1.0, 2.0, 2.0, -1.0, 2.0, -3.0])
+    values, indices = ops.topk_encode(x, W, b_enc, torch.zeros(3), 5)
+    assert indices[0].tolist()[:3] == [1, 2, 4]
+    assert values[0].tolist() == [2.0, 2.0, 2.0, 1.0, 0.0]  # -1 is ReLU'd to 0
+
+
+@needs_ext
+def test_a_large_dictionary_is_encoded_in_tiles():
+    # more latents than one tile holds: the running top-k crosses tile borders
+    g = torch.Generator().manual_seed(4)
+    x, W = torch.randn(3, 8, generator=g), torch.randn(70_000, 8, generator=g)
+    b_enc, b_dec = torch.randn(70_000, generator=g), torch.randn(8, generator=g)
+    values, indices = ops.topk_encode(x, W, b_enc, b_dec, 16)
+    ref_values, ref_indices = reference.topk_encode(x, W, b_enc, b_dec, 16)
+    torch.testing.assert_close(values, ref_values)
+    assert torch.equal(indices, ref_indices)
+
+
+@needs_ext
+def test_non_finite_pre_activations_raise():
+    x = torch.randn(4, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinite pre-activation"):
+        ops.topk_encode(x, torch.randn(5, 3), torch.zeros(5), torch.zeros(3), 2)
+
+
+def test_bad_arguments_say_what_was_expected():
+    x, W, b_enc, b_dec = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(5), torch.zeros(3)
+    with pytest.raises(ShapeError, match=r"W_enc must be \(n, 3\)"):
+        ops.topk_encode(x, torch.randn(5, 2), b_enc, b_dec, 2)
+    with pytest.raises(ShapeError, match=r"b_enc must be \(5,\)"):
+        ops.topk_encode(x, W, torch.zeros(4), b_dec, 2)
+    with pytest.raises(ConfigError, match=r"k must lie in \[1, 5\], got 6"):
+        ops.topk_encode(x, W, b_enc, b_dec, 6)
+    with pytest.raises(ConfigError, match="W_enc has dtype torch.float64 but x has torch.float32"):
+        ops.topk_encode(x, W.double(), b_enc, b_dec, 2)
+    values, indices = ops.topk_encode(x, W, b_enc, b_dec, 2)
+    with pytest.raises(
+        ConfigError, match=r"indices must lie in \[0, 5\) \(W_dec's rows\), got values in \[-1, "
+    ):
+        ops.sparse_decode(values, indices - 1, W, b_dec)
+    with pytest.raises(ConfigError, match="indices must be an int64 tensor, got torch.int32"):
+        ops.sparse_decode(values, indices.int(), W, b_dec)
+    with pytest.raises(ShapeError, match=r"indices must be the values' shape \(4, 2\)"):
+        ops.sparse_decode(values, indices[:, :1], W, b_dec)
+    with pytest.raises(ShapeError, match=r"b_dec must be \(3,\)"):
+        ops.sparse_decode(values, indices, W, torch.zeros(2))
+
+
+@needs_ext
+def test_the_compiled_op_checks_indices_itself():
+    values, W, b = torch.ones(2, 2), torch.randn(4, 3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\)"):
+        torch.ops.aecore.sparse_decode(values, torch.tensor([[0, 4], [1, 2]]), W, b)

@@ -13,6 +13,39 @@
 
 namespace aecore {
 namespace cpu {
+namespace detail {
+
+// The inner loops, compiled per instruction set (AECORE_CLONES) for float and double.
+template <typename T>
+__attribute__((always_inline)) inline void axpy_impl(T* __restrict__ o, T v,
+                                                     const T* __restrict__ w, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) o[c] += v * w[c];
+}
+
+template <typename T>
+__attribute__((always_inline)) inline T dot_impl(const T* __restrict__ a, const T* __restrict__ b,
+                                                 int64_t d) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+AECORE_CLONES static void axpy(float* o, float v, const float* w, int64_t d) {
+  axpy_impl<float>(o, v, w, d);
+}
+AECORE_CLONES static void axpy(double* o, double v, const double* w, int64_t d) {
+  axpy_impl<double>(o, v, w, d);
+}
+AECORE_CLONES static float dot(const float* a, const float* b, int64_t d) {
+  return dot_impl<float>(a, b, d);
+}
+AECORE_CLONES static double dot(const double* a, const double* b, int64_t d) {
+  return dot_impl<double>(a, b, d);
+}
+
+}  // namespace detail
 
 // out[r, :] = bias + sum_j values[r, j] * W[idx[r, j], :]   (bias may be null: zeros)
 template <typename T>
@@ -30,9 +63,7 @@ void sparse_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_
     for (int64_t j = 0; j < m; ++j) {
       const T v = values[r * m + j];
       if (v == T(0)) continue;  // padding and ReLU'd zeros add nothing
-      const T* __restrict__ w = W + idx[r * m + j] * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] += v * w[c];
+      detail::axpy(o, v, W + idx[r * m + j] * d, d);
     }
   }
 }
@@ -45,13 +76,7 @@ void sparse_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const 
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ gr = g + r * d;
-    for (int64_t j = 0; j < m; ++j) {
-      const T* __restrict__ w = W + idx[r * m + j] * d;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < d; ++c) acc += gr[c] * w[c];
-      out[r * m + j] = acc;
-    }
+    for (int64_t j = 0; j < m; ++j) out[r * m + j] = detail::dot(gr, W + idx[r * m + j] * d, d);
   }
 }
 
@@ -83,9 +108,7 @@ void sparse_accumulate(const T* values, const int64_t* idx, int64_t rows, int64_
       const T v = values[e];
       bsum += v;
       if (v == T(0)) continue;
-      const T* __restrict__ s = src + (e / m) * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) gw[c] += v * s[c];
+      detail::axpy(gw, v, src + (e / m) * d, d);
     }
     if (grad_b) grad_b[l] = bsum;
   }
@@ -121,6 +144,66 @@ void topk_heap_init(int64_t rows, int64_t k, T* hv, int64_t* hi) {
   }
 }
 
+namespace detail {
+
+// Offers entries c0 .. c1 of one row (pre-activation p + bias b) to its heap; false if one
+// was NaN or infinite.
+template <typename T>
+inline bool merge_entries(const T* p, const T* b, int64_t c0, int64_t c1, int64_t col0,
+                          int64_t k, T* rv, int64_t* ri) {
+  bool finite = true;
+  for (int64_t c = c0; c < c1; ++c) {
+    const T v = p[c] + b[c];
+    // columns arrive in increasing order, so an equal value never displaces a kept one
+    if (!(v <= rv[0])) {
+      if (!(v - v == T(0))) {  // NaN or infinite
+        finite = false;
+        continue;
+      }
+      rv[0] = v;
+      ri[0] = col0 + c;
+      sae_sift_down(rv, ri, k, 0);
+    }
+  }
+  return finite;
+}
+
+// One row of a tile: blocks of 32 whose largest entry cannot enter the heap (the common
+// case once it has filled) are skipped after one vectorised max.
+template <typename T>
+__attribute__((always_inline)) inline bool merge_row_impl(const T* __restrict__ p,
+                                                          const T* __restrict__ b, int64_t cols,
+                                                          int64_t col0, int64_t k, T* rv,
+                                                          int64_t* ri) {
+  constexpr int64_t kBlock = 32;
+  bool finite = true;
+  int64_t c = 0;
+  for (; c + kBlock <= cols; c += kBlock) {
+    T mx = -std::numeric_limits<T>::infinity();
+    T bad = 0;  // NaN unless every entry is finite
+#pragma omp simd reduction(max : mx) reduction(+ : bad)
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const T v = p[c + j] + b[c + j];
+      mx = v > mx ? v : mx;
+      bad += v - v;
+    }
+    if (mx <= rv[0] && bad == T(0)) continue;
+    finite = merge_entries(p, b, c, c + kBlock, col0, k, rv, ri) && finite;
+  }
+  return merge_entries(p, b, c, cols, col0, k, rv, ri) && finite;
+}
+
+AECORE_CLONES static bool merge_row(const float* p, const float* b, int64_t cols, int64_t col0,
+                                    int64_t k, float* rv, int64_t* ri) {
+  return merge_row_impl<float>(p, b, cols, col0, k, rv, ri);
+}
+AECORE_CLONES static bool merge_row(const double* p, const double* b, int64_t cols,
+                                    int64_t col0, int64_t k, double* rv, int64_t* ri) {
+  return merge_row_impl<double>(p, b, cols, col0, k, rv, ri);
+}
+
+}  // namespace detail
+
 // Merges one tile of pre-activations (rows, cols: latents col0 .. col0 + cols, without
 // their bias) into the rows' heaps. Returns false if a pre-activation was NaN or +inf.
 template <typename T>
@@ -130,25 +213,9 @@ bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, con
   bool finite = true;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(&& : finite)
   for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict__ p = pre + r * cols;
-    const T* __restrict__ b = b_enc + col0;
-    T* rv = hv + r * k;
-    int64_t* ri = hi + r * k;
-    T worst = rv[0];
-    for (int64_t c = 0; c < cols; ++c) {
-      const T v = p[c] + b[c];
-      // columns arrive in increasing order, so an equal value never displaces a kept one
-      if (!(v <= worst)) {
-        if (!(v - v == T(0))) {  // NaN or infinite
-          finite = false;
-          continue;
-        }
-        rv[0] = v;
-        ri[0] = col0 + c;
-        sae_sift_down(rv, ri, k, 0);
-        worst = rv[0];
-      }
-    }
+    finite = detail::merge_row(pre + r * cols, b_enc + col0, cols, col0, k, hv + r * k,
+                               hi + r * k) &&
+             finite;
   }
   return finite;
 }

@@ -46,9 +46,9 @@ from aecore import params
 from aecore.base import Autoencoder
 from aecore.errors import ConfigError, ShapeError
 from aecore.sae import rules
+from aecore.sae.loss import sae_loss
 from aecore.sae.recipe import (
     FiringTracker,
-    aux_loss,
     fold_input_scale,
     geometric_median,
     remove_parallel_gradient,
@@ -226,39 +226,7 @@ class SparseDictionary(Autoencoder):
         return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
-        self.check_input(x)
-        xs = self._scaled(x.to(self.W_enc.dtype))
-        pre = self._pre(xs)
-        code = self.rule.code(pre)
-        total_variance = self.input_variance * len(xs)
-        residual = xs - (code @ self.W_dec + self.b_dec)
-        fvu = residual.pow(2).sum() / total_variance
-        terms: dict[str, Tensor] = {"fvu": fvu}
-        loss = fvu
-        prefixes = getattr(self.rule, "prefixes", None)
-        if prefixes:  # every nested prefix of latents reconstructs on its own too
-            partial = [
-                (xs - code[:, :m] @ self.W_dec[:m] - self.b_dec).pow(2).sum() / total_variance
-                for m in prefixes[:-1]
-            ]
-            loss = (sum(partial) + fvu) / len(prefixes)
-            terms["prefix_fvu"] = partial[0].detach()
-        norms = self.W_dec.norm(dim=1)
-        for name, value in self.rule.penalty(code, pre, norms).items():
-            terms[name] = value
-            loss = loss + value
-        training = self.training and torch.is_grad_enabled()
-        if training:
-            self.firing.record(code)
-        if self.rule.uses_aux and self.aux_coefficient > 0 and training:
-            aux = aux_loss(
-                residual, pre, self.dead_latents(), self.W_dec, self.aux_k, total_variance
-            )
-            terms["auxk"] = aux.detach()
-            loss = loss + self.aux_coefficient * aux
-        terms["l0"] = (code != 0).sum(1).float().mean().detach()
-        terms["dead_fraction"] = self.dead_latents().float().mean()
-        return {"loss": loss, **terms}
+        return sae_loss(self, x)
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluation_metrics(self, x_test: Tensor, prepared) -> dict[str, float]:

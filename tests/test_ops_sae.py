@@ -189,10 +189,12 @@ def test_bad_arguments_say_what_was_expected():
     with pytest.raises(ConfigError, match="W_enc has dtype torch.float64 but x has torch.float32"):
         ops.topk_encode(x, W.double(), b_enc, b_dec, 2)
     values, indices = ops.topk_encode(x, W, b_enc, b_dec, 2)
+    bad = indices.clone()
+    bad[1, 1] = -1
     with pytest.raises(
         ConfigError, match=r"indices must lie in \[0, 5\) \(W_dec's rows\), got values in \[-1, "
     ):
-        ops.sparse_decode(values, indices - 1, W, b_dec)
+        ops.sparse_decode(values, bad, W, b_dec)
     with pytest.raises(ConfigError, match="indices must be an int64 tensor, got torch.int32"):
         ops.sparse_decode(values, indices.int(), W, b_dec)
     with pytest.raises(ShapeError, match=r"indices must be the values' shape \(4, 2\)"):

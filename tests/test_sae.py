@@ -340,3 +340,35 @@ def test_batchtopk_selects_per_row_during_its_warmup_then_over_the_batch():
     assert float(model.rule.threshold) > 0  # estimated once batch selection runs
     with pytest.raises(ConfigError, match="topk_warmup"):
         make("sae-batchtopk", topk_warmup=1.5)
+
+
+@pytest.mark.parametrize("name", ["sae-topk", "sae-batchtopk"])
+def test_the_sparse_training_path_matches_the_dense_one(name):
+    # a top-k rule trains through aecore.ops.topk_encode / sparse_decode; the dense path
+    # (every pre-activation formed) must give the same loss, terms and gradients
+    from aecore.sae import loss as sae_loss_module
+
+    torch.manual_seed(0)
+    model = aecore.create(name, input_shape=(12,), latent_dim=40, k=4, aux_k=6, dead_window=5)
+    model.train()
+    model.rule.progress = 0.0  # BatchTopK still selects per row
+    model.since_fired[::3] = 100  # some dead latents, so AuxK takes part
+    x = torch.randn(32, 12)
+    assert model.rule.row_k() == 4
+
+    def run(fn):
+        model.zero_grad()
+        out = fn()
+        out["loss"].backward()
+        return {k: v.detach().clone() for k, v in out.items()}, [
+            p.grad.clone() for p in model.parameters()
+        ]
+
+    sparse, sparse_grads = run(lambda: model.loss(x))
+    xs = model._scaled(x)
+    dense, dense_grads = run(lambda: sae_loss_module._dense_loss(model, xs, True))
+    assert sparse.keys() == dense.keys() and "auxk" in sparse
+    for key in sparse:
+        torch.testing.assert_close(sparse[key], dense[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

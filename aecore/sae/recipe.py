@@ -68,17 +68,32 @@ def aux_loss(
     aux_k: int,
     total_variance: Tensor,
 ) -> Tensor:
-    """AuxK: the ``aux_k`` largest pre-activations among dead latents reconstruct the
-        main reconstruction's residual (squared error relative to ``total_variance``), scaled
-        down while fewer latents are dead than ``aux_k``. Gradients reach only the dead
-        latents' encoder and decoder rows, which gives them a reason to fire again (the
-    encoder's also while their pre-activations are negative)."""
-    n_dead = int(dead.sum())
+    """AuxK from the full (B, n) pre-activations ``pre`` and the mask ``dead`` (n,): see
+    :func:`dead_latents_aux_loss`."""
+    index = dead.nonzero().flatten()
+    return dead_latents_aux_loss(residual, pre[:, index], index, decoder, aux_k, total_variance)
+
+
+def dead_latents_aux_loss(
+    residual: Tensor,
+    pre_dead: Tensor,
+    dead_index: Tensor,
+    decoder: Tensor,
+    aux_k: int,
+    total_variance: Tensor,
+) -> Tensor:
+    """AuxK: the ``aux_k`` largest pre-activations among dead latents (``pre_dead``: the
+    pre-activations of the latents ``dead_index`` only) reconstruct the main
+    reconstruction's residual (squared error relative to ``total_variance``), scaled down
+    while fewer latents are dead than ``aux_k``. Gradients reach only the dead latents'
+    encoder and decoder rows, which gives them a reason to fire again (the encoder's also
+    while their pre-activations are negative)."""
+    n_dead = len(dead_index)
     if n_dead == 0:
-        return pre.new_zeros(())
+        return pre_dead.new_zeros(())
     k = min(aux_k, n_dead)
-    masked = pre.masked_fill(~dead, -torch.inf)
-    values, indices = masked.topk(k, dim=1)
+    values, local = pre_dead.topk(k, dim=1)
+    indices = dead_index[local]
     # ReLU forward, identity backward: a latent whose pre-activations went negative on
     # every input would get no gradient through the ReLU and could never come back
     values = values + (values.relu() - values).detach()
@@ -102,6 +117,14 @@ class FiringTracker:
         fired = (code != 0).any(0)
         self._fired = fired if self._fired is None else self._fired | fired
         self._rows += len(code)
+
+    @torch.no_grad()
+    def record_sparse(self, values: Tensor, indices: Tensor, n: int) -> None:
+        """``record`` for a sparse code: ``values`` at latents ``indices``, both (B, m)."""
+        fired = torch.zeros(n, dtype=torch.bool, device=values.device)
+        fired[indices[values != 0]] = True
+        self._fired = fired if self._fired is None else self._fired | fired
+        self._rows += len(values)
 
     @torch.no_grad()
     def commit(self, since_fired: Tensor) -> None:

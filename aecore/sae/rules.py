@@ -35,10 +35,18 @@ class SparsityRule(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     #: whether AuxK (dead latents reconstructing the residual) applies to this rule
     uses_aux: ClassVar[bool] = False
+    #: whether :meth:`penalty` adds terms (it then gets the decoder rows' norms)
+    penalised: ClassVar[bool] = False
 
     @abc.abstractmethod
     def code(self, pre: Tensor) -> Tensor:
         """The sparse code for pre-activations ``pre``."""
+
+    def row_k(self) -> int | None:
+        """``k`` while this rule's training code is each row's ``k`` largest ReLU'd
+        pre-activations and has no penalty: the model then trains through the sparse
+        kernels (``aecore.ops.topk_encode``), never forming the (B, n) pre-activations."""
+        return None
 
     def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
         """Named loss terms (each already weighted) that the model adds to its loss."""
@@ -59,6 +67,9 @@ class TopK(SparsityRule):
 
     def code(self, pre: Tensor) -> Tensor:
         return ops.topk_sparsify(pre, self.k).relu()
+
+    def row_k(self) -> int | None:
+        return self.k
 
 
 def _global_rows(rows: int, device: torch.device) -> int:
@@ -123,6 +134,9 @@ class BatchTopK(SparsityRule):
                 self._update_threshold(kept.min())
         return code
 
+    def row_k(self) -> int | None:
+        return self.k if self.training and self.progress < self.topk_warmup else None
+
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -146,6 +160,7 @@ class MatryoshkaBatchTopK(BatchTopK):
 
 class ReLUL1(SparsityRule):
     name = "relu"
+    penalised = True
 
     def __init__(self, l1_coefficient: float) -> None:
         super().__init__()
@@ -200,6 +215,7 @@ class _StepFunction(torch.autograd.Function):
 
 class JumpReLU(SparsityRule):
     name = "jumprelu"
+    penalised = True
 
     def __init__(self, n: int, l0_coefficient: float, bandwidth: float, threshold: float) -> None:
         super().__init__()

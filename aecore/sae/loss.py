@@ -1,0 +1,88 @@
+"""An SAE's training loss: the reconstruction's fraction of variance unexplained, the
+rule's penalties, Matryoshka's nested prefixes and AuxK, with the firing statistics.
+
+Two paths compute it. While the rule's code is each row's top ``k`` (``rule.row_k()``)
+the sparse kernels do: ``aecore.ops.topk_encode`` and ``sparse_decode`` never form the
+(B, n) pre-activations or code, and AuxK computes pre-activations for the dead latents
+only. Otherwise the dense path computes every latent's pre-activation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aecore import ops
+from aecore.sae.recipe import aux_loss, dead_latents_aux_loss
+
+
+def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
+    """``model.loss(x)`` of a ``SparseDictionary``."""
+    model.check_input(x)
+    xs = model._scaled(x.to(model.W_enc.dtype))
+    training = model.training and torch.is_grad_enabled()
+    k = model.rule.row_k() if training else None
+    if k is not None and not getattr(model.rule, "prefixes", None):
+        return _sparse_loss(model, xs, k)
+    return _dense_loss(model, xs, training)
+
+
+def _aux_term(model, training: bool) -> bool:
+    return model.rule.uses_aux and model.aux_coefficient > 0 and training
+
+
+def _finish(model, loss: Tensor, terms: dict[str, Tensor], l0: Tensor) -> dict[str, Tensor]:
+    terms["l0"] = l0.detach()
+    terms["dead_fraction"] = model.dead_latents().float().mean()
+    return {"loss": loss, **terms}
+
+
+def _sparse_loss(model, xs: Tensor, k: int) -> dict[str, Tensor]:
+    values, indices = ops.topk_encode(xs, model.W_enc, model.b_enc, model.b_dec, k)
+    total_variance = model.input_variance * len(xs)
+    residual = xs - ops.sparse_decode(values, indices, model.W_dec, model.b_dec)
+    fvu = residual.pow(2).sum() / total_variance
+    terms: dict[str, Tensor] = {"fvu": fvu}
+    loss = fvu
+    model.firing.record_sparse(values, indices, model.latent_dim)
+    if _aux_term(model, True):
+        dead = model.dead_latents().nonzero().flatten()
+        pre_dead = F.linear(xs - model.b_dec, model.W_enc[dead], model.b_enc[dead])
+        aux = dead_latents_aux_loss(
+            residual, pre_dead, dead, model.W_dec, model.aux_k, total_variance
+        )
+        terms["auxk"] = aux.detach()
+        loss = loss + model.aux_coefficient * aux
+    return _finish(model, loss, terms, (values > 0).sum(1).float().mean())
+
+
+def _dense_loss(model, xs: Tensor, training: bool) -> dict[str, Tensor]:
+    pre = model._pre(xs)
+    code = model.rule.code(pre)
+    total_variance = model.input_variance * len(xs)
+    residual = xs - (code @ model.W_dec + model.b_dec)
+    fvu = residual.pow(2).sum() / total_variance
+    terms: dict[str, Tensor] = {"fvu": fvu}
+    loss = fvu
+    prefixes = getattr(model.rule, "prefixes", None)
+    if prefixes:  # every nested prefix of latents reconstructs on its own too
+        partial = [
+            (xs - code[:, :m] @ model.W_dec[:m] - model.b_dec).pow(2).sum() / total_variance
+            for m in prefixes[:-1]
+        ]
+        loss = (sum(partial) + fvu) / len(prefixes)
+        terms["prefix_fvu"] = partial[0].detach()
+    if model.rule.penalised:
+        norms = model.W_dec.norm(dim=1)
+        for name, value in model.rule.penalty(code, pre, norms).items():
+            terms[name] = value
+            loss = loss + value
+    if training:
+        model.firing.record(code)
+    if _aux_term(model, training):
+        aux = aux_loss(
+            residual, pre, model.dead_latents(), model.W_dec, model.aux_k, total_variance
+        )
+        terms["auxk"] = aux.detach()
+        loss = loss + model.aux_coefficient * aux
+    return _finish(model, loss, terms, (code != 0).sum(1).float().mean())

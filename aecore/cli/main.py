@@ -23,6 +23,7 @@ BENCHMARKS = {
     "onnx": "aecore_benchmarks.runtime",
     "quality": "aecore_benchmarks.quality",
     "sae": "aecore_benchmarks.sae",
+    "sae-step": "aecore_benchmarks.sae_step",
 }
 
 

@@ -1,0 +1,222 @@
+"""``aecore bench sae-step``: one TopK SAE training step (forward, backward, Adam and the
+decoder's unit-norm constraint), side by side in one run on the same batch:
+
+* ``aecore fused``: ``sae-topk``'s loss through the sparse kernels (``aecore.ops.topk_encode``
+  and ``sparse_decode``), stepped as the trainer steps it (``aecore.training.optim.gradient_step``
+  with the loop's finiteness check);
+* ``aecore dense``: the same model and step through the dense path (every pre-activation
+  formed, a dense decoder GEMM);
+* ``stock sparse``: the dense encoder and ``torch.topk``, with ``F.embedding_bag`` as a
+  sparse decoder: the best one writes from stock ops;
+* ``compiled dense``: ``torch.compile`` of the dense loss;
+* ``sae-lens``: its ``TopKTrainingSAE`` stepped by its own ``SAETrainer._train_step``.
+
+Reported: median ms per step (calls interleaved, see ``timing.py``), and each step's peak
+extra resident memory (VmHWM reset before it; glibc's mmap threshold fixed so freed
+tensors return to the OS). Ratios are against sae-lens's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from aecore.cli.tables import print_table
+
+SHAPES = {"small": (512, 16384, 32), "large": (768, 32768, 64)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aecore bench sae-step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="small,large", help="small (d=512, n=16384, k=32), large "
+                   "(d=768, n=32768, k=64), or d:n:k, comma-separated")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--json", default=None, metavar="FILE")
+    return p
+
+
+def _fix_malloc() -> None:
+    # M_MMAP_THRESHOLD = -3: large blocks always mmapped, so a free returns them
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_extra_mb(step) -> float | None:
+    """Resident memory a call adds at its peak, in MB (None where Linux cannot say)."""
+    try:
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+        before = _status_kb("VmRSS")
+        step()
+        return (_status_kb("VmHWM") - before) / 1024
+    except OSError:
+        return None
+
+
+def aecore_steps(d: int, n: int, k: int) -> dict:
+    import aecore
+    from aecore.sae.loss import _dense_loss
+    from aecore.training.optim import gradient_step
+
+    def make(loss_fn_of):
+        torch.manual_seed(0)
+        model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loss_fn = loss_fn_of(model)
+
+        def step(x):
+            loss = loss_fn(x)["loss"]
+            if not torch.isfinite(loss):
+                raise RuntimeError("non-finite loss")
+            gradient_step(model, optimizer, loss, 1.0, None, "bench")
+
+        return step
+
+    def stock_sparse(model):
+        def loss(x):
+            xs = model._scaled(x)
+            values, indices = F.linear(xs - model.b_dec, model.W_enc, model.b_enc).topk(k, dim=1)
+            recon = F.embedding_bag(
+                indices, model.W_dec, per_sample_weights=values.relu(), mode="sum"
+            )
+            residual = xs - recon - model.b_dec
+            return {"loss": residual.pow(2).sum() / (model.input_variance * len(xs))}
+
+        return loss
+
+    steps = {
+        "aecore fused": make(lambda m: m.loss),
+        "aecore dense": make(lambda m: lambda x: _dense_loss(m, m._scaled(x), True)),
+        "stock sparse": make(stock_sparse),
+    }
+    return steps
+
+
+def compiled_dense_step(d: int, n: int, k: int):
+    import aecore
+    from aecore.sae.loss import _dense_loss
+
+    torch.manual_seed(0)
+    model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    @torch.compile
+    def loss_fn(x):
+        return _dense_loss(model, model._scaled(x), True)["loss"]
+
+    def step(x):
+        loss = loss_fn(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.before_optimizer_step()
+        optimizer.step()
+        model.after_optimizer_step()
+
+    return step
+
+
+def saelens_step(d: int, n: int, k: int, batch: int):
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k))
+    config = SAETrainerConfig(
+        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
+        total_training_samples=batch * 1000, device="cpu", autocast=False, lr=1e-4,
+        lr_end=1e-4, lr_scheduler_name="constant", lr_warm_up_steps=0, adam_beta1=0.9,
+        adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1,
+        train_batch_size_samples=batch, dead_feature_window=1000,
+        feature_sampling_window=2000,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+        n_batches_for_norm_estimate=1,
+    )  # fmt: skip
+    trainer = SAETrainer(
+        cfg=config, sae=sae, data_provider=iter(()), save_checkpoint_fn=lambda path: None
+    )
+    return lambda x: trainer._train_step(sae, x)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        if item in SHAPES:
+            shapes.append(SHAPES[item])
+            continue
+        try:
+            d, n, k = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--shapes: expected small, large or d:n:k, got {item!r}") from None
+        shapes.append((d, n, k))
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aecore_benchmarks.timing import time_in_turns
+
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _fix_malloc()
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    results = []
+    for d, n, k in parse_shapes(args.shapes):
+        x = torch.randn(args.batch_size, d, generator=torch.Generator().manual_seed(0))
+        steps = aecore_steps(d, n, k)
+        errors = {}
+        if not args.no_compile:
+            steps["compiled dense"] = compiled_dense_step(d, n, k)
+        try:
+            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size)
+        except ImportError:
+            errors["sae-lens"] = "not installed"
+        calls = {name: (lambda s=s, x=x: s(x)) for name, s in steps.items()}
+        memory = {name: peak_extra_mb(call) for name, call in calls.items()}
+        log(f"d={d} n={n} k={k}: timing {', '.join(calls)}")
+        seconds, failed = time_in_turns(calls, rounds=args.rounds, warmup=1)
+        errors.update(failed)
+        base = seconds.get("sae-lens")
+        for name in calls:
+            if name not in seconds:
+                continue
+            results.append({"d": d, "n": n, "k": k, "batch": args.batch_size, "impl": name,
+                            "ms": seconds[name] * 1e3, "peak_mb": memory[name],
+                            "speedup_vs_saelens": base / seconds[name] if base else None})  # fmt: skip
+        for name, error in errors.items():
+            log(f"  {name}: {error}")
+            results.append({"d": d, "n": n, "k": k, "impl": name, "error": error})
+    print(f"TopK SAE training step, batch {args.batch_size}, {args.threads} threads")
+    print_table(
+        ["d", "n", "k", "implementation", "ms/step", "× sae-lens", "peak MB"],
+        [(r["d"], r["n"], r["k"], r["impl"], f"{r['ms']:.0f}",
+          f"{r['speedup_vs_saelens']:.2f}" if r.get("speedup_vs_saelens") else "-",
+          f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-")
+         for r in results if "ms" in r],
+    )  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.aecore-installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean cuda-check
 
 install: $(STAMP)
 
@@ -27,6 +27,23 @@ test: install
 	$(BIN)/ruff format --check .
 	csrc/run_native_tests.sh
 	$(BIN)/python -m pytest -q
+
+# The CUDA extension built and imported without a GPU: PyPI's CUDA build of torch goes into
+# its own venv (pip --isolated skips this machine's pin of the CPU wheel; ~4.7 GB), then
+# setup.py builds aecore._C_cuda against it with the toolkit nvcc belongs to. Not part of
+# `make test`.
+CUDA_VENV := .venv-cuda
+CUDA_TORCH ?= torch==2.13.0
+cuda-check:
+	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --isolated -q $(CUDA_TORCH) numpy setuptools ninja
+	CUDA_HOME=$${CUDA_HOME:-$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")")} \
+	  AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_VENV)/bin/python setup.py -q build_ext \
+	  --build-lib build/cuda-check --build-temp build/cuda-check-tmp
+	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import torch, aecore._C, \
+	  aecore._C_cuda; print('aecore._C_cuda loads against torch', torch.__version__, \
+	  'CUDA', torch.version.cuda); print('CUDA kernels:', sorted(n for n in \
+	  dir(torch.ops.aecore) if not n.startswith('_')))"
 
 lint:
 	$(BIN)/ruff check .

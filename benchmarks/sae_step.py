@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--json", default=None, metavar="FILE")
     return p
@@ -59,8 +60,16 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def peak_extra_mb(step) -> float | None:
-    """Resident memory a call adds at its peak, in MB (None where Linux cannot say)."""
+def peak_extra_mb(step, device: str) -> float | None:
+    """Memory a call adds at its peak, in MB: resident memory on the CPU (None where
+    Linux cannot say), allocated device memory on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     try:
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to VmRSS
@@ -71,14 +80,14 @@ def peak_extra_mb(step) -> float | None:
         return None
 
 
-def aecore_steps(d: int, n: int, k: int) -> dict:
+def aecore_steps(d: int, n: int, k: int, device: str) -> dict:
     import aecore
     from aecore.sae.loss import _dense_loss
     from aecore.training.optim import gradient_step
 
     def make(loss_fn_of):
         torch.manual_seed(0)
-        model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
+        model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         loss_fn = loss_fn_of(model)
@@ -111,12 +120,12 @@ def aecore_steps(d: int, n: int, k: int) -> dict:
     return steps
 
 
-def compiled_dense_step(d: int, n: int, k: int):
+def compiled_dense_step(d: int, n: int, k: int, device: str):
     import aecore
     from aecore.sae.loss import _dense_loss
 
     torch.manual_seed(0)
-    model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
+    model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -135,16 +144,16 @@ def compiled_dense_step(d: int, n: int, k: int):
     return step
 
 
-def saelens_step(d: int, n: int, k: int, batch: int):
+def saelens_step(d: int, n: int, k: int, batch: int, device: str):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(0)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, device=device))
     config = SAETrainerConfig(
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
-        total_training_samples=batch * 1000, device="cpu", autocast=False, lr=1e-4,
+        total_training_samples=batch * 1000, device=device, autocast=False, lr=1e-4,
         lr_end=1e-4, lr_scheduler_name="constant", lr_warm_up_steps=0, adam_beta1=0.9,
         adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1,
         train_batch_size_samples=batch, dead_feature_window=1000,
@@ -173,27 +182,33 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aecore import ops
     from aecore_benchmarks.timing import time_in_turns
 
     args = build_parser().parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    sync = torch.cuda.synchronize if device == "cuda" else None
     torch.set_num_threads(args.threads)
     _fix_malloc()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     results = []
     for d, n, k in parse_shapes(args.shapes):
         x = torch.randn(args.batch_size, d, generator=torch.Generator().manual_seed(0))
-        steps = aecore_steps(d, n, k)
+        x = x.to(device)
+        steps = aecore_steps(d, n, k, device)
         errors = {}
         if not args.no_compile:
-            steps["compiled dense"] = compiled_dense_step(d, n, k)
+            steps["compiled dense"] = compiled_dense_step(d, n, k, device)
         try:
-            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size)
+            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size, device)
         except ImportError:
             errors["sae-lens"] = "not installed"
         calls = {name: (lambda s=s, x=x: s(x)) for name, s in steps.items()}
-        memory = {name: peak_extra_mb(call) for name, call in calls.items()}
+        memory = {name: peak_extra_mb(call, device) for name, call in calls.items()}
         log(f"d={d} n={n} k={k}: timing {', '.join(calls)}")
-        seconds, failed = time_in_turns(calls, rounds=args.rounds, warmup=1)
+        seconds, failed = time_in_turns(calls, rounds=args.rounds, warmup=1, sync=sync)
         errors.update(failed)
         base = seconds.get("sae-lens")
         for name in calls:
@@ -205,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, error in errors.items():
             log(f"  {name}: {error}")
             results.append({"d": d, "n": n, "k": k, "impl": name, "error": error})
-    print(f"TopK SAE training step, batch {args.batch_size}, {args.threads} threads")
+    where = f"{args.threads} threads" if device == "cpu" else torch.cuda.get_device_name()
+    print(
+        f"TopK SAE training step, batch {args.batch_size}, {where}; topk_encode: "
+        f"{ops.backend('topk_encode', device)}"
+    )
     print_table(
         ["d", "n", "k", "implementation", "ms/step", "× sae-lens", "peak MB"],
         [(r["d"], r["n"], r["k"], r["impl"], f"{r['ms']:.0f}",

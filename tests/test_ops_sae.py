@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -208,3 +210,18 @@ def test_the_compiled_op_checks_indices_itself():
     values, W, b = torch.ones(2, 2), torch.randn(4, 3), torch.zeros(3)
     with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\)"):
         torch.ops.aecore.sparse_decode(values, torch.tensor([[0, 4], [1, 2]]), W, b)
+
+
+def test_the_step_benchmark_reports_every_implementation(tmp_path, capsys):
+    from aecore_benchmarks import sae_step
+
+    report = tmp_path / "step.json"
+    args = ["--shapes", "16:128:4", "--batch-size", "32", "--rounds", "1", "--threads", "1"]
+    assert sae_step.main([*args, "--no-compile", "--json", str(report)]) == 0
+    runs = json.loads(report.read_text())["runs"]
+    timed = {r["impl"]: r for r in runs if "ms" in r}
+    assert {"aecore fused", "aecore dense", "stock sparse"} <= set(timed)
+    assert all(r["ms"] > 0 for r in timed.values())
+    assert "aecore fused" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected small, large or d:n:k"):
+        sae_step.main(["--shapes", "16:128"])

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with a CUDA GPU and its own torch, nvcc, ninja, pytest and
+# hypothesis (no network): builds aecore's kernels against that torch, runs the CUDA op
+# tests and the CUDA benchmarks. Run from the repository root; about 5 minutes on an H100.
+# Results go to ${OUT:-gpu-check}/ (logs and JSON).
+set -uo pipefail
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+PYTHON=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+status=0
+step() {  # step NAME SECONDS COMMAND...: one stage, its log, its time limit
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - t0)) s"
+  tail -n 25 "$out/$name.log"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# an editable install against the machine's torch (offline: no build isolation, no
+# dependencies fetched), so the entry points that name the built-in models exist
+step build 300 env AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
+step test_ops_cuda 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_sae.py
+step bench_kernels 150 "$PYTHON" -m aecore bench kernels --device cuda --quick \
+  --json "$out/kernels.json"
+step bench_sae_step 150 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
+  --shapes small,large,4096:131072:128 --json "$out/sae_step.json"
+exit $status

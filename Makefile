@@ -34,11 +34,13 @@ test: install
 # `make test`.
 CUDA_VENV := .venv-cuda
 CUDA_TORCH ?= torch==2.13.0
+# the toolkit nvcc belongs to (nvcc may be a wrapper script outside it)
+CUDA_HOME ?= $(shell h=$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")"); \
+  [ -f "$$h/include/cuda_runtime.h" ] || h=/usr/local/cuda; echo $$h)
 cuda-check:
 	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install --isolated -q $(CUDA_TORCH) numpy setuptools ninja
-	CUDA_HOME=$${CUDA_HOME:-$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")")} \
-	  AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_VENV)/bin/python setup.py -q build_ext \
+	CUDA_HOME=$(CUDA_HOME) AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_VENV)/bin/python setup.py -q build_ext \
 	  --build-lib build/cuda-check --build-temp build/cuda-check-tmp
 	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import torch, aecore._C, \
 	  aecore._C_cuda; print('aecore._C_cuda loads against torch', torch.__version__, \

@@ -141,6 +141,16 @@ struct Gibbs {
         p.colsum_mean = sum_ph0;
         K::template unit_pass<T>(p);
       }
+      if (stats && pcd) {
+        // PCD's chain does not reconstruct the batch: its monitor is the mean-field
+        // reconstruction E[v | ph0], whose error and sum(v) ride along this pass
+        at::Tensor vm0 = at::mm(ph0, Wt);
+        UnitPass<T> p = layer_pass(vm0, b_v, visible_unit, false, nullptr, nullptr, 0);
+        p.data = v.data_ptr<T>();
+        p.colsum_data = sum_v;
+        p.sq_err = sq;
+        K::template unit_pass<T>(p);
+      }
       at::Tensor hcur = pcd ? chain_in->contiguous() : h0;
       for (int64_t t = 1; t <= k; ++t) {
         const bool last = t == k;
@@ -180,7 +190,6 @@ struct Gibbs {
         }
       }
       if (stats) {
-        if (pcd) K::template column_sums<T>(v.data_ptr<T>(), B, V, sum_v);
         const double inv_b = 1.0 / static_cast<double>(std::max<int64_t>(B, 1));
         const double inv_bc = 1.0 / static_cast<double>(std::max<int64_t>(Bc, 1));
         // dW = v^T ph0 / B - v_k^T ph_k / Bc: two BLAS calls, the second accumulating.
@@ -195,7 +204,6 @@ struct Gibbs {
         f.H = H;
         f.inv_b = inv_b;
         f.inv_bc = inv_bc;
-        f.pcd = pcd;
         f.db_v = db_v.data_ptr<T>();
         f.db_h = db_h.data_ptr<T>();
         f.recon = recon.data_ptr<T>();

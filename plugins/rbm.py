@@ -274,9 +274,8 @@ class RBM(Autoencoder):
             )
         if self.persistent:
             self.chain.copy_(stats.chain)
-            recon = F.mse_loss(self.visible_mean(self.hidden_mean(v)), v)
-        else:
-            recon = stats.recon_error / v.shape[1]
+        # CD: the chain's reconstruction; PCD: the mean-field one (see ops.CDStats)
+        recon = stats.recon_error / v.shape[1]
         if momentum is None:
             warm = int(self.updates) < self.momentum_warmup
             momentum = self.initial_momentum if warm else self.momentum

@@ -61,10 +61,9 @@ def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:
     dW = torch.mm(v.t(), ph0) * inv_b - torch.mm(v_state.t(), ph) * inv_bc
     db_v = v.sum(0) * inv_b - v_state.sum(0) * inv_bc
     db_h = ph0.sum(0) * inv_b - ph.sum(0) * inv_bc
-    if c.chain is None:
-        recon = ((v - v_mean) ** 2).sum() * inv_b
-    else:
-        recon = torch.full((), float("nan"), dtype=v.dtype, device=v.device)
+    if c.chain is not None:  # the mean-field reconstruction of the batch (see CDStats)
+        v_mean = mean_of(torch.mm(ph0, W.t()) + b_v, c.gaussian_visible)
+    recon = ((v - v_mean) ** 2).sum() * inv_b
     return CDStats(dW, db_v, db_h, h, recon)
 
 

@@ -43,8 +43,9 @@ class CDStats(NamedTuple):
     ``db_h`` (H,) = mean(ph0) - mean(ph_k), where v_k is the chain's final visible state
     and ph_k its final hidden means (averages over an empty batch are 0).
     ``chain`` (Bc, H): the final hidden sample; pass it back as ``chain=`` for persistent
-    CD. ``recon_error`` (0-d): mean over the batch of sum_j (v - v_mean_k)^2 for CD; NaN
-    for PCD, whose chain does not reconstruct the batch.
+    CD. ``recon_error`` (0-d): mean over the batch of sum_j (v - v_mean)^2, with v_mean the
+    chain's last visible means for CD, and for PCD (whose chain does not reconstruct the
+    batch) the mean-field reconstruction E[v | ph0].
     """
 
     dW: Tensor

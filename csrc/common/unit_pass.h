@@ -41,7 +41,7 @@ struct UnitPass {
 // The last step of cd_step: the bias statistics and the reconstruction error from the
 // accumulator buffer acc = [sum ph0 (H) | sum ph_k (H) | sum v (V) | sum v_k (V) | sq (1)]:
 //   db_v = sum v / B - sum v_k / Bc,  db_h = sum ph0 / B - sum ph_k / Bc,
-//   recon = sq / B (CD) or NaN (PCD), with inv_b = 1 / max(B, 1), inv_bc = 1 / max(Bc, 1).
+//   recon = sq / B, with inv_b = 1 / max(B, 1), inv_bc = 1 / max(Bc, 1).
 template <typename T>
 struct StatsFinal {
   const double* acc = nullptr;
@@ -49,7 +49,6 @@ struct StatsFinal {
   int64_t H = 0;
   double inv_b = 1.0;
   double inv_bc = 1.0;
-  bool pcd = false;
   T* db_v = nullptr;
   T* db_h = nullptr;
   T* recon = nullptr;
@@ -70,7 +69,7 @@ AECORE_HD void finalize_stats_element(const StatsFinal<T>& f, int64_t e) {
     f.db_h[j] = static_cast<T>(sum_ph0[j] * f.inv_b - sum_phk[j] * f.inv_bc);
   } else if (e == f.V + f.H) {
     const double sq = f.acc[2 * f.H + 2 * f.V];
-    *f.recon = f.pcd ? static_cast<T>(NAN) : static_cast<T>(sq * f.inv_b);
+    *f.recon = static_cast<T>(sq * f.inv_b);
   }
 }
 

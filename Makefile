@@ -43,9 +43,10 @@ cuda-check:
 	CUDA_HOME=$(CUDA_HOME) AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_VENV)/bin/python setup.py -q build_ext \
 	  --build-lib build/cuda-check --build-temp build/cuda-check-tmp
 	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import torch, aecore._C, \
-	  aecore._C_cuda; print('aecore._C_cuda loads against torch', torch.__version__, \
-	  'CUDA', torch.version.cuda); print('CUDA kernels:', sorted(n for n in \
-	  dir(torch.ops.aecore) if not n.startswith('_')))"
+	  aecore._C_cuda; from torch._C import _dispatch_get_all_op_names as names, \
+	  _dispatch_has_kernel_for_dispatch_key as has; print('aecore._C_cuda loads against', \
+	  'torch', torch.__version__, 'CUDA', torch.version.cuda); print('ops with CUDA kernels:', \
+	  ', '.join(sorted(n for n in names() if n.startswith('aecore::') and has(n, 'CUDA'))))"
 
 lint:
 	$(BIN)/ruff check .

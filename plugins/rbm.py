@@ -18,6 +18,7 @@ step counter) lives in buffers, so checkpoints resume exactly. As an autoencoder
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -267,7 +268,8 @@ class RBM(Autoencoder):
             v, self.W, self.b_v, self.b_h, self.k,
             chain=chain, sample_visible=self.sample_visible, **units,
         )  # fmt: skip
-        if not torch.isfinite(stats.dW).all():
+        # one reduction: a NaN or an infinity anywhere in dW makes the sum non-finite
+        if not math.isfinite(float(stats.dW.sum())):
             raise TrainingError(
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
                 f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
@@ -279,12 +281,15 @@ class RBM(Autoencoder):
         if momentum is None:
             warm = int(self.updates) < self.momentum_warmup
             momentum = self.initial_momentum if warm else self.momentum
-        self.velocity_W.mul_(momentum).add_(stats.dW - self.weight_decay * self.W, alpha=self.lr)
-        self.velocity_b_v.mul_(momentum).add_(stats.db_v, alpha=self.lr)
-        self.velocity_b_h.mul_(momentum).add_(stats.db_h, alpha=self.lr)
-        self.W.add_(self.velocity_W)
-        self.b_v.add_(self.velocity_b_v)
-        self.b_h.add_(self.velocity_b_h)
+        # velocity = momentum * velocity + lr * (gradient - weight_decay * W); then a step
+        # by the velocity: a few multi-tensor ops (the parameters are small, so the cost
+        # is per op, not per element)
+        velocities = [self.velocity_W, self.velocity_b_v, self.velocity_b_h]
+        torch._foreach_mul_(velocities, momentum)
+        torch._foreach_add_(velocities, [stats.dW, stats.db_v, stats.db_h], alpha=self.lr)
+        if self.weight_decay:
+            self.velocity_W.add_(self.W, alpha=-self.lr * self.weight_decay)
+        torch._foreach_add_([self.W, self.b_v, self.b_h], velocities)
         self.updates.add_(1)
         return {"loss": recon.detach().reshape(())}
 
@@ -294,7 +299,7 @@ class RBM(Autoencoder):
         v = flatten(x).to(self.W.dtype)
         if self.visible != "bernoulli" or v.numel() == 0:
             return v
-        lo, hi = float(v.min()), float(v.max())
+        lo, hi = (float(t) for t in torch.aminmax(v))
         if lo < 0 or hi > 1:
             self._complain(
                 DataRangeWarning,
@@ -305,7 +310,8 @@ class RBM(Autoencoder):
                 "real-valued data",
             )
             return v.clamp(0, 1)
-        if not self.probabilities and not bool(((v == 0) | (v == 1)).all()):
+        # in [0, 1], a value is 0 or 1 exactly when rounding leaves it unchanged
+        if not self.probabilities and not torch.equal(v, v.round()):
             self._complain(
                 NonBinaryDataWarning,
                 "RBM(visible='bernoulli') got non-binary values in [0, 1]",

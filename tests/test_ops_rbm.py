@@ -318,7 +318,10 @@ def test_opcheck_gibbs_ops():
         (v, W, b_v, b_h, 1, None, False, True, False, rng, None, None, None),
     ]:
         opcheck(torch.ops.aecore.cd_step, args)
-    opcheck(torch.ops.aecore.cd_step, (v, W, b_v, b_h, 1, chain, True, False, True, rng, None, None, None))
+    opcheck(
+        torch.ops.aecore.cd_step,
+        (v, W, b_v, b_h, 1, chain, True, False, True, rng, None, None, None),
+    )
 
 
 @needs_ext

@@ -342,19 +342,31 @@ def test_batchtopk_selects_per_row_during_its_warmup_then_over_the_batch():
         make("sae-batchtopk", topk_warmup=1.5)
 
 
-@pytest.mark.parametrize("name", ["sae-topk", "sae-batchtopk"])
-def test_the_sparse_training_path_matches_the_dense_one(name):
-    # a top-k rule trains through aecore.ops.topk_encode / sparse_decode; the dense path
+@pytest.mark.parametrize(
+    "name, progress, skew",
+    [
+        ("sae-topk", 0.0, False),
+        ("sae-batchtopk", 0.0, False),  # per-row selection before topk_warmup
+        ("sae-batchtopk", 1.0, False),  # batch selection from each row's candidates
+        ("sae-batchtopk", 1.0, True),  # a row keeps all its candidates: dense fallback
+    ],
+)
+def test_the_sparse_training_path_matches_the_dense_one(name, progress, skew):
+    # top-k rules train through aecore.ops.topk_encode / sparse_decode; the dense path
     # (every pre-activation formed) must give the same loss, terms and gradients
     from aecore.sae import loss as sae_loss_module
 
     torch.manual_seed(0)
-    model = aecore.create(name, input_shape=(12,), latent_dim=40, k=4, aux_k=6, dead_window=5)
+    model = aecore.create(name, input_shape=(12,), latent_dim=40, k=2, aux_k=6, dead_window=5)
     model.train()
-    model.rule.progress = 0.0  # BatchTopK still selects per row
+    model.set_progress(progress)
     model.since_fired[::3] = 100  # some dead latents, so AuxK takes part
     x = torch.randn(32, 12)
-    assert model.rule.row_k() == 4
+    x = 3 * x / x.norm(dim=1, keepdim=True)  # rows of one norm share the top entries
+    if skew:  # one row far larger than the rest holds most of the batch's top entries
+        x[0] *= 50
+    code = model.rule.sparse_training_code(model._scaled(x), model.W_enc, model.b_enc, model.b_dec)
+    assert (code is None) == skew
 
     def run(fn):
         model.zero_grad()

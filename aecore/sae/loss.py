@@ -1,10 +1,11 @@
 """An SAE's training loss: the reconstruction's fraction of variance unexplained, the
 rule's penalties, Matryoshka's nested prefixes and AuxK, with the firing statistics.
 
-Two paths compute it. While the rule's code is each row's top ``k`` (``rule.row_k()``)
-the sparse kernels do: ``aecore.ops.topk_encode`` and ``sparse_decode`` never form the
-(B, n) pre-activations or code, and AuxK computes pre-activations for the dead latents
-only. Otherwise the dense path computes every latent's pre-activation."""
+Two paths compute it. Where the rule gives its training code from the sparse kernels
+(``rule.sparse_training_code``: TopK, and BatchTopK from each row's top candidates),
+``aecore.ops.topk_encode`` and ``sparse_decode`` never form the (B, n) pre-activations
+or code, and AuxK computes pre-activations for the dead latents only. Otherwise the dense
+path computes every latent's pre-activation."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
     model.check_input(x)
     xs = model._scaled(x.to(model.W_enc.dtype))
     training = model.training and torch.is_grad_enabled()
-    k = model.rule.row_k() if training else None
-    if k is not None and not getattr(model.rule, "prefixes", None):
-        return _sparse_loss(model, xs, k)
+    if training and not getattr(model.rule, "prefixes", None):
+        code = model.rule.sparse_training_code(xs, model.W_enc, model.b_enc, model.b_dec)
+        if code is not None:
+            return _sparse_loss(model, xs, *code)
     return _dense_loss(model, xs, training)
 
 
@@ -37,8 +39,7 @@ def _finish(model, loss: Tensor, terms: dict[str, Tensor], l0: Tensor) -> dict[s
     return {"loss": loss, **terms}
 
 
-def _sparse_loss(model, xs: Tensor, k: int) -> dict[str, Tensor]:
-    values, indices = ops.topk_encode(xs, model.W_enc, model.b_enc, model.b_dec, k)
+def _sparse_loss(model, xs: Tensor, values: Tensor, indices: Tensor) -> dict[str, Tensor]:
     total_variance = model.input_variance * len(xs)
     residual = xs - ops.sparse_decode(values, indices, model.W_dec, model.b_dec)
     fvu = residual.pow(2).sum() / total_variance

@@ -44,9 +44,19 @@ class SparsityRule(nn.Module, abc.ABC):
 
     def row_k(self) -> int | None:
         """``k`` while this rule's training code is each row's ``k`` largest ReLU'd
-        pre-activations and has no penalty: the model then trains through the sparse
-        kernels (``aecore.ops.topk_encode``), never forming the (B, n) pre-activations."""
+        pre-activations and has no penalty."""
         return None
+
+    def sparse_training_code(
+        self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """The training code as ``(values, indices)`` (B, m) from the sparse kernels
+        (``aecore.ops.topk_encode``), which never form the (B, n) pre-activations; None
+        when this rule needs them (the model then computes densely)."""
+        k = self.row_k()
+        if k is None:
+            return None
+        return ops.topk_encode(xs, W_enc, b_enc, b_dec, k)
 
     def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
         """Named loss terms (each already weighted) that the model adds to its loss."""
@@ -136,6 +146,37 @@ class BatchTopK(SparsityRule):
 
     def row_k(self) -> int | None:
         return self.k if self.training and self.progress < self.topk_warmup else None
+
+    #: candidates per row of the sparse batch selection, as a multiple of k
+    SPARSE_CANDIDATES = 4
+
+    def sparse_training_code(
+        self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        if self.row_k() is not None:
+            return super().sparse_training_code(xs, W_enc, b_enc, b_dec)
+        # The batch's top k * rows from each row's top m candidates: exact unless a row
+        # keeps all of its m (then entries past them might pass the cut, and every
+        # process computes this batch densely instead)
+        n = W_enc.shape[0]
+        m = min(n, self.SPARSE_CANDIDATES * self.k)
+        values, indices = ops.topk_encode(xs, W_enc, b_enc, b_dec, m)
+        cut = _batch_threshold(values, self.k * _global_rows(len(xs), xs.device))
+        last = values.detach()[:, -1]
+        truncated = (
+            ((last >= cut) & (last > 0)).any() if m < n else last.new_zeros((), dtype=torch.bool)
+        )
+        if dist.is_available() and dist.is_initialized():
+            flag = truncated.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            truncated = flag.bool()
+        if bool(truncated):
+            return None
+        mask = (values.detach() >= cut) & (values.detach() > 0)
+        kept = values.detach()[mask]
+        if kept.numel():
+            self._update_threshold(kept.min())
+        return values * mask, indices
 
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:

@@ -40,7 +40,7 @@ CUDA_HOME ?= $(shell h=$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvc
 cuda-check:
 	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install --isolated -q $(CUDA_TORCH) numpy setuptools ninja
-	CUDA_HOME=$(CUDA_HOME) AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_VENV)/bin/python setup.py -q build_ext \
+	CUDA_HOME=$(CUDA_HOME) AECORE_CUDA=1 AECORE_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_VENV)/bin/python setup.py -q build_ext \
 	  --build-lib build/cuda-check --build-temp build/cuda-check-tmp
 	cd build/cuda-check && ../../$(CUDA_VENV)/bin/python -c "import torch, aecore._C, \
 	  aecore._C_cuda; from torch._C import _dispatch_get_all_op_names as names, \

@@ -88,6 +88,7 @@ def _kernel_extensions():
                         f"{csrc}/cuda/ops_cuda.cpp",
                         f"{csrc}/cuda/rbm_cuda.cu",
                         f"{csrc}/cuda/sparsity_cuda.cu",
+                        f"{csrc}/cuda/sae_cuda.cu",
                     ],
                     include_dirs=include,
                     extra_compile_args={"cxx": ["-O3", CXX_STD], "nvcc": ["-O3", CXX_STD]},
@@ -100,6 +101,9 @@ def _kernel_extensions():
                 ) from exc
             print(f"WARNING: not building the CUDA kernels: {exc}", file=sys.stderr)
 
+    # AECORE_STRICT_BUILD=1 (make cuda-check): a kernel that fails to build fails the build
+    strict = os.environ.get("AECORE_STRICT_BUILD") == "1"
+
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """A failed kernel build warns and leaves aecore on its reference kernels."""
 
@@ -108,6 +112,8 @@ def _kernel_extensions():
             try:  # torch checks the compiler here, before any extension is built
                 super().build_extensions()
             except Exception as exc:  # no usable compiler: non-fatal
+                if strict:
+                    raise
                 print(
                     f"WARNING: not building aecore's kernels ({exc}); aecore will use its "
                     "pure-PyTorch reference kernels",
@@ -121,6 +127,8 @@ def _kernel_extensions():
             try:
                 super().build_extension(ext)
             except Exception as exc:  # any compiler failure is non-fatal
+                if strict:
+                    raise
                 print(
                     f"WARNING: building {ext.name} failed ({exc}); aecore will use its "
                     "pure-PyTorch reference kernels",

@@ -164,7 +164,10 @@ def _case_rbm_epoch(device):
 
     def sklearn_epoch():
         rbm = BernoulliRBM(
-            n_components=hidden, learning_rate=lr, batch_size=batch, n_iter=RBM_EPOCHS,
+            n_components=hidden,
+            learning_rate=lr,
+            batch_size=batch,
+            n_iter=RBM_EPOCHS,
             random_state=0,
         )
         # torch's thread count for numpy's BLAS too (with --clock cpu: 1, so the thread

@@ -1,11 +1,14 @@
 // The ATen side of the sparse SAE ops: checks (a backstop; aecore.ops validates first),
 // outputs, the encoder's tiled GEMMs, and calls into the backend's torch-free kernels.
-// `K` has static methods
+// `K` has kHalfTypes (whether it takes half and bfloat16 too), kMaxK (the largest k of
+// its streaming top-k) and static methods, with A the accumulation type (float; double
+// for double):
 //   gather_sum<T>(values, idx, rows, m, W, d, bias|null, out),
 //   dots<T>(g, idx, rows, m, W, d, out),
 //   accumulate<T>(values, idx, rows, m, src, d, n, grad_W, grad_b|null),
-//   heap_init<T>(rows, k, hv, hi), merge_tile<T>(pre, rows, cols, col0, b, k, hv, hi) -> bool,
-//   heap_finish<T>(rows, k, hv, hi).
+//   heap_init<T>(rows, k, A* hv, hi),
+//   merge_tile<T>(pre, rows, cols, col0, b, k, A* hv, hi, int* bad) -> false on a NaN / +inf
+//     (or it sets the device flag *bad), heap_finish<T>(rows, k, A* hv, hi, T* values).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,10 +16,36 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "ops_impl.h"
 
 namespace aecore {
+
+template <typename T>
+using SaeAcc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Runs f.template operator()<T>() for the tensor type T: float and double, and half and
+// bfloat16 where the backend takes them. (The dispatch macros want a literal name.)
+template <class K, typename F>
+void dispatch_sae(at::ScalarType type, F&& f) {
+  if constexpr (K::kHalfTypes) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "aecore_sae_op",
+                                    [&] { f.template operator()<scalar_t>(); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(type, "aecore_sae_op", [&] { f.template operator()<scalar_t>(); });
+  }
+}
+
+template <class K>
+void check_sae_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "aecore: ", name, " must be 2-D, got ", t.dim(), "-D");
+  const auto s = t.scalar_type();
+  const bool half = s == at::kHalf || s == at::kBFloat16;
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || (K::kHalfTypes && half), "aecore: ", name,
+              " must be float32 or float64", K::kHalfTypes ? " (or float16 / bfloat16)" : "",
+              ", got ", s);
+}
 
 inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char* name,
                          int64_t size) {
@@ -27,8 +56,9 @@ inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char*
 
 // values (B, m) float, indices (B, m) int64 in [0, n), on values' device. The range is
 // checked where it costs no device sync (CPU); aecore.ops checks it for every device.
-inline void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) {
-  check_float_matrix(values, "values");
+template <class K>
+void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) {
+  check_sae_matrix<K>(values, "values");
   TORCH_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(),
               "aecore: indices must be int64 of the values' shape ", values.sizes(), ", got ",
               indices.scalar_type(), " ", indices.sizes());
@@ -54,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_impl(const at::Tensor& x_in,
                                                     const at::Tensor& W_in,
                                                     const at::Tensor& b_enc_in,
                                                     const at::Tensor& b_dec_in, int64_t k) {
-  check_float_matrix(x_in, "x");
-  check_float_matrix(W_in, "W_enc");
+  check_sae_matrix<K>(x_in, "x");
+  check_sae_matrix<K>(W_in, "W_enc");
   check_same(x_in, W_in, "W_enc");
   const int64_t B = x_in.size(0), d = x_in.size(1), n = W_in.size(0);
   TORCH_CHECK(W_in.size(1) == d, "aecore: W_enc must be (n, ", d, "), got ", W_in.sizes());
@@ -65,29 +95,36 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_impl(const at::Tensor& x_in,
   const at::Tensor xc = (x_in - b_dec_in).contiguous();
   const at::Tensor W = W_in.contiguous();
   const at::Tensor b_enc = b_enc_in.contiguous();
+  TORCH_CHECK(k <= K::kMaxK, "aecore: topk_encode on this device keeps at most ", K::kMaxK,
+              " entries per row, got k=", k);
   at::Tensor values = at::empty({B, k}, x_in.options());
   at::Tensor indices = at::empty({B, k}, x_in.options().dtype(at::kLong));
   if (B == 0) return {values, indices};
   const int64_t tile = encoder_tile(B, n);
   at::Tensor buffer = at::empty({B, tile}, x_in.options());
+  at::Tensor bad = at::zeros({1}, x_in.options().dtype(at::kInt));
   bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "aecore_topk_encode", [&] {
-    scalar_t* hv = values.data_ptr<scalar_t>();
+  dispatch_sae<K>(x_in.scalar_type(), [&]<typename T>() {
+    using A = SaeAcc<T>;
+    at::Tensor heap = at::empty({B, k}, x_in.options().dtype(c10::CppTypeToScalarType<A>::value));
+    A* hv = heap.data_ptr<A>();
     int64_t* hi = indices.data_ptr<int64_t>();
-    K::template heap_init<scalar_t>(B, k, hv, hi);
+    K::template heap_init<T>(B, k, hv, hi);
     for (int64_t c0 = 0; c0 < n; c0 += tile) {
       const int64_t cols = std::min(tile, n - c0);
       at::Tensor pre = buffer.narrow(1, 0, cols);
       if (cols != tile) pre = at::empty({B, cols}, x_in.options());
       at::mm_out(pre, xc, W.narrow(0, c0, cols).t());
-      finite = K::template merge_tile<scalar_t>(pre.data_ptr<scalar_t>(), B, cols, c0,
-                                                b_enc.data_ptr<scalar_t>(), k, hv, hi) &&
+      finite = K::template merge_tile<T>(pre.data_ptr<T>(), B, cols, c0, b_enc.data_ptr<T>(), k,
+                                         hv, hi, bad.data_ptr<int>()) &&
                finite;
     }
-    K::template heap_finish<scalar_t>(B, k, hv, hi);
+    K::template heap_finish<T>(B, k, hv, hi, values.data_ptr<T>());
   });
-  TORCH_CHECK(finite, "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, "
-              "b_enc or b_dec holds non-finite values (or they overflow)");
+  // on CUDA the flag is device memory: reading it waits for the kernels
+  TORCH_CHECK(finite && bad.item<int>() == 0,
+              "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
+              "b_dec holds non-finite values (or they overflow)");
   return {values, indices};
 }
 
@@ -97,11 +134,11 @@ template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
     const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& x, const at::Tensor& W_in, const at::Tensor& b_dec) {
-  check_code(values, indices, W_in.size(0));
+  check_code<K>(values, indices, W_in.size(0));
   check_same(values, grad_values, "grad_values");
   TORCH_CHECK(grad_values.sizes() == values.sizes(), "aecore: grad_values must be ",
               values.sizes(), ", got ", grad_values.sizes());
-  check_float_matrix(x, "x");
+  check_sae_matrix<K>(x, "x");
   check_same(values, x, "x");
   check_same(values, W_in, "W_enc");
   TORCH_CHECK(W_in.dim() == 2 && W_in.size(1) == x.size(1) && x.size(0) == values.size(0),
@@ -116,13 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
   at::Tensor grad_x = at::empty({B, d}, x.options());
   at::Tensor grad_W = at::empty({n, d}, x.options());
   at::Tensor grad_b_enc = at::empty({n}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aecore_topk_encode_backward", [&] {
-    K::template gather_sum<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
-                                     W.data_ptr<scalar_t>(), d, nullptr,
-                                     grad_x.data_ptr<scalar_t>());
-    K::template accumulate<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
-                                     xc.data_ptr<scalar_t>(), d, n, grad_W.data_ptr<scalar_t>(),
-                                     grad_b_enc.data_ptr<scalar_t>());
+  dispatch_sae<K>(x.scalar_type(), [&]<typename T>() {
+    K::template gather_sum<T>(g.data_ptr<T>(), idx.data_ptr<int64_t>(), B, m, W.data_ptr<T>(), d,
+                              nullptr, grad_x.data_ptr<T>());
+    K::template accumulate<T>(g.data_ptr<T>(), idx.data_ptr<int64_t>(), B, m, xc.data_ptr<T>(), d,
+                              n, grad_W.data_ptr<T>(), grad_b_enc.data_ptr<T>());
   });
   at::Tensor grad_b_dec = -grad_x.sum(0);
   return {grad_x, grad_W, grad_b_enc, grad_b_dec};
@@ -131,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
 template <class K>
 at::Tensor sparse_decode_impl(const at::Tensor& values_in, const at::Tensor& indices_in,
                               const at::Tensor& W_in, const at::Tensor& b_in) {
-  check_float_matrix(W_in, "W_dec");
-  check_code(values_in, indices_in, W_in.size(0));
+  check_sae_matrix<K>(W_in, "W_dec");
+  check_code<K>(values_in, indices_in, W_in.size(0));
   check_same(values_in, W_in, "W_dec");
   const int64_t B = values_in.size(0), m = values_in.size(1), d = W_in.size(1);
   check_vector(values_in, b_in, "b_dec", d);
@@ -141,10 +176,9 @@ at::Tensor sparse_decode_impl(const at::Tensor& values_in, const at::Tensor& ind
   const at::Tensor W = W_in.contiguous();
   const at::Tensor b = b_in.contiguous();
   at::Tensor out = at::empty({B, d}, values.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "aecore_sparse_decode", [&] {
-    K::template gather_sum<scalar_t>(values.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
-                                     W.data_ptr<scalar_t>(), d, b.data_ptr<scalar_t>(),
-                                     out.data_ptr<scalar_t>());
+  dispatch_sae<K>(values.scalar_type(), [&]<typename T>() {
+    K::template gather_sum<T>(values.data_ptr<T>(), idx.data_ptr<int64_t>(), B, m, W.data_ptr<T>(),
+                              d, b.data_ptr<T>(), out.data_ptr<T>());
   });
   return out;
 }
@@ -153,9 +187,9 @@ template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_impl(
     const at::Tensor& grad_out_in, const at::Tensor& values_in, const at::Tensor& indices_in,
     const at::Tensor& W_in) {
-  check_float_matrix(W_in, "W_dec");
-  check_code(values_in, indices_in, W_in.size(0));
-  check_float_matrix(grad_out_in, "grad_out");
+  check_sae_matrix<K>(W_in, "W_dec");
+  check_code<K>(values_in, indices_in, W_in.size(0));
+  check_sae_matrix<K>(grad_out_in, "grad_out");
   check_same(values_in, grad_out_in, "grad_out");
   check_same(values_in, W_in, "W_dec");
   const int64_t B = values_in.size(0), m = values_in.size(1), n = W_in.size(0),
@@ -168,12 +202,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_impl(
   const at::Tensor W = W_in.contiguous();
   at::Tensor grad_values = at::empty({B, m}, values.options());
   at::Tensor grad_W = at::empty({n, d}, values.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "aecore_sparse_decode_backward", [&] {
-    K::template dots<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
-                               W.data_ptr<scalar_t>(), d, grad_values.data_ptr<scalar_t>());
-    K::template accumulate<scalar_t>(values.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), B, m,
-                                     g.data_ptr<scalar_t>(), d, n, grad_W.data_ptr<scalar_t>(),
-                                     nullptr);
+  dispatch_sae<K>(values.scalar_type(), [&]<typename T>() {
+    K::template dots<T>(g.data_ptr<T>(), idx.data_ptr<int64_t>(), B, m, W.data_ptr<T>(), d,
+                        grad_values.data_ptr<T>());
+    K::template accumulate<T>(values.data_ptr<T>(), idx.data_ptr<int64_t>(), B, m, g.data_ptr<T>(),
+                              d, n, grad_W.data_ptr<T>(), nullptr);
   });
   return {grad_values, grad_W, g.sum(0)};
 }

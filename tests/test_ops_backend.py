@@ -103,7 +103,14 @@ def test_backend_report_lists_every_op_and_device():
     rows = ops.backend_report()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     assert [(op, dev) for op, dev, _ in rows] == [(op, d) for op in ops.OPS for d in devices]
-    assert ops.OPS == ("gibbs_chain", "cd_step", "kl_sparsity", "topk_sparsify")
+    assert ops.OPS == (
+        "gibbs_chain",
+        "cd_step",
+        "kl_sparsity",
+        "topk_sparsify",
+        "topk_encode",
+        "sparse_decode",
+    )
     # every op of one device runs the same implementation: the library is per device
     for dev in devices:
         assert len({b for _, d, b in rows if d == dev}) == 1

@@ -133,3 +133,75 @@ def test_opcheck_cuda():
     opcheck(torch.ops.aecore.kl_sparsity, (h, 0.1, 2.0))
     z = torch.randn(7, 9, dtype=torch.float64, device="cuda", requires_grad=True)
     opcheck(torch.ops.aecore.topk_sparsify, (z, 3))
+
+
+# --- the sparse SAE ops ------------------------------------------------------------------
+
+
+def sae_operands(B, d, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, W_enc, W_dec = (
+        torch.randn(*s, generator=g, dtype=torch.float64) for s in [(B, d), (n, d), (n, d)]
+    )
+    b_enc, b_dec = (
+        torch.randn(n, generator=g, dtype=torch.float64) * 0.1,
+        torch.randn(d, generator=g, dtype=torch.float64),
+    )
+    return [t.to(dtype).cuda().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
+
+
+def sae_step(args, k, encode, decode):
+    x, W_enc, b_enc, b_dec, W_dec = args
+    values, indices = encode(x, W_enc, b_enc, b_dec, k)
+    out = decode(values, indices, W_dec, b_dec)
+    grads = torch.autograd.grad(out.float().pow(2).sum(), args)
+    return values, indices, out, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("B", "d", "n", "k"), [(1, 3, 5, 1), (37, 20, 300, 7), (512, 64, 70_000, 32)]
+)
+def test_sae_ops_cuda_match_reference(B, d, n, k, dtype):
+    args = sae_operands(B, d, n, dtype)
+    values, indices, out, grads = sae_step(args, k, ops.topk_encode, ops.sparse_decode)
+    ref = sae_step(args, k, reference.topk_encode, reference.sparse_decode)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(values, ref[0], **tol)
+    positive = ref[0] > 0
+    assert torch.equal(indices[positive], ref[1][positive])
+    torch.testing.assert_close(out, ref[2], **tol)
+    for a, b in zip(grads, ref[3]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sae_ops_cuda_in_16_bits_match_float32(dtype):
+    # float32 accumulation: within the 16-bit format's rounding of the float32 result
+    args = sae_operands(64, 128, 4096, dtype)
+    values, indices, out, grads = sae_step(args, 16, ops.topk_encode, ops.sparse_decode)
+    args32 = [a.detach().float().requires_grad_() for a in args]
+    ref = sae_step(args32, 16, reference.topk_encode, reference.sparse_decode)
+    assert values.dtype == out.dtype == dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.float16 else {"rtol": 5e-2, "atol": 5e-2}
+    torch.testing.assert_close(values.float(), ref[0], **tol)
+    torch.testing.assert_close(out.float(), ref[2], **tol)
+
+
+def test_sae_ops_cuda_edge_cases():
+    from torch.library import opcheck
+
+    x, W_enc, b_enc, b_dec, W_dec = sae_operands(6, 5, 9, torch.float64)
+    opcheck(torch.ops.aecore.topk_encode, (x, W_enc, b_enc, b_dec, 3))
+    values, indices = torch.ops.aecore.topk_encode(
+        x.detach(), W_enc.detach(), b_enc.detach(), b_dec.detach(), 3
+    )
+    opcheck(torch.ops.aecore.sparse_decode, (values.requires_grad_(), indices, W_dec, b_dec))
+    # k past the CUDA heap runs the reference; a NaN raises
+    big = sae_operands(4, 3, 400, torch.float32)
+    v, i = ops.topk_encode(*big[:4], 300)
+    assert v.shape == (4, 300)
+    bad = x.detach().clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinite pre-activation"):
+        ops.topk_encode(bad, W_enc.detach(), b_enc.detach(), b_dec.detach(), 2)

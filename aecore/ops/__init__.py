@@ -34,7 +34,7 @@ from torch import Tensor
 
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
-from aecore.ops._extension import OPS, backend, backend_report, fused
+from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
 from aecore.ops.types import KL_EPS, CDStats, GibbsChain, GibbsNoise
 
 __all__ = [
@@ -160,24 +160,33 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     return reference.topk(z, k)[0]
 
 
+def _fused_sae(t: Tensor) -> bool:
+    """The sparse SAE kernels: float32/64 on the CPU, also 16-bit floats on CUDA."""
+    if t.device.type == "cpu" and t.dtype not in check.FLOAT_DTYPES:
+        return False
+    return fused(t)
+
+
 def topk_encode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
     """A top-k SAE encoder: each row's k largest of ``relu((x - b_dec) W_enc^T + b_enc)``.
 
-    ``x`` (B, d), ``W_enc`` (n, d), ``b_enc`` (n,), ``b_dec`` (d,), ``k`` in [1, n]. Returns
+    ``x`` (B, d), ``W_enc`` (n, d), ``b_enc`` (n,), ``b_dec`` (d,), ``k`` in [1, n]; float32
+    or float64, on CUDA also float16 / bfloat16 (float32 accumulation). Returns
     ``(values, indices)``, both (B, k), best first (values ReLU'd, so a row with fewer than
     k positive pre-activations has zeros at its end). Ties keep the lower latent index in
     the fused kernels. Differentiable in x, W_enc, b_enc and b_dec.
 
     Fused kernels: the pre-activations are computed a tile of latents at a time (a BLAS
     GEMM per tile) and merged into each row's running top-k, so memory is O(B·tile + B·k),
-    never O(B·n); a NaN or infinite pre-activation raises. The backward touches only the
+    never O(B·n); a NaN or infinite pre-activation raises (on CUDA k <= 256, else the
+    reference runs). The backward touches only the
     kept (row, latent) pairs: the gradient of W_enc is accumulated per latent after a
     counting sort of the pairs (deterministic, no atomics).
     """
     k = check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
-    if fused(x, "topk_encode"):
+    if _fused_sae(x) and (x.device.type != "cuda" or k <= CUDA_TOPK_ENCODE_MAX_K):
         return _fused.topk_encode(x, W_enc, b_enc, b_dec, k)
     return reference.sparse_code(x, W_enc, b_enc, b_dec, k)
 
@@ -192,6 +201,6 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     no atomics) for W_dec.
     """
     check.sparse_decode_args(values, indices, W_dec, b_dec)
-    if fused(values, "sparse_decode"):
+    if _fused_sae(values):
         return _fused.sparse_decode(values, indices, W_dec, b_dec)
     return reference.gather_decode(values, indices, W_dec, b_dec)

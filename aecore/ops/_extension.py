@@ -17,8 +17,9 @@ from aecore.errors import ConfigError
 #: the public ops, in the order backend_report lists them
 OPS = ("gibbs_chain", "cd_step", "kl_sparsity", "topk_sparsify", "topk_encode", "sparse_decode")
 
-#: ops whose kernels exist for the CPU only so far: on CUDA they run the reference
-CPU_ONLY = frozenset({"topk_encode", "sparse_decode"})
+#: the largest k of the CUDA topk_encode kernel (its per-row heap lives in shared memory);
+#: a larger k runs the reference
+CUDA_TOPK_ENCODE_MAX_K = 256
 
 _DISABLED = os.environ.get("AECORE_DISABLE_EXT", "").strip() not in ("", "0")
 
@@ -52,11 +53,10 @@ def _load_all() -> tuple[bool, dict[str, tuple[bool, str]]]:
 SCHEMAS_LOADED, _STATUS = _load_all()
 
 
-def fused(t: torch.Tensor, op: str = "") -> bool:
-    """Whether the compiled kernels for ``t``'s device are loaded (and cover ``op``)."""
-    kind = t.device.type
-    status = _STATUS.get(kind)
-    return status is not None and status[0] and (kind == "cpu" or op not in CPU_ONLY)
+def fused(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels for ``t``'s device are loaded."""
+    status = _STATUS.get(t.device.type)
+    return status is not None and status[0]
 
 
 def backend(op: str, device: str | torch.device = "cpu") -> str:
@@ -64,8 +64,7 @@ def backend(op: str, device: str | torch.device = "cpu") -> str:
 
     ``"fused cpu"``, ``"fused cuda"``, or ``"reference: <reason>"`` with reason one of
     ``AECORE_DISABLE_EXT=1``, ``extension not built``, ``extension failed to load: ...``,
-    ``no CUDA kernels built``, ``no fused kernels for <device type>``, ``no CUDA kernel
-    for this op``.
+    ``no CUDA kernels built``, ``no fused kernels for <device type>``.
     """
     if op not in OPS:
         raise ConfigError(f"backend: unknown op {op!r}; the ops are {', '.join(OPS)}")
@@ -73,8 +72,6 @@ def backend(op: str, device: str | torch.device = "cpu") -> str:
     if kind not in _STATUS:
         return f"reference: no fused kernels for {kind}"
     loaded, reason = _STATUS[kind]
-    if loaded and kind != "cpu" and op in CPU_ONLY:
-        return "reference: no CUDA kernel for this op"
     return f"fused {kind}" if loaded else f"reference: {reason}"
 
 

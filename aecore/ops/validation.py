@@ -12,6 +12,8 @@ from aecore.errors import ConfigError, ShapeError
 from aecore.ops.types import UNITS, GibbsCall, GibbsNoise
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+#: the sparse SAE ops also take 16-bit floats (fused on CUDA, the reference elsewhere)
+SAE_DTYPES = (*FLOAT_DTYPES, torch.float16, torch.bfloat16)
 
 #: upper bound on k (Gibbs steps): a larger value is almost surely a mistake.
 MAX_GIBBS_STEPS = 10_000
@@ -22,15 +24,23 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def tensor(
-    op: str, name: str, t, rank: int, like: torch.Tensor | None = None, like_name: str = "v"
+    op: str,
+    name: str,
+    t,
+    rank: int,
+    like: torch.Tensor | None = None,
+    like_name: str = "v",
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
 ) -> None:
     if not isinstance(t, torch.Tensor):
         raise ConfigError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
         raise ShapeError(f"{op}: {name} must be {rank}-D, got shape {_shape(t)}")
     if like is None:
-        if t.dtype not in FLOAT_DTYPES:
-            raise ConfigError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+        if t.dtype not in dtypes:
+            names = [str(d).replace("torch.", "") for d in dtypes]
+            expected = ", ".join(names[:-1]) + " or " + names[-1]
+            raise ConfigError(f"{op}: {name} must be {expected}, got {t.dtype}")
     else:
         if t.dtype != like.dtype:
             raise ConfigError(f"{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}")
@@ -187,7 +197,7 @@ def _size(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], what: 
 def topk_encode_args(x, W_enc, b_enc, b_dec, k) -> int:
     """Checks topk_encode's operands: x (B, d), W_enc (n, d), b_enc (n,), b_dec (d,)."""
     op = "topk_encode"
-    tensor(op, "x", x, 2)
+    tensor(op, "x", x, 2, dtypes=SAE_DTYPES)
     tensor(op, "W_enc", W_enc, 2, like=x, like_name="x")
     tensor(op, "b_enc", b_enc, 1, like=x, like_name="x")
     tensor(op, "b_dec", b_dec, 1, like=x, like_name="x")
@@ -204,7 +214,7 @@ def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
     """Checks sparse_decode's operands: values and indices (B, m), W_dec (n, d), b_dec (d,)
     and every index in [0, n)."""
     op = "sparse_decode"
-    tensor(op, "values", values, 2)
+    tensor(op, "values", values, 2, dtypes=SAE_DTYPES)
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
         got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise ConfigError(f"{op}: indices must be an int64 tensor, got {got}")

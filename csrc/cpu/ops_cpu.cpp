@@ -4,6 +4,8 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -111,18 +113,21 @@ struct CpuKernels {
                          const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b) {
     cpu::sparse_accumulate<T>(values, idx, rows, m, src, d, n, grad_W, grad_b);
   }
+  // the sparse SAE ops: float and double, any k
+  static constexpr bool kHalfTypes = false;
+  static constexpr int64_t kMaxK = std::numeric_limits<int64_t>::max();
   template <typename T>
   static void heap_init(int64_t rows, int64_t k, T* hv, int64_t* hi) {
     cpu::topk_heap_init<T>(rows, k, hv, hi);
   }
   template <typename T>
   static bool merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b,
-                         int64_t k, T* hv, int64_t* hi) {
+                         int64_t k, T* hv, int64_t* hi, int* /*bad: the result says it*/) {
     return cpu::topk_merge_tile<T>(pre, rows, cols, col0, b, k, hv, hi);
   }
   template <typename T>
-  static void heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi) {
-    cpu::topk_heap_finish<T>(rows, k, hv, hi);
+  static void heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
+    cpu::topk_heap_finish<T>(rows, k, hv, hi, values);
   }
 };
 

@@ -220,9 +220,9 @@ bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, con
   return finite;
 }
 
-// Sorts each row's heap best first and applies the ReLU to the values.
+// Sorts each row's heap best first and writes the values, ReLU'd, to `values`.
 template <typename T>
-void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi) {
+void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
   const int nt = num_threads_for(rows * k * 8);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -235,7 +235,7 @@ void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi) {
       sae_sift_down(rv, ri, end, 0);
     }
     for (int64_t j = 0; j < k; ++j) {
-      rv[j] = rv[j] > T(0) ? rv[j] : T(0);
+      values[r * k + j] = rv[j] > T(0) ? rv[j] : T(0);
       // a slot never filled (every pre-activation -inf) names latent 0 with value 0
       if (ri[j] == std::numeric_limits<int64_t>::max()) ri[j] = 0;
     }

@@ -1,7 +1,10 @@
 // Launchers of aecore's CUDA kernels (torch-free: CUDA runtime only). Every launcher
-// enqueues on `stream` and returns without synchronising. Defined for T = float, double.
+// enqueues on `stream` and returns without synchronising. Defined for T = float, double,
+// and the sparse SAE kernels also for __half and __nv_bfloat16.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -44,6 +47,52 @@ void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int
 template <typename T>
 void topk_backward(const T* grad_out, const int64_t* idx, int64_t rows, int64_t cols, int64_t k,
                    T* grad, cudaStream_t stream);
+
+// --- sparse SAE kernels (sae_cuda.cu) -------------------------------------------------
+
+// The accumulation type: float, double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// The most entries per row the streaming top-k keeps (its heap lives in shared memory).
+constexpr int64_t kMaxHeap = 256;
+
+// out[r, :] = bias + sum_j values[r, j] * W[idx[r, j], :]  (bias may be null).
+template <typename T>
+void sae_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* W,
+                    int64_t d, const T* bias, T* out, cudaStream_t stream);
+
+// out[e] = <g[e / m, :], W[idx[e], :]> for the rows * m entries e.
+template <typename T>
+void sae_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* W, int64_t d,
+              T* out, cudaStream_t stream);
+
+// grad_W[l, :] = sum over p in [start[l], start[l + 1]) of values[e] * src[e / m, :] with
+// e = order[p], and grad_b[l] the sum of those values (grad_b may be null).
+template <typename T>
+void sae_accumulate(const T* values, const int64_t* order, const int64_t* start, int64_t m,
+                    const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b,
+                    cudaStream_t stream);
+
+// The streaming top-k (k <= kMaxHeap): heaps of (value, latent) per row, started empty,
+// merged with tiles of pre-activations (latents col0 .. col0 + cols, bias b_enc added;
+// *bad set to 1 on a NaN or +inf), then sorted best first into values (ReLU'd).
+template <typename T>
+void sae_heap_init(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i,
+                   cudaStream_t stream);
+template <typename T>
+void sae_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
+                    int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i, int* bad,
+                    cudaStream_t stream);
+template <typename T>
+void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i,
+                     T* values, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace aecore

@@ -9,10 +9,39 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <tuple>
+#include <type_traits>
+
 #include "cuda/kernels.cuh"
 #include "ops_impl.h"
+#include "sae_impl.h"
 
 namespace aecore {
+
+// ATen's 16-bit float types and the CUDA headers' ones share their layout.
+template <typename T>
+struct DeviceOf {
+  using type = T;
+};
+template <>
+struct DeviceOf<c10::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceOf<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename T>
+typename DeviceOf<T>::type* dev(T* p) {
+  return reinterpret_cast<typename DeviceOf<T>::type*>(p);
+}
+template <typename T>
+const typename DeviceOf<T>::type* dev(const T* p) {
+  return reinterpret_cast<const typename DeviceOf<T>::type*>(p);
+}
 
 struct CudaKernels {
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -59,6 +88,57 @@ struct CudaKernels {
   static void topk_backward(const T* g, const int64_t* idx, int64_t rows, int64_t cols, int64_t k,
                             T* grad) {
     cuda::topk_backward<T>(g, idx, rows, cols, k, grad, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // the sparse SAE ops: float, double, half and bfloat16; k up to the heap's size
+  static constexpr bool kHalfTypes = true;
+  static constexpr int64_t kMaxK = cuda::kMaxHeap;
+  template <typename T>
+  using D = typename DeviceOf<T>::type;
+
+  template <typename T>
+  static void gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m,
+                         const T* W, int64_t d, const T* bias, T* out) {
+    cuda::sae_gather_sum<D<T>>(dev(values), idx, rows, m, dev(W), d, dev(bias), dev(out),
+                               stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* W,
+                   int64_t d, T* out) {
+    cuda::sae_dots<D<T>>(dev(g), idx, rows, m, dev(W), d, dev(out), stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The entries grouped by latent with a stable sort (index plumbing in ATen), then one
+  // kernel sums each latent's entries in order: deterministic, no atomics.
+  template <typename T>
+  static void accumulate(const T* values, const int64_t* idx, int64_t rows, int64_t m,
+                         const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b) {
+    const auto longs =
+        at::TensorOptions().dtype(at::kLong).device(at::kCUDA, c10::cuda::current_device());
+    const at::Tensor flat = at::from_blob(const_cast<int64_t*>(idx), {rows * m}, longs);
+    const auto [sorted, order] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor start = at::searchsorted(sorted, at::arange(n + 1, longs));
+    cuda::sae_accumulate<D<T>>(dev(values), order.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
+                               m, dev(src), d, n, dev(grad_W), dev(grad_b), stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void heap_init(int64_t rows, int64_t k, SaeAcc<T>* hv, int64_t* hi) {
+    cuda::sae_heap_init<D<T>>(rows, k, hv, hi, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static bool merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b,
+                         int64_t k, SaeAcc<T>* hv, int64_t* hi, int* bad) {
+    cuda::sae_merge_tile<D<T>>(dev(pre), rows, cols, col0, dev(b), k, hv, hi, bad, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;  // a NaN sets *bad on the device
+  }
+  template <typename T>
+  static void heap_finish(int64_t rows, int64_t k, SaeAcc<T>* hv, int64_t* hi, T* values) {
+    cuda::sae_heap_finish<D<T>>(rows, k, hv, hi, dev(values), stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -110,6 +190,33 @@ at::Tensor topk_sparsify_backward_cuda(const at::Tensor& grad_out, const at::Ten
   return topk_sparsify_backward_impl<CudaKernels>(grad_out, idx);
 }
 
+std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W,
+                                                    const at::Tensor& b_enc,
+                                                    const at::Tensor& b_dec, int64_t k) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return topk_encode_impl<CudaKernels>(x, W, b_enc, b_dec, k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
+    const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_dec) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  return topk_encode_backward_impl<CudaKernels>(grad_values, values, indices, x, W, b_dec);
+}
+
+at::Tensor sparse_decode_cuda(const at::Tensor& values, const at::Tensor& indices,
+                              const at::Tensor& W, const at::Tensor& b) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  return sparse_decode_impl<CudaKernels>(values, indices, W, b);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& W) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  return sparse_decode_backward_impl<CudaKernels>(grad_out, values, indices, W);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
@@ -119,6 +226,10 @@ TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
   m.impl("kl_sparsity_backward", &kl_sparsity_backward_cuda);
   m.impl("topk_sparsify", &topk_sparsify_cuda);
   m.impl("topk_sparsify_backward", &topk_sparsify_backward_cuda);
+  m.impl("topk_encode", &topk_encode_cuda);
+  m.impl("topk_encode_backward", &topk_encode_backward_cuda);
+  m.impl("sparse_decode", &sparse_decode_cuda);
+  m.impl("sparse_decode_backward", &sparse_decode_backward_cuda);
 }
 
 }  // namespace aecore

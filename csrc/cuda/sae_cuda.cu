@@ -1,0 +1,314 @@
+// CUDA kernels of the sparse SAE ops (torch-free: CUDA runtime only), for T = float,
+// double, __half and __nv_bfloat16 with float accumulation (double for double).
+//   gather_sum: one block per row, threads across the columns, the row's code in shared
+//     memory: coalesced reads of the chosen dictionary rows.
+//   dots: one warp per (row, slot), a shuffle reduction.
+//   accumulate: one block per latent over its entries, which the caller has grouped by
+//     latent (a stable sort): deterministic, no atomics.
+//   top-k merge: one warp per row holds the row's running top k as a min-heap in shared
+//     memory; a ballot over 32 columns at a time skips those that cannot enter it.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.cuh"
+
+namespace aecore {
+namespace cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type load(const T* p) {
+  return static_cast<typename AccOf<T>::type>(*p);
+}
+template <>
+__device__ __forceinline__ float load<__half>(const __half* p) {
+  return __half2float(*p);
+}
+template <>
+__device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+template <typename T>
+__device__ __forceinline__ T store(typename AccOf<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half store<__half>(float v) {
+  return __float2half(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+constexpr int kThreads = 128;
+constexpr int kCodeChunk = 512;  // code entries per row staged in shared memory at once
+
+template <typename T>
+__global__ void gather_sum_kernel(const T* __restrict__ values, const int64_t* __restrict__ idx,
+                                  int64_t m, const T* __restrict__ W, int64_t d,
+                                  const T* __restrict__ bias, T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sv[kCodeChunk];
+  __shared__ int64_t si[kCodeChunk];
+  const int64_t r = blockIdx.x;
+  for (int64_t c0 = 0; c0 < d; c0 += static_cast<int64_t>(kThreads) * 4) {
+    A acc[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t c = c0 + threadIdx.x + u * kThreads;
+      acc[u] = (bias != nullptr && c < d) ? load(bias + c) : A(0);
+    }
+    for (int64_t j0 = 0; j0 < m; j0 += kCodeChunk) {
+      const int64_t chunk = m - j0 < kCodeChunk ? m - j0 : kCodeChunk;
+      __syncthreads();
+      for (int64_t j = threadIdx.x; j < chunk; j += kThreads) {
+        sv[j] = load(values + r * m + j0 + j);
+        si[j] = idx[r * m + j0 + j];
+      }
+      __syncthreads();
+      for (int64_t j = 0; j < chunk; ++j) {
+        const A v = sv[j];
+        if (v == A(0)) continue;  // padding and ReLU'd zeros add nothing
+        const T* w = W + si[j] * d;
+        for (int u = 0; u < 4; ++u) {
+          const int64_t c = c0 + threadIdx.x + u * kThreads;
+          if (c < d) acc[u] += v * load(w + c);
+        }
+      }
+    }
+    for (int u = 0; u < 4; ++u) {
+      const int64_t c = c0 + threadIdx.x + u * kThreads;
+      if (c < d) out[r * d + c] = store<T>(acc[u]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void dots_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx,
+                            int64_t entries, int64_t m, const T* __restrict__ W, int64_t d,
+                            T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (e >= entries) return;  // whole warps leave together (entries are per warp)
+  const T* gr = g + (e / m) * d;
+  const T* w = W + idx[e] * d;
+  A acc = 0;
+  for (int64_t c = lane; c < d; c += 32) acc += load(gr + c) * load(w + c);
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) out[e] = store<T>(acc);
+}
+
+// Latent l's entries are order[start[l] .. start[l + 1]) (entry e = row * m + slot).
+template <typename T>
+__global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* __restrict__ order,
+                                  const int64_t* __restrict__ start, int64_t m,
+                                  const T* __restrict__ src, int64_t d, T* __restrict__ grad_W,
+                                  T* __restrict__ grad_b) {
+  using A = typename AccOf<T>::type;
+  const int64_t l = blockIdx.x;
+  const int64_t p0 = start[l], p1 = start[l + 1];
+  for (int64_t c = threadIdx.x; c < d; c += kThreads) {
+    A acc = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t e = order[p];
+      acc += load(values + e) * load(src + (e / m) * d + c);
+    }
+    grad_W[l * d + c] = store<T>(acc);
+  }
+  if (grad_b != nullptr && threadIdx.x == 0) {
+    A s = 0;
+    for (int64_t p = p0; p < p1; ++p) s += load(values + order[p]);
+    grad_b[l] = store<T>(s);
+  }
+}
+
+// --- the streaming top-k ------------------------------------------------------------
+
+template <typename A>
+__device__ __forceinline__ bool better(A a, int64_t ia, A b, int64_t ib) {
+  return a > b || (a == b && ia < ib);
+}
+
+template <typename A>
+__device__ void sift_down(A* hv, int64_t* hi, int64_t k, int64_t pos) {
+  for (;;) {
+    int64_t worst = pos;
+    const int64_t l = 2 * pos + 1, r = l + 1;
+    if (l < k && better(hv[worst], hi[worst], hv[l], hi[l])) worst = l;
+    if (r < k && better(hv[worst], hi[worst], hv[r], hi[r])) worst = r;
+    if (worst == pos) return;
+    const A tv = hv[pos];
+    hv[pos] = hv[worst];
+    hv[worst] = tv;
+    const int64_t ti = hi[pos];
+    hi[pos] = hi[worst];
+    hi[worst] = ti;
+    pos = worst;
+  }
+}
+
+constexpr int kMergeWarps = 4;
+
+// One warp per row. The heap (k <= kMaxHeap entries) is loaded into shared memory,
+// merged with the tile's columns in increasing order, and written back.
+template <typename T>
+__global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64_t cols,
+                                  int64_t col0, const T* __restrict__ b_enc, int64_t k,
+                                  typename AccOf<T>::type* __restrict__ heap_v,
+                                  int64_t* __restrict__ heap_i, int* __restrict__ bad) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sh_v[kMergeWarps][kMaxHeap];
+  __shared__ int64_t sh_i[kMergeWarps][kMaxHeap];
+  __shared__ A sh_c[kMergeWarps][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kMergeWarps + warp;
+  if (r >= rows) return;
+  A* hv = sh_v[warp];
+  int64_t* hi = sh_i[warp];
+  for (int64_t j = lane; j < k; j += 32) {
+    hv[j] = heap_v[r * k + j];
+    hi[j] = heap_i[r * k + j];
+  }
+  __syncwarp();
+  const T* p = pre + r * cols;
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+    const int64_t c = c0 + lane;
+    A v = -INFINITY;
+    if (c < cols) {
+      v = load(p + c) + load(b_enc + col0 + c);
+      if (!(v < A(INFINITY)) && v != A(-INFINITY)) {  // NaN or +inf
+        atomicExch(bad, 1);
+        v = -INFINITY;
+      }
+    }
+    const A worst = hv[0];
+    const unsigned pass = __ballot_sync(0xffffffffu, v > worst);
+    if (pass == 0) continue;
+    sh_c[warp][lane] = v;
+    __syncwarp();
+    if (lane == 0) {
+      // in increasing column order, so an equal value never displaces a kept one
+      for (unsigned bits = pass; bits != 0; bits &= bits - 1) {
+        const int src = __ffs(bits) - 1;
+        const A x = sh_c[warp][src];
+        if (x > hv[0]) {
+          hv[0] = x;
+          hi[0] = col0 + c0 + src;
+          sift_down(hv, hi, k, 0);
+        }
+      }
+    }
+    __syncwarp();
+  }
+  for (int64_t j = lane; j < k; j += 32) {
+    heap_v[r * k + j] = hv[j];
+    heap_i[r * k + j] = hi[j];
+  }
+}
+
+// One thread per row: heap sort (best first), the ReLU, the values in T.
+template <typename T>
+__global__ void heap_finish_kernel(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v,
+                                   int64_t* heap_i, T* __restrict__ values) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  auto* hv = heap_v + r * k;
+  int64_t* hi = heap_i + r * k;
+  for (int64_t end = k - 1; end > 0; --end) {
+    const auto tv = hv[0];
+    hv[0] = hv[end];
+    hv[end] = tv;
+    const int64_t ti = hi[0];
+    hi[0] = hi[end];
+    hi[end] = ti;
+    sift_down(hv, hi, end, 0);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    values[r * k + j] = store<T>(hv[j] > 0 ? hv[j] : 0);
+    if (hi[j] < 0) hi[j] = 0;  // a slot never filled names latent 0 with value 0
+  }
+}
+
+template <typename A>
+__global__ void heap_init_kernel(int64_t n, A* heap_v, int64_t* heap_i) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n) return;
+  heap_v[e] = -INFINITY;
+  heap_i[e] = -1;
+}
+
+unsigned blocks(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+}  // namespace
+
+template <typename T>
+void sae_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* W,
+                    int64_t d, const T* bias, T* out, cudaStream_t stream) {
+  if (rows == 0 || d == 0) return;
+  gather_sum_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(values, idx, m, W, d,
+                                                                            bias, out);
+}
+
+template <typename T>
+void sae_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* W, int64_t d,
+              T* out, cudaStream_t stream) {
+  const int64_t entries = rows * m;
+  if (entries == 0) return;
+  dots_kernel<T><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d, out);
+}
+
+template <typename T>
+void sae_accumulate(const T* values, const int64_t* order, const int64_t* start, int64_t m,
+                    const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b,
+                    cudaStream_t stream) {
+  if (n == 0) return;
+  accumulate_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(values, order, start, m,
+                                                                         src, d, grad_W, grad_b);
+}
+
+template <typename T>
+void sae_heap_init(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i,
+                   cudaStream_t stream) {
+  const int64_t n = rows * k;
+  if (n == 0) return;
+  heap_init_kernel<<<blocks(n, 256), 256, 0, stream>>>(n, heap_v, heap_i);
+}
+
+template <typename T>
+void sae_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
+                    int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i, int* bad,
+                    cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  merge_tile_kernel<T><<<blocks(rows, kMergeWarps), kMergeWarps * 32, 0, stream>>>(
+      pre, rows, cols, col0, b_enc, k, heap_v, heap_i, bad);
+}
+
+template <typename T>
+void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i,
+                     T* values, cudaStream_t stream) {
+  if (rows == 0) return;
+  heap_finish_kernel<T><<<blocks(rows, 128), 128, 0, stream>>>(rows, k, heap_v, heap_i, values);
+}
+
+#define AECORE_SAE_INSTANTIATE(T)                                                               \
+  template void sae_gather_sum<T>(const T*, const int64_t*, int64_t, int64_t, const T*, int64_t, \
+                                  const T*, T*, cudaStream_t);                                   \
+  template void sae_dots<T>(const T*, const int64_t*, int64_t, int64_t, const T*, int64_t, T*,   \
+                            cudaStream_t);                                                       \
+  template void sae_accumulate<T>(const T*, const int64_t*, const int64_t*, int64_t, const T*,   \
+                                  int64_t, int64_t, T*, T*, cudaStream_t);                       \
+  template void sae_heap_init<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, cudaStream_t);     \
+  template void sae_merge_tile<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t,        \
+                                  AccOf<T>::type*, int64_t*, int*, cudaStream_t);                \
+  template void sae_heap_finish<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, T*, cudaStream_t);
+
+AECORE_SAE_INSTANTIATE(float)
+AECORE_SAE_INSTANTIATE(double)
+AECORE_SAE_INSTANTIATE(__half)
+AECORE_SAE_INSTANTIATE(__nv_bfloat16)
+
+}  // namespace cuda
+}  // namespace aecore

@@ -19,6 +19,7 @@ def time_in_turns(
     clock: Callable[[], float] = time.perf_counter,
     sync: Callable[[], None] | None = None,
     budget_s: float | None = None,
+    settle_s: float = 0.0,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Median seconds per call of each implementation, and the errors of those that
     failed their warm-up (e.g. torch.compile without a working compiler).
@@ -26,7 +27,9 @@ def time_in_turns(
     Each of ``rounds`` rounds calls every implementation ``block`` times in a row.
     With ``budget_s``, fast cases get more rounds: up to ~budget_s of calls of the
     slowest implementation, at most 10x ``rounds``. ``sync`` runs after every call
-    (``torch.cuda.synchronize`` for GPU work).
+    (``torch.cuda.synchronize`` for GPU work). ``settle_s`` pauses (untimed) after each
+    call, so a thread pool that spins after its work (OpenBLAS, OpenMP) is asleep before
+    the next implementation runs instead of taking its cores.
     """
     sync = sync or (lambda: None)
     errors, first = {}, {}
@@ -58,6 +61,8 @@ def time_in_turns(
                     impls[name]()
                     sync()
                     samples[name].append(clock() - t0)
+                    if settle_s:
+                        time.sleep(settle_s)
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -5,8 +5,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -59,6 +62,42 @@ inline int num_threads_for(int64_t work) {
   (void)work;
   return 1;
 #endif
+}
+
+// Cores not taken by other runnable threads (Linux: /proc/loadavg's count of runnable
+// threads, which includes the caller), re-read at most every 20 ms; elsewhere, all.
+inline int free_cores() {
+#if defined(__linux__) && defined(_OPENMP)
+  static std::atomic<int64_t> next_read_ns{0};
+  static std::atomic<int> cached{1 << 30};
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  if (now >= next_read_ns.load(std::memory_order_relaxed)) {
+    next_read_ns.store(now + 20'000'000, std::memory_order_relaxed);
+    int running = 0;
+    if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
+      if (std::fscanf(f, "%*f %*f %*f %d", &running) != 1) running = 0;
+      std::fclose(f);
+    }
+    const int others = std::max(0, running - 1);
+    cached.store(running > 0 ? std::max(1, omp_get_num_procs() - others) : (1 << 30),
+                 std::memory_order_relaxed);
+  }
+  return cached.load(std::memory_order_relaxed);
+#else
+  return 1 << 30;
+#endif
+}
+
+// Threads for a pass whose result does not depend on the thread count (each row or
+// column computed by one thread): as num_threads_for, but no more than the free cores.
+// Beside another process that keeps the cores busy, an OpenMP team waits for a
+// descheduled member at its barrier for a scheduler time slice (milliseconds, against
+// microseconds of work), so such passes then run on fewer threads, or the caller's own.
+inline int threads_now(int64_t work) {
+  const int nt = num_threads_for(work);
+  return nt > 1 ? std::min(nt, free_cores()) : nt;
 }
 
 inline int thread_id() {

@@ -51,7 +51,7 @@ AECORE_CLONES static double dot(const double* a, const double* b, int64_t d) {
 template <typename T>
 void sparse_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* W,
                        int64_t d, const T* bias, T* out) {
-  const int nt = num_threads_for(rows * m * d / 8);
+  const int nt = threads_now(rows * m * d / 8);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     T* __restrict__ o = out + r * d;
@@ -72,7 +72,7 @@ void sparse_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_
 template <typename T>
 void sparse_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* W, int64_t d,
                  T* out) {
-  const int nt = num_threads_for(rows * m * d / 8);
+  const int nt = threads_now(rows * m * d / 8);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ gr = g + r * d;
@@ -96,7 +96,7 @@ void sparse_accumulate(const T* values, const int64_t* idx, int64_t rows, int64_
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < entries; ++e) order[static_cast<size_t>(fill[idx[e]]++)] = e;
   }
-  const int nt = num_threads_for(std::max(entries * d / 8, n * d / 8));
+  const int nt = threads_now(std::max(entries * d / 8, n * d / 8));
   // latents differ widely in how often they fire: dynamic chunks balance the threads
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 16)
   for (int64_t l = 0; l < n; ++l) {
@@ -209,7 +209,7 @@ AECORE_CLONES static bool merge_row(const double* p, const double* b, int64_t co
 template <typename T>
 bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
                      int64_t k, T* hv, int64_t* hi) {
-  const int nt = num_threads_for(rows * cols);
+  const int nt = threads_now(rows * cols);
   bool finite = true;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(&& : finite)
   for (int64_t r = 0; r < rows; ++r) {
@@ -223,7 +223,7 @@ bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, con
 // Sorts each row's heap best first and writes the values, ReLU'd, to `values`.
 template <typename T>
 void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
-  const int nt = num_threads_for(rows * k * 8);
+  const int nt = threads_now(rows * k * 8);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     T* rv = hv + r * k;

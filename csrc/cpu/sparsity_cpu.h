@@ -110,7 +110,7 @@ void kl_sparsity_backward(T grad_loss, const T* grad_mean, const T* mean, int64_
     coef[j] = static_cast<T>(c * inv_b);
   }
   const T* __restrict__ cf = coef.data();
-  const int nt = num_threads_for(rows * cols);
+  const int nt = threads_now(rows * cols);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t i = 0; i < rows; ++i) std::memcpy(grad + i * cols, cf, sizeof(T) * cols);
 }
@@ -311,7 +311,7 @@ AECORE_CLONES static bool topk_row_filter(const double* zi, int64_t cols, int64_
 template <typename T>
 void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int64_t* idx) {
   if (rows == 0 || cols == 0) return;
-  const int nt = num_threads_for(rows * cols);
+  const int nt = threads_now(rows * cols);
   // 2k groups: fewer groups make the t0 count (quadratic in G) cheaper, more make fewer
   // candidates to rank; 2k was the fastest of k, 2k, 3k and 4k in `aecore bench kernels`.
   // Below 4 elements a group the filter would not pay.
@@ -349,7 +349,7 @@ template <typename T>
 void topk_backward(const T* grad_out, const int64_t* idx, int64_t rows, int64_t cols, int64_t k,
                    T* grad) {
   if (rows == 0 || cols == 0) return;
-  const int nt = num_threads_for(rows * cols);
+  const int nt = threads_now(rows * cols);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict__ gi = grad + i * cols;

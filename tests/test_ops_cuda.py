@@ -106,7 +106,9 @@ def test_kl_cuda_matches_reference(B, H, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("B", "D", "k"), [(1, 1, 1), (9, 50, 7), (4096, 16384, 32)])
+@pytest.mark.parametrize(
+    ("B", "D", "k"), [(1, 1, 1), (9, 50, 7), (5, 40, 40), (3, 1000, 300), (4096, 16384, 32)]
+)
 def test_topk_cuda_matches_reference(B, D, k, dtype):
     perm = torch.randperm(B * D, device="cuda").reshape(B, D).to(dtype)
     z = ((perm + 0.25) / 7).requires_grad_(True)  # distinct values

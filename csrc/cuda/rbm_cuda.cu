@@ -1,7 +1,9 @@
 // CUDA Gibbs unit pass: bias + mean function + Philox sample + column sums in one pass
 // over a GEMM output. One thread owns a group of 4 adjacent columns (one Philox call
-// gives its 4 uniforms, the same counters as the CPU kernel) and strides over rows;
-// column sums are reduced over the block's rows in shared memory, then added atomically.
+// gives its 4 uniforms, the same counters as the CPU kernel) and strides over rows,
+// reading and writing its 4 columns with one vector access each where the rows are
+// aligned (a warp then touches one contiguous span per instruction); column sums are
+// reduced over the block's rows in shared memory, then added atomically.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -18,6 +20,51 @@ constexpr int kBY = 8;   // rows per block (then grid-stride)
 
 __device__ __forceinline__ float sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+// Four adjacent elements in one access (p aligned to 4 elements), or one at a time.
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x;
+  v[1] = t.y;
+  v[2] = t.z;
+  v[3] = t.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&v)[4]) {
+  const double2 a = *reinterpret_cast<const double2*>(p);
+  const double2 b = *reinterpret_cast<const double2*>(p + 2);
+  v[0] = a.x;
+  v[1] = a.y;
+  v[2] = b.x;
+  v[3] = b.y;
+}
+__device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(double* p, const double (&v)[4]) {
+  *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+  *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
+}
+template <typename T>
+__device__ __forceinline__ void load_n(const T* p, int n, bool vec, T (&v)[4]) {
+  if (vec) {
+    load4(p, v);
+  } else {
+    for (int l = 0; l < 4; ++l) v[l] = l < n ? p[l] : T(0);
+  }
+}
+template <typename T>
+__device__ __forceinline__ void store_n(T* p, int n, bool vec, const T (&v)[4]) {
+  if (vec) {
+    store4(p, v);
+  } else {
+    for (int l = 0; l < n; ++l) p[l] = v[l];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned4(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+}
 
 // Sums v over threadIdx.y (same threadIdx.x) and adds the total to *dst from row 0.
 // All threads of the block must call it (it synchronises).
@@ -47,6 +94,12 @@ __global__ void unit_pass_kernel(UnitPass<T> a) {
   double acc_mean[4] = {0, 0, 0, 0}, acc_state[4] = {0, 0, 0, 0}, acc_data[4] = {0, 0, 0, 0};
   double sq = 0.0;
   if (active) {
+    // columns of this group that exist, and whether whole groups can move as vectors
+    const int n = a.cols - c0 < 4 ? static_cast<int>(a.cols - c0) : 4;
+    const bool vec = n == 4 && a.cols % 4 == 0 && aligned4(a.x) && aligned4(a.bias) &&
+                     aligned4(a.data) && aligned4(a.state) && aligned4(a.noise);
+    T bias[4];
+    load_n(a.bias + c0, n, vec, bias);
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * kBY + threadIdx.y; i < a.rows;
          i += static_cast<int64_t>(gridDim.y) * kBY) {
       Philox4x32 r = {{0, 0, 0, 0}};
@@ -58,17 +111,20 @@ __global__ void unit_pass_kernel(UnitPass<T> a) {
         box_muller<T>(r.v[0], r.v[1], z[0], z[1]);
         box_muller<T>(r.v[2], r.v[3], z[2], z[3]);
       }
+      const int64_t e0 = i * a.cols + c0;
+      T x[4], data[4], noise[4], state[4];
+      load_n(a.x + e0, n, vec, x);
+      if (a.data) load_n(a.data + e0, n, vec, data);
+      if (a.noise) load_n(a.noise + e0, n, vec, noise);
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        const int64_t j = c0 + l;
-        if (j >= a.cols) break;
-        const int64_t e = i * a.cols + j;
-        T m = a.x[e] + a.bias[j];
+        if (l >= n) break;
+        T m = x[l] + bias[l];
         if (a.unit == Unit::Bernoulli) m = sigmoid_d(m);
-        a.x[e] = m;
+        x[l] = m;
         acc_mean[l] += static_cast<double>(m);
         if (a.data) {
-          const double d = static_cast<double>(a.data[e]);
+          const double d = static_cast<double>(data[l]);
           const double diff = d - static_cast<double>(m);
           sq += diff * diff;
           acc_data[l] += d;
@@ -78,15 +134,17 @@ __global__ void unit_pass_kernel(UnitPass<T> a) {
           if (!a.sample) {
             s = m;
           } else if (a.unit == Unit::Bernoulli) {
-            const T u = a.noise ? a.noise[e] : uniform01<T>(r.v[l]);
+            const T u = a.noise ? noise[l] : uniform01<T>(r.v[l]);
             s = u < m ? T(1) : T(0);
           } else {
-            s = m + (a.noise ? a.noise[e] : z[l]);
+            s = m + (a.noise ? noise[l] : z[l]);
           }
-          a.state[e] = s;
+          state[l] = s;
           acc_state[l] += static_cast<double>(s);
         }
       }
+      store_n(a.x + e0, n, vec, x);
+      if (a.state) store_n(a.state + e0, n, vec, state);
     }
   }
   for (int l = 0; l < 4; ++l) {

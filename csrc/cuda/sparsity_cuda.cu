@@ -1,8 +1,12 @@
 // CUDA kernels of the sparsity penalties. KL: the forward's column sums come from
 // rbm_cuda.cu (column_sums); a one-block finalize turns them into means and the loss; the
-// backward is one write pass. Top-k: one block per row.
+// backward is one write pass. Top-k: one warp per row keeps the row's running top k in a
+// shared-memory heap and a ballot over 32 columns at a time skips those that cannot
+// enter it, so the row is read once (k up to kMaxHeap; beyond, a block per row picks
+// the k entries in k rounds).
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "cuda/kernels.cuh"
@@ -99,6 +103,75 @@ __global__ void topk_kernel(const T* __restrict__ z, int64_t cols, int64_t k, T*
   }
 }
 
+// Heap order for top-k: the root is the worst kept entry under topk_before.
+template <typename T>
+__device__ void topk_sift_down(T* hv, int64_t* hi, int64_t k, int64_t pos) {
+  for (;;) {
+    int64_t worst = pos;
+    const int64_t l = 2 * pos + 1, r = l + 1;
+    if (l < k && topk_before(hv[worst], hi[worst], hv[l], hi[l])) worst = l;
+    if (r < k && topk_before(hv[worst], hi[worst], hv[r], hi[r])) worst = r;
+    if (worst == pos) return;
+    const T tv = hv[pos];
+    hv[pos] = hv[worst];
+    hv[worst] = tv;
+    const int64_t ti = hi[pos];
+    hi[pos] = hi[worst];
+    hi[worst] = ti;
+    pos = worst;
+  }
+}
+
+constexpr int kTopkWarps = 4;
+
+template <typename T>
+__global__ void topk_warp_kernel(const T* __restrict__ z, int64_t rows, int64_t cols, int64_t k,
+                                 T* __restrict__ out, int64_t* __restrict__ idx) {
+  __shared__ T sh_v[kTopkWarps][kMaxHeap];
+  __shared__ int64_t sh_i[kTopkWarps][kMaxHeap];
+  __shared__ T sh_c[kTopkWarps][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTopkWarps + warp;
+  if (row >= rows) return;
+  T* hv = sh_v[warp];
+  int64_t* hi = sh_i[warp];
+  // every real entry ranks before this sentinel (cols >= k replaces them all)
+  for (int64_t j = lane; j < k; j += 32) {
+    hv[j] = -INFINITY;
+    hi[j] = INT64_MAX;
+  }
+  __syncwarp();
+  const T* zi = z + row * cols;
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const T x = c < cols ? zi[c] : T(0);
+    const bool pass = c < cols && topk_before(x, c, hv[0], hi[0]);
+    const unsigned mask = __ballot_sync(0xffffffffu, pass);
+    if (mask == 0) continue;
+    sh_c[warp][lane] = x;
+    __syncwarp();
+    if (lane == 0) {
+      for (unsigned bits = mask; bits != 0; bits &= bits - 1) {
+        const int src = __ffs(bits) - 1;
+        const T v = sh_c[warp][src];
+        if (topk_before(v, c0 + src, hv[0], hi[0])) {
+          hv[0] = v;
+          hi[0] = c0 + src;
+          topk_sift_down(hv, hi, k, 0);
+        }
+      }
+    }
+    __syncwarp();
+  }
+  T* oi = out + row * cols;
+  for (int64_t j = lane; j < cols; j += 32) oi[j] = T(0);
+  __syncwarp();
+  for (int64_t t = lane; t < k; t += 32) {
+    oi[hi[t]] = hv[t];
+    idx[row * k + t] = hi[t];
+  }
+}
+
 template <typename T>
 __global__ void topk_backward_kernel(const T* __restrict__ grad_out, const int64_t* __restrict__ idx,
                                      int64_t cols, int64_t k, T* __restrict__ grad) {
@@ -134,6 +207,11 @@ template <typename T>
 void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int64_t* idx,
                   cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
+  if (k <= kMaxHeap) {
+    const unsigned grid = static_cast<unsigned>((rows + kTopkWarps - 1) / kTopkWarps);
+    topk_warp_kernel<T><<<grid, kTopkWarps * 32, 0, stream>>>(z, rows, cols, k, out, idx);
+    return;
+  }
   topk_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(z, cols, k, out, idx);
 }
 

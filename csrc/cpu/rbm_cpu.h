@@ -13,6 +13,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__linux__)
+#include <dirent.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -64,8 +68,34 @@ inline int num_threads_for(int64_t work) {
 #endif
 }
 
-// Cores not taken by other runnable threads (Linux: /proc/loadavg's count of runnable
-// threads, which includes the caller), re-read at most every 20 ms; elsewhere, all.
+#if defined(__linux__) && defined(_OPENMP)
+// Runnable threads of this process (state R in /proc/self/task/*/stat): the caller and
+// the thread pools that still spin after their last parallel region.
+inline int own_running_threads() {
+  int running = 0;
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return 1;
+  while (const dirent* entry = readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    char path[64];
+    std::snprintf(path, sizeof(path), "/proc/self/task/%s/stat", entry->d_name);
+    if (std::FILE* f = std::fopen(path, "r")) {
+      char buf[512];
+      const size_t got = std::fread(buf, 1, sizeof(buf) - 1, f);
+      std::fclose(f);
+      buf[got] = 0;
+      // "tid (comm) S ...": the state follows the last ')' (comm may hold one)
+      const char* close = std::strrchr(buf, ')');
+      if (close != nullptr && close[1] == ' ' && close[2] == 'R') ++running;
+    }
+  }
+  closedir(dir);
+  return running > 0 ? running : 1;
+}
+#endif
+
+// Cores not taken by other processes' runnable threads (Linux: /proc/loadavg's count of
+// runnable threads less this process's own), re-read at most every 20 ms; elsewhere, all.
 inline int free_cores() {
 #if defined(__linux__) && defined(_OPENMP)
   static std::atomic<int64_t> next_read_ns{0};
@@ -80,7 +110,7 @@ inline int free_cores() {
       if (std::fscanf(f, "%*f %*f %*f %d", &running) != 1) running = 0;
       std::fclose(f);
     }
-    const int others = std::max(0, running - 1);
+    const int others = std::max(0, running - own_running_threads());
     cached.store(running > 0 ? std::max(1, omp_get_num_procs() - others) : (1 << 30),
                  std::memory_order_relaxed);
   }

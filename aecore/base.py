@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +41,28 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive int; got {value!r}")
     return value
+
+
+#: the methods that take a batch of inputs or codes as their first argument: floating
+#: tensors of another dtype (float64 from ``torch.as_tensor(numpy_array)``) are computed
+#: in the model's dtype
+TENSOR_METHODS = (
+    "forward", "encode", "decode", "loss", "score", "train_step", "encode_sparse",
+    "free_energy", "pseudo_likelihood", "elbo", "log_likelihood", "reconstruct",
+)  # fmt: skip
+
+
+def _in_model_dtype(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dtype = self.float_dtype()
+            if dtype is not None and x.dtype != dtype:
+                x = x.to(dtype)
+        return method(self, x, *args, **kwargs)
+
+    wrapper.__aecore_dtype_adapter__ = True
+    return wrapper
 
 
 class Autoencoder(nn.Module, abc.ABC):
@@ -108,6 +131,18 @@ class Autoencoder(nn.Module, abc.ABC):
         self.normalization = None
         # True once init_from_data ran or weights were loaded: later fits keep the weights
         self.data_initialised = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _adapt_tensor_methods(cls)
+
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype the model computes in: its first floating parameter's (or buffer's)."""
+        for tensors in (self.parameters(), self.buffers()):
+            for t in tensors:
+                if t.is_floating_point():
+                    return t.dtype
+        return None
 
     # -- the contract ---------------------------------------------------------------
     @abc.abstractmethod
@@ -188,6 +223,16 @@ class Autoencoder(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"
+
+
+def _adapt_tensor_methods(cls: type) -> None:
+    for name in TENSOR_METHODS:
+        method = cls.__dict__.get(name)
+        if callable(method) and not getattr(method, "__aecore_dtype_adapter__", False):
+            setattr(cls, name, _in_model_dtype(method))
+
+
+_adapt_tensor_methods(Autoencoder)
 
 
 @contextlib.contextmanager

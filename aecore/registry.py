@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from aecore.errors import RegistryError
+from aecore.errors import ConfigError, RegistryError
 
 GROUP = "aecore.models"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -269,9 +270,51 @@ def model_class(name: str) -> type:
     return cls
 
 
+def hyperparameter_names(model: str | type) -> set[str] | None:
+    """The hyperparameter keywords a model (a registry name or a class) takes besides
+    input_shape and latent_dim, following ``**kwargs`` passed on to a parent class (the
+    denoising model takes the ae's); None when they cannot be listed."""
+    from aecore.base import Autoencoder  # torch: only when asked
+
+    cls = model if isinstance(model, type) else model_class(model)
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if not issubclass(klass, Autoencoder):
+            return None  # **kwargs reach a constructor outside the plugin contract
+        passes_kwargs_on = False
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                passes_kwargs_on = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.add(p.name)
+        if not passes_kwargs_on:
+            break
+    return names - {"self", "input_shape", "latent_dim"}
+
+
+def check_hyperparameters(name: str, cls: type, hparams: Iterable[str]) -> None:
+    """A ConfigError naming the closest known hyperparameter for an unknown one
+    (``input_shape`` and ``latent_dim`` are known to every model)."""
+    allowed = hyperparameter_names(cls)
+    if allowed is None:
+        return
+    for key in hparams:
+        if key not in allowed and key not in ("input_shape", "latent_dim"):
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"model {name!r} has no hyperparameter {key!r}{hint} "
+                f"(its hyperparameters: {', '.join(sorted(allowed)) or 'none'})"
+            )
+
+
 def create(name: str, *, input_shape: Any, latent_dim: int, **hparams: Any):
-    """Build the model registered as ``name``."""
+    """Build the model registered as ``name``; an unknown hyperparameter is a
+    ConfigError that names the closest one."""
     cls = model_class(name)
+    check_hyperparameters(name, cls, hparams)
     return cls(input_shape=input_shape, latent_dim=latent_dim, **hparams)
 
 

@@ -15,8 +15,6 @@ Model hyperparameters go in as extra keywords (``hidden=[64]``); ``get_params`` 
 from __future__ import annotations
 
 import copy
-import difflib
-import inspect
 from typing import Any
 
 import numpy as np
@@ -37,11 +35,10 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
     ) from exc
 
 from aecore import params
-from aecore.base import Autoencoder
 from aecore.config import TrainConfig
 from aecore.data.normalization import Normalization
-from aecore.errors import ConfigError, RegistryError, ShapeError
-from aecore.registry import create, model_class
+from aecore.errors import RegistryError, ShapeError
+from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
 from aecore.training import Trainer
 
 _FLOATS = [np.float64, np.float32]
@@ -51,25 +48,8 @@ _CHUNK_ROWS = 4096  # rows per forward pass at inference, to bound memory
 _SEED_BOUND = 2**31 - 1
 
 
-def model_hparam_names(model: str) -> set[str] | None:
-    """The hyperparameter keywords registry model ``model`` takes besides input_shape
-    and latent_dim, following ``**kwargs`` passed on to a parent class (the denoising
-    model takes the ae's); None when they cannot be listed."""
-    names: set[str] = set()
-    for klass in model_class(model).__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        if not issubclass(klass, Autoencoder):
-            return None  # **kwargs reach a constructor outside the plugin contract
-        passes_kwargs_on = False
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind is p.VAR_KEYWORD:
-                passes_kwargs_on = True
-            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                names.add(p.name)
-        if not passes_kwargs_on:
-            break
-    return names - {"self", "input_shape", "latent_dim"}
+#: the hyperparameter names of a registered model (kept here for older imports)
+model_hparam_names = hyperparameter_names
 
 
 class AutoencoderTransformer(
@@ -254,15 +234,8 @@ class AutoencoderTransformer(
     def _model_hparams(self, model_cls: type) -> dict[str, Any]:
         """The keywords for the model: ``hparams`` checked by name, plus ``lr`` for a
         model that updates its own parameters with its own learning rate."""
-        allowed = model_hparam_names(self.model)
-        for key in self._hparams:
-            if allowed is not None and key not in allowed:
-                close = difflib.get_close_matches(key, sorted(allowed), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"model {self.model!r} has no hyperparameter {key!r}{hint} "
-                    f"(its hyperparameters: {', '.join(sorted(allowed)) or 'none'})"
-                )
+        check_hyperparameters(self.model, model_cls, self._hparams)
+        allowed = hyperparameter_names(model_cls)
         hparams = dict(self._hparams)
         if self.lr is not None and not model_cls.uses_optimizer and "lr" in (allowed or ()):
             hparams["lr"] = self.lr

@@ -91,3 +91,23 @@ def test_train_save_eval_export_and_serve_through_onnxruntime(name, tmp_path, ca
         normalised = torch.from_numpy(model.normalization.apply(rows))
         want = model.normalization.invert(model(normalised).numpy())
     np.testing.assert_allclose(runtime.reconstruct(rows), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", aecore.list_models())
+def test_float64_inputs_compute_in_the_models_dtype(name):
+    # torch.as_tensor(numpy_array) gives float64: every method taking a batch accepts it
+    shape = _shape(name)
+    torch.manual_seed(0)
+    model = aecore.create(name, input_shape=shape, latent_dim=3, **small_hparams(name)).eval()
+    x32 = torch.from_numpy(_rows(6, shape, 0))
+    x64 = x32.double()
+    torch.testing.assert_close(model.encode(x64), model.encode(x32))
+    z = model.encode(x32)
+    torch.testing.assert_close(model.decode(z.double()), model.decode(z))
+    torch.testing.assert_close(model.score(x64), model.score(x32))
+    torch.testing.assert_close(model(x64), model(x32))
+    assert model.score(x64).dtype == torch.float32
+    torch.manual_seed(1)
+    loss64 = model.loss(x64)["loss"]
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss64, model.loss(x32)["loss"])

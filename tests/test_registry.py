@@ -221,3 +221,23 @@ def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_
     )
     assert ran.returncode == 0, ran.stdout[-3000:]
     assert "14 passed" in ran.stdout
+
+
+def test_a_misspelt_hyperparameter_names_the_closest_one_everywhere(tmp_path, capsys):
+    from aecore.cli import main
+    from aecore.errors import ConfigError, ModelFileError
+
+    with pytest.raises(ConfigError, match=r"no hyperparameter 'hiden'; did you mean 'hidden'\?"):
+        aecore.create("ae", input_shape=(64,), latent_dim=8, hiden=[64])
+    # the CLI's --set goes through the same check
+    rc = main(["train", "ae", "--data", "digits", "--epochs", "1", "--set", "hiden=[64]",
+               "--out", str(tmp_path / "run")])  # fmt: skip
+    assert rc != 0 and "did you mean 'hidden'?" in capsys.readouterr().err
+    # and so does a saved folder whose config was edited by hand
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    aecore.save(model, tmp_path / "saved")
+    record = json.loads((tmp_path / "saved" / "model.json").read_text())
+    record["config"]["hiden"] = record["config"].pop("hidden")
+    (tmp_path / "saved" / "model.json").write_text(json.dumps(record))
+    with pytest.raises(ModelFileError, match="did you mean 'hidden'"):
+        aecore.load(tmp_path / "saved")

@@ -20,7 +20,7 @@ from aecore.data.normalization import Normalization
 from aecore.errors import AecoreError, ConfigError, ModelFileError, RegistryError
 from aecore.io.atomic import atomic_write_text
 from aecore.io.tensors import check_safetensors_header, save_tensors
-from aecore.registry import model_class, name_of
+from aecore.registry import check_hyperparameters, model_class, name_of
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -137,7 +137,14 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     except RegistryError as exc:
         raise ModelFileError(f"{directory}: {exc}") from None
     try:
-        model = cls(**saved_config(cls, record["config"]))
+        config = saved_config(cls, record["config"])
+        check_hyperparameters(record["model"], cls, config)
+    except (ConfigError, TypeError) as exc:
+        raise ModelFileError(
+            f"{directory}: the saved config does not fit {record['model']}: {exc}"
+        ) from None
+    try:
+        model = cls(**config)
     except AecoreError as exc:
         raise ModelFileError(f"{directory}: the saved config does not build: {exc}") from None
     except TypeError as exc:

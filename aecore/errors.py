@@ -36,3 +36,8 @@ class TrainingInterrupted(TrainingError):
 
 class OnnxExportError(AecoreError, RuntimeError):
     """A model cannot be exported to ONNX (the message names the model and the op)."""
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A setting was given that has no effect on this model or run (the message says
+    which, and what to set instead)."""

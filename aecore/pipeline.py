@@ -15,7 +15,7 @@ from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
-from aecore.registry import create, model_class
+from aecore.registry import create, hyperparameter_names, model_class
 from aecore.training import History, Trainer
 
 __all__ = ["TrainResult", "evaluate", "prepare", "prepare_like", "train"]
@@ -33,6 +33,19 @@ class TrainResult:
     prepared: Prepared
     metrics: dict[str, Any]
     config: TrainConfig
+
+
+def _own_learning_rate(
+    name: str, hparams: dict[str, Any], config: TrainConfig
+) -> tuple[dict[str, Any], TrainConfig]:
+    """A model that updates its own parameters (an RBM) takes a learning rate given to
+    the trainer (``--lr``) as its own ``lr``, unless its hyperparameters set one."""
+    cls = model_class(name)
+    default = TrainConfig().lr
+    takes_lr = "lr" in (hyperparameter_names(cls) or ())
+    if cls.uses_optimizer or not takes_lr or config.lr == default or "lr" in hparams:
+        return hparams, config
+    return {**hparams, "lr": config.lr}, config.replace(lr=default)
 
 
 def train(
@@ -60,6 +73,7 @@ def train(
     (its field names) on top; ``trainer_hook(trainer)`` runs before training starts.
     """
     config = (config or TrainConfig()).replace(**settings)
+    hparams, config = _own_learning_rate(name, dict(hparams or {}), config)
     if normalize == "auto":  # the model's preference (activations keep their geometry)
         normalize = getattr(model_class(name), "default_normalize", "minmax")
     prepared = prepare(
@@ -67,9 +81,7 @@ def train(
         val_fraction=config.val_fraction,
     )  # fmt: skip
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
-    model = create(
-        name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **(hparams or {})
-    )
+    model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
     model.normalization = prepared.normalization
     trainer = Trainer(config, out_dir=out, resume=resume, overwrite=overwrite, progress=progress)
     if trainer_hook is not None:

@@ -205,3 +205,27 @@ def test_demo_writes_report_and_figures(tmp_path, capsys, monkeypatch):
         data = (tmp_path / "ae" / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 2000
         assert f"ae/{png}" in report
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in aecore.list_models() if getattr(aecore.model_class(n), "demo", None)]
+)
+def test_a_demo_recipe_trains_without_warning_about_itself(name, tmp_path):
+    # a demo that warns about its own recipe teaches users to ignore warnings: each
+    # recipe's data, normalisation and hyperparameters, for one epoch, warnings as errors
+    import warnings
+
+    from aecore.pipeline import train
+
+    recipe = aecore.model_class(name).demo
+    hparams = dict(recipe.hparams)
+    if "pretrain_epochs" in hparams:
+        hparams["pretrain_epochs"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        train(
+            name, recipe.data, tmp_path / name, latent_dim=recipe.latent_dim, hparams=hparams,
+            config=recipe.train.replace(epochs=1, device="cpu"), normalize=recipe.normalize,
+            progress=False,
+        )  # fmt: skip

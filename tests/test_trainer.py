@@ -453,3 +453,32 @@ def test_torchrun_refuses_a_last_batch_smaller_than_the_world_and_lbfgs(monkeypa
         Trainer(epochs=1, batch_size=4, device="cpu", val_fraction=0.0).fit(make(), X[:9])
     with pytest.raises(ConfigError, match="optimizer='lbfgs' line-searches on each process"):
         Trainer(epochs=1, batch_size=8, optimizer="lbfgs", device="cpu").fit(make(), X[:16])
+
+
+def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
+    import warnings
+
+    from aecore import pipeline
+    from aecore.errors import IgnoredSettingWarning
+
+    x = torch.rand(96, 16)
+    rbm = aecore.create("rbm", input_shape=(16,), latent_dim=4, probabilities=True)
+    with pytest.warns(IgnoredSettingWarning, match=r"lr=0.5 does not apply.*its own lr is 0.1"):
+        Trainer(lr=0.5, epochs=1, progress=False).fit(rbm, x)
+    ae = aecore.create("ae", input_shape=(16,), latent_dim=4)
+    with pytest.warns(
+        IgnoredSettingWarning, match=r"patience=1 needs validation data.*val_fraction=0"
+    ):
+        Trainer(patience=1, val_fraction=0, epochs=1, progress=False).fit(ae, x)
+    # the defaults, or validation data for patience: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        Trainer(epochs=1, progress=False).fit(rbm, x)
+        Trainer(patience=1, epochs=1, progress=False).fit(ae, x)
+        Trainer(val_fraction=0, epochs=1, progress=False).fit(ae, x)
+        # the pipeline (aecore train --lr) hands the rate to a model with its own rule
+        result = pipeline.train(
+            "rbm", "digits", tmp_path / "rbm", lr=0.02, epochs=1, progress=False,
+            hparams={"probabilities": True},
+        )  # fmt: skip
+    assert result.model.lr == 0.02

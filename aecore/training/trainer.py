@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, IgnoredSettingWarning
 from aecore.training.batches import Batches
 from aecore.training.loop import TrainingRun
 from aecore.training.optim import resolve_device
@@ -79,12 +80,49 @@ class Trainer:
                 f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
             )
         c = self.config
+        _warn_ignored_optimizer_settings(model, c)
         given = train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
         if val_data is not None:
             val = Batches(val_data, c.batch_size, False, c.seed, "val_data")
         else:
             split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
             train, val = split if split is not None else (train, None)
+        if val is None and c.patience is not None and c.patience != DEFAULTS.patience:
+            why = "val_fraction=0" if not c.val_fraction else "too few rows to hold any out"
+            warnings.warn(
+                f"patience={c.patience} needs validation data, and this run has none "
+                f"(no val_data; {why}): it runs all {c.epochs} epochs. Pass val_data, or a "
+                f"val_fraction > 0 with enough rows",
+                IgnoredSettingWarning,
+                stacklevel=2,
+            )
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
         return TrainingRun(self, model, train, val, init_data=given).execute()
+
+
+DEFAULTS = TrainConfig()
+#: the optimizer's settings: no effect on a model that updates its own parameters
+OPTIMIZER_SETTINGS = ("lr", "optimizer", "weight_decay", "grad_clip")
+
+
+def _warn_ignored_optimizer_settings(model, config: TrainConfig) -> None:
+    if model.uses_optimizer:
+        return
+    changed = [
+        f"{name}={getattr(config, name)!r}"
+        for name in OPTIMIZER_SETTINGS
+        if getattr(config, name) != getattr(DEFAULTS, name)
+    ]
+    if not changed:
+        return
+    own = getattr(model, "lr", None)
+    hint = f" (its own lr is {own:g})" if isinstance(own, float) else ""
+    verb = "does" if len(changed) == 1 else "do"
+    warnings.warn(
+        f"{type(model).__name__} updates its own parameters (train_step), so the "
+        f"trainer's {', '.join(changed)} {verb} not apply to it; set the model's own "
+        f"hyperparameters instead, e.g. aecore.create(..., lr=...){hint}",
+        IgnoredSettingWarning,
+        stacklevel=3,
+    )

@@ -25,6 +25,7 @@ _LAZY = {
     "Normalization": "aecore.data",
     "AecoreError": "aecore.errors",
     "AutoencoderTransformer": "aecore.sklearn",
+    "AnomalyDetector": "aecore.anomaly",
     "export_onnx": "aecore.onnx",
 }
 

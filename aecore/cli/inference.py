@@ -132,6 +132,7 @@ class TorchArrayModel(ArrayModel):
         self.input_shape = tuple(self.model.input_shape)
         self.latent_dim = self.model.latent_dim
         self.normalization = self.model.normalization
+        self.detector = getattr(self.model, "detector", None)
 
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
         import torch

@@ -17,7 +17,8 @@ import torch
 from aecore._version import __version__
 from aecore.config import FIELDS, TrainConfig
 from aecore.data.normalization import Normalization
-from aecore.errors import AecoreError, ConfigError, ModelFileError, RegistryError
+from aecore.detection import ScoreThreshold
+from aecore.errors import AecoreError, ConfigError, DataError, ModelFileError, RegistryError
 from aecore.io.atomic import atomic_write_text
 from aecore.io.tensors import check_safetensors_header, save_tensors
 from aecore.registry import check_hyperparameters, model_class, name_of
@@ -74,6 +75,9 @@ def save(
         "torch_version": torch.__version__.split("+")[0],
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    detector = getattr(model, "detector", None)
+    if detector is not None:  # aecore.AnomalyDetector's threshold
+        record["detector"] = detector.to_dict()
     directory.mkdir(parents=True, exist_ok=True)
     # a model may save an equivalent form of its state (an SAE folds its input scale)
     saved_state = getattr(model, "saved_state_dict", None)
@@ -157,6 +161,11 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     except (ValueError, TypeError) as exc:
         raise ModelFileError(f"{directory}: malformed normalization in {CONFIG}: {exc}") from None
     training_config(record, directory)  # a malformed record fails here, not at eval
+    if record.get("detector") is not None:
+        try:
+            model.detector = ScoreThreshold.from_dict(record["detector"])
+        except DataError as exc:
+            raise ModelFileError(f"{directory}: {exc}") from None
     model.metadata = record
     model.data_initialised = True  # trained weights: fit continues from them
     return model.to(device).eval()

@@ -162,4 +162,11 @@ def _metadata(model: nn.Module, name: str) -> dict[str, str]:
         "aecore.version": __version__,
         "aecore.torch_version": torch.__version__.split("+")[0],
         "aecore.export_id": digest.hexdigest()[:20],
+        **detector_metadata(model),
     }
+
+
+def detector_metadata(model) -> dict[str, str]:
+    """The detector threshold saved with the model (``aecore.AnomalyDetector``), if any."""
+    detector = getattr(model, "detector", None)
+    return {} if detector is None else {"aecore.detector": json.dumps(detector.to_dict())}

@@ -10,18 +10,26 @@ from typing import Any
 import numpy as np
 
 from aecore.data.normalization import Normalization
+from aecore.detection import DetectorMethods, ScoreThreshold
 from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.runtime.format import DEFAULT_BATCH_SIZE
 
 
-class ArrayModel(abc.ABC):
+class ArrayModel(DetectorMethods, abc.ABC):
     """numpy front end shared by the ONNX runtime and the command line's PyTorch path:
-    input checks, normalisation, batching. Subclasses set ``name``, ``input_shape``,
-    ``latent_dim`` and ``normalization``, and implement ``_forward``."""
+    input checks, normalisation, batching, and PyOD's detector methods
+    (``decision_function`` is ``score``; ``predict``, ``predict_proba`` and
+    ``predict_confidence`` use the ``detector`` threshold saved with the model).
+    Subclasses set ``name``, ``input_shape``, ``latent_dim``, ``normalization`` and
+    ``detector``, and implement ``_forward``."""
 
     name: str
     input_shape: tuple[int, ...]
     latent_dim: int
+    detector: ScoreThreshold | None = None
+
+    def _anomaly_scores(self, X: Any) -> np.ndarray:
+        return self.score(X)
 
     @abc.abstractmethod
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from aecore.data.normalization import Normalization
-from aecore.errors import ConfigError, ModelFileError
+from aecore.detection import ScoreThreshold
+from aecore.errors import ConfigError, DataError, ModelFileError
 from aecore.runtime.arrays import ArrayModel
 from aecore.runtime.format import FORMAT, FORMAT_VERSION, PARTS, part_paths
 
@@ -83,6 +84,13 @@ class OnnxAutoencoder(ArrayModel):
             self.normalization = norm
         except ConfigError as exc:
             raise ModelFileError(f"{self.path}: {exc}") from None
+        if "aecore.detector" in meta:
+            try:
+                self.detector = ScoreThreshold.from_dict(
+                    _json_field(meta, "aecore.detector", self.path)
+                )
+            except DataError as exc:
+                raise ModelFileError(f"{self.path}: {exc}") from None
         self.export_id = meta.get("aecore.export_id", "")
         self.aecore_version = meta.get("aecore.version", "")
         self._graphs: dict[str, _Graph | None] = {self.part: graph}

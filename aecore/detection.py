@@ -1,0 +1,225 @@
+"""Anomaly scores to decisions, with PyOD's conventions: a score is higher for a more
+anomalous row; a fitted detector keeps its training rows' scores, the contamination
+threshold over them, and turns new scores into labels (1 = outlier), outlier
+probabilities and confidences. numpy only: the torch-free runtime uses it too.
+
+* ``proba(method="linear")``: the score min-max scaled by the training scores' range;
+  ``"unify"``: ``max(0, erf((s - mean) / (std * sqrt(2))))`` over the training scores
+  (Kriegel et al. 2011, "Interpreting and unifying outlier scores").
+* ``confidence``: how sure the label is, given how many training scores lie below the
+  score (Perini et al. 2020, ExCeeD): with ``c`` of ``n`` training scores at or below
+  it, the chance that a row ranks above the contamination cut is
+  ``P(Binomial(n, (1 + c) / (2 + n)) > n - floor(n * contamination))``; for rows
+  labelled inliers, one minus that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aecore.errors import ConfigError, DataError
+
+PROBA_METHODS = ("linear", "unify")
+#: training scores kept exactly up to this many; beyond, this many quantiles of them
+MAX_KEPT_SCORES = 20_001
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreThreshold:
+    """A contamination threshold over training scores (see the module's docstring)."""
+
+    contamination: float
+    threshold: float
+    #: ascending: the training scores, or evenly spaced quantiles of them
+    kept_scores: np.ndarray
+    #: training rows scored
+    n: int
+
+    @classmethod
+    def fit(cls, scores: Any, contamination: float) -> ScoreThreshold:
+        if not (isinstance(contamination, (int, float)) and 0 < contamination <= 0.5):
+            raise ConfigError(f"contamination must lie in (0, 0.5], got {contamination!r}")
+        s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+        if len(s) == 0:
+            raise DataError("a threshold needs at least one training score, got none")
+        if not np.isfinite(s).all():
+            raise DataError(
+                f"{int((~np.isfinite(s)).sum())} of {len(s)} training scores are not finite"
+            )
+        threshold = float(np.percentile(s, 100.0 * (1.0 - contamination)))
+        kept = (
+            s if len(s) <= MAX_KEPT_SCORES else np.quantile(s, np.linspace(0, 1, MAX_KEPT_SCORES))
+        )
+        return cls(float(contamination), threshold, kept, len(s))
+
+    # -- decisions ------------------------------------------------------------------------
+    def labels(self, scores: Any) -> np.ndarray:
+        """1 for outliers (score above the threshold), 0 for inliers."""
+        return (self._scores(scores) > self.threshold).astype(np.int64)
+
+    def proba(self, scores: Any, method: str = "linear") -> np.ndarray:
+        """``(n, 2)``: the probabilities of inlier and outlier."""
+        s = self._scores(scores)
+        if method == "linear":
+            lo, hi = float(self.kept_scores[0]), float(self.kept_scores[-1])
+            p = (s - lo) / (hi - lo) if hi > lo else (s > hi).astype(np.float64)
+        elif method == "unify":
+            mean, std = self._moments()
+            z = (
+                (s - mean) / (std * math.sqrt(2.0))
+                if std > 0
+                else np.where(s > mean, np.inf, -np.inf)
+            )
+            p = _erf(z)
+        else:
+            raise ConfigError(f"method must be one of {', '.join(PROBA_METHODS)}, got {method!r}")
+        p = np.clip(p, 0.0, 1.0)
+        return np.column_stack([1.0 - p, p])
+
+    def confidence(self, scores: Any) -> np.ndarray:
+        """How sure each label is, in [0, 1] (ExCeeD)."""
+        s = self._scores(scores)
+        n = self.n
+        # training scores at or below each score (from quantiles: in proportion)
+        below = np.searchsorted(self.kept_scores, s, side="right") * (n / len(self.kept_scores))
+        posterior = (1.0 + below) / (2.0 + n)
+        cut = n - math.floor(n * self.contamination)
+        outlier = 1.0 - binomial_cdf(cut, n, posterior)
+        return np.where(self.labels(s) == 1, outlier, 1.0 - outlier)
+
+    # -- saving ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "contamination": self.contamination,
+            "threshold": self.threshold,
+            "n": self.n,
+            "kept_scores": [float(v) for v in self.kept_scores],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ScoreThreshold:
+        try:
+            kept = np.asarray(data["kept_scores"], dtype=np.float64)
+            made = cls(float(data["contamination"]), float(data["threshold"]), kept, int(data["n"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"malformed detector threshold: {exc!r}") from None
+        if kept.ndim != 1 or len(kept) == 0 or made.n < len(kept) or np.any(np.diff(kept) < 0):
+            raise DataError("malformed detector threshold: kept_scores must be ascending")
+        return made
+
+    def _scores(self, scores: Any) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64)
+        if s.ndim != 1:
+            raise DataError(f"scores must be one per row (1-D), got shape {s.shape}")
+        return s
+
+    def _moments(self) -> tuple[float, float]:
+        return float(np.mean(self.kept_scores)), float(np.std(self.kept_scores))
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(z)
+
+
+def binomial_cdf(k: int, n: int, p: np.ndarray) -> np.ndarray:
+    """``P(Binomial(n, p) <= k)`` for each ``p`` in (0, 1): the regularised incomplete
+    beta ``I_{1-p}(n - k, k + 1)`` (scipy's when installed, else a continued fraction)."""
+    p = np.asarray(p, dtype=np.float64)
+    if k < 0:
+        return np.zeros_like(p)
+    if k >= n:
+        return np.ones_like(p)
+    try:
+        from scipy.special import betainc
+    except ImportError:
+        return _betainc(float(n - k), float(k + 1), 1.0 - p)
+    return betainc(n - k, k + 1, 1.0 - p)
+
+
+def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """The regularised incomplete beta function I_x(a, b) (a, b > 0, x in [0, 1]), by its
+    continued fraction evaluated with the modified Lentz method; the symmetry
+    I_x(a, b) = 1 - I_{1-x}(b, a) keeps the fraction where it converges fast."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    out = np.empty_like(x)
+    flip = x > (a + 1.0) / (a + b + 2.0)
+    for flipped, mask, aa, bb, xx in ((False, ~flip, a, b, x), (True, flip, b, a, 1.0 - x)):
+        if not mask.any():
+            continue
+        v = xx[mask]
+        inner = (v > 0) & (v < 1)
+        res = np.where(v >= 1, 1.0, 0.0)
+        w = v[inner]
+        log_front = (
+            math.lgamma(aa + bb) - math.lgamma(aa) - math.lgamma(bb)
+            + aa * np.log(w) + bb * np.log1p(-w)
+        )  # fmt: skip
+        res[inner] = np.exp(log_front) * _beta_fraction(aa, bb, w) / aa
+        out[mask] = 1.0 - res if flipped else res
+    return out
+
+
+def _beta_fraction(a: float, b: float, x: np.ndarray, steps: int = 300) -> np.ndarray:
+    tiny = 1e-300
+    c = np.ones_like(x)
+    d = 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+    h = d.copy()
+    for m in range(1, steps + 1):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1.0 + num / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            delta = c * d
+            h = h * delta
+        if np.all(np.abs(delta - 1.0) < 1e-14):
+            break
+    return h
+
+
+class DetectorMethods:
+    """PyOD's detector methods for a class with ``_anomaly_scores(X)`` (one score per
+    row, higher = more anomalous) and ``detector`` (a ``ScoreThreshold``, or None
+    when the model was saved without one)."""
+
+    detector: ScoreThreshold | None
+
+    def _anomaly_scores(self, X: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _threshold(self) -> ScoreThreshold:
+        detector = getattr(self, "detector", None)
+        if detector is None:
+            raise DataError(
+                "this model has no detector threshold: fit aecore.AnomalyDetector (PyOD's "
+                "conventions, a contamination threshold) and save its model_, or call "
+                "decision_function for the raw scores"
+            )
+        return detector
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Anomaly score per row: higher is more anomalous."""
+        return np.asarray(self._anomaly_scores(X), dtype=np.float64)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """1 for outliers (score above the contamination threshold), 0 for inliers."""
+        scores = self.decision_function(X)
+        return self._threshold().labels(scores)
+
+    def predict_proba(self, X: Any, method: str = "linear") -> np.ndarray:
+        """``(n, 2)``: inlier and outlier probabilities (``"linear"`` or ``"unify"``)."""
+        scores = self.decision_function(X)
+        return self._threshold().proba(scores, method)
+
+    def predict_confidence(self, X: Any) -> np.ndarray:
+        """How sure each ``predict`` label is, in [0, 1]."""
+        scores = self.decision_function(X)
+        return self._threshold().confidence(scores)

@@ -1,0 +1,157 @@
+"""aecore.AnomalyDetector and aecore.detection: PyOD's conventions, checked against
+PyOD's own code, and the threshold travelling with the model to a folder and to ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aecore
+from aecore.detection import ScoreThreshold, _betainc, binomial_cdf
+from aecore.errors import ConfigError, DataError, ModelFileError
+
+
+def _pyod_detector(train, contamination):
+    """PyOD's BaseDetector over fixed scores: its threshold, probabilities and
+    confidence code, run on the same numbers."""
+    base = pytest.importorskip("pyod.models.base")
+
+    class Fixed(base.BaseDetector):
+        def __init__(self, contamination=0.1):
+            super().__init__(contamination=contamination)
+
+        def fit(self, X, y=None):
+            self._set_n_classes(None)
+            self.decision_scores_ = X[:, 0]
+            self._process_decision_scores()
+            return self
+
+        def decision_function(self, X):
+            return X[:, 0]
+
+    return Fixed(contamination).fit(np.asarray(train)[:, None])
+
+
+@pytest.mark.parametrize("contamination", [0.05, 0.1, 0.3])
+def test_thresholds_probabilities_and_confidence_are_pyods(contamination):
+    rng = np.random.default_rng(0)
+    train = rng.gamma(2.0, size=400)
+    test = np.concatenate([rng.gamma(2.0, size=300), [-1.0, 60.0, train[7]]])
+    pyod = _pyod_detector(train, contamination)
+    ours = ScoreThreshold.fit(train, contamination)
+    assert ours.threshold == pytest.approx(pyod.threshold_)
+    assert np.array_equal(ours.labels(train), pyod.labels_)
+    assert np.array_equal(ours.labels(test), pyod.predict(test[:, None]))
+    for method in ("linear", "unify"):
+        got = ours.proba(test, method)
+        np.testing.assert_allclose(
+            got, pyod.predict_proba(test[:, None], method=method), atol=1e-12
+        )
+    np.testing.assert_allclose(
+        ours.confidence(test), pyod.predict_confidence(test[:, None]), atol=1e-9
+    )
+
+
+def test_the_incomplete_beta_without_scipy_matches_scipy():
+    from scipy.special import betainc
+
+    x = np.concatenate([np.linspace(0, 1, 101), [1e-12, 1 - 1e-12]])
+    for a, b in [(1, 1), (5, 3), (0.5, 0.5), (900, 101), (3, 7000), (50_000, 2)]:
+        np.testing.assert_allclose(_betainc(a, b, x), betainc(a, b, x), atol=1e-11)
+    assert np.array_equal(binomial_cdf(-1, 5, np.array([0.3])), [0.0])
+    assert np.array_equal(binomial_cdf(5, 5, np.array([0.3])), [1.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    train=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=60),
+    test=st.lists(st.floats(-2e3, 2e3), min_size=1, max_size=20),
+    contamination=st.floats(0.01, 0.5),
+)
+def test_decisions_are_monotone_in_the_score(train, test, contamination):
+    t = ScoreThreshold.fit(train, contamination)
+    s = np.sort(np.asarray(test))
+    labels = t.labels(s)
+    assert np.all(np.diff(labels) >= 0)  # a higher score is never "less" an outlier
+    for method in ("linear", "unify"):
+        p = t.proba(s, method)
+        assert np.allclose(p.sum(1), 1.0) and np.all((p >= 0) & (p <= 1))
+        assert np.all(np.diff(p[:, 1]) >= -1e-12)
+    c = t.confidence(s)
+    assert np.all((c >= 0) & (c <= 1))
+    assert ScoreThreshold.from_dict(json.loads(json.dumps(t.to_dict()))).to_dict() == t.to_dict()
+
+
+def test_bad_thresholds_say_what_is_wrong():
+    with pytest.raises(ConfigError, match=r"contamination must lie in \(0, 0.5\], got 0.7"):
+        ScoreThreshold.fit([1.0, 2.0], 0.7)
+    with pytest.raises(DataError, match="1 of 3 training scores are not finite"):
+        ScoreThreshold.fit([1.0, np.nan, 2.0], 0.1)
+    t = ScoreThreshold.fit([1.0, 2.0, 3.0], 0.1)
+    with pytest.raises(ConfigError, match="method must be one of linear, unify"):
+        t.proba([1.0], "softmax")
+    with pytest.raises(DataError, match="kept_scores must be ascending"):
+        ScoreThreshold.from_dict({**t.to_dict(), "kept_scores": [3.0, 1.0]})
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    detector = aecore.AnomalyDetector("ae", latent_dim=8, epochs=15, random_state=0)
+    detector.fit(X[y == 0][:120])
+    return detector, X[:200], y[:200]
+
+
+def test_a_fitted_detector_has_pyods_attributes_and_methods(fitted):
+    detector, X, y = fitted
+    n = len(detector.decision_scores_)
+    assert n == 120 and detector.labels_.mean() == pytest.approx(0.1, abs=1 / n)
+    assert np.array_equal(detector.labels_, (detector.decision_scores_ > detector.threshold_))
+    scores = detector.decision_function(X)
+    np.testing.assert_allclose(scores, -detector.score_samples(X))
+    assert set(np.unique(detector.predict(X))) <= {0, 1}
+    assert np.array_equal(detector.predict(X), (scores > detector.threshold_).astype(int))
+    assert detector.predict_proba(X, method="unify").shape == (len(X), 2)
+    assert np.all((detector.predict_confidence(X) >= 0) & (detector.predict_confidence(X) <= 1))
+    # the other digits are the outliers: the scores rank them so
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y != 0, scores) > 0.95
+
+
+def test_the_threshold_travels_to_the_folder_and_to_onnx(fitted, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from aecore.cli import main
+    from aecore.cli.inference import open_model
+    from aecore.runtime import OnnxAutoencoder
+
+    detector, X, _ = fitted
+    aecore.save(detector.model_, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["detector"]["n"] == 120
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "m.onnx")]) == 0
+    for served in (open_model(str(tmp_path / "m")), OnnxAutoencoder(tmp_path / "m.onnx")):
+        scores = served.decision_function(X)
+        np.testing.assert_allclose(scores, detector.decision_function(X), rtol=1e-4, atol=1e-7)
+        assert served.detector.threshold == detector.threshold_
+        t = served.detector
+        assert np.array_equal(served.predict(X), t.labels(scores))
+        np.testing.assert_allclose(served.predict_proba(X), t.proba(scores))
+        np.testing.assert_allclose(served.predict_confidence(X), t.confidence(scores))
+    # a model saved without a detector says how to get one
+    plain = aecore.create("ae", input_shape=(64,), latent_dim=2)
+    aecore.save(plain, tmp_path / "plain")
+    with pytest.raises(DataError, match="no detector threshold: fit aecore.AnomalyDetector"):
+        open_model(str(tmp_path / "plain")).predict(X)
+    # a damaged threshold is a clear load error
+    record = json.loads((tmp_path / "m" / "model.json").read_text())
+    record["detector"]["kept_scores"] = "oops"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(record))
+    with pytest.raises(ModelFileError, match="malformed detector threshold"):
+        aecore.load(tmp_path / "m")

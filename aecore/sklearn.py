@@ -215,7 +215,7 @@ class AutoencoderTransformer(
             )
             if normalize == "auto":
                 normalize = "minmax" if net.input_range is not None else "standardize"
-            normalization = Normalization.fit(normalize, X, per_feature=True)
+            normalization = self._fit_normalization(normalize, X)
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
@@ -230,6 +230,9 @@ class AutoencoderTransformer(
         self._n_features_out = net.latent_dim
         self.offset_ = float(np.percentile(self._scores(x), 100.0 * contamination))
         return self
+
+    def _fit_normalization(self, kind: str, X: np.ndarray) -> Normalization:
+        return Normalization.fit(kind, X, per_feature=True)
 
     def _model_hparams(self, model_cls: type) -> dict[str, Any]:
         """The keywords for the model: ``hparams`` checked by name, plus ``lr`` for a

@@ -19,6 +19,7 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again (with --resume)
 #: ``aecore bench WHAT`` -> the benchmark module (installed from benchmarks/)
 BENCHMARKS = {
     "activations": "aecore_benchmarks.activations",
+    "anomaly": "aecore_benchmarks.anomaly",
     "kernels": "aecore_benchmarks.kernels",
     "onnx": "aecore_benchmarks.runtime",
     "quality": "aecore_benchmarks.quality",

@@ -37,7 +37,8 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         super().fit(X, y)
         x, _ = self._normalized(X)
         scores = -self._scores(x).astype(np.float64)
-        self.detector = ScoreThreshold.fit(scores, float(self.contamination))
+        kind = self.model_.default_score_kind
+        self.detector = ScoreThreshold.fit(scores, float(self.contamination), kind)
         self.model_.detector = self.detector  # saved and exported with the model
         self.decision_scores_ = scores
         self.threshold_ = self.detector.threshold

@@ -206,13 +206,32 @@ class Autoencoder(nn.Module, abc.ABC):
                 f"(B, {self.latent_dim}); got {got}"
             )
 
+    #: the anomaly scores ``score(x, kind=...)`` offers; ``"reconstruction"`` for all
+    score_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
+    #: the kind ``score`` uses by default: the one that detects anomalies best
+    default_score_kind: ClassVar[str] = "reconstruction"
+
     @torch.no_grad()
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample anomaly score: mean squared reconstruction error, shape (B,)."""
+    def score(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """Per-sample anomaly score, shape (B,), higher for a more anomalous row:
+        ``"reconstruction"`` (the mean squared reconstruction error) or another of the
+        model's ``score_kinds`` (None: ``default_score_kind``)."""
+        kind = self.default_score_kind if kind is None else kind
+        if kind not in self.score_kinds:
+            raise ConfigError(
+                f"{type(self).__name__} offers the scores {', '.join(self.score_kinds)}; "
+                f"got kind={kind!r}"
+            )
         self.check_input(x)
         with eval_mode(self):
+            if kind != "reconstruction":
+                return self.anomaly_score(x, kind)
             x_hat = self(x)
         return (x_hat - x).pow(2).flatten(1).mean(1)
+
+    def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """The model's own scores (``score_kinds`` beyond ``"reconstruction"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no {kind!r} score")
 
     @property
     def input_range(self) -> tuple[float, float] | None:

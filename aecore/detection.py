@@ -38,9 +38,11 @@ class ScoreThreshold:
     kept_scores: np.ndarray
     #: training rows scored
     n: int
+    #: the model's score the threshold is over (``Autoencoder.score``'s ``kind``)
+    kind: str = "reconstruction"
 
     @classmethod
-    def fit(cls, scores: Any, contamination: float) -> ScoreThreshold:
+    def fit(cls, scores: Any, contamination: float, kind: str = "reconstruction") -> ScoreThreshold:
         if not (isinstance(contamination, (int, float)) and 0 < contamination <= 0.5):
             raise ConfigError(f"contamination must lie in (0, 0.5], got {contamination!r}")
         s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
@@ -54,7 +56,7 @@ class ScoreThreshold:
         kept = (
             s if len(s) <= MAX_KEPT_SCORES else np.quantile(s, np.linspace(0, 1, MAX_KEPT_SCORES))
         )
-        return cls(float(contamination), threshold, kept, len(s))
+        return cls(float(contamination), threshold, kept, len(s), kind)
 
     # -- decisions ------------------------------------------------------------------------
     def labels(self, scores: Any) -> np.ndarray:
@@ -97,6 +99,7 @@ class ScoreThreshold:
             "contamination": self.contamination,
             "threshold": self.threshold,
             "n": self.n,
+            "kind": self.kind,
             "kept_scores": [float(v) for v in self.kept_scores],
         }
 
@@ -104,7 +107,10 @@ class ScoreThreshold:
     def from_dict(cls, data: Any) -> ScoreThreshold:
         try:
             kept = np.asarray(data["kept_scores"], dtype=np.float64)
-            made = cls(float(data["contamination"]), float(data["threshold"]), kept, int(data["n"]))
+            made = cls(
+                float(data["contamination"]), float(data["threshold"]), kept, int(data["n"]),
+                str(data.get("kind", "reconstruction")),
+            )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed detector threshold: {exc!r}") from None
         if kept.ndim != 1 or len(kept) == 0 or made.n < len(kept) or np.any(np.diff(kept) < 0):

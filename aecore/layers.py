@@ -111,3 +111,45 @@ def reconstruction_from_logits(
     if kind == "bce":
         return reconstruction_error(logits, target, "bce")
     return reconstruction_error(output(logits), target, kind)
+
+
+# -- Gaussian latents (the VAE) -----------------------------------------------------------
+#: decoder outputs per chunk of importance samples (bounds the memory of an estimate)
+CHUNK_ELEMENTS = 1 << 20
+
+
+def kl_to_standard_normal(
+    mean: torch.Tensor, logvar: torch.Tensor, per_unit: bool = False
+) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in nats, per row (or per row and unit)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl if per_unit else kl.sum(-1)
+
+
+def reparameterised_draws(
+    mean, logvar, n: int, generator, common: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` reparameterised samples per row: z and eps, each ``(n, B, latent_dim)``;
+    ``common``: the same standard-normal draws for every row."""
+    shape = (n, 1, mean.shape[-1]) if common else (n, *mean.shape)
+    eps = torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    eps = eps.expand(n, *mean.shape)
+    return mean + torch.exp(0.5 * logvar) * eps, eps
+
+
+def sample_chunks(total: int, elements_per_sample: int):
+    """Split ``total`` samples into chunks of at most ~CHUNK_ELEMENTS decoder outputs."""
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, elements_per_sample))
+    done = 0
+    while done < total:
+        n = min(per_chunk, total - done)
+        yield n
+        done += n
+
+
+def seeded_generator(generator, seed: int | None, x: torch.Tensor):
+    """``generator``, or with ``seed`` a new one seeded so on ``x``'s device (restarted
+    for each batch of rows, so that every row sees the same draws)."""
+    if seed is None:
+        return generator
+    return torch.Generator(device=x.device).manual_seed(seed)

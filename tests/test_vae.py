@@ -11,9 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import aecore.layers
 import aecore_plugins.vae as vae_module
 from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.io.model_folder import load, save
+from aecore.layers import kl_to_standard_normal
 from aecore.testing import IMAGE_SHAPE, ModelSpec, parametrize_with_checks
 from aecore.training import Trainer
 from aecore_plugins.vae import VariationalAutoencoder
@@ -87,7 +89,7 @@ def test_kl_term_is_the_closed_form_gaussian_kl(mean, logvar):
     expected = torch.distributions.kl_divergence(
         torch.distributions.Normal(m, torch.exp(0.5 * lv)), torch.distributions.Normal(0.0, 1.0)
     ).sum(-1)
-    assert torch.allclose(vae_module._kl_to_standard_normal(m, lv), expected)
+    assert torch.allclose(kl_to_standard_normal(m, lv), expected)
 
 
 @pytest.mark.parametrize("decoder_std", ["learned", 0.3])
@@ -207,7 +209,7 @@ def _exact_log_px(model, x):
 
 def test_log_likelihood_converges_to_log_px_and_bounds_it(monkeypatch):
     # small chunks and row batches: the estimate must not depend on how work is split
-    monkeypatch.setattr(vae_module, "_CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(aecore.layers, "CHUNK_ELEMENTS", 3000)
     monkeypatch.setattr(vae_module, "_ROW_BATCH", 3)
     model = _vae(input_shape=(6,), latent_dim=1, hidden=[8]).eval()
     with torch.no_grad():

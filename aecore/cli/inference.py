@@ -134,6 +134,18 @@ class TorchArrayModel(ArrayModel):
         self.normalization = self.model.normalization
         self.detector = getattr(self.model, "detector", None)
 
+    def _anomaly_scores(self, X) -> np.ndarray:
+        import torch
+
+        kind = self.detector.kind if self.detector is not None else "reconstruction"
+        if kind == "reconstruction":
+            return self.score(X)
+        x = self._apply(self._check_inputs(X))
+        if self.model.input_range is not None:  # as the estimator clips new rows
+            x = np.clip(x, *self.model.input_range)
+        batch = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
+        return self.model.score(batch, kind=kind).double().numpy()
+
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
         import torch
 

@@ -29,6 +29,13 @@ class ArrayModel(DetectorMethods, abc.ABC):
     detector: ScoreThreshold | None = None
 
     def _anomaly_scores(self, X: Any) -> np.ndarray:
+        kind = self.detector.kind if self.detector is not None else "reconstruction"
+        if kind != "reconstruction":
+            raise DataError(
+                f"this detector scores rows by the model's {kind!r}, which an ONNX export "
+                f"does not compute: serve the model folder (torch), or fit the detector on "
+                f"a model whose default score is the reconstruction error"
+            )
         return self.score(X)
 
     @abc.abstractmethod

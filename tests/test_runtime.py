@@ -314,3 +314,24 @@ def test_runtime_and_cli_work_without_torch(saved, tmp_path):
     for key in ("encode", "reconstruct", "decode", "score"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4, err_msg=key)
     np.testing.assert_allclose(np.loadtxt(tmp_path / "s.csv"), want["score"], rtol=1e-4)
+
+
+def test_the_normalisation_lives_in_the_exported_graphs(saved, runtime):
+    # one session call serves a request: the graphs take and give data units
+    import onnxruntime
+    import torch
+
+    model, _, path = saved
+    assert model.normalization.kind != "none" and runtime.normalizes_itself
+    x = _data(5)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    bare = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(runtime.reconstruct(x), bare, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        want = model.normalization.invert(
+            model(torch.from_numpy(model.normalization.apply(x)).float()).numpy()
+        )
+    np.testing.assert_allclose(bare, want, rtol=1e-4, atol=1e-5)
+    # a normalisation the graphs hold cannot be swapped silently
+    with pytest.raises(ConfigError, match="computes its normalisation inside its graphs"):
+        runtime.normalization = Normalization("none")

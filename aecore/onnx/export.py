@@ -34,6 +34,7 @@ from aecore.data.normalization import Normalization
 from aecore.errors import ConfigError, ModelFileError, OnnxExportError
 from aecore.io.atomic import atomic_write
 from aecore.io.model_folder import load
+from aecore.onnx.fold_normalization import IN_GRAPH_KEY, fold_normalization
 from aecore.onnx.graphs import (
     SIGNATURES,
     check_model,
@@ -112,11 +113,14 @@ def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFA
         combined = to_onnx(model, name, "all", opset)
         raw = {p: slice_part(combined, p) for p in parts}
     out = {}
+    norm = getattr(model, "normalization", None) or Normalization("none")
     for p, proto in raw.items():
         name_batch_axis(proto)
         check_standard(proto, name, p)
+        folded = fold_normalization(proto, p, norm, model.input_shape)
         del proto.metadata_props[:]
-        for key, value in {**metadata, "aecore.part": p}.items():
+        extra = {IN_GRAPH_KEY: "1"} if folded else {}
+        for key, value in {**metadata, **extra, "aecore.part": p}.items():
             proto.metadata_props.add(key=key, value=value)
         proto.doc_string = f"aecore {name} ({p}): {SIGNATURES[p][0]} -> {SIGNATURES[p][1]}"
         check_model(proto, name, p)

@@ -27,6 +27,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
     input_shape: tuple[int, ...]
     latent_dim: int
     detector: ScoreThreshold | None = None
+    #: whether the model's forward pass takes and gives data units itself (an export
+    #: with the normalisation folded into its graphs)
+    normalizes_itself: bool = False
 
     def _anomaly_scores(self, X: Any) -> np.ndarray:
         kind = self.detector.kind if self.detector is not None else "reconstruction"
@@ -51,6 +54,11 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def normalization(self, norm: Normalization) -> None:
         if not isinstance(norm, Normalization):
             raise ConfigError(f"normalization must be a Normalization; got {norm!r}")
+        if getattr(self, "_normalization_fixed", False):
+            raise ConfigError(
+                "this export computes its normalisation inside its graphs, so it cannot be "
+                "replaced here: set the model's normalization and export it again"
+            )
         self._normalization = norm
         # float32 copies of its parameters for the hot path (float32 inputs, outputs);
         # other dtypes go through Normalization.apply, which computes in float64
@@ -93,16 +101,20 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def encode(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units."""
         x = self._check_inputs(x)
-        return self._map("encoder", x, (self.latent_dim,), batch_size, normalize=True)
+        normalize = not self.normalizes_itself
+        return self._map("encoder", x, (self.latent_dim,), batch_size, normalize=normalize)
 
     def decode(self, z: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Inputs ``(N, *input_shape)`` in data units decoded from codes ``(N, latent_dim)``."""
         z = self._check_codes(z)
-        return self._invert(self._map("decoder", z, self.input_shape, batch_size, normalize=False))
+        y = self._map("decoder", z, self.input_shape, batch_size, normalize=False)
+        return y if self.normalizes_itself else self._invert(y)
 
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """``decode(encode(x))`` in data units: normalise, run the model, invert."""
         x = self._check_inputs(x)
+        if self.normalizes_itself:
+            return self._map("full", x, self.input_shape, batch_size, normalize=False)
         return self._invert(self._map("full", x, self.input_shape, batch_size, normalize=True))
 
     def score(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
@@ -119,9 +131,16 @@ class ArrayModel(DetectorMethods, abc.ABC):
         return out
 
     def _row_errors(self, x: np.ndarray) -> np.ndarray:
-        xn = self._apply(x)
-        err = self._forward("full", xn)
-        err -= xn
+        if self.normalizes_itself:  # (x_hat - x) / scale: the shift cancels
+            x = _float32(x)
+            err = self._forward("full", x)
+            err -= x
+            if self._inv is not None:
+                err *= self._inv
+        else:
+            xn = self._apply(x)
+            err = self._forward("full", xn)
+            err -= xn
         err = err.reshape(len(err), -1)
         # row sums of squares in one pass (np.mean over axes is several times slower)
         return np.einsum("ij,ij->i", err, err) / err.shape[1]
@@ -133,12 +152,12 @@ class ArrayModel(DetectorMethods, abc.ABC):
         if n <= batch_size:  # the common case: one call, no copy into an output buffer
             if not n:
                 return np.empty((0, *out_shape), np.float32)
-            return self._forward(part, self._apply(x) if normalize else x)
+            return self._forward(part, self._apply(x) if normalize else _float32(x))
         out = np.empty((n, *out_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = x[start : start + batch_size]
             out[start : start + len(chunk)] = self._forward(
-                part, self._apply(chunk) if normalize else chunk
+                part, self._apply(chunk) if normalize else _float32(chunk)
             )
         return out
 
@@ -180,3 +199,7 @@ def _check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int; got {batch_size!r}")
     return batch_size
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.float32 else x.astype(np.float32)

@@ -14,7 +14,9 @@ from aecore.data.normalization import Normalization
 from aecore.detection import ScoreThreshold
 from aecore.errors import ConfigError, DataError, ModelFileError
 from aecore.runtime.arrays import ArrayModel
-from aecore.runtime.format import FORMAT, FORMAT_VERSION, PARTS, part_paths
+from aecore.runtime.format import DEFAULT_BATCH_SIZE, FORMAT, FORMAT_VERSION, PARTS, part_paths
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 class _Graph:
@@ -91,6 +93,9 @@ class OnnxAutoencoder(ArrayModel):
                 )
             except DataError as exc:
                 raise ModelFileError(f"{self.path}: {exc}") from None
+        self.normalizes_itself = meta.get("aecore.normalization_in_graph") == "1"
+        # the graphs hold that normalisation: another one could not take effect
+        self._normalization_fixed = self.normalizes_itself
         self.export_id = meta.get("aecore.export_id", "")
         self.aecore_version = meta.get("aecore.version", "")
         self._graphs: dict[str, _Graph | None] = {self.part: graph}
@@ -99,6 +104,23 @@ class OnnxAutoencoder(ArrayModel):
             p: (None if q == self.path else q) for p, q in part_paths(self.path).items()
         }
         self._paths[self.part] = self.path
+        # the full graph's session call, when inputs go in as they are (data units)
+        self._serve = None
+        if self.part == "full" and (self.normalizes_itself or norm.kind == "none"):
+            self._serve = (graph.run, graph.output, graph.input)
+
+    def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """``decode(encode(x))`` in data units (see ``ArrayModel.reconstruct``)."""
+        fast = self._serve
+        if (  # the serving hot path: one float32 batch into a graph that takes data units
+            fast is not None
+            and type(x) is np.ndarray
+            and x.dtype is _FLOAT32
+            and x.shape[1:] == self.input_shape
+            and 0 < x.shape[0] <= batch_size
+        ):
+            return fast[0](fast[1], {fast[2]: x})[0]
+        return super().reconstruct(x, batch_size=batch_size)
 
     def __repr__(self) -> str:
         return (

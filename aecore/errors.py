@@ -34,6 +34,11 @@ class TrainingInterrupted(TrainingError):
     """Training stopped on SIGTERM/SIGINT after writing a checkpoint to resume from."""
 
 
+class InUseError(AecoreError, RuntimeError):
+    """A folder aecore writes as a unit is held by another process (which the message
+    names)."""
+
+
 class OnnxExportError(AecoreError, RuntimeError):
     """A model cannot be exported to ONNX (the message names the model and the op)."""
 

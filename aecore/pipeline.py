@@ -4,6 +4,7 @@ with PCA on the test split, save)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
+from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
 from aecore.registry import create, hyperparameter_names, model_class
 from aecore.training import History, Trainer
+from aecore.training.trainer import writes_files
 
 __all__ = ["TrainResult", "evaluate", "prepare", "prepare_like", "train"]
 
@@ -88,14 +91,17 @@ def train(
         trainer_hook(trainer)
     # the split's validation rows (with val_fraction=0 there are none, nor a hold-out)
     val = prepared.view("val") if len(prepared.split.val) else None
-    history = trainer.fit(model, prepared.view("train"), val)
-    model.cpu().eval()
-    metrics = evaluate(model, prepared)
-    metrics["best_epoch"] = history.best_epoch
-    metrics["kept_epoch"] = history.kept_epoch
-    metrics["epochs_run"] = len(history.epochs)
-    if out is not None and history.is_main:  # under torchrun, rank 0 writes
-        save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
+    # the folder is this run's from the first file written to the saved model
+    lock = FolderLock(out, "train into") if out is not None and writes_files() else nullcontext()
+    with lock:
+        history = trainer.fit(model, prepared.view("train"), val)
+        model.cpu().eval()
+        metrics = evaluate(model, prepared)
+        metrics["best_epoch"] = history.best_epoch
+        metrics["kept_epoch"] = history.kept_epoch
+        metrics["epochs_run"] = len(history.epochs)
+        if out is not None and history.is_main:  # under torchrun, rank 0 writes
+            save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)
 
 

@@ -31,6 +31,7 @@ from aecore.activations.models import find_modules, fingerprint, first_tensor, l
 from aecore.activations.writer import CacheWriter
 from aecore.data.sources import load_data
 from aecore.errors import ConfigError, DataError
+from aecore.io.lock import LOCK_FILE, FolderLock
 from aecore.params import integer
 from aecore.training.optim import resolve_device
 
@@ -62,8 +63,9 @@ def extract_activations(
     Activations (batch, ..., d) become rows (batch * ..., d) stored as ``dtype``, at
     most ``max_rows`` per hook, ``shard_rows`` per file. An existing cache with the same
     settings is resumed (or left alone when complete); one with other settings is
-    refused unless ``overwrite``. ``progress(inputs_done, inputs_total)`` is called
-    after each batch.
+    refused unless ``overwrite``; a cache another process is writing is refused at once
+    (``aecore.io.lock``). ``progress(inputs_done, inputs_total)`` is called after each
+    batch.
     """
     say = log or (lambda message: None)
     check_dtype(dtype)
@@ -95,42 +97,45 @@ def extract_activations(
         batch_size=batch_size,
         finite=True,  # _rows refuses NaN, infinities and overflow of the stored dtype
     )
-    manifest = _start(Path(out), fresh, overwrite)
-    if manifest.get("complete"):
-        say(f"{out} is complete already: nothing to do")
-        return manifest
-    writer = CacheWriter(out, manifest)
-    start = inputs_covered(manifest)
-    if start:
-        say(f"resuming {out} at input row {start} of {len(inputs)}")
-    entries = manifest["hooks"]
-    skip = {
-        h: e["rows"] - start * e["rows_per_input"] if e["rows"] else 0 for h, e in entries.items()
-    }
-    left = {h: None if max_rows is None else max_rows - e["rows"] for h, e in entries.items()}
-    net.to(target)
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            for first in range(start, len(inputs), batch_size):
-                if all(n is not None and n <= 0 for n in left.values()):
-                    break
-                batch = _batch(inputs, first, batch_size, net, target)
-                for hook, acts in capture(net, modules, batch).items():
-                    rows = _rows(acts, hook, len(batch), dtype, entries[hook])
-                    dropped = min(skip[hook], len(rows))  # already in a completed shard
-                    rows, skip[hook] = rows[dropped:], skip[hook] - dropped
-                    if left[hook] is not None:
-                        rows = rows[: max(left[hook], 0)]
-                        left[hook] -= len(rows)
-                    if len(rows):
-                        writer.write(hook, rows)
-                if progress is not None:
-                    progress(min(first + batch_size, len(inputs)), len(inputs))
-    finally:
-        net.train(was_training)
-    return writer.finish()
+    # the folder is this run's until it ends: a second writer fails at once
+    with FolderLock(out, "write activations into"):
+        manifest = _start(Path(out), fresh, overwrite)
+        if manifest.get("complete"):
+            say(f"{out} is complete already: nothing to do")
+            return manifest
+        writer = CacheWriter(out, manifest)
+        start = inputs_covered(manifest)
+        if start:
+            say(f"resuming {out} at input row {start} of {len(inputs)}")
+        entries = manifest["hooks"]
+        skip = {
+            h: e["rows"] - start * e["rows_per_input"] if e["rows"] else 0
+            for h, e in entries.items()
+        }
+        left = {h: None if max_rows is None else max_rows - e["rows"] for h, e in entries.items()}
+        net.to(target)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                for first in range(start, len(inputs), batch_size):
+                    if all(n is not None and n <= 0 for n in left.values()):
+                        break
+                    batch = _batch(inputs, first, batch_size, net, target)
+                    for hook, acts in capture(net, modules, batch).items():
+                        rows = _rows(acts, hook, len(batch), dtype, entries[hook])
+                        dropped = min(skip[hook], len(rows))  # already in a completed shard
+                        rows, skip[hook] = rows[dropped:], skip[hook] - dropped
+                        if left[hook] is not None:
+                            rows = rows[: max(left[hook], 0)]
+                            left[hook] -= len(rows)
+                        if len(rows):
+                            writer.write(hook, rows)
+                    if progress is not None:
+                        progress(min(first + batch_size, len(inputs)), len(inputs))
+        finally:
+            net.train(was_training)
+        return writer.finish()
 
 
 def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -150,7 +155,7 @@ def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]
                 f"or choose another output folder"
             )
         return old
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and (not root.is_dir() or any(p.name != LOCK_FILE for p in root.iterdir())):
         raise ConfigError(
             f"{root} exists and is not an activation cache (no {MANIFEST}); choose a new or "
             f"empty output folder"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, IgnoredSettingWarning
+from aecore.io.lock import FolderLock
 from aecore.training.batches import Batches
 from aecore.training.loop import TrainingRun
 from aecore.training.optim import resolve_device
@@ -98,7 +100,11 @@ class Trainer:
             )
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
-        return TrainingRun(self, model, train, val, init_data=given).execute()
+        run = TrainingRun(self, model, train, val, init_data=given)
+        if self.out_dir is None or not writes_files():
+            return run.execute()
+        with FolderLock(self.out_dir, "train into"):  # one run writes a folder at a time
+            return run.execute()
 
 
 DEFAULTS = TrainConfig()
@@ -126,3 +132,8 @@ def _warn_ignored_optimizer_settings(model, config: TrainConfig) -> None:
         IgnoredSettingWarning,
         stacklevel=3,
     )
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run's files: under torchrun, rank 0 only."""
+    return os.environ.get("RANK", "0") in ("", "0")

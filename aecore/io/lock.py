@@ -1,0 +1,102 @@
+"""An exclusive, OS-level lock on a folder aecore writes as a unit (a training run's
+folder, an activation cache): a second writer fails at once, naming the holder. The
+lock is ``flock`` on ``.aecore.lock`` inside the folder, so it dies with its process: a
+killed run never leaves a stale lock. The file also records who holds the lock (PID,
+host, command, start time) for the message. Re-entrant within a process (a pipeline
+holds its folder across training and saving). Where ``fcntl`` is missing (Windows) the
+folder is not locked."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from aecore.errors import InUseError
+
+LOCK_FILE = ".aecore.lock"
+
+_held: dict[str, list] = {}  # real path -> [file object, depth]
+_held_guard = threading.Lock()
+
+
+def holder_record() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join(sys.argv) or sys.executable,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"PID {info['pid']} on {info['host']} ({info['command']!r}, since {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it left no details)"
+
+
+class FolderLock:
+    """``with FolderLock(folder, "train into"):`` holds ``folder`` for this process."""
+
+    def __init__(self, folder: str | os.PathLike, purpose: str = "write") -> None:
+        self.folder = Path(folder)
+        self.purpose = purpose
+        self._key = ""
+        # what the lock itself added, taken away again when the run fails
+        self._made_folder = self._made_file = False
+
+    def __enter__(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock here: unlocked
+            return self
+        self._made_folder = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._key = str(self.folder.resolve())
+        with _held_guard:
+            if self._key in _held:
+                _held[self._key][1] += 1
+                return self
+            path = self.folder / LOCK_FILE
+            self._made_file = not path.exists()
+            f = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                self._key = ""
+                raise InUseError(
+                    f"cannot {self.purpose} {self.folder}: it is in use by "
+                    f"{describe_holder(path)}; wait for that run to finish, or choose "
+                    f"another folder"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(holder_record()) + "\n")
+            f.flush()
+            _held[self._key] = [f, 1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._key:
+            return
+        with _held_guard:
+            entry = _held[self._key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[self._key]
+                failed = exc[0] is not None
+                if failed and self._made_file:  # a refused run leaves the folder as it was
+                    (self.folder / LOCK_FILE).unlink(missing_ok=True)
+                entry[0].close()  # closing releases the flock
+                if failed and self._made_folder:
+                    with contextlib.suppress(OSError):  # only an empty folder goes
+                        self.folder.rmdir()

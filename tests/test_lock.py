@@ -1,0 +1,69 @@
+"""aecore.io.lock: one writer per run folder, with real processes: a second writer
+fails at once naming the holder, and a SIGKILLed holder leaves no stale lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aecore.errors import InUseError
+from aecore.io.lock import LOCK_FILE, FolderLock
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+
+HOLD = """
+import sys, time
+from aecore.io.lock import FolderLock
+with FolderLock(sys.argv[1], "train into"):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    folder = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "holding"
+    yield folder, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(holder, capsys):
+    from aecore.cli import main
+
+    folder, proc = holder
+    start = time.monotonic()
+    with pytest.raises(InUseError, match=rf"in use by PID {proc.pid} on .*-c.*since "):
+        with FolderLock(folder, "train into"):
+            pass
+    # aecore train into the same folder stops before training, with the same message
+    rc = main(["train", "ae", "--data", "digits", "--epochs", "1", "--out", str(folder)])
+    assert rc != 0 and f"in use by PID {proc.pid}" in capsys.readouterr().err
+    assert time.monotonic() - start < 30
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]  # nothing written
+
+
+def test_a_killed_holder_leaves_no_stale_lock(holder):
+    folder, proc = holder
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with FolderLock(folder, "train into"):  # the OS released the lock with the process
+        assert (folder / LOCK_FILE).read_text().startswith('{"pid": ' + str(os.getpid()))
+
+
+def test_the_lock_is_reentrant_in_a_process_and_a_refused_run_leaves_no_trace(tmp_path):
+    folder = tmp_path / "new"
+    with FolderLock(folder), FolderLock(folder):  # a pipeline holds it across fit and save
+        assert (folder / LOCK_FILE).exists()
+    with pytest.raises(RuntimeError, match="refused"), FolderLock(tmp_path / "other"):
+        raise RuntimeError("refused")
+    assert not (tmp_path / "other").exists()

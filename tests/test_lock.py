@@ -42,9 +42,9 @@ def test_a_second_writer_fails_at_once_naming_the_holder(holder, capsys):
 
     folder, proc = holder
     start = time.monotonic()
-    with pytest.raises(InUseError, match=rf"in use by PID {proc.pid} on .*-c.*since "):
-        with FolderLock(folder, "train into"):
-            pass
+    expected = rf"in use by PID {proc.pid} on .*-c.*since "
+    with pytest.raises(InUseError, match=expected), FolderLock(folder, "train into"):
+        pass
     # aecore train into the same folder stops before training, with the same message
     rc = main(["train", "ae", "--data", "digits", "--epochs", "1", "--out", str(folder)])
     assert rc != 0 and f"in use by PID {proc.pid}" in capsys.readouterr().err

@@ -34,6 +34,11 @@ class TrainingInterrupted(TrainingError):
     """Training stopped on SIGTERM/SIGINT after writing a checkpoint to resume from."""
 
 
+class FileWriteError(AecoreError, OSError):
+    """Writing a file failed (a full disk, an I/O error, no permission): the message
+    names the file and the step; the previous version of the file is intact."""
+
+
 class InUseError(AecoreError, RuntimeError):
     """A folder aecore writes as a unit is held by another process (which the message
     names)."""

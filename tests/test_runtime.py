@@ -335,3 +335,30 @@ def test_the_normalisation_lives_in_the_exported_graphs(saved, runtime):
     # a normalisation the graphs hold cannot be swapped silently
     with pytest.raises(ConfigError, match="computes its normalisation inside its graphs"):
         runtime.normalization = Normalization("none")
+
+
+def test_a_served_model_answers_many_threads_at_once(saved, runtime):
+    # 8 threads hammer the ONNX runtime and the torch model: every answer equals the
+    # single-threaded one
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    model = saved[0].eval()
+    inputs = [_data(1 + i % 5, seed=i) for i in range(64)]
+    want_onnx = [runtime.reconstruct(x) for x in inputs]
+    want_scores = [runtime.score(x) for x in inputs]
+    with torch.no_grad():
+        want_torch = [model.encode(torch.from_numpy(x)).numpy() for x in inputs]
+
+    def call(i):
+        x = inputs[i % len(inputs)]
+        with torch.no_grad():
+            z = model.encode(torch.from_numpy(x)).numpy()
+        return i % len(inputs), runtime.reconstruct(x), runtime.score(x), z
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for i, recon, score, z in pool.map(call, range(8 * len(inputs))):
+            np.testing.assert_array_equal(recon, want_onnx[i])
+            np.testing.assert_array_equal(score, want_scores[i])
+            np.testing.assert_array_equal(z, want_torch[i])

@@ -3,25 +3,41 @@ loses the previous one. torch-free (the runtime's command line writes with it to
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from aecore.errors import FileWriteError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(f)`` on a temp file beside ``path``, fsync, then ``os.replace``:
     a crash mid-write leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    step = "create the folder of"
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        step = "create a temporary file beside"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        step = "write"
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            step = "sync to disk"
             os.fsync(f.fileno())
+        step = "replace"
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, FileWriteError):
+            raise
+        raise write_error(path, step, exc) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     # temp files left by a writer that was killed mid-write (SIGKILL skips the cleanup)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -38,3 +54,13 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_error(path: Path, step: str, exc: OSError) -> FileWriteError:
+    """A FileWriteError naming ``path``, the step that failed and why."""
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    kept = " (the previous version is unchanged)" if path.exists() else ""
+    error = FileWriteError(f"could not {step} {path}: {reason}{f' [{code}]' if code else ''}{kept}")
+    error.errno = exc.errno
+    return error

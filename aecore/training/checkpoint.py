@@ -13,7 +13,7 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, ModelFileError
-from aecore.io.atomic import atomic_write_text
+from aecore.io.atomic import atomic_write_text, write_error
 from aecore.io.model_folder import saved_config as saved_config_of
 from aecore.io.tensors import flatten_state, load_tensors, save_tensors, unflatten_state
 from aecore.training.state import History, RunState
@@ -39,9 +39,13 @@ def check_fresh(out_dir: Path) -> None:
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    path = out_dir / METRICS
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise write_error(path, "append an epoch's line to", exc) from exc
 
 
 def rewrite_metrics(out_dir: Path, history: History) -> None:

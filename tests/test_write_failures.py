@@ -1,0 +1,72 @@
+"""Write failures (a full disk, an I/O error) name the file and the step, keep the
+previous version of the file, and leave no temporary files behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+import aecore
+from aecore.errors import FileWriteError
+from aecore.io.atomic import atomic_write_text
+from aecore.training import Trainer
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+
+
+def _full_disk(monkeypatch, only: str = ""):
+    """os.fsync raises ENOSPC (for files whose name holds ``only``)."""
+    real = os.fsync
+
+    def fsync(fd):
+        if only in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "notes.json"
+    atomic_write_text(target, "old")
+    _full_disk(monkeypatch)
+    with pytest.raises(
+        FileWriteError,
+        match=r"could not sync to disk .*notes.json: No space left on device \[ENOSPC\] \(the previous version is unchanged\)",
+    ) as info:
+        atomic_write_text(target, "new")
+    assert info.value.errno == errno.ENOSPC
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json"]  # no temp file
+
+
+def test_a_full_disk_mid_training_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    x = np.random.default_rng(0).random((64, 8)).astype(np.float32)
+    model = aecore.create("ae", input_shape=(8,), latent_dim=2)
+    settings = {"batch_size": 16, "progress": False, "val_fraction": 0.0, "seed": 0}
+    Trainer(epochs=1, out_dir=tmp_path, **settings).fit(model, x)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    _full_disk(monkeypatch, only="checkpoint.safetensors")
+    with pytest.raises(
+        FileWriteError, match=r"could not sync to disk .*checkpoint.safetensors: No space"
+    ):
+        Trainer(epochs=3, out_dir=tmp_path, resume=True, **settings).fit(model, x)
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # and the run resumes from it once there is room again
+    history = Trainer(epochs=3, out_dir=tmp_path, resume=True, **settings).fit(model, x)
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
+
+
+def test_the_command_line_says_which_file_could_not_be_written(tmp_path, monkeypatch, capsys):
+    from aecore.cli import main
+
+    _full_disk(monkeypatch)
+    rc = main(["train", "ae", "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "could not sync to disk" in err and "No space left on device" in err
+    assert str(tmp_path / "r") in err

@@ -62,6 +62,7 @@ def train(
     normalize: str = "auto",
     split: str = "random",
     resume: bool = False,
+    allow_changes: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
     trainer_hook=None,
@@ -86,7 +87,10 @@ def train(
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
     model.normalization = prepared.normalization
-    trainer = Trainer(config, out_dir=out, resume=resume, overwrite=overwrite, progress=progress)
+    trainer = Trainer(
+        config, out_dir=out, resume=resume, allow_changes=allow_changes, overwrite=overwrite,
+        progress=progress,
+    )  # fmt: skip
     if trainer_hook is not None:
         trainer_hook(trainer)
     # the split's validation rows (with val_fraction=0 there are none, nor a hold-out)
@@ -100,6 +104,8 @@ def train(
         metrics["best_epoch"] = history.best_epoch
         metrics["kept_epoch"] = history.kept_epoch
         metrics["epochs_run"] = len(history.epochs)
+        if history.changes:  # settings a resume changed (allow_changes)
+            metrics["training_changes"] = history.changes
         if out is not None and history.is_main:  # under torchrun, rank 0 writes
             save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)

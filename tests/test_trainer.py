@@ -482,3 +482,28 @@ def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
             hparams={"probabilities": True},
         )  # fmt: skip
     assert result.model.lr == 0.02
+
+
+def test_a_resume_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    x = torch.rand(64, 8)
+    settings = {"batch_size": 16, "progress": False, "val_fraction": 0.0, "seed": 0}
+    model = aecore.create("ae", input_shape=(8,), latent_dim=2)
+    Trainer(epochs=1, out_dir=tmp_path, **settings).fit(model, x)
+    with pytest.raises(
+        ConfigError, match=r"checkpoint used lr=0.001; got lr=0.1 .*--allow-changes"
+    ):
+        Trainer(epochs=2, lr=0.1, out_dir=tmp_path, resume=True, **settings).fit(model, x)
+    with pytest.raises(ConfigError, match="cannot resume with optimizer='sgd'"):
+        Trainer(epochs=2, optimizer="sgd", out_dir=tmp_path, resume=True, allow_changes=True,
+                **settings).fit(model, x)  # fmt: skip
+    with pytest.raises(ConfigError, match="applies to resume=True"):
+        Trainer(allow_changes=True)
+    trainer = Trainer(
+        epochs=2, lr=0.1, out_dir=tmp_path, resume=True, allow_changes=True, **settings
+    )
+    history = trainer.fit(model, x)
+    assert history.changes == [{"epoch": 1, "changed": {"lr": [0.001, 0.1]}}]
+    # the new rate is what the checkpoint now holds: a plain resume at it continues
+    history = Trainer(epochs=3, lr=0.1, out_dir=tmp_path, resume=True, **settings).fit(model, x)
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
+    assert history.changes == [{"epoch": 1, "changed": {"lr": [0.001, 0.1]}}]

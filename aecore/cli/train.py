@@ -46,6 +46,11 @@ def add_commands(sub) -> None:
     )
     add_config_flags(s)
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    s.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue with changed training settings (listed and recorded)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace a run or model in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument(
@@ -143,6 +148,7 @@ def cmd_train(args) -> int:
             normalize=args.normalize,
             split=args.split,
             resume=args.resume,
+            allow_changes=args.allow_changes,
             overwrite=args.overwrite,
             progress=None if not args.quiet else False,
             trainer_hook=stopper.attach,

@@ -114,9 +114,11 @@ def read(
     rank: int,
     world: int,
     device: torch.device,
-) -> None:
+    allow_changes: bool = False,
+) -> dict[str, list[Any]]:
     """Restore model, optimizer, run state and RNG states from the checkpoint, after
-    checking that it belongs to this model and can continue exactly."""
+    checking that it belongs to this model and can continue exactly; with
+    ``allow_changes``, training settings may differ: returns {setting: [before, after]}."""
     path = out_dir / CHECKPOINT
     if not path.exists():
         raise ModelFileError(f"cannot resume: no {CHECKPOINT} in {out_dir}")
@@ -133,7 +135,22 @@ def read(
             f"cannot resume exactly: the checkpoint was written by {meta['world_size']} "
             f"process(es); resume with the same number (got {world})"
         )
-    _check_settings(meta.get("training") or meta.get("trainer") or {}, config)
+    changed = _changed_settings(meta.get("training") or meta.get("trainer") or {}, config)
+    if "optimizer" in changed:
+        before, after = changed["optimizer"]
+        raise ConfigError(
+            f"cannot resume with optimizer={after!r}: the checkpoint holds {before!r}'s "
+            f"state; resume with optimizer={before!r}, or start afresh (--overwrite)"
+        )
+    if changed and not allow_changes:
+        used = ", ".join(f"{name}={before!r}" for name, (before, _) in changed.items())
+        got = ", ".join(f"{name}={after!r}" for name, (_, after) in changed.items())
+        raise ConfigError(
+            f"cannot resume exactly: the checkpoint used {used}; got {got} (a resumed run "
+            f"keeps its training settings; only {', '.join(RESUMABLE_CHANGES)} may change; "
+            f"allow_changes=True (--allow-changes) continues with the new ones and records "
+            f"the change)"
+        )
     retired = set(getattr(model, "retired_state_keys", ()))
     model.load_state_dict(_state(tensors, "model.", retired))
     if optimizer is not None and meta["optimizer"] is not None:
@@ -156,6 +173,13 @@ def read(
     torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    if optimizer is not None:  # the requested rate and decay, not the saved state's
+        for group in optimizer.param_groups:
+            if "lr" in changed:
+                group["lr"] = config.lr
+            if "weight_decay" in changed and "weight_decay" in group:
+                group["weight_decay"] = config.weight_decay
+    return changed
 
 
 def _state(tensors: dict[str, torch.Tensor], prefix: str, retired: set[str]) -> dict:
@@ -177,19 +201,12 @@ def _same_model(model, saved_config: dict[str, Any]) -> bool:
         return False
 
 
-def _check_settings(saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run keeps the training settings it started with (older checkpoints
-    recorded some of them only); only RESUMABLE_CHANGES may differ."""
+def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:
+    """The training settings (older checkpoints recorded some only) that differ from the
+    saved ones, apart from RESUMABLE_CHANGES: {setting: [saved, requested]}."""
     requested = config.to_dict()
-    changed = [
-        name
+    return {
+        name: [value, requested[name]]
         for name, value in saved.items()
         if name in requested and name not in RESUMABLE_CHANGES and value != requested[name]
-    ]
-    if changed:
-        used = ", ".join(f"{name}={saved[name]!r}" for name in changed)
-        got = ", ".join(f"{name}={requested[name]!r}" for name in changed)
-        raise ConfigError(
-            f"cannot resume exactly: the checkpoint used {used}; got {got} (a resumed run "
-            f"keeps its training settings; only {', '.join(RESUMABLE_CHANGES)} may change)"
-        )
+    }

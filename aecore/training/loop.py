@@ -134,10 +134,15 @@ class TrainingRun:
             checkpoint.rewrite_metrics(self.out_dir, self.state.history)
 
     def _resume(self) -> None:
-        checkpoint.read(
+        changed = checkpoint.read(
             self.out_dir, self.model, self.optimizer, self.state, self.config,
             rank=self.dist.rank, world=self.dist.world, device=self.device,
+            allow_changes=self.trainer.allow_changes,
         )  # fmt: skip
+        if changed:  # allowed: said, and recorded in the history (and model.json)
+            self.state.history.changes.append({"epoch": self.state.epoch, "changed": changed})
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            self.log(f"resuming after epoch {self.state.epoch} with changed settings: {listed}")
         if self.state.history.stopped_early:
             self.state.epoch = self.config.epochs
         if self.is_main:

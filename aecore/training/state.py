@@ -29,6 +29,9 @@ class History:
     kept_epoch: int | None = None
     rank: int = 0
     world_size: int = 1
+    #: training settings a resume changed (allow_changes): {"epoch": the epochs done
+    #: before, "changed": {setting: [before, after]}} per such resume
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -43,11 +46,14 @@ class History:
             "best_epoch": self.best_epoch,
             "best_val_loss": self.best_val_loss,
             "stopped_early": self.stopped_early,
+            "changes": self.changes,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        return cls(d["epochs"], d["best_epoch"], d["best_val_loss"], d["stopped_early"])
+        history = cls(d["epochs"], d["best_epoch"], d["best_val_loss"], d["stopped_early"])
+        history.changes = list(d.get("changes", []))
+        return history
 
 
 class RunState:

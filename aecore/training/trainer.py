@@ -29,7 +29,9 @@ class Trainer:
 
     * ``out_dir``: writes ``metrics.jsonl`` and an atomic ``checkpoint.safetensors``
       (every ``checkpoint_every`` steps and at each epoch end);
-    * ``resume=True``: continue the run in ``out_dir`` exactly;
+    * ``resume=True``: continue the run in ``out_dir`` exactly; a changed training
+      setting is refused unless ``allow_changes=True``, which continues with it, says
+      so and records it in ``History.changes`` (and so in ``model.json``);
     * ``overwrite=True``: start afresh even where ``out_dir`` holds a run;
     * ``progress``: progress bars and log lines on stderr (default: when it is a terminal).
 
@@ -53,6 +55,7 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool | None = None,
+        allow_changes: bool = False,
         **settings: Any,
     ) -> None:
         if config is not None and not isinstance(config, TrainConfig):
@@ -63,6 +66,9 @@ class Trainer:
         self.device = resolve_device(self.config.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = bool(resume)
+        self.allow_changes = bool(allow_changes)
+        if self.allow_changes and not self.resume:
+            raise ConfigError("allow_changes=True applies to resume=True (--resume) only")
         self.overwrite = bool(overwrite)
         self.progress = progress
         if self.resume and self.out_dir is None:

@@ -136,12 +136,6 @@ def read(
             f"process(es); resume with the same number (got {world})"
         )
     changed = _changed_settings(meta.get("training") or meta.get("trainer") or {}, config)
-    if "optimizer" in changed:
-        before, after = changed["optimizer"]
-        raise ConfigError(
-            f"cannot resume with optimizer={after!r}: the checkpoint holds {before!r}'s "
-            f"state; resume with optimizer={before!r}, or start afresh (--overwrite)"
-        )
     if changed and not allow_changes:
         used = ", ".join(f"{name}={before!r}" for name, (before, _) in changed.items())
         got = ", ".join(f"{name}={after!r}" for name, (_, after) in changed.items())
@@ -150,6 +144,12 @@ def read(
             f"keeps its training settings; only {', '.join(RESUMABLE_CHANGES)} may change; "
             f"allow_changes=True (--allow-changes) continues with the new ones and records "
             f"the change)"
+        )
+    if "optimizer" in changed:
+        before, after = changed["optimizer"]
+        raise ConfigError(
+            f"cannot resume with optimizer={after!r}: the checkpoint holds {before!r}'s "
+            f"state; resume with optimizer={before!r}, or start afresh (--overwrite)"
         )
     retired = set(getattr(model, "retired_state_keys", ()))
     model.load_state_dict(_state(tensors, "model.", retired))

@@ -67,3 +67,30 @@ def test_the_lock_is_reentrant_in_a_process_and_a_refused_run_leaves_no_trace(tm
     with pytest.raises(RuntimeError, match="refused"), FolderLock(tmp_path / "other"):
         raise RuntimeError("refused")
     assert not (tmp_path / "other").exists()
+
+
+def test_every_file_of_a_run_carries_its_id_and_a_mixed_folder_is_refused(tmp_path):
+    import json
+    import shutil
+
+    import aecore
+    from aecore.errors import ModelFileError
+    from aecore.io.tensors import check_safetensors_header
+    from aecore.pipeline import train
+
+    for name, seed in (("a", 0), ("b", 1)):
+        train("ae", "digits", tmp_path / name, epochs=2, seed=seed, progress=False)
+    record = json.loads((tmp_path / "a" / "model.json").read_text())
+    run = record["run_id"]
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert run and {json.loads(line)["run"] for line in lines} == {run}
+    for file, field in (("model.safetensors", "run_id"), ("checkpoint.safetensors", "history")):
+        meta = json.loads(check_safetensors_header(tmp_path / "a" / file)["__metadata__"]["aecore"])
+        assert (meta[field]["run_id"] if field == "history" else meta[field]) == run
+    assert aecore.load(tmp_path / "a").run_id == run
+    # another run's metrics in the folder: the files no longer belong together
+    shutil.copy(tmp_path / "b" / "metrics.jsonl", tmp_path / "a" / "metrics.jsonl")
+    with pytest.raises(
+        ModelFileError, match=rf"mixes runs: model.json names run {run}, but metrics.jsonl from run"
+    ):
+        aecore.load(tmp_path / "a")

@@ -78,11 +78,14 @@ def save(
     detector = getattr(model, "detector", None)
     if detector is not None:  # aecore.AnomalyDetector's threshold
         record["detector"] = detector.to_dict()
+    run_id = getattr(model, "run_id", "")  # the training run (Trainer.fit sets it)
+    if run_id:
+        record["run_id"] = run_id
     directory.mkdir(parents=True, exist_ok=True)
     # a model may save an equivalent form of its state (an SAE folds its input scale)
     saved_state = getattr(model, "saved_state_dict", None)
     state = saved_state() if saved_state is not None else model.state_dict()
-    save_tensors(directory / WEIGHTS, _unique_state(state))
+    save_tensors(directory / WEIGHTS, _unique_state(state), {"run_id": run_id} if run_id else None)
     atomic_write_text(directory / CONFIG, json.dumps(record, indent=2) + "\n")
     return directory
 
@@ -155,7 +158,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
         raise ModelFileError(
             f"{directory}: the saved config does not fit {record['model']}: {exc}"
         ) from None
+    check_one_run(directory, record)
     load_weights(model, directory / WEIGHTS)
+    model.run_id = record.get("run_id", "")
     try:
         model.normalization = Normalization.from_dict(record.get("normalization"))
     except (ValueError, TypeError) as exc:
@@ -232,3 +237,37 @@ def load_weights(model, path: Path) -> None:
             f"{path}: the weights do not match the model config: {'; '.join(problems)}"
         )
     model.load_state_dict(state, strict=False)
+
+
+def check_one_run(directory: Path, record: dict[str, Any]) -> None:
+    """A ModelFileError unless the folder's weights, checkpoint and metrics come from
+    the run ``model.json`` names (files written before run ids carry none: not checked)."""
+    run_id = record.get("run_id")
+    if not run_id:
+        return
+    found: dict[str, set[str]] = {}
+    for name, key in ((WEIGHTS, "run_id"), ("checkpoint.safetensors", "history")):
+        path = directory / name
+        if path.exists():
+            raw = (check_safetensors_header(path).get("__metadata__") or {}).get("aecore")
+            meta = json.loads(raw) if raw else {}
+            value = meta.get(key) if isinstance(meta, dict) else None
+            other = value.get("run_id") if isinstance(value, dict) else value
+            if other:
+                found[name] = {other}
+    metrics = directory / "metrics.jsonl"
+    if metrics.exists():
+        runs = set()
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                runs.add(json.loads(line).get("run"))
+            except (ValueError, AttributeError):
+                continue
+        found["metrics.jsonl"] = runs - {None}
+    wrong = {name: sorted(ids) for name, ids in found.items() if ids - {run_id}}
+    if wrong:
+        listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
+        raise ModelFileError(
+            f"{directory} mixes runs: {CONFIG} names run {run_id}, but {listed}; the files "
+            f"do not belong together (two runs wrote this folder): retrain into a new folder"
+        )

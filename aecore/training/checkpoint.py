@@ -38,19 +38,25 @@ def check_fresh(out_dir: Path) -> None:
             )
 
 
-def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+def append_metrics(out_dir: Path, record: dict[str, Any], run_id: str = "") -> None:
     path = out_dir / METRICS
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_metrics_line(record, run_id))
     except OSError as exc:
         raise write_error(path, "append an epoch's line to", exc) from exc
 
 
 def rewrite_metrics(out_dir: Path, history: History) -> None:
     """metrics.jsonl as the history says (after a resume: drops lines of lost epochs)."""
-    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history.epochs))
+    lines = "".join(_metrics_line(r, history.run_id) for r in history.epochs)
+    atomic_write_text(out_dir / METRICS, lines)
+
+
+def _metrics_line(record: dict[str, Any], run_id: str) -> str:
+    """One epoch's line of metrics.jsonl, with the run it belongs to."""
+    return json.dumps({"run": run_id, **record} if run_id else record) + "\n"
 
 
 def write(

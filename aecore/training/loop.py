@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ class TrainingRun:
             self.dist.close()
         self._keep_best_weights()
         self.model.eval()
+        self.model.run_id = self.state.history.run_id  # aecore.save records it
         return self.state.history
 
     def _keep_best_weights(self) -> None:
@@ -110,6 +112,7 @@ class TrainingRun:
         if self.out_dir is not None and not self.trainer.overwrite:
             checkpoint.check_fresh(self.out_dir)
         self.dist.barrier()  # nobody writes before every process has checked
+        self.state.history.run_id = uuid.uuid4().hex[:16]
         torch.manual_seed(self.config.seed + self.dist.rank)
         self._check_first_batch()
         # data-dependent init and pretraining see the whole data in every process, so
@@ -226,7 +229,7 @@ class TrainingRun:
         elif improved:
             state.bad_epochs = 0
         if self.out_dir is not None and self.is_main:
-            checkpoint.append_metrics(self.out_dir, record)
+            checkpoint.append_metrics(self.out_dir, record, state.history.run_id)
         self._save_checkpoint()
         self.log(
             f"epoch {epoch}: "

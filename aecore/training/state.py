@@ -32,6 +32,9 @@ class History:
     #: training settings a resume changed (allow_changes): {"epoch": the epochs done
     #: before, "changed": {setting: [before, after]}} per such resume
     changes: list[dict[str, Any]] = field(default_factory=list)
+    #: the run's identity, carried by every file it writes (metrics lines, checkpoint,
+    #: model.json, the weights): set when a fresh run starts, kept by a resume
+    run_id: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -47,12 +50,14 @@ class History:
             "best_val_loss": self.best_val_loss,
             "stopped_early": self.stopped_early,
             "changes": self.changes,
+            "run_id": self.run_id,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
         history = cls(d["epochs"], d["best_epoch"], d["best_val_loss"], d["stopped_early"])
         history.changes = list(d.get("changes", []))
+        history.run_id = str(d.get("run_id", ""))
         return history
 
 

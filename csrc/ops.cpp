@@ -38,6 +38,10 @@ TORCH_LIBRARY(aecore, m) {
   m.def(
       "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec) "
       "-> (Tensor grad_values, Tensor grad_W_dec, Tensor grad_b_dec)");
+  // the SAE decoder's constraint, a row-local pass each: grad rows lose their component
+  // along the weight rows; weight rows are scaled to a given norm
+  m.def("remove_parallel_(Tensor(a!) grad, Tensor weight) -> ()");
+  m.def("set_row_norms_(Tensor(a!) weight, float norm) -> ()");
 }
 
 extern "C" {

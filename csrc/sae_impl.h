@@ -211,4 +211,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_impl(
   return {grad_values, grad_W, g.sum(0)};
 }
 
+// The decoder constraint's row passes, in place on contiguous tensors.
+template <class K>
+void remove_parallel_impl(at::Tensor& grad, const at::Tensor& weight) {
+  check_sae_matrix<K>(grad, "grad");
+  check_same(grad, weight, "weight");
+  TORCH_CHECK(weight.sizes() == grad.sizes(), "aecore: weight must be ", grad.sizes(),
+              ", got ", weight.sizes());
+  TORCH_CHECK(grad.is_contiguous(), "aecore: grad must be contiguous (it is changed in place)");
+  const at::Tensor w = weight.contiguous();
+  dispatch_sae<K>(grad.scalar_type(), [&]<typename T>() {
+    K::template remove_parallel<T>(grad.data_ptr<T>(), w.data_ptr<T>(), grad.size(0),
+                                   grad.size(1));
+  });
+}
+
+template <class K>
+void set_row_norms_impl(at::Tensor& weight, double norm) {
+  check_sae_matrix<K>(weight, "weight");
+  TORCH_CHECK(norm > 0, "aecore: norm must be positive, got ", norm);
+  TORCH_CHECK(weight.is_contiguous(), "aecore: weight must be contiguous (changed in place)");
+  dispatch_sae<K>(weight.scalar_type(), [&]<typename T>() {
+    K::template set_row_norms<T>(weight.data_ptr<T>(), weight.size(0), weight.size(1), norm);
+  });
+}
+
 }  // namespace aecore

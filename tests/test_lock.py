@@ -94,3 +94,26 @@ def test_every_file_of_a_run_carries_its_id_and_a_mixed_folder_is_refused(tmp_pa
         ModelFileError, match=rf"mixes runs: model.json names run {run}, but metrics.jsonl from run"
     ):
         aecore.load(tmp_path / "a")
+
+
+def test_a_reader_of_a_folder_being_rewritten_is_told_so(tmp_path):
+    import shutil
+
+    import aecore
+    from aecore.errors import ModelFileError
+    from aecore.pipeline import train
+
+    for name, seed in (("run", 0), ("other", 1)):
+        train("ae", "digits", tmp_path / name, epochs=1, seed=seed, progress=False)
+    # a second run is overwriting "run": its new metrics beside the earlier model
+    shutil.copy(tmp_path / "other" / "metrics.jsonl", tmp_path / "run" / "metrics.jsonl")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with pytest.raises(ModelFileError, match=rf"is being written by PID {proc.pid}"):
+            aecore.load(tmp_path / "run")
+    finally:
+        proc.kill()
+        proc.wait()

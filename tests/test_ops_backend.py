@@ -110,6 +110,8 @@ def test_backend_report_lists_every_op_and_device():
         "topk_sparsify",
         "topk_encode",
         "sparse_decode",
+        "remove_parallel_",
+        "set_row_norms_",
     )
     # every op of one device runs the same implementation: the library is per device
     for dev in devices:

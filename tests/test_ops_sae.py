@@ -225,3 +225,48 @@ def test_the_step_benchmark_reports_every_implementation(tmp_path, capsys):
     assert "aecore fused" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected small, large or d:n:k"):
         sae_step.main(["--shapes", "16:128"])
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    d=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_decoder_row_passes_match_the_reference(n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    grad = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    if n > 2:
+        weight[1] = 0.0  # a row of zeros is left alone
+    want, got = grad.clone(), grad.clone()
+    reference.remove_parallel_(want, weight)
+    torch.ops.aecore.remove_parallel_(got, weight)
+    torch.testing.assert_close(got, want, **tol(dtype))
+    if n:
+        assert (got * weight).sum(1).abs().max() < 1e-3 * (1 + grad.abs().max())
+    want_w, got_w = weight.clone(), weight.clone()
+    reference.set_row_norms_(want_w, 2.5)
+    torch.ops.aecore.set_row_norms_(got_w, 2.5)
+    torch.testing.assert_close(got_w, want_w, **tol(dtype))
+
+
+@needs_ext
+def test_the_row_passes_pass_opcheck_and_refuse_bad_input():
+    from torch.library import opcheck
+
+    w, g = torch.randn(6, 5), torch.randn(6, 5)
+    opcheck(torch.ops.aecore.remove_parallel_, (g, w))
+    opcheck(torch.ops.aecore.set_row_norms_, (w.clone(), 1.5))
+    with pytest.raises(ShapeError, match="grad and weight must have one shape"):
+        ops.remove_parallel_(torch.randn(6, 4), w)
+    with pytest.raises(ConfigError, match="norm must be a positive finite number, got 0"):
+        ops.set_row_norms_(w, 0)
+    # a non-contiguous view still gets the right answer (through the reference)
+    wt = torch.randn(5, 6).t()
+    expected = wt.clone()
+    reference.set_row_norms_(expected, 1.0)
+    ops.set_row_norms_(wt, 1.0)
+    torch.testing.assert_close(wt, expected)

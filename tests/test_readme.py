@@ -35,6 +35,15 @@ def test_scikit_learn_example_runs():
     assert ran.returncode == 0, ran.stderr[-3000:]
 
 
+def test_anomaly_example_runs(tmp_path):
+    code = python_block("Anomaly detection with PyOD's conventions")
+    ran = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert (tmp_path / "zeros.onnx").exists()
+
+
 def test_plugin_example_matches_the_one_the_tests_install():
     """The README's plugin is the plugin tests/plugin_example ships (minus its docstring)."""
     shipped = (

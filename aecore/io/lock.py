@@ -100,3 +100,29 @@ class FolderLock:
                 if failed and self._made_folder:
                     with contextlib.suppress(OSError):  # only an empty folder goes
                         self.folder.rmdir()
+
+
+def writer_of(folder: str | os.PathLike) -> str | None:
+    """Who holds ``folder``'s lock in another process (as ``describe_holder`` says), or
+    None when nobody else does."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    if not path.exists():
+        return None
+    with _held_guard:
+        if str(folder.resolve()) in _held:
+            return None  # this process
+    try:
+        with open(path, encoding="utf-8") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return describe_holder(path)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None

@@ -20,6 +20,7 @@ from aecore.data.normalization import Normalization
 from aecore.detection import ScoreThreshold
 from aecore.errors import AecoreError, ConfigError, DataError, ModelFileError, RegistryError
 from aecore.io.atomic import atomic_write_text
+from aecore.io.lock import writer_of
 from aecore.io.tensors import check_safetensors_header, save_tensors
 from aecore.registry import check_hyperparameters, model_class, name_of
 
@@ -267,6 +268,12 @@ def check_one_run(directory: Path, record: dict[str, Any]) -> None:
     wrong = {name: sorted(ids) for name, ids in found.items() if ids - {run_id}}
     if wrong:
         listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
+        writer = writer_of(directory)
+        if writer is not None:
+            raise ModelFileError(
+                f"{directory} is being written by {writer}: its {CONFIG} is an earlier "
+                f"run's ({run_id}) while {listed}; load it when that run has finished"
+            )
         raise ModelFileError(
             f"{directory} mixes runs: {CONFIG} names run {run_id}, but {listed}; the files "
             f"do not belong together (two runs wrote this folder): retrain into a new folder"

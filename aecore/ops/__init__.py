@@ -17,6 +17,8 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
 * :func:`topk_encode` -> ``(values, indices)``: a top-k SAE encoder that never holds the
   (B, n) pre-activations; :func:`sparse_decode`: its decoder, reading only the chosen
   dictionary rows. Both differentiable, with sparse backward kernels.
+* :func:`remove_parallel_`, :func:`set_row_norms_`: the SAE decoder's unit-norm
+  constraint, each one row-local pass, in place.
 
 Sampling is reproducible: the fused kernels draw from Philox-4x32-10 keyed by a seed and
 an offset taken from ``generator`` (or torch's default generator), so the same seed gives
@@ -32,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aecore.errors import ShapeError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -50,6 +53,8 @@ __all__ = [
     "gibbs_chain",
     "kl_sparsity",
     "reference",
+    "remove_parallel_",
+    "set_row_norms_",
     "sparse_decode",
     "topk_encode",
     "topk_sparsify",
@@ -204,3 +209,38 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     if _fused_sae(values):
         return _fused.sparse_decode(values, indices, W_dec, b_dec)
     return reference.gather_decode(values, indices, W_dec, b_dec)
+
+
+def _rows_args(op: str, **tensors: Tensor) -> None:
+    first = None
+    for name, t in tensors.items():
+        check.tensor(op, name, t, 2, like=first, like_name="weight", dtypes=check.SAE_DTYPES)
+        first = first if first is not None else t
+    shapes = {tuple(t.shape) for t in tensors.values()}
+    if len(shapes) > 1:
+        raise ShapeError(f"{op}: grad and weight must have one shape, got {sorted(shapes)}")
+
+
+@torch.no_grad()
+def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
+    """Removes from each row of ``grad`` its component along the same row of ``weight``
+    (both (n, d)), in place: with rows held at a fixed norm, that component would only
+    change the norm. Rows of zeros are left alone. One row-local pass on the fused
+    kernels (the reference: about seven passes over the matrix)."""
+    _rows_args("remove_parallel_", weight=weight, grad=grad)
+    if _fused_sae(grad) and grad.is_contiguous():
+        torch.ops.aecore.remove_parallel_(grad, weight.detach())
+    else:
+        reference.remove_parallel_(grad, weight)
+
+
+@torch.no_grad()
+def set_row_norms_(weight: Tensor, norm: float) -> None:
+    """Scales each row of ``weight`` (n, d) to L2 norm ``norm`` (> 0), in place; rows
+    of zeros stay zero."""
+    _rows_args("set_row_norms_", weight=weight)
+    norm = check.positive("set_row_norms_", "norm", norm)
+    if _fused_sae(weight) and weight.is_contiguous():
+        torch.ops.aecore.set_row_norms_(weight.detach(), norm)
+    else:
+        reference.set_row_norms_(weight, norm)

@@ -15,11 +15,20 @@ import torch
 from aecore.errors import ConfigError
 
 #: the public ops, in the order backend_report lists them
-OPS = ("gibbs_chain", "cd_step", "kl_sparsity", "topk_sparsify", "topk_encode", "sparse_decode")
+OPS = (
+    "gibbs_chain", "cd_step", "kl_sparsity", "topk_sparsify", "topk_encode", "sparse_decode",
+    "remove_parallel_", "set_row_norms_",
+)  # fmt: skip
 
 #: the largest k of the CUDA topk_encode kernel (its per-row heap lives in shared memory);
 #: a larger k runs the reference
 CUDA_TOPK_ENCODE_MAX_K = 256
+
+#: every schema csrc/ops.cpp defines (the public ops and their backward passes)
+SCHEMAS = (
+    *OPS, "kl_sparsity_backward", "topk_sparsify_backward", "topk_encode_backward",
+    "sparse_decode_backward",
+)  # fmt: skip
 
 _DISABLED = os.environ.get("AECORE_DISABLE_EXT", "").strip() not in ("", "0")
 
@@ -41,6 +50,15 @@ def _load_all() -> tuple[bool, dict[str, tuple[bool, str]]]:
         off = (False, "AECORE_DISABLE_EXT=1")
         return False, {"cpu": off, "cuda": off}
     schemas = _load("aecore._C")
+    if schemas[0]:
+        # a build older than this Python code lacks some ops: use none of its kernels
+        missing = [op for op in SCHEMAS if not hasattr(torch.ops.aecore, op)]
+        if missing:
+            schemas = (
+                False,
+                f"extension out of date (no {', '.join(missing)}): rebuild it with "
+                f"`pip install --no-build-isolation -e .` (or make install)",
+            )
     if not schemas[0]:
         return False, {"cpu": schemas, "cuda": schemas}
     cuda = _load("aecore._C_cuda")

@@ -71,6 +71,14 @@ if SCHEMAS_LOADED:
             W_dec.new_empty((W_dec.shape[1],)),
         )
 
+    @torch.library.register_fake("aecore::remove_parallel_")
+    def _remove_parallel_fake(grad, weight):
+        return None
+
+    @torch.library.register_fake("aecore::set_row_norms_")
+    def _set_row_norms_fake(weight, norm):
+        return None
+
     def _topk_encode_setup(ctx, inputs, output):
         x, W_enc, _b_enc, b_dec, _k = inputs
         ctx.save_for_backward(output[0], output[1], x, W_enc, b_dec)

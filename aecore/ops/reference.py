@@ -168,3 +168,18 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     """``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]`` (B, d)."""
     check.sparse_decode_args(values, indices, W_dec, b_dec)
     return gather_decode(values, indices, W_dec, b_dec)
+
+
+@torch.no_grad()
+def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
+    """``grad[r] -= (<grad[r], w[r]> / |w[r]|^2) w[r]`` in place (rows of zeros alone)."""
+    sq = (weight * weight).sum(1, keepdim=True)
+    coef = (grad * weight).sum(1, keepdim=True) / torch.where(sq > 0, sq, torch.ones_like(sq))
+    grad.sub_(coef * weight)
+
+
+@torch.no_grad()
+def set_row_norms_(weight: Tensor, norm: float) -> None:
+    """``w[r] *= norm / |w[r]|`` in place (rows of zeros alone)."""
+    length = weight.norm(dim=1, keepdim=True)
+    weight.mul_(torch.where(length > 0, norm / length, torch.ones_like(length)))

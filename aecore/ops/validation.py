@@ -235,3 +235,13 @@ def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
             raise ConfigError(
                 f"{op}: indices must lie in [0, {n}) (W_dec's rows), got values in [{lo}, {hi}]"
             )
+
+
+def positive(op: str, name: str, value) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ConfigError(f"{op}: {name} must be a positive finite number, got {value!r}")
+    return float(value)

@@ -9,13 +9,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from aecore import ops
+
 GEOMETRIC_MEDIAN_STEPS = 100
 
 
 @torch.no_grad()
 def set_row_norms(weight: Tensor, norm: float) -> None:
     """Scale each row of ``weight`` to L2 norm ``norm`` (rows of zeros stay zero)."""
-    weight.mul_(norm / weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    ops.set_row_norms_(weight.data, norm)
 
 
 @torch.no_grad()
@@ -25,8 +27,7 @@ def remove_parallel_gradient(weight: Tensor) -> None:
     and it would distort Adam's statistics."""
     if weight.grad is None:
         return
-    unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    weight.grad.sub_((weight.grad * unit).sum(1, keepdim=True) * unit)
+    ops.remove_parallel_(weight.grad, weight.data)
 
 
 @torch.no_grad()

@@ -129,6 +129,14 @@ struct CpuKernels {
   static void heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
     cpu::topk_heap_finish<T>(rows, k, hv, hi, values);
   }
+  template <typename T>
+  static void remove_parallel(T* grad, const T* w, int64_t rows, int64_t d) {
+    cpu::remove_parallel<T>(grad, w, rows, d);
+  }
+  template <typename T>
+  static void set_row_norms(T* w, int64_t rows, int64_t d, double norm) {
+    cpu::set_row_norms<T>(w, rows, d, static_cast<T>(norm));
+  }
 };
 
 GibbsOut gibbs_chain_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
@@ -164,6 +172,8 @@ TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("topk_encode_backward", &topk_encode_backward_impl<CpuKernels>);
   m.impl("sparse_decode", &sparse_decode_impl<CpuKernels>);
   m.impl("sparse_decode_backward", &sparse_decode_backward_impl<CpuKernels>);
+  m.impl("remove_parallel_", &remove_parallel_impl<CpuKernels>);
+  m.impl("set_row_norms_", &set_row_norms_impl<CpuKernels>);
 }
 
 }  // namespace aecore

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -38,6 +39,14 @@ AECORE_CLONES static void axpy(float* o, float v, const float* w, int64_t d) {
 AECORE_CLONES static void axpy(double* o, double v, const double* w, int64_t d) {
   axpy_impl<double>(o, v, w, d);
 }
+template <typename T>
+__attribute__((always_inline)) inline void scale_impl(T* __restrict__ o, T v, int64_t d) {
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) o[c] *= v;
+}
+
+AECORE_CLONES static void scale(float* o, float v, int64_t d) { scale_impl<float>(o, v, d); }
+AECORE_CLONES static void scale(double* o, double v, int64_t d) { scale_impl<double>(o, v, d); }
 AECORE_CLONES static float dot(const float* a, const float* b, int64_t d) {
   return dot_impl<float>(a, b, d);
 }
@@ -239,6 +248,31 @@ void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
       // a slot never filled (every pre-activation -inf) names latent 0 with value 0
       if (ri[j] == std::numeric_limits<int64_t>::max()) ri[j] = 0;
     }
+  }
+}
+
+// grad[r] -= (<grad[r], w[r]> / |w[r]|^2) w[r] for each row (rows of zeros left alone).
+template <typename T>
+void remove_parallel(T* grad, const T* w, int64_t rows, int64_t d) {
+  const int nt = threads_now(rows * d);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* g = grad + r * d;
+    const T* wr = w + r * d;
+    const T sq = detail::dot(wr, wr, d);
+    if (sq > T(0)) detail::axpy(g, -detail::dot(g, wr, d) / sq, wr, d);
+  }
+}
+
+// w[r] *= norm / |w[r]| for each row (rows of zeros left alone).
+template <typename T>
+void set_row_norms(T* w, int64_t rows, int64_t d, T norm) {
+  const int nt = threads_now(rows * d);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* wr = w + r * d;
+    const T sq = detail::dot(wr, wr, d);
+    if (sq > T(0)) detail::scale(wr, norm / std::sqrt(sq), d);
   }
 }
 

@@ -94,5 +94,12 @@ template <typename T>
 void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i,
                      T* values, cudaStream_t stream);
 
+// The decoder constraint's row passes (in place): grad rows lose their component along
+// w's rows; w's rows scaled to norm. Rows of zeros are left alone.
+template <typename T>
+void sae_remove_parallel(T* grad, const T* w, int64_t rows, int64_t d, cudaStream_t stream);
+template <typename T>
+void sae_set_row_norms(T* w, int64_t rows, int64_t d, double norm, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace aecore

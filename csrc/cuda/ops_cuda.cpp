@@ -137,6 +137,16 @@ struct CudaKernels {
     return true;  // a NaN sets *bad on the device
   }
   template <typename T>
+  static void remove_parallel(T* grad, const T* w, int64_t rows, int64_t d) {
+    cuda::sae_remove_parallel<D<T>>(dev(grad), dev(w), rows, d, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void set_row_norms(T* w, int64_t rows, int64_t d, double norm) {
+    cuda::sae_set_row_norms<D<T>>(dev(w), rows, d, norm, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
   static void heap_finish(int64_t rows, int64_t k, SaeAcc<T>* hv, int64_t* hi, T* values) {
     cuda::sae_heap_finish<D<T>>(rows, k, hv, hi, dev(values), stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -217,6 +227,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   return sparse_decode_backward_impl<CudaKernels>(grad_out, values, indices, W);
 }
 
+void remove_parallel_cuda(at::Tensor& grad, const at::Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  remove_parallel_impl<CudaKernels>(grad, weight);
+}
+
+void set_row_norms_cuda(at::Tensor& weight, double norm) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  set_row_norms_impl<CudaKernels>(weight, norm);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
@@ -230,6 +250,8 @@ TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
   m.impl("topk_encode_backward", &topk_encode_backward_cuda);
   m.impl("sparse_decode", &sparse_decode_cuda);
   m.impl("sparse_decode_backward", &sparse_decode_backward_cuda);
+  m.impl("remove_parallel_", &remove_parallel_cuda);
+  m.impl("set_row_norms_", &set_row_norms_cuda);
 }
 
 }  // namespace aecore

@@ -240,6 +240,36 @@ __global__ void heap_init_kernel(int64_t n, A* heap_v, int64_t* heap_i) {
   heap_i[e] = -1;
 }
 
+// One warp per row: the row's squared norm and dot product, then the row update.
+template <typename T>
+__global__ void row_constraint_kernel(T* __restrict__ target, const T* __restrict__ w,
+                                      int64_t rows, int64_t d, double norm, bool project) {
+  using A = typename AccOf<T>::type;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  T* t = target + r * d;
+  const T* wr = w + r * d;
+  A sq = 0, dp = 0;
+  for (int64_t c = lane; c < d; c += 32) {
+    const A wv = load(wr + c);
+    sq += wv * wv;
+    if (project) dp += load(t + c) * wv;
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    dp += __shfl_xor_sync(0xffffffffu, dp, off);
+  }
+  if (!(sq > A(0))) return;  // a row of zeros is left alone
+  if (project) {
+    const A coef = dp / sq;
+    for (int64_t c = lane; c < d; c += 32) t[c] = store<T>(load(t + c) - coef * load(wr + c));
+  } else {
+    const A s = static_cast<A>(norm) / sqrt(sq);
+    for (int64_t c = lane; c < d; c += 32) t[c] = store<T>(load(t + c) * s);
+  }
+}
+
 unsigned blocks(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
 }  // namespace
@@ -293,6 +323,20 @@ void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, i
   heap_finish_kernel<T><<<blocks(rows, 128), 128, 0, stream>>>(rows, k, heap_v, heap_i, values);
 }
 
+template <typename T>
+void sae_remove_parallel(T* grad, const T* w, int64_t rows, int64_t d, cudaStream_t stream) {
+  if (rows == 0 || d == 0) return;
+  row_constraint_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d, 0.0,
+                                                                        true);
+}
+
+template <typename T>
+void sae_set_row_norms(T* w, int64_t rows, int64_t d, double norm, cudaStream_t stream) {
+  if (rows == 0 || d == 0) return;
+  row_constraint_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d, norm,
+                                                                        false);
+}
+
 #define AECORE_SAE_INSTANTIATE(T)                                                               \
   template void sae_gather_sum<T>(const T*, const int64_t*, int64_t, int64_t, const T*, int64_t, \
                                   const T*, T*, cudaStream_t);                                   \
@@ -303,7 +347,10 @@ void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, i
   template void sae_heap_init<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, cudaStream_t);     \
   template void sae_merge_tile<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t,        \
                                   AccOf<T>::type*, int64_t*, int*, cudaStream_t);                \
-  template void sae_heap_finish<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, T*, cudaStream_t);
+  template void sae_heap_finish<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, T*,              \
+                                   cudaStream_t);                                                \
+  template void sae_remove_parallel<T>(T*, const T*, int64_t, int64_t, cudaStream_t);            \
+  template void sae_set_row_norms<T>(T*, int64_t, int64_t, double, cudaStream_t);
 
 AECORE_SAE_INSTANTIATE(float)
 AECORE_SAE_INSTANTIATE(double)

@@ -26,6 +26,7 @@ _LAZY = {
     "AecoreError": "aecore.errors",
     "AutoencoderTransformer": "aecore.sklearn",
     "AnomalyDetector": "aecore.anomaly",
+    "open_model": "aecore.serving",
     "export_onnx": "aecore.onnx",
 }
 

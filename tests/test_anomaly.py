@@ -128,8 +128,8 @@ def test_a_fitted_detector_has_pyods_attributes_and_methods(fitted):
 
 def test_the_threshold_travels_to_the_folder_and_to_onnx(fitted, tmp_path):
     pytest.importorskip("onnxruntime")
+    from aecore import open_model
     from aecore.cli import main
-    from aecore.cli.inference import open_model
     from aecore.runtime import OnnxAutoencoder
 
     detector, X, _ = fitted

@@ -117,3 +117,29 @@ def test_a_reader_of_a_folder_being_rewritten_is_told_so(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_export_target_has_one_writer(tmp_path):
+    import aecore
+    from aecore.io.lock import FileLock
+
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    target = tmp_path / "m.onnx"
+    hold = HOLD.replace("FolderLock", "FileLock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with pytest.raises(
+            InUseError, match=rf"cannot export to .*m.onnx: it is being written by PID {proc.pid}"
+        ):
+            aecore.export_onnx(model, target)
+        assert not target.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    aecore.export_onnx(model, target)  # the killed writer's lock went with it
+    assert target.exists() and not (tmp_path / f".m.onnx{LOCK_FILE}").exists()
+    with FileLock(target):
+        pass

@@ -126,3 +126,46 @@ def writer_of(folder: str | os.PathLike) -> str | None:
     except OSError:
         return None
     return None
+
+
+class FileLock:
+    """``with FileLock(path, "export to"):`` holds a file target (an ONNX export) for this
+    process: a lock file ``.NAME.aecore.lock`` beside it, removed again on release."""
+
+    def __init__(self, path: str | os.PathLike, purpose: str = "write") -> None:
+        self.path = Path(path)
+        self.purpose = purpose
+        self.lock_path = self.path.parent / f".{self.path.name}{LOCK_FILE}"
+        self._file = None
+
+    def __enter__(self) -> FileLock:
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the holder before may have removed the file between our open and flock
+            if os.fstat(f.fileno()).st_ino != os.stat(self.lock_path).st_ino:
+                raise OSError("lock file replaced")
+        except OSError:
+            f.close()
+            raise InUseError(
+                f"cannot {self.purpose} {self.path}: it is being written by "
+                f"{describe_holder(self.lock_path)}; wait for that to finish, or choose "
+                f"another name"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(holder_record()) + "\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self.lock_path.unlink(missing_ok=True)  # before the unlock: see __enter__
+            self._file.close()
+            self._file = None

@@ -18,6 +18,7 @@ exported raises ``OnnxExportError`` naming the model and the operation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -33,6 +34,7 @@ from aecore.base import Autoencoder
 from aecore.data.normalization import Normalization
 from aecore.errors import ConfigError, ModelFileError, OnnxExportError
 from aecore.io.atomic import atomic_write
+from aecore.io.lock import FileLock
 from aecore.io.model_folder import load
 from aecore.onnx.fold_normalization import IN_GRAPH_KEY, fold_normalization
 from aecore.onnx.graphs import (
@@ -90,9 +92,16 @@ def export_onnx(
             )
     model, name = _resolve_model(model_or_dir)
     protos = export_protos(model, name, parts, opset=opset)
-    for p, proto in protos.items():
-        blob = proto.SerializeToString()
-        atomic_write(targets[p], lambda f, blob=blob: f.write(blob))
+    with contextlib.ExitStack() as held:  # one writer per target file
+        for target in targets.values():
+            held.enter_context(FileLock(target, "export to"))
+            if target.exists() and not overwrite:  # written while this export traced
+                raise ModelFileError(
+                    f"{target} exists; pass overwrite=True (--overwrite) or choose another name"
+                )
+        for p, proto in protos.items():
+            blob = proto.SerializeToString()
+            atomic_write(targets[p], lambda f, blob=blob: f.write(blob))
     return targets["full"] if part == "all" else path
 
 

@@ -1,0 +1,68 @@
+"""One numpy interface for a served model, whatever it is: a model folder run by
+PyTorch or an ``.onnx`` export run by onnxruntime (``open_model``), with the runtime's
+checks, normalisation and batching and PyOD's detector methods (``predict``,
+``predict_proba``, ``predict_confidence``) when the model was saved with a threshold."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from aecore.errors import ModelFileError
+from aecore.runtime import ArrayModel, OnnxAutoencoder
+
+
+class TorchArrayModel(ArrayModel):
+    """A model folder run by PyTorch behind ``OnnxAutoencoder``'s numpy interface."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from aecore.io.model_folder import load
+
+        self.model = load(directory)
+        self.name = self.model.metadata["model"]
+        self.input_shape = tuple(self.model.input_shape)
+        self.latent_dim = self.model.latent_dim
+        self.normalization = self.model.normalization
+        self.detector = getattr(self.model, "detector", None)
+
+    def _anomaly_scores(self, X) -> np.ndarray:
+        import torch
+
+        kind = self.detector.kind if self.detector is not None else "reconstruction"
+        if kind == "reconstruction":
+            return self.score(X)
+        x = self._apply(self._check_inputs(X))
+        if self.model.input_range is not None:  # as the estimator clips new rows
+            x = np.clip(x, *self.model.input_range)
+        batch = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
+        return self.model.score(batch, kind=kind).double().numpy()
+
+    def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        # torch refuses read-only buffers (memory maps): copy those
+        x = torch.from_numpy(np.require(batch, np.float32, ["C", "W"]))
+        with torch.inference_mode():
+            if part == "encoder":
+                out = self.model.encode(x)
+            elif part == "decoder":
+                out = self.model.decode(x)
+            else:
+                out = self.model(x)
+        result = out.float().numpy()
+        # the caller changes outputs in place: never hand back a view of the input
+        return result.copy() if np.may_share_memory(result, batch) else result
+
+
+def open_model(spec: str) -> ArrayModel:
+    """A model folder (torch) or an .onnx file (onnxruntime) by path."""
+    path = Path(spec)
+    if path.is_dir():
+        return TorchArrayModel(path)
+    if path.suffix.lower() == ".onnx":
+        return OnnxAutoencoder(path)
+    if not path.exists():
+        raise ModelFileError(f"{spec}: no such model folder or .onnx file")
+    raise ModelFileError(f"{spec}: expected a model folder or an .onnx file")

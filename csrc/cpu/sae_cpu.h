@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/topk_heap.h"
 #include "cpu/rbm_cpu.h"
 
 namespace aecore {
@@ -123,27 +124,7 @@ void sparse_accumulate(const T* values, const int64_t* idx, int64_t rows, int64_
   }
 }
 
-// The running top-k of each row as a size-k min-heap (root: the worst kept entry). An
-// entry is better when larger, or equal and at a lower latent index.
-template <typename T>
-inline bool sae_better(T a, int64_t ia, T b, int64_t ib) {
-  return a > b || (a == b && ia < ib);
-}
-
-template <typename T>
-inline void sae_sift_down(T* hv, int64_t* hi, int64_t k, int64_t pos) {
-  for (;;) {
-    int64_t worst = pos;
-    const int64_t l = 2 * pos + 1, r = l + 1;
-    if (l < k && sae_better(hv[worst], hi[worst], hv[l], hi[l])) worst = l;
-    if (r < k && sae_better(hv[worst], hi[worst], hv[r], hi[r])) worst = r;
-    if (worst == pos) return;
-    std::swap(hv[pos], hv[worst]);
-    std::swap(hi[pos], hi[worst]);
-    pos = worst;
-  }
-}
-
+// The running top-k of each row: a heap (common/topk_heap.h) ranked LargerFirst.
 // Starts every row's heap empty: k entries of -inf at indices past any latent.
 template <typename T>
 void topk_heap_init(int64_t rows, int64_t k, T* hv, int64_t* hi) {
@@ -171,7 +152,7 @@ inline bool merge_entries(const T* p, const T* b, int64_t c0, int64_t c1, int64_
       }
       rv[0] = v;
       ri[0] = col0 + c;
-      sae_sift_down(rv, ri, k, 0);
+      heap_sift_down(rv, ri, k, 0, LargerFirst{});
     }
   }
   return finite;
@@ -237,12 +218,7 @@ void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
   for (int64_t r = 0; r < rows; ++r) {
     T* rv = hv + r * k;
     int64_t* ri = hi + r * k;
-    // heap sort: the root (worst) goes to the end each round
-    for (int64_t end = k - 1; end > 0; --end) {
-      std::swap(rv[0], rv[end]);
-      std::swap(ri[0], ri[end]);
-      sae_sift_down(rv, ri, end, 0);
-    }
+    heap_sort_best_first(rv, ri, k, LargerFirst{});
     for (int64_t j = 0; j < k; ++j) {
       values[r * k + j] = rv[j] > T(0) ? rv[j] : T(0);
       // a slot never filled (every pre-activation -inf) names latent 0 with value 0

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/topk_heap.h"
 #include "cuda/kernels.cuh"
 
 namespace aecore {
@@ -127,29 +128,6 @@ __global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* _
 
 // --- the streaming top-k ------------------------------------------------------------
 
-template <typename A>
-__device__ __forceinline__ bool better(A a, int64_t ia, A b, int64_t ib) {
-  return a > b || (a == b && ia < ib);
-}
-
-template <typename A>
-__device__ void sift_down(A* hv, int64_t* hi, int64_t k, int64_t pos) {
-  for (;;) {
-    int64_t worst = pos;
-    const int64_t l = 2 * pos + 1, r = l + 1;
-    if (l < k && better(hv[worst], hi[worst], hv[l], hi[l])) worst = l;
-    if (r < k && better(hv[worst], hi[worst], hv[r], hi[r])) worst = r;
-    if (worst == pos) return;
-    const A tv = hv[pos];
-    hv[pos] = hv[worst];
-    hv[worst] = tv;
-    const int64_t ti = hi[pos];
-    hi[pos] = hi[worst];
-    hi[worst] = ti;
-    pos = worst;
-  }
-}
-
 constexpr int kMergeWarps = 4;
 
 // One warp per row. The heap (k <= kMaxHeap entries) is loaded into shared memory,
@@ -197,7 +175,7 @@ __global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64
         if (x > hv[0]) {
           hv[0] = x;
           hi[0] = col0 + c0 + src;
-          sift_down(hv, hi, k, 0);
+          heap_sift_down(hv, hi, k, 0, LargerFirst{});
         }
       }
     }
@@ -217,15 +195,7 @@ __global__ void heap_finish_kernel(int64_t rows, int64_t k, typename AccOf<T>::t
   if (r >= rows) return;
   auto* hv = heap_v + r * k;
   int64_t* hi = heap_i + r * k;
-  for (int64_t end = k - 1; end > 0; --end) {
-    const auto tv = hv[0];
-    hv[0] = hv[end];
-    hv[end] = tv;
-    const int64_t ti = hi[0];
-    hi[0] = hi[end];
-    hi[end] = ti;
-    sift_down(hv, hi, end, 0);
-  }
+  heap_sort_best_first(hv, hi, k, LargerFirst{});
   for (int64_t j = 0; j < k; ++j) {
     values[r * k + j] = store<T>(hv[j] > 0 ? hv[j] : 0);
     if (hi[j] < 0) hi[j] = 0;  // a slot never filled names latent 0 with value 0

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "common/topk_heap.h"
 #include "cuda/kernels.cuh"
 #include "common/sparsity_common.h"
 
@@ -103,24 +104,13 @@ __global__ void topk_kernel(const T* __restrict__ z, int64_t cols, int64_t k, T*
   }
 }
 
-// Heap order for top-k: the root is the worst kept entry under topk_before.
-template <typename T>
-__device__ void topk_sift_down(T* hv, int64_t* hi, int64_t k, int64_t pos) {
-  for (;;) {
-    int64_t worst = pos;
-    const int64_t l = 2 * pos + 1, r = l + 1;
-    if (l < k && topk_before(hv[worst], hi[worst], hv[l], hi[l])) worst = l;
-    if (r < k && topk_before(hv[worst], hi[worst], hv[r], hi[r])) worst = r;
-    if (worst == pos) return;
-    const T tv = hv[pos];
-    hv[pos] = hv[worst];
-    hv[worst] = tv;
-    const int64_t ti = hi[pos];
-    hi[pos] = hi[worst];
-    hi[worst] = ti;
-    pos = worst;
+// topk_before as a heap ranking (common/topk_heap.h): NaN first, then larger values.
+struct NanFirst {
+  template <typename T>
+  __device__ bool operator()(T a, int64_t ia, T b, int64_t ib) const {
+    return topk_before(a, ia, b, ib);
   }
-}
+};
 
 constexpr int kTopkWarps = 4;
 
@@ -157,7 +147,7 @@ __global__ void topk_warp_kernel(const T* __restrict__ z, int64_t rows, int64_t 
         if (topk_before(v, c0 + src, hv[0], hi[0])) {
           hv[0] = v;
           hi[0] = c0 + src;
-          topk_sift_down(hv, hi, k, 0);
+          heap_sift_down(hv, hi, k, 0, NanFirst{});
         }
       }
     }

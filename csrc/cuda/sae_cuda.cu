@@ -13,6 +13,7 @@
 
 #include "common/topk_heap.h"
 #include "cuda/kernels.cuh"
+#include "cuda/warp_heap.cuh"
 
 namespace aecore {
 namespace cuda {
@@ -162,24 +163,7 @@ __global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64
         v = -INFINITY;
       }
     }
-    const A worst = hv[0];
-    const unsigned pass = __ballot_sync(0xffffffffu, v > worst);
-    if (pass == 0) continue;
-    sh_c[warp][lane] = v;
-    __syncwarp();
-    if (lane == 0) {
-      // in increasing column order, so an equal value never displaces a kept one
-      for (unsigned bits = pass; bits != 0; bits &= bits - 1) {
-        const int src = __ffs(bits) - 1;
-        const A x = sh_c[warp][src];
-        if (x > hv[0]) {
-          hv[0] = x;
-          hi[0] = col0 + c0 + src;
-          heap_sift_down(hv, hi, k, 0, LargerFirst{});
-        }
-      }
-    }
-    __syncwarp();
+    warp_offer(v, col0 + c, c < cols, hv, hi, k, sh_c[warp], LargerFirst{});
   }
   for (int64_t j = lane; j < k; j += 32) {
     heap_v[r * k + j] = hv[j];

@@ -11,6 +11,7 @@
 
 #include "common/topk_heap.h"
 #include "cuda/kernels.cuh"
+#include "cuda/warp_heap.cuh"
 #include "common/sparsity_common.h"
 
 namespace aecore {
@@ -135,23 +136,7 @@ __global__ void topk_warp_kernel(const T* __restrict__ z, int64_t rows, int64_t 
   for (int64_t c0 = 0; c0 < cols; c0 += 32) {
     const int64_t c = c0 + lane;
     const T x = c < cols ? zi[c] : T(0);
-    const bool pass = c < cols && topk_before(x, c, hv[0], hi[0]);
-    const unsigned mask = __ballot_sync(0xffffffffu, pass);
-    if (mask == 0) continue;
-    sh_c[warp][lane] = x;
-    __syncwarp();
-    if (lane == 0) {
-      for (unsigned bits = mask; bits != 0; bits &= bits - 1) {
-        const int src = __ffs(bits) - 1;
-        const T v = sh_c[warp][src];
-        if (topk_before(v, c0 + src, hv[0], hi[0])) {
-          hv[0] = v;
-          hi[0] = c0 + src;
-          heap_sift_down(hv, hi, k, 0, NanFirst{});
-        }
-      }
-    }
-    __syncwarp();
+    warp_offer(x, c, c < cols, hv, hi, k, sh_c[warp], NanFirst{});
   }
   T* oi = out + row * cols;
   for (int64_t j = lane; j < cols; j += 32) oi[j] = T(0);

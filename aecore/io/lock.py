@@ -43,6 +43,27 @@ def describe_holder(path: Path) -> str:
         return "another process (it left no details)"
 
 
+def _hold(path: Path):
+    """``path`` opened and flock'ed exclusively, with this process's details written into
+    it; None if another process holds it (or replaced the file while we opened it)."""
+    import fcntl
+
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (the caller keeps it open)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # a holder that removes its lock file on release may have done so just now
+        if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
+            raise OSError("lock file replaced")
+    except OSError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(holder_record()) + "\n")
+    f.flush()
+    return f
+
+
 class FolderLock:
     """``with FolderLock(folder, "train into"):`` holds ``folder`` for this process."""
 
@@ -55,7 +76,7 @@ class FolderLock:
 
     def __enter__(self) -> FolderLock:
         try:
-            import fcntl
+            import fcntl  # noqa: F401
         except ImportError:  # no flock here: unlocked
             return self
         self._made_folder = not self.folder.exists()
@@ -67,21 +88,14 @@ class FolderLock:
                 return self
             path = self.folder / LOCK_FILE
             self._made_file = not path.exists()
-            f = open(path, "a+", encoding="utf-8")
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.close()
+            f = _hold(path)
+            if f is None:
                 self._key = ""
                 raise InUseError(
                     f"cannot {self.purpose} {self.folder}: it is in use by "
                     f"{describe_holder(path)}; wait for that run to finish, or choose "
                     f"another folder"
-                ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(holder_record()) + "\n")
-            f.flush()
+                )
             _held[self._key] = [f, 1]
         return self
 
@@ -140,32 +154,21 @@ class FileLock:
 
     def __enter__(self) -> FileLock:
         try:
-            import fcntl
+            import fcntl  # noqa: F401
         except ImportError:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.lock_path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # the holder before may have removed the file between our open and flock
-            if os.fstat(f.fileno()).st_ino != os.stat(self.lock_path).st_ino:
-                raise OSError("lock file replaced")
-        except OSError:
-            f.close()
+        self._file = _hold(self.lock_path)
+        if self._file is None:
             raise InUseError(
                 f"cannot {self.purpose} {self.path}: it is being written by "
                 f"{describe_holder(self.lock_path)}; wait for that to finish, or choose "
                 f"another name"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(holder_record()) + "\n")
-        f.flush()
-        self._file = f
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._file is not None:
-            self.lock_path.unlink(missing_ok=True)  # before the unlock: see __enter__
+            self.lock_path.unlink(missing_ok=True)  # before the unlock: see _hold
             self._file.close()
             self._file = None

@@ -32,18 +32,16 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
     """PyOD-style anomaly detector on any aecore vector model (see the module's
     docstring); the parameters are ``AutoencoderTransformer``'s."""
 
-    def fit(self, X, y=None) -> AnomalyDetector:
-        """Train on ``X`` (``y`` ignored) and fit the contamination threshold on its rows."""
-        super().fit(X, y)
-        x, _ = self._normalized(X)
-        scores = -self._scores(x).astype(np.float64)
+    def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
+        # fit's training scores (score_samples: higher is more normal), scored once
+        super()._set_thresholds(scores, contamination)
+        anomaly = -scores.astype(np.float64)
         kind = self.model_.default_score_kind
-        self.detector = ScoreThreshold.fit(scores, float(self.contamination), kind)
+        self.detector = ScoreThreshold.fit(anomaly, contamination, kind)
         self.model_.detector = self.detector  # saved and exported with the model
-        self.decision_scores_ = scores
+        self.decision_scores_ = anomaly
         self.threshold_ = self.detector.threshold
-        self.labels_ = self.detector.labels(scores)
-        return self
+        self.labels_ = self.detector.labels(anomaly)
 
     def _fit_normalization(self, kind: str, X: np.ndarray) -> Normalization:
         # Per feature, but no feature's scale below the features' mean scale: a feature

@@ -228,8 +228,12 @@ class AutoencoderTransformer(
         self.history_ = history
         self.n_iter_ = len(history.epochs)
         self._n_features_out = net.latent_dim
-        self.offset_ = float(np.percentile(self._scores(x), 100.0 * contamination))
+        self._set_thresholds(self._scores(x), contamination)
         return self
+
+    def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
+        """The outlier threshold from the training rows' ``score_samples``."""
+        self.offset_ = float(np.percentile(scores, 100.0 * contamination))
 
     def _fit_normalization(self, kind: str, X: np.ndarray) -> Normalization:
         return Normalization.fit(kind, X, per_feature=True)

@@ -230,8 +230,12 @@ class Autoencoder(nn.Module, abc.ABC):
         return (x_hat - x).pow(2).flatten(1).mean(1)
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """The model's own scores (``score_kinds`` beyond ``"reconstruction"``)."""
-        raise NotImplementedError(f"{type(self).__name__} has no {kind!r} score")
+        """The model's own scores (``score_kinds`` beyond ``"reconstruction"``): a model
+        that lists such kinds defines this."""
+        raise TypeError(
+            f"{type(self).__name__} lists {kind!r} in score_kinds but defines no "
+            f"anomaly_score(x, kind) to compute it"
+        )
 
     @property
     def input_range(self) -> tuple[float, float] | None:

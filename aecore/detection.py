@@ -15,6 +15,7 @@ probabilities and confidences. numpy only: the torch-free runtime uses it too.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -191,15 +192,15 @@ def _beta_fraction(a: float, b: float, x: np.ndarray, steps: int = 300) -> np.nd
     return h
 
 
-class DetectorMethods:
-    """PyOD's detector methods for a class with ``_anomaly_scores(X)`` (one score per
-    row, higher = more anomalous) and ``detector`` (a ``ScoreThreshold``, or None
-    when the model was saved without one)."""
+class DetectorMethods(abc.ABC):
+    """PyOD's detector methods for a class with ``_anomaly_scores(X)`` and ``detector``
+    (a ``ScoreThreshold``, or None when the model was saved without one)."""
 
     detector: ScoreThreshold | None
 
+    @abc.abstractmethod
     def _anomaly_scores(self, X: Any) -> np.ndarray:
-        raise NotImplementedError
+        """One score per row of ``X``, higher for a more anomalous row."""
 
     def _threshold(self) -> ScoreThreshold:
         detector = getattr(self, "detector", None)

@@ -20,6 +20,7 @@ TORCH_LIBRARY(aecore, m) {
       "Tensor? noise_h0, Tensor? noise_h, Tensor? noise_v) "
       "-> (Tensor dW, Tensor db_v, Tensor db_h, Tensor chain, Tensor recon_error)");
   m.def("kl_sparsity(Tensor h, float rho, float beta) -> (Tensor loss, Tensor mean)");
+  // returns one row, (H,): the gradient of every row of h (callers broadcast it)
   m.def(
       "kl_sparsity_backward(Tensor grad_loss, Tensor? grad_mean, Tensor mean, SymInt rows, "
       "float rho, float beta) -> Tensor");

@@ -5,7 +5,8 @@
 //   unit_pass<T>(UnitPass<T>), column_sums<T>(x, rows, cols, double* out),
 //   finalize_stats<T>(StatsFinal<T>),
 //   kl_forward<T>(h, rows, cols, rho, beta, T* mean, T* loss),
-//   kl_backward<T>(const T* grad_loss, const T* grad_mean, mean, rows, cols, rho, beta, grad),
+//   kl_backward<T>(const T* grad_loss, const T* grad_mean, mean, rows, cols, rho, beta,
+//                  grad_row),
 //   topk_forward<T>(z, rows, cols, k, out, idx), topk_backward<T>(g, idx, rows, cols, k, grad).
 #pragma once
 
@@ -269,7 +270,9 @@ at::Tensor kl_sparsity_backward_impl(const at::Tensor& grad_loss_in,
     check_same(mean_in, *grad_mean_in, "grad_mean");
     grad_mean = grad_mean_in->contiguous();
   }
-  at::Tensor grad = at::empty({rows, mean.size(0)}, mean.options());
+  TORCH_CHECK(rows >= 1, "aecore: rows must be >= 1, got ", rows);
+  // one row: the gradient of every row of h (the caller broadcasts it)
+  at::Tensor grad = at::empty({mean.size(0)}, mean.options());
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "aecore_kl_sparsity_backward", [&] {
     K::template kl_backward<scalar_t>(grad_loss.data_ptr<scalar_t>(), opt_ptr<scalar_t>(grad_mean),
                                       mean.data_ptr<scalar_t>(), rows, mean.size(0), rho, beta,

@@ -143,8 +143,9 @@ def kl_sparsity(h: Tensor, rho: float, beta: float = 1.0) -> Tensor:
     ``h`` (B, H) holds activations in [0, 1] (B >= 1); ``rho`` in (0, 1); ``beta`` >= 0.
     ρ̂ is clamped to [KL_EPS, 1 - KL_EPS] = [1e-6, 1 - 1e-6] so dead or saturated units
     give a finite penalty; where the clamp is active the gradient is zero (as
-    torch.clamp's). Differentiable in h; the fused backward writes the gradient in one pass
-    (it is the same for every row, so it needs no read of h).
+    torch.clamp's). Differentiable in h. The gradient is the same for every row, so the
+    fused backward computes one row (O(H), no read of h) and returns it broadcast to
+    (B, H) with stride 0 along the rows, as torch's own ``sum`` backward does.
     """
     rho, beta = check.kl_args(h, rho, beta)
     if fused(h):

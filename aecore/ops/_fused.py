@@ -35,7 +35,7 @@ if SCHEMAS_LOADED:
 
     @torch.library.register_fake("aecore::kl_sparsity_backward")
     def _kl_backward_fake(grad_loss, grad_mean, mean, rows, rho, beta):
-        return mean.new_empty((rows, mean.shape[0]))
+        return mean.new_empty((mean.shape[0],))
 
     @torch.library.register_fake("aecore::topk_sparsify")
     def _topk_fake(z, k):
@@ -119,7 +119,7 @@ if SCHEMAS_LOADED:
         grad = torch.ops.aecore.kl_sparsity_backward(
             grad_loss, grad_mean, mean, ctx.rows, ctx.rho, ctx.beta
         )
-        return grad, None, None
+        return grad.expand(ctx.rows, -1), None, None
 
     torch.library.register_autograd("aecore::kl_sparsity", _kl_backward, setup_context=_kl_setup)
 
@@ -165,7 +165,8 @@ class _KLSparsity(torch.autograd.Function):
         grad = torch.ops.aecore.kl_sparsity_backward(
             grad_loss, None, mean, ctx.rows, ctx.rho, ctx.beta
         )
-        return grad, None, None
+        # every row's gradient is this one row: broadcast, as torch's sum backward does
+        return grad.expand(ctx.rows, -1), None, None
 
 
 class _TopkSparsify(torch.autograd.Function):

@@ -95,24 +95,20 @@ double kl_sparsity_forward(const T* h, int64_t rows, int64_t cols, double rho, d
   return beta * detail::kl_sum(q.data(), cols, rho, T(0));
 }
 
-// Backward: d loss / d h[i,j] is the same for every row i, so the per-column coefficient
-// is computed once (O(cols)) and the pass over the gradient is a pure write.
+// Backward: d loss / d h[i,j] is the same for every row i, so the op returns that one
+// row (cols values, O(cols) work) and the caller broadcasts it as torch's sum does: a
+// (rows, cols) gradient would be a full write whose every row is equal.
 // grad_mean (nullable) is the incoming gradient of the `mean` output.
 template <typename T>
 void kl_sparsity_backward(T grad_loss, const T* grad_mean, const T* mean, int64_t rows,
-                          int64_t cols, double rho, double beta, T* grad) {
-  if (rows == 0 || cols == 0) return;
-  std::vector<T> coef(static_cast<size_t>(cols));
+                          int64_t cols, double rho, double beta, T* grad_row) {
+  if (rows == 0) return;
   const double inv_b = 1.0 / static_cast<double>(rows);
   for (int64_t j = 0; j < cols; ++j) {
     double c = static_cast<double>(grad_loss) * beta * aecore::kl_dterm(rho, static_cast<double>(mean[j]));
     if (grad_mean) c += static_cast<double>(grad_mean[j]);
-    coef[j] = static_cast<T>(c * inv_b);
+    grad_row[j] = static_cast<T>(c * inv_b);
   }
-  const T* __restrict__ cf = coef.data();
-  const int nt = threads_now(rows * cols);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(grad + i * cols, cf, sizeof(T) * cols);
 }
 
 namespace detail {

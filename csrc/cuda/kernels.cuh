@@ -32,8 +32,8 @@ template <typename T>
 void kl_finalize(const double* sums, int64_t rows, int64_t cols, double rho, double beta, T* mean,
                  T* loss, cudaStream_t stream);
 
-// grad[i, j] = (grad_loss * beta * dKL/dq(mean[j]) + grad_mean[j]) / rows; grad_loss is a
-// device scalar, grad_mean may be null.
+// grad[j] = (grad_loss * beta * dKL/dq(mean[j]) + grad_mean[j]) / rows: the gradient of
+// every row of h (cols values); grad_loss is a device scalar, grad_mean may be null.
 template <typename T>
 void kl_backward(const T* grad_loss, const T* grad_mean, const T* mean, int64_t rows,
                  int64_t cols, double rho, double beta, T* grad, cudaStream_t stream);

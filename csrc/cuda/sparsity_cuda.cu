@@ -40,8 +40,8 @@ __global__ void kl_finalize_kernel(const double* __restrict__ sums, int64_t rows
   if (threadIdx.x == 0) *loss = static_cast<T>(beta * sh[0]);
 }
 
-// The gradient is constant along a column: each thread computes its column's coefficient
-// once and writes it down a strided set of rows.
+// The gradient is constant along a column: one thread per column writes the row that
+// every row of h shares (the caller broadcasts it).
 template <typename T>
 __global__ void kl_backward_kernel(const T* __restrict__ grad_loss, const T* __restrict__ grad_mean,
                                    const T* __restrict__ mean, int64_t rows, int64_t cols,
@@ -50,8 +50,7 @@ __global__ void kl_backward_kernel(const T* __restrict__ grad_loss, const T* __r
   if (j >= cols) return;
   double c = static_cast<double>(*grad_loss) * beta * kl_dterm(rho, static_cast<double>(mean[j]));
   if (grad_mean) c += static_cast<double>(grad_mean[j]);
-  const T coef = static_cast<T>(c / static_cast<double>(rows));
-  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) grad[i * cols + j] = coef;
+  grad[j] = static_cast<T>(c / static_cast<double>(rows));
 }
 
 // One block per row, k rounds: each round every thread finds, among its strided
@@ -173,9 +172,8 @@ void kl_backward(const T* grad_loss, const T* grad_mean, const T* mean, int64_t 
                  int64_t cols, double rho, double beta, T* grad, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   const int64_t gx = (cols + kThreads - 1) / kThreads;
-  const int64_t gy = rows < 4096 ? rows : 4096;
-  kl_backward_kernel<T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0,
-                          stream>>>(grad_loss, grad_mean, mean, rows, cols, rho, beta, grad);
+  kl_backward_kernel<T><<<static_cast<unsigned>(gx), kThreads, 0, stream>>>(
+      grad_loss, grad_mean, mean, rows, cols, rho, beta, grad);
 }
 
 template <typename T>

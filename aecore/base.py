@@ -138,10 +138,20 @@ class Autoencoder(nn.Module, abc.ABC):
 
     def float_dtype(self) -> torch.dtype | None:
         """The dtype the model computes in: its first floating parameter's (or buffer's)."""
-        for tensors in (self.parameters(), self.buffers()):
-            for t in tensors:
-                if t.is_floating_point():
-                    return t.dtype
+        # every tensor-taking method asks, so where that tensor lives is remembered; it is
+        # looked up again there, so a conversion or a reassigned parameter is seen
+        cached = self.__dict__.get("_dtype_source")
+        if cached is not None:
+            module, table, name = cached
+            t = getattr(module, table).get(name)
+            if t is not None and t.is_floating_point():
+                return t.dtype
+        for table in ("_parameters", "_buffers"):
+            for module in self.modules():
+                for name, t in getattr(module, table).items():
+                    if t is not None and t.is_floating_point():
+                        self.__dict__["_dtype_source"] = (module, table, name)
+                        return t.dtype
         return None
 
     # -- the contract ---------------------------------------------------------------

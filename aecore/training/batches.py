@@ -141,10 +141,11 @@ class Batches:
             # under torchrun each process takes a strided share of the same global batch
             # (what a DistributedSampler does per epoch, done per step), so N processes
             # step exactly like one process with the same global batch
-            idx = idx[rank::world]
+            if world > 1:
+                idx = idx[rank::world]
             if self.array is not None:
                 if isinstance(self.array, torch.Tensor):
-                    yield self.array[idx]
+                    yield self.array.index_select(0, idx.to(self.array.device))
                 else:
                     yield torch.as_tensor(np.asarray(self.array[idx.numpy()]))
             else:

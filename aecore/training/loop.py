@@ -15,7 +15,7 @@ from aecore.errors import ConfigError, ShapeError, TrainingError, TrainingInterr
 from aecore.training import checkpoint
 from aecore.training.batches import Batches
 from aecore.training.distributed import DistContext, distributed_loss
-from aecore.training.evaluation import chunk_losses, clearly_lower, mean_losses
+from aecore.training.evaluation import chunk_losses, clearly_lower, mean_losses, seed_device
 from aecore.training.optim import gradient_step, lbfgs_step, make_optimizer
 from aecore.training.state import History, RunState
 
@@ -113,7 +113,7 @@ class TrainingRun:
             checkpoint.check_fresh(self.out_dir)
         self.dist.barrier()  # nobody writes before every process has checked
         self.state.history.run_id = uuid.uuid4().hex[:16]
-        torch.manual_seed(self.config.seed + self.dist.rank)
+        seed_device(self.config.seed + self.dist.rank, self.device)
         self._check_first_batch()
         # data-dependent init and pretraining see the whole data in every process, so
         # all start identical (DDP also broadcasts rank 0's weights)
@@ -190,8 +190,9 @@ class TrainingRun:
                 state.count += len(x)
                 state.epoch_step += 1
                 state.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
+                if not bar.disable:  # formatting the postfix costs as much as a small step
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
                 if self._stop_now():
                     bar.close()
                     self._save_checkpoint()

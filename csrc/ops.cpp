@@ -43,6 +43,12 @@ TORCH_LIBRARY(aecore, m) {
   // along the weight rows; weight rows are scaled to a given norm
   m.def("remove_parallel_(Tensor(a!) grad, Tensor weight) -> ()");
   m.def("set_row_norms_(Tensor(a!) weight, float norm) -> ()");
+  // a model's own update rule (the RBM's): v = momentum v + lr (step - weight_decay p),
+  // p += v, for each (parameter, velocity, step); nothing changes unless every step is
+  // finite. Returns whether it applied (a bool scalar on the parameters' device).
+  m.def(
+      "momentum_step_(Tensor(a!)[] params, Tensor(b!)[] velocities, Tensor[] steps, float lr, "
+      "float momentum, float[] weight_decay) -> Tensor");
 }
 
 extern "C" {

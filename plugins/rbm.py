@@ -18,7 +18,6 @@ step counter) lives in buffers, so checkpoints resume exactly. As an autoencoder
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -276,8 +275,18 @@ class RBM(Autoencoder):
             v, self.W, self.b_v, self.b_h, self.k,
             chain=chain, sample_visible=self.sample_visible, **units,
         )  # fmt: skip
-        # one reduction: a NaN or an infinity anywhere in dW makes the sum non-finite
-        if not math.isfinite(float(stats.dW.sum())):
+        if momentum is None:
+            warm = int(self.updates) < self.momentum_warmup
+            momentum = self.initial_momentum if warm else self.momentum
+        # velocity = momentum * velocity + lr * (gradient - weight_decay * W); W += velocity:
+        # one pass per parameter, and none at all if a statistic is not finite
+        applied = ops.momentum_step_(
+            [self.W, self.b_v, self.b_h],
+            [self.velocity_W, self.velocity_b_v, self.velocity_b_h],
+            [stats.dW, stats.db_v, stats.db_h],
+            self.lr, momentum, [self.weight_decay, 0.0, 0.0],
+        )  # fmt: skip
+        if not bool(applied):
             raise TrainingError(
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
                 f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
@@ -286,18 +295,6 @@ class RBM(Autoencoder):
             self.chain.copy_(stats.chain)
         # CD: the chain's reconstruction; PCD: the mean-field one (see ops.CDStats)
         recon = stats.recon_error / v.shape[1]
-        if momentum is None:
-            warm = int(self.updates) < self.momentum_warmup
-            momentum = self.initial_momentum if warm else self.momentum
-        # velocity = momentum * velocity + lr * (gradient - weight_decay * W); then a step
-        # by the velocity: a few multi-tensor ops (the parameters are small, so the cost
-        # is per op, not per element)
-        velocities = [self.velocity_W, self.velocity_b_v, self.velocity_b_h]
-        torch._foreach_mul_(velocities, momentum)
-        torch._foreach_add_(velocities, [stats.dW, stats.db_v, stats.db_h], alpha=self.lr)
-        if self.weight_decay:
-            self.velocity_W.add_(self.W, alpha=-self.lr * self.weight_decay)
-        torch._foreach_add_([self.W, self.b_v, self.b_h], velocities)
         self.updates.add_(1)
         return {"loss": recon.detach().reshape(())}
 

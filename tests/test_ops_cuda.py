@@ -224,3 +224,20 @@ def test_decoder_row_passes_cuda_match_reference(dtype):
     reference.set_row_norms_(want_w, 1.5)
     ops.set_row_norms_(got_w, 1.5)
     torch.testing.assert_close(got_w.float(), want_w, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_momentum_step_cuda_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(784, 1000), (784,), (1000,)]
+    made = [[torch.randn(s, generator=g, dtype=dtype).cuda() for s in shapes] for _ in range(3)]
+    params, velocities, steps = made
+    p_ref, v_ref = [t.clone() for t in params], [t.clone() for t in velocities]
+    assert bool(ops.momentum_step_(params, velocities, steps, 0.1, 0.5, [0.01, 0.0, 0.0]))
+    reference.momentum_step_(p_ref, v_ref, steps, 0.1, 0.5, [0.01, 0.0, 0.0])
+    for got, want in zip(params + velocities, p_ref + v_ref):
+        torch.testing.assert_close(got, want)
+    steps[2][5] = float("nan")
+    before = [t.clone() for t in params + velocities]
+    assert not bool(ops.momentum_step_(params, velocities, steps, 0.1, 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(params + velocities, before))

@@ -19,6 +19,8 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
   dictionary rows. Both differentiable, with sparse backward kernels.
 * :func:`remove_parallel_`, :func:`set_row_norms_`: the SAE decoder's unit-norm
   constraint, each one row-local pass, in place.
+* :func:`momentum_step_`: the momentum update of a model with its own update rule
+  (the RBM's), skipped unless every step is finite; one pass per parameter.
 
 Sampling is reproducible: the fused kernels draw from Philox-4x32-10 keyed by a seed and
 an offset taken from ``generator`` (or torch's default generator), so the same seed gives
@@ -52,6 +54,7 @@ __all__ = [
     "cd_step",
     "gibbs_chain",
     "kl_sparsity",
+    "momentum_step_",
     "reference",
     "remove_parallel_",
     "set_row_norms_",
@@ -245,3 +248,39 @@ def set_row_norms_(weight: Tensor, norm: float) -> None:
         torch.ops.aecore.set_row_norms_(weight.detach(), norm)
     else:
         reference.set_row_norms_(weight, norm)
+
+
+@torch.no_grad()
+def momentum_step_(
+    params: list[Tensor],
+    velocities: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    momentum: float,
+    weight_decay: list[float] | None = None,
+) -> Tensor:
+    """For each (parameter, velocity, step), in place:
+    ``v = momentum * v + lr * (step - weight_decay * p)``; ``p += v`` (``step`` an
+    ascent direction, e.g. :func:`cd_step`'s statistics). If some step holds a NaN or an
+    infinity nothing changes. Returns whether the update applied, as a bool scalar on
+    the parameters' device (reading it on CUDA waits for the kernels).
+
+    ``weight_decay``: one per parameter (default 0 for all). On the fused kernels: a
+    finiteness check of the steps, then one pass per parameter (float32/64, contiguous
+    parameters and velocities); otherwise the reference.
+    """
+    decay = [0.0] * len(params) if weight_decay is None else [float(w) for w in weight_decay]
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in (lr, momentum))
+    if numbers and params and isinstance(params[0], Tensor) and fused(params[0]):
+        # The kernels check their operands before changing anything; the Python checks
+        # (which would cost more than the update at RBM sizes) only explain a refusal
+        try:
+            return torch.ops.aecore.momentum_step_(
+                params, velocities, steps, float(lr), float(momentum), decay
+            )
+        except (RuntimeError, TypeError, ValueError):
+            check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
+            if all(t.is_contiguous() for t in (*params, *velocities)):
+                raise
+    check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
+    return reference.momentum_step_(params, velocities, steps, lr, momentum, decay)

@@ -79,6 +79,10 @@ if SCHEMAS_LOADED:
     def _set_row_norms_fake(weight, norm):
         return None
 
+    @torch.library.register_fake("aecore::momentum_step_")
+    def _momentum_step_fake(params, velocities, steps, lr, momentum, weight_decay):
+        return params[0].new_empty((), dtype=torch.bool)
+
     def _topk_encode_setup(ctx, inputs, output):
         x, W_enc, _b_enc, b_dec, _k = inputs
         ctx.save_for_backward(output[0], output[1], x, W_enc, b_dec)

@@ -183,3 +183,25 @@ def set_row_norms_(weight: Tensor, norm: float) -> None:
     """``w[r] *= norm / |w[r]|`` in place (rows of zeros alone)."""
     length = weight.norm(dim=1, keepdim=True)
     weight.mul_(torch.where(length > 0, norm / length, torch.ones_like(length)))
+
+
+@torch.no_grad()
+def momentum_step_(
+    params: list[Tensor],
+    velocities: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    momentum: float,
+    weight_decay: list[float],
+) -> Tensor:
+    """``v = momentum v + lr (step - weight_decay p)``, ``p += v`` for each entry, unless
+    some step is not finite (then nothing changes); returns whether it applied."""
+    ok = torch.stack([torch.isfinite(s).all() for s in steps]).all()
+    if not bool(ok):
+        return ok
+    for p, v, s, decay in zip(params, velocities, steps, weight_decay):
+        v.mul_(momentum).add_(s, alpha=lr)
+        if decay:
+            v.add_(p, alpha=-lr * decay)
+        p.add_(v)
+    return ok

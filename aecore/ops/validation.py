@@ -245,3 +245,36 @@ def positive(op: str, name: str, value) -> float:
     ):
         raise ConfigError(f"{op}: {name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) -> None:
+    op = "momentum_step_"
+    for name, seq in (("params", params), ("velocities", velocities), ("steps", steps)):
+        if not isinstance(seq, (list, tuple)):
+            raise ConfigError(f"{op}: {name} must be a list of tensors, got {type(seq).__name__}")
+    n = len(params)
+    if n == 0:
+        raise ConfigError(f"{op}: params is empty")
+    if not len(velocities) == len(steps) == len(weight_decay) == n:
+        raise ConfigError(
+            f"{op}: one velocity, step and weight decay per parameter: got {n} params, "
+            f"{len(velocities)} velocities, {len(steps)} steps, {len(weight_decay)} weight decays"
+        )
+    first = params[0]
+    for i in range(n):
+        for name, t in (("params", params[i]), ("velocities", velocities[i]), ("steps", steps[i])):
+            tensor(op, f"{name}[{i}]", t, first.dim() if t is first else t.dim(),
+                   like=None if t is first else first, like_name="params[0]")  # fmt: skip
+            if t.shape != params[i].shape:
+                raise ShapeError(
+                    f"{op}: {name}[{i}] has shape {_shape(t)}, params[{i}] {_shape(params[i])}"
+                )
+    for name, value in (("lr", lr), ("momentum", momentum)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
+    if any(not math.isfinite(w) for w in weight_decay):
+        raise ConfigError(f"{op}: weight_decay must be finite numbers, got {weight_decay!r}")

@@ -13,8 +13,10 @@
 #include "cpu/rbm_cpu.h"
 #include "cpu/sae_cpu.h"
 #include "cpu/sparsity_cpu.h"
+#include "cpu/update_cpu.h"
 #include "ops_impl.h"
 #include "sae_impl.h"
+#include "update_impl.h"
 
 // MKL's per-thread thread count (exported by libtorch_cpu when torch uses MKL). Weak, so
 // that the extension still loads against a torch built with another BLAS.
@@ -137,6 +139,15 @@ struct CpuKernels {
   static void set_row_norms(T* w, int64_t rows, int64_t d, double norm) {
     cpu::set_row_norms<T>(w, rows, d, static_cast<T>(norm));
   }
+  template <typename T>
+  static void check_finite(const T* s, int64_t n, bool* ok) {
+    if (*ok && !cpu::all_finite<T>(s, n)) *ok = false;
+  }
+  template <typename T>
+  static void momentum_update(T* p, T* v, const T* s, int64_t n, T lr, T momentum, T decay,
+                              const bool* ok) {
+    if (*ok) cpu::momentum_update<T>(p, v, s, n, lr, momentum, decay);
+  }
 };
 
 GibbsOut gibbs_chain_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_v,
@@ -174,6 +185,7 @@ TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("sparse_decode_backward", &sparse_decode_backward_impl<CpuKernels>);
   m.impl("remove_parallel_", &remove_parallel_impl<CpuKernels>);
   m.impl("set_row_norms_", &set_row_norms_impl<CpuKernels>);
+  m.impl("momentum_step_", &momentum_step_impl<CpuKernels>);
 }
 
 }  // namespace aecore

@@ -38,6 +38,15 @@ template <typename T>
 void kl_backward(const T* grad_loss, const T* grad_mean, const T* mean, int64_t rows,
                  int64_t cols, double rho, double beta, T* grad, cudaStream_t stream);
 
+// Clears the device flag *ok if some s[i] is not finite.
+template <typename T>
+void check_finite(const T* s, int64_t n, bool* ok, cudaStream_t stream);
+
+// Where *ok (device): v = momentum * v + lr * (s - weight_decay * p); p += v.
+template <typename T>
+void momentum_update(T* p, T* v, const T* s, int64_t n, T lr, T momentum, T weight_decay,
+                     const bool* ok, cudaStream_t stream);
+
 // Row-wise top-k (NaN largest, ties to the lower index); idx gets the kept columns.
 template <typename T>
 void topk_forward(const T* z, int64_t rows, int64_t cols, int64_t k, T* out, int64_t* idx,

@@ -18,6 +18,7 @@
 #include "cuda/kernels.cuh"
 #include "ops_impl.h"
 #include "sae_impl.h"
+#include "update_impl.h"
 
 namespace aecore {
 
@@ -147,6 +148,17 @@ struct CudaKernels {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>
+  static void check_finite(const T* s, int64_t n, bool* ok) {
+    cuda::check_finite<T>(s, n, ok, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  static void momentum_update(T* p, T* v, const T* s, int64_t n, T lr, T momentum, T decay,
+                              const bool* ok) {
+    cuda::momentum_update<T>(p, v, s, n, lr, momentum, decay, ok, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
   static void heap_finish(int64_t rows, int64_t k, SaeAcc<T>* hv, int64_t* hi, T* values) {
     cuda::sae_heap_finish<D<T>>(rows, k, hv, hi, dev(values), stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,6 +249,14 @@ void set_row_norms_cuda(at::Tensor& weight, double norm) {
   set_row_norms_impl<CudaKernels>(weight, norm);
 }
 
+at::Tensor momentum_step_cuda(at::TensorList params, at::TensorList velocities,
+                              at::TensorList steps, double lr, double momentum,
+                              at::ArrayRef<double> weight_decay) {
+  TORCH_CHECK(!params.empty(), "aecore: momentum_step_ needs at least one parameter");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  return momentum_step_impl<CudaKernels>(params, velocities, steps, lr, momentum, weight_decay);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
@@ -252,6 +272,7 @@ TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
   m.impl("sparse_decode_backward", &sparse_decode_backward_cuda);
   m.impl("remove_parallel_", &remove_parallel_cuda);
   m.impl("set_row_norms_", &set_row_norms_cuda);
+  m.impl("momentum_step_", &momentum_step_cuda);
 }
 
 }  // namespace aecore

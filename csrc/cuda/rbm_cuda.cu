@@ -218,6 +218,56 @@ void column_sums(const T* x, int64_t rows, int64_t cols, double* out, cudaStream
                           dim3(kBX, kBY), 0, stream>>>(x, rows, cols, out);
 }
 
+// The momentum update's two passes: the check clears a device flag (a benign race: every
+// writer stores false), the update reads it, so no value comes back to the host.
+template <typename T>
+__global__ void check_finite_kernel(const T* __restrict__ s, int64_t n, bool* ok) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    if (!isfinite(s[i])) *ok = false;
+  }
+}
+
+template <typename T>
+__global__ void momentum_update_kernel(T* __restrict__ p, T* __restrict__ v,
+                                       const T* __restrict__ s, int64_t n, T lr, T momentum,
+                                       T weight_decay, const bool* ok) {
+  if (!*ok) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const T vi = momentum * v[i] + lr * (s[i] - weight_decay * p[i]);
+    v[i] = vi;
+    p[i] += vi;
+  }
+}
+
+inline unsigned elementwise_blocks(int64_t n) {
+  const int64_t blocks = (n + 255) / 256;
+  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+template <typename T>
+void check_finite(const T* s, int64_t n, bool* ok, cudaStream_t stream) {
+  if (n == 0) return;
+  check_finite_kernel<T><<<elementwise_blocks(n), 256, 0, stream>>>(s, n, ok);
+}
+
+template <typename T>
+void momentum_update(T* p, T* v, const T* s, int64_t n, T lr, T momentum, T weight_decay,
+                     const bool* ok, cudaStream_t stream) {
+  if (n == 0) return;
+  momentum_update_kernel<T><<<elementwise_blocks(n), 256, 0, stream>>>(p, v, s, n, lr, momentum,
+                                                                       weight_decay, ok);
+}
+
+template void check_finite<float>(const float*, int64_t, bool*, cudaStream_t);
+template void check_finite<double>(const double*, int64_t, bool*, cudaStream_t);
+template void momentum_update<float>(float*, float*, const float*, int64_t, float, float, float,
+                                     const bool*, cudaStream_t);
+template void momentum_update<double>(double*, double*, const double*, int64_t, double, double,
+                                      double, const bool*, cudaStream_t);
 template void unit_pass<float>(const UnitPass<float>&, cudaStream_t);
 template void unit_pass<double>(const UnitPass<double>&, cudaStream_t);
 template void finalize_stats<float>(const StatsFinal<float>&, cudaStream_t);

@@ -72,11 +72,13 @@ class AutoencoderTransformer(
         a model that updates its own parameters and has an ``lr`` hyperparameter
         (``rbm``), that hyperparameter (None: the model's default).
     normalize : {"auto", "standardize", "minmax", "none"}, default="auto"
-        Per-feature normalisation fitted on ``X`` in ``fit``: ``"auto"`` follows the
-        model's ``input_range`` (min-max for models that need inputs in [0, 1], such as
-        Bernoulli units, else standardisation). The model trains and scores in
-        normalised units, new rows clipped to the model's input range;
-        ``inverse_transform`` returns data units.
+        Per-feature normalisation fitted on ``X`` in ``fit``. ``"auto"``: data whose
+        every value already lies in the model's ``input_range`` (or in [0, 1] for a
+        model without one: pixels, probabilities) is kept as it is, since per-feature
+        rescaling would blow up features that barely vary; otherwise min-max for models
+        that need inputs in [0, 1] (Bernoulli units), else standardisation. The model
+        trains and scores in normalised units, new rows clipped to the model's input
+        range; ``inverse_transform`` returns data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.
@@ -214,7 +216,7 @@ class AutoencoderTransformer(
                 self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
             )
             if normalize == "auto":
-                normalize = "minmax" if net.input_range is not None else "standardize"
+                normalize = _auto_normalization(net, X)
             normalization = self._fit_normalization(normalize, X)
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
@@ -327,3 +329,12 @@ class AutoencoderTransformer(
         ``GridSearchCV`` without a scorer prefers models that reconstruct held-out
         rows better. Comparable only between fits with the same ``normalize``."""
         return float(np.mean(self.score_samples(X)))
+
+
+def _auto_normalization(net, X: np.ndarray) -> str:
+    """``normalize="auto"``: data already on a common bounded scale (every value in the
+    model's input range, or in [0, 1]) stays as it is; otherwise what the model needs."""
+    lo, hi = net.input_range if net.input_range is not None else (0.0, 1.0)
+    if X.size and float(np.min(X)) >= lo and float(np.max(X)) <= hi:
+        return "none"
+    return "minmax" if net.input_range is not None else "standardize"

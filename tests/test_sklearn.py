@@ -349,6 +349,11 @@ def test_normalize_auto_follows_the_models_input_range():
     far = TABLE * 3.0  # rows beyond the training range are clipped to the model's range
     assert np.isfinite(vae.transform(far)).all() and np.isfinite(vae.score_samples(far)).all()
     assert small("ae", hidden=[8]).fit(TABLE).normalization_.kind == "standardize"
+    # data already in [0, 1] (pixels, say) is kept as it is: rescaling each feature to
+    # its own range would blow up the ones that barely vary
+    unit = (TABLE - TABLE.min(0)) / (TABLE.max(0) - TABLE.min(0)) * 0.5
+    for name in ("ae", "vae"):
+        assert small(name, hidden=[8]).fit(unit).normalization_.kind == "none"
     with pytest.raises(DataError, match=r"normalize with 'minmax'"):
         small("vae", hidden=[8], normalize="standardize").fit(TABLE)
 

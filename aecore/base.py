@@ -92,7 +92,8 @@ class Autoencoder(nn.Module, abc.ABC):
     * ``saved_state_dict() -> dict``: the state ``aecore.save`` writes, when it differs
       from ``state_dict()`` (an equivalent form, e.g. with an input scale folded in).
     * ``default_normalize``: the data normalisation ``aecore train`` applies when none
-      is asked for (``"minmax"`` unless a model says otherwise).
+      is asked for (``"minmax"`` unless a model says otherwise), and that the
+      estimators' ``normalize="auto"`` picks for a model that says so.
     * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
       on (up to 20000 rows of) the normalised test split (floats; a ``"baselines"``
       dict of label -> test MSE adds rows to its table). A loaded model has

@@ -333,7 +333,12 @@ class AutoencoderTransformer(
 
 def _auto_normalization(net, X: np.ndarray) -> str:
     """``normalize="auto"``: data already on a common bounded scale (every value in the
-    model's input range, or in [0, 1]) stays as it is; otherwise what the model needs."""
+    model's input range, or in [0, 1]) stays as it is; otherwise what the model needs.
+    A model that declares its own ``default_normalize`` (the SAEs: activations keep
+    their geometry) gets that."""
+    declared = getattr(net, "default_normalize", None)
+    if declared is not None:
+        return declared
     lo, hi = net.input_range if net.input_range is not None else (0.0, 1.0)
     if X.size and float(np.min(X)) >= lo and float(np.max(X)) <= hi:
         return "none"

@@ -354,6 +354,9 @@ def test_normalize_auto_follows_the_models_input_range():
     unit = (TABLE - TABLE.min(0)) / (TABLE.max(0) - TABLE.min(0)) * 0.5
     for name in ("ae", "vae"):
         assert small(name, hidden=[8]).fit(unit).normalization_.kind == "none"
+    # a model's own declared default wins (an SAE's activations keep their geometry)
+    sae = small("sae-topk", latent_dim=8).fit(TABLE)
+    assert sae.normalization_.kind == "none"
     with pytest.raises(DataError, match=r"normalize with 'minmax'"):
         small("vae", hidden=[8], normalize="standardize").fit(TABLE)
 

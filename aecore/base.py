@@ -79,6 +79,9 @@ class Autoencoder(nn.Module, abc.ABC):
       ``log(message)`` reports progress to the user.
     * ``train_step(x) -> dict``: a model with its own update rule (an RBM) sets
       ``uses_optimizer = False`` and updates its parameters itself.
+    * ``check_training_data(chunks) -> bool``: for such a model that checks each batch,
+      the same checks once over in-memory training data (chunks of rows); True lets the
+      trainer call ``train_step(x, checked=True)``, which skips them.
     * ``sample(n)``: draw ``n`` inputs from a generative model.
     * ``before_optimizer_step()`` / ``after_optimizer_step()``: called around each
       optimizer step (after backward; after the update), e.g. to project gradients

@@ -18,6 +18,7 @@ step counter) lives in buffers, so checkpoints resume exactly. As an autoencoder
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -255,13 +256,38 @@ class RBM(Autoencoder):
             self.b_v.copy_(torch.log(p / (1 - p)))
 
     @torch.no_grad()
-    def train_step(self, x: torch.Tensor, *, momentum: float | None = None) -> dict:
-        """One CD-k / PCD-k update on batch ``x``; ``momentum`` overrides the schedule.
+    def check_training_data(self, chunks) -> bool:
+        """The trainer's hook: ``_visible_data``'s checks once over the whole data (an
+        iterable of row chunks). True when every row passes as it is, so that the
+        trainer's steps may skip them (``train_step(x, checked=True)``)."""
+        if self.visible != "bernoulli":
+            return True  # Gaussian units take any real values
+        lo, hi, binary = math.inf, -math.inf, True
+        for chunk in chunks:
+            v = flatten(chunk).to(self.W.dtype)
+            if v.numel() == 0:
+                continue
+            a, b = torch.aminmax(v)
+            lo, hi = min(lo, float(a)), max(hi, float(b))
+            if binary and not self.probabilities:
+                binary = torch.equal(v, v.round())
+        if lo < 0 or hi > 1:
+            return False  # each batch is clipped, with the warning, as it comes
+        if not binary and not self.probabilities:
+            self._complain(*self._NON_BINARY)
+        return True
+
+    @torch.no_grad()
+    def train_step(
+        self, x: torch.Tensor, *, momentum: float | None = None, checked: bool = False
+    ) -> dict:
+        """One CD-k / PCD-k update on batch ``x``; ``momentum`` overrides the schedule;
+        ``checked``: ``x`` comes from data that ``check_training_data`` passed.
 
         Returns ``{"loss": reconstruction error per element}``: for CD, of the
         reconstruction the chain made from the data (Hinton's monitor); for PCD, whose
         chain does not reconstruct the batch, of the mean-field reconstruction."""
-        v = self._visible_data(x)
+        v = flatten(x).to(self.W.dtype) if checked else self._visible_data(x)
         chain = None
         units = {"visible": self.visible, "hidden": self.hidden}
         if self.persistent:
@@ -317,14 +343,16 @@ class RBM(Autoencoder):
             return v.clamp(0, 1)
         # in [0, 1], a value is 0 or 1 exactly when rounding leaves it unchanged
         if not self.probabilities and not torch.equal(v, v.round()):
-            self._complain(
-                NonBinaryDataWarning,
-                "RBM(visible='bernoulli') got non-binary values in [0, 1]",
-                "using them as the probabilities of the visible units being on (as "
-                "scikit-learn's BernoulliRBM does)",
-                "binarise the data (or pass probabilities=True if they are meant so)",
-            )
+            self._complain(*self._NON_BINARY)
         return v
+
+    _NON_BINARY = (
+        NonBinaryDataWarning,
+        "RBM(visible='bernoulli') got non-binary values in [0, 1]",
+        "using them as the probabilities of the visible units being on (as "
+        "scikit-learn's BernoulliRBM does)",
+        "binarise the data (or pass probabilities=True if they are meant so)",
+    )
 
     def _complain(self, category: type, problem: str, action: str, fix: str) -> None:
         if self.strict:

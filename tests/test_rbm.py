@@ -294,6 +294,37 @@ def test_probabilities_accepts_grey_values_quietly_but_still_clips_out_of_range(
         RBM(input_shape=(2,), latent_dim=2, probabilities=True, strict=True)
 
 
+def test_the_trainer_checks_in_memory_data_once_not_every_batch(monkeypatch):
+    """Through Trainer.fit the RBM's data checks run once over the training rows, and the
+    steps skip them; what they decide (warn, clip, refuse) is unchanged."""
+    calls = []  # per-batch checks (the data-dependent start, on 200 rows, aside)
+    original = RBM._visible_data
+    monkeypatch.setattr(
+        RBM,
+        "_visible_data",
+        lambda self, x: (len(x) <= 16 and calls.append(len(x))) or original(self, x),
+    )
+    binary = (torch.rand(200, 6, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    fit = Trainer(epochs=2, batch_size=16, val_fraction=0.0, progress=False).fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(RBM(input_shape=(6,), latent_dim=3), binary)
+    assert calls == []
+    # grey values: one warning for the whole run, from the one check
+    with pytest.warns(NonBinaryDataWarning) as record:
+        fit(RBM(input_shape=(6,), latent_dim=3), binary * 0.5)
+    assert len([w for w in record if w.category is NonBinaryDataWarning]) == 1 and calls == []
+    strict = RBM(input_shape=(6,), latent_dim=3, strict=True)
+    before = strict.W.detach().clone()
+    with pytest.raises(DataError, match="non-binary values"):
+        fit(strict, binary * 0.5)
+    assert torch.equal(strict.W, before)
+    # out of range: every batch is still clipped as it comes, with the warning
+    with pytest.warns(DataRangeWarning, match="clipping them to"):
+        fit(RBM(input_shape=(6,), latent_dim=3), binary * 2)
+    assert len(calls) == 2 * 13
+
+
 def test_demo_figures(tmp_path):
     p = prepare("digits", seed=0)
     torch.manual_seed(0)

@@ -103,6 +103,20 @@ class Batches:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + (stream << 40))
         return torch.randperm(self.n, generator=gen)
 
+    def in_memory_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor] | None:
+        """The rows these batches draw from, in chunks of float32 tensors (as training
+        sees them), where the data is an in-memory tensor or array; None for a memory map,
+        a Dataset or a DataLoader (another whole pass over them would cost a read)."""
+        data = self.array
+        if not isinstance(data, (torch.Tensor, np.ndarray)) or isinstance(data, np.memmap):
+            return None
+        tensor = torch.as_tensor(data)
+        order = self.rows if self.rows is not None else torch.arange(self.n)
+        return (
+            tensor.index_select(0, order[i : i + rows].to(tensor.device)).float()
+            for i in range(0, self.n, rows)
+        )
+
     def global_size(self, epoch_step: int) -> int:
         """Rows in global batch ``epoch_step`` (the last one may be short)."""
         return min(self.batch_size, self.n - epoch_step * self.batch_size)

@@ -56,6 +56,10 @@ class TrainingRun:
                 self._start()
             if self.dist.active:
                 self.loss_fn = distributed_loss(self.model, self.device)
+            # a model that checks each batch may check in-memory data once instead
+            check = getattr(self.model, "check_training_data", None)
+            chunks = None if check is None else self.train.in_memory_chunks()
+            self.data_checked = chunks is not None and bool(check(chunks))
             # which process this is (a resume replaces the history with the saved one)
             self.state.history.rank = self.dist.rank
             self.state.history.world_size = self.dist.world
@@ -246,7 +250,8 @@ class TrainingRun:
         where = f"epoch {epoch}, step {state.epoch_step + 1} (global step {state.step + 1})"
         self._report_progress()
         if self.optimizer is None:
-            terms = self.model.train_step(x)
+            checked = {"checked": True} if self.data_checked else {}
+            terms = self.model.train_step(x, **checked)
             return {k: float(v.detach()) for k, v in terms.items()}
         terms = self.loss_fn(x)
         if "loss" not in terms:

@@ -46,7 +46,8 @@ at::Tensor momentum_step_impl(at::TensorList params, at::TensorList velocities,
   at::Tensor ok = at::ones({}, first.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "aecore_momentum_step", [&] {
     bool* flag = ok.data_ptr<bool>();
-    for (size_t i = 0; i < n; ++i) K::template check_finite<scalar_t>(s[i].data_ptr<scalar_t>(), s[i].numel(), flag);
+    for (size_t i = 0; i < n; ++i)
+      K::template check_finite<scalar_t>(s[i].data_ptr<scalar_t>(), s[i].numel(), flag);
     for (size_t i = 0; i < n; ++i)
       K::template momentum_update<scalar_t>(
           params[i].data_ptr<scalar_t>(), velocities[i].data_ptr<scalar_t>(),

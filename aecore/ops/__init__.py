@@ -279,8 +279,9 @@ def momentum_step_(
                 params, velocities, steps, float(lr), float(momentum), decay
             )
         except (RuntimeError, TypeError, ValueError):
-            check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
             if all(t.is_contiguous() for t in (*params, *velocities)):
+                check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
                 raise
+            # non-contiguous operands: the reference below, after the same checks
     check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
     return reference.momentum_step_(params, velocities, steps, lr, momentum, decay)

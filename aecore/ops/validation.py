@@ -263,8 +263,8 @@ def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) ->
     first = params[0]
     for i in range(n):
         for name, t in (("params", params[i]), ("velocities", velocities[i]), ("steps", steps[i])):
-            tensor(op, f"{name}[{i}]", t, first.dim() if t is first else t.dim(),
-                   like=None if t is first else first, like_name="params[0]")  # fmt: skip
+            like = None if t is first else first  # any rank; the shape check follows
+            tensor(op, f"{name}[{i}]", t, t.dim(), like=like, like_name="params[0]")
             if t.shape != params[i].shape:
                 raise ShapeError(
                     f"{op}: {name}[{i}] has shape {_shape(t)}, params[{i}] {_shape(params[i])}"

@@ -119,6 +119,8 @@ class Autoencoder(nn.Module, abc.ABC):
     #: (``init_from_data`` makes ``model(x)`` PCA's reconstruction at ``latent_dim``) and
     #: training can only improve on it (capability ``pca-start``)
     pca_start: ClassVar[bool] = False
+    #: the optimizer's learning rate when the training settings give none (``lr=None``)
+    default_lr: ClassVar[float] = 1e-3
 
     def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
         super().__init__()

@@ -36,7 +36,13 @@ class TrainConfig:
         metadata=_doc("passes over the training data (fewer when early stopping ends the run)"),
     )
     batch_size: int = field(default=64, metadata=_doc("rows per optimisation step"))
-    lr: float = field(default=1e-3, metadata=_doc("learning rate of the optimizer"))
+    lr: float | None = field(
+        default=None,
+        metadata=_doc(
+            "learning rate of the optimizer (none: the model's default_lr, 1e-3 unless the "
+            "model declares another)"
+        ),
+    )
     optimizer: str = field(
         default="adam",
         metadata=_doc(
@@ -92,7 +98,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         params.integer("epochs", self.epochs, low=1)
         params.integer("batch_size", self.batch_size, low=1)
-        params.number("lr", self.lr, low=0.0, low_open=True)
+        if self.lr is not None:
+            params.number("lr", self.lr, low=0.0, low_open=True)
         params.choice("optimizer", self.optimizer, OPTIMIZERS)
         params.number("weight_decay", self.weight_decay, low=0.0)
         if self.grad_clip is not None:
@@ -125,6 +132,13 @@ class TrainConfig:
         """A copy with ``changes`` applied (unknown names are an error naming the fields)."""
         check_names(changes, "TrainConfig")
         return dataclasses.replace(self, **changes)
+
+    def for_model(self, model: Any) -> TrainConfig:
+        """This config as a run of ``model`` uses it: with no ``lr`` given, the model's
+        ``default_lr`` (for a model trained by the optimizer), so records show the rate."""
+        if self.lr is not None or not getattr(model, "uses_optimizer", True):
+            return self
+        return self.replace(lr=float(model.default_lr))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -44,11 +44,10 @@ def _own_learning_rate(
     """A model that updates its own parameters (an RBM) takes a learning rate given to
     the trainer (``--lr``) as its own ``lr``, unless its hyperparameters set one."""
     cls = model_class(name)
-    default = TrainConfig().lr
     takes_lr = "lr" in (hyperparameter_names(cls) or ())
-    if cls.uses_optimizer or not takes_lr or config.lr == default or "lr" in hparams:
+    if cls.uses_optimizer or not takes_lr or config.lr is None or "lr" in hparams:
         return hparams, config
-    return {**hparams, "lr": config.lr}, config.replace(lr=default)
+    return {**hparams, "lr": config.lr}, config.replace(lr=None)
 
 
 def train(
@@ -87,6 +86,7 @@ def train(
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
     model.normalization = prepared.normalization
+    config = config.for_model(model)  # the learning rate the run uses, recorded
     trainer = Trainer(
         config, out_dir=out, resume=resume, allow_changes=allow_changes, overwrite=overwrite,
         progress=progress,

@@ -68,7 +68,7 @@ class AutoencoderTransformer(
         Training epochs (fewer when early stopping ends the run).
     batch_size : int, default=TrainConfig.batch_size (64)
     lr : float or None, default=None
-        Learning rate: of the trainer's optimizer (None: TrainConfig.lr, 1e-3), or, for
+        Learning rate: of the trainer's optimizer (None: the model's ``default_lr``), or, for
         a model that updates its own parameters and has an ``lr`` hyperparameter
         (``rbm``), that hyperparameter (None: the model's default).
     normalize : {"auto", "standardize", "minmax", "none"}, default="auto"
@@ -196,7 +196,7 @@ class AutoencoderTransformer(
         )
         hparams = self._model_hparams(model_class(self.model))
         seed = self._seed()
-        trainer_lr = _DEFAULTS.lr if self.lr is None or "lr" in hparams else self.lr
+        trainer_lr = None if "lr" in hparams else self.lr
         config = TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,

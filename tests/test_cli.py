@@ -54,7 +54,7 @@ def test_train_writes_a_model_folder_with_metrics_and_checkpoint(trained):
     assert record["normalization"]["kind"] == "minmax"
     assert record["metrics"]["pca_test_mse"] > 0
     # the run's training settings: the flags given over TrainConfig's defaults
-    assert record["training"] == {**aecore.TrainConfig().to_dict(), "epochs": 3}
+    assert record["training"] == {**aecore.TrainConfig().to_dict(), "epochs": 3, "lr": 1e-3}
 
 
 def test_every_training_setting_is_a_flag_with_the_library_default(capsys):

@@ -47,6 +47,17 @@ def test_replace_validates_and_names_unknown_settings():
         config.replace(lr=-1.0)
 
 
+def test_no_learning_rate_means_the_models_own_default():
+    dae = aecore.create("denoising", input_shape=(6,), latent_dim=2)
+    ae = aecore.create("ae", input_shape=(6,), latent_dim=2)
+    rbm = aecore.create("rbm", input_shape=(6,), latent_dim=2)
+    assert TrainConfig().lr is None
+    assert TrainConfig().for_model(dae).lr == dae.default_lr == 3e-3
+    assert TrainConfig().for_model(ae).lr == 1e-3
+    assert TrainConfig(lr=0.05).for_model(dae).lr == 0.05  # a given rate wins
+    assert TrainConfig().for_model(rbm).lr is None  # its own rule has its own lr
+
+
 def test_json_round_trip_and_records_without_newer_fields():
     config = TrainConfig(epochs=7, patience=None, grad_clip=2.0)
     assert TrainConfig.from_dict(config.to_dict()) == config

@@ -17,7 +17,7 @@ from aecore.errors import (
     TrainingInterrupted,
 )
 from aecore.io.atomic import atomic_write
-from aecore.io.tensors import load_tensors, save_tensors
+from aecore.io.tensors import load_tensors, save_tensors, unflatten_state
 from aecore.training import Trainer
 from aecore_plugins.ae import PlainAutoencoder
 
@@ -482,6 +482,17 @@ def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
             hparams={"probabilities": True},
         )  # fmt: skip
     assert result.model.lr == 0.02
+
+
+def test_the_run_uses_and_records_the_models_default_learning_rate(tmp_path):
+    x = torch.rand(64, 8)
+    for lr, used in [(None, 3e-3), (0.01, 0.01)]:
+        model = aecore.create("denoising", input_shape=(8,), latent_dim=2)
+        Trainer(epochs=1, lr=lr, out_dir=tmp_path / str(lr), progress=False).fit(model, x)
+        tensors, meta = load_tensors(tmp_path / str(lr) / "checkpoint.safetensors")
+        assert meta["training"]["lr"] == used
+        optimizer = unflatten_state(meta["optimizer"], tensors)
+        assert optimizer["param_groups"][0]["lr"] == used
 
 
 def test_a_resume_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):

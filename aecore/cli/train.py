@@ -198,7 +198,7 @@ def cmd_eval(args) -> int:
         if key not in skip:
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     if training is not None:
-        defaults = TrainConfig().to_dict()
+        defaults = TrainConfig().for_model(model).to_dict()  # with the model's own lr
         changed = [f"{k}={v}" for k, v in training.items() if defaults.get(k) != v]
         print(f"trained with: {', '.join(changed) or 'the default settings'}")
     return 0

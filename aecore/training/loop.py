@@ -24,13 +24,14 @@ INIT_ROWS = 10000
 
 
 class TrainingRun:
-    """Runs one fit of ``model`` for ``trainer`` (its config, files and stop flag)."""
+    """Runs one fit of ``model`` for ``trainer`` (its files and stop flag) with ``config``
+    (the trainer's, its learning rate resolved for the model)."""
 
     def __init__(
-        self, trainer, model, train: Batches, val: Batches | None, init_data: Batches
+        self, trainer, config, model, train: Batches, val: Batches | None, init_data: Batches
     ) -> None:
         self.trainer = trainer
-        self.config = trainer.config
+        self.config = config
         self.out_dir = trainer.out_dir
         self.model = model
         self.train = train

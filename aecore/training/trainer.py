@@ -87,8 +87,8 @@ class Trainer:
             raise ConfigError(
                 f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
             )
-        c = self.config
-        _warn_ignored_optimizer_settings(model, c)
+        _warn_ignored_optimizer_settings(model, self.config)
+        c = self.config.for_model(model)
         given = train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
         if val_data is not None:
             val = Batches(val_data, c.batch_size, False, c.seed, "val_data")
@@ -106,7 +106,7 @@ class Trainer:
             )
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
-        run = TrainingRun(self, model, train, val, init_data=given)
+        run = TrainingRun(self, c, model, train, val, init_data=given)
         if self.out_dir is None or not writes_files():
             return run.execute()
         with FolderLock(self.out_dir, "train into"):  # one run writes a folder at a time

@@ -1,10 +1,13 @@
 // The torch.ops.aecore schemas, defined once for every backend. This is the Python
 // extension module aecore._C; the kernels live in aecore._C_cpu (cpu/) and
 // aecore._C_cuda (cuda/), each registering its implementations with
-// TORCH_LIBRARY_IMPL, so either loads without the other. Fake (meta) kernels and
-// autograd are registered from Python (aecore/ops/_fused.py).
+// TORCH_LIBRARY_IMPL, so either loads without the other. Fake (meta) kernels are
+// registered from Python (aecore/ops/_fused.py), and so is the autograd of most ops;
+// the sparsity penalties' autograd is here (below).
 #include <Python.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(aecore, m) {
@@ -49,6 +52,89 @@ TORCH_LIBRARY(aecore, m) {
   m.def(
       "momentum_step_(Tensor(a!)[] params, Tensor(b!)[] velocities, Tensor[] steps, float lr, "
       "float momentum, float[] weight_decay) -> Tensor");
+}
+
+// Autograd for the sparsity penalties in C++: they are cheap at typical sizes, where a
+// Python autograd.Function (its apply, and the engine calling back into Python for the
+// backward) cost more than the kernels. Each forward calls the op below autograd (its
+// CPU or CUDA kernel); each backward calls the op's backward schema.
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+class KLSparsity : public torch::autograd::Function<KLSparsity> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& h, double rho, double beta) {
+    static const auto kernel =
+        op<std::tuple<Tensor, Tensor>(const Tensor&, double, double)>("aecore::kl_sparsity");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, mean] = kernel.call(h, rho, beta);
+    ctx->save_for_backward({mean});
+    ctx->saved_data["rows"] = h.sym_size(0);
+    ctx->saved_data["rho"] = rho;
+    ctx->saved_data["beta"] = beta;
+    return {loss, mean};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto kernel = op<Tensor(
+        const Tensor&, const std::optional<Tensor>&, const Tensor&, c10::SymInt, double, double)>(
+        "aecore::kl_sparsity_backward");
+    const Tensor mean = ctx->get_saved_variables()[0];
+    const c10::SymInt rows = ctx->saved_data["rows"].toSymInt();
+    const Tensor grad_loss = grads[0].defined() ? grads[0] : at::zeros({}, mean.options());
+    const std::optional<Tensor> grad_mean =
+        grads[1].defined() ? std::optional<Tensor>(grads[1]) : std::nullopt;
+    const Tensor row = kernel.call(grad_loss, grad_mean, mean, rows,
+                                   ctx->saved_data["rho"].toDouble(),
+                                   ctx->saved_data["beta"].toDouble());
+    // every row's gradient is this one row: broadcast, as torch's sum backward does
+    return {row.expand_symint({rows, row.sym_size(0)}), Tensor(), Tensor()};
+  }
+};
+
+class TopkSparsify : public torch::autograd::Function<TopkSparsify> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& z, int64_t k) {
+    static const auto kernel =
+        op<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>("aecore::topk_sparsify");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, indices] = kernel.call(z, k);
+    ctx->save_for_backward({indices});
+    ctx->mark_non_differentiable({indices});
+    return {out, indices};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto kernel =
+        op<Tensor(const Tensor&, const Tensor&)>("aecore::topk_sparsify_backward");
+    if (!grads[0].defined()) return {Tensor(), Tensor()};
+    return {kernel.call(grads[0], ctx->get_saved_variables()[0]), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> kl_sparsity_autograd(const Tensor& h, double rho, double beta) {
+  auto out = KLSparsity::apply(h, rho, beta);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> topk_sparsify_autograd(const Tensor& z, int64_t k) {
+  auto out = TopkSparsify::apply(z, k);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aecore, Autograd, m) {
+  m.impl("kl_sparsity", &kl_sparsity_autograd);
+  m.impl("topk_sparsify", &topk_sparsify_autograd);
 }
 
 extern "C" {

@@ -111,33 +111,6 @@ if SCHEMAS_LOADED:
         "aecore::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
     )
 
-    def _kl_setup(ctx, inputs, output):
-        h, rho, beta = inputs
-        ctx.save_for_backward(output[1])
-        ctx.rows, ctx.rho, ctx.beta = h.shape[0], rho, beta
-
-    def _kl_backward(ctx, grad_loss, grad_mean):
-        (mean,) = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = mean.new_zeros(())
-        grad = torch.ops.aecore.kl_sparsity_backward(
-            grad_loss, grad_mean, mean, ctx.rows, ctx.rho, ctx.beta
-        )
-        return grad.expand(ctx.rows, -1), None, None
-
-    torch.library.register_autograd("aecore::kl_sparsity", _kl_backward, setup_context=_kl_setup)
-
-    def _topk_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-
-    def _topk_backward(ctx, grad_out, _grad_indices):
-        (indices,) = ctx.saved_tensors
-        return torch.ops.aecore.topk_sparsify_backward(grad_out, indices), None
-
-    torch.library.register_autograd(
-        "aecore::topk_sparsify", _topk_backward, setup_context=_topk_setup
-    )
-
 
 # The public ops differentiate through these lean autograd.Functions (the same forward
 # and backward ops as the registrations above, which serve direct torch.ops.aecore
@@ -153,37 +126,6 @@ def _below_autograd(op, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
-
-
-class _KLSparsity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, rho, beta):
-        loss, mean = _below_autograd(torch.ops.aecore.kl_sparsity.default, h, rho, beta)
-        ctx.save_for_backward(mean)
-        ctx.rows, ctx.rho, ctx.beta = h.shape[0], rho, beta
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (mean,) = ctx.saved_tensors
-        grad = torch.ops.aecore.kl_sparsity_backward(
-            grad_loss, None, mean, ctx.rows, ctx.rho, ctx.beta
-        )
-        # every row's gradient is this one row: broadcast, as torch's sum backward does
-        return grad.expand(ctx.rows, -1), None, None
-
-
-class _TopkSparsify(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, k):
-        out, indices = _below_autograd(torch.ops.aecore.topk_sparsify.default, z, k)
-        ctx.save_for_backward(indices)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (indices,) = ctx.saved_tensors
-        return torch.ops.aecore.topk_sparsify_backward(grad_out, indices), None
 
 
 class _TopkEncode(torch.autograd.Function):
@@ -235,16 +177,13 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     return _below_autograd(torch.ops.aecore.sparse_decode.default, values, indices, W_dec, b_dec)
 
 
+# the sparsity penalties' autograd is C++ (csrc/ops.cpp): a plain call differentiates
 def kl_sparsity(h: Tensor, rho: float, beta: float) -> Tensor:
-    if h.requires_grad and torch.is_grad_enabled():
-        return _KLSparsity.apply(h, rho, beta)
-    return _below_autograd(torch.ops.aecore.kl_sparsity.default, h, rho, beta)[0]
+    return torch.ops.aecore.kl_sparsity.default(h, rho, beta)[0]
 
 
 def topk_sparsify(z: Tensor, k: int) -> Tensor:
-    if z.requires_grad and torch.is_grad_enabled():
-        return _TopkSparsify.apply(z, k)
-    return _below_autograd(torch.ops.aecore.topk_sparsify.default, z, k)[0]
+    return torch.ops.aecore.topk_sparsify.default(z, k)[0]
 
 
 def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:

@@ -56,11 +56,6 @@ def corrupt(
 class DenoisingAutoencoder(PlainAutoencoder):
     """The ``ae`` MLP trained to undo random corruption of its inputs."""
 
-    # undoing corruption converges more slowly than reconstructing clean inputs: at
-    # ae's 1e-3 a short run leaves it under-trained, and 3e-3 trains it further in the
-    # same epochs (one-class digits, ``aecore bench anomaly``: mean AUC 0.9967 -> 0.9973)
-    default_lr = 3e-3
-
     demo = DemoRecipe(
         data="digits",
         latent_dim=16,

@@ -10,6 +10,7 @@ import aecore
 from aecore.config import DemoRecipe, TrainConfig
 from aecore.errors import ConfigError
 from aecore.sklearn import AutoencoderTransformer
+from aecore_plugins.ae import PlainAutoencoder
 
 
 def test_every_field_is_documented_and_the_defaults_validate():
@@ -47,8 +48,12 @@ def test_replace_validates_and_names_unknown_settings():
         config.replace(lr=-1.0)
 
 
+class _FastAutoencoder(PlainAutoencoder):
+    default_lr = 3e-3
+
+
 def test_no_learning_rate_means_the_models_own_default():
-    dae = aecore.create("denoising", input_shape=(6,), latent_dim=2)
+    dae = _FastAutoencoder(input_shape=(6,), latent_dim=2)
     ae = aecore.create("ae", input_shape=(6,), latent_dim=2)
     rbm = aecore.create("rbm", input_shape=(6,), latent_dim=2)
     assert TrainConfig().lr is None

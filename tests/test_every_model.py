@@ -78,7 +78,10 @@ def test_train_save_eval_export_and_serve_through_onnxruntime(name, tmp_path, ca
     cls = aecore.model_class(name)
     lr = cls.default_lr if cls.uses_optimizer else None  # the rate the run used
     assert record["training"] == {
-        **aecore.TrainConfig().to_dict(), "epochs": 2, "batch_size": 32, "lr": lr
+        **aecore.TrainConfig().to_dict(),
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": lr,
     }
 
     capsys.readouterr()

@@ -486,8 +486,12 @@ def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
 
 def test_the_run_uses_and_records_the_models_default_learning_rate(tmp_path):
     x = torch.rand(64, 8)
+
+    class FastAutoencoder(PlainAutoencoder):
+        default_lr = 3e-3
+
     for lr, used in [(None, 3e-3), (0.01, 0.01)]:
-        model = aecore.create("denoising", input_shape=(8,), latent_dim=2)
+        model = FastAutoencoder(input_shape=(8,), latent_dim=2)
         Trainer(epochs=1, lr=lr, out_dir=tmp_path / str(lr), progress=False).fit(model, x)
         tensors, meta = load_tensors(tmp_path / str(lr) / "checkpoint.safetensors")
         assert meta["training"]["lr"] == used

@@ -354,7 +354,7 @@ class DeepAutoencoder(Autoencoder):
         train`` run that just fine-tuned this net does not pay for a second training."""
         if getattr(self, "metadata", None) is None or not self.use_pretraining:
             return {}
-        config = training_config(self.metadata).replace(device="cpu")
+        config = training_config(self.metadata).replace(device="cpu").for_model(self)
         torch.manual_seed(config.seed)
         baseline = type(self)(**{**self.get_config(), "pretrain": False})
         baseline.normalization = self.normalization

@@ -19,6 +19,7 @@ from aecore.errors import (
 from aecore.io.atomic import atomic_write
 from aecore.io.tensors import load_tensors, save_tensors, unflatten_state
 from aecore.training import Trainer
+from aecore.training.optim import make_optimizer
 from aecore_plugins.ae import PlainAutoencoder
 
 X = np.random.default_rng(0).random((90, 6)).astype(np.float32)
@@ -497,6 +498,8 @@ def test_the_run_uses_and_records_the_models_default_learning_rate(tmp_path):
         assert meta["training"]["lr"] == used
         optimizer = unflatten_state(meta["optimizer"], tensors)
         assert optimizer["param_groups"][0]["lr"] == used
+    fresh = make_optimizer(FastAutoencoder(input_shape=(8,), latent_dim=2), aecore.TrainConfig())
+    assert fresh.param_groups[0]["lr"] == 3e-3
 
 
 def test_a_resume_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):

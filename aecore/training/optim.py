@@ -40,7 +40,7 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     # a model may scale the learning rate (an SAE to its number of latents, decaying at
     # the end of the run); the run loop updates it every step
     factor = getattr(model, "lr_factor", None)
-    lr = config.lr * (factor(0.0) if factor is not None else 1.0)
+    lr = config.for_model(model).lr * (factor(0.0) if factor is not None else 1.0)
     if config.optimizer == "lbfgs":
         if hasattr(model, "before_optimizer_step") or hasattr(model, "after_optimizer_step"):
             raise ConfigError(

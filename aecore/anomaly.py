@@ -2,7 +2,8 @@
 conventions, for pipelines that already speak them.
 
 After ``fit(X)``: ``decision_scores_`` (the training rows' anomaly scores, higher = more
-anomalous: the reconstruction error in normalised units), ``threshold_`` (the
+anomalous: the model's default ``score`` in normalised units, e.g. the reconstruction
+error), ``threshold_`` (the
 ``contamination`` share of them lies above it) and ``labels_`` (1 = outlier). Then
 ``decision_function``, ``predict`` (0 / 1), ``predict_proba(method="linear" | "unify")``
 and ``predict_confidence`` on new rows. The threshold travels with the model:

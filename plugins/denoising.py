@@ -27,6 +27,8 @@ from aecore.layers import flatten, pca_basis, reconstruction_from_logits
 from aecore_plugins.ae import PlainAutoencoder
 
 CORRUPTIONS = ("gaussian", "masking", "salt_pepper")
+#: fixed corruptions the ``"denoising"`` anomaly score restores each row from
+SCORE_CORRUPTIONS = 4
 #: training rows (at most) the PCA baseline of ``aecore eval`` is fitted on
 PCA_FIT_ROWS = 20000
 
@@ -90,6 +92,47 @@ class DenoisingAutoencoder(PlainAutoencoder):
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x`` corrupted by this model's noise process (fresh draws on every call)."""
         return corrupt(x, self.corruption, sigma=self.sigma, p=self.p, generator=generator)
+
+    # -- anomaly scores ------------------------------------------------------------------
+    # A row unlike the training data is restored worse from a corruption too: adding the
+    # task the model was trained on to the reconstruction error detects better (one-class
+    # digits, `aecore bench anomaly`: mean ROC-AUC 0.9974 against 0.9967, seeds 0-2)
+    score_kinds = ("reconstruction", "denoising")
+    default_score_kind = "denoising"
+    exportable_score_kinds = score_kinds
+
+    def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """``"denoising"``: the reconstruction error of each row plus the mean error in
+        restoring it from ``SCORE_CORRUPTIONS`` fixed corruptions (the same for every
+        row, so a row's score depends on nothing else in its batch; salt-and-pepper
+        takes each row's own minimum and maximum)."""
+        errors = (self(x) - x).pow(2).flatten(1).mean(1)
+        for corrupted in self.fixed_corruptions(x):
+            errors = errors + (self(corrupted) - x).pow(2).flatten(1).mean(1) / SCORE_CORRUPTIONS
+        return errors
+
+    def fixed_corruptions(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``SCORE_CORRUPTIONS`` corruptions of ``x`` by this model's noise process, drawn
+        once from a fixed seed (numpy's legacy generator, stable across versions)."""
+        rng = np.random.RandomState(0)
+        shape = (SCORE_CORRUPTIONS, *x.shape[1:])
+        as_x = lambda a: torch.as_tensor(a, dtype=x.dtype, device=x.device)  # noqa: E731
+        if self.corruption == "gaussian":
+            noise = as_x(rng.standard_normal(shape))
+            return [x + self.sigma * noise[r] for r in range(SCORE_CORRUPTIONS)]
+        hit = rng.random_sample(shape) < self.p
+        if self.corruption == "masking":
+            keep = as_x(~hit)
+            return [x * keep[r] for r in range(SCORE_CORRUPTIONS)]
+        salt = torch.as_tensor(rng.random_sample(shape) < 0.5, device=x.device)
+        hit_t = torch.as_tensor(hit, device=x.device)
+        rows = x.flatten(1)
+        shape_1 = (len(x),) + (1,) * (x.dim() - 1)
+        low, high = rows.amin(1).reshape(shape_1), rows.amax(1).reshape(shape_1)
+        return [
+            torch.where(hit_t[r], torch.where(salt[r], high, low), x)
+            for r in range(SCORE_CORRUPTIONS)
+        ]
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)

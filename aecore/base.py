@@ -226,6 +226,9 @@ class Autoencoder(nn.Module, abc.ABC):
     score_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
     #: the kind ``score`` uses by default: the one that detects anomalies best
     default_score_kind: ClassVar[str] = "reconstruction"
+    #: the kinds an ONNX export can compute (deterministic: no sampling), whose detector
+    #: thresholds the runtime then serves from the export's ``score`` graph
+    exportable_score_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:

@@ -157,6 +157,48 @@ def test_the_threshold_travels_to_the_folder_and_to_onnx(fitted, tmp_path):
         aecore.load(tmp_path / "m")
 
 
+def test_detectors_on_other_scores_are_served_from_the_exports_score_graph(tmp_path):
+    # the RBM thresholds its free energy, the denoiser its restoration error: an export
+    # of all parts carries a score graph, so onnxruntime serves the same decisions
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from sklearn.datasets import load_digits
+
+    from aecore import open_model
+    from aecore.cli import main
+    from aecore.runtime import OnnxAutoencoder
+
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    for name in ("rbm", "denoising", "vae"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an RBM's note on grey values
+            detector = aecore.AnomalyDetector(name, latent_dim=4, epochs=3, random_state=0)
+            detector.fit(X[y == 0][:100])
+        aecore.save(detector.model_, tmp_path / name)
+        out = tmp_path / f"{name}.onnx"
+        assert main(["export", str(tmp_path / name), "--out", str(out), "--all"]) == 0
+        served = OnnxAutoencoder(out)
+        if name == "vae":  # an importance-sampled likelihood: no graph, a clear refusal
+            assert not (tmp_path / "vae.score.onnx").exists()
+            with pytest.raises(DataError, match="'log_likelihood'.*no score graph.*folder"):
+                served.predict(X)
+            continue
+        want = detector.decision_function(X)
+        for model in (served, open_model(str(tmp_path / name))):
+            np.testing.assert_allclose(model.decision_function(X), want, rtol=1e-5, atol=1e-5)
+            assert np.array_equal(model.predict(X), detector.predict(X))
+    with pytest.raises(ModelFileError, match="is the score graph of an export: open"):
+        OnnxAutoencoder(tmp_path / "rbm.score.onnx")
+    # a new export of all parts replaces the whole set: no stale score graph stays
+    plain = tmp_path / "plain"
+    aecore.save(aecore.create("ae", input_shape=(64,), latent_dim=2), plain)
+    argv = ["export", str(plain), "--out", str(tmp_path / "rbm.onnx"), "--all", "--overwrite"]
+    assert main(argv) == 0
+    assert not (tmp_path / "rbm.score.onnx").exists()
+
+
 @pytest.mark.parametrize(
     "name",
     [n for n in aecore.list_models() if "vector" in aecore.capabilities(aecore.model_class(n))],

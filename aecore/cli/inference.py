@@ -23,7 +23,7 @@ import numpy as np
 from aecore.data.sources import load_data
 from aecore.errors import DataError
 from aecore.io.atomic import atomic_write
-from aecore.runtime import DEFAULT_BATCH_SIZE, OnnxAutoencoder, part_paths
+from aecore.runtime import DEFAULT_BATCH_SIZE, OnnxAutoencoder, part_paths, score_path
 from aecore.serving import open_model
 
 OUTPUT_SUFFIXES = (".npy", ".csv")
@@ -115,7 +115,9 @@ def cmd_export(args) -> int:
 
     part = "all" if args.all else args.part
     path = export_onnx(args.model_dir, args.out, part, opset=args.opset, overwrite=args.overwrite)
-    written = list(part_paths(path).values()) if part == "all" else [path]
+    written = [path]
+    if part == "all":  # the three graphs and, for some detectors, the score graph
+        written = [p for p in (*part_paths(path).values(), score_path(path)) if p.exists()]
     for p in written:
         print(f"wrote {p} ({os.path.getsize(p) / 1024:.1f} KiB)")
     return 0

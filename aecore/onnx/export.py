@@ -8,7 +8,10 @@ per part (weights inside, opset >= 18, a dynamic batch axis named ``batch``):
 * ``decoder``: ``z -> x_hat``
 * ``all``: the three at once: ``model.onnx`` (full) with ``model.encoder.onnx`` and
   ``model.decoder.onnx`` beside it. ``aecore.runtime.OnnxAutoencoder("model.onnx")``
-  finds the siblings, so this is the layout to ship.
+  finds the siblings, so this is the layout to ship. A model whose detector
+  thresholds another score than the reconstruction error (an RBM's free energy) adds
+  ``model.score.onnx`` (``x -> score``) when the model can compute that score
+  deterministically (``exportable_score_kinds``), so the runtime serves the detector.
 
 Each file's metadata props (``aecore.*``) carry the registry name, config, data
 normalisation, input shape, code size, part, aecore version and an export id shared by
@@ -46,7 +49,14 @@ from aecore.onnx.graphs import (
 )
 from aecore.onnx.trace import to_onnx
 from aecore.registry import name_of
-from aecore.runtime.format import FORMAT, FORMAT_VERSION, PARTS, part_paths
+from aecore.runtime.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    PARTS,
+    SCORE_PART,
+    part_paths,
+    score_path,
+)
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -81,8 +91,9 @@ def export_onnx(
     path = Path(path)
     if not path.name.endswith(".onnx") or path.name == ".onnx":
         raise ConfigError(f"ONNX file names end in .onnx; got {str(path)!r}")
-    parts = PARTS if part == "all" else (part,)
-    targets = part_paths(path) if part == "all" else {part: path}
+    # an export of all parts owns the score graph's name too, written or not: a
+    # previous export's score graph must not stay beside this one's
+    targets = {**part_paths(path), SCORE_PART: score_path(path)} if part == "all" else {part: path}
     for target in targets.values():
         if target.is_dir():
             raise ConfigError(f"cannot write {target}: it is a directory")
@@ -91,6 +102,9 @@ def export_onnx(
                 f"{target} exists; pass overwrite=True (--overwrite) or choose another name"
             )
     model, name = _resolve_model(model_or_dir)
+    parts = (part,)
+    if part == "all":
+        parts = (*PARTS, SCORE_PART) if exported_score_kind(model) else PARTS
     protos = export_protos(model, name, parts, opset=opset)
     with contextlib.ExitStack() as held:  # one writer per target file
         for target in targets.values():
@@ -102,25 +116,47 @@ def export_onnx(
         for p, proto in protos.items():
             blob = proto.SerializeToString()
             atomic_write(targets[p], lambda f, blob=blob: f.write(blob))
+        if part == "all" and SCORE_PART not in protos:
+            targets[SCORE_PART].unlink(missing_ok=True)
     return targets["full"] if part == "all" else path
+
+
+def exported_score_kind(model) -> str | None:
+    """The score an export's score graph computes: the model's detector's kind, when that
+    is not the reconstruction error (the full graph gives that) and the model can
+    compute it deterministically; else None (no score graph)."""
+    kind = getattr(getattr(model, "detector", None), "kind", "reconstruction")
+    exportable = getattr(model, "exportable_score_kinds", ())
+    return kind if kind != "reconstruction" and kind in exportable else None
 
 
 def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFAULT_OPSET):
     """The checked ``onnx.ModelProto`` of each part in ``parts``, in memory (no files).
     ``model`` is left as it was (a CPU float32 eval copy is exported)."""
     parts = tuple(parts)
-    if not parts or any(p not in PARTS for p in parts):
-        raise ConfigError(f"parts must be a non-empty subset of {PARTS}; got {parts!r}")
+    known = (*PARTS, SCORE_PART)
+    if not parts or any(p not in known for p in parts):
+        raise ConfigError(f"parts must be a non-empty subset of {known}; got {parts!r}")
     model = _export_copy(model, name)
     metadata = _metadata(model, name)
-    if len(parts) == 1:
-        (only,) = parts
-        raw = {only: to_onnx(model, name, only, opset)}
-    else:
+    score_kind = exported_score_kind(model)
+    if SCORE_PART in parts and score_kind is None:
+        raise ConfigError(
+            f"{name} has no score graph to export: it needs a detector whose score is not "
+            f"the reconstruction error, one of {getattr(model, 'exportable_score_kinds', ())}"
+        )
+    graphs = [p for p in parts if p != SCORE_PART]
+    raw = {}
+    if len(graphs) == 1:
+        raw[graphs[0]] = to_onnx(model, name, graphs[0], opset)
+    elif graphs:
         # one trace for all parts, sliced into the three graphs afterwards: tracing
         # dominates the cost and the slices hold exactly what separate exports would
         combined = to_onnx(model, name, "all", opset)
-        raw = {p: slice_part(combined, p) for p in parts}
+        raw.update({p: slice_part(combined, p) for p in graphs})
+    if SCORE_PART in parts:
+        raw[SCORE_PART] = to_onnx(model, name, SCORE_PART, opset)
+        metadata = {**metadata, "aecore.score_kind": score_kind}
     out = {}
     norm = getattr(model, "normalization", None) or Normalization("none")
     for p, proto in raw.items():

@@ -1,4 +1,5 @@
-"""ONNX graphs after translation: the three parts sliced out of one combined trace, the
+"""ONNX graphs after translation: the three parts sliced out of one combined trace (and
+a detector's score graph, traced on its own), the
 batch axis named, and the checks every exported graph passes (standard, deterministic
 ops only; ``onnx.checker`` with full shape inference)."""
 
@@ -11,7 +12,12 @@ from aecore.errors import OnnxExportError
 from aecore.onnx.diagnose import first_line
 
 #: graph input and output names per part
-SIGNATURES = {"full": ("x", "x_hat"), "encoder": ("x", "z"), "decoder": ("z", "x_hat")}
+SIGNATURES = {
+    "full": ("x", "x_hat"),
+    "encoder": ("x", "z"),
+    "decoder": ("z", "x_hat"),
+    "score": ("x", "score"),
+}
 BATCH_DIM = "batch"
 #: graph names in the combined trace of all parts (its two inputs need distinct outputs)
 ALL_PARTS_IO = {"inputs": ("x", "z"), "outputs": ("x_hat", "z_of_x", "x_hat_of_z")}

@@ -21,11 +21,21 @@ normalised inputs, so features count equally whatever their raw scale.
 ``decode`` use ``model.encoder.onnx`` and ``model.decoder.onnx`` beside it, which
 ``--all`` writes. Any one of the three files may be given: the others are found by
 name and must come from the same export. Without the full graph, ``reconstruct``
-chains encoder and decoder.
+chains encoder and decoder. A detector whose score is not the reconstruction error
+(an RBM's free energy) is served from ``model.score.onnx``, which ``--all`` adds where
+the model can compute that score without sampling.
 """
 
 from aecore.runtime.arrays import ArrayModel
-from aecore.runtime.format import DEFAULT_BATCH_SIZE, FORMAT, FORMAT_VERSION, PARTS, part_paths
+from aecore.runtime.format import (
+    DEFAULT_BATCH_SIZE,
+    FORMAT,
+    FORMAT_VERSION,
+    PARTS,
+    SCORE_PART,
+    part_paths,
+    score_path,
+)
 from aecore.runtime.onnx_model import OnnxAutoencoder
 
 __all__ = [
@@ -33,7 +43,9 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "PARTS",
+    "SCORE_PART",
     "ArrayModel",
     "OnnxAutoencoder",
     "part_paths",
+    "score_path",
 ]

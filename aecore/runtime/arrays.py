@@ -34,12 +34,16 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def _anomaly_scores(self, X: Any) -> np.ndarray:
         kind = self.detector.kind if self.detector is not None else "reconstruction"
         if kind != "reconstruction":
-            raise DataError(
-                f"this detector scores rows by the model's {kind!r}, which an ONNX export "
-                f"does not compute: serve the model folder (torch), or fit the detector on "
-                f"a model whose default score is the reconstruction error"
-            )
+            return self._kind_scores(X, kind)
         return self.score(X)
+
+    def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
+        """The detector's scores when they are not the reconstruction error."""
+        raise DataError(
+            f"this detector scores rows by the model's {kind!r}, which this export does "
+            f"not compute: serve the model folder (torch), or fit the detector on a model "
+            f"whose default score is the reconstruction error"
+        )
 
     @abc.abstractmethod
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:

@@ -10,15 +10,19 @@ from pathlib import Path
 FORMAT = "aecore-onnx"  # written by aecore.onnx, read by this package
 FORMAT_VERSION = 1
 PARTS = ("full", "encoder", "decoder")
+#: the graph an export of all parts adds when the model's detector thresholds a score
+#: other than the reconstruction error (``x -> score``, one per row)
+SCORE_PART = "score"
 #: rows per onnxruntime call: bounds memory for large (memory-mapped) inputs
 DEFAULT_BATCH_SIZE = 4096
 
 
 def part_paths(path: str | os.PathLike) -> dict[str, Path]:
-    """``m.onnx`` / ``m.encoder.onnx`` / ``m.decoder.onnx`` for any of the three."""
+    """``m.onnx`` / ``m.encoder.onnx`` / ``m.decoder.onnx`` for any of them (or of
+    ``m.score.onnx``)."""
     path = Path(path)
     stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
-    for part in ("encoder", "decoder"):
+    for part in ("encoder", "decoder", SCORE_PART):
         if stem.endswith(f".{part}"):
             stem = stem[: -len(part) - 1]
     return {
@@ -26,3 +30,9 @@ def part_paths(path: str | os.PathLike) -> dict[str, Path]:
         "encoder": path.with_name(f"{stem}.encoder.onnx"),
         "decoder": path.with_name(f"{stem}.decoder.onnx"),
     }
+
+
+def score_path(path: str | os.PathLike) -> Path:
+    """``m.score.onnx``, the score graph beside any part file of an export."""
+    full = part_paths(path)["full"]
+    return full.with_name(f"{full.name[: -len('.onnx')]}.{SCORE_PART}.onnx")

@@ -14,7 +14,15 @@ from aecore.data.normalization import Normalization
 from aecore.detection import ScoreThreshold
 from aecore.errors import ConfigError, DataError, ModelFileError
 from aecore.runtime.arrays import ArrayModel
-from aecore.runtime.format import DEFAULT_BATCH_SIZE, FORMAT, FORMAT_VERSION, PARTS, part_paths
+from aecore.runtime.format import (
+    DEFAULT_BATCH_SIZE,
+    FORMAT,
+    FORMAT_VERSION,
+    PARTS,
+    SCORE_PART,
+    part_paths,
+    score_path,
+)
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -66,6 +74,11 @@ class OnnxAutoencoder(ArrayModel):
         graph, meta = self._open(self.path)
         self.metadata = meta
         self.part = meta["aecore.part"]
+        if self.part == SCORE_PART:
+            raise ModelFileError(
+                f"{self.path} is the score graph of an export: open its full graph, "
+                f"{part_paths(self.path)['full']}"
+            )
         self.name = meta["aecore.model"]
         self.config = _json_field(meta, "aecore.config", self.path)
         shape = _json_field(meta, "aecore.input_shape", self.path)
@@ -104,10 +117,32 @@ class OnnxAutoencoder(ArrayModel):
             p: (None if q == self.path else q) for p, q in part_paths(self.path).items()
         }
         self._paths[self.part] = self.path
+        self._paths[SCORE_PART] = score_path(self.path)
         # the full graph's session call, when inputs go in as they are (data units)
         self._serve = None
         if self.part == "full" and (self.normalizes_itself or norm.kind == "none"):
             self._serve = (graph.run, graph.output, graph.input)
+
+    def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
+        graph = self._graph(SCORE_PART)
+        if graph is None:
+            raise DataError(
+                f"this detector scores rows by the model's {kind!r}, and this export has no "
+                f"score graph to compute it ({score_path(self.path)}): `aecore export "
+                f"MODEL_DIR --out {part_paths(self.path)['full']} --all` writes one for a model that computes that "
+                f"score without sampling; otherwise serve the model folder (torch)"
+            )
+        exported = graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")
+        if exported != kind:
+            raise ModelFileError(
+                f"{graph.path} computes the score {exported!r}, but the detector thresholds "
+                f"{kind!r}; re-export with `aecore export MODEL_DIR --out {self.path} --all`"
+            )
+        x = self._check_inputs(X)
+        scores = self._map(
+            SCORE_PART, x, (), DEFAULT_BATCH_SIZE, normalize=not self.normalizes_itself
+        )
+        return scores.astype(np.float64)
 
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """``decode(encode(x))`` in data units (see ``ArrayModel.reconstruct``)."""
@@ -175,7 +210,7 @@ class OnnxAutoencoder(ArrayModel):
         for key in ("aecore.part", "aecore.model", "aecore.input_shape", "aecore.latent_dim"):
             if key not in meta:
                 raise ModelFileError(f"{path}: aecore metadata lacks {key!r}")
-        if meta["aecore.part"] not in PARTS:
+        if meta["aecore.part"] not in (*PARTS, SCORE_PART):
             raise ModelFileError(f"{path}: unknown part {meta['aecore.part']!r}")
         if not meta["aecore.latent_dim"].isdigit():
             raise ModelFileError(f"{path}: malformed aecore.latent_dim")
@@ -244,7 +279,7 @@ def _json_field(meta: dict[str, str], key: str, path: Path) -> Any:
 def _check_signature(graph: _Graph, part: str, input_shape, latent_dim) -> None:
     """The graph's input and output shapes agree with its metadata."""
     expected_in = input_shape if part != "decoder" else (latent_dim,)
-    expected_out = (latent_dim,) if part == "encoder" else input_shape
+    expected_out = {"encoder": (latent_dim,), SCORE_PART: ()}.get(part, input_shape)
     for kind, spec, expected in (
         ("input", graph.session.get_inputs(), expected_in),
         ("output", graph.session.get_outputs(), expected_out),

@@ -27,12 +27,9 @@ class TorchArrayModel(ArrayModel):
         self.normalization = self.model.normalization
         self.detector = getattr(self.model, "detector", None)
 
-    def _anomaly_scores(self, X) -> np.ndarray:
+    def _kind_scores(self, X, kind: str) -> np.ndarray:
         import torch
 
-        kind = self.detector.kind if self.detector is not None else "reconstruction"
-        if kind == "reconstruction":
-            return self.score(X)
         x = self._apply(self._check_inputs(X))
         if self.model.input_range is not None:  # as the estimator clips new rows
             x = np.clip(x, *self.model.input_range)

@@ -126,10 +126,11 @@ class OnnxAutoencoder(ArrayModel):
     def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
         graph = self._graph(SCORE_PART)
         if graph is None:
+            full = part_paths(self.path)["full"]
             raise DataError(
                 f"this detector scores rows by the model's {kind!r}, and this export has no "
                 f"score graph to compute it ({score_path(self.path)}): `aecore export "
-                f"MODEL_DIR --out {part_paths(self.path)['full']} --all` writes one for a model that computes that "
+                f"MODEL_DIR --out {full} --all` writes one for a model that computes that "
                 f"score without sampling; otherwise serve the model folder (torch)"
             )
         exported = graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")

@@ -226,7 +226,7 @@ class Autoencoder(nn.Module, abc.ABC):
     score_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
     #: the kind ``score`` uses by default: the one that detects anomalies best
     default_score_kind: ClassVar[str] = "reconstruction"
-    #: the kinds an ONNX export can compute (deterministic: no sampling), whose detector
+    #: the kinds an ONNX export can compute (deterministic: no fresh draws), whose detector
     #: thresholds the runtime then serves from the export's ``score`` graph
     exportable_score_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
 
@@ -255,6 +255,14 @@ class Autoencoder(nn.Module, abc.ABC):
             f"{type(self).__name__} lists {kind!r} in score_kinds but defines no "
             f"anomaly_score(x, kind) to compute it"
         )
+
+    def traceable_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """The ``kind`` score in one pass that an ONNX export traces (no Python loops over
+        chunks of rows or samples, no host checks). A model whose ``anomaly_score`` works
+        in chunks overrides this with the same computation unchunked."""
+        if kind == "reconstruction":
+            return (self(x) - x).pow(2).flatten(1).mean(1)
+        return self.anomaly_score(x, kind)
 
     @property
     def input_range(self) -> tuple[float, float] | None:

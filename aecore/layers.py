@@ -126,15 +126,17 @@ def kl_to_standard_normal(
     return kl if per_unit else kl.sum(-1)
 
 
-def reparameterised_draws(
-    mean, logvar, n: int, generator, common: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` reparameterised samples per row: z and eps, each ``(n, B, latent_dim)``;
-    ``common``: the same standard-normal draws for every row."""
-    shape = (n, 1, mean.shape[-1]) if common else (n, *mean.shape)
-    eps = torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    eps = eps.expand(n, *mean.shape)
+def reparameterised_draws(mean, logvar, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` reparameterised samples per row: z and eps, each ``(n, B, latent_dim)``."""
+    eps = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
     return mean + torch.exp(0.5 * logvar) * eps, eps
+
+
+def fixed_normal_draws(n: int, dim: int, seed: int) -> torch.Tensor:
+    """``(n, 1, dim)`` float32 standard-normal draws from a CPU generator seeded with
+    ``seed``: the same on every device and for every batch, to be shared by all rows."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 1, dim), generator=generator)
 
 
 def sample_chunks(total: int, elements_per_sample: int):
@@ -145,11 +147,3 @@ def sample_chunks(total: int, elements_per_sample: int):
         n = min(per_chunk, total - done)
         yield n
         done += n
-
-
-def seeded_generator(generator, seed: int | None, x: torch.Tensor):
-    """``generator``, or with ``seed`` a new one seeded so on ``x``'s device (restarted
-    for each batch of rows, so that every row sees the same draws)."""
-    if seed is None:
-        return generator
-    return torch.Generator(device=x.device).manual_seed(seed)

@@ -158,8 +158,9 @@ def test_the_threshold_travels_to_the_folder_and_to_onnx(fitted, tmp_path):
 
 
 def test_detectors_on_other_scores_are_served_from_the_exports_score_graph(tmp_path):
-    # the RBM thresholds its free energy, the denoiser its restoration error: an export
-    # of all parts carries a score graph, so onnxruntime serves the same decisions
+    # the RBM thresholds its free energy, the denoiser its restoration error, the VAE its
+    # likelihood from fixed draws: an export of all parts carries a score graph, so
+    # onnxruntime serves the same decisions
     pytest.importorskip("onnxruntime")
     import warnings
 
@@ -180,15 +181,15 @@ def test_detectors_on_other_scores_are_served_from_the_exports_score_graph(tmp_p
         out = tmp_path / f"{name}.onnx"
         assert main(["export", str(tmp_path / name), "--out", str(out), "--all"]) == 0
         served = OnnxAutoencoder(out)
-        if name == "vae":  # an importance-sampled likelihood: no graph, a clear refusal
-            assert not (tmp_path / "vae.score.onnx").exists()
-            with pytest.raises(DataError, match="'log_likelihood'.*no score graph.*folder"):
-                served.predict(X)
-            continue
         want = detector.decision_function(X)
         for model in (served, open_model(str(tmp_path / name))):
             np.testing.assert_allclose(model.decision_function(X), want, rtol=1e-5, atol=1e-5)
             assert np.array_equal(model.predict(X), detector.predict(X))
+    # the full graph alone cannot compute a likelihood: a clear refusal, not a wrong score
+    alone = tmp_path / "alone.onnx"
+    assert main(["export", str(tmp_path / "vae"), "--out", str(alone)]) == 0
+    with pytest.raises(DataError, match="'log_likelihood'.*no score graph.*folder"):
+        OnnxAutoencoder(alone).predict(X)
     with pytest.raises(ModelFileError, match="is the score graph of an export: open"):
         OnnxAutoencoder(tmp_path / "rbm.score.onnx")
     # a new export of all parts replaces the whole set: no stale score graph stays

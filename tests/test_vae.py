@@ -231,6 +231,20 @@ def test_log_likelihood_converges_to_log_px_and_bounds_it(monkeypatch):
     assert torch.allclose(one.mean(0), elbo, atol=0.1)
 
 
+@pytest.mark.parametrize("kind", ["elbo", "log_likelihood"])
+def test_anomaly_scores_are_a_rows_own_and_what_the_export_traces(kind):
+    # wide rows make the scored batch split its draws into chunks: a row must score the
+    # same alone, in a batch, and in the one-pass form an ONNX export traces
+    model = _vae(input_shape=(700,), latent_dim=4, hidden=[8]).eval()
+    x = _x(600, (700,))
+    batch = model.score(x, kind=kind)
+    alone = torch.cat([model.score(x[i : i + 1], kind=kind) for i in (0, 511, 599)])
+    torch.testing.assert_close(alone, batch[[0, 511, 599]], rtol=1e-6, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.traceable_score(x[:8], kind), batch[:8])
+    assert model.double().score(x[:3].double(), kind=kind).dtype == torch.float64
+
+
 def test_bernoulli_decoder_rejects_inputs_outside_unit_interval():
     model = _vae()
     x = _x() * 3 - 1

@@ -32,7 +32,7 @@ class PartGraph(nn.Module):
         if self.part == "score":  # the detector's kind, on rows clipped as fit's were
             lo_hi = self.model.input_range
             x = inp.clamp(*lo_hi) if lo_hi is not None else inp
-            return self.model.anomaly_score(x, self.model.detector.kind)
+            return self.model.traceable_score(x, self.model.detector.kind)
         return self.model(inp)
 
 

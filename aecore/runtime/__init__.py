@@ -22,8 +22,8 @@ normalised inputs, so features count equally whatever their raw scale.
 ``--all`` writes. Any one of the three files may be given: the others are found by
 name and must come from the same export. Without the full graph, ``reconstruct``
 chains encoder and decoder. A detector whose score is not the reconstruction error
-(an RBM's free energy) is served from ``model.score.onnx``, which ``--all`` adds where
-the model can compute that score without sampling.
+(an RBM's free energy, a VAE's likelihood) is served from ``model.score.onnx``, which
+``--all`` adds where the model computes that score deterministically.
 """
 
 from aecore.runtime.arrays import ArrayModel

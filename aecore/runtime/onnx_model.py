@@ -131,7 +131,7 @@ class OnnxAutoencoder(ArrayModel):
                 f"this detector scores rows by the model's {kind!r}, and this export has no "
                 f"score graph to compute it ({score_path(self.path)}): `aecore export "
                 f"MODEL_DIR --out {full} --all` writes one for a model that computes that "
-                f"score without sampling; otherwise serve the model folder (torch)"
+                f"score deterministically; otherwise serve the model folder (torch)"
             )
         exported = graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")
         if exported != kind:

@@ -163,6 +163,16 @@ def _case_rbm_epoch(device):
         )  # fmt: skip
         trainer.fit(model, data)
 
+    def floor():  # the five GEMMs of each PCD-1 step, nothing else: the ceiling on speed
+        W = torch.randn(X.shape[1], hidden, device=device) * 0.01
+        chain = torch.zeros(batch, hidden, device=device)
+        for _ in range(RBM_EPOCHS):
+            for i in range(n_batches):
+                v = data[i * batch : (i + 1) * batch]
+                ph0, pv = torch.mm(v, W), torch.mm(chain, W.t())
+                ph1 = torch.mm(pv, W)
+                torch.mm(v.t(), ph0).addmm_(pv.t(), ph1, beta=1 / batch, alpha=-1 / batch)
+
     def sklearn_epoch():
         rbm = BernoulliRBM(
             n_components=hidden,
@@ -185,6 +195,7 @@ def _case_rbm_epoch(device):
         "fused": lambda: epoch(ops.cd_step),
         "Trainer.fit (rbm plugin)": trainer_fit,
         "eager reference": lambda: epoch(reference.cd_step),
+        "floor (GEMMs only)": floor,
     }
     if device == "cpu":
         impls["scikit-learn BernoulliRBM"] = sklearn_epoch

@@ -119,7 +119,10 @@ def test_auxk_trains_only_dead_latents_to_explain_the_residual():
     residual = torch.randn(5, 4)
     dead = torch.tensor([True, False, True, False, False, False])
     loss = aux_loss(residual, pre, dead, decoder, aux_k=2, total_variance=torch.tensor(10.0))
-    assert float(loss.detach()) > 0
+    # the two dead latents' ReLU'd pre-activations reconstruct the residual
+    with torch.no_grad():
+        want = (pre[:, dead].relu() @ decoder[dead] - residual).pow(2).sum() / 10.0
+    torch.testing.assert_close(loss.detach(), want)
     loss.backward()
     assert torch.all(decoder.grad[~dead] == 0) and torch.all(pre.grad[:, ~dead] == 0)
     assert decoder.grad[dead].abs().sum() > 0

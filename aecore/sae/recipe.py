@@ -98,7 +98,8 @@ def dead_latents_aux_loss(
     # ReLU forward, identity backward: a latent whose pre-activations went negative on
     # every input would get no gradient through the ReLU and could never come back
     values = values + (values.relu() - values).detach()
-    recon = torch.einsum("bk,bkd->bd", values, decoder[indices])
+    # a gather-sum: the (B, k, d) rows of decoder[indices] would be gigabytes at k = d / 2
+    recon = ops.sparse_decode(values, indices, decoder, decoder.new_zeros(decoder.shape[1]))
     err = (recon - residual.detach()).pow(2).sum()
     return min(n_dead / aux_k, 1.0) * err / total_variance
 

@@ -95,6 +95,32 @@ def test_gradcheck_float64():
 
 
 @needs_ext
+def test_straight_through_passes_every_kept_gradient_as_the_reference_does():
+    # AuxK's selection: ReLU'd values forward, the gradient of every kept pair (negative
+    # pre-activations too) backward; biased low so most kept pre-activations are negative
+    g = torch.Generator().manual_seed(2)
+    x, W_enc = torch.randn(7, 5, generator=g), torch.randn(40, 5, generator=g)
+    b_enc, b_dec = torch.randn(40, generator=g) - 3.0, torch.randn(5, generator=g)
+    w = torch.randn(7, 6, generator=g)
+    got, want = [], []
+    for impl, out in ((ops, got), (reference, want)):
+        params = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec)]
+        values, indices = impl.topk_encode(*params, 6, straight_through=True)
+        plain, _ = impl.topk_encode(*(t.detach() for t in params), 6)
+        torch.testing.assert_close(values.detach(), plain)
+        assert bool((plain == 0).any())  # kept pairs whose pre-activation is negative
+        (values * w).sum().backward()
+        out.extend([indices, *(t.grad for t in params)])
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b)
+    # every kept latent's encoder row has a gradient, those behind zero values too
+    assert bool((got[2][got[0].unique()].abs().sum(1) > 0).all())
+    with pytest.raises(ConfigError, match="straight_through must be a bool, got 'yes'"):
+        ops.topk_encode(x, W_enc, b_enc, b_dec, 2, straight_through="yes")
+
+
+@needs_ext
 def test_opcheck():
     from torch.library import opcheck
 

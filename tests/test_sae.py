@@ -226,19 +226,23 @@ def test_auxk_revives_latents_that_never_fire():
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_auxk_reaches_dead_latents_whose_pre_activations_are_all_negative():
-    from aecore.sae.recipe import aux_loss
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_auxk_reaches_dead_latents_whose_pre_activations_are_all_negative(path):
+    from aecore.sae.recipe import aux_loss, sparse_aux_loss
 
     x = sparse_data(64)
     model = make(k=4)
     with torch.no_grad():
         model.b_enc[:8] = -100.0  # below zero on every input
+        model.since_fired[:8] = model.dead_window + 1
     pre = model._pre(model._scaled(x))
     assert bool((pre[:, :8] < 0).all())
-    dead = torch.zeros(N, dtype=torch.bool)
-    dead[:8] = True
     residual = torch.randn(64, D).abs()
-    aux_loss(residual, pre, dead, model.W_dec, 4, torch.tensor(1.0)).backward()
+    if path == "dense":
+        aux = aux_loss(residual, pre, model.dead_latents(), model.W_dec, 4, torch.tensor(1.0))
+    else:  # the streaming encoder over the dead rows, straight through its ReLU
+        aux = sparse_aux_loss(residual, model._scaled(x), model, 4, torch.tensor(1.0))
+    aux.backward()
     grads = model.W_enc.grad.norm(dim=1)
     assert bool((grads[:8] > 0).all()) and float(grads[8:].abs().max()) == 0.0
 

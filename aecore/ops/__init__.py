@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aecore.errors import ShapeError
+from aecore.errors import ConfigError, ShapeError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -177,7 +177,7 @@ def _fused_sae(t: Tensor) -> bool:
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, straight_through=False
 ) -> tuple[Tensor, Tensor]:
     """A top-k SAE encoder: each row's k largest of ``relu((x - b_dec) W_enc^T + b_enc)``.
 
@@ -185,7 +185,9 @@ def topk_encode(
     or float64, on CUDA also float16 / bfloat16 (float32 accumulation). Returns
     ``(values, indices)``, both (B, k), best first (values ReLU'd, so a row with fewer than
     k positive pre-activations has zeros at its end). Ties keep the lower latent index in
-    the fused kernels. Differentiable in x, W_enc, b_enc and b_dec.
+    the fused kernels. Differentiable in x, W_enc, b_enc and b_dec. ``straight_through``:
+    the gradient of every kept value reaches its pre-activation, positive or not (a ReLU
+    forward, the identity backward: AuxK's way back for latents that never fire).
 
     Fused kernels: the pre-activations are computed a tile of latents at a time (a BLAS
     GEMM per tile) and merged into each row's running top-k, so memory is O(B·tile + B·k),
@@ -195,9 +197,11 @@ def topk_encode(
     counting sort of the pairs (deterministic, no atomics).
     """
     k = check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
+    if not isinstance(straight_through, bool):
+        raise ConfigError(f"topk_encode: straight_through must be a bool, got {straight_through!r}")
     if _fused_sae(x) and (x.device.type != "cuda" or k <= CUDA_TOPK_ENCODE_MAX_K):
-        return _fused.topk_encode(x, W_enc, b_enc, b_dec, k)
-    return reference.sparse_code(x, W_enc, b_enc, b_dec, k)
+        return _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through)
+    return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

@@ -145,6 +145,19 @@ class _TopkEncode(torch.autograd.Function):
         return (*grads, None)
 
 
+class _TopkEncodeStraightThrough(_TopkEncode):
+    """ReLU'd values forward; backward, every kept pair's gradient reaches its
+    pre-activation: the backward op passes the pairs whose "value" is positive, so it is
+    given ones."""
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices):
+        values, indices, x, W_enc, b_dec = ctx.saved_tensors
+        ones = torch.ones_like(values)
+        grads = torch.ops.aecore.topk_encode_backward(grad_values, ones, indices, x, W_enc, b_dec)
+        return (*grads, None)
+
+
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec, b_dec):
@@ -165,9 +178,10 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int):
+def topk_encode(x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False):
     if _needs_grad(x, W_enc, b_enc, b_dec):
-        return _TopkEncode.apply(x, W_enc, b_enc, b_dec, k)
+        function = _TopkEncodeStraightThrough if straight_through else _TopkEncode
+        return function.apply(x, W_enc, b_enc, b_dec, k)
     return _below_autograd(torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k)
 
 

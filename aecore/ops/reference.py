@@ -144,9 +144,11 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     return topk(z, k)[0]
 
 
-def sparse_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int):
+def sparse_code(x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False):
     """topk_encode's body, for validated arguments."""
     values, indices = F.linear(x - b_dec, W_enc, b_enc).topk(k, dim=1)
+    if straight_through:  # ReLU forward, identity backward
+        return values + (values.relu() - values).detach(), indices
     return values.relu(), indices
 
 
@@ -157,11 +159,11 @@ def gather_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int):
+def topk_encode(x, W_enc, b_enc, b_dec, k: int, *, straight_through: bool = False):
     """Each row's k largest pre-activations ``(x - b_dec) W_enc^T + b_enc``, ReLU'd, as
     ``(values, indices)`` (B, k), best first; the dense (B, n) pre-activations are made."""
     check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
-    return sparse_code(x, W_enc, b_enc, b_dec, k)
+    return sparse_code(x, W_enc, b_enc, b_dec, k, straight_through)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

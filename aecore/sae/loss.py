@@ -4,17 +4,16 @@ rule's penalties, Matryoshka's nested prefixes and AuxK, with the firing statist
 Two paths compute it. Where the rule gives its training code from the sparse kernels
 (``rule.sparse_training_code``: TopK, and BatchTopK from each row's top candidates),
 ``aecore.ops.topk_encode`` and ``sparse_decode`` never form the (B, n) pre-activations
-or code, and AuxK computes pre-activations for the dead latents only. Otherwise the dense
+or code, AuxK's included (the same streaming encoder over the dead latents' rows). Otherwise the dense
 path computes every latent's pre-activation."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from aecore import ops
-from aecore.sae.recipe import aux_loss, dead_latents_aux_loss
+from aecore.sae.recipe import aux_loss, sparse_aux_loss
 
 
 def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
@@ -47,11 +46,7 @@ def _sparse_loss(model, xs: Tensor, values: Tensor, indices: Tensor) -> dict[str
     loss = fvu
     model.firing.record_sparse(values, indices, model.latent_dim)
     if _aux_term(model, True):
-        dead = model.dead_latents().nonzero().flatten()
-        pre_dead = F.linear(xs - model.b_dec, model.W_enc[dead], model.b_enc[dead])
-        aux = dead_latents_aux_loss(
-            residual, pre_dead, dead, model.W_dec, model.aux_k, total_variance
-        )
+        aux = sparse_aux_loss(residual, xs, model, model.aux_k, total_variance)
         terms["auxk"] = aux.detach()
         loss = loss + model.aux_coefficient * aux
     return _finish(model, loss, terms, (values > 0).sum(1).float().mean())

@@ -69,35 +69,39 @@ def aux_loss(
     aux_k: int,
     total_variance: Tensor,
 ) -> Tensor:
-    """AuxK from the full (B, n) pre-activations ``pre`` and the mask ``dead`` (n,): see
-    :func:`dead_latents_aux_loss`."""
-    index = dead.nonzero().flatten()
-    return dead_latents_aux_loss(residual, pre[:, index], index, decoder, aux_k, total_variance)
-
-
-def dead_latents_aux_loss(
-    residual: Tensor,
-    pre_dead: Tensor,
-    dead_index: Tensor,
-    decoder: Tensor,
-    aux_k: int,
-    total_variance: Tensor,
-) -> Tensor:
-    """AuxK: the ``aux_k`` largest pre-activations among dead latents (``pre_dead``: the
-    pre-activations of the latents ``dead_index`` only) reconstruct the main
+    """AuxK: the ``aux_k`` largest pre-activations among dead latents (``dead``: a mask
+    (n,) over the full (B, n) pre-activations ``pre``) reconstruct the main
     reconstruction's residual (squared error relative to ``total_variance``), scaled down
     while fewer latents are dead than ``aux_k``. Gradients reach only the dead latents'
     encoder and decoder rows, which gives them a reason to fire again (the encoder's also
     while their pre-activations are negative)."""
-    n_dead = len(dead_index)
-    if n_dead == 0:
-        return pre_dead.new_zeros(())
-    k = min(aux_k, n_dead)
-    values, local = pre_dead.topk(k, dim=1)
-    indices = dead_index[local]
+    index = dead.nonzero().flatten()
+    if len(index) == 0:
+        return pre.new_zeros(())
+    values, local = pre[:, index].topk(min(aux_k, len(index)), dim=1)
     # ReLU forward, identity backward: a latent whose pre-activations went negative on
     # every input would get no gradient through the ReLU and could never come back
     values = values + (values.relu() - values).detach()
+    return _aux_error(residual, values, index[local], decoder, len(index), aux_k, total_variance)
+
+
+def sparse_aux_loss(residual, xs, model, aux_k: int, total_variance: Tensor) -> Tensor:
+    """``aux_loss`` without the (B, n) pre-activations: the streaming top-k encoder over
+    the dead latents' rows of ``model``'s encoder picks them (same values forward, the
+    same straight-through gradient)."""
+    index = model.dead_latents().nonzero().flatten()
+    if len(index) == 0:
+        return xs.new_zeros(())
+    values, local = ops.topk_encode(
+        xs, model.W_enc[index], model.b_enc[index], model.b_dec, min(aux_k, len(index)),
+        straight_through=True,
+    )  # fmt: skip
+    return _aux_error(
+        residual, values, index[local], model.W_dec, len(index), aux_k, total_variance
+    )
+
+
+def _aux_error(residual, values, indices, decoder, n_dead: int, aux_k: int, total_variance):
     # a gather-sum: the (B, k, d) rows of decoder[indices] would be gigabytes at k = d / 2
     recon = ops.sparse_decode(values, indices, decoder, decoder.new_zeros(decoder.shape[1]))
     err = (recon - residual.detach()).pow(2).sum()

@@ -13,7 +13,8 @@ into the ONNX metadata, and a loaded folder (``aecore.runtime``'s numpy interfac
 
 Everything else (the model, ``normalize``, training settings, ``transform``) is
 ``aecore.sklearn.AutoencoderTransformer``'s (data already in [0, 1], such as pixels, is
-kept as it is by default), but for one thing: where features are rescaled, no feature's
+kept as it is by default), with detection's own defaults for the model, code size and
+epochs (see the class), but for one thing: where features are rescaled, no feature's
 scale is set below the features' mean scale, so that a feature which barely varies on the
 normal rows cannot dominate the scores (on the one-class benchmark this lifts the mean
 ROC-AUC on breast cancer, in its own units, from 0.902 to 0.937). ``score_samples``
@@ -22,16 +23,46 @@ keeps scikit-learn's sign (higher = more normal), as does ``score``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from aecore.data.normalization import Normalization
 from aecore.detection import DetectorMethods, ScoreThreshold
-from aecore.sklearn import AutoencoderTransformer
+from aecore.sklearn import _DEFAULTS, AutoencoderTransformer
 
 
 class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
     """PyOD-style anomaly detector on any aecore vector model (see the module's
-    docstring); the parameters are ``AutoencoderTransformer``'s."""
+    docstring); the parameters are ``AutoencoderTransformer``'s, with defaults chosen
+    for detection: the ``denoising`` model with an 8-unit code, trained for 100 epochs
+    (on the one-class benchmark, mean ROC-AUC 0.997 on digits and 0.958 on breast
+    cancer, where the transformer's defaults, ``ae`` with a 2-unit code for 50 epochs,
+    reach 0.989 and 0.928; a denoiser cannot learn the identity, so an 8-unit code
+    also suits data with fewer features)."""
+
+    def __init__(
+        self,
+        model: str = "denoising",
+        *,
+        latent_dim: int = 8,
+        epochs: int = 100,
+        batch_size: int = _DEFAULTS.batch_size,
+        lr: float | None = None,
+        normalize: str = "auto",
+        contamination: float = 0.1,
+        validation_fraction: float = _DEFAULTS.val_fraction,
+        patience: int | None = _DEFAULTS.patience,
+        random_state=None,
+        device: str = "cpu",
+        **hparams: Any,
+    ) -> None:
+        super().__init__(
+            model, latent_dim=latent_dim, epochs=epochs, batch_size=batch_size, lr=lr,
+            normalize=normalize, contamination=contamination,
+            validation_fraction=validation_fraction, patience=patience,
+            random_state=random_state, device=device, **hparams,
+        )  # fmt: skip
 
     def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
         # fit's training scores (score_samples: higher is more normal), scored once

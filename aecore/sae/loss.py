@@ -4,8 +4,8 @@ rule's penalties, Matryoshka's nested prefixes and AuxK, with the firing statist
 Two paths compute it. Where the rule gives its training code from the sparse kernels
 (``rule.sparse_training_code``: TopK, and BatchTopK from each row's top candidates),
 ``aecore.ops.topk_encode`` and ``sparse_decode`` never form the (B, n) pre-activations
-or code, AuxK's included (the same streaming encoder over the dead latents' rows). Otherwise the dense
-path computes every latent's pre-activation."""
+or code, AuxK's included (the same streaming encoder over the dead latents' rows).
+Otherwise the dense path computes every latent's pre-activation."""
 
 from __future__ import annotations
 

@@ -229,6 +229,9 @@ class Autoencoder(nn.Module, abc.ABC):
     #: the kinds an ONNX export can compute (deterministic: no fresh draws), whose detector
     #: thresholds the runtime then serves from the export's ``score`` graph
     exportable_score_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
+    #: forward passes per row that a kind costs (1 where absent): the ONNX runtime scores
+    #: in batches that many times smaller, so memory stays as for a reconstruction
+    score_passes: ClassVar[dict[str, int]] = {}
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:

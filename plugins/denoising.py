@@ -16,6 +16,7 @@ Corruptions (values in the model's normalised units):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -100,6 +101,7 @@ class DenoisingAutoencoder(PlainAutoencoder):
     score_kinds = ("reconstruction", "denoising")
     default_score_kind = "denoising"
     exportable_score_kinds = score_kinds
+    score_passes: ClassVar[dict[str, int]] = {"denoising": 1 + SCORE_CORRUPTIONS}
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """``"denoising"``: the reconstruction error of each row plus the mean error in

@@ -22,6 +22,7 @@ reports both on the test split.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,6 @@ _EVAL_SAMPLES = 16
 EVAL_LL_ROWS = 2000
 #: inputs per batch in elbo / log_likelihood
 _ROW_BATCH = 512
-#: fixed draws per row of the anomaly scores
-_SCORE_SAMPLES = {"elbo": 10, "log_likelihood": 100}
 
 
 class VariationalAutoencoder(Autoencoder):
@@ -122,7 +121,7 @@ class VariationalAutoencoder(Autoencoder):
         # and, being a buffer, is saved in checkpoints so a resumed run continues exactly
         self.register_buffer("steps_taken", torch.zeros((), dtype=torch.int64))
         # the anomaly scores' draws, shared by all rows: a constant an ONNX export holds
-        draws = fixed_normal_draws(max(_SCORE_SAMPLES.values()), self.latent_dim, seed=0)
+        draws = fixed_normal_draws(max(self.score_passes.values()), self.latent_dim, seed=0)
         self.register_buffer("score_draws", draws, persistent=False)
 
     def _mlp_backbone(self) -> tuple[nn.Module, int, nn.Module]:
@@ -266,16 +265,17 @@ class VariationalAutoencoder(Autoencoder):
     score_kinds = ("reconstruction", "elbo", "log_likelihood")
     default_score_kind = "log_likelihood"
     exportable_score_kinds = score_kinds
+    score_passes: ClassVar[dict[str, int]] = {"elbo": 10, "log_likelihood": 100}  # draws a row
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         estimate = self.elbo if kind == "elbo" else self.log_likelihood
-        return -estimate(x, _SCORE_SAMPLES[kind], seed=0)
+        return -estimate(x, self.score_passes[kind], seed=0)
 
     def traceable_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "reconstruction":
             return super().traceable_score(x, kind)
         mean, logvar = self.posterior(x)
-        eps = self.score_draws[: _SCORE_SAMPLES[kind]].to(mean.dtype)
+        eps = self.score_draws[: self.score_passes[kind]].to(mean.dtype)
         return -self._estimate(kind, flatten(x), mean, logvar, [eps]).to(x.dtype)
 
     @torch.no_grad()

@@ -53,6 +53,7 @@ from aecore.runtime.format import (
     FORMAT,
     FORMAT_VERSION,
     PARTS,
+    PASSES_KEY,
     SCORE_PART,
     part_paths,
     score_path,
@@ -156,7 +157,8 @@ def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFA
         raw.update({p: slice_part(combined, p) for p in graphs})
     if SCORE_PART in parts:
         raw[SCORE_PART] = to_onnx(model, name, SCORE_PART, opset)
-        metadata = {**metadata, "aecore.score_kind": score_kind}
+        passes = str(getattr(model, "score_passes", {}).get(score_kind, 1))
+        metadata = {**metadata, "aecore.score_kind": score_kind, PASSES_KEY: passes}
     out = {}
     norm = getattr(model, "normalization", None) or Normalization("none")
     for p, proto in raw.items():

@@ -13,6 +13,8 @@ PARTS = ("full", "encoder", "decoder")
 #: the graph an export of all parts adds when the model's detector thresholds a score
 #: other than the reconstruction error (``x -> score``, one per row)
 SCORE_PART = "score"
+#: the score graph's forward passes per row (its metadata; 1 where absent)
+PASSES_KEY = "aecore.score_passes"
 #: rows per onnxruntime call: bounds memory for large (memory-mapped) inputs
 DEFAULT_BATCH_SIZE = 4096
 

@@ -19,6 +19,7 @@ from aecore.runtime.format import (
     FORMAT,
     FORMAT_VERSION,
     PARTS,
+    PASSES_KEY,
     SCORE_PART,
     part_paths,
     score_path,
@@ -140,9 +141,11 @@ class OnnxAutoencoder(ArrayModel):
                 f"{kind!r}; re-export with `aecore export MODEL_DIR --out {self.path} --all`"
             )
         x = self._check_inputs(X)
-        scores = self._map(
-            SCORE_PART, x, (), DEFAULT_BATCH_SIZE, normalize=not self.normalizes_itself
-        )
+        # a score of several passes per row (a VAE's 100 draws) in proportionally
+        # smaller batches
+        passes = int(graph.session.get_modelmeta().custom_metadata_map.get(PASSES_KEY, "1"))
+        batch = max(1, DEFAULT_BATCH_SIZE // max(passes, 1))
+        scores = self._map(SCORE_PART, x, (), batch, normalize=not self.normalizes_itself)
         return scores.astype(np.float64)
 
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:

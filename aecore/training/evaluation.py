@@ -89,7 +89,15 @@ def chunk_losses(
 
 def clearly_lower(trained: np.ndarray, start: np.ndarray) -> bool:
     """Whether paired chunk losses ``trained`` are below ``start`` by more than
-    START_MARGIN standard errors of the mean difference (a one-sided paired test)."""
+    START_MARGIN standard errors of the mean difference (a one-sided paired test).
+
+    Where every loss is positive the test compares their logarithms: chunks of hard rows
+    have losses (and gains) many times those of easy ones, so absolute gains that are
+    each a large fraction of their chunk's loss can still spread too widely to pass."""
+    trained = np.asarray(trained, dtype=np.float64)
+    start = np.asarray(start, dtype=np.float64)
+    if len(trained) and min(trained.min(), start.min()) > 0:
+        trained, start = np.log(trained), np.log(start)
     gain = start - trained
     if len(gain) < 2:
         return False

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +148,33 @@ def sample_chunks(total: int, elements_per_sample: int):
         n = min(per_chunk, total - done)
         yield n
         done += n
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_latent_estimate(
+    kind: str, log_px: Callable[[torch.Tensor], torch.Tensor], mean, logvar, draws
+) -> torch.Tensor:
+    """Per row, float64: the ELBO (``kind="elbo"``, the decoder's log-likelihood averaged
+    over the draws minus the closed-form KL) or the importance-weighted log-likelihood
+    (Burda et al. 2016) of q(z|x) = N(mean, exp(logvar)) against N(0, I), from
+    standard-normal ``draws``: chunks of ``(n, B or 1, latent_dim)``. ``log_px`` maps
+    ``(n, B, latent_dim)`` codes to log p(x|z) per code, ``(n * B,)``."""
+    total, n, std = None, 0, torch.exp(0.5 * logvar)
+    for eps in draws:
+        z = mean + std * eps
+        log_px_z = log_px(z).reshape(len(eps), -1)
+        n += len(eps)
+        if kind == "elbo":
+            part = log_px_z.double().sum(0)
+            total = part if total is None else total + part
+            continue
+        log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+        # z = mean + std * eps, so log q(z|x) = log N(eps; 0, I) - sum log std
+        log_qz = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)
+        part = torch.logsumexp((log_px_z + log_pz - log_qz).double(), dim=0)
+        total = part if total is None else torch.logaddexp(total, part)
+    if kind == "elbo":
+        return total / n - kl_to_standard_normal(mean, logvar).double()
+    return total - math.log(n)

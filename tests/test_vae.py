@@ -4,6 +4,7 @@ backbone, hyperparameter errors, and the log-likelihood quality bar on digits.""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -247,6 +248,24 @@ def test_anomaly_scores_are_a_rows_own_and_what_the_export_traces(kind):
     assert model.double().score(x[:3].double(), kind=kind).dtype == torch.float64
 
 
+def test_the_anomaly_score_draws_score_samples_a_row_and_old_folders_keep_theirs(tmp_path):
+    x = _x(20)
+    model = _vae(score_samples=3).eval()
+    assert model.score_passes == {"elbo": 3, "log_likelihood": 3}
+    torch.testing.assert_close(model.score(x), -model.log_likelihood(x, 3, seed=0))
+    assert not torch.allclose(model.score(x), -model.log_likelihood(x, 10, seed=0))
+    assert _vae().score_samples == 10  # ranks rows as 100 draws do, at a tenth of the cost
+    # a folder saved before the setting existed scores from its 100 draws, so the
+    # threshold saved with it still applies
+    save(_vae(), tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "model.json").read_text())
+    del record["config"]["score_samples"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(record))
+    old = load(tmp_path / "m")
+    assert old.score_samples == 100 and len(old.score_draws) == 100
+    torch.testing.assert_close(old.score(x), -old.log_likelihood(x, 100, seed=0))
+
+
 def test_bernoulli_decoder_rejects_inputs_outside_unit_interval():
     model = _vae()
     x = _x() * 3 - 1
@@ -286,6 +305,7 @@ def test_sample_draws_from_the_prior():
         ({"activation": "swish"}, r"activation must be one of .*; got 'swish'"),
         ({"channels": []}, r"channels must be a non-empty list of positive ints; got \[\]"),
         ({"kernel_size": 1}, r"kernel_size must be an int in \[2, inf\]; got 1"),
+        ({"score_samples": 0}, r"score_samples must be an int in \[1, inf\]; got 0"),
         (
             {"backbone": "conv"},
             r"backbone='conv' needs a 3-D input_shape \(C, H, W\); got input_shape=\(12,\)",

@@ -141,7 +141,7 @@ class OnnxAutoencoder(ArrayModel):
                 f"{kind!r}; re-export with `aecore export MODEL_DIR --out {self.path} --all`"
             )
         x = self._check_inputs(X)
-        # a score of several passes per row (a VAE's 100 draws) in proportionally
+        # a score of several passes per row (a VAE's draws) in proportionally
         # smaller batches
         passes = int(graph.session.get_modelmeta().custom_metadata_map.get(PASSES_KEY, "1"))
         batch = max(1, DEFAULT_BATCH_SIZE // max(passes, 1))

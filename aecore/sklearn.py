@@ -75,8 +75,11 @@ class AutoencoderTransformer(
         Per-feature normalisation fitted on ``X`` in ``fit``. ``"auto"``: data whose
         every value already lies in the model's ``input_range`` (or in [0, 1] for a
         model without one: pixels, probabilities) is kept as it is, since per-feature
-        rescaling would blow up features that barely vary; otherwise min-max for models
-        that need inputs in [0, 1] (Bernoulli units), else standardisation. The model
+        rescaling would blow up features that barely vary; data whose features share
+        one scale (the middle 80% of their ranges within 10x, pixel counts say) is min-max
+        scaled as a whole; otherwise each feature is rescaled on its own (min-max for
+        models that need inputs in [0, 1], Bernoulli units, else standardisation), so
+        the result does not depend on the unit each feature is recorded in. The model
         trains and scores in normalised units, new rows clipped to the model's input
         range; ``inverse_transform`` returns data units.
     contamination : float in (0, 0.5], default=0.1
@@ -215,9 +218,7 @@ class AutoencoderTransformer(
             net = create(
                 self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
             )
-            if normalize == "auto":
-                normalize = _auto_normalization(net, X)
-            normalization = self._fit_normalization(normalize, X)
+            normalization = _fit_normalization(net, normalize, X)
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
@@ -236,9 +237,6 @@ class AutoencoderTransformer(
     def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
         """The outlier threshold from the training rows' ``score_samples``."""
         self.offset_ = float(np.percentile(scores, 100.0 * contamination))
-
-    def _fit_normalization(self, kind: str, X: np.ndarray) -> Normalization:
-        return Normalization.fit(kind, X, per_feature=True)
 
     def _model_hparams(self, model_cls: type) -> dict[str, Any]:
         """The keywords for the model: ``hparams`` checked by name, plus ``lr`` for a
@@ -331,15 +329,44 @@ class AutoencoderTransformer(
         return float(np.mean(self.score_samples(X)))
 
 
-def _auto_normalization(net, X: np.ndarray) -> str:
-    """``normalize="auto"``: data already on a common bounded scale (every value in the
-    model's input range, or in [0, 1]) stays as it is; otherwise what the model needs.
-    A model that declares its own ``default_normalize`` (the SAEs: activations keep
-    their geometry) gets that."""
+def _fit_normalization(net, normalize: str, X: np.ndarray) -> Normalization:
+    """``normalize`` fitted on ``X``; for ``"auto"``: data already on a common bounded
+    scale (every value in the model's input range, or in [0, 1]) stays as it is. Data
+    whose features share one scale (pixel counts, lengths in one unit) keeps their
+    relative sizes: min-max scaled as a whole for a model that needs [0, 1], else each
+    feature centred and all divided by one scale. Features in units of their own are
+    each rescaled, min-max or standardised. A model that declares its own
+    ``default_normalize`` (the SAEs: activations keep their geometry) gets that."""
     declared = getattr(net, "default_normalize", None)
-    if declared is not None:
-        return declared
+    if normalize == "auto" and declared is not None:
+        normalize = declared
+    if normalize != "auto":
+        return Normalization.fit(normalize, X, per_feature=True)
     lo, hi = net.input_range if net.input_range is not None else (0.0, 1.0)
     if X.size and float(np.min(X)) >= lo and float(np.max(X)) <= hi:
-        return "none"
-    return "minmax" if net.input_range is not None else "standardize"
+        return Normalization("none")
+    if not _features_share_one_scale(X):
+        kind = "minmax" if net.input_range is not None else "standardize"
+        return Normalization.fit(kind, X, per_feature=True)
+    if net.input_range is not None:
+        return Normalization.fit("minmax", X, per_feature=False)
+    norm = Normalization.fit("standardize", X, per_feature=True)
+    common = float(np.sqrt(np.mean(norm.scale**2)))
+    return Normalization("standardize", norm.shift, np.full_like(norm.scale, common))
+
+
+#: the spread (90th over 10th percentile) of the features' ranges up to which they count
+#: as one scale: digits' pixel counts spread up to 5x per class, iris's lengths 3x; a
+#: table of quantities in their own units spreads 60x (wine) to 4000x (breast cancer)
+_SHARED_SCALE_SPREAD = 10.0
+
+
+def _features_share_one_scale(X: np.ndarray) -> bool:
+    """Per-feature rescaling would blow up the features that barely vary on such data
+    (a pixel almost always dark) and weigh them like the others."""
+    ranges = np.ptp(np.asarray(X).reshape(len(X), -1), axis=0)
+    varying = ranges[ranges > 0]
+    if len(varying) < 2:
+        return False
+    low, high = np.percentile(varying, [10, 90])
+    return bool(high <= _SHARED_SCALE_SPREAD * low)

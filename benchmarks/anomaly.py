@@ -6,7 +6,9 @@ of one class (the normal one) and scores every test row; the ROC-AUC of "not the
 normal class" over the test split is the result, averaged over the normal classes.
 
 * ``digits``: scikit-learn's 8x8 digits scaled to [0, 1], each digit in turn normal;
-* ``cancer``: scikit-learn's breast-cancer data in its own units, benign normal.
+* ``cancer``: scikit-learn's breast-cancer data in its own units, benign normal;
+* ``wine``: scikit-learn's wine data, thirteen quantities in units of their own (from
+  hue near 1 to proline near 1000), each cultivar in turn normal.
 
 aecore: ``aecore.AnomalyDetector(model, latent_dim=..., epochs=..., random_state=0)``,
 every other setting at its default. PyOD (when installed): AutoEncoder and VAE (the same
@@ -28,7 +30,7 @@ import numpy as np
 
 from aecore.cli.tables import print_table
 
-DATASETS = ("digits", "cancer")
+DATASETS = ("digits", "cancer", "wine")
 AECORE_MODELS = ("ae", "vae", "denoising", "rbm")
 PYOD_MODELS = ("AutoEncoder", "VAE", "KNN", "IForest", "PCA")
 
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def one_class_tasks(dataset: str, classes: int | None):
     """(name, train rows, test rows, test labels: 1 = anomaly) per normal class."""
-    from sklearn.datasets import load_breast_cancer, load_digits
+    from sklearn.datasets import load_breast_cancer, load_digits, load_wine
     from sklearn.model_selection import train_test_split
 
     if dataset == "digits":
@@ -58,6 +60,9 @@ def one_class_tasks(dataset: str, classes: int | None):
     elif dataset == "cancer":
         X, y = load_breast_cancer(return_X_y=True)
         normals = [1]  # benign
+    elif dataset == "wine":
+        X, y = load_wine(return_X_y=True)
+        normals = range(3)
     else:
         raise SystemExit(f"unknown data set {dataset!r}: expected {', '.join(DATASETS)}")
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)

@@ -361,6 +361,36 @@ def test_normalize_auto_follows_the_models_input_range():
         small("vae", hidden=[8], normalize="standardize").fit(TABLE)
 
 
+def test_normalize_auto_does_not_depend_on_the_unit_each_feature_is_recorded_in():
+    # features in units of their own (wine: hue near 1, proline near 1000) are each
+    # rescaled, so recording one in grams and another from an offset changes nothing; a
+    # floor at the mean scale once let proline drown the rest (one-class AUC 0.60)
+    from sklearn.datasets import load_wine
+
+    X = load_wine(return_X_y=True)[0][:60]
+    units = np.ones(X.shape[1])
+    units[[0, 7]] = [1000.0, 0.01]
+    moved = X * units + np.arange(X.shape[1]) * 40.0
+    for name in ("ae", "vae"):
+        for make in (small, aecore.AnomalyDetector):
+            a = make(name, hidden=[8], epochs=2, random_state=0).fit(X)
+            b = make(name, hidden=[8], epochs=2, random_state=0).fit(moved)
+            assert a.normalization_.scale.size == X.shape[1]
+            np.testing.assert_allclose(a.score_samples(X), b.score_samples(moved), rtol=1e-4)
+
+
+def test_normalize_auto_keeps_the_relative_sizes_of_features_on_one_scale():
+    # pixel counts in 0..16: rescaling each pixel to its own range would weigh one that
+    # is almost always dark like the strokes; centred and divided by one scale instead
+    X = load_digits(return_X_y=True)[0][:200]
+    ae = small("ae", hidden=[8]).fit(X).normalization_
+    assert ae.kind == "standardize" and np.ptp(ae.scale) == 0 and np.ptp(ae.shift) > 0
+    # a model that needs [0, 1] gets the data min-max scaled as a whole, as pixels in
+    # [0, 1] would be kept
+    vae = small("vae", hidden=[8]).fit(X).normalization_
+    assert vae.kind == "minmax" and vae.scale.size == 1 and float(vae.scale[0]) == 16.0
+
+
 @pytest.mark.parametrize("contamination", [0, 0.51, -0.1, "auto", float("nan")])
 def test_contamination_outside_0_to_half_is_refused(contamination):
     with pytest.raises(ConfigError, match=r"contamination must be a number in \(0, 0.5\]"):

@@ -89,6 +89,7 @@ class AutoencoderTransformer(
         This share of the rows (drawn from ``random_state``) is held out: training
         stops early and keeps the best weights as judged on it (see ``aecore.Trainer``).
         0 trains on every row (and keeps the final weights unless the start did better).
+        ``validation_fraction_`` after ``fit`` is the fraction used.
     patience : int or None, default=TrainConfig.patience (20)
         Early-stopping patience in epochs.
     random_state : int, RandomState instance or None, default=None
@@ -198,6 +199,7 @@ class AutoencoderTransformer(
             "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
+        validation_fraction = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr
         config = TrainConfig(
@@ -207,7 +209,7 @@ class AutoencoderTransformer(
             seed=seed,
             device=self.device,
             patience=self.patience,
-            val_fraction=self._validation_fraction(),
+            val_fraction=validation_fraction,
         )
         trainer = Trainer(config, progress=False)
 
@@ -231,6 +233,7 @@ class AutoencoderTransformer(
         self.history_ = history
         self.n_iter_ = len(history.epochs)
         self._n_features_out = net.latent_dim
+        self.validation_fraction_ = validation_fraction
         self._set_thresholds(self._scores(x), contamination)
         return self
 
@@ -256,7 +259,7 @@ class AutoencoderTransformer(
             return params.integer("random_state", int(self.random_state), low=0)
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
 
-    def _validation_fraction(self) -> float:
+    def _validation_fraction(self, n_rows: int) -> float:
         # named by the estimator's parameter, not TrainConfig's field, in the error
         return params.number(
             "validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True

@@ -253,6 +253,23 @@ def test_a_detector_with_nothing_set_holds_on_features_in_units_of_their_own():
     assert np.mean(aucs) >= 0.93, aucs
 
 
+def test_a_detector_holds_out_rows_only_where_enough_remain_to_judge_epochs():
+    # 10% of a digit class is 14 rows: early stopping on them picked worse weights than
+    # training on every row (mean ROC-AUC 0.9938 against 0.9975 for ae on digits)
+    rng = np.random.default_rng(0)
+    few, many = rng.random((150, 6)), rng.random((200, 6))
+    small_fit = aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(few)
+    assert small_fit.validation_fraction_ == 0.0
+    assert "val_loss" not in small_fit.history_.epochs[-1]
+    large_fit = aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(many)
+    assert large_fit.validation_fraction_ == pytest.approx(0.1)
+    assert "val_loss" in large_fit.history_.epochs[-1]
+    given = aecore.AnomalyDetector("ae", epochs=2, random_state=0, validation_fraction=0.1)
+    assert given.fit(few).validation_fraction_ == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"validation_fraction must be 'auto' or a number"):
+        aecore.AnomalyDetector(validation_fraction="half").fit(few)
+
+
 def test_the_anomaly_benchmark_reports_both_libraries(tmp_path, capsys):
     from aecore_benchmarks import anomaly
 

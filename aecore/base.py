@@ -121,6 +121,10 @@ class Autoencoder(nn.Module, abc.ABC):
     pca_start: ClassVar[bool] = False
     #: the optimizer's learning rate when the training settings give none (``lr=None``)
     default_lr: ClassVar[float] = 1e-3
+    #: hyperparameters that suit real-valued data in units of its own (a Gaussian in
+    #: place of Bernoulli units); the estimators' ``normalize="auto"`` sets them on such
+    #: data where none of them is given, and standardises it instead of clipping to [0, 1]
+    real_valued_hparams: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
         super().__init__()

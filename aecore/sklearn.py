@@ -75,13 +75,17 @@ class AutoencoderTransformer(
         Per-feature normalisation fitted on ``X`` in ``fit``. ``"auto"``: data whose
         every value already lies in the model's ``input_range`` (or in [0, 1] for a
         model without one: pixels, probabilities) is kept as it is, since per-feature
-        rescaling would blow up features that barely vary; data whose features share
-        one scale (the middle 80% of their ranges within 10x, pixel counts say) is min-max
-        scaled as a whole; otherwise each feature is rescaled on its own (min-max for
-        models that need inputs in [0, 1], Bernoulli units, else standardisation), so
-        the result does not depend on the unit each feature is recorded in. The model
-        trains and scores in normalised units, new rows clipped to the model's input
-        range; ``inverse_transform`` returns data units.
+        rescaling would blow up features that barely vary. Data whose features share
+        one scale (the middle 80% of their ranges within 10x: pixel counts, say) keeps
+        their relative sizes: min-max scaled as a whole for models that need inputs in
+        [0, 1] (Bernoulli units), else centred per feature and divided by one scale.
+        Otherwise the features are in units of their own and each is rescaled on its
+        own, so no result depends on the unit a feature is recorded in: standardised,
+        or min-max scaled for models that need [0, 1]; but a model with Bernoulli units
+        that offers Gaussian ones (the ``vae``'s decoder, the ``rbm``'s visible units:
+        its ``real_valued_hparams``) gets those, unless any of them is given, and
+        standardised rows. The model trains and scores in normalised units, new rows
+        clipped to the model's input range; ``inverse_transform`` returns data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.
@@ -199,6 +203,8 @@ class AutoencoderTransformer(
             "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
+        if normalize == "auto":
+            hparams = {**_real_valued_hparams(model_class(self.model), X, hparams), **hparams}
         validation_fraction = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr
@@ -356,6 +362,20 @@ def _fit_normalization(net, normalize: str, X: np.ndarray) -> Normalization:
     norm = Normalization.fit("standardize", X, per_feature=True)
     common = float(np.sqrt(np.mean(norm.scale**2)))
     return Normalization("standardize", norm.shift, np.full_like(norm.scale, common))
+
+
+def _real_valued_hparams(model_cls: type, X: np.ndarray, given: dict) -> dict[str, Any]:
+    """The model's ``real_valued_hparams`` (Gaussian units) for data in units of its own,
+    unless the caller set any of them: min-max scaling such data for Bernoulli units
+    clips every new row beyond the training range to its edge, where an anomaly is
+    indistinguishable from the most extreme normal row. Data in [0, 1] or on one scale
+    (pixel counts) keeps the model's defaults."""
+    real = getattr(model_cls, "real_valued_hparams", {})
+    if not real or any(name in given for name in real):
+        return {}
+    if not X.size or (float(np.min(X)) >= 0.0 and float(np.max(X)) <= 1.0):
+        return {}
+    return {} if _features_share_one_scale(X) else dict(real)
 
 
 #: the spread (90th over 10th percentile) of the features' ranges up to which they count

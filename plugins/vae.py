@@ -61,6 +61,9 @@ class VariationalAutoencoder(Autoencoder):
 
     # the README's quality recipe (test log-likelihood on digits)
     demo = DemoRecipe(data="digits", latent_dim=8, epochs=500, batch_size=128, lr=1e-3)
+    # one-class breast cancer / wine: mean ROC-AUC 0.939 / 0.982 against 0.918 / 0.745
+    # from the Bernoulli decoder on min-max scaled, clipped rows
+    real_valued_hparams: ClassVar[dict] = {"decoder": "gaussian"}
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
+from aecore.data.units import OWN, data_units, per_feature_normalization, real_valued_hparams
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
@@ -70,7 +71,9 @@ def train(
     """Train registry model ``name`` on ``source`` (split 70/10/20 with the config's
     seed and ``val_fraction``, ``split="stratified"`` by label; ``val_fraction=0`` gives
     80/0/20 without early stopping; normalisation fitted on the train rows, ``"auto"``:
-    the model's ``default_normalize`` or min-max) and save it to ``out`` when given.
+    the model's ``default_normalize``, else each feature rescaled where the features are
+    in units of their own (with the model's ``real_valued_hparams``), else min-max as a
+    whole) and save it to ``out`` when given.
 
     Training settings are ``config`` (default ``TrainConfig()``) with ``settings``
     (its field names) on top; ``trainer_hook(trainer)`` runs before training starts.
@@ -78,13 +81,22 @@ def train(
     config = (config or TrainConfig()).replace(**settings)
     hparams, config = _own_learning_rate(name, dict(hparams or {}), config)
     if normalize == "auto":  # the model's preference (activations keep their geometry)
-        normalize = getattr(model_class(name), "default_normalize", "minmax")
+        normalize = getattr(model_class(name), "default_normalize", "auto")
     prepared = prepare(
-        source, normalize=normalize, seed=config.seed, split=split,
-        val_fraction=config.val_fraction,
+        source, normalize="minmax" if normalize == "auto" else normalize, seed=config.seed,
+        split=split, val_fraction=config.val_fraction,
     )  # fmt: skip
+    # features in units of their own (a table of measurements) are each rescaled, and
+    # models with Bernoulli units get Gaussian ones; other data keeps its geometry
+    train_rows = ArrayView(prepared.dataset.x, prepared.split.train, raw=True)
+    own_units = normalize == "auto" and data_units(train_rows) == OWN
+    if own_units:
+        hparams = {**real_valued_hparams(model_class(name), hparams), **hparams}
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
+    if own_units:
+        prepared.normalization = per_feature_normalization(model.input_range, train_rows)
+        prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)
     model.normalization = prepared.normalization
     config = config.for_model(model)  # the learning rate the run uses, recorded
     trainer = Trainer(

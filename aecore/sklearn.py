@@ -37,6 +37,15 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
 from aecore import params
 from aecore.config import TrainConfig
 from aecore.data.normalization import Normalization
+from aecore.data.units import (
+    OWN,
+    SHARED,
+    UNIT,
+    data_units,
+    per_feature_normalization,
+    real_valued_hparams,
+    shared_scale_normalization,
+)
 from aecore.errors import RegistryError, ShapeError
 from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
 from aecore.training import Trainer
@@ -203,8 +212,12 @@ class AutoencoderTransformer(
             "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
-        if normalize == "auto":
-            hparams = {**_real_valued_hparams(model_class(self.model), X, hparams), **hparams}
+        declared = getattr(model_class(self.model), "default_normalize", None)
+        if normalize == "auto" and declared is not None:
+            normalize = declared  # the SAEs: activations keep their geometry
+        units = data_units(X) if normalize == "auto" else None
+        if units == OWN:
+            hparams = {**real_valued_hparams(model_class(self.model), hparams), **hparams}
         validation_fraction = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr
@@ -226,7 +239,7 @@ class AutoencoderTransformer(
             net = create(
                 self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
             )
-            normalization = _fit_normalization(net, normalize, X)
+            normalization = _fit_normalization(net, normalize, units, X)
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
@@ -338,58 +351,14 @@ class AutoencoderTransformer(
         return float(np.mean(self.score_samples(X)))
 
 
-def _fit_normalization(net, normalize: str, X: np.ndarray) -> Normalization:
-    """``normalize`` fitted on ``X``; for ``"auto"``: data already on a common bounded
-    scale (every value in the model's input range, or in [0, 1]) stays as it is. Data
-    whose features share one scale (pixel counts, lengths in one unit) keeps their
-    relative sizes: min-max scaled as a whole for a model that needs [0, 1], else each
-    feature centred and all divided by one scale. Features in units of their own are
-    each rescaled, min-max or standardised. A model that declares its own
-    ``default_normalize`` (the SAEs: activations keep their geometry) gets that."""
-    declared = getattr(net, "default_normalize", None)
-    if normalize == "auto" and declared is not None:
-        normalize = declared
+def _fit_normalization(net, normalize: str, units: str | None, X) -> Normalization:
+    """``normalize`` fitted on ``X``; ``"auto"`` by the data's ``units``: data in [0, 1]
+    stays as it is, features on one scale keep their relative sizes, features in units
+    of their own are each rescaled (see the class's ``normalize``)."""
     if normalize != "auto":
         return Normalization.fit(normalize, X, per_feature=True)
-    lo, hi = net.input_range if net.input_range is not None else (0.0, 1.0)
-    if X.size and float(np.min(X)) >= lo and float(np.max(X)) <= hi:
+    if units == UNIT:
         return Normalization("none")
-    if not _features_share_one_scale(X):
-        kind = "minmax" if net.input_range is not None else "standardize"
-        return Normalization.fit(kind, X, per_feature=True)
-    if net.input_range is not None:
-        return Normalization.fit("minmax", X, per_feature=False)
-    norm = Normalization.fit("standardize", X, per_feature=True)
-    common = float(np.sqrt(np.mean(norm.scale**2)))
-    return Normalization("standardize", norm.shift, np.full_like(norm.scale, common))
-
-
-def _real_valued_hparams(model_cls: type, X: np.ndarray, given: dict) -> dict[str, Any]:
-    """The model's ``real_valued_hparams`` (Gaussian units) for data in units of its own,
-    unless the caller set any of them: min-max scaling such data for Bernoulli units
-    clips every new row beyond the training range to its edge, where an anomaly is
-    indistinguishable from the most extreme normal row. Data in [0, 1] or on one scale
-    (pixel counts) keeps the model's defaults."""
-    real = getattr(model_cls, "real_valued_hparams", {})
-    if not real or any(name in given for name in real):
-        return {}
-    if not X.size or (float(np.min(X)) >= 0.0 and float(np.max(X)) <= 1.0):
-        return {}
-    return {} if _features_share_one_scale(X) else dict(real)
-
-
-#: the spread (90th over 10th percentile) of the features' ranges up to which they count
-#: as one scale: digits' pixel counts spread up to 5x per class, iris's lengths 3x; a
-#: table of quantities in their own units spreads 60x (wine) to 4000x (breast cancer)
-_SHARED_SCALE_SPREAD = 10.0
-
-
-def _features_share_one_scale(X: np.ndarray) -> bool:
-    """Per-feature rescaling would blow up the features that barely vary on such data
-    (a pixel almost always dark) and weigh them like the others."""
-    ranges = np.ptp(np.asarray(X).reshape(len(X), -1), axis=0)
-    varying = ranges[ranges > 0]
-    if len(varying) < 2:
-        return False
-    low, high = np.percentile(varying, [10, 90])
-    return bool(high <= _SHARED_SCALE_SPREAD * low)
+    if units == SHARED:
+        return shared_scale_normalization(net.input_range, X)
+    return per_feature_normalization(net.input_range, X)

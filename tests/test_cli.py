@@ -229,3 +229,34 @@ def test_a_demo_recipe_trains_without_warning_about_itself(name, tmp_path):
             config=recipe.train.replace(epochs=1, device="cpu"), normalize=recipe.normalize,
             progress=False,
         )  # fmt: skip
+
+
+def test_train_rescales_each_feature_of_a_table_in_units_of_its_own(tmp_path, capsys):
+    # wine's thirteen quantities (hue near 1, proline near 1000): one min-max over all
+    # features let proline decide alone; each is rescaled instead, and the vae gets its
+    # Gaussian decoder in place of Bernoulli units on clipped rows
+    import numpy as np
+    from sklearn.datasets import load_digits, load_wine
+
+    table = tmp_path / "wine.csv"
+    np.savetxt(table, load_wine(return_X_y=True)[0], delimiter=",")
+    for name, key in (("vae", "decoder"), ("ae", None)):
+        out = tmp_path / name
+        argv = ["train", name, "--data", f"csv:{table}", "--epochs", "1", "--out", str(out),
+                "--quiet", "--set", "hidden=[8]"]  # fmt: skip
+        assert run(capsys, *argv)[0] == 0
+        record = json.loads((out / "model.json").read_text())
+        assert record["data"]["per_feature"] is True
+        assert len(record["normalization"]["scale"]) == 13
+        if key is not None:
+            assert record["config"][key] == "gaussian"
+    # pixel counts share one scale: min-max over all of them, Bernoulli units kept
+    counts = tmp_path / "counts.csv"
+    np.savetxt(counts, load_digits(return_X_y=True)[0][:300], delimiter=",")
+    out = tmp_path / "pixels"
+    argv = ["train", "vae", "--data", f"csv:{counts}", "--epochs", "1", "--out", str(out),
+            "--quiet", "--set", "hidden=[8]"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    record = json.loads((out / "model.json").read_text())
+    assert record["config"]["decoder"] == "bernoulli"
+    assert len(record["normalization"]["scale"]) == 1

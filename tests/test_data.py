@@ -201,6 +201,25 @@ def test_normalization_round_trips(x, kind, per_feature):
     assert Normalization.from_dict(norm.to_dict()) == norm
 
 
+def test_data_units_tell_unit_interval_one_scale_and_units_of_their_own():
+    from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
+
+    from aecore.data.units import OWN, SHARED, UNIT, data_units
+
+    digits = load_digits(return_X_y=True)[0]
+    assert data_units(digits / 16.0) == UNIT
+    assert data_units(digits) == SHARED  # pixel counts 0..16
+    assert data_units(load_iris(return_X_y=True)[0]) == SHARED  # lengths in cm
+    for table in (load_wine, load_breast_cancer):
+        assert data_units(table(return_X_y=True)[0]) == OWN
+    # the same table with one feature in other units is still in units of its own, and
+    # rows seen through a view (a memory map's split) count as the array does
+    wine = load_wine(return_X_y=True)[0]
+    assert data_units(wine * np.r_[1000.0, np.ones(12)]) == OWN
+    assert data_units(ArrayView(wine, np.arange(0, 178, 2), raw=True)) == OWN
+    assert data_units(np.full((5, 3), 7.0)) == SHARED  # nothing varies: nothing to rescale
+
+
 def test_normalization_is_fitted_on_train_rows_only():
     x = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
     s = split_indices(10, val_fraction=0.0, test_fraction=0.3, seed=0)

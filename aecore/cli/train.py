@@ -28,8 +28,10 @@ def add_commands(sub) -> None:
         "--normalize",
         default="auto",
         choices=["auto", "minmax", "standardize", "none"],
-        help="per-feature scaling fitted on the training rows (auto: minmax, or the "
-        "model's own choice, e.g. none for sparse autoencoders on activations)",
+        help="scaling fitted on the training rows (auto: the model's own choice, e.g. "
+        "none for sparse autoencoders on activations; else each feature rescaled where "
+        "the features are quantities in units of their own, with Gaussian units for the "
+        "vae and the rbm; else minmax over all features)",
     )
     s.add_argument(
         "--split",

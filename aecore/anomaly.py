@@ -69,15 +69,18 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
     def _validation_fraction(self, n_rows: int) -> float:
         # a hold-out of a few rows cannot tell epochs apart: on 14 rows a class (digits)
         # or 5 (wine) early stopping picked worse weights than training on every row
-        if isinstance(self.validation_fraction, str):
-            if self.validation_fraction != "auto":
-                raise ConfigError(
-                    f"validation_fraction must be 'auto' or a number in [0, 1); got "
-                    f"{self.validation_fraction!r}"
-                )
+        value = self.validation_fraction
+        if isinstance(value, str) and value == "auto":
             held_out = round(_DEFAULTS.val_fraction * n_rows)
             return _DEFAULTS.val_fraction if held_out >= MIN_HOLD_OUT_ROWS else 0.0
-        return super()._validation_fraction(n_rows)
+        try:
+            if isinstance(value, str):
+                raise ConfigError(value)
+            return super()._validation_fraction(n_rows)
+        except ConfigError:
+            raise ConfigError(
+                f"validation_fraction must be 'auto' or a number in [0, 1); got {value!r}"
+            ) from None
 
     def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
         # fit's training scores (score_samples: higher is more normal), scored once

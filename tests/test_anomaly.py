@@ -266,8 +266,9 @@ def test_a_detector_holds_out_rows_only_where_enough_remain_to_judge_epochs():
     assert "val_loss" in large_fit.history_.epochs[-1]
     given = aecore.AnomalyDetector("ae", epochs=2, random_state=0, validation_fraction=0.1)
     assert given.fit(few).validation_fraction_ == pytest.approx(0.1)
-    with pytest.raises(ConfigError, match=r"validation_fraction must be 'auto' or a number"):
-        aecore.AnomalyDetector(validation_fraction="half").fit(few)
+    for bad in ("half", None, 1.0):
+        with pytest.raises(ConfigError, match=r"must be 'auto' or a number in \[0, 1\); got"):
+            aecore.AnomalyDetector(validation_fraction=bad).fit(few)
 
 
 def test_the_anomaly_benchmark_reports_both_libraries(tmp_path, capsys):

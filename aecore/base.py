@@ -94,9 +94,9 @@ class Autoencoder(nn.Module, abc.ABC):
       run (an SAE's top-k warm-up).
     * ``saved_state_dict() -> dict``: the state ``aecore.save`` writes, when it differs
       from ``state_dict()`` (an equivalent form, e.g. with an input scale folded in).
-    * ``default_normalize``: the data normalisation ``aecore train`` applies when none
-      is asked for (``"minmax"`` unless a model says otherwise), and that the
-      estimators' ``normalize="auto"`` picks for a model that says so.
+    * ``default_normalize``: the data normalisation that ``aecore train`` and the
+      estimators' ``normalize="auto"`` apply to a model that says so; without it they
+      choose by the data (``aecore.data.units``).
     * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
       on (up to 20000 rows of) the normalised test split (floats; a ``"baselines"``
       dict of label -> test MSE adds rows to its table). A loaded model has
@@ -121,10 +121,20 @@ class Autoencoder(nn.Module, abc.ABC):
     pca_start: ClassVar[bool] = False
     #: the optimizer's learning rate when the training settings give none (``lr=None``)
     default_lr: ClassVar[float] = 1e-3
-    #: hyperparameters that suit real-valued data in units of its own (a Gaussian in
-    #: place of Bernoulli units); the estimators' ``normalize="auto"`` sets them on such
-    #: data where none of them is given, and standardises it instead of clipping to [0, 1]
-    real_valued_hparams: ClassVar[dict[str, Any]] = {}
+    #: hyperparameters that change only how a trained model scores, not its training: a
+    #: resumed run may differ in them
+    scoring_hparams: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def real_valued_hparams(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters that suit real-valued data (Gaussian in place of Bernoulli
+        units), which ``normalize="auto"`` (the estimators, ``aecore train``) sets on
+        real-valued data (neither in [0, 1] nor intensities from zero such as pixel
+        counts), where min-max scaling for Bernoulli units would clip every
+        new row beyond the training range to its edge.
+        ``given`` (the caller's hyperparameters) always wins: return nothing where it
+        chooses the units or rules Gaussian ones out."""
+        return {}
 
     def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
         super().__init__()

@@ -86,12 +86,14 @@ def train(
         source, normalize="minmax" if normalize == "auto" else normalize, seed=config.seed,
         split=split, val_fraction=config.val_fraction,
     )  # fmt: skip
-    # features in units of their own (a table of measurements) are each rescaled, and
-    # models with Bernoulli units get Gaussian ones; other data keeps its geometry
+    # features in units of their own (a table of measurements) are each rescaled, other
+    # data keeps its geometry; models with Bernoulli units get Gaussian ones on data
+    # real-valued data (neither in [0, 1] nor intensities such as pixel counts)
     train_rows = ArrayView(prepared.dataset.x, prepared.split.train, raw=True)
-    own_units = normalize == "auto" and data_units(train_rows) == OWN
-    if own_units:
-        hparams = {**real_valued_hparams(model_class(name), hparams), **hparams}
+    units = data_units(train_rows) if normalize == "auto" else None
+    own_units = units == OWN
+    if units is not None:
+        hparams = {**real_valued_hparams(model_class(name), units, hparams), **hparams}
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
     if own_units:

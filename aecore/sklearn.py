@@ -38,7 +38,7 @@ from aecore import params
 from aecore.config import TrainConfig
 from aecore.data.normalization import Normalization
 from aecore.data.units import (
-    OWN,
+    INTENSITY,
     SHARED,
     UNIT,
     data_units,
@@ -81,19 +81,20 @@ class AutoencoderTransformer(
         a model that updates its own parameters and has an ``lr`` hyperparameter
         (``rbm``), that hyperparameter (None: the model's default).
     normalize : {"auto", "standardize", "minmax", "none"}, default="auto"
-        Per-feature normalisation fitted on ``X`` in ``fit``. ``"auto"``: data whose
-        every value already lies in the model's ``input_range`` (or in [0, 1] for a
-        model without one: pixels, probabilities) is kept as it is, since per-feature
-        rescaling would blow up features that barely vary. Data whose features share
-        one scale (the middle 80% of their ranges within 10x: pixel counts, say) keeps
-        their relative sizes: min-max scaled as a whole for models that need inputs in
-        [0, 1] (Bernoulli units), else centred per feature and divided by one scale.
-        Otherwise the features are in units of their own and each is rescaled on its
-        own, so no result depends on the unit a feature is recorded in: standardised,
-        or min-max scaled for models that need [0, 1]; but a model with Bernoulli units
-        that offers Gaussian ones (the ``vae``'s decoder, the ``rbm``'s visible units:
-        its ``real_valued_hparams``) gets those, unless any of them is given, and
-        standardised rows. The model trains and scores in normalised units, new rows
+        Normalisation fitted on ``X`` in ``fit``: a named one per feature. ``"auto"``
+        (``aecore.data.units``): data whose every value lies in [0, 1] (pixels,
+        probabilities) is kept as it is, since per-feature rescaling would blow up
+        features that barely vary. Data whose features share one scale (no feature's
+        range over 4x the median range: pixel counts, lengths in one unit) keeps their
+        relative sizes: min-max scaled as a whole for models that need inputs in [0, 1],
+        else centred per feature and divided by one scale. Otherwise the features are in
+        units of their own and each is rescaled on its own (standardised, or min-max
+        scaled for models that need [0, 1]), so no result depends on the unit a feature
+        is recorded in. On real-valued data (neither in [0, 1] nor intensities from zero
+        such as pixel counts) a model with Bernoulli units that offers
+        Gaussian ones (the ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible
+        units: its ``real_valued_hparams``) gets those, unless the given hyperparameters
+        choose otherwise. The model trains and scores in normalised units, new rows
         clipped to the model's input range; ``inverse_transform`` returns data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
@@ -216,8 +217,8 @@ class AutoencoderTransformer(
         if normalize == "auto" and declared is not None:
             normalize = declared  # the SAEs: activations keep their geometry
         units = data_units(X) if normalize == "auto" else None
-        if units == OWN:
-            hparams = {**real_valued_hparams(model_class(self.model), hparams), **hparams}
+        if units is not None:
+            hparams = {**real_valued_hparams(model_class(self.model), units, hparams), **hparams}
         validation_fraction = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr
@@ -359,6 +360,6 @@ def _fit_normalization(net, normalize: str, units: str | None, X) -> Normalizati
         return Normalization.fit(normalize, X, per_feature=True)
     if units == UNIT:
         return Normalization("none")
-    if units == SHARED:
+    if units in (INTENSITY, SHARED):
         return shared_scale_normalization(net.input_range, X)
     return per_feature_normalization(net.input_range, X)

@@ -24,8 +24,7 @@ Where fine-tuning starts (``start``):
 ``aecore eval`` on a saved ``deep`` model adds Hinton's comparison: the same net
 (same config, ``pretrain=False``) trained there and then on the same train/val split,
 with the training config the model itself was fine-tuned with (``model.json``'s
-``training``), next to PCA at the same code size. ``aecore train`` does not run it, so
-training does not pay twice; ``aecore eval`` takes about as long as the fine-tuning.
+``training``), next to PCA at the same code size; ``aecore train`` does not run it.
 """
 
 from __future__ import annotations
@@ -69,19 +68,16 @@ class DeepAutoencoder(Autoencoder):
     with latent_dim 30); ``visible`` input units (``bernoulli``: data in [0, 1], logistic
     outputs; ``gaussian``: standardised real data, linear outputs); ``reconstruction``
     (fine-tuning loss: ``mse``, what the eval table reports, or ``bce`` = the paper's
-    cross-entropy);
-    ``pretrain``; ``pretrain_epochs`` per layer; ``pretrain_lr`` for the binary RBMs and
-    ``pretrain_lr_gaussian`` for those with Gaussian units (the top one, and the bottom
-    one when ``visible='gaussian'``); ``pretrain_k`` (CD-k); ``pretrain_weight_decay``.
+    cross-entropy); ``pretrain``; ``pretrain_epochs`` per layer; ``pretrain_lr`` for the
+    binary RBMs and ``pretrain_lr_gaussian`` for those with Gaussian units (the top one,
+    and the bottom one when ``visible='gaussian'``); ``pretrain_k`` (CD-k);
+    ``pretrain_weight_decay``.
     """
 
     demo = DemoRecipe(
-        data="digits",
-        latent_dim=2,
-        epochs=60,
-        lr=3e-3,
+        data="digits", latent_dim=2, epochs=60, lr=3e-3,
         hparams={"hidden": [256, 128], "pretrain_epochs": 20},
-    )
+    )  # fmt: skip
     # older versions kept the fine-tuning settings in this buffer (now in model.json)
     retired_state_keys = ("finetune_budget",)
     pca_start = True
@@ -166,6 +162,13 @@ class DeepAutoencoder(Autoencoder):
                 nn.init.zeros_(self.decoder_linear.weight)
         else:
             self.encoder_linear = self.decoder_linear = None
+
+    @classmethod
+    def real_valued_hparams(cls, given: dict) -> dict:
+        # one-class wine / breast cancer: mean ROC-AUC 0.931 / 0.902 against 0.874 / 0.882
+        # from Bernoulli visible units on min-max scaled, clipped rows
+        keep = "visible" in given or given.get("reconstruction") == "bce"
+        return {} if keep else {"visible": "gaussian"}
 
     @property
     def input_range(self) -> tuple[float, float] | None:

@@ -250,7 +250,8 @@ def test_train_rescales_each_feature_of_a_table_in_units_of_its_own(tmp_path, ca
         assert len(record["normalization"]["scale"]) == 13
         if key is not None:
             assert record["config"][key] == "gaussian"
-    # pixel counts share one scale: min-max over all of them, Bernoulli units kept
+    # pixel counts are intensities on one scale: one min-max over all of them, Bernoulli
+    # units kept
     counts = tmp_path / "counts.csv"
     np.savetxt(counts, load_digits(return_X_y=True)[0][:300], delimiter=",")
     out = tmp_path / "pixels"
@@ -260,3 +261,10 @@ def test_train_rescales_each_feature_of_a_table_in_units_of_its_own(tmp_path, ca
     record = json.loads((out / "model.json").read_text())
     assert record["config"]["decoder"] == "bernoulli"
     assert len(record["normalization"]["scale"]) == 1
+    # a resumed run is refused a normalisation other than the one it was trained with
+    argv[1] = "ae"
+    assert run(capsys, *argv, "--overwrite")[0] == 0
+    argv[argv.index("1")] = "2"
+    code, _, err = run(capsys, *argv, "--resume", "--normalize", "standardize")
+    assert code == 1 and "normalised by minmax (one scale for all)" in err
+    assert "by standardize (per feature)" in err and "--normalize" in err

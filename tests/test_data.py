@@ -201,14 +201,14 @@ def test_normalization_round_trips(x, kind, per_feature):
     assert Normalization.from_dict(norm.to_dict()) == norm
 
 
-def test_data_units_tell_unit_interval_one_scale_and_units_of_their_own():
+def test_data_units_tell_unit_interval_intensities_one_scale_and_units_of_their_own():
     from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
 
-    from aecore.data.units import OWN, SHARED, UNIT, data_units
+    from aecore.data.units import INTENSITY, OWN, SHARED, UNIT, data_units
 
     digits = load_digits(return_X_y=True)[0]
     assert data_units(digits / 16.0) == UNIT
-    assert data_units(digits) == SHARED  # pixel counts 0..16
+    assert data_units(digits) == INTENSITY  # pixel counts 0..16, mostly reaching 0
     assert data_units(load_iris(return_X_y=True)[0]) == SHARED  # lengths in cm
     for table in (load_wine, load_breast_cancer):
         assert data_units(table(return_X_y=True)[0]) == OWN
@@ -216,8 +216,19 @@ def test_data_units_tell_unit_interval_one_scale_and_units_of_their_own():
     # rows seen through a view (a memory map's split) count as the array does
     wine = load_wine(return_X_y=True)[0]
     assert data_units(wine * np.r_[1000.0, np.ones(12)]) == OWN
-    assert data_units(ArrayView(wine, np.arange(0, 178, 2), raw=True)) == OWN
+    # one feature in a larger unit among many, or one of two, would dominate one scale
+    rng = np.random.default_rng(0)
+    many = rng.normal(size=(100, 20))
+    assert data_units(many) == SHARED
+    many[:, 3] *= 1e4
+    assert data_units(many) == OWN
+    assert data_units(rng.normal(size=(100, 2)) * [1.0, 1e6]) == OWN
+    assert data_units(rng.normal(size=(100, 1)) * 1e6) == SHARED  # nothing to weigh against
     assert data_units(np.full((5, 3), 7.0)) == SHARED  # nothing varies: nothing to rescale
+    # rows seen through a view (a memory map's split) count, not the whole array
+    mixed = np.vstack([digits[:100, :13] / 16.0, wine])
+    assert data_units(mixed) != UNIT
+    assert data_units(ArrayView(mixed, np.arange(100), raw=True)) == UNIT
 
 
 def test_normalization_is_fitted_on_train_rows_only():

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from model_settings import small_hparams
 from sklearn.base import clone
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_digits, load_iris
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
@@ -387,30 +387,38 @@ def test_normalize_auto_keeps_the_relative_sizes_of_features_on_one_scale():
     X = load_digits(return_X_y=True)[0][:200]
     ae = small("ae", hidden=[8]).fit(X).normalization_
     assert ae.kind == "standardize" and np.ptp(ae.scale) == 0 and np.ptp(ae.shift) > 0
-    # a model that needs [0, 1] gets the data min-max scaled as a whole, as pixels in
-    # [0, 1] would be kept
-    vae = small("vae", hidden=[8]).fit(X).normalization_
+    # a model that needs [0, 1] (Bernoulli units, asked for) gets the data min-max scaled
+    # as a whole, as pixels in [0, 1] would be kept
+    vae = small("vae", hidden=[8], decoder="bernoulli").fit(X).normalization_
     assert vae.kind == "minmax" and vae.scale.size == 1 and float(vae.scale[0]) == 16.0
 
 
-def test_normalize_auto_gives_real_valued_data_in_its_own_units_gaussian_units():
+def test_normalize_auto_gives_data_outside_0_1_gaussian_units():
     # min-max scaling for Bernoulli units clips a new row beyond the training range to
     # its edge, where an anomaly looks like the most extreme normal row (one-class wine:
-    # vae 0.745, rbm 0.750 mean ROC-AUC; with Gaussian units 0.982 and 0.983)
-    for name, key in (("vae", "decoder"), ("rbm", "visible")):
-        fitted = small(name, hidden=[8]).fit(TABLE) if name == "vae" else small(name).fit(TABLE)
-        assert fitted.model_.get_config()[key] == "gaussian"
-        assert fitted.normalization_.kind == "standardize"
-        far = TABLE[:5] * 3.0  # not clipped: farther rows score as farther
-        assert (fitted.score_samples(far) < fitted.score_samples(TABLE[:5])).all()
-    # data in [0, 1] and pixel counts on one scale keep Bernoulli units
+    # vae 0.745, rbm 0.750 mean ROC-AUC; with Gaussian units 0.982 and 0.983; iris, on
+    # one scale: vae 0.878 -> 0.997), and standardised data
+    iris = load_iris(return_X_y=True)[0]
+    standardised = (TABLE - TABLE.mean(0)) / TABLE.std(0)
+    for data in (TABLE, iris, standardised):
+        for name, key in (("vae", "decoder"), ("rbm", "visible"), ("deep", "visible")):
+            fitted = small(name, **small_hparams(name)).fit(data)
+            assert fitted.model_.get_config()[key] == "gaussian", (name, data.shape)
+            far = data[:5] * 3.0 + 1.0  # not clipped: farther rows score as farther
+            assert (fitted.score_samples(far) < fitted.score_samples(data[:5])).all()
+    # data in [0, 1] and intensities from zero on one scale (pixel counts) keep them
     unit = (TABLE - TABLE.min(0)) / np.ptp(TABLE, axis=0)
     counts = load_digits(return_X_y=True)[0][:200]
     for data in (unit, counts):
         assert small("vae", hidden=[8]).fit(data).model_.decoder == "bernoulli"
+    # the caller's settings win: Bernoulli-only ones keep Bernoulli units, and an RBM's
+    # Gaussian hidden units (no normalisable joint with Gaussian visible ones) too
+    for hparams in ({"probabilities": True}, {"strict": False}, {"hidden": "gaussian"}):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # grey values as probabilities
-            assert small("rbm").fit(data).model_.visible == "bernoulli"
+            assert small("rbm", **hparams).fit(TABLE).model_.visible == "bernoulli"
+    assert small("vae", hidden=[8], decoder="bernoulli").fit(TABLE).model_.decoder == "bernoulli"
+    assert small("vae", hidden=[8], decoder_std=0.5).fit(TABLE).model_.decoder == "gaussian"
 
 
 @pytest.mark.parametrize("contamination", [0, 0.51, -0.1, "auto", float("nan")])

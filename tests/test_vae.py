@@ -173,9 +173,11 @@ def test_warmup_step_count_is_saved_with_the_model(tmp_path):
 def test_resume_continues_the_warmup_exactly(tmp_path):
     data = _x(100, seed=3).numpy()
 
-    def fresh():
+    def fresh(draws=10):
         torch.manual_seed(0)
-        return VariationalAutoencoder(input_shape=(12,), latent_dim=3, hidden=[16], warmup_steps=10)
+        return VariationalAutoencoder(
+            input_shape=(12,), latent_dim=3, hidden=[16], warmup_steps=10, score_draws=draws
+        )
 
     straight = fresh()
     Trainer(epochs=2, batch_size=16, seed=0, device="cpu", progress=False).fit(straight, data)
@@ -184,7 +186,9 @@ def test_resume_continues_the_warmup_exactly(tmp_path):
         resumed, data
     )
     assert int(resumed.steps_taken) == 6  # one epoch of 90 rows (10 held out) in batches of 16
-    again = fresh()  # a new process: only the checkpoint carries the step count
+    # a new process: only the checkpoint carries the step count; how the trained model
+    # scores (score_draws, as in runs saved before the setting existed) may differ
+    again = fresh(draws=50)
     Trainer(
         epochs=2, batch_size=16, seed=0, device="cpu", out_dir=tmp_path, resume=True, progress=False
     ).fit(again, data)
@@ -248,22 +252,24 @@ def test_anomaly_scores_are_a_rows_own_and_what_the_export_traces(kind):
     assert model.double().score(x[:3].double(), kind=kind).dtype == torch.float64
 
 
-def test_the_anomaly_score_draws_score_samples_a_row_and_old_folders_keep_theirs(tmp_path):
+def test_the_anomaly_scores_take_score_draws_a_row_and_old_folders_keep_theirs(tmp_path):
     x = _x(20)
-    model = _vae(score_samples=3).eval()
+    model = _vae(score_draws=3).eval()
     assert model.score_passes == {"elbo": 3, "log_likelihood": 3}
     torch.testing.assert_close(model.score(x), -model.log_likelihood(x, 3, seed=0))
+    torch.testing.assert_close(model.score(x, kind="elbo"), -model.elbo(x, 3, seed=0))
     assert not torch.allclose(model.score(x), -model.log_likelihood(x, 10, seed=0))
-    assert _vae().score_samples == 10  # ranks rows as 100 draws do, at a tenth of the cost
-    # a folder saved before the setting existed scores from its 100 draws, so the
-    # threshold saved with it still applies
+    assert _vae().score_draws == 10  # ranks rows as 100 draws do, at a tenth of the cost
+    # a folder saved before the setting existed scores as it did (ELBO from 10 draws,
+    # likelihood from 100), so the threshold saved with it still applies
     save(_vae(), tmp_path / "m")
     record = json.loads((tmp_path / "m" / "model.json").read_text())
-    del record["config"]["score_samples"]
+    del record["config"]["score_draws"]
     (tmp_path / "m" / "model.json").write_text(json.dumps(record))
     old = load(tmp_path / "m")
-    assert old.score_samples == 100 and len(old.score_draws) == 100
+    assert old.score_draws is None and len(old.fixed_draws) == 100
     torch.testing.assert_close(old.score(x), -old.log_likelihood(x, 100, seed=0))
+    torch.testing.assert_close(old.score(x, kind="elbo"), -old.elbo(x, 10, seed=0))
 
 
 def test_bernoulli_decoder_rejects_inputs_outside_unit_interval():
@@ -305,7 +311,7 @@ def test_sample_draws_from_the_prior():
         ({"activation": "swish"}, r"activation must be one of .*; got 'swish'"),
         ({"channels": []}, r"channels must be a non-empty list of positive ints; got \[\]"),
         ({"kernel_size": 1}, r"kernel_size must be an int in \[2, inf\]; got 1"),
-        ({"score_samples": 0}, r"score_samples must be an int in \[1, inf\]; got 0"),
+        ({"score_draws": 0}, r"score_draws must be an int in \[1, inf\]; got 0"),
         (
             {"backbone": "conv"},
             r"backbone='conv' needs a 3-D input_shape \(C, H, W\); got input_shape=\(12,\)",

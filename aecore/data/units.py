@@ -1,8 +1,10 @@
 """What ``normalize="auto"`` needs to know about a training set's features beyond the
-model's input range: whether they already lie in [0, 1] (pixels, probabilities), share
-one scale (pixel counts, lengths in one unit) or are quantities in units of their own (a
-table of measurements), where only rescaling each feature on its own makes a result
-independent of the unit each is recorded in. numpy only; streams over memory maps."""
+model's input range: whether they already lie in [0, 1] (pixels, probabilities), are
+intensities on one scale from zero (pixel counts: Bernoulli units model them once
+scaled as a whole), share one scale otherwise (lengths in one unit, standardised data)
+or are quantities in units of their own (a table of measurements), where only rescaling
+each feature on its own makes a result independent of the unit each is recorded in.
+numpy only; streams over memory maps."""
 
 from __future__ import annotations
 
@@ -12,15 +14,21 @@ import numpy as np
 
 from aecore.data.normalization import Normalization
 
-UNIT, SHARED, OWN = "unit", "shared", "own"
-#: the spread (90th over 10th percentile) of the features' ranges up to which they count
-#: as one scale: digits' pixel counts spread up to 5x per class, iris's lengths 3x; a
-#: table of quantities in their own units spreads 60x (wine) to 4000x (breast cancer)
-SHARED_SCALE_SPREAD = 10.0
+UNIT, INTENSITY, SHARED, OWN = "unit", "intensity", "shared", "own"
+#: how far above the features' median range (the lower median) the largest may lie for
+#: them to count as one scale: digits' pixel counts reach 1.2x per class, iris's lengths
+#: 2.3x; tables of quantities in units of their own reach 200x (wine) to 9000x (breast
+#: cancer). A feature in a larger unit would dominate one common scale, so one such
+#: feature among many makes the whole table "own", and the bound errs that way (each
+#: feature rescaled costs little where one scale was right); features of smaller range
+#: (a pixel that rarely lights) merely weigh less, as they should on one scale
+SHARED_SCALE_SPREAD = 4.0
 
 
 def data_units(train) -> str:
-    """``UNIT``, ``SHARED`` or ``OWN`` for the rows ``train`` (an array or a view)."""
+    """``UNIT`` (every value in [0, 1]), ``INTENSITY`` (non-negative on one scale, most
+    features reaching zero), ``SHARED`` (on one scale otherwise) or ``OWN`` (in units of
+    their own) for the rows ``train`` (an array or a view)."""
     if len(train) == 0:
         return UNIT
     extent = Normalization.fit("minmax", train, per_feature=True)  # per-feature lo, hi - lo
@@ -28,19 +36,23 @@ def data_units(train) -> str:
     if float(low.min()) >= 0.0 and float((low + ranges).max()) <= 1.0:
         return UNIT
     varying = ranges[ranges > 0]
-    if len(varying) < 2:
-        return SHARED
-    p10, p90 = np.percentile(varying, [10, 90])
-    return SHARED if p90 <= SHARED_SCALE_SPREAD * p10 else OWN
+    typical = float(np.percentile(varying, 50, method="lower")) if len(varying) else 0.0
+    if len(varying) >= 2 and float(varying.max()) > SHARED_SCALE_SPREAD * typical:
+        return OWN
+    # one scale (or one feature: nothing to weigh against another)
+    return INTENSITY if low.min() >= 0.0 and np.mean(low == 0.0) >= 0.5 else SHARED
 
 
-def real_valued_hparams(model_cls: type, given: dict[str, Any]) -> dict[str, Any]:
-    """The model's ``real_valued_hparams`` (Gaussian units in place of Bernoulli ones)
-    for data in units of its own, unless the caller set any of them: min-max scaling
-    such data for Bernoulli units clips every new row beyond the training range to its
-    edge, where an anomaly cannot be told from the most extreme normal row."""
-    real = getattr(model_cls, "real_valued_hparams", {})
-    return {} if any(name in given for name in real) else dict(real)
+def real_valued_hparams(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The model's Gaussian-unit hyperparameters (``Autoencoder.real_valued_hparams``)
+    for real-valued data (neither in [0, 1] nor intensities): min-max scaling it for
+    Bernoulli units clips every new row beyond the training range to its edge, where an
+    anomaly cannot be told from the most extreme normal row (one-class iris: vae 0.878
+    -> 0.997; wine 0.745 -> 0.982)."""
+    if units in (UNIT, INTENSITY):
+        return {}
+    hook = getattr(model_cls, "real_valued_hparams", None)
+    return dict(hook(dict(given))) if hook is not None else {}
 
 
 def per_feature_normalization(input_range, train) -> Normalization:

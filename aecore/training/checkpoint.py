@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from aecore.config import TrainConfig
@@ -92,6 +93,7 @@ def write(
         "format": FORMAT,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_config": model.get_config(),
+        "normalization": _normalization(model),
         "optimizer": optim,
         "epoch": state.epoch,
         "epoch_step": state.epoch_step,
@@ -135,6 +137,13 @@ def read(
         raise ModelFileError(
             f"cannot resume: {path} was written for a model with config "
             f"{meta['model_config']}, not {model.get_config()}"
+        )
+    saved_norm, norm = meta.get("normalization"), _normalization(model)
+    if saved_norm is not None and norm is not None and not _same_scaling(saved_norm, norm):
+        raise ModelFileError(
+            f"cannot resume: {path} was trained on data normalised {_describe(saved_norm)}, "
+            f"and this run normalises it {_describe(norm)}; resume with the normalisation "
+            f"it was trained with (--normalize), or start afresh (--overwrite)"
         )
     if meta["world_size"] != world:
         raise ConfigError(
@@ -196,15 +205,35 @@ def _state(tensors: dict[str, torch.Tensor], prefix: str, retired: set[str]) -> 
 
 def _same_model(model, saved_config: dict[str, Any]) -> bool:
     """Whether the checkpoint's model config builds this model. Compared after a rebuild,
-    so that hyperparameters added since the checkpoint (at their defaults) match."""
-    if saved_config == model.get_config():
+    so that hyperparameters added since the checkpoint (at their defaults) match, and
+    without those that only change how the trained model scores."""
+    scoring = set(getattr(model, "scoring_hparams", ()))
+    mine = {k: v for k, v in model.get_config().items() if k not in scoring}
+    if {k: v for k, v in saved_config.items() if k not in scoring} == mine:
         return True
     try:
-        return type(model)(**saved_config_of(type(model), saved_config)).get_config() == (
-            model.get_config()
-        )
+        rebuilt = type(model)(**saved_config_of(type(model), saved_config)).get_config()
     except Exception:  # a config this class no longer takes
         return False
+    return {k: v for k, v in rebuilt.items() if k not in scoring} == mine
+
+
+def _normalization(model) -> dict[str, Any] | None:
+    norm = getattr(model, "normalization", None)
+    return norm.to_dict() if norm is not None else None
+
+
+def _same_scaling(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.get("kind") != b.get("kind") or len(a.get("shift", ())) != len(b.get("shift", ())):
+        return False
+    return all(np.allclose(a.get(k, ()), b.get(k, ()), rtol=1e-9) for k in ("shift", "scale"))
+
+
+def _describe(norm: dict[str, Any]) -> str:
+    if norm.get("kind", "none") == "none":
+        return "not at all"
+    size = len(norm.get("scale", ()))
+    return f"by {norm['kind']} ({'per feature' if size > 1 else 'one scale for all'})"
 
 
 def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:

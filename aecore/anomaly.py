@@ -38,8 +38,8 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
     for detection: the ``denoising`` model with an 8-unit code, trained for 100 epochs
     (on the one-class benchmark, mean ROC-AUC over seeds 0-2 of 0.998 on digits, 0.916 on
     breast cancer and 0.982 on wine, where the transformer's defaults, ``ae`` with a
-    2-unit code for 50 epochs, reach 0.989, 0.901 and 0.979 with seed 0; a denoiser cannot learn the identity, so an
-    8-unit code also suits data with fewer features), and ``validation_fraction="auto"``:
+    2-unit code for 50 epochs, reach 0.989, 0.901 and 0.979 with seed 0; a denoiser
+    cannot learn the identity, so an 8-unit code also suits data with fewer features), and ``validation_fraction="auto"``:
     0.1 of the rows held out for early stopping where that is at least
     ``MIN_HOLD_OUT_ROWS``, else none (``validation_fraction_`` after ``fit`` says which)."""
 
@@ -73,14 +73,14 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         if isinstance(value, str) and value == "auto":
             held_out = round(_DEFAULTS.val_fraction * n_rows)
             return _DEFAULTS.val_fraction if held_out >= MIN_HOLD_OUT_ROWS else 0.0
-        try:
-            if isinstance(value, str):
-                raise ConfigError(value)
-            return super()._validation_fraction(n_rows)
-        except ConfigError:
-            raise ConfigError(
-                f"validation_fraction must be 'auto' or a number in [0, 1); got {value!r}"
-            ) from None
+        if not isinstance(value, str):
+            try:
+                return super()._validation_fraction(n_rows)
+            except ConfigError:
+                pass
+        raise ConfigError(
+            f"validation_fraction must be 'auto' or a number in [0, 1); got {value!r}"
+        )
 
     def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
         # fit's training scores (score_samples: higher is more normal), scored once

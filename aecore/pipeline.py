@@ -14,7 +14,7 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
-from aecore.data.units import OWN, data_units, per_feature_normalization, real_valued_hparams
+from aecore.data.units import OWN, data_units, per_feature_normalization, with_real_valued_units
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
@@ -87,13 +87,13 @@ def train(
         split=split, val_fraction=config.val_fraction,
     )  # fmt: skip
     # features in units of their own (a table of measurements) are each rescaled, other
-    # data keeps its geometry; models with Bernoulli units get Gaussian ones on data
+    # data keeps its geometry; models with Bernoulli units get Gaussian ones on
     # real-valued data (neither in [0, 1] nor intensities such as pixel counts)
     train_rows = ArrayView(prepared.dataset.x, prepared.split.train, raw=True)
     units = data_units(train_rows) if normalize == "auto" else None
     own_units = units == OWN
     if units is not None:
-        hparams = {**real_valued_hparams(model_class(name), units, hparams), **hparams}
+        hparams = with_real_valued_units(model_class(name), units, hparams)
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
     if own_units:

@@ -43,8 +43,8 @@ from aecore.data.units import (
     UNIT,
     data_units,
     per_feature_normalization,
-    real_valued_hparams,
     shared_scale_normalization,
+    with_real_valued_units,
 )
 from aecore.errors import RegistryError, ShapeError
 from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
@@ -218,7 +218,7 @@ class AutoencoderTransformer(
             normalize = declared  # the SAEs: activations keep their geometry
         units = data_units(X) if normalize == "auto" else None
         if units is not None:
-            hparams = {**real_valued_hparams(model_class(self.model), units, hparams), **hparams}
+            hparams = with_real_valued_units(model_class(self.model), units, hparams)
         validation_fraction = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr

@@ -30,8 +30,8 @@ def add_commands(sub) -> None:
         choices=["auto", "minmax", "standardize", "none"],
         help="scaling fitted on the training rows (auto: the model's own choice, e.g. "
         "none for sparse autoencoders on activations; else each feature rescaled where "
-        "the features are quantities in units of their own, with Gaussian units for the "
-        "vae and the rbm; else minmax over all features)",
+        "the features are quantities in units of their own; else minmax over all "
+        "features; the vae, rbm and deep get Gaussian units on real-valued data)",
     )
     s.add_argument(
         "--split",

@@ -43,16 +43,17 @@ def data_units(train) -> str:
     return INTENSITY if low.min() >= 0.0 and np.mean(low == 0.0) >= 0.5 else SHARED
 
 
-def real_valued_hparams(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The model's Gaussian-unit hyperparameters (``Autoencoder.real_valued_hparams``)
-    for real-valued data (neither in [0, 1] nor intensities): min-max scaling it for
+def with_real_valued_units(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` plus the model's Gaussian-unit hyperparameters (its
+    ``real_valued_hparams``, which yield to ``given``) for real-valued data (neither in
+    [0, 1] nor intensities): min-max scaling it for
     Bernoulli units clips every new row beyond the training range to its edge, where an
     anomaly cannot be told from the most extreme normal row (one-class iris: vae 0.878
     -> 0.997; wine 0.745 -> 0.982)."""
-    if units in (UNIT, INTENSITY):
-        return {}
     hook = getattr(model_cls, "real_valued_hparams", None)
-    return dict(hook(dict(given))) if hook is not None else {}
+    if units in (UNIT, INTENSITY) or hook is None:
+        return dict(given)
+    return {**hook(dict(given)), **given}
 
 
 def per_feature_normalization(input_range, train) -> Normalization:

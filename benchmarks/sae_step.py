@@ -11,6 +11,10 @@ decoder's unit-norm constraint), side by side in one run on the same batch:
 * ``compiled dense``: ``torch.compile`` of the dense loss;
 * ``sae-lens``: its ``TopKTrainingSAE`` stepped by its own ``SAETrainer._train_step``.
 
+``--dead-fraction F`` marks that fraction of the latents dead in every model (the same
+latents in aecore's and sae-lens's), so AuxK (on by default in both) runs in the step:
+aecore's fused encoder picks its code among them in the same pass as the main one.
+
 Reported: median ms per step (calls interleaved, see ``timing.py``), and each step's peak
 extra resident memory (VmHWM reset before it; glibc's mmap threshold fixed so freed
 tensors return to the OS). Ratios are against sae-lens's step.
@@ -43,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--dead-fraction", type=float, default=0.0, metavar="F",
+                   help="mark this fraction of latents dead, so AuxK runs (default 0)")  # fmt: skip
     p.add_argument("--json", default=None, metavar="FILE")
     return p
 
@@ -80,7 +86,15 @@ def peak_extra_mb(step, device: str) -> float | None:
         return None
 
 
-def aecore_steps(d: int, n: int, k: int, device: str) -> dict:
+# a count past any dead window: the marked latents stay dead unless they fire
+LONG_AGO = 2**40
+
+
+def dead_mask(n: int, fraction: float) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(1)) < fraction
+
+
+def aecore_steps(d: int, n: int, k: int, device: str, dead: torch.Tensor) -> dict:
     import aecore
     from aecore.sae.loss import _dense_loss
     from aecore.training.optim import gradient_step
@@ -89,6 +103,7 @@ def aecore_steps(d: int, n: int, k: int, device: str) -> dict:
         torch.manual_seed(0)
         model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
         model.train()
+        model.since_fired[dead.to(device)] = LONG_AGO
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         loss_fn = loss_fn_of(model)
 
@@ -120,13 +135,14 @@ def aecore_steps(d: int, n: int, k: int, device: str) -> dict:
     return steps
 
 
-def compiled_dense_step(d: int, n: int, k: int, device: str):
+def compiled_dense_step(d: int, n: int, k: int, device: str, dead: torch.Tensor):
     import aecore
     from aecore.sae.loss import _dense_loss
 
     torch.manual_seed(0)
     model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
     model.train()
+    model.since_fired[dead.to(device)] = LONG_AGO
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     @torch.compile
@@ -144,7 +160,7 @@ def compiled_dense_step(d: int, n: int, k: int, device: str):
     return step
 
 
-def saelens_step(d: int, n: int, k: int, batch: int, device: str):
+def saelens_step(d: int, n: int, k: int, batch: int, device: str, dead: torch.Tensor):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -164,6 +180,7 @@ def saelens_step(d: int, n: int, k: int, batch: int, device: str):
     trainer = SAETrainer(
         cfg=config, sae=sae, data_provider=iter(()), save_checkpoint_fn=lambda path: None
     )
+    trainer.n_forward_passes_since_fired[dead.to(device)] = LONG_AGO
     return lambda x: trainer._train_step(sae, x)
 
 
@@ -189,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if not 0.0 <= args.dead_fraction <= 1.0:
+        raise SystemExit(f"--dead-fraction: expected a number in [0, 1], got {args.dead_fraction}")
     sync = torch.cuda.synchronize if device == "cuda" else None
     torch.set_num_threads(args.threads)
     _fix_malloc()
@@ -197,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     for d, n, k in parse_shapes(args.shapes):
         x = torch.randn(args.batch_size, d, generator=torch.Generator().manual_seed(0))
         x = x.to(device)
-        steps = aecore_steps(d, n, k, device)
+        dead = dead_mask(n, args.dead_fraction)
+        steps = aecore_steps(d, n, k, device, dead)
         errors = {}
         if not args.no_compile:
-            steps["compiled dense"] = compiled_dense_step(d, n, k, device)
+            steps["compiled dense"] = compiled_dense_step(d, n, k, device, dead)
         try:
-            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size, device)
+            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size, device, dead)
         except ImportError:
             errors["sae-lens"] = "not installed"
         calls = {name: (lambda s=s, x=x: s(x)) for name, s in steps.items()}
@@ -221,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {name}: {error}")
             results.append({"d": d, "n": n, "k": k, "impl": name, "error": error})
     where = f"{args.threads} threads" if device == "cpu" else torch.cuda.get_device_name()
+    dead_note = (
+        f", {args.dead_fraction:.0%} of latents dead (AuxK on)" if args.dead_fraction else ""
+    )
     print(
-        f"TopK SAE training step, batch {args.batch_size}, {where}; topk_encode: "
+        f"TopK SAE training step, batch {args.batch_size}, {where}{dead_note}; topk_encode: "
         f"{ops.backend('topk_encode', device)}"
     )
     print_table(

@@ -30,10 +30,13 @@ TORCH_LIBRARY(aecore, m) {
   m.def("topk_sparsify(Tensor z, int k) -> (Tensor out, Tensor indices)");
   m.def("topk_sparsify_backward(Tensor grad_out, Tensor indices) -> Tensor");
   // the sparse SAE: a top-k encoder that never holds the (B, n) pre-activations, and a
-  // decoder that reads only the chosen dictionary rows
+  // decoder that reads only the chosen dictionary rows. With aux_k > 0 the encoder also
+  // picks each row's aux_k largest among the latents the bool mask `dead` (n,) marks
+  // (AuxK), from the same tiles; its backward is straight-through (see _fused.py).
   m.def(
-      "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k) "
-      "-> (Tensor values, Tensor indices)");
+      "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k, int aux_k=0, "
+      "Tensor? dead=None) -> (Tensor values, Tensor indices, Tensor aux_values, "
+      "Tensor aux_indices)");
   m.def(
       "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, "
       "Tensor W_enc, Tensor b_dec) "

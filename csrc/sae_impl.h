@@ -79,11 +79,15 @@ inline int64_t encoder_tile(int64_t rows, int64_t n) {
   return std::min(tile, n);
 }
 
+using TopkCode = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Each row's k largest pre-activations and, with aux_k > 0, its aux_k largest among the
+// latents `dead` marks (AuxK's), both from the same tiles: the second selection costs a
+// merge over the dead columns, not a second GEMM.
 template <class K>
-std::tuple<at::Tensor, at::Tensor> topk_encode_impl(const at::Tensor& x_in,
-                                                    const at::Tensor& W_in,
-                                                    const at::Tensor& b_enc_in,
-                                                    const at::Tensor& b_dec_in, int64_t k) {
+TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
+                          const at::Tensor& b_enc_in, const at::Tensor& b_dec_in, int64_t k,
+                          int64_t aux_k, const std::optional<at::Tensor>& dead_in) {
   check_sae_matrix<K>(x_in, "x");
   check_sae_matrix<K>(W_in, "W_enc");
   check_same(x_in, W_in, "W_enc");
@@ -92,40 +96,64 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_impl(const at::Tensor& x_in,
   check_vector(x_in, b_enc_in, "b_enc", n);
   check_vector(x_in, b_dec_in, "b_dec", d);
   TORCH_CHECK(k >= 1 && k <= n, "aecore: k must lie in [1, ", n, "], got ", k);
+  TORCH_CHECK(aux_k >= 0 && aux_k <= n, "aecore: aux_k must lie in [0, ", n, "], got ", aux_k);
+  TORCH_CHECK(aux_k == 0 || dead_in.has_value(), "aecore: aux_k > 0 needs the dead mask");
+  at::Tensor dead;
+  if (aux_k > 0) {
+    dead = dead_in->contiguous();
+    TORCH_CHECK(dead.scalar_type() == at::kBool && dead.dim() == 1 && dead.size(0) == n,
+                "aecore: dead must be a bool mask (", n, ",), got ", dead.scalar_type(), " ",
+                dead.sizes());
+    TORCH_CHECK(dead.device() == x_in.device(), "aecore: dead is on ", dead.device(),
+                ", expected ", x_in.device());
+  }
   const at::Tensor xc = (x_in - b_dec_in).contiguous();
   const at::Tensor W = W_in.contiguous();
   const at::Tensor b_enc = b_enc_in.contiguous();
-  TORCH_CHECK(k <= K::kMaxK, "aecore: topk_encode on this device keeps at most ", K::kMaxK,
-              " entries per row, got k=", k);
+  TORCH_CHECK(std::max(k, aux_k) <= K::kMaxK, "aecore: topk_encode on this device keeps at most ",
+              K::kMaxK, " entries per row, got k=", k, ", aux_k=", aux_k);
   at::Tensor values = at::empty({B, k}, x_in.options());
   at::Tensor indices = at::empty({B, k}, x_in.options().dtype(at::kLong));
-  if (B == 0) return {values, indices};
+  at::Tensor aux_values = at::empty({B, aux_k}, x_in.options());
+  at::Tensor aux_indices = at::empty({B, aux_k}, x_in.options().dtype(at::kLong));
+  if (B == 0) return {values, indices, aux_values, aux_indices};
   const int64_t tile = encoder_tile(B, n);
   at::Tensor buffer = at::empty({B, tile}, x_in.options());
   at::Tensor bad = at::zeros({1}, x_in.options().dtype(at::kInt));
   bool finite = true;
   dispatch_sae<K>(x_in.scalar_type(), [&]<typename T>() {
     using A = SaeAcc<T>;
-    at::Tensor heap = at::empty({B, k}, x_in.options().dtype(c10::CppTypeToScalarType<A>::value));
+    const auto acc = x_in.options().dtype(c10::CppTypeToScalarType<A>::value);
+    at::Tensor heap = at::empty({B, k}, acc);
+    at::Tensor aux_heap = at::empty({B, aux_k}, acc);
     A* hv = heap.data_ptr<A>();
     int64_t* hi = indices.data_ptr<int64_t>();
+    A* aux_hv = aux_heap.data_ptr<A>();
+    int64_t* aux_hi = aux_indices.data_ptr<int64_t>();
+    const bool* mask = aux_k > 0 ? dead.data_ptr<bool>() : nullptr;
     K::template heap_init<T>(B, k, hv, hi);
+    if (aux_k > 0) K::template heap_init<T>(B, aux_k, aux_hv, aux_hi);
     for (int64_t c0 = 0; c0 < n; c0 += tile) {
       const int64_t cols = std::min(tile, n - c0);
       at::Tensor pre = buffer.narrow(1, 0, cols);
       if (cols != tile) pre = at::empty({B, cols}, x_in.options());
       at::mm_out(pre, xc, W.narrow(0, c0, cols).t());
-      finite = K::template merge_tile<T>(pre.data_ptr<T>(), B, cols, c0, b_enc.data_ptr<T>(), k,
-                                         hv, hi, bad.data_ptr<int>()) &&
+      const T* p = pre.data_ptr<T>();
+      finite = K::template merge_tile<T>(p, B, cols, c0, b_enc.data_ptr<T>(), k, hv, hi,
+                                         bad.data_ptr<int>(), nullptr) &&
                finite;
+      if (aux_k > 0)
+        K::template merge_tile<T>(p, B, cols, c0, b_enc.data_ptr<T>(), aux_k, aux_hv, aux_hi,
+                                  bad.data_ptr<int>(), mask);
     }
     K::template heap_finish<T>(B, k, hv, hi, values.data_ptr<T>());
+    if (aux_k > 0) K::template heap_finish<T>(B, aux_k, aux_hv, aux_hi, aux_values.data_ptr<T>());
   });
   // on CUDA the flag is device memory: reading it waits for the kernels
   TORCH_CHECK(finite && bad.item<int>() == 0,
               "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
               "b_dec holds non-finite values (or they overflow)");
-  return {values, indices};
+  return {values, indices, aux_values, aux_indices};
 }
 
 // Gradients of topk_encode given the values' gradient: only the kept (row, latent) pairs

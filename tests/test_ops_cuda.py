@@ -177,6 +177,22 @@ def test_sae_ops_cuda_match_reference(B, d, n, k, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_auxk_cuda_from_the_same_pass_matches_reference(dtype):
+    x, W_enc, b_enc, b_dec, _ = sae_operands(300, 32, 70_000, dtype)
+    dead = torch.arange(70_000, device="cuda") % 5 == 1
+    got = ops.topk_encode(x, W_enc, b_enc, b_dec, 16, aux_k=64, dead=dead)
+    want = reference.topk_encode(x, W_enc, b_enc, b_dec, 16, aux_k=64, dead=dead)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got[2], want[2], **tol)
+    assert bool(dead[got[3]].all())
+    inputs = (x, W_enc, b_enc, b_dec)
+    loss = [(o.float() * torch.linspace(0, 1, o.shape[1], device="cuda")).sum() for o in got[::2]]
+    ref = [(o.float() * torch.linspace(0, 1, o.shape[1], device="cuda")).sum() for o in want[::2]]
+    for a, b in zip(torch.autograd.grad(sum(loss), inputs), torch.autograd.grad(sum(ref), inputs)):
+        torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sae_ops_cuda_in_16_bits_match_float32(dtype):
     # float32 accumulation: within the 16-bit format's rounding of the float32 result
@@ -195,7 +211,9 @@ def test_sae_ops_cuda_edge_cases():
 
     x, W_enc, b_enc, b_dec, W_dec = sae_operands(6, 5, 9, torch.float64)
     opcheck(torch.ops.aecore.topk_encode, (x, W_enc, b_enc, b_dec, 3))
-    values, indices = torch.ops.aecore.topk_encode(
+    dead = torch.arange(9, device="cuda") % 2 == 0
+    opcheck(torch.ops.aecore.topk_encode, (x, W_enc, b_enc, b_dec, 3, 2, dead))
+    values, indices, _, _ = torch.ops.aecore.topk_encode(
         x.detach(), W_enc.detach(), b_enc.detach(), b_dec.detach(), 3
     )
     opcheck(torch.ops.aecore.sparse_decode, (values.requires_grad_(), indices, W_dec, b_dec))

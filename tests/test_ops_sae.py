@@ -129,9 +129,12 @@ def test_opcheck():
     b_enc, b_dec = torch.randn(12, generator=g), torch.randn(4, generator=g)
     args = [t.requires_grad_() for t in (x, W, b_enc, b_dec)]
     opcheck(torch.ops.aecore.topk_encode, (*args, 3))
-    values, indices = torch.ops.aecore.topk_encode(
+    dead = torch.arange(12) % 3 == 0
+    opcheck(torch.ops.aecore.topk_encode, (*args, 3, 2, dead))
+    values, indices, aux_values, _ = torch.ops.aecore.topk_encode(
         x.detach(), W.detach(), b_enc.detach(), b_dec.detach(), 3
     )
+    assert aux_values.shape == (7, 0)
     opcheck(
         torch.ops.aecore.sparse_decode,
         (
@@ -149,6 +152,69 @@ def test_opcheck():
         torch.ops.aecore.topk_encode_backward,
         (torch.randn(7, 3), values.detach(), indices, x.detach(), W.detach(), b_dec.detach()),
     )
+
+
+aux_cases = st.fixed_dictionaries(
+    {
+        "B": st.sampled_from([0, 1, 3, 17]),
+        "d": st.integers(1, 12),
+        "n": st.integers(1, 700),
+        "k": st.integers(1, 8),
+        "aux_k": st.integers(0, 12),
+        "dead_every": st.integers(1, 9),
+        "dtype": st.sampled_from([torch.float32, torch.float64]),
+        "noncontig": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(c=aux_cases)
+def test_auxk_from_the_same_pass_equals_the_reference(c):
+    # AuxK's selection among the dead latents rides along the main top-k's tiles: the
+    # same codes and, through one combined backward, the same gradients as the dense
+    # reference (the main code's ReLU, AuxK's straight-through)
+    k, n = min(c["k"], c["n"]), c["n"]
+    aux_k = min(c["aux_k"], n)
+    x, W_enc, b_enc, b_dec, W_dec = operands(c, requires_grad=True)
+    dead = torch.arange(n) % c["dead_every"] == c["seed"] % c["dead_every"]
+    got = ops.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead)
+    want = reference.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead)
+    columns = min(aux_k, int(dead.sum()))
+    assert got[2].shape == got[3].shape == (c["B"], columns)
+    assert bool(dead[got[3]].all())  # AuxK picks dead latents only
+    for a, b in zip(got[::2], want[::2]):
+        torch.testing.assert_close(a, b, **tol(c["dtype"]))
+    assert torch.equal(got[3], want[3])  # random data: no ties among the dead latents
+    positive = want[0] > 0
+    assert torch.equal(got[1][positive], want[1][positive])
+    weights = [
+        torch.randn(got[0].shape, dtype=c["dtype"]),
+        torch.randn(got[2].shape, dtype=c["dtype"]),
+    ]
+    inputs = (x, W_enc, b_enc, b_dec)
+    for a, b in zip(grads(got[::2], inputs, weights), grads(want[::2], inputs, weights)):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, **tol(c["dtype"]))
+
+
+def test_auxk_arguments_say_what_was_expected():
+    x, W, b_enc, b_dec = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(5), torch.zeros(3)
+    dead = torch.tensor([True, False, True, False, False])
+    with pytest.raises(ConfigError, match="aux_k=2 needs dead, the mask of dead latents"):
+        ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=2)
+    with pytest.raises(ConfigError, match="dead must be a bool tensor .* got torch.int64"):
+        ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=2, dead=dead.long())
+    with pytest.raises(ShapeError, match=r"dead must be \(5,\) for W_enc of shape \(5, 3\)"):
+        ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=2, dead=dead[:4])
+    with pytest.raises(ConfigError, match=r"aux_k must lie in \[0, 5\], got 6"):
+        ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=6, dead=dead)
+    # fewer dead latents than aux_k: that many columns; none dead: an empty AuxK code
+    assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead)[3].shape == (4, 2)
+    assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead & False)[2].shape == (4, 0)
 
 
 @needs_ext

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aecore
+from aecore import ops
 from aecore.data.superposition import superposition_from_source
 from aecore.errors import ConfigError, ShapeError
 from aecore.sae import rules
@@ -228,7 +229,7 @@ def test_auxk_revives_latents_that_never_fire():
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_auxk_reaches_dead_latents_whose_pre_activations_are_all_negative(path):
-    from aecore.sae.recipe import aux_loss, sparse_aux_loss
+    from aecore.sae.recipe import aux_error, aux_loss
 
     x = sparse_data(64)
     model = make(k=4)
@@ -240,8 +241,12 @@ def test_auxk_reaches_dead_latents_whose_pre_activations_are_all_negative(path):
     residual = torch.randn(64, D).abs()
     if path == "dense":
         aux = aux_loss(residual, pre, model.dead_latents(), model.W_dec, 4, torch.tensor(1.0))
-    else:  # the streaming encoder over the dead rows, straight through its ReLU
-        aux = sparse_aux_loss(residual, model._scaled(x), model, 4, torch.tensor(1.0))
+    else:  # AuxK's code from the streaming encoder's pass, straight through its ReLU
+        dead = model.dead_latents()
+        code = ops.topk_encode(
+            model._scaled(x), model.W_enc, model.b_enc, model.b_dec, 4, aux_k=4, dead=dead
+        )
+        aux = aux_error(residual, *code[2:], model.W_dec, 8, 4, torch.tensor(1.0))
     aux.backward()
     grads = model.W_enc.grad.norm(dim=1)
     assert bool((grads[:8] > 0).all()) and float(grads[8:].abs().max()) == 0.0

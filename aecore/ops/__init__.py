@@ -177,8 +177,16 @@ def _fused_sae(t: Tensor) -> bool:
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, straight_through=False
-) -> tuple[Tensor, Tensor]:
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    *,
+    straight_through: bool = False,
+    aux_k: int = 0,
+    dead: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """A top-k SAE encoder: each row's k largest of ``relu((x - b_dec) W_enc^T + b_enc)``.
 
     ``x`` (B, d), ``W_enc`` (n, d), ``b_enc`` (n,), ``b_dec`` (d,), ``k`` in [1, n]; float32
@@ -188,6 +196,12 @@ def topk_encode(
     the fused kernels. Differentiable in x, W_enc, b_enc and b_dec. ``straight_through``:
     the gradient of every kept value reaches its pre-activation, positive or not (a ReLU
     forward, the identity backward: AuxK's way back for latents that never fire).
+
+    AuxK: with ``dead``, a bool mask (n,) of the latents to revive, the result is
+    ``(values, indices, aux_values, aux_indices)``: also each row's ``aux_k`` largest
+    pre-activations among the dead latents (``min(aux_k, dead.sum())`` columns; values
+    ReLU'd, gradient straight-through), chosen from the same tiles as the main code, so
+    it costs no second GEMM; one backward serves both codes.
 
     Fused kernels: the pre-activations are computed a tile of latents at a time (a BLAS
     GEMM per tile) and merged into each row's running top-k, so memory is O(B·tile + B·k),
@@ -199,9 +213,10 @@ def topk_encode(
     k = check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
     if not isinstance(straight_through, bool):
         raise ConfigError(f"topk_encode: straight_through must be a bool, got {straight_through!r}")
-    if _fused_sae(x) and (x.device.type != "cuda" or k <= CUDA_TOPK_ENCODE_MAX_K):
-        return _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through)
-    return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through)
+    aux_k = check.aux_args(x, W_enc, aux_k, dead)
+    if _fused_sae(x) and (x.device.type != "cuda" or max(k, aux_k) <= CUDA_TOPK_ENCODE_MAX_K):
+        return _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+    return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

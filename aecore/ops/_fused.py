@@ -46,9 +46,14 @@ if SCHEMAS_LOADED:
         return grad_out.new_empty(grad_out.shape)
 
     @torch.library.register_fake("aecore::topk_encode")
-    def _topk_encode_fake(x, W_enc, b_enc, b_dec, k):
+    def _topk_encode_fake(x, W_enc, b_enc, b_dec, k, aux_k=0, dead=None):
         B = x.shape[0]
-        return x.new_empty((B, k)), x.new_empty((B, k), dtype=torch.int64)
+        return (
+            x.new_empty((B, k)),
+            x.new_empty((B, k), dtype=torch.int64),
+            x.new_empty((B, aux_k)),
+            x.new_empty((B, aux_k), dtype=torch.int64),
+        )
 
     @torch.library.register_fake("aecore::topk_encode_backward")
     def _topk_encode_backward_fake(grad_values, values, indices, x, W_enc, b_dec):
@@ -84,13 +89,16 @@ if SCHEMAS_LOADED:
         return params[0].new_empty((), dtype=torch.bool)
 
     def _topk_encode_setup(ctx, inputs, output):
-        x, W_enc, _b_enc, b_dec, _k = inputs
-        ctx.save_for_backward(output[0], output[1], x, W_enc, b_dec)
+        x, W_enc, _b_enc, b_dec = inputs[:4]
+        values, indices, _aux_values, aux_indices = output
+        ctx.save_for_backward(values, indices, aux_indices, x, W_enc, b_dec)
 
-    def _topk_encode_backward(ctx, grad_values, _grad_indices):
-        values, indices, x, W_enc, b_dec = ctx.saved_tensors
-        grads = torch.ops.aecore.topk_encode_backward(grad_values, values, indices, x, W_enc, b_dec)
-        return (*grads, None)
+    def _topk_encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+        values, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
+        grads = _encoder_backward(
+            grad_values, values, indices, grad_aux, aux_indices, x, W_enc, b_dec
+        )
+        return (*grads, None, None, None)
 
     torch.library.register_autograd(
         "aecore::topk_encode", _topk_encode_backward, setup_context=_topk_encode_setup
@@ -128,10 +136,25 @@ def _below_autograd(op, *args):
         return op(*args)
 
 
+def _encoder_backward(grad_values, gate, indices, grad_aux, aux_indices, x, W_enc, b_dec):
+    """topk_encode's gradients: the kept pairs whose ``gate`` is positive (the ReLU'd
+    values; ones for straight-through) and every AuxK pair (straight-through), in one
+    backward call over both codes."""
+    if grad_values is None:
+        grad_values = torch.zeros_like(gate)
+    if aux_indices.shape[1]:
+        if grad_aux is None:
+            grad_aux = gate.new_zeros(aux_indices.shape)
+        grad_values = torch.cat([grad_values, grad_aux], 1)
+        gate = torch.cat([gate, torch.ones_like(grad_aux)], 1)
+        indices = torch.cat([indices, aux_indices], 1)
+    return torch.ops.aecore.topk_encode_backward(grad_values, gate, indices, x, W_enc, b_dec)
+
+
 class _TopkEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k):
-        values, indices = _below_autograd(
+        values, indices, _, _ = _below_autograd(
             torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k
         )
         ctx.save_for_backward(values, indices, x, W_enc, b_dec)
@@ -158,6 +181,30 @@ class _TopkEncodeStraightThrough(_TopkEncode):
         return (*grads, None)
 
 
+class _TopkEncodeAux(torch.autograd.Function):
+    """topk_encode with AuxK's selection from the same tiles; one backward for both."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead):
+        out = _below_autograd(
+            torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k, aux_k, dead
+        )
+        values, indices, _aux_values, aux_indices = out
+        ctx.straight_through = straight_through
+        ctx.save_for_backward(values, indices, aux_indices, x, W_enc, b_dec)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+        values, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
+        gate = torch.ones_like(values) if ctx.straight_through else values
+        grads = _encoder_backward(
+            grad_values, gate, indices, grad_aux, aux_indices, x, W_enc, b_dec
+        )
+        return (*grads, None, None, None, None)
+
+
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec, b_dec):
@@ -178,11 +225,19 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False):
+def topk_encode(
+    x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
+):
+    """(values, indices), or with ``dead`` also AuxK's (aux_values, aux_indices)."""
+    op = torch.ops.aecore.topk_encode.default
+    if dead is not None:
+        if _needs_grad(x, W_enc, b_enc, b_dec):
+            return _TopkEncodeAux.apply(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+        return _below_autograd(op, x, W_enc, b_enc, b_dec, k, aux_k, dead)
     if _needs_grad(x, W_enc, b_enc, b_dec):
         function = _TopkEncodeStraightThrough if straight_through else _TopkEncode
         return function.apply(x, W_enc, b_enc, b_dec, k)
-    return _below_autograd(torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k)
+    return _below_autograd(op, x, W_enc, b_enc, b_dec, k)[:2]
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

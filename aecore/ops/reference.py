@@ -144,12 +144,24 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     return topk(z, k)[0]
 
 
-def sparse_code(x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False):
-    """topk_encode's body, for validated arguments."""
-    values, indices = F.linear(x - b_dec, W_enc, b_enc).topk(k, dim=1)
-    if straight_through:  # ReLU forward, identity backward
-        return values + (values.relu() - values).detach(), indices
-    return values.relu(), indices
+def _straight_through_relu(values: Tensor) -> Tensor:
+    """ReLU forward, identity backward."""
+    return values + (values.relu() - values).detach()
+
+
+def sparse_code(
+    x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
+):
+    """topk_encode's body, for validated arguments (``aux_k``: the AuxK count to select,
+    at most the number of dead latents)."""
+    pre = F.linear(x - b_dec, W_enc, b_enc)
+    values, indices = pre.topk(k, dim=1)
+    values = _straight_through_relu(values) if straight_through else values.relu()
+    if dead is None:
+        return values, indices
+    index = dead.nonzero().flatten()
+    aux_values, local = pre[:, index].topk(aux_k, dim=1)
+    return values, indices, _straight_through_relu(aux_values), index[local]
 
 
 def gather_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
@@ -159,11 +171,15 @@ def gather_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k: int, *, straight_through: bool = False):
+def topk_encode(
+    x, W_enc, b_enc, b_dec, k: int, *, straight_through: bool = False, aux_k: int = 0, dead=None
+):
     """Each row's k largest pre-activations ``(x - b_dec) W_enc^T + b_enc``, ReLU'd, as
-    ``(values, indices)`` (B, k), best first; the dense (B, n) pre-activations are made."""
+    ``(values, indices)`` (B, k), best first; with ``dead``, also the ``aux_k`` largest
+    among the dead latents (straight-through); the dense (B, n) pre-activations are made."""
     check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
-    return sparse_code(x, W_enc, b_enc, b_dec, k, straight_through)
+    aux_k = check.aux_args(x, W_enc, aux_k, dead)
+    return sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

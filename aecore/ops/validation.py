@@ -210,6 +210,25 @@ def topk_encode_args(x, W_enc, b_enc, b_dec, k) -> int:
     return int_arg(op, "k", k, 1, n)
 
 
+def aux_args(x, W_enc, aux_k, dead) -> int:
+    """Checks topk_encode's AuxK arguments; returns how many latents each row's AuxK
+    selection holds: ``min(aux_k, dead.sum())`` (reading the count waits for CUDA)."""
+    op = "topk_encode"
+    n = W_enc.shape[0]
+    if dead is None:
+        if aux_k != 0:
+            raise ConfigError(f"{op}: aux_k={aux_k!r} needs dead, the mask of dead latents")
+        return 0
+    aux_k = int_arg(op, "aux_k", aux_k, 0, n)
+    if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool:
+        got = dead.dtype if isinstance(dead, torch.Tensor) else type(dead).__name__
+        raise ConfigError(f"{op}: dead must be a bool tensor (one flag per latent), got {got}")
+    if dead.device != x.device:
+        raise ConfigError(f"{op}: dead is on {dead.device} but x is on {x.device}")
+    _size(op, "dead", dead, (n,), f"({n},) for W_enc of shape {_shape(W_enc)}")
+    return min(aux_k, int(dead.sum())) if aux_k else 0
+
+
 def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
     """Checks sparse_decode's operands: values and indices (B, m), W_dec (n, d), b_dec (d,)
     and every index in [0, n)."""

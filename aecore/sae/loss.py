@@ -4,7 +4,7 @@ rule's penalties, Matryoshka's nested prefixes and AuxK, with the firing statist
 Two paths compute it. Where the rule gives its training code from the sparse kernels
 (``rule.sparse_training_code``: TopK, and BatchTopK from each row's top candidates),
 ``aecore.ops.topk_encode`` and ``sparse_decode`` never form the (B, n) pre-activations
-or code, AuxK's included (the same streaming encoder over the dead latents' rows).
+or code, AuxK's included (picked among the dead latents from the same tiles).
 Otherwise the dense path computes every latent's pre-activation."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from aecore import ops
-from aecore.sae.recipe import aux_loss, sparse_aux_loss
+from aecore.sae.recipe import aux_error, aux_loss
 
 
 def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
@@ -22,14 +22,27 @@ def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
     xs = model._scaled(x.to(model.W_enc.dtype))
     training = model.training and torch.is_grad_enabled()
     if training and not getattr(model.rule, "prefixes", None):
-        code = model.rule.sparse_training_code(xs, model.W_enc, model.b_enc, model.b_dec)
+        dead, n_dead = _dead_to_revive(model)
+        code = model.rule.sparse_training_code(
+            xs, model.W_enc, model.b_enc, model.b_dec, aux_k=model.aux_k if n_dead else 0, dead=dead
+        )
         if code is not None:
-            return _sparse_loss(model, xs, *code)
+            return _sparse_loss(model, xs, *code, n_dead=n_dead)
     return _dense_loss(model, xs, training)
 
 
 def _aux_term(model, training: bool) -> bool:
     return model.rule.uses_aux and model.aux_coefficient > 0 and training
+
+
+def _dead_to_revive(model) -> tuple[Tensor | None, int]:
+    """The mask of the dead latents AuxK revives in a training step, and their count;
+    (None, 0) where there is no AuxK term or nothing to revive."""
+    if not _aux_term(model, True):
+        return None, 0
+    dead = model.dead_latents()
+    n_dead = int(dead.sum())
+    return (dead if n_dead else None), n_dead
 
 
 def _finish(model, loss: Tensor, terms: dict[str, Tensor], l0: Tensor) -> dict[str, Tensor]:
@@ -38,7 +51,7 @@ def _finish(model, loss: Tensor, terms: dict[str, Tensor], l0: Tensor) -> dict[s
     return {"loss": loss, **terms}
 
 
-def _sparse_loss(model, xs: Tensor, values: Tensor, indices: Tensor) -> dict[str, Tensor]:
+def _sparse_loss(model, xs: Tensor, values, indices, *aux_code, n_dead=0) -> dict[str, Tensor]:
     total_variance = model.input_variance * len(xs)
     residual = xs - ops.sparse_decode(values, indices, model.W_dec, model.b_dec)
     fvu = residual.pow(2).sum() / total_variance
@@ -46,7 +59,9 @@ def _sparse_loss(model, xs: Tensor, values: Tensor, indices: Tensor) -> dict[str
     loss = fvu
     model.firing.record_sparse(values, indices, model.latent_dim)
     if _aux_term(model, True):
-        aux = sparse_aux_loss(residual, xs, model, model.aux_k, total_variance)
+        aux = xs.new_zeros(())
+        if aux_code:  # (aux_values, aux_indices) among the dead latents
+            aux = aux_error(residual, *aux_code, model.W_dec, n_dead, model.aux_k, total_variance)
         terms["auxk"] = aux.detach()
         loss = loss + model.aux_coefficient * aux
     return _finish(model, loss, terms, (values > 0).sum(1).float().mean())

@@ -82,26 +82,13 @@ def aux_loss(
     # ReLU forward, identity backward: a latent whose pre-activations went negative on
     # every input would get no gradient through the ReLU and could never come back
     values = values + (values.relu() - values).detach()
-    return _aux_error(residual, values, index[local], decoder, len(index), aux_k, total_variance)
+    return aux_error(residual, values, index[local], decoder, len(index), aux_k, total_variance)
 
 
-def sparse_aux_loss(residual, xs, model, aux_k: int, total_variance: Tensor) -> Tensor:
-    """``aux_loss`` without the (B, n) pre-activations: the streaming top-k encoder over
-    the dead latents' rows of ``model``'s encoder picks them (same values forward, the
-    same straight-through gradient)."""
-    index = model.dead_latents().nonzero().flatten()
-    if len(index) == 0:
-        return xs.new_zeros(())
-    values, local = ops.topk_encode(
-        xs, model.W_enc[index], model.b_enc[index], model.b_dec, min(aux_k, len(index)),
-        straight_through=True,
-    )  # fmt: skip
-    return _aux_error(
-        residual, values, index[local], model.W_dec, len(index), aux_k, total_variance
-    )
-
-
-def _aux_error(residual, values, indices, decoder, n_dead: int, aux_k: int, total_variance):
+def aux_error(residual, values, indices, decoder, n_dead: int, aux_k: int, total_variance):
+    """AuxK's term from its code (``values`` at latents ``indices``, (B, min(aux_k,
+    n_dead))): ``aux_loss``'s, and the sparse path's, whose encoder picks the code from
+    the same tiles as the main one (``aecore.ops.topk_encode(..., dead=...)``)."""
     # a gather-sum: the (B, k, d) rows of decoder[indices] would be gigabytes at k = d / 2
     recon = ops.sparse_decode(values, indices, decoder, decoder.new_zeros(decoder.shape[1]))
     err = (recon - residual.detach()).pow(2).sum()

@@ -48,15 +48,17 @@ class SparsityRule(nn.Module, abc.ABC):
         return None
 
     def sparse_training_code(
-        self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor
-    ) -> tuple[Tensor, Tensor] | None:
+        self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, aux_k: int = 0, dead=None
+    ) -> tuple[Tensor, ...] | None:
         """The training code as ``(values, indices)`` (B, m) from the sparse kernels
-        (``aecore.ops.topk_encode``), which never form the (B, n) pre-activations; None
-        when this rule needs them (the model then computes densely)."""
+        (``aecore.ops.topk_encode``), which never form the (B, n) pre-activations; with
+        ``dead`` (a mask of dead latents), also AuxK's ``(aux_values, aux_indices)`` from
+        the same pass. None when this rule needs the pre-activations (the model then
+        computes densely)."""
         k = self.row_k()
         if k is None:
             return None
-        return ops.topk_encode(xs, W_enc, b_enc, b_dec, k)
+        return ops.topk_encode(xs, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead)
 
     def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
         """Named loss terms (each already weighted) that the model adds to its loss."""
@@ -151,16 +153,18 @@ class BatchTopK(SparsityRule):
     SPARSE_CANDIDATES = 4
 
     def sparse_training_code(
-        self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor
-    ) -> tuple[Tensor, Tensor] | None:
+        self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, aux_k: int = 0, dead=None
+    ) -> tuple[Tensor, ...] | None:
         if self.row_k() is not None:
-            return super().sparse_training_code(xs, W_enc, b_enc, b_dec)
+            return super().sparse_training_code(xs, W_enc, b_enc, b_dec, aux_k, dead)
         # The batch's top k * rows from each row's top m candidates: exact unless a row
         # keeps all of its m (then entries past them might pass the cut, and every
         # process computes this batch densely instead)
         n = W_enc.shape[0]
         m = min(n, self.SPARSE_CANDIDATES * self.k)
-        values, indices = ops.topk_encode(xs, W_enc, b_enc, b_dec, m)
+        values, indices, *aux_code = ops.topk_encode(
+            xs, W_enc, b_enc, b_dec, m, aux_k=aux_k, dead=dead
+        )
         cut = _batch_threshold(values, self.k * _global_rows(len(xs), xs.device))
         last = values.detach()[:, -1]
         truncated = (
@@ -176,7 +180,7 @@ class BatchTopK(SparsityRule):
         kept = values.detach()[mask]
         if kept.numel():
             self._update_threshold(kept.min())
-        return values * mask, indices
+        return values * mask, indices, *aux_code
 
     @torch.no_grad()
     def _update_threshold(self, smallest: Tensor) -> None:

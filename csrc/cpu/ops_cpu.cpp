@@ -124,8 +124,9 @@ struct CpuKernels {
   }
   template <typename T>
   static bool merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b,
-                         int64_t k, T* hv, int64_t* hi, int* /*bad: the result says it*/) {
-    return cpu::topk_merge_tile<T>(pre, rows, cols, col0, b, k, hv, hi);
+                         int64_t k, T* hv, int64_t* hi, int* /*bad: the result says it*/,
+                         const bool* mask) {
+    return cpu::topk_merge_tile<T>(pre, rows, cols, col0, b, k, hv, hi, mask);
   }
   template <typename T>
   static void heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {

@@ -192,19 +192,64 @@ AECORE_CLONES static bool merge_row(const double* p, const double* b, int64_t co
   return merge_row_impl<double>(p, b, cols, col0, k, rv, ri);
 }
 
+// The merge over a listed subset of one row's columns (AuxK's dead latents; `cols` holds
+// their offsets in the tile, increasing): blocks of 32 are gathered, and those whose
+// largest entry cannot enter the heap are skipped.
+template <typename T>
+bool merge_row_listed(const T* p, const T* b, const int32_t* cols, int64_t m, int64_t col0,
+                      int64_t k, T* rv, int64_t* ri) {
+  constexpr int64_t kBlock = 32;
+  bool finite = true;
+  T v[kBlock];
+  for (int64_t s = 0; s < m; s += kBlock) {
+    const int64_t e = std::min(m, s + kBlock);
+    T mx = -std::numeric_limits<T>::infinity();
+    T bad = 0;  // NaN unless every entry is finite
+    for (int64_t j = s; j < e; ++j) {
+      const T x = p[cols[j]] + b[cols[j]];
+      v[j - s] = x;
+      mx = x > mx ? x : mx;
+      bad += x - x;
+    }
+    if (mx <= rv[0] && bad == T(0)) continue;
+    for (int64_t j = s; j < e; ++j) {
+      const T x = v[j - s];
+      if (x <= rv[0]) continue;
+      if (!(x - x == T(0))) {  // NaN or infinite
+        finite = false;
+        continue;
+      }
+      rv[0] = x;
+      ri[0] = col0 + cols[j];
+      heap_sift_down(rv, ri, k, 0, LargerFirst{});
+    }
+  }
+  return finite;
+}
+
 }  // namespace detail
 
 // Merges one tile of pre-activations (rows, cols: latents col0 .. col0 + cols, without
-// their bias) into the rows' heaps. Returns false if a pre-activation was NaN or +inf.
+// their bias) into the rows' heaps; with `mask` (n,), only the latents it marks. Returns
+// false if a pre-activation offered was NaN or +inf.
 template <typename T>
 bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
-                     int64_t k, T* hv, int64_t* hi) {
-  const int nt = threads_now(rows * cols);
+                     int64_t k, T* hv, int64_t* hi, const bool* mask = nullptr) {
+  std::vector<int32_t> listed;  // the masked columns' offsets in this tile
+  if (mask != nullptr)
+    for (int64_t c = 0; c < cols; ++c)
+      if (mask[col0 + c]) listed.push_back(static_cast<int32_t>(c));
+  const int64_t m = static_cast<int64_t>(listed.size());
+  if (mask != nullptr && m == 0) return true;
+  const int nt = threads_now(rows * (mask == nullptr ? cols : m));
   bool finite = true;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(&& : finite)
   for (int64_t r = 0; r < rows; ++r) {
-    finite = detail::merge_row(pre + r * cols, b_enc + col0, cols, col0, k, hv + r * k,
-                               hi + r * k) &&
+    const T* p = pre + r * cols;
+    finite = (mask == nullptr
+                  ? detail::merge_row(p, b_enc + col0, cols, col0, k, hv + r * k, hi + r * k)
+                  : detail::merge_row_listed(p, b_enc + col0, listed.data(), m, col0, k,
+                                             hv + r * k, hi + r * k)) &&
              finite;
   }
   return finite;

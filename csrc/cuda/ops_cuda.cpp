@@ -132,8 +132,9 @@ struct CudaKernels {
   }
   template <typename T>
   static bool merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b,
-                         int64_t k, SaeAcc<T>* hv, int64_t* hi, int* bad) {
-    cuda::sae_merge_tile<D<T>>(dev(pre), rows, cols, col0, dev(b), k, hv, hi, bad, stream());
+                         int64_t k, SaeAcc<T>* hv, int64_t* hi, int* bad, const bool* mask) {
+    cuda::sae_merge_tile<D<T>>(dev(pre), rows, cols, col0, dev(b), k, hv, hi, bad, mask,
+                               stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;  // a NaN sets *bad on the device
   }
@@ -212,11 +213,11 @@ at::Tensor topk_sparsify_backward_cuda(const at::Tensor& grad_out, const at::Ten
   return topk_sparsify_backward_impl<CudaKernels>(grad_out, idx);
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& W,
-                                                    const at::Tensor& b_enc,
-                                                    const at::Tensor& b_dec, int64_t k) {
+TopkCode topk_encode_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
+                          const at::Tensor& b_dec, int64_t k, int64_t aux_k,
+                          const std::optional<at::Tensor>& dead) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return topk_encode_impl<CudaKernels>(x, W, b_enc, b_dec, k);
+  return topk_encode_impl<CudaKernels>(x, W, b_enc, b_dec, k, aux_k, dead);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(

@@ -137,7 +137,8 @@ template <typename T>
 __global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64_t cols,
                                   int64_t col0, const T* __restrict__ b_enc, int64_t k,
                                   typename AccOf<T>::type* __restrict__ heap_v,
-                                  int64_t* __restrict__ heap_i, int* __restrict__ bad) {
+                                  int64_t* __restrict__ heap_i, int* __restrict__ bad,
+                                  const bool* __restrict__ mask) {
   using A = typename AccOf<T>::type;
   __shared__ A sh_v[kMergeWarps][kMaxHeap];
   __shared__ int64_t sh_i[kMergeWarps][kMaxHeap];
@@ -155,15 +156,16 @@ __global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64
   const T* p = pre + r * cols;
   for (int64_t c0 = 0; c0 < cols; c0 += 32) {
     const int64_t c = c0 + lane;
+    const bool offered = c < cols && (mask == nullptr || mask[col0 + c]);
     A v = -INFINITY;
-    if (c < cols) {
+    if (offered) {
       v = load(p + c) + load(b_enc + col0 + c);
       if (!(v < A(INFINITY)) && v != A(-INFINITY)) {  // NaN or +inf
         atomicExch(bad, 1);
         v = -INFINITY;
       }
     }
-    warp_offer(v, col0 + c, c < cols, hv, hi, k, sh_c[warp], LargerFirst{});
+    warp_offer(v, col0 + c, offered, hv, hi, k, sh_c[warp], LargerFirst{});
   }
   for (int64_t j = lane; j < k; j += 32) {
     heap_v[r * k + j] = hv[j];
@@ -264,10 +266,10 @@ void sae_heap_init(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int
 template <typename T>
 void sae_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
                     int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i, int* bad,
-                    cudaStream_t stream) {
+                    const bool* mask, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   merge_tile_kernel<T><<<blocks(rows, kMergeWarps), kMergeWarps * 32, 0, stream>>>(
-      pre, rows, cols, col0, b_enc, k, heap_v, heap_i, bad);
+      pre, rows, cols, col0, b_enc, k, heap_v, heap_i, bad, mask);
 }
 
 template <typename T>
@@ -300,7 +302,7 @@ void sae_set_row_norms(T* w, int64_t rows, int64_t d, double norm, cudaStream_t 
                                   int64_t, int64_t, T*, T*, cudaStream_t);                       \
   template void sae_heap_init<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, cudaStream_t);     \
   template void sae_merge_tile<T>(const T*, int64_t, int64_t, int64_t, const T*, int64_t,        \
-                                  AccOf<T>::type*, int64_t*, int*, cudaStream_t);                \
+                                  AccOf<T>::type*, int64_t*, int*, const bool*, cudaStream_t);                \
   template void sae_heap_finish<T>(int64_t, int64_t, AccOf<T>::type*, int64_t*, T*,              \
                                    cudaStream_t);                                                \
   template void sae_remove_parallel<T>(T*, const T*, int64_t, int64_t, cudaStream_t);            \

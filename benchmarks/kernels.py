@@ -4,7 +4,10 @@ scikit-learn's BernoulliRBM. Prints a table of medians and ratios and writes JSO
 
 The speed targets are checked from the same run (ratios from one run on one machine: a
 benchmark, not a timed test). Times are wall-clock medians; on a shared machine they
-are noisy, so compare ratios from one run only.
+are noisy, so compare ratios from one run only. Each timed call follows an untimed call
+of the same implementation (``lead=1``): in a training step an op reads the tensor the
+op before it just wrote, so timing it right after another implementation has swept the
+caches would measure the refill (at 256x1024 it doubles the fused penalties' time).
 """
 
 from __future__ import annotations
@@ -259,7 +262,7 @@ def run(device: str = "cpu", quick: bool = False, clock: str = "wall") -> dict:
         # the RBM case runs scikit-learn, whose BLAS threads spin after each call
         settle = 0.3 if "RBM" in name and device == "cpu" else 0.0
         seconds, errors = time_in_turns(
-            impls, rounds=n, clock=timer_clock, sync=sync, budget_s=1.0, settle_s=settle
+            impls, rounds=n, clock=timer_clock, sync=sync, budget_s=1.0, settle_s=settle, lead=1
         )
         times = {impl: s * 1e3 for impl, s in seconds.items()}
         for impl, err in errors.items():

@@ -16,6 +16,7 @@ def time_in_turns(
     rounds: int,
     block: int = 1,
     warmup: int = 1,
+    lead: int = 0,
     clock: Callable[[], float] = time.perf_counter,
     sync: Callable[[], None] | None = None,
     budget_s: float | None = None,
@@ -24,7 +25,10 @@ def time_in_turns(
     """Median seconds per call of each implementation, and the errors of those that
     failed their warm-up (e.g. torch.compile without a working compiler).
 
-    Each of ``rounds`` rounds calls every implementation ``block`` times in a row.
+    Each of ``rounds`` rounds calls every implementation ``block`` times in a row,
+    after ``lead`` untimed calls: with ``lead=1`` each timed call finds its operands and
+    code in cache, as an op in a training step reads what the op before it wrote,
+    rather than measuring the refill after another implementation swept the caches.
     With ``budget_s``, fast cases get more rounds: up to ~budget_s of calls of the
     slowest implementation, at most 10x ``rounds``. ``sync`` runs after every call
     (``torch.cuda.synchronize`` for GPU work). ``settle_s`` pauses (untimed) after each
@@ -56,6 +60,9 @@ def time_in_turns(
     try:
         for _ in range(rounds):
             for name in live:
+                for _ in range(lead):
+                    impls[name]()
+                sync()
                 for _ in range(block):
                     t0 = clock()
                     impls[name]()

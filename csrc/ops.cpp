@@ -79,6 +79,7 @@ class KLSparsity : public torch::autograd::Function<KLSparsity> {
         op<std::tuple<Tensor, Tensor>(const Tensor&, double, double)>("aecore::kl_sparsity");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, mean] = kernel.call(h, rho, beta);
+    ctx->set_materialize_grads(false);  // an unused mean's gradient stays undefined
     ctx->save_for_backward({mean});
     ctx->saved_data["rows"] = h.sym_size(0);
     ctx->saved_data["rho"] = rho;
@@ -110,6 +111,7 @@ class TopkSparsify : public torch::autograd::Function<TopkSparsify> {
         op<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>("aecore::topk_sparsify");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, indices] = kernel.call(z, k);
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({indices});
     ctx->mark_non_differentiable({indices});
     return {out, indices};

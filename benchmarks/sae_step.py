@@ -11,9 +11,11 @@ decoder's unit-norm constraint), side by side in one run on the same batch:
 * ``compiled dense``: ``torch.compile`` of the dense loss;
 * ``sae-lens``: its ``TopKTrainingSAE`` stepped by its own ``SAETrainer._train_step``.
 
-``--dead-fraction F`` marks that fraction of the latents dead in every model (the same
-latents in aecore's and sae-lens's), so AuxK (on by default in both) runs in the step:
-aecore's fused encoder picks its code among them in the same pass as the main one.
+``--dead-fraction F`` makes that fraction of the latents dead in every model (the same
+latents in aecore's and sae-lens's: counted as not having fired for long, and with an
+encoder bias far below zero so that they stay dead over the timed steps), so AuxK (on
+by default in both) runs in the step: aecore's fused encoder picks its code among them
+in the same pass as the main one.
 
 Reported: median ms per step (calls interleaved, see ``timing.py``), and each step's peak
 extra resident memory (VmHWM reset before it; glibc's mmap threshold fixed so freed
@@ -86,12 +88,21 @@ def peak_extra_mb(step, device: str) -> float | None:
         return None
 
 
-# a count past any dead window: the marked latents stay dead unless they fire
+# a count past any dead window, and an encoder bias that keeps a latent out of every
+# row's top k (pre-activations here are about N(0, 1)): dead latents as training makes them
 LONG_AGO = 2**40
+DEAD_BIAS = -50.0
 
 
 def dead_mask(n: int, fraction: float) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(1)) < fraction
+
+
+@torch.no_grad()
+def kill(b_enc: torch.Tensor, since_fired: torch.Tensor, dead: torch.Tensor) -> None:
+    dead = dead.to(b_enc.device)
+    b_enc[dead] = DEAD_BIAS
+    since_fired[dead] = LONG_AGO
 
 
 def aecore_steps(d: int, n: int, k: int, device: str, dead: torch.Tensor) -> dict:
@@ -103,7 +114,7 @@ def aecore_steps(d: int, n: int, k: int, device: str, dead: torch.Tensor) -> dic
         torch.manual_seed(0)
         model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
         model.train()
-        model.since_fired[dead.to(device)] = LONG_AGO
+        kill(model.b_enc, model.since_fired, dead)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         loss_fn = loss_fn_of(model)
 
@@ -142,7 +153,7 @@ def compiled_dense_step(d: int, n: int, k: int, device: str, dead: torch.Tensor)
     torch.manual_seed(0)
     model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
     model.train()
-    model.since_fired[dead.to(device)] = LONG_AGO
+    kill(model.b_enc, model.since_fired, dead)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     @torch.compile
@@ -180,7 +191,7 @@ def saelens_step(d: int, n: int, k: int, batch: int, device: str, dead: torch.Te
     trainer = SAETrainer(
         cfg=config, sae=sae, data_provider=iter(()), save_checkpoint_fn=lambda path: None
     )
-    trainer.n_forward_passes_since_fired[dead.to(device)] = LONG_AGO
+    kill(sae.b_enc, trainer.n_forward_passes_since_fired, dead)
     return lambda x: trainer._train_step(sae, x)
 
 

@@ -115,6 +115,8 @@ class Autoencoder(nn.Module, abc.ABC):
     #: hyperparameters added after a model was first released, with the values that
     #: rebuild a config saved before them (their defaults may differ)
     legacy_defaults: ClassVar[dict[str, Any]] = {}
+    #: buffers renamed since the model was first released: {old name: new name}
+    renamed_buffers: ClassVar[dict[str, str]] = {}
     #: True when, with its default hyperparameters, the model starts at PCA's solution
     #: (``init_from_data`` makes ``model(x)`` PCA's reconstruction at ``latent_dim``) and
     #: training can only improve on it (capability ``pca-start``)
@@ -124,6 +126,21 @@ class Autoencoder(nn.Module, abc.ABC):
     #: hyperparameters that change only how a trained model scores, not its training: a
     #: resumed run may differ in them
     scoring_hparams: ClassVar[tuple[str, ...]] = ()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a model pickled by an older version (a fitted estimator, say): its renamed
+        # buffers under their new names, hyperparameters added since at legacy values
+        buffers = state.get("_buffers", {})
+        transient = state.get("_non_persistent_buffers_set", set())
+        for old, new in self.renamed_buffers.items():
+            if old in buffers and new not in buffers:
+                buffers[new] = buffers.pop(old)
+                if old in transient:
+                    transient.discard(old)
+                    transient.add(new)
+        for name, value in self.legacy_defaults.items():
+            state.setdefault(name, value)
+        super().__setstate__(state)
 
     @classmethod
     def real_valued_hparams(cls, given: dict[str, Any]) -> dict[str, Any]:

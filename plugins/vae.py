@@ -17,8 +17,7 @@ a fixed one (``decoder_std=0.1``). ``encode`` returns the posterior mean, so
 ``elbo(x)`` and ``log_likelihood(x, k)`` (the importance-weighted bound of Burda et
 al. 2016, which tends to log p(x) as k grows) are per-input, in nats; ``aecore eval``
 reports both on the test split. The anomaly score ``score(x)`` is -log p(x) from
-``score_draws`` fixed draws shared by every row, so a row's score depends on it alone
-and an ONNX export computes the same.
+``score_draws`` fixed draws shared by every row: a row's score depends on it alone.
 """
 
 from __future__ import annotations
@@ -275,6 +274,7 @@ class VariationalAutoencoder(Autoencoder):
     default_score_kind = "log_likelihood"
     exportable_score_kinds = score_kinds
     legacy_defaults: ClassVar[dict] = {"score_draws": None}
+    renamed_buffers: ClassVar[dict] = {"score_draws": "fixed_draws"}
     scoring_hparams = ("score_draws",)  # a resumed run may score from other draws
 
     @property

@@ -272,6 +272,22 @@ def test_the_anomaly_scores_take_score_draws_a_row_and_old_folders_keep_theirs(t
     torch.testing.assert_close(old.score(x, kind="elbo"), -old.elbo(x, 10, seed=0))
 
 
+def test_a_model_pickled_before_score_draws_unpickles_and_scores_as_it_did():
+    import pickle
+
+    x = _x(20)
+    old = _vae(score_draws=None).eval()  # what older versions built: 100 draws
+    # as older versions pickled it: the draws buffer under the setting's name, no setting
+    old._buffers["score_draws"] = old._buffers.pop("fixed_draws")
+    old._non_persistent_buffers_set = {"score_draws"}
+    del old.__dict__["score_draws"]
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.score_draws is None and len(loaded.fixed_draws) == 100
+    assert "fixed_draws" not in loaded.state_dict()  # still not saved in folders
+    torch.testing.assert_close(loaded.score(x), -loaded.log_likelihood(x, 100, seed=0))
+    torch.testing.assert_close(loaded.score(x, kind="elbo"), -loaded.elbo(x, 10, seed=0))
+
+
 def test_bernoulli_decoder_rejects_inputs_outside_unit_interval():
     model = _vae()
     x = _x() * 3 - 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and its own torch, nvcc, ninja, pytest and
 # hypothesis (no network): builds aecore's kernels against that torch, runs the CUDA op
-# tests and the CUDA benchmarks. Run from the repository root; about 5 minutes on an H100.
+# tests and the CUDA benchmarks. Run from the repository root; about 6 minutes on an H100.
 # Results go to ${OUT:-gpu-check}/ (logs and JSON).
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -32,4 +32,6 @@ step bench_kernels 150 "$PYTHON" -m aecore bench kernels --device cuda --quick \
   --json "$out/kernels.json"
 step bench_sae_step 150 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
   --shapes small,large,4096:131072:128 --json "$out/sae_step.json"
+step bench_sae_step_auxk 120 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
+  --shapes small,4096:131072:128 --dead-fraction 0.2 --json "$out/sae_step_auxk.json"
 exit $status

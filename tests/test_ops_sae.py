@@ -201,6 +201,36 @@ def test_auxk_from_the_same_pass_equals_the_reference(c):
         torch.testing.assert_close(a, b, **tol(c["dtype"]))
 
 
+@needs_ext
+def test_an_auxk_past_the_devices_heaps_comes_from_the_dead_latents_alone(monkeypatch):
+    # on CUDA the streaming heaps keep at most 256 a row while AuxK's k is d / 2: the
+    # main code stays fused and AuxK's comes from the dead columns' pre-activations
+    g = torch.Generator().manual_seed(6)
+    x, W = torch.randn(9, 6, generator=g), torch.randn(50, 6, generator=g)
+    b_enc, b_dec = torch.randn(50, generator=g), torch.randn(6, generator=g)
+    dead = torch.arange(50) % 4 == 1
+    monkeypatch.setattr(ops, "_fused_topk_limit", lambda t: 3)
+    calls = []
+    monkeypatch.setattr(reference, "sparse_code", _recording(reference.sparse_code, calls))
+    got, want = [], []
+    for impl, out in ((ops, got), (reference, want)):
+        params = [t.clone().requires_grad_() for t in (x, W, b_enc, b_dec)]
+        code = impl.topk_encode(*params, 2, aux_k=5, dead=dead)
+        (code[0].sum() + (code[2] * torch.arange(5.0)).sum()).backward()
+        out.extend([*code, *(t.grad for t in params)])
+    assert calls[0] == (9, 13)  # the fused path's dense part: the 13 dead columns only
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def _recording(fn, calls):
+    def wrapper(x, W_enc, *args, **kwargs):
+        calls.append((x.shape[0], W_enc.shape[0]))
+        return fn(x, W_enc, *args, **kwargs)
+
+    return wrapper
+
+
 def test_auxk_arguments_say_what_was_expected():
     x, W, b_enc, b_dec = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(5), torch.zeros(3)
     dead = torch.tensor([True, False, True, False, False])

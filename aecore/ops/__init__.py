@@ -33,6 +33,8 @@ fused backward kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -206,7 +208,8 @@ def topk_encode(
     Fused kernels: the pre-activations are computed a tile of latents at a time (a BLAS
     GEMM per tile) and merged into each row's running top-k, so memory is O(B·tile + B·k),
     never O(B·n); a NaN or infinite pre-activation raises (on CUDA k <= 256, else the
-    reference runs). The backward touches only the
+    reference runs; an AuxK k past 256 is taken from the dead latents' pre-activations,
+    (B, dead.sum()), beside the fused main code). The backward touches only the
     kept (row, latent) pairs: the gradient of W_enc is accumulated per latent after a
     counting sort of the pairs (deterministic, no atomics).
     """
@@ -214,9 +217,24 @@ def topk_encode(
     if not isinstance(straight_through, bool):
         raise ConfigError(f"topk_encode: straight_through must be a bool, got {straight_through!r}")
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
-    if _fused_sae(x) and (x.device.type != "cuda" or max(k, aux_k) <= CUDA_TOPK_ENCODE_MAX_K):
+    limit = _fused_topk_limit(x)
+    if not _fused_sae(x) or k > limit:
+        return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+    if aux_k <= limit:
         return _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
-    return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+    # AuxK's k past the device's heaps (d / 2 at large d): the main code fused, AuxK's
+    # from the dead latents' pre-activations alone, never the whole (B, n) matrix
+    values, indices = _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through)
+    index = dead.nonzero().flatten()
+    aux_values, local = reference.sparse_code(
+        x, W_enc[index], b_enc[index], b_dec, aux_k, straight_through=True
+    )
+    return values, indices, aux_values, index[local]
+
+
+def _fused_topk_limit(x: Tensor) -> float:
+    """The largest k the fused streaming top-k keeps per row on x's device."""
+    return CUDA_TOPK_ENCODE_MAX_K if x.device.type == "cuda" else math.inf
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

@@ -17,15 +17,18 @@ needs_ext = pytest.mark.skipif(
     ops.backend("topk_encode", "cpu") != "fused cpu", reason="CPU extension not loaded"
 )
 
+operand_kinds = {
+    "dtype": st.sampled_from([torch.float32, torch.float64]),
+    "noncontig": st.booleans(),
+    "seed": st.integers(0, 2**16),
+}
 cases = st.fixed_dictionaries(
     {
         "B": st.sampled_from([0, 1, 2, 5, 17, 40]),
         "d": st.integers(1, 24),
         "n": st.integers(1, 90),
         "k": st.integers(1, 90),
-        "dtype": st.sampled_from([torch.float32, torch.float64]),
-        "noncontig": st.booleans(),
-        "seed": st.integers(0, 2**16),
+        **operand_kinds,
     }
 )
 
@@ -162,9 +165,7 @@ aux_cases = st.fixed_dictionaries(
         "k": st.integers(1, 8),
         "aux_k": st.integers(0, 12),
         "dead_every": st.integers(1, 9),
-        "dtype": st.sampled_from([torch.float32, torch.float64]),
-        "noncontig": st.booleans(),
-        "seed": st.integers(0, 2**16),
+        **operand_kinds,
     }
 )
 

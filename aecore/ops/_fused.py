@@ -152,37 +152,10 @@ def _encoder_backward(grad_values, gate, indices, grad_aux, aux_indices, x, W_en
 
 
 class _TopkEncode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k):
-        values, indices, _, _ = _below_autograd(
-            torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k
-        )
-        ctx.save_for_backward(values, indices, x, W_enc, b_dec)
-        ctx.mark_non_differentiable(indices)
-        return values, indices
-
-    @staticmethod
-    def backward(ctx, grad_values, _grad_indices):
-        values, indices, x, W_enc, b_dec = ctx.saved_tensors
-        grads = torch.ops.aecore.topk_encode_backward(grad_values, values, indices, x, W_enc, b_dec)
-        return (*grads, None)
-
-
-class _TopkEncodeStraightThrough(_TopkEncode):
-    """ReLU'd values forward; backward, every kept pair's gradient reaches its
-    pre-activation: the backward op passes the pairs whose "value" is positive, so it is
-    given ones."""
-
-    @staticmethod
-    def backward(ctx, grad_values, _grad_indices):
-        values, indices, x, W_enc, b_dec = ctx.saved_tensors
-        ones = torch.ones_like(values)
-        grads = torch.ops.aecore.topk_encode_backward(grad_values, ones, indices, x, W_enc, b_dec)
-        return (*grads, None)
-
-
-class _TopkEncodeAux(torch.autograd.Function):
-    """topk_encode with AuxK's selection from the same tiles; one backward for both."""
+    """The encoder and, with ``dead``, AuxK's selection from the same tiles (empty
+    otherwise); one backward for both codes. ``straight_through``: every kept pair's
+    gradient reaches its pre-activation, positive or not (the backward op passes the
+    pairs whose "value" is positive, so it is given ones)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead):
@@ -229,15 +202,12 @@ def topk_encode(
     x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
 ):
     """(values, indices), or with ``dead`` also AuxK's (aux_values, aux_indices)."""
-    op = torch.ops.aecore.topk_encode.default
-    if dead is not None:
-        if _needs_grad(x, W_enc, b_enc, b_dec):
-            return _TopkEncodeAux.apply(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
-        return _below_autograd(op, x, W_enc, b_enc, b_dec, k, aux_k, dead)
+    args = (x, W_enc, b_enc, b_dec, k)
     if _needs_grad(x, W_enc, b_enc, b_dec):
-        function = _TopkEncodeStraightThrough if straight_through else _TopkEncode
-        return function.apply(x, W_enc, b_enc, b_dec, k)
-    return _below_autograd(op, x, W_enc, b_enc, b_dec, k)[:2]
+        out = _TopkEncode.apply(*args, straight_through, aux_k, dead)
+    else:
+        out = _below_autograd(torch.ops.aecore.topk_encode.default, *args, aux_k, dead)
+    return out if dead is not None else out[:2]
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

@@ -149,6 +149,16 @@ def _straight_through_relu(values: Tensor) -> Tensor:
     return values + (values.relu() - values).detach()
 
 
+def aux_code(pre: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
+    """AuxK's code from the (B, n) pre-activations: each row's ``aux_k`` (at most the
+    number of dead latents) largest among the latents ``dead`` marks, ReLU'd with the
+    identity backward (a latent whose pre-activations went negative on every input would
+    otherwise get no gradient and could never come back)."""
+    index = dead.nonzero().flatten()
+    values, local = pre[:, index].topk(aux_k, dim=1)
+    return _straight_through_relu(values), index[local]
+
+
 def sparse_code(
     x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
 ):
@@ -159,9 +169,7 @@ def sparse_code(
     values = _straight_through_relu(values) if straight_through else values.relu()
     if dead is None:
         return values, indices
-    index = dead.nonzero().flatten()
-    aux_values, local = pre[:, index].topk(aux_k, dim=1)
-    return values, indices, _straight_through_relu(aux_values), index[local]
+    return values, indices, *aux_code(pre, dead, aux_k)
 
 
 def gather_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

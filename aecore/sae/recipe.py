@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from aecore import ops
+from aecore.ops import reference
 
 GEOMETRIC_MEDIAN_STEPS = 100
 
@@ -75,14 +76,11 @@ def aux_loss(
     while fewer latents are dead than ``aux_k``. Gradients reach only the dead latents'
     encoder and decoder rows, which gives them a reason to fire again (the encoder's also
     while their pre-activations are negative)."""
-    index = dead.nonzero().flatten()
-    if len(index) == 0:
+    n_dead = int(dead.sum())
+    if n_dead == 0:
         return pre.new_zeros(())
-    values, local = pre[:, index].topk(min(aux_k, len(index)), dim=1)
-    # ReLU forward, identity backward: a latent whose pre-activations went negative on
-    # every input would get no gradient through the ReLU and could never come back
-    values = values + (values.relu() - values).detach()
-    return aux_error(residual, values, index[local], decoder, len(index), aux_k, total_variance)
+    values, indices = reference.aux_code(pre, dead, min(aux_k, n_dead))
+    return aux_error(residual, values, indices, decoder, n_dead, aux_k, total_variance)
 
 
 def aux_error(residual, values, indices, decoder, n_dead: int, aux_k: int, total_variance):

@@ -319,12 +319,22 @@ __attribute__((always_inline)) inline void pass_rows_impl(const UnitPass<T>& a, 
       for (int64_t j = 0; j < C; ++j) acc_mean[j] += static_cast<double>(x[j]);
     if (a.data) {
       const T* __restrict__ d = a.data + i * C;
-      double s = 0.0;
-      for (int64_t j = 0; j < C; ++j) {
+      for (int64_t j = 0; j < C; ++j) acc_data[j] += static_cast<double>(d[j]);
+      // eight running sums, one per lane, so that the loop vectorises (a single sum
+      // would be a serial chain of scalar adds); the order is fixed by C alone
+      double lanes[8] = {};
+      int64_t j = 0;
+      for (; j + 8 <= C; j += 8)
+        for (int l = 0; l < 8; ++l) {
+          const double e = static_cast<double>(d[j + l]) - static_cast<double>(x[j + l]);
+          lanes[l] += e * e;
+        }
+      for (; j < C; ++j) {
         const double e = static_cast<double>(d[j]) - static_cast<double>(x[j]);
-        s += e * e;
-        acc_data[j] += static_cast<double>(d[j]);
+        lanes[0] += e * e;
       }
+      double s = 0.0;
+      for (int l = 0; l < 8; ++l) s += lanes[l];
       sq += s;
     }
     // 2) the state: sample or mean, chunk by chunk so Philox words stay in L1.

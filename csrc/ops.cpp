@@ -55,6 +55,14 @@ TORCH_LIBRARY(aecore, m) {
   m.def(
       "momentum_step_(Tensor(a!)[] params, Tensor(b!)[] velocities, Tensor[] steps, float lr, "
       "float momentum, float[] weight_decay) -> Tensor");
+  // cd_step, then momentum_step_ on (W, b_v, b_h) with weight decay on W, then the PCD
+  // chain advanced, in one call; nothing changes unless every statistic is finite
+  m.def(
+      "cd_update_(Tensor v, Tensor(a!) W, Tensor(b!) b_v, Tensor(c!) b_h, "
+      "Tensor(d!) velocity_W, Tensor(e!) velocity_b_v, Tensor(f!) velocity_b_h, int k, "
+      "Tensor(g!)? chain, bool gaussian_visible, bool gaussian_hidden, bool sample_visible, "
+      "Tensor rng, float lr, float momentum, float weight_decay, Tensor? noise_h0, "
+      "Tensor? noise_h, Tensor? noise_v) -> (Tensor recon_error, Tensor applied)");
 }
 
 // Autograd for the sparsity penalties in C++: they are cheap at typical sizes, where a

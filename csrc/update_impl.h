@@ -8,7 +8,11 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <optional>
+#include <tuple>
 #include <vector>
+
+#include "ops_impl.h"
 
 namespace aecore {
 
@@ -55,6 +59,35 @@ at::Tensor momentum_step_impl(at::TensorList params, at::TensorList velocities,
           static_cast<scalar_t>(momentum), static_cast<scalar_t>(weight_decay[i]), flag);
   });
   return ok;
+}
+
+// One CD-k / PCD-k training step in place: cd_step's statistics, then momentum_step_'s
+// update of (W, b_v, b_h) with weight decay on W alone, then (PCD) the chain advanced;
+// nothing changes unless every statistic is finite. One call instead of two ops and
+// the tensors between them: at RBM sizes a call's overhead is a real part of a step.
+// Returns (recon_error, applied), as cd_step and momentum_step_ do.
+template <class K>
+std::tuple<at::Tensor, at::Tensor> cd_update_impl(
+    const at::Tensor& v, at::Tensor& W, at::Tensor& b_v, at::Tensor& b_h, at::Tensor& velocity_W,
+    at::Tensor& velocity_b_v, at::Tensor& velocity_b_h, int64_t k,
+    const std::optional<at::Tensor>& chain, bool gaussian_visible, bool gaussian_hidden,
+    bool sample_visible, const at::Tensor& rng, double lr, double momentum, double weight_decay,
+    const std::optional<at::Tensor>& noise_h0, const std::optional<at::Tensor>& noise_h,
+    const std::optional<at::Tensor>& noise_v) {
+  Gibbs<K> g(v, W, b_v, b_h, k, chain, gaussian_visible, gaussian_hidden, sample_visible, rng,
+             noise_h0, noise_h, noise_v, /*stats=*/true);
+  const std::vector<double> decay = {weight_decay, 0.0, 0.0};
+  at::Tensor applied = momentum_step_impl<K>({W, b_v, b_h}, {velocity_W, velocity_b_v, velocity_b_h},
+                                             {g.dW, g.db_v, g.db_h}, lr, momentum, decay);
+  if (chain.has_value()) {
+    at::Tensor state = *chain;  // shares the caller's storage
+    if (applied.is_cpu()) {
+      if (applied.item<bool>()) state.copy_(g.h_k);
+    } else {  // the flag stays on the device: no host sync
+      state.copy_(at::where(applied, g.h_k, state));
+    }
+  }
+  return {g.recon, applied};
 }
 
 }  // namespace aecore

@@ -311,32 +311,26 @@ class RBM(Autoencoder):
                 self.chain.copy_(start[torch.arange(self.chains) % len(v)])
                 self.chain_started.fill_(True)
             chain = self.chain
-        stats = ops.cd_step(
-            v, self.W, self.b_v, self.b_h, self.k,
-            chain=chain, sample_visible=self.sample_visible, **units,
-        )  # fmt: skip
         if momentum is None:
             warm = int(self.updates) < self.momentum_warmup
             momentum = self.initial_momentum if warm else self.momentum
-        # velocity = momentum * velocity + lr * (gradient - weight_decay * W); W += velocity:
-        # one pass per parameter, and none at all if a statistic is not finite
-        applied = ops.momentum_step_(
-            [self.W, self.b_v, self.b_h],
+        # the CD statistics, then velocity = momentum * velocity + lr * (gradient -
+        # weight_decay * W); W += velocity, and the PCD chain advanced: one call, and
+        # nothing changes if a statistic is not finite
+        recon, applied = ops.cd_update_(
+            v, self.W, self.b_v, self.b_h,
             [self.velocity_W, self.velocity_b_v, self.velocity_b_h],
-            [stats.dW, stats.db_v, stats.db_h],
-            self.lr, momentum, [self.weight_decay, 0.0, 0.0],
+            self.lr, momentum, self.weight_decay, self.k,
+            chain=chain, sample_visible=self.sample_visible, **units,
         )  # fmt: skip
         if not bool(applied):
             raise TrainingError(
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
                 f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
             )
-        if self.persistent:
-            self.chain.copy_(stats.chain)
-        # CD: the chain's reconstruction; PCD: the mean-field one (see ops.CDStats)
-        recon = stats.recon_error / v.shape[1]
         self.updates.add_(1)
-        return {"loss": recon.detach().reshape(())}
+        # CD: the chain's reconstruction; PCD: the mean-field one (see ops.CDStats)
+        return {"loss": recon / v.shape[1]}
 
     def _visible_data(self, x: torch.Tensor) -> torch.Tensor:
         """Flat float rows, checked against the visible unit type (see ``strict``)."""

@@ -113,6 +113,7 @@ def test_backend_report_lists_every_op_and_device():
         "remove_parallel_",
         "set_row_norms_",
         "momentum_step_",
+        "cd_update_",
     )
     # every op of one device runs the same implementation: the library is per device
     for dev in devices:

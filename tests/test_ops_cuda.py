@@ -259,3 +259,31 @@ def test_momentum_step_cuda_matches_reference(dtype):
     before = [t.clone() for t in params + velocities]
     assert not bool(ops.momentum_step_(params, velocities, steps, 0.1, 0.5))
     assert all(torch.equal(a, b) for a, b in zip(params + velocities, before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cd_update_cuda_is_cd_step_then_momentum_step(dtype):
+    """The one-call training step changes what cd_step + momentum_step_ + the chain copy
+    change (same generator state, same samples), and nothing when a statistic is NaN."""
+    v, W, b_v, b_h = rbm(64, 784, 500, dtype)
+    g = torch.Generator(device="cuda")
+    chain = (torch.rand(32, 500, device="cuda") < 0.5).to(dtype)
+    velocities = [torch.full_like(t, 0.01) for t in (W, b_v, b_h)]
+    p2, vel2, chain2 = (
+        [W.clone(), b_v.clone(), b_h.clone()],
+        [t.clone() for t in velocities],
+        chain.clone(),
+    )
+    recon, applied = ops.cd_update_(
+        v, W, b_v, b_h, velocities, 0.1, 0.5, 0.01, chain=chain, generator=g.manual_seed(3)
+    )
+    stats = ops.cd_step(v, *p2, chain=chain2, generator=g.manual_seed(3))
+    ops.momentum_step_(p2, vel2, [stats.dW, stats.db_v, stats.db_h], 0.1, 0.5, [0.01, 0.0, 0.0])
+    assert bool(applied) and torch.equal(recon, stats.recon_error)
+    for a, b in zip([W, b_v, b_h, *velocities, chain], [*p2, *vel2, stats.chain]):
+        assert torch.equal(a, b)
+    v[0, 0] = float("nan")
+    before = [t.clone() for t in (W, b_v, b_h, *velocities, chain)]
+    _, applied = ops.cd_update_(v, W, b_v, b_h, velocities, 0.1, 0.5, chain=chain)
+    assert not bool(applied)
+    assert all(torch.equal(a, b) for a, b in zip((W, b_v, b_h, *velocities, chain), before))

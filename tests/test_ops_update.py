@@ -1,4 +1,5 @@
-"""aecore.ops.momentum_step_: the fused update against the reference, all or nothing."""
+"""aecore.ops.momentum_step_ and cd_update_: the fused updates against the reference, all
+or nothing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_ops_rbm import make_rbm, rbm_cases, safe_noise, tol
 
 from aecore import ops
 from aecore.errors import ConfigError, ShapeError
@@ -105,3 +107,140 @@ def test_opcheck():
 
     params, velocities, steps = operands([(5, 3), (3,)], torch.float64, 3)
     opcheck(torch.ops.aecore.momentum_step_, (params, velocities, steps, 0.1, 0.5, [0.01, 0.0]))
+
+
+# --- cd_update_: cd_step, momentum_step_ and the chain advanced, in one call ------------
+
+
+def rbm_state(c, pcd, Bc):
+    """Operands of a cd_update_ call for a test_ops_rbm case: contiguous parameters (the
+    kernels update them in place) with random velocities, and a PCD chain or None."""
+    v, W, b_v, b_h = make_rbm(c["B"], c["V"], c["H"], c["dtype"], c["seed"], c["noncontig"])
+    W, b_v, b_h = (t.contiguous() for t in (W, b_v, b_h))
+    g = torch.Generator().manual_seed(c["seed"] + 2)
+    velocities = [torch.randn(t.shape, generator=g).to(c["dtype"]) * 0.1 for t in (W, b_v, b_h)]
+    chain = (torch.rand(Bc, c["H"], generator=g) < 0.5).to(c["dtype"]) if pcd else None
+    return v, [W, b_v, b_h], velocities, chain
+
+
+@needs_ext
+@settings(max_examples=30, deadline=None)
+@given(
+    c=rbm_cases,
+    pcd=st.booleans(),
+    Bc=st.integers(1, 6),
+    lr=st.floats(0.0, 0.5),
+    momentum=st.floats(0.0, 0.9),
+    decay=st.floats(0.0, 0.01),
+)
+def test_cd_update_fused_equals_reference_given_noise(c, pcd, Bc, lr, momentum, decay):
+    v, params, velocities, chain = rbm_state(c, pcd, Bc)
+    noise = safe_noise(v, *params, c["k"], chain, c["units"], c["sample_visible"], c["seed"], pcd)
+    visible, hidden = c["units"]
+    kw = {"visible": visible, "hidden": hidden, "sample_visible": c["sample_visible"]}
+    ref = [clone(params), clone(velocities), None if chain is None else chain.clone()]
+    got = ops.cd_update_(
+        v, *params, velocities, lr, momentum, decay, c["k"], chain=chain, noise=noise, **kw
+    )
+    want = reference.cd_update_(
+        v, *ref[0], ref[1], lr, momentum, decay, c["k"], chain=ref[2], noise=noise, **kw
+    )
+    assert bool(got[1]) and bool(want[1])
+    t = tol(c["dtype"])
+    if "gaussian" in c["units"]:  # Gaussian states are O(1) reals: more rounding
+        t = {"rtol": t["rtol"] * 10, "atol": t["atol"] * 10}
+    torch.testing.assert_close(got[0], want[0], **t)
+    for a, b in zip(params + velocities, ref[0] + ref[1]):
+        torch.testing.assert_close(a, b, **t)
+    if pcd:
+        torch.testing.assert_close(chain, ref[2], rtol=0 if hidden == "bernoulli" else t["rtol"],
+                                   atol=0 if hidden == "bernoulli" else t["atol"])  # fmt: skip
+
+
+@pytest.mark.parametrize("pcd", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cd_update_is_cd_step_then_momentum_step_then_the_chain(pcd, dtype):
+    """Same generator state, same samples: the one call changes exactly what the three
+    calls it replaces change, on whichever implementation runs."""
+    c = {"B": 9, "V": 7, "H": 5, "dtype": dtype, "seed": 4, "noncontig": False}
+    v, params, velocities, chain = rbm_state(c, pcd, 6)
+    p2, vel2 = clone(params), clone(velocities)
+    chain2 = None if chain is None else chain.clone()
+    recon, applied = ops.cd_update_(
+        v, *params, velocities, 0.1, 0.5, 0.01, 2, chain=chain,
+        generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    stats = ops.cd_step(v, *p2, 2, chain=chain2, generator=torch.Generator().manual_seed(7))
+    assert bool(ops.momentum_step_(p2, vel2, [stats.dW, stats.db_v, stats.db_h], 0.1, 0.5,
+                                   [0.01, 0.0, 0.0]))  # fmt: skip
+    assert applied.dtype == torch.bool and bool(applied)
+    assert recon.shape == () and torch.equal(recon, stats.recon_error)
+    assert all(torch.equal(a, b) for a, b in zip(params + velocities, p2 + vel2))
+    if pcd:
+        assert torch.equal(chain, stats.chain)
+
+
+@pytest.mark.parametrize("pcd", [False, True])
+def test_cd_update_with_non_finite_statistics_changes_nothing(pcd):
+    c = {"B": 8, "V": 6, "H": 4, "dtype": torch.float32, "seed": 5, "noncontig": False}
+    v, params, velocities, chain = rbm_state(c, pcd, 3)
+    v[2, 1] = math.nan
+    before = clone(params) + clone(velocities) + ([] if chain is None else [chain.clone()])
+    recon, applied = ops.cd_update_(v, *params, velocities, 0.1, 0.5, chain=chain)
+    assert applied.dtype == torch.bool and not bool(applied)
+    after = params + velocities + ([] if chain is None else [chain])
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_cd_update_with_non_contiguous_parameters_takes_the_reference():
+    v, W, b_v, b_h = make_rbm(5, 4, 3, torch.float64, 6, noncontig=True)
+    velocities = [torch.zeros(t.shape, dtype=torch.float64) for t in (W, b_v, b_h)]
+    W_before = W.clone()
+    _, applied = ops.cd_update_(v, W, b_v, b_h, velocities, 0.2, 0.0)
+    assert bool(applied) and not torch.equal(W, W_before)
+    torch.testing.assert_close(W - W_before, velocities[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(velocities=a["velocities"][:2]), ConfigError, "list of three"),
+        (lambda a: a.update(velocities=a["velocities"][0]), ConfigError, "list of three"),
+        (
+            lambda a: a["velocities"].__setitem__(0, torch.zeros(3, 6)),
+            ShapeError,
+            r"velocity of W must have W's shape \(6, 3\), got \(3, 6\)",
+        ),
+        (
+            lambda a: a["velocities"].__setitem__(2, torch.zeros(3).double()),
+            ConfigError,
+            "velocity of b_h has dtype",
+        ),
+        (lambda a: a.update(weight_decay=math.nan), ConfigError, "weight_decay must be a finite"),
+        (lambda a: a.update(momentum="0.9"), ConfigError, "momentum must be a real number"),
+        (lambda a: a.update(k=0), ConfigError, "k must lie in"),
+        (lambda a: a.update(chain=torch.zeros(4, 5)), ShapeError, "chain must have shape"),
+    ],
+)
+def test_cd_update_bad_operands_are_named_and_nothing_changes(change, error, match):
+    v, W, b_v, b_h = make_rbm(4, 6, 3, torch.float32, 8)
+    velocities = [torch.zeros(t.shape) for t in (W, b_v, b_h)]
+    args = dict(v=v, W=W, b_v=b_v, b_h=b_h, velocities=velocities, lr=0.1, momentum=0.5)
+    change(args)
+    before = [t.clone() for t in (W, b_v, b_h)]
+    with pytest.raises(error, match=f"cd_update_: .*{match}"):
+        ops.cd_update_(**args)
+    assert all(torch.equal(a, b) for a, b in zip((W, b_v, b_h), before))
+
+
+@needs_ext
+def test_cd_update_opcheck():
+    from torch.library import opcheck
+
+    v, W, b_v, b_h = make_rbm(6, 5, 3, torch.float64, 9)
+    velocities = [torch.zeros(t.shape, dtype=torch.float64) for t in (W, b_v, b_h)]
+    rng = torch.tensor([3, 4])
+    chain = torch.ones(4, 3, dtype=torch.float64)
+    for k, c, units in [(2, None, (False, False, True)), (1, chain, (True, False, False))]:
+        args = (v, W, b_v, b_h, *velocities, k, c, *units, rng, 0.1, 0.5, 0.01, None, None, None)
+        opcheck(torch.ops.aecore.cd_update_, args)

@@ -21,6 +21,8 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
   constraint, each one row-local pass, in place.
 * :func:`momentum_step_`: the momentum update of a model with its own update rule
   (the RBM's), skipped unless every step is finite; one pass per parameter.
+* :func:`cd_update_`: a whole CD / PCD training step in place (cd_step, then
+  momentum_step_, then the chain advanced) in one call.
 
 Sampling is reproducible: the fused kernels draw from Philox-4x32-10 keyed by a seed and
 an offset taken from ``generator`` (or torch's default generator), so the same seed gives
@@ -54,6 +56,7 @@ __all__ = [
     "backend",
     "backend_report",
     "cd_step",
+    "cd_update_",
     "gibbs_chain",
     "kl_sparsity",
     "momentum_step_",
@@ -322,3 +325,45 @@ def momentum_step_(
             # non-contiguous operands: the reference below, after the same checks
     check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
     return reference.momentum_step_(params, velocities, steps, lr, momentum, decay)
+
+
+@torch.no_grad()
+def cd_update_(
+    v: Tensor,
+    W: Tensor,
+    b_v: Tensor,
+    b_h: Tensor,
+    velocities: list[Tensor],
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    k: int = 1,
+    *,
+    chain: Tensor | None = None,
+    visible: str = "bernoulli",
+    hidden: str = "bernoulli",
+    sample_visible: bool = True,
+    generator: torch.Generator | None = None,
+    noise: GibbsNoise | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One CD-k / PCD-k training step, in place: :func:`cd_step`'s statistics, then
+    :func:`momentum_step_` on ``(W, b_v, b_h)`` with ``velocities`` (their three
+    velocities, same shapes) and ``weight_decay`` on W alone, then, for PCD, ``chain``
+    advanced to the chain's new hidden states. If a statistic holds a NaN or an infinity
+    nothing changes. Returns ``(recon_error, applied)``: :class:`CDStats`'s monitor and
+    whether the update applied (a bool scalar on v's device; reading it on CUDA waits
+    for the kernels). Other arguments as :func:`cd_step`.
+
+    The same step as those three calls, with the same samples for the same generator
+    state; fused, it is one call into the kernels (at RBM sizes like 64x64x256 each
+    call's overhead is a real part of a step). W, b_v, b_h and the velocities must be
+    contiguous for the kernels (otherwise the reference runs).
+    """
+    call, velocities, lr, momentum, weight_decay = check.cd_update_args(
+        v, W, b_v, b_h, velocities, lr, momentum, weight_decay, k, chain=chain,
+        visible=visible, hidden=hidden, sample_visible=sample_visible, generator=generator,
+        noise=noise,
+    )  # fmt: skip
+    if fused(v) and all(t.is_contiguous() for t in (W, b_v, b_h, *velocities)):
+        return _fused.cd_update_(call, velocities, lr, momentum, weight_decay)
+    return reference.run_cd_update(call, velocities, lr, momentum, weight_decay)

@@ -17,7 +17,7 @@ from aecore.errors import ConfigError
 #: the public ops, in the order backend_report lists them
 OPS = (
     "gibbs_chain", "cd_step", "kl_sparsity", "topk_sparsify", "topk_encode", "sparse_decode",
-    "remove_parallel_", "set_row_norms_", "momentum_step_",
+    "remove_parallel_", "set_row_norms_", "momentum_step_", "cd_update_",
 )  # fmt: skip
 
 #: the largest k of the CUDA topk_encode kernel (its per-row heap lives in shared memory);

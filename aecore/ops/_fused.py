@@ -88,6 +88,10 @@ if SCHEMAS_LOADED:
     def _momentum_step_fake(params, velocities, steps, lr, momentum, weight_decay):
         return params[0].new_empty((), dtype=torch.bool)
 
+    @torch.library.register_fake("aecore::cd_update_")
+    def _cd_update_fake(v, W, b_v, b_h, vel_W, vel_b_v, vel_b_h, k, chain, *rest):
+        return v.new_empty(()), v.new_empty((), dtype=torch.bool)
+
     def _topk_encode_setup(ctx, inputs, output):
         x, W_enc, _b_enc, b_dec = inputs[:4]
         values, indices, _aux_values, aux_indices = output
@@ -225,14 +229,14 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     return torch.ops.aecore.topk_sparsify.default(z, k)[0]
 
 
-def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:
-    """gibbs_chain / cd_step on the compiled kernels (not differentiable: operands that
-    require grad are detached; the rest are passed as they are, a detach being a real
-    cost at small sizes)."""
+def _operands(c: GibbsCall) -> tuple:
+    """The tensors of a Gibbs call as the kernels take them: detached where they require
+    grad (the Gibbs ops are not differentiable; a detach is a real cost at small sizes),
+    then {seed, offset} of the Philox streams (drawn from the generator on v's device)
+    and the noise tensors each pass uses."""
     v, W, b_v, b_h = (t.detach() if t.requires_grad else t for t in (c.v, c.W, c.b_v, c.b_h))
     chain = c.chain.detach() if c.chain is not None and c.chain.requires_grad else c.chain
     if c.noise is None:
-        # {seed, offset} of the Philox streams, drawn from the generator on v's device
         rng = torch.randint(
             0, 2**62, (2,), dtype=torch.int64, device=v.device, generator=c.generator
         )
@@ -242,9 +246,25 @@ def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:
         nh0 = None if c.stats and chain is not None else c.noise.h0
         nh = c.noise.h
         nv = c.noise.v if c.sample_visible else None
+    return v, W, b_v, b_h, chain, rng, nh0, nh, nv
+
+
+def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:
+    """gibbs_chain / cd_step on the compiled kernels."""
+    v, W, b_v, b_h, chain, rng, nh0, nh, nv = _operands(c)
     units = (c.gaussian_visible, c.gaussian_hidden, c.sample_visible)
     if not c.stats:
         out = torch.ops.aecore.gibbs_chain(v, W, b_v, b_h, c.k, *units, rng, nh0, nh, nv)
         return GibbsChain(*out)
     out = torch.ops.aecore.cd_step(v, W, b_v, b_h, c.k, chain, *units, rng, nh0, nh, nv)
     return CDStats(*out)
+
+
+def cd_update_(c: GibbsCall, velocities, lr: float, momentum: float, weight_decay: float):
+    """cd_update_ on the compiled kernels: (recon_error, applied)."""
+    v, W, b_v, b_h, chain, rng, nh0, nh, nv = _operands(c)
+    units = (c.gaussian_visible, c.gaussian_hidden, c.sample_visible)
+    return torch.ops.aecore.cd_update_(
+        v, W, b_v, b_h, *velocities, c.k, chain, *units, rng, lr, momentum, weight_decay,
+        nh0, nh, nv,
+    )  # fmt: skip

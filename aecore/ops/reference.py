@@ -20,7 +20,9 @@ from torch import Tensor
 from aecore.ops import validation as check
 from aecore.ops.types import KL_EPS, CDStats, GibbsCall, GibbsChain, GibbsNoise
 
-__all__ = ["KL_EPS", "CDStats", "GibbsChain", "GibbsNoise", "cd_step", "gibbs_chain"]
+__all__ = [
+    "KL_EPS", "CDStats", "GibbsChain", "GibbsNoise", "cd_step", "cd_update_", "gibbs_chain",
+]  # fmt: skip
 
 
 def run_gibbs(c: GibbsCall) -> GibbsChain | CDStats:
@@ -231,3 +233,28 @@ def momentum_step_(
             v.add_(p, alpha=-lr * decay)
         p.add_(v)
     return ok
+
+
+@torch.no_grad()
+def run_cd_update(
+    c: GibbsCall, velocities, lr: float, momentum: float, weight_decay: float
+) -> tuple[Tensor, Tensor]:
+    """The reference body of cd_update_, for a validated call: run_gibbs's statistics,
+    momentum_step_ on (W, b_v, b_h), then the PCD chain advanced, unless a statistic is
+    not finite."""
+    stats = run_gibbs(c)
+    applied = momentum_step_(
+        [c.W, c.b_v, c.b_h], list(velocities), [stats.dW, stats.db_v, stats.db_h],
+        lr, momentum, [weight_decay, 0.0, 0.0],
+    )  # fmt: skip
+    if c.chain is not None and bool(applied):
+        c.chain.copy_(stats.chain)
+    return stats.recon_error, applied
+
+
+def cd_update_(v, W, b_v, b_h, velocities, lr, momentum, weight_decay=0.0, k=1, **kwargs):
+    """One CD-k / PCD-k training step in place (see :func:`aecore.ops.cd_update_`)."""
+    call, velocities, lr, momentum, weight_decay = check.cd_update_args(
+        v, W, b_v, b_h, velocities, lr, momentum, weight_decay, k, **kwargs
+    )
+    return run_cd_update(call, velocities, lr, momentum, weight_decay)

@@ -109,7 +109,7 @@ def noise_arg(op, noise, v, W, k, chain, sample_visible) -> None:
     B, V, H = v.shape[0], v.shape[1], W.shape[1]
     Bc = chain.shape[0] if chain is not None else B
     want = {"h0": (B, H), "h": (k, Bc, H), "v": (k, Bc, V)}
-    optional = {"h0": chain is not None and op == "cd_step", "v": not sample_visible}
+    optional = {"h0": chain is not None and op != "gibbs_chain", "v": not sample_visible}
     for name, shape in want.items():
         t = getattr(noise, name)
         if t is None:
@@ -138,7 +138,7 @@ def gibbs_call(
 ) -> GibbsCall:
     """Every check of a gibbs_chain (``op="gibbs_chain"``) or cd_step call: the public op
     and the reference make the same ones and run the GibbsCall this returns."""
-    stats = op == "cd_step"
+    stats = op != "gibbs_chain"
     _gibbs_operands(op, v, W, b_v, b_h, k, chain, visible, hidden, sample_visible)
     generator_arg(op, generator, v)
     noise_arg(op, noise, v, W, k, chain, sample_visible)
@@ -158,7 +158,7 @@ def gibbs_call(
     )
 
 
-def _real(op, name, value) -> float:
+def real_arg(op, name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{op}: {name} must be a real number, got {value!r}")
     return float(value)
@@ -171,8 +171,8 @@ def kl_args(h, rho, beta) -> tuple[float, float]:
         raise ShapeError(
             f"{op}: h must have at least one row (the mean is undefined), got {_shape(h)}"
         )
-    rho = _real(op, "rho", rho)
-    beta = _real(op, "beta", beta)
+    rho = real_arg(op, "rho", rho)
+    beta = real_arg(op, "beta", beta)
     if not 0.0 < rho < 1.0:
         raise ConfigError(f"{op}: rho must lie in the open interval (0, 1), got {rho}")
     if not (beta >= 0.0 and math.isfinite(beta)):
@@ -297,3 +297,34 @@ def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) ->
             raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
     if any(not math.isfinite(w) for w in weight_decay):
         raise ConfigError(f"{op}: weight_decay must be finite numbers, got {weight_decay!r}")
+
+
+def cd_update_args(
+    v, W, b_v, b_h, velocities, lr, momentum, weight_decay, k, *, chain=None,
+    visible="bernoulli", hidden="bernoulli", sample_visible=True, generator=None, noise=None,
+) -> tuple[GibbsCall, list, float, float, float]:  # fmt: skip
+    """Every check of a cd_update_ call: (the Gibbs call, the velocities as a list, lr,
+    momentum, weight_decay as floats)."""
+    op = "cd_update_"
+    call = gibbs_call(
+        op, v, W, b_v, b_h, k=k, chain=chain, visible=visible, hidden=hidden,
+        sample_visible=sample_visible, generator=generator, noise=noise,
+    )  # fmt: skip
+    if not isinstance(velocities, (list, tuple)) or len(velocities) != 3:
+        raise ConfigError(
+            f"{op}: velocities must be a list of three tensors (for W, b_v and b_h), "
+            f"got {type(velocities).__name__}"
+            + (f" of {len(velocities)}" if isinstance(velocities, (list, tuple)) else "")
+        )
+    for name, velocity, param in zip(("W", "b_v", "b_h"), velocities, (W, b_v, b_h)):
+        tensor(op, f"the velocity of {name}", velocity, param.dim(), like=param, like_name=name)
+        if velocity.shape != param.shape:
+            raise ShapeError(
+                f"{op}: the velocity of {name} must have {name}'s shape {_shape(param)}, "
+                f"got {_shape(velocity)}"
+            )
+    rates = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    for name, value in rates.items():
+        if not math.isfinite(real_arg(op, name, value)):
+            raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
+    return call, list(velocities), float(lr), float(momentum), float(weight_decay)

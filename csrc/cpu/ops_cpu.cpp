@@ -173,6 +173,19 @@ CDOut cd_step_cpu(const at::Tensor& v, const at::Tensor& W, const at::Tensor& b_
                                   sample_visible, rng, noise_h0, noise_h, noise_v);
 }
 
+std::tuple<at::Tensor, at::Tensor> cd_update_cpu(
+    const at::Tensor& v, at::Tensor& W, at::Tensor& b_v, at::Tensor& b_h, at::Tensor& velocity_W,
+    at::Tensor& velocity_b_v, at::Tensor& velocity_b_h, int64_t k,
+    const std::optional<at::Tensor>& chain, bool gaussian_visible, bool gaussian_hidden,
+    bool sample_visible, const at::Tensor& rng, double lr, double momentum, double weight_decay,
+    const std::optional<at::Tensor>& noise_h0, const std::optional<at::Tensor>& noise_h,
+    const std::optional<at::Tensor>& noise_v) {
+  SerialScope serial(gibbs_is_small(v, W, chain));
+  return cd_update_impl<CpuKernels>(v, W, b_v, b_h, velocity_W, velocity_b_v, velocity_b_h, k,
+                                    chain, gaussian_visible, gaussian_hidden, sample_visible, rng,
+                                    lr, momentum, weight_decay, noise_h0, noise_h, noise_v);
+}
+
 TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("gibbs_chain", &gibbs_chain_cpu);
   m.impl("cd_step", &cd_step_cpu);
@@ -187,6 +200,7 @@ TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("remove_parallel_", &remove_parallel_impl<CpuKernels>);
   m.impl("set_row_norms_", &set_row_norms_impl<CpuKernels>);
   m.impl("momentum_step_", &momentum_step_impl<CpuKernels>);
+  m.impl("cd_update_", &cd_update_cpu);
 }
 
 }  // namespace aecore

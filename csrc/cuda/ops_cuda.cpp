@@ -258,6 +258,19 @@ at::Tensor momentum_step_cuda(at::TensorList params, at::TensorList velocities,
   return momentum_step_impl<CudaKernels>(params, velocities, steps, lr, momentum, weight_decay);
 }
 
+std::tuple<at::Tensor, at::Tensor> cd_update_cuda(
+    const at::Tensor& v, at::Tensor& W, at::Tensor& b_v, at::Tensor& b_h, at::Tensor& velocity_W,
+    at::Tensor& velocity_b_v, at::Tensor& velocity_b_h, int64_t k,
+    const std::optional<at::Tensor>& chain, bool gaussian_visible, bool gaussian_hidden,
+    bool sample_visible, const at::Tensor& rng, double lr, double momentum, double weight_decay,
+    const std::optional<at::Tensor>& nh0, const std::optional<at::Tensor>& nh,
+    const std::optional<at::Tensor>& nv) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  return cd_update_impl<CudaKernels>(v, W, b_v, b_h, velocity_W, velocity_b_v, velocity_b_h, k,
+                                     chain, gaussian_visible, gaussian_hidden, sample_visible,
+                                     rng, lr, momentum, weight_decay, nh0, nh, nv);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
@@ -274,6 +287,7 @@ TORCH_LIBRARY_IMPL(aecore, CUDA, m) {
   m.impl("remove_parallel_", &remove_parallel_cuda);
   m.impl("set_row_norms_", &set_row_norms_cuda);
   m.impl("momentum_step_", &momentum_step_cuda);
+  m.impl("cd_update_", &cd_update_cuda);
 }
 
 }  // namespace aecore

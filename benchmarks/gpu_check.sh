@@ -7,7 +7,12 @@ set -uo pipefail
 out=${OUT:-gpu-check}
 mkdir -p "$out"
 PYTHON=${PYTHON:-python3}
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+# nvcc's toolkit; where nvcc is a wrapper script (/usr/local/bin/nvcc), /usr/local/cuda
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || CUDA_HOME=/usr/local/cuda
+fi
+export CUDA_HOME
 status=0
 step() {  # step NAME SECONDS COMMAND...: one stage, its log, its time limit
   local name=$1 limit=$2
@@ -25,8 +30,10 @@ step() {  # step NAME SECONDS COMMAND...: one stage, its log, its time limit
 arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 # an editable install against the machine's torch (offline: no build isolation, no
 # dependencies fetched), so the entry points that name the built-in models exist
-step build 300 env AECORE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+# strict: a CUDA kernel that fails to compile fails the check (else the CUDA tests skip)
+step build 300 env AECORE_CUDA=1 AECORE_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
+"$PYTHON" -c "import torch, aecore._C_cuda" || { echo "aecore._C_cuda was not built"; exit 1; }
 step test_ops_cuda 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_sae.py
 step bench_kernels 150 "$PYTHON" -m aecore bench kernels --device cuda --quick \
   --json "$out/kernels.json"

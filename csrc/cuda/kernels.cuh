@@ -14,18 +14,26 @@
 namespace aecore {
 namespace cuda {
 
+// Column sums are deterministic: each block of rows writes its partial sums to a
+// workspace, and a second kernel adds them in block order (atomics would add them in
+// whatever order the blocks finish, so results would differ in the last bit between
+// runs, and a seeded training run would not repeat). The workspace, in doubles:
+int64_t unit_pass_workspace(int64_t rows, int64_t cols);
+int64_t column_sums_workspace(int64_t rows, int64_t cols);
+
 // The Gibbs unit pass (see common/unit_pass.h); `rng` and all buffers are device memory;
-// accumulators are added to with atomics, so the caller zeroes them.
+// the accumulators are added to.
 template <typename T>
-void unit_pass(const UnitPass<T>& p, cudaStream_t stream);
+void unit_pass(const UnitPass<T>& p, double* workspace, cudaStream_t stream);
 
 // cd_step's bias statistics and reconstruction error (common/unit_pass.h, StatsFinal).
 template <typename T>
 void finalize_stats(const StatsFinal<T>& f, cudaStream_t stream);
 
-// out[j] += sum_i x[i, j]  (out zeroed by the caller).
+// out[j] += sum_i x[i, j].
 template <typename T>
-void column_sums(const T* x, int64_t rows, int64_t cols, double* out, cudaStream_t stream);
+void column_sums(const T* x, int64_t rows, int64_t cols, double* out, double* workspace,
+                 cudaStream_t stream);
 
 // mean[j] = sums[j] / rows; loss[0] = beta * sum_j KL(rho || clamp(mean[j])).
 template <typename T>

@@ -51,12 +51,14 @@ struct CudaKernels {
   }
   template <typename T>
   static void unit_pass(const UnitPass<T>& p) {
-    cuda::unit_pass<T>(p, stream());
+    at::Tensor workspace = at::empty({cuda::unit_pass_workspace(p.rows, p.cols)}, doubles());
+    cuda::unit_pass<T>(p, workspace.data_ptr<double>(), stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>
   static void column_sums(const T* x, int64_t rows, int64_t cols, double* out) {
-    cuda::column_sums<T>(x, rows, cols, out, stream());
+    at::Tensor workspace = at::empty({cuda::column_sums_workspace(rows, cols)}, doubles());
+    cuda::column_sums<T>(x, rows, cols, out, workspace.data_ptr<double>(), stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>
@@ -68,8 +70,7 @@ struct CudaKernels {
   static void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
                          T* loss) {
     at::Tensor sums = at::zeros({cols}, doubles());
-    cuda::column_sums<T>(h, rows, cols, sums.data_ptr<double>(), stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    column_sums<T>(h, rows, cols, sums.data_ptr<double>());
     cuda::kl_finalize<T>(sums.data_ptr<double>(), rows, cols, rho, beta, mean, loss, stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -116,9 +117,13 @@ struct CudaKernels {
   template <typename T>
   static void accumulate(const T* values, const int64_t* idx, int64_t rows, int64_t m,
                          const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b) {
-    const auto longs =
-        at::TensorOptions().dtype(at::kLong).device(at::kCUDA, c10::cuda::current_device());
-    const at::Tensor flat = at::from_blob(const_cast<int64_t*>(idx), {rows * m}, longs);
+    const at::Device device(at::kCUDA, c10::cuda::current_device());
+    const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
+    // the device given, so that no pointer query runs (it fails on an empty code's null)
+    const at::Tensor flat = at::for_blob(const_cast<int64_t*>(idx), {rows * m})
+                                .options(longs)
+                                .target_device(device)
+                                .make_tensor();
     const auto [sorted, order] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     const at::Tensor start = at::searchsorted(sorted, at::arange(n + 1, longs));
     cuda::sae_accumulate<D<T>>(dev(values), order.data_ptr<int64_t>(), start.data_ptr<int64_t>(),

@@ -3,7 +3,8 @@
 // gives its 4 uniforms, the same counters as the CPU kernel) and strides over rows,
 // reading and writing its 4 columns with one vector access each where the rows are
 // aligned (a warp then touches one contiguous span per instruction); column sums are
-// reduced over the block's rows in shared memory, then added atomically.
+// reduced over the block's rows in shared memory, written per block to a workspace, and
+// added in block order by a second kernel (deterministic: no atomics).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -66,21 +67,39 @@ __device__ __forceinline__ bool aligned4(const T* p) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
 }
 
-// Sums v over threadIdx.y (same threadIdx.x) and adds the total to *dst from row 0.
+// Sums v over threadIdx.y (same threadIdx.x) and stores the total to *slot from row 0.
 // All threads of the block must call it (it synchronises).
-__device__ void block_col_add(double v, double* dst, double (*sh)[kBX], bool valid) {
+__device__ void block_col_sum(double v, double* slot, double (*sh)[kBX], bool valid) {
   sh[threadIdx.y][threadIdx.x] = v;
   __syncthreads();
   if (threadIdx.y == 0 && valid) {
     double s = 0.0;
     for (int y = 0; y < kBY; ++y) s += sh[y][threadIdx.x];
-    atomicAdd(dst, s);
+    *slot = s;
   }
   __syncthreads();
 }
 
+// dst[j] += sum_b partial[b * cols + j] over b < blocks, in order: one thread a column.
+__global__ void add_partials_kernel(const double* __restrict__ partial, int64_t blocks,
+                                    int64_t cols, double* __restrict__ dst) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  double s = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) s += partial[b * cols + j];
+  dst[j] += s;
+}
+
+void add_partials(const double* partial, int64_t blocks, int64_t cols, double* dst,
+                  cudaStream_t stream) {
+  add_partials_kernel<<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream>>>(
+      partial, blocks, cols, dst);
+}
+
+// The workspace of a unit pass with gy blocks of rows: the partial column sums of
+// means, states and data ([3][gy][cols]), then one partial sq per block ([gy][gx]).
 template <typename T>
-__global__ void unit_pass_kernel(UnitPass<T> a) {
+__global__ void unit_pass_kernel(UnitPass<T> a, double* __restrict__ partial) {
   __shared__ double sh[kBY][kBX];
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kBX + threadIdx.x;
   const int64_t c0 = 4 * g;
@@ -147,11 +166,13 @@ __global__ void unit_pass_kernel(UnitPass<T> a) {
       if (a.state) store_n(a.state + e0, n, vec, state);
     }
   }
+  const int64_t plane = static_cast<int64_t>(gridDim.y) * a.cols;
+  double* const row = partial + static_cast<int64_t>(blockIdx.y) * a.cols + c0;
   for (int l = 0; l < 4; ++l) {
     const bool valid = active && c0 + l < a.cols;
-    if (a.colsum_mean) block_col_add(acc_mean[l], a.colsum_mean + c0 + l, sh, valid);
-    if (a.colsum_state) block_col_add(acc_state[l], a.colsum_state + c0 + l, sh, valid);
-    if (a.colsum_data) block_col_add(acc_data[l], a.colsum_data + c0 + l, sh, valid);
+    if (a.colsum_mean) block_col_sum(acc_mean[l], row + l, sh, valid);
+    if (a.colsum_state) block_col_sum(acc_state[l], row + plane + l, sh, valid);
+    if (a.colsum_data) block_col_sum(acc_data[l], row + 2 * plane + l, sh, valid);
   }
   if (a.sq_err) {
     // whole-block sum of sq: reduce over x as well (kBX * kBY values)
@@ -161,7 +182,7 @@ __global__ void unit_pass_kernel(UnitPass<T> a) {
       double s = 0.0;
       for (int y = 0; y < kBY; ++y)
         for (int x = 0; x < kBX; ++x) s += sh[y][x];
-      atomicAdd(a.sq_err, s);
+      partial[3 * plane + static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s;
     }
   }
 }
@@ -170,14 +191,23 @@ inline dim3 grid_for(int64_t rows, int64_t cols) {
   const int64_t groups = (cols + 3) / 4;
   const int64_t gx = (groups + kBX - 1) / kBX;
   int64_t gy = (rows + kBY - 1) / kBY;
-  if (gy > 1024) gy = 1024;  // grid-stride beyond; keeps the atomics per column bounded
+  if (gy > 1024) gy = 1024;  // grid-stride beyond; bounds the workspace and its sums
   if (gy < 1) gy = 1;
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
+inline dim3 column_grid(int64_t rows, int64_t cols) {
+  const int64_t gx = (cols + kBX - 1) / kBX;
+  int64_t gy = (rows + kBY - 1) / kBY;
+  if (gy > 1024) gy = 1024;
+  if (gy < 1) gy = 1;
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+// Partial column sums of the block's rows: partial[blockIdx.y][j].
 template <typename T>
 __global__ void column_sums_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
-                                   double* out) {
+                                   double* __restrict__ partial) {
   __shared__ double sh[kBY][kBX];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kBX + threadIdx.x;
   double s = 0.0;
@@ -185,7 +215,7 @@ __global__ void column_sums_kernel(const T* __restrict__ x, int64_t rows, int64_
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * kBY + threadIdx.y; i < rows;
          i += static_cast<int64_t>(gridDim.y) * kBY)
       s += static_cast<double>(x[i * cols + j]);
-  block_col_add(s, out + j, sh, j < cols);
+  block_col_sum(s, partial + static_cast<int64_t>(blockIdx.y) * cols + j, sh, j < cols);
 }
 
 template <typename T>
@@ -202,20 +232,36 @@ void finalize_stats(const StatsFinal<T>& f, cudaStream_t stream) {
   finalize_stats_kernel<T><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(f);
 }
 
-template <typename T>
-void unit_pass(const UnitPass<T>& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.cols == 0) return;
-  unit_pass_kernel<T><<<grid_for(p.rows, p.cols), dim3(kBX, kBY), 0, stream>>>(p);
+int64_t unit_pass_workspace(int64_t rows, int64_t cols) {
+  const dim3 grid = grid_for(rows, cols);
+  return static_cast<int64_t>(grid.y) * (3 * cols + grid.x);
+}
+
+int64_t column_sums_workspace(int64_t rows, int64_t cols) {
+  return static_cast<int64_t>(column_grid(rows, cols).y) * cols;
 }
 
 template <typename T>
-void column_sums(const T* x, int64_t rows, int64_t cols, double* out, cudaStream_t stream) {
+void unit_pass(const UnitPass<T>& p, double* workspace, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  const dim3 grid = grid_for(p.rows, p.cols);
+  unit_pass_kernel<T><<<grid, dim3(kBX, kBY), 0, stream>>>(p, workspace);
+  const int64_t plane = static_cast<int64_t>(grid.y) * p.cols;
+  if (p.colsum_mean) add_partials(workspace, grid.y, p.cols, p.colsum_mean, stream);
+  if (p.colsum_state) add_partials(workspace + plane, grid.y, p.cols, p.colsum_state, stream);
+  if (p.colsum_data) add_partials(workspace + 2 * plane, grid.y, p.cols, p.colsum_data, stream);
+  if (p.sq_err)  // the blocks' sq as one column of grid.y * grid.x entries
+    add_partials(workspace + 3 * plane, static_cast<int64_t>(grid.y) * grid.x, 1, p.sq_err,
+                 stream);
+}
+
+template <typename T>
+void column_sums(const T* x, int64_t rows, int64_t cols, double* out, double* workspace,
+                 cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  const int64_t gx = (cols + kBX - 1) / kBX;
-  int64_t gy = (rows + kBY - 1) / kBY;
-  if (gy > 1024) gy = 1024;
-  column_sums_kernel<T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-                          dim3(kBX, kBY), 0, stream>>>(x, rows, cols, out);
+  const dim3 grid = column_grid(rows, cols);
+  column_sums_kernel<T><<<grid, dim3(kBX, kBY), 0, stream>>>(x, rows, cols, workspace);
+  add_partials(workspace, grid.y, cols, out, stream);
 }
 
 // The momentum update's two passes: the check clears a device flag (a benign race: every
@@ -268,12 +314,14 @@ template void momentum_update<float>(float*, float*, const float*, int64_t, floa
                                      const bool*, cudaStream_t);
 template void momentum_update<double>(double*, double*, const double*, int64_t, double, double,
                                       double, const bool*, cudaStream_t);
-template void unit_pass<float>(const UnitPass<float>&, cudaStream_t);
-template void unit_pass<double>(const UnitPass<double>&, cudaStream_t);
+template void unit_pass<float>(const UnitPass<float>&, double*, cudaStream_t);
+template void unit_pass<double>(const UnitPass<double>&, double*, cudaStream_t);
 template void finalize_stats<float>(const StatsFinal<float>&, cudaStream_t);
 template void finalize_stats<double>(const StatsFinal<double>&, cudaStream_t);
-template void column_sums<float>(const float*, int64_t, int64_t, double*, cudaStream_t);
-template void column_sums<double>(const double*, int64_t, int64_t, double*, cudaStream_t);
+template void column_sums<float>(const float*, int64_t, int64_t, double*, double*,
+                                 cudaStream_t);
+template void column_sums<double>(const double*, int64_t, int64_t, double*, double*,
+                                  cudaStream_t);
 
 }  // namespace cuda
 }  // namespace aecore

@@ -116,7 +116,9 @@ __global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* _
     A acc = 0;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t e = order[p];
-      acc += load(values + e) * load(src + (e / m) * d + c);
+      const A v = load(values + e);
+      if (v == A(0)) continue;  // as the CPU kernel: a zero takes nothing from src
+      acc += v * load(src + (e / m) * d + c);
     }
     grad_W[l * d + c] = store<T>(acc);
   }

@@ -7,7 +7,7 @@
 //   dots<T>(g, idx, rows, m, W, d, out),
 //   accumulate<T>(values, idx, rows, m, src, d, n, grad_W, grad_b|null),
 //   heap_init<T>(rows, k, A* hv, hi),
-//   merge_tile<T>(pre, rows, cols, col0, b, k, A* hv, hi, int* bad) -> false on a NaN / +inf
+//   merge_tile<T>(pre, rows, cols, col0, b, k, A* hv, hi, int* bad) -> false on a NaN / infinity
 //     (or it sets the device flag *bad), heap_finish<T>(rows, k, A* hv, hi, T* values).
 #pragma once
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -296,11 +297,19 @@ def test_a_large_dictionary_is_encoded_in_tiles():
 
 
 @needs_ext
-def test_non_finite_pre_activations_raise():
-    x = torch.randn(4, 3)
-    x[2, 1] = float("nan")
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("latent", [5, 68])  # in a block of 32 columns, in the tail
+@pytest.mark.parametrize("auxk", [False, True])
+def test_non_finite_pre_activations_raise(bad, latent, auxk):
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(4, 3, generator=g), torch.randn(70, 3, generator=g)
+    b_enc = torch.zeros(70)
+    b_enc[latent] = bad  # -inf too: it could never be kept, so rows would come out short
+    dead = torch.zeros(70, dtype=torch.bool)
+    dead[latent] = auxk
+    extra = {"aux_k": 2, "dead": dead} if auxk else {}
     with pytest.raises(RuntimeError, match="NaN or infinite pre-activation"):
-        ops.topk_encode(x, torch.randn(5, 3), torch.zeros(5), torch.zeros(3), 2)
+        ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, **extra)
 
 
 def test_bad_arguments_say_what_was_expected():

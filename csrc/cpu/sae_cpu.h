@@ -144,16 +144,15 @@ inline bool merge_entries(const T* p, const T* b, int64_t c0, int64_t c1, int64_
   bool finite = true;
   for (int64_t c = c0; c < c1; ++c) {
     const T v = p[c] + b[c];
-    // columns arrive in increasing order, so an equal value never displaces a kept one
-    if (!(v <= rv[0])) {
-      if (!(v - v == T(0))) {  // NaN or infinite
-        finite = false;
-        continue;
-      }
-      rv[0] = v;
-      ri[0] = col0 + c;
-      heap_sift_down(rv, ri, k, 0, LargerFirst{});
+    if (!(v - v == T(0))) {  // NaN or infinite (-inf too: it would never enter a heap)
+      finite = false;
+      continue;
     }
+    // columns arrive in increasing order, so an equal value never displaces a kept one
+    if (v <= rv[0]) continue;
+    rv[0] = v;
+    ri[0] = col0 + c;
+    heap_sift_down(rv, ri, k, 0, LargerFirst{});
   }
   return finite;
 }
@@ -214,11 +213,11 @@ bool merge_row_listed(const T* p, const T* b, const int32_t* cols, int64_t m, in
     if (mx <= rv[0] && bad == T(0)) continue;
     for (int64_t j = s; j < e; ++j) {
       const T x = v[j - s];
-      if (x <= rv[0]) continue;
       if (!(x - x == T(0))) {  // NaN or infinite
         finite = false;
         continue;
       }
+      if (x <= rv[0]) continue;
       rv[0] = x;
       ri[0] = col0 + cols[j];
       heap_sift_down(rv, ri, k, 0, LargerFirst{});
@@ -231,7 +230,7 @@ bool merge_row_listed(const T* p, const T* b, const int32_t* cols, int64_t m, in
 
 // Merges one tile of pre-activations (rows, cols: latents col0 .. col0 + cols, without
 // their bias) into the rows' heaps; with `mask` (n,), only the latents it marks. Returns
-// false if a pre-activation offered was NaN or +inf.
+// false if a pre-activation offered was NaN or infinite.
 template <typename T>
 bool topk_merge_tile(const T* pre, int64_t rows, int64_t cols, int64_t col0, const T* b_enc,
                      int64_t k, T* hv, int64_t* hi, const bool* mask = nullptr) {

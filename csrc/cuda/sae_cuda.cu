@@ -162,7 +162,7 @@ __global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64
     A v = -INFINITY;
     if (offered) {
       v = load(p + c) + load(b_enc + col0 + c);
-      if (!(v < A(INFINITY)) && v != A(-INFINITY)) {  // NaN or +inf
+      if (!isfinite(v)) {  // NaN or infinite, as on the CPU
         atomicExch(bad, 1);
         v = -INFINITY;
       }
@@ -200,7 +200,8 @@ __global__ void heap_init_kernel(int64_t n, A* heap_v, int64_t* heap_i) {
 
 // One warp per row: the row's squared norm and dot product, then the row update.
 template <typename T>
-__global__ void row_constraint_kernel(T* __restrict__ target, const T* __restrict__ w,
+// Not __restrict__: set_row_norms_ passes the same rows as target and w.
+__global__ void row_constraint_kernel(T* target, const T* w,
                                       int64_t rows, int64_t d, double norm, bool project) {
   using A = typename AccOf<T>::type;
   const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;

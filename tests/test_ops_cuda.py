@@ -289,3 +289,23 @@ def test_cd_update_cuda_is_cd_step_then_momentum_step(dtype):
     _, applied = ops.cd_update_(v, W, b_v, b_h, velocities, 0.1, 0.5, chain=chain)
     assert not bool(applied)
     assert all(torch.equal(a, b) for a, b in zip((W, b_v, b_h, *velocities, chain), before))
+
+
+def test_an_index_out_of_range_stops_the_kernels_instead_of_reading_past_the_dictionary():
+    """Under torch.compile aecore.ops cannot check the range (it is data), so the op
+    asserts it on the device. A device-side assert spoils the process's CUDA context, so
+    this runs in a child process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, aecore\n"
+        "W = torch.randn(5, 3, device='cuda')\n"
+        "v = torch.ones(2, 2, device='cuda')\n"
+        "i = torch.tensor([[0, 7], [1, 2]], device='cuda')\n"
+        "torch.ops.aecore.sparse_decode(v, i, W, torch.zeros(3, device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "indices must lie in [0, n)" in done.stderr

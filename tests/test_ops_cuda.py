@@ -299,7 +299,7 @@ def test_an_index_out_of_range_stops_the_kernels_instead_of_reading_past_the_dic
     import sys
 
     code = (
-        "import torch, aecore\n"
+        "import torch, aecore.ops\n"
         "W = torch.randn(5, 3, device='cuda')\n"
         "v = torch.ones(2, 2, device='cuda')\n"
         "i = torch.tensor([[0, 7], [1, 2]], device='cuda')\n"

@@ -211,7 +211,7 @@ def test_an_auxk_past_the_devices_heaps_comes_from_the_dead_latents_alone(monkey
     x, W = torch.randn(9, 6, generator=g), torch.randn(50, 6, generator=g)
     b_enc, b_dec = torch.randn(50, generator=g), torch.randn(6, generator=g)
     dead = torch.arange(50) % 4 == 1
-    monkeypatch.setattr(ops, "_fused_topk_limit", lambda t: 3)
+    monkeypatch.setattr(ops, "topk_encode_max_k", lambda t: 3)
     calls = []
     monkeypatch.setattr(reference, "sparse_code", _recording(reference.sparse_code, calls))
     got, want = [], []

@@ -396,3 +396,25 @@ def test_the_sparse_training_path_matches_the_dense_one(name, progress, skew):
         torch.testing.assert_close(sparse[key], dense[key], rtol=1e-5, atol=1e-6)
     for a, b in zip(sparse_grads, dense_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batchtopk_takes_no_more_candidates_a_row_than_the_fused_encoder_keeps(monkeypatch):
+    # on CUDA the fused encoder keeps at most 256 a row: BatchTopK with 4k past that
+    # would have run the reference over the whole (B, n) matrix
+    from aecore import ops
+    from aecore.sae import loss as sae_loss_module
+
+    torch.manual_seed(2)
+    model = aecore.create("sae-batchtopk", input_shape=(12,), latent_dim=80, k=4)
+    model.train()
+    model.set_progress(1.0)
+    x = torch.randn(32, 12)
+    x = 3 * x / x.norm(dim=1, keepdim=True)
+    asked, encode = [], ops.topk_encode
+    monkeypatch.setattr(ops, "topk_encode_max_k", lambda t: 12)
+    monkeypatch.setattr(ops, "topk_encode", lambda *a, **kw: asked.append(a[4]) or encode(*a, **kw))
+    code = model.rule.sparse_training_code(model._scaled(x), model.W_enc, model.b_enc, model.b_dec)
+    assert asked == [12] and code is not None  # 4k = 16 candidates capped at 12, none short
+    sparse = model.loss(x)["loss"]
+    dense = sae_loss_module._dense_loss(model, model._scaled(x), True)["loss"]
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)

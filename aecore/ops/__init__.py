@@ -65,6 +65,7 @@ __all__ = [
     "set_row_norms_",
     "sparse_decode",
     "topk_encode",
+    "topk_encode_max_k",
     "topk_sparsify",
 ]
 
@@ -220,7 +221,7 @@ def topk_encode(
     if not isinstance(straight_through, bool):
         raise ConfigError(f"topk_encode: straight_through must be a bool, got {straight_through!r}")
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
-    limit = _fused_topk_limit(x)
+    limit = topk_encode_max_k(x)
     if not _fused_sae(x) or k > limit:
         return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
     if aux_k <= limit:
@@ -235,8 +236,9 @@ def topk_encode(
     return values, indices, aux_values, index[local]
 
 
-def _fused_topk_limit(x: Tensor) -> float:
-    """The largest k the fused streaming top-k keeps per row on x's device."""
+def topk_encode_max_k(x: Tensor) -> float:
+    """The largest k the fused streaming :func:`topk_encode` keeps per row on x's device
+    (its heaps' size on CUDA; no limit on the CPU); a larger k runs the reference."""
     return CUDA_TOPK_ENCODE_MAX_K if x.device.type == "cuda" else math.inf
 
 

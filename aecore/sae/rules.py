@@ -161,7 +161,9 @@ class BatchTopK(SparsityRule):
         # keeps all of its m (then entries past them might pass the cut, and every
         # process computes this batch densely instead)
         n = W_enc.shape[0]
-        m = min(n, self.SPARSE_CANDIDATES * self.k)
+        # no more candidates than the fused encoder keeps per row (CUDA's heaps): past
+        # that it would build the (B, n) matrix; fewer only makes truncation likelier
+        m = min(n, max(self.k, min(self.SPARSE_CANDIDATES * self.k, ops.topk_encode_max_k(xs))))
         values, indices, *aux_code = ops.topk_encode(
             xs, W_enc, b_enc, b_dec, m, aux_k=aux_k, dead=dead
         )

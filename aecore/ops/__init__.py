@@ -27,7 +27,9 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
 Sampling is reproducible: the fused kernels draw from Philox-4x32-10 keyed by a seed and
 an offset taken from ``generator`` (or torch's default generator), so the same seed gives
 the same samples. The CPU and CUDA streams differ from each other and from the
-reference's; supply :class:`GibbsNoise` to get the exact, deterministic path.
+reference's; supply :class:`GibbsNoise` to get the exact, deterministic path. The
+statistics' sums run in a fixed order (no atomics on CUDA), so a seeded run repeats
+exactly on the same device and thread count.
 
 The Gibbs ops are not differentiable (their inputs are detached); the others are, with
 fused backward kernels.

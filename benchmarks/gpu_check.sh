@@ -33,7 +33,9 @@ arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capabil
 # strict: a CUDA kernel that fails to compile fails the check (else the CUDA tests skip)
 step build 300 env AECORE_CUDA=1 AECORE_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
-"$PYTHON" -c "import torch, aecore._C_cuda" || { echo "aecore._C_cuda was not built"; exit 1; }
+# built and in use (an extension reported out of date would leave every CUDA test skipped)
+step backend 60 "$PYTHON" -c "from aecore import ops; b = ops.backend('cd_update_', 'cuda'); \
+print(b); assert b == 'fused cuda', ops.backend_report()" || exit 1
 step test_ops_cuda 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_sae.py
 step bench_kernels 150 "$PYTHON" -m aecore bench kernels --device cuda --quick \
   --json "$out/kernels.json"

@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -73,8 +74,8 @@ void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) 
                 "aecore: indices must lie in [0, ", n, "), got values in [", lo.item<int64_t>(),
                 ", ", hi.item<int64_t>(), "]");
   } else {
-    at::_assert_async(at::logical_and(indices.ge(0), indices.lt(n)).all(),
-                      "aecore: indices must lie in [0, n), n the dictionary's rows");
+    const std::string message = "aecore: indices must lie in [0, " + std::to_string(n) + ")";
+    at::_assert_async(at::logical_and(indices.ge(0), indices.lt(n)).all(), message);
   }
 }
 

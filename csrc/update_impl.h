@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <optional>
@@ -16,34 +17,35 @@
 
 namespace aecore {
 
+// The update, its checks' messages naming the op `op` that asked for it.
 template <class K>
-at::Tensor momentum_step_impl(at::TensorList params, at::TensorList velocities,
-                              at::TensorList steps, double lr, double momentum,
-                              at::ArrayRef<double> weight_decay) {
+at::Tensor momentum_update_checked(at::TensorList params, at::TensorList velocities,
+                                   at::TensorList steps, double lr, double momentum,
+                                   at::ArrayRef<double> weight_decay, const char* op) {
   const size_t n = params.size();
-  TORCH_CHECK(n >= 1, "aecore: momentum_step_ needs at least one parameter");
+  TORCH_CHECK(n >= 1, "aecore: ", op, " needs at least one parameter");
   TORCH_CHECK(velocities.size() == n && steps.size() == n && weight_decay.size() == n,
-              "aecore: momentum_step_ needs one velocity, step and weight decay per parameter; "
+              "aecore: ", op, " needs one velocity, step and weight decay per parameter; "
               "got ", n, " parameters, ", velocities.size(), " velocities, ", steps.size(),
               " steps, ", weight_decay.size(), " weight decays");
   TORCH_CHECK(std::isfinite(lr) && std::isfinite(momentum),
-              "aecore: momentum_step_ needs a finite lr and momentum");
+              "aecore: ", op, " needs a finite lr and momentum");
   for (const double w : weight_decay)
-    TORCH_CHECK(std::isfinite(w), "aecore: momentum_step_ needs finite weight decays");
+    TORCH_CHECK(std::isfinite(w), "aecore: ", op, " needs finite weight decays");
   const at::Tensor& first = params[0];
   TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
-              "aecore: momentum_step_ needs float32 or float64 tensors, got ",
+              "aecore: ", op, " needs float32 or float64 tensors, got ",
               first.scalar_type());
   std::vector<at::Tensor> s(n);
   for (size_t i = 0; i < n; ++i) {
     for (const at::Tensor* t : {&params[i], &velocities[i], &steps[i]}) {
       TORCH_CHECK(t->scalar_type() == first.scalar_type() && t->device() == first.device(),
-                  "aecore: momentum_step_ tensors must share one dtype and device");
-      TORCH_CHECK(t->sizes() == params[i].sizes(), "aecore: momentum_step_ entry ", i,
+                  "aecore: ", op, " tensors must share one dtype and device");
+      TORCH_CHECK(t->sizes() == params[i].sizes(), "aecore: ", op, " entry ", i,
                   ": parameter, velocity and step shapes differ");
     }
     TORCH_CHECK(params[i].is_contiguous() && velocities[i].is_contiguous(),
-                "aecore: momentum_step_ changes parameters and velocities in place: they must "
+                "aecore: ", op, " changes parameters and velocities in place: they must "
                 "be contiguous");
     s[i] = steps[i].contiguous();
   }
@@ -61,6 +63,14 @@ at::Tensor momentum_step_impl(at::TensorList params, at::TensorList velocities,
   return ok;
 }
 
+template <class K>
+at::Tensor momentum_step_impl(at::TensorList params, at::TensorList velocities,
+                              at::TensorList steps, double lr, double momentum,
+                              at::ArrayRef<double> weight_decay) {
+  return momentum_update_checked<K>(params, velocities, steps, lr, momentum, weight_decay,
+                                    "momentum_step_");
+}
+
 // One CD-k / PCD-k training step in place: cd_step's statistics, then momentum_step_'s
 // update of (W, b_v, b_h) with weight decay on W alone, then (PCD) the chain advanced;
 // nothing changes unless every statistic is finite. One call instead of two ops and
@@ -74,11 +84,14 @@ std::tuple<at::Tensor, at::Tensor> cd_update_impl(
     bool sample_visible, const at::Tensor& rng, double lr, double momentum, double weight_decay,
     const std::optional<at::Tensor>& noise_h0, const std::optional<at::Tensor>& noise_h,
     const std::optional<at::Tensor>& noise_v) {
+  // checked before anything changes: the chain is written last
+  if (chain.has_value()) at::assert_no_internal_overlap(*chain);
   Gibbs<K> g(v, W, b_v, b_h, k, chain, gaussian_visible, gaussian_hidden, sample_visible, rng,
              noise_h0, noise_h, noise_v, /*stats=*/true);
   const std::vector<double> decay = {weight_decay, 0.0, 0.0};
-  at::Tensor applied = momentum_step_impl<K>({W, b_v, b_h}, {velocity_W, velocity_b_v, velocity_b_h},
-                                             {g.dW, g.db_v, g.db_h}, lr, momentum, decay);
+  at::Tensor applied =
+      momentum_update_checked<K>({W, b_v, b_h}, {velocity_W, velocity_b_v, velocity_b_h},
+                                 {g.dW, g.db_v, g.db_h}, lr, momentum, decay, "cd_update_");
   if (chain.has_value()) {
     at::Tensor state = *chain;  // shares the caller's storage
     if (applied.is_cpu()) {

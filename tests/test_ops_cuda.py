@@ -6,6 +6,8 @@ The development machines have no GPU: these run on a GPU machine with
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -308,4 +310,56 @@ def test_an_index_out_of_range_stops_the_kernels_instead_of_reading_past_the_dic
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0
-    assert "indices must lie in [0, n)" in done.stderr
+    # the assert's own text goes to the device's printf stream (stdout), torch's error to
+    # stderr; some torch versions drop the message and report the failed assert alone
+    said = done.stdout + done.stderr
+    assert "indices must lie in [0, 5)" in said or "device-side assert" in said, said
+
+
+def test_cd_update_cuda_opcheck():
+    from torch.library import opcheck
+
+    v, W, b_v, b_h = rbm(6, 5, 3, torch.float64)
+    velocities = [torch.zeros_like(t) for t in (W, b_v, b_h)]
+    rng = torch.tensor([3, 4], device="cuda")
+    chain = torch.ones(4, 3, dtype=torch.float64, device="cuda")
+    for k, c, units in [(2, None, (False, False, True)), (1, chain, (True, False, False))]:
+        args = (v, W, b_v, b_h, *velocities, k, c, *units, rng, 0.1, 0.5, 0.01, None, None, None)
+        opcheck(torch.ops.aecore.cd_update_, args)
+
+
+def test_cuda_statistics_repeat_exactly():
+    # column sums add per-block partials in a fixed order: two calls agree to the bit,
+    # also past the 64 blocks of rows where each thread sums several rows
+    v, W, b_v, b_h = rbm(3000, 784, 500, torch.float64)
+    a = ops.cd_step(v, W, b_v, b_h, generator=torch.Generator(device="cuda").manual_seed(1))
+    b = ops.cd_step(v, W, b_v, b_h, generator=torch.Generator(device="cuda").manual_seed(1))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    h = torch.rand(4096, 16384, dtype=torch.float64, device="cuda")
+    assert torch.equal(ops.kl_sparsity(h, 0.05, 2.0), ops.kl_sparsity(h, 0.05, 2.0))
+
+
+def test_cuda_sparse_backward_of_an_empty_code_and_of_zero_values():
+    W, b = torch.randn(6, 4, device="cuda", requires_grad=True), torch.zeros(4, device="cuda")
+    for shape in [(0, 3), (5, 0)]:
+        values = torch.zeros(shape, device="cuda", requires_grad=True)
+        indices = torch.zeros(shape, dtype=torch.long, device="cuda")
+        out = ops.sparse_decode(values, indices, W, b)
+        (g,) = torch.autograd.grad(out.sum(), W)
+        assert torch.equal(g, torch.zeros_like(W))
+    # a zero value takes nothing from its row's gradient, even an infinite one (as on CPU)
+    values = torch.tensor([[0.0, 1.0]], device="cuda", requires_grad=True)
+    indices = torch.tensor([[2, 3]], device="cuda")
+    out = ops.sparse_decode(values, indices, W, b)
+    (g,) = torch.autograd.grad(out, W, torch.full_like(out, math.inf))
+    assert torch.equal(g[2], torch.zeros(4, device="cuda")) and torch.isinf(g[3]).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_topk_encode_cuda_raises_on_non_finite_pre_activations(bad):
+    x, W_enc, b_enc, b_dec, _ = sae_operands(4, 8, 70, torch.float32)
+    with torch.no_grad():
+        b_enc[68] = bad
+    with pytest.raises(RuntimeError, match="NaN or infinite pre-activation"):
+        ops.topk_encode(x, W_enc, b_enc, b_dec, 2)

@@ -178,6 +178,25 @@ def test_momentum_schedule_and_weight_decay():
     assert norms[0] > norms[1] > norms[2]
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_refused_step_changes_nothing(persistent):
+    # a NaN statistic (0 * inf in the positive phase) refuses the whole step: weights,
+    # velocities, the PCD chain and the update count stay as they were
+    from aecore.errors import TrainingError
+
+    torch.manual_seed(0)
+    rbm = RBM(input_shape=(4,), latent_dim=3, persistent=persistent, chains=2)
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    rbm.train_step(x)
+    with torch.no_grad():
+        rbm.W[0, 0] = math.inf
+    before = {k: v.clone() for k, v in rbm.state_dict().items()}
+    with pytest.raises(TrainingError, match="non-finite CD statistics after 1 updates"):
+        rbm.train_step(x)
+    for k, v in rbm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_resume_is_exact(digits, tmp_path):
     train, _ = digits
     data = train[:256]

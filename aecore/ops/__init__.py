@@ -15,7 +15,7 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
 * :func:`kl_sparsity` -> 0-d tensor: β · Σ_j KL(ρ ‖ ρ̂_j), differentiable.
 * :func:`topk_sparsify` -> tensor: k largest entries per row kept, differentiable.
 * :func:`topk_encode` -> ``(values, indices)``: a top-k SAE encoder that never holds the
-  (B, n) pre-activations; :func:`sparse_decode`: its decoder, reading only the chosen
+  (B, n) pre-activations (:func:`topk_encode_max_k`: the largest k it keeps fused); :func:`sparse_decode`: its decoder, reading only the chosen
   dictionary rows. Both differentiable, with sparse backward kernels.
 * :func:`remove_parallel_`, :func:`set_row_norms_`: the SAE decoder's unit-norm
   constraint, each one row-local pass, in place.
@@ -31,8 +31,9 @@ reference's; supply :class:`GibbsNoise` to get the exact, deterministic path. Th
 statistics' sums run in a fixed order (no atomics on CUDA), so a seeded run repeats
 exactly on the same device and thread count.
 
-The Gibbs ops are not differentiable (their inputs are detached); the others are, with
-fused backward kernels.
+The Gibbs ops and the in-place updates (``*_``) are not differentiable (the Gibbs ops
+detach their inputs); kl_sparsity, topk_sparsify, topk_encode and sparse_decode are,
+with fused backward kernels.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def topk_encode(
     return values, indices, aux_values, index[local]
 
 
-def topk_encode_max_k(x: Tensor) -> float:
+def topk_encode_max_k(x: Tensor) -> int | float:
     """The largest k the fused streaming :func:`topk_encode` keeps per row on x's device
     (its heaps' size on CUDA; no limit on the CPU); a larger k runs the reference."""
     return CUDA_TOPK_ENCODE_MAX_K if x.device.type == "cuda" else math.inf
@@ -360,14 +361,20 @@ def cd_update_(
 
     The same step as those three calls, with the same samples for the same generator
     state; fused, it is one call into the kernels (at RBM sizes like 64x64x256 each
-    call's overhead is a real part of a step). W, b_v, b_h and the velocities must be
-    contiguous for the kernels (otherwise the reference runs).
+    call's overhead is a real part of a step). With W, b_v, b_h or a velocity not
+    contiguous it is those three calls.
     """
     call, velocities, lr, momentum, weight_decay = check.cd_update_args(
         v, W, b_v, b_h, velocities, lr, momentum, weight_decay, k, chain=chain,
         visible=visible, hidden=hidden, sample_visible=sample_visible, generator=generator,
         noise=noise,
     )  # fmt: skip
-    if fused(v) and all(t.is_contiguous() for t in (W, b_v, b_h, *velocities)):
+    if not fused(v):
+        return reference.run_cd_update(call, velocities, lr, momentum, weight_decay)
+    if all(t.is_contiguous() for t in (W, b_v, b_h, *velocities)):
         return _fused.cd_update_(call, velocities, lr, momentum, weight_decay)
-    return reference.run_cd_update(call, velocities, lr, momentum, weight_decay)
+    # the kernels update contiguous tensors in place; otherwise the fused statistics (so
+    # the samples are the kernels' too) and the reference update
+    return reference.run_cd_update(
+        call, velocities, lr, momentum, weight_decay, statistics=_fused.run_gibbs
+    )

@@ -237,12 +237,12 @@ def momentum_step_(
 
 @torch.no_grad()
 def run_cd_update(
-    c: GibbsCall, velocities, lr: float, momentum: float, weight_decay: float
+    c: GibbsCall, velocities, lr: float, momentum: float, weight_decay: float, statistics=None
 ) -> tuple[Tensor, Tensor]:
-    """The reference body of cd_update_, for a validated call: run_gibbs's statistics,
-    momentum_step_ on (W, b_v, b_h), then the PCD chain advanced, unless a statistic is
-    not finite."""
-    stats = run_gibbs(c)
+    """The reference body of cd_update_, for a validated call: the statistics
+    (``statistics(c)``, by default run_gibbs), momentum_step_ on (W, b_v, b_h), then the
+    PCD chain advanced, unless a statistic is not finite."""
+    stats = (statistics or run_gibbs)(c)
     applied = momentum_step_(
         [c.W, c.b_v, c.b_h], list(velocities), [stats.dW, stats.db_v, stats.db_h],
         lr, momentum, [weight_decay, 0.0, 0.0],

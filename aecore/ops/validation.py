@@ -136,8 +136,9 @@ def gibbs_call(
     generator,
     noise,
 ) -> GibbsCall:
-    """Every check of a gibbs_chain (``op="gibbs_chain"``) or cd_step call: the public op
-    and the reference make the same ones and run the GibbsCall this returns."""
+    """Every check of the Gibbs operands of a gibbs_chain (``op="gibbs_chain"``),
+    cd_step or cd_update_ call: the public op and the reference make the same ones and
+    run the GibbsCall this returns (with the statistics unless it is gibbs_chain)."""
     stats = op != "gibbs_chain"
     _gibbs_operands(op, v, W, b_v, b_h, k, chain, visible, hidden, sample_visible)
     generator_arg(op, generator, v)
@@ -322,6 +323,16 @@ def cd_update_args(
             raise ShapeError(
                 f"{op}: the velocity of {name} must have {name}'s shape {_shape(param)}, "
                 f"got {_shape(velocity)}"
+            )
+    written = {"W": W, "b_v": b_v, "b_h": b_h, "chain": chain}
+    written.update({f"the velocity of {k}": t for k, t in zip(("W", "b_v", "b_h"), velocities)})
+    for name, t in written.items():
+        # only a strided view (expand, as_strided) can repeat elements; an in-place write
+        # there would fail half-way through the step
+        if t is not None and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise ConfigError(
+                f"{op}: {name} is written in place, but its elements share memory (a view "
+                f"such as expand's); pass a tensor of its own (.clone())"
             )
     rates = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     for name, value in rates.items():

@@ -51,8 +51,10 @@ struct CudaKernels {
   }
   template <typename T>
   static void unit_pass(const UnitPass<T>& p) {
-    at::Tensor workspace = at::empty({cuda::unit_pass_workspace(p.rows, p.cols)}, doubles());
-    cuda::unit_pass<T>(p, workspace.data_ptr<double>(), stream());
+    const bool sums = p.colsum_mean || p.colsum_state || p.colsum_data || p.sq_err;
+    at::Tensor workspace =
+        sums ? at::empty({cuda::unit_pass_workspace(p.rows, p.cols)}, doubles()) : at::Tensor();
+    cuda::unit_pass<T>(p, sums ? workspace.data_ptr<double>() : nullptr, stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>

@@ -18,6 +18,9 @@ namespace {
 
 constexpr int kBX = 32;  // column groups per block
 constexpr int kBY = 8;   // rows per block (then grid-stride)
+// Blocks of rows at most: more rows are grid-strided, so each thread sums several and
+// the partial sums' workspace (gy x cols) and their ordered addition stay small.
+constexpr int64_t kMaxRowBlocks = 64;
 
 __device__ __forceinline__ float sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
@@ -191,7 +194,7 @@ inline dim3 grid_for(int64_t rows, int64_t cols) {
   const int64_t groups = (cols + 3) / 4;
   const int64_t gx = (groups + kBX - 1) / kBX;
   int64_t gy = (rows + kBY - 1) / kBY;
-  if (gy > 1024) gy = 1024;  // grid-stride beyond; bounds the workspace and its sums
+  if (gy > kMaxRowBlocks) gy = kMaxRowBlocks;
   if (gy < 1) gy = 1;
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
@@ -199,7 +202,7 @@ inline dim3 grid_for(int64_t rows, int64_t cols) {
 inline dim3 column_grid(int64_t rows, int64_t cols) {
   const int64_t gx = (cols + kBX - 1) / kBX;
   int64_t gy = (rows + kBY - 1) / kBY;
-  if (gy > 1024) gy = 1024;
+  if (gy > kMaxRowBlocks) gy = kMaxRowBlocks;
   if (gy < 1) gy = 1;
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }

@@ -199,10 +199,10 @@ __global__ void heap_init_kernel(int64_t n, A* heap_v, int64_t* heap_i) {
 }
 
 // One warp per row: the row's squared norm and dot product, then the row update.
-template <typename T>
 // Not __restrict__: set_row_norms_ passes the same rows as target and w.
-__global__ void row_constraint_kernel(T* target, const T* w,
-                                      int64_t rows, int64_t d, double norm, bool project) {
+template <typename T>
+__global__ void row_constraint_kernel(T* target, const T* w, int64_t rows, int64_t d,
+                                      double norm, bool project) {
   using A = typename AccOf<T>::type;
   const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;

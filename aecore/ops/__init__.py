@@ -15,8 +15,9 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
 * :func:`kl_sparsity` -> 0-d tensor: β · Σ_j KL(ρ ‖ ρ̂_j), differentiable.
 * :func:`topk_sparsify` -> tensor: k largest entries per row kept, differentiable.
 * :func:`topk_encode` -> ``(values, indices)``: a top-k SAE encoder that never holds the
-  (B, n) pre-activations (:func:`topk_encode_max_k`: the largest k it keeps fused); :func:`sparse_decode`: its decoder, reading only the chosen
-  dictionary rows. Both differentiable, with sparse backward kernels.
+  (B, n) pre-activations (:func:`topk_encode_max_k`: the largest k it keeps fused);
+  :func:`sparse_decode`: its decoder, reading only the chosen dictionary rows. Both
+  differentiable, with sparse backward kernels.
 * :func:`remove_parallel_`, :func:`set_row_norms_`: the SAE decoder's unit-norm
   constraint, each one row-local pass, in place.
 * :func:`momentum_step_`: the momentum update of a model with its own update rule

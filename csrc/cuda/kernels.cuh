@@ -99,8 +99,8 @@ void sae_accumulate(const T* values, const int64_t* order, const int64_t* start,
 
 // The streaming top-k (k <= kMaxHeap): heaps of (value, latent) per row, started empty,
 // merged with tiles of pre-activations (latents col0 .. col0 + cols, bias b_enc added;
-// *bad set to 1 on a NaN or an infinity; with `mask` (n,), only the latents it marks), then
-// sorted best first into values (ReLU'd).
+// *bad set to 1 on a NaN or an infinity; with `mask` (n,), only the latents it marks),
+// then sorted best first into values (ReLU'd).
 template <typename T>
 void sae_heap_init(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, int64_t* heap_i,
                    cudaStream_t stream);

@@ -190,22 +190,18 @@ __global__ void unit_pass_kernel(UnitPass<T> a, double* __restrict__ partial) {
   }
 }
 
-inline dim3 grid_for(int64_t rows, int64_t cols) {
-  const int64_t groups = (cols + 3) / 4;
-  const int64_t gx = (groups + kBX - 1) / kBX;
+// Blocks for `rows` rows (kBY a block, at most kMaxRowBlocks, then grid-stride) by
+// `items` per row (kBX a block).
+inline dim3 row_grid(int64_t rows, int64_t items) {
+  const int64_t gx = (items + kBX - 1) / kBX;
   int64_t gy = (rows + kBY - 1) / kBY;
   if (gy > kMaxRowBlocks) gy = kMaxRowBlocks;
   if (gy < 1) gy = 1;
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
-inline dim3 column_grid(int64_t rows, int64_t cols) {
-  const int64_t gx = (cols + kBX - 1) / kBX;
-  int64_t gy = (rows + kBY - 1) / kBY;
-  if (gy > kMaxRowBlocks) gy = kMaxRowBlocks;
-  if (gy < 1) gy = 1;
-  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-}
+// The unit pass: one thread per group of 4 columns.
+inline dim3 grid_for(int64_t rows, int64_t cols) { return row_grid(rows, (cols + 3) / 4); }
 
 // Partial column sums of the block's rows: partial[blockIdx.y][j].
 template <typename T>
@@ -241,7 +237,7 @@ int64_t unit_pass_workspace(int64_t rows, int64_t cols) {
 }
 
 int64_t column_sums_workspace(int64_t rows, int64_t cols) {
-  return static_cast<int64_t>(column_grid(rows, cols).y) * cols;
+  return static_cast<int64_t>(row_grid(rows, cols).y) * cols;
 }
 
 template <typename T>
@@ -262,7 +258,7 @@ template <typename T>
 void column_sums(const T* x, int64_t rows, int64_t cols, double* out, double* workspace,
                  cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  const dim3 grid = column_grid(rows, cols);
+  const dim3 grid = row_grid(rows, cols);
   column_sums_kernel<T><<<grid, dim3(kBX, kBY), 0, stream>>>(x, rows, cols, workspace);
   add_partials(workspace, grid.y, cols, out, stream);
 }

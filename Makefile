@@ -21,12 +21,15 @@ demo: install
 	$(BIN)/aecore demo --out runs/demo
 
 # native: the torch-free kernels' C++ tests (ctest) and an nvcc compile check of the
-# CUDA kernels, each skipped with a message where cmake / nvcc is missing
+# CUDA kernels, each skipped with a message where cmake / nvcc is missing. Tests run one
+# torch thread each (tests/conftest.py), so one worker process per core uses the machine;
+# loadscope keeps a module's shared fixtures in one worker.
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	csrc/run_native_tests.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # The CUDA extension built and imported without a GPU: PyPI's CUDA build of torch goes into
 # its own venv (pip --isolated skips this machine's pin of the CPU wheel; ~4.7 GB), then

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
 
 from aecore.detection import DetectorMethods, ScoreThreshold
 from aecore.errors import ConfigError
@@ -87,11 +88,22 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         super()._set_thresholds(scores, contamination)
         anomaly = -scores.astype(np.float64)
         kind = self.model_.default_score_kind
-        self.detector = ScoreThreshold.fit(anomaly, contamination, kind)
-        self.model_.detector = self.detector  # saved and exported with the model
+        self.detector_ = ScoreThreshold.fit(anomaly, contamination, kind)
+        self.model_.detector = self.detector_  # saved and exported with the model
         self.decision_scores_ = anomaly
-        self.threshold_ = self.detector.threshold
-        self.labels_ = self.detector.labels(anomaly)
+        self.threshold_ = self.detector_.threshold
+        self.labels_ = self.detector_.labels(anomaly)
+
+    def _threshold(self) -> ScoreThreshold:
+        check_is_fitted(self)
+        return self.detector_
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickled when fit named the threshold ``detector`` (scikit-learn's convention:
+        # what fit sets ends in an underscore)
+        if "detector" in state:
+            state.setdefault("detector_", state.pop("detector"))
+        super().__setstate__(state)
 
     def _anomaly_scores(self, X) -> np.ndarray:
         return -self.score_samples(X)

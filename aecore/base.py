@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -38,9 +39,11 @@ def check_input_shape(input_shape: Any) -> tuple[int, ...]:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int (numpy integers included) when it is at least 1."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    if not ok:
         raise ConfigError(f"{name} must be a positive int; got {value!r}")
-    return value
+    return int(value)
 
 
 #: the methods that take a batch of inputs or codes as their first argument: floating

@@ -96,25 +96,37 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        params.integer("epochs", self.epochs, low=1)
-        params.integer("batch_size", self.batch_size, low=1)
+        # checked values are stored as Python ints and floats (numpy scalars from a grid
+        # search included; lr=1 becomes 1.0): one JSON form
+        def store(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        store("epochs", params.integer("epochs", self.epochs, low=1))
+        store("batch_size", params.integer("batch_size", self.batch_size, low=1))
         if self.lr is not None:
-            params.number("lr", self.lr, low=0.0, low_open=True)
+            store("lr", params.number("lr", self.lr, low=0.0, low_open=True))
         params.choice("optimizer", self.optimizer, OPTIMIZERS)
-        params.number("weight_decay", self.weight_decay, low=0.0)
+        store("weight_decay", params.number("weight_decay", self.weight_decay, low=0.0))
         if self.grad_clip is not None:
-            params.number("grad_clip", self.grad_clip, low=0.0, low_open=True)
+            store("grad_clip", params.number("grad_clip", self.grad_clip, low=0.0, low_open=True))
         if self.patience is not None:
-            params.integer("patience", self.patience, low=1)
-        params.number("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
-        params.number("min_delta", self.min_delta, low=0.0)
-        params.number("smoothing", self.smoothing, low=0.0, high=1.0, high_open=True)
-        params.integer("seed", self.seed, low=0)
+            store("patience", params.integer("patience", self.patience, low=1))
+        store(
+            "val_fraction",
+            params.number("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True),
+        )
+        store("min_delta", params.number("min_delta", self.min_delta, low=0.0))
+        store(
+            "smoothing",
+            params.number("smoothing", self.smoothing, low=0.0, high=1.0, high_open=True),
+        )
+        store("seed", params.integer("seed", self.seed, low=0))
         params.choice("device", self.device, DEVICES)
         if not isinstance(self.shuffle, bool):
             raise ConfigError(f"shuffle must be true or false; got {self.shuffle!r}")
         if self.checkpoint_every is not None:
-            params.integer("checkpoint_every", self.checkpoint_every, low=1)
+            every = params.integer("checkpoint_every", self.checkpoint_every, low=1)
+            store("checkpoint_every", every)
         if self.optimizer == "lbfgs":
             if self.grad_clip is not None:
                 raise ConfigError(
@@ -122,11 +134,6 @@ class TrainConfig:
                 )
             if self.weight_decay:
                 raise ConfigError("weight_decay does not apply to optimizer='lbfgs'")
-        # ints given for float settings (lr=1) are stored as floats: one JSON form
-        for name in ("lr", "weight_decay", "min_delta", "grad_clip", "smoothing", "val_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, int):
-                object.__setattr__(self, name, float(value))
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (unknown names are an error naming the fields)."""

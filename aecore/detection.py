@@ -216,17 +216,29 @@ class DetectorMethods(abc.ABC):
         """Anomaly score per row: higher is more anomalous."""
         return np.asarray(self._anomaly_scores(X), dtype=np.float64)
 
-    def predict(self, X: Any) -> np.ndarray:
-        """1 for outliers (score above the contamination threshold), 0 for inliers."""
+    def predict(self, X: Any, return_confidence: bool = False):
+        """1 for outliers (score above the contamination threshold), 0 for inliers; with
+        ``return_confidence``, also ``predict_confidence``'s values (PyOD's keyword)."""
         scores = self.decision_function(X)
-        return self._threshold().labels(scores)
+        threshold = self._threshold()
+        labels = threshold.labels(scores)
+        return (labels, threshold.confidence(scores)) if _flag(return_confidence) else labels
 
-    def predict_proba(self, X: Any, method: str = "linear") -> np.ndarray:
-        """``(n, 2)``: inlier and outlier probabilities (``"linear"`` or ``"unify"``)."""
+    def predict_proba(self, X: Any, method: str = "linear", return_confidence: bool = False):
+        """``(n, 2)``: inlier and outlier probabilities (``"linear"`` or ``"unify"``);
+        with ``return_confidence``, also ``predict_confidence``'s values."""
         scores = self.decision_function(X)
-        return self._threshold().proba(scores, method)
+        threshold = self._threshold()
+        proba = threshold.proba(scores, method)
+        return (proba, threshold.confidence(scores)) if _flag(return_confidence) else proba
 
     def predict_confidence(self, X: Any) -> np.ndarray:
         """How sure each ``predict`` label is, in [0, 1]."""
         scores = self.decision_function(X)
         return self._threshold().confidence(scores)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"return_confidence must be True or False; got {value!r}")
+    return bool(value)

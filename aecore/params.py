@@ -4,8 +4,11 @@ its value and what is allowed."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from aecore.errors import ConfigError
 
@@ -31,8 +34,10 @@ def number(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """A real number in [low, high] (or open at either end)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number in [low, high] (or open at either end), as a Python float (numpy
+    scalars, such as a grid search's ``np.float32`` values, included)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    ok = ok and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -46,7 +51,9 @@ def number(
 
 
 def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool)
+    """An int in [low, high], as a Python int (numpy integers, such as ``np.arange``'s,
+    included: JSON and ``range`` take them as ints)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if ok and low is not None:
         ok = value >= low
     if ok and high is not None:
@@ -54,7 +61,7 @@ def integer(name: str, value: Any, *, low: int | None = None, high: int | None =
     if not ok:
         rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ConfigError(f"{name} must be an int in {rng}; got {value!r}")
-    return value
+    return int(value)
 
 
 def int_list(name: str, value: Any, *, allow_empty: bool = True) -> list[int]:

@@ -26,13 +26,16 @@ class TorchArrayModel(ArrayModel):
         self.latent_dim = self.model.latent_dim
         self.normalization = self.model.normalization
         self.detector = getattr(self.model, "detector", None)
+        self.input_range = self.model.input_range
 
     def _kind_scores(self, X, kind: str) -> np.ndarray:
         import torch
 
         x = self._apply(self._check_inputs(X))
-        if self.model.input_range is not None:  # as the estimator clips new rows
-            x = np.clip(x, *self.model.input_range)
+        if not len(x):
+            return np.empty((0,), np.float64)
+        if self.input_range is not None:  # as the estimator clips new rows
+            x = np.clip(x, *self.input_range)
         batch = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
         return self.model.score(batch, kind=kind).double().numpy()
 

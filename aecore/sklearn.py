@@ -46,7 +46,7 @@ from aecore.data.units import (
     shared_scale_normalization,
     with_real_valued_units,
 )
-from aecore.errors import RegistryError, ShapeError
+from aecore.errors import DataError, RegistryError, ShapeError
 from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
 from aecore.training import Trainer
 
@@ -244,6 +244,7 @@ class AutoencoderTransformer(
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
+            _check_in_model_range(net, x, normalize, self.model)
             net.normalization = normalization
             history = trainer.fit(net, torch.from_numpy(x))
         net.cpu().eval()
@@ -350,6 +351,23 @@ class AutoencoderTransformer(
         ``GridSearchCV`` without a scorer prefers models that reconstruct held-out
         rows better. Comparable only between fits with the same ``normalize``."""
         return float(np.mean(self.score_samples(X)))
+
+
+def _check_in_model_range(net, x: np.ndarray, normalize: str, name: Any) -> None:
+    """The training rows, normalised, must lie in the range the model takes: new rows are
+    clipped to it, so training on values beyond it would fit what ``transform`` and
+    ``predict`` never pass, and label training rows by scores they do not get."""
+    bounds = net.input_range
+    if bounds is None or not x.size:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo < bounds[0] or hi > bounds[1]:
+        raise DataError(
+            f"normalize={normalize!r} leaves the training rows in [{lo:.4g}, {hi:.4g}], "
+            f"but {name!r} with these settings takes inputs in [{bounds[0]:g}, "
+            f"{bounds[1]:g}]: normalize with 'minmax' (or 'auto', which follows the "
+            f"model), or choose the model's settings for real values"
+        )
 
 
 def _fit_normalization(net, normalize: str, units: str | None, X) -> Normalization:

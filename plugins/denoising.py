@@ -129,7 +129,8 @@ class DenoisingAutoencoder(PlainAutoencoder):
         salt = torch.as_tensor(rng.random_sample(shape) < 0.5, device=x.device)
         hit_t = torch.as_tensor(hit, device=x.device)
         rows = x.flatten(1)
-        shape_1 = (len(x),) + (1,) * (x.dim() - 1)
+        # x.shape[:1], not len(x): an int would fix the batch size of a traced graph
+        shape_1 = x.shape[:1] + (1,) * (x.dim() - 1)
         low, high = rows.amin(1).reshape(shape_1), rows.amax(1).reshape(shape_1)
         return [
             torch.where(hit_t[r], torch.where(salt[r], high, low), x)

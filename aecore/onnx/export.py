@@ -52,6 +52,7 @@ from aecore.registry import name_of
 from aecore.runtime.format import (
     FORMAT,
     FORMAT_VERSION,
+    INPUT_RANGE_KEY,
     PARTS,
     PASSES_KEY,
     SCORE_PART,
@@ -214,7 +215,14 @@ def _metadata(model: nn.Module, name: str) -> dict[str, str]:
         "aecore.torch_version": torch.__version__.split("+")[0],
         "aecore.export_id": digest.hexdigest()[:20],
         **detector_metadata(model),
+        **input_range_metadata(model),
     }
+
+
+def input_range_metadata(model) -> dict[str, str]:
+    """The range of normalised inputs the model takes, when it is bounded."""
+    bounds = getattr(model, "input_range", None)
+    return {} if bounds is None else {INPUT_RANGE_KEY: json.dumps([float(b) for b in bounds])}
 
 
 def detector_metadata(model) -> dict[str, str]:

@@ -31,11 +31,17 @@ class ArrayModel(DetectorMethods, abc.ABC):
     #: with the normalisation folded into its graphs)
     normalizes_itself: bool = False
 
+    #: the range of normalised inputs the model takes (None: any real values): the
+    #: detector methods clip rows to it, as the estimator clips new rows
+    input_range: tuple[float, float] | None = None
+
     def _anomaly_scores(self, X: Any) -> np.ndarray:
+        x = self._check_inputs(X)
+        _check_finite(x)
         kind = self.detector.kind if self.detector is not None else "reconstruction"
         if kind != "reconstruction":
-            return self._kind_scores(X, kind)
-        return self.score(X)
+            return self._kind_scores(x, kind)
+        return self._errors(x, DEFAULT_BATCH_SIZE, clip=True)
 
     def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
         """The detector's scores when they are not the reconstruction error."""
@@ -125,24 +131,34 @@ class ArrayModel(DetectorMethods, abc.ABC):
         """Anomaly score per row, ``(N,)`` float32: mean squared reconstruction error in
         normalised units (the model's ``Autoencoder.score`` on normalised inputs)."""
         x = self._check_inputs(x)
-        batch_size = _check_batch_size(batch_size)
+        return self._errors(x, _check_batch_size(batch_size), clip=False)
+
+    def _errors(self, x: np.ndarray, batch_size: int, *, clip: bool) -> np.ndarray:
+        clip = clip and self.input_range is not None
         n = len(x)
         if 0 < n <= batch_size:
-            return self._row_errors(x)
+            return self._row_errors(x, clip)
         out = np.empty((n,), dtype=np.float32)
         for start in range(0, n, batch_size):
-            out[start : start + batch_size] = self._row_errors(x[start : start + batch_size])
+            out[start : start + batch_size] = self._row_errors(x[start : start + batch_size], clip)
         return out
 
-    def _row_errors(self, x: np.ndarray) -> np.ndarray:
+    def _row_errors(self, x: np.ndarray, clip: bool = False) -> np.ndarray:
         if self.normalizes_itself:  # (x_hat - x) / scale: the shift cancels
             x = _float32(x)
+            if clip:  # the range in data units, feature by feature
+                lo, hi = self.input_range
+                if self._shift is not None:
+                    lo, hi = self._shift + lo * self._scale, self._shift + hi * self._scale
+                x = np.clip(x, lo, hi)
             err = self._forward("full", x)
             err -= x
             if self._inv is not None:
                 err *= self._inv
         else:
             xn = self._apply(x)
+            if clip:
+                xn = np.clip(xn, *self.input_range)
             err = self._forward("full", xn)
             err -= xn
         err = err.reshape(len(err), -1)
@@ -197,6 +213,17 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
             hint = f"; reshape to {expected} with {name}.reshape(-1, {', '.join(map(str, shape))})"
         raise ShapeError(f"{what} of shape {expected}; got shape {tuple(x.shape)}{hint}")
     return x
+
+
+def _check_finite(x: np.ndarray) -> None:
+    """A row with NaN would score NaN, which no threshold calls an outlier."""
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise DataError(
+            f"X contains NaN or infinite values (rows {shown}): a detector cannot score "
+            f"them; drop or impute them first"
+        )
 
 
 def _check_batch_size(batch_size: Any) -> int:

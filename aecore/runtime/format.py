@@ -15,6 +15,9 @@ PARTS = ("full", "encoder", "decoder")
 SCORE_PART = "score"
 #: the score graph's forward passes per row (its metadata; 1 where absent)
 PASSES_KEY = "aecore.score_passes"
+#: the range a model with bounded inputs takes, in normalised units (JSON ``[lo, hi]``;
+#: absent for any real values): the detector methods clip rows to it, as fit's were
+INPUT_RANGE_KEY = "aecore.input_range"
 #: rows per onnxruntime call: bounds memory for large (memory-mapped) inputs
 DEFAULT_BATCH_SIZE = 4096
 

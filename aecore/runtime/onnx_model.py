@@ -18,6 +18,7 @@ from aecore.runtime.format import (
     DEFAULT_BATCH_SIZE,
     FORMAT,
     FORMAT_VERSION,
+    INPUT_RANGE_KEY,
     PARTS,
     PASSES_KEY,
     SCORE_PART,
@@ -107,6 +108,16 @@ class OnnxAutoencoder(ArrayModel):
                 )
             except DataError as exc:
                 raise ModelFileError(f"{self.path}: {exc}") from None
+        if INPUT_RANGE_KEY in meta:
+            bounds = _json_field(meta, INPUT_RANGE_KEY, self.path)
+            if not (
+                isinstance(bounds, list)
+                and len(bounds) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                and bounds[0] <= bounds[1]
+            ):
+                raise ModelFileError(f"{self.path}: malformed {INPUT_RANGE_KEY} {bounds!r}")
+            self.input_range = (float(bounds[0]), float(bounds[1]))
         self.normalizes_itself = meta.get("aecore.normalization_in_graph") == "1"
         # the graphs hold that normalisation: another one could not take effect
         self._normalization_fixed = self.normalizes_itself
@@ -123,6 +134,19 @@ class OnnxAutoencoder(ArrayModel):
         self._serve = None
         if self.part == "full" and (self.normalizes_itself or norm.kind == "none"):
             self._serve = (graph.run, graph.output, graph.input)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # sessions do not pickle: a copy (another process, say) reopens the same files
+        return {"path": self.path, "providers": self.providers, "threads": self.threads,
+                "export_id": self.export_id}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["providers"], state["threads"])
+        if self.export_id != state["export_id"]:
+            raise ModelFileError(
+                f"{self.path} holds another export (id {self.export_id!r}) than the one "
+                f"pickled (id {state['export_id']!r}): open the file again"
+            )
 
     def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
         graph = self._graph(SCORE_PART)

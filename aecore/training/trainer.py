@@ -88,6 +88,7 @@ class Trainer:
                 f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
             )
         _warn_ignored_optimizer_settings(model, self.config)
+        _drop_stale_threshold(model)
         c = self.config.for_model(model)
         given = train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
         if val_data is not None:
@@ -116,6 +117,24 @@ class Trainer:
 DEFAULTS = TrainConfig()
 #: the optimizer's settings: no effect on a model that updates its own parameters
 OPTIMIZER_SETTINGS = ("lr", "optimizer", "weight_decay", "grad_clip")
+
+
+def _drop_stale_threshold(model) -> None:
+    """A detector's threshold is a quantile of the training rows' scores under the
+    weights it was fitted with: training moves the scores, so it would flag another share
+    of rows than its contamination says, and would be saved and exported so."""
+    detector = getattr(model, "detector", None)
+    if detector is None:
+        return
+    model.detector = None
+    warnings.warn(
+        f"{type(model).__name__} carries an anomaly threshold fitted to its scores "
+        f"before this training (contamination {detector.contamination:g}); training "
+        f"changes the scores, so the threshold is dropped: fit aecore.AnomalyDetector "
+        f"for a new one",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_ignored_optimizer_settings(model, config: TrainConfig) -> None:

@@ -1,0 +1,201 @@
+"""A detector decides the same rows the same way wherever it runs (estimator, model
+folder, ONNX export) and refuses what it cannot score, as PyOD's detectors do."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+import aecore
+from aecore.errors import ConfigError, DataError, ModelFileError
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return X / 16.0, y
+
+
+def served_copies(detector, tmp_path, name="m"):
+    """The detector's model as a folder run by torch and as an export of all parts."""
+    from aecore import open_model
+    from aecore.onnx import export_onnx
+    from aecore.runtime import OnnxAutoencoder
+
+    aecore.save(detector.model_, tmp_path / name)
+    export_onnx(detector.model_, tmp_path / f"{name}.onnx", part="all")
+    return open_model(str(tmp_path / name)), OnnxAutoencoder(tmp_path / f"{name}.onnx")
+
+
+@pytest.mark.parametrize("hparams", [{"model": "deep"}, {"output_activation": "sigmoid"}])
+def test_served_detectors_clip_new_rows_to_the_models_range_as_the_estimator_does(
+    digits, tmp_path, hparams
+):
+    # a model that takes [0, 1] sees brighter rows clipped; the served reconstruction
+    # error once skipped that, and flagged 148 of 178 rows where the estimator flagged 18
+    X, y = digits
+    hparams = {"model": "ae", **hparams}
+    detector = aecore.AnomalyDetector(**hparams, latent_dim=4, epochs=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deep's RBM pre-training notes grey values
+        detector.fit(X[y == 0])
+    assert detector.model_.input_range == (0.0, 1.0)
+    brighter = np.where(X[y == 0] == 1.0, 1.5, X[y == 0])
+    want = detector.decision_function(brighter)
+    for served in served_copies(detector, tmp_path):
+        assert served.input_range == (0.0, 1.0)
+        np.testing.assert_allclose(served.decision_function(brighter), want, rtol=1e-4)
+        assert np.array_equal(served.predict(brighter), detector.predict(brighter))
+        # the plain score keeps the model's own error on the rows as given
+        assert served.score(brighter).mean() > want.mean()
+    assert np.array_equal(detector.labels_, detector.predict(X[y == 0]))
+
+
+def test_served_detectors_refuse_rows_with_nan_or_inf(digits, tmp_path):
+    # a NaN row scored NaN, which no threshold calls an outlier: it was labelled normal
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", latent_dim=4, epochs=2, random_state=0)
+    detector.fit(X[y == 0])
+    bad = X[y == 3][:4].copy()
+    bad[1, 5], bad[3, 0] = np.nan, -np.inf
+    for served in served_copies(detector, tmp_path):
+        for method in ("decision_function", "predict", "predict_proba", "predict_confidence"):
+            with pytest.raises(DataError, match=r"NaN or infinite values \(rows 1, 3\)"):
+                getattr(served, method)(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        detector.predict(bad)
+
+
+@pytest.mark.parametrize("name", ["denoising", "rbm", "vae", "ae"])
+def test_served_detectors_take_an_empty_batch(digits, tmp_path, name):
+    X, y = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an RBM's note on grey values
+        detector = aecore.AnomalyDetector(name, latent_dim=4, epochs=2, random_state=0)
+        detector.fit(X[y == 0])
+    for served in served_copies(detector, tmp_path):
+        empty = np.empty((0, 64))
+        assert served.predict(empty).shape == (0,)
+        assert served.predict_proba(empty).shape == (0, 2)
+
+
+def test_a_salt_and_pepper_denoiser_exports_its_score_for_any_batch_size(digits, tmp_path):
+    # its fixed corruptions once took the row count from len(x), an int the tracer
+    # baked into the graph: the export of all parts failed
+    X, y = digits
+    detector = aecore.AnomalyDetector(corruption="salt_pepper", epochs=2, random_state=0)
+    detector.fit(X[y == 0])
+    assert detector.detector_.kind == "denoising"
+    for served in served_copies(detector, tmp_path):
+        for rows in (X[:1], X[:37]):
+            np.testing.assert_allclose(
+                served.decision_function(rows), detector.decision_function(rows), rtol=1e-4
+            )
+
+
+def test_fit_refuses_training_rows_outside_the_models_range(digits):
+    # new rows are clipped to the model's range: training on values beyond it gave
+    # labels_ that predict(X_train) contradicted (10% against 100% flagged)
+    from sklearn.datasets import load_wine
+
+    X, y = digits
+    with pytest.raises(
+        DataError, match=r"normalize='standardize' leaves .* takes inputs in \[0, 1\]"
+    ):
+        aecore.AnomalyDetector(output_activation="sigmoid", normalize="standardize").fit(X)
+    wine = load_wine().data
+    with pytest.raises(DataError, match=r"normalize='none' .* normalize with 'minmax'"):
+        aecore.AnomalyDetector("rbm", visible="bernoulli", normalize="none").fit(wine)
+    # the defaults follow the model's range: the training rows get their own labels
+    detector = aecore.AnomalyDetector("rbm", visible="bernoulli", epochs=2, random_state=0)
+    detector.fit(wine)
+    assert np.array_equal(detector.labels_, detector.predict(wine))
+
+
+def test_fit_sets_only_attributes_that_end_in_an_underscore(digits):
+    X, y = digits
+    detector = aecore.AnomalyDetector(epochs=1, random_state=0)
+    before = set(vars(detector))
+    detector.fit(X[y == 0])
+    added = {k for k in set(vars(detector)) - before if not k.startswith("_")}
+    assert added and all(k.endswith("_") for k in added), added
+    # pickled when fit set ``detector``: still thresholds
+    state = detector.__getstate__()
+    state["detector"] = state.pop("detector_")
+    old = aecore.AnomalyDetector.__new__(aecore.AnomalyDetector)
+    old.__setstate__(state)
+    assert np.array_equal(old.predict(X[:50]), detector.predict(X[:50]))
+
+
+def test_predict_and_predict_proba_return_confidence_as_pyod_does(digits, tmp_path):
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", latent_dim=4, epochs=2, random_state=0)
+    detector.fit(X[y == 0])
+    for model in (detector, *served_copies(detector, tmp_path)):
+        labels, confidence = model.predict(X[:30], return_confidence=True)
+        assert np.array_equal(labels, model.predict(X[:30]))
+        np.testing.assert_array_equal(confidence, model.predict_confidence(X[:30]))
+        proba, confidence = model.predict_proba(X[:30], "unify", return_confidence=True)
+        np.testing.assert_array_equal(proba, model.predict_proba(X[:30], method="unify"))
+        with pytest.raises(ConfigError, match="return_confidence must be True or False"):
+            model.predict(X[:3], return_confidence="yes")
+
+
+def test_an_onnx_model_pickles_by_reopening_its_files(digits, tmp_path):
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", latent_dim=4, epochs=2, random_state=0)
+    detector.fit(X[y == 0])
+    _, served = served_copies(detector, tmp_path)
+    copy = pickle.loads(pickle.dumps(served))
+    assert np.array_equal(copy.predict(X), served.predict(X))
+    np.testing.assert_array_equal(copy.reconstruct(X[:5]), served.reconstruct(X[:5]))
+    # another export in its place is not silently taken for the pickled one
+    blob = pickle.dumps(served)
+    other = aecore.AnomalyDetector("ae", latent_dim=4, epochs=3, random_state=1).fit(X[y == 1])
+    from aecore.onnx import export_onnx
+
+    export_onnx(other.model_, tmp_path / "m.onnx", part="all", overwrite=True)
+    with pytest.raises(ModelFileError, match="holds another export"):
+        pickle.loads(blob)
+
+
+def test_training_a_detectors_model_further_drops_its_stale_threshold(digits, tmp_path):
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", latent_dim=4, epochs=2, random_state=0)
+    detector.fit(X[y == 0])
+    model = detector.model_
+    with pytest.warns(UserWarning, match=r"threshold fitted .* \(contamination 0.1\).* dropped"):
+        aecore.Trainer(epochs=2, progress=False).fit(model, X[y == 0].astype(np.float32))
+    assert model.detector is None
+    aecore.save(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model.json").read_text()).get("detector") is None
+
+
+def test_numpy_scalars_are_taken_as_numbers(digits):
+    # a grid search over np.arange hands the estimator numpy integers
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = digits
+    detector = aecore.AnomalyDetector(
+        epochs=np.int64(2), latent_dim=np.int64(4), contamination=np.float32(0.1),
+        batch_size=np.int32(32), random_state=np.int64(0),
+    )  # fmt: skip
+    detector.fit(X[y == 0])
+    assert type(detector.model_.latent_dim) is int and detector.threshold_ > 0
+    search = GridSearchCV(
+        aecore.AutoencoderTransformer("ae", epochs=1, random_state=0),
+        {"latent_dim": np.arange(2, 4)},
+        cv=2,
+    )
+    assert search.fit(X[:200]).best_params_["latent_dim"] in (2, 3)
+    config = aecore.TrainConfig(epochs=np.int64(3), lr=np.float32(0.01))
+    assert json.loads(json.dumps(config.__dict__))["epochs"] == 3
+    assert type(config.lr) is float

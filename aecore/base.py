@@ -96,7 +96,8 @@ class Autoencoder(nn.Module, abc.ABC):
       its budget the run is (0 to 1), for a model whose training changes over the
       run (an SAE's top-k warm-up).
     * ``saved_state_dict() -> dict``: the state ``aecore.save`` writes, when it differs
-      from ``state_dict()`` (an equivalent form, e.g. with an input scale folded in).
+      from ``state_dict()`` (an equivalent form, e.g. with an input scale folded in);
+      ``restore_saved_state(state) -> dict`` turns it back on ``aecore.load``.
     * ``default_normalize``: the data normalisation that ``aecore train`` and the
       estimators' ``normalize="auto"`` apply to a model that says so; without it they
       choose by the data (``aecore.data.units``).

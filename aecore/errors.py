@@ -34,6 +34,11 @@ class TrainingInterrupted(TrainingError):
     """Training stopped on SIGTERM/SIGINT after writing a checkpoint to resume from."""
 
 
+class NonFiniteError(AecoreError, RuntimeError):
+    """An op met NaN or infinite values it cannot rank (a diverging model's
+    pre-activations, say); the trainer reports it as a non-finite step."""
+
+
 class FileWriteError(AecoreError, OSError):
     """Writing a file failed (a full disk, an I/O error, no permission): the message
     names the file and the step; the previous version of the file is intact."""

@@ -80,6 +80,16 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// The backward kernels have no derivatives of their own: under create_graph the
+// gradient they give would differentiate as a constant, so a second derivative would be
+// silently wrong.
+void first_order_only(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "aecore: ", op,
+                              "'s fused backward has no derivative of its own: second "
+                              "derivatives (create_graph=True) need aecore.ops.reference.",
+                              op);
+}
+
 class KLSparsity : public torch::autograd::Function<KLSparsity> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& h, double rho, double beta) {
@@ -99,6 +109,7 @@ class KLSparsity : public torch::autograd::Function<KLSparsity> {
     static const auto kernel = op<Tensor(
         const Tensor&, const std::optional<Tensor>&, const Tensor&, c10::SymInt, double, double)>(
         "aecore::kl_sparsity_backward");
+    first_order_only("kl_sparsity");
     const Tensor mean = ctx->get_saved_variables()[0];
     const c10::SymInt rows = ctx->saved_data["rows"].toSymInt();
     const Tensor grad_loss = grads[0].defined() ? grads[0] : at::zeros({}, mean.options());
@@ -129,6 +140,7 @@ class TopkSparsify : public torch::autograd::Function<TopkSparsify> {
     static const auto kernel =
         op<Tensor(const Tensor&, const Tensor&)>("aecore::topk_sparsify_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor()};
+    first_order_only("topk_sparsify");
     return {kernel.call(grads[0], ctx->get_saved_variables()[0]), Tensor()};
   }
 };

@@ -53,6 +53,7 @@ from aecore.sae.recipe import (
     geometric_median,
     remove_parallel_gradient,
     set_row_norms,
+    unfold_input_scale,
 )
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -244,6 +245,12 @@ class SparseDictionary(Autoencoder):
 
     # aecore.save writes the folded form: folders and exports take raw activations
     saved_state_dict = folded_state_dict
+
+    @staticmethod
+    def restore_saved_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``aecore.load``: the input scale taken back out of the weights, so that a
+        loaded SAE trains on as the one saved would have."""
+        return unfold_input_scale(state)
 
 
 def _k(value, latent_dim: int) -> int:

@@ -254,3 +254,17 @@ def test_cd_update_opcheck():
     for k, c, units in [(2, None, (False, False, True)), (1, chain, (True, False, False))]:
         args = (v, W, b_v, b_h, *velocities, k, c, *units, rng, 0.1, 0.5, 0.01, None, None, None)
         opcheck(torch.ops.aecore.cd_update_, args)
+
+
+def test_momentum_step_refuses_operands_it_cannot_write_before_changing_anything():
+    # an expanded velocity once failed half-way, after the first parameter had moved
+    params, steps = [torch.zeros(4), torch.zeros(3)], [torch.ones(4), torch.ones(3)]
+    velocities = [torch.zeros(4), torch.zeros(1).expand(3)]
+    with pytest.raises(ConfigError, match=r"velocities\[1\] is written in place, but its elem"):
+        ops.momentum_step_(params, velocities, steps, 0.1, 0.5)
+    assert not params[0].any() and not velocities[0].any()
+    fresh = [torch.zeros(4), torch.zeros(3)]
+    with pytest.raises(ConfigError, match="params must be a list of tensors, got Tensor"):
+        ops.momentum_step_(torch.zeros(4), fresh, steps, 0.1, 0.5)
+    with pytest.raises(ConfigError, match="weight_decay must be a list of numbers, one per"):
+        ops.momentum_step_(params, fresh, steps, 0.1, 0.5, weight_decay=0.1)

@@ -168,24 +168,36 @@ def test_training_holds_decoder_rows_at_unit_norm_and_explains_the_data(name):
 
 
 @pytest.mark.parametrize("name", SAES)
-def test_the_saved_form_folds_the_input_scale_and_computes_the_same(name, tmp_path):
+def test_the_saved_form_folds_the_input_scale_and_load_takes_it_back_out(name, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
     x = sparse_data(2048) * 5.0
     model = make(name)
     aecore.Trainer(epochs=1, batch_size=256, progress=False).fit(model, x)
-    assert float(model.input_scale) != pytest.approx(1.0)
+    c = float(model.input_scale)
+    assert c != pytest.approx(1.0)
     aecore.save(model, tmp_path / "m")
+    saved = load_file(str(tmp_path / "m" / "model.safetensors"))  # raw-unit weights
+    assert float(saved["input_scale"]) == 1.0
+    assert float(saved["decoder_row_norm"]) == pytest.approx(1 / c)
     loaded = aecore.load(tmp_path / "m")
-    assert float(loaded.input_scale) == 1.0
+    assert float(loaded.input_scale) == pytest.approx(c) and float(loaded.decoder_row_norm) == 1
     with torch.no_grad():
         torch.testing.assert_close(
             loaded.encode(x[:100]), model.encode(x[:100]), atol=1e-4, rtol=1e-4
         )
         torch.testing.assert_close(loaded(x[:100]), model(x[:100]), atol=1e-4, rtol=1e-4)
-    # training on continues from the saved weights (no fresh start) with rows at 1 / c
-    aecore.Trainer(epochs=1, batch_size=256, progress=False).fit(loaded, x)
-    norms = loaded.W_dec.norm(dim=1)
-    torch.testing.assert_close(norms, torch.full((N,), float(loaded.decoder_row_norm)))
-    assert float(loaded.decoder_row_norm) == pytest.approx(1 / float(model.input_scale))
+    # training on from the folder goes as it would have in memory: Adam's steps suit the
+    # weights' scale (on the folded weights, residual-stream-sized inputs took the loss
+    # up 80-fold, and the trainer went back to the start)
+    runs = []
+    for start in (copy.deepcopy(model), loaded):
+        trainer = aecore.Trainer(epochs=1, batch_size=256, seed=1, progress=False)
+        runs.append(trainer.fit(start, x).epochs[-1]["train_loss"])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-3)
+    torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(N))
 
 
 @pytest.mark.parametrize("name", SAES)
@@ -418,3 +430,70 @@ def test_batchtopk_takes_no_more_candidates_a_row_than_the_fused_encoder_keeps(m
     sparse = model.loss(x)["loss"]
     dense = sae_loss_module._dense_loss(model, model._scaled(x), True)["loss"]
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sae-topk", "sae-batchtopk"])
+def test_auxk_past_the_dictionary_size_trains_once_latents_die(name):
+    # aux_k's default is d / 2 (here 8): a dictionary of 4 latents once failed the step
+    # as soon as one died
+    torch.manual_seed(0)
+    model = aecore.create(name, input_shape=(D,), latent_dim=4, k=1, dead_window=1)
+    assert model.aux_k > model.latent_dim
+    trainer = aecore.Trainer(epochs=2, batch_size=64, val_fraction=0, progress=False)
+    assert "train_auxk" in trainer.fit(model, sparse_data(512)).epochs[-1]
+
+
+def test_matryoshka_with_one_prefix_trains_and_evaluates():
+    # one prefix, the whole dictionary (what "auto" gives a 1-latent model): the loss
+    # once indexed the nested prefixes' first error, of which there is none
+    x = sparse_data(512)
+    model = make("sae-matryoshka", prefixes=[N], k=4)
+    aecore.Trainer(epochs=1, batch_size=64, val_fraction=0, progress=False).fit(model, x)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval().loss(x)["loss"])
+
+
+def test_shrinkage_centered_measures_about_b_dec_in_the_inputs_units():
+    # b_dec lives in the units the SAE scales inputs to (c x); centring raw rows on it
+    # gave 0.995 where the centred ratio is 0.911
+    from aecore.sae.metrics import sae_metrics, shrinkage
+
+    x = sparse_data(1024) * 30 + 5
+    model = make()
+    aecore.Trainer(epochs=1, batch_size=128, progress=False).fit(model, x)
+    assert float(model.input_scale) != pytest.approx(1.0)
+    with torch.no_grad():
+        center = model.b_dec / model.input_scale
+        want = shrinkage(x, model(x), center=center)
+    assert sae_metrics(model, x)["shrinkage_centered"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sae-topk", "sae-batchtopk", "sae-matryoshka"])
+def test_a_16_bit_sae_trains_and_encodes(name):
+    # the training loss took bfloat16; encode's top-k once refused it
+    x = sparse_data(64)
+    model = make(name, k=4)
+    model.init_from_data(x)
+    model.to(torch.bfloat16).train()
+    model.set_progress(0.1)  # inside matryoshka's top-k warm-up
+    model.loss(x)["loss"].backward()
+    with torch.no_grad():
+        z = model.eval().encode(x)
+        assert z.dtype == torch.bfloat16 and bool(torch.isfinite(z).all())
+        if name == "sae-topk":  # the others' inference thresholds need training
+            assert bool(((z != 0).sum(1) <= 4).all())
+        assert torch.isfinite(model.loss(x)["loss"])
+
+
+@pytest.mark.parametrize("name", ["sae-topk", "sae-batchtopk"])
+def test_a_diverging_top_k_run_stops_with_the_trainers_advice(name):
+    # the fused encoder refuses NaN pre-activations; the run once ended in its bare
+    # RuntimeError, where a ReLU SAE got the trainer's non-finite step message
+    from aecore.errors import TrainingError
+
+    model = make(name, normalize_inputs=False, unit_decoder=False)
+    trainer = aecore.Trainer(epochs=3, batch_size=16, lr=1e35, val_fraction=0, progress=False)
+    with pytest.raises(
+        TrainingError, match=r"NaN or infinite pre-activation.* at epoch 1.*grad_clip"
+    ):
+        trainer.fit(model, sparse_data(256) * 100)

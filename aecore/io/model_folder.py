@@ -237,7 +237,8 @@ def load_weights(model, path: Path) -> None:
         raise ModelFileError(
             f"{path}: the weights do not match the model config: {'; '.join(problems)}"
         )
-    model.load_state_dict(state, strict=False)
+    restore = getattr(model, "restore_saved_state", None)  # saved_state_dict's inverse
+    model.load_state_dict(restore(state) if restore is not None else state, strict=False)
 
 
 def check_one_run(directory: Path, record: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ import math
 import torch
 from torch import Tensor
 
-from aecore.errors import ConfigError, ShapeError
+from aecore.errors import ConfigError, NonFiniteError, ShapeError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -171,10 +171,11 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
 
     ``k`` in [1, D]. NaN counts as the largest value (as in torch.topk); among equal
     values the fused kernels keep the lower column index. Differentiable: the gradient
-    reaches the kept entries only. The result is a new contiguous tensor.
+    reaches the kept entries only. The result is a new contiguous tensor. float32 and
+    float64 run the fused kernels; float16 / bfloat16 (a 16-bit SAE's code) the reference.
     """
     check.topk_args(z, k)
-    if fused(z):
+    if z.dtype in check.FLOAT_DTYPES and fused(z):
         return _fused.topk_sparsify(z, k)
     return reference.topk(z, k)[0]
 
@@ -229,15 +230,24 @@ def topk_encode(
     if not _fused_sae(x) or k > limit:
         return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
     if aux_k <= limit:
-        return _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+        return _fused_encode(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
     # AuxK's k past the device's heaps (d / 2 at large d): the main code fused, AuxK's
     # from the dead latents' pre-activations alone, never the whole (B, n) matrix
-    values, indices = _fused.topk_encode(x, W_enc, b_enc, b_dec, k, straight_through)
+    values, indices = _fused_encode(x, W_enc, b_enc, b_dec, k, straight_through)
     index = dead.nonzero().flatten()
     aux_values, local = reference.sparse_code(
         x, W_enc[index], b_enc[index], b_dec, aux_k, straight_through=True
     )
     return values, indices, aux_values, index[local]
+
+
+def _fused_encode(*args) -> tuple[Tensor, ...]:
+    try:
+        return _fused.topk_encode(*args)
+    except RuntimeError as exc:  # the kernels' refusal of NaN, typed for the trainer
+        if "NaN or infinite pre-activation" in str(exc):
+            raise NonFiniteError(str(exc).splitlines()[0].removeprefix("aecore: ")) from None
+        raise
 
 
 def topk_encode_max_k(x: Tensor) -> int | float:
@@ -315,7 +325,17 @@ def momentum_step_(
     finiteness check of the steps, then one pass per parameter (float32/64, contiguous
     parameters and velocities); otherwise the reference.
     """
-    decay = [0.0] * len(params) if weight_decay is None else [float(w) for w in weight_decay]
+    if not (isinstance(params, (list, tuple)) and params):  # refused with the checks' words
+        check.momentum_step_args(params, velocities, steps, lr, momentum, [])
+    decay = [0.0] * len(params) if weight_decay is None else weight_decay
+    if not isinstance(decay, (list, tuple)) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in decay
+    ):
+        raise ConfigError(
+            f"momentum_step_: weight_decay must be a list of numbers, one per parameter, or "
+            f"None; got {weight_decay!r}"
+        )
+    decay = [float(w) for w in decay]
     numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in (lr, momentum))
     if numbers and params and isinstance(params[0], Tensor) and fused(params[0]):
         # The kernels check their operands before changing anything; the Python checks

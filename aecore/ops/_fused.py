@@ -98,6 +98,7 @@ if SCHEMAS_LOADED:
         ctx.save_for_backward(values, indices, aux_indices, x, W_enc, b_dec)
 
     def _topk_encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+        first_order_only("topk_encode")
         values, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
         grads = _encoder_backward(
             grad_values, values, indices, grad_aux, aux_indices, x, W_enc, b_dec
@@ -113,6 +114,7 @@ if SCHEMAS_LOADED:
         ctx.save_for_backward(values, indices, W_dec)
 
     def _sparse_decode_backward(ctx, grad_out):
+        first_order_only("sparse_decode")
         values, indices, W_dec = ctx.saved_tensors
         g_values, g_W, g_b = torch.ops.aecore.sparse_decode_backward(
             grad_out, values, indices, W_dec
@@ -138,6 +140,17 @@ def _below_autograd(op, *args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def first_order_only(op: str) -> None:
+    """The backward ops have no derivatives of their own: under ``create_graph`` their
+    gradients would differentiate as constants, so second derivatives would be silently
+    wrong."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"aecore: {op}'s fused backward has no derivative of its own: second "
+            f"derivatives (create_graph=True) need aecore.ops.reference.{op}"
+        )
 
 
 def _encoder_backward(grad_values, gate, indices, grad_aux, aux_indices, x, W_enc, b_dec):
@@ -174,6 +187,7 @@ class _TopkEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+        first_order_only("topk_encode")
         values, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
         gate = torch.ones_like(values) if ctx.straight_through else values
         grads = _encoder_backward(
@@ -191,6 +205,7 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        first_order_only("sparse_decode")
         values, indices, W_dec = ctx.saved_tensors
         g_values, g_W, g_b = torch.ops.aecore.sparse_decode_backward(
             grad_out, values, indices, W_dec

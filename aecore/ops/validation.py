@@ -183,7 +183,7 @@ def kl_args(h, rho, beta) -> tuple[float, float]:
 
 def topk_args(z, k) -> int:
     op = "topk_sparsify"
-    tensor(op, "z", z, 2)
+    tensor(op, "z", z, 2, dtypes=SAE_DTYPES)
     D = z.shape[1]
     if D == 0:
         raise ShapeError(f"{op}: z must have at least one column, got {_shape(z)}")
@@ -267,6 +267,16 @@ def positive(op: str, name: str, value) -> float:
     return float(value)
 
 
+def writable(op: str, name: str, t: torch.Tensor) -> None:
+    """Only a strided view (expand, as_strided) can repeat elements: an in-place write
+    there would fail half-way through an update, after other tensors changed."""
+    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+        raise ConfigError(
+            f"{op}: {name} is written in place, but its elements share memory (a view "
+            f"such as expand's); pass a tensor of its own (.clone())"
+        )
+
+
 def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) -> None:
     op = "momentum_step_"
     for name, seq in (("params", params), ("velocities", velocities), ("steps", steps)):
@@ -289,6 +299,8 @@ def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) ->
                 raise ShapeError(
                     f"{op}: {name}[{i}] has shape {_shape(t)}, params[{i}] {_shape(params[i])}"
                 )
+            if name != "steps":
+                writable(op, f"{name}[{i}]", t)
     for name, value in (("lr", lr), ("momentum", momentum)):
         if (
             isinstance(value, bool)
@@ -327,13 +339,8 @@ def cd_update_args(
     written = {"W": W, "b_v": b_v, "b_h": b_h, "chain": chain}
     written.update({f"the velocity of {k}": t for k, t in zip(("W", "b_v", "b_h"), velocities)})
     for name, t in written.items():
-        # only a strided view (expand, as_strided) can repeat elements; an in-place write
-        # there would fail half-way through the step
-        if t is not None and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
-            raise ConfigError(
-                f"{op}: {name} is written in place, but its elements share memory (a view "
-                f"such as expand's); pass a tensor of its own (.clone())"
-            )
+        if t is not None:
+            writable(op, name, t)
     rates = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     for name, value in rates.items():
         if not math.isfinite(real_arg(op, name, value)):

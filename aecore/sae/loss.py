@@ -23,8 +23,11 @@ def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
     training = model.training and torch.is_grad_enabled()
     if training and not getattr(model.rule, "prefixes", None):
         dead, n_dead = _dead_to_revive(model)
+        # AuxK picks at most the dead latents (aux_k's default, d / 2, may pass the
+        # dictionary's size)
+        aux_k = min(model.aux_k, n_dead)
         code = model.rule.sparse_training_code(
-            xs, model.W_enc, model.b_enc, model.b_dec, aux_k=model.aux_k if n_dead else 0, dead=dead
+            xs, model.W_enc, model.b_enc, model.b_dec, aux_k=aux_k, dead=dead
         )
         if code is not None:
             return _sparse_loss(model, xs, *code, n_dead=n_dead)
@@ -76,7 +79,7 @@ def _dense_loss(model, xs: Tensor, training: bool) -> dict[str, Tensor]:
     terms: dict[str, Tensor] = {"fvu": fvu}
     loss = fvu
     prefixes = getattr(model.rule, "prefixes", None)
-    if prefixes:  # every nested prefix of latents reconstructs on its own too
+    if prefixes and len(prefixes) > 1:  # each nested prefix reconstructs on its own too
         partial = [
             (xs - code[:, :m] @ model.W_dec[:m] - model.b_dec).pow(2).sum() / total_variance
             for m in prefixes[:-1]

@@ -348,7 +348,10 @@ def sae_metrics(
     center = getattr(model, "b_dec", None)
     ratios = {"shrinkage": NormRatio()}
     if isinstance(center, torch.Tensor):
-        ratios["shrinkage_centered"] = NormRatio(center.detach())
+        # b_dec lives in the units the SAE scales inputs to; x and decode() in raw ones
+        scale = getattr(model, "input_scale", None)
+        center = center.detach() / scale.detach() if scale is not None else center.detach()
+        ratios["shrinkage_centered"] = NormRatio(center)
     modes = eval_mode(model) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
     with torch.inference_mode(), modes:
         for part in _batches(n, batch_size):

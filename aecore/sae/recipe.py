@@ -62,6 +62,24 @@ def fold_input_scale(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+def unfold_input_scale(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``fold_input_scale`` undone: the scale ``c`` comes back from the decoder rows'
+    norm (1 / c once folded), so training resumes on weights of the scale it started
+    with (Adam's steps are sized for them). A state never folded is returned as it is.
+    Changes ``state`` in place and returns it."""
+    norm = state["decoder_row_norm"]
+    if not bool(state["input_scale"] == 1) or not bool(norm > 0) or bool(norm == 1):
+        return state
+    c = 1.0 / norm
+    state["W_enc"] = state["W_enc"] / c
+    state["W_dec"] = state["W_dec"] * c
+    state["b_dec"] = state["b_dec"] * c
+    state["decoder_row_norm"] = torch.ones_like(norm)
+    state["input_variance"] = state["input_variance"] * c**2
+    state["input_scale"] = c.to(state["input_scale"])
+    return state
+
+
 def aux_loss(
     residual: Tensor,
     pre: Tensor,

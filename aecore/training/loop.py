@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from aecore.errors import ConfigError, ShapeError, TrainingError, TrainingInterrupted
+from aecore.errors import ConfigError, ShapeError, TrainingInterrupted
 from aecore.training import checkpoint
 from aecore.training.batches import Batches
 from aecore.training.distributed import DistContext, distributed_loss
 from aecore.training.evaluation import chunk_losses, clearly_lower, mean_losses, seed_device
-from aecore.training.optim import gradient_step, lbfgs_step, make_optimizer
+from aecore.training.optim import finite_loss_terms, gradient_step, lbfgs_step, make_optimizer
 from aecore.training.state import History, RunState
 
 #: rows of training data that data-dependent initialisation sees at most
@@ -254,15 +254,8 @@ class TrainingRun:
             checked = {"checked": True} if self.data_checked else {}
             terms = self.model.train_step(x, **checked)
             return {k: float(v.detach()) for k, v in terms.items()}
-        terms = self.loss_fn(x)
-        if "loss" not in terms:
-            raise TrainingError(f"{type(self.model).__name__}.loss returned no 'loss' key")
+        terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where)
         loss = terms["loss"]
-        if self.dist.any([not torch.isfinite(loss)], self.device)[0]:
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at {where}; the model keeps the weights "
-                f"from before this step. Lower the learning rate or set grad_clip."
-            )
         # DDP averages gradients over processes; weighting each process's mean by its
         # share of the global batch makes that the global batch mean
         scale = len(x) * self.dist.world / global_rows if self.dist.active else 1.0

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from aecore.config import TrainConfig
-from aecore.errors import ConfigError, TrainingError
+from aecore.errors import ConfigError, NonFiniteError, TrainingError
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -60,6 +60,27 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
 
 def _fusable(params: list[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: str) -> dict:
+    """``loss_fn(x)``'s terms, or a TrainingError (before any weight changes) when the
+    loss is not finite, or a kernel met values it cannot rank, in any process: every
+    process learns of it, so none waits on the others."""
+    try:
+        terms, refused = loss_fn(x), None
+    except NonFiniteError as exc:  # a top-k of NaN pre-activations
+        terms, refused = {"loss": torch.tensor(float("nan"))}, exc
+    if "loss" not in terms:
+        name = type(getattr(loss_fn, "__self__", loss_fn)).__name__
+        raise TrainingError(f"{name}.loss returned no 'loss' key")
+    loss = terms["loss"]
+    if dist.any([not torch.isfinite(loss)], device)[0]:
+        what = f"{refused}" if refused is not None else f"non-finite loss ({loss.item()})"
+        raise TrainingError(
+            f"{what} at {where}; the model keeps the weights from before this step. "
+            f"Lower the learning rate or set grad_clip."
+        )
+    return terms
 
 
 def gradient_step(

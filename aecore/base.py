@@ -145,6 +145,8 @@ class Autoencoder(nn.Module, abc.ABC):
         for name, value in self.legacy_defaults.items():
             state.setdefault(name, value)
         super().__setstate__(state)
+        if _mark_weights_loaded not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_mark_weights_loaded)
 
     @classmethod
     def real_valued_hparams(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +172,10 @@ class Autoencoder(nn.Module, abc.ABC):
         self.latent_dim: int = check_positive_int("latent_dim", latent_dim)
         # set by aecore.load / the trainer: the data normalisation saved with the model
         self.normalization = None
-        # True once init_from_data ran or weights were loaded: later fits keep the weights
+        # True once init_from_data ran or weights were loaded (aecore.load, or the
+        # user's load_state_dict): later fits keep the weights
         self.data_initialised = False
+        self.register_load_state_dict_post_hook(_mark_weights_loaded)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -311,6 +315,10 @@ class Autoencoder(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"
+
+
+def _mark_weights_loaded(module: nn.Module, _incompatible_keys: Any) -> None:
+    module.data_initialised = True
 
 
 def _adapt_tensor_methods(cls: type) -> None:

@@ -86,7 +86,12 @@ class TrainConfig:
         ),
     )
     seed: int = field(
-        default=0, metadata=_doc("seeds initial weights, batch order, noise and sampling")
+        default=0,
+        metadata=_doc(
+            "seeds batch order, noise, sampling and data-dependent starts (a PCA start); "
+            "other initial weights are drawn by aecore.create from torch's global seed "
+            "(torch.manual_seed first; aecore train and the estimators do)"
+        ),
     )
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     shuffle: bool = field(default=True, metadata=_doc("reshuffle the training rows every epoch"))
@@ -120,7 +125,8 @@ class TrainConfig:
             "smoothing",
             params.number("smoothing", self.smoothing, low=0.0, high=1.0, high_open=True),
         )
-        store("seed", params.integer("seed", self.seed, low=0))
+        # numpy's and the batch streams' seeds: 32 bits
+        store("seed", params.integer("seed", self.seed, low=0, high=2**32 - 1))
         params.choice("device", self.device, DEVICES)
         if not isinstance(self.shuffle, bool):
             raise ConfigError(f"shuffle must be true or false; got {self.shuffle!r}")

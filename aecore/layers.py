@@ -65,7 +65,8 @@ def reconstruction_error(x_hat: torch.Tensor, x: torch.Tensor, kind: str) -> tor
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)
+    # flatten(1), not reshape(B, -1): a batch of no rows has no -1 to infer
+    return x.flatten(1)
 
 
 def pca_basis(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,3 +77,26 @@ def int_list(name: str, value: Any, *, allow_empty: bool = True) -> list[int]:
         need = "a non-empty list" if not allow_empty else "a list"
         raise ConfigError(f"{name} must be {need} of positive ints; got {value!r}")
     return list(value)
+
+
+def torch_device(value: Any):
+    """A ``torch.device`` from ``"auto"`` (cuda when torch sees a GPU, else cpu),
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a device; a clear error for a missing GPU or a
+    name torch does not know."""
+    import torch
+
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"device must be a string such as 'cpu' or 'cuda'; got {value!r}")
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ConfigError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={value!r} was requested but torch sees no CUDA device")
+    return device

@@ -15,6 +15,7 @@ import torch
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
 from aecore.data.units import OWN, data_units, per_feature_normalization, with_real_valued_units
+from aecore.errors import ConfigError
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
@@ -79,7 +80,14 @@ def train(
     (its field names) on top; ``trainer_hook(trainer)`` runs before training starts.
     """
     config = (config or TrainConfig()).replace(**settings)
-    hparams, config = _own_learning_rate(name, dict(hparams or {}), config)
+    hparams = dict(hparams or {})
+    for key, source_of in (
+        ("latent_dim", "latent_dim= (--latent-dim)"),
+        ("input_shape", "the data"),
+    ):
+        if key in hparams:
+            raise ConfigError(f"{key} comes from {source_of}, not from the hyperparameters (--set)")
+    hparams, config = _own_learning_rate(name, hparams, config)
     if normalize == "auto":  # the model's preference (activations keep their geometry)
         normalize = getattr(model_class(name), "default_normalize", "auto")
     prepared = prepare(

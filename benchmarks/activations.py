@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
+from aecore_benchmarks.args import count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aecore bench activations",
         description="Loader throughput: Batches over an activation cache vs an in-memory array.",
     )
-    p.add_argument("--rows", type=int, default=2_000_000, help="rows of the synthetic cache")
-    p.add_argument("--d", type=int, default=512, help="width of each row")
-    p.add_argument("--shard-rows", type=int, default=262_144, help="rows per shard")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--block-rows", type=int, default=4096, help="block shuffle: rows per block")
-    p.add_argument("--buffer-blocks", type=int, default=64, help="block shuffle: blocks per window")
+    p.add_argument("--rows", type=count, default=2_000_000, help="rows of the synthetic cache")
+    p.add_argument("--d", type=count, default=512, help="width of each row")
+    p.add_argument("--shard-rows", type=count, default=262_144, help="rows per shard")
+    p.add_argument("--batch-size", type=count, default=4096)
+    p.add_argument("--block-rows", type=count, default=4096, help="block shuffle: rows per block")
+    p.add_argument(
+        "--buffer-blocks", type=count, default=64, help="block shuffle: blocks per window"
+    )
     p.add_argument("--dir", default=None, help="write the cache here (default: a temp folder)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
     return p

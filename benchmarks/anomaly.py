@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
+from aecore_benchmarks.args import count
 
 DATASETS = ("digits", "cancer", "wine")
 AECORE_MODELS = ("ae", "vae", "denoising", "rbm")
@@ -42,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--models", default=",".join(AECORE_MODELS), help="aecore models")
     p.add_argument("--pyod", default=",".join(PYOD_MODELS), help="PyOD detectors ('' for none)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--latent-dim", type=int, default=8)
-    p.add_argument("--classes", type=int, default=None, help="digits: only the first N classes")
+    p.add_argument("--epochs", type=count, default=100)
+    p.add_argument("--latent-dim", type=count, default=8)
+    p.add_argument("--classes", type=count, default=None, help="digits: only the first N classes")
     p.add_argument("--seeds", default="0", help="comma-separated random_state values")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=count, default=1)
     p.add_argument("--json", default=None, metavar="FILE")
     return p
 

@@ -24,6 +24,7 @@ import torch
 
 from aecore import ops
 from aecore.ops import reference
+from aecore_benchmarks.args import count
 from aecore_benchmarks.timing import time_in_turns
 
 
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         default="wall",
         help="wall time (default), or single-threaded CPU time for a shared machine",
     )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads(N) first (CPU)")
+    p.add_argument("--threads", type=count, help="torch.set_num_threads(N) first (CPU)")
     p.add_argument(
         "--busy",
         action="store_true",

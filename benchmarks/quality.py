@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aecore_benchmarks.args import natural
+
 #: data set -> (source for vector models, source for image-only models)
 DATASETS = {"digits": ("digits", "digits:image"), "colour": ("colour_patches", "colour_patches")}
 CODES = (2, 8, 30)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--codes", default=",".join(map(str, CODES)))
     p.add_argument("--entries", default=",".join(ENTRIES))
-    p.add_argument("--seed", type=int, default=0, help="seed of the defaults section")
+    p.add_argument("--seed", type=natural, default=0, help="seed of the defaults section")
     p.add_argument("--recipes", default="all", help="'all', 'none' or comma-separated models")
     p.add_argument("--recipe-seeds", default="0,1,2")
     p.add_argument("--json", default=None, metavar="FILE")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
+from aecore_benchmarks.args import count
 from aecore_benchmarks.timing import time_in_turns
 
 OVERHEAD_GOAL = 0.10
@@ -45,16 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latency and throughput: onnxruntime via aecore.runtime vs PyTorch eager.",
     )
     p.add_argument("--models", default=None, help="comma-separated names (default: all)")
-    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--latent-dim", type=count, default=32)
     p.add_argument(
         "--threads",
-        type=int,
+        type=count,
         default=min(4, os.cpu_count() or 1),
         help="intra-op threads for both torch and onnxruntime (default: min(4, cores))",
     )
-    p.add_argument("--calls", type=int, default=400, help="timed batch-1 calls per backend")
-    p.add_argument("--big-batch", type=int, default=256, help="rows per throughput call")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--calls", type=count, default=400, help="timed batch-1 calls per backend")
+    p.add_argument("--big-batch", type=count, default=256, help="rows per throughput call")
+    p.add_argument("--rounds", type=count, default=5, help="interleaved timing rounds")
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
     return p
 

@@ -30,26 +30,27 @@ import numpy as np
 import torch
 
 from aecore.cli.tables import print_table
+from aecore_benchmarks.args import count, natural
 
 ARCHITECTURES = ("topk", "batchtopk")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aecore bench sae", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=2_000_000, help="training rows (each seen once)")
-    p.add_argument("--test-rows", type=int, default=50_000)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--features", type=int, default=1024, help="true features")
+    p.add_argument("--rows", type=count, default=2_000_000, help="training rows (each seen once)")
+    p.add_argument("--test-rows", type=count, default=50_000)
+    p.add_argument("--d", type=count, default=128)
+    p.add_argument("--features", type=count, default=1024, help="true features")
     p.add_argument("--p", type=float, default=0.01, help="each feature's firing probability")
     p.add_argument("--std", type=float, default=0.5, help="std of the firing magnitudes")
-    p.add_argument("--latents", type=int, default=1024)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--latents", type=count, default=1024)
+    p.add_argument("--k", type=count, default=10)
+    p.add_argument("--batch-size", type=count, default=1024)
     p.add_argument("--architectures", default=",".join(ARCHITECTURES))
     p.add_argument("--saelens-lr", type=float, default=3e-3, help="besides its default 3e-4")
     p.add_argument("--no-saelens", action="store_true", help="aecore's rows only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--threads", type=count, default=1)
     p.add_argument("--json", default=None, metavar="FILE")
     return p
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from aecore.cli.tables import print_table
+from aecore_benchmarks.args import count
 
 SHAPES = {"small": (512, 16384, 32), "large": (768, 32768, 64)}
 
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aecore bench sae-step", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="small,large", help="small (d=512, n=16384, k=32), large "
                    "(d=768, n=32768, k=64), or d:n:k, comma-separated")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=count, default=4096)
+    p.add_argument("--rounds", type=count, default=3)
+    p.add_argument("--threads", type=count, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--dead-fraction", type=float, default=0.0, metavar="F",

@@ -21,6 +21,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         step = "create a temporary file beside"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        step = "set the permissions of"
+        os.fchmod(fd, _mode_for(path))
         step = "write"
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -50,6 +52,17 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's permissions, else what ``open`` would give a new file (0666
+    less the umask): mkstemp's 0600 would hide models from the account serving them."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aecore.errors import InUseError
+from aecore.io.atomic import write_error
 
 LOCK_FILE = ".aecore.lock"
 
@@ -80,7 +81,10 @@ class FolderLock:
         except ImportError:  # no flock here: unlocked
             return self
         self._made_folder = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.folder, "create the folder", exc) from None
         self._key = str(self.folder.resolve())
         with _held_guard:
             if self._key in _held:
@@ -88,7 +92,13 @@ class FolderLock:
                 return self
             path = self.folder / LOCK_FILE
             self._made_file = not path.exists()
-            f = _hold(path)
+            try:
+                f = _hold(path)
+            except OSError as exc:
+                self._key = ""
+                raise write_error(
+                    self.folder, f"create a lock file ({LOCK_FILE}) in", exc
+                ) from None
             if f is None:
                 self._key = ""
                 raise InUseError(
@@ -157,8 +167,13 @@ class FileLock:
             import fcntl  # noqa: F401
         except ImportError:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = _hold(self.lock_path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = _hold(self.lock_path)
+        except OSError as exc:  # named by the target, not the hidden lock file
+            raise write_error(
+                self.path, "create the folder of, or a lock file beside,", exc
+            ) from None
         if self._file is None:
             raise InUseError(
                 f"cannot {self.purpose} {self.path}: it is being written by "

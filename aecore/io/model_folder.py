@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from aecore import params
 from aecore._version import __version__
 from aecore.config import FIELDS, TrainConfig
 from aecore.data.normalization import Normalization
@@ -53,6 +54,12 @@ def save(
         raise ModelFileError(
             f"{directory} already holds a saved model; pass overwrite=True (--overwrite) "
             f"or choose another directory"
+        )
+    if (directory / WEIGHTS).exists() and not overwrite:  # someone else's weights file
+        raise ModelFileError(
+            f"{directory} already holds {WEIGHTS} (not saved by aecore: there is no "
+            f"{CONFIG}); pass overwrite=True (--overwrite) to replace it, or choose "
+            f"another directory"
         )
     name = name_of(model)
     config = model.get_config()
@@ -138,6 +145,7 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild a saved model in eval mode, with ``model.normalization`` and
     ``model.metadata`` (the whole ``model.json``) set."""
+    device = params.torch_device(device)
     directory = Path(directory)
     record = read_record(directory)
     try:
@@ -242,8 +250,10 @@ def load_weights(model, path: Path) -> None:
 
 
 def check_one_run(directory: Path, record: dict[str, Any]) -> None:
-    """A ModelFileError unless the folder's weights, checkpoint and metrics come from
-    the run ``model.json`` names (files written before run ids carry none: not checked)."""
+    """A ModelFileError unless the folder's weights come from the run ``model.json``
+    names; a warning when its checkpoint or metrics come from another run (an
+    overwriting run under way, or stopped: the saved model is intact and loads). Files
+    written before run ids carry none: not checked."""
     run_id = record.get("run_id")
     if not run_id:
         return
@@ -267,6 +277,15 @@ def check_one_run(directory: Path, record: dict[str, Any]) -> None:
                 continue
         found["metrics.jsonl"] = runs - {None}
     wrong = {name: sorted(ids) for name, ids in found.items() if ids - {run_id}}
+    if wrong and WEIGHTS not in wrong:
+        listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
+        warnings.warn(
+            f"{directory}: the saved model is run {run_id}'s, but {listed} (another run "
+            f"wrote them, and is under way or was stopped): they do not describe this model",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
     if wrong:
         listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
         writer = writer_of(directory)

@@ -57,6 +57,25 @@ class Batches:
         if self.n == 0:
             raise DataError(f"{name}: the data is empty")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.name = name
+
+    def check_finite(self) -> None:
+        """A DataError naming the first NaN or infinity (as float32, what training sees)
+        of in-memory data; the steps' non-finite loss check covers other sources."""
+        chunks = self.in_memory_chunks()
+        start = 0
+        for chunk in chunks if chunks is not None else ():
+            bad = ~torch.isfinite(chunk.flatten(1))
+            if bool(bad.any()):
+                local, feature = (int(i) for i in bad.nonzero()[0])
+                row = start + local if self.rows is None else int(self.rows[start + local])
+                value = float(chunk.flatten(1)[local, feature])
+                raise DataError(
+                    f"{self.name}: {value} at row {row}, feature {feature} "
+                    f"({int(bad.sum())} non-finite in rows {start}-{start + len(chunk) - 1} "
+                    f"as float32); clean or impute the data first"
+                )
+            start += len(chunk)
 
     def hold_out(self, fraction: float, seed: int) -> tuple[Batches, Batches] | None:
         """(train, validation) batches over a seeded ``fraction`` of the rows held out;

@@ -23,7 +23,7 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 FORMAT = "aecore-checkpoint"
 #: files that mark a folder as holding a run (model.json: a model aecore train saved)
-RUN_FILES = (CHECKPOINT, METRICS, "model.json")
+RUN_FILES = (CHECKPOINT, METRICS, "model.json", "model.safetensors")
 #: training settings a resume may change: they do not alter what the steps compute
 RESUMABLE_CHANGES = ("epochs", "device", "checkpoint_every")
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from aecore import params
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, NonFiniteError, TrainingError
 
@@ -23,13 +24,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> cuda when torch sees a GPU, else cpu; a clear error for a missing GPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was requested but torch sees no CUDA device")
-    return torch.device(device)
+    return params.torch_device(device)
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

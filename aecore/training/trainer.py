@@ -91,8 +91,10 @@ class Trainer:
         _drop_stale_threshold(model)
         c = self.config.for_model(model)
         given = train = Batches(data, c.batch_size, c.shuffle, c.seed, "data")
+        train.check_finite()
         if val_data is not None:
             val = Batches(val_data, c.batch_size, False, c.seed, "val_data")
+            val.check_finite()
         else:
             split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
             train, val = split if split is not None else (train, None)

@@ -1,0 +1,167 @@
+"""What a user meets on the common path: saved work is never replaced or locked away
+unasked, files are readable by whoever else serves them, and every bad input gets a
+specific error."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import aecore
+from aecore.errors import ConfigError, DataError, FileWriteError, ModelFileError
+
+ROWS = np.random.default_rng(0).random((120, 16)).astype(np.float32)
+
+
+def small(name="ae"):
+    torch.manual_seed(0)
+    return aecore.create(name, input_shape=(16,), latent_dim=4)
+
+
+def fit(model, data=ROWS, **settings):
+    settings = {"epochs": 1, "batch_size": 32, "progress": False, **settings}
+    return aecore.Trainer(**settings).fit(model, data)
+
+
+def test_saving_never_replaces_a_weights_file_it_did_not_write(tmp_path):
+    # a Hugging Face folder holds model.safetensors and no model.json: it was replaced
+    from safetensors.torch import load_file, save_file
+
+    theirs = tmp_path / "hf"
+    theirs.mkdir()
+    save_file({"transformer.wte.weight": torch.ones(2)}, str(theirs / "model.safetensors"))
+    with pytest.raises(ModelFileError, match=r"already holds model.safetensors \(not saved by"):
+        aecore.save(small(), theirs)
+    with pytest.raises(ConfigError, match=r"already holds a training run \(model.safetensors\)"):
+        fit(small(), out_dir=theirs)
+    assert list(load_file(str(theirs / "model.safetensors"))) == ["transformer.wte.weight"]
+    aecore.save(small(), theirs, overwrite=True)  # asked for
+    assert aecore.load(theirs).latent_dim == 4
+
+
+def test_a_saved_model_loads_while_another_runs_checkpoint_shares_its_folder(tmp_path):
+    # an overwriting run writes its checkpoint and metrics first: stopped (or still
+    # running), it once left the previous model unloadable ("mixes runs")
+    out = tmp_path / "m"
+    model = small()
+    fit(model, out_dir=out)
+    aecore.save(model, out, overwrite=True)
+    want = aecore.load(out).encode(torch.from_numpy(ROWS))
+    other = small()
+    fit(other, out_dir=tmp_path / "other")
+    aecore.save(other, tmp_path / "other", overwrite=True)
+    for name in ("checkpoint.safetensors", "metrics.jsonl"):  # as a stopped run leaves
+        (out / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    with pytest.warns(UserWarning, match="another run wrote them.*do not describe this model"):
+        loaded = aecore.load(out)
+    torch.testing.assert_close(loaded.encode(torch.from_numpy(ROWS)), want)
+    # weights from another run than model.json names are still refused
+    (out / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ModelFileError, match="mixes runs"):
+        aecore.load(out)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_written_files_follow_the_umask_like_any_other_file(tmp_path):
+    # temp files are created 0600: a serving account could not read the models
+    before = os.umask(0o022)
+    try:
+        aecore.save(small(), tmp_path / "m")
+        from aecore.onnx import export_onnx
+
+        export_onnx(small(), tmp_path / "m.onnx")
+        (tmp_path / "m" / "model.json").chmod(0o640)  # a mode the user chose is kept
+        aecore.save(small(), tmp_path / "m", overwrite=True)
+    finally:
+        os.umask(before)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "m" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "m.onnx") == 0o644
+    assert mode(tmp_path / "m" / "model.json") == 0o640
+
+
+def test_weights_loaded_with_load_state_dict_are_trained_on_not_replaced():
+    # only aecore.load marked weights as trained: fit ran the PCA start over them
+    given = {k: v + 0.1 for k, v in small().state_dict().items()}  # not any start
+    model = small()
+    model.load_state_dict(given)
+    fit(model, lr=1e-12)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, given[key], atol=1e-6, rtol=0)
+
+
+def test_data_with_nan_or_inf_is_refused_with_its_row_and_feature():
+    # ae's PCA start failed inside LAPACK; other models blamed the learning rate
+    bad = ROWS.copy()
+    bad[7, 3] = np.nan
+    for name in ("ae", "vae"):
+        with pytest.raises(DataError, match=r"data: nan at row 7, feature 3 \(1 non-finite"):
+            fit(small(name), bad)
+    val = ROWS[:20].astype(np.float64)
+    val[2, 5] = np.inf
+    with pytest.raises(DataError, match=r"val_data: inf at row 2, feature 5"):
+        aecore.Trainer(epochs=1, progress=False).fit(small(), ROWS, val)
+    with pytest.raises(DataError, match=r"inf at row 0, feature 0"):  # beyond float32
+        fit(small(), np.full((10, 16), 1e300))
+
+
+def test_bad_devices_seeds_and_output_folders_say_what_is_wrong(tmp_path):
+    aecore.save(small(), tmp_path / "m")
+    with pytest.raises(ConfigError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        aecore.load(tmp_path / "m", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+            aecore.load(tmp_path / "m", device="cuda")
+    with pytest.raises(ConfigError, match=r"seed must be an int in \[0, 4294967295\]"):
+        aecore.TrainConfig(seed=2**45)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileWriteError, match=r"could not create the folder .*afile/sub"):
+        fit(small(), out_dir=tmp_path / "afile" / "sub")
+    with pytest.raises(FileWriteError, match=r"lock file beside, .*afile/x.onnx"):
+        from aecore.onnx import export_onnx
+
+        export_onnx(small(), tmp_path / "afile" / "x.onnx")
+
+
+@pytest.mark.parametrize("name", aecore.list_models(filter="*"))
+def test_every_model_encodes_and_decodes_an_empty_batch(name):
+    cls = aecore.registry.model_class(name)
+    shape = (1, 8, 8) if 3 in getattr(cls, "input_ranks", (1,)) else (16,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = aecore.create(name, input_shape=shape, latent_dim=4).eval()
+    with torch.no_grad():
+        z = model.encode(torch.zeros(0, *shape))
+        assert z.shape == (0, 4)
+        assert model.decode(z).shape == (0, *shape)
+
+
+def test_train_says_where_the_code_size_and_input_shape_come_from(tmp_path):
+    for item in ("latent_dim=3", "input_shape=[64]"):
+        ran = subprocess.run(
+            [sys.executable, "-m", "aecore", "train", "ae", "--data", "digits", "--epochs", "1",
+             "--out", str(tmp_path / "r"), "--set", item],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        key = item.split("=")[0]
+        assert ran.returncode == 1 and f"error: {key} comes from" in ran.stderr, ran.stderr
+
+
+def test_benchmark_counts_are_refused_below_one():
+    from aecore_benchmarks.args import count, natural
+
+    assert count("3") == 3 and natural("0") == 0
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(Exception, match="expected a positive int"):
+            count(bad)
+    from aecore_benchmarks.sae_step import build_parser
+
+    with pytest.raises(SystemExit):  # a ZeroDivisionError deep in the run, before
+        build_parser().parse_args(["--batch-size", "0"])

@@ -88,10 +88,15 @@ def test_every_file_of_a_run_carries_its_id_and_a_mixed_folder_is_refused(tmp_pa
         meta = json.loads(check_safetensors_header(tmp_path / "a" / file)["__metadata__"]["aecore"])
         assert (meta[field]["run_id"] if field == "history" else meta[field]) == run
     assert aecore.load(tmp_path / "a").run_id == run
-    # another run's metrics in the folder: the files no longer belong together
+    # another run's metrics in the folder (an overwriting run under way or stopped):
+    # the saved model is intact and loads, with a word on the metrics
     shutil.copy(tmp_path / "b" / "metrics.jsonl", tmp_path / "a" / "metrics.jsonl")
+    with pytest.warns(UserWarning, match=rf"model is run {run}'s, but metrics.jsonl from run"):
+        assert aecore.load(tmp_path / "a").run_id == run
+    # another run's weights: the files no longer belong together
+    shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
     with pytest.raises(
-        ModelFileError, match=rf"mixes runs: model.json names run {run}, but metrics.jsonl from run"
+        ModelFileError, match=rf"mixes runs: model.json names run {run}, but model.safetensors"
     ):
         aecore.load(tmp_path / "a")
 
@@ -105,8 +110,9 @@ def test_a_reader_of_a_folder_being_rewritten_is_told_so(tmp_path):
 
     for name, seed in (("run", 0), ("other", 1)):
         train("ae", "digits", tmp_path / name, epochs=1, seed=seed, progress=False)
-    # a second run is overwriting "run": its new metrics beside the earlier model
+    # a second run is overwriting "run" and has written its weights, not yet model.json
     shutil.copy(tmp_path / "other" / "metrics.jsonl", tmp_path / "run" / "metrics.jsonl")
+    shutil.copy(tmp_path / "other" / "model.safetensors", tmp_path / "run" / "model.safetensors")
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
     )

@@ -165,3 +165,22 @@ def test_benchmark_counts_are_refused_below_one():
 
     with pytest.raises(SystemExit):  # a ZeroDivisionError deep in the run, before
         build_parser().parse_args(["--batch-size", "0"])
+
+
+def test_resume_refuses_other_training_rows(tmp_path):
+    # a resume once went on over 50 of the 300 rows (or another split) without a word
+    fit(small(), epochs=1, out_dir=tmp_path / "r")
+
+    for data, says in (
+        (ROWS[:50], r"108 rows; this run gives 45 rows\)"),
+        (ROWS + 1, "108 rows; this run gives 108 rows, other values"),
+    ):
+        trainer = aecore.Trainer(
+            epochs=2, batch_size=32, progress=False, out_dir=tmp_path / "r", resume=True
+        )
+        with pytest.raises(ConfigError, match=rf"trained on other train data \({says}"):
+            trainer.fit(small(), data)
+    trainer = aecore.Trainer(
+        epochs=2, batch_size=32, progress=False, out_dir=tmp_path / "r", resume=True
+    )
+    assert len(trainer.fit(small(), ROWS).epochs) == 2

@@ -174,7 +174,7 @@ def topk_sparsify(z: Tensor, k: int) -> Tensor:
     reaches the kept entries only. The result is a new contiguous tensor. float32 and
     float64 run the fused kernels; float16 / bfloat16 (a 16-bit SAE's code) the reference.
     """
-    check.topk_args(z, k)
+    k = check.topk_args(z, k)
     if z.dtype in check.FLOAT_DTYPES and fused(z):
         return _fused.topk_sparsify(z, k)
     return reference.topk(z, k)[0]

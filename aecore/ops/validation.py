@@ -5,6 +5,7 @@ ShapeError (rank, sizes, mismatched operands) or ConfigError (type, dtype, devic
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -49,11 +50,12 @@ def tensor(
 
 
 def int_arg(op: str, name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int (numpy integers included) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{op}: {name} must be an int, got {value!r}")
     if not lo <= value <= hi:
         raise ConfigError(f"{op}: {name} must lie in [{lo}, {hi}], got {value}")
-    return value
+    return int(value)
 
 
 def _gibbs_operands(op, v, W, b_v, b_h, k, chain, visible, hidden, sample_visible) -> None:

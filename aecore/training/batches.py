@@ -59,6 +59,17 @@ class Batches:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.name = name
 
+    def summary(self) -> dict[str, Any]:
+        """What a resume checks it trains on the same rows: their count and, for
+        in-memory data, the sum of their values (computed once)."""
+        if getattr(self, "_summary", None) is None:
+            chunks = self.in_memory_chunks()
+            total = None
+            if chunks is not None:
+                total = sum(float(chunk.double().sum()) for chunk in chunks)
+            self._summary = {"rows": self.n, "sum": total}
+        return self._summary
+
     def check_finite(self) -> None:
         """A DataError naming the first NaN or infinity (as float32, what training sees)
         of in-memory data; the steps' non-finite loss check covers other sources."""

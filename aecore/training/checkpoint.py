@@ -6,6 +6,7 @@ them back exactly."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,10 @@ def write(
     sums: dict[str, float],
     count: int,
     cuda_rng: torch.Tensor | None,
+    data: dict[str, Any] | None = None,
 ) -> None:
-    """Write the checkpoint (rank 0; ``rng_states`` holds every rank's CPU RNG state)."""
+    """Write the checkpoint (rank 0; ``rng_states`` holds every rank's CPU RNG state;
+    ``data``: the training and validation rows' summaries, which a resume checks)."""
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         tensors[f"model.{k}"] = v
@@ -107,6 +110,7 @@ def write(
         "history": state.history.to_dict(),
         "has_best": state.best_state is not None,
         "training": config.to_dict(),
+        "data": data,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(out_dir / CHECKPOINT, tensors, meta)
@@ -123,6 +127,7 @@ def read(
     world: int,
     device: torch.device,
     allow_changes: bool = False,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, list[Any]]:
     """Restore model, optimizer, run state and RNG states from the checkpoint, after
     checking that it belongs to this model and can continue exactly; with
@@ -151,6 +156,8 @@ def read(
             f"process(es); resume with the same number (got {world})"
         )
     changed = _changed_settings(meta.get("training") or meta.get("trainer") or {}, config)
+    if not allow_changes:
+        _check_same_data(path, meta.get("data"), data)
     if changed and not allow_changes:
         used = ", ".join(f"{name}={before!r}" for name, (before, _) in changed.items())
         got = ", ".join(f"{name}={after!r}" for name, (_, after) in changed.items())
@@ -195,6 +202,31 @@ def read(
             if "weight_decay" in changed and "weight_decay" in group:
                 group["weight_decay"] = config.weight_decay
     return changed
+
+
+def _check_same_data(path: Path, saved: Any, now: dict[str, Any] | None) -> None:
+    """A resume trains on the rows the run started on (checkpoints from before this
+    record carry none: not checked)."""
+    if not isinstance(saved, dict) or now is None:
+        return
+    for part in ("train", "val"):
+        a, b = saved.get(part), now.get(part)
+        if a is None and b is None:
+            continue
+        same = a is not None and b is not None and a["rows"] == b["rows"]
+        if same and a.get("sum") is not None and b.get("sum") is not None:
+            same = math.isclose(a["sum"], b["sum"], rel_tol=1e-9, abs_tol=1e-9)
+        if not same:
+
+            def shown(s):
+                return "none" if s is None else f"{s['rows']} rows"
+
+            raise ConfigError(
+                f"cannot resume exactly: {path} was trained on other {part} data "
+                f"({shown(a)}; this run gives {shown(b)}{', other values' if shown(a) == shown(b) else ''}); "
+                f"resume on the same data and split, allow_changes=True (--allow-changes), "
+                f"or start afresh (--overwrite)"
+            )
 
 
 def _state(tensors: dict[str, torch.Tensor], prefix: str, retired: set[str]) -> dict:

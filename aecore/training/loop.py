@@ -145,7 +145,7 @@ class TrainingRun:
         changed = checkpoint.read(
             self.out_dir, self.model, self.optimizer, self.state, self.config,
             rank=self.dist.rank, world=self.dist.world, device=self.device,
-            allow_changes=self.trainer.allow_changes,
+            allow_changes=self.trainer.allow_changes, data=self._data_summary(),
         )  # fmt: skip
         if changed:  # allowed: said, and recorded in the history (and model.json)
             self.state.history.changes.append({"epoch": self.state.epoch, "changed": changed})
@@ -390,7 +390,11 @@ class TrainingRun:
         checkpoint.write(
             self.out_dir, self.model, self.optimizer, self.state, self.config,
             rng_states=rng_states, sums=sums, count=count, cuda_rng=cuda_rng,
+            data=self._data_summary(),
         )  # fmt: skip
+
+    def _data_summary(self) -> dict:
+        return {"train": self.train.summary(), "val": self.val and self.val.summary()}
 
     def _interrupted_message(self) -> str:
         reason = self.trainer.stop_requested

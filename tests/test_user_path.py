@@ -184,3 +184,19 @@ def test_resume_refuses_other_training_rows(tmp_path):
         epochs=2, batch_size=32, progress=False, out_dir=tmp_path / "r", resume=True
     )
     assert len(trainer.fit(small(), ROWS).epochs) == 2
+
+
+def test_the_demo_replaces_only_a_folder_of_its_own(tmp_path):
+    # `aecore demo --out DIR` once replaced the user's own model in DIR/ae unasked
+    from aecore.cli.demo import DEMO_MARK, _claim, run
+
+    aecore.save(small(), tmp_path / "mine" / "ae")
+    with pytest.raises(ConfigError, match="holds files the demo did not write"):
+        run(tmp_path / "mine", ["ae"], log=lambda *_: None)
+    assert aecore.load(tmp_path / "mine" / "ae").latent_dim == 4
+    earlier = tmp_path / "earlier"  # a demo folder from before the mark
+    earlier.mkdir()
+    (earlier / "report.md").write_text("# aecore demo\n")
+    for folder in (tmp_path / "fresh", earlier):
+        _claim(folder)
+        assert (folder / DEMO_MARK).exists()

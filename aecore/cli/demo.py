@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aecore.cli.tables import format_ratio
 from aecore.config import DemoRecipe
+from aecore.errors import ConfigError
 
 #: how much of the SAE section's budgets to spend (1: the full demo; tests shrink it)
 SAE_SCALE = 1.0
@@ -36,6 +37,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: the file that marks a folder as the demo's own: a rerun replaces what is in it
+DEMO_MARK = ".aecore-demo"
+
+
+def _claim(out_dir: Path) -> None:
+    """The demo replaces the models in its folder on each run: it refuses a folder
+    holding files it did not write (a user's own models), and marks the ones it does."""
+    report = out_dir / "report.md"
+    ours = (out_dir / DEMO_MARK).exists() or (
+        report.is_file() and report.read_text(encoding="utf-8").startswith("# aecore demo")
+    )
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not ours:
+        raise ConfigError(
+            f"{out_dir} holds files the demo did not write, and the demo replaces the "
+            f"models in its folder: choose another --out"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; --out names the demo's folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEMO_MARK).write_text("written by aecore demo, which replaces its contents\n")
+
+
 def run(
     out_dir: str | Path = "runs/demo",
     models: list[str] | None = None,
@@ -52,7 +75,7 @@ def run(
     from aecore.registry import model_class, model_entries
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir)
     names = models or [e.name for e in model_entries() if e.status == "ok"]
     lines = [
         "# aecore demo",

@@ -30,6 +30,7 @@ that pays. The resolved values are what ``get_config`` records.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,7 +40,7 @@ from torch import nn
 from aecore import ops, params, plots
 from aecore.base import Autoencoder, eval_mode
 from aecore.config import DemoRecipe
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, IgnoredSettingWarning
 from aecore.layers import ACTIVATIONS, flatten, init_pca_path, mlp, zero_
 from aecore.layers import activation as make_activation
 
@@ -126,6 +127,10 @@ class SparseAutoencoder(Autoencoder):
                 f"alpha must be in [1, {self.latent_dim / self.k:g}] so that round(alpha * k) "
                 f"codes fit in latent_dim={self.latent_dim} (k={self.k}); got {alpha!r}"
             )
+        _warn_other_penalties_settings(
+            self.penalty, rho=rho, beta=beta, l1_lambda=l1_lambda, alpha=alpha,
+            k=None if k == max(1, self.latent_dim // 4) else k,
+        )  # fmt: skip
         if activation == "auto":
             linear_code = undercomplete and self.penalty == "l1" and pca_start in ("auto", True)
             activation = "identity" if linear_code else DEFAULT_ACTIVATION[self.penalty]
@@ -265,3 +270,29 @@ class SparseAutoencoder(Autoencoder):
             filters, Path(out_dir) / "filters.png", f"{self.latent_dim} {self.penalty} filters"
         )
         return [("encoder filters (one per code unit)", path)]
+
+
+#: each penalty's own settings, and their defaults
+PENALTY_SETTINGS = {
+    "kl": {"rho": 0.05, "beta": 3.0},
+    "l1": {"l1_lambda": 1e-3},
+    "topk": {"k": None, "alpha": 1.0},
+}
+
+
+def _warn_other_penalties_settings(penalty: str, **given) -> None:
+    """A setting of another penalty than the one in use has no effect: say so."""
+    unused = [
+        f"{name}={given[name]!r} ({other})"
+        for other, settings in PENALTY_SETTINGS.items()
+        if other != penalty
+        for name, default in settings.items()
+        if given[name] != default
+    ]
+    if unused:
+        warnings.warn(
+            f"penalty={penalty!r} does not use {', '.join(unused)}: pass the penalty those "
+            f"settings belong to, or leave them out",
+            IgnoredSettingWarning,
+            stacklevel=4,
+        )

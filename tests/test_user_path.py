@@ -200,3 +200,15 @@ def test_the_demo_replaces_only_a_folder_of_its_own(tmp_path):
     for folder in (tmp_path / "fresh", earlier):
         _claim(folder)
         assert (folder / DEMO_MARK).exists()
+
+
+def test_a_sparsity_setting_of_another_penalty_is_named_not_ignored():
+    from aecore.errors import IgnoredSettingWarning
+
+    # penalty="auto" is l1 for a code narrower than the input: k was silently unused
+    with pytest.warns(IgnoredSettingWarning, match=r"penalty='l1' does not use k=3 \(topk\)"):
+        aecore.create("sparse", input_shape=(16,), latent_dim=4, k=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = aecore.create("sparse", input_shape=(16,), latent_dim=8, penalty="topk", k=5)
+        aecore.create("sparse", input_shape=(16,), latent_dim=8, **model.get_config())

@@ -313,6 +313,41 @@ def test_errors_say_what_was_expected_and_what_came(lm_dir, tokens, tmp_path, im
     with pytest.raises(DataError, match="file not found"):
         extract_activations(str(lm_dir), "npy:/no/such.npy", HOOKS, tmp_path / "d")
     assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
+    # float rows into a language model: its own error, said as what came, and no cache
+    # left to refuse the retry (it was an internal error and a stale manifest)
+    np.save(tmp_path / "floats.npy", np.zeros((4, 8), np.float32))
+    with pytest.raises(DataError, match=r"failed on input rows 0-3 \(float rows.*integer token"):
+        extract_activations(str(lm_dir), f"npy:{tmp_path / 'floats.npy'}", HOOKS, tmp_path / "e")
+    assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_a_malformed_manifest_is_named_and_never_deletes_outside_its_cache(
+    cache_dir, lm_dir, tokens, tmp_path
+):
+    # a hook "dir" of ".." once had an overwrite delete the folder above the cache
+    import json
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(cache_dir, project / "cache")
+    (project / "results.txt").write_text("keep me")
+    path = project / "cache" / "manifest.json"
+    good = json.loads(path.read_text())
+    for hook_change, says in (
+        ({"dir": ".."}, r"dir must be a folder name inside the cache, got '\.\.'"),
+        ({"d": None}, "d is missing"),
+        ({"shards": "x"}, "shards must be a list"),
+    ):
+        manifest = json.loads(json.dumps(good))
+        manifest["hooks"][HOOKS[0]].update(hook_change)
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(DataError, match=rf"malformed: hook '{HOOKS[0]}': {says}"):
+            ActivationCache(project / "cache", HOOKS[0])
+    manifest["hooks"][HOOKS[0]]["dir"] = ".."
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="malformed"):
+        _extract(lm_dir, tokens[1], project / "cache", overwrite=True)
+    assert (project / "results.txt").read_text() == "keep me"
 
 
 # -- reading ------------------------------------------------------------------------
@@ -491,3 +526,13 @@ def test_batches_read_a_cache_larger_than_the_memory_limit(tmp_path):
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.splitlines() == ["whole read refused", f"rows {BIG_ROWS} True"]
+
+
+def test_the_models_output_is_named_by_an_empty_hook_in_the_source(lm_dir, tokens, tmp_path):
+    # "activations:DIR:" once read as "no hook named", and the hint suggested it again
+    from aecore.data import prepare
+
+    out = tmp_path / "both"
+    extract_activations(str(lm_dir), tokens[1], ["", HOOKS[0]], out, dtype="float32")
+    rows = prepare(f"activations:{out}:", normalize="none", seed=0).dataset.x
+    assert rows.shape[1] == ActivationCache(out, "").d != ActivationCache(out, HOOKS[0]).d

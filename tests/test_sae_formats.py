@@ -288,6 +288,28 @@ def test_an_existing_folder_is_replaced_only_with_overwrite(x, tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()  # an empty folder is no saved SAE: written into
     save_sparsify(make("sae-topk", x), tmp_path / "empty")
+    # a project folder with a cfg.json of its own was once replaced whole
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "cfg.json").write_text("{}")
+    (project / "NOTES.md").write_text("keep me")
+    with pytest.raises(ModelFileError, match=r"holds files a SAELens folder .* \(NOTES.md, src\)"):
+        save_saelens(model, project, overwrite=True)
+    assert (project / "NOTES.md").read_text() == "keep me" and (project / "src").is_dir()
+    save_saelens(model, tmp_path / "empty", overwrite=True)  # one SAE folder over another
+
+
+def test_a_saelens_topk_folder_of_the_layout_before_version_6_loads_as_topk(x, tmp_path):
+    # "standard" with activation_fn "topk": sae-lens reads a TopK SAE; aecore read ReLU
+    model = make("sae-topk", x)
+    save_saelens(model, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg.update(architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": K})
+    cfg.pop("k", None)
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_saelens(tmp_path / "sae")
+    assert name_of(loaded) == "sae-topk" and loaded.rule.k == K
+    assert_same(model, loaded.encode, loaded, x)
 
 
 def test_a_failed_write_leaves_nothing_half_written(x, tmp_path, monkeypatch):

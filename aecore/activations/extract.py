@@ -30,7 +30,7 @@ from aecore.activations.manifest import (
 from aecore.activations.models import find_modules, fingerprint, first_tensor, load_model
 from aecore.activations.writer import CacheWriter
 from aecore.data.sources import load_data
-from aecore.errors import ConfigError, DataError
+from aecore.errors import AecoreError, ConfigError, DataError
 from aecore.io.lock import LOCK_FILE, FolderLock
 from aecore.params import integer
 from aecore.training.optim import resolve_device
@@ -122,7 +122,15 @@ def extract_activations(
                     if all(n is not None and n <= 0 for n in left.values()):
                         break
                     batch = _batch(inputs, first, batch_size, net, target)
-                    for hook, acts in capture(net, modules, batch).items():
+                    try:
+                        captured = capture(net, modules, batch)
+                    except AecoreError:
+                        raise
+                    except Exception as exc:  # the model refused these inputs
+                        if first == start == 0:  # nothing written: leave no cache behind
+                            _remove_cache(Path(out), manifest)
+                        raise _forward_error(exc, model_label, batch, first) from None
+                    for hook, acts in captured.items():
                         rows = _rows(acts, hook, len(batch), dtype, entries[hook])
                         dropped = min(skip[hook], len(rows))  # already in a completed shard
                         rows, skip[hook] = rows[dropped:], skip[hook] - dropped
@@ -163,13 +171,26 @@ def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]
     return fresh
 
 
+def _forward_error(exc: Exception, model: str, batch: torch.Tensor, first: int) -> DataError:
+    kind = "token ids" if not batch.is_floating_point() else "float rows"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return DataError(
+        f"{model} failed on input rows {first}-{first + len(batch) - 1} ({kind}, "
+        f"{str(batch.dtype).removeprefix('torch.')} of shape {tuple(batch.shape)}): "
+        f"{type(exc).__name__}: {message}; a language model takes integer token ids "
+        f"(an int .npy of shape (N, seq_len))"
+    )
+
+
 def _remove_cache(root: Path, manifest: dict[str, Any]) -> None:
     """Delete the files of the cache in ``root`` (its hook folders and manifest only)."""
     for entry in manifest["hooks"].values():
         folder = root / str(entry.get("dir", ""))
-        if entry.get("dir") and folder.parent == root and folder.is_dir():
+        # only a folder inside the cache ("..", a link out of it: never)
+        inside = folder.resolve().parent == root.resolve() and not folder.is_symlink()
+        if entry.get("dir") and inside and folder.is_dir():
             shutil.rmtree(folder)
-    (root / MANIFEST).unlink()
+    (root / MANIFEST).unlink(missing_ok=True)
 
 
 def _input_fingerprint(inputs) -> str:

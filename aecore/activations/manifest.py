@@ -137,7 +137,54 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     hooks = manifest.get("hooks")
     if not isinstance(hooks, dict) or manifest.get("dtype") not in STORAGE:
         raise DataError(f"activations: {path} is malformed (hooks or dtype missing)")
+    for name, entry in hooks.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataError(f"activations: {path} is malformed: hook {name!r}: {problem}")
     return manifest
+
+
+def _plain_name(value: Any) -> bool:
+    """A file or folder name inside the cache: no separators, no "." or ".."."""
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and "/" not in value
+        and ("\\" not in value)
+    )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(entry: Any) -> str:
+    """What is wrong with one hook's entry ("" when nothing): readers open its shards and
+    an overwrite deletes its folder, so every path must stay inside the cache."""
+    if not isinstance(entry, dict):
+        return f"expected an object, got {type(entry).__name__}"
+    folder = entry.get("dir")
+    if not _plain_name(folder):
+        return f"dir must be a folder name inside the cache, got {folder!r}"
+    if entry.get("d") is not None and not (_count(entry["d"]) and entry["d"] > 0):
+        return f"d must be a positive int, got {entry['d']!r}"
+    if not _count(entry.get("rows", 0)):
+        return f"rows must be a count, got {entry.get('rows')!r}"
+    shards = entry.get("shards", [])
+    if not isinstance(shards, list):
+        return f"shards must be a list, got {type(shards).__name__}"
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shard {i} must be an object"
+        file = shard.get("file")
+        inside = isinstance(file, str) and file.startswith(f"{folder}/")
+        if not (inside and _plain_name(file[len(folder) + 1 :])):
+            return f"shard {i}'s file must lie in {folder}/, got {file!r}"
+        if not _count(shard.get("rows")) or not isinstance(shard.get("sha256"), str):
+            return f"shard {i} needs a row count and a sha256"
+    if shards and entry.get("d") is None:
+        return "d is missing"
+    return ""
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

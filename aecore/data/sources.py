@@ -66,9 +66,10 @@ def _activations(rest: str) -> SourceResult:
     if not rest:
         raise DataError("activations: expected activations:DIR[:HOOK]; got 'activations:'")
     folder, colon, hook = rest.rpartition(":")
-    if not colon or Path(rest).is_dir():
-        folder, hook = rest, ""
-    return ActivationCache(Path(folder).expanduser(), hook or None), None
+    if not colon or Path(rest).is_dir():  # no hook named
+        return ActivationCache(Path(rest).expanduser(), None), None
+    # DIR: (an empty name) is the model's output, the hook ''
+    return ActivationCache(Path(folder).expanduser(), hook), None
 
 
 #: source kind -> (its forms, for help and errors; the loader of the text after

@@ -263,6 +263,11 @@ def json_bytes(config: dict[str, Any]) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
+#: the files aecore's SAE folders hold (SAELens: cfg.json + sae_weights.safetensors;
+#: sparsify: cfg.json + sae.safetensors): a folder of one kind may replace the other
+SAE_FOLDER_FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors")
+
+
 def write_folder(
     path: str | os.PathLike,
     files: dict[str, bytes],
@@ -274,7 +279,8 @@ def write_folder(
     """Write ``files`` (name -> content) as the folder ``path``, all at once: into a
     temp folder beside it, then renamed into place, so a failure leaves no
     half-written folder. An existing non-empty folder is replaced only with
-    ``overwrite`` and only when it holds ``marker`` (a folder of the same kind)."""
+    ``overwrite``, only when it holds ``marker`` (a folder of the same kind) and nothing
+    but SAE folder files (no one's notes or code go with it)."""
     shown, path = path, Path(os.path.abspath(path))
     if path.exists() and not path.is_dir():
         raise ModelFileError(
@@ -290,6 +296,14 @@ def write_folder(
             raise ModelFileError(
                 f"{shown} holds files but no {marker}: not a {what} folder, so it is not "
                 f"replaced even with overwrite"
+            )
+        # the whole folder is replaced: only when it holds nothing this write does not
+        others = sorted(p.name for p in path.iterdir() if p.name not in SAE_FOLDER_FILES)
+        if others:
+            listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ModelFileError(
+                f"{shown} holds files a {what} folder written here would not ({listed}): "
+                f"it is not replaced even with overwrite; move them, or choose another folder"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]

@@ -181,8 +181,11 @@ def load_saelens(path: str | os.PathLike):
 
 def _architecture(cfg: dict[str, Any], where: Path) -> str:
     arch = cfg.get("architecture")
-    if arch is None:  # configs before sae-lens 6 name the activation function instead
-        fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    # configs before sae-lens 6 name the activation function, and a TopK SAE's may still
+    # say "standard" (sae-lens itself reads such a folder as TopK)
+    fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    if arch is None or (arch == "standard" and fn == "topk"):
+        fn = fn or "relu"
         arch = {"relu": "standard", "topk": "topk"}.get(fn, fn)
     if arch not in ARCHITECTURES:
         raise ModelFileError(

@@ -125,6 +125,15 @@ def test_verify_finds_a_changed_shard(cache_dir, tmp_path):
     np.save(shard, rows)
     with pytest.raises(DataError, match="does not match its checksum"):
         ActivationCache(copy, HOOKS[1]).verify()
+    # a NaN from damage in a cache written finite: the loaders trust the manifest and
+    # skip their scan, so reading names it (training had saved a model of test MSE nan)
+    rows[5, 0] = np.nan
+    np.save(shard, rows)
+    cache = ActivationCache(copy, HOOKS[1])
+    first = int(cache.offsets[1])
+    for read in (lambda: cache[first : first + 10], lambda: cache[np.array([first + 5, 0])]):
+        with pytest.raises(DataError, match="written finite: a shard is damaged"):
+            read()
 
 
 class _Stop(Exception):

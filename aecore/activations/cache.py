@@ -159,7 +159,18 @@ class ActivationCache:
             upto = min(stop, int(self.offsets[s + 1]))
             stored[pos - start : upto - start] = self._shard(s)[pos - base : upto - base]
             pos, s = upto, s + 1
-        return to_float32(stored, self.stored_dtype)
+        return self._checked(to_float32(stored, self.stored_dtype))
+
+    def _checked(self, rows: np.ndarray) -> np.ndarray:
+        """Rows read from a cache written finite: a NaN there is a damaged shard (the
+        loaders skip their own scan on the manifest's word, so it is checked here)."""
+        if self.all_finite and not np.isfinite(rows).all():
+            raise DataError(
+                f"activations: {self.path} holds NaN or infinite values although it was "
+                f"written finite: a shard is damaged (`aecore activations info --verify "
+                f"{self.path}` names it); extract the cache again"
+            )
+        return rows
 
     def _take(self, idx: np.ndarray) -> np.ndarray:
         """Rows at in-range indices ``idx``: read shard by shard in sorted order (forward
@@ -181,7 +192,7 @@ class ActivationCache:
         # put back in the order asked for while still in the stored (narrow) dtype
         wanted = np.empty_like(rows)
         wanted[order] = rows
-        return to_float32(wanted, self.stored_dtype)
+        return self._checked(to_float32(wanted, self.stored_dtype))
 
     # -- training order and checks ----------------------------------------------------
     def epoch_order(self, epoch: int, seed: int):

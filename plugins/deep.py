@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from aecore import params, plots
+from aecore import ops, params, plots
 from aecore.base import Autoencoder, eval_mode
 from aecore.config import DemoRecipe
 from aecore.errors import ConfigError
@@ -136,11 +136,7 @@ class DeepAutoencoder(Autoencoder):
         self.pretrain_lr_gaussian = params.number(
             "pretrain_lr_gaussian", pretrain_lr_gaussian, low=0.0, low_open=True
         )
-        if isinstance(pretrain_k, bool) or not isinstance(pretrain_k, int) or pretrain_k < 1:
-            raise ConfigError(
-                f"pretrain_k (Gibbs steps per update) must be an int >= 1; got {pretrain_k!r}"
-            )
-        self.pretrain_k = pretrain_k
+        self.pretrain_k = params.integer("pretrain_k", pretrain_k, low=1, high=ops.MAX_GIBBS_STEPS)
         self.pretrain_weight_decay = params.number(
             "pretrain_weight_decay", pretrain_weight_decay, low=0.0
         )
@@ -335,17 +331,16 @@ class DeepAutoencoder(Autoencoder):
                     f"units but RBM {i + 2} has {upper.input_size} visible units"
                 )
         if len(rbms) < 2:
-            raise ConfigError(
-                "a deep autoencoder needs at least two RBMs (one hidden layer and the code); "
-                "got one"
-            )
+            raise ConfigError("a deep autoencoder needs two RBMs or more (hidden and code)")
         model = cls(
             input_shape=rbms[0].input_shape,
             latent_dim=rbms[-1].latent_dim,
             hidden=[r.latent_dim for r in rbms[:-1]],
-            **{"start": "pretrained", **hparams},  # the RBMs as they are, unless asked
+            # the RBMs as they are, their visible units included, unless asked otherwise
+            **{"start": "pretrained", "visible": rbms[0].visible, **hparams},
         )
         model.unroll(rbms)
+        model.data_initialised = True  # given weights: fit trains on from them
         return model
 
     # -- evaluation: Hinton's table ----------------------------------------------------

@@ -92,9 +92,8 @@ class RBM(Autoencoder):
                 "visible='gaussian' with hidden='gaussian' has no normalisable distribution; "
                 "make at least one side 'bernoulli'"
             )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"k (Gibbs steps per update) must be an int >= 1; got {k!r}")
-        self.k = k
+        # Gibbs steps per update, within what the ops run
+        self.k = params.integer("k", k, low=1, high=ops.MAX_GIBBS_STEPS)
         self.persistent = params.flag("persistent", persistent)
         self.chains = params.integer("chains", chains, low=1)
         if lr is None:
@@ -247,10 +246,11 @@ class RBM(Autoencoder):
         else:
             gen.manual_seed(seed)
         shape = (n, self.input_size)
+        like = {"device": self.W.device, "dtype": self.W.dtype}  # a float64 model's too
         if self.visible == "gaussian":
-            v = torch.randn(shape, generator=gen, device=self.W.device) + self.b_v
+            v = torch.randn(shape, generator=gen, **like) + self.b_v
         else:
-            v = torch.bernoulli(torch.full(shape, 0.5, device=self.W.device), generator=gen)
+            v = torch.bernoulli(torch.full(shape, 0.5, **like), generator=gen)
         out = ops.gibbs_chain(
             v, self.W, self.b_v, self.b_h, steps,
             visible=self.visible, hidden=self.hidden, sample_visible=True, generator=gen,

@@ -348,8 +348,8 @@ class VariationalAutoencoder(Autoencoder):
         the usual picture) or a draw x ~ p(x|z) (``mean=False``)."""
         n = params.integer("n", n, low=1)
         with eval_mode(self):
-            device = self.encoder_head.weight.device
-            z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+            # new_empty: the weights' device and dtype (a float64 model's too)
+            z = self.encoder_head.weight.new_empty(n, self.latent_dim).normal_(generator=generator)
             loc, std = self._decoder_output(z)
             if self.decoder == "bernoulli":
                 probs = torch.sigmoid(loc)
@@ -358,7 +358,7 @@ class VariationalAutoencoder(Autoencoder):
                 x = loc
             else:
                 scale = std if std is not None else self.decoder_std
-                x = loc + scale * torch.randn(loc.shape, generator=generator, device=device)
+                x = loc + scale * loc.new_empty(loc.shape).normal_(generator=generator)
             return x.reshape(n, *self.input_shape)
 
     def evaluation_metrics(self, x_test: torch.Tensor, prepared) -> dict[str, float | int]:

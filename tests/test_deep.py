@@ -159,7 +159,7 @@ def test_a_model_saved_with_the_retired_budget_buffer_still_loads(tmp_path):
         ({"hidden": [100, 0]}, r"hidden must be a non-empty list of positive ints; got \[100, 0\]"),
         ({"visible": "gaussian"}, r"reconstruction='bce' needs visible='bernoulli'"),
         ({"pretrain": "yes"}, r"pretrain must be true or false; got 'yes'"),
-        ({"pretrain_k": 0}, r"pretrain_k \(Gibbs steps per update\) must be an int >= 1; got 0"),
+        ({"pretrain_k": 0}, r"pretrain_k must be an int in \[1, 10000\]; got 0"),
         ({"pretrain_epochs": 0}, r"pretrain_epochs must be an int in \[1, inf\]; got 0"),
         ({"start": "random"}, r"start must be one of 'pca', 'pretrained'; got 'random'"),
         ({"linear_path": False}, r"start='pca' begins on the linear path: it needs linear_path"),

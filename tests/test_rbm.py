@@ -255,8 +255,9 @@ def test_encode_decode_are_hidden_and_visible_means():
 @pytest.mark.parametrize(
     ("hparams", "message"),
     [
-        ({"k": 0}, r"k \(Gibbs steps per update\) must be an int >= 1; got 0"),
-        ({"k": 1.5}, r"k \(Gibbs steps per update\) must be an int >= 1; got 1.5"),
+        ({"k": 0}, r"k must be an int in \[1, 10000\]; got 0"),
+        ({"k": 1.5}, r"k must be an int in \[1, 10000\]; got 1.5"),
+        ({"k": 20000}, r"k must be an int in \[1, 10000\]; got 20000"),
         ({"visible": "binary"}, r"visible must be one of 'bernoulli', 'gaussian'; got 'binary'"),
         ({"visible": "gaussian", "hidden": "gaussian"}, r"no normalisable distribution"),
         ({"lr": 0}, r"lr must be a number in \(0, inf\); got 0"),

@@ -215,3 +215,29 @@ def test_a_sparsity_setting_of_another_penalty_is_named_not_ignored():
             k: v for k, v in model.get_config().items() if k not in ("input_shape", "latent_dim")
         }
         aecore.create("sparse", input_shape=(16,), latent_dim=8, **config)
+
+
+def test_a_deep_model_trains_on_from_the_weights_it_has():
+    # a second fit (or one after from_rbms or aecore.load) reran the layer-wise
+    # pretraining over the trained weights
+    deep_class = aecore.registry.model_class("deep")
+    model = aecore.create("deep", input_shape=(16,), latent_dim=4, hidden=[8], pretrain_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the RBMs' note on grey values
+        fit(model, epochs=1)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fit(model, lr=1e-12)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
+        rbms = [
+            aecore.create("rbm", input_shape=(16,), latent_dim=8, visible="gaussian"),
+            aecore.create("rbm", input_shape=(8,), latent_dim=4),
+        ]
+        stacked = deep_class.from_rbms(rbms)
+        assert stacked.visible == "gaussian" and stacked.data_initialised  # as given
+
+
+@pytest.mark.parametrize("name", ["rbm", "vae"])
+def test_a_float64_model_samples_in_float64(name):
+    model = aecore.create(name, input_shape=(8,), latent_dim=3).double()
+    assert model.sample(2).dtype == torch.float64

@@ -49,10 +49,12 @@ from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
 from aecore.ops.types import KL_EPS, CDStats, GibbsChain, GibbsNoise
+from aecore.ops.validation import MAX_GIBBS_STEPS
 
 __all__ = [
     "EXPORT_DECOMPOSITIONS",
     "KL_EPS",
+    "MAX_GIBBS_STEPS",
     "OPS",
     "CDStats",
     "GibbsChain",

@@ -122,9 +122,10 @@ class TrainingRun:
         self._check_first_batch()
         # data-dependent init and pretraining see the whole data in every process, so
         # all start identical (DDP also broadcasts rank 0's weights)
+        fresh = not getattr(self.model, "data_initialised", False)
         self._data_init()
         pretrain = getattr(self.model, "pretrain", None)
-        if pretrain is not None:
+        if pretrain is not None and fresh:  # trained or loaded weights are trained on
             # every pass over the data is a fresh seeded shuffle
             passes = itertools.count(1)
             stream = Batches.PRETRAIN_STREAM

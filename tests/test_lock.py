@@ -149,3 +149,18 @@ def test_an_export_target_has_one_writer(tmp_path):
     assert target.exists() and not (tmp_path / f".m.onnx{LOCK_FILE}").exists()
     with FileLock(target):
         pass
+
+
+def test_an_import_waits_for_no_run_writing_its_folder(holder, tmp_path, capsys):
+    # import once saved into a folder a training run held, and the run's own save then
+    # replaced the imported model
+    import aecore
+    from aecore.cli import main
+    from aecore.sae.formats import save_saelens
+
+    folder, proc = holder
+    sae = aecore.create("sae-topk", input_shape=(8,), latent_dim=16, k=2)
+    save_saelens(sae, tmp_path / "sl")
+    assert main(["import", str(tmp_path / "sl"), "--out", str(folder)]) == 1
+    assert f"cannot import into {folder}: it is in use by PID {proc.pid}" in capsys.readouterr().err
+    assert not (folder / "model.json").exists()

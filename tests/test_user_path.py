@@ -241,3 +241,18 @@ def test_a_deep_model_trains_on_from_the_weights_it_has():
 def test_a_float64_model_samples_in_float64(name):
     model = aecore.create(name, input_shape=(8,), latent_dim=3).double()
     assert model.sample(2).dtype == torch.float64
+
+
+def test_a_csv_drops_only_a_header_and_tiny_data_is_refused_before_training(tmp_path):
+    # a first data row with one missing cell was taken for a header: encode wrote 5 rows
+    # for 6; 1 or 2 rows trained, then failed on an empty test split
+    from aecore.data.files import read_csv
+
+    (tmp_path / "h.csv").write_text("a,b\n1,2\n3,4\n")
+    assert read_csv(str(tmp_path / "h.csv")).shape == (2, 2)
+    (tmp_path / "m.csv").write_text(",2\n3,4\n")
+    with pytest.raises(DataError, match=r"line 1: non-numeric value ''"):
+        read_csv(str(tmp_path / "m.csv"))
+    np.save(tmp_path / "r2.npy", ROWS[:2])
+    with pytest.raises(DataError, match="2 rows are too few .* at least one test row"):
+        aecore.prepare(f"npy:{tmp_path / 'r2.npy'}")

@@ -41,7 +41,10 @@ def cmd_import(args) -> int:
     fmt = detect_format(args.src) if args.format == "auto" else args.format
     model = load_sae(args.src, fmt)
     source = {"format": fmt, "path": str(Path(args.src).resolve())}
-    save(model, args.out, overwrite=args.overwrite, data={"imported_from": source})
+    from aecore.io.lock import FolderLock
+
+    with FolderLock(args.out, "import into"):  # never into a folder a run is writing
+        save(model, args.out, overwrite=args.overwrite, data={"imported_from": source})
     print(
         f"imported {args.src} ({fmt}) as {name_of(model)}: d={model.input_size}, "
         f"{model.latent_dim} latents -> {args.out}"

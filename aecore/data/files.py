@@ -104,7 +104,7 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
 
 
 def read_csv(path: str) -> np.ndarray:
-    """A numeric CSV as float32 rows; a first row that does not parse is a header."""
+    """A numeric CSV as float32 rows; a first row with no number in it is a header."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
     width = None
@@ -118,8 +118,10 @@ def read_csv(path: str) -> np.ndarray:
             try:
                 values = [float(c) for c in cells]
             except ValueError:
-                if lineno == 1 and not rows:
-                    continue  # a header row
+                # a header names its columns: no cell of it is a number (a first data
+                # row with one missing cell is not a header, and is refused below)
+                if lineno == 1 and not rows and not any(_is_float(c) for c in cells):
+                    continue
                 bad = next(c for c in cells if not _is_float(c))
                 raise DataError(
                     f"csv: {p} line {lineno}: non-numeric value {bad!r}; every cell after the "

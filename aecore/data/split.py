@@ -60,8 +60,11 @@ def split_indices(
         parts[1].append(perm[n_test : n_test + n_val])
         parts[2].append(perm[:n_test])
     train, val, test = (np.sort(np.concatenate(p)) for p in parts)
-    if len(train) < 1:
-        raise DataError(f"{n} rows are too few to split into train/val/test")
+    if len(train) < 1 or (test_fraction > 0 and len(test) < 1):
+        raise DataError(
+            f"{n} rows are too few to split into train/val/test (a test fraction of "
+            f"{test_fraction:g} needs at least one test row)"
+        )
     return Split(train, val, test)
 
 

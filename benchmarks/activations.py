@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.dir is not None:
-        report = run(Path(args.dir), args)
+        folder = Path(args.dir)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            # it writes a synthetic cache there: never over a user's cache or files
+            raise ConfigError(f"--dir {folder} exists and is not empty; name a new folder")
+        report = run(folder, args)
     else:
         with tempfile.TemporaryDirectory(prefix="aecore-bench-activations-") as tmp:
             report = run(Path(tmp) / "cache", args)

@@ -32,8 +32,7 @@ from aecore.activations.writer import CacheWriter
 from aecore.data.sources import load_data
 from aecore.errors import AecoreError, ConfigError, DataError
 from aecore.io.lock import LOCK_FILE, FolderLock
-from aecore.params import integer
-from aecore.training.optim import resolve_device
+from aecore.params import integer, torch_device
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHARD_ROWS = 65536
@@ -73,12 +72,7 @@ def extract_activations(
     batch_size = integer("batch_size", batch_size, low=1)
     if max_rows is not None:
         max_rows = integer("max_rows", max_rows, low=1)
-    try:
-        target = resolve_device(device)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"device must be cpu, cuda, cuda:N or auto; got {device!r} ({exc})"
-        ) from None
+    target = torch_device(device)
     hooks = list(hooks)
     net, model_label = load_model(model)
     modules = find_modules(net, hooks)

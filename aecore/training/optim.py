@@ -1,4 +1,4 @@
-"""Devices, optimizers and the update of one step, with the checks that keep a bad step
+"""Optimizers and the update of one step, with the checks that keep a bad step
 from reaching the weights (non-finite loss or gradient, an L-BFGS line search that
 diverged)."""
 
@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import torch
 
-from aecore import params
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, NonFiniteError, TrainingError
 
@@ -20,11 +19,6 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     # of the whole data; each step runs up to 20 iterations with a line search
     "lbfgs": torch.optim.LBFGS,
 }
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda when torch sees a GPU, else cpu; a clear error for a missing GPU."""
-    return params.torch_device(device)
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

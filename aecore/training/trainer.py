@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
+from aecore import params
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, IgnoredSettingWarning
 from aecore.io.lock import FolderLock
 from aecore.training.batches import Batches
 from aecore.training.loop import TrainingRun
-from aecore.training.optim import resolve_device
 from aecore.training.state import History
 
 
@@ -63,7 +63,7 @@ class Trainer:
         if isinstance(settings.get("device"), torch.device):  # the config stores its name
             settings["device"] = str(settings["device"])
         self.config = (config or TrainConfig()).replace(**settings)
-        self.device = resolve_device(self.config.device)
+        self.device = params.torch_device(self.config.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = bool(resume)
         self.allow_changes = bool(allow_changes)

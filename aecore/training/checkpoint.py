@@ -217,15 +217,12 @@ def _check_same_data(path: Path, saved: Any, now: dict[str, Any] | None) -> None
         if same and a.get("sum") is not None and b.get("sum") is not None:
             same = math.isclose(a["sum"], b["sum"], rel_tol=1e-9, abs_tol=1e-9)
         if not same:
-
-            def shown(s):
-                return "none" if s is None else f"{s['rows']} rows"
-
+            before, after = (f"{s['rows']} rows" if s else "none" for s in (a, b))
+            other = ", other values" if before == after else ""
             raise ConfigError(
                 f"cannot resume exactly: {path} was trained on other {part} data "
-                f"({shown(a)}; this run gives {shown(b)}{', other values' if shown(a) == shown(b) else ''}); "
-                f"resume on the same data and split, allow_changes=True (--allow-changes), "
-                f"or start afresh (--overwrite)"
+                f"({before}; this run gives {after}{other}); resume on the same data and "
+                f"split, allow_changes=True (--allow-changes), or start afresh (--overwrite)"
             )
 
 

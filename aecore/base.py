@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from aecore.errors import ConfigError, ShapeError
+from aecore.errors import ConfigError, DataError, ShapeError
 
 
 def check_input_shape(input_shape: Any) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints, without the batch axis."""
-    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
+    if isinstance(input_shape, numbers.Integral) and not isinstance(input_shape, bool):
         input_shape = (input_shape,)
     if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
         raise ConfigError(
@@ -30,12 +30,12 @@ def check_input_shape(input_shape: Any) -> tuple[int, ...]:
         )
     shape = tuple(input_shape)
     if not shape or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape
     ):
         raise ConfigError(
             f"input_shape must be a non-empty tuple of positive ints; got {input_shape!r}"
         )
-    return shape
+    return tuple(int(d) for d in shape)
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -56,9 +56,22 @@ TENSOR_METHODS = (
 
 
 def _in_model_dtype(method: Callable) -> Callable:
+    # codes may come as ints or bools (binary hidden states, one-hot rows); inputs of
+    # those dtypes stay refused by check_input, which names the dtype
+    takes_codes = method.__name__ == "decode"
+    # a loss is a mean over rows: of none it is no number (NaN, or an error deep inside)
+    needs_rows = method.__name__ in ("loss", "train_step")
+
     @functools.wraps(method)
     def wrapper(self, x, *args, **kwargs):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
+        if needs_rows and isinstance(x, torch.Tensor) and x.dim() and len(x) == 0:
+            raise DataError(
+                f"{type(self).__name__}.{method.__name__} needs at least one row; "
+                f"got an empty batch of shape {tuple(x.shape)}"
+            )
+        if isinstance(x, torch.Tensor) and (
+            x.is_floating_point() or (takes_codes and not x.is_complex())
+        ):
             dtype = self.float_dtype()
             if dtype is not None and x.dtype != dtype:
                 x = x.to(dtype)

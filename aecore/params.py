@@ -53,7 +53,7 @@ def number(
 def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """An int in [low, high], as a Python int (numpy integers, such as ``np.arange``'s,
     included: JSON and ``range`` take them as ints)."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    ok = _is_int(value)
     if ok and low is not None:
         ok = value >= low
     if ok and high is not None:
@@ -66,17 +66,22 @@ def integer(name: str, value: Any, *, low: int | None = None, high: int | None =
 
 def int_list(name: str, value: Any, *, allow_empty: bool = True) -> list[int]:
     """A list of positive ints such as hidden-layer widths."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         value = [value]
     if (
         not isinstance(value, Sequence)
         or isinstance(value, str)
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or not all(_is_int(v) and v > 0 for v in value)
         or (not allow_empty and len(value) == 0)
     ):
         need = "a non-empty list" if not allow_empty else "a list"
         raise ConfigError(f"{name} must be {need} of positive ints; got {value!r}")
-    return list(value)
+    return [int(v) for v in value]
+
+
+def _is_int(value: Any) -> bool:
+    """An int, numpy's included, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def torch_device(value: Any):

@@ -203,8 +203,16 @@ CAPABILITIES: dict[str, Callable[[type], bool]] = {
 }
 
 
-def capabilities(cls: type) -> frozenset[str]:
-    """The CAPABILITIES names that hold for model class ``cls``."""
+def capabilities(cls: str | type) -> frozenset[str]:
+    """The CAPABILITIES names that hold for a model class, given as the class or as its
+    registered name."""
+    if isinstance(cls, str):
+        cls = model_class(cls)
+    elif not isinstance(cls, type):
+        raise RegistryError(
+            f"capabilities takes a model name or class; got {type(cls).__name__} "
+            "(for a model instance, pass type(model))"
+        )
     return frozenset(name for name, test in CAPABILITIES.items() if test(cls))
 
 

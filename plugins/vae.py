@@ -232,7 +232,7 @@ class VariationalAutoencoder(Autoencoder):
         return logp.sum(-1).reshape(-1)
 
     def _check_range(self, x: torch.Tensor) -> None:
-        if self.decoder == "bernoulli":
+        if self.decoder == "bernoulli" and x.numel():
             lo, hi = float(x.min()), float(x.max())
             if lo < 0.0 or hi > 1.0:
                 raise DataError(
@@ -331,7 +331,7 @@ class VariationalAutoencoder(Autoencoder):
                 else:
                     draws = fixed[:n].to(mean.dtype).split(sizes)
                 out.append(self._estimate(kind, x_flat, mean, logvar, draws))
-        return torch.cat(out).to(x.dtype)
+        return torch.cat(out).to(x.dtype) if out else x.new_zeros(0)
 
     def _estimate(self, kind: str, x_flat, mean, logvar, draws) -> torch.Tensor:
         """The ELBO or the importance-weighted log-likelihood per row, float64, from

@@ -13,6 +13,7 @@ from model_settings import small_hparams
 
 import aecore
 from aecore.cli import main
+from aecore.errors import DataError, RegistryError
 from aecore.runtime import OnnxAutoencoder
 from aecore.training import Trainer
 
@@ -118,3 +119,32 @@ def test_float64_inputs_compute_in_the_models_dtype(name):
     loss64 = model.loss(x64)["loss"]
     torch.manual_seed(1)
     torch.testing.assert_close(loss64, model.loss(x32)["loss"])
+
+
+@pytest.mark.parametrize("name", aecore.list_models())
+def test_empty_batches_and_integer_codes(name):
+    # no rows: scores and reconstructions of none; a loss of none is refused, not NaN
+    # or an error from deep inside; codes as ints (binary states, one-hot rows) decode
+    shape = _shape(name)
+    model = aecore.create(name, input_shape=shape, latent_dim=3, **small_hparams(name)).eval()
+    empty = torch.zeros(0, *shape)
+    assert model.score(empty).shape == (0,)
+    assert model(empty).shape == (0, *shape)
+    with pytest.raises(DataError, match="needs at least one row"):
+        model.loss(empty)
+    ints = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    torch.testing.assert_close(model.decode(ints), model.decode(ints.float()))
+
+
+def test_capabilities_take_a_name_or_a_class():
+    assert aecore.capabilities("ae") == aecore.capabilities(aecore.model_class("ae"))
+    with pytest.raises(RegistryError, match="pass type"):
+        aecore.capabilities(aecore.create("ae", input_shape=(4,), latent_dim=2))
+
+
+def test_numpy_ints_in_shapes_and_widths():
+    import numpy as np
+
+    model = aecore.create("ae", input_shape=(np.int64(8),), latent_dim=2, hidden=[np.int32(4)])
+    assert model.input_shape == (8,) and type(model.input_shape[0]) is int
+    assert model.get_config()["hidden"] == [4]

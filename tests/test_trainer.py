@@ -471,6 +471,12 @@ def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
         IgnoredSettingWarning, match=r"patience=1 needs validation data.*val_fraction=0"
     ):
         Trainer(patience=1, val_fraction=0, epochs=1, progress=False).fit(ae, x)
+    with pytest.warns(
+        IgnoredSettingWarning, match=r"min_delta=0.1, smoothing=0.0 need validation data"
+    ):
+        Trainer(min_delta=0.1, smoothing=0.0, val_fraction=0, epochs=1, progress=False).fit(ae, x)
+    with pytest.warns(IgnoredSettingWarning, match=r"checkpoint_every=5 .* Pass out_dir"):
+        Trainer(checkpoint_every=5)
     # the defaults, or validation data for patience: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", IgnoredSettingWarning)

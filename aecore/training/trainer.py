@@ -73,6 +73,14 @@ class Trainer:
         self.progress = progress
         if self.resume and self.out_dir is None:
             raise ConfigError("resume=True needs out_dir (where the checkpoint is)")
+        if self.config.checkpoint_every and self.out_dir is None:
+            warnings.warn(
+                f"checkpoint_every={self.config.checkpoint_every} writes checkpoints into "
+                f"out_dir, and this Trainer has none: no checkpoint is written. Pass "
+                f"out_dir=...",
+                IgnoredSettingWarning,
+                stacklevel=2,
+            )
         #: why the running fit should stop at its next step (set by request_stop)
         self.stop_requested: str | None = None
 
@@ -98,15 +106,8 @@ class Trainer:
         else:
             split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
             train, val = split if split is not None else (train, None)
-        if val is None and c.patience is not None and c.patience != DEFAULTS.patience:
-            why = "val_fraction=0" if not c.val_fraction else "too few rows to hold any out"
-            warnings.warn(
-                f"patience={c.patience} needs validation data, and this run has none "
-                f"(no val_data; {why}): it runs all {c.epochs} epochs. Pass val_data, or a "
-                f"val_fraction > 0 with enough rows",
-                IgnoredSettingWarning,
-                stacklevel=2,
-            )
+        if val is None:
+            _warn_settings_needing_validation(c)
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
         run = TrainingRun(self, c, model, train, val, init_data=given)
@@ -119,6 +120,29 @@ class Trainer:
 DEFAULTS = TrainConfig()
 #: the optimizer's settings: no effect on a model that updates its own parameters
 OPTIMIZER_SETTINGS = ("lr", "optimizer", "weight_decay", "grad_clip")
+
+
+#: the settings that judge validation losses: no effect on a run without validation data
+VALIDATION_SETTINGS = ("patience", "min_delta", "smoothing")
+
+
+def _warn_settings_needing_validation(c: TrainConfig) -> None:
+    changed = [
+        f"{name}={getattr(c, name)!r}"
+        for name in VALIDATION_SETTINGS
+        if getattr(c, name) is not None and getattr(c, name) != getattr(DEFAULTS, name)
+    ]
+    if not changed:
+        return
+    why = "val_fraction=0" if not c.val_fraction else "too few rows to hold any out"
+    verb = "needs" if len(changed) == 1 else "need"
+    warnings.warn(
+        f"{', '.join(changed)} {verb} validation data, and this run has none (no val_data; "
+        f"{why}): it runs all {c.epochs} epochs. Pass val_data, or a val_fraction > 0 "
+        f"with enough rows",
+        IgnoredSettingWarning,
+        stacklevel=3,
+    )
 
 
 def _drop_stale_threshold(model) -> None:

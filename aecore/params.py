@@ -3,14 +3,16 @@ its value and what is allowed."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, IgnoredSettingWarning
 
 
 def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -105,3 +107,32 @@ def torch_device(value: Any):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={value!r} was requested but torch sees no CUDA device")
     return device
+
+
+def warn_unused(model: type, why: str, **given: Any) -> None:
+    """An ``IgnoredSettingWarning`` naming each of ``given`` (name=value) set to other
+    than its default in ``model``'s constructor (or a base class's), which ``why`` (a
+    choice the model was given) leaves without effect."""
+    unused = [
+        f"{name}={value!r}" for name, value in given.items() if not _default(model, name, value)
+    ]
+    if unused:
+        it, has = ("it", "has") if len(unused) == 1 else ("them", "have")
+        warnings.warn(
+            f"{model.__name__}: {why}, so {', '.join(unused)} {has} no effect; leave {it} "
+            f"out, or choose what uses {it}",
+            IgnoredSettingWarning,
+            stacklevel=3,
+        )
+
+
+def _default(model: type, name: str, value: Any) -> bool:
+    for cls in model.__mro__:
+        init = cls.__dict__.get("__init__")
+        parameter = inspect.signature(init).parameters.get(name) if init else None
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            default = parameter.default
+            if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+                return list(default) == list(value)
+            return bool(default == value)
+    return False

@@ -98,6 +98,19 @@ def latent_map(z: np.ndarray, labels: np.ndarray | None, path: str | Path, title
     return _save(fig, path)
 
 
+def latent_traversal(
+    decode, start: np.ndarray, units: list[int], labels: list[str], path: str | Path
+) -> Path:
+    """A row of images per code unit in ``units`` (titled by ``labels``): ``decode`` (codes
+    (n, k) -> images, numpy) of the code ``start`` with that unit moved from -2.5 to 2.5."""
+    rows = []
+    for unit, label in zip(units, labels):
+        z = np.repeat(start[None].astype(np.float32), 9, axis=0)
+        z[:, unit] = np.linspace(-2.5, 2.5, 9)
+        rows.append((label, decode(z)))
+    return image_rows(rows, path)
+
+
 def filter_grid(weights: np.ndarray, path: str | Path, title: str = "") -> Path:
     """Rows of ``weights`` (one filter each) as a grid of square images."""
     plt = _plt()

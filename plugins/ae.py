@@ -56,6 +56,10 @@ class PlainAutoencoder(Autoencoder):
         self.init = params.choice("init", init, ["pca", "random"])
         self.pca_start = linear_path and self.init == "pca"
         self.dropout = params.number("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        if not self.hidden:
+            params.warn_unused(type(self), "hidden=[]", activation=activation, dropout=dropout)
+        if not linear_path:
+            params.warn_unused(type(self), "linear_path=False", init=init)
 
         d, k = self.input_size, self.latent_dim
         self.encoder_mlp = self._branch([d, *self.hidden, k])

@@ -140,6 +140,9 @@ class DeepAutoencoder(Autoencoder):
         self.pretrain_weight_decay = params.number(
             "pretrain_weight_decay", pretrain_weight_decay, low=0.0
         )
+        if not self.use_pretraining:  # every pretrain_* setting is then unused
+            unused = {k: v for k, v in locals().items() if k.startswith("pretrain_")}
+            params.warn_unused(type(self), "pretrain=False", **unused)
 
         sizes = self.layer_sizes
         n = len(sizes) - 1

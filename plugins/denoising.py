@@ -81,6 +81,11 @@ class DenoisingAutoencoder(PlainAutoencoder):
         # both are checked whatever the corruption, so a config never holds a bad value
         self.sigma = params.number("sigma", sigma, low=0.0)
         self.p = params.number("p", p, low=0.0, high=1.0)
+        why = f"corruption={self.corruption!r}"
+        if self.corruption == "gaussian":
+            params.warn_unused(type(self), why, p=p)
+        else:
+            params.warn_unused(type(self), why, sigma=sigma)
 
     def get_config(self) -> dict:
         return {

@@ -114,6 +114,12 @@ class RBM(Autoencoder):
                 "it as probabilities; choose one"
             )
         self.probabilities = probabilities
+        if not persistent:
+            params.warn_unused(type(self), "persistent=False (CD)", chains=chains)
+        if self.visible == "gaussian":  # both are about binary data for Bernoulli units
+            params.warn_unused(
+                type(self), "visible='gaussian'", strict=strict, probabilities=probabilities
+            )
 
         n_visible, n_hidden = self.input_size, self.latent_dim
         # W is (visible, hidden), the layout of aecore.ops and of Hinton's code

@@ -121,6 +121,10 @@ class SparseDictionary(Autoencoder):
         self.register_buffer("since_fired", torch.zeros(n, dtype=torch.long))
         self.firing = FiringTracker()
         self.rule = self.make_rule()
+        if not self.rule.uses_aux:  # a saved config holds aux_k's "auto" as its value
+            given = {"aux_coefficient": aux_coefficient}
+            given.update({"aux_k": aux_k} if aux_k != max(1, d // 2) else {})
+            params.warn_unused(type(self), "its rule has no AuxK term", **given)
 
     @abc.abstractmethod
     def make_rule(self) -> rules.SparsityRule:

@@ -14,10 +14,8 @@ per-feature standard deviation (``decoder_std="learned"``, floored at
 a fixed one (``decoder_std=0.1``). ``encode`` returns the posterior mean, so
 ``model(x) = decode(encode(x))`` is deterministic and is what ONNX exports.
 
-``elbo(x)`` and ``log_likelihood(x, k)`` (the importance-weighted bound of Burda et
-al. 2016, which tends to log p(x) as k grows) are per-input, in nats; ``aecore eval``
-reports both on the test split. The anomaly score ``score(x)`` is -log p(x) from
-``score_draws`` fixed draws shared by every row: a row's score depends on it alone.
+``elbo(x)`` and ``log_likelihood(x, k)`` (importance-weighted, Burda et al. 2016) are
+nats per input; the anomaly score is -log p(x) from ``score_draws`` fixed draws.
 """
 
 from __future__ import annotations
@@ -108,6 +106,12 @@ class VariationalAutoencoder(Autoencoder):
         if score_draws is not None:
             score_draws = params.integer("score_draws", score_draws, low=1)
         self.score_draws = score_draws
+        mlp_only, conv_only = {"hidden": hidden}, {"channels": channels, "kernel_size": kernel_size}
+        unused = conv_only if self.backbone == "mlp" else mlp_only
+        params.warn_unused(type(self), f"backbone={self.backbone!r}", **unused)
+        if not self._learned_std:
+            why = "the decoder has no learned scale"
+            params.warn_unused(type(self), why, min_decoder_std=min_decoder_std)
         if self.backbone == "conv" and len(self.input_shape) != 3:
             raise ConfigError(
                 f"backbone='conv' needs a 3-D input_shape (C, H, W); got "
@@ -398,13 +402,7 @@ class VariationalAutoencoder(Autoencoder):
         with eval_mode(self):
             mean, logvar = self.posterior(test)
             kl_per_unit = kl_to_standard_normal(mean, logvar, per_unit=True).mean(0)
-            order = torch.argsort(kl_per_unit, descending=True)[:10]
-            steps = torch.linspace(-2.5, 2.5, 9)
-            rows = []
-            for unit in order.tolist():
-                z = mean[:1].repeat(len(steps), 1)
-                z[:, unit] = steps
-                rows.append(
-                    (f"z{unit} (KL {float(kl_per_unit[unit]):.2f})", self.decode(z).numpy())
-                )
-        return plots.image_rows(rows, path)
+            units = torch.argsort(kl_per_unit, descending=True)[:10].tolist()
+            labels = [f"z{unit} (KL {float(kl_per_unit[unit]):.2f})" for unit in units]
+            decode = lambda z: self.decode(torch.from_numpy(z)).numpy()  # noqa: E731
+            return plots.latent_traversal(decode, mean[0].numpy(), units, labels, path)

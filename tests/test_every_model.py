@@ -148,3 +148,38 @@ def test_numpy_ints_in_shapes_and_widths():
     model = aecore.create("ae", input_shape=(np.int64(8),), latent_dim=2, hidden=[np.int32(4)])
     assert model.input_shape == (8,) and type(model.input_shape[0]) is int
     assert model.get_config()["hidden"] == [4]
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "unused"),
+    [
+        ("ae", {"hidden": [], "activation": "tanh", "dropout": 0.1}, "activation='tanh', dropout"),
+        ("ae", {"linear_path": False, "init": "random"}, "init='random'"),
+        ("denoising", {"corruption": "gaussian", "p": 0.5}, "p=0.5"),
+        ("denoising", {"corruption": "masking", "sigma": 0.5}, "sigma=0.5"),
+        ("vae", {"channels": [8]}, "channels=.8."),
+        ("vae", {"decoder": "bernoulli", "min_decoder_std": 0.1}, "min_decoder_std=0.1"),
+        ("rbm", {"chains": 10}, "chains=10"),
+        ("rbm", {"visible": "gaussian", "probabilities": True}, "probabilities=True"),
+        ("deep", {"hidden": [8], "pretrain": False, "pretrain_k": 3}, "pretrain_k=3"),
+        ("sae-relu", {"aux_coefficient": 0.5}, "aux_coefficient=0.5"),
+    ],
+)
+def test_a_setting_without_effect_is_named(name, hparams, unused):
+    from aecore.errors import IgnoredSettingWarning
+
+    with pytest.warns(IgnoredSettingWarning, match=f"{unused}.* no effect"):
+        aecore.create(name, input_shape=(16,), latent_dim=3, **hparams)
+
+
+@pytest.mark.parametrize("name", aecore.list_models())
+def test_defaults_and_saved_configs_name_no_unused_setting(name, tmp_path):
+    import warnings
+
+    from aecore.errors import IgnoredSettingWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        model = aecore.create(name, input_shape=_shape(name), latent_dim=3)
+        aecore.save(model, tmp_path / "m")
+        aecore.load(tmp_path / "m")

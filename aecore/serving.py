@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.errors import ModelFileError
-from aecore.runtime import ArrayModel, OnnxAutoencoder
+from aecore.errors import ConfigError, ModelFileError
+from aecore.runtime import DEFAULT_BATCH_SIZE, ArrayModel, OnnxAutoencoder
 
 
 class TorchArrayModel(ArrayModel):
@@ -27,17 +27,27 @@ class TorchArrayModel(ArrayModel):
         self.normalization = self.model.normalization
         self.detector = getattr(self.model, "detector", None)
         self.input_range = self.model.input_range
+        self.default_score_kind = self.model.default_score_kind
 
-    def _kind_scores(self, X, kind: str) -> np.ndarray:
+    def _kind_scores(self, X, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         import torch
 
+        if kind not in self.model.score_kinds:
+            raise ConfigError(
+                f"{self.name} scores by {', '.join(map(repr, self.model.score_kinds))}; "
+                f"got kind={kind!r}"
+            )
         x = self._apply(self._check_inputs(X))
         if not len(x):
             return np.empty((0,), np.float64)
         if self.input_range is not None:  # as the estimator clips new rows
             x = np.clip(x, *self.input_range)
         batch = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
-        return self.model.score(batch, kind=kind).double().numpy()
+        scores = [
+            self.model.score(batch[i : i + batch_size], kind=kind).double()
+            for i in range(0, len(batch), batch_size)
+        ]
+        return torch.cat(scores).numpy()
 
     def _forward(self, part: str, batch: np.ndarray) -> np.ndarray:
         import torch

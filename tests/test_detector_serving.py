@@ -201,3 +201,40 @@ def test_numpy_scalars_are_taken_as_numbers(digits):
     config = aecore.TrainConfig(epochs=np.int64(3), lr=np.float32(0.01))
     assert json.loads(json.dumps(config.__dict__))["epochs"] == 3
     assert type(config.lr) is float
+
+
+def test_served_scores_are_the_models_own_by_default(digits, tmp_path):
+    # a served model once answered score() with the reconstruction error whatever the
+    # model's score: an RBM's free energy in torch, [0.067 0.061 ...] when served
+    import torch
+
+    from aecore.cli import main
+    from aecore.onnx import export_onnx
+    from aecore.runtime import OnnxAutoencoder
+
+    X, _ = digits
+    model = aecore.create("rbm", input_shape=(64,), latent_dim=8, probabilities=True)
+    aecore.Trainer(epochs=1, progress=False).fit(model, X[:200])
+    model.eval()
+    rows = X[200:210].astype(np.float32)
+    with torch.no_grad():
+        energy = model.score(torch.from_numpy(rows)).double().numpy()
+        error = model.score(torch.from_numpy(rows), kind="reconstruction").numpy()
+    aecore.save(model, tmp_path / "m")
+    export_onnx(model, tmp_path / "m.onnx", part="all")
+    for served in (aecore.open_model(str(tmp_path / "m")), OnnxAutoencoder(tmp_path / "m.onnx")):
+        assert served.default_score_kind == "free_energy"
+        np.testing.assert_allclose(served.score(rows), energy, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(served.score(rows, kind="reconstruction"), error, rtol=1e-4)
+    # a graph without the score graph says what it lacks and what it can give
+    export_onnx(model, tmp_path / "full.onnx")
+    with pytest.raises(DataError, match="score graph.*kind='reconstruction'"):
+        OnnxAutoencoder(tmp_path / "full.onnx").score(rows)
+    with pytest.raises(ConfigError, match="got kind='elbo'"):
+        aecore.open_model(str(tmp_path / "m")).score(rows, kind="elbo")
+    np.save(tmp_path / "rows.npy", rows)
+    for kind, want in [([], energy), (["--kind", "reconstruction"], error)]:
+        out = tmp_path / f"s{len(kind)}.npy"
+        args = ["score", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "rows.npy")]
+        assert main([*args, "--output", str(out), *kind]) == 0
+        np.testing.assert_allclose(np.load(out), want, rtol=1e-4, atol=1e-4)

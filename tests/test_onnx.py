@@ -128,8 +128,16 @@ def test_runtime_applies_the_stored_normalisation_like_torch(name, exported):
     np.testing.assert_allclose(
         runtime.decode(z.numpy()), norm.invert(decoded.numpy()), rtol=1e-5, atol=1e-4
     )
-    expected_score = (x_hat - xn).pow(2).flatten(1).mean(1).numpy()
-    np.testing.assert_allclose(runtime.score(x), expected_score, rtol=1e-4, atol=1e-6)
+    expected_error = (x_hat - xn).pow(2).flatten(1).mean(1).numpy()
+    got = runtime.score(x, kind="reconstruction")
+    np.testing.assert_allclose(got, expected_error, rtol=1e-4, atol=1e-6)
+    # the default score is the model's own (an RBM's free energy), from the score graph,
+    # which sees rows clipped to the model's range as its detector does
+    assert runtime.default_score_kind == model.default_score_kind
+    lo_hi = model.input_range if model.default_score_kind != "reconstruction" else None
+    with torch.no_grad():
+        expected_score = model.score(xn.clamp(*lo_hi) if lo_hi else xn).double().numpy()
+    np.testing.assert_allclose(runtime.score(x), expected_score, rtol=1e-4, atol=1e-5)
 
 
 def test_k_sparse_codes_export_as_topk_and_scatter(exported):

@@ -5,7 +5,8 @@ through ``aecore.runtime``; that path never imports torch, so these commands wor
 an environment with only numpy and onnxruntime). Both paths compute the same thing:
 inputs in data units are normalised with the stored normalisation, outputs of
 ``reconstruct`` / ``decode`` are inverted back to data units, and ``score`` is the
-per-row mean squared reconstruction error in normalised units.
+model's anomaly score per row (``--kind``; by default the model's own, e.g. an RBM's
+free energy; ``reconstruction`` is the mean squared error in normalised units).
 
 Inputs: ``.npy`` (memory-mapped) or ``.csv`` (numeric, optional header), one row per
 sample; rows of ``prod(input_shape)`` values are reshaped for image models. Outputs:
@@ -32,10 +33,7 @@ _COMMANDS = {
     "encode": ("codes (N, latent_dim) of inputs", "inputs"),
     "decode": ("inputs, in data units, decoded from codes (N, latent_dim)", "codes"),
     "reconstruct": ("reconstructions of inputs, in data units", "inputs"),
-    "score": (
-        "anomaly score per row: mean squared reconstruction error (normalised units)",
-        "inputs",
-    ),
+    "score": ("anomaly score per row (the model's default kind, or --kind)", "inputs"),
 }
 
 
@@ -53,6 +51,12 @@ def add_commands(sub) -> None:
             default=DEFAULT_BATCH_SIZE,
             help=f"rows per model call (default {DEFAULT_BATCH_SIZE})",
         )
+        if command == "score":
+            s.add_argument(
+                "--kind",
+                help="the score: reconstruction (mean squared error, normalised units) or "
+                "another of the model's kinds (default: the model's own)",
+            )
         s.set_defaults(func=cmd_apply, action=command)
 
     s = sub.add_parser(
@@ -96,7 +100,8 @@ def cmd_apply(args) -> int:
         result = model.decode(data, batch_size=args.batch_size)
     else:
         rows = as_model_rows(data, model.input_shape)
-        result = getattr(model, args.action)(rows, batch_size=args.batch_size)
+        kind = {"kind": args.kind} if args.action == "score" else {}
+        result = getattr(model, args.action)(rows, batch_size=args.batch_size, **kind)
     write_array(out_path, result, overwrite=args.overwrite)
     backend = "onnxruntime" if isinstance(model, OnnxAutoencoder) else "torch"
     print(

@@ -8,10 +8,11 @@ per part (weights inside, opset >= 18, a dynamic batch axis named ``batch``):
 * ``decoder``: ``z -> x_hat``
 * ``all``: the three at once: ``model.onnx`` (full) with ``model.encoder.onnx`` and
   ``model.decoder.onnx`` beside it. ``aecore.runtime.OnnxAutoencoder("model.onnx")``
-  finds the siblings, so this is the layout to ship. A model whose detector
-  thresholds another score than the reconstruction error (an RBM's free energy) adds
+  finds the siblings, so this is the layout to ship. A model whose detector or default
+  score is another than the reconstruction error (an RBM's free energy) adds
   ``model.score.onnx`` (``x -> score``) when the model can compute that score
-  deterministically (``exportable_score_kinds``), so the runtime serves the detector.
+  deterministically (``exportable_score_kinds``), so the runtime's ``score`` and
+  detector methods give what the model's do.
 
 Each file's metadata props (``aecore.*``) carry the registry name, config, data
 normalisation, input shape, code size, part, aecore version and an export id shared by
@@ -50,6 +51,7 @@ from aecore.onnx.graphs import (
 from aecore.onnx.trace import to_onnx
 from aecore.registry import name_of
 from aecore.runtime.format import (
+    DEFAULT_SCORE_KEY,
     FORMAT,
     FORMAT_VERSION,
     INPUT_RANGE_KEY,
@@ -124,12 +126,14 @@ def export_onnx(
 
 
 def exported_score_kind(model) -> str | None:
-    """The score an export's score graph computes: the model's detector's kind, when that
-    is not the reconstruction error (the full graph gives that) and the model can
-    compute it deterministically; else None (no score graph)."""
-    kind = getattr(getattr(model, "detector", None), "kind", "reconstruction")
+    """The score an export's score graph computes: the model's detector's kind or, where
+    that is the reconstruction error (the full graph gives it) or there is no detector,
+    the model's default kind; None (no score graph) unless that kind is another than
+    the reconstruction error and the model computes it deterministically."""
+    detector = getattr(model, "detector", None)
     exportable = getattr(model, "exportable_score_kinds", ())
-    return kind if kind != "reconstruction" and kind in exportable else None
+    kinds = [getattr(detector, "kind", None), getattr(model, "default_score_kind", None)]
+    return next((k for k in kinds if k not in (None, "reconstruction") and k in exportable), None)
 
 
 def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFAULT_OPSET):
@@ -144,8 +148,9 @@ def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFA
     score_kind = exported_score_kind(model)
     if SCORE_PART in parts and score_kind is None:
         raise ConfigError(
-            f"{name} has no score graph to export: it needs a detector whose score is not "
-            f"the reconstruction error, one of {getattr(model, 'exportable_score_kinds', ())}"
+            f"{name} has no score graph to export: it needs a detector or a default score "
+            f"other than the reconstruction error, one of "
+            f"{getattr(model, 'exportable_score_kinds', ())}"
         )
     graphs = [p for p in parts if p != SCORE_PART]
     raw = {}
@@ -157,7 +162,7 @@ def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFA
         combined = to_onnx(model, name, "all", opset)
         raw.update({p: slice_part(combined, p) for p in graphs})
     if SCORE_PART in parts:
-        raw[SCORE_PART] = to_onnx(model, name, SCORE_PART, opset)
+        raw[SCORE_PART] = to_onnx(model, name, SCORE_PART, opset, score_kind)
         passes = str(getattr(model, "score_passes", {}).get(score_kind, 1))
         metadata = {**metadata, "aecore.score_kind": score_kind, PASSES_KEY: passes}
     out = {}
@@ -214,6 +219,7 @@ def _metadata(model: nn.Module, name: str) -> dict[str, str]:
         "aecore.version": __version__,
         "aecore.torch_version": torch.__version__.split("+")[0],
         "aecore.export_id": digest.hexdigest()[:20],
+        DEFAULT_SCORE_KEY: getattr(model, "default_score_kind", "reconstruction"),
         **detector_metadata(model),
         **input_range_metadata(model),
     }

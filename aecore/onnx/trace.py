@@ -19,20 +19,21 @@ from aecore.onnx.graphs import ALL_PARTS_IO, BATCH_DIM, SIGNATURES
 class PartGraph(nn.Module):
     """One part as a module whose forward torch.export traces."""
 
-    def __init__(self, model: nn.Module, part: str) -> None:
+    def __init__(self, model: nn.Module, part: str, score_kind: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.part = part
+        self.score_kind = score_kind
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         if self.part == "encoder":
             return self.model.encode(inp)
         if self.part == "decoder":
             return self.model.decode(inp)
-        if self.part == "score":  # the detector's kind, on rows clipped as fit's were
+        if self.part == "score":  # on rows clipped as the detector's fit saw them
             lo_hi = self.model.input_range
             x = inp.clamp(*lo_hi) if lo_hi is not None else inp
-            return self.model.traceable_score(x, self.model.detector.kind)
+            return self.model.traceable_score(x, self.score_kind)
         return self.model(inp)
 
 
@@ -57,10 +58,11 @@ def _example_inputs(model: nn.Module, part: str) -> tuple[torch.Tensor, ...]:
     return (x,)
 
 
-def to_onnx(model: nn.Module, name: str, part: str, opset: int):
-    """The ONNX ModelProto of one part of ``model`` (or of ``"all"`` three in one graph):
-    trace (torch.export), replace custom ops, translate (torch.onnx)."""
-    module = AllParts(model) if part == "all" else PartGraph(model, part)
+def to_onnx(model: nn.Module, name: str, part: str, opset: int, score_kind: str | None = None):
+    """The ONNX ModelProto of one part of ``model`` (or of ``"all"`` three in one graph;
+    the score graph computes ``score_kind``): trace (torch.export), replace custom ops,
+    translate (torch.onnx)."""
+    module = AllParts(model) if part == "all" else PartGraph(model, part, score_kind)
     args = _example_inputs(model, part)
     batch = torch.export.Dim(BATCH_DIM)
     if part == "all":

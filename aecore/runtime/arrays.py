@@ -34,21 +34,23 @@ class ArrayModel(DetectorMethods, abc.ABC):
     #: the range of normalised inputs the model takes (None: any real values): the
     #: detector methods clip rows to it, as the estimator clips new rows
     input_range: tuple[float, float] | None = None
+    #: what ``score`` gives by default: the model's ``Autoencoder.default_score_kind``
+    default_score_kind: str = "reconstruction"
 
     def _anomaly_scores(self, X: Any) -> np.ndarray:
         x = self._check_inputs(X)
         _check_finite(x)
-        kind = self.detector.kind if self.detector is not None else "reconstruction"
+        kind = self.detector.kind if self.detector is not None else self.default_score_kind
         if kind != "reconstruction":
             return self._kind_scores(x, kind)
         return self._errors(x, DEFAULT_BATCH_SIZE, clip=True)
 
-    def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
-        """The detector's scores when they are not the reconstruction error."""
+    def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Scores of a kind other than the reconstruction error, on rows clipped to
+        ``input_range`` (float64)."""
         raise DataError(
-            f"this detector scores rows by the model's {kind!r}, which this export does "
-            f"not compute: serve the model folder (torch), or fit the detector on a model "
-            f"whose default score is the reconstruction error"
+            f"scoring by the model's {kind!r} needs the model itself: serve the model "
+            f"folder (torch), or pass kind='reconstruction'"
         )
 
     @abc.abstractmethod
@@ -127,11 +129,23 @@ class ArrayModel(DetectorMethods, abc.ABC):
             return self._map("full", x, self.input_shape, batch_size, normalize=False)
         return self._invert(self._map("full", x, self.input_shape, batch_size, normalize=True))
 
-    def score(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """Anomaly score per row, ``(N,)`` float32: mean squared reconstruction error in
-        normalised units (the model's ``Autoencoder.score`` on normalised inputs)."""
+    def score(
+        self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> np.ndarray:
+        """Anomaly score per row, ``(N,)``, higher for a more anomalous row: the model's
+        ``Autoencoder.score(x, kind)`` on normalised inputs. ``kind`` None is the model's
+        default (``default_score_kind``); ``"reconstruction"``, the mean squared
+        reconstruction error in normalised units (float32), is served by every export.
+        Other kinds (float64) come from an export's score graph, which computes them on
+        rows clipped to the model's ``input_range``, as the detector's fit saw them."""
+        kind = self.default_score_kind if kind is None else kind
+        batch_size = _check_batch_size(batch_size)
+        if not isinstance(kind, str):
+            raise ConfigError(f"kind must be a score kind's name; got {kind!r}")
+        if kind != "reconstruction":
+            return self._kind_scores(x, kind, batch_size)
         x = self._check_inputs(x)
-        return self._errors(x, _check_batch_size(batch_size), clip=False)
+        return self._errors(x, batch_size, clip=False)
 
     def _errors(self, x: np.ndarray, batch_size: int, *, clip: bool) -> np.ndarray:
         clip = clip and self.input_range is not None

@@ -18,6 +18,9 @@ PASSES_KEY = "aecore.score_passes"
 #: the range a model with bounded inputs takes, in normalised units (JSON ``[lo, hi]``;
 #: absent for any real values): the detector methods clip rows to it, as fit's were
 INPUT_RANGE_KEY = "aecore.input_range"
+#: the kind ``score`` gives by default, as the model's ``Autoencoder.score`` does (absent:
+#: the reconstruction error, which exports before this key always gave)
+DEFAULT_SCORE_KEY = "aecore.default_score_kind"
 #: rows per onnxruntime call: bounds memory for large (memory-mapped) inputs
 DEFAULT_BATCH_SIZE = 4096
 

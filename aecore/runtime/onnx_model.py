@@ -16,6 +16,7 @@ from aecore.errors import ConfigError, DataError, ModelFileError
 from aecore.runtime.arrays import ArrayModel
 from aecore.runtime.format import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_SCORE_KEY,
     FORMAT,
     FORMAT_VERSION,
     INPUT_RANGE_KEY,
@@ -118,6 +119,7 @@ class OnnxAutoencoder(ArrayModel):
             ):
                 raise ModelFileError(f"{self.path}: malformed {INPUT_RANGE_KEY} {bounds!r}")
             self.input_range = (float(bounds[0]), float(bounds[1]))
+        self.default_score_kind = meta.get(DEFAULT_SCORE_KEY, "reconstruction")
         self.normalizes_itself = meta.get("aecore.normalization_in_graph") == "1"
         # the graphs hold that normalisation: another one could not take effect
         self._normalization_fixed = self.normalizes_itself
@@ -148,27 +150,28 @@ class OnnxAutoencoder(ArrayModel):
                 f"pickled (id {state['export_id']!r}): open the file again"
             )
 
-    def _kind_scores(self, X: Any, kind: str) -> np.ndarray:
+    def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         graph = self._graph(SCORE_PART)
+        full = part_paths(self.path)["full"]
         if graph is None:
-            full = part_paths(self.path)["full"]
             raise DataError(
-                f"this detector scores rows by the model's {kind!r}, and this export has no "
-                f"score graph to compute it ({score_path(self.path)}): `aecore export "
-                f"MODEL_DIR --out {full} --all` writes one for a model that computes that "
-                f"score deterministically; otherwise serve the model folder (torch)"
+                f"scoring by the model's {kind!r} needs the export's score graph "
+                f"({score_path(self.path)}), which is missing: `aecore export MODEL_DIR "
+                f"--out {full} --all` writes one for a model that computes that score "
+                f"deterministically; otherwise serve the model folder (torch), or pass "
+                f"kind='reconstruction'"
             )
         exported = graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")
         if exported != kind:
-            raise ModelFileError(
-                f"{graph.path} computes the score {exported!r}, but the detector thresholds "
-                f"{kind!r}; re-export with `aecore export MODEL_DIR --out {self.path} --all`"
+            raise DataError(
+                f"{graph.path} computes the score {exported!r}, not {kind!r}: pass "
+                f"kind={exported!r} or kind='reconstruction', or serve the model folder (torch)"
             )
         x = self._check_inputs(X)
         # a score of several passes per row (a VAE's draws) in proportionally
         # smaller batches
         passes = int(graph.session.get_modelmeta().custom_metadata_map.get(PASSES_KEY, "1"))
-        batch = max(1, DEFAULT_BATCH_SIZE // max(passes, 1))
+        batch = max(1, batch_size // max(passes, 1))
         scores = self._map(SCORE_PART, x, (), batch, normalize=not self.normalizes_itself)
         return scores.astype(np.float64)
 

@@ -214,7 +214,14 @@ class DetectorMethods(abc.ABC):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Anomaly score per row: higher is more anomalous."""
-        return np.asarray(self._anomaly_scores(X), dtype=np.float64)
+        scores = np.asarray(self._anomaly_scores(X), dtype=np.float64)
+        if not np.isfinite(scores).all():
+            # NaN > threshold is False: such a row would pass as an inlier
+            raise DataError(
+                f"the model's score of rows {row_list(~np.isfinite(scores))} is not finite: their values overflow "
+                f"the model's float32 arithmetic; rescale or drop them"
+            )
+        return scores
 
     def predict(self, X: Any, return_confidence: bool = False):
         """1 for outliers (score above the contamination threshold), 0 for inliers; with
@@ -236,6 +243,12 @@ class DetectorMethods(abc.ABC):
         """How sure each ``predict`` label is, in [0, 1]."""
         scores = self.decision_function(X)
         return self._threshold().confidence(scores)
+
+
+def row_list(bad: np.ndarray) -> str:
+    """The rows where ``bad`` (a mask over rows) holds, as "3, 7, ..." (the first five)."""
+    rows = np.flatnonzero(bad)
+    return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
 
 
 def _flag(value: Any) -> bool:

@@ -3,8 +3,9 @@
 ``AutoencoderTransformer`` fits a registry model on ``X`` of shape (n_samples,
 n_features) and then works as a transformer (``transform`` gives codes,
 ``inverse_transform`` decodes back to the data's units) and as an outlier detector
-(``score_samples`` is the negative per-sample reconstruction error, ``predict`` flags
-the ``contamination`` share of the training rows that reconstruct worst as -1), so it
+(``score_samples`` is the negative of the model's per-sample anomaly score: the
+reconstruction error, or the model's own such as an RBM's free energy; ``predict`` flags
+the ``contamination`` share of the training rows that score worst as -1), so it
 slots into ``Pipeline`` and ``GridSearchCV``. Needs scikit-learn >= 1.6.
 
 Model hyperparameters go in as extra keywords (``hidden=[64]``); ``get_params`` and
@@ -46,6 +47,7 @@ from aecore.data.units import (
     shared_scale_normalization,
     with_real_valued_units,
 )
+from aecore.detection import row_list
 from aecore.errors import DataError, RegistryError, ShapeError
 from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
 from aecore.training import Trainer
@@ -290,29 +292,38 @@ class AutoencoderTransformer(
     def _normalized(self, X) -> tuple[np.ndarray, np.dtype]:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=_FLOATS, reset=False)
-        x = self.normalization_.apply(X)
+        with np.errstate(over="ignore"):
+            x = self.normalization_.apply(X)
+        # float32 overflow would score the row NaN or inf; a served model (an export that
+        # takes data units) refuses values beyond float32 before normalising, and so here
+        overflow = ~np.isfinite(x).all(1) | (np.abs(X) > np.finfo(np.float32).max).any(1)
+        if overflow.any():
+            raise DataError(
+                f"X has values beyond float32's range, or that overflow it once normalised "
+                f"(rows {row_list(overflow)}): the model computes in float32; rescale or "
+                f"drop them"
+            )
         bounds = self.model_.input_range
         if bounds is not None:  # rows beyond the training range: the model's range holds
             x = np.clip(x, *bounds)
         return x, X.dtype
 
     @torch.no_grad()
-    def _chunks(self, method: str, x: np.ndarray) -> np.ndarray:
+    def _chunks(self, method: str, x: np.ndarray, **kwargs: Any) -> np.ndarray:
         """``model_.<method>`` over row chunks, computed in float64: float32 matrix
         products round differently for different batch sizes, and a row's result
         must not depend on which other rows came with it."""
         fn = getattr(copy.deepcopy(self.model_).double().eval(), method)
         x = np.asarray(x, dtype=np.float64)
         out = [
-            fn(torch.from_numpy(np.ascontiguousarray(x[i : i + _CHUNK_ROWS]))).numpy()
+            fn(torch.from_numpy(np.ascontiguousarray(x[i : i + _CHUNK_ROWS])), **kwargs).numpy()
             for i in range(0, len(x), _CHUNK_ROWS)
         ]
         return np.concatenate(out)
 
-    def _scores(self, x: np.ndarray) -> np.ndarray:
-        # the model's per-sample anomaly score hook: mean squared reconstruction
-        # error in normalised units unless the plugin defines its own
-        return -self._chunks("score", x)
+    def _scores(self, x: np.ndarray, kind: str | None = None) -> np.ndarray:
+        # the model's per-sample anomaly score (None: its default kind), negated
+        return -self._chunks("score", x, kind=kind)
 
     def transform(self, X) -> np.ndarray:
         """Codes of ``X``: (n_samples, latent_dim), in ``X``'s float dtype."""
@@ -333,8 +344,9 @@ class AutoencoderTransformer(
         return self.normalization_.invert(decoded).astype(z.dtype)
 
     def score_samples(self, X) -> np.ndarray:
-        """Negative per-sample reconstruction error (normalised units): higher is
-        more normal."""
+        """The negative of the model's per-sample anomaly score (``model_.score``: its
+        default kind, the reconstruction error in normalised units unless the model has
+        a better one, e.g. an RBM's free energy): higher is more normal."""
         x, _ = self._normalized(X)
         return self._scores(x)
 
@@ -347,10 +359,13 @@ class AutoencoderTransformer(
         return np.where(self.decision_function(X) < 0, -1, 1)
 
     def score(self, X, y=None) -> float:
-        """Mean ``score_samples``: the negative mean reconstruction error, so
-        ``GridSearchCV`` without a scorer prefers models that reconstruct held-out
-        rows better. Comparable only between fits with the same ``normalize``."""
-        return float(np.mean(self.score_samples(X)))
+        """The negative mean reconstruction error (normalised units), so ``GridSearchCV``
+        without a scorer prefers models that reconstruct held-out rows better: for every
+        model, unlike ``score_samples``'s default kind (an RBM's free energy leaves out
+        its partition function, so it does not compare models). Comparable only between
+        fits with the same ``normalize``."""
+        x, _ = self._normalized(X)
+        return float(np.mean(self._scores(x, kind="reconstruction")))
 
 
 def _check_in_model_range(net, x: np.ndarray, normalize: str, name: Any) -> None:

@@ -238,3 +238,30 @@ def test_served_scores_are_the_models_own_by_default(digits, tmp_path):
         args = ["score", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "rows.npy")]
         assert main([*args, "--output", str(out), *kind]) == 0
         np.testing.assert_allclose(np.load(out), want, rtol=1e-4, atol=1e-4)
+
+
+def test_values_beyond_float32_are_refused_everywhere(tmp_path):
+    # 1e300 once became inf in float32, scored NaN and was labelled an inlier
+    from sklearn.datasets import load_wine
+
+    X = load_wine().data
+    detector = aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(X[:100])
+    rows = X[:3].copy()
+    rows[1, 4] = 1e300
+    for served in (detector, *served_copies(detector, tmp_path)):
+        for method in ("decision_function", "predict", "predict_proba"):
+            with pytest.raises(DataError, match=r"beyond float32's range.*rows 1\b"):
+                getattr(served, method)(rows)
+
+
+def test_a_score_that_is_not_finite_is_never_an_inlier():
+    from aecore.detection import DetectorMethods, ScoreThreshold
+
+    class Overflowing(DetectorMethods):
+        detector = ScoreThreshold.fit(np.arange(10.0), 0.1)
+
+        def _anomaly_scores(self, X):
+            return np.array([0.5, np.nan, np.inf])
+
+    with pytest.raises(DataError, match="score of rows 1, 2 is not finite"):
+        Overflowing().predict(np.zeros((3, 2)))

@@ -485,3 +485,17 @@ def test_trains_on_cuda_and_serves_on_cpu():
     assert next(gpu.model_.parameters()).device.type == "cpu"
     # same seed, same batches, same initial weights: only kernel rounding differs
     np.testing.assert_allclose(gpu.transform(TABLE), cpu.transform(TABLE), atol=1e-3)
+
+
+def test_score_compares_models_by_reconstruction_whatever_their_anomaly_score():
+    # score_samples is the model's own score (an RBM's free energy, which leaves out its
+    # partition function); score, which GridSearchCV maximises, is the reconstruction
+    # error every model has
+    X = np.random.default_rng(0).random((80, 6))
+    est = AutoencoderTransformer("rbm", latent_dim=3, epochs=2, random_state=0, probabilities=True)
+    est.fit(X)
+    x = torch.from_numpy(est.normalization_.apply(X)).double()
+    model = est.model_.double().eval()
+    error = model.score(x, kind="reconstruction").numpy()
+    np.testing.assert_allclose(est.score(X), -error.mean(), rtol=1e-6)
+    np.testing.assert_allclose(est.score_samples(X), -model.score(x).numpy(), rtol=1e-6)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from aecore.data.normalization import Normalization
-from aecore.detection import DetectorMethods, ScoreThreshold
+from aecore.detection import DetectorMethods, ScoreThreshold, row_list
 from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.runtime.format import DEFAULT_BATCH_SIZE
 
@@ -230,13 +230,19 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
 
 
 def _check_finite(x: np.ndarray) -> None:
-    """A row with NaN would score NaN, which no threshold calls an outlier."""
+    """A row with NaN would score NaN, which no threshold calls an outlier; so would one
+    beyond float32's range, which the model computes in."""
+    rows = x.reshape(len(x), -1)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         raise DataError(
-            f"X contains NaN or infinite values (rows {shown}): a detector cannot score "
-            f"them; drop or impute them first"
+            f"X contains NaN or infinite values (rows {row_list(~np.isfinite(rows).all(1))}): "
+            f"a detector cannot score them; drop or impute them first"
+        )
+    big = np.finfo(np.float32).max
+    if x.dtype.itemsize > 4 and x.size and np.abs(x).max() > big:
+        raise DataError(
+            f"X has values beyond float32's range (rows {row_list((np.abs(rows) > big).any(1))}"
+            f"), which the model computes in: rescale or drop them"
         )
 
 

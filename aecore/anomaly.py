@@ -31,12 +31,16 @@ from aecore.sklearn import _DEFAULTS, AutoencoderTransformer
 
 #: the fewest rows ``validation_fraction="auto"`` holds out to judge epochs by
 MIN_HOLD_OUT_ROWS = 20
+#: ``latent_dim="auto"``'s code size, on data with more features than this
+AUTO_LATENT_DIM = 8
 
 
 class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
     """PyOD-style anomaly detector on any aecore vector model (see the module's
     docstring); the parameters are ``AutoencoderTransformer``'s, with defaults chosen
-    for detection: the ``denoising`` model with an 8-unit code, trained for 100 epochs
+    for detection: the ``denoising`` model with an 8-unit code (``latent_dim="auto"``: 8,
+    or half the features on data with 8 or fewer, so no model can copy its input and
+    score every row alike), trained for 100 epochs
     (on the one-class benchmark, mean ROC-AUC over seeds 0-2 of 0.998 on digits, 0.916 on
     breast cancer and 0.982 on wine, where the transformer's defaults, ``ae`` with a
     2-unit code for 50 epochs, reach 0.989, 0.901 and 0.979 with seed 0; a denoiser
@@ -48,7 +52,7 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         self,
         model: str = "denoising",
         *,
-        latent_dim: int = 8,
+        latent_dim: int | str = "auto",
         epochs: int = 100,
         batch_size: int = _DEFAULTS.batch_size,
         lr: float | None = None,
@@ -66,6 +70,17 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
             validation_fraction=validation_fraction, patience=patience,
             random_state=random_state, device=device, **hparams,
         )  # fmt: skip
+
+    def _latent_dim(self, n_features: int) -> Any:
+        # an ae with a code as wide as 6 features copied them: ROC-AUC 0.62 against 1.0
+        # with 2 units
+        if isinstance(self.latent_dim, str):
+            if self.latent_dim != "auto":
+                raise ConfigError(
+                    f"latent_dim must be 'auto' or a positive int; got {self.latent_dim!r}"
+                )
+            return AUTO_LATENT_DIM if n_features > AUTO_LATENT_DIM else max(1, n_features // 2)
+        return self.latent_dim
 
     def _validation_fraction(self, n_rows: int) -> float:
         # a hold-out of a few rows cannot tell epochs apart: on 14 rows a class (digits)

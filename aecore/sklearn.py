@@ -240,7 +240,10 @@ class AutoencoderTransformer(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             net = create(
-                self.model, input_shape=(X.shape[1],), latent_dim=self.latent_dim, **hparams
+                self.model,
+                input_shape=(X.shape[1],),
+                latent_dim=self._latent_dim(X.shape[1]),
+                **hparams,
             )
             normalization = _fit_normalization(net, normalize, units, X)
             # apply() may hand back X itself (a read-only memory map, say): torch
@@ -281,6 +284,10 @@ class AutoencoderTransformer(
         ):
             return params.integer("random_state", int(self.random_state), low=0)
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
+
+    def _latent_dim(self, n_features: int) -> Any:
+        """The code size of the model fit builds (``create`` checks it)."""
+        return self.latent_dim
 
     def _validation_fraction(self, n_rows: int) -> float:
         # named by the estimator's parameter, not TrainConfig's field, in the error

@@ -90,6 +90,10 @@ class Autoencoder(nn.Module, abc.ABC):
       normalised training inputs, called before the first epoch of a fresh run of a
       model that has not been initialised, trained or loaded yet
       (``data_initialised``; fit sets it, so a second fit continues training).
+    * ``needs_data_statistics`` / ``adopt_data_statistics(x)``: for a model whose weights
+      are kept (``data_initialised``) but lack what ``init_from_data`` measures (an SAE
+      imported from another library has no input scale): True makes fit call the
+      method on the same rows, which must keep the model's function.
     * ``pretrain(batches, log)``: a pretraining stage run before fine-tuning (the deep
       autoencoder's layer-wise RBMs); ``batches()`` iterates over the training batches,
       ``log(message)`` reports progress to the user.

@@ -49,8 +49,10 @@ from aecore.sae import rules
 from aecore.sae.loss import sae_loss
 from aecore.sae.recipe import (
     FiringTracker,
+    adopt_input_statistics,
     fold_input_scale,
     geometric_median,
+    input_statistics,
     remove_parallel_gradient,
     set_row_norms,
     unfold_input_scale,
@@ -159,17 +161,23 @@ class SparseDictionary(Autoencoder):
     # -- the recipe's data-dependent start and optimizer hooks --------------------------
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        x = x.flatten(1).double()
-        if self.normalize_inputs:
-            mean_sq = float(x.pow(2).mean())
-            self.input_scale.fill_(1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0)
-        x = x * float(self.input_scale)
-        variance = float((x - x.mean(0)).pow(2).sum(1).mean())
-        self.input_variance.fill_(variance if variance > 0 else 1.0)
+        c, variance = input_statistics(x, self.normalize_inputs)
+        self.input_scale.fill_(c)
+        self.input_variance.fill_(variance)
+        x = x.flatten(1).double() * c
         if self.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(x).to(self.b_dec))
         elif self.b_dec_init == "mean":
             self.b_dec.copy_(x.mean(0).to(self.b_dec))
+
+    @property
+    def needs_data_statistics(self) -> bool:
+        """Weights built from another library's folder lack the input statistics (both
+        1): the first fit measures them (``adopt_input_statistics``)."""
+        return bool(self.input_scale == 1) and bool(self.input_variance == 1)
+
+    def adopt_data_statistics(self, x: Tensor) -> None:
+        adopt_input_statistics(self, x)
 
     def lr_factor(self, progress: float) -> float:
         """``lr_scale``, decaying linearly to 0 over the last ``lr_decay`` of the run."""

@@ -433,3 +433,29 @@ def test_sparsify_shape_mismatch_is_named(tmp_path):
         ModelFileError, match=rf"encoder.weight has shape \({N}, {D}\); expected \({N // 2}, {D}\)"
     ):
         load_sparsify(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("name", list(HPARAMS))
+def test_an_imported_sae_trains_on_as_the_saved_one(x, tmp_path, name):
+    # an import has raw-unit weights and no input statistics: its loss was a sum of
+    # squares in raw units with Adam sized for scaled weights, so training diverged and
+    # fit silently went back to the start
+    model = make(name, x)
+    save_saelens(model, tmp_path / "sae")
+    aecore.save(model, tmp_path / "native")
+    imported, native = load_saelens(tmp_path / "sae"), aecore.load(tmp_path / "native")
+    assert imported.needs_data_statistics and not native.needs_data_statistics
+    with torch.no_grad():
+        want = imported(x)
+        imported.adopt_data_statistics(x)  # what fit does first: the function is kept
+        torch.testing.assert_close(imported(x), want, atol=1e-4, rtol=1e-4)
+    assert float(imported.input_scale) == pytest.approx(float(native.input_scale), rel=1e-5)
+    assert float(imported.decoder_row_norm) == 1.0
+    imported = load_saelens(tmp_path / "sae")
+    losses = {}
+    for label, m in (("imported", imported), ("native", native)):
+        torch.manual_seed(0)
+        history = aecore.Trainer(epochs=3, batch_size=32, val_fraction=0, progress=False).fit(m, x)
+        losses[label] = [e["train_loss"] for e in history.epochs]
+        assert history.kept_epoch == 3
+    assert losses["imported"] == pytest.approx(losses["native"], rel=1e-3)

@@ -5,6 +5,8 @@ bookkeeping of which latents are dead."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -29,6 +31,38 @@ def remove_parallel_gradient(weight: Tensor) -> None:
     if weight.grad is None:
         return
     ops.remove_parallel_(weight.grad, weight.data)
+
+
+def input_statistics(x: Tensor, normalize_inputs: bool) -> tuple[float, float]:
+    """The input scale c (inputs times c have a mean square of 1 per element; 1 without
+    ``normalize_inputs``) and the scaled rows' mean squared distance from their mean
+    (the loss's unit: 1 where the rows do not vary)."""
+    x = x.flatten(1).double()
+    mean_sq = float(x.pow(2).mean())
+    c = 1.0 / math.sqrt(mean_sq) if normalize_inputs and mean_sq > 0 else 1.0
+    variance = float((x - x.mean(0)).pow(2).sum(1).mean()) * c**2
+    return c, (variance if variance > 0 else 1.0)
+
+
+@torch.no_grad()
+def adopt_input_statistics(model, x: Tensor) -> None:
+    """Weights from another library's folder (raw units; ``input_scale`` and
+    ``input_variance`` 1) put in the form aecore's recipe trains: the input statistics
+    measured on ``x``, and the weights rescaled so the function of raw inputs stays, with
+    every code times one factor that puts unit decoder rows at norm 1. The loss (a
+    fraction of variance) and Adam's steps are then sized as for a model trained here."""
+    c, variance = input_statistics(x, model.normalize_inputs)
+    # codes times alpha: the encoder times alpha / c, the decoder times c / alpha
+    alpha = c * (float(model.decoder_row_norm) if model.unit_decoder else 1.0)
+    model.W_enc.mul_(alpha / c)
+    model.b_enc.mul_(alpha)
+    model.W_dec.mul_(c / alpha)
+    model.b_dec.mul_(c)
+    if model.unit_decoder:
+        model.decoder_row_norm.fill_(1.0)
+    model.rule.scale_codes(alpha)
+    model.input_scale.fill_(c)
+    model.input_variance.fill_(variance)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ differ only here.
 from __future__ import annotations
 
 import abc
+import math
 from typing import ClassVar
 
 import torch
@@ -63,6 +64,10 @@ class SparsityRule(nn.Module, abc.ABC):
     def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
         """Named loss terms (each already weighted) that the model adds to its loss."""
         return {}
+
+    def scale_codes(self, factor: float) -> None:
+        """Keep the rule's function when every pre-activation is ``factor`` (> 0) times
+        what it was: the thresholds in code units follow."""
 
     def thresholds(self, n: int) -> Tensor | None:
         """Per-latent inference thresholds, for formats that store a JumpReLU."""
@@ -196,6 +201,10 @@ class BatchTopK(SparsityRule):
     def thresholds(self, n: int) -> Tensor | None:
         return self.threshold.expand(n).clone()
 
+    @torch.no_grad()
+    def scale_codes(self, factor: float) -> None:
+        self.threshold.mul_(factor)
+
 
 class MatryoshkaBatchTopK(BatchTopK):
     name = "matryoshka"
@@ -286,6 +295,10 @@ class JumpReLU(SparsityRule):
         else:
             l0 = _StepFunction.apply(pre, self.threshold, self.bandwidth).sum(1).mean()
         return {"l0_penalty": self.l0_coefficient * l0}
+
+    @torch.no_grad()
+    def scale_codes(self, factor: float) -> None:
+        self.log_threshold.add_(math.log(factor))
 
     def thresholds(self, n: int) -> Tensor | None:
         return self.threshold.detach().clone()

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from aecore.errors import ConfigError
+
 
 class DistContext:
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, owns: bool = False):
@@ -96,3 +98,35 @@ def distributed_loss(model, device: torch.device):
     return DistributedDataParallel(
         _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None
     )
+
+
+def check_distributed(model, train, config, world: int) -> None:
+    """Refuse a multi-process run that cannot work, before any process starts it."""
+    name = type(model).__name__
+    batch_size = config.batch_size
+    if not model.uses_optimizer:
+        raise ConfigError(
+            f"{name} updates its own parameters (train_step) and does not support "
+            f"multi-process training; run it in one process (without torchrun)"
+        )
+    if train.loader is not None:
+        raise ConfigError(
+            "under torchrun pass an array, tensor or Dataset rather than a DataLoader: "
+            "aecore shards each global batch across the processes itself"
+        )
+    if batch_size < world:
+        raise ConfigError(
+            f"batch_size ({batch_size}) must be at least the number of processes ({world})"
+        )
+    last = train.n % batch_size
+    if 0 < last < world:
+        raise ConfigError(
+            f"the last batch of {train.n} rows at batch_size {batch_size} has {last} "
+            f"row(s), fewer than the {world} processes (one would get none): "
+            f"choose a batch_size that leaves 0 or at least {world} rows over"
+        )
+    if config.optimizer == "lbfgs":
+        raise ConfigError(
+            "optimizer='lbfgs' line-searches on each process's own loss, so processes "
+            "would disagree; use it in one process"
+        )

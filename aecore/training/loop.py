@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from aecore.errors import ConfigError, ShapeError, TrainingInterrupted
+from aecore.errors import ShapeError, TrainingInterrupted
 from aecore.training import checkpoint
 from aecore.training.batches import Batches
-from aecore.training.distributed import DistContext, distributed_loss
+from aecore.training.distributed import DistContext, check_distributed, distributed_loss
 from aecore.training.evaluation import chunk_losses, clearly_lower, mean_losses, seed_device
 from aecore.training.optim import finite_loss_terms, gradient_step, lbfgs_step, make_optimizer
 from aecore.training.state import History, RunState
@@ -47,7 +47,7 @@ class TrainingRun:
     def execute(self) -> History:
         try:
             if self.dist.active:
-                self._check_distributed()
+                check_distributed(self.model, self.train, self.config, self.dist.world)
             self.model.to(self.device)
             if self.model.uses_optimizer:
                 self.optimizer = make_optimizer(self.model, self.config)
@@ -290,36 +290,6 @@ class TrainingRun:
         return mean_losses(self.model, batches, self.config.seed, self.device)
 
     # -- checks and hooks ----------------------------------------------------------------
-    def _check_distributed(self) -> None:
-        name = type(self.model).__name__
-        world, batch_size = self.dist.world, self.config.batch_size
-        if not self.model.uses_optimizer:
-            raise ConfigError(
-                f"{name} updates its own parameters (train_step) and does not support "
-                f"multi-process training; run it in one process (without torchrun)"
-            )
-        if self.train.loader is not None:
-            raise ConfigError(
-                "under torchrun pass an array, tensor or Dataset rather than a DataLoader: "
-                "aecore shards each global batch across the processes itself"
-            )
-        if batch_size < world:
-            raise ConfigError(
-                f"batch_size ({batch_size}) must be at least the number of processes ({world})"
-            )
-        last = self.train.n % batch_size
-        if 0 < last < world:
-            raise ConfigError(
-                f"the last batch of {self.train.n} rows at batch_size {batch_size} has {last} "
-                f"row(s), fewer than the {world} processes (one would get none): "
-                f"choose a batch_size that leaves 0 or at least {world} rows over"
-            )
-        if self.config.optimizer == "lbfgs":
-            raise ConfigError(
-                "optimizer='lbfgs' line-searches on each process's own loss, so processes "
-                "would disagree; use it in one process"
-            )
-
     def _check_first_batch(self) -> None:
         x = next(self.train.epoch(0))
         try:
@@ -340,13 +310,18 @@ class TrainingRun:
         return xs
 
     def _data_init(self) -> None:
-        init = getattr(self.model, "init_from_data", None)
-        # a model that was trained or loaded continues from its weights
-        if init is None or getattr(self.model, "data_initialised", False):
+        model = self.model
+        init = getattr(model, "init_from_data", None)
+        if getattr(model, "data_initialised", False):
+            # a model that was trained or loaded continues from its weights; given weights
+            # may still need what its recipe measures on the data (an imported SAE's scale)
+            needs = getattr(model, "needs_data_statistics", False)
+            init = getattr(model, "adopt_data_statistics", None) if needs else None
+        if init is None:
             return
         with torch.no_grad():
             init(torch.cat(self._train_sample()).to(self.device))
-        self.model.data_initialised = True
+        model.data_initialised = True
 
     # -- processes, files and messages ---------------------------------------------------
     @property

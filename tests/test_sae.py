@@ -357,13 +357,27 @@ def test_batchtopk_selects_per_row_during_its_warmup_then_over_the_batch():
     x = sparse_data(64)
     model.set_progress(0.25)
     z = model.encode(x)
-    assert bool(((z != 0).sum(1) <= 2).all()) and float(model.rule.threshold) == 0.0
+    assert bool(((z != 0).sum(1) <= 2).all())
+    # the batch rule's cut trains the inference threshold in the warm-up too
+    assert float(model.rule.threshold) > 0
     model.set_progress(0.75)
     z = model.encode(x)
     assert int((z != 0).sum()) <= 2 * 64 and int((z != 0).sum(1).max()) > 2
-    assert float(model.rule.threshold) > 0  # estimated once batch selection runs
     with pytest.raises(ConfigError, match="topk_warmup"):
         make("sae-batchtopk", topk_warmup=1.5)
+
+
+@pytest.mark.parametrize("name", ["sae-batchtopk", "sae-matryoshka"])
+def test_a_run_that_ends_in_the_warmup_keeps_about_k_latents(name):
+    # the threshold was trained only after the warm-up: a run ending in it served a
+    # plain ReLU (eval L0 30 with k=4)
+    hp = {"prefixes": [8, N]} if name == "sae-matryoshka" else {}
+    model = make(name, k=4, topk_warmup=1.0, **hp)
+    x = sparse_data(512)
+    aecore.Trainer(epochs=1, batch_size=128, val_fraction=0, progress=False).fit(model, x)
+    with torch.no_grad():
+        l0 = float((model.eval().encode(x) != 0).sum(1).float().mean())
+    assert 1 <= l0 <= 8
 
 
 @pytest.mark.parametrize(

@@ -139,17 +139,16 @@ class BatchTopK(SparsityRule):
         acts = pre.relu()
         if not self.training:
             return acts * (acts > self.threshold)
-        if self.progress < self.topk_warmup and torch.is_grad_enabled():
-            return ops.topk_sparsify(pre, self.k).relu()
         keep = self.k * _global_rows(len(pre), pre.device)
         cut = _batch_threshold(acts, keep)
         mask = (acts >= cut) & (acts > 0)
-        code = acts * mask
         if torch.is_grad_enabled():
-            kept = acts.detach()[mask]
-            if kept.numel():
-                self._update_threshold(kept.min())
-        return code
+            # the warm-up selects per row, but the batch rule's cut still trains the
+            # inference threshold: a run that ends in the warm-up has one
+            self._update_threshold(acts.detach(), mask)
+            if self.progress < self.topk_warmup:
+                return ops.topk_sparsify(pre, self.k).relu()
+        return acts * mask
 
     def row_k(self) -> int | None:
         return self.k if self.training and self.progress < self.topk_warmup else None
@@ -160,8 +159,7 @@ class BatchTopK(SparsityRule):
     def sparse_training_code(
         self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, aux_k: int = 0, dead=None
     ) -> tuple[Tensor, ...] | None:
-        if self.row_k() is not None:
-            return super().sparse_training_code(xs, W_enc, b_enc, b_dec, aux_k, dead)
+        warm = self.row_k() is not None  # the warm-up selects each row's k
         # The batch's top k * rows from each row's top m candidates: exact unless a row
         # keeps all of its m (then entries past them might pass the cut, and every
         # process computes this batch densely instead)
@@ -173,6 +171,10 @@ class BatchTopK(SparsityRule):
             xs, W_enc, b_enc, b_dec, m, aux_k=aux_k, dead=dead
         )
         cut = _batch_threshold(values, self.k * _global_rows(len(xs), xs.device))
+        if warm:  # the batch rule's cut (from the candidates) trains the threshold still
+            self._update_threshold(values.detach(), (values.detach() >= cut) & (values > 0))
+            row_top = torch.arange(m, device=values.device) < self.k
+            return values * (row_top & (values.detach() > 0)), indices, *aux_code
         last = values.detach()[:, -1]
         truncated = (
             ((last >= cut) & (last > 0)).any() if m < n else last.new_zeros((), dtype=torch.bool)
@@ -184,15 +186,18 @@ class BatchTopK(SparsityRule):
         if bool(truncated):
             return None
         mask = (values.detach() >= cut) & (values.detach() > 0)
-        kept = values.detach()[mask]
-        if kept.numel():
-            self._update_threshold(kept.min())
+        self._update_threshold(values.detach(), mask)
         return values * mask, indices, *aux_code
 
     @torch.no_grad()
-    def _update_threshold(self, smallest: Tensor) -> None:
+    def _update_threshold(self, values: Tensor, kept: Tensor) -> None:
+        """The running estimate moved towards the smallest of ``values`` where ``kept``
+        (over every process: each calls this, kept values or not)."""
+        smallest = values[kept].min() if kept.any() else values.new_tensor(torch.inf)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        if not bool(torch.isfinite(smallest)):
+            return
         self.threshold_batches += 1
         # a plain mean over the first batches, then an exponential moving average
         rate = max(1.0 / float(self.threshold_batches), self.THRESHOLD_RATE)

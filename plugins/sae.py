@@ -14,8 +14,8 @@ sparsity rule (``aecore.sae.rules``) the only difference between architectures:
 * ``sae-jumprelu``: learned per-latent thresholds under an L0 penalty (Rajamanoharan et
   al. 2024).
 
-The training recipe, on by default and each switchable: inputs scaled to unit mean
-squared norm (``normalize_inputs``; ``c`` above, folded into the weights when the model
+The training recipe, on by default and each switchable: inputs scaled to a mean square
+of 1 per element, so a row's mean squared norm is d (``normalize_inputs``; ``c`` above, folded into the weights when the model
 is saved), the decoder bias started at the inputs' geometric median (``b_dec_init``),
 tied initialisation ``W_enc = W_dec`` (``tied_init``), decoder rows held at unit norm
 with the gradient's component along them removed before each step (``unit_decoder``),
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aecore import params
+from aecore import ops, params
 from aecore.base import Autoencoder
 from aecore.errors import ConfigError, ShapeError
 from aecore.sae import rules
@@ -112,7 +112,7 @@ class SparseDictionary(Autoencoder):
             nn.init.kaiming_uniform_(self.W_enc, a=math.sqrt(5))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        # c: inputs times c have unit mean squared norm (1 until init_from_data sets it)
+        # c: inputs times c have a mean square of 1 per element (1 until init_from_data sets it)
         self.register_buffer("input_scale", torch.tensor(1.0))
         # the decoder rows' fixed norm: 1, or 1 / c once c is folded into the weights
         self.register_buffer("decoder_row_norm", torch.tensor(1.0))
@@ -228,10 +228,9 @@ class SparseDictionary(Autoencoder):
                 f"decode_sparse expects values and indices of one shape (B, m); got "
                 f"{tuple(values.shape)} and {tuple(indices.shape)}"
             )
-        out = F.embedding_bag(
-            indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum"
-        )
-        return (out + self.b_dec) / self.input_scale
+        # the op checks the indices (an error naming the range, not torch's)
+        out = ops.sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec, self.b_dec)
+        return out / self.input_scale
 
     def dictionary(self) -> Tensor:
         """The learned directions in input units, one unit-norm row per latent."""

@@ -511,3 +511,13 @@ def test_a_diverging_top_k_run_stops_with_the_trainers_advice(name):
         TrainingError, match=r"NaN or infinite pre-activation.* at epoch 1.*grad_clip"
     ):
         trainer.fit(model, sparse_data(256) * 100)
+
+
+def test_empty_batches_and_bad_sparse_indices_say_what_they_are():
+    for name in ("sae-batchtopk", "sae-matryoshka"):
+        model = make(name, k=2).train()
+        assert model.encode(torch.zeros(0, D)).shape == (0, N)
+    model = make("sae-topk", k=2).eval()
+    values, indices = model.encode_sparse(sparse_data(4))
+    with pytest.raises(ConfigError, match=r"indices must lie in \[0, 64\)"):
+        model.decode_sparse(values, indices + N)

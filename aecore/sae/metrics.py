@@ -321,7 +321,9 @@ def sae_metrics(
     batch_size: int = BATCH_SIZE,
 ) -> dict[str, float]:
     """Run ``model.encode`` (-> dense codes (B, n)) and ``model.decode`` over the rows of
-    ``x`` (a tensor, an array, a memory map or an ``ArrayView``) in batches, without
+    ``x`` (a tensor, an array, a memory map or an ``ArrayView``, in the units the model
+    takes: for a model trained with a normalisation other than ``"none"``, rows after
+    ``model.normalization.apply``, as ``aecore eval`` passes them) in batches, without
     gradients and in eval mode, and return ``fvu``, ``explained_variance``, ``l0``,
     ``dead`` and ``dead_fraction`` (over these rows), ``shrinkage`` (``NormRatio``
     about 0) and, when the model has a ``b_dec``, ``shrinkage_centered`` (about it).

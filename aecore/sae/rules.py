@@ -139,6 +139,8 @@ class BatchTopK(SparsityRule):
         acts = pre.relu()
         if not self.training:
             return acts * (acts > self.threshold)
+        if not len(pre):  # no rows: nothing to select (and no batch to estimate from)
+            return acts
         keep = self.k * _global_rows(len(pre), pre.device)
         cut = _batch_threshold(acts, keep)
         mask = (acts >= cut) & (acts > 0)

@@ -24,7 +24,15 @@ ACTIVATIONS = {
 }
 
 RECONSTRUCTIONS = ("mse", "bce")
-OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
+#: a decoder's last step: unbounded, or outputs in [0, 1] by a sigmoid (which reaches 0
+#: and 1 only in the limit, so it cannot start at PCA's solution) or by clipping
+#: (Hardtanh, ONNX's Clip: PCA's solution clipped to [0, 1] is no worse than PCA's)
+OUTPUTS = {
+    "identity": nn.Identity,
+    "sigmoid": nn.Sigmoid,
+    "clip": lambda: nn.Hardtanh(0.0, 1.0),
+}
+OUTPUT_ACTIVATIONS = tuple(OUTPUTS)
 
 
 def output_and_reconstruction(output_activation: str, reconstruction: str) -> tuple[str, str]:
@@ -42,6 +50,11 @@ def output_and_reconstruction(output_activation: str, reconstruction: str) -> tu
 
 def activation(name: str, param: str = "activation") -> nn.Module:
     return ACTIVATIONS[choice(param, name, list(ACTIVATIONS))]()
+
+
+def output_activation(name: str) -> nn.Module:
+    """The module of an ``output_activation`` (``OUTPUTS``)."""
+    return OUTPUTS[choice("output_activation", name, OUTPUT_ACTIVATIONS)]()
 
 
 def mlp(sizes: Sequence[int], act: str, *, final_activation: bool = False) -> nn.Sequential:

@@ -198,7 +198,8 @@ CAPABILITIES: dict[str, Callable[[type], bool]] = {
     "pretrain": lambda cls: callable(getattr(cls, "pretrain", None)),
     "sample": lambda cls: callable(getattr(cls, "sample", None)),
     "demo": lambda cls: getattr(cls, "demo", None) is not None,
-    # starts at PCA's solution with its defaults (reconstruction never worse than PCA's)
+    # starts at PCA's solution with its defaults (reconstruction never worse than PCA's;
+    # a denoiser's: of corrupted inputs, its training task)
     "pca-start": lambda cls: bool(getattr(cls, "pca_start", False)),
 }
 

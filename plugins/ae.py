@@ -24,7 +24,7 @@ from aecore.layers import (
     reconstruction_from_logits,
     zero_,
 )
-from aecore.layers import activation as make_activation
+from aecore.layers import output_activation as make_output
 
 
 class PlainAutoencoder(Autoencoder):
@@ -54,7 +54,8 @@ class PlainAutoencoder(Autoencoder):
         )
         self.linear_path = params.flag("linear_path", linear_path)
         self.init = params.choice("init", init, ["pca", "random"])
-        self.pca_start = linear_path and self.init == "pca"
+        # a sigmoid maps PCA's solution elsewhere (a 0 pixel to 0.5): no PCA start
+        self.pca_start = linear_path and self.init == "pca" and output_activation != "sigmoid"
         self.dropout = params.number("dropout", dropout, low=0.0, high=1.0, high_open=True)
         if not self.hidden:
             params.warn_unused(type(self), "hidden=[]", activation=activation, dropout=dropout)
@@ -66,11 +67,11 @@ class PlainAutoencoder(Autoencoder):
         self.decoder_mlp = self._branch([k, *reversed(self.hidden), d])
         self.encoder_linear = nn.Linear(d, k) if linear_path else None
         self.decoder_linear = nn.Linear(k, d) if linear_path else None
-        self.output = make_activation(self.output_activation, "output_activation")
+        self.output = make_output(self.output_activation)
 
     @property
     def input_range(self) -> tuple[float, float] | None:
-        return (0.0, 1.0) if self.output_activation == "sigmoid" else None
+        return None if self.output_activation == "identity" else (0.0, 1.0)
 
     def _branch(self, sizes: list[int]) -> nn.Sequential:
         net = mlp(sizes, self.activation)

@@ -32,6 +32,7 @@ from aecore.layers import (
     zero_,
 )
 from aecore.layers import activation as make_activation
+from aecore.layers import output_activation as make_output
 
 
 def downsampled_sizes(size: int, depth: int, kernel_size: int) -> list[int]:
@@ -75,7 +76,7 @@ class ConvAutoencoder(Autoencoder):
     ) -> None:
         super().__init__(input_shape=input_shape, latent_dim=latent_dim)
         self.linear_path = params.flag("linear_path", linear_path)
-        self.pca_start = linear_path
+        self.pca_start = linear_path and output_activation != "sigmoid"
         self.channels = params.int_list("channels", channels, allow_empty=False)
         self.kernel_size = params.integer("kernel_size", kernel_size, low=2)
         self.activation = params.choice("activation", activation, list(ACTIVATIONS))
@@ -111,14 +112,14 @@ class ConvAutoencoder(Autoencoder):
             if level > 0:  # no activation on the output layer's logits
                 decoder.append(self._act())
         self.decoder_convs = nn.Sequential(*decoder)
-        self.output = make_activation(self.output_activation, "output_activation")
+        self.output = make_output(self.output_activation)
         if linear_path:
             self.encoder_pca = nn.Linear(self.input_size, self.latent_dim)
             self.decoder_pca = nn.Linear(self.latent_dim, self.input_size)
 
     @property
     def input_range(self) -> tuple[float, float] | None:
-        return (0.0, 1.0) if self.output_activation == "sigmoid" else None
+        return None if self.output_activation == "identity" else (0.0, 1.0)
 
     def _act(self) -> nn.Module:
         return make_activation(self.activation)

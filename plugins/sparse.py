@@ -41,8 +41,9 @@ from aecore import ops, params, plots
 from aecore.base import Autoencoder, eval_mode
 from aecore.config import DemoRecipe
 from aecore.errors import ConfigError, IgnoredSettingWarning
-from aecore.layers import ACTIVATIONS, flatten, init_pca_path, mlp, zero_
+from aecore.layers import ACTIVATIONS, OUTPUT_ACTIVATIONS, flatten, init_pca_path, mlp, zero_
 from aecore.layers import activation as make_activation
+from aecore.layers import output_activation as make_output
 
 PENALTIES = ("kl", "l1", "topk")
 #: the hidden activation each penalty gets with ``activation="auto"``
@@ -141,7 +142,7 @@ class SparseAutoencoder(Autoencoder):
                 f"mean activations in (0, 1) with rho; got activation={activation!r}"
             )
         self.output_activation = params.choice(
-            "output_activation", output_activation, ["identity", "sigmoid"]
+            "output_activation", output_activation, OUTPUT_ACTIVATIONS
         )
         self.weight_decay = params.number("weight_decay", weight_decay, low=0.0)
         # PCA's coordinates fill a linear, dense code narrower than the input
@@ -169,7 +170,7 @@ class SparseAutoencoder(Autoencoder):
         self.register_buffer("input_mean", torch.zeros(self.input_size))
         self.decoder = nn.Linear(self.latent_dim, self.input_size)
         self.hidden_activation = make_activation(self.activation)
-        self.output = make_activation(self.output_activation, "output_activation")
+        self.output = make_output(self.output_activation)
         # a nonlinear correction beside the linear decoder: what lets an undercomplete
         # code reconstruct better than PCA, which bounds every linear decoder
         self.decoder_mlp = (
@@ -203,7 +204,7 @@ class SparseAutoencoder(Autoencoder):
 
     @property
     def input_range(self) -> tuple[float, float] | None:
-        return (0.0, 1.0) if self.output_activation == "sigmoid" else None
+        return None if self.output_activation == "identity" else (0.0, 1.0)
 
     @property
     def inference_k(self) -> int:

@@ -256,3 +256,11 @@ def test_a_csv_drops_only_a_header_and_tiny_data_is_refused_before_training(tmp_
     np.save(tmp_path / "r2.npy", ROWS[:2])
     with pytest.raises(DataError, match="2 rows are too few .* at least one test row"):
         aecore.prepare(f"npy:{tmp_path / 'r2.npy'}")
+
+
+def test_saving_an_estimator_says_to_save_its_model(tmp_path):
+    X = np.random.default_rng(0).random((40, 10))
+    detector = aecore.AnomalyDetector("ae", epochs=1, random_state=0).fit(X)
+    with pytest.raises(ConfigError, match=r"save its model_"):
+        aecore.save(detector, tmp_path / "d")
+    assert not (tmp_path / "d").exists()

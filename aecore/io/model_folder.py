@@ -47,6 +47,14 @@ def save(
     written atomically, weights first, so a crash never leaves a json naming weights
     that are not there.
     """
+    if not isinstance(model, torch.nn.Module) and isinstance(
+        getattr(model, "model_", None), torch.nn.Module
+    ):
+        raise ConfigError(
+            f"aecore.save takes a model; got a fitted {type(model).__name__}: save its "
+            f"model_ (aecore.save(estimator.model_, ...)), which carries its normalisation "
+            f"and any detector threshold, or pickle the estimator"
+        )
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelFileError(f"cannot save into {directory}: it exists and is not a directory")

@@ -11,19 +11,27 @@ from aecore.onnx.graphs import SIGNATURES, _rename_value
 
 #: the metadata key that tells the runtime the graph takes and gives data units
 IN_GRAPH_KEY = "aecore.normalization_in_graph"
+#: the largest |shift| / scale folded: a graph takes float32, whose spacing at a value
+#: is 6e-8 of it, so a feature far from zero for its spread (a timestamp, 1.7e9 +- 100)
+#: would lose its variation before the graph subtracts the shift; the runtime then
+#: normalises in the input's precision (float64 stays float64) instead
+MAX_FOLDED_OFFSET = 1e3
 
 
 def fold_normalization(proto, part: str, norm: Normalization, input_shape) -> bool:
     """Adds the normalisation to ``proto`` (one part of an export); False when there is
-    none to add. The arithmetic is the runtime's numpy path: ``(x - shift) / scale`` in
-    and ``y * scale + shift`` out, constant features (scale 0) only shifted."""
+    none to add, or when float32 inputs would lose a feature's variation (see
+    ``MAX_FOLDED_OFFSET``). The arithmetic is the runtime's numpy path: ``(x - shift) /
+    scale`` in and ``y * scale + shift`` out, constant features (scale 0) only shifted."""
     from onnx import helper, numpy_helper
 
     if norm.kind == "none":
         return False
+    safe = np.where(norm.scale > 0, norm.scale, 1.0)
+    if float(np.max(np.abs(norm.shift) / safe)) > MAX_FOLDED_OFFSET:
+        return False
     graph = proto.graph
     shape = () if norm.shift.size == 1 else tuple(input_shape)
-    safe = np.where(norm.scale > 0, norm.scale, 1.0)
     consts = {
         "aecore_norm_shift": norm.shift.reshape(shape),
         "aecore_norm_inverse_scale": (1.0 / safe).reshape(shape),

@@ -264,3 +264,29 @@ def test_saving_an_estimator_says_to_save_its_model(tmp_path):
     with pytest.raises(ConfigError, match=r"save its model_"):
         aecore.save(detector, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_the_folder_as_it_was(tmp_path):
+    # it left an empty metrics.jsonl that blocked the folder (neither a fresh run nor a
+    # resume), and with --overwrite it emptied a saved model's training log
+    from aecore.errors import TrainingError
+
+    x = np.random.default_rng(0).random((64, 8)).astype(np.float32)
+
+    def run(out, **settings):
+        model = aecore.create("ae", input_shape=(8,), latent_dim=2)
+        trainer = aecore.Trainer(epochs=1, batch_size=16, progress=False, out_dir=out, **settings)
+        return trainer.fit(model, x)
+
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        run(tmp_path / "new", lr=1e30)
+    assert not (tmp_path / "new" / "metrics.jsonl").exists()
+    run(tmp_path / "new")  # the folder takes a fresh run
+    log = (tmp_path / "new" / "metrics.jsonl").read_bytes()
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        run(tmp_path / "new", lr=1e30, overwrite=True)
+    assert (tmp_path / "new" / "metrics.jsonl").read_bytes() == log
+    # an empty log left by an older version does not block a fresh run
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_bytes(b"")
+    run(tmp_path / "old")

@@ -32,7 +32,9 @@ RESUMABLE_CHANGES = ("epochs", "device", "checkpoint_every")
 def check_fresh(out_dir: Path) -> None:
     """Refuse to start a new run where one (or a saved model) already is."""
     for name in RUN_FILES:
-        if (out_dir / name).exists():
+        path = out_dir / name
+        # an empty log is what a run that failed before its first epoch once left
+        if path.exists() and not (name == METRICS and path.stat().st_size == 0):
             raise ConfigError(
                 f"{out_dir} already holds a training run ({name}); resume it with "
                 f"resume=True (--resume), pass overwrite=True (--overwrite), or choose "

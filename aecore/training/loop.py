@@ -139,8 +139,6 @@ class TrainingRun:
             self.state.record_val(loss, 0, self.model, self.config.min_delta, self.config.smoothing)
         else:  # the start to fall back on: its loss on a sample of the training rows
             self.state.record_start(self.evaluate(self._train_sample())["loss"], self.model)
-        if self.out_dir is not None and self.is_main:
-            checkpoint.rewrite_metrics(self.out_dir, self.state.history)
 
     def _resume(self) -> None:
         changed = checkpoint.read(
@@ -236,7 +234,12 @@ class TrainingRun:
         elif improved:
             state.bad_epochs = 0
         if self.out_dir is not None and self.is_main:
-            checkpoint.append_metrics(self.out_dir, record, state.history.run_id)
+            # a fresh run's log replaces a previous one's only once it has an epoch: a run
+            # that fails first leaves the folder (and an overwritten run's log) as it was
+            if len(state.history.epochs) == 1:
+                checkpoint.rewrite_metrics(self.out_dir, state.history)
+            else:
+                checkpoint.append_metrics(self.out_dir, record, state.history.run_id)
         self._save_checkpoint()
         self.log(
             f"epoch {epoch}: "

@@ -268,3 +268,25 @@ def test_train_rescales_each_feature_of_a_table_in_units_of_its_own(tmp_path, ca
     code, _, err = run(capsys, *argv, "--resume", "--normalize", "standardize")
     assert code == 1 and "normalised by minmax (one scale for all)" in err
     assert "by standardize (per feature)" in err and "--normalize" in err
+
+
+def test_eval_refuses_a_data_file_that_changed_and_names_a_missing_one(
+    capsys, tmp_path, monkeypatch
+):
+    # 50 rows appended after training: eval drew its test split from the changed file and
+    # scored training rows as test rows without a word
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    rows = np.random.default_rng(0).random((250, 6))
+    np.savetxt("x.csv", rows[:200], delimiter=",")
+    args = ["train", "ae", "--data", "csv:x.csv", "--latent-dim", "2", "--epochs", "1"]
+    assert run(capsys, *args, "--out", "c")[0] == 0
+    assert run(capsys, "eval", "c")[0] == 0
+    np.savetxt("x.csv", rows, delimiter=",")
+    code, _, err = run(capsys, "eval", "c")
+    assert code != 0 and "now holds 250 rows; the model was trained on its 200" in err
+    assert run(capsys, "eval", "c", "--data", "csv:x.csv")[0] == 0  # other data, by choice
+    monkeypatch.chdir(tmp_path / "c")
+    code, _, err = run(capsys, "eval", ".")
+    assert code != 0 and "relative path is from the directory training ran in" in err

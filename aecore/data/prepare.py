@@ -80,15 +80,32 @@ def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Pre
     data = model_record.get("data") or {}
     if source is None and "source" not in data:
         raise DataError("the model folder does not say what data it was trained on; pass --data")
-    prepared = prepare(
-        source or data["source"],
-        normalize=data.get("normalize", "none"),
-        per_feature=data.get("per_feature"),
-        val_fraction=data.get("val_fraction", 0.1),
-        test_fraction=data.get("test_fraction", 0.2),
-        seed=data.get("seed", 0),
-        split=data.get("split_method", "random"),
-    )
+    recorded = source is None
+    try:
+        prepared = prepare(
+            source or data["source"],
+            normalize=data.get("normalize", "none"),
+            per_feature=data.get("per_feature"),
+            val_fraction=data.get("val_fraction", 0.1),
+            test_fraction=data.get("test_fraction", 0.2),
+            seed=data.get("seed", 0),
+            split=data.get("split_method", "random"),
+        )
+    except DataError as exc:
+        if not recorded:
+            raise
+        raise DataError(
+            f"{exc} (the data source recorded at training, {data['source']!r}: a relative "
+            f"path is from the directory training ran in; pass --data to name it)"
+        ) from None
+    rows = data.get("rows")
+    if recorded and isinstance(rows, int) and rows != len(prepared.dataset):
+        # the split is drawn by row count: other rows would put training rows in the test
+        raise DataError(
+            f"{data['source']} now holds {len(prepared.dataset)} rows; the model was trained "
+            f"on its {rows}, and a split of the changed data would mix training rows into "
+            f"the test rows. Restore the data, or pass --data to evaluate on other data"
+        )
     # inference always uses the normalisation stored with the model
     prepared.normalization = Normalization.from_dict(model_record.get("normalization"))
     return prepared

@@ -290,3 +290,10 @@ def test_eval_refuses_a_data_file_that_changed_and_names_a_missing_one(
     monkeypatch.chdir(tmp_path / "c")
     code, _, err = run(capsys, "eval", ".")
     assert code != 0 and "relative path is from the directory training ran in" in err
+
+
+def test_a_setting_given_twice_is_refused(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "ae", "--data", "digits", "--out", str(tmp_path / "m"),
+                       "--set", "hidden=[4]", "--set", "hidden=[8]")  # fmt: skip
+    assert code != 0 and "--set hidden is given twice" in err
+    assert not (tmp_path / "m").exists()

@@ -267,7 +267,12 @@ def test_cli_export_refuses_onnx_only_flags_and_non_sae_models(tmp_path, capsys)
     code, _, err = run(
         capsys, "export", tmp_path / "ae", "--format", "sparsify", "--out", tmp_path / "s", "--all"
     )
-    assert code == 1 and "--part and --all apply to --format onnx only" in err
+    assert code == 1 and "--part, --all and --opset apply to --format onnx only" in err
+    args = ["export", tmp_path / "ae", "--out", tmp_path / "s"]
+    code, _, err = run(capsys, *args, "--format", "saelens", "--opset", "99")
+    assert code == 1 and "--opset apply to --format onnx only" in err
+    code, _, err = run(capsys, *args[:-1], tmp_path / "m.onnx", "--hook-name", "blocks.0")
+    assert code == 1 and "--hook-name applies to --format saelens only" in err
     code, _, err = run(capsys, "import", tmp_path / "ae", "--out", tmp_path / "m")
     assert code == 1 and "is an aecore model folder; expected a SAELens folder" in err
 

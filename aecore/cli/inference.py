@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from aecore.data.sources import load_data
-from aecore.errors import DataError
+from aecore.errors import ConfigError, DataError
 from aecore.io.atomic import atomic_write
 from aecore.runtime import DEFAULT_BATCH_SIZE, OnnxAutoencoder, part_paths, score_path
 from aecore.serving import open_model
@@ -85,7 +85,7 @@ def add_commands(sub) -> None:
         "--part", choices=["full", "encoder", "decoder"], default="full", help="default: full"
     )
     which.add_argument("--all", action="store_true", help="write all three parts")
-    s.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
+    s.add_argument("--opset", type=int, help="ONNX opset (>= 18, default 18)")
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
     s.set_defaults(func=cmd_export)
 
@@ -118,8 +118,11 @@ def cmd_export(args) -> int:
         return cmd_export_folder(args)
     from aecore.onnx import export_onnx
 
+    if getattr(args, "hook_name", None) is not None:
+        raise ConfigError("--hook-name applies to --format saelens only; got --format onnx")
     part = "all" if args.all else args.part
-    path = export_onnx(args.model_dir, args.out, part, opset=args.opset, overwrite=args.overwrite)
+    opset = 18 if args.opset is None else args.opset
+    path = export_onnx(args.model_dir, args.out, part, opset=opset, overwrite=args.overwrite)
     written = [path]
     if part == "all":  # the three graphs and, for some detectors, the score graph
         written = [p for p in (*part_paths(path).values(), score_path(path)) if p.exists()]

@@ -57,9 +57,9 @@ def cmd_export_folder(args) -> int:
     from aecore.io.model_folder import load
     from aecore.sae.formats import save_sae
 
-    if args.all or args.part != "full":
+    if args.all or args.part != "full" or getattr(args, "opset", None) is not None:
         raise ConfigError(
-            f"--part and --all apply to --format onnx only; got --format {args.format}"
+            f"--part, --all and --opset apply to --format onnx only; got --format {args.format}"
         )
     hook_name = getattr(args, "hook_name", None)
     if hook_name is not None and args.format != "saelens":

@@ -125,12 +125,15 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
+        key = key.strip()
+        if not eq or not key:
             raise ConfigError(f"--set expects key=value (e.g. hidden=[256,128]); got {item!r}")
+        if key in out:  # the earlier value would be dropped without a word
+            raise ConfigError(f"--set {key} is given twice; give it once")
         try:
-            out[key.strip()] = json.loads(raw)
+            out[key] = json.loads(raw)
         except json.JSONDecodeError:
-            out[key.strip()] = raw
+            out[key] = raw
     return out
 
 

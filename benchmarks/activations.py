@@ -22,7 +22,6 @@ where the block shuffle's long runs matter most).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count
+from aecore_benchmarks.args import count, json_file, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--buffer-blocks", type=count, default=64, help="block shuffle: blocks per window"
     )
     p.add_argument("--dir", default=None, help="write the cache here (default: a temp folder)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
+    p.add_argument(
+        "--json", type=json_file, default=None, metavar="FILE", help="also write results as JSON"
+    )
     return p
 
 
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run(Path(tmp) / "cache", args)
     print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -21,17 +21,15 @@ run once). Torch and numpy's BLAS run ``--threads`` threads (default 1).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count
+from aecore_benchmarks.args import count, json_file, write_json
 
 DATASETS = ("digits", "cancer", "wine")
 AECORE_MODELS = ("ae", "vae", "denoising", "rbm")
@@ -48,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=count, default=None, help="digits: only the first N classes")
     p.add_argument("--seeds", default="0", help="comma-separated random_state values")
     p.add_argument("--threads", type=count, default=1)
-    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     return p
 
 
@@ -181,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['fit_seconds']:.1f}") for r in rows],
     )  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        write_json(args.json, {"args": vars(args), "rows": rows})
     return 0
 
 

@@ -4,6 +4,11 @@ argparse with a one-line message, before any timing starts."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from aecore.io.atomic import atomic_write_text
 
 
 def count(text: str) -> int:
@@ -24,3 +29,22 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def json_file(text: str) -> str:
+    """``--json FILE``: a new file in a folder that exists, checked before any timing
+    (results never replace a file, and a run is not lost to a bad path at its end)."""
+    path = Path(text)
+    if path.exists():
+        raise argparse.ArgumentTypeError(
+            f"{text} exists: results never replace a file; delete it or choose another name"
+        )
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no folder {path.parent} to write it in")
+    return text
+
+
+def write_json(path: str, result: Any) -> None:
+    """``result`` as indented JSON, written atomically."""
+    atomic_write_text(Path(path), json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 
 from aecore import ops
 from aecore.ops import reference
-from aecore_benchmarks.args import count
+from aecore_benchmarks.args import count, json_file, write_json
 from aecore_benchmarks.timing import time_in_turns
 
 
@@ -348,7 +347,7 @@ def busy_neighbour(on: bool):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="aecore bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", type=json_file, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     p.add_argument(
         "--clock",
@@ -380,9 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     print(("beside a 2-thread torch GEMM loop in another process\n" if args.busy else "")
           + format_report(res))  # fmt: skip
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
+        write_json(args.json, res)
     return 0
 
 

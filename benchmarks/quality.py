@@ -18,17 +18,15 @@ Prints one table per section and writes JSON. Training runs one thread per proce
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from aecore_benchmarks.args import natural
+from aecore_benchmarks.args import json_file, natural, write_json
 
 #: data set -> (source for vector models, source for image-only models)
 DATASETS = {"digits": ("digits", "digits:image"), "colour": ("colour_patches", "colour_patches")}
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=natural, default=0, help="seed of the defaults section")
     p.add_argument("--recipes", default="all", help="'all', 'none' or comma-separated models")
     p.add_argument("--recipe-seeds", default="0,1,2")
-    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models.split(",") if args.models else aecore.list_models(requires="pca-start")
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         report["recipes"] = run_recipes(seeds, log, only)
     print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, report)
     return 0
 
 

@@ -20,7 +20,6 @@ and onnxruntime use the same number of threads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count
+from aecore_benchmarks.args import count, json_file, write_json
 from aecore_benchmarks.timing import time_in_turns
 
 OVERHEAD_GOAL = 0.10
@@ -56,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=count, default=400, help="timed batch-1 calls per backend")
     p.add_argument("--big-batch", type=count, default=256, help="rows per throughput call")
     p.add_argument("--rounds", type=count, default=5, help="interleaved timing rounds")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
+    p.add_argument(
+        "--json", type=json_file, default=None, metavar="FILE", help="also write results as JSON"
+    )
     return p
 
 
@@ -95,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -20,17 +20,15 @@ Torch runs one thread per process unless ``--threads`` says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count, natural
+from aecore_benchmarks.args import count, json_file, natural, write_json
 
 ARCHITECTURES = ("topk", "batchtopk")
 
@@ -51,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-saelens", action="store_true", help="aecore's rows only")
     p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--threads", type=count, default=1)
-    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     return p
 
 
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['train_seconds']:.0f}", f"{r['rows_per_second']:,.0f}") for r in runs],
     )  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2) + "\n")
+        write_json(args.json, {"args": vars(args), "runs": runs})
     return 0
 
 

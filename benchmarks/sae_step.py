@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count
+from aecore_benchmarks.args import count, json_file, write_json
 
 SHAPES = {"small": (512, 16384, 32), "large": (768, 32768, 64)}
 
@@ -52,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--dead-fraction", type=float, default=0.0, metavar="F",
                    help="mark this fraction of latents dead, so AuxK runs (default 0)")  # fmt: skip
-    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     return p
 
 
@@ -268,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
          for r in results if "ms" in r],
     )  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+        write_json(args.json, {"args": vars(args), "runs": results})
     return 0
 
 

@@ -297,3 +297,17 @@ def test_a_setting_given_twice_is_refused(capsys, tmp_path):
                        "--set", "hidden=[4]", "--set", "hidden=[8]")  # fmt: skip
     assert code != 0 and "--set hidden is given twice" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bench", ["kernels", "onnx", "quality", "anomaly", "sae", "sae-step"])
+def test_a_benchmarks_json_file_is_checked_before_it_runs(capsys, tmp_path, bench):
+    # an existing file was replaced at the end of the run; a bad folder failed only then
+    kept = tmp_path / "kept.json"
+    kept.write_text('{"precious": 1}')
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", bench, "--json", str(kept)])
+    assert stop.value.code == 2 and "results never replace a file" in capsys.readouterr().err
+    assert kept.read_text() == '{"precious": 1}'
+    with pytest.raises(SystemExit):
+        main(["bench", bench, "--json", str(tmp_path / "no" / "r.json")])
+    assert "no folder" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count, json_file, write_json
+from aecore_benchmarks.args import count, json_file, names, naturals, write_json
 
 DATASETS = ("digits", "cancer", "wine")
 AECORE_MODELS = ("ae", "vae", "denoising", "rbm")
@@ -38,13 +38,18 @@ PYOD_MODELS = ("AutoEncoder", "VAE", "KNN", "IForest", "PCA")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aecore bench anomaly", description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--models", default=",".join(AECORE_MODELS), help="aecore models")
-    p.add_argument("--pyod", default=",".join(PYOD_MODELS), help="PyOD detectors ('' for none)")
+    import aecore
+
+    vector_models = aecore.list_models(requires="vector")
+    p.add_argument("--datasets", type=names(DATASETS), default=list(DATASETS))
+    p.add_argument(
+        "--models", type=names(vector_models), default=list(AECORE_MODELS), help="aecore models"
+    )
+    p.add_argument("--pyod", type=names(PYOD_MODELS), default=list(PYOD_MODELS), help="'' for none")
     p.add_argument("--epochs", type=count, default=100)
     p.add_argument("--latent-dim", type=count, default=8)
     p.add_argument("--classes", type=count, default=None, help="digits: only the first N classes")
-    p.add_argument("--seeds", default="0", help="comma-separated random_state values")
+    p.add_argument("--seeds", type=naturals, default=[0], help="comma-separated random_state")
     p.add_argument("--threads", type=count, default=1)
     p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     return p
@@ -135,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = build_parser().parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds takes comma-separated integers; got {args.seeds!r}") from None
-    if not seeds:
-        raise SystemExit("--seeds needs at least one seed")
+    seeds = args.seeds
     torch.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         limits = None
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    pyod_names = [n for n in args.pyod.split(",") if n]
+    pyod_names = list(args.pyod)
     if pyod_names:
         try:
             import pyod  # noqa: F401
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             log("PyOD is not installed: aecore's rows only")
             pyod_names = []
     rows = []
-    for dataset in args.datasets.split(","):
+    for dataset in args.datasets:
         tasks = list(one_class_tasks(dataset, args.classes))
-        candidates = [("aecore", n, aecore_detector(n, args)) for n in args.models.split(",")]
+        candidates = [("aecore", n, aecore_detector(n, args)) for n in args.models]
         candidates += [("PyOD", n, pyod_detector(n, args)) for n in pyod_names]
         for library, name, make in candidates:
             result = evaluate(make, tasks, seeds)

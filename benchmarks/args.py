@@ -48,3 +48,33 @@ def write_json(path: str, result: Any) -> None:
     """``result`` as indented JSON, written atomically."""
     atomic_write_text(Path(path), json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+def names(allowed: Any) -> Any:
+    """A comma-separated list of ``allowed`` names, none unknown and none twice."""
+    allowed = tuple(allowed)
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")] if text.strip() else []
+        unknown = [t for t in items if t not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(allowed)}"
+            )
+        if len(set(items)) < len(items):
+            raise argparse.ArgumentTypeError(f"a name given twice in {text!r}")
+        return items
+
+    return parse
+
+
+def counts(text: str) -> list[int]:
+    """A comma-separated list of positive ints (code sizes); empty for none."""
+    return [count(t) for t in text.split(",")] if text.strip() else []
+
+
+def naturals(text: str) -> list[int]:
+    """A non-empty comma-separated list of non-negative ints (seeds)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected at least one seed, got none")
+    return [natural(t) for t in text.split(",")]

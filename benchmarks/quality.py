@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aecore_benchmarks.args import json_file, natural, write_json
+from aecore_benchmarks.args import counts, json_file, names, natural, naturals, write_json
 
 #: data set -> (source for vector models, source for image-only models)
 DATASETS = {"digits": ("digits", "digits:image"), "colour": ("colour_patches", "colour_patches")}
@@ -227,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="aecore bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help="comma-separated (default: pca-start models)")
-    p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--codes", default=",".join(map(str, CODES)))
-    p.add_argument("--entries", default=",".join(ENTRIES))
+    p.add_argument("--datasets", type=names(DATASETS), default=list(DATASETS))
+    p.add_argument("--codes", type=counts, default=list(CODES), help="'' skips the defaults")
+    p.add_argument("--entries", type=names(ENTRIES), default=list(ENTRIES))
     p.add_argument("--seed", type=natural, default=0, help="seed of the defaults section")
-    p.add_argument("--recipes", default="all", help="'all', 'none' or comma-separated models")
-    p.add_argument("--recipe-seeds", default="0,1,2")
+    recipe_models = sorted({recipe[0] for recipe in RECIPES})
+    p.add_argument(
+        "--recipes",
+        type=names(["all", "none", *recipe_models]),
+        default=["all"],
+        help=f"'all', 'none' or some of {', '.join(recipe_models)}",
+    )
+    p.add_argument("--recipe-seeds", type=naturals, default=[0, 1, 2])
     p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -241,15 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         aecore.model_class(name)  # an unknown name fails before any training
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     report: dict[str, Any] = {"defaults": [], "recipes": []}
-    if args.codes and args.entries:
-        codes = [int(c) for c in args.codes.split(",")]
+    if len(args.recipes) > 1 and {"all", "none"} & set(args.recipes):
+        p.error("--recipes: 'all' and 'none' stand alone")
+    if args.codes and args.entries and args.datasets:
         report["defaults"] = run_defaults(
-            models, args.datasets.split(","), codes, args.entries.split(","), args.seed, log
+            models, args.datasets, args.codes, args.entries, args.seed, log
         )
-    if args.recipes != "none":
-        only = None if args.recipes == "all" else set(args.recipes.split(","))
-        seeds = [int(s) for s in args.recipe_seeds.split(",")]
-        report["recipes"] = run_recipes(seeds, log, only)
+    if args.recipes and args.recipes != ["none"]:
+        only = None if args.recipes == ["all"] else set(args.recipes)
+        report["recipes"] = run_recipes(args.recipe_seeds, log, only)
     print_report(report)
     if args.json:
         write_json(args.json, report)

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count, json_file, write_json
+from aecore.registry import list_models
+from aecore_benchmarks.args import count, json_file, names, write_json
 from aecore_benchmarks.timing import time_in_turns
 
 OVERHEAD_GOAL = 0.10
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aecore bench onnx",
         description="Latency and throughput: onnxruntime via aecore.runtime vs PyTorch eager.",
     )
-    p.add_argument("--models", default=None, help="comma-separated names (default: all)")
+    p.add_argument(
+        "--models", type=names(list_models()), default=None, help="comma-separated (default: all)"
+    )
     p.add_argument("--latent-dim", type=count, default=32)
     p.add_argument(
         "--threads",
@@ -65,20 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from aecore.errors import ConfigError
-    from aecore.registry import list_models, model_class
 
     args = build_parser().parse_args(argv)
     for name in ("latent_dim", "threads", "calls", "big_batch", "rounds"):
         value = getattr(args, name)
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
-    names = args.models.split(",") if args.models else list_models()
-    for name in names:
-        model_class(name)  # an unknown name fails before any timing
+    models = args.models or list_models()
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in models:
             print(f"{name}: exporting and timing ...", file=sys.stderr, flush=True)
             results.append(bench_model(name, args, Path(tmp)))
     report = {

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from aecore.cli.tables import print_table
-from aecore_benchmarks.args import count, json_file, natural, write_json
+from aecore_benchmarks.args import count, json_file, names, natural, write_json
 
 ARCHITECTURES = ("topk", "batchtopk")
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", type=count, default=1024)
     p.add_argument("--k", type=count, default=10)
     p.add_argument("--batch-size", type=count, default=1024)
-    p.add_argument("--architectures", default=",".join(ARCHITECTURES))
+    p.add_argument("--architectures", type=names(ARCHITECTURES), default=list(ARCHITECTURES))
     p.add_argument("--saelens-lr", type=float, default=3e-3, help="besides its default 3e-4")
     p.add_argument("--no-saelens", action="store_true", help="aecore's rows only")
     p.add_argument("--seed", type=natural, default=0)
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             log("sae-lens is not installed: aecore's rows only")
             saelens = False
     runs = []
-    for arch in args.architectures.split(","):
-        if arch not in ARCHITECTURES:
-            raise SystemExit(f"unknown architecture {arch!r}: expected {', '.join(ARCHITECTURES)}")
+    for arch in args.architectures:
         candidates = [("aecore", "defaults", lambda a=arch: run_aecore(a, train, args))]
         if saelens:
             for lr in (3e-4, args.saelens_lr):

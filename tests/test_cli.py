@@ -311,3 +311,23 @@ def test_a_benchmarks_json_file_is_checked_before_it_runs(capsys, tmp_path, benc
     with pytest.raises(SystemExit):
         main(["bench", bench, "--json", str(tmp_path / "no" / "r.json")])
     assert "no folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quality", "--codes", "x"], "expected a positive int, got 'x'"),
+        (["quality", "--datasets", "digits,foo"], "unknown 'foo'"),
+        (["quality", "--entries", "trainer,foo"], "unknown 'foo'"),
+        (["quality", "--recipes", "foo"], "unknown 'foo'"),
+        (["quality", "--recipe-seeds", "x"], "expected a non-negative int"),
+        (["anomaly", "--datasets", "wine,foo"], "unknown 'foo'"),
+        (["anomaly", "--pyod", "KNN,LOF"], "unknown 'LOF'"),
+        (["sae", "--architectures", "relu"], "unknown 'relu'"),
+    ],
+)
+def test_benchmark_lists_are_checked_before_any_work(capsys, argv, message):
+    # each was found only after minutes of training, or silently ran nothing
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

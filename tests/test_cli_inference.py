@@ -192,6 +192,9 @@ def test_bench_onnx_reports_every_backend(tmp_path, capsys):
         )
 
 
-def test_bench_onnx_rejects_unknown_models(capsys):
-    rc, _, err = _cli(capsys, "bench", "onnx", "--models", "nope")
-    assert rc == 1 and "unknown model 'nope'" in err
+def test_bench_onnx_rejects_unknown_and_repeated_models(capsys):
+    # a repeated name timed the model once, then failed on its own temporary export
+    for models, message in [("nope", "unknown 'nope'"), ("ae,ae", "a name given twice")]:
+        with pytest.raises(SystemExit) as stop:
+            _cli(capsys, "bench", "onnx", "--models", models)
+        assert stop.value.code == 2 and message in capsys.readouterr().err

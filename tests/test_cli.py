@@ -331,3 +331,11 @@ def test_benchmark_lists_are_checked_before_any_work(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
         main(["bench", *argv])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_checks_its_model_names_before_any_work(capsys, tmp_path):
+    # ae,nosuch trained ae for 20 s, then failed; "" ran the whole demo
+    for models, message in [("ae,nosuch", "unknown model 'nosuch'"), ("", "got ''")]:
+        code, _, err = run(capsys, "demo", "--out", str(tmp_path / "d"), "--models", models)
+        assert code != 0 and message in err
+    assert not (tmp_path / "d").exists()

@@ -32,7 +32,11 @@ def add_commands(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    models = args.models.split(",") if args.models else None
+    models = None
+    if args.models is not None:  # "" is no model, not all of them
+        models = [m.strip() for m in args.models.split(",")]
+        if not all(models):
+            raise ConfigError(f"--models takes comma-separated model names; got {args.models!r}")
     run(args.out, models, seed=args.seed, progress=None if not args.quiet else False)
     return 0
 
@@ -75,8 +79,10 @@ def run(
     from aecore.registry import model_class, model_entries
 
     out_dir = Path(out_dir)
-    _claim(out_dir)
     names = models or [e.name for e in model_entries() if e.status == "ok"]
+    for name in names:  # an unknown name fails before any folder or training
+        model_class(name)
+    _claim(out_dir)
     lines = [
         "# aecore demo",
         "",

@@ -269,3 +269,21 @@ def test_prepare_fits_on_rows_as_stored_not_float32(tmp_path):
     data = prepare(f"npy:{tmp_path / 'far.npy'}", normalize="standardize")
     train = data.view("train").to_numpy()
     assert np.all(np.abs(train.std(0) - 1) < 0.05)
+
+
+def test_values_beyond_float32_are_refused_when_loaded_or_normalised(tmp_path):
+    # 1e300 trained "fine" (ratio 1.000) and then reconstructed as NaN
+    import warnings
+
+    from aecore.data.normalization import Normalization
+
+    x = np.random.default_rng(0).random((50, 4))
+    x[3, 1] = 1e300
+    np.save(tmp_path / "big.npy", x)
+    with pytest.raises(DataError, match=r"1e\+300 at row 3 is beyond float32's range"):
+        load_data(f"npy:{tmp_path / 'big.npy'}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow warning on the way
+        for kind in ("standardize", "minmax"):
+            with pytest.raises(DataError, match="beyond float32"):
+                Normalization.fit(kind, x)

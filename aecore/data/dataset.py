@@ -67,12 +67,21 @@ def as_dataset(x: Any, labels=None, source: str = "array", *, check_finite: bool
 
 
 def check_all_finite(x: np.ndarray, source: str) -> None:
-    """Raise a DataError naming the first NaN/inf (row and feature index)."""
+    """Raise a DataError naming the first NaN/inf (row and feature index), or the first
+    value beyond float32's range (models compute in float32: it would become inf)."""
     n = len(x)
     chunk = max(1, _SCAN_BYTES // max(1, x[:1].nbytes))
+    big = np.finfo(np.float32).max
     for start in range(0, n, chunk):
         block = np.asarray(x[start : start + chunk])
         bad = ~np.isfinite(block)
+        if block.dtype.itemsize > 4 and not bad.any() and np.abs(block).max(initial=0) > big:
+            where = np.argwhere(np.abs(block) > big)[0]
+            raise DataError(
+                f"{source}: {block[tuple(where)]:.3g} at row {start + int(where[0])} is beyond "
+                f"float32's range (up to {big:.3g}), the precision models compute in; rescale "
+                f"the data"
+            )
         if bad.any():
             where = np.argwhere(bad)[0]
             row = start + int(where[0])

@@ -64,7 +64,8 @@ class Normalization:
             hi = np.maximum(hi, block.max(0))
             dev = block - pivot
             total += dev.sum(0)
-            total_sq += np.square(dev).sum(0)
+            with np.errstate(over="ignore"):  # beyond float64: refused below
+                total_sq += np.square(dev).sum(0)
         count = n
         if not per_feature:
             lo, hi = lo.min(keepdims=True), hi.max(keepdims=True)
@@ -76,8 +77,21 @@ class Normalization:
         else:
             offset = total / count
             shift = pivot + offset
-            scale = np.sqrt(np.maximum(total_sq / count - offset**2, 0.0))
+            with np.errstate(over="ignore", invalid="ignore"):  # refused below
+                scale = np.sqrt(np.maximum(total_sq / count - offset**2, 0.0))
         scale = np.where(scale > 1e-12, scale, 0.0)
+        big = float(np.finfo(np.float32).max)
+        if (
+            not (np.isfinite(shift).all() and np.isfinite(scale).all())
+            or max(float(np.abs(shift).max()), float(scale.max())) > big
+        ):
+            from aecore.errors import DataError
+
+            raise DataError(
+                f"the data's values reach {max(abs(float(lo.min())), abs(float(hi.max()))):.3g}, "
+                f"beyond float32 (the models' precision, up to {big:.3g}) once normalised: "
+                f"rescale the data"
+            )
         return cls(kind, shift, scale)
 
     def _params(self, shape) -> tuple[np.ndarray, np.ndarray]:

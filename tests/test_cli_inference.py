@@ -198,3 +198,36 @@ def test_bench_onnx_rejects_unknown_and_repeated_models(capsys):
         with pytest.raises(SystemExit) as stop:
             _cli(capsys, "bench", "onnx", "--models", models)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_that_is_the_input_is_refused(saved, tmp_path, capsys):
+    # --overwrite replaced the input rows with their codes
+    x = _data(4)
+    np.save(tmp_path / "x.npy", x)
+    rc, _, err = _cli(capsys, "encode", saved[1], "--input", tmp_path / "x.npy",
+                      "--output", tmp_path / "x.npy", "--overwrite")  # fmt: skip
+    assert rc == 1 and "is the --input file" in err
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)
+
+
+def test_a_reader_that_closes_early_ends_the_command_quietly(tmp_path, monkeypatch, capsys):
+    # `aecore eval DIR | head -1` ended in "aecore: error: [Errno 32] Broken pipe", exit 1
+    import sys
+
+    class ClosedPipe:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.f.fileno()
+
+    with open(tmp_path / "out", "w") as f:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(f))
+        assert cli.main(["models"]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err

@@ -287,3 +287,9 @@ def test_values_beyond_float32_are_refused_when_loaded_or_normalised(tmp_path):
         for kind in ("standardize", "minmax"):
             with pytest.raises(DataError, match="beyond float32"):
                 Normalization.fit(kind, x)
+
+
+def test_a_text_file_named_npy_is_not_called_a_pickle(tmp_path):
+    (tmp_path / "t.npy").write_text("1,2,3\n")
+    with pytest.raises(DataError, match="not a .npy file.*csv:PATH"):
+        load_data(f"npy:{tmp_path / 't.npy'}")

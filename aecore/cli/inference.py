@@ -94,6 +94,8 @@ def add_commands(sub) -> None:
 def cmd_apply(args) -> int:
     out_path = Path(args.output)
     check_output(out_path, args.overwrite)
+    if out_path.exists() and out_path.resolve() == Path(args.input).resolve():
+        raise DataError(f"--output {out_path} is the --input file: write the results elsewhere")
     model = open_model(args.model)
     data = read_rows(Path(args.input))
     if args.action == "decode":

@@ -5,6 +5,7 @@ one line on stderr and exit non-zero; ``--debug`` shows the traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from aecore._version import __version__
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TrainingInterrupted):
             print(f"aecore: {exc}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        if isinstance(exc, BrokenPipeError):  # the reader closed early (| head): done
+            # what is left unflushed goes nowhere, not into an error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if isinstance(exc, (AecoreError, OSError)):
             print(f"aecore: error: {exc}", file=sys.stderr)
         else:

@@ -30,6 +30,13 @@ def existing_file(path: str, what: str) -> Path:
 def read_npy(path: str) -> np.ndarray:
     """A ``.npy`` array, memory-mapped (data larger than RAM streams from disk)."""
     p = existing_file(path, "npy")
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":  # numpy would call any other file a pickle
+        raise DataError(
+            f"npy: {p} is not a .npy file (it does not start with numpy's header); save "
+            f"arrays with numpy.save, or name a text file as csv:PATH"
+        )
     try:
         return np.load(p, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:

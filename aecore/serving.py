@@ -28,6 +28,7 @@ class TorchArrayModel(ArrayModel):
         self.detector = getattr(self.model, "detector", None)
         self.input_range = self.model.input_range
         self.default_score_kind = self.model.default_score_kind
+        self.feature_names = getattr(self.model, "feature_names", None)
 
     def _kind_scores(self, X, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         import torch

@@ -251,6 +251,8 @@ class AutoencoderTransformer(
             x = np.require(normalization.apply(X), requirements=["C", "W"])
             _check_in_model_range(net, x, normalize, self.model)
             net.normalization = normalization
+            if hasattr(self, "feature_names_in_"):  # saved and served with the model
+                net.feature_names = [str(n) for n in self.feature_names_in_]
             history = trainer.fit(net, torch.from_numpy(x))
         net.cpu().eval()
 

@@ -282,3 +282,27 @@ def test_a_feature_far_from_zero_keeps_its_variation_when_served(tmp_path):
     for served in (folder, export):
         np.testing.assert_allclose(served.decision_function(X), want, rtol=1e-4, atol=1e-5)
         assert np.array_equal(served.predict(X), detector.predict(X))
+
+
+def test_served_models_check_a_dataframes_columns_against_the_fit(tmp_path):
+    # reordered columns were refused by the estimator but scored as they came by the
+    # folder and the export: 100% of rows flagged (68.5% in the right order)
+    pytest.importorskip("pandas")
+    from sklearn.datasets import load_wine
+
+    data = load_wine(as_frame=True)
+    X = data.frame[data.feature_names]
+    detector = aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(X)
+    assert detector.model_.feature_names == list(data.feature_names)
+    shuffled = X[list(reversed(data.feature_names))]
+    renamed = X.rename(columns={"alcohol": "ethanol"})
+    for served in served_copies(detector, tmp_path):
+        assert served.feature_names == list(data.feature_names)
+        np.testing.assert_allclose(
+            served.decision_function(X), detector.decision_function(X), rtol=1e-4
+        )
+        with pytest.raises(DataError, match=r"another order than at fit.*X\[model.feature_names\]"):
+            served.predict(shuffled)
+        with pytest.raises(DataError, match=r"missing \['alcohol'\], unexpected \['ethanol'\]"):
+            served.score(renamed)
+        served.predict(X.to_numpy())  # plain arrays carry no names to check

@@ -94,6 +94,9 @@ def save(
     detector = getattr(model, "detector", None)
     if detector is not None:  # aecore.AnomalyDetector's threshold
         record["detector"] = detector.to_dict()
+    feature_names = getattr(model, "feature_names", None)
+    if feature_names is not None:  # the estimators' columns, which served rows must match
+        record["feature_names"] = [str(name) for name in feature_names]
     run_id = getattr(model, "run_id", "")  # the training run (Trainer.fit sets it)
     if run_id:
         record["run_id"] = run_id
@@ -188,6 +191,11 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
             model.detector = ScoreThreshold.from_dict(record["detector"])
         except DataError as exc:
             raise ModelFileError(f"{directory}: {exc}") from None
+    names = record.get("feature_names")
+    if names is not None:
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ModelFileError(f"{directory}: malformed feature_names in {CONFIG}")
+        model.feature_names = names
     model.metadata = record
     model.data_initialised = True  # trained weights: fit continues from them
     return model.to(device).eval()

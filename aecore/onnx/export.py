@@ -52,6 +52,7 @@ from aecore.onnx.trace import to_onnx
 from aecore.registry import name_of
 from aecore.runtime.format import (
     DEFAULT_SCORE_KEY,
+    FEATURE_NAMES_KEY,
     FORMAT,
     FORMAT_VERSION,
     INPUT_RANGE_KEY,
@@ -232,6 +233,13 @@ def input_range_metadata(model) -> dict[str, str]:
 
 
 def detector_metadata(model) -> dict[str, str]:
-    """The detector threshold saved with the model (``aecore.AnomalyDetector``), if any."""
+    """The detector threshold saved with the model (``aecore.AnomalyDetector``), if any,
+    and the names of the columns it was fitted on."""
+    out = {}
     detector = getattr(model, "detector", None)
-    return {} if detector is None else {"aecore.detector": json.dumps(detector.to_dict())}
+    if detector is not None:
+        out["aecore.detector"] = json.dumps(detector.to_dict())
+    names = getattr(model, "feature_names", None)
+    if names is not None:
+        out[FEATURE_NAMES_KEY] = json.dumps([str(n) for n in names])
+    return out

@@ -36,6 +36,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
     input_range: tuple[float, float] | None = None
     #: what ``score`` gives by default: the model's ``Autoencoder.default_score_kind``
     default_score_kind: str = "reconstruction"
+    #: the columns the model was fitted on (a scikit-learn estimator's DataFrame), or None:
+    #: rows given as a DataFrame must have them in that order
+    feature_names: list[str] | None = None
 
     def _anomaly_scores(self, X: Any) -> np.ndarray:
         x = self._check_inputs(X)
@@ -199,6 +202,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
         if type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self.input_shape:
             if x.ndim == len(self.input_shape) + 1:  # the hot path: nothing to convert
                 return x
+        columns = getattr(x, "columns", None)
+        if columns is not None and self.feature_names is not None:
+            _check_columns([str(c) for c in columns], self.feature_names)
         return _check_array(x, self.input_shape, f"{self.name} expects inputs", "x")
 
     def _check_codes(self, z: Any) -> np.ndarray:
@@ -227,6 +233,22 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
             hint = f"; reshape to {expected} with {name}.reshape(-1, {', '.join(map(str, shape))})"
         raise ShapeError(f"{what} of shape {expected}; got shape {tuple(x.shape)}{hint}")
     return x
+
+
+def _check_columns(got: list[str], want: list[str]) -> None:
+    """A DataFrame's columns against the ones the model was fitted on."""
+    if got == want:
+        return
+    if sorted(got) == sorted(want):
+        raise DataError(
+            f"X's columns are in another order than at fit ({', '.join(want[:5])}"
+            f"{', ...' if len(want) > 5 else ''}): select them as X[model.feature_names]"
+        )
+    missing, extra = [n for n in want if n not in got], [n for n in got if n not in want]
+    raise DataError(
+        f"X's columns differ from the ones the model was fitted on: missing "
+        f"{missing[:5] or 'none'}, unexpected {extra[:5] or 'none'}"
+    )
 
 
 def _check_finite(x: np.ndarray) -> None:

@@ -21,6 +21,9 @@ INPUT_RANGE_KEY = "aecore.input_range"
 #: the kind ``score`` gives by default, as the model's ``Autoencoder.score`` does (absent:
 #: the reconstruction error, which exports before this key always gave)
 DEFAULT_SCORE_KEY = "aecore.default_score_kind"
+#: the columns (a DataFrame's) a scikit-learn estimator fitted the model on: served rows
+#: given as a DataFrame must have them, in that order
+FEATURE_NAMES_KEY = "aecore.feature_names"
 #: rows per onnxruntime call: bounds memory for large (memory-mapped) inputs
 DEFAULT_BATCH_SIZE = 4096
 

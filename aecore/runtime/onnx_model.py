@@ -17,6 +17,7 @@ from aecore.runtime.arrays import ArrayModel
 from aecore.runtime.format import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SCORE_KEY,
+    FEATURE_NAMES_KEY,
     FORMAT,
     FORMAT_VERSION,
     INPUT_RANGE_KEY,
@@ -120,6 +121,11 @@ class OnnxAutoencoder(ArrayModel):
                 raise ModelFileError(f"{self.path}: malformed {INPUT_RANGE_KEY} {bounds!r}")
             self.input_range = (float(bounds[0]), float(bounds[1]))
         self.default_score_kind = meta.get(DEFAULT_SCORE_KEY, "reconstruction")
+        if FEATURE_NAMES_KEY in meta:
+            names = _json_field(meta, FEATURE_NAMES_KEY, self.path)
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise ModelFileError(f"{self.path}: malformed {FEATURE_NAMES_KEY}")
+            self.feature_names = names
         self.normalizes_itself = meta.get("aecore.normalization_in_graph") == "1"
         # the graphs hold that normalisation: another one could not take effect
         self._normalization_fixed = self.normalizes_itself

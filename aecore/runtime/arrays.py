@@ -254,7 +254,7 @@ def _check_columns(got: list[str], want: list[str]) -> None:
 def _check_finite(x: np.ndarray) -> None:
     """A row with NaN would score NaN, which no threshold calls an outlier; so would one
     beyond float32's range, which the model computes in."""
-    rows = x.reshape(len(x), -1)
+    rows = x.reshape(len(x), int(np.prod(x.shape[1:])))  # (an empty batch too)
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise DataError(
             f"X contains NaN or infinite values (rows {row_list(~np.isfinite(rows).all(1))}): "

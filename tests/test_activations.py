@@ -545,3 +545,11 @@ def test_the_models_output_is_named_by_an_empty_hook_in_the_source(lm_dir, token
     extract_activations(str(lm_dir), tokens[1], ["", HOOKS[0]], out, dtype="float32")
     rows = prepare(f"activations:{out}:", normalize="none", seed=0).dataset.x
     assert rows.shape[1] == ActivationCache(out, "").d != ActivationCache(out, HOOKS[0]).d
+
+
+def test_a_file_given_for_the_cache_is_named_as_a_file(tmp_path):
+    (tmp_path / "in.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file, not the cache's folder"):
+        read_manifest(tmp_path / "in.npy")
+    with pytest.raises(DataError, match="no such folder"):
+        read_manifest(tmp_path / "missing")

@@ -117,7 +117,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
-        raise DataError(f"activations: no such folder: {root}")
+        what = "is a file, not the cache's folder" if root.exists() else "no such folder"
+        raise DataError(f"activations: {root}: {what}")
     if not path.is_file():
         raise DataError(
             f"activations: {root} is not an activation cache (no {MANIFEST}); write one "

@@ -293,3 +293,8 @@ def test_a_text_file_named_npy_is_not_called_a_pickle(tmp_path):
     (tmp_path / "t.npy").write_text("1,2,3\n")
     with pytest.raises(DataError, match="not a .npy file.*csv:PATH"):
         load_data(f"npy:{tmp_path / 't.npy'}")
+
+
+def test_a_source_with_nothing_after_its_colon_is_refused():
+    with pytest.raises(DataError, match=r"'digits:': nothing after ':' \(forms: digits"):
+        load_data("digits:")

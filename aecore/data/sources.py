@@ -95,8 +95,10 @@ def load_data(source: str, *, check_finite: bool = True) -> Dataset:
     """Load a named data source (see the module docstring)."""
     if not isinstance(source, str) or not source:
         raise DataError(f"data source must be a non-empty string such as 'digits'; got {source!r}")
-    kind, _, rest = source.partition(":")
+    kind, colon, rest = source.partition(":")
     if kind not in SOURCES:
         raise DataError(f"unknown data source {source!r}: expected one of {SOURCE_FORMS}")
+    if colon and not rest:
+        raise DataError(f"data source {source!r}: nothing after ':' (forms: {SOURCES[kind][0]})")
     x, labels = SOURCES[kind][1](rest)
     return as_dataset(x, labels, source, check_finite=check_finite)

@@ -38,6 +38,7 @@ class ModelEntry:
     distribution: str
     version: str
     claimants: list[str] = field(default_factory=list)  # "dist version" per claim
+    targets: list[str] = field(default_factory=list)  # the other claimants' targets
     _cls: Any = None
     _error: str | None = None
     _loaded: bool = False
@@ -86,16 +87,28 @@ def _load_target(entry: ModelEntry) -> tuple[Any, str | None]:
         return None, (
             f"invalid model name {entry.name!r}: use lowercase letters, digits, '-' and '_'"
         )
-    module_name, _, attr = entry.target.partition(":")
+    module_name, attr = _target_parts(entry.target)
     try:
-        obj = importlib.import_module(module_name.strip())
-        for part in attr.strip().split(".") if attr.strip() else []:
+        obj = importlib.import_module(module_name)
+        for part in attr.split(".") if attr else []:
             obj = getattr(obj, part)
-    except Exception as exc:  # a plugin's import may fail in any way
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a plugin's import may fail in any way, sys.exit too
         return None, f"import failed: {type(exc).__name__}: {exc}"
     if not (isinstance(obj, type) and issubclass(obj, Autoencoder)):
         return None, f"{entry.target} is {obj!r}, not a subclass of aecore.Autoencoder"
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
+        return None, f"{entry.target} leaves abstract methods undefined: {missing}"
     return obj, None
+
+
+def _target_parts(target: str) -> tuple[str, str]:
+    """``module:attr`` of an entry point's value, without its extras (``[gpu]``)."""
+    value = target.split("[", 1)[0]
+    module_name, _, attr = value.partition(":")
+    return module_name.strip(), attr.strip()
 
 
 _entries: dict[str, ModelEntry] | None = None
@@ -122,6 +135,7 @@ def _discover() -> dict[str, ModelEntry]:
                 # the same distribution seen twice on sys.path is not a conflict
                 if claimant not in entry.claimants:
                     entry.claimants.append(claimant)
+                    entry.targets.append(ep.value)
     for name, cls in _local.items():
         found[name] = ModelEntry(
             name,
@@ -133,6 +147,14 @@ def _discover() -> dict[str, ModelEntry]:
             _loaded=True,
         )
     _entries = dict(sorted(found.items()))
+    for entry in _entries.values():
+        if entry.conflict:  # neither claimant can be used: say so once, not silently
+            warnings.warn(
+                f"aecore: {conflict_message(entry)}; that name is unusable until one is "
+                f"uninstalled",
+                BrokenPluginWarning,
+                stacklevel=3,
+            )
     return _entries
 
 
@@ -328,10 +350,20 @@ def create(name: str, *, input_shape: Any, latent_dim: int, **hparams: Any):
 
 
 def name_of(model_or_cls: Any) -> str:
-    """The registry name of a model instance or class."""
+    """The registry name of a model instance or class. Entries whose target names the
+    class are tried first, so saving a model imports no other plugin."""
     cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
-    for entry in model_entries():
-        if not entry.conflict and entry.load() is cls:
+    target = (cls.__module__, cls.__qualname__)
+    entries = sorted(_discover().values(), key=lambda e: _target_parts(e.target) != target)
+    for entry in entries:
+        if entry.conflict:
+            if target in (_target_parts(t) for t in [entry.target, *entry.targets]):
+                raise RegistryError(
+                    f"{cls.__module__}.{cls.__qualname__} cannot be saved by name: "
+                    f"{conflict_message(entry)}; uninstall one of them"
+                )
+            continue
+        if entry.load() is cls:
             return entry.name
     raise RegistryError(
         f"{cls.__module__}.{cls.__qualname__} is not a registered model: register it "

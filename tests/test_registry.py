@@ -87,7 +87,7 @@ def test_two_distributions_claiming_one_name_is_an_error_naming_both(extra_site)
     )
     make_dist(extra_site, "first-dist", "1.0", {"dup": "dup_mod:A"})
     make_dist(extra_site, "second-dist", "2.5", {"dup": "dup_mod:B"})
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(RegistryError) as err, pytest.warns(registry.BrokenPluginWarning):
         aecore.model_class("dup")
     message = str(err.value)
     assert "first-dist 1.0" in message and "second-dist 2.5" in message
@@ -241,3 +241,47 @@ def test_a_misspelt_hyperparameter_names_the_closest_one_everywhere(tmp_path, ca
     (tmp_path / "saved" / "model.json").write_text(json.dumps(record))
     with pytest.raises(ModelFileError, match="did you mean 'hidden'"):
         aecore.load(tmp_path / "saved")
+
+
+def test_plugins_that_exit_are_abstract_or_have_extras_are_handled(extra_site):
+    # sys.exit in a plugin's import took down list_models; an abstract class was "ok"
+    # and failed at create; an entry point with extras was called broken
+    (extra_site / "odd_plugins.py").write_text(
+        "import aecore\n"
+        "from aecore_plugins.ae import PlainAutoencoder\n"
+        "class Fine(PlainAutoencoder):\n    pass\n"
+        "class NoConfig(aecore.Autoencoder):\n"
+        "    def encode(self, x): return x\n"
+        "    def decode(self, z): return z\n"
+        "    def loss(self, x): return {'loss': x.sum()}\n"
+    )
+    (extra_site / "exits_plugin.py").write_text("import sys\nsys.exit('needs a GPU')\n")
+    make_dist(extra_site, "odd-dist", "1.0", {
+        "exits": "exits_plugin:Model",
+        "no-config": "odd_plugins:NoConfig",
+        "with-extras": "odd_plugins:Fine [gpu]",
+    })  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", registry.BrokenPluginWarning)
+        usable = aecore.list_models()
+        entries = {e.name: e for e in registry.model_entries()}
+    assert "ae" in usable and "with-extras" in usable
+    assert "SystemExit: needs a GPU" in entries["exits"].reason
+    assert "abstract methods undefined: get_config" in entries["no-config"].reason
+    model = aecore.create("with-extras", input_shape=(4,), latent_dim=2)
+    assert registry.name_of(model) == "with-extras"
+
+
+def test_a_name_claimed_twice_warns_and_saving_says_why(extra_site):
+    # a plugin claiming "ae" silently hid the built-in, and saving one said "not a
+    # registered model"
+    (extra_site / "clash_mod.py").write_text(
+        "from aecore_plugins.ae import PlainAutoencoder\nclass Clash(PlainAutoencoder):\n    pass\n"
+    )
+    make_dist(extra_site, "clash-dist", "1.0", {"ae": "clash_mod:Clash"})
+    with pytest.warns(registry.BrokenPluginWarning, match="model name 'ae' is claimed by"):
+        registry.model_entries()
+    from aecore_plugins.ae import PlainAutoencoder
+
+    with pytest.raises(RegistryError, match="cannot be saved by name: model name 'ae' is claimed"):
+        registry.name_of(PlainAutoencoder)

@@ -48,6 +48,8 @@ class Stochastic(PlainAutoencoder):
     [
         (WrongCode, {}, check_shapes, r"WrongCode: shapes: encode gave \(1, 1\), expected"),
         (LossyConfig, {"hidden": [7]}, check_config_round_trip, "LossyConfig: config round"),
+        # the defaults alone rebuild the same shapes: the left-out key is named
+        (LossyConfig, {}, check_config_round_trip, r"leaves out the hyperparameters \['hidden'\]"),
         (Stochastic, {}, check_shapes, r"Stochastic: shapes: model\(x\) is not deterministic"),
     ],
 )

@@ -93,6 +93,17 @@ def check_config_round_trip(spec: ModelSpec) -> None:
     for key in ("input_shape", "latent_dim"):
         if key not in config:
             spec.fail("config round trip", f"get_config() lacks {key!r}")
+    # a hyperparameter left out is rebuilt at its default: a saved model would load as
+    # another model
+    from aecore.registry import hyperparameter_names
+
+    left_out = sorted((hyperparameter_names(spec.cls) or set()) - set(config))
+    if left_out:
+        spec.fail(
+            "config round trip",
+            f"get_config() leaves out the hyperparameters {left_out}: a saved model would "
+            f"load with their defaults",
+        )
     rebuilt = spec.cls(**json.loads(text))
     if rebuilt.get_config() != config:
         spec.fail("config round trip", f"{rebuilt.get_config()} != {config}")

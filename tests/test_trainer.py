@@ -202,11 +202,17 @@ def test_grad_clip_bounds_the_update():
     assert 0 < change <= 1.1e-6  # float32 rounding of w + dw adds a little
 
 
-@pytest.mark.parametrize("loader", [False, True])
-def test_resume_mid_epoch_is_exact(tmp_path, loader):
+@pytest.mark.parametrize(
+    ("loader", "stop_at"), [(False, 9), (True, 9), ("generator", 9), ("generator", 12)]
+)
+def test_resume_mid_epoch_is_exact(tmp_path, loader, stop_at):
+    # a DataLoader with its own seeded generator (the usual reproducible setup) resumed
+    # with another order: its generator's state was not in the checkpoint
     def data():
         if loader:
-            return DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=16, shuffle=True)
+            own = torch.Generator().manual_seed(0) if loader == "generator" else None
+            rows = TensorDataset(torch.as_tensor(X))
+            return DataLoader(rows, batch_size=16, shuffle=True, generator=own)
         return X
 
     ref, ref_hist = fit(data(), val=VAL, epochs=4, dropout=0.2)
@@ -217,9 +223,9 @@ def test_resume_mid_epoch_is_exact(tmp_path, loader):
         epochs=4, batch_size=16, seed=0, device="cpu", progress=False, out_dir=tmp_path
     )
     # as a signal handler does: mid epoch 2 (6 steps per epoch), stop after this step
-    model.on_step = lambda n: n == 9 and trainer.request_stop("SIGTERM")
+    model.on_step = lambda n: n == stop_at and trainer.request_stop("SIGTERM")
     with pytest.raises(
-        TrainingInterrupted, match=r"interrupted by SIGTERM at step 9; checkpoint saved"
+        TrainingInterrupted, match=rf"interrupted by SIGTERM at step {stop_at}; checkpoint saved"
     ):
         trainer.fit(model, data(), VAL)
 
@@ -531,3 +537,60 @@ def test_a_resume_with_changed_settings_is_refused_unless_allowed_and_then_recor
     history = Trainer(epochs=3, lr=0.1, out_dir=tmp_path, resume=True, **settings).fit(model, x)
     assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
     assert history.changes == [{"epoch": 1, "changed": {"lr": [0.001, 0.1]}}]
+
+
+def test_a_float64_model_trains_on_float64_rows():
+    # every batch was rounded to float32 first: a signal below float32's resolution at
+    # 1000 (1e-5) reached the model as one value
+    rows = 1000.0 + 1e-5 * np.random.default_rng(0).normal(size=(64, 6))
+    model = make().double()
+    seen = set()
+    loss = model.loss
+    model.loss = lambda x: seen.add(x.dtype) or loss(x)
+    Trainer(epochs=1, batch_size=16, progress=False, device="cpu").fit(model, rows)
+    assert seen == {torch.float64}
+
+
+def test_validation_data_that_scores_nan_is_refused(tmp_path):
+    # a NaN in a memory-mapped validation set gave val_loss [nan, nan, ...] and no epoch
+    # was ever chosen
+    bad = VAL.copy()
+    bad[3, 2] = np.nan
+    np.save(tmp_path / "val.npy", bad)
+    val = np.load(tmp_path / "val.npy", mmap_mode="r")
+    with pytest.raises(DataError, match="the validation loss is nan"):
+        Trainer(epochs=2, batch_size=16, progress=False, device="cpu").fit(make(), X, val)
+
+
+def test_a_stop_request_ends_one_fit_not_the_trainers_next():
+    trainer = Trainer(epochs=3, batch_size=16, progress=False, device="cpu")
+    model = Counting(input_shape=(6,), latent_dim=2, hidden=[8])
+    model.on_step = lambda n: n == 2 and trainer.request_stop("test")
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit(model, X)
+    assert len(trainer.fit(make(), X).epochs) == 3
+
+
+def test_a_loader_without_batches_is_named():
+    loader = DataLoader(TensorDataset(torch.as_tensor(X[:10])), batch_size=16, drop_last=True)
+    with pytest.raises(DataError, match="yields no batches"):
+        Trainer(epochs=1, progress=False, device="cpu").fit(make(), loader)
+
+
+def test_a_paced_model_resumes_with_another_epoch_budget_only_when_allowed(tmp_path):
+    # an SAE's learning-rate decay follows the run's progress: resumed with more epochs
+    # it restarted its schedule (factor 13.3 back to 48) and recorded no change
+    rows = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        model = aecore.create("sae-topk", input_shape=(6,), latent_dim=12, k=2)
+        trainer = Trainer(epochs=epochs, batch_size=16, progress=False, device="cpu",
+                          out_dir=tmp_path, **kw)  # fmt: skip
+        return trainer.fit(model, rows)
+
+    run(2)
+    with pytest.raises(ConfigError, match="epochs sets this model's schedule"):
+        run(4, resume=True)
+    history = run(4, resume=True, allow_changes=True)
+    assert history.changes and "epochs" in json.dumps(history.changes)

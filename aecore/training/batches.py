@@ -151,6 +151,23 @@ class Batches:
         """Rows in global batch ``epoch_step`` (the last one may be short)."""
         return min(self.batch_size, self.n - epoch_step * self.batch_size)
 
+    def loader_generators(self) -> list[torch.Generator]:
+        """A DataLoader's own generators (its own, its sampler's): a resume restores
+        their states, which torch's global RNG state does not hold."""
+        if self.loader is None:
+            return []
+        owners = [
+            self.loader,
+            self.loader.sampler,
+            getattr(self.loader.batch_sampler, "sampler", None),
+        ]
+        found = {
+            id(g): g
+            for o in owners
+            if isinstance(g := getattr(o, "generator", None), torch.Generator)
+        }
+        return list(found.values())
+
     def epoch(
         self,
         epoch: int,
@@ -159,17 +176,21 @@ class Batches:
         rank: int = 0,
         world: int = 1,
         stream: int = 0,
+        loader_rng: list[torch.Tensor] | None = None,
     ) -> Iterator[torch.Tensor]:
         if self.loader is not None:
             if not skip:
                 it = iter(self.loader)
             else:
-                # a DataLoader shuffles from torch's RNG when iteration starts: replay the
-                # epoch's start state to draw the same order, skip what was done, then
-                # put back the RNG state of the interrupted step
+                # a DataLoader shuffles from torch's RNG (or its own generators, states
+                # ``loader_rng``) when iteration starts: replay the epoch's start states to
+                # draw the same order, skip what was done, then put back the global RNG
+                # state of the interrupted step
                 now = torch.get_rng_state()
                 if rng_at_start is not None:
                     torch.set_rng_state(rng_at_start)
+                for generator, state in zip(self.loader_generators(), loader_rng or []):
+                    generator.set_state(state)
                 it = iter(self.loader)
                 for _ in range(skip):
                     next(it, None)

@@ -94,6 +94,10 @@ def write(
     )
     if cuda_rng is not None:
         tensors["rng.cuda"] = cuda_rng
+    for i, generator in enumerate(state.loader_generators):
+        tensors[f"rng.loader.{i}"] = generator.get_state()
+        start = state.epoch_loader_rng[i] if state.epoch_loader_rng else generator.get_state()
+        tensors[f"rng.loader_start.{i}"] = start
     meta = {
         "format": FORMAT,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -157,18 +161,24 @@ def read(
             f"cannot resume exactly: the checkpoint was written by {meta['world_size']} "
             f"process(es); resume with the same number (got {world})"
         )
-    changed = _changed_settings(meta.get("training") or meta.get("trainer") or {}, config)
-    if not allow_changes:
-        _check_same_data(path, meta.get("data"), data)
-    if changed and not allow_changes:
+    # a model whose steps follow the run's progress (a learning-rate decay, an SAE's
+    # top-k warm-up) computes other steps under another epoch budget
+    paced = any(callable(getattr(model, hook, None)) for hook in ("lr_factor", "set_progress"))
+    resumable = tuple(n for n in RESUMABLE_CHANGES if not (paced and n == "epochs"))
+    saved_settings = meta.get("training") or meta.get("trainer") or {}
+    changed = _changed_settings(saved_settings, config, resumable)
+    if changed and not allow_changes:  # before the data: a new seed draws other rows
         used = ", ".join(f"{name}={before!r}" for name, (before, _) in changed.items())
         got = ", ".join(f"{name}={after!r}" for name, (_, after) in changed.items())
+        paced_note = "; epochs sets this model's schedule" if paced and "epochs" in changed else ""
         raise ConfigError(
             f"cannot resume exactly: the checkpoint used {used}; got {got} (a resumed run "
-            f"keeps its training settings; only {', '.join(RESUMABLE_CHANGES)} may change; "
-            f"allow_changes=True (--allow-changes) continues with the new ones and records "
-            f"the change)"
+            f"keeps its training settings; only {', '.join(resumable)} may change"
+            f"{paced_note}; allow_changes=True (--allow-changes) continues with the new "
+            f"ones and records the change)"
         )
+    if not allow_changes:
+        _check_same_data(path, meta.get("data"), data)
     if "optimizer" in changed:
         before, after = changed["optimizer"]
         raise ConfigError(
@@ -194,6 +204,14 @@ def read(
     state.best_val = best if best is not None else float("inf")
     state.smoothed = meta.get("smoothed", best)
     state.epoch_rng = tensors["rng.epoch_start"]
+    for i, generator in enumerate(state.loader_generators):  # where the run left them
+        if f"rng.loader.{i}" in tensors:
+            generator.set_state(tensors[f"rng.loader.{i}"])
+    state.epoch_loader_rng = [
+        tensors[f"rng.loader_start.{i}"]
+        for i in range(len(state.loader_generators))
+        if f"rng.loader_start.{i}" in tensors
+    ]
     torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
@@ -267,12 +285,14 @@ def _describe(norm: dict[str, Any]) -> str:
     return f"by {norm['kind']} ({'per feature' if size > 1 else 'one scale for all'})"
 
 
-def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:
+def _changed_settings(
+    saved: dict[str, Any], config: TrainConfig, resumable: tuple[str, ...] = RESUMABLE_CHANGES
+) -> dict[str, list[Any]]:
     """The training settings (older checkpoints recorded some only) that differ from the
-    saved ones, apart from RESUMABLE_CHANGES: {setting: [saved, requested]}."""
+    saved ones, apart from ``resumable``: {setting: [saved, requested]}."""
     requested = config.to_dict()
     return {
         name: [value, requested[name]]
         for name, value in saved.items()
-        if name in requested and name not in RESUMABLE_CHANGES and value != requested[name]
+        if name in requested and name not in resumable and value != requested[name]
     }

@@ -60,6 +60,13 @@ def _merged(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield run[0] if len(run) == 1 else torch.cat(run)
 
 
+def input_dtype(model) -> torch.dtype:
+    """The dtype batches reach the model in: its own (a float64 model sees float64 rows,
+    not rows rounded to float32 first)."""
+    dtype = model.float_dtype() if hasattr(model, "float_dtype") else None
+    return dtype or torch.float32
+
+
 def mean_losses(
     model, batches: Iterable[torch.Tensor], seed: int, device: torch.device
 ) -> dict[str, float]:
@@ -68,7 +75,7 @@ def mean_losses(
     count = 0
     with judging(model, seed, device):
         for x in _merged(batches):
-            x = x.to(device).float()
+            x = x.to(device, input_dtype(model))
             for k, v in model.loss(x).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(x)
             count += len(x)
@@ -82,7 +89,7 @@ def chunk_losses(
     losses = []
     with judging(model, seed, device):
         for x in batches:
-            for chunk in x.to(device).float().split(CHUNK_ROWS):
+            for chunk in x.to(device, input_dtype(model)).split(CHUNK_ROWS):
                 losses.append(float(model.loss(chunk)["loss"]))
     return np.asarray(losses, dtype=np.float64)
 

@@ -4,6 +4,7 @@ the run state, and the loop over epochs and steps."""
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 import uuid
@@ -11,11 +12,17 @@ from typing import Any
 
 import torch
 
-from aecore.errors import ShapeError, TrainingInterrupted
+from aecore.errors import DataError, ShapeError, TrainingInterrupted
 from aecore.training import checkpoint
 from aecore.training.batches import Batches
 from aecore.training.distributed import DistContext, check_distributed, distributed_loss
-from aecore.training.evaluation import chunk_losses, clearly_lower, mean_losses, seed_device
+from aecore.training.evaluation import (
+    chunk_losses,
+    clearly_lower,
+    input_dtype,
+    mean_losses,
+    seed_device,
+)
 from aecore.training.optim import finite_loss_terms, gradient_step, lbfgs_step, make_optimizer
 from aecore.training.state import History, RunState
 
@@ -40,6 +47,7 @@ class TrainingRun:
         self.dist = DistContext.from_env(trainer.device)
         self.device = self.dist.device_for(trainer.device)
         self.state = RunState()
+        self.state.loader_generators = train.loader_generators()
         self.optimizer = None
         self.loss_fn = model.loss
 
@@ -159,6 +167,7 @@ class TrainingRun:
         from tqdm.auto import tqdm
 
         state, config = self.state, self.config
+        dtype = input_dtype(self.model)
         while state.epoch < config.epochs:
             epoch = state.epoch + 1
             start = time.perf_counter()
@@ -173,16 +182,18 @@ class TrainingRun:
             )
             if state.epoch_step == 0:
                 state.epoch_rng = torch.get_rng_state()
+                state.epoch_loader_rng = [g.get_state() for g in state.loader_generators]
                 state.sums, state.count = {}, 0
             batches = self.train.epoch(
                 epoch,
                 skip=state.epoch_step,
                 rng_at_start=state.epoch_rng,
+                loader_rng=state.epoch_loader_rng,
                 rank=self.dist.rank,
                 world=self.dist.world,
             )
             for x in batches:
-                x = x.to(self.device, non_blocking=True).float()
+                x = x.to(self.device, dtype, non_blocking=True)
                 global_rows = (
                     self.train.global_size(state.epoch_step)
                     if self.train.loader is None
@@ -289,14 +300,27 @@ class TrainingRun:
 
     def evaluate(self, batches=None) -> dict[str, float]:
         """Mean loss terms on the validation data (or ``batches``)."""
-        batches = self.val.epoch(0) if batches is None else batches
-        return mean_losses(self.model, batches, self.config.seed, self.device)
+        on_val = batches is None
+        losses = mean_losses(self.model, self.val.epoch(0) if on_val else batches,
+                             self.config.seed, self.device)  # fmt: skip
+        if on_val and not math.isfinite(losses["loss"]):  # it would choose no epoch
+            raise DataError(
+                f"the validation loss is {losses['loss']}: the validation data (val_data, "
+                f"or the rows held out from data) holds NaN or infinite values, or values "
+                f"the model overflows on; clean them"
+            )
+        return losses
 
     # -- checks and hooks ----------------------------------------------------------------
     def _check_first_batch(self) -> None:
-        x = next(self.train.epoch(0))
+        x = next(self.train.epoch(0), None)
+        if x is None:
+            raise DataError(
+                "the training data yields no batches (a DataLoader with drop_last=True and "
+                "a batch_size larger than its rows?)"
+            )
         try:
-            self.model.check_input(x.float())
+            self.model.check_input(x.to(input_dtype(self.model)))
         except ShapeError as exc:
             raise ShapeError(f"the data does not fit the model: {exc}") from None
 
@@ -306,7 +330,7 @@ class TrainingRun:
         every process."""
         xs, seen = [], 0
         for x in self.init_data.epoch(0):
-            xs.append(x.float())
+            xs.append(x.to(input_dtype(self.model)))
             seen += len(x)
             if seen >= INIT_ROWS:
                 break

@@ -79,6 +79,10 @@ class RunState:
         # the run keeps unless the trained ones do better beyond the validation noise
         self.start_state: dict[str, torch.Tensor] | None = None
         self.epoch_rng: torch.Tensor | None = None  # torch's RNG state when the epoch began
+        # a DataLoader's own generators (Batches.loader_generators), and their states
+        # when the epoch began
+        self.loader_generators: list[torch.Generator] = []
+        self.epoch_loader_rng: list[torch.Tensor] | None = None
         self.history = History()
 
     def record_val(

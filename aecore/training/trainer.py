@@ -107,14 +107,18 @@ class Trainer:
             split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
             train, val = split if split is not None else (train, None)
         if val is None:
-            _warn_settings_needing_validation(c)
+            _warn_settings_needing_validation(c, loader=train.loader is not None)
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
         run = TrainingRun(self, c, model, train, val, init_data=given)
-        if self.out_dir is None or not writes_files():
-            return run.execute()
-        with FolderLock(self.out_dir, "train into"):  # one run writes a folder at a time
-            return run.execute()
+        try:
+            if self.out_dir is None or not writes_files():
+                return run.execute()
+            with FolderLock(self.out_dir, "train into"):  # one run writes a folder at a time
+                return run.execute()
+        finally:
+            # a stop request ends this fit, not every later one of this trainer
+            self.stop_requested = None
 
 
 DEFAULTS = TrainConfig()
@@ -126,7 +130,7 @@ OPTIMIZER_SETTINGS = ("lr", "optimizer", "weight_decay", "grad_clip")
 VALIDATION_SETTINGS = ("patience", "min_delta", "smoothing")
 
 
-def _warn_settings_needing_validation(c: TrainConfig) -> None:
+def _warn_settings_needing_validation(c: TrainConfig, loader: bool) -> None:
     changed = [
         f"{name}={getattr(c, name)!r}"
         for name in VALIDATION_SETTINGS
@@ -134,7 +138,13 @@ def _warn_settings_needing_validation(c: TrainConfig) -> None:
     ]
     if not changed:
         return
-    why = "val_fraction=0" if not c.val_fraction else "too few rows to hold any out"
+    why = (
+        "a DataLoader holds none out"
+        if loader
+        else "val_fraction=0"
+        if not c.val_fraction
+        else "too few rows to hold any out"
+    )
     verb = "needs" if len(changed) == 1 else "need"
     warnings.warn(
         f"{', '.join(changed)} {verb} validation data, and this run has none (no val_data; "

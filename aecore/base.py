@@ -334,6 +334,17 @@ class Autoencoder(nn.Module, abc.ABC):
         return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"
 
 
+def current_state_keys(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict written by an older version of the model with today's keys: its
+    ``retired_state_keys`` dropped and its ``renamed_buffers`` under their new names."""
+    retired = set(getattr(model, "retired_state_keys", ()))
+    state = {k: v for k, v in state.items() if k not in retired}
+    for old, new in getattr(model, "renamed_buffers", {}).items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
+    return state
+
+
 def _mark_weights_loaded(module: nn.Module, _incompatible_keys: Any) -> None:
     module.data_initialised = True
 

@@ -314,6 +314,9 @@ def hyperparameter_names(model: str | type) -> set[str] | None:
             continue
         if not issubclass(klass, Autoencoder):
             return None  # **kwargs reach a constructor outside the plugin contract
+        if klass is Autoencoder and klass is not cls:
+            # the base takes no **kwargs: the class below read them itself
+            return None
         passes_kwargs_on = False
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.kind is p.VAR_KEYWORD:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -285,3 +286,69 @@ def test_a_name_claimed_twice_warns_and_saving_says_why(extra_site):
 
     with pytest.raises(RegistryError, match="cannot be saved by name: model name 'ae' is claimed"):
         registry.name_of(PlainAutoencoder)
+
+
+def test_a_plugin_that_renamed_a_buffer_loads_its_old_folders_and_checkpoints(tmp_path):
+    # renamed_buffers applied to pickles only: an old folder failed with "missing offset;
+    # unexpected center"
+    import torch
+
+    from aecore_plugins.ae import PlainAutoencoder
+
+    class V1(PlainAutoencoder):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.register_buffer("center", torch.full((4,), 3.0))
+
+    class V2(PlainAutoencoder):
+        renamed_buffers: ClassVar[dict] = {"center": "offset"}
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.register_buffer("offset", torch.zeros(4))
+
+    rows = torch.rand(32, 4)
+    registry.register("renaming", V1)
+    try:
+        old = V1(input_shape=(4,), latent_dim=2)
+        trainer = aecore.Trainer(epochs=1, progress=False, out_dir=tmp_path / "run")
+        trainer.fit(old, rows)
+        aecore.save(old, tmp_path / "m")
+    finally:
+        registry.unregister("renaming")
+    registry.register("renaming", V2)
+    try:
+        assert float(aecore.load(tmp_path / "m").offset[0]) == 3.0
+        new = V2(input_shape=(4,), latent_dim=2)
+        resumed = aecore.Trainer(epochs=2, progress=False, out_dir=tmp_path / "run", resume=True)
+        resumed.fit(new, rows)
+        assert float(new.offset[0]) == 3.0
+    finally:
+        registry.unregister("renaming")
+
+
+def test_a_plugin_reading_its_own_keywords_and_one_with_a_bad_config():
+    # **kw read by the plugin itself was taken for keywords passed on, so create refused
+    # them; a config numpy cannot JSON-encode failed only after the first epoch
+    import numpy as np
+    import torch
+
+    from aecore_plugins.ae import PlainAutoencoder
+
+    class Reads(aecore.Autoencoder):
+        def __init__(self, *, input_shape, latent_dim, **kw):
+            super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+            self.scale = kw.get("scale", 1.0)
+
+    assert registry.hyperparameter_names(Reads) is None
+
+    class NumpyConfig(PlainAutoencoder):
+        def get_config(self):
+            return {**super().get_config(), "scale": np.float32(2.0)}
+
+    from aecore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="get_config\\(\\) is not JSON-serialisable"):
+        aecore.Trainer(epochs=1, progress=False).fit(
+            NumpyConfig(input_shape=(4,), latent_dim=2), torch.rand(16, 4)
+        )

@@ -16,6 +16,7 @@ import torch
 
 from aecore import params
 from aecore._version import __version__
+from aecore.base import current_state_keys
 from aecore.config import FIELDS, TrainConfig
 from aecore.data.normalization import Normalization
 from aecore.detection import ScoreThreshold
@@ -238,8 +239,7 @@ def load_weights(model, path: Path) -> None:
         state = load_file(str(path))
     except SafetensorError as exc:
         raise ModelFileError(f"{path} is corrupt: {exc}") from None
-    for key in getattr(model, "retired_state_keys", ()):
-        state.pop(key, None)  # written by an older version of the model; unused now
+    state = current_state_keys(model, state)  # written by an older version of the model
     expected = model.state_dict()
     problems = []
     tied = set(expected) - set(_unique_state(expected))

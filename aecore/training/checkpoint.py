@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aecore.base import current_state_keys
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, ModelFileError
 from aecore.io.atomic import atomic_write_text, write_error
@@ -185,14 +186,13 @@ def read(
             f"cannot resume with optimizer={after!r}: the checkpoint holds {before!r}'s "
             f"state; resume with optimizer={before!r}, or start afresh (--overwrite)"
         )
-    retired = set(getattr(model, "retired_state_keys", ()))
-    model.load_state_dict(_state(tensors, "model.", retired))
+    model.load_state_dict(_state(tensors, "model.", model))
     if optimizer is not None and meta["optimizer"] is not None:
         optimizer.load_state_dict(unflatten_state(meta["optimizer"], tensors))
     if meta["has_best"]:
-        state.best_state = _state(tensors, "best.", retired)
+        state.best_state = _state(tensors, "best.", model)
     if any(k.startswith("start.") for k in tensors):
-        state.start_state = _state(tensors, "start.", retired)
+        state.start_state = _state(tensors, "start.", model)
     state.epoch, state.epoch_step, state.step = meta["epoch"], meta["epoch_step"], meta["step"]
     # rank 0 carries the interrupted epoch's global sums; the rest add to them
     if rank == 0:
@@ -246,10 +246,10 @@ def _check_same_data(path: Path, saved: Any, now: dict[str, Any] | None) -> None
             )
 
 
-def _state(tensors: dict[str, torch.Tensor], prefix: str, retired: set[str]) -> dict:
-    """The state dict stored under ``prefix``, without keys the model no longer has."""
+def _state(tensors: dict[str, torch.Tensor], prefix: str, model) -> dict:
+    """The state dict stored under ``prefix``, in the keys the model has now."""
     n = len(prefix)
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix) and k[n:] not in retired}
+    return current_state_keys(model, {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def _same_model(model, saved_config: dict[str, Any]) -> bool:

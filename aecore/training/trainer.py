@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -95,6 +96,13 @@ class Trainer:
             raise ConfigError(
                 f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
             )
+        try:  # checkpoints and saved folders record it: fail before training, not after
+            json.dumps(model.get_config())
+        except TypeError as exc:
+            raise ConfigError(
+                f"{type(model).__name__}.get_config() is not JSON-serialisable ({exc}): "
+                f"return plain numbers, strings, lists and dicts"
+            ) from None
         _warn_ignored_optimizer_settings(model, self.config)
         _drop_stale_threshold(model)
         c = self.config.for_model(model)

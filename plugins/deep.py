@@ -357,12 +357,12 @@ class DeepAutoencoder(Autoencoder):
             return {}
         config = training_config(self.metadata).replace(device="cpu").for_model(self)
         torch.manual_seed(config.seed)
-        baseline = type(self)(**{**self.get_config(), "pretrain": False})
+        same_net = {k: v for k, v in self.get_config().items() if not k.startswith("pretrain_")}
+        baseline = type(self)(**{**same_net, "pretrain": False})
         baseline.normalization = self.normalization
         with torch.enable_grad():  # aecore.pipeline.evaluate runs under no_grad
-            Trainer(config, progress=False).fit(
-                baseline, prepared.view("train"), prepared.view("val")
-            )
+            val = prepared.view("val")  # none with --val-fraction 0
+            Trainer(config, progress=False).fit(baseline, prepared.view("train"), val or None)
         with torch.no_grad(), eval_mode(baseline):
             mse = float((baseline(x_test) - x_test).pow(2).mean())
         label = (

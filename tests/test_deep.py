@@ -230,3 +230,15 @@ def test_demo_figures(tmp_path):
     figures = model.demo_figures(p, tmp_path)
     assert [path.name for _, path in figures] == ["pca_codes.png", "filters.png"]
     assert all(path.stat().st_size > 0 for _, path in figures)
+
+
+def test_eval_of_a_run_without_validation_rows(tmp_path, capsys):
+    # the README's recipe (--val-fraction 0) trained, then eval failed: its baseline fit
+    # was handed the empty validation split
+    out = tmp_path / "d"
+    args = ["train", "deep", "--data", "digits", "--latent-dim", "2", "--epochs", "1",
+            "--val-fraction", "0", "--set", "hidden=[16]", "--set", "pretrain_epochs=1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert main(["eval", str(out)]) == 0
+    assert "same net without pretraining" in capsys.readouterr().out

@@ -306,3 +306,23 @@ def test_served_models_check_a_dataframes_columns_against_the_fit(tmp_path):
         with pytest.raises(DataError, match=r"missing \['alcohol'\], unexpected \['ethanol'\]"):
             served.score(renamed)
         served.predict(X.to_numpy())  # plain arrays carry no names to check
+
+
+def test_the_cli_checks_a_csv_header_against_the_fitted_columns(tmp_path, capsys):
+    # a header naming the columns in reverse was dropped, and the rows scored ~141257
+    pytest.importorskip("pandas")
+    from sklearn.datasets import load_wine
+
+    from aecore.cli import main
+
+    data = load_wine(as_frame=True)
+    X = data.frame[data.feature_names]
+    detector = aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(X)
+    served_copies(detector, tmp_path)
+    X.to_csv(tmp_path / "same.csv", index=False)
+    X[list(reversed(data.feature_names))].to_csv(tmp_path / "reversed.csv", index=False)
+    for model in (tmp_path / "m", tmp_path / "m.onnx"):
+        args = ["score", str(model), "--output", str(tmp_path / f"{model.name}.npy")]
+        assert main([*args, "--input", str(tmp_path / "same.csv")]) == 0
+        assert main([*args, "--input", str(tmp_path / "reversed.csv"), "--overwrite"]) == 1
+        assert "another order than at fit" in capsys.readouterr().err

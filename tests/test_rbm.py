@@ -185,7 +185,7 @@ def test_a_refused_step_changes_nothing(persistent):
     from aecore.errors import TrainingError
 
     torch.manual_seed(0)
-    rbm = RBM(input_shape=(4,), latent_dim=3, persistent=persistent, chains=2)
+    rbm = RBM(input_shape=(4,), latent_dim=3, persistent=persistent, chains=2 if persistent else 64)
     x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
     rbm.train_step(x)
     with torch.no_grad():

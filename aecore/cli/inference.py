@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from aecore.data.files import csv_header
 from aecore.data.sources import load_data
 from aecore.errors import ConfigError, DataError
 from aecore.io.atomic import atomic_write
 from aecore.runtime import DEFAULT_BATCH_SIZE, OnnxAutoencoder, part_paths, score_path
+from aecore.runtime.arrays import check_columns
 from aecore.serving import open_model
 
 OUTPUT_SUFFIXES = (".npy", ".csv")
@@ -101,6 +103,10 @@ def cmd_apply(args) -> int:
     if args.action == "decode":
         result = model.decode(data, batch_size=args.batch_size)
     else:
+        names = getattr(model, "feature_names", None)
+        header = csv_header(args.input) if Path(args.input).suffix.lower() == ".csv" else None
+        if names is not None and header is not None:  # columns are taken by position
+            check_columns(header, names)
         rows = as_model_rows(data, model.input_shape)
         kind = {"kind": args.kind} if args.action == "score" else {}
         result = getattr(model, args.action)(rows, batch_size=args.batch_size, **kind)

@@ -144,6 +144,17 @@ def read_csv(path: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
 
 
+def csv_header(path: str | Path) -> list[str] | None:
+    """The column names of a CSV's header row (``read_csv``'s rule: a first row with no
+    number in it), or None without one."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                cells = [c.strip() for c in line.strip().split(",")]
+                return None if any(_is_float(c) for c in cells) else cells
+    return None
+
+
 def _is_float(s: str) -> bool:
     try:
         float(s)

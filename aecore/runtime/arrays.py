@@ -204,7 +204,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
                 return x
         columns = getattr(x, "columns", None)
         if columns is not None and self.feature_names is not None:
-            _check_columns([str(c) for c in columns], self.feature_names)
+            check_columns([str(c) for c in columns], self.feature_names)
         return _check_array(x, self.input_shape, f"{self.name} expects inputs", "x")
 
     def _check_codes(self, z: Any) -> np.ndarray:
@@ -235,8 +235,9 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
     return x
 
 
-def _check_columns(got: list[str], want: list[str]) -> None:
-    """A DataFrame's columns against the ones the model was fitted on."""
+def check_columns(got: list[str], want: list[str]) -> None:
+    """A DataFrame's (or a CSV header's) columns against the ones the model was fitted
+    on."""
     if got == want:
         return
     if sorted(got) == sorted(want):

@@ -13,7 +13,7 @@ from model_settings import small_hparams
 
 import aecore
 from aecore.cli import main
-from aecore.errors import DataError, RegistryError
+from aecore.errors import DataError, RegistryError, TrainingInterrupted
 from aecore.runtime import OnnxAutoencoder
 from aecore.training import Trainer
 
@@ -46,15 +46,31 @@ def test_training_resumed_after_an_epoch_ends_where_one_run_ends(name, tmp_path)
     shape = _shape(name)
     x, val = _rows(48, shape, 0), _rows(16, shape, 1)
 
-    def run(epochs, **kw):
+    def run(epochs, stop_after_step=None, **kw):
         torch.manual_seed(0)
         model = aecore.create(name, input_shape=shape, latent_dim=3, **small_hparams(name))
         settings = {"batch_size": 16, "seed": 0, "device": "cpu", "progress": False}
-        history = Trainer(epochs=epochs, **settings, **kw).fit(model, x, val)
+        trainer = Trainer(epochs=epochs, **settings, **kw)
+        if stop_after_step:  # as a signal handler would, during that training step
+            hook = "loss" if model.uses_optimizer else "train_step"
+            step, steps = getattr(model, hook), []
+
+            def counted(*args, **kwargs):
+                if model.training and (torch.is_grad_enabled() or hook == "train_step"):
+                    steps.append(1)
+                    if len(steps) == stop_after_step:
+                        trainer.request_stop("test")
+                return step(*args, **kwargs)
+
+            setattr(model, hook, counted)
+        history = trainer.fit(model, x, val)
         return model, history
 
     whole, whole_history = run(3)
-    run(1, out_dir=tmp_path)
+    # stopped at the end of epoch 1 (3 steps of 16 rows), then resumed: the same budget,
+    # so a model whose steps follow the run's progress (an SAE's decay) resumes exactly
+    with pytest.raises(TrainingInterrupted):
+        run(3, stop_after_step=3, out_dir=tmp_path)
     resumed, history = run(3, out_dir=tmp_path, resume=True)
     assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
     assert history.metric("train_loss") == pytest.approx(whole_history.metric("train_loss"))

@@ -298,3 +298,11 @@ def test_a_text_file_named_npy_is_not_called_a_pickle(tmp_path):
 def test_a_source_with_nothing_after_its_colon_is_refused():
     with pytest.raises(DataError, match=r"'digits:': nothing after ':' \(forms: digits"):
         load_data("digits:")
+
+
+def test_a_csv_keeps_the_digits_of_a_feature_far_from_zero(tmp_path):
+    # read as float32, a timestamp (1.7e9 + seconds) kept steps of 128 before normalising
+    stamps = 1.7e9 + np.arange(6.0)
+    np.savetxt(tmp_path / "t.csv", np.column_stack([stamps, stamps * 0]), delimiter=",")
+    x = load_data(f"csv:{tmp_path / 't.csv'}").x
+    assert x.dtype == np.float64 and len(np.unique(x[:, 0])) == 6

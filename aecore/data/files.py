@@ -111,7 +111,8 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
 
 
 def read_csv(path: str) -> np.ndarray:
-    """A numeric CSV as float32 rows; a first row with no number in it is a header."""
+    """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised); a
+    first row with no number in it is a header."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
     width = None
@@ -141,7 +142,7 @@ def read_csv(path: str) -> np.ndarray:
             rows.append(values)
     if not rows:
         raise DataError(f"csv: {p} holds no data rows")
-    return np.asarray(rows, dtype=np.float32)
+    return np.asarray(rows, dtype=np.float64)
 
 
 def csv_header(path: str | Path) -> list[str] | None:

@@ -28,15 +28,15 @@ class TorchArrayModel(ArrayModel):
         self.detector = getattr(self.model, "detector", None)
         self.input_range = self.model.input_range
         self.default_score_kind = self.model.default_score_kind
+        self.score_kinds = list(self.model.score_kinds)
         self.feature_names = getattr(self.model, "feature_names", None)
 
     def _kind_scores(self, X, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         import torch
 
-        if kind not in self.model.score_kinds:
+        if kind not in self.score_kinds:
             raise ConfigError(
-                f"{self.name} scores by {', '.join(map(repr, self.model.score_kinds))}; "
-                f"got kind={kind!r}"
+                f"{self.name} scores by {', '.join(map(repr, self.score_kinds))}; got kind={kind!r}"
             )
         x = self._apply(self._check_inputs(X))
         if not len(x):

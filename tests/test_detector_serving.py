@@ -226,12 +226,17 @@ def test_served_scores_are_the_models_own_by_default(digits, tmp_path):
         assert served.default_score_kind == "free_energy"
         np.testing.assert_allclose(served.score(rows), energy, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(served.score(rows, kind="reconstruction"), error, rtol=1e-4)
-    # a graph without the score graph says what it lacks and what it can give
+    # a one-file export computes the reconstruction error only: its default says so, and
+    # asked for more it says what it lacks; a kind the model lacks is named as such
     export_onnx(model, tmp_path / "full.onnx")
+    alone = OnnxAutoencoder(tmp_path / "full.onnx")
+    assert alone.default_score_kind == "reconstruction"
+    np.testing.assert_allclose(alone.score(rows), error, rtol=1e-4)
     with pytest.raises(DataError, match="score graph.*kind='reconstruction'"):
-        OnnxAutoencoder(tmp_path / "full.onnx").score(rows)
-    with pytest.raises(ConfigError, match="got kind='elbo'"):
-        aecore.open_model(str(tmp_path / "m")).score(rows, kind="elbo")
+        alone.score(rows, kind="free_energy")
+    for served in (alone, aecore.open_model(str(tmp_path / "m"))):
+        with pytest.raises(ConfigError, match="scores by 'reconstruction', 'free_energy'; got"):
+            served.score(rows, kind="elbo")
     np.save(tmp_path / "rows.npy", rows)
     for kind, want in [([], energy), (["--kind", "reconstruction"], error)]:
         out = tmp_path / f"s{len(kind)}.npy"

@@ -58,6 +58,7 @@ from aecore.runtime.format import (
     INPUT_RANGE_KEY,
     PARTS,
     PASSES_KEY,
+    SCORE_KINDS_KEY,
     SCORE_PART,
     part_paths,
     score_path,
@@ -166,6 +167,11 @@ def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFA
         raw[SCORE_PART] = to_onnx(model, name, SCORE_PART, opset, score_kind)
         passes = str(getattr(model, "score_passes", {}).get(score_kind, 1))
         metadata = {**metadata, "aecore.score_kind": score_kind, PASSES_KEY: passes}
+    # what score() serves by default: the model's own kind where this export computes
+    # it, else the reconstruction error every export computes
+    default = getattr(model, "default_score_kind", "reconstruction")
+    served = default if SCORE_PART in parts and score_kind == default else "reconstruction"
+    metadata[DEFAULT_SCORE_KEY] = served
     out = {}
     norm = getattr(model, "normalization", None) or Normalization("none")
     for p, proto in raw.items():
@@ -220,7 +226,7 @@ def _metadata(model: nn.Module, name: str) -> dict[str, str]:
         "aecore.version": __version__,
         "aecore.torch_version": torch.__version__.split("+")[0],
         "aecore.export_id": digest.hexdigest()[:20],
-        DEFAULT_SCORE_KEY: getattr(model, "default_score_kind", "reconstruction"),
+        SCORE_KINDS_KEY: json.dumps(list(getattr(model, "score_kinds", ("reconstruction",)))),
         **detector_metadata(model),
         **input_range_metadata(model),
     }

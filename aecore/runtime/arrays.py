@@ -35,7 +35,11 @@ class ArrayModel(DetectorMethods, abc.ABC):
     #: detector methods clip rows to it, as the estimator clips new rows
     input_range: tuple[float, float] | None = None
     #: what ``score`` gives by default: the model's ``Autoencoder.default_score_kind``
+    #: where it can be computed (an ONNX export with its score graph), else the
+    #: reconstruction error
     default_score_kind: str = "reconstruction"
+    #: the kinds the model scores by (None: not recorded)
+    score_kinds: list[str] | None = None
     #: the columns the model was fitted on (a scikit-learn estimator's DataFrame), or None:
     #: rows given as a DataFrame must have them in that order
     feature_names: list[str] | None = None
@@ -136,11 +140,13 @@ class ArrayModel(DetectorMethods, abc.ABC):
         self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> np.ndarray:
         """Anomaly score per row, ``(N,)``, higher for a more anomalous row: the model's
-        ``Autoencoder.score(x, kind)`` on normalised inputs. ``kind`` None is the model's
-        default (``default_score_kind``); ``"reconstruction"``, the mean squared
-        reconstruction error in normalised units (float32), is served by every export.
-        Other kinds (float64) come from an export's score graph, which computes them on
-        rows clipped to the model's ``input_range``, as the detector's fit saw them."""
+        ``Autoencoder.score(x, kind)`` on normalised inputs. ``kind`` None is
+        ``default_score_kind``: the model's own default for a model folder and for an
+        export of all parts (which carries its score graph), the reconstruction error for
+        a one-file export. ``"reconstruction"``, the mean squared reconstruction error in
+        normalised units (float32), is served by every export. Other kinds (float64) come
+        from the export's score graph, which computes them on rows clipped to the model's
+        ``input_range``, as the detector's fit saw them."""
         kind = self.default_score_kind if kind is None else kind
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):

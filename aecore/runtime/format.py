@@ -21,6 +21,9 @@ INPUT_RANGE_KEY = "aecore.input_range"
 #: the kind ``score`` gives by default, as the model's ``Autoencoder.score`` does (absent:
 #: the reconstruction error, which exports before this key always gave)
 DEFAULT_SCORE_KEY = "aecore.default_score_kind"
+#: every kind the model scores by (``Autoencoder.score_kinds``); an export computes the
+#: reconstruction error and at most one other (its score graph's)
+SCORE_KINDS_KEY = "aecore.score_kinds"
 #: the columns (a DataFrame's) a scikit-learn estimator fitted the model on: served rows
 #: given as a DataFrame must have them, in that order
 FEATURE_NAMES_KEY = "aecore.feature_names"

@@ -23,6 +23,7 @@ from aecore.runtime.format import (
     INPUT_RANGE_KEY,
     PARTS,
     PASSES_KEY,
+    SCORE_KINDS_KEY,
     SCORE_PART,
     part_paths,
     score_path,
@@ -121,6 +122,10 @@ class OnnxAutoencoder(ArrayModel):
                 raise ModelFileError(f"{self.path}: malformed {INPUT_RANGE_KEY} {bounds!r}")
             self.input_range = (float(bounds[0]), float(bounds[1]))
         self.default_score_kind = meta.get(DEFAULT_SCORE_KEY, "reconstruction")
+        # the model's kinds (None for an export from before they were recorded)
+        self.score_kinds = (
+            _json_field(meta, SCORE_KINDS_KEY, self.path) if SCORE_KINDS_KEY in meta else None
+        )
         if FEATURE_NAMES_KEY in meta:
             names = _json_field(meta, FEATURE_NAMES_KEY, self.path)
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
@@ -157,6 +162,10 @@ class OnnxAutoencoder(ArrayModel):
             )
 
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        if self.score_kinds is not None and kind not in self.score_kinds:
+            raise ConfigError(
+                f"{self.name} scores by {', '.join(map(repr, self.score_kinds))}; got kind={kind!r}"
+            )
         graph = self._graph(SCORE_PART)
         full = part_paths(self.path)["full"]
         if graph is None:

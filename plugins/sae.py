@@ -179,6 +179,12 @@ class SparseDictionary(Autoencoder):
     def adopt_data_statistics(self, x: Tensor) -> None:
         adopt_input_statistics(self, x)
 
+    @property
+    def paced_by_run(self) -> bool:
+        """Whether the steps follow the run's progress (a learning-rate decay, a top-k
+        warm-up): then a resume must keep the run's epoch budget."""
+        return self.lr_decay > 0 or getattr(self.rule, "topk_warmup", 0) > 0
+
     def lr_factor(self, progress: float) -> float:
         """``lr_scale``, decaying linearly to 0 over the last ``lr_decay`` of the run."""
         if self.lr_decay == 0:

@@ -594,3 +594,14 @@ def test_a_paced_model_resumes_with_another_epoch_budget_only_when_allowed(tmp_p
         run(4, resume=True)
     history = run(4, resume=True, allow_changes=True)
     assert history.changes and "epochs" in json.dumps(history.changes)
+
+    # without a decay or a warm-up the steps do not follow the budget: free to extend
+    def unpaced(epochs, **kw):
+        torch.manual_seed(0)
+        model = aecore.create("sae-relu", input_shape=(6,), latent_dim=12, lr_decay=0.0)
+        trainer = Trainer(epochs=epochs, batch_size=16, progress=False, device="cpu",
+                          out_dir=tmp_path / "relu", **kw)  # fmt: skip
+        return trainer.fit(model, rows)
+
+    unpaced(2)
+    assert not unpaced(4, resume=True).changes

@@ -88,8 +88,9 @@ class Normalization:
             from aecore.errors import DataError
 
             raise DataError(
-                f"the data's values reach {max(abs(float(lo.min())), abs(float(hi.max()))):.3g}, "
-                f"beyond float32 (the models' precision, up to {big:.3g}) once normalised: "
+                f"the data's values reach {max(abs(float(lo.min())), abs(float(hi.max()))):.3g}: "
+                f"the normalisation's shift or scale is beyond float32 (up to {big:.3g}), "
+                f"the precision models and their outputs in data units are computed in; "
                 f"rescale the data"
             )
         return cls(kind, shift, scale)

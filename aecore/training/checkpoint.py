@@ -164,7 +164,9 @@ def read(
         )
     # a model whose steps follow the run's progress (a learning-rate decay, an SAE's
     # top-k warm-up) computes other steps under another epoch budget
-    paced = any(callable(getattr(model, hook, None)) for hook in ("lr_factor", "set_progress"))
+    paced = getattr(model, "paced_by_run", None)  # the model knows; else judged by its hooks
+    if paced is None:
+        paced = any(callable(getattr(model, h, None)) for h in ("lr_factor", "set_progress"))
     resumable = tuple(n for n in RESUMABLE_CHANGES if not (paced and n == "epochs"))
     saved_settings = meta.get("training") or meta.get("trainer") or {}
     changed = _changed_settings(saved_settings, config, resumable)

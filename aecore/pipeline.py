@@ -14,7 +14,13 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
-from aecore.data.units import OWN, data_units, per_feature_normalization, with_real_valued_units
+from aecore.data.units import (
+    OWN,
+    check_in_model_range,
+    data_units,
+    per_feature_normalization,
+    with_real_valued_units,
+)
 from aecore.errors import ConfigError
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
@@ -108,6 +114,9 @@ def train(
         prepared.normalization = per_feature_normalization(model.input_range, train_rows)
         prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)
     model.normalization = prepared.normalization
+    if model.input_range is not None:  # a bounded model is served rows clipped to it
+        lo, hi = _value_range(prepared.view("train"))
+        check_in_model_range(model.input_range, lo, hi, prepared.normalization.kind, name)
     config = config.for_model(model)  # the learning rate the run uses, recorded
     trainer = Trainer(
         config, out_dir=out, resume=resume, allow_changes=allow_changes, overwrite=overwrite,
@@ -116,7 +125,9 @@ def train(
     if trainer_hook is not None:
         trainer_hook(trainer)
     # the split's validation rows (with val_fraction=0 there are none, nor a hold-out)
-    val = prepared.view("val") if len(prepared.split.val) else None
+    # (held to the model's input range, as served rows are: a row beyond the training
+    # rows' min-max range would be refused by a model with Bernoulli units)
+    val = prepared.view("val", model.input_range) if len(prepared.split.val) else None
     # the folder is this run's from the first file written to the saved model
     lock = FolderLock(out, "train into") if out is not None and writes_files() else nullcontext()
     with lock:
@@ -131,6 +142,15 @@ def train(
         if out is not None and history.is_main:  # under torchrun, rank 0 writes
             save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)
+
+
+def _value_range(view: ArrayView, rows: int = 65536) -> tuple[float, float]:
+    """The smallest and largest normalised value of ``view``'s rows (read in chunks)."""
+    lo, hi = np.inf, -np.inf
+    for start in range(0, len(view), rows):
+        block = view[np.arange(start, min(start + rows, len(view)))]
+        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return lo, hi
 
 
 def _sample_rows(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -149,7 +169,7 @@ def evaluate(model, prepared: Prepared) -> dict[str, Any]:
     fit_rows = _sample_rows(prepared.split.train, MAX_FIT_ROWS, 0)
     fit = ArrayView(prepared.dataset.x, fit_rows, prepared.normalization).to_numpy()
     mean, comps = (t.numpy() for t in pca_basis(torch.from_numpy(fit), model.latent_dim))
-    test = prepared.view("test")
+    test = prepared.view("test", model.input_range)  # as served rows are held
     model_sq = pca_sq = 0.0
     count = 0
     for start in range(0, len(test), EVAL_BATCH):

@@ -42,13 +42,14 @@ from aecore.data.units import (
     INTENSITY,
     SHARED,
     UNIT,
+    check_in_model_range,
     data_units,
     per_feature_normalization,
     shared_scale_normalization,
     with_real_valued_units,
 )
 from aecore.detection import row_list
-from aecore.errors import DataError, RegistryError, ShapeError
+from aecore.errors import ConfigError, DataError, RegistryError, ShapeError
 from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
 from aecore.training import Trainer
 
@@ -249,7 +250,8 @@ class AutoencoderTransformer(
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
-            _check_in_model_range(net, x, normalize, self.model)
+            if x.size:
+                check_in_model_range(net.input_range, x.min(), x.max(), normalize, self.model)
             net.normalization = normalization
             if hasattr(self, "feature_names_in_"):  # saved and served with the model
                 net.feature_names = [str(n) for n in self.feature_names_in_]
@@ -272,6 +274,14 @@ class AutoencoderTransformer(
     def _model_hparams(self, model_cls: type) -> dict[str, Any]:
         """The keywords for the model: ``hparams`` checked by name, plus ``lr`` for a
         model that updates its own parameters with its own learning rate."""
+        if 1 not in model_cls.input_ranks:
+            raise ConfigError(
+                f"{type(self).__name__} takes tabular rows, (n_samples, n_features), and "
+                f"{self.model!r} takes images (C, H, W): use a vector model, or train this "
+                f"one with aecore.Trainer / aecore train"
+            )
+        if "input_shape" in self._hparams:
+            raise ConfigError("input_shape comes from X's columns, not from the keywords")
         check_hyperparameters(self.model, model_cls, self._hparams)
         allowed = hyperparameter_names(model_cls)
         hparams = dict(self._hparams)
@@ -375,23 +385,6 @@ class AutoencoderTransformer(
         fits with the same ``normalize``."""
         x, _ = self._normalized(X)
         return float(np.mean(self._scores(x, kind="reconstruction")))
-
-
-def _check_in_model_range(net, x: np.ndarray, normalize: str, name: Any) -> None:
-    """The training rows, normalised, must lie in the range the model takes: new rows are
-    clipped to it, so training on values beyond it would fit what ``transform`` and
-    ``predict`` never pass, and label training rows by scores they do not get."""
-    bounds = net.input_range
-    if bounds is None or not x.size:
-        return
-    lo, hi = float(x.min()), float(x.max())
-    if lo < bounds[0] or hi > bounds[1]:
-        raise DataError(
-            f"normalize={normalize!r} leaves the training rows in [{lo:.4g}, {hi:.4g}], "
-            f"but {name!r} with these settings takes inputs in [{bounds[0]:g}, "
-            f"{bounds[1]:g}]: normalize with 'minmax' (or 'auto', which follows the "
-            f"model), or choose the model's settings for real values"
-        )
 
 
 def _fit_normalization(net, normalize: str, units: str | None, X) -> Normalization:

@@ -339,3 +339,20 @@ def test_demo_checks_its_model_names_before_any_work(capsys, tmp_path):
         code, _, err = run(capsys, "demo", "--out", str(tmp_path / "d"), "--models", models)
         assert code != 0 and message in err
     assert not (tmp_path / "d").exists()
+
+
+def test_train_holds_rows_to_a_bounded_models_range(capsys, tmp_path):
+    # data in [0, 1] made a Bernoulli vae fail on validation rows just past the training
+    # rows' min-max range; standardised rows under a sigmoid trained to a negative BCE
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((200, 2, 5, 1)).astype("f4"))
+    args = ["train", "vae", "--data", f"npy:{tmp_path / 'x.npy'}", "--latent-dim", "2",
+            "--epochs", "2", "--set", 'backbone="conv"', "--out", str(tmp_path / "v")]  # fmt: skip
+    assert run(capsys, *args)[0] == 0
+    args = ["train", "conv", "--data", "digits:image", "--normalize", "standardize", "--set",
+            'output_activation="sigmoid"', "--epochs", "1", "--out", str(tmp_path / "c")]  # fmt: skip
+    code, _, err = run(capsys, *args)
+    assert (
+        code != 0 and "leaves the training rows in [-3.1" in err and "takes inputs in [0, 1]" in err
+    )

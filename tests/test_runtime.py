@@ -362,3 +362,13 @@ def test_a_served_model_answers_many_threads_at_once(saved, runtime):
             np.testing.assert_array_equal(recon, want_onnx[i])
             np.testing.assert_array_equal(score, want_scores[i])
             np.testing.assert_array_equal(z, want_torch[i])
+
+
+def test_channel_last_images_are_told_to_transpose_not_reshape():
+    # the hint once said reshape, which scrambles the pixels of (N, H, W, C) rows
+    from aecore.runtime.arrays import _check_array
+
+    with pytest.raises(ShapeError, match=r"channels come first: x.transpose\(0, 3, 1, 2\)"):
+        _check_array(np.zeros((2, 8, 8, 3), np.float32), (3, 8, 8), "conv expects inputs", "x")
+    with pytest.raises(ShapeError, match=r"reshape to \(N, 3, 8, 8\)"):
+        _check_array(np.zeros((2, 192), np.float32), (3, 8, 8), "conv expects inputs", "x")

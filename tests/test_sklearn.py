@@ -499,3 +499,14 @@ def test_score_compares_models_by_reconstruction_whatever_their_anomaly_score():
     error = model.score(x, kind="reconstruction").numpy()
     np.testing.assert_allclose(est.score(X), -error.mean(), rtol=1e-6)
     np.testing.assert_allclose(est.score_samples(X), -model.score(x).numpy(), rtol=1e-6)
+
+
+def test_image_models_and_an_input_shape_are_refused_with_the_estimators_reasons():
+    from aecore.errors import ConfigError
+
+    X = np.random.default_rng(0).random((20, 64))
+    with pytest.raises(ConfigError, match="takes tabular rows.*'conv' takes images"):
+        AutoencoderTransformer("conv", epochs=1).fit(X)
+    # it was an internal TypeError (the keyword given twice)
+    with pytest.raises(ConfigError, match="input_shape comes from X's columns"):
+        AutoencoderTransformer("ae", input_shape=(64,), epochs=1).fit(X)

@@ -25,8 +25,9 @@ class Prepared:
     normalization: Normalization
     record: dict[str, Any]
 
-    def view(self, part: str) -> ArrayView:
-        return ArrayView(self.dataset.x, getattr(self.split, part), self.normalization)
+    def view(self, part: str, clip: tuple[float, float] | None = None) -> ArrayView:
+        """The part's rows, normalised (and clipped to ``clip``, a model's input range)."""
+        return ArrayView(self.dataset.x, getattr(self.split, part), self.normalization, clip=clip)
 
     def labels(self, part: str) -> np.ndarray | None:
         if self.dataset.labels is None:

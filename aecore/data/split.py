@@ -82,11 +82,15 @@ class ArrayView:
         normalization: Normalization | None = None,
         *,
         raw: bool = False,
+        clip: tuple[float, float] | None = None,
     ) -> None:
         self.x = x
         self.indices = np.arange(len(x)) if indices is None else np.asarray(indices)
         self.normalization = normalization or Normalization("none")
         self.raw = raw  # rows as stored (dtype kept), e.g. to fit a normalisation
+        # normalised rows clipped to a model's input range, as served rows are: rows
+        # beyond the training rows' range are held to it
+        self.clip = clip
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -99,7 +103,7 @@ class ArrayView:
         rows = self.indices[item]
         if np.ndim(rows) == 0:
             row = np.asarray(self.x[int(rows)])
-            return row if self.raw else self.normalization.apply(row[None])[0]
+            return row if self.raw else self._normalized(row[None])[0]
         order = np.argsort(rows, kind="stable")  # read memory maps forward
         block = np.asarray(self.x[rows[order]])
         if self.raw:
@@ -107,8 +111,12 @@ class ArrayView:
             out[order] = block
             return out
         out = np.empty_like(block, dtype=np.float32)
-        out[order] = self.normalization.apply(block)
+        out[order] = self._normalized(block)
         return out
+
+    def _normalized(self, block: np.ndarray) -> np.ndarray:
+        out = self.normalization.apply(block)
+        return out if self.clip is None else np.clip(out, *self.clip)
 
     def to_numpy(self) -> np.ndarray:
         return self[np.arange(len(self))]

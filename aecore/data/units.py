@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from aecore.data.normalization import Normalization
+from aecore.errors import DataError
 
 UNIT, INTENSITY, SHARED, OWN = "unit", "intensity", "shared", "own"
 #: how far above the features' median range (the lower median) the largest may lie for
@@ -70,3 +71,19 @@ def shared_scale_normalization(input_range, train) -> Normalization:
     norm = Normalization.fit("standardize", train, per_feature=True)
     common = float(np.sqrt(np.mean(norm.scale**2)))
     return Normalization("standardize", norm.shift, np.full_like(norm.scale, common))
+
+
+def check_in_model_range(input_range, lo: float, hi: float, normalize: str, name: Any) -> None:
+    """The training rows, normalised (their range ``[lo, hi]``), must lie in the range
+    the model takes: new rows are clipped to it, so training on values beyond it would
+    fit what the model is never served (and a detector would label training rows by
+    scores they do not get)."""
+    if input_range is None:
+        return
+    if float(lo) < input_range[0] or float(hi) > input_range[1]:
+        raise DataError(
+            f"normalize={normalize!r} leaves the training rows in [{float(lo):.4g}, "
+            f"{float(hi):.4g}], but {name!r} with these settings takes inputs in "
+            f"[{input_range[0]:g}, {input_range[1]:g}]: normalize with 'minmax' (or 'auto', "
+            f"which follows the model), or choose the model's settings for real values"
+        )

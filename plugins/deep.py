@@ -269,7 +269,7 @@ class DeepAutoencoder(Autoencoder):
         """The Trainer's pretraining hook: train the RBM stack layer by layer on
         ``batches()`` (an iterator over training batches, reshuffled at every call) and
         unroll it into the net; ``log(message)`` reports the progress of each layer."""
-        if not self.use_pretraining:
+        if not self.use_pretraining or getattr(self, "rbms_given", False):
             return
         device = self.encoder[0].weight.device
         rbms = [rbm.to(device) for rbm in self.layer_rbms()]
@@ -343,7 +343,9 @@ class DeepAutoencoder(Autoencoder):
             **{"start": "pretrained", "visible": rbms[0].visible, **hparams},
         )
         model.unroll(rbms)
-        model.data_initialised = True  # given weights: fit trains on from them
+        # given weights: fit trains on from them, and never pretrains; a PCA start still
+        # takes its linear path from the data (init_from_data keeps the unrolled layers)
+        model.data_initialised, model.rbms_given = model.start != "pca", True
         return model
 
     # -- evaluation: Hinton's table ----------------------------------------------------

@@ -320,6 +320,8 @@ class RBM(Autoencoder):
         if momentum is None:
             warm = int(self.updates) < self.momentum_warmup
             momentum = self.initial_momentum if warm else self.momentum
+        else:  # as the constructor checks its momenta: 1 or more diverges
+            momentum = params.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         # the CD statistics, then velocity = momentum * velocity + lr * (gradient -
         # weight_decay * W); W += velocity, and the PCD chain advanced: one call, and
         # nothing changes if a statistic is not finite

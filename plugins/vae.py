@@ -45,12 +45,10 @@ from aecore_plugins.conv import ConvAutoencoder
 
 DECODERS = ("bernoulli", "gaussian")
 BACKBONES = ("mlp", "conv")
-#: posterior samples per input in an eval-mode (validation) loss
-_EVAL_SAMPLES = 16
+_EVAL_SAMPLES = 16  # posterior samples per input in an eval-mode (validation) loss
 #: test rows (at most) of the k = 1000 log-likelihood in ``aecore eval``
 EVAL_LL_ROWS = 2000
-#: inputs per batch in elbo / log_likelihood
-_ROW_BATCH = 512
+_ROW_BATCH = 512  # inputs per batch in elbo / log_likelihood
 
 
 class VariationalAutoencoder(Autoencoder):
@@ -287,8 +285,8 @@ class VariationalAutoencoder(Autoencoder):
         return {"elbo": n or 10, "log_likelihood": n or 100}
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        estimate = self.elbo if kind == "elbo" else self.log_likelihood
-        return -estimate(x, self.score_passes[kind], seed=0)
+        # the draws the export's score graph holds (traceable_score)
+        return -self._per_row_batch(x, kind, self.score_passes[kind], None, None, self.fixed_draws)
 
     def traceable_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "reconstruction":
@@ -315,14 +313,18 @@ class VariationalAutoencoder(Autoencoder):
         k = params.integer("k", k, low=1)
         return self._per_row_batch(x, "log_likelihood", k, generator, seed)
 
-    def _per_row_batch(self, x, kind: str, n: int, generator, seed) -> torch.Tensor:
-        """``kind``'s estimate from ``n`` draws per row, over batches of rows and chunks
-        of draws, in eval mode and x's dtype."""
+    def _per_row_batch(self, x, kind: str, n: int, generator, seed, fixed=None) -> torch.Tensor:
+        """``kind``'s estimate from ``n`` draws per row (``fixed``'s, or drawn from ``seed``
+        or ``generator``), over batches of rows and chunks of draws, in eval mode."""
         self.check_input(x)
         self._check_range(x)
-        fixed = self.fixed_draws  # the scores' draws (seed 0), or more drawn the same way
-        if seed is not None and (seed != 0 or n > len(fixed)):
-            fixed = fixed_normal_draws(n, self.latent_dim, seed).to(fixed)
+        if generator is not None and (
+            seed is not None or not isinstance(generator, torch.Generator)
+        ):
+            raise ConfigError(f"generator: a torch.Generator, without a seed; got {generator!r}")
+        if fixed is None and seed is not None:  # the same draws whatever score_draws is
+            seed = params.integer("seed", seed, low=0, high=2**63 - 1)
+            fixed = fixed_normal_draws(n, self.latent_dim, seed).to(self.fixed_draws)
         out = []
         with eval_mode(self):
             for i in range(0, len(x), _ROW_BATCH):
@@ -330,7 +332,7 @@ class VariationalAutoencoder(Autoencoder):
                 mean, logvar = self.posterior(xb)
                 x_flat = flatten(xb)
                 sizes = list(sample_chunks(n, x_flat.numel()))
-                if seed is None:
+                if fixed is None:
                     draws = (reparameterised_draws(mean, logvar, c, generator)[1] for c in sizes)
                 else:
                     draws = fixed[:n].to(mean.dtype).split(sizes)

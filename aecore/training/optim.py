@@ -36,6 +36,12 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
                 f"{type(model).__name__} constrains its weights around each optimizer "
                 f"step, which L-BFGS's line search cannot honour; use adam"
             )
+        if getattr(model, "warmup_steps", 0):  # the VAE's KL warm-up
+            raise ConfigError(
+                f"{type(model).__name__}'s warmup_steps counts loss calls, and L-BFGS calls "
+                f"the loss many times a step (its weight would change within one line "
+                f"search): use adam, or warmup_steps=0"
+            )
         return cls(params, lr=lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
     kwargs = {"lr": lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":

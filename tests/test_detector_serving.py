@@ -331,3 +331,32 @@ def test_the_cli_checks_a_csv_header_against_the_fitted_columns(tmp_path, capsys
         assert main([*args, "--input", str(tmp_path / "same.csv")]) == 0
         assert main([*args, "--input", str(tmp_path / "reversed.csv"), "--overwrite"]) == 1
         assert "another order than at fit" in capsys.readouterr().err
+
+
+def test_numeric_and_quoted_column_names_in_a_csv_header(tmp_path, capsys):
+    # a header of wavelengths was scored as a data row (9.66e3); a quoted name holding a
+    # comma was split in two
+    pd = pytest.importorskip("pandas")
+    from aecore.cli import main
+
+    rng = np.random.default_rng(0)
+    columns = ["400", "410", "income, annual", "430"]
+    X = pd.DataFrame(rng.normal(size=(80, 4)), columns=columns)
+    detector = aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(X)
+    served_copies(detector, tmp_path)
+    X[:5].to_csv(tmp_path / "five.csv", index=False)
+    for model in (tmp_path / "m", tmp_path / "m.onnx"):
+        out = tmp_path / f"{model.name}.npy"
+        assert main(["score", str(model), "--input", str(tmp_path / "five.csv"),
+                     "--output", str(out)]) == 0  # fmt: skip
+        np.testing.assert_allclose(np.load(out), detector.decision_function(X[:5]), rtol=1e-4)
+
+
+def test_a_served_score_refuses_rows_it_cannot_score(digits, tmp_path):
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", epochs=1, random_state=0).fit(X[y == 0])
+    bad = X[:2].copy()
+    bad[1, 3] = np.nan
+    for served in served_copies(detector, tmp_path):
+        with pytest.raises(DataError, match=r"NaN or infinite values \(rows 1\)"):
+            served.score(bad)

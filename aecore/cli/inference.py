@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.data.files import csv_header
+from aecore.data.dataset import as_dataset
+from aecore.data.files import csv_header, read_csv
 from aecore.data.sources import load_data
 from aecore.errors import ConfigError, DataError
 from aecore.io.atomic import atomic_write
@@ -99,13 +100,16 @@ def cmd_apply(args) -> int:
     if out_path.exists() and out_path.resolve() == Path(args.input).resolve():
         raise DataError(f"--output {out_path} is the --input file: write the results elsewhere")
     model = open_model(args.model)
-    data = read_rows(Path(args.input))
+    # the columns a model was fitted on: a CSV header naming them (numbers too, such as
+    # wavelengths) is a header, and one naming others is refused (columns go by position)
+    names = getattr(model, "feature_names", None) if args.action != "decode" else None
+    data = read_rows(Path(args.input), names)
     if args.action == "decode":
         result = model.decode(data, batch_size=args.batch_size)
     else:
-        names = getattr(model, "feature_names", None)
-        header = csv_header(args.input) if Path(args.input).suffix.lower() == ".csv" else None
-        if names is not None and header is not None:  # columns are taken by position
+        is_csv = Path(args.input).suffix.lower() == ".csv"
+        header = csv_header(args.input, names) if is_csv else None
+        if names is not None and header is not None:
             check_columns(header, names)
         rows = as_model_rows(data, model.input_shape)
         kind = {"kind": args.kind} if args.action == "score" else {}
@@ -141,11 +145,14 @@ def cmd_export(args) -> int:
 
 # -- models ----------------------------------------------------------------------------
 # -- files -----------------------------------------------------------------------------
-def read_rows(path: Path) -> np.ndarray:
-    """An .npy or .csv file of rows, checked for numeric, finite values."""
+def read_rows(path: Path, names: list[str] | None = None) -> np.ndarray:
+    """An .npy or .csv file of rows, checked for numeric, finite values (a CSV's first
+    row equal to ``names`` is its header)."""
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".csv"):
         raise DataError(f"--input {path}: expected a .npy or .csv file")
+    if suffix == ".csv" and names is not None:
+        return as_dataset(read_csv(str(path), names), source=f"csv:{path}").x
     return load_data(f"{suffix[1:]}:{path}").x
 
 

@@ -110,9 +110,10 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
     )
 
 
-def read_csv(path: str) -> np.ndarray:
+def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
     """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised); a
-    first row with no number in it is a header."""
+    first row with no number in it, or equal to ``names`` (a model's columns, which may
+    be numbers such as wavelengths), is a header."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
     width = None
@@ -123,6 +124,8 @@ def read_csv(path: str) -> np.ndarray:
             if not line:
                 continue
             cells = [c.strip() for c in line.split(",")]
+            if lineno == 1 and names is not None and _header_cells(line) == list(names):
+                continue
             try:
                 values = [float(c) for c in cells]
             except ValueError:
@@ -145,15 +148,23 @@ def read_csv(path: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def csv_header(path: str | Path) -> list[str] | None:
-    """The column names of a CSV's header row (``read_csv``'s rule: a first row with no
-    number in it), or None without one."""
+def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | None:
+    """The column names of a CSV's header row (``read_csv``'s rule), or None."""
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
-                cells = [c.strip() for c in line.strip().split(",")]
+                cells = _header_cells(line)
+                if cells == (list(names) if names is not None else None):
+                    return cells
                 return None if any(_is_float(c) for c in cells) else cells
     return None
+
+
+def _header_cells(line: str) -> list[str]:
+    """A header row's names, quoted ones (holding commas) included."""
+    import csv
+
+    return [c.strip() for c in next(csv.reader([line.strip()]))]
 
 
 def _is_float(s: str) -> bool:

@@ -18,8 +18,10 @@ from aecore.runtime.format import DEFAULT_BATCH_SIZE
 class ArrayModel(DetectorMethods, abc.ABC):
     """numpy front end shared by the ONNX runtime and the command line's PyTorch path:
     input checks, normalisation, batching, and PyOD's detector methods
-    (``decision_function`` is ``score``; ``predict``, ``predict_proba`` and
-    ``predict_confidence`` use the ``detector`` threshold saved with the model).
+    (``decision_function`` is the detector's kind of ``score`` on rows clipped to the
+    model's ``input_range``, as the estimator scores new rows; ``predict``,
+    ``predict_proba`` and ``predict_confidence`` use the ``detector`` threshold saved
+    with the model).
     Subclasses set ``name``, ``input_shape``, ``latent_dim``, ``normalization`` and
     ``detector``, and implement ``_forward``."""
 
@@ -151,9 +153,10 @@ class ArrayModel(DetectorMethods, abc.ABC):
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
             raise ConfigError(f"kind must be a score kind's name; got {kind!r}")
+        x = self._check_inputs(x)
+        _check_finite(x)  # a NaN score is above no threshold: refused, not returned
         if kind != "reconstruction":
             return self._kind_scores(x, kind, batch_size)
-        x = self._check_inputs(x)
         return self._errors(x, batch_size, clip=False)
 
     def _errors(self, x: np.ndarray, batch_size: int, *, clip: bool) -> np.ndarray:

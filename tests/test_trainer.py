@@ -605,3 +605,14 @@ def test_a_paced_model_resumes_with_another_epoch_budget_only_when_allowed(tmp_p
 
     unpaced(2)
     assert not unpaced(4, resume=True).changes
+
+
+def test_a_stop_asked_for_by_another_process_is_named_so():
+    # under torchrun, rank 0 said "training interrupted by None" when rank 1 had the signal
+    from aecore.training.batches import Batches
+    from aecore.training.loop import TrainingRun
+
+    trainer = Trainer(epochs=1, progress=False, device="cpu")
+    rows = Batches(X, 16, True, 0, "data")
+    run = TrainingRun(trainer, trainer.config, make(), rows, None, init_data=rows)
+    assert "interrupted by a stop request in another process" in run._interrupted_message()

@@ -400,7 +400,7 @@ class TrainingRun:
         return {"train": self.train.summary(), "val": self.val and self.val.summary()}
 
     def _interrupted_message(self) -> str:
-        reason = self.trainer.stop_requested
+        reason = self.trainer.stop_requested or "a stop request in another process"
         if self.out_dir is None:
             return f"training interrupted by {reason}; no out_dir, nothing saved"
         return (

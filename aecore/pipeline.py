@@ -4,6 +4,7 @@ with PCA on the test split, save)."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ def train(
         source, normalize="minmax" if normalize == "auto" else normalize, seed=config.seed,
         split=split, val_fraction=config.val_fraction,
     )  # fmt: skip
+    _warn_if_channels_last(source, prepared.dataset.shape)
     # features in units of their own (a table of measurements) are each rescaled, other
     # data keeps its geometry; models with Bernoulli units get Gaussian ones on
     # real-valued data (neither in [0, 1] nor intensities such as pixel counts)
@@ -142,6 +144,20 @@ def train(
         if out is not None and history.is_main:  # under torchrun, rank 0 writes
             save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)
+
+
+def _warn_if_channels_last(source: str, shape: tuple[int, ...]) -> None:
+    """Images stored (H, W, C), as image libraries write them, would train as H channels
+    of W x C images without a word."""
+    if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] > 4 and shape[1] > 4:
+        h, w, c = shape
+        warnings.warn(
+            f"{source}: rows of shape {shape} look like images with their channels last; "
+            f"models take (C, H, W): store them as (N, {c}, {h}, {w}) "
+            f"(x.transpose(0, 3, 1, 2)) if so",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _value_range(view: ArrayView, rows: int = 65536) -> tuple[float, float]:

@@ -356,3 +356,15 @@ def test_train_holds_rows_to_a_bounded_models_range(capsys, tmp_path):
     assert (
         code != 0 and "leaves the training rows in [-3.1" in err and "takes inputs in [0, 1]" in err
     )
+
+
+def test_channel_last_images_are_named_when_training(capsys, tmp_path):
+    # (N, H, W, C) trained silently as H channels of W x C images
+    import numpy as np
+
+    rows = np.random.default_rng(0).random((64, 8, 8, 3)).astype("f4")
+    np.save(tmp_path / "hwc.npy", rows)
+    args = ["train", "conv", "--data", f"npy:{tmp_path / 'hwc.npy'}", "--latent-dim", "2",
+            "--epochs", "1", "--out", str(tmp_path / "m")]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"channels last.*\(N, 3, 8, 8\)"):
+        assert run(capsys, *args)[0] == 0

@@ -450,6 +450,7 @@ def test_an_iterable_dataset_gets_a_clear_error():
             fit(data)
 
 
+@pytest.mark.filterwarnings("ignore:optimizer='lbfgs' is a full-batch method")
 def test_torchrun_refuses_a_last_batch_smaller_than_the_world_and_lbfgs(monkeypatch):
     from aecore.training import distributed
 
@@ -616,3 +617,12 @@ def test_a_stop_asked_for_by_another_process_is_named_so():
     rows = Batches(X, 16, True, 0, "data")
     run = TrainingRun(trainer, trainer.config, make(), rows, None, init_data=rows)
     assert "interrupted by a stop request in another process" in run._interrupted_message()
+
+
+def test_lbfgs_on_mini_batches_is_named():
+    with pytest.warns(
+        UserWarning, match=r"full-batch method, and batch_size=16 splits the training rows"
+    ):
+        Trainer(epochs=1, batch_size=16, optimizer="lbfgs", progress=False, device="cpu").fit(
+            make(), X
+        )

@@ -116,6 +116,14 @@ class Trainer:
             train, val = split if split is not None else (train, None)
         if val is None:
             _warn_settings_needing_validation(c, loader=train.loader is not None)
+        if c.optimizer == "lbfgs" and len(train) > 1:  # its curvature pairs mix batches
+            warnings.warn(
+                f"optimizer='lbfgs' is a full-batch method, and batch_size={c.batch_size} "
+                f"splits the training rows into {len(train)} batches: pass a batch_size of "
+                f"at least the training rows' count",
+                UserWarning,
+                stacklevel=2,
+            )
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
         run = TrainingRun(self, c, model, train, val, init_data=given)

@@ -218,6 +218,12 @@ class Pooled(nn.Module):
 
     def forward(self, ids):
         return self.head(self.embed(ids).mean(1))
+
+
+def shared():  # one layer applied twice (ALBERT's kind of sharing)
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    return nn.Sequential(layer, layer)
 """
 
 
@@ -553,3 +559,47 @@ def test_a_file_given_for_the_cache_is_named_as_a_file(tmp_path):
         read_manifest(tmp_path / "in.npy")
     with pytest.raises(DataError, match="no such folder"):
         read_manifest(tmp_path / "missing")
+
+
+def test_a_module_that_runs_twice_is_refused_even_when_hooked_alone(importable, tmp_path):
+    # the pass stopped at the hook's first call: the cache held the first application of
+    # a shared layer as if it were the module's output
+    _, data = importable
+    with pytest.raises(ConfigError, match="module '0' ran twice in one forward pass"):
+        extract_activations("tiny_mlp:shared", data, ["0"], tmp_path / "c", dtype="float32")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_a_first_batch_refused_leaves_no_cache_behind(lm_dir, tokens, tmp_path):
+    # the refusal left an unfinished cache, and the advice (another dtype) was then
+    # refused as "other settings"
+    ids = tokens[0].copy()
+    ids[0, 0] = 1000  # outside the vocabulary
+    np.save(tmp_path / "bad.npy", ids)
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        _extract(lm_dir, f"npy:{tmp_path / 'bad.npy'}", tmp_path / "c")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_a_resume_sees_input_rows_changed_anywhere(lm_dir, tmp_path):
+    # only the first and last 16 rows were fingerprinted: a file rewritten in between
+    # resumed into a cache mixing two data sets
+    ids = np.random.default_rng(2).integers(0, 100, (40, SEQ))
+    np.save(tmp_path / "t.npy", ids)
+    _extract(lm_dir, f"npy:{tmp_path / 't.npy'}", tmp_path / "c", max_rows=40)
+    ids[20] = (ids[20] + 1) % 100  # row 20 alone
+    np.save(tmp_path / "t.npy", ids)
+    with pytest.raises(ConfigError, match=r"other settings \(input_fingerprint"):
+        _extract(lm_dir, f"npy:{tmp_path / 't.npy'}", tmp_path / "c", max_rows=40)
+
+
+def test_ce_loss_recovered_on_a_whole_model_output_and_bad_tokens(tokens):
+    # a hook whose output is a transformers ModelOutput failed inside ('.float()'), bad
+    # ids with an IndexError, no rows with a ZeroDivisionError
+    model, ids = _tiny_lm(), tokens[0]
+    same = ce_loss_recovered(model, "transformer", lambda a: a, ids)
+    assert same["ce_loss_recovered"] == 1.0
+    with pytest.raises(DataError, match=r"the model's vocabulary is 0..99"):
+        ce_loss_recovered(model, "transformer.h.0", lambda a: a, ids + 100)
+    with pytest.raises(DataError, match=r"N >= 1"):
+        ce_loss_recovered(model, "transformer.h.0", lambda a: a, ids[:0])

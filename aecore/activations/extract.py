@@ -115,17 +115,23 @@ def extract_activations(
                 for first in range(start, len(inputs), batch_size):
                     if all(n is not None and n <= 0 for n in left.values()):
                         break
-                    batch = _batch(inputs, first, batch_size, net, target)
+                    batch = None
                     try:
-                        captured = capture(net, modules, batch)
-                    except AecoreError:
-                        raise
-                    except Exception as exc:  # the model refused these inputs
+                        batch = _batch(inputs, first, batch_size, net, target)
+                        # the first batch runs the whole forward pass: a hooked module
+                        # that runs twice (a shared layer) is refused, not cut short
+                        captured = capture(net, modules, batch, stop_early=first != start)
+                        rows_of = {
+                            h: _rows(a, h, len(batch), dtype, entries[h])
+                            for h, a in captured.items()
+                        }
+                    except Exception as exc:  # the model or its outputs refused
                         if first == start == 0:  # nothing written: leave no cache behind
                             _remove_cache(Path(out), manifest)
+                        if isinstance(exc, AecoreError) or batch is None:
+                            raise
                         raise _forward_error(exc, model_label, batch, first) from None
-                    for hook, acts in captured.items():
-                        rows = _rows(acts, hook, len(batch), dtype, entries[hook])
+                    for hook, rows in rows_of.items():
                         dropped = min(skip[hook], len(rows))  # already in a completed shard
                         rows, skip[hook] = rows[dropped:], skip[hook] - dropped
                         if left[hook] is not None:
@@ -145,7 +151,13 @@ def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]
     one on disk for a resumable one; refuses folders that are not caches and caches with
     other settings."""
     if (root / MANIFEST).exists():
-        old = read_manifest(root)
+        try:
+            old = read_manifest(root)
+        except DataError as exc:  # which folders are the cache's is unknown: keep them
+            raise DataError(
+                f"{exc}; an unreadable cache is neither resumed nor replaced: delete {root} "
+                f"(or its {MANIFEST} and hook folders) to start again"
+            ) from None
         if overwrite:
             _remove_cache(root, old)
             return fresh
@@ -188,11 +200,14 @@ def _remove_cache(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def _input_fingerprint(inputs) -> str:
-    """A sha256 of the shape, dtype and first and last rows: a changed input file is
-    not mistaken for the one a cache was started on."""
+    """A sha256 of the shape, dtype and every row (read in chunks; cheap next to the
+    forward passes): a changed input file is not mistaken for the one a cache was
+    started on, wherever it changed."""
     digest = hashlib.sha256(f"{tuple(inputs.shape)}:{inputs.dtype};".encode())
-    for part in (inputs[:16], inputs[-16:]):
-        digest.update(np.ascontiguousarray(np.asarray(part)).tobytes())
+    row_bytes = max(1, int(np.prod(inputs.shape[1:], dtype=np.int64)) * inputs.dtype.itemsize)
+    rows = max(1, (64 << 20) // row_bytes)
+    for start in range(0, len(inputs), rows):
+        digest.update(np.ascontiguousarray(np.asarray(inputs[start : start + rows])).tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -218,9 +233,9 @@ class _AllCaptured(Exception):
     """Raised by the last hook to fire: the rest of the forward pass is not needed."""
 
 
-def capture(net: nn.Module, modules: dict[str, nn.Module], batch: torch.Tensor):
-    """``name -> output tensor`` of each module in ``modules`` for ``net(batch)``; the
-    forward pass stops once every module has produced its output."""
+def capture(net: nn.Module, modules: dict[str, nn.Module], batch: torch.Tensor, stop_early=True):
+    """``name -> output tensor`` of each module in ``modules`` for ``net(batch)``; with
+    ``stop_early`` the forward pass stops once every module has produced its output."""
     got: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -230,7 +245,7 @@ def capture(net: nn.Module, modules: dict[str, nn.Module], batch: torch.Tensor):
                     f"module {name!r} ran twice in one forward pass; hook a module that runs once"
                 )
             got[name] = first_tensor(output, name).detach()
-            if len(got) == len(modules):
+            if stop_early and len(got) == len(modules):
                 raise _AllCaptured
 
         return hook

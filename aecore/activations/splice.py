@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecore.activations.models import find_modules
+from aecore.activations.models import find_modules, first_tensor
 from aecore.errors import ConfigError, DataError
 from aecore.params import integer
 
@@ -40,10 +40,19 @@ def ce_loss_recovered(
     module = find_modules(model, [hook])[hook]
     batch_size = integer("batch_size", batch_size, low=1)
     ids = torch.as_tensor(np.asarray(tokens))
-    if ids.ndim != 2 or ids.shape[1] < 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+    if (
+        ids.ndim != 2 or ids.shape[1] < 2 or not len(ids)
+        or ids.dtype.is_floating_point or ids.dtype == torch.bool
+    ):  # fmt: skip
         raise DataError(
-            f"tokens: expected integer token ids of shape (N, seq_len >= 2); got "
+            f"tokens: expected integer token ids of shape (N >= 1, seq_len >= 2); got "
             f"{ids.dtype} {tuple(ids.shape)}"
+        )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if int(ids.min()) < 0 or (isinstance(vocab, int) and int(ids.max()) >= vocab):
+        raise DataError(
+            f"tokens: ids in [{int(ids.min())}, {int(ids.max())}]; the model's vocabulary is "
+            f"0..{vocab - 1 if isinstance(vocab, int) else 'inf'}"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     replace: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None]
@@ -51,15 +60,14 @@ def ce_loss_recovered(
     def splice(mod, args, output):
         if replace[0] is None:
             return None
-        acts = output[0] if isinstance(output, tuple) else output
+        acts = first_tensor(output, hook)
         new = replace[0](acts.float())
         if not isinstance(new, torch.Tensor) or new.shape != acts.shape:
             raise ConfigError(
                 f"reconstruct must return a tensor of the activations' shape "
                 f"{tuple(acts.shape)}; got {getattr(new, 'shape', type(new).__name__)}"
             )
-        new = new.to(acts.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return _with_first(output, new.to(acts.dtype))
 
     variants = {
         "ce_clean": None,
@@ -94,6 +102,17 @@ def ce_loss_recovered(
         (result["ce_zero"] - result["ce_spliced"]) / gap if gap != 0 else float("nan")
     )
     return result
+
+
+def _with_first(output: Any, new: torch.Tensor) -> Any:
+    """``output`` (a tensor, a tuple or list, a transformers ``ModelOutput``) with its
+    activation tensor (``first_tensor``'s) replaced by ``new``."""
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, (tuple, list)):
+        return type(output)([new, *output[1:]])
+    output[next(iter(output.keys()))] = new  # a ModelOutput: its first field
+    return output
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -603,3 +603,19 @@ def test_ce_loss_recovered_on_a_whole_model_output_and_bad_tokens(tokens):
         ce_loss_recovered(model, "transformer.h.0", lambda a: a, ids + 100)
     with pytest.raises(DataError, match=r"N >= 1"):
         ce_loss_recovered(model, "transformer.h.0", lambda a: a, ids[:0])
+
+
+def test_a_cache_from_before_every_row_was_fingerprinted_is_still_its_own(lm_dir, tmp_path):
+    # its edge-rows fingerprint read as "other settings": the finished cache could only
+    # be thrown away (--overwrite)
+    import json
+
+    from aecore.activations.extract import _edge_fingerprint
+
+    ids = np.random.default_rng(3).integers(0, 100, (40, SEQ))
+    np.save(tmp_path / "t.npy", ids)
+    _extract(lm_dir, f"npy:{tmp_path / 't.npy'}", tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["input_fingerprint"] = _edge_fingerprint(ids)
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    assert _extract(lm_dir, f"npy:{tmp_path / 't.npy'}", tmp_path / "c")["complete"]

@@ -626,3 +626,19 @@ def test_lbfgs_on_mini_batches_is_named():
         Trainer(epochs=1, batch_size=16, optimizer="lbfgs", progress=False, device="cpu").fit(
             make(), X
         )
+
+
+def test_a_diverged_model_is_not_blamed_on_the_validation_data():
+    # weights that overflowed on the epoch's last step were reported as NaN in val_data
+    rows = np.random.default_rng(0).random((40, 4)).astype(np.float32)
+    torch.manual_seed(0)
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    with pytest.raises(TrainingError, match="the weights diverged"):
+        Trainer(epochs=3, batch_size=32, lr=1e20, optimizer="sgd", progress=False,
+                device="cpu").fit(model, rows[:32], rows[32:])  # fmt: skip
+
+
+def test_lbfgs_on_a_loaders_batches_names_the_loaders_batch_size():
+    loader = DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=8)
+    with pytest.warns(UserWarning, match=r"the DataLoader \(batch_size=8\) yields 12 batches"):
+        Trainer(epochs=1, optimizer="lbfgs", progress=False, device="cpu").fit(make(), loader)

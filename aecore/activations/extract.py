@@ -93,7 +93,7 @@ def extract_activations(
     )
     # the folder is this run's until it ends: a second writer fails at once
     with FolderLock(out, "write activations into"):
-        manifest = _start(Path(out), fresh, overwrite)
+        manifest = _start(Path(out), fresh, overwrite, lambda: _edge_fingerprint(inputs))
         if manifest.get("complete"):
             say(f"{out} is complete already: nothing to do")
             return manifest
@@ -146,7 +146,7 @@ def extract_activations(
         return writer.finish()
 
 
-def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+def _start(root: Path, fresh: dict[str, Any], overwrite: bool, legacy=None) -> dict[str, Any]:
     """The manifest to continue from: ``fresh`` for a new (or overwritten) cache, the
     one on disk for a resumable one; refuses folders that are not caches and caches with
     other settings."""
@@ -161,6 +161,9 @@ def _start(root: Path, fresh: dict[str, Any], overwrite: bool) -> dict[str, Any]
         if overwrite:
             _remove_cache(root, old)
             return fresh
+        scheme = str(old.get("input_fingerprint", "")).startswith(ALL_ROWS)
+        if not scheme and legacy is not None:  # a cache from before every row was hashed
+            fresh = {**fresh, "input_fingerprint": legacy()}
         changed = differences(old, fresh)
         if changed:
             raise ConfigError(
@@ -208,6 +211,19 @@ def _input_fingerprint(inputs) -> str:
     rows = max(1, (64 << 20) // row_bytes)
     for start in range(0, len(inputs), rows):
         digest.update(np.ascontiguousarray(np.asarray(inputs[start : start + rows])).tobytes())
+    return ALL_ROWS + digest.hexdigest()[:32]
+
+
+#: the prefix of an every-row fingerprint; caches started before it hold an edge one
+ALL_ROWS = "all:"
+
+
+def _edge_fingerprint(inputs) -> str:
+    """The fingerprint of caches started before every row was hashed: the shape, dtype
+    and first and last 16 rows (what such a cache is compared by)."""
+    digest = hashlib.sha256(f"{tuple(inputs.shape)}:{inputs.dtype};".encode())
+    for part in (inputs[:16], inputs[-16:]):
+        digest.update(np.ascontiguousarray(np.asarray(part)).tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from aecore.errors import DataError, TrainingError
+
 #: rows per chunk in the paired comparison, and the standard errors by which trained
 #: weights must beat a known start
 CHUNK_ROWS = 8
@@ -58,6 +60,22 @@ def _merged(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         size += x.numel()
     if run:
         yield run[0] if len(run) == 1 else torch.cat(run)
+
+
+def check_validation_loss(loss: float, val, step: int) -> None:
+    """A validation loss that is not finite: the validation rows' fault where they hold
+    NaN or infinities, else the weights' (they diverged)."""
+    if math.isfinite(loss):
+        return
+    if any(not bool(torch.isfinite(x).all()) for x in val.epoch(0)):
+        raise DataError(
+            f"the validation loss is {loss}: the validation data (val_data, or the rows "
+            f"held out from data) holds NaN or infinite values; clean them"
+        )
+    raise TrainingError(
+        f"the validation loss is {loss} after {step} training steps: the weights diverged "
+        f"(or overflow on these rows); lower the learning rate or set grad_clip"
+    )
 
 
 def input_dtype(model) -> torch.dtype:

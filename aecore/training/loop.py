@@ -4,7 +4,6 @@ the run state, and the loop over epochs and steps."""
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import time
 import uuid
@@ -17,6 +16,7 @@ from aecore.training import checkpoint
 from aecore.training.batches import Batches
 from aecore.training.distributed import DistContext, check_distributed, distributed_loss
 from aecore.training.evaluation import (
+    check_validation_loss,
     chunk_losses,
     clearly_lower,
     input_dtype,
@@ -303,12 +303,8 @@ class TrainingRun:
         on_val = batches is None
         losses = mean_losses(self.model, self.val.epoch(0) if on_val else batches,
                              self.config.seed, self.device)  # fmt: skip
-        if on_val and not math.isfinite(losses["loss"]):  # it would choose no epoch
-            raise DataError(
-                f"the validation loss is {losses['loss']}: the validation data (val_data, "
-                f"or the rows held out from data) holds NaN or infinite values, or values "
-                f"the model overflows on; clean them"
-            )
+        if on_val:  # a loss that is not finite would choose no epoch
+            check_validation_loss(losses["loss"], self.val, self.state.step)
         return losses
 
     # -- checks and hooks ----------------------------------------------------------------

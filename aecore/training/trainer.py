@@ -117,10 +117,14 @@ class Trainer:
         if val is None:
             _warn_settings_needing_validation(c, loader=train.loader is not None)
         if c.optimizer == "lbfgs" and len(train) > 1:  # its curvature pairs mix batches
+            what = (
+                f"the DataLoader (batch_size={train.loader.batch_size}) yields"
+                if train.loader is not None
+                else f"batch_size={c.batch_size} splits the training rows into"
+            )
             warnings.warn(
-                f"optimizer='lbfgs' is a full-batch method, and batch_size={c.batch_size} "
-                f"splits the training rows into {len(train)} batches: pass a batch_size of "
-                f"at least the training rows' count",
+                f"optimizer='lbfgs' is a full-batch method, and {what} {len(train)} batches: "
+                f"use one batch of every training row",
                 UserWarning,
                 stacklevel=2,
             )

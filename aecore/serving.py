@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.errors import ConfigError, ModelFileError
+from aecore.errors import ModelFileError
 from aecore.runtime import DEFAULT_BATCH_SIZE, ArrayModel, OnnxAutoencoder
 
 
@@ -34,10 +34,6 @@ class TorchArrayModel(ArrayModel):
     def _kind_scores(self, X, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         import torch
 
-        if kind not in self.score_kinds:
-            raise ConfigError(
-                f"{self.name} scores by {', '.join(map(repr, self.score_kinds))}; got kind={kind!r}"
-            )
         x = self._apply(self._check_inputs(X))
         if not len(x):
             return np.empty((0,), np.float64)

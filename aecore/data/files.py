@@ -118,21 +118,20 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
     rows: list[list[float]] = []
     width = None
     # utf-8-sig: a byte-order mark would otherwise make the first row look like a header
+    first = True
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            cells = [c.strip() for c in line.split(",")]
-            if lineno == 1 and names is not None and _header_cells(line) == list(names):
+            if first and _is_header(line, names):
+                first = False
                 continue
+            first = False
+            cells = [c.strip() for c in line.split(",")]
             try:
                 values = [float(c) for c in cells]
             except ValueError:
-                # a header names its columns: no cell of it is a number (a first data
-                # row with one missing cell is not a header, and is refused below)
-                if lineno == 1 and not rows and not any(_is_float(c) for c in cells):
-                    continue
                 bad = next(c for c in cells if not _is_float(c))
                 raise DataError(
                     f"csv: {p} line {lineno}: non-numeric value {bad!r}; every cell after the "
@@ -153,11 +152,16 @@ def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | 
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
-                cells = _header_cells(line)
-                if cells == (list(names) if names is not None else None):
-                    return cells
-                return None if any(_is_float(c) for c in cells) else cells
+                return _header_cells(line) if _is_header(line, names) else None
     return None
+
+
+def _is_header(line: str, names: list[str] | None) -> bool:
+    """Whether a CSV's first row is its header: it names the columns ``names`` (a
+    model's, which may be numbers), or no cell of it is a number (a first data row with
+    one missing cell is not a header, and is refused as such)."""
+    cells = _header_cells(line)
+    return (names is not None and cells == list(names)) or not any(_is_float(c) for c in cells)
 
 
 def _header_cells(line: str) -> list[str]:

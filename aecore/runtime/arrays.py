@@ -153,6 +153,10 @@ class ArrayModel(DetectorMethods, abc.ABC):
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
             raise ConfigError(f"kind must be a score kind's name; got {kind!r}")
+        if self.score_kinds is not None and kind not in self.score_kinds:
+            raise ConfigError(
+                f"{self.name} scores by {', '.join(map(repr, self.score_kinds))}; got kind={kind!r}"
+            )
         x = self._check_inputs(x)
         _check_finite(x)  # a NaN score is above no threshold: refused, not returned
         if kind != "reconstruction":

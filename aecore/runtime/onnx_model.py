@@ -162,10 +162,6 @@ class OnnxAutoencoder(ArrayModel):
             )
 
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        if self.score_kinds is not None and kind not in self.score_kinds:
-            raise ConfigError(
-                f"{self.name} scores by {', '.join(map(repr, self.score_kinds))}; got kind={kind!r}"
-            )
         graph = self._graph(SCORE_PART)
         full = part_paths(self.path)["full"]
         if graph is None:

@@ -202,6 +202,21 @@ def test_topk_wide_rows_ties_and_nans(k, dtype):
     assert kept[0, :k].tolist() == [1.0] * k and torch.count_nonzero(kept[0, k:]) == 0
 
 
+@needs_ext
+@pytest.mark.parametrize("D", [257, 1031, 4096])
+@pytest.mark.parametrize("k", [3, 17, 33, 70])
+def test_topk_filtered_rows_of_any_width(D, k):
+    """The filtered path's vector blocks: group counts and row widths that are not whole
+    vectors, and more groups than one pass holds in registers."""
+    if D < 16 * k:
+        pytest.skip("row too narrow for the filtered path")
+    g = torch.Generator().manual_seed(D + k)
+    z = torch.randn(9, D, generator=g)
+    z[1, -1] = 50.0  # the largest entry in the row's partial last step
+    z[2, :8] = 40.0 + torch.arange(8.0)  # the largest entries in the first groups
+    torch.testing.assert_close(ops.topk_sparsify(z, k), stable_topk_oracle(z, k), rtol=0, atol=0)
+
+
 def test_topk_gradcheck_float64():
     z = distinct_values(5, 9, torch.float64, 1, False).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: ops.topk_sparsify(x, 3), (z,))

@@ -13,6 +13,7 @@
 #include "cpu/rbm_cpu.h"
 #include "cpu/sae_cpu.h"
 #include "cpu/sparsity_cpu.h"
+#include "cpu/topk_cpu.h"
 #include "cpu/update_cpu.h"
 #include "ops_impl.h"
 #include "sae_impl.h"

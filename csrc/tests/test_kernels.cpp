@@ -12,6 +12,7 @@
 #include "common/philox.h"
 #include "cpu/rbm_cpu.h"
 #include "cpu/sparsity_cpu.h"
+#include "cpu/topk_cpu.h"
 
 static int failures = 0;
 #define CHECK(cond, ...)                                     \
@@ -296,7 +297,8 @@ static void test_topk() {
 }
 
 // Wide rows take the filtered path: it must agree with the heap on every row (widths
-// that are and are not a multiple of the vector width, float and double).
+// that are and are not a multiple of the vector width, group counts that are and are not,
+// float and double), on the fastest path this CPU has and on the portable one.
 template <typename T>
 static void test_topk_filter_vs_heap() {
   std::mt19937 gen(9);
@@ -304,21 +306,24 @@ static void test_topk_filter_vs_heap() {
   for (int64_t cols : {1024, 1031})
     for (int64_t k : {1, 2, 5, 16, 40}) {
       std::vector<T> z(cols);
-      std::vector<int64_t> a(k), b(k);
+      std::vector<int64_t> a(k), b(k), c(k);
       for (int rep = 0; rep < 20; ++rep) {
         for (auto& e : z)
           e = rep % 4 == 3 ? static_cast<T>(static_cast<int>(nd(gen) * 2)) : static_cast<T>(nd(gen));
         const bool nan = rep % 5 == 4;  // anywhere in the row: the filter must decline
         if (nan) z[(rep * 37 + k) % cols] = std::numeric_limits<T>::quiet_NaN();
-        cpu::detail::TopkScratch<T> s;
-        const int64_t G = (rep % 2 + 1) * 2 * k;  // 2k (what topk_forward uses) and 4k
-        s.gmax.resize((G + 15) / 16 * 16);
-        s.cand_val.resize(8 * k + cpu::detail::kCandSlack);
-        s.cand_idx.resize(8 * k + cpu::detail::kCandSlack);
+        // 2k, 2k in whole vectors (what topk_forward uses) and 4k groups
+        const int64_t G = rep % 3 == 0 ? 2 * k : rep % 3 == 1 ? (2 * k + 15) / 16 * 16 : 4 * k;
+        cpu::detail::TopkScratch<T> s(k, G);
         const bool used = cpu::detail::topk_row_filter(z.data(), cols, k, G, s, a.data());
+        const bool used_generic =
+            cpu::detail::topk_row_filter_generic(z.data(), cols, k, G, s, c.data());
         cpu::detail::topk_row_heap(z.data(), cols, k, b.data());
         if (used) CHECK(a == b, "k=%ld rep=%d: filter and heap disagree", (long)k, rep);
-        CHECK(!(used && nan), "k=%ld rep=%d: filter took a row with a NaN", (long)k, rep);
+        if (used_generic)
+          CHECK(c == b, "k=%ld rep=%d: portable filter and heap disagree", (long)k, rep);
+        CHECK(!(used && nan) && !(used_generic && nan), "k=%ld rep=%d: filter took a NaN row",
+              (long)k, rep);
         CHECK(used || nan || rep % 4 == 3, "k=%ld rep=%d: filter declined distinct values",
               (long)k, rep);
       }

@@ -15,6 +15,7 @@
 
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/unit_pass.h"
@@ -268,6 +269,8 @@ at::Tensor kl_sparsity_backward_impl(const at::Tensor& grad_loss_in,
   std::optional<at::Tensor> grad_mean;
   if (grad_mean_in.has_value()) {
     check_same(mean_in, *grad_mean_in, "grad_mean");
+    TORCH_CHECK(grad_mean_in->dim() == 1 && grad_mean_in->size(0) == mean_in.size(0),
+                "aecore: grad_mean must be (", mean_in.size(0), "), got ", grad_mean_in->sizes());
     grad_mean = grad_mean_in->contiguous();
   }
   TORCH_CHECK(rows >= 1, "aecore: rows must be >= 1, got ", rows);
@@ -279,6 +282,21 @@ at::Tensor kl_sparsity_backward_impl(const at::Tensor& grad_loss_in,
                                       grad.data_ptr<scalar_t>());
   });
   return grad;
+}
+
+// Column indices from a caller of the raw backward op (the forward's are in range): one
+// outside [0, cols) would write outside the gradient.
+inline void check_columns(const at::Tensor& idx, int64_t cols) {
+  if (idx.numel() == 0) return;
+  if (idx.is_cpu()) {
+    const int64_t* p = idx.data_ptr<int64_t>();
+    int64_t bad = 0;  // a count, so that the loop vectorises
+    for (int64_t i = 0; i < idx.numel(); ++i) bad += (p[i] < 0) | (p[i] >= cols);
+    TORCH_CHECK(bad == 0, "aecore: indices must lie in [0, ", cols, "); ", bad, " do not");
+  } else {
+    at::_assert_async(at::logical_and(idx.ge(0), idx.lt(cols)).all(),
+                      "aecore: indices must lie in [0, " + std::to_string(cols) + ")");
+  }
 }
 
 template <class K>
@@ -305,6 +323,7 @@ at::Tensor topk_sparsify_backward_impl(const at::Tensor& grad_out_in, const at::
   TORCH_CHECK(idx_in.device() == grad_out_in.device(), "aecore: indices on the wrong device");
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor idx = idx_in.contiguous();
+  check_columns(idx, g.size(1));
   at::Tensor grad = at::empty_like(g);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "aecore_topk_sparsify_backward", [&] {
     K::template topk_backward<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), g.size(0),

@@ -349,7 +349,7 @@ BV = torch.zeros(5)
 BH = torch.zeros(3)
 
 BAD = [
-    ((V5[0], W53, BV, BH), {}, ShapeError, r"v must be 2-D, got shape \(5\)"),
+    ((V5[0], W53, BV, BH), {}, ShapeError, r"v must be 2-D, got shape \(5,\)"),
     ((V5.long(), W53, BV, BH), {}, ConfigError, "v must be float32 or float64"),
     ((V5, W53.double(), BV, BH), {}, ConfigError, "W has dtype torch.float64 but v has"),
     ((V5, torch.zeros(3, 5), BV, BH), {}, ShapeError, r"W must have shape \(V, H\) with V"),

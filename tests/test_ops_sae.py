@@ -402,3 +402,50 @@ def test_the_row_passes_pass_opcheck_and_refuse_bad_input():
     reference.set_row_norms_(expected, 1.0)
     ops.set_row_norms_(wt, 1.0)
     torch.testing.assert_close(wt, expected)
+
+
+@needs_ext
+def test_topk_encode_compiles_with_dynamic_shapes():
+    def encode(x, W, b_enc, b_dec):
+        return ops.topk_encode(x, W, b_enc, b_dec, 3)
+
+    compiled = torch.compile(encode, backend="aot_eager", dynamic=True)
+    g = torch.Generator().manual_seed(5)
+    for B, n in ((4, 9), (6, 11)):
+        args = (torch.randn(B, 5, generator=g), torch.randn(n, 5, generator=g),
+                torch.randn(n, generator=g), torch.randn(5, generator=g))  # fmt: skip
+        for got, want in zip(compiled(*args), encode(*args)):
+            torch.testing.assert_close(got, want)
+
+
+@needs_ext
+def test_straight_through_values_may_be_changed_in_place_before_backward():
+    g = torch.Generator().manual_seed(6)
+    x, W0 = torch.randn(5, 6, generator=g), torch.randn(9, 6, generator=g)
+    b_enc, b_dec = torch.randn(9, generator=g), torch.randn(6, generator=g)
+    grads = []
+    for encode in (ops.topk_encode, reference.topk_encode):
+        W = W0.clone().requires_grad_()
+        values, _ = encode(x, W, b_enc, b_dec, 3, straight_through=True)
+        values.mul_(2)  # the straight-through gate is ones: the values are not read
+        values.sum().backward()
+        grads.append(W.grad)
+    torch.testing.assert_close(*grads)
+
+
+@needs_ext
+def test_numpy_scalars_meta_tensors_and_shared_rows():
+    np = pytest.importorskip("numpy")
+    w = torch.randn(6, 5)
+    ops.set_row_norms_(w, np.float32(2.0))  # numpy's scalars are numbers too
+    torch.testing.assert_close(w.norm(dim=1), torch.full((6,), 2.0))
+    assert ops.kl_sparsity(torch.rand(4, 3), np.float32(0.1)).isfinite()
+    meta = dict(device="meta")  # shape inference: no index range to read
+    out = ops.sparse_decode(torch.randn(2, 3, **meta), torch.zeros(2, 3, dtype=torch.long, **meta),
+                            torch.randn(7, 5, **meta), torch.randn(5, **meta))  # fmt: skip
+    assert out.shape == (2, 5) and out.device.type == "meta"
+    shared = torch.randn(1, 5).expand(6, 5)  # rows that are one row: written in place
+    with pytest.raises(ConfigError, match="weight is written in place"):
+        ops.set_row_norms_(shared, 1.0)
+    with pytest.raises(ConfigError, match="grad is written in place"):
+        ops.remove_parallel_(shared, w)

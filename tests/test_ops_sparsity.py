@@ -112,7 +112,7 @@ def test_kl_opcheck_and_backward_op():
 
 
 BAD_KL = [
-    ((torch.rand(3),), ShapeError, r"h must be 2-D, got shape \(3\)"),
+    ((torch.rand(3),), ShapeError, r"h must be 2-D, got shape \(3,\)"),
     ((torch.rand(0, 4),), ShapeError, "at least one row"),
     ((torch.rand(3, 4).half(),), ConfigError, "h must be float32 or float64, got torch.float16"),
     ((torch.rand(3, 4), 0.0), ConfigError, r"rho must lie in the open interval \(0, 1\), got 0.0"),
@@ -207,9 +207,8 @@ def test_topk_wide_rows_ties_and_nans(k, dtype):
 @pytest.mark.parametrize("k", [3, 17, 33, 70])
 def test_topk_filtered_rows_of_any_width(D, k):
     """The filtered path's vector blocks: group counts and row widths that are not whole
-    vectors, and more groups than one pass holds in registers."""
-    if D < 16 * k:
-        pytest.skip("row too narrow for the filtered path")
+    vectors, and more groups than one pass holds in registers (rows too narrow for it
+    take the heap)."""
     g = torch.Generator().manual_seed(D + k)
     z = torch.randn(9, D, generator=g)
     z[1, -1] = 50.0  # the largest entry in the row's partial last step
@@ -253,7 +252,7 @@ def test_sparsity_ops_under_torch_compile_fullgraph():
 
 
 BAD_TOPK = [
-    ((torch.rand(3), 1), ShapeError, r"z must be 2-D, got shape \(3\)"),
+    ((torch.rand(3), 1), ShapeError, r"z must be 2-D, got shape \(3,\)"),
     ((torch.rand(2, 3, 4), 1), ShapeError, "z must be 2-D"),
     ((torch.rand(3, 0), 1), ShapeError, "at least one column"),
     ((torch.rand(3, 4), 0), ConfigError, r"k must lie in \[1, 4\], got 0"),
@@ -318,3 +317,24 @@ def test_second_derivatives_through_the_fused_ops_are_refused_not_wrong(op):
     assert torch.isfinite(first).all()
     with pytest.raises(NotImplementedError, match=f"{op}'s fused backward has no derivative"):
         torch.autograd.grad(calls[op](), h, create_graph=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_of_a_nan_is_nan_and_a_rho_below_floats_range_is_finite(dtype):
+    h = torch.rand(6, 5, dtype=dtype)
+    torch.testing.assert_close(ops.kl_sparsity(h, 1e-46), reference.kl_sparsity(h, 1e-46))
+    h[2, 3] = math.nan  # a NaN activation reaches the caller's finiteness check
+    assert ops.kl_sparsity(h, 0.1).isnan()
+
+
+@needs_ext
+def test_the_raw_backward_ops_check_what_a_direct_caller_passes():
+    grad = torch.randn(3, 4)
+    for bad in (4, -3, 10**8):  # into the next row, before the row, far outside
+        with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\); 3 do not"):
+            torch.ops.aecore.topk_sparsify_backward(grad, torch.full((3, 1), bad))
+    with pytest.raises(RuntimeError, match=r"grad_mean must be \(10\), got \[2\]"):
+        torch.ops.aecore.kl_sparsity_backward(
+            torch.tensor(1.0), torch.zeros(2), torch.rand(10), 4, 0.1, 1.0
+        )

@@ -273,7 +273,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     return reference.gather_decode(values, indices, W_dec, b_dec)
 
 
-def _rows_args(op: str, **tensors: Tensor) -> None:
+def _rows_args(op: str, written: str, **tensors: Tensor) -> None:
     first = None
     for name, t in tensors.items():
         check.tensor(op, name, t, 2, like=first, like_name="weight", dtypes=check.SAE_DTYPES)
@@ -281,6 +281,7 @@ def _rows_args(op: str, **tensors: Tensor) -> None:
     shapes = {tuple(t.shape) for t in tensors.values()}
     if len(shapes) > 1:
         raise ShapeError(f"{op}: grad and weight must have one shape, got {sorted(shapes)}")
+    check.writable(op, written, tensors[written])
 
 
 @torch.no_grad()
@@ -289,7 +290,7 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
     (both (n, d)), in place: with rows held at a fixed norm, that component would only
     change the norm. Rows of zeros are left alone. One row-local pass on the fused
     kernels (the reference: about seven passes over the matrix)."""
-    _rows_args("remove_parallel_", weight=weight, grad=grad)
+    _rows_args("remove_parallel_", "grad", weight=weight, grad=grad)
     if _fused_sae(grad) and grad.is_contiguous():
         torch.ops.aecore.remove_parallel_(grad, weight.detach())
     else:
@@ -300,7 +301,7 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
 def set_row_norms_(weight: Tensor, norm: float) -> None:
     """Scales each row of ``weight`` (n, d) to L2 norm ``norm`` (> 0), in place; rows
     of zeros stay zero."""
-    _rows_args("set_row_norms_", weight=weight)
+    _rows_args("set_row_norms_", "weight", weight=weight)
     norm = check.positive("set_row_norms_", "norm", norm)
     if _fused_sae(weight) and weight.is_contiguous():
         torch.ops.aecore.set_row_norms_(weight.detach(), norm)
@@ -330,15 +331,13 @@ def momentum_step_(
     if not (isinstance(params, (list, tuple)) and params):  # refused with the checks' words
         check.momentum_step_args(params, velocities, steps, lr, momentum, [])
     decay = [0.0] * len(params) if weight_decay is None else weight_decay
-    if not isinstance(decay, (list, tuple)) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) for w in decay
-    ):
+    if not isinstance(decay, (list, tuple)) or not all(check.is_real(w) for w in decay):
         raise ConfigError(
             f"momentum_step_: weight_decay must be a list of numbers, one per parameter, or "
             f"None; got {weight_decay!r}"
         )
     decay = [float(w) for w in decay]
-    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in (lr, momentum))
+    numbers = check.is_real(lr) and check.is_real(momentum)
     if numbers and params and isinstance(params[0], Tensor) and fused(params[0]):
         # The kernels check their operands before changing anything; the Python checks
         # (which would cost more than the update at RBM sizes) only explain a refusal

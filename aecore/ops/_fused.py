@@ -181,15 +181,19 @@ class _TopkEncode(torch.autograd.Function):
         )
         values, indices, _aux_values, aux_indices = out
         ctx.straight_through = straight_through
-        ctx.save_for_backward(values, indices, aux_indices, x, W_enc, b_dec)
+        # straight-through's gate is ones: the values are not read, so a caller may
+        # change them in place
+        gate = None if straight_through else values
+        ctx.save_for_backward(gate, indices, aux_indices, x, W_enc, b_dec)
         ctx.mark_non_differentiable(indices, aux_indices)
         return out
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
         first_order_only("topk_encode")
-        values, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
-        gate = torch.ones_like(values) if ctx.straight_through else values
+        gate, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
+        if ctx.straight_through:
+            gate = torch.ones_like(indices, dtype=x.dtype)
         grads = _encoder_backward(
             grad_values, gate, indices, grad_aux, aux_indices, x, W_enc, b_dec
         )

@@ -21,7 +21,12 @@ MAX_GIBBS_STEPS = 10_000
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(int(d)) for d in t.shape) + ")"
+    return str(tuple(int(d) for d in t.shape))
+
+
+def is_real(value) -> bool:
+    """A real number, numpy's scalars included (np.float32 is no float); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def tensor(
@@ -162,7 +167,7 @@ def gibbs_call(
 
 
 def real_arg(op, name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise ConfigError(f"{op}: {name} must be a real number, got {value!r}")
     return float(value)
 
@@ -192,9 +197,11 @@ def topk_args(z, k) -> int:
     return int_arg(op, "k", k, 1, D)
 
 
-def _size(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
+def _size(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...], what) -> None:
+    """``what()``: the expected shape in words, built only for the error (under
+    torch.compile, formatting symbolic sizes on every call would break the graph)."""
     if tuple(t.shape) != expected:
-        raise ShapeError(f"{op}: {name} must be {what}, got {_shape(t)}")
+        raise ShapeError(f"{op}: {name} must be {what()}, got {_shape(t)}")
 
 
 def topk_encode_args(x, W_enc, b_enc, b_dec, k) -> int:
@@ -205,11 +212,11 @@ def topk_encode_args(x, W_enc, b_enc, b_dec, k) -> int:
     tensor(op, "b_enc", b_enc, 1, like=x, like_name="x")
     tensor(op, "b_dec", b_dec, 1, like=x, like_name="x")
     d, n = x.shape[1], W_enc.shape[0]
-    _size(op, "W_enc", W_enc, (n, d), f"(n, {d}) for x of shape {_shape(x)}")
+    _size(op, "W_enc", W_enc, (n, d), lambda: f"(n, {d}) for x of shape {_shape(x)}")
     if n == 0:
         raise ShapeError(f"{op}: W_enc must have at least one row (latent), got {_shape(W_enc)}")
-    _size(op, "b_enc", b_enc, (n,), f"({n},) for W_enc of shape {_shape(W_enc)}")
-    _size(op, "b_dec", b_dec, (d,), f"({d},) for x of shape {_shape(x)}")
+    _size(op, "b_enc", b_enc, (n,), lambda: f"({n},) for W_enc of shape {_shape(W_enc)}")
+    _size(op, "b_dec", b_dec, (d,), lambda: f"({d},) for x of shape {_shape(x)}")
     return int_arg(op, "k", k, 1, n)
 
 
@@ -228,7 +235,7 @@ def aux_args(x, W_enc, aux_k, dead) -> int:
         raise ConfigError(f"{op}: dead must be a bool tensor (one flag per latent), got {got}")
     if dead.device != x.device:
         raise ConfigError(f"{op}: dead is on {dead.device} but x is on {x.device}")
-    _size(op, "dead", dead, (n,), f"({n},) for W_enc of shape {_shape(W_enc)}")
+    _size(op, "dead", dead, (n,), lambda: f"({n},) for W_enc of shape {_shape(W_enc)}")
     return min(aux_k, int(dead.sum())) if aux_k else 0
 
 
@@ -244,14 +251,16 @@ def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
         raise ConfigError(
             f"{op}: indices are on {indices.device} but values are on {values.device}"
         )
-    _size(op, "indices", indices, tuple(values.shape), f"the values' shape {_shape(values)}")
+    _size(
+        op, "indices", indices, tuple(values.shape), lambda: f"the values' shape {_shape(values)}"
+    )
     tensor(op, "W_dec", W_dec, 2, like=values, like_name="values")
     tensor(op, "b_dec", b_dec, 1, like=values, like_name="values")
     n, d = W_dec.shape
-    _size(op, "b_dec", b_dec, (d,), f"({d},) for W_dec of shape {_shape(W_dec)}")
+    _size(op, "b_dec", b_dec, (d,), lambda: f"({d},) for W_dec of shape {_shape(W_dec)}")
     # under torch.compile the range is data the graph cannot branch on: the compiled CPU
-    # kernel checks it there
-    if indices.numel() and not torch.compiler.is_compiling():
+    # kernel checks it there; a meta tensor has no data
+    if indices.numel() and indices.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(indices))
         if lo < 0 or hi >= n:
             raise ConfigError(
@@ -260,11 +269,7 @@ def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
 
 
 def positive(op: str, name: str, value) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
+    if not is_real(value) or not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{op}: {name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -304,11 +309,7 @@ def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) ->
             if name != "steps":
                 writable(op, f"{name}[{i}]", t)
     for name, value in (("lr", lr), ("momentum", momentum)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
+        if not is_real(value) or not math.isfinite(value):
             raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
     if any(not math.isfinite(w) for w in weight_decay):
         raise ConfigError(f"{op}: weight_decay must be finite numbers, got {weight_decay!r}")

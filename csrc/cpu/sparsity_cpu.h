@@ -63,8 +63,14 @@ AECORE_CLONES static void kl_terms(const double* __restrict__ q, int64_t cols, f
     t[j] = r * (lr - log_approx(qc)) + r1 * (lr1 - log_approx(om));
   }
 }
+inline double kl_sum(const double* q, int64_t cols, double rho, double);
 inline double kl_sum(const double* q, int64_t cols, double rho, float) {
   const float r = static_cast<float>(rho), r1 = static_cast<float>(1.0 - rho);
+  // a rho that rounds to 0 or 1 in float would give 0 * log(0); and log_approx would
+  // turn a NaN mean into a number: both take the double terms
+  int nan = 0;  // an int sum (not a bool or) so that the loop vectorises
+  for (int64_t j = 0; j < cols; ++j) nan += q[j] != q[j];
+  if (r == 0.0f || r1 == 0.0f || nan) return kl_sum(q, cols, rho, 0.0);
   const float lr = std::log(r), lr1 = std::log(r1);
   // vectorised: the terms go to a buffer (a double-sum reduction would not vectorise)
   std::vector<float> terms(static_cast<size_t>(cols));

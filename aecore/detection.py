@@ -27,6 +27,9 @@ from aecore.errors import ConfigError, DataError
 PROBA_METHODS = ("linear", "unify")
 #: training scores kept exactly up to this many; beyond, this many quantiles of them
 MAX_KEPT_SCORES = 20_001
+#: relative difference below which two scores of one row count as equal: a served model
+#: computes in float32, the estimator in float64
+SCORE_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +57,11 @@ class ScoreThreshold:
                 f"{int((~np.isfinite(s)).sum())} of {len(s)} training scores are not finite"
             )
         threshold = float(np.percentile(s, 100.0 * (1.0 - contamination)))
+        above = s[s > threshold]
+        if threshold in s and len(above):
+            # on a training score, a served model's float32 rescoring of that row would
+            # land a hair to either side: midway to the next score, no row's label moves
+            threshold = 0.5 * (threshold + float(above[0]))
         kept = (
             s if len(s) <= MAX_KEPT_SCORES else np.quantile(s, np.linspace(0, 1, MAX_KEPT_SCORES))
         )
@@ -87,8 +95,11 @@ class ScoreThreshold:
         """How sure each label is, in [0, 1] (ExCeeD)."""
         s = self._scores(scores)
         n = self.n
-        # training scores at or below each score (from quantiles: in proportion)
-        below = np.searchsorted(self.kept_scores, s, side="right") * (n / len(self.kept_scores))
+        # training scores at or below each score (from quantiles: in proportion); a
+        # score within float32 rounding of a training score counts as at it, as a
+        # served model's rescoring of that training row would not otherwise
+        at = s + SCORE_TOLERANCE * np.abs(s)
+        below = np.searchsorted(self.kept_scores, at, side="right") * (n / len(self.kept_scores))
         posterior = (1.0 + below) / (2.0 + n)
         cut = n - math.floor(n * self.contamination)
         outlier = 1.0 - binomial_cdf(cut, n, posterior)

@@ -37,15 +37,11 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
 
 from aecore import params
 from aecore.config import TrainConfig
-from aecore.data.normalization import Normalization
 from aecore.data.units import (
-    INTENSITY,
-    SHARED,
-    UNIT,
     check_in_model_range,
     data_units,
-    per_feature_normalization,
-    shared_scale_normalization,
+    error_scale,
+    fit_normalization,
     with_real_valued_units,
 )
 from aecore.detection import row_list
@@ -246,7 +242,7 @@ class AutoencoderTransformer(
                 latent_dim=self._latent_dim(X.shape[1]),
                 **hparams,
             )
-            normalization = _fit_normalization(net, normalize, units, X)
+            normalization = fit_normalization(net.input_range, normalize, units, X)
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
@@ -264,6 +260,7 @@ class AutoencoderTransformer(
         self.n_iter_ = len(history.epochs)
         self._n_features_out = net.latent_dim
         self.validation_fraction_ = validation_fraction
+        self._error_scale = error_scale(np.asarray(X, dtype=np.float64))
         self._set_thresholds(self._scores(x), contamination)
         return self
 
@@ -360,7 +357,7 @@ class AutoencoderTransformer(
             )
         decoded = self._chunks("decode", z)
         decoded = decoded.reshape(len(z), self.n_features_in_)
-        return self.normalization_.invert(decoded).astype(z.dtype)
+        return self.normalization_.invert(decoded, dtype=np.float64).astype(z.dtype)
 
     def score_samples(self, X) -> np.ndarray:
         """The negative of the model's per-sample anomaly score (``model_.score``: its
@@ -378,23 +375,16 @@ class AutoencoderTransformer(
         return np.where(self.decision_function(X) < 0, -1, 1)
 
     def score(self, X, y=None) -> float:
-        """The negative mean reconstruction error (normalised units), so ``GridSearchCV``
-        without a scorer prefers models that reconstruct held-out rows better: for every
-        model, unlike ``score_samples``'s default kind (an RBM's free energy leaves out
-        its partition function, so it does not compare models). Comparable only between
-        fits with the same ``normalize``."""
+        """The negative mean squared reconstruction error in units of the training rows'
+        standard deviation (each feature's own for features in units of their own, one
+        for all where they share a scale), so ``GridSearchCV`` without a scorer prefers
+        models that reconstruct held-out rows better: the units are the same for every
+        model and ``normalize`` (each fit's normalised units are not: "auto"
+        standardises for one model, min-max scales for another), unlike
+        ``score_samples``'s default kind (an RBM's free energy leaves out its partition
+        function, so it does not compare models)."""
         x, _ = self._normalized(X)
-        return float(np.mean(self._scores(x, kind="reconstruction")))
-
-
-def _fit_normalization(net, normalize: str, units: str | None, X) -> Normalization:
-    """``normalize`` fitted on ``X``; ``"auto"`` by the data's ``units``: data in [0, 1]
-    stays as it is, features on one scale keep their relative sizes, features in units
-    of their own are each rescaled (see the class's ``normalize``)."""
-    if normalize != "auto":
-        return Normalization.fit(normalize, X, per_feature=True)
-    if units == UNIT:
-        return Normalization("none")
-    if units in (INTENSITY, SHARED):
-        return shared_scale_normalization(net.input_range, X)
-    return per_feature_normalization(net.input_range, X)
+        restored = self._chunks("forward", x).reshape(len(x), -1)
+        invert = self.normalization_.invert
+        error = (invert(restored, np.float64) - invert(x, np.float64)) / self._error_scale
+        return -float(np.mean(error**2))

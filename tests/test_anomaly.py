@@ -56,6 +56,17 @@ def test_thresholds_probabilities_and_confidence_are_pyods(contamination):
     )
 
 
+def test_a_threshold_on_a_training_score_moves_off_it():
+    # 21 scores at contamination 0.1: the percentile is the 19th score itself, and a
+    # served model's float32 rescoring of that row landed a hair above it (an outlier)
+    train = np.linspace(1.0, 3.0, 21)
+    t = ScoreThreshold.fit(train, 0.1)
+    assert train[18] < t.threshold < train[19]
+    assert t.labels(train).sum() == 2 == t.labels(train * (1 + 1e-7)).sum()
+    # confidence counts a score within float32 rounding of a training score as at it
+    np.testing.assert_allclose(t.confidence(train * (1 - 1e-7)), t.confidence(train))
+
+
 def test_the_incomplete_beta_without_scipy_matches_scipy():
     from scipy.special import betainc
 

@@ -497,8 +497,23 @@ def test_score_compares_models_by_reconstruction_whatever_their_anomaly_score():
     x = torch.from_numpy(est.normalization_.apply(X)).double()
     model = est.model_.double().eval()
     error = model.score(x, kind="reconstruction").numpy()
-    np.testing.assert_allclose(est.score(X), -error.mean(), rtol=1e-6)
+    # in units of the training rows' spread (one for all: these features share a scale;
+    # data in [0, 1] is not normalised)
+    assert est.normalization_.kind == "none"
+    np.testing.assert_allclose(est.score(X), -error.mean() / X.std() ** 2, rtol=1e-6)
     np.testing.assert_allclose(est.score_samples(X), -model.score(x).numpy(), rtol=1e-6)
+
+
+def test_score_is_in_the_same_units_whatever_the_normalisation():
+    # GridSearchCV over models (or normalize) compares score(): "auto" standardises for
+    # one model and min-max scales for another, so normalised units would not compare
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 4)) @ rng.normal(size=(4, 6)) * [1, 10, 100, 1, 10, 100]
+    fits = {n: small(normalize=n).fit(X) for n in ("standardize", "minmax")}
+    restored = {n: est.inverse_transform(est.transform(X)) for n, est in fits.items()}
+    for n, est in fits.items():  # features in units of their own: each its own spread
+        want = -np.mean(((restored[n] - X) / X.std(0)) ** 2)
+        np.testing.assert_allclose(est.score(X), want, rtol=1e-5)
 
 
 def test_image_models_and_an_input_shape_are_refused_with_the_estimators_reasons():
@@ -510,3 +525,13 @@ def test_image_models_and_an_input_shape_are_refused_with_the_estimators_reasons
     # it was an internal TypeError (the keyword given twice)
     with pytest.raises(ConfigError, match="input_shape comes from X's columns"):
         AutoencoderTransformer("ae", input_shape=(64,), epochs=1).fit(X)
+
+
+def test_inverse_transform_keeps_float64_precision():
+    # a feature far from zero for its spread (a timestamp): float32 data units are
+    # multiples of 128 there
+    rng = np.random.default_rng(2)
+    X = np.column_stack([1.7e9 + 100 * rng.random(60), rng.random(60)])
+    est = small(normalize="standardize").fit(X)
+    restored = est.inverse_transform(est.transform(X))
+    assert restored.dtype == np.float64 and np.any(restored[:, 0] % 128 != 0)

@@ -115,13 +115,14 @@ class Normalization:
         shift, inv = self._params(x.shape)
         return ((x - shift) * inv).astype(np.float32)
 
-    def invert(self, x: np.ndarray) -> np.ndarray:
-        """Map normalised values back to data units."""
+    def invert(self, x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Map normalised values back to data units, as ``dtype`` (float64 keeps a large
+        shift's precision: a feature near 1.7e9 is a multiple of 128 in float32)."""
         x = np.asarray(x)
         if self.kind == "none":
-            return x.astype(np.float32, copy=False)
+            return x.astype(dtype, copy=False)
         shift, inv = self._params(x.shape)
-        return (x / inv + shift).astype(np.float32)
+        return (x / inv + shift).astype(dtype)
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "none":

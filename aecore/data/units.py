@@ -87,3 +87,23 @@ def check_in_model_range(input_range, lo: float, hi: float, normalize: str, name
             f"[{input_range[0]:g}, {input_range[1]:g}]: normalize with 'minmax' (or 'auto', "
             f"which follows the model), or choose the model's settings for real values"
         )
+
+
+def error_scale(X: np.ndarray) -> np.ndarray:
+    """The units of an estimator's ``score``: the training rows' standard deviation,
+    per feature where the features are in units of their own (see ``data_units``)."""
+    spread = np.std(X, axis=0) if data_units(X) == OWN else np.full(X.shape[1], np.std(X))
+    return np.where(spread > 0, spread, 1.0)
+
+
+def fit_normalization(input_range, normalize: str, units: str | None, X) -> Normalization:
+    """``normalize`` fitted on ``X``; ``"auto"`` by the data's ``units``: data in [0, 1]
+    stays as it is, features on one scale keep their relative sizes, features in units
+    of their own are each rescaled (see ``AutoencoderTransformer``'s ``normalize``)."""
+    if normalize != "auto":
+        return Normalization.fit(normalize, X, per_feature=True)
+    if units == UNIT:
+        return Normalization("none")
+    if units in (INTENSITY, SHARED):
+        return shared_scale_normalization(input_range, X)
+    return per_feature_normalization(input_range, X)

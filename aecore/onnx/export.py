@@ -56,6 +56,7 @@ from aecore.runtime.format import (
     FORMAT,
     FORMAT_VERSION,
     INPUT_RANGE_KEY,
+    INPUTS_CLIPPED_KEY,
     PARTS,
     PASSES_KEY,
     SCORE_KINDS_KEY,
@@ -233,9 +234,12 @@ def _metadata(model: nn.Module, name: str) -> dict[str, str]:
 
 
 def input_range_metadata(model) -> dict[str, str]:
-    """The range of normalised inputs the model takes, when it is bounded."""
+    """The range of normalised inputs the model takes, when it is bounded (the graphs
+    that take rows clip them to it)."""
     bounds = getattr(model, "input_range", None)
-    return {} if bounds is None else {INPUT_RANGE_KEY: json.dumps([float(b) for b in bounds])}
+    if bounds is None:
+        return {}
+    return {INPUT_RANGE_KEY: json.dumps([float(b) for b in bounds]), INPUTS_CLIPPED_KEY: "1"}
 
 
 def detector_metadata(model) -> dict[str, str]:

@@ -26,15 +26,21 @@ class PartGraph(nn.Module):
         self.score_kind = score_kind
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        if self.part == "encoder":
-            return self.model.encode(inp)
         if self.part == "decoder":
             return self.model.decode(inp)
-        if self.part == "score":  # on rows clipped as the detector's fit saw them
-            lo_hi = self.model.input_range
-            x = inp.clamp(*lo_hi) if lo_hi is not None else inp
+        x = clipped(self.model, inp)
+        if self.part == "encoder":
+            return self.model.encode(x)
+        if self.part == "score":
             return self.model.traceable_score(x, self.score_kind)
-        return self.model(inp)
+        return self.model(x)
+
+
+def clipped(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows clipped to the model's input range, as the estimator takes new rows (and the
+    detector's fit saw them): every graph that takes rows does so."""
+    lo_hi = model.input_range
+    return x.clamp(*lo_hi) if lo_hi is not None else x
 
 
 class AllParts(nn.Module):
@@ -43,6 +49,7 @@ class AllParts(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, z: torch.Tensor):
+        x = clipped(self.model, x)
         return self.model(x), self.model.encode(x), self.model.decode(z)
 
 

@@ -52,7 +52,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
         kind = self.detector.kind if self.detector is not None else self.default_score_kind
         if kind != "reconstruction":
             return self._kind_scores(x, kind)
-        return self._errors(x, DEFAULT_BATCH_SIZE, clip=True)
+        return self._errors(x, DEFAULT_BATCH_SIZE)
 
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Scores of a kind other than the reconstruction error, on rows clipped to
@@ -120,23 +120,25 @@ class ArrayModel(DetectorMethods, abc.ABC):
 
     # -- public API -------------------------------------------------------------------
     def encode(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units."""
+        """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units,
+        clipped to the model's ``input_range`` once normalised (as the estimator's
+        ``transform``). A row with NaN encodes to NaN, as in the model; ``score`` and the
+        detector methods refuse such rows."""
         x = self._check_inputs(x)
-        normalize = not self.normalizes_itself
-        return self._map("encoder", x, (self.latent_dim,), batch_size, normalize=normalize)
+        return self._map("encoder", x, (self.latent_dim,), batch_size, inputs=True)
 
     def decode(self, z: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Inputs ``(N, *input_shape)`` in data units decoded from codes ``(N, latent_dim)``."""
         z = self._check_codes(z)
-        y = self._map("decoder", z, self.input_shape, batch_size, normalize=False)
+        y = self._map("decoder", z, self.input_shape, batch_size, inputs=False)
         return y if self.normalizes_itself else self._invert(y)
 
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """``decode(encode(x))`` in data units: normalise, run the model, invert."""
+        """``decode(encode(x))`` in data units: normalise (and clip, as ``encode``), run
+        the model, invert."""
         x = self._check_inputs(x)
-        if self.normalizes_itself:
-            return self._map("full", x, self.input_shape, batch_size, normalize=False)
-        return self._invert(self._map("full", x, self.input_shape, batch_size, normalize=True))
+        y = self._map("full", x, self.input_shape, batch_size, inputs=True)
+        return y if self.normalizes_itself else self._invert(y)
 
     def score(
         self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
@@ -147,8 +149,8 @@ class ArrayModel(DetectorMethods, abc.ABC):
         export of all parts (which carries its score graph), the reconstruction error for
         a one-file export. ``"reconstruction"``, the mean squared reconstruction error in
         normalised units (float32), is served by every export. Other kinds (float64) come
-        from the export's score graph, which computes them on rows clipped to the model's
-        ``input_range``, as the detector's fit saw them."""
+        from the export's score graph. Every kind scores rows clipped to the model's
+        ``input_range``, as the estimator and the detector's fit saw them."""
         kind = self.default_score_kind if kind is None else kind
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
@@ -161,54 +163,55 @@ class ArrayModel(DetectorMethods, abc.ABC):
         _check_finite(x)  # a NaN score is above no threshold: refused, not returned
         if kind != "reconstruction":
             return self._kind_scores(x, kind, batch_size)
-        return self._errors(x, batch_size, clip=False)
+        return self._errors(x, batch_size)
 
-    def _errors(self, x: np.ndarray, batch_size: int, *, clip: bool) -> np.ndarray:
-        clip = clip and self.input_range is not None
+    def _errors(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         n = len(x)
         if 0 < n <= batch_size:
-            return self._row_errors(x, clip)
+            return self._row_errors(x)
         out = np.empty((n,), dtype=np.float32)
         for start in range(0, n, batch_size):
-            out[start : start + batch_size] = self._row_errors(x[start : start + batch_size], clip)
+            out[start : start + batch_size] = self._row_errors(x[start : start + batch_size])
         return out
 
-    def _row_errors(self, x: np.ndarray, clip: bool = False) -> np.ndarray:
-        if self.normalizes_itself:  # (x_hat - x) / scale: the shift cancels
-            x = _float32(x)
-            if clip:  # the range in data units, feature by feature
-                lo, hi = self.input_range
-                if self._shift is not None:
-                    lo, hi = self._shift + lo * self._scale, self._shift + hi * self._scale
-                x = np.clip(x, lo, hi)
-            err = self._forward("full", x)
-            err -= x
-            if self._inv is not None:
-                err *= self._inv
-        else:
-            xn = self._apply(x)
-            if clip:
-                xn = np.clip(xn, *self.input_range)
-            err = self._forward("full", xn)
-            err -= xn
+    def _row_errors(self, x: np.ndarray) -> np.ndarray:
+        x = self._inputs(x)
+        err = self._forward("full", x)
+        err -= x
+        if self.normalizes_itself and self._inv is not None:
+            err *= self._inv  # (x_hat - x) / scale: the shift cancels
         err = err.reshape(len(err), -1)
         # row sums of squares in one pass (np.mean over axes is several times slower)
         return np.einsum("ij,ij->i", err, err) / err.shape[1]
 
     # -- helpers ------------------------------------------------------------------------
-    def _map(self, part, x, out_shape, batch_size, *, normalize) -> np.ndarray:
+    def _inputs(self, x: np.ndarray) -> np.ndarray:
+        """Rows in data units -> what the forward pass takes (float32): normalised unless
+        the graphs normalise themselves, clipped to the model's input range."""
+        if not self.normalizes_itself:
+            x = self._apply(x)
+            return x if self.input_range is None else np.clip(x, *self.input_range)
+        x = _float32(x)
+        if self.input_range is None:
+            return x
+        lo, hi = self.input_range  # in data units, feature by feature
+        if self._shift is not None:
+            lo, hi = self._shift + lo * self._scale, self._shift + hi * self._scale
+        return np.clip(x, lo, hi)
+
+    def _map(self, part, x, out_shape, batch_size, *, inputs: bool) -> np.ndarray:
+        """``part`` over batches of ``x``: rows in data units (``inputs``) or codes."""
         batch_size = _check_batch_size(batch_size)
+        prepare = self._inputs if inputs else _float32
         n = len(x)
         if n <= batch_size:  # the common case: one call, no copy into an output buffer
             if not n:
                 return np.empty((0, *out_shape), np.float32)
-            return self._forward(part, self._apply(x) if normalize else _float32(x))
+            return self._forward(part, prepare(x))
         out = np.empty((n, *out_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = x[start : start + batch_size]
-            out[start : start + len(chunk)] = self._forward(
-                part, self._apply(chunk) if normalize else _float32(chunk)
-            )
+            out[start : start + len(chunk)] = self._forward(part, prepare(chunk))
         return out
 
     def _check_inputs(self, x: Any) -> np.ndarray:

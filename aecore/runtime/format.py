@@ -18,6 +18,8 @@ PASSES_KEY = "aecore.score_passes"
 #: the range a model with bounded inputs takes, in normalised units (JSON ``[lo, hi]``;
 #: absent for any real values): the detector methods clip rows to it, as fit's were
 INPUT_RANGE_KEY = "aecore.input_range"
+#: "1" when the graphs that take rows clip them to the input range themselves
+INPUTS_CLIPPED_KEY = "aecore.inputs_clipped"
 #: the kind ``score`` gives by default, as the model's ``Autoencoder.score`` does (absent:
 #: the reconstruction error, which exports before this key always gave)
 DEFAULT_SCORE_KEY = "aecore.default_score_kind"

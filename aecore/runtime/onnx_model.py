@@ -21,6 +21,7 @@ from aecore.runtime.format import (
     FORMAT,
     FORMAT_VERSION,
     INPUT_RANGE_KEY,
+    INPUTS_CLIPPED_KEY,
     PARTS,
     PASSES_KEY,
     SCORE_KINDS_KEY,
@@ -143,9 +144,12 @@ class OnnxAutoencoder(ArrayModel):
         }
         self._paths[self.part] = self.path
         self._paths[SCORE_PART] = score_path(self.path)
-        # the full graph's session call, when inputs go in as they are (data units)
+        # the full graph's session call, when inputs go in as they are (data units,
+        # clipped by the graph if need be; older exports left that to the runtime)
         self._serve = None
-        if self.part == "full" and (self.normalizes_itself or norm.kind == "none"):
+        takes_data_units = self.normalizes_itself or norm.kind == "none"
+        clips = self.input_range is None or meta.get(INPUTS_CLIPPED_KEY) == "1"
+        if self.part == "full" and takes_data_units and clips:
             self._serve = (graph.run, graph.output, graph.input)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -183,7 +187,7 @@ class OnnxAutoencoder(ArrayModel):
         # smaller batches
         passes = int(graph.session.get_modelmeta().custom_metadata_map.get(PASSES_KEY, "1"))
         batch = max(1, batch_size // max(passes, 1))
-        scores = self._map(SCORE_PART, x, (), batch, normalize=not self.normalizes_itself)
+        scores = self._map(SCORE_PART, x, (), batch, inputs=True)
         return scores.astype(np.float64)
 
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:

@@ -456,11 +456,17 @@ def test_an_imported_sae_trains_on_as_the_saved_one(x, tmp_path, name):
         torch.testing.assert_close(imported(x), want, atol=1e-4, rtol=1e-4)
     assert float(imported.input_scale) == pytest.approx(float(native.input_scale), rel=1e-5)
     assert float(imported.decoder_row_norm) == 1.0
+    # saved and loaded again before training (what `aecore import` does): the decoder
+    # rows' norm was once read as a folded input scale, and the loss ran 400x too large
+    aecore.save(load_saelens(tmp_path / "sae"), tmp_path / "imported")
+    reloaded = aecore.load(tmp_path / "imported")
+    assert reloaded.needs_data_statistics
     imported = load_saelens(tmp_path / "sae")
     losses = {}
-    for label, m in (("imported", imported), ("native", native)):
+    for label, m in (("imported", imported), ("reloaded", reloaded), ("native", native)):
         torch.manual_seed(0)
         history = aecore.Trainer(epochs=3, batch_size=32, val_fraction=0, progress=False).fit(m, x)
         losses[label] = [e["train_loss"] for e in history.epochs]
         assert history.kept_epoch == 3
     assert losses["imported"] == pytest.approx(losses["native"], rel=1e-3)
+    assert losses["reloaded"] == pytest.approx(losses["native"], rel=1e-3)

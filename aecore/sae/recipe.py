@@ -99,10 +99,14 @@ def fold_input_scale(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def unfold_input_scale(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``fold_input_scale`` undone: the scale ``c`` comes back from the decoder rows'
     norm (1 / c once folded), so training resumes on weights of the scale it started
-    with (Adam's steps are sized for them). A state never folded is returned as it is.
-    Changes ``state`` in place and returns it."""
+    with (Adam's steps are sized for them). A state never folded is returned as it is,
+    and so is one whose statistics were never measured (both 1: weights imported from
+    another library, whose decoder rows may sit at any norm; the first fit measures
+    them). Changes ``state`` in place and returns it."""
     norm = state["decoder_row_norm"]
     if not bool(state["input_scale"] == 1) or not bool(norm > 0) or bool(norm == 1):
+        return state
+    if bool(state["input_variance"] == 1):
         return state
     c = 1.0 / norm
     state["W_enc"] = state["W_enc"] / c

@@ -35,6 +35,16 @@ def test_round_trip(saved):
     assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.safetensors"]
 
 
+def test_a_float64_model_loads_in_float64(tmp_path):
+    torch.manual_seed(0)
+    model = aecore.create("ae", input_shape=(6,), latent_dim=2, hidden=[8]).double()
+    aecore.save(model, tmp_path / "m")
+    loaded = aecore.load(tmp_path / "m")
+    x = torch.rand(4, 6, dtype=torch.float64)
+    assert next(loaded.parameters()).dtype == torch.float64
+    assert torch.equal(model.eval()(x), loaded(x))  # not rounded through float32
+
+
 def test_refuses_to_overwrite_a_saved_model(saved):
     model, path = saved
     before = (path / "model.safetensors").read_bytes()

@@ -368,3 +368,14 @@ def test_channel_last_images_are_named_when_training(capsys, tmp_path):
             "--epochs", "1", "--out", str(tmp_path / "m")]  # fmt: skip
     with pytest.warns(UserWarning, match=r"channels last.*\(N, 3, 8, 8\)"):
         assert run(capsys, *args)[0] == 0
+
+
+def test_the_pca_row_of_a_code_as_wide_as_the_input_says_it_is_exact():
+    from types import SimpleNamespace
+
+    from aecore.cli.train import _pca_label
+
+    assert _pca_label(SimpleNamespace(latent_dim=64, input_size=16)) == (
+        "PCA (all 16 components: exact)"
+    )
+    assert _pca_label(SimpleNamespace(latent_dim=8, input_size=16)) == "PCA (8 components)"

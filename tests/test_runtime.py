@@ -67,8 +67,16 @@ def test_float64_and_integer_inputs_give_the_float32_results(runtime):
     expected = runtime.reconstruct(x.astype(np.float32))
     for dtype in (np.float64, np.int64, np.uint8):
         np.testing.assert_allclose(runtime.reconstruct(x.astype(dtype)), expected, atol=1e-4)
-    # lists work too
+    # lists work too, and booleans as 0 and 1 (as the estimator takes them)
     np.testing.assert_allclose(runtime.encode(x.tolist()), runtime.encode(x), atol=1e-6)
+    flags = x > 0.5
+    np.testing.assert_allclose(runtime.encode(flags), runtime.encode(flags.astype(np.float32)))
+
+
+def test_a_sparse_matrix_is_refused_with_the_conversion_to_use(runtime):
+    sparse = pytest.importorskip("scipy.sparse")
+    with pytest.raises(DataError, match=r"got a sparse csr_matrix: pass x.toarray\(\)"):
+        runtime.encode(sparse.csr_matrix(np.zeros((2, 12), np.float32)))
 
 
 @given(n=st.integers(0, 30), batch_size=st.integers(1, 40))

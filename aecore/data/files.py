@@ -158,10 +158,16 @@ def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | 
 
 def _is_header(line: str, names: list[str] | None) -> bool:
     """Whether a CSV's first row is its header: it names the columns ``names`` (a
-    model's, which may be numbers), or no cell of it is a number (a first data row with
-    one missing cell is not a header, and is refused as such)."""
+    model's, which may be numbers), it is pandas' header for unnamed columns (0, 1, ...,
+    n - 1, from three columns on: a data row so is unlikely), or no cell of it is a
+    number (a first data row with one missing cell is not a header, and is refused as
+    such)."""
     cells = _header_cells(line)
-    return (names is not None and cells == list(names)) or not any(_is_float(c) for c in cells)
+    if names is not None and cells == list(names):
+        return True
+    if len(cells) >= 3 and cells == [str(i) for i in range(len(cells))]:
+        return True
+    return not any(_is_float(c) for c in cells)
 
 
 def _header_cells(line: str) -> list[str]:

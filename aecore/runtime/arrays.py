@@ -230,6 +230,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
 
 def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.ndarray:
     expected = f"(N, {', '.join(map(str, shape))})"
+    if hasattr(x, "toarray") and hasattr(x, "nnz"):  # scipy.sparse: no dense view
+        raise DataError(f"{what} as a dense array of shape {expected}; got a sparse "
+                        f"{type(x).__name__}: pass {name}.toarray()")  # fmt: skip
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -237,7 +240,7 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
             raise DataError(
                 f"{what} as an array of shape {expected}; cannot convert {type(x).__name__}: {exc}"
             ) from None
-    if x.dtype.kind not in "fiu":
+    if x.dtype.kind not in "fiub":  # (booleans count as 0 and 1, as the estimator's)
         raise DataError(
             f"{what} as a float or integer array of shape {expected}; got dtype {x.dtype}"
         )

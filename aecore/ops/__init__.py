@@ -265,7 +265,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     :func:`topk_encode`), ``W_dec`` (n, d), ``b_dec`` (d,); returns (B, d). Differentiable
     in values, W_dec and b_dec. Fused kernels: a gather-sum per row; backward: dot
     products for the values and a per-latent accumulation (counting sort, deterministic,
-    no atomics) for W_dec.
+    no atomics) for W_dec. The kernels skip entries whose value is 0 (a top-k code's
+    padding), so a non-finite dictionary row picked with value 0 adds nothing, where the
+    reference's 0 * inf gives NaN.
     """
     check.sparse_decode_args(values, indices, W_dec, b_dec)
     if _fused_sae(values):

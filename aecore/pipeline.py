@@ -28,6 +28,7 @@ from aecore.io.model_folder import save
 from aecore.layers import pca_basis
 from aecore.registry import create, hyperparameter_names, model_class
 from aecore.training import History, Trainer
+from aecore.training.checkpoint import check_split_kept
 from aecore.training.trainer import writes_files
 
 __all__ = ["TrainResult", "evaluate", "prepare", "prepare_like", "train"]
@@ -120,6 +121,8 @@ def train(
         lo, hi = _value_range(prepared.view("train"))
         check_in_model_range(model.input_range, lo, hi, prepared.normalization.kind, name)
     config = config.for_model(model)  # the learning rate the run uses, recorded
+    if resume and out is not None:  # the split follows these: a resume keeps them
+        check_split_kept(Path(out), config, ("seed", "val_fraction"))
     trainer = Trainer(
         config, out_dir=out, resume=resume, allow_changes=allow_changes, overwrite=overwrite,
         progress=progress,

@@ -186,6 +186,22 @@ def test_resume_refuses_other_training_rows(tmp_path):
     assert len(trainer.fit(small(), ROWS).epochs) == 2
 
 
+def test_a_resumed_aecore_train_keeps_its_split_even_with_allowed_changes(tmp_path, capsys):
+    # a new seed re-drew the split: 300 of 359 "test" rows had been trained on, and the
+    # test MSE saved in model.json dropped by 7%
+    from aecore.pipeline import train
+
+    run = dict(latent_dim=4, out=tmp_path / "r", progress=False, batch_size=256)
+    train("ae", "digits", epochs=1, **run)
+    for changed in ({"seed": 5}, {"val_fraction": 0.2}):
+        name, value = next(iter(changed.items()))
+        with pytest.raises(ConfigError, match=rf"cannot resume with {name}={value}: .*test rows"):
+            train("ae", "digits", epochs=2, resume=True, allow_changes=True, **changed, **run)
+    # an allowed change is said even without progress output
+    train("ae", "digits", epochs=2, lr=2e-3, resume=True, allow_changes=True, **run)
+    assert "with changed settings: lr 0.001 -> 0.002" in capsys.readouterr().err
+
+
 def test_the_demo_replaces_only_a_folder_of_its_own(tmp_path):
     # `aecore demo --out DIR` once replaced the user's own model in DIR/ae unasked
     from aecore.cli.demo import DEMO_MARK, _claim, run

@@ -18,7 +18,13 @@ from aecore.config import TrainConfig
 from aecore.errors import ConfigError, ModelFileError
 from aecore.io.atomic import atomic_write_text, write_error
 from aecore.io.model_folder import saved_config as saved_config_of
-from aecore.io.tensors import flatten_state, load_tensors, save_tensors, unflatten_state
+from aecore.io.tensors import (
+    check_safetensors_header,
+    flatten_state,
+    load_tensors,
+    save_tensors,
+    unflatten_state,
+)
 from aecore.training.state import History, RunState
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -224,6 +230,30 @@ def read(
             if "weight_decay" in changed and "weight_decay" in group:
                 group["weight_decay"] = config.weight_decay
     return changed
+
+
+def check_split_kept(out_dir: Path, config: TrainConfig, settings: tuple[str, ...]) -> None:
+    """Refuses to resume the run in ``out_dir`` with other values of ``settings``, those
+    that drew its data split (``aecore train``'s seed and val_fraction), even with
+    allow_changes: a new split would train on the old test rows and score the model on
+    rows it learnt. Nothing to check without a checkpoint (``read`` says so)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.is_file():
+        return
+    raw = (check_safetensors_header(path).get("__metadata__") or {}).get("aecore")
+    try:
+        saved = (json.loads(raw) if raw else {}).get("training") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return  # not an aecore checkpoint: ``read`` says so
+    requested = config.to_dict()
+    for name in settings:
+        if name in saved and saved[name] != requested[name]:
+            raise ConfigError(
+                f"cannot resume with {name}={requested[name]!r}: the run's train, validation "
+                f"and test rows were drawn with {name}={saved[name]!r}, and another draw "
+                f"would train on its test rows (even with --allow-changes); resume with "
+                f"{name}={saved[name]!r}, or start afresh (--overwrite)"
+            )
 
 
 def _check_same_data(path: Path, saved: Any, now: dict[str, Any] | None) -> None:

@@ -157,7 +157,9 @@ class TrainingRun:
         if changed:  # allowed: said, and recorded in the history (and model.json)
             self.state.history.changes.append({"epoch": self.state.epoch, "changed": changed})
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            self.log(f"resuming after epoch {self.state.epoch} with changed settings: {listed}")
+            if self.is_main:  # said whether progress is shown or not
+                print(f"resuming after epoch {self.state.epoch} with changed settings: "
+                      f"{listed}", file=sys.stderr)  # fmt: skip
         if self.state.history.stopped_early:
             self.state.epoch = self.config.epochs
         if self.is_main:

@@ -15,6 +15,7 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
+from aecore.data.sources import source_columns
 from aecore.data.units import (
     OWN,
     check_in_model_range,
@@ -117,6 +118,9 @@ def train(
         prepared.normalization = per_feature_normalization(model.input_range, train_rows)
         prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)
     model.normalization = prepared.normalization
+    columns = source_columns(source)  # a CSV's header: served CSVs must name them so
+    if columns is not None and len(columns) == model.input_size:
+        model.feature_names = columns
     if model.input_range is not None:  # a bounded model is served rows clipped to it
         lo, hi = _value_range(prepared.view("train"))
         check_in_model_range(model.input_range, lo, hi, prepared.normalization.kind, name)

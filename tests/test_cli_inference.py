@@ -231,3 +231,26 @@ def test_a_reader_that_closes_early_ends_the_command_quietly(tmp_path, monkeypat
         monkeypatch.setattr(sys, "stdout", ClosedPipe(f))
         assert cli.main(["models"]) == 0
     assert "Broken pipe" not in capsys.readouterr().err
+
+
+def test_a_model_trained_on_a_csv_with_a_header_refuses_its_columns_reordered(tmp_path, capsys):
+    # the header was not recorded: the same columns in another order encoded silently
+    from aecore.pipeline import train
+
+    rows = np.random.default_rng(3).random((60, 4))
+    (tmp_path / "d.csv").write_text(
+        "a,b,c,d\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n"
+    )
+    (tmp_path / "r.csv").write_text(
+        "d,c,b,a\n" + "\n".join(",".join(map(str, r[::-1])) for r in rows) + "\n"
+    )
+    result = train("ae", f"csv:{tmp_path / 'd.csv'}", tmp_path / "m", latent_dim=2,
+                   epochs=1, progress=False)  # fmt: skip
+    assert result.model.feature_names == ["a", "b", "c", "d"]
+    assert aecore.load(tmp_path / "m").feature_names == ["a", "b", "c", "d"]
+    rc, _, err = _cli(capsys, "encode", tmp_path / "m", "--input", tmp_path / "d.csv",
+                      "--output", tmp_path / "z.npy")  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = _cli(capsys, "encode", tmp_path / "m", "--input", tmp_path / "r.csv",
+                      "--output", tmp_path / "y.npy")  # fmt: skip
+    assert rc == 1 and "columns are in another order" in err

@@ -27,7 +27,7 @@ import numpy as np
 
 from aecore.activations.cache import ActivationCache
 from aecore.data.dataset import Dataset, as_dataset
-from aecore.data.files import read_csv, read_idx_images, read_npy, read_npz
+from aecore.data.files import csv_header, read_csv, read_idx_images, read_npy, read_npz
 from aecore.data.images import sample_colour_patches, sample_patches
 from aecore.data.superposition import SOURCE_FORM, superposition_rows
 from aecore.errors import DataError
@@ -89,6 +89,12 @@ SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
     "activations": ("activations:DIR[:HOOK]", _activations),
 }
 SOURCE_FORMS = ", ".join(forms for forms, _ in SOURCES.values())
+
+
+def source_columns(source: str) -> list[str] | None:
+    """The column names a source gives (a CSV's header row), or None."""
+    kind, _, rest = source.partition(":")
+    return csv_header(Path(rest).expanduser()) if kind == "csv" and rest else None
 
 
 def load_data(source: str, *, check_finite: bool = True) -> Dataset:

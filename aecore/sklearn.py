@@ -384,6 +384,8 @@ class AutoencoderTransformer(
         ``score_samples``'s default kind (an RBM's free energy leaves out its partition
         function, so it does not compare models)."""
         x, _ = self._normalized(X)
+        if not hasattr(self, "_error_scale"):  # pickled before it was kept: as then
+            return float(np.mean(self._scores(x, kind="reconstruction")))
         restored = self._chunks("forward", x).reshape(len(x), -1)
         invert = self.normalization_.invert
         error = (invert(restored, np.float64) - invert(x, np.float64)) / self._error_scale

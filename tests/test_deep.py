@@ -263,3 +263,27 @@ def test_from_rbms_with_a_pca_start_takes_its_linear_path_from_the_data():
         assert float((model(x).double() - flat).pow(2).mean()) <= float(pca) * 1.0001
     # RBMs given: the fit never pretrains them again
     assert model.rbms_given
+
+
+def test_a_stop_during_pretraining_comes_at_once_and_says_nothing_was_saved(tmp_path):
+    # the stop waited for every pretraining epoch (minutes on MNIST-sized data), then
+    # promised a checkpoint; pretraining keeps no resumable state
+    model = aecore.create("deep", input_shape=(16,), latent_dim=2, hidden=[8],
+                          pretrain_epochs=10_000)  # fmt: skip
+    trainer = aecore.Trainer(epochs=1, batch_size=16, progress=False, out_dir=tmp_path / "r")
+    steps = []
+    first_rbm = model.layer_rbms()[0]
+    original = type(first_rbm).train_step
+
+    def step(rbm, v, **kw):
+        steps.append(1)
+        trainer.request_stop("SIGTERM")
+        return original(rbm, v, **kw)
+
+    type(first_rbm).train_step = step
+    try:
+        with pytest.raises(aecore.errors.TrainingInterrupted, match="during pretraining, which"):
+            trainer.fit(model, torch.rand(64, 16))
+    finally:
+        type(first_rbm).train_step = original
+    assert len(steps) <= 2 and not (tmp_path / "r" / "checkpoint.safetensors").exists()

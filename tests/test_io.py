@@ -43,6 +43,9 @@ def test_a_float64_model_loads_in_float64(tmp_path):
     x = torch.rand(4, 6, dtype=torch.float64)
     assert next(loaded.parameters()).dtype == torch.float64
     assert torch.equal(model.eval()(x), loaded(x))  # not rounded through float32
+    # 16-bit weights load into float32, in which every model trains
+    aecore.save(model.bfloat16(), tmp_path / "b")
+    assert next(aecore.load(tmp_path / "b").parameters()).dtype == torch.float32
 
 
 def test_refuses_to_overwrite_a_saved_model(saved):

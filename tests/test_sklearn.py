@@ -535,3 +535,11 @@ def test_inverse_transform_keeps_float64_precision():
     est = small(normalize="standardize").fit(X)
     restored = est.inverse_transform(est.transform(X))
     assert restored.dtype == np.float64 and np.any(restored[:, 0] % 128 != 0)
+
+
+def test_an_estimator_pickled_before_scores_were_in_data_units_still_scores():
+    est = small().fit(TABLE)
+    old = pickle.loads(pickle.dumps(est))
+    del old._error_scale  # what an earlier version pickled
+    x = est.normalization_.apply(TABLE)
+    assert old.score(TABLE) == pytest.approx(float(np.mean(est._scores(x, "reconstruction"))))

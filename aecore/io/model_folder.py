@@ -241,8 +241,8 @@ def load_weights(model, path: Path) -> None:
         raise ModelFileError(f"{path} is corrupt: {exc}") from None
     state = current_state_keys(model, state)  # written by an older version of the model
     floats = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(floats) == 1:  # a model saved in float64 (or 16 bits) loads in that dtype
-        model.to(floats.pop())
+    if floats == {torch.float64}:  # a float64 model loads in float64 (16-bit weights
+        model.double()  # load into float32, in which every model trains and serves)
     expected = model.state_dict()
     problems = []
     tied = set(expected) - set(_unique_state(expected))

@@ -232,6 +232,19 @@ def read(
     return changed
 
 
+def interrupted_message(reason: str, out_dir: Path | None, step: int, pretraining: bool) -> str:
+    """What a stopped run says: where its checkpoint is, or why there is none."""
+    if pretraining:  # (a model's layer-wise pretraining keeps no resumable state)
+        return (f"training interrupted by {reason} during pretraining, which is not "
+                f"checkpointed: nothing saved; train again (without --resume)")  # fmt: skip
+    if out_dir is None:
+        return f"training interrupted by {reason}; no out_dir, nothing saved"
+    return (
+        f"training interrupted by {reason} at step {step}; "
+        f"checkpoint saved in {out_dir}. Resume with --resume (resume=True)."
+    )
+
+
 def check_split_kept(out_dir: Path, config: TrainConfig, settings: tuple[str, ...]) -> None:
     """Refuses to resume the run in ``out_dir`` with other values of ``settings``, those
     that drew its data split (``aecore train``'s seed and val_fraction), even with

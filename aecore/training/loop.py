@@ -136,8 +136,14 @@ class TrainingRun:
         if pretrain is not None and fresh:  # trained or loaded weights are trained on
             # every pass over the data is a fresh seeded shuffle
             passes = itertools.count(1)
-            stream = Batches.PRETRAIN_STREAM
-            pretrain(lambda: self.train.epoch(next(passes), stream=stream), self.log)
+
+            def pretraining_pass():  # a stop cannot wait out pretraining, nor resume it
+                for batch in self.train.epoch(next(passes), stream=Batches.PRETRAIN_STREAM):
+                    if self._stop_now():
+                        raise TrainingInterrupted(self._interrupted_message(pretraining=True))
+                    yield batch
+
+            pretrain(pretraining_pass, self.log)
         if self.val is not None:
             if getattr(self.model, "pca_start", False):
                 self.state.start_state = {
@@ -397,11 +403,6 @@ class TrainingRun:
     def _data_summary(self) -> dict:
         return {"train": self.train.summary(), "val": self.val and self.val.summary()}
 
-    def _interrupted_message(self) -> str:
+    def _interrupted_message(self, pretraining: bool = False) -> str:
         reason = self.trainer.stop_requested or "a stop request in another process"
-        if self.out_dir is None:
-            return f"training interrupted by {reason}; no out_dir, nothing saved"
-        return (
-            f"training interrupted by {reason} at step {self.state.step}; "
-            f"checkpoint saved in {self.out_dir}. Resume with --resume (resume=True)."
-        )
+        return checkpoint.interrupted_message(reason, self.out_dir, self.state.step, pretraining)

@@ -58,6 +58,9 @@ def test_npz_uncompressed_member_is_memory_mapped_and_keys_are_chosen(tmp_path):
 def test_csv_with_header(tmp_path):
     (tmp_path / "d.csv").write_text("a,b,c\n1,2,3\n4,5,6\n")
     np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'd.csv'}").x, [[1, 2, 3], [4, 5, 6]])
+    (tmp_path / "s.csv").write_text("1;2;3\n4;5;6\n")
+    with pytest.raises(DataError, match="separates values by ';': save it with commas"):
+        load_data(f"csv:{tmp_path / 's.csv'}")
     # pandas' header for unnamed columns (DataFrame(X).to_csv(index=False)) was a data row
     (tmp_path / "p.csv").write_text("0,1,2\n1,2,3\n4,5,6\n")
     np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'p.csv'}").x, [[1, 2, 3], [4, 5, 6]])

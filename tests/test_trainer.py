@@ -471,8 +471,11 @@ def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
 
     x = torch.rand(96, 16)
     rbm = aecore.create("rbm", input_shape=(16,), latent_dim=4, probabilities=True)
-    with pytest.warns(IgnoredSettingWarning, match=r"lr=0.5 does not apply.*its own lr is 0.1"):
+    with pytest.warns(IgnoredSettingWarning, match=r"lr=0.5 does not apply.*lr=... \(now 0.1\)"):
         Trainer(lr=0.5, epochs=1, progress=False).fit(rbm, x)
+    # each setting the model has its own of is named with its value
+    with pytest.warns(IgnoredSettingWarning, match=r"create\(\.\.\., weight_decay=\.\.\. \(now"):
+        Trainer(weight_decay=0.1, epochs=1, progress=False).fit(rbm, x)
     ae = aecore.create("ae", input_shape=(16,), latent_dim=4)
     with pytest.warns(
         IgnoredSettingWarning, match=r"patience=1 needs validation data.*val_fraction=0"
@@ -529,6 +532,9 @@ def test_a_resume_with_changed_settings_is_refused_unless_allowed_and_then_recor
                 **settings).fit(model, x)  # fmt: skip
     with pytest.raises(ConfigError, match="applies to resume=True"):
         Trainer(allow_changes=True)
+    Trainer(epochs=2, out_dir=tmp_path / "two", **settings).fit(model, x)
+    with pytest.raises(ConfigError, match=r"epochs=1: the run has trained 2 epochs; pass epochs=2"):
+        Trainer(epochs=1, out_dir=tmp_path / "two", resume=True, **settings).fit(model, x)
     trainer = Trainer(
         epochs=2, lr=0.1, out_dir=tmp_path, resume=True, allow_changes=True, **settings
     )

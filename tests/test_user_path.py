@@ -306,3 +306,25 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_the_folder_as_it_was(tmp
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "metrics.jsonl").write_bytes(b"")
     run(tmp_path / "old")
+
+
+def test_a_resume_under_another_normalisation_says_what_differs(tmp_path):
+    from aecore.data import Normalization
+    from aecore.errors import ModelFileError
+
+    model = small()
+    model.normalization = Normalization("minmax", np.zeros(1), np.full(1, 16.0))
+    fit(model, epochs=1, out_dir=tmp_path / "r")
+    for norm, says in (
+        # the same kind fitted on other rows: the data differs, not the setting
+        (Normalization("minmax", np.zeros(1), np.full(1, 3.0)), r"other data \(normalised "
+         r"by minmax \(one scale for all\) with scale 16 and shift 0; this data gives 3"),
+        (Normalization("none"), "normalised by minmax .* this run normalises it not at all"),
+    ):  # fmt: skip
+        again = small()
+        again.normalization = norm
+        trainer = aecore.Trainer(
+            epochs=2, batch_size=32, progress=False, out_dir=tmp_path / "r", resume=True
+        )
+        with pytest.raises(ModelFileError, match=says):
+            trainer.fit(again, ROWS)

@@ -133,9 +133,11 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
                 values = [float(c) for c in cells]
             except ValueError:
                 bad = next(c for c in cells if not _is_float(c))
+                other = next((d for d in (";", "\t", "|") if d in bad), None)
+                hint = f" (the file separates values by {other!r}: save it with commas)"
                 raise DataError(
                     f"csv: {p} line {lineno}: non-numeric value {bad!r}; every cell after the "
-                    f"header must be a number"
+                    f"header must be a number{hint if other else ''}"
                 ) from None
             if width is None:
                 width = len(values)

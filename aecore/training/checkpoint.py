@@ -158,10 +158,19 @@ def read(
         )
     saved_norm, norm = meta.get("normalization"), _normalization(model)
     if saved_norm is not None and norm is not None and not _same_scaling(saved_norm, norm):
+        before, after = _describe(saved_norm), _describe(norm)
+        if before == after:  # the same kind fitted on other rows: other data
+            raise ModelFileError(
+                f"cannot resume: {path} was trained on other data (normalised {before} "
+                f"with scale {_first(saved_norm, 'scale')} and shift "
+                f"{_first(saved_norm, 'shift')}; this data gives {_first(norm, 'scale')} and "
+                f"{_first(norm, 'shift')}); resume on the data it was trained on, or start "
+                f"afresh (--overwrite)"
+            )
         raise ModelFileError(
-            f"cannot resume: {path} was trained on data normalised {_describe(saved_norm)}, "
-            f"and this run normalises it {_describe(norm)}; resume with the normalisation "
-            f"it was trained with (--normalize), or start afresh (--overwrite)"
+            f"cannot resume: {path} was trained on data normalised {before}, and this run "
+            f"normalises it {after}; resume with the normalisation it was trained with "
+            f"(--normalize), or start afresh (--overwrite)"
         )
     if meta["world_size"] != world:
         raise ConfigError(
@@ -185,6 +194,11 @@ def read(
             f"keeps its training settings; only {', '.join(resumable)} may change"
             f"{paced_note}; allow_changes=True (--allow-changes) continues with the new "
             f"ones and records the change)"
+        )
+    if config.epochs < meta["epoch"]:  # it would end at once, recording the smaller budget
+        raise ConfigError(
+            f"cannot resume with epochs={config.epochs}: the run has trained {meta['epoch']} "
+            f"epochs; pass epochs={meta['epoch']} or more, or start afresh (--overwrite)"
         )
     if not allow_changes:
         _check_same_data(path, meta.get("data"), data)
@@ -321,6 +335,11 @@ def _same_scaling(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("kind") != b.get("kind") or len(a.get("shift", ())) != len(b.get("shift", ())):
         return False
     return all(np.allclose(a.get(k, ()), b.get(k, ()), rtol=1e-9) for k in ("shift", "scale"))
+
+
+def _first(norm: dict[str, Any], key: str) -> str:
+    values = list(norm.get(key, ()))
+    return f"{values[0]:.4g}" + (", ..." if len(values) > 1 else "") if values else "none"
 
 
 def _describe(norm: dict[str, Any]) -> str:

@@ -203,13 +203,19 @@ def _warn_ignored_optimizer_settings(model, config: TrainConfig) -> None:
     ]
     if not changed:
         return
-    own = getattr(model, "lr", None)
-    hint = f" (its own lr is {own:g})" if isinstance(own, float) else ""
+    # the model's own settings of those names (an RBM's lr and weight_decay)
+    own = [
+        f"{name}=... (now {getattr(model, name):g})"
+        for name in OPTIMIZER_SETTINGS
+        if getattr(config, name) != getattr(DEFAULTS, name)
+        and isinstance(getattr(model, name, None), (int, float))
+    ]
     verb = "does" if len(changed) == 1 else "do"
     warnings.warn(
         f"{type(model).__name__} updates its own parameters (train_step), so the "
         f"trainer's {', '.join(changed)} {verb} not apply to it; set the model's own "
-        f"hyperparameters instead, e.g. aecore.create(..., lr=...){hint}",
+        f"hyperparameters instead: aecore.create(..., {', '.join(own) or 'lr=...'}), "
+        f"or --set on the command line",
         IgnoredSettingWarning,
         stacklevel=3,
     )

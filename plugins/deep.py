@@ -103,11 +103,9 @@ class DeepAutoencoder(Autoencoder):
     ) -> None:
         super().__init__(input_shape=input_shape, latent_dim=latent_dim)
         if isinstance(hidden, (list, tuple)) and len(hidden) == 0:
-            raise ConfigError(
-                "deep needs at least one hidden layer between the input and the code, "
-                "e.g. hidden=[1000, 500, 250]; got hidden=[] (use 'ae' or 'rbm' for a "
-                "shallow model)"
-            )
+            raise ConfigError("deep needs at least one hidden layer between the input and the "
+                              "code, e.g. hidden=[1000, 500, 250]; got hidden=[] (use 'ae' or "
+                              "'rbm' for a shallow model)")  # fmt: skip
         self.hidden = params.int_list("hidden", hidden, allow_empty=False)
         self.visible = params.choice("visible", visible, ["bernoulli", "gaussian"])
         self.reconstruction = params.choice("reconstruction", reconstruction, ["bce", "mse"])
@@ -129,8 +127,7 @@ class DeepAutoencoder(Autoencoder):
                 "reconstruction='bce' is the cross-entropy of the pretrained net's logistic "
                 "outputs: it goes with start='pretrained' (start='pca' fine-tunes on mse)"
             )
-        # not `self.pretrain`: that name is the Trainer's pretraining hook below
-        self.use_pretraining = params.flag("pretrain", pretrain)
+        self.use_pretraining = params.flag("pretrain", pretrain)  # self.pretrain: the hook
         self.pretrain_epochs = params.integer("pretrain_epochs", pretrain_epochs, low=1)
         self.pretrain_lr = params.number("pretrain_lr", pretrain_lr, low=0.0, low_open=True)
         self.pretrain_lr_gaussian = params.number(
@@ -143,6 +140,9 @@ class DeepAutoencoder(Autoencoder):
         if not self.use_pretraining:  # every pretrain_* setting is then unused
             unused = {k: v for k, v in locals().items() if k.startswith("pretrain_")}
             params.warn_unused(type(self), "pretrain=False", **unused)
+        elif len(self.hidden) == 1 and self.visible == "gaussian":  # both RBMs Gaussian
+            why = "visible='gaussian' with one hidden layer gives every RBM Gaussian units"
+            params.warn_unused(type(self), why, pretrain_lr=pretrain_lr)
 
         sizes = self.layer_sizes
         n = len(sizes) - 1

@@ -178,6 +178,7 @@ def test_numpy_ints_in_shapes_and_widths():
         ("rbm", {"chains": 10}, "chains=10"),
         ("rbm", {"visible": "gaussian", "probabilities": True}, "probabilities=True"),
         ("deep", {"hidden": [8], "pretrain": False, "pretrain_k": 3}, "pretrain_k=3"),
+        ("deep", {"hidden": [8], "visible": "gaussian", "pretrain_lr": 0.5}, "pretrain_lr=0.5"),
         ("sae-relu", {"aux_coefficient": 0.5}, "aux_coefficient=0.5"),
     ],
 )

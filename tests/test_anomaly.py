@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,7 +187,10 @@ def test_detectors_on_other_scores_are_served_from_the_exports_score_graph(tmp_p
     for name in ("rbm", "denoising", "vae"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an RBM's note on grey values
-            detector = aecore.AnomalyDetector(name, latent_dim=4, epochs=3, random_state=0)
+            kind = "denoising" if name == "denoising" else None  # (not its default)
+            detector = aecore.AnomalyDetector(
+                name, latent_dim=4, epochs=3, random_state=0, score_kind=kind
+            )
             detector.fit(X[y == 0][:100])
         aecore.save(detector.model_, tmp_path / name)
         out = tmp_path / f"{name}.onnx"
@@ -310,3 +314,19 @@ def test_the_default_code_is_narrower_than_the_data():
         assert detector.model_.latent_dim == want
     with pytest.raises(ConfigError, match="latent_dim must be 'auto' or a positive int"):
         aecore.AnomalyDetector(latent_dim="wide").fit(X)
+
+
+def test_the_detector_thresholds_the_score_kind_asked_for(tmp_path):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = X[y == 0] / 16.0
+    with pytest.raises(ConfigError, match="score_kind must be one of denoising's score kinds"):
+        aecore.AnomalyDetector(score_kind="elbo").fit(X)  # refused before training
+    detector = aecore.AnomalyDetector(score_kind="denoising", epochs=2, random_state=0).fit(X)
+    model = detector.model_.double()
+    x = torch.from_numpy(detector.normalization_.apply(X)).double()
+    want = model.score(x, kind="denoising").numpy()
+    assert detector.detector_.kind == "denoising"
+    np.testing.assert_allclose(detector.decision_scores_, want, rtol=1e-6)
+    assert aecore.AnomalyDetector().get_params()["score_kind"] is None

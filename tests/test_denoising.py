@@ -101,16 +101,16 @@ def test_noise_is_fresh_at_every_step_but_inference_is_clean():
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 def test_the_denoising_score_is_fixed_and_a_rows_own(corruption):
-    # the detector's default score restores rows from fixed corruptions: the same score
+    # the denoising score restores rows from fixed corruptions: the same score
     # for a row whatever its batch or call, the reconstruction error plus a positive term
     torch.manual_seed(0)
     model = DenoisingAutoencoder(input_shape=(12,), latent_dim=3, corruption=corruption).eval()
     x = torch.rand(10, 12)
-    score = model.score(x)
-    assert model.default_score_kind == "denoising"
-    torch.testing.assert_close(model.score(x[3:5]), score[3:5])
-    torch.testing.assert_close(model.score(x.flip(0)), score.flip(0))
-    assert (score > model.score(x, kind="reconstruction")).all()
+    score = model.score(x, kind="denoising")
+    assert model.default_score_kind == "reconstruction"  # it detects better on 2 of 3 sets
+    torch.testing.assert_close(model.score(x[3:5], kind="denoising"), score[3:5])
+    torch.testing.assert_close(model.score(x.flip(0), kind="denoising"), score.flip(0))
+    assert (score > model.score(x)).all()
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,9 @@ def test_a_salt_and_pepper_denoiser_exports_its_score_for_any_batch_size(digits,
     # its fixed corruptions once took the row count from len(x), an int the tracer
     # baked into the graph: the export of all parts failed
     X, y = digits
-    detector = aecore.AnomalyDetector(corruption="salt_pepper", epochs=2, random_state=0)
+    detector = aecore.AnomalyDetector(
+        corruption="salt_pepper", score_kind="denoising", epochs=2, random_state=0
+    )
     detector.fit(X[y == 0])
     assert detector.detector_.kind == "denoising"
     for served in served_copies(detector, tmp_path):

@@ -20,6 +20,7 @@ detection's own defaults for the model, code size and epochs (see the class).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,15 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         # fit's training scores (score_samples: higher is more normal), scored once
         super()._set_thresholds(scores, contamination)
         anomaly = -scores.astype(np.float64)
+        if len(anomaly) and np.ptp(anomaly) <= 1e-9 * max(1.0, float(np.abs(anomaly).max())):
+            warnings.warn(
+                f"every training row scores the same ({anomaly[0]:.3g}): {self.model!r} "
+                f"reproduces its rows exactly (a code as wide as the data's variation), so "
+                f"the threshold cannot flag a share of them and new rows score alike; give "
+                f"it a smaller code (latent_dim) or use the denoising model",
+                UserWarning,
+                stacklevel=4,  # the caller of fit
+            )
         self.detector_ = ScoreThreshold.fit(anomaly, contamination, self._kind())
         self.model_.detector = self.detector_  # saved and exported with the model
         self.decision_scores_ = anomaly

@@ -330,3 +330,11 @@ def test_the_detector_thresholds_the_score_kind_asked_for(tmp_path):
     assert detector.detector_.kind == "denoising"
     np.testing.assert_allclose(detector.decision_scores_, want, rtol=1e-6)
     assert aecore.AnomalyDetector().get_params()["score_kind"] is None
+
+
+def test_a_detector_whose_training_rows_all_score_alike_says_so():
+    # one feature, a code of one: the ae learnt the identity, scored every row 0, and
+    # flagged none of the contamination share, nor a new row at 1e3, without a word
+    x = np.random.default_rng(0).normal(size=(200, 1))
+    with pytest.warns(UserWarning, match="every training row scores the same"):
+        aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(x)

@@ -230,11 +230,26 @@ def test_data_units_tell_unit_interval_intensities_one_scale_and_units_of_their_
     assert data_units(many) == OWN
     assert data_units(rng.normal(size=(100, 2)) * [1.0, 1e6]) == OWN
     assert data_units(rng.normal(size=(100, 1)) * 1e6) == SHARED  # nothing to weigh against
+    # nor one in a far smaller unit (farads beside volts), which one scale would erase
+    many[:, 3] /= 1e4
+    many[:, 5] *= 1e-13
+    assert data_units(many) == OWN
+
     assert data_units(np.full((5, 3), 7.0)) == SHARED  # nothing varies: nothing to rescale
     # rows seen through a view (a memory map's split) count, not the whole array
     mixed = np.vstack([digits[:100, :13] / 16.0, wine])
     assert data_units(mixed) != UNIT
     assert data_units(ArrayView(mixed, np.arange(100), raw=True)) == UNIT
+
+
+def test_a_feature_in_small_units_is_rescaled_not_taken_for_constant():
+    # the cut-off was absolute (a spread below 1e-12): a capacitance in farads stayed
+    # at 1e-13 after "standardising", and anomalies in it went unseen
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(size=50), 1e-13 * rng.normal(size=50), np.full(50, 7.0)])
+    norm = Normalization.fit("standardize", x, per_feature=True)
+    assert norm.scale[1] == pytest.approx(x[:, 1].std()) and norm.scale[2] == 0.0
+    np.testing.assert_allclose(norm.apply(x)[:, 1].std(), 1.0, rtol=1e-5)
 
 
 def test_normalization_is_fitted_on_train_rows_only():

@@ -24,6 +24,11 @@ UNIT, INTENSITY, SHARED, OWN = "unit", "intensity", "shared", "own"
 #: feature rescaled costs little where one scale was right); features of smaller range
 #: (a pixel that rarely lights) merely weigh less, as they should on one scale
 SHARED_SCALE_SPREAD = 4.0
+#: how far below that median the smallest may lie: a feature varying 1e4x less than the
+#: others is in a unit of its own (a capacitance in farads beside volts), which one scale
+#: would reduce to nothing, where a pixel that rarely lights still varies by a count
+#: (1/16 of the typical range on digits)
+SHARED_SCALE_GAP = 1e4
 
 
 def data_units(train) -> str:
@@ -38,7 +43,8 @@ def data_units(train) -> str:
         return UNIT
     varying = ranges[ranges > 0]
     typical = float(np.percentile(varying, 50, method="lower")) if len(varying) else 0.0
-    if len(varying) >= 2 and float(varying.max()) > SHARED_SCALE_SPREAD * typical:
+    spread = float(varying.max()) > SHARED_SCALE_SPREAD * typical if len(varying) else False
+    if len(varying) >= 2 and (spread or float(varying.min()) * SHARED_SCALE_GAP < typical):
         return OWN
     # one scale (or one feature: nothing to weigh against another)
     return INTENSITY if low.min() >= 0.0 and np.mean(low == 0.0) >= 0.5 else SHARED

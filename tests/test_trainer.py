@@ -644,6 +644,27 @@ def test_a_diverged_model_is_not_blamed_on_the_validation_data():
                 device="cpu").fit(model, rows[:32], rows[32:])  # fmt: skip
 
 
+def test_overflow_before_any_step_blames_the_datas_scale_not_the_step_size():
+    # at 1e15 with normalize="none" the first gradient overflowed float32 whatever the
+    # learning rate, and the message said to lower it
+    from aecore.errors import DataError
+
+    torch.manual_seed(0)
+    huge = torch.rand(48, 4) * 1e20
+    with pytest.raises(TrainingError, match=r"global step 1\).* the data's scale, not the step"):
+        Trainer(epochs=1, batch_size=48, val_fraction=0, progress=False, device="cpu").fit(
+            aecore.create("ae", input_shape=(4,), latent_dim=2, init="random"), huge
+        )
+    with pytest.raises(
+        DataError, match=r"before any training step: the model overflows .*up to [0-9.]+e\+37"
+    ):
+        Trainer(epochs=1, batch_size=32, progress=False, device="cpu").fit(
+            aecore.create("ae", input_shape=(4,), latent_dim=2, init="random"),
+            huge[:32],
+            huge[32:] * 1e18,
+        )
+
+
 def test_lbfgs_on_a_loaders_batches_names_the_loaders_batch_size():
     loader = DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=8)
     with pytest.warns(UserWarning, match=r"the DataLoader \(batch_size=8\) yields 12 batches"):

@@ -72,6 +72,12 @@ def check_validation_loss(loss: float, val, step: int) -> None:
             f"the validation loss is {loss}: the validation data (val_data, or the rows "
             f"held out from data) holds NaN or infinite values; clean them"
         )
+    if step == 0:  # the start's weights: the rows' scale overflows the model
+        raise DataError(
+            f"the validation loss is {loss} before any training step: the model overflows "
+            f"on rows of this scale (up to {max(float(x.abs().max()) for x in val.epoch(0)):.3g}"
+            f"); normalise the data (normalize='auto' or 'standardize')"
+        )
     raise TrainingError(
         f"the validation loss is {loss} after {step} training steps: the weights diverged "
         f"(or overflow on these rows); lower the learning rate or set grad_clip"

@@ -73,9 +73,18 @@ def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: s
         what = f"{refused}" if refused is not None else f"non-finite loss ({loss.item()})"
         raise TrainingError(
             f"{what} at {where}; the model keeps the weights from before this step. "
-            f"Lower the learning rate or set grad_clip."
+            f"{_remedy(where)}"
         )
     return terms
+
+
+def _remedy(where: str) -> str:
+    if where.endswith("(global step 1)"):  # no step taken yet: no step size to blame
+        return (
+            "At the first step this is the data's scale, not the step size: normalise the "
+            "data (normalize='auto' or 'standardize') or rescale it."
+        )
+    return "Lower the learning rate or set grad_clip."
 
 
 def gradient_step(
@@ -93,7 +102,7 @@ def gradient_step(
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(
             f"non-finite gradient at {where}; the model keeps the weights from before "
-            f"this step. Lower the learning rate or set grad_clip."
+            f"this step. {_remedy(where)}"
         )
     if grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(

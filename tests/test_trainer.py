@@ -669,3 +669,17 @@ def test_lbfgs_on_a_loaders_batches_names_the_loaders_batch_size():
     loader = DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=8)
     with pytest.warns(UserWarning, match=r"the DataLoader \(batch_size=8\) yields 12 batches"):
         Trainer(epochs=1, optimizer="lbfgs", progress=False, device="cpu").fit(make(), loader)
+
+
+def test_rows_outside_a_bounded_models_range_are_refused():
+    # raw 0..255 pixels trained a sigmoid-output model without a word (MSE 17941), and a
+    # cross-entropy loss went negative
+    from aecore.errors import DataError
+
+    pixels = torch.randint(0, 256, (32, 16)).float()
+    bce = {"reconstruction": "bce", "output_activation": "sigmoid"}
+    for hparams in ({"output_activation": "sigmoid"}, {"output_activation": "clip"}, bce):
+        model = aecore.create("ae", input_shape=(16,), latent_dim=2, **hparams)
+        with pytest.raises(DataError, match=r"reach \[0, 255\], but .* takes inputs in \[0, 1\]"):
+            Trainer(epochs=1, progress=False, device="cpu").fit(model, pixels)
+        Trainer(epochs=1, progress=False, device="cpu").fit(model, pixels / 255)

@@ -84,6 +84,24 @@ def check_validation_loss(loss: float, val, step: int) -> None:
     )
 
 
+def check_in_input_range(model, x: torch.Tensor) -> None:
+    """Rows outside the range a bounded model takes (its ``input_range``: sigmoid or
+    clipped outputs, Bernoulli units) train it on what it can never reconstruct, and a
+    cross-entropy loss goes negative: refused, as the estimators and ``aecore train``
+    refuse them. A model with a data policy of its own (``check_training_data``: the
+    RBM's clipping with a warning, or ``strict``) applies that instead."""
+    bounds = getattr(model, "input_range", None)
+    if bounds is None or not x.numel() or hasattr(model, "check_training_data"):
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo < bounds[0] or hi > bounds[1]:
+        raise DataError(
+            f"the training rows reach [{lo:.4g}, {hi:.4g}], but {type(model).__name__} with "
+            f"these settings takes inputs in [{bounds[0]:g}, {bounds[1]:g}] (its input_range): "
+            f"scale them into it (pixels / 255, say), or choose settings for real values"
+        )
+
+
 def input_dtype(model) -> torch.dtype:
     """The dtype batches reach the model in: its own (a float64 model sees float64 rows,
     not rows rounded to float32 first)."""

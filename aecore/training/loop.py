@@ -16,6 +16,7 @@ from aecore.training import checkpoint
 from aecore.training.batches import Batches
 from aecore.training.distributed import DistContext, check_distributed, distributed_loss
 from aecore.training.evaluation import (
+    check_in_input_range,
     check_validation_loss,
     chunk_losses,
     clearly_lower,
@@ -327,6 +328,7 @@ class TrainingRun:
             self.model.check_input(x.to(input_dtype(self.model)))
         except ShapeError as exc:
             raise ShapeError(f"the data does not fit the model: {exc}") from None
+        check_in_input_range(self.model, x)
 
     def _train_sample(self) -> list[torch.Tensor]:
         """The first batches of the first epoch's order of the rows given to fit, up to

@@ -171,9 +171,14 @@ def test_resume_refuses_other_training_rows(tmp_path):
     # a resume once went on over 50 of the 300 rows (or another split) without a word
     fit(small(), epochs=1, out_dir=tmp_path / "r")
 
+    # a memory map of other rows, and the same values flipped (one sum), differ too
+    np.save(tmp_path / "other.npy", ROWS[:, ::-1].copy())
+    flipped = np.load(tmp_path / "other.npy", mmap_mode="r")
     for data, says in (
         (ROWS[:50], r"108 rows; this run gives 45 rows\)"),
         (ROWS + 1, "108 rows; this run gives 108 rows, other values"),
+        (flipped, "108 rows; this run gives 108 rows, other values"),
+        (np.ascontiguousarray(ROWS[:, ::-1]), "108 rows; this run gives 108 rows, other values"),
     ):
         trainer = aecore.Trainer(
             epochs=2, batch_size=32, progress=False, out_dir=tmp_path / "r", resume=True

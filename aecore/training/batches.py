@@ -60,15 +60,31 @@ class Batches:
         self.name = name
 
     def summary(self) -> dict[str, Any]:
-        """What a resume checks it trains on the same rows: their count and, for
-        in-memory data, the sum of their values (computed once)."""
+        """What a resume checks it trains on the same rows: their count, for in-memory
+        data the sum of their values, and for arrays of any kind (memory maps and views
+        too) a fingerprint of sampled rows (computed once)."""
         if getattr(self, "_summary", None) is None:
             chunks = self.in_memory_chunks()
             total = None
             if chunks is not None:
                 total = sum(float(chunk.double().sum()) for chunk in chunks)
-            self._summary = {"rows": self.n, "sum": total}
+            self._summary = {"rows": self.n, "sum": total, "sample": self._sampled()}
         return self._summary
+
+    def _sampled(self) -> float | None:
+        """Up to 64 evenly spaced rows, read alone, their values weighted by position:
+        other values, or the same ones reordered or flipped, give another number."""
+        if self.array is None:
+            return None
+        picks = torch.linspace(0, self.n - 1, min(self.n, 64)).round().long().unique()
+        idx = picks if self.rows is None else self.rows[picks]
+        if isinstance(self.array, torch.Tensor):
+            rows = self.array.index_select(0, idx.to(self.array.device)).cpu()
+        else:
+            rows = torch.as_tensor(np.asarray(self.array[idx.numpy()]))
+        flat = rows.double().flatten(1)
+        weights = torch.rand(flat.shape, generator=torch.Generator().manual_seed(0)).double()
+        return float((flat * (weights + 0.5)).sum())
 
     def check_finite(self) -> None:
         """A DataError naming the first NaN or infinity (as float32, what training sees)

@@ -293,8 +293,9 @@ def _check_same_data(path: Path, saved: Any, now: dict[str, Any] | None) -> None
         if a is None and b is None:
             continue
         same = a is not None and b is not None and a["rows"] == b["rows"]
-        if same and a.get("sum") is not None and b.get("sum") is not None:
-            same = math.isclose(a["sum"], b["sum"], rel_tol=1e-9, abs_tol=1e-9)
+        for key in ("sum", "sample"):  # (older checkpoints recorded fewer)
+            if same and a.get(key) is not None and b.get(key) is not None:
+                same = math.isclose(a[key], b[key], rel_tol=1e-9, abs_tol=1e-9)
         if not same:
             before, after = (f"{s['rows']} rows" if s else "none" for s in (a, b))
             other = ", other values" if before == after else ""

@@ -181,9 +181,13 @@ class Autoencoder(nn.Module, abc.ABC):
         shape = check_input_shape(input_shape)
         if len(shape) not in self.input_ranks:
             expected = " or ".join(f"{r}-D" for r in self.input_ranks)
+            # grey images (H, W) for a model of (C, H, W): one channel axis is missing
+            grey = "; grey images take a channel axis, (1, H, W): x[:, None]" * (
+                len(shape) == 2 and 3 in self.input_ranks
+            )
             raise ConfigError(
                 f"{type(self).__name__} accepts {expected} input shapes "
-                f"(without the batch axis); got input_shape={shape}"
+                f"(without the batch axis); got input_shape={shape}{grey}"
             )
         self.input_shape: tuple[int, ...] = shape
         self.latent_dim: int = check_positive_int("latent_dim", latent_dim)

@@ -389,7 +389,7 @@ class DeepAutoencoder(Autoencoder):
                     ),
                 )
             )
-        first = self.encoder[0].weight.detach().cpu().numpy()
+        first = self.encoder[0].weight.detach().cpu().numpy().reshape(-1, *self.input_shape)
         if plots.as_images(first[:1]) is not None:
             figures.append(
                 (

@@ -390,11 +390,12 @@ class RBM(Autoencoder):
                 plots.image_rows([("samples", samples)], out_dir / "samples.png"),
             )
         ]
-        if plots.as_images(self.W.t()[:1].cpu().numpy()) is not None:
+        filters = self.W.t().cpu().numpy().reshape(-1, *self.input_shape)  # images stay so
+        if plots.as_images(filters[:1]) is not None:
             figures.append(
                 (
                     "filters: each hidden unit's weights to the visible units",
-                    plots.filter_grid(self.W.t().cpu().numpy(), out_dir / "filters.png"),
+                    plots.filter_grid(filters, out_dir / "filters.png"),
                 )
             )
         return figures

@@ -338,3 +338,15 @@ def test_a_detector_whose_training_rows_all_score_alike_says_so():
     x = np.random.default_rng(0).normal(size=(200, 1))
     with pytest.warns(UserWarning, match="every training row scores the same"):
         aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(x)
+
+
+def test_asking_an_export_for_a_kind_it_lacks_says_how_to_get_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from aecore.errors import DataError
+    from aecore.runtime import OnnxAutoencoder
+
+    model = aecore.create("denoising", input_shape=(6,), latent_dim=2)
+    aecore.save(model, tmp_path / "m")
+    aecore.export_onnx(tmp_path / "m", tmp_path / "m.onnx", part="all")
+    with pytest.raises(DataError, match=r"AnomalyDetector\(score_kind='denoising'\)"):
+        OnnxAutoencoder(tmp_path / "m.onnx").score(np.zeros((2, 6), np.float32), kind="denoising")

@@ -123,3 +123,8 @@ def test_learns_digits_better_than_pca():
     (about 0.7x PCA's test MSE after 12 epochs)."""
     result = train("conv", "digits:image", None, latent_dim=8, epochs=12, lr=3e-3, progress=False)
     assert result.metrics["ratio_to_pca"] < 0.9, result.metrics
+
+
+def test_grey_images_without_a_channel_axis_are_told_to_add_one():
+    with pytest.raises(ConfigError, match=r"grey images take a channel axis, \(1, H, W\)"):
+        ConvAutoencoder(input_shape=(7, 9), latent_dim=2)

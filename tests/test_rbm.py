@@ -359,3 +359,14 @@ def test_a_momentum_given_to_train_step_is_checked_as_the_constructors_are():
     rbm = RBM(input_shape=(4,), latent_dim=3, probabilities=True)
     with pytest.raises(ConfigError, match=r"momentum must be a number in \[0, 1\)"):
         rbm.train_step(torch.rand(8, 4), momentum=1.5)
+
+
+def test_filters_of_image_inputs_are_drawn_in_the_images_shape(tmp_path, monkeypatch):
+    # 64 weights of a (1, 4, 16) image were drawn as scrambled 8x8 squares
+    from aecore import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "filter_grid", lambda w, path, *a: drawn.append(w.shape) or path)
+    rbm = RBM(input_shape=(1, 4, 16), latent_dim=5)
+    rbm.demo_figures(None, tmp_path)
+    assert drawn == [(5, 1, 4, 16)] and plots.as_images(np.zeros(drawn[0])).shape == (5, 4, 16)

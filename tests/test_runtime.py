@@ -380,3 +380,10 @@ def test_channel_last_images_are_told_to_transpose_not_reshape():
         _check_array(np.zeros((2, 8, 8, 3), np.float32), (3, 8, 8), "conv expects inputs", "x")
     with pytest.raises(ShapeError, match=r"reshape to \(N, 3, 8, 8\)"):
         _check_array(np.zeros((2, 192), np.float32), (3, 8, 8), "conv expects inputs", "x")
+
+
+def test_image_axes_in_another_order_get_a_transpose_not_a_reshape():
+    from aecore.runtime.arrays import _check_array
+
+    with pytest.raises(ShapeError, match=r"another order: x.transpose\(0, 1, 3, 2\)"):
+        _check_array(np.zeros((2, 3, 9, 7)), (3, 7, 9), "m expects inputs", "x")

@@ -251,6 +251,9 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
         elif len(shape) == 3 and x.shape[1:] == (*shape[1:], shape[0]):
             # channels last: a reshape would scramble the pixels
             hint = f"; channels come first: {name}.transpose(0, 3, 1, 2)"
+        elif x.ndim == 4 and len(set(shape)) == 3 and sorted(x.shape[1:]) == sorted(shape):
+            axes = ", ".join(str(1 + list(x.shape[1:]).index(d)) for d in shape)
+            hint = f"; its axes are in another order: {name}.transpose(0, {axes})"
         elif x.ndim >= 1 and x.size and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
             hint = f"; reshape to {expected} with {name}.reshape(-1, {', '.join(map(str, shape))})"
         raise ShapeError(f"{what} of shape {expected}; got shape {tuple(x.shape)}{hint}")

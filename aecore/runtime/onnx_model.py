@@ -169,12 +169,18 @@ class OnnxAutoencoder(ArrayModel):
         graph = self._graph(SCORE_PART)
         full = part_paths(self.path)["full"]
         if graph is None:
+            how = (
+                f"`aecore export MODEL_DIR --out {full} --all` writes one for a model that "
+                f"computes that score deterministically"
+                if kind == self.default_score_kind
+                else f"an export of all parts holds the score graph of the model's detector "
+                f"(aecore.AnomalyDetector(score_kind={kind!r})) or else of its default "
+                f"kind, {self.default_score_kind!r}"
+            )
             raise DataError(
                 f"scoring by the model's {kind!r} needs the export's score graph "
-                f"({score_path(self.path)}), which is missing: `aecore export MODEL_DIR "
-                f"--out {full} --all` writes one for a model that computes that score "
-                f"deterministically; otherwise serve the model folder (torch), or pass "
-                f"kind='reconstruction'"
+                f"({score_path(self.path)}), which is missing: {how}; otherwise serve the "
+                f"model folder (torch), or pass kind='reconstruction'"
             )
         exported = graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")
         if exported != kind:

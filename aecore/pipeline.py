@@ -156,7 +156,8 @@ def train(
 def _warn_if_channels_last(source: str, shape: tuple[int, ...]) -> None:
     """Images stored (H, W, C), as image libraries write them, would train as H channels
     of W x C images without a word."""
-    if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] > 4 and shape[1] > 4:
+    # (a last axis smaller than both others: small images (4, 4, 3) too)
+    if len(shape) == 3 and shape[2] in (1, 3, 4) and min(shape[0], shape[1]) > shape[2]:
         h, w, c = shape
         warnings.warn(
             f"{source}: rows of shape {shape} look like images with their channels last; "

@@ -368,6 +368,10 @@ def test_channel_last_images_are_named_when_training(capsys, tmp_path):
             "--epochs", "1", "--out", str(tmp_path / "m")]  # fmt: skip
     with pytest.warns(UserWarning, match=r"channels last.*\(N, 3, 8, 8\)"):
         assert run(capsys, *args)[0] == 0
+    from aecore.pipeline import _warn_if_channels_last
+
+    with pytest.warns(UserWarning, match=r"channels last.*\(N, 3, 4, 4\)"):  # small ones too
+        _warn_if_channels_last("npy:x.npy", (4, 4, 3))
 
 
 def test_the_pca_row_of_a_code_as_wide_as_the_input_says_it_is_exact():

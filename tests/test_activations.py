@@ -224,6 +224,24 @@ def shared():  # one layer applied twice (ALBERT's kind of sharing)
     torch.manual_seed(0)
     layer = nn.Linear(8, 8)
     return nn.Sequential(layer, layer)
+
+
+def inplace():  # the next module changes the hooked one's output in place
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 24), nn.ReLU(inplace=True), nn.Linear(24, 6))
+
+
+def wide(ablated=False, act=nn.ReLU):  # a row past the first 256 weights, zeroed
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), act())
+    if ablated:
+        with torch.no_grad():
+            net[0].weight[40] = 0
+    return net
+
+
+def double():
+    return build().double()
 """
 
 
@@ -619,3 +637,75 @@ def test_a_cache_from_before_every_row_was_fingerprinted_is_still_its_own(lm_dir
     manifest["input_fingerprint"] = _edge_fingerprint(ids)
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     assert _extract(lm_dir, f"npy:{tmp_path / 't.npy'}", tmp_path / "c")["complete"]
+
+
+def test_activations_are_what_the_module_returned_before_in_place_changes(importable, tmp_path):
+    # the stored rows shared memory with the output: ReLU(inplace=True) after the hooked
+    # layer rewrote the first batch (and, with two hooks, every batch)
+    x, data = importable
+    import tiny_mlp
+
+    with torch.no_grad():
+        want = tiny_mlp.inplace()[0](torch.from_numpy(x)).numpy()
+    for hooks in (["0"], ["0", "2"]):
+        out = tmp_path / "-".join(hooks)
+        extract_activations("tiny_mlp:inplace", data, hooks, out, batch_size=8, dtype="float32")
+        np.testing.assert_allclose(ActivationCache(out, "0")[:], want, atol=1e-6)
+        assert (ActivationCache(out, "0")[:] < 0).any()
+
+
+def test_a_changed_model_is_not_resumed_into_a_cache(importable, tmp_path):
+    # the fingerprint read the first 256 values of each tensor: a zeroed row past them, or
+    # another activation, resumed silently and mixed two models' rows
+    _, data = importable
+    out = tmp_path / "c"
+    settings = dict(batch_size=8, shard_rows=8, dtype="float32", max_rows=8)
+    extract_activations("tiny_mlp:wide", data, ["0"], out, **settings)
+    (out / "manifest.json").write_text(  # as if stopped after one shard
+        (out / "manifest.json").read_text().replace('"complete": true', '"complete": false')
+    )
+    import tiny_mlp
+
+    for other in (lambda: tiny_mlp.wide(ablated=True), lambda: tiny_mlp.wide(act=torch.nn.Tanh)):
+        with pytest.raises(ConfigError, match="model_fingerprint"):
+            extract_activations(other(), data, ["0"], out, **settings)
+
+
+def test_rows_asked_for_twice_come_back_as_asked(cache_dir):
+    cache = ActivationCache(cache_dir, HOOKS[0])
+    full = cache[:]
+    for idx in ([0, 0, 2], [5, 3, 3, 4]):
+        np.testing.assert_array_equal(cache[np.array(idx)], full[idx])
+
+
+def test_float_rows_reach_the_model_in_its_dtype(importable, tmp_path):
+    x, data = importable
+    manifest = extract_activations("tiny_mlp:double", data, ["0"], tmp_path / "c", dtype="float32")
+    assert manifest["hooks"]["0"]["rows"] == len(x)
+
+
+def test_a_resume_that_fails_at_once_keeps_the_shards_written(importable, tmp_path, monkeypatch):
+    # a resume starting at input 0 (one hook had no completed shard) that failed on its
+    # first batch (out of memory, say) deleted the whole cache as if it were its own
+    ids = np.random.default_rng(2).integers(0, 100, (30, 16))
+    np.save(tmp_path / "ids.npy", ids)
+    data, hooks = f"npy:{tmp_path / 'ids.npy'}", ["embed", "head"]
+    settings = {"shard_rows": 10, "batch_size": 2, "dtype": "float32"}
+
+    def stop(done, total):
+        if done == 8:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        extract_activations("tiny_mlp:Pooled", data, hooks, tmp_path / "c", progress=stop,
+                            **settings)  # fmt: skip
+    before = read_manifest(tmp_path / "c")["hooks"]
+    assert before["embed"]["rows"] > 0 and before["head"]["rows"] == 0
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr("aecore.activations.extract.capture", out_of_memory)
+    with pytest.raises(DataError, match="out of memory"):
+        extract_activations("tiny_mlp:Pooled", data, hooks, tmp_path / "c", **settings)
+    assert read_manifest(tmp_path / "c")["hooks"] == before

@@ -185,7 +185,8 @@ class ActivationCache:
                 continue
             local = ordered[a:b] - self.offsets[s]
             shard = self._shard(s)
-            if local[-1] - local[0] + 1 == len(local):  # contiguous: one slice read
+            # contiguous (sorted, so a repeat with a gap would pass a span test): one read
+            if local[-1] - local[0] + 1 == len(local) and bool(np.all(np.diff(local) == 1)):
                 rows[a:b] = shard[int(local[0]) : int(local[-1]) + 1]
             else:  # gathered straight into place: no temporary copy
                 np.take(shard, local, axis=0, out=rows[a:b])

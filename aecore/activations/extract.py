@@ -27,7 +27,14 @@ from aecore.activations.manifest import (
     new_manifest,
     read_manifest,
 )
-from aecore.activations.models import find_modules, fingerprint, first_tensor, load_model
+from aecore.activations.models import (
+    MODEL_SCHEME,
+    find_modules,
+    fingerprint,
+    first_tensor,
+    legacy_fingerprint,
+    load_model,
+)
 from aecore.activations.writer import CacheWriter
 from aecore.data.sources import load_data
 from aecore.errors import AecoreError, ConfigError, DataError
@@ -73,7 +80,7 @@ def extract_activations(
     if max_rows is not None:
         max_rows = integer("max_rows", max_rows, low=1)
     target = torch_device(device)
-    hooks = list(hooks)
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)  # one name, not its letters
     net, model_label = load_model(model)
     modules = find_modules(net, hooks)
     inputs = load_data(data).x
@@ -93,7 +100,10 @@ def extract_activations(
     )
     # the folder is this run's until it ends: a second writer fails at once
     with FolderLock(out, "write activations into"):
-        manifest = _start(Path(out), fresh, overwrite, lambda: _edge_fingerprint(inputs))
+        legacy = {"input_fingerprint": lambda: _edge_fingerprint(inputs),
+                  "model_fingerprint": lambda: legacy_fingerprint(net)}  # fmt: skip
+        manifest = _start(Path(out), fresh, overwrite, legacy)
+        resumed = manifest is not fresh  # a cache on disk: its shards are kept
         if manifest.get("complete"):
             say(f"{out} is complete already: nothing to do")
             return manifest
@@ -126,8 +136,8 @@ def extract_activations(
                             for h, a in captured.items()
                         }
                     except Exception as exc:  # the model or its outputs refused
-                        if first == start == 0:  # nothing written: leave no cache behind
-                            _remove_cache(Path(out), manifest)
+                        if first == start == 0 and not resumed:  # this run wrote nothing:
+                            _remove_cache(Path(out), manifest)  # leave no cache behind
                         if isinstance(exc, AecoreError) or batch is None:
                             raise
                         raise _forward_error(exc, model_label, batch, first) from None
@@ -149,7 +159,8 @@ def extract_activations(
 def _start(root: Path, fresh: dict[str, Any], overwrite: bool, legacy=None) -> dict[str, Any]:
     """The manifest to continue from: ``fresh`` for a new (or overwritten) cache, the
     one on disk for a resumable one; refuses folders that are not caches and caches with
-    other settings."""
+    other settings. ``legacy``: per fingerprint, how a cache written before its scheme
+    computed it."""
     if (root / MANIFEST).exists():
         try:
             old = read_manifest(root)
@@ -161,9 +172,10 @@ def _start(root: Path, fresh: dict[str, Any], overwrite: bool, legacy=None) -> d
         if overwrite:
             _remove_cache(root, old)
             return fresh
-        scheme = str(old.get("input_fingerprint", "")).startswith(ALL_ROWS)
-        if not scheme and legacy is not None:  # a cache from before every row was hashed
-            fresh = {**fresh, "input_fingerprint": legacy()}
+        for key, prefix in (("input_fingerprint", ALL_ROWS), ("model_fingerprint", MODEL_SCHEME)):
+            # a cache from before every row was hashed, or the weights' spread was
+            if legacy and not str(old.get(key, "")).startswith(prefix):
+                fresh = {**fresh, key: legacy[key]()}
         changed = differences(old, fresh)
         if changed:
             raise ConfigError(
@@ -183,11 +195,15 @@ def _start(root: Path, fresh: dict[str, Any], overwrite: bool, legacy=None) -> d
 def _forward_error(exc: Exception, model: str, batch: torch.Tensor, first: int) -> DataError:
     kind = "token ids" if not batch.is_floating_point() else "float rows"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    hint = (
+        "; a language model takes integer token ids (an int .npy of shape (N, seq_len))"
+        if batch.is_floating_point()
+        else ""
+    )
     return DataError(
         f"{model} failed on input rows {first}-{first + len(batch) - 1} ({kind}, "
         f"{str(batch.dtype).removeprefix('torch.')} of shape {tuple(batch.shape)}): "
-        f"{type(exc).__name__}: {message}; a language model takes integer token ids "
-        f"(an int .npy of shape (N, seq_len))"
+        f"{type(exc).__name__}: {message}{hint}"
     )
 
 
@@ -231,8 +247,10 @@ def _batch(inputs, first: int, size: int, net: nn.Module, device: torch.device) 
     """Input rows ``first:first+size`` as a tensor: token ids (int64, checked against
     the model's vocabulary when it has one) or float32 rows."""
     block = np.asarray(inputs[first : first + size])
-    if block.dtype.kind not in "iu":
-        return torch.from_numpy(np.array(block, dtype=np.float32)).to(device)
+    if block.dtype.kind not in "iu":  # in the model's float dtype (bfloat16, float64)
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+        rows = torch.from_numpy(np.array(block, dtype=np.float32))
+        return rows.to(device, dtype or torch.float32)
     vocab = getattr(getattr(net, "config", None), "vocab_size", None)
     low, high = int(block.min()), int(block.max())
     if low < 0 or (isinstance(vocab, int) and high >= vocab):
@@ -260,7 +278,9 @@ def capture(net: nn.Module, modules: dict[str, nn.Module], batch: torch.Tensor, 
                 raise ConfigError(
                     f"module {name!r} ran twice in one forward pass; hook a module that runs once"
                 )
-            got[name] = first_tensor(output, name).detach()
+            # a copy: a later in-place op (ReLU(inplace=True), a residual +=) would
+            # change the module's output tensor after the hook saw it
+            got[name] = first_tensor(output, name).detach().clone()
             if stop_early and len(got) == len(modules):
                 raise _AllCaptured
 

@@ -18,7 +18,9 @@ from torch import nn
 from aecore.errors import ConfigError, ModelFileError
 
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-_FINGERPRINT_VALUES = 256  # values per tensor the fingerprint reads
+_FINGERPRINT_VALUES = 65536  # values per tensor the fingerprint reads, spread evenly
+#: the prefix of fingerprints that read the structure and values spread over each tensor
+MODEL_SCHEME = "spread:"
 
 
 def load_model(spec: str | nn.Module) -> tuple[nn.Module, str]:
@@ -145,12 +147,27 @@ def close_module_names(model: nn.Module, name: str, count: int = 6) -> list[str]
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A sha256 of the names, shapes and dtypes of the parameters and buffers and of the
-    first values of each: cheap, and different for different weights."""
+    """``MODEL_SCHEME`` and a sha256 of the model's structure (its modules' repr: layer
+    types and their settings, an activation swapped included), of the names, shapes and
+    dtypes of the parameters and buffers, and of up to ``_FINGERPRINT_VALUES`` values of
+    each spread evenly over it (every value of a smaller tensor): an ablated row changes
+    it, where the first values alone missed one past them."""
+    digest = hashlib.sha256(repr(model).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().flatten()
+        step = max(1, -(-flat.numel() // _FINGERPRINT_VALUES))
+        digest.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+    return MODEL_SCHEME + digest.hexdigest()[:32]
+
+
+def legacy_fingerprint(model: nn.Module) -> str:
+    """The fingerprint caches written before ``MODEL_SCHEME`` hold (the first 256 values
+    of each tensor), to resume them."""
     digest = hashlib.sha256()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        head = tensor.detach().flatten()[:_FINGERPRINT_VALUES].to("cpu", torch.float64)
+        head = tensor.detach().flatten()[:256].to("cpu", torch.float64)
         digest.update(head.numpy().tobytes())
     return digest.hexdigest()[:32]
 

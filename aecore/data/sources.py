@@ -100,7 +100,10 @@ def source_columns(source: str) -> list[str] | None:
 def load_data(source: str, *, check_finite: bool = True) -> Dataset:
     """Load a named data source (see the module docstring)."""
     if not isinstance(source, str) or not source:
-        raise DataError(f"data source must be a non-empty string such as 'digits'; got {source!r}")
+        got = repr(source) if isinstance(source, str) else f"a {type(source).__name__}"
+        if hasattr(source, "shape"):  # an array: named by its shape, not printed whole
+            got += f" of shape {tuple(source.shape)} (save it, np.save, and pass 'npy:PATH')"
+        raise DataError(f"data source must be a non-empty string such as 'digits'; got {got}")
     kind, colon, rest = source.partition(":")
     if kind not in SOURCES:
         raise DataError(f"unknown data source {source!r}: expected one of {SOURCE_FORMS}")

@@ -683,3 +683,24 @@ def test_rows_outside_a_bounded_models_range_are_refused():
         with pytest.raises(DataError, match=r"reach \[0, 255\], but .* takes inputs in \[0, 1\]"):
             Trainer(epochs=1, progress=False, device="cpu").fit(model, pixels)
         Trainer(epochs=1, progress=False, device="cpu").fit(model, pixels / 255)
+
+
+@pytest.mark.parametrize(
+    ("returns", "says"),
+    [
+        (lambda loss: {"loss": float(loss)}, r"got 'loss' as float"),
+        (lambda loss: {"loss": loss, "extra": 1.0}, r"got 'extra' as float"),
+        (lambda loss: loss, r"got a Tensor"),
+        (lambda loss: {"objective": loss}, r"got no 'loss' entry"),
+    ],
+)
+def test_a_loss_that_breaks_the_contract_is_named(returns, says):
+    # a plugin's float loss or bare tensor failed deep in the trainer (isfinite(): argument
+    # must be Tensor; 'Tensor' object has no attribute 'items')
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    plain = model.loss
+    model.loss = lambda x: returns(plain(x)["loss"])
+    with pytest.raises(
+        TrainingError, match=rf"PlainAutoencoder.loss must return a dict of scalar tensors .*{says}"
+    ):
+        Trainer(epochs=1, progress=False, device="cpu").fit(model, torch.rand(40, 4))

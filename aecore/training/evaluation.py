@@ -102,6 +102,31 @@ def check_in_input_range(model, x: torch.Tensor) -> None:
         )
 
 
+def loss_terms(model, terms) -> dict:
+    """``terms``, what ``model.loss`` returned, if it keeps the contract: a dict of
+    scalar tensors with a ``"loss"`` entry (a plugin's float or bare tensor named here,
+    not deep in the trainer)."""
+    if (
+        isinstance(terms, dict)
+        and "loss" in terms
+        and all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in terms.values())
+    ):
+        return terms
+    if isinstance(terms, dict) and "loss" in terms:
+        bad = next(
+            k for k, v in terms.items() if not (isinstance(v, torch.Tensor) and v.numel() == 1)
+        )
+        got = f"{bad!r} as {type(terms[bad]).__name__}" + (
+            f" of shape {tuple(terms[bad].shape)}" if isinstance(terms[bad], torch.Tensor) else ""
+        )
+    else:
+        got = "no 'loss' entry" if isinstance(terms, dict) else f"a {type(terms).__name__}"
+    raise TrainingError(
+        f"{type(model).__name__}.loss must return a dict of scalar tensors with a 'loss' "
+        f"entry (the objective; other entries are logged); got {got}"
+    )
+
+
 def input_dtype(model) -> torch.dtype:
     """The dtype batches reach the model in: its own (a float64 model sees float64 rows,
     not rows rounded to float32 first)."""
@@ -118,7 +143,7 @@ def mean_losses(
     with judging(model, seed, device):
         for x in _merged(batches):
             x = x.to(device, input_dtype(model))
-            for k, v in model.loss(x).items():
+            for k, v in loss_terms(model, model.loss(x)).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(x)
             count += len(x)
     return {k: v / count for k, v in sums.items()}
@@ -132,7 +157,7 @@ def chunk_losses(
     with judging(model, seed, device):
         for x in batches:
             for chunk in x.to(device, input_dtype(model)).split(CHUNK_ROWS):
-                losses.append(float(model.loss(chunk)["loss"]))
+                losses.append(float(loss_terms(model, model.loss(chunk))["loss"]))
     return np.asarray(losses, dtype=np.float64)
 
 

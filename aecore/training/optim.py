@@ -10,6 +10,7 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, NonFiniteError, TrainingError
+from aecore.training.evaluation import loss_terms
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -65,9 +66,8 @@ def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: s
         terms, refused = loss_fn(x), None
     except NonFiniteError as exc:  # a top-k of NaN pre-activations
         terms, refused = {"loss": torch.tensor(float("nan"))}, exc
-    if "loss" not in terms:
-        name = type(getattr(loss_fn, "__self__", loss_fn)).__name__
-        raise TrainingError(f"{name}.loss returned no 'loss' key")
+    if refused is None:
+        terms = loss_terms(getattr(loss_fn, "__self__", loss_fn), terms)
     loss = terms["loss"]
     if dist.any([not torch.isfinite(loss)], device)[0]:
         what = f"{refused}" if refused is not None else f"non-finite loss ({loss.item()})"

@@ -8,6 +8,7 @@ reason and a warning; it never breaks the registry or ``import aecore``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
@@ -53,11 +54,9 @@ class ModelEntry:
             self._loaded = True
             self._cls, self._error = _load_target(self)
             if self._error is not None:
-                warnings.warn(
+                _warn(
                     f"aecore plugin {self.name!r} ({self.target}, from {self.distribution}) "
-                    f"is broken: {self._error}",
-                    BrokenPluginWarning,
-                    stacklevel=3,
+                    f"is broken: {self._error}"
                 )
         return self._cls
 
@@ -149,13 +148,19 @@ def _discover() -> dict[str, ModelEntry]:
     _entries = dict(sorted(found.items()))
     for entry in _entries.values():
         if entry.conflict:  # neither claimant can be used: say so once, not silently
-            warnings.warn(
-                f"aecore: {conflict_message(entry)}; that name is unusable until one is "
-                f"uninstalled",
-                BrokenPluginWarning,
-                stacklevel=3,
+            _warn(
+                f"aecore: {conflict_message(entry)}; that name is unusable until one is uninstalled"
             )
     return _entries
+
+
+def _warn(message: str) -> None:
+    """A broken or conflicting plugin, said once; never an exception, even where
+    warnings are turned into errors (``-W error``, a plugin author's pytest settings):
+    one broken package must not break listing the others (``create`` of its name still
+    refuses, naming why)."""
+    with contextlib.suppress(BrokenPluginWarning):
+        warnings.warn(message, BrokenPluginWarning, stacklevel=4)
 
 
 def _norm(name: str) -> str:

@@ -80,6 +80,12 @@ def test_broken_plugins_are_listed_with_reason_and_others_keep_working(extra_sit
         aecore.model_class("missing-module")
     # the rest still works
     assert aecore.create("ae", input_shape=(4,), latent_dim=2).latent_dim == 2
+    # where warnings are errors (a plugin author's pytest settings), listing still works,
+    # and the same on every call (the first call raised, the next ones did not)
+    registry.refresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert aecore.list_models() == usable == aecore.list_models()
 
 
 def test_two_distributions_claiming_one_name_is_an_error_naming_both(extra_site):

@@ -38,6 +38,11 @@ class LossyConfig(PlainAutoencoder):
         return config
 
 
+class ConstantConfig(PlainAutoencoder):
+    def get_config(self):  # reports the default whatever the model was built with
+        return {**super().get_config(), "dropout": 0.0}
+
+
 class Stochastic(PlainAutoencoder):
     def forward(self, x):
         return super().forward(x) + torch.rand_like(x)
@@ -51,6 +56,13 @@ class Stochastic(PlainAutoencoder):
         # the defaults alone rebuild the same shapes: the left-out key is named
         (LossyConfig, {}, check_config_round_trip, r"leaves out the hyperparameters \['hidden'\]"),
         (Stochastic, {}, check_shapes, r"Stochastic: shapes: model\(x\) is not deterministic"),
+        # a value that changes no shape nor output in eval mode is still compared
+        (
+            ConstantConfig,
+            {"dropout": 0.3},
+            check_config_round_trip,
+            r"get_config\(\) reports dropout=0.0, but the model was built with dropout=0.3",
+        ),
     ],
 )
 def test_each_check_catches_its_contract_break(cls, hparams, check, message):

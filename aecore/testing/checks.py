@@ -104,6 +104,19 @@ def check_config_round_trip(spec: ModelSpec) -> None:
             f"get_config() leaves out the hyperparameters {left_out}: a saved model would "
             f"load with their defaults",
         )
+    # each hyperparameter given, as given (a config reporting another value rebuilds
+    # another model; "auto" may be resolved to what it chose)
+    for key, given in spec.hparams.items():
+        try:
+            want = json.loads(json.dumps(given))
+        except TypeError:  # not JSON (a numpy scalar): the round trip above judges it
+            continue
+        if key in config and given != "auto" and json.loads(json.dumps(config[key])) != want:
+            spec.fail(
+                "config round trip",
+                f"get_config() reports {key}={config[key]!r}, but the model was built with "
+                f"{key}={given!r}: a saved model would load as another",
+            )
     rebuilt = spec.cls(**json.loads(text))
     if rebuilt.get_config() != config:
         spec.fail("config round trip", f"{rebuilt.get_config()} != {config}")

@@ -82,6 +82,7 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         """``AutoencoderTransformer.fit``, then the threshold over the training rows'
         scores of ``score_kind`` (checked before training)."""
         self._kind(model_class(self.model))
+        self.__dict__.pop("detector_", None)  # a refit scores by its own score_kind
         return super().fit(X, y)
 
     def _kind(self, cls: type | None = None) -> str:
@@ -99,7 +100,12 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         return self.score_kind
 
     def _scores(self, x: np.ndarray, kind: str | None = None) -> np.ndarray:
-        return super()._scores(x, self._kind() if kind is None else kind)
+        # after fit, the kind the threshold was fitted on (score_kind may have been set
+        # since, or be missing from a detector pickled before it existed)
+        if kind is None:
+            fitted = self.__dict__.get("detector_")
+            kind = fitted.kind if fitted is not None else self._kind()
+        return super()._scores(x, kind)
 
     def _latent_dim(self, n_features: int) -> Any:
         # an ae with a code as wide as 6 features copied them: ROC-AUC 0.62 against 1.0
@@ -156,6 +162,7 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         # what fit sets ends in an underscore)
         if "detector" in state:
             state.setdefault("detector_", state.pop("detector"))
+        state.setdefault("score_kind", None)  # pickled before it was a parameter
         super().__setstate__(state)
 
     def _anomaly_scores(self, X) -> np.ndarray:

@@ -4,6 +4,7 @@ PyOD's own code, and the threshold travelling with the model to a folder and to 
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -350,3 +351,18 @@ def test_asking_an_export_for_a_kind_it_lacks_says_how_to_get_it(tmp_path):
     aecore.export_onnx(tmp_path / "m", tmp_path / "m.onnx", part="all")
     with pytest.raises(DataError, match=r"AnomalyDetector\(score_kind='denoising'\)"):
         OnnxAutoencoder(tmp_path / "m.onnx").score(np.zeros((2, 6), np.float32), kind="denoising")
+
+
+def test_a_fitted_detector_scores_by_the_kind_its_threshold_was_fitted_on():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = X[y == 0] / 16.0
+    detector = aecore.AnomalyDetector(epochs=2, random_state=0).fit(X)
+    detector.set_params(score_kind="denoising")  # takes effect at the next fit
+    np.testing.assert_allclose(detector.decision_function(X), detector.decision_scores_)
+    old = pickle.loads(pickle.dumps(detector))
+    del old.score_kind  # pickled before score_kind existed
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.score_kind is None
+    np.testing.assert_array_equal(restored.predict(X), detector.labels_)

@@ -70,6 +70,11 @@ def test_each_check_catches_its_contract_break(cls, hparams, check, message):
         check(ModelSpec(cls, (12,), hparams))
 
 
+def test_values_a_model_stores_in_its_own_form_pass():
+    # hidden=8 is kept as [8]: the config check once called that another model
+    check_config_round_trip(ModelSpec(PlainAutoencoder, (12,), {"hidden": 8}))
+
+
 def test_check_autoencoder_reports_every_failure_not_just_the_first():
     with pytest.raises(ConformanceError) as info:
         check_autoencoder(WrongCode)

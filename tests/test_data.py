@@ -234,6 +234,10 @@ def test_data_units_tell_unit_interval_intensities_one_scale_and_units_of_their_
     many[:, 3] /= 1e4
     many[:, 5] *= 1e-13
     assert data_units(many) == OWN
+    # but a faint residue in an empty pixel leaves intensities intensities
+    faint = digits * 16.0
+    faint[:, 0] = np.random.default_rng(1).random(len(faint)) * 0.02
+    assert data_units(faint) == INTENSITY
 
     assert data_units(np.full((5, 3), 7.0)) == SHARED  # nothing varies: nothing to rescale
     # rows seen through a view (a memory map's split) count, not the whole array

@@ -249,7 +249,7 @@ def _batch(inputs, first: int, size: int, net: nn.Module, device: torch.device) 
     block = np.asarray(inputs[first : first + size])
     if block.dtype.kind not in "iu":  # in the model's float dtype (bfloat16, float64)
         dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
-        rows = torch.from_numpy(np.array(block, dtype=np.float32))
+        rows = torch.from_numpy(np.array(block))  # float64 rows stay float64 for float64
         return rows.to(device, dtype or torch.float32)
     vocab = getattr(getattr(net, "config", None), "vocab_size", None)
     low, high = int(block.min()), int(block.max())

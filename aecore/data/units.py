@@ -43,11 +43,14 @@ def data_units(train) -> str:
         return UNIT
     varying = ranges[ranges > 0]
     typical = float(np.percentile(varying, 50, method="lower")) if len(varying) else 0.0
+    intensity = bool(low.min() >= 0.0 and np.mean(low == 0.0) >= 0.5)
     spread = float(varying.max()) > SHARED_SCALE_SPREAD * typical if len(varying) else False
-    if len(varying) >= 2 and (spread or float(varying.min()) * SHARED_SCALE_GAP < typical):
+    # (intensities keep a faint pixel faint: a residue after resizing is no unit)
+    gap = not intensity and len(varying) and float(varying.min()) * SHARED_SCALE_GAP < typical
+    if len(varying) >= 2 and (spread or gap):
         return OWN
     # one scale (or one feature: nothing to weigh against another)
-    return INTENSITY if low.min() >= 0.0 and np.mean(low == 0.0) >= 0.5 else SHARED
+    return INTENSITY if intensity else SHARED
 
 
 def with_real_valued_units(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:

@@ -195,10 +195,11 @@ def read(
             f"{paced_note}; allow_changes=True (--allow-changes) continues with the new "
             f"ones and records the change)"
         )
-    if config.epochs < meta["epoch"]:  # it would end at once, recording the smaller budget
+    trained = len((meta.get("history") or {}).get("epochs") or ())
+    if config.epochs < trained:  # it would end at once, recording the smaller budget
         raise ConfigError(
-            f"cannot resume with epochs={config.epochs}: the run has trained {meta['epoch']} "
-            f"epochs; pass epochs={meta['epoch']} or more, or start afresh (--overwrite)"
+            f"cannot resume with epochs={config.epochs}: the run has trained {trained} "
+            f"epochs; pass epochs={trained} or more, or start afresh (--overwrite)"
         )
     if not allow_changes:
         _check_same_data(path, meta.get("data"), data)

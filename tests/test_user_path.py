@@ -202,6 +202,8 @@ def test_a_resumed_aecore_train_keeps_its_split_even_with_allowed_changes(tmp_pa
         name, value = next(iter(changed.items()))
         with pytest.raises(ConfigError, match=rf"cannot resume with {name}={value}: .*test rows"):
             train("ae", "digits", epochs=2, resume=True, allow_changes=True, **changed, **run)
+    with pytest.raises(ConfigError, match=r"other train data .*same data, split and seed"):
+        train("ae", "digits", epochs=2, resume=True, allow_changes=True, split="stratified", **run)
     # an allowed change is said even without progress output
     train("ae", "digits", epochs=2, lr=2e-3, resume=True, allow_changes=True, **run)
     assert "with changed settings: lr 0.001 -> 0.002" in capsys.readouterr().err

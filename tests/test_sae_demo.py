@@ -147,3 +147,28 @@ def test_aecore_demo_without_an_sae_skips_the_section(tmp_path, capsys, monkeypa
     assert main(["demo", "--out", str(tmp_path), "--models", "ae", "--quiet"]) == 0
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "| ae | digits | 2 |" in report and "Sparse autoencoders" not in report
+
+
+def test_a_plugins_model_named_sae_is_not_taken_for_a_built_in_sae(tmp_path, monkeypatch):
+    # a third party's sae-mine without a recipe was skipped without a word and ran the
+    # built-in SAE section instead (minutes of sae-topk training)
+    from aecore import registry
+    from aecore_plugins.ae import PlainAutoencoder
+
+    class Mine(PlainAutoencoder):
+        demo = None  # no recipe of its own
+
+    registry.register("sae-mine", Mine)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the built-in SAE section ran for a plugin's model")
+
+    monkeypatch.setattr("aecore.sae.demo.sae_demo", refuse)
+    messages = []
+    try:
+        from aecore.cli.demo import run
+
+        run(tmp_path / "d", ["sae-mine"], log=messages.append)
+    finally:
+        registry.unregister("sae-mine")
+    assert "sae-mine: no demo recipe, skipped" in messages

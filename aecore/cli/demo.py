@@ -99,7 +99,7 @@ def run(
         cls = model_class(name)
         recipe: DemoRecipe | None = getattr(cls, "demo", None)
         if recipe is None:
-            if not name.startswith("sae-"):  # the SAE section below covers those
+            if not _built_in_sae(name):  # the SAE section below covers those
                 log(f"{name}: no demo recipe, skipped")
             continue
         log(f"{name}: training on {recipe.data} for up to {recipe.train.epochs} epochs")
@@ -151,7 +151,7 @@ def run(
         sections += [f"![{cap}]({Path(p).relative_to(out_dir)})  \n{cap}\n" for cap, p in figures]
     if len(lines) == header:  # no recipe ran (only SAEs named): no empty table
         lines = lines[:2]
-    if models is None or any(name.startswith("sae-") for name in models):
+    if models is None or any(_built_in_sae(name) for name in models):
         from aecore.sae.demo import sae_demo
 
         sections += sae_demo(out_dir, seed=seed, log=log, scale=SAE_SCALE, progress=progress)
@@ -159,3 +159,11 @@ def run(
     report.write_text("\n".join(lines + [""] + sections) + "\n", encoding="utf-8")
     log(f"wrote {report}")
     return report
+
+
+def _built_in_sae(name: str) -> bool:
+    """One of aecore's own SAEs, which the demo's SAE section covers (a plugin's model
+    named sae-* is not: it would have run that section and said nothing of its own)."""
+    from aecore.registry import model_class
+
+    return model_class(name).__module__ == "aecore_plugins.sae"

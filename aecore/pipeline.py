@@ -29,7 +29,6 @@ from aecore.io.model_folder import save
 from aecore.layers import pca_basis
 from aecore.registry import create, hyperparameter_names, model_class
 from aecore.training import History, Trainer
-from aecore.training.batches import Batches
 from aecore.training.checkpoint import check_split_kept
 from aecore.training.trainer import writes_files
 
@@ -127,13 +126,7 @@ def train(
         check_in_model_range(model.input_range, lo, hi, prepared.normalization.kind, name)
     config = config.for_model(model)  # the learning rate the run uses, recorded
     if resume and out is not None:  # the split follows these: a resume keeps them
-        # the training rows as the trainer sees them (all of the split's: it holds none
-        # out where the split gives validation rows or none are asked for)
-        whole = len(prepared.split.val) or not config.val_fraction
-        rows = Batches(prepared.view("train"), config.batch_size, False, config.seed, "data")
-        summary = rows.summary() if whole else None
-        norm = model.normalization.to_dict()
-        check_split_kept(Path(out), config, ("seed", "val_fraction"), summary, norm)
+        check_split_kept(Path(out), config, ("seed", "val_fraction"))
     trainer = Trainer(
         config, out_dir=out, resume=resume, allow_changes=allow_changes, overwrite=overwrite,
         progress=progress,

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <string>
@@ -284,18 +285,26 @@ at::Tensor kl_sparsity_backward_impl(const at::Tensor& grad_loss_in,
   return grad;
 }
 
-// Column indices from a caller of the raw backward op (the forward's are in range): one
-// outside [0, cols) would write outside the gradient.
-inline void check_columns(const at::Tensor& idx, int64_t cols) {
-  if (idx.numel() == 0) return;
-  if (idx.is_cpu()) {
+// Indices from a caller of the raw ops (the kernels' own are in range): one outside
+// [0, n) would read or write outside its tensor. The CPU counts them in one pass; CUDA
+// asserts on the device (no host sync: an index out of range stops the stream's kernels
+// with this message instead).
+inline void check_index_range(const at::Tensor& indices, int64_t n) {
+  if (indices.numel() == 0) return;
+  if (indices.is_cpu()) {
+    const at::Tensor idx = indices.contiguous();
     const int64_t* p = idx.data_ptr<int64_t>();
-    int64_t bad = 0;  // a count, so that the loop vectorises
-    for (int64_t i = 0; i < idx.numel(); ++i) bad += (p[i] < 0) | (p[i] >= cols);
-    TORCH_CHECK(bad == 0, "aecore: indices must lie in [0, ", cols, "); ", bad, " do not");
+    int64_t bad = 0, lo = p[0], hi = p[0];  // a count, so that the loop vectorises
+    for (int64_t i = 0; i < idx.numel(); ++i) {
+      bad += (p[i] < 0) | (p[i] >= n);
+      lo = std::min(lo, p[i]);
+      hi = std::max(hi, p[i]);
+    }
+    TORCH_CHECK(bad == 0, "aecore: indices must lie in [0, ", n, "); ", bad,
+                " do not (values in [", lo, ", ", hi, "])");
   } else {
-    at::_assert_async(at::logical_and(idx.ge(0), idx.lt(cols)).all(),
-                      "aecore: indices must lie in [0, " + std::to_string(cols) + ")");
+    at::_assert_async(at::logical_and(indices.ge(0), indices.lt(n)).all(),
+                      "aecore: indices must lie in [0, " + std::to_string(n) + ")");
   }
 }
 
@@ -323,7 +332,7 @@ at::Tensor topk_sparsify_backward_impl(const at::Tensor& grad_out_in, const at::
   TORCH_CHECK(idx_in.device() == grad_out_in.device(), "aecore: indices on the wrong device");
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor idx = idx_in.contiguous();
-  check_columns(idx, g.size(1));
+  check_index_range(idx, g.size(1));
   at::Tensor grad = at::empty_like(g);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "aecore_topk_sparsify_backward", [&] {
     K::template topk_backward<scalar_t>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), g.size(0),

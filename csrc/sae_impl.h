@@ -56,9 +56,8 @@ inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char*
 }
 
 // values (B, m) float, indices (B, m) int64 in [0, n), on values' device. aecore.ops
-// checks the range for every device (outside torch.compile); here the CPU checks it
-// again, and CUDA asserts it on the device (no host sync: an index out of range stops
-// the stream's kernels with this message instead of reading or writing out of bounds).
+// checks the range for every device (outside torch.compile); here it is checked again
+// (check_index_range), for callers of the raw ops and compiled graphs.
 template <class K>
 void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) {
   check_sae_matrix<K>(values, "values");
@@ -67,16 +66,7 @@ void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) 
               indices.scalar_type(), " ", indices.sizes());
   TORCH_CHECK(indices.device() == values.device(), "aecore: indices are on ", indices.device(),
               ", expected ", values.device());
-  if (indices.numel() == 0) return;
-  if (indices.is_cpu()) {
-    const auto [lo, hi] = at::aminmax(indices);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n,
-                "aecore: indices must lie in [0, ", n, "), got values in [", lo.item<int64_t>(),
-                ", ", hi.item<int64_t>(), "]");
-  } else {
-    const std::string message = "aecore: indices must lie in [0, " + std::to_string(n) + ")";
-    at::_assert_async(at::logical_and(indices.ge(0), indices.lt(n)).all(), message);
-  }
+  check_index_range(indices, n);
 }
 
 // Latents per GEMM tile: the (B, tile) pre-activation buffer stays near 16 MB of floats.

@@ -185,8 +185,7 @@ class ActivationCache:
                 continue
             local = ordered[a:b] - self.offsets[s]
             shard = self._shard(s)
-            # contiguous (sorted, so a repeat with a gap would pass a span test): one read
-            if local[-1] - local[0] + 1 == len(local) and bool(np.all(np.diff(local) == 1)):
+            if bool(np.all(np.diff(local) == 1)):  # contiguous, no repeat: one slice read
                 rows[a:b] = shard[int(local[0]) : int(local[-1]) + 1]
             else:  # gathered straight into place: no temporary copy
                 np.take(shard, local, axis=0, out=rows[a:b])

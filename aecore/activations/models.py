@@ -152,23 +152,27 @@ def fingerprint(model: nn.Module) -> str:
     dtypes of the parameters and buffers, and of up to ``_FINGERPRINT_VALUES`` values of
     each spread evenly over it (every value of a smaller tensor): an ablated row changes
     it, where the first values alone missed one past them."""
-    digest = hashlib.sha256(repr(model).encode())
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        flat = tensor.detach().flatten()
-        step = max(1, -(-flat.numel() // _FINGERPRINT_VALUES))
-        digest.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
-    return MODEL_SCHEME + digest.hexdigest()[:32]
+
+    def spread(flat: torch.Tensor) -> torch.Tensor:
+        return flat[:: max(1, -(-flat.numel() // _FINGERPRINT_VALUES))]
+
+    return MODEL_SCHEME + _tensors_digest(model, spread, repr(model))
 
 
 def legacy_fingerprint(model: nn.Module) -> str:
     """The fingerprint caches written before ``MODEL_SCHEME`` hold (the first 256 values
     of each tensor), to resume them."""
-    digest = hashlib.sha256()
+    return _tensors_digest(model, lambda flat: flat[:256])
+
+
+def _tensors_digest(model: nn.Module, values, structure: str = "") -> str:
+    """sha256 (32 hex digits) of ``structure`` and, per parameter and buffer, its name,
+    shape, dtype and ``values(flat tensor)``."""
+    digest = hashlib.sha256(structure.encode())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        head = tensor.detach().flatten()[:256].to("cpu", torch.float64)
-        digest.update(head.numpy().tobytes())
+        picked = values(tensor.detach().flatten())
+        digest.update(picked.to("cpu", torch.float64).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -44,11 +44,12 @@ def data_units(train) -> str:
     varying = ranges[ranges > 0]
     typical = float(np.percentile(varying, 50, method="lower")) if len(varying) else 0.0
     intensity = bool(low.min() >= 0.0 and np.mean(low == 0.0) >= 0.5)
-    spread = float(varying.max()) > SHARED_SCALE_SPREAD * typical if len(varying) else False
-    # (intensities keep a faint pixel faint: a residue after resizing is no unit)
-    gap = not intensity and len(varying) and float(varying.min()) * SHARED_SCALE_GAP < typical
-    if len(varying) >= 2 and (spread or gap):
-        return OWN
+    if len(varying) >= 2:
+        spread = float(varying.max()) > SHARED_SCALE_SPREAD * typical
+        # (intensities keep a faint pixel faint: a residue after resizing is no unit)
+        gap = not intensity and float(varying.min()) * SHARED_SCALE_GAP < typical
+        if spread or gap:
+            return OWN
     # one scale (or one feature: nothing to weigh against another)
     return INTENSITY if intensity else SHARED
 

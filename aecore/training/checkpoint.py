@@ -201,8 +201,7 @@ def read(
             f"cannot resume with epochs={config.epochs}: the run has trained {trained} "
             f"epochs; pass epochs={trained} or more, or start afresh (--overwrite)"
         )
-    if not allow_changes:
-        _check_same_data(path, meta.get("data"), data)
+    _check_same_data(path, meta.get("data"), data)  # not a setting: allowed changes aside
     if "optimizer" in changed:
         before, after = changed["optimizer"]
         raise ConfigError(
@@ -260,26 +259,18 @@ def interrupted_message(reason: str, out_dir: Path | None, step: int, pretrainin
     )
 
 
-def check_split_kept(
-    out_dir: Path,
-    config: TrainConfig,
-    settings: tuple[str, ...],
-    train: dict | None = None,
-    normalization: dict | None = None,
-) -> None:
+def check_split_kept(out_dir: Path, config: TrainConfig, settings: tuple[str, ...]) -> None:
     """Refuses to resume the run in ``out_dir`` with other values of ``settings``, those
-    that drew its data split (``aecore train``'s seed and val_fraction), or on other
-    training rows (``train``: their ``Batches.summary``; another ``--split`` draws
-    others), even with allow_changes: a new split would train on the old test rows and
-    score the model on rows it learnt. Nothing to check without a checkpoint (``read``
-    says so)."""
+    that drew its data split (``aecore train``'s seed and val_fraction), even with
+    allow_changes: a new split would train on the old test rows and score the model on
+    rows it learnt (``read`` then refuses the other training rows; this says why).
+    Nothing to check without a checkpoint (``read`` says so)."""
     path = Path(out_dir) / CHECKPOINT
     if not path.is_file():
         return
     raw = (check_safetensors_header(path).get("__metadata__") or {}).get("aecore")
     try:
-        meta = json.loads(raw) if raw else {}
-        saved = meta.get("training") or {}
+        saved = (json.loads(raw) if raw else {}).get("training") or {}
     except (json.JSONDecodeError, AttributeError):
         return  # not an aecore checkpoint: ``read`` says so
     requested = config.to_dict()
@@ -291,24 +282,12 @@ def check_split_kept(
                 f"would train on its test rows (even with --allow-changes); resume with "
                 f"{name}={saved[name]!r}, or start afresh (--overwrite)"
             )
-    # the rows are compared as normalised: under another normalisation ``read`` says so
-    saved_norm = meta.get("normalization")
-    same_norm = (
-        saved_norm is None or normalization is None or _same_scaling(saved_norm, normalization)
-    )
-    if train is not None and same_norm and isinstance(meta.get("data"), dict):
-        _check_same_data(path, {"train": meta["data"].get("train")}, {"train": train},
-                         "the same data, split and seed (even with --allow-changes)")  # fmt: skip
 
 
-def _check_same_data(
-    path: Path,
-    saved: Any,
-    now: dict[str, Any] | None,
-    how: str = "the same data and split, allow_changes=True (--allow-changes)",
-) -> None:
-    """A resume trains on the rows the run started on (checkpoints from before this
-    record carry none: not checked)."""
+def _check_same_data(path: Path, saved: Any, now: dict[str, Any] | None) -> None:
+    """A resume trains on the rows the run started on, allowed changes of settings or
+    not: rows moved in from a validation or test split would be judged on (checkpoints
+    from before this record carry none: not checked)."""
     if not isinstance(saved, dict) or now is None:
         return
     for part in ("train", "val"):
@@ -324,8 +303,8 @@ def _check_same_data(
             other = ", other values" if before == after else ""
             raise ConfigError(
                 f"cannot resume exactly: {path} was trained on other {part} data "
-                f"({before}; this run gives {after}{other}); resume on {how}, or start "
-                f"afresh (--overwrite)"
+                f"({before}; this run gives {after}{other}); resume on the same data, split "
+                f"and seed (even with --allow-changes), or start afresh (--overwrite)"
             )
 
 

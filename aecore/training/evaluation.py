@@ -106,19 +106,13 @@ def loss_terms(model, terms) -> dict:
     """``terms``, what ``model.loss`` returned, if it keeps the contract: a dict of
     scalar tensors with a ``"loss"`` entry (a plugin's float or bare tensor named here,
     not deep in the trainer)."""
-    if (
-        isinstance(terms, dict)
-        and "loss" in terms
-        and all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in terms.values())
-    ):
-        return terms
     if isinstance(terms, dict) and "loss" in terms:
-        bad = next(
-            k for k, v in terms.items() if not (isinstance(v, torch.Tensor) and v.numel() == 1)
-        )
-        got = f"{bad!r} as {type(terms[bad]).__name__}" + (
-            f" of shape {tuple(terms[bad].shape)}" if isinstance(terms[bad], torch.Tensor) else ""
-        )
+        bad = [k for k, v in terms.items() if not (isinstance(v, torch.Tensor) and v.numel() == 1)]
+        if not bad:
+            return terms
+        value = terms[bad[0]]
+        shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+        got = f"{bad[0]!r} as {type(value).__name__}{shape}"
     else:
         got = "no 'loss' entry" if isinstance(terms, dict) else f"a {type(terms).__name__}"
     raise TrainingError(

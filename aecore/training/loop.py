@@ -25,7 +25,7 @@ from aecore.training.evaluation import (
     seed_device,
 )
 from aecore.training.optim import finite_loss_terms, gradient_step, lbfgs_step, make_optimizer
-from aecore.training.state import History, RunState
+from aecore.training.state import History, RunState, StepPlace
 
 #: rows of training data that data-dependent initialisation sees at most
 INIT_ROWS = 10000
@@ -272,7 +272,7 @@ class TrainingRun:
     def step(self, x: torch.Tensor, global_rows: int, epoch: int) -> dict[str, float]:
         """One update on batch ``x``; returns the loss terms as floats."""
         state = self.state
-        where = f"epoch {epoch}, step {state.epoch_step + 1} (global step {state.step + 1})"
+        where = StepPlace(epoch, state.epoch_step + 1, state.step + 1)
         self._report_progress()
         if self.optimizer is None:
             checked = {"checked": True} if self.data_checked else {}

@@ -11,6 +11,7 @@ import torch
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, NonFiniteError, TrainingError
 from aecore.training.evaluation import loss_terms
+from aecore.training.state import StepPlace
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -58,7 +59,7 @@ def _fusable(params: list[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: str) -> dict:
+def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: StepPlace) -> dict:
     """``loss_fn(x)``'s terms, or a TrainingError (before any weight changes) when the
     loss is not finite, or a kernel met values it cannot rank, in any process: every
     process learns of it, so none waits on the others."""
@@ -78,8 +79,8 @@ def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: s
     return terms
 
 
-def _remedy(where: str) -> str:
-    if where.endswith("(global step 1)"):  # no step taken yet: no step size to blame
+def _remedy(where: StepPlace) -> str:
+    if where.step == 1:  # no step taken yet: no step size to blame
         return (
             "At the first step this is the data's scale, not the step size: normalise the "
             "data (normalize='auto' or 'standardize') or rescale it."
@@ -88,7 +89,7 @@ def _remedy(where: str) -> str:
 
 
 def gradient_step(
-    model, optimizer, loss: torch.Tensor, scale: float, grad_clip: float | None, where: str
+    model, optimizer, loss: torch.Tensor, scale: float, grad_clip: float | None, where: StepPlace
 ) -> None:
     """Backpropagate ``loss * scale`` and step, unless the gradient is not finite."""
     optimizer.zero_grad(set_to_none=True)
@@ -115,7 +116,7 @@ def gradient_step(
 
 
 def lbfgs_step(
-    model, optimizer, loss_fn: Callable[[], torch.Tensor], scale: float, where: str
+    model, optimizer, loss_fn: Callable[[], torch.Tensor], scale: float, where: StepPlace
 ) -> None:
     """One L-BFGS step; it re-evaluates the loss during its line search, so the weights
     are checked afterwards and put back if they went non-finite."""

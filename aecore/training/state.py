@@ -136,3 +136,15 @@ class RunState:
         y = self._recent(window)
         spread = float(np.std(y - y.mean())) if len(y) > 1 else 0.0
         return self.smoothed - self.best_val > max(min_delta, 2.0 * spread)
+
+
+@dataclass(frozen=True)
+class StepPlace:
+    """Which step a message is about: "epoch E, step S (global step G)" as text."""
+
+    epoch: int
+    epoch_step: int
+    step: int
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}, step {self.epoch_step} (global step {self.step})"

@@ -32,7 +32,8 @@ class Trainer:
       (every ``checkpoint_every`` steps and at each epoch end);
     * ``resume=True``: continue the run in ``out_dir`` exactly; a changed training
       setting is refused unless ``allow_changes=True``, which continues with it, says
-      so and records it in ``History.changes`` (and so in ``model.json``);
+      so and records it in ``History.changes`` (and so in ``model.json``); other
+      training rows are refused either way;
     * ``overwrite=True``: start afresh even where ``out_dir`` holds a run;
     * ``progress``: progress bars and log lines on stderr (default: when it is a terminal).
 

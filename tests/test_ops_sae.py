@@ -185,8 +185,9 @@ def test_auxk_from_the_same_pass_equals_the_reference(c):
     got = ops.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead)
     want = reference.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead)
     columns = min(aux_k, int(dead.sum()))
-    assert got[2].shape == got[3].shape == (c["B"], columns)
-    assert bool(dead[got[3]].all())  # AuxK picks dead latents only
+    assert got[2].shape == got[3].shape == (c["B"], aux_k)
+    assert bool(dead[got[3][:, :columns]].all())  # AuxK picks dead latents only
+    assert not got[2][:, columns:].any() and not got[3][:, columns:].any()  # the padding
     for a, b in zip(got[::2], want[::2]):
         torch.testing.assert_close(a, b, **tol(c["dtype"]))
     assert torch.equal(got[3], want[3])  # random data: no ties among the dead latents
@@ -244,9 +245,27 @@ def test_auxk_arguments_say_what_was_expected():
         ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=2, dead=dead[:4])
     with pytest.raises(ConfigError, match=r"aux_k must lie in \[0, 5\], got 6"):
         ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=6, dead=dead)
-    # fewer dead latents than aux_k: that many columns; none dead: an empty AuxK code
-    assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead)[3].shape == (4, 2)
-    assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead & False)[2].shape == (4, 0)
+    # fewer dead latents than aux_k: still aux_k columns, the rest padding
+    assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead)[3].shape == (4, 4)
+    assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead & False)[2].shape == (4, 4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_auxk_padding_past_the_dead_latents_is_inert(impl):
+    # two dead latents, aux_k = 4: the last two columns are (0, latent 0) and no gradient
+    # reaches latent 0 (alive) through them, whatever weights the caller gives them
+    if impl == "fused" and ops.backend("topk_encode", "cpu") != "fused cpu":
+        pytest.skip("CPU extension not loaded")
+    g = torch.Generator().manual_seed(8)
+    params = [torch.randn(*s, generator=g).requires_grad_() for s in ((6, 3), (5, 3), (5,), (3,))]
+    dead = torch.tensor([False, True, False, True, False])
+    encode = ops.topk_encode if impl == "fused" else reference.topk_encode
+    values, indices, aux_values, aux_indices = encode(*params, 2, aux_k=4, dead=dead)
+    assert aux_indices[:, 2:].eq(0).all() and aux_values[:, 2:].eq(0).all()
+    assert set(aux_indices[:, :2].flatten().tolist()) <= {1, 3}
+    (aux_values * torch.arange(1.0, 5.0)).sum().backward()
+    W_grad = params[1].grad
+    assert W_grad[[0, 2, 4]].eq(0).all() and W_grad[[1, 3]].ne(0).any()
 
 
 @needs_ext
@@ -267,6 +286,34 @@ def test_compiles_without_graph_breaks():
     args = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
     eager = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
     got, want = compiled(*args), step(*eager)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    for a, b in zip(args, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_ext
+def test_auxk_compiles_without_graph_breaks_or_host_reads():
+    # the AuxK code's width is aux_k whatever the mask holds: no count read on the host,
+    # one graph however many latents are dead
+    g = torch.Generator().manual_seed(5)
+    x, W_enc, W_dec = (torch.randn(*s, generator=g) for s in ((8, 6), (20, 6), (20, 6)))
+    b_enc, b_dec = torch.zeros(20), torch.randn(6, generator=g)
+
+    def step(x, W_enc, b_enc, b_dec, W_dec, dead):
+        values, indices, aux_values, aux_indices = ops.topk_encode(
+            x, W_enc, b_enc, b_dec, 4, aux_k=5, dead=dead
+        )
+        recon = ops.sparse_decode(values, indices, W_dec, b_dec)
+        aux = ops.sparse_decode(aux_values, aux_indices, W_dec, torch.zeros_like(b_dec))
+        return (recon - x).pow(2).sum() + (aux - x).pow(2).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for dead in (torch.arange(20) % 7 == 0, torch.zeros(20, dtype=torch.bool)):
+        args = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
+        eager = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
+        got, want = compiled(*args, dead), step(*eager, dead)
     torch.testing.assert_close(got, want)
     got.backward()
     want.backward()

@@ -212,9 +212,11 @@ def topk_encode(
 
     AuxK: with ``dead``, a bool mask (n,) of the latents to revive, the result is
     ``(values, indices, aux_values, aux_indices)``: also each row's ``aux_k`` largest
-    pre-activations among the dead latents (``min(aux_k, dead.sum())`` columns; values
-    ReLU'd, gradient straight-through), chosen from the same tiles as the main code, so
-    it costs no second GEMM; one backward serves both codes.
+    pre-activations among the dead latents (values ReLU'd, gradient straight-through),
+    chosen from the same tiles as the main code, so it costs no second GEMM; one
+    backward serves both codes. The AuxK code is always ``aux_k`` wide: with fewer dead
+    latents, the columns past their number are padding (value 0 at latent 0, no
+    gradient), so shapes never depend on the mask's contents (no host sync; compiles).
 
     Fused kernels: the pre-activations are computed a tile of latents at a time (a BLAS
     GEMM per tile) and merged into each row's running top-k, so memory is O(B·tile + B·k),
@@ -238,9 +240,9 @@ def topk_encode(
     values, indices = _fused_encode(x, W_enc, b_enc, b_dec, k, straight_through)
     index = dead.nonzero().flatten()
     aux_values, local = reference.sparse_code(
-        x, W_enc[index], b_enc[index], b_dec, aux_k, straight_through=True
+        x, W_enc[index], b_enc[index], b_dec, min(aux_k, len(index)), straight_through=True
     )
-    return values, indices, aux_values, index[local]
+    return values, indices, *reference.pad_aux(aux_values, index[local], aux_k)
 
 
 def _fused_encode(*args) -> tuple[Tensor, ...]:

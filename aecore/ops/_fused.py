@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from aecore.ops._extension import SCHEMAS_LOADED
+from aecore.ops.reference import aux_gate
 from aecore.ops.types import CDStats, GibbsCall, GibbsChain
 
 if SCHEMAS_LOADED:
@@ -93,15 +94,15 @@ if SCHEMAS_LOADED:
         return v.new_empty(()), v.new_empty((), dtype=torch.bool)
 
     def _topk_encode_setup(ctx, inputs, output):
-        x, W_enc, _b_enc, b_dec = inputs[:4]
+        x, W_enc, _b_enc, b_dec, _k, _aux_k, dead = inputs
         values, indices, _aux_values, aux_indices = output
-        ctx.save_for_backward(values, indices, aux_indices, x, W_enc, b_dec)
+        ctx.save_for_backward(values, indices, aux_indices, dead, x, W_enc, b_dec)
 
     def _topk_encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
         first_order_only("topk_encode")
-        values, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
+        values, indices, aux_indices, dead, x, W_enc, b_dec = ctx.saved_tensors
         grads = _encoder_backward(
-            grad_values, values, indices, grad_aux, aux_indices, x, W_enc, b_dec
+            grad_values, values, indices, grad_aux, aux_indices, dead, x, W_enc, b_dec
         )
         return (*grads, None, None, None)
 
@@ -153,17 +154,17 @@ def first_order_only(op: str) -> None:
         )
 
 
-def _encoder_backward(grad_values, gate, indices, grad_aux, aux_indices, x, W_enc, b_dec):
+def _encoder_backward(grad_values, gate, indices, grad_aux, aux_indices, dead, x, W_enc, b_dec):
     """topk_encode's gradients: the kept pairs whose ``gate`` is positive (the ReLU'd
-    values; ones for straight-through) and every AuxK pair (straight-through), in one
-    backward call over both codes."""
+    values; ones for straight-through) and every AuxK pair but the padding past the
+    number of dead latents (straight-through), in one backward call over both codes."""
     if grad_values is None:
         grad_values = torch.zeros_like(gate)
     if aux_indices.shape[1]:
         if grad_aux is None:
             grad_aux = gate.new_zeros(aux_indices.shape)
         grad_values = torch.cat([grad_values, grad_aux], 1)
-        gate = torch.cat([gate, torch.ones_like(grad_aux)], 1)
+        gate = torch.cat([gate, aux_gate(dead, aux_indices.shape, gate.dtype)], 1)
         indices = torch.cat([indices, aux_indices], 1)
     return torch.ops.aecore.topk_encode_backward(grad_values, gate, indices, x, W_enc, b_dec)
 
@@ -184,18 +185,18 @@ class _TopkEncode(torch.autograd.Function):
         # straight-through's gate is ones: the values are not read, so a caller may
         # change them in place
         gate = None if straight_through else values
-        ctx.save_for_backward(gate, indices, aux_indices, x, W_enc, b_dec)
+        ctx.save_for_backward(gate, indices, aux_indices, dead, x, W_enc, b_dec)
         ctx.mark_non_differentiable(indices, aux_indices)
         return out
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
         first_order_only("topk_encode")
-        gate, indices, aux_indices, x, W_enc, b_dec = ctx.saved_tensors
+        gate, indices, aux_indices, dead, x, W_enc, b_dec = ctx.saved_tensors
         if ctx.straight_through:
             gate = torch.ones_like(indices, dtype=x.dtype)
         grads = _encoder_backward(
-            grad_values, gate, indices, grad_aux, aux_indices, x, W_enc, b_dec
+            grad_values, gate, indices, grad_aux, aux_indices, dead, x, W_enc, b_dec
         )
         return (*grads, None, None, None, None)
 

@@ -152,20 +152,37 @@ def _straight_through_relu(values: Tensor) -> Tensor:
 
 
 def aux_code(pre: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
-    """AuxK's code from the (B, n) pre-activations: each row's ``aux_k`` (at most the
-    number of dead latents) largest among the latents ``dead`` marks, ReLU'd with the
-    identity backward (a latent whose pre-activations went negative on every input would
-    otherwise get no gradient and could never come back)."""
+    """AuxK's code from the (B, n) pre-activations: each row's ``aux_k`` largest among the
+    latents ``dead`` marks, ReLU'd with the identity backward (a latent whose
+    pre-activations went negative on every input would otherwise get no gradient and
+    could never come back). Past the number of dead latents, padding: value 0 at latent
+    0, without gradient (a fixed width keeps shapes free of the data)."""
     index = dead.nonzero().flatten()
-    values, local = pre[:, index].topk(aux_k, dim=1)
-    return _straight_through_relu(values), index[local]
+    values, local = pre[:, index].topk(min(aux_k, len(index)), dim=1)
+    return pad_aux(_straight_through_relu(values), index[local], aux_k)
+
+
+def pad_aux(values: Tensor, indices: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
+    """An AuxK code of fewer than ``aux_k`` columns padded to ``aux_k`` (value 0 at latent
+    0, constant: no gradient), as the fused kernels leave the slots no dead latent filled."""
+    missing = aux_k - values.shape[1]
+    if missing == 0:
+        return values, indices
+    return F.pad(values, (0, missing)), F.pad(indices, (0, missing))
+
+
+def aux_gate(dead: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """Ones over an AuxK code of ``shape`` (B, aux_k) but zeros on its padding (the
+    columns past the number of latents ``dead`` marks): the backward's gate, from the
+    mask alone, without reading the count on the host."""
+    columns = torch.arange(shape[1], device=dead.device)
+    return (columns < dead.sum()).to(dtype).expand(shape)
 
 
 def sparse_code(
     x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
 ):
-    """topk_encode's body, for validated arguments (``aux_k``: the AuxK count to select,
-    at most the number of dead latents)."""
+    """topk_encode's body, for validated arguments."""
     pre = F.linear(x - b_dec, W_enc, b_enc)
     values, indices = pre.topk(k, dim=1)
     values = _straight_through_relu(values) if straight_through else values.relu()
@@ -186,7 +203,8 @@ def topk_encode(
 ):
     """Each row's k largest pre-activations ``(x - b_dec) W_enc^T + b_enc``, ReLU'd, as
     ``(values, indices)`` (B, k), best first; with ``dead``, also the ``aux_k`` largest
-    among the dead latents (straight-through); the dense (B, n) pre-activations are made."""
+    among the dead latents (straight-through; see :func:`aux_code`); the dense (B, n)
+    pre-activations are made."""
     check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
     return sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)

@@ -221,8 +221,7 @@ def topk_encode_args(x, W_enc, b_enc, b_dec, k) -> int:
 
 
 def aux_args(x, W_enc, aux_k, dead) -> int:
-    """Checks topk_encode's AuxK arguments; returns how many latents each row's AuxK
-    selection holds: ``min(aux_k, dead.sum())`` (reading the count waits for CUDA)."""
+    """Checks topk_encode's AuxK arguments; returns aux_k as an int (0 without dead)."""
     op = "topk_encode"
     n = W_enc.shape[0]
     if dead is None:
@@ -236,7 +235,7 @@ def aux_args(x, W_enc, aux_k, dead) -> int:
     if dead.device != x.device:
         raise ConfigError(f"{op}: dead is on {dead.device} but x is on {x.device}")
     _size(op, "dead", dead, (n,), lambda: f"({n},) for W_enc of shape {_shape(W_enc)}")
-    return min(aux_k, int(dead.sum())) if aux_k else 0
+    return aux_k
 
 
 def sparse_decode_args(values, indices, W_dec, b_dec) -> None:

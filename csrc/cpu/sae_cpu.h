@@ -265,8 +265,8 @@ void topk_heap_finish(int64_t rows, int64_t k, T* hv, int64_t* hi, T* values) {
     heap_sort_best_first(rv, ri, k, LargerFirst{});
     for (int64_t j = 0; j < k; ++j) {
       values[r * k + j] = rv[j] > T(0) ? rv[j] : T(0);
-      // a slot never filled names latent 0 with value 0 (not reached: k <= the offers,
-      // and a non-finite offer raises)
+      // a slot never filled (AuxK with fewer dead latents than aux_k) names latent 0
+      // with value 0: the door's padding
       if (ri[j] == std::numeric_limits<int64_t>::max()) ri[j] = 0;
     }
   }

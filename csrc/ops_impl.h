@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -246,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor> kl_sparsity_impl(const at::Tensor& h_in, doub
   check_float_matrix(h_in, "h");
   TORCH_CHECK(h_in.size(0) >= 1, "aecore: kl_sparsity needs at least one row");
   TORCH_CHECK(rho > 0.0 && rho < 1.0, "aecore: rho must lie in (0, 1), got ", rho);
-  TORCH_CHECK(beta >= 0.0, "aecore: beta must be >= 0, got ", beta);
+  TORCH_CHECK(beta >= 0.0 && std::isfinite(beta), "aecore: beta must be finite and >= 0, got ",
+              beta);
   const at::Tensor h = h_in.contiguous();
   at::Tensor mean = at::empty({h.size(1)}, h.options());
   at::Tensor loss = at::empty({}, h.options());

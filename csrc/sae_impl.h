@@ -171,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
               ", got ", x.sizes(), " and ", W_in.sizes());
   check_vector(x, b_dec, "b_dec", x.size(1));
   const int64_t B = x.size(0), d = x.size(1), n = W_in.size(0), m = values.size(1);
-  const at::Tensor g = (grad_values * values.gt(0)).contiguous();
+  // a select, not a product with the gate: an infinite gradient at a zero value (sqrt's
+  // at 0) must not become NaN where the ReLU passes nothing
+  const at::Tensor g = at::where(values.gt(0), grad_values, 0).contiguous();
   const at::Tensor idx = indices.contiguous();
   const at::Tensor W = W_in.contiguous();
   const at::Tensor xc = (x - b_dec).contiguous();
@@ -254,7 +256,8 @@ void remove_parallel_impl(at::Tensor& grad, const at::Tensor& weight) {
 template <class K>
 void set_row_norms_impl(at::Tensor& weight, double norm) {
   check_sae_matrix<K>(weight, "weight");
-  TORCH_CHECK(norm > 0, "aecore: norm must be positive, got ", norm);
+  TORCH_CHECK(norm > 0 && std::isfinite(norm), "aecore: norm must be positive and finite, got ",
+              norm);
   TORCH_CHECK(weight.is_contiguous(), "aecore: weight must be contiguous (changed in place)");
   dispatch_sae<K>(weight.scalar_type(), [&]<typename T>() {
     K::template set_row_norms<T>(weight.data_ptr<T>(), weight.size(0), weight.size(1), norm);

@@ -250,6 +250,21 @@ def test_auxk_arguments_say_what_was_expected():
     assert ops.topk_encode(x, W, b_enc, b_dec, 2, aux_k=4, dead=dead & False)[2].shape == (4, 4)
 
 
+@needs_ext
+def test_an_infinite_gradient_at_a_zero_value_stays_behind_the_relu():
+    # sqrt's gradient at 0 is inf: the ReLU passes nothing there (reference: a select),
+    # and inf * 0 must not turn into NaN gradients
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    W.requires_grad_()
+    zeros = (torch.zeros(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    got = torch.autograd.grad(ops.topk_encode(x, W, *zeros, 3)[0].sqrt().sum(), (x, W))
+    want = torch.autograd.grad(reference.topk_encode(x, W, *zeros, 3)[0].sqrt().sum(), (x, W))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_auxk_padding_past_the_dead_latents_is_inert(impl):
     # two dead latents, aux_k = 4: the last two columns are (0, latent 0) and no gradient

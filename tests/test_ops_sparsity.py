@@ -338,3 +338,25 @@ def test_the_raw_backward_ops_check_what_a_direct_caller_passes():
         torch.ops.aecore.kl_sparsity_backward(
             torch.tensor(1.0), torch.zeros(2), torch.rand(10), 4, 0.1, 1.0
         )
+
+
+@needs_ext
+def test_a_float_argument_that_varies_compiles_and_is_still_checked():
+    # a schedule passes a new beta (or row norm) each call: the checks must not stop a
+    # fullgraph compile on the symbolic number, and the kernels still refuse a bad one
+    h = torch.rand(6, 20)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(h, beta, norm):
+        w = h.clone()
+        ops.set_row_norms_(w, norm)
+        return ops.kl_sparsity(h, 0.05, beta), w
+
+    for beta, norm in ((1.0, 1.0), (2.0, 2.0), (3.0, 0.5)):
+        loss, w = step(h, beta, norm)
+        torch.testing.assert_close(loss, reference.kl_sparsity(h, 0.05, beta))
+        torch.testing.assert_close(w.norm(dim=1), torch.full((6,), norm))
+    with pytest.raises(RuntimeError, match="beta must be finite and >= 0, got inf"):
+        step(h, math.inf, 1.0)
+    with pytest.raises(RuntimeError, match="norm must be positive and finite, got inf"):
+        step(h, 1.0, math.inf)

@@ -268,3 +268,30 @@ def test_momentum_step_refuses_operands_it_cannot_write_before_changing_anything
         ops.momentum_step_(torch.zeros(4), fresh, steps, 0.1, 0.5)
     with pytest.raises(ConfigError, match="weight_decay must be a list of numbers, one per"):
         ops.momentum_step_(params, fresh, steps, 0.1, 0.5, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize(
+    "op", ["momentum_step_", "cd_update_", "set_row_norms_", "remove_parallel_"]
+)
+def test_in_place_ops_bump_the_version_so_autograd_sees_the_change(impl, op, monkeypatch):
+    # a backward that saved a tensor one of these ops changed must be refused, as after
+    # torch's own in-place ops, not run with the new values
+    if impl == "fused" and not FUSED_CPU:
+        pytest.skip("CPU extension not loaded")
+    if impl == "reference":
+        monkeypatch.setattr(ops, "fused", lambda t: False)
+        monkeypatch.setattr(ops, "_fused_sae", lambda t: False)
+    W = torch.randn(6, 4)
+    with torch.no_grad():
+        if op == "momentum_step_":
+            ops.momentum_step_([W], [torch.zeros(6, 4)], [torch.randn(6, 4)], 0.1, 0.5)
+        elif op == "cd_update_":
+            v = torch.rand(3, 6)
+            velocities = [torch.zeros(6, 4), torch.zeros(6), torch.zeros(4)]
+            ops.cd_update_(v, W, torch.zeros(6), torch.zeros(4), velocities, 0.1, 0.5)
+        elif op == "set_row_norms_":
+            ops.set_row_norms_(W, 2.0)
+        else:
+            ops.remove_parallel_(W, torch.randn(6, 4))
+    assert W._version > 0

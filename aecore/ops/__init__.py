@@ -43,6 +43,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from aecore.errors import ConfigError, NonFiniteError, ShapeError
 from aecore.ops import _fused, reference
@@ -297,6 +298,9 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
     _rows_args("remove_parallel_", "grad", weight=weight, grad=grad)
     if _fused_sae(grad) and grad.is_contiguous():
         torch.ops.aecore.remove_parallel_(grad, weight.detach())
+        # the kernels write through pointers: bump the version as torch's in-place ops
+        # do, so that autograd refuses a backward that saved the old values
+        increment_version(grad)
     else:
         reference.remove_parallel_(grad, weight)
 
@@ -309,6 +313,7 @@ def set_row_norms_(weight: Tensor, norm: float) -> None:
     norm = check.positive("set_row_norms_", "norm", norm)
     if _fused_sae(weight) and weight.is_contiguous():
         torch.ops.aecore.set_row_norms_(weight.detach(), norm)
+        increment_version(weight)
     else:
         reference.set_row_norms_(weight, norm)
 
@@ -346,9 +351,11 @@ def momentum_step_(
         # The kernels check their operands before changing anything; the Python checks
         # (which would cost more than the update at RBM sizes) only explain a refusal
         try:
-            return torch.ops.aecore.momentum_step_(
+            applied = torch.ops.aecore.momentum_step_(
                 params, velocities, steps, float(lr), float(momentum), decay
             )
+            increment_version([*params, *velocities])
+            return applied
         except (RuntimeError, TypeError, ValueError):
             if all(t.is_contiguous() for t in (*params, *velocities)):
                 check.momentum_step_args(params, velocities, steps, lr, momentum, decay)

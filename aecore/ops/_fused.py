@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from aecore.ops._extension import SCHEMAS_LOADED
 from aecore.ops.reference import aux_gate
@@ -284,7 +285,9 @@ def cd_update_(c: GibbsCall, velocities, lr: float, momentum: float, weight_deca
     """cd_update_ on the compiled kernels: (recon_error, applied)."""
     v, W, b_v, b_h, chain, rng, nh0, nh, nv = _operands(c)
     units = (c.gaussian_visible, c.gaussian_hidden, c.sample_visible)
-    return torch.ops.aecore.cd_update_(
+    out = torch.ops.aecore.cd_update_(
         v, W, b_v, b_h, *velocities, c.k, chain, *units, rng, lr, momentum, weight_decay,
         nh0, nh, nv,
     )  # fmt: skip
+    increment_version([W, b_v, b_h, *velocities, *([] if chain is None else [chain])])
+    return out

@@ -13,6 +13,8 @@ Hinton's code; scikit-learn's ``components_`` is ``W.T``), ``b_v`` is ``(V,)``, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -156,18 +158,17 @@ def aux_code(pre: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
     latents ``dead`` marks, ReLU'd with the identity backward (a latent whose
     pre-activations went negative on every input would otherwise get no gradient and
     could never come back). Past the number of dead latents, padding: value 0 at latent
-    0, without gradient (a fixed width keeps shapes free of the data)."""
-    index = dead.nonzero().flatten()
-    values, local = pre[:, index].topk(min(aux_k, len(index)), dim=1)
-    return pad_aux(_straight_through_relu(values), index[local], aux_k)
+    0, without gradient. Shapes never depend on the mask's contents (it compiles, and
+    runs on meta tensors)."""
+    values, indices = pre.masked_fill(~dead, -math.inf).topk(aux_k, dim=1)
+    chosen = values > -math.inf  # the slots no dead latent filled hold the fill
+    values = _straight_through_relu(values.where(chosen, 0))
+    return values, indices.where(chosen, 0)
 
 
 def pad_aux(values: Tensor, indices: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
-    """An AuxK code of fewer than ``aux_k`` columns padded to ``aux_k`` (value 0 at latent
-    0, constant: no gradient), as the fused kernels leave the slots no dead latent filled."""
+    """An AuxK code of fewer than ``aux_k`` columns padded as :func:`aux_code` pads."""
     missing = aux_k - values.shape[1]
-    if missing == 0:
-        return values, indices
     return F.pad(values, (0, missing)), F.pad(indices, (0, missing))
 
 

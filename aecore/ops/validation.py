@@ -166,6 +166,12 @@ def gibbs_call(
     )
 
 
+def finite(value) -> bool:
+    """math.isfinite, but under torch.compile a number passes: there it may be symbolic
+    (a float argument that varies between calls), and the kernels check it when they run."""
+    return torch.compiler.is_compiling() or math.isfinite(value)
+
+
 def real_arg(op, name, value) -> float:
     if not is_real(value):
         raise ConfigError(f"{op}: {name} must be a real number, got {value!r}")
@@ -183,7 +189,7 @@ def kl_args(h, rho, beta) -> tuple[float, float]:
     beta = real_arg(op, "beta", beta)
     if not 0.0 < rho < 1.0:
         raise ConfigError(f"{op}: rho must lie in the open interval (0, 1), got {rho}")
-    if not (beta >= 0.0 and math.isfinite(beta)):
+    if not (beta >= 0.0 and finite(beta)):
         raise ConfigError(f"{op}: beta must be finite and >= 0, got {beta}")
     return rho, beta
 
@@ -268,7 +274,7 @@ def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
 
 
 def positive(op: str, name: str, value) -> float:
-    if not is_real(value) or not (math.isfinite(value) and value > 0):
+    if not is_real(value) or not (finite(value) and value > 0):
         raise ConfigError(f"{op}: {name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -308,9 +314,9 @@ def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) ->
             if name != "steps":
                 writable(op, f"{name}[{i}]", t)
     for name, value in (("lr", lr), ("momentum", momentum)):
-        if not is_real(value) or not math.isfinite(value):
+        if not is_real(value) or not finite(value):
             raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
-    if any(not math.isfinite(w) for w in weight_decay):
+    if any(not finite(w) for w in weight_decay):
         raise ConfigError(f"{op}: weight_decay must be finite numbers, got {weight_decay!r}")
 
 
@@ -345,6 +351,6 @@ def cd_update_args(
             writable(op, name, t)
     rates = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     for name, value in rates.items():
-        if not math.isfinite(real_arg(op, name, value)):
+        if not finite(real_arg(op, name, value)):
             raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
     return call, list(velocities), float(lr), float(momentum), float(weight_decay)

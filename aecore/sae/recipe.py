@@ -135,8 +135,10 @@ def aux_loss(
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
-    values, indices = reference.aux_code(pre, dead, min(aux_k, n_dead))
-    return aux_error(residual, values, indices, decoder, n_dead, aux_k, total_variance)
+    # the dead columns alone: fewer to rank than all n (their count is read already)
+    index = dead.nonzero().flatten()
+    values, local = reference.aux_code(pre[:, index], dead[index], min(aux_k, n_dead))
+    return aux_error(residual, values, index[local], decoder, n_dead, aux_k, total_variance)
 
 
 def aux_error(residual, values, indices, decoder, n_dead: int, aux_k: int, total_variance):

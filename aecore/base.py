@@ -176,6 +176,14 @@ class Autoencoder(nn.Module, abc.ABC):
         chooses the units or rules Gaussian ones out."""
         return {}
 
+    @classmethod
+    def rescaled_hparams(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters for data that ``normalize="auto"`` itself min-max scaled into
+        [0, 1] as a whole (intensities such as pixel counts): values between 0 and 1
+        are then the data's grey levels, which a model that expects binary data may
+        take as they are (the RBM's ``probabilities``). ``given`` always wins."""
+        return {}
+
     def __init__(self, *, input_shape: Sequence[int], latent_dim: int) -> None:
         super().__init__()
         shape = check_input_shape(input_shape)

@@ -21,7 +21,7 @@ from aecore.data.units import (
     check_in_model_range,
     data_units,
     per_feature_normalization,
-    with_real_valued_units,
+    hparams_for_units,
 )
 from aecore.errors import ConfigError
 from aecore.io.lock import FolderLock
@@ -111,7 +111,7 @@ def train(
     units = data_units(train_rows) if normalize == "auto" else None
     own_units = units == OWN
     if units is not None:
-        hparams = with_real_valued_units(model_class(name), units, hparams)
+        hparams = hparams_for_units(model_class(name), units, hparams)
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
     if own_units:

@@ -42,7 +42,7 @@ from aecore.data.units import (
     data_units,
     error_scale,
     fit_normalization,
-    with_real_valued_units,
+    hparams_for_units,
 )
 from aecore.detection import row_list
 from aecore.errors import ConfigError, DataError, RegistryError, ShapeError
@@ -217,7 +217,7 @@ class AutoencoderTransformer(
             normalize = declared  # the SAEs: activations keep their geometry
         units = data_units(X) if normalize == "auto" else None
         if units is not None:
-            hparams = with_real_valued_units(model_class(self.model), units, hparams)
+            hparams = hparams_for_units(model_class(self.model), units, hparams)
         validation_fraction = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr

@@ -153,18 +153,22 @@ class RBM(Autoencoder):
             "probabilities": self.probabilities,
         }
 
+    # settings of Bernoulli visible units keep them
+    _UNIT_CHOICES = {"visible", "probabilities", "strict"}
+
     @classmethod
     def real_valued_hparams(cls, given: dict) -> dict:
         # one-class breast cancer / wine: mean ROC-AUC 0.931 / 0.983 against 0.890 / 0.750
-        # from Bernoulli units on min-max scaled, clipped rows. Settings of Bernoulli
-        # visible units keep them, and Gaussian hidden units have no normalisable joint
-        # with Gaussian visible ones
-        if (
-            given.keys() & {"visible", "probabilities", "strict"}
-            or given.get("hidden") == "gaussian"
-        ):
+        # from Bernoulli units on min-max scaled, clipped rows; Gaussian hidden units have
+        # no normalisable joint with Gaussian visible ones
+        if given.keys() & cls._UNIT_CHOICES or given.get("hidden") == "gaussian":
             return {}
         return {"visible": "gaussian"}
+
+    @classmethod
+    def rescaled_hparams(cls, given: dict) -> dict:
+        # the caller's own min-max scaling made the grey values: no warning about them
+        return {} if given.keys() & cls._UNIT_CHOICES else {"probabilities": True}
 
     @property
     def input_range(self) -> tuple[float, float] | None:

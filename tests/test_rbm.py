@@ -370,3 +370,21 @@ def test_filters_of_image_inputs_are_drawn_in_the_images_shape(tmp_path, monkeyp
     rbm = RBM(input_shape=(1, 4, 16), latent_dim=5)
     rbm.demo_figures(None, tmp_path)
     assert drawn == [(5, 1, 4, 16)] and plots.as_images(np.zeros(drawn[0])).shape == (5, 4, 16)
+
+
+def test_estimators_scaling_pixel_counts_themselves_do_not_warn_of_grey_values():
+    # normalize="auto" min-max scales counts 0..16 into grey levels: the warning is for
+    # grey values a user passes, not for the estimator's own doing
+    from aecore.anomaly import AnomalyDetector
+
+    counts = np.random.default_rng(0).integers(0, 17, size=(60, 16)).astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector = AnomalyDetector("rbm", epochs=1, random_state=0).fit(counts)
+    assert detector.model_.probabilities
+    with pytest.warns(NonBinaryDataWarning):
+        AnomalyDetector("rbm", epochs=1, random_state=0).fit(counts / 16)
+    # a choice of the user's wins
+    strict = AnomalyDetector("rbm", epochs=1, random_state=0, strict=True)
+    with pytest.raises(DataError, match="binary"):
+        strict.fit(counts)

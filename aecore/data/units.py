@@ -54,17 +54,19 @@ def data_units(train) -> str:
     return INTENSITY if intensity else SHARED
 
 
-def with_real_valued_units(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` plus the model's Gaussian-unit hyperparameters (its
-    ``real_valued_hparams``, which yield to ``given``) for real-valued data (neither in
-    [0, 1] nor intensities): min-max scaling it for
-    Bernoulli units clips every new row beyond the training range to its edge, where an
-    anomaly cannot be told from the most extreme normal row (one-class iris: vae 0.878
-    -> 0.997; wine 0.745 -> 0.982)."""
-    hook = getattr(model_cls, "real_valued_hparams", None)
-    if units in (UNIT, INTENSITY) or hook is None:
+def hparams_for_units(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` plus the model's hyperparameters for data of ``units`` (each hook's
+    values yield to ``given``): on real-valued data (neither in [0, 1] nor
+    intensities) its Gaussian-unit ones (``real_valued_hparams``): min-max scaling it
+    for Bernoulli units clips every new row beyond the training range to its edge, where
+    an anomaly cannot be told from the most extreme normal row (one-class iris: vae
+    0.878 -> 0.997; wine 0.745 -> 0.982); on intensities, which are min-max scaled as a
+    whole, its ``rescaled_hparams``."""
+    if units == UNIT:
         return dict(given)
-    return {**hook(dict(given)), **given}
+    name = "rescaled_hparams" if units == INTENSITY else "real_valued_hparams"
+    hook = getattr(model_cls, name, None)
+    return dict(given) if hook is None else {**hook(dict(given)), **given}
 
 
 def per_feature_normalization(input_range, train) -> Normalization:

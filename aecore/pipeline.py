@@ -20,8 +20,8 @@ from aecore.data.units import (
     OWN,
     check_in_model_range,
     data_units,
-    per_feature_normalization,
     hparams_for_units,
+    per_feature_normalization,
 )
 from aecore.errors import ConfigError
 from aecore.io.lock import FolderLock

@@ -154,7 +154,7 @@ class RBM(Autoencoder):
         }
 
     # settings of Bernoulli visible units keep them
-    _UNIT_CHOICES = {"visible", "probabilities", "strict"}
+    _UNIT_CHOICES = frozenset({"visible", "probabilities", "strict"})
 
     @classmethod
     def real_valued_hparams(cls, given: dict) -> dict:

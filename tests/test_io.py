@@ -141,7 +141,7 @@ def test_not_a_model_folder(tmp_path):
     with pytest.raises(ModelFileError, match="not a model folder \\(no such directory\\)"):
         aecore.load(tmp_path / "nothing")
     (tmp_path / "d").mkdir()
-    with pytest.raises(ModelFileError, match="not a model folder \\(no model.json\\)"):
+    with pytest.raises(ModelFileError, match="not a model folder \\(no model.json file\\)"):
         aecore.load(tmp_path / "d")
     (tmp_path / "d" / "model.json").write_text("{not json")
     with pytest.raises(ModelFileError, match="model.json is not valid JSON"):
@@ -176,4 +176,62 @@ def test_malformed_record_fields(saved):
     bad = {**record, "normalization": {"kind": "minmax"}}
     (path / "model.json").write_text(json.dumps(bad))
     with pytest.raises(ModelFileError, match="malformed normalization in model.json"):
+        aecore.load(path)
+
+
+def test_a_record_that_does_not_serialise_writes_nothing(saved):
+    # numpy numbers (a metric computed with numpy) are JSON's numbers; anything else is
+    # refused before a file changes: the folder keeps the old model whole
+    model, path = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(ModelFileError, match="its 'metrics' record does not serialise"):
+        aecore.save(model, path, metrics={"mse": object()}, overwrite=True)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    aecore.save(model, path, metrics={"mse": np.float32(0.25)}, overwrite=True)
+    assert aecore.load(path).metadata["metrics"] == {"mse": 0.25}
+
+
+def test_weights_of_another_save_are_refused_not_paired(saved, tmp_path, monkeypatch):
+    # a save writes its weights, then model.json: a load in between (or after a crash
+    # there) must not pair the old record with the new weights
+    from aecore.io import model_folder
+
+    model, path = saved
+    other = aecore.create("ae", input_shape=(6,), latent_dim=2, hidden=[8])
+    aecore.save(other, tmp_path / "other")
+    (path / "model.safetensors").write_bytes(
+        (tmp_path / "other" / "model.safetensors").read_bytes()
+    )
+    monkeypatch.setattr(model_folder, "SAVE_WAIT_SECONDS", 0.05)
+    with pytest.raises(ModelFileError, match="come from different saves"):
+        aecore.load(path)
+
+
+def test_a_record_that_does_not_fit_the_model_is_refused(saved):
+    _, path = saved
+    record = json.loads((path / "model.json").read_text())
+    for change, match in (
+        ({"normalization": {"kind": "standardize", "shift": [0.0] * 3, "scale": [1.0] * 3}},
+         "the normalisation has 3 features; the model has 6"),
+        ({"normalization": {"kind": "standardize", "shift": [0.0] * 6, "scale": [float("nan")] * 6}},
+         "NaN or infinite"),
+        ({"feature_names": ["a", "b"]}, "names 2 features; the model has 6"),
+    ):  # fmt: skip
+        (path / "model.json").write_text(json.dumps({**record, **change}))
+        with pytest.raises(ModelFileError, match=match):
+            aecore.load(path)
+
+
+def test_paths_that_cannot_hold_a_model_say_so(saved, tmp_path):
+    from aecore.errors import FileWriteError
+
+    model, path = saved
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileWriteError, match="could not create the folder"):
+        aecore.save(model, tmp_path / "file" / "sub")
+    with pytest.raises(ModelFileError, match=r"not a model folder \(a file\)"):
+        aecore.load(tmp_path / "file")
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors").mkdir()
+    with pytest.raises(ModelFileError, match="no model.safetensors file"):
         aecore.load(path)

@@ -133,6 +133,20 @@ class Normalization:
             return {"kind": "none"}
         return {"kind": self.kind, "shift": self.shift.tolist(), "scale": self.scale.tolist()}
 
+    def check_features(self, features: int) -> None:
+        """A ValueError unless the parameters fit rows of ``features`` values (one value
+        per feature, or one for all) and are finite, with no negative scale."""
+        if self.kind == "none":
+            return
+        if self.shift.size not in (1, features):
+            raise ValueError(
+                f"the normalisation has {self.shift.size} features; the model has {features}"
+            )
+        if not (np.isfinite(self.shift).all() and np.isfinite(self.scale).all()):
+            raise ValueError("the normalisation holds NaN or infinite values")
+        if (self.scale < 0).any():
+            raise ValueError("the normalisation holds a negative scale")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Normalization:
         if not d:

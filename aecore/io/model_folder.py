@@ -8,10 +8,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from aecore import params
@@ -20,10 +23,17 @@ from aecore.base import current_state_keys
 from aecore.config import FIELDS, TrainConfig
 from aecore.data.normalization import Normalization
 from aecore.detection import ScoreThreshold
-from aecore.errors import AecoreError, ConfigError, DataError, ModelFileError, RegistryError
+from aecore.errors import (
+    AecoreError,
+    ConfigError,
+    DataError,
+    FileWriteError,
+    ModelFileError,
+    RegistryError,
+)
 from aecore.io.atomic import atomic_write_text
 from aecore.io.lock import writer_of
-from aecore.io.tensors import check_safetensors_header, save_tensors
+from aecore.io.tensors import check_safetensors_header, load_tensors, save_tensors
 from aecore.registry import check_hyperparameters, model_class, name_of
 
 WEIGHTS = "model.safetensors"
@@ -44,9 +54,11 @@ def save(
     """Save ``model`` (and its ``model.normalization``) into ``directory``;
     ``training`` is the config of the run that trained it (read back by ``aecore eval``).
 
-    Refuses to replace an existing saved model unless ``overwrite=True``. Each file is
-    written atomically, weights first, so a crash never leaves a json naming weights
-    that are not there.
+    Refuses to replace an existing saved model unless ``overwrite=True``. Nothing is
+    written until the whole record is known to serialise; then each file is written
+    atomically, weights first, both marked with one save id, so that ``load`` never
+    pairs a ``model.json`` with another save's weights (a crash between them, or a
+    concurrent load).
     """
     if not isinstance(model, torch.nn.Module) and isinstance(
         getattr(model, "model_", None), torch.nn.Module
@@ -101,13 +113,48 @@ def save(
     run_id = getattr(model, "run_id", "")  # the training run (Trainer.fit sets it)
     if run_id:
         record["run_id"] = run_id
-    directory.mkdir(parents=True, exist_ok=True)
+    record["save_id"] = uuid.uuid4().hex
+    text = _record_text(record, directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileWriteError(f"could not create the folder {directory}: {exc}") from None
     # a model may save an equivalent form of its state (an SAE folds its input scale)
     saved_state = getattr(model, "saved_state_dict", None)
     state = saved_state() if saved_state is not None else model.state_dict()
-    save_tensors(directory / WEIGHTS, _unique_state(state), {"run_id": run_id} if run_id else None)
-    atomic_write_text(directory / CONFIG, json.dumps(record, indent=2) + "\n")
+    meta = {"save_id": record["save_id"], **({"run_id": run_id} if run_id else {})}
+    save_tensors(directory / WEIGHTS, _unique_state(state), meta)
+    atomic_write_text(directory / CONFIG, text)
     return directory
+
+
+def _record_text(record: dict[str, Any], directory: Path) -> str:
+    """``model.json``'s text; numpy numbers and paths (a caller's metrics and data) as
+    JSON's. A ModelFileError naming the field that does not serialise."""
+
+    def plain(value):
+        if isinstance(value, (np.generic, np.ndarray)):
+            return value.tolist()
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
+
+    try:
+        return json.dumps(record, indent=2, default=plain) + "\n"
+    except (TypeError, ValueError) as exc:
+        field = next(k for k, v in record.items() if not _serialises(v, plain))
+        raise ModelFileError(
+            f"cannot save into {directory}: its {field!r} record does not serialise: {exc}; "
+            f"nothing was written"
+        ) from None
+
+
+def _serialises(value, default) -> bool:
+    try:
+        json.dumps(value, default=default)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _unique_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,14 +175,17 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``model.json`` of a model folder, checked for the fields load needs."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ModelFileError(f"{directory}: not a model folder (no such directory)")
+        what = "a file" if directory.exists() else "no such directory"
+        raise ModelFileError(f"{directory}: not a model folder ({what})")
     path = directory / CONFIG
-    if not path.exists():
-        raise ModelFileError(f"{directory}: not a model folder (no {CONFIG})")
+    if not path.is_file():
+        raise ModelFileError(f"{directory}: not a model folder (no {CONFIG} file)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path} could not be read: {exc}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an aecore model record (no 'format': '{FORMAT}')")
     version = record.get("format_version", 0)
@@ -154,12 +204,16 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+#: how long load waits for a save under way to write its second file
+SAVE_WAIT_SECONDS = 2.0
+
+
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild a saved model in eval mode, with ``model.normalization`` and
     ``model.metadata`` (the whole ``model.json``) set."""
     device = params.torch_device(device)
     directory = Path(directory)
-    record = read_record(directory)
+    record, state, weights_meta = _read_one_save(directory)
     try:
         cls = model_class(record["model"])
     except RegistryError as exc:
@@ -179,11 +233,12 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
         raise ModelFileError(
             f"{directory}: the saved config does not fit {record['model']}: {exc}"
         ) from None
-    check_one_run(directory, record)
-    load_weights(model, directory / WEIGHTS)
+    check_one_run(directory, record, weights_meta)
+    load_weights(model, state, directory / WEIGHTS)
     model.run_id = record.get("run_id", "")
     try:
         model.normalization = Normalization.from_dict(record.get("normalization"))
+        model.normalization.check_features(model.input_size)
     except (ValueError, TypeError) as exc:
         raise ModelFileError(f"{directory}: malformed normalization in {CONFIG}: {exc}") from None
     training_config(record, directory)  # a malformed record fails here, not at eval
@@ -196,6 +251,11 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     if names is not None:
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ModelFileError(f"{directory}: malformed feature_names in {CONFIG}")
+        if len(names) != model.input_size:
+            raise ModelFileError(
+                f"{directory}: {CONFIG} names {len(names)} features; the model has "
+                f"{model.input_size}"
+            )
         model.feature_names = names
     model.metadata = record
     model.data_initialised = True  # trained weights: fit continues from them
@@ -229,16 +289,33 @@ def training_config(record: dict[str, Any], directory: Any = "") -> TrainConfig:
         raise ModelFileError(f"{directory}: malformed training config in {CONFIG}: {exc}") from None
 
 
-def load_weights(model, path: Path) -> None:
-    """Load safetensors weights into ``model``, naming every mismatch."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_one_save(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict]:
+    """``model.json``, the weights and their metadata, from one save: a save under way
+    writes the weights first, so a record whose save id the weights do not carry is
+    read again until that save's record lands (folders saved before save ids: as
+    they are)."""
+    deadline = time.monotonic() + SAVE_WAIT_SECONDS
+    while True:
+        record = read_record(directory)
+        path = directory / WEIGHTS
+        if not path.is_file():
+            raise ModelFileError(f"{directory}: not a model folder (no {WEIGHTS} file)")
+        state, meta = load_tensors(path)
+        meta = meta if isinstance(meta, dict) else {}
+        if record.get("save_id") in (None, meta.get("save_id")):
+            return record, state, meta
+        if time.monotonic() > deadline:
+            raise ModelFileError(
+                f"{directory}: its {CONFIG} and {WEIGHTS} come from different saves (a "
+                f"save into it is under way, or stopped between its two files): load it "
+                f"when the save has finished, or save the model again"
+            )
+        time.sleep(0.02)
 
-    check_safetensors_header(path)
-    try:
-        state = load_file(str(path))
-    except SafetensorError as exc:
-        raise ModelFileError(f"{path} is corrupt: {exc}") from None
+
+def load_weights(model, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the weights ``state`` (read from ``path``) into ``model``, naming every
+    mismatch."""
     state = current_state_keys(model, state)  # written by an older version of the model
     floats = {t.dtype for t in state.values() if t.is_floating_point()}
     if floats == {torch.float64}:  # a float64 model loads in float64 (16-bit weights
@@ -268,24 +345,25 @@ def load_weights(model, path: Path) -> None:
     model.load_state_dict(restore(state) if restore is not None else state, strict=False)
 
 
-def check_one_run(directory: Path, record: dict[str, Any]) -> None:
-    """A ModelFileError unless the folder's weights come from the run ``model.json``
-    names; a warning when its checkpoint or metrics come from another run (an
-    overwriting run under way, or stopped: the saved model is intact and loads). Files
-    written before run ids carry none: not checked."""
+def check_one_run(directory: Path, record: dict[str, Any], weights_meta: dict) -> None:
+    """A ModelFileError unless the folder's weights (their metadata ``weights_meta``)
+    come from the run ``model.json`` names; a warning when its checkpoint or metrics
+    come from another run (an overwriting run under way, or stopped: the saved model is
+    intact and loads). Files written before run ids carry none: not checked."""
     run_id = record.get("run_id")
     if not run_id:
         return
     found: dict[str, set[str]] = {}
-    for name, key in ((WEIGHTS, "run_id"), ("checkpoint.safetensors", "history")):
-        path = directory / name
-        if path.exists():
-            raw = (check_safetensors_header(path).get("__metadata__") or {}).get("aecore")
-            meta = json.loads(raw) if raw else {}
-            value = meta.get(key) if isinstance(meta, dict) else None
-            other = value.get("run_id") if isinstance(value, dict) else value
-            if other:
-                found[name] = {other}
+    if weights_meta.get("run_id"):
+        found[WEIGHTS] = {weights_meta["run_id"]}
+    checkpoint = directory / "checkpoint.safetensors"
+    if checkpoint.is_file():
+        raw = (check_safetensors_header(checkpoint).get("__metadata__") or {}).get("aecore")
+        meta = json.loads(raw) if raw else {}
+        history = meta.get("history") if isinstance(meta, dict) else None
+        other = history.get("run_id") if isinstance(history, dict) else history
+        if other:
+            found[checkpoint.name] = {other}
     metrics = directory / "metrics.jsonl"
     if metrics.exists():
         runs = set()

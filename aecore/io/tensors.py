@@ -79,22 +79,43 @@ def _looks_pickled(head: bytes) -> bool:
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
-    """Read a file written by ``save_tensors``: (tensors, meta). Never unpickles."""
+    """Read a file written by ``save_tensors``: (tensors, meta). Never unpickles. The
+    header and the tensors come from one file even while a writer replaces it (an
+    atomic rename: a new inode), read again if that happened between them."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    header = check_safetensors_header(path)
-    try:
-        tensors = load_file(str(path))
-    except SafetensorError as exc:
-        raise ModelFileError(f"{path} is corrupt: {exc}") from None
+    for _ in range(_READ_ATTEMPTS):
+        before = _identity(path)
+        header = check_safetensors_header(path)
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as exc:
+            if _identity(path) != before:
+                continue
+            raise ModelFileError(f"{path} is corrupt: {exc}") from None
+        if _identity(path) == before:
+            break
+    else:
+        raise ModelFileError(f"{path} kept changing while it was read (a writer is busy)")
     raw = (header.get("__metadata__") or {}).get(_META_KEY)
     try:
         meta = json.loads(raw) if raw is not None else None
     except json.JSONDecodeError:
         raise ModelFileError(f"{path}: corrupt aecore metadata") from None
     return tensors, meta
+
+
+_READ_ATTEMPTS = 5
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 # -- nested structures (optimizer state) <-> flat tensors + JSON -----------------------

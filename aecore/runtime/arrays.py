@@ -87,11 +87,10 @@ class ArrayModel(DetectorMethods, abc.ABC):
         self._shifted = False  # a zero shift (min-max of non-negative data) saves a pass
         if norm.kind != "none":
             shift, scale = norm.shift, norm.scale
-            if shift.size != 1 and shift.size != int(np.prod(self.input_shape)):
-                raise ConfigError(
-                    f"the normalisation has {shift.size} features; the model has "
-                    f"{int(np.prod(self.input_shape))}"
-                )
+            try:
+                norm.check_features(int(np.prod(self.input_shape)))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             shape = () if shift.size == 1 else self.input_shape
             safe = np.where(scale > 0, scale, 1.0)  # constant features are only shifted
             self._shift = shift.reshape(shape).astype(np.float32)

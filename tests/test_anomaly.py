@@ -217,6 +217,11 @@ def test_detectors_on_other_scores_are_served_from_the_exports_score_graph(tmp_p
     argv = ["export", str(plain), "--out", str(tmp_path / "rbm.onnx"), "--all", "--overwrite"]
     assert main(argv) == 0
     assert not (tmp_path / "rbm.score.onnx").exists()
+    # a file of the user's at that name is not an export's to drop
+    (tmp_path / "rbm.score.onnx").write_text("another tool's scoring model")
+    with pytest.raises(ModelFileError, match="rbm.score.onnx is not an aecore export"):
+        aecore.export_onnx(plain, tmp_path / "rbm.onnx", part="all", overwrite=True)
+    assert (tmp_path / "rbm.score.onnx").read_text() == "another tool's scoring model"
 
 
 @pytest.mark.parametrize(

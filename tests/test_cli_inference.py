@@ -254,3 +254,30 @@ def test_a_model_trained_on_a_csv_with_a_header_refuses_its_columns_reordered(tm
     rc, _, err = _cli(capsys, "encode", tmp_path / "m", "--input", tmp_path / "r.csv",
                       "--output", tmp_path / "y.npy")  # fmt: skip
     assert rc == 1 and "columns are in another order" in err
+
+
+@pytest.mark.parametrize(
+    "exc, said",
+    [
+        (ModuleNotFoundError("No module named 'torch'", name="torch"),
+         "needs torch, which is not installed (pip install torch); without torch"),
+        (ModuleNotFoundError("No module named 'sklearn'", name="sklearn"),
+         "pip install scikit-learn"),
+        (ImportError("aecore.runtime needs onnxruntime: pip install onnxruntime"),
+         "aecore.runtime needs onnxruntime: pip install onnxruntime"),
+    ],
+)  # fmt: skip
+def test_a_missing_package_is_an_error_that_names_it_not_an_internal_error(
+    exc, said, monkeypatch, capsys
+):
+    # a serving image without torch runs commands that need it
+    import aecore.cli.inference as inference
+    from aecore.cli import main
+
+    def missing(args):
+        raise exc
+
+    monkeypatch.setattr(inference, "cmd_export", missing)
+    assert main(["export", "somewhere", "--out", "x.onnx"]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "internal error" not in err

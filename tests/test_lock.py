@@ -69,12 +69,15 @@ def test_the_lock_is_reentrant_in_a_process_and_a_refused_run_leaves_no_trace(tm
     assert not (tmp_path / "other").exists()
 
 
-def test_every_file_of_a_run_carries_its_id_and_a_mixed_folder_is_refused(tmp_path):
+def test_every_file_of_a_run_carries_its_id_and_a_mixed_folder_is_refused(tmp_path, monkeypatch):
     import json
     import shutil
 
     import aecore
     from aecore.errors import ModelFileError
+    from aecore.io import model_folder
+
+    monkeypatch.setattr(model_folder, "SAVE_WAIT_SECONDS", 0.05)  # no save is coming
     from aecore.io.tensors import check_safetensors_header
     from aecore.pipeline import train
 

@@ -240,6 +240,21 @@ def test_a_sibling_from_another_export_is_refused(saved, tmp_path):
         mixed.decode(np.zeros((1, 3), np.float32))
 
 
+def test_a_re_export_of_one_part_with_another_normalisation_orphans_its_siblings(saved, tmp_path):
+    # the same weights, a corrected normalisation, only the full graph re-exported: the
+    # old encoder (its normalisation folded in) must not serve beside it
+    import copy
+
+    import aecore
+
+    model = copy.deepcopy(saved[0])
+    aecore.export_onnx(model, tmp_path / "m.onnx", part="all")
+    model.normalization = Normalization("minmax", [0.0], [16.0])
+    aecore.export_onnx(model, tmp_path / "m.onnx", part="full", overwrite=True)
+    with pytest.raises(ModelFileError, match="does not belong to"):
+        OnnxAutoencoder(tmp_path / "m.onnx").encode(_data(2))
+
+
 def test_without_the_full_graph_reconstruct_chains_the_halves(saved, runtime, tmp_path):
     files = part_paths(saved[2])
     for part in ("encoder", "decoder"):
@@ -387,3 +402,26 @@ def test_image_axes_in_another_order_get_a_transpose_not_a_reshape():
 
     with pytest.raises(ShapeError, match=r"another order: x.transpose\(0, 1, 3, 2\)"):
         _check_array(np.zeros((2, 3, 9, 7)), (3, 7, 9), "m expects inputs", "x")
+
+
+def test_a_row_beyond_float32s_range_encodes_to_nan_without_a_warning(runtime):
+    import warnings
+
+    x = _data(2).astype(np.float64)
+    x[1, 0] = 1e39
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = runtime.encode(x)
+    assert np.isfinite(codes[0]).all() and np.isnan(codes[1]).all()
+
+
+def test_a_dataframe_of_nullable_columns_is_read_as_numbers(runtime):
+    pd = pytest.importorskip("pandas")
+    x = _data(3)
+    frame = pd.DataFrame(x.astype(np.float64)).astype("Float64")
+    np.testing.assert_allclose(runtime.encode(frame), runtime.encode(x), rtol=1e-6)
+    frame.iloc[1, 0] = pd.NA
+    codes = runtime.encode(frame)
+    assert np.isnan(codes[1]).all() and np.isfinite(codes[[0, 2]]).all()
+    with pytest.raises(DataError, match="got dtype object"):
+        runtime.encode(pd.DataFrame(x).astype(object).assign(**{"0": "text"}).iloc[:, 1:])

@@ -70,3 +70,30 @@ def test_the_command_line_says_which_file_could_not_be_written(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert rc != 0 and "could not sync to disk" in err and "No space left on device" in err
     assert str(tmp_path / "r") in err
+
+
+def test_a_write_keeps_a_live_writers_temp_file_and_drops_a_dead_ones(tmp_path):
+    # temp files of a killed writer go; one a running process is still writing stays
+    # (two processes saving one file), and names are not glob patterns
+    import subprocess
+    import sys
+
+    target = tmp_path / "m[1]*.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".{target.name}.{dead}.abc.tmp"
+    live = tmp_path / f".{target.name}.{os.getppid()}.xyz.tmp"
+    neighbour = tmp_path / f".m[1]x.json.{dead}.abc.tmp"  # another file's
+    for p in (stale, live, neighbour):
+        p.write_text("partial")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert not stale.exists() and live.exists() and neighbour.exists()
+
+
+def test_writing_through_a_symlink_replaces_the_file_it_names(tmp_path):
+    (tmp_path / "v1.json").write_text("old")
+    link = tmp_path / "current.json"
+    link.symlink_to("v1.json")
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and (tmp_path / "v1.json").read_text() == "new"

@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             # what is left unflushed goes nowhere, not into an error at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        if isinstance(exc, (AecoreError, OSError)):
+        missing = _missing_package(exc)
+        if missing:
+            print(f"aecore: error: {missing}", file=sys.stderr)
+        elif isinstance(exc, (AecoreError, OSError)):
             print(f"aecore: error: {exc}", file=sys.stderr)
         else:
             print(
@@ -139,3 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aecore: interrupted", file=sys.stderr)
         return 130
+
+
+_PIP_NAMES = {"sklearn": "scikit-learn", "onnxruntime": "onnxruntime", "PIL": "pillow"}
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    """The message for a command that needs a package this environment lacks (a serving
+    image without torch, say), or None for any other error."""
+    if isinstance(exc, ImportError) and "pip install" in str(exc):
+        return str(exc)  # aecore's own word for it
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if not name or name.split(".")[0] in ("aecore", "aecore_plugins", "aecore_benchmarks"):
+        return None
+    top = name.split(".")[0]
+    message = (
+        f"this command needs {top}, which is not installed (pip install {_PIP_NAMES.get(top, top)})"
+    )
+    if top == "torch":
+        message += "; without torch, aecore serves exported models: give it a .onnx file"
+    return message

@@ -15,12 +15,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(f)`` on a temp file beside ``path``, fsync, then ``os.replace``:
     a crash mid-write leaves the previous file intact."""
     path = Path(path)
+    if path.is_symlink():  # replace the file the link names, and keep the link
+        path = path.resolve()
     step = "create the folder of"
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         step = "create a temporary file beside"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        prefix = f"{_temp_stem(path)}{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         step = "set the permissions of"
         os.fchmod(fd, _mode_for(path))
         step = "write"
@@ -41,9 +44,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
-    # temp files left by a writer that was killed mid-write (SIGKILL skips the cleanup)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    _remove_stale_temps(path)
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -52,6 +53,40 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _temp_stem(path: Path) -> str:
+    """The start of the names of ``path``'s temp files (a long name cut short, so that
+    the temp name stays within the file system's limit)."""
+    return f".{path.name[:120]}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Removes temp files of ``path`` that a writer killed mid-write left (SIGKILL skips
+    the cleanup): those of processes that no longer run. Another live writer's (two
+    processes saving one file) are its own to finish."""
+    stem = _temp_stem(path)
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(stem) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(stem) :].split(".", 1)[0]
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        (path.parent / name).unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if os.name != "posix":  # no signal 0 to ask with: leave the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def _mode_for(path: Path) -> int:

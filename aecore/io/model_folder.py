@@ -305,6 +305,7 @@ def _read_one_save(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
         if record.get("save_id") in (None, meta.get("save_id")):
             return record, state, meta
         if time.monotonic() > deadline:
+            check_one_run(directory, record, meta)  # two runs' files: its own words
             raise ModelFileError(
                 f"{directory}: its {CONFIG} and {WEIGHTS} come from different saves (a "
                 f"save into it is under way, or stopped between its two files): load it "

@@ -108,6 +108,13 @@ def export_onnx(
             raise ModelFileError(
                 f"{target} exists; pass overwrite=True (--overwrite) or choose another name"
             )
+    stale = targets.get(SCORE_PART)
+    if stale is not None and stale.exists() and not _is_aecore_export(stale):
+        # the name an export of all parts owns, but not a file one wrote: not ours to drop
+        raise ModelFileError(
+            f"{stale} is not an aecore export, and an export of all parts to {path.name} "
+            f"writes or removes its score graph there: move it or choose another name"
+        )
     model, name = _resolve_model(model_or_dir)
     parts = (part,)
     if part == "all":
@@ -126,6 +133,16 @@ def export_onnx(
         if part == "all" and SCORE_PART not in protos:
             targets[SCORE_PART].unlink(missing_ok=True)
     return targets["full"] if part == "all" else path
+
+
+def _is_aecore_export(path: Path) -> bool:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all
+        return False
+    return any(p.key == "aecore.format" and p.value == FORMAT for p in proto.metadata_props)
 
 
 def exported_score_kind(model) -> str | None:
@@ -212,11 +229,7 @@ def _export_copy(model: nn.Module, name: str) -> nn.Module:
 def _metadata(model: nn.Module, name: str) -> dict[str, str]:
     config = json.dumps(model.get_config(), sort_keys=True)
     norm = getattr(model, "normalization", None) or Normalization("none")
-    digest = hashlib.sha256(f"{name}\n{config}".encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return {
+    metadata = {
         "aecore.format": FORMAT,
         "aecore.format_version": str(FORMAT_VERSION),
         "aecore.model": name,
@@ -226,11 +239,18 @@ def _metadata(model: nn.Module, name: str) -> dict[str, str]:
         "aecore.latent_dim": str(model.latent_dim),
         "aecore.version": __version__,
         "aecore.torch_version": torch.__version__.split("+")[0],
-        "aecore.export_id": digest.hexdigest()[:20],
         SCORE_KINDS_KEY: json.dumps(list(getattr(model, "score_kinds", ("reconstruction",)))),
         **detector_metadata(model),
         **input_range_metadata(model),
     }
+    # the export's identity, which the runtime checks a part file's siblings against:
+    # the weights and everything the graphs or the runtime take from the metadata (the
+    # normalisation is folded into every graph)
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {**metadata, "aecore.export_id": digest.hexdigest()[:20]}
 
 
 def input_range_metadata(model) -> dict[str, str]:

@@ -5,6 +5,7 @@ the forward pass of each part (onnxruntime here; PyTorch in the command line).""
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -121,8 +122,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def encode(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units,
         clipped to the model's ``input_range`` once normalised (as the estimator's
-        ``transform``). A row with NaN encodes to NaN, as in the model; ``score`` and the
-        detector methods refuse such rows."""
+        ``transform``). A row with NaN (or values beyond float32's range, which the
+        model computes in) encodes to NaN, as in the model; ``score`` and the detector
+        methods refuse such rows."""
         x = self._check_inputs(x)
         return self._map("encoder", x, (self.latent_dim,), batch_size, inputs=True)
 
@@ -233,12 +235,18 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
         raise DataError(f"{what} as a dense array of shape {expected}; got a sparse "
                         f"{type(x).__name__}: pass {name}.toarray()")  # fmt: skip
     if not isinstance(x, np.ndarray):
+        given = x
         try:
             x = np.asarray(x)
         except Exception as exc:
             raise DataError(
                 f"{what} as an array of shape {expected}; cannot convert {type(x).__name__}: {exc}"
             ) from None
+        if x.dtype == object and hasattr(given, "to_numpy"):
+            # pandas' nullable columns (Float64, Int64 with <NA>) come out as objects;
+            # text in a column stays so, and is refused below
+            with contextlib.suppress(TypeError, ValueError):
+                x = given.to_numpy(dtype=np.float64, na_value=np.nan)
     if x.dtype.kind not in "fiub":  # (booleans count as 0 and 1, as the estimator's)
         raise DataError(
             f"{what} as a float or integer array of shape {expected}; got dtype {x.dtype}"
@@ -300,4 +308,7 @@ def _check_batch_size(batch_size: Any) -> int:
 
 
 def _float32(x: np.ndarray) -> np.ndarray:
-    return x if x.dtype == np.float32 else x.astype(np.float32)
+    if x.dtype == np.float32:
+        return x
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, and the row NaN
+        return x.astype(np.float32)

@@ -117,14 +117,18 @@ class ScoreThreshold:
 
     @classmethod
     def from_dict(cls, data: Any) -> ScoreThreshold:
+        if not isinstance(data, dict):
+            raise DataError(f"malformed detector threshold: expected an object, got {data!r:.60}")
         try:
             kept = np.asarray(data["kept_scores"], dtype=np.float64)
             made = cls(
                 float(data["contamination"]), float(data["threshold"]), kept, int(data["n"]),
                 str(data.get("kind", "reconstruction")),
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"malformed detector threshold: {exc!r}") from None
+        except KeyError as exc:
+            raise DataError(f"malformed detector threshold: it lacks the field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"malformed detector threshold: {exc}") from None
         if kept.ndim != 1 or len(kept) == 0 or made.n < len(kept) or np.any(np.diff(kept) < 0):
             raise DataError("malformed detector threshold: kept_scores must be ascending")
         return made

@@ -168,6 +168,10 @@ def test_the_threshold_travels_to_the_folder_and_to_onnx(fitted, tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps(record))
     with pytest.raises(ModelFileError, match="malformed detector threshold"):
         aecore.load(tmp_path / "m")
+    del record["detector"]["kept_scores"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(record))
+    with pytest.raises(ModelFileError, match="threshold: it lacks the field 'kept_scores'"):
+        aecore.load(tmp_path / "m")
 
 
 def test_detectors_on_other_scores_are_served_from_the_exports_score_graph(tmp_path):

@@ -292,8 +292,8 @@ def training_config(record: dict[str, Any], directory: Any = "") -> TrainConfig:
 def _read_one_save(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict]:
     """``model.json``, the weights and their metadata, from one save: a save under way
     writes the weights first, so a record whose save id the weights do not carry is
-    read again until that save's record lands (folders saved before save ids: as
-    they are)."""
+    read again until that save's record lands (folders saved before save ids, and
+    weights rewritten by another tool, which drops the id: as they are)."""
     deadline = time.monotonic() + SAVE_WAIT_SECONDS
     while True:
         record = read_record(directory)
@@ -302,7 +302,9 @@ def _read_one_save(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
             raise ModelFileError(f"{directory}: not a model folder (no {WEIGHTS} file)")
         state, meta = load_tensors(path)
         meta = meta if isinstance(meta, dict) else {}
-        if record.get("save_id") in (None, meta.get("save_id")):
+        if None in (record.get("save_id"), meta.get("save_id")) or (
+            record["save_id"] == meta["save_id"]
+        ):
             return record, state, meta
         if time.monotonic() > deadline:
             check_one_run(directory, record, meta)  # two runs' files: its own words

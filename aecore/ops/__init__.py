@@ -339,13 +339,7 @@ def momentum_step_(
     """
     if not (isinstance(params, (list, tuple)) and params):  # refused with the checks' words
         check.momentum_step_args(params, velocities, steps, lr, momentum, [])
-    decay = [0.0] * len(params) if weight_decay is None else weight_decay
-    if not isinstance(decay, (list, tuple)) or not all(check.is_real(w) for w in decay):
-        raise ConfigError(
-            f"momentum_step_: weight_decay must be a list of numbers, one per parameter, or "
-            f"None; got {weight_decay!r}"
-        )
-    decay = [float(w) for w in decay]
+    decay = check.weight_decays(weight_decay, len(params))
     numbers = check.is_real(lr) and check.is_real(momentum)
     if numbers and params and isinstance(params[0], Tensor) and fused(params[0]):
         # The kernels check their operands before changing anything; the Python checks

@@ -289,6 +289,17 @@ def writable(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def weight_decays(weight_decay, n: int) -> list[float]:
+    """momentum_step_'s weight_decay as floats, one per parameter (None: zeros)."""
+    decay = [0.0] * n if weight_decay is None else weight_decay
+    if not isinstance(decay, (list, tuple)) or not all(is_real(w) for w in decay):
+        raise ConfigError(
+            f"momentum_step_: weight_decay must be a list of numbers, one per parameter, or "
+            f"None; got {weight_decay!r}"
+        )
+    return [float(w) for w in decay]
+
+
 def momentum_step_args(params, velocities, steps, lr, momentum, weight_decay) -> None:
     op = "momentum_step_"
     for name, seq in (("params", params), ("velocities", velocities), ("steps", steps)):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and its own torch, nvcc, ninja, pytest and
 # hypothesis (no network): builds aecore's kernels against that torch, runs the CUDA op
-# tests and the CUDA benchmarks. Run from the repository root; about 6 minutes on an H100.
-# Results go to ${OUT:-gpu-check}/ (logs and JSON).
+# tests and the CUDA benchmarks. Run from the repository root; about 5 minutes on an H100.
+# Results go to ${OUT:-gpu-check}/: one log of every stage, and the benchmarks' JSON.
+# Wheels in .whl/ (sae-lens and what it needs that the machine lacks) are installed to a
+# private folder for the SAE step benchmark's sae-lens column.
 set -uo pipefail
 out=${OUT:-gpu-check}
 mkdir -p "$out"
@@ -14,15 +16,19 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export CUDA_HOME
 status=0
-step() {  # step NAME SECONDS COMMAND...: one stage, its log, its time limit
+log=$out/check.log
+: >"$log"
+step() {  # step NAME SECONDS COMMAND...: one stage, its time limit; output to the log
   local name=$1 limit=$2
   shift 2
-  echo "== $name"
+  echo "== $name" | tee -a "$log"
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" "$@" >"$out/stage.log" 2>&1
   local rc=$?
-  echo "   rc=$rc in $((SECONDS - t0)) s"
-  tail -n 25 "$out/$name.log"
+  cat "$out/stage.log" >>"$log"
+  echo "   rc=$rc in $((SECONDS - t0)) s" | tee -a "$log"
+  tail -n 25 "$out/stage.log"
+  rm -f "$out/stage.log"
   [ $rc -eq 0 ] || status=1
   return $rc
 }
@@ -31,16 +37,23 @@ arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capabil
 # an editable install against the machine's torch (offline: no build isolation, no
 # dependencies fetched), so the entry points that name the built-in models exist
 # strict: a CUDA kernel that fails to compile fails the check (else the CUDA tests skip)
-step build 300 env AECORE_CUDA=1 AECORE_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+step build 200 env AECORE_CUDA=1 AECORE_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || exit 1
 # built and in use (an extension reported out of date would leave every CUDA test skipped)
-step backend 60 "$PYTHON" -c "from aecore import ops; b = ops.backend('cd_update_', 'cuda'); \
+step backend 30 "$PYTHON" -c "from aecore import ops; b = ops.backend('cd_update_', 'cuda'); \
 print(b); assert b == 'fused cuda', ops.backend_report()" || exit 1
-step test_ops_cuda 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_sae.py
-step bench_kernels 150 "$PYTHON" -m aecore bench kernels --device cuda --quick \
+step test_ops_cuda 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_sae.py
+step bench_kernels 100 "$PYTHON" -m aecore bench kernels --device cuda --quick \
   --json "$out/kernels.json"
-step bench_sae_step 150 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
-  --shapes small,large,4096:131072:128 --json "$out/sae_step.json"
-step bench_sae_step_auxk 120 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
-  --shapes small,4096:131072:128 --dead-fraction 0.2 --json "$out/sae_step_auxk.json"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step saelens_wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/saelens-site .whl/*.whl
+  export PYTHONPATH=/tmp/saelens-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+step bench_sae_step 120 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
+  --dtype bfloat16 --shapes small,large,4096:131072:128 --json "$out/sae_step_bf16.json"
+step bench_sae_step_f32 90 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
+  --shapes small,large --json "$out/sae_step_f32.json"
+step bench_sae_step_auxk 90 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
+  --dtype bfloat16 --shapes 4096:131072:128 --dead-fraction 0.2 --json "$out/sae_step_auxk.json"
 exit $status

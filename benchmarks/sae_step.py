@@ -38,6 +38,7 @@ from aecore.cli.tables import print_table
 from aecore_benchmarks.args import count, json_file, write_json
 
 SHAPES = {"small": (512, 16384, 32), "large": (768, 32768, 64)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=count, default=3)
     p.add_argument("--threads", type=count, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="parameters and data of every model (half types: CUDA only)")  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--dead-fraction", type=float, default=0.0, metavar="F",
                    help="mark this fraction of latents dead, so AuxK runs (default 0)")  # fmt: skip
@@ -105,14 +108,17 @@ def kill(b_enc: torch.Tensor, since_fired: torch.Tensor, dead: torch.Tensor) -> 
     since_fired[dead] = LONG_AGO
 
 
-def aecore_steps(d: int, n: int, k: int, device: str, dead: torch.Tensor) -> dict:
+def aecore_steps(
+    d: int, n: int, k: int, device: str, dtype: torch.dtype, dead: torch.Tensor
+) -> dict:
     import aecore
     from aecore.sae.loss import _dense_loss
     from aecore.training.optim import gradient_step
 
     def make(loss_fn_of):
         torch.manual_seed(0)
-        model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
+        model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
+        model = model.to(device=device, dtype=dtype)
         model.train()
         kill(model.b_enc, model.since_fired, dead)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -146,12 +152,15 @@ def aecore_steps(d: int, n: int, k: int, device: str, dead: torch.Tensor) -> dic
     return steps
 
 
-def compiled_dense_step(d: int, n: int, k: int, device: str, dead: torch.Tensor):
+def compiled_dense_step(
+    d: int, n: int, k: int, device: str, dtype: torch.dtype, dead: torch.Tensor
+):
     import aecore
     from aecore.sae.loss import _dense_loss
 
     torch.manual_seed(0)
-    model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k).to(device)
+    model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
+    model = model.to(device=device, dtype=dtype)
     model.train()
     kill(model.b_enc, model.since_fired, dead)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -171,13 +180,19 @@ def compiled_dense_step(d: int, n: int, k: int, device: str, dead: torch.Tensor)
     return step
 
 
-def saelens_step(d: int, n: int, k: int, batch: int, device: str, dead: torch.Tensor):
+def saelens_step(
+    d: int, n: int, k: int, batch: int, device: str, dtype: torch.dtype, dead: torch.Tensor
+):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(0)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, device=device))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=d, d_sae=n, k=k, device=device, dtype=str(dtype).removeprefix("torch.")
+        )
+    )
     config = SAETrainerConfig(
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
         total_training_samples=batch * 1000, device=device, autocast=False, lr=1e-4,
@@ -217,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    dtype = DTYPES[args.dtype]
+    if device == "cpu" and dtype != torch.float32:
+        raise SystemExit(f"--dtype {args.dtype}: the CPU kernels take float32 (half types: CUDA)")
     if not 0.0 <= args.dead_fraction <= 1.0:
         raise SystemExit(f"--dead-fraction: expected a number in [0, 1], got {args.dead_fraction}")
     sync = torch.cuda.synchronize if device == "cuda" else None
@@ -226,16 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for d, n, k in parse_shapes(args.shapes):
         x = torch.randn(args.batch_size, d, generator=torch.Generator().manual_seed(0))
-        x = x.to(device)
+        x = x.to(device, dtype)
         dead = dead_mask(n, args.dead_fraction)
-        steps = aecore_steps(d, n, k, device, dead)
+        steps = aecore_steps(d, n, k, device, dtype, dead)
         errors = {}
         if not args.no_compile:
-            steps["compiled dense"] = compiled_dense_step(d, n, k, device, dead)
+            steps["compiled dense"] = compiled_dense_step(d, n, k, device, dtype, dead)
         try:
-            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size, device, dead)
-        except ImportError:
-            errors["sae-lens"] = "not installed"
+            steps["sae-lens"] = saelens_step(d, n, k, args.batch_size, device, dtype, dead)
+        except ImportError as error:
+            errors["sae-lens"] = f"not installed ({error})"
+        except Exception as error:  # a version that takes other settings: still time aecore
+            errors["sae-lens"] = f"{type(error).__name__}: {error}"
         calls = {name: (lambda s=s, x=x: s(x)) for name, s in steps.items()}
         memory = {name: peak_extra_mb(call, device) for name, call in calls.items()}
         log(f"d={d} n={n} k={k}: timing {', '.join(calls)}")
@@ -252,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {name}: {error}")
             results.append({"d": d, "n": n, "k": k, "impl": name, "error": error})
     where = f"{args.threads} threads" if device == "cpu" else torch.cuda.get_device_name()
+    where += f", {args.dtype}"
     dead_note = (
         f", {args.dead_fraction:.0%} of latents dead (AuxK on)" if args.dead_fraction else ""
     )

@@ -257,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # a version that takes other settings: still time aecore
             errors["sae-lens"] = f"{type(error).__name__}: {error}"
         calls = {name: (lambda s=s, x=x: s(x)) for name, s in steps.items()}
-        memory = {name: peak_extra_mb(call, device) for name, call in calls.items()}
+        memory = {}
+        for name, call in list(calls.items()):
+            try:
+                memory[name] = peak_extra_mb(call, device)
+            except (RuntimeError, NotImplementedError) as error:  # say so, time the rest
+                errors[name] = f"{type(error).__name__}: {error}".splitlines()[0]
+                del calls[name]
         log(f"d={d} n={n} k={k}: timing {', '.join(calls)}")
         seconds, failed = time_in_turns(calls, rounds=args.rounds, warmup=1, sync=sync)
         errors.update(failed)

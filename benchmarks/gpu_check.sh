@@ -42,7 +42,18 @@ step build 200 env AECORE_CUDA=1 AECORE_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST="$ar
 # built and in use (an extension reported out of date would leave every CUDA test skipped)
 step backend 30 "$PYTHON" -c "from aecore import ops; b = ops.backend('cd_update_', 'cuda'); \
 print(b); assert b == 'fused cuda', ops.backend_report()" || exit 1
-step test_ops_cuda 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_sae.py
+# -v: each test's name is in the log before it runs, so a crash names its test
+step test_ops 150 "$PYTHON" -m pytest -v --tb=short -p no:cacheprovider tests/test_ops_cuda.py \
+  tests/test_ops_sae.py
+rc=$?
+if [ $rc -ge 128 ] && command -v cuda-gdb >/dev/null; then
+  # a crash (signal): the native stack of the test that was running, then the rest
+  crashed=$(grep -o "^tests/[^ ]*" "$log" | tail -n 1)
+  step native_backtrace 120 cuda-gdb -batch -ex run -ex "bt 40" --args "$PYTHON" -m pytest -q \
+    -p no:cacheprovider -p no:faulthandler "$crashed"
+  step test_ops_after_crash 150 "$PYTHON" -m pytest -q --tb=short -p no:cacheprovider \
+    tests/test_ops_cuda.py tests/test_ops_sae.py --deselect "$crashed"
+fi
 step bench_kernels 100 "$PYTHON" -m aecore bench kernels --device cuda --quick \
   --json "$out/kernels.json"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -51,7 +62,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/saelens-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 step bench_sae_step 120 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
-  --dtype bfloat16 --shapes small,large,4096:131072:128 --json "$out/sae_step_bf16.json"
+  --dtype bfloat16 --shapes small,large,4096:131072:128 --profile --json "$out/sae_step_bf16.json"
 step bench_sae_step_f32 90 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \
   --shapes small,large --json "$out/sae_step_f32.json"
 step bench_sae_step_auxk 90 "$PYTHON" -m aecore bench sae-step --device cuda --no-compile \

@@ -54,8 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--dead-fraction", type=float, default=0.0, metavar="F",
                    help="mark this fraction of latents dead, so AuxK runs (default 0)")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, print where one fused step spends its time (by op)")  # fmt: skip
     p.add_argument("--json", type=json_file, default=None, metavar="FILE")
     return p
+
+
+def print_profile(step, device: str, title: str, rows: int = 15) -> None:
+    """The ops of one call by self time: on CUDA, device time, which says which kernel
+    to work on next; on the CPU, CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    step()  # warm
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one step: {title}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 def _fix_malloc() -> None:
@@ -267,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"d={d} n={n} k={k}: timing {', '.join(calls)}")
         seconds, failed = time_in_turns(calls, rounds=args.rounds, warmup=1, sync=sync)
         errors.update(failed)
+        if args.profile and "aecore fused" in seconds:
+            print_profile(calls["aecore fused"], device, f"aecore fused, d={d} n={n} k={k}")
         base = seconds.get("sae-lens")
         for name in calls:
             if name not in seconds:

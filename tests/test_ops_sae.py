@@ -9,7 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import aecore
 from aecore import ops
 from aecore.errors import ConfigError, ShapeError
 from aecore.ops import reference
@@ -397,6 +399,27 @@ def test_bad_arguments_say_what_was_expected():
         ops.sparse_decode(values, indices[:, :1], W, b_dec)
     with pytest.raises(ShapeError, match=r"b_dec must be \(3,\)"):
         ops.sparse_decode(values, indices, W, torch.zeros(2))
+
+
+def test_the_models_step_reads_no_index_range_back():
+    # the door's range check reads the indices back (a host sync on CUDA); the model's
+    # indices come from topk_encode, so its step skips it: bad indices from a caller who
+    # skips it still fail in the kernel or in the reference's indexing, never silently
+    seen = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model = aecore.create("sae-topk", input_shape=(6,), latent_dim=16, k=2).train()
+    with Ops():
+        model.loss(torch.randn(8, 6))["loss"].backward()
+    assert "sparse_decode" in seen and "aminmax" not in seen
+    values, W, b = torch.ones(2, 2), torch.randn(4, 3), torch.zeros(3)
+    bad = torch.tensor([[0, 4], [1, 2]])
+    with pytest.raises((RuntimeError, IndexError), match="index|indices"):
+        ops.sparse_decode(values, bad, W, b, check_indices=False)
 
 
 @needs_ext

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from aecore.errors import ConfigError, NonFiniteError, ShapeError
+from aecore.errors import ConfigError, NonFiniteError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -261,7 +261,9 @@ def topk_encode_max_k(x: Tensor) -> int | float:
     return CUDA_TOPK_ENCODE_MAX_K if x.device.type == "cuda" else math.inf
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+def sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *, check_indices: bool = True
+) -> Tensor:
     """A sparse code's reconstruction: ``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]``.
 
     ``values`` (B, m) float and ``indices`` (B, m) int64 in [0, n) (e.g. from
@@ -270,23 +272,13 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     products for the values and a per-latent accumulation (counting sort, deterministic,
     no atomics) for W_dec. The kernels skip entries whose value is 0 (a top-k code's
     padding), so a non-finite dictionary row picked with value 0 adds nothing, where the
-    reference's 0 * inf gives NaN.
+    reference's 0 * inf gives NaN. ``check_indices=False`` skips the range check (on CUDA
+    it waits for the device), for indices :func:`topk_encode` made.
     """
-    check.sparse_decode_args(values, indices, W_dec, b_dec)
+    check.sparse_decode_args(values, indices, W_dec, b_dec, check_indices)
     if _fused_sae(values):
         return _fused.sparse_decode(values, indices, W_dec, b_dec)
     return reference.gather_decode(values, indices, W_dec, b_dec)
-
-
-def _rows_args(op: str, written: str, **tensors: Tensor) -> None:
-    first = None
-    for name, t in tensors.items():
-        check.tensor(op, name, t, 2, like=first, like_name="weight", dtypes=check.SAE_DTYPES)
-        first = first if first is not None else t
-    shapes = {tuple(t.shape) for t in tensors.values()}
-    if len(shapes) > 1:
-        raise ShapeError(f"{op}: grad and weight must have one shape, got {sorted(shapes)}")
-    check.writable(op, written, tensors[written])
 
 
 @torch.no_grad()
@@ -295,7 +287,7 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
     (both (n, d)), in place: with rows held at a fixed norm, that component would only
     change the norm. Rows of zeros are left alone. One row-local pass on the fused
     kernels (the reference: about seven passes over the matrix)."""
-    _rows_args("remove_parallel_", "grad", weight=weight, grad=grad)
+    check.rows_args("remove_parallel_", "grad", weight=weight, grad=grad)
     if _fused_sae(grad) and grad.is_contiguous():
         torch.ops.aecore.remove_parallel_(grad, weight.detach())
         # the kernels write through pointers: bump the version as torch's in-place ops
@@ -309,7 +301,7 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
 def set_row_norms_(weight: Tensor, norm: float) -> None:
     """Scales each row of ``weight`` (n, d) to L2 norm ``norm`` (> 0), in place; rows
     of zeros stay zero."""
-    _rows_args("set_row_norms_", "weight", weight=weight)
+    check.rows_args("set_row_norms_", "weight", weight=weight)
     norm = check.positive("set_row_norms_", "norm", norm)
     if _fused_sae(weight) and weight.is_contiguous():
         torch.ops.aecore.set_row_norms_(weight.detach(), norm)

@@ -244,9 +244,9 @@ def aux_args(x, W_enc, aux_k, dead) -> int:
     return aux_k
 
 
-def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
+def sparse_decode_args(values, indices, W_dec, b_dec, check_indices: bool = True) -> None:
     """Checks sparse_decode's operands: values and indices (B, m), W_dec (n, d), b_dec (d,)
-    and every index in [0, n)."""
+    and, with check_indices, every index in [0, n)."""
     op = "sparse_decode"
     tensor(op, "values", values, 2, dtypes=SAE_DTYPES)
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
@@ -265,7 +265,8 @@ def sparse_decode_args(values, indices, W_dec, b_dec) -> None:
     _size(op, "b_dec", b_dec, (d,), lambda: f"({d},) for W_dec of shape {_shape(W_dec)}")
     # under torch.compile the range is data the graph cannot branch on: the compiled CPU
     # kernel checks it there; a meta tensor has no data
-    if indices.numel() and indices.device.type != "meta" and not torch.compiler.is_compiling():
+    skip = not check_indices or indices.device.type == "meta" or torch.compiler.is_compiling()
+    if indices.numel() and not skip:
         lo, hi = (int(v) for v in torch.aminmax(indices))
         if lo < 0 or hi >= n:
             raise ConfigError(
@@ -365,3 +366,15 @@ def cd_update_args(
         if not finite(real_arg(op, name, value)):
             raise ConfigError(f"{op}: {name} must be a finite number, got {value!r}")
     return call, list(velocities), float(lr), float(momentum), float(weight_decay)
+
+
+def rows_args(op: str, written: str, **tensors: torch.Tensor) -> None:
+    """Checks a decoder-row op's operands: 2-D, one shape, and ``written`` writable."""
+    first = None
+    for name, t in tensors.items():
+        tensor(op, name, t, 2, like=first, like_name="weight", dtypes=SAE_DTYPES)
+        first = first if first is not None else t
+    shapes = {tuple(t.shape) for t in tensors.values()}
+    if len(shapes) > 1:
+        raise ShapeError(f"{op}: grad and weight must have one shape, got {sorted(shapes)}")
+    writable(op, written, tensors[written])

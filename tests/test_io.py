@@ -216,6 +216,9 @@ def test_a_record_that_does_not_fit_the_model_is_refused(saved):
         ({"normalization": {"kind": "standardize", "shift": [0.0] * 6, "scale": [float("nan")] * 6}},
          "NaN or infinite"),
         ({"feature_names": ["a", "b"]}, "names 2 features; the model has 6"),
+        # the top-level sizes restate the config: edited alone they would be ignored
+        ({"latent_dim": 4}, "gives latent_dim 4, but its config builds 2"),
+        ({"input_shape": [7]}, r"gives input_shape \[7\], but its config builds \[6\]"),
     ):  # fmt: skip
         (path / "model.json").write_text(json.dumps({**record, **change}))
         with pytest.raises(ModelFileError, match=match):

@@ -233,6 +233,15 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
         raise ModelFileError(
             f"{directory}: the saved config does not fit {record['model']}: {exc}"
         ) from None
+    for field, built in (
+        ("input_shape", list(model.input_shape)),
+        ("latent_dim", model.latent_dim),
+    ):
+        if field in record and record[field] != built:  # a summary of config, edited alone
+            raise ModelFileError(
+                f"{directory}: {CONFIG} gives {field} {record[field]!r}, but its config builds "
+                f"{built!r}; the top-level {field} restates the config: edit that instead"
+            )
     check_one_run(directory, record, weights_meta)
     load_weights(model, state, directory / WEIGHTS)
     model.run_id = record.get("run_id", "")

@@ -154,6 +154,20 @@ def test_an_export_target_has_one_writer(tmp_path):
         pass
 
 
+def test_a_name_as_long_as_the_file_system_takes_can_be_exported_to(tmp_path):
+    # the lock file's name adds a suffix: cut, with a digest, where it would pass 255 bytes
+    import aecore
+    from aecore.io.lock import FileLock
+
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2, hidden=[4])
+    target = tmp_path / ("é" * 120 + "x.onnx")  # 247 bytes in UTF-8
+    aecore.export_onnx(model, target)
+    assert target.exists() and [p.name for p in tmp_path.iterdir()] == [target.name]
+    other = tmp_path / ("é" * 120 + "y.onnx")
+    with FileLock(target), FileLock(other):  # names alike up to the cut: separate locks
+        assert len({FileLock(target).lock_path, FileLock(other).lock_path}) == 2
+
+
 def test_an_import_waits_for_no_run_writing_its_folder(holder, tmp_path, capsys):
     # import once saved into a folder a training run held, and the run's own save then
     # replaced the imported model

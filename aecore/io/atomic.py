@@ -58,7 +58,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 def _temp_stem(path: Path) -> str:
     """The start of the names of ``path``'s temp files (a long name cut short, so that
     the temp name stays within the file system's limit)."""
-    return f".{path.name[:120]}."
+    return f".{path.name.encode()[:120].decode(errors='ignore')}."
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -159,7 +160,7 @@ class FileLock:
     def __init__(self, path: str | os.PathLike, purpose: str = "write") -> None:
         self.path = Path(path)
         self.purpose = purpose
-        self.lock_path = self.path.parent / f".{self.path.name}{LOCK_FILE}"
+        self.lock_path = self.path.parent / _lock_name(self.path.name)
         self._file = None
 
     def __enter__(self) -> FileLock:
@@ -187,3 +188,14 @@ class FileLock:
             self.lock_path.unlink(missing_ok=True)  # before the unlock: see _hold
             self._file.close()
             self._file = None
+
+
+def _lock_name(name: str) -> str:
+    """``.NAME.aecore.lock``; a name too long to take the suffix within the file system's
+    255 bytes is cut, with a digest of the whole name so that two such names never share
+    a lock."""
+    if len(f".{name}{LOCK_FILE}".encode()) <= 255:
+        return f".{name}{LOCK_FILE}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    start = name.encode()[:120].decode(errors="ignore")  # whole characters only
+    return f".{start}~{digest}{LOCK_FILE}"

@@ -2,8 +2,8 @@
 decoder's unit-norm constraint), side by side in one run on the same batch:
 
 * ``aecore fused``: ``sae-topk``'s loss through the sparse kernels (``aecore.ops.topk_encode``
-  and ``sparse_decode``), stepped as the trainer steps it (``aecore.training.optim.gradient_step``
-  with the loop's finiteness check);
+  and ``sparse_decode``), stepped as the trainer steps it (its optimizer, torch's fused
+  Adam, and ``aecore.training.optim.gradient_step`` with the loop's finiteness check);
 * ``aecore dense``: the same model and step through the dense path (every pre-activation
   formed, a dense decoder GEMM);
 * ``stock sparse``: the dense encoder and ``torch.topk``, with ``F.embedding_bag`` as a
@@ -130,8 +130,9 @@ def aecore_steps(
     d: int, n: int, k: int, device: str, dtype: torch.dtype, dead: torch.Tensor
 ) -> dict:
     import aecore
+    from aecore.config import TrainConfig
     from aecore.sae.loss import _dense_loss
-    from aecore.training.optim import gradient_step
+    from aecore.training.optim import gradient_step, make_optimizer
 
     def make(loss_fn_of):
         torch.manual_seed(0)
@@ -139,7 +140,7 @@ def aecore_steps(
         model = model.to(device=device, dtype=dtype)
         model.train()
         kill(model.b_enc, model.since_fired, dead)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
         loss_fn = loss_fn_of(model)
 
         def step(x):
@@ -174,14 +175,16 @@ def compiled_dense_step(
     d: int, n: int, k: int, device: str, dtype: torch.dtype, dead: torch.Tensor
 ):
     import aecore
+    from aecore.config import TrainConfig
     from aecore.sae.loss import _dense_loss
+    from aecore.training.optim import make_optimizer
 
     torch.manual_seed(0)
     model = aecore.create("sae-topk", input_shape=(d,), latent_dim=n, k=k)
     model = model.to(device=device, dtype=dtype)
     model.train()
     kill(model.b_enc, model.since_fired, dead)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
 
     @torch.compile
     def loss_fn(x):

@@ -401,6 +401,28 @@ def test_bad_arguments_say_what_was_expected():
         ops.sparse_decode(values, indices, W, torch.zeros(2))
 
 
+def test_the_dense_auxk_term_compiles_in_one_graph():
+    # eagerly it ranks only the dead columns (their count read back); compiled, all of
+    # them with the live ones masked: one graph, the same term and gradients
+    from aecore.sae.recipe import aux_loss
+
+    g = torch.Generator().manual_seed(6)
+    residual, pre, decoder = (torch.randn(*s, generator=g) for s in ((8, 6), (8, 20), (20, 6)))
+    compiled = torch.compile(aux_loss, fullgraph=True, backend="aot_eager")
+    for dead in (torch.arange(20) % 7 == 0, torch.zeros(20, dtype=torch.bool)):
+        got_in = [t.clone().requires_grad_() for t in (pre, decoder)]
+        want_in = [t.clone().requires_grad_() for t in (pre, decoder)]
+        got = compiled(residual, got_in[0], dead, got_in[1], 5, torch.tensor(3.0))
+        want = aux_loss(residual, want_in[0], dead, want_in[1], 5, torch.tensor(3.0))
+        torch.testing.assert_close(got, want)
+        if bool(dead.any()):
+            assert float(want.detach()) > 0
+            got.backward()
+            want.backward()
+            for a, b in zip(got_in, want_in):
+                torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_the_models_step_reads_no_index_range_back():
     # the door's range check reads the indices back (a host sync on CUDA); the model's
     # indices come from topk_encode, so its step skips it: bad indices from a caller who

@@ -132,6 +132,9 @@ def aux_loss(
     while fewer latents are dead than ``aux_k``. Gradients reach only the dead latents'
     encoder and decoder rows, which gives them a reason to fire again (the encoder's also
     while their pre-activations are negative)."""
+    if torch.compiler.is_compiling():  # shapes from the mask's size: no count read back
+        values, indices = reference.aux_code(pre, dead, min(aux_k, dead.numel()))
+        return aux_error(residual, values, indices, decoder, dead.sum(), aux_k, total_variance)
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
@@ -141,15 +144,17 @@ def aux_loss(
     return aux_error(residual, values, index[local], decoder, n_dead, aux_k, total_variance)
 
 
-def aux_error(residual, values, indices, decoder, n_dead: int, aux_k: int, total_variance):
+def aux_error(residual, values, indices, decoder, n_dead, aux_k: int, total_variance):
     """AuxK's term from its code (``values`` at latents ``indices``, (B, min(aux_k,
     n_dead))): ``aux_loss``'s, and the sparse path's, whose encoder picks the code from
-    the same tiles as the main one (``aecore.ops.topk_encode(..., dead=...)``)."""
+    the same tiles as the main one (``aecore.ops.topk_encode(..., dead=...)``). ``n_dead``
+    is a count or, under torch.compile, a tensor holding it."""
     # a gather-sum: the (B, k, d) rows of decoder[indices] would be gigabytes at k = d / 2
     zero = decoder.new_zeros(decoder.shape[1])
     recon = ops.sparse_decode(values, indices, decoder, zero, check_indices=False)
     err = (recon - residual.detach()).pow(2).sum()
-    return min(n_dead / aux_k, 1.0) * err / total_variance
+    scale = (n_dead / aux_k).clamp(max=1.0) if torch.is_tensor(n_dead) else min(n_dead / aux_k, 1.0)
+    return scale * err / total_variance
 
 
 class FiringTracker:

@@ -160,7 +160,7 @@ def test_a_name_as_long_as_the_file_system_takes_can_be_exported_to(tmp_path):
     from aecore.io.lock import FileLock
 
     model = aecore.create("ae", input_shape=(4,), latent_dim=2, hidden=[4])
-    target = tmp_path / ("é" * 120 + "x.onnx")  # 247 bytes in UTF-8
+    target = tmp_path / ("é" * 120 + "x.onnx")  # 246 bytes in UTF-8
     aecore.export_onnx(model, target)
     assert target.exists() and [p.name for p in tmp_path.iterdir()] == [target.name]
     other = tmp_path / ("é" * 120 + "y.onnx")

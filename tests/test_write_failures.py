@@ -84,11 +84,25 @@ def test_a_write_keeps_a_live_writers_temp_file_and_drops_a_dead_ones(tmp_path):
     stale = tmp_path / f".{target.name}.{dead}.abc.tmp"
     live = tmp_path / f".{target.name}.{os.getppid()}.xyz.tmp"
     neighbour = tmp_path / f".m[1]x.json.{dead}.abc.tmp"  # another file's
-    for p in (stale, live, neighbour):
+    # a longer sibling's ("m[1]*.json.bak"), its writer alive or not: not this file's
+    siblings = [tmp_path / f".{target.name}.bak.{pid}.abc.tmp" for pid in (dead, os.getpid())]
+    for p in (stale, live, neighbour, *siblings):
         p.write_text("partial")
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert not stale.exists() and live.exists() and neighbour.exists()
+    assert all(p.exists() for p in siblings)
+
+
+def test_names_that_are_not_utf8_and_long_names_can_be_written_and_exported(tmp_path):
+    # the file system's names are bytes: an undecodable one (a surrogate escape in
+    # Python) must not break the temp or lock names; nor a name near 255 bytes
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2, hidden=[4])
+    for name in (os.fsdecode(b"\xff\xfe-model.onnx"), "é" * 120 + "x.onnx"):
+        atomic_write_text(tmp_path / (name + ".txt"), "x")
+        aecore.export_onnx(model, tmp_path / name)
+        assert (tmp_path / name).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_writing_through_a_symlink_replaces_the_file_it_names(tmp_path):

@@ -58,7 +58,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 def _temp_stem(path: Path) -> str:
     """The start of the names of ``path``'s temp files (a long name cut short, so that
     the temp name stays within the file system's limit)."""
-    return f".{path.name.encode()[:120].decode(errors='ignore')}."
+    return f".{os.fsdecode(os.fsencode(path.name)[:120])}."
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -71,8 +71,10 @@ def _remove_stale_temps(path: Path) -> None:
     except OSError:
         return
     for name in names:
-        pid = name[len(stem) :].split(".", 1)[0]
-        if pid.isdigit() and _running(int(pid)):
+        # ours are STEM + "PID.RANDOM.tmp": a longer sibling's ("model.onnx" beside
+        # "model") has another dot, and is not ours to judge
+        parts = name[len(stem) : -len(".tmp")].split(".")
+        if len(parts) != 2 or not parts[0].isdigit() or _running(int(parts[0])):
             continue
         (path.parent / name).unlink(missing_ok=True)
 

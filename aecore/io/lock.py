@@ -194,8 +194,8 @@ def _lock_name(name: str) -> str:
     """``.NAME.aecore.lock``; a name too long to take the suffix within the file system's
     255 bytes is cut, with a digest of the whole name so that two such names never share
     a lock."""
-    if len(f".{name}{LOCK_FILE}".encode()) <= 255:
+    raw = os.fsencode(name)  # the bytes on disk (undecodable ones included)
+    if len(raw) + len(LOCK_FILE) + 1 <= 255:
         return f".{name}{LOCK_FILE}"
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    start = name.encode()[:120].decode(errors="ignore")  # whole characters only
-    return f".{start}~{digest}{LOCK_FILE}"
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return f".{os.fsdecode(raw[:120])}~{digest}{LOCK_FILE}"

@@ -282,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, call in list(calls.items()):
             try:
                 memory[name] = peak_extra_mb(call, device)
-            except (RuntimeError, NotImplementedError) as error:  # say so, time the rest
+            except Exception as error:  # say so, time the rest (and free its memory)
                 errors[name] = f"{type(error).__name__}: {error}".splitlines()[0]
-                del calls[name]
+                del calls[name], steps[name]
         log(f"d={d} n={n} k={k}: timing {', '.join(calls)}")
         seconds, failed = time_in_turns(calls, rounds=args.rounds, warmup=1, sync=sync)
         errors.update(failed)

@@ -153,7 +153,10 @@ def aux_error(residual, values, indices, decoder, n_dead, aux_k: int, total_vari
     zero = decoder.new_zeros(decoder.shape[1])
     recon = ops.sparse_decode(values, indices, decoder, zero, check_indices=False)
     err = (recon - residual.detach()).pow(2).sum()
-    scale = (n_dead / aux_k).clamp(max=1.0) if torch.is_tensor(n_dead) else min(n_dead / aux_k, 1.0)
+    if torch.is_tensor(n_dead):
+        scale = (n_dead / aux_k).clamp(max=1.0).to(err.dtype)
+    else:
+        scale = min(n_dead / aux_k, 1.0)
     return scale * err / total_variance
 
 

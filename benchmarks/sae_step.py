@@ -71,7 +71,7 @@ def print_profile(step, device: str, title: str, rows: int = 15) -> None:
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of one step: {title}")
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 

@@ -704,3 +704,38 @@ def test_a_loss_that_breaks_the_contract_is_named(returns, says):
         TrainingError, match=rf"PlainAutoencoder.loss must return a dict of scalar tensors .*{says}"
     ):
         Trainer(epochs=1, progress=False, device="cpu").fit(model, torch.rand(40, 4))
+
+
+def test_a_step_reads_back_only_its_finiteness_checks(monkeypatch):
+    # a value read back waits for the device: the epoch's loss sums stay on it and are
+    # read once when wanted, so a plain model's step reads two flags (its loss and its
+    # gradients finite) whatever number of loss terms it reports
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aecore.training import loop
+    from aecore.training.state import RunState
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("_local_scalar_dense"):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    step = loop.TrainingRun.step
+
+    def counted(self, *args):
+        with Reads():
+            return step(self, *args)
+
+    monkeypatch.setattr(loop.TrainingRun, "step", counted)
+    model = aecore.create("ae", input_shape=(6,), latent_dim=2, hidden=[8])
+    trainer = Trainer(epochs=1, batch_size=10, progress=False, seed=0)
+    trainer.fit(model, torch.randn(50, 6))
+    assert len(reads) == 2 * 5  # five steps
+    state = RunState()
+    for i in range(4):
+        state.add_terms({"loss": torch.tensor(float(i)), "l0": torch.tensor(2.0)}, 10)
+    assert state.epoch_sums() == {"loss": 60.0, "l0": 80.0} and state.count == 40
+    assert state.pending == {}

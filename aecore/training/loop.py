@@ -192,7 +192,7 @@ class TrainingRun:
             if state.epoch_step == 0:
                 state.epoch_rng = torch.get_rng_state()
                 state.epoch_loader_rng = [g.get_state() for g in state.loader_generators]
-                state.sums, state.count = {}, 0
+                state.sums, state.pending, state.count = {}, {}, 0
             batches = self.train.epoch(
                 epoch,
                 skip=state.epoch_step,
@@ -209,14 +209,12 @@ class TrainingRun:
                     else len(x)
                 )
                 terms = self.step(x, global_rows, epoch)
-                for k, v in terms.items():
-                    state.sums[k] = state.sums.get(k, 0.0) + v * len(x)
-                state.count += len(x)
+                state.add_terms(terms, len(x))
                 state.epoch_step += 1
                 state.step += 1
                 if not bar.disable:  # formatting the postfix costs as much as a small step
                     bar.update(1)
-                    bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{float(terms['loss']):.4g}", refresh=False)
                 if self._stop_now():
                     bar.close()
                     self._save_checkpoint()
@@ -269,15 +267,16 @@ class TrainingRun:
         )
 
     # -- one step ----------------------------------------------------------------------
-    def step(self, x: torch.Tensor, global_rows: int, epoch: int) -> dict[str, float]:
-        """One update on batch ``x``; returns the loss terms as floats."""
+    def step(self, x: torch.Tensor, global_rows: int, epoch: int) -> dict[str, torch.Tensor]:
+        """One update on batch ``x``; returns the loss terms, detached, where they are (a
+        float each would wait for the device every step)."""
         state = self.state
         where = StepPlace(epoch, state.epoch_step + 1, state.step + 1)
         self._report_progress()
         if self.optimizer is None:
             checked = {"checked": True} if self.data_checked else {}
             terms = self.model.train_step(x, **checked)
-            return {k: float(v.detach()) for k, v in terms.items()}
+            return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
         terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where)
         loss = terms["loss"]
         # DDP averages gradients over processes; weighting each process's mean by its
@@ -288,7 +287,7 @@ class TrainingRun:
             lbfgs_step(self.model, self.optimizer, lambda: self.loss_fn(x)["loss"], scale, where)
         else:
             gradient_step(self.model, self.optimizer, loss, scale, self.config.grad_clip, where)
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
 
     def _progress(self) -> float:
         """Completed steps over the budget's steps, 0 to 1."""
@@ -382,8 +381,9 @@ class TrainingRun:
 
     def _global_sums(self) -> tuple[dict[str, float], int]:
         """Epoch metric sums and row count over all processes."""
-        keys = sorted(self.state.sums)
-        values = [self.state.sums[k] for k in keys] + [self.state.count]
+        sums = self.state.epoch_sums()
+        keys = sorted(sums)
+        values = [sums[k] for k in keys] + [self.state.count]
         totals = self.dist.sum(values, self.device)
         return dict(zip(keys, totals[:-1])), int(totals[-1])
 

@@ -70,6 +70,10 @@ class RunState:
         self.epoch_step = 0  # steps done in the current epoch
         self.step = 0
         self.sums: dict[str, float] = {}
+        # the steps' loss terms since sums was last read: running totals on the model's
+        # device, read back when the sums are wanted (a read waits for the device; once a
+        # step it kept a GPU from running ahead)
+        self.pending: dict[str, torch.Tensor] = {}
         self.count = 0
         self.bad_epochs = 0
         self.best_val = math.inf  # the best smoothed validation loss
@@ -84,6 +88,24 @@ class RunState:
         self.loader_generators: list[torch.Generator] = []
         self.epoch_loader_rng: list[torch.Tensor] | None = None
         self.history = History()
+
+    def add_terms(self, terms: dict, rows: int) -> None:
+        """A step's loss terms (means over its ``rows`` rows) into the epoch's sums."""
+        for k, v in terms.items():
+            v = torch.as_tensor(v).detach().to(torch.float64) * rows
+            self.pending[k] = self.pending[k] + v if k in self.pending else v
+        self.count += rows
+
+    def epoch_sums(self) -> dict[str, float]:
+        """The epoch's metric sums so far, the pending terms read back in one go."""
+        if self.pending:
+            keys = list(self.pending)
+            device = self.pending[keys[0]].device
+            totals = torch.stack([self.pending[k].to(device) for k in keys]).tolist()
+            for k, v in zip(keys, totals):
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.pending = {}
+        return self.sums
 
     def record_val(
         self, loss: float, epoch: int, model, min_delta: float, smoothing: float

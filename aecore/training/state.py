@@ -70,10 +70,10 @@ class RunState:
         self.epoch_step = 0  # steps done in the current epoch
         self.step = 0
         self.sums: dict[str, float] = {}
-        # the steps' loss terms since sums was last read: running totals on the model's
-        # device, read back when the sums are wanted (a read waits for the device; once a
-        # step it kept a GPU from running ahead)
-        self.pending: dict[str, torch.Tensor] = {}
+        # the steps' loss terms (and rows) since sums was last read, where the model put
+        # them: read back together when the sums are wanted (a read waits for the device;
+        # once a step it kept a GPU from running ahead)
+        self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.count = 0
         self.bad_epochs = 0
         self.best_val = math.inf  # the best smoothed validation loss
@@ -92,17 +92,23 @@ class RunState:
     def add_terms(self, terms: dict, rows: int) -> None:
         """A step's loss terms (means over its ``rows`` rows) into the epoch's sums."""
         for k, v in terms.items():
-            v = torch.as_tensor(v).detach().to(torch.float64) * rows
-            self.pending[k] = self.pending[k] + v if k in self.pending else v
+            if torch.is_tensor(v):
+                v = v.detach() if v.dim() == 0 else v.detach().reshape(())
+                self.pending.setdefault(k, []).append((v, rows))
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * rows
         self.count += rows
 
     def epoch_sums(self) -> dict[str, float]:
         """The epoch's metric sums so far, the pending terms read back in one go."""
         if self.pending:
-            keys = list(self.pending)
-            device = self.pending[keys[0]].device
-            totals = torch.stack([self.pending[k].to(device) for k in keys]).tolist()
-            for k, v in zip(keys, totals):
+            totals = []
+            for steps in self.pending.values():
+                values = torch.stack([v for v, _ in steps]).double()
+                rows = torch.tensor([n for _, n in steps], dtype=torch.float64)
+                totals.append((values * rows.to(values.device)).sum())
+            device = totals[0].device  # one model's terms: one device, one read
+            for k, v in zip(self.pending, torch.stack([t.to(device) for t in totals]).tolist()):
                 self.sums[k] = self.sums.get(k, 0.0) + v
             self.pending = {}
         return self.sums

@@ -739,3 +739,8 @@ def test_a_step_reads_back_only_its_finiteness_checks(monkeypatch):
         state.add_terms({"loss": torch.tensor(float(i)), "l0": torch.tensor(2.0)}, 10)
     assert state.epoch_sums() == {"loss": 60.0, "l0": 80.0} and state.count == 40
     assert state.pending == {}
+    # a term that is a view (an element of a batch's buffer) must not keep the buffer
+    # alive until the epoch ends: that grew a run past its memory, a buffer a step
+    state.add_terms({"loss": torch.zeros(2**20)[3]}, 1)
+    kept = state.pending["loss"][0][0]
+    assert kept.untyped_storage().nbytes() == kept.element_size()

@@ -93,7 +93,9 @@ class RunState:
         """A step's loss terms (means over its ``rows`` rows) into the epoch's sums."""
         for k, v in terms.items():
             if torch.is_tensor(v):
-                v = v.detach() if v.dim() == 0 else v.detach().reshape(())
+                v = v.detach().reshape(())
+                if v.untyped_storage().nbytes() > v.element_size():
+                    v = v.clone()  # a view would keep its whole buffer alive until then
                 self.pending.setdefault(k, []).append((v, rows))
             else:
                 self.sums[k] = self.sums.get(k, 0.0) + float(v) * rows

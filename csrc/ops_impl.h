@@ -20,20 +20,21 @@
 #include <string>
 #include <tuple>
 
+#include "common/check_message.h"
 #include "common/unit_pass.h"
 
 namespace aecore {
 
 inline void check_float_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "aecore: ", name, " must be 2-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "aecore: ", name,
+  AECORE_CHECK(t.dim() == 2, "aecore: ", name, " must be 2-D, got ", t.dim(), "-D");
+  AECORE_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "aecore: ", name,
               " must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_same(const at::Tensor& a, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == a.scalar_type(), "aecore: ", name, " has dtype ",
+  AECORE_CHECK(t.scalar_type() == a.scalar_type(), "aecore: ", name, " has dtype ",
               t.scalar_type(), ", expected ", a.scalar_type());
-  TORCH_CHECK(t.device() == a.device(), "aecore: ", name, " is on ", t.device(), ", expected ",
+  AECORE_CHECK(t.device() == a.device(), "aecore: ", name, " is on ", t.device(), ", expected ",
               a.device());
 }
 
@@ -68,20 +69,20 @@ struct Gibbs {
     check_same(v_in, W, "W");
     check_same(v_in, b_v_in, "b_v");
     check_same(v_in, b_h_in, "b_h");
-    TORCH_CHECK(k >= 1, "aecore: k must be >= 1, got ", k);
+    AECORE_CHECK(k >= 1, "aecore: k must be >= 1, got ", k);
     const int64_t B = v_in.size(0), V = v_in.size(1), H = W.size(1);
-    TORCH_CHECK(W.size(0) == V, "aecore: W must be (V, H) = (", V, ", H), got ", W.sizes());
-    TORCH_CHECK(b_v_in.dim() == 1 && b_v_in.size(0) == V, "aecore: b_v must be (", V, ",)");
-    TORCH_CHECK(b_h_in.dim() == 1 && b_h_in.size(0) == H, "aecore: b_h must be (", H, ",)");
-    TORCH_CHECK(rng_in.scalar_type() == at::kLong && rng_in.numel() == 2,
+    AECORE_CHECK(W.size(0) == V, "aecore: W must be (V, H) = (", V, ", H), got ", W.sizes());
+    AECORE_CHECK(b_v_in.dim() == 1 && b_v_in.size(0) == V, "aecore: b_v must be (", V, ",)");
+    AECORE_CHECK(b_h_in.dim() == 1 && b_h_in.size(0) == H, "aecore: b_h must be (", H, ",)");
+    AECORE_CHECK(rng_in.scalar_type() == at::kLong && rng_in.numel() == 2,
                 "aecore: rng must be an int64 tensor {seed, offset}");
     // the kernels read it where they run (CUDA kernels from device memory)
-    TORCH_CHECK(rng_in.device() == v_in.device(), "aecore: rng is on ", rng_in.device(),
+    AECORE_CHECK(rng_in.device() == v_in.device(), "aecore: rng is on ", rng_in.device(),
                 ", expected ", v_in.device());
     const bool pcd = chain_in.has_value();
     if (pcd) {
       check_same(v_in, *chain_in, "chain");
-      TORCH_CHECK(chain_in->dim() == 2 && chain_in->size(1) == H, "aecore: chain must be (Bc, ",
+      AECORE_CHECK(chain_in->dim() == 2 && chain_in->size(1) == H, "aecore: chain must be (Bc, ",
                   H, ")");
     }
     const int64_t Bc = pcd ? chain_in->size(0) : B;
@@ -89,7 +90,7 @@ struct Gibbs {
                      const char* name) -> std::optional<at::Tensor> {
       if (!n.has_value()) return std::nullopt;
       check_same(v_in, *n, name);
-      TORCH_CHECK(n->sizes() == shape, "aecore: ", name, " must have shape ", shape, ", got ",
+      AECORE_CHECK(n->sizes() == shape, "aecore: ", name, " must have shape ", shape, ", got ",
                   n->sizes());
       return n->contiguous();
     };
@@ -245,9 +246,9 @@ template <class K>
 std::tuple<at::Tensor, at::Tensor> kl_sparsity_impl(const at::Tensor& h_in, double rho,
                                                     double beta) {
   check_float_matrix(h_in, "h");
-  TORCH_CHECK(h_in.size(0) >= 1, "aecore: kl_sparsity needs at least one row");
-  TORCH_CHECK(rho > 0.0 && rho < 1.0, "aecore: rho must lie in (0, 1), got ", rho);
-  TORCH_CHECK(beta >= 0.0 && std::isfinite(beta), "aecore: beta must be finite and >= 0, got ",
+  AECORE_CHECK(h_in.size(0) >= 1, "aecore: kl_sparsity needs at least one row");
+  AECORE_CHECK(rho > 0.0 && rho < 1.0, "aecore: rho must lie in (0, 1), got ", rho);
+  AECORE_CHECK(beta >= 0.0 && std::isfinite(beta), "aecore: beta must be finite and >= 0, got ",
               beta);
   const at::Tensor h = h_in.contiguous();
   at::Tensor mean = at::empty({h.size(1)}, h.options());
@@ -264,19 +265,19 @@ at::Tensor kl_sparsity_backward_impl(const at::Tensor& grad_loss_in,
                                      const std::optional<at::Tensor>& grad_mean_in,
                                      const at::Tensor& mean_in, int64_t rows, double rho,
                                      double beta) {
-  TORCH_CHECK(mean_in.dim() == 1, "aecore: mean must be 1-D");
-  TORCH_CHECK(grad_loss_in.numel() == 1, "aecore: grad_loss must be a scalar");
+  AECORE_CHECK(mean_in.dim() == 1, "aecore: mean must be 1-D");
+  AECORE_CHECK(grad_loss_in.numel() == 1, "aecore: grad_loss must be a scalar");
   check_same(mean_in, grad_loss_in, "grad_loss");
   const at::Tensor mean = mean_in.contiguous();
   const at::Tensor grad_loss = grad_loss_in.contiguous();
   std::optional<at::Tensor> grad_mean;
   if (grad_mean_in.has_value()) {
     check_same(mean_in, *grad_mean_in, "grad_mean");
-    TORCH_CHECK(grad_mean_in->dim() == 1 && grad_mean_in->size(0) == mean_in.size(0),
+    AECORE_CHECK(grad_mean_in->dim() == 1 && grad_mean_in->size(0) == mean_in.size(0),
                 "aecore: grad_mean must be (", mean_in.size(0), "), got ", grad_mean_in->sizes());
     grad_mean = grad_mean_in->contiguous();
   }
-  TORCH_CHECK(rows >= 1, "aecore: rows must be >= 1, got ", rows);
+  AECORE_CHECK(rows >= 1, "aecore: rows must be >= 1, got ", rows);
   // one row: the gradient of every row of h (the caller broadcasts it)
   at::Tensor grad = at::empty({mean.size(0)}, mean.options());
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "aecore_kl_sparsity_backward", [&] {
@@ -302,7 +303,7 @@ inline void check_index_range(const at::Tensor& indices, int64_t n) {
       lo = std::min(lo, p[i]);
       hi = std::max(hi, p[i]);
     }
-    TORCH_CHECK(bad == 0, "aecore: indices must lie in [0, ", n, "); ", bad,
+    AECORE_CHECK(bad == 0, "aecore: indices must lie in [0, ", n, "); ", bad,
                 " do not (values in [", lo, ", ", hi, "])");
   } else {
     at::_assert_async(at::logical_and(indices.ge(0), indices.lt(n)).all(),
@@ -313,7 +314,7 @@ inline void check_index_range(const at::Tensor& indices, int64_t n) {
 template <class K>
 std::tuple<at::Tensor, at::Tensor> topk_sparsify_impl(const at::Tensor& z_in, int64_t k) {
   check_float_matrix(z_in, "z");
-  TORCH_CHECK(k >= 1 && k <= z_in.size(1), "aecore: k must lie in [1, ", z_in.size(1), "], got ",
+  AECORE_CHECK(k >= 1 && k <= z_in.size(1), "aecore: k must lie in [1, ", z_in.size(1), "], got ",
               k);
   const at::Tensor z = z_in.contiguous();
   at::Tensor out = at::empty_like(z);
@@ -328,10 +329,10 @@ std::tuple<at::Tensor, at::Tensor> topk_sparsify_impl(const at::Tensor& z_in, in
 template <class K>
 at::Tensor topk_sparsify_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& idx_in) {
   check_float_matrix(grad_out_in, "grad_out");
-  TORCH_CHECK(idx_in.scalar_type() == at::kLong && idx_in.dim() == 2 &&
+  AECORE_CHECK(idx_in.scalar_type() == at::kLong && idx_in.dim() == 2 &&
                   idx_in.size(0) == grad_out_in.size(0),
               "aecore: indices must be int64 (B, k)");
-  TORCH_CHECK(idx_in.device() == grad_out_in.device(), "aecore: indices on the wrong device");
+  AECORE_CHECK(idx_in.device() == grad_out_in.device(), "aecore: indices on the wrong device");
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor idx = idx_in.contiguous();
   check_index_range(idx, g.size(1));

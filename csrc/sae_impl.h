@@ -40,10 +40,10 @@ void dispatch_sae(at::ScalarType type, F&& f) {
 
 template <class K>
 void check_sae_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "aecore: ", name, " must be 2-D, got ", t.dim(), "-D");
+  AECORE_CHECK(t.dim() == 2, "aecore: ", name, " must be 2-D, got ", t.dim(), "-D");
   const auto s = t.scalar_type();
   const bool half = s == at::kHalf || s == at::kBFloat16;
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || (K::kHalfTypes && half), "aecore: ", name,
+  AECORE_CHECK(s == at::kFloat || s == at::kDouble || (K::kHalfTypes && half), "aecore: ", name,
               " must be float32 or float64", K::kHalfTypes ? " (or float16 / bfloat16)" : "",
               ", got ", s);
 }
@@ -51,7 +51,7 @@ void check_sae_matrix(const at::Tensor& t, const char* name) {
 inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char* name,
                          int64_t size) {
   check_same(ref, t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "aecore: ", name, " must be (", size,
+  AECORE_CHECK(t.dim() == 1 && t.size(0) == size, "aecore: ", name, " must be (", size,
               ",), got ", t.sizes());
 }
 
@@ -61,10 +61,10 @@ inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char*
 template <class K>
 void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) {
   check_sae_matrix<K>(values, "values");
-  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(),
+  AECORE_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(),
               "aecore: indices must be int64 of the values' shape ", values.sizes(), ", got ",
               indices.scalar_type(), " ", indices.sizes());
-  TORCH_CHECK(indices.device() == values.device(), "aecore: indices are on ", indices.device(),
+  AECORE_CHECK(indices.device() == values.device(), "aecore: indices are on ", indices.device(),
               ", expected ", values.device());
   check_index_range(indices, n);
 }
@@ -89,25 +89,25 @@ TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
   check_sae_matrix<K>(W_in, "W_enc");
   check_same(x_in, W_in, "W_enc");
   const int64_t B = x_in.size(0), d = x_in.size(1), n = W_in.size(0);
-  TORCH_CHECK(W_in.size(1) == d, "aecore: W_enc must be (n, ", d, "), got ", W_in.sizes());
+  AECORE_CHECK(W_in.size(1) == d, "aecore: W_enc must be (n, ", d, "), got ", W_in.sizes());
   check_vector(x_in, b_enc_in, "b_enc", n);
   check_vector(x_in, b_dec_in, "b_dec", d);
-  TORCH_CHECK(k >= 1 && k <= n, "aecore: k must lie in [1, ", n, "], got ", k);
-  TORCH_CHECK(aux_k >= 0 && aux_k <= n, "aecore: aux_k must lie in [0, ", n, "], got ", aux_k);
-  TORCH_CHECK(aux_k == 0 || dead_in.has_value(), "aecore: aux_k > 0 needs the dead mask");
+  AECORE_CHECK(k >= 1 && k <= n, "aecore: k must lie in [1, ", n, "], got ", k);
+  AECORE_CHECK(aux_k >= 0 && aux_k <= n, "aecore: aux_k must lie in [0, ", n, "], got ", aux_k);
+  AECORE_CHECK(aux_k == 0 || dead_in.has_value(), "aecore: aux_k > 0 needs the dead mask");
   at::Tensor dead;
   if (aux_k > 0) {
     dead = dead_in->contiguous();
-    TORCH_CHECK(dead.scalar_type() == at::kBool && dead.dim() == 1 && dead.size(0) == n,
+    AECORE_CHECK(dead.scalar_type() == at::kBool && dead.dim() == 1 && dead.size(0) == n,
                 "aecore: dead must be a bool mask (", n, ",), got ", dead.scalar_type(), " ",
                 dead.sizes());
-    TORCH_CHECK(dead.device() == x_in.device(), "aecore: dead is on ", dead.device(),
+    AECORE_CHECK(dead.device() == x_in.device(), "aecore: dead is on ", dead.device(),
                 ", expected ", x_in.device());
   }
   const at::Tensor xc = (x_in - b_dec_in).contiguous();
   const at::Tensor W = W_in.contiguous();
   const at::Tensor b_enc = b_enc_in.contiguous();
-  TORCH_CHECK(std::max(k, aux_k) <= K::kMaxK, "aecore: topk_encode on this device keeps at most ",
+  AECORE_CHECK(std::max(k, aux_k) <= K::kMaxK, "aecore: topk_encode on this device keeps at most ",
               K::kMaxK, " entries per row, got k=", k, ", aux_k=", aux_k);
   at::Tensor values = at::empty({B, k}, x_in.options());
   at::Tensor indices = at::empty({B, k}, x_in.options().dtype(at::kLong));
@@ -147,7 +147,7 @@ TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
     if (aux_k > 0) K::template heap_finish<T>(B, aux_k, aux_hv, aux_hi, aux_values.data_ptr<T>());
   });
   // on CUDA the flag is device memory: reading it waits for the kernels
-  TORCH_CHECK(finite && bad.item<int>() == 0,
+  AECORE_CHECK(finite && bad.item<int>() == 0,
               "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
               "b_dec holds non-finite values (or they overflow)");
   return {values, indices, aux_values, aux_indices};
@@ -161,12 +161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
     const at::Tensor& x, const at::Tensor& W_in, const at::Tensor& b_dec) {
   check_code<K>(values, indices, W_in.size(0));
   check_same(values, grad_values, "grad_values");
-  TORCH_CHECK(grad_values.sizes() == values.sizes(), "aecore: grad_values must be ",
+  AECORE_CHECK(grad_values.sizes() == values.sizes(), "aecore: grad_values must be ",
               values.sizes(), ", got ", grad_values.sizes());
   check_sae_matrix<K>(x, "x");
   check_same(values, x, "x");
   check_same(values, W_in, "W_enc");
-  TORCH_CHECK(W_in.dim() == 2 && W_in.size(1) == x.size(1) && x.size(0) == values.size(0),
+  AECORE_CHECK(W_in.dim() == 2 && W_in.size(1) == x.size(1) && x.size(0) == values.size(0),
               "aecore: x (B, d) and W_enc (n, d) must match the code's ", values.sizes(),
               ", got ", x.sizes(), " and ", W_in.sizes());
   check_vector(x, b_dec, "b_dec", x.size(1));
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_impl(
   check_same(values_in, W_in, "W_dec");
   const int64_t B = values_in.size(0), m = values_in.size(1), n = W_in.size(0),
                 d = W_in.size(1);
-  TORCH_CHECK(grad_out_in.size(0) == B && grad_out_in.size(1) == d,
+  AECORE_CHECK(grad_out_in.size(0) == B && grad_out_in.size(1) == d,
               "aecore: grad_out must be (", B, ", ", d, "), got ", grad_out_in.sizes());
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor values = values_in.contiguous();
@@ -243,9 +243,9 @@ template <class K>
 void remove_parallel_impl(at::Tensor& grad, const at::Tensor& weight) {
   check_sae_matrix<K>(grad, "grad");
   check_same(grad, weight, "weight");
-  TORCH_CHECK(weight.sizes() == grad.sizes(), "aecore: weight must be ", grad.sizes(),
+  AECORE_CHECK(weight.sizes() == grad.sizes(), "aecore: weight must be ", grad.sizes(),
               ", got ", weight.sizes());
-  TORCH_CHECK(grad.is_contiguous(), "aecore: grad must be contiguous (it is changed in place)");
+  AECORE_CHECK(grad.is_contiguous(), "aecore: grad must be contiguous (it is changed in place)");
   const at::Tensor w = weight.contiguous();
   dispatch_sae<K>(grad.scalar_type(), [&]<typename T>() {
     K::template remove_parallel<T>(grad.data_ptr<T>(), w.data_ptr<T>(), grad.size(0),
@@ -256,9 +256,9 @@ void remove_parallel_impl(at::Tensor& grad, const at::Tensor& weight) {
 template <class K>
 void set_row_norms_impl(at::Tensor& weight, double norm) {
   check_sae_matrix<K>(weight, "weight");
-  TORCH_CHECK(norm > 0 && std::isfinite(norm), "aecore: norm must be positive and finite, got ",
+  AECORE_CHECK(norm > 0 && std::isfinite(norm), "aecore: norm must be positive and finite, got ",
               norm);
-  TORCH_CHECK(weight.is_contiguous(), "aecore: weight must be contiguous (changed in place)");
+  AECORE_CHECK(weight.is_contiguous(), "aecore: weight must be contiguous (changed in place)");
   dispatch_sae<K>(weight.scalar_type(), [&]<typename T>() {
     K::template set_row_norms<T>(weight.data_ptr<T>(), weight.size(0), weight.size(1), norm);
   });

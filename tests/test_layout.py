@@ -114,3 +114,21 @@ def test_old_module_names_still_import_with_a_deprecation_warning(old, new, name
         module = importlib.import_module(old)
     for name in names:
         assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_kernel_checks_build_their_messages_without_iostreams():
+    # TORCH_CHECK formats its parts through an ostringstream compiled into the extension;
+    # on a GPU machine a number formatted that way crashed the process instead of
+    # raising. AECORE_CHECK builds the message with std::to_string.
+    sources = [
+        p
+        for p in (ROOT / "csrc").rglob("*")
+        if p.suffix in {".h", ".cpp", ".cu", ".cuh"} and p.name != "check_message.h"
+    ]
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in sources
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "TORCH_CHECK(" in line or "c10::str(" in line
+    ]
+    assert sources and not offenders, offenders

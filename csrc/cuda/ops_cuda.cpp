@@ -260,7 +260,7 @@ void set_row_norms_cuda(at::Tensor& weight, double norm) {
 at::Tensor momentum_step_cuda(at::TensorList params, at::TensorList velocities,
                               at::TensorList steps, double lr, double momentum,
                               at::ArrayRef<double> weight_decay) {
-  TORCH_CHECK(!params.empty(), "aecore: momentum_step_ needs at least one parameter");
+  AECORE_CHECK(!params.empty(), "aecore: momentum_step_ needs at least one parameter");
   const c10::cuda::CUDAGuard guard(params[0].device());
   return momentum_step_impl<CudaKernels>(params, velocities, steps, lr, momentum, weight_decay);
 }

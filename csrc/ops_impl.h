@@ -28,14 +28,14 @@ namespace aecore {
 inline void check_float_matrix(const at::Tensor& t, const char* name) {
   AECORE_CHECK(t.dim() == 2, "aecore: ", name, " must be 2-D, got ", t.dim(), "-D");
   AECORE_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "aecore: ", name,
-              " must be float32 or float64, got ", t.scalar_type());
+               " must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_same(const at::Tensor& a, const at::Tensor& t, const char* name) {
   AECORE_CHECK(t.scalar_type() == a.scalar_type(), "aecore: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", a.scalar_type());
+               t.scalar_type(), ", expected ", a.scalar_type());
   AECORE_CHECK(t.device() == a.device(), "aecore: ", name, " is on ", t.device(), ", expected ",
-              a.device());
+               a.device());
 }
 
 template <typename T>
@@ -75,15 +75,15 @@ struct Gibbs {
     AECORE_CHECK(b_v_in.dim() == 1 && b_v_in.size(0) == V, "aecore: b_v must be (", V, ",)");
     AECORE_CHECK(b_h_in.dim() == 1 && b_h_in.size(0) == H, "aecore: b_h must be (", H, ",)");
     AECORE_CHECK(rng_in.scalar_type() == at::kLong && rng_in.numel() == 2,
-                "aecore: rng must be an int64 tensor {seed, offset}");
+                 "aecore: rng must be an int64 tensor {seed, offset}");
     // the kernels read it where they run (CUDA kernels from device memory)
     AECORE_CHECK(rng_in.device() == v_in.device(), "aecore: rng is on ", rng_in.device(),
-                ", expected ", v_in.device());
+                 ", expected ", v_in.device());
     const bool pcd = chain_in.has_value();
     if (pcd) {
       check_same(v_in, *chain_in, "chain");
       AECORE_CHECK(chain_in->dim() == 2 && chain_in->size(1) == H, "aecore: chain must be (Bc, ",
-                  H, ")");
+                   H, ")");
     }
     const int64_t Bc = pcd ? chain_in->size(0) : B;
     auto noise = [&](const std::optional<at::Tensor>& n, at::IntArrayRef shape,
@@ -91,7 +91,7 @@ struct Gibbs {
       if (!n.has_value()) return std::nullopt;
       check_same(v_in, *n, name);
       AECORE_CHECK(n->sizes() == shape, "aecore: ", name, " must have shape ", shape, ", got ",
-                  n->sizes());
+                   n->sizes());
       return n->contiguous();
     };
     const auto nh0 = noise(noise_h0_in, {B, H}, "noise_h0");
@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> kl_sparsity_impl(const at::Tensor& h_in, doub
   AECORE_CHECK(h_in.size(0) >= 1, "aecore: kl_sparsity needs at least one row");
   AECORE_CHECK(rho > 0.0 && rho < 1.0, "aecore: rho must lie in (0, 1), got ", rho);
   AECORE_CHECK(beta >= 0.0 && std::isfinite(beta), "aecore: beta must be finite and >= 0, got ",
-              beta);
+               beta);
   const at::Tensor h = h_in.contiguous();
   at::Tensor mean = at::empty({h.size(1)}, h.options());
   at::Tensor loss = at::empty({}, h.options());
@@ -274,7 +274,7 @@ at::Tensor kl_sparsity_backward_impl(const at::Tensor& grad_loss_in,
   if (grad_mean_in.has_value()) {
     check_same(mean_in, *grad_mean_in, "grad_mean");
     AECORE_CHECK(grad_mean_in->dim() == 1 && grad_mean_in->size(0) == mean_in.size(0),
-                "aecore: grad_mean must be (", mean_in.size(0), "), got ", grad_mean_in->sizes());
+                 "aecore: grad_mean must be (", mean_in.size(0), "), got ", grad_mean_in->sizes());
     grad_mean = grad_mean_in->contiguous();
   }
   AECORE_CHECK(rows >= 1, "aecore: rows must be >= 1, got ", rows);
@@ -304,7 +304,7 @@ inline void check_index_range(const at::Tensor& indices, int64_t n) {
       hi = std::max(hi, p[i]);
     }
     AECORE_CHECK(bad == 0, "aecore: indices must lie in [0, ", n, "); ", bad,
-                " do not (values in [", lo, ", ", hi, "])");
+                 " do not (values in [", lo, ", ", hi, "])");
   } else {
     at::_assert_async(at::logical_and(indices.ge(0), indices.lt(n)).all(),
                       "aecore: indices must lie in [0, " + std::to_string(n) + ")");
@@ -315,7 +315,7 @@ template <class K>
 std::tuple<at::Tensor, at::Tensor> topk_sparsify_impl(const at::Tensor& z_in, int64_t k) {
   check_float_matrix(z_in, "z");
   AECORE_CHECK(k >= 1 && k <= z_in.size(1), "aecore: k must lie in [1, ", z_in.size(1), "], got ",
-              k);
+               k);
   const at::Tensor z = z_in.contiguous();
   at::Tensor out = at::empty_like(z);
   at::Tensor idx = at::empty({z.size(0), k}, z.options().dtype(at::kLong));
@@ -330,8 +330,8 @@ template <class K>
 at::Tensor topk_sparsify_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& idx_in) {
   check_float_matrix(grad_out_in, "grad_out");
   AECORE_CHECK(idx_in.scalar_type() == at::kLong && idx_in.dim() == 2 &&
-                  idx_in.size(0) == grad_out_in.size(0),
-              "aecore: indices must be int64 (B, k)");
+                   idx_in.size(0) == grad_out_in.size(0),
+               "aecore: indices must be int64 (B, k)");
   AECORE_CHECK(idx_in.device() == grad_out_in.device(), "aecore: indices on the wrong device");
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor idx = idx_in.contiguous();

@@ -44,15 +44,15 @@ void check_sae_matrix(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   const bool half = s == at::kHalf || s == at::kBFloat16;
   AECORE_CHECK(s == at::kFloat || s == at::kDouble || (K::kHalfTypes && half), "aecore: ", name,
-              " must be float32 or float64", K::kHalfTypes ? " (or float16 / bfloat16)" : "",
-              ", got ", s);
+               " must be float32 or float64", K::kHalfTypes ? " (or float16 / bfloat16)" : "",
+               ", got ", s);
 }
 
 inline void check_vector(const at::Tensor& ref, const at::Tensor& t, const char* name,
                          int64_t size) {
   check_same(ref, t, name);
   AECORE_CHECK(t.dim() == 1 && t.size(0) == size, "aecore: ", name, " must be (", size,
-              ",), got ", t.sizes());
+               ",), got ", t.sizes());
 }
 
 // values (B, m) float, indices (B, m) int64 in [0, n), on values' device. aecore.ops
@@ -62,10 +62,10 @@ template <class K>
 void check_code(const at::Tensor& values, const at::Tensor& indices, int64_t n) {
   check_sae_matrix<K>(values, "values");
   AECORE_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == values.sizes(),
-              "aecore: indices must be int64 of the values' shape ", values.sizes(), ", got ",
-              indices.scalar_type(), " ", indices.sizes());
+               "aecore: indices must be int64 of the values' shape ", values.sizes(), ", got ",
+               indices.scalar_type(), " ", indices.sizes());
   AECORE_CHECK(indices.device() == values.device(), "aecore: indices are on ", indices.device(),
-              ", expected ", values.device());
+               ", expected ", values.device());
   check_index_range(indices, n);
 }
 
@@ -99,16 +99,16 @@ TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
   if (aux_k > 0) {
     dead = dead_in->contiguous();
     AECORE_CHECK(dead.scalar_type() == at::kBool && dead.dim() == 1 && dead.size(0) == n,
-                "aecore: dead must be a bool mask (", n, ",), got ", dead.scalar_type(), " ",
-                dead.sizes());
+                 "aecore: dead must be a bool mask (", n, ",), got ", dead.scalar_type(), " ",
+                 dead.sizes());
     AECORE_CHECK(dead.device() == x_in.device(), "aecore: dead is on ", dead.device(),
-                ", expected ", x_in.device());
+                 ", expected ", x_in.device());
   }
   const at::Tensor xc = (x_in - b_dec_in).contiguous();
   const at::Tensor W = W_in.contiguous();
   const at::Tensor b_enc = b_enc_in.contiguous();
   AECORE_CHECK(std::max(k, aux_k) <= K::kMaxK, "aecore: topk_encode on this device keeps at most ",
-              K::kMaxK, " entries per row, got k=", k, ", aux_k=", aux_k);
+               K::kMaxK, " entries per row, got k=", k, ", aux_k=", aux_k);
   at::Tensor values = at::empty({B, k}, x_in.options());
   at::Tensor indices = at::empty({B, k}, x_in.options().dtype(at::kLong));
   at::Tensor aux_values = at::empty({B, aux_k}, x_in.options());
@@ -148,8 +148,8 @@ TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
   });
   // on CUDA the flag is device memory: reading it waits for the kernels
   AECORE_CHECK(finite && bad.item<int>() == 0,
-              "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
-              "b_dec holds non-finite values (or they overflow)");
+               "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
+               "b_dec holds non-finite values (or they overflow)");
   return {values, indices, aux_values, aux_indices};
 }
 
@@ -162,13 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
   check_code<K>(values, indices, W_in.size(0));
   check_same(values, grad_values, "grad_values");
   AECORE_CHECK(grad_values.sizes() == values.sizes(), "aecore: grad_values must be ",
-              values.sizes(), ", got ", grad_values.sizes());
+               values.sizes(), ", got ", grad_values.sizes());
   check_sae_matrix<K>(x, "x");
   check_same(values, x, "x");
   check_same(values, W_in, "W_enc");
   AECORE_CHECK(W_in.dim() == 2 && W_in.size(1) == x.size(1) && x.size(0) == values.size(0),
-              "aecore: x (B, d) and W_enc (n, d) must match the code's ", values.sizes(),
-              ", got ", x.sizes(), " and ", W_in.sizes());
+               "aecore: x (B, d) and W_enc (n, d) must match the code's ", values.sizes(),
+               ", got ", x.sizes(), " and ", W_in.sizes());
   check_vector(x, b_dec, "b_dec", x.size(1));
   const int64_t B = x.size(0), d = x.size(1), n = W_in.size(0), m = values.size(1);
   // a select, not a product with the gate: an infinite gradient at a zero value (sqrt's
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_impl(
   const int64_t B = values_in.size(0), m = values_in.size(1), n = W_in.size(0),
                 d = W_in.size(1);
   AECORE_CHECK(grad_out_in.size(0) == B && grad_out_in.size(1) == d,
-              "aecore: grad_out must be (", B, ", ", d, "), got ", grad_out_in.sizes());
+               "aecore: grad_out must be (", B, ", ", d, "), got ", grad_out_in.sizes());
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor values = values_in.contiguous();
   const at::Tensor idx = indices_in.contiguous();
@@ -244,7 +244,7 @@ void remove_parallel_impl(at::Tensor& grad, const at::Tensor& weight) {
   check_sae_matrix<K>(grad, "grad");
   check_same(grad, weight, "weight");
   AECORE_CHECK(weight.sizes() == grad.sizes(), "aecore: weight must be ", grad.sizes(),
-              ", got ", weight.sizes());
+               ", got ", weight.sizes());
   AECORE_CHECK(grad.is_contiguous(), "aecore: grad must be contiguous (it is changed in place)");
   const at::Tensor w = weight.contiguous();
   dispatch_sae<K>(grad.scalar_type(), [&]<typename T>() {
@@ -257,7 +257,7 @@ template <class K>
 void set_row_norms_impl(at::Tensor& weight, double norm) {
   check_sae_matrix<K>(weight, "weight");
   AECORE_CHECK(norm > 0 && std::isfinite(norm), "aecore: norm must be positive and finite, got ",
-              norm);
+               norm);
   AECORE_CHECK(weight.is_contiguous(), "aecore: weight must be contiguous (changed in place)");
   dispatch_sae<K>(weight.scalar_type(), [&]<typename T>() {
     K::template set_row_norms<T>(weight.data_ptr<T>(), weight.size(0), weight.size(1), norm);

@@ -25,28 +25,28 @@ at::Tensor momentum_update_checked(at::TensorList params, at::TensorList velocit
   const size_t n = params.size();
   AECORE_CHECK(n >= 1, "aecore: ", op, " needs at least one parameter");
   AECORE_CHECK(velocities.size() == n && steps.size() == n && weight_decay.size() == n,
-              "aecore: ", op, " needs one velocity, step and weight decay per parameter; "
-              "got ", n, " parameters, ", velocities.size(), " velocities, ", steps.size(),
-              " steps, ", weight_decay.size(), " weight decays");
+               "aecore: ", op, " needs one velocity, step and weight decay per parameter; "
+               "got ", n, " parameters, ", velocities.size(), " velocities, ", steps.size(),
+               " steps, ", weight_decay.size(), " weight decays");
   AECORE_CHECK(std::isfinite(lr) && std::isfinite(momentum),
-              "aecore: ", op, " needs a finite lr and momentum");
+               "aecore: ", op, " needs a finite lr and momentum");
   for (const double w : weight_decay)
     AECORE_CHECK(std::isfinite(w), "aecore: ", op, " needs finite weight decays");
   const at::Tensor& first = params[0];
   AECORE_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
-              "aecore: ", op, " needs float32 or float64 tensors, got ",
-              first.scalar_type());
+               "aecore: ", op, " needs float32 or float64 tensors, got ",
+               first.scalar_type());
   std::vector<at::Tensor> s(n);
   for (size_t i = 0; i < n; ++i) {
     for (const at::Tensor* t : {&params[i], &velocities[i], &steps[i]}) {
       AECORE_CHECK(t->scalar_type() == first.scalar_type() && t->device() == first.device(),
-                  "aecore: ", op, " tensors must share one dtype and device");
+                   "aecore: ", op, " tensors must share one dtype and device");
       AECORE_CHECK(t->sizes() == params[i].sizes(), "aecore: ", op, " entry ", i,
-                  ": parameter, velocity and step shapes differ");
+                   ": parameter, velocity and step shapes differ");
     }
     AECORE_CHECK(params[i].is_contiguous() && velocities[i].is_contiguous(),
-                "aecore: ", op, " changes parameters and velocities in place: they must "
-                "be contiguous");
+                 "aecore: ", op, " changes parameters and velocities in place: they must "
+                 "be contiguous");
     s[i] = steps[i].contiguous();
   }
   at::Tensor ok = at::ones({}, first.options().dtype(at::kBool));

@@ -89,16 +89,13 @@ class RunState:
         self.epoch_loader_rng: list[torch.Tensor] | None = None
         self.history = History()
 
-    def add_terms(self, terms: dict, rows: int) -> None:
-        """A step's loss terms (means over its ``rows`` rows) into the epoch's sums."""
+    def add_terms(self, terms: dict[str, torch.Tensor], rows: int) -> None:
+        """A step's loss terms (detached means over its ``rows`` rows) into the epoch's sums."""
         for k, v in terms.items():
-            if torch.is_tensor(v):
-                v = v.detach().reshape(())
-                if v.untyped_storage().nbytes() > v.element_size():
-                    v = v.clone()  # a view would keep its whole buffer alive until then
-                self.pending.setdefault(k, []).append((v, rows))
-            else:
-                self.sums[k] = self.sums.get(k, 0.0) + float(v) * rows
+            v = v.reshape(())
+            if v.untyped_storage().nbytes() > v.element_size():
+                v = v.clone()  # a view would keep its whole buffer alive until then
+            self.pending.setdefault(k, []).append((v, rows))
         self.count += rows
 
     def epoch_sums(self) -> dict[str, float]:

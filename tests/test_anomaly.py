@@ -303,12 +303,14 @@ def test_the_anomaly_benchmark_reports_both_libraries(tmp_path, capsys):
     argv = ["--datasets", "digits", "--classes", "2", "--epochs", "2", "--models", "ae",
             "--pyod", "KNN", "--seeds", "0,1", "--json", str(report)]  # fmt: skip
     assert anomaly.main(argv) == 0
-    rows = {r["model"]: r for r in json.loads(report.read_text())["rows"]}
+    rows = {(r["model"], r["input"]): r for r in json.loads(report.read_text())["rows"]}
     assert all(0.5 <= r["mean_auc"] <= 1.0 for r in rows.values())
     # a seeded detector runs once per seed and class; one that draws nothing, once a class
-    assert rows["ae"]["seeds"] == [0, 1] and len(rows["ae"]["aucs"]) == 4
-    if "KNN" in rows:  # PyOD installed
-        assert rows["KNN"]["seeds"] == [None] and len(rows["KNN"]["aucs"]) == 2
+    assert rows["ae", "raw"]["seeds"] == [0, 1] and len(rows["ae", "raw"]["aucs"]) == 4
+    if ("KNN", "raw") in rows:  # PyOD installed: on the rows as given and standardized
+        for given in ("raw", "standardized"):
+            assert rows["KNN", given]["seeds"] == [None] and len(rows["KNN", given]["aucs"]) == 2
+        assert rows["KNN", "raw"]["aucs"] != rows["KNN", "standardized"]["aucs"]
     assert "mean AUC" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         anomaly.main(["--seeds", "one"])

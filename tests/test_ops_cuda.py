@@ -276,11 +276,49 @@ def test_sae_ops_cuda_edge_cases():
         ops.topk_encode(bad, W_enc.detach(), b_enc.detach(), b_dec.detach(), 2)
 
 
+def off_boundary(t):
+    """``t``'s values in a contiguous buffer that starts one element past a 16-byte
+    boundary, where the kernels cannot use 16-byte packs and take their scalar loads."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return flat[1:].view(t.shape).copy_(t)
+
+
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
-def test_decoder_row_passes_cuda_match_reference(dtype):
+def test_packed_and_scalar_sae_kernels_agree(dtype):
+    # d = 136 is a whole number of packs for every dtype; the same operands one element
+    # off a 16-byte boundary take the scalar kernels. Both sum each column in the same
+    # order, so the decoder and the per-latent sums agree exactly; the dot products'
+    # lanes split the row differently
+    x, W_enc, b_enc, b_dec, W_dec = (a.detach() for a in sae_operands(33, 136, 500, dtype))
+    values, indices, _, _ = torch.ops.aecore.topk_encode(x, W_enc, b_enc, b_dec, 8)
+    decode = torch.ops.aecore.sparse_decode
+    packed = decode(values, indices, W_dec, b_dec)
+    assert torch.equal(packed, decode(values, indices, off_boundary(W_dec), off_boundary(b_dec)))
+    grad_out = torch.randn(packed.shape, generator=torch.Generator().manual_seed(2))
+    grad_out = grad_out.to(dtype).cuda()
+    backward = torch.ops.aecore.sparse_decode_backward
+    want = backward(grad_out, values, indices, W_dec)
+    got = backward(off_boundary(grad_out), values, indices, off_boundary(W_dec))
+    assert torch.equal(got[1], want[1])
+    assert_close_to_scale(got[0], want[0], dtype)  # (16 bits: a rounding either way)
+    for project in (True, False):
+        weight, target = W_dec.clone(), W_enc.clone()
+        weight_off, target_off = off_boundary(weight), off_boundary(target)
+        if project:
+            ops.remove_parallel_(target, weight)
+            ops.remove_parallel_(target_off, weight_off)
+        else:
+            ops.set_row_norms_(target, 1.5)
+            ops.set_row_norms_(target_off, 1.5)
+        assert_close_to_scale(target_off, target, dtype)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [70, 72])  # 72: whole 16-byte packs for every dtype
+def test_decoder_row_passes_cuda_match_reference(dtype, d):
     g = torch.Generator().manual_seed(5)
-    weight = torch.randn(300, 70, generator=g).to(dtype).cuda()
-    grad = torch.randn(300, 70, generator=g).to(dtype).cuda()
+    weight = torch.randn(300, d, generator=g).to(dtype).cuda()
+    grad = torch.randn(300, d, generator=g).to(dtype).cuda()
     weight[3] = 0
     want, got = grad.float().clone(), grad.clone()
     reference.remove_parallel_(want, weight.float())

@@ -7,9 +7,13 @@
 //     latent (a stable sort): deterministic, no atomics.
 //   top-k merge: one warp per row holds the row's running top k as a min-heap in shared
 //     memory; a ballot over 32 columns at a time skips those that cannot enter it.
+// Where every row starts on a 16-byte boundary (d a multiple of the pack, aligned
+// tensors), gather_sum, dots, accumulate and the decoder's row passes move 16-byte packs
+// of adjacent columns per lane: the same arithmetic, a fraction of the load instructions.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "common/topk_heap.h"
 #include "cuda/kernels.cuh"
@@ -43,6 +47,40 @@ __device__ __forceinline__ __half store<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
+}
+
+// 16-byte packs: one load instruction moves 16 bytes a lane (8 half or bfloat16 values)
+// where a scalar load moves 2, so a warp keeps 8x the bytes in flight. Used where every
+// row starts on a 16-byte boundary (the launcher checks the pointers and d).
+template <typename T>
+struct Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  uint4 bits;
+  __device__ __forceinline__ typename AccOf<T>::type operator[](int i) const {
+    return load(reinterpret_cast<const T*>(&bits) + i);
+  }
+  __device__ __forceinline__ void set(int i, typename AccOf<T>::type v) {
+    reinterpret_cast<T*>(&bits)[i] = store<T>(v);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* row, int64_t q) {
+  return Pack<T>{reinterpret_cast<const uint4*>(row)[q]};
+}
+template <typename T>
+__device__ __forceinline__ void store_pack(T* row, int64_t q, const Pack<T>& pack) {
+  reinterpret_cast<uint4*>(row)[q] = pack.bits;
+}
+
+// Whether rows of d values at these addresses all start on 16-byte boundaries.
+template <typename T>
+bool packs_fit(int64_t d, std::initializer_list<const void*> bases) {
+  if (d % Pack<T>::kSize != 0) return false;
+  for (const void* base : bases) {
+    if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  }
+  return true;
 }
 
 constexpr int kThreads = 128;
@@ -103,6 +141,76 @@ __global__ void dots_kernel(const T* __restrict__ g, const int64_t* __restrict__
   if (lane == 0) out[e] = store<T>(acc);
 }
 
+// gather_sum_kernel with each thread on a pack of adjacent columns.
+template <typename T>
+__global__ void gather_sum_packed_kernel(const T* __restrict__ values,
+                                         const int64_t* __restrict__ idx, int64_t m,
+                                         const T* __restrict__ W, int64_t d,
+                                         const T* __restrict__ bias, T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = Pack<T>::kSize;
+  __shared__ A sv[kCodeChunk];
+  __shared__ int64_t si[kCodeChunk];
+  const int64_t r = blockIdx.x;
+  const int64_t packs = d / V;
+  for (int64_t q0 = 0; q0 < packs; q0 += kThreads) {
+    const int64_t q = q0 + threadIdx.x;
+    A acc[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc[u] = 0;
+    if (bias != nullptr && q < packs) {
+      const Pack<T> b = load_pack(bias, q);
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] = b[u];
+    }
+    for (int64_t j0 = 0; j0 < m; j0 += kCodeChunk) {
+      const int64_t chunk = m - j0 < kCodeChunk ? m - j0 : kCodeChunk;
+      __syncthreads();
+      for (int64_t j = threadIdx.x; j < chunk; j += kThreads) {
+        sv[j] = load(values + r * m + j0 + j);
+        si[j] = idx[r * m + j0 + j];
+      }
+      __syncthreads();
+      if (q >= packs) continue;  // (still at every barrier)
+      for (int64_t j = 0; j < chunk; ++j) {
+        const A v = sv[j];
+        if (v == A(0)) continue;  // padding and ReLU'd zeros add nothing
+        const Pack<T> w = load_pack(W + si[j] * d, q);
+#pragma unroll
+        for (int u = 0; u < V; ++u) acc[u] += v * w[u];
+      }
+    }
+    if (q < packs) {
+      Pack<T> o;
+#pragma unroll
+      for (int u = 0; u < V; ++u) o.set(u, acc[u]);
+      store_pack(out + r * d, q, o);
+    }
+  }
+}
+
+// dots_kernel with each lane on packs of adjacent columns.
+template <typename T>
+__global__ void dots_packed_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx,
+                                   int64_t entries, int64_t m, const T* __restrict__ W,
+                                   int64_t d, T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = Pack<T>::kSize;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (e >= entries) return;  // whole warps leave together (entries are per warp)
+  const T* gr = g + (e / m) * d;
+  const T* w = W + idx[e] * d;
+  A acc = 0;
+  for (int64_t q = lane; q < d / V; q += 32) {
+    const Pack<T> a = load_pack(gr, q), b = load_pack(w, q);
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc += a[u] * b[u];
+  }
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) out[e] = store<T>(acc);
+}
+
 // Latent l's entries are order[start[l] .. start[l + 1]) (entry e = row * m + slot).
 template <typename T>
 __global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* __restrict__ order,
@@ -121,6 +229,42 @@ __global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* _
       acc += v * load(src + (e / m) * d + c);
     }
     grad_W[l * d + c] = store<T>(acc);
+  }
+  if (grad_b != nullptr && threadIdx.x == 0) {
+    A s = 0;
+    for (int64_t p = p0; p < p1; ++p) s += load(values + order[p]);
+    grad_b[l] = store<T>(s);
+  }
+}
+
+// accumulate_kernel with each thread on a pack of adjacent columns: the same sums in the
+// same order, a fraction of the load instructions and of the passes over the entries.
+template <typename T>
+__global__ void accumulate_packed_kernel(const T* __restrict__ values,
+                                         const int64_t* __restrict__ order,
+                                         const int64_t* __restrict__ start, int64_t m,
+                                         const T* __restrict__ src, int64_t d,
+                                         T* __restrict__ grad_W, T* __restrict__ grad_b) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = Pack<T>::kSize;
+  const int64_t l = blockIdx.x;
+  const int64_t p0 = start[l], p1 = start[l + 1];
+  for (int64_t q = threadIdx.x; q < d / V; q += kThreads) {
+    A acc[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc[u] = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t e = order[p];
+      const A v = load(values + e);
+      if (v == A(0)) continue;  // as the CPU kernel: a zero takes nothing from src
+      const Pack<T> row = load_pack(src + (e / m) * d, q);
+  #pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += v * row[u];
+    }
+    Pack<T> out;
+#pragma unroll
+    for (int u = 0; u < V; ++u) out.set(u, acc[u]);
+    store_pack(grad_W + l * d, q, out);
   }
   if (grad_b != nullptr && threadIdx.x == 0) {
     A s = 0;
@@ -229,6 +373,53 @@ __global__ void row_constraint_kernel(T* target, const T* w, int64_t rows, int64
   }
 }
 
+// row_constraint_kernel with each lane on packs of adjacent columns.
+template <typename T>
+__global__ void row_constraint_packed_kernel(T* target, const T* w, int64_t rows, int64_t d,
+                                             double norm, bool project) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = Pack<T>::kSize;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  T* t = target + r * d;
+  const T* wr = w + r * d;
+  const int64_t packs = d / V;
+  A sq = 0, dp = 0;
+  for (int64_t q = lane; q < packs; q += 32) {
+    const Pack<T> wp = load_pack(wr, q);
+    if (project) {
+      const Pack<T> tp = load_pack(static_cast<const T*>(t), q);
+  #pragma unroll
+      for (int u = 0; u < V; ++u) {
+        sq += wp[u] * wp[u];
+        dp += tp[u] * wp[u];
+      }
+    } else {
+  #pragma unroll
+      for (int u = 0; u < V; ++u) sq += wp[u] * wp[u];
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    dp += __shfl_xor_sync(0xffffffffu, dp, off);
+  }
+  if (!(sq > A(0))) return;  // a row of zeros is left alone
+  const A coef = project ? dp / sq : static_cast<A>(norm) / sqrt(sq);
+  for (int64_t q = lane; q < packs; q += 32) {
+    Pack<T> tp = load_pack(static_cast<const T*>(t), q);
+    if (project) {
+      const Pack<T> wp = load_pack(wr, q);
+  #pragma unroll
+      for (int u = 0; u < V; ++u) tp.set(u, tp[u] - coef * wp[u]);
+    } else {
+  #pragma unroll
+      for (int u = 0; u < V; ++u) tp.set(u, tp[u] * coef);
+    }
+    store_pack(t, q, tp);
+  }
+}
+
 unsigned blocks(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
 }  // namespace
@@ -237,6 +428,11 @@ template <typename T>
 void sae_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* W,
                     int64_t d, const T* bias, T* out, cudaStream_t stream) {
   if (rows == 0 || d == 0) return;
+  if (packs_fit<T>(d, {W, out, bias})) {  // (a null bias is aligned)
+    gather_sum_packed_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        values, idx, m, W, d, bias, out);
+    return;
+  }
   gather_sum_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(values, idx, m, W, d,
                                                                             bias, out);
 }
@@ -246,6 +442,11 @@ void sae_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* 
               T* out, cudaStream_t stream) {
   const int64_t entries = rows * m;
   if (entries == 0) return;
+  if (packs_fit<T>(d, {g, W})) {
+    dots_packed_kernel<T><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W,
+                                                                          d, out);
+    return;
+  }
   dots_kernel<T><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d, out);
 }
 
@@ -254,6 +455,11 @@ void sae_accumulate(const T* values, const int64_t* order, const int64_t* start,
                     const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b,
                     cudaStream_t stream) {
   if (n == 0) return;
+  if (packs_fit<T>(d, {src, grad_W})) {
+    accumulate_packed_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+        values, order, start, m, src, d, grad_W, grad_b);
+    return;
+  }
   accumulate_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(values, order, start, m,
                                                                          src, d, grad_W, grad_b);
 }
@@ -285,6 +491,11 @@ void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, i
 template <typename T>
 void sae_remove_parallel(T* grad, const T* w, int64_t rows, int64_t d, cudaStream_t stream) {
   if (rows == 0 || d == 0) return;
+  if (packs_fit<T>(d, {grad, w})) {
+    row_constraint_packed_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d,
+                                                                               0.0, true);
+    return;
+  }
   row_constraint_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d, 0.0,
                                                                         true);
 }
@@ -292,6 +503,11 @@ void sae_remove_parallel(T* grad, const T* w, int64_t rows, int64_t d, cudaStrea
 template <typename T>
 void sae_set_row_norms(T* w, int64_t rows, int64_t d, double norm, cudaStream_t stream) {
   if (rows == 0 || d == 0) return;
+  if (packs_fit<T>(d, {w})) {
+    row_constraint_packed_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d,
+                                                                               norm, false);
+    return;
+  }
   row_constraint_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d, norm,
                                                                         false);
 }

@@ -276,6 +276,7 @@ __global__ void accumulate_packed_kernel(const T* __restrict__ values,
 // --- the streaming top-k ------------------------------------------------------------
 
 constexpr int kMergeWarps = 4;
+constexpr int kMergeRounds = 8;
 
 // One warp per row. The heap (k <= kMaxHeap entries) is loaded into shared memory,
 // merged with the tile's columns in increasing order, and written back.
@@ -300,18 +301,29 @@ __global__ void merge_tile_kernel(const T* __restrict__ pre, int64_t rows, int64
   }
   __syncwarp();
   const T* p = pre + r * cols;
-  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-    const int64_t c = c0 + lane;
-    const bool offered = c < cols && (mask == nullptr || mask[col0 + c]);
-    A v = -INFINITY;
-    if (offered) {
-      v = load(p + c) + load(b_enc + col0 + c);
-      if (!isfinite(v)) {  // NaN or infinite, as on the CPU
-        atomicExch(bad, 1);
-        v = -INFINITY;
+  // kMergeRounds rounds of 32 columns are loaded before the first is offered, so a warp
+  // waits on one batch of loads instead of one load per round; offered in column order
+  for (int64_t c0 = 0; c0 < cols; c0 += 32 * kMergeRounds) {
+    A v[kMergeRounds];
+    bool offered[kMergeRounds];
+#pragma unroll
+    for (int u = 0; u < kMergeRounds; ++u) {
+      const int64_t c = c0 + u * 32 + lane;
+      offered[u] = c < cols && (mask == nullptr || mask[col0 + c]);
+      v[u] = -INFINITY;
+      if (offered[u]) {
+        v[u] = load(p + c) + load(b_enc + col0 + c);
+        if (!isfinite(v[u])) {  // NaN or infinite, as on the CPU
+          atomicExch(bad, 1);
+          v[u] = -INFINITY;
+        }
       }
     }
-    warp_offer(v, col0 + c, offered, hv, hi, k, sh_c[warp], LargerFirst{});
+#pragma unroll
+    for (int u = 0; u < kMergeRounds; ++u) {
+      warp_offer(v[u], col0 + c0 + u * 32 + lane, offered[u], hv, hi, k, sh_c[warp],
+                 LargerFirst{});
+    }
   }
   for (int64_t j = lane; j < k; j += 32) {
     heap_v[r * k + j] = hv[j];

@@ -284,18 +284,23 @@ def off_boundary(t):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
-def test_packed_and_scalar_sae_kernels_agree(dtype):
-    # d = 136 is a whole number of packs for every dtype; the same operands one element
-    # off a 16-byte boundary take the scalar kernels. Both sum each column in the same
-    # order, so the decoder and the per-latent sums agree exactly; the dot products'
-    # lanes split the row differently
-    x, W_enc, b_enc, b_dec, W_dec = (a.detach() for a in sae_operands(33, 136, 500, dtype))
-    values, indices, _, _ = torch.ops.aecore.topk_encode(x, W_enc, b_enc, b_dec, 8)
+@pytest.mark.parametrize(("d", "m"), [(136, 8), (1040, 600)])
+def test_packed_and_scalar_sae_kernels_agree(dtype, d, m):
+    # d = 136 and 1040 are whole numbers of 16-byte packs for every dtype (1040: more
+    # packs than a block has threads; m = 600: a code longer than one staged chunk); the
+    # same operands one element off a 16-byte boundary take the scalar kernels. Both sum
+    # each column in the same order, so the decoder and the per-latent sums agree exactly;
+    # the dot products' lanes split the row differently
+    B, n = 33, 500
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(B, m, generator=g).relu().to(dtype).cuda()  # about half zeros
+    indices = torch.randint(0, n, (B, m), generator=g).cuda()
+    W_dec, W_enc = (torch.randn(n, d, generator=g).to(dtype).cuda() for _ in range(2))
+    b_dec = torch.randn(d, generator=g).to(dtype).cuda()
     decode = torch.ops.aecore.sparse_decode
     packed = decode(values, indices, W_dec, b_dec)
     assert torch.equal(packed, decode(values, indices, off_boundary(W_dec), off_boundary(b_dec)))
-    grad_out = torch.randn(packed.shape, generator=torch.Generator().manual_seed(2))
-    grad_out = grad_out.to(dtype).cuda()
+    grad_out = torch.randn(packed.shape, generator=g).to(dtype).cuda()
     backward = torch.ops.aecore.sparse_decode_backward
     want = backward(grad_out, values, indices, W_dec)
     got = backward(off_boundary(grad_out), values, indices, off_boundary(W_dec))
@@ -314,7 +319,7 @@ def test_packed_and_scalar_sae_kernels_agree(dtype):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [70, 72])  # 72: whole 16-byte packs for every dtype
+@pytest.mark.parametrize("d", [70, 72])  # 72 whole 16-byte packs for every dtype, 70 for float64
 def test_decoder_row_passes_cuda_match_reference(dtype, d):
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(300, d, generator=g).to(dtype).cuda()

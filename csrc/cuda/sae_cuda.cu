@@ -237,8 +237,12 @@ __global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* _
   }
 }
 
-// accumulate_kernel with each thread on a pack of adjacent columns: the same sums in the
-// same order, a fraction of the load instructions and of the passes over the entries.
+// accumulate_kernel with each thread on a pack of adjacent columns, the same sums in the
+// same order. Blocks (l, y) split latent l's packs, so a latent chosen by many rows is
+// spread over several blocks; kAccumulateBatch entries' loads are issued before their
+// products are added, so a thread waits on one batch of loads instead of on each entry.
+constexpr int kAccumulateBatch = 4;
+
 template <typename T>
 __global__ void accumulate_packed_kernel(const T* __restrict__ values,
                                          const int64_t* __restrict__ order,
@@ -247,30 +251,50 @@ __global__ void accumulate_packed_kernel(const T* __restrict__ values,
                                          T* __restrict__ grad_W, T* __restrict__ grad_b) {
   using A = typename AccOf<T>::type;
   constexpr int V = Pack<T>::kSize;
+  constexpr int E = kAccumulateBatch;
   const int64_t l = blockIdx.x;
+  const int64_t q = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const int64_t p0 = start[l], p1 = start[l + 1];
-  for (int64_t q = threadIdx.x; q < d / V; q += kThreads) {
-    A acc[V];
-#pragma unroll
-    for (int u = 0; u < V; ++u) acc[u] = 0;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t e = order[p];
-      const A v = load(values + e);
-      if (v == A(0)) continue;  // as the CPU kernel: a zero takes nothing from src
-      const Pack<T> row = load_pack(src + (e / m) * d, q);
-  #pragma unroll
-      for (int u = 0; u < V; ++u) acc[u] += v * row[u];
-    }
-    Pack<T> out;
-#pragma unroll
-    for (int u = 0; u < V; ++u) out.set(u, acc[u]);
-    store_pack(grad_W + l * d, q, out);
-  }
-  if (grad_b != nullptr && threadIdx.x == 0) {
+  if (grad_b != nullptr && blockIdx.y == 0 && threadIdx.x == 0) {
     A s = 0;
     for (int64_t p = p0; p < p1; ++p) s += load(values + order[p]);
     grad_b[l] = store<T>(s);
   }
+  if (q >= d / V) return;
+  A acc[V];
+#pragma unroll
+  for (int u = 0; u < V; ++u) acc[u] = 0;
+  int64_t p = p0;
+  for (; p + E <= p1; p += E) {
+    A v[E];
+    Pack<T> row[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const int64_t e = order[p + j];
+      v[j] = load(values + e);
+      row[j].bits = make_uint4(0, 0, 0, 0);
+      // as the CPU kernel: a zero takes nothing from src
+      if (v[j] != A(0)) row[j] = load_pack(src + (e / m) * d, q);
+    }
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      if (v[j] == A(0)) continue;
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += v[j] * row[j][u];
+    }
+  }
+  for (; p < p1; ++p) {
+    const int64_t e = order[p];
+    const A v = load(values + e);
+    if (v == A(0)) continue;
+    const Pack<T> row = load_pack(src + (e / m) * d, q);
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc[u] += v * row[u];
+  }
+  Pack<T> out;
+#pragma unroll
+  for (int u = 0; u < V; ++u) out.set(u, acc[u]);
+  store_pack(grad_W + l * d, q, out);
 }
 
 // --- the streaming top-k ------------------------------------------------------------
@@ -468,8 +492,10 @@ void sae_accumulate(const T* values, const int64_t* order, const int64_t* start,
                     cudaStream_t stream) {
   if (n == 0) return;
   if (packs_fit<T>(d, {src, grad_W})) {
-    accumulate_packed_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-        values, order, start, m, src, d, grad_W, grad_b);
+    const int64_t packs = d / Pack<T>::kSize;
+    const dim3 grid(static_cast<unsigned>(n), blocks(packs, kThreads));
+    accumulate_packed_kernel<T><<<grid, kThreads, 0, stream>>>(values, order, start, m, src, d,
+                                                               grad_W, grad_b);
     return;
   }
   accumulate_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(values, order, start, m,

@@ -65,7 +65,7 @@ if [ $rc -ge 128 ] && [ $rc -ne 124 ] && [ -n "$crashed" ] && command -v cuda-gd
   step test_ops_after_crash 150 "$PYTHON" -m pytest -q --tb=short -p no:cacheprovider \
     tests/test_ops_cuda.py tests/test_ops_sae.py --deselect "$crashed"
 fi
-step bench_kernels 100 "$PYTHON" -m aecore bench kernels --device cuda --quick \
+step bench_kernels 100 "$PYTHON" -m aecore bench kernels --device cuda --quick --profile \
   --json "$out/kernels.json"
 if compgen -G ".whl/*.whl" >/dev/null; then
   step saelens_wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \

@@ -24,7 +24,7 @@ import torch
 from aecore import ops
 from aecore.ops import reference
 from aecore_benchmarks.args import count, json_file, write_json
-from aecore_benchmarks.timing import time_in_turns
+from aecore_benchmarks.timing import print_profile, time_in_turns
 
 
 def _compiled(fn):
@@ -241,8 +241,9 @@ def _cases(device):
     return out
 
 
-def run(device: str = "cpu", quick: bool = False, clock: str = "wall") -> dict:
-    """Runs every case; returns the JSON-ready result.
+def run(device: str = "cpu", quick: bool = False, clock: str = "wall", profile=False) -> dict:
+    """Runs every case; returns the JSON-ready result. ``profile``: after each case's
+    timing, the fused call's ops by self time (device time on CUDA).
 
     clock="cpu" (CPU only) runs single-threaded and times the thread's CPU time: on a
     shared, oversubscribed machine wall times mostly measure the scheduler, CPU time does
@@ -267,6 +268,8 @@ def run(device: str = "cpu", quick: bool = False, clock: str = "wall") -> dict:
         times = {impl: s * 1e3 for impl, s in seconds.items()}
         for impl, err in errors.items():
             print(f"  {name} / {impl}: failed: {err}", file=sys.stderr)
+        if profile and "fused" in times:
+            print_profile(impls["fused"], device, f"{name}, fused")
         fused = times.get("fused")
         for impl, ms in times.items():
             results.append(
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=count, help="torch.set_num_threads(N) first (CPU)")
     p.add_argument(
+        "--profile", action="store_true", help="also print each fused call's ops by self time"
+    )
+    p.add_argument(
         "--busy",
         action="store_true",
         help="beside a second process running 2-thread torch GEMMs (a shared machine)",
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aecore bench kernels: --clock cpu needs --device cpu", file=sys.stderr)
         return 2
     with busy_neighbour(args.busy):
-        res = run(args.device, args.quick, args.clock)
+        res = run(args.device, args.quick, args.clock, args.profile)
     res["busy"] = args.busy
     print(("beside a 2-thread torch GEMM loop in another process\n" if args.busy else "")
           + format_report(res))  # fmt: skip

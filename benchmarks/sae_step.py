@@ -60,22 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_profile(step, device: str, title: str, rows: int = 15) -> None:
-    """The ops of one call by self time: on CUDA, device time, which says which kernel
-    to work on next; on the CPU, CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    step()  # warm
-    with profile(activities=activities) as prof:
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of one step: {title}")
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
-
-
 def _fix_malloc() -> None:
     # M_MMAP_THRESHOLD = -3: large blocks always mmapped, so a free returns them
     with contextlib.suppress(OSError, AttributeError):
@@ -247,7 +231,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     from aecore import ops
-    from aecore_benchmarks.timing import time_in_turns
+    from aecore_benchmarks.timing import print_profile, time_in_turns
 
     args = build_parser().parse_args(argv)
     device = args.device

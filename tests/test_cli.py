@@ -313,6 +313,17 @@ def test_a_benchmarks_json_file_is_checked_before_it_runs(capsys, tmp_path, benc
     assert "no folder" in capsys.readouterr().err
 
 
+def test_bench_kernels_profiles_each_fused_call(capsys, monkeypatch):
+    from aecore_benchmarks import kernels
+
+    monkeypatch.setattr(kernels, "_compiled", lambda fn: None)  # no compile in a unit test
+    monkeypatch.setattr(kernels, "_cases", lambda device: [kernels._case_kl(device, 16, 32)])
+    assert kernels.main(["--quick", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "profile of one call: kl_sparsity fwd+bwd 16x32, fused" in out
+    assert "aecore::kl_sparsity" in out.split("profile of one call")[1]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -323,6 +334,7 @@ def test_a_benchmarks_json_file_is_checked_before_it_runs(capsys, tmp_path, benc
         (["quality", "--recipe-seeds", "x"], "expected a non-negative int"),
         (["anomaly", "--datasets", "wine,foo"], "unknown 'foo'"),
         (["anomaly", "--pyod", "KNN,LOF"], "unknown 'LOF'"),
+        (["anomaly", "--pyod-inputs", "raw,scaled"], "unknown 'scaled'"),
         (["sae", "--architectures", "relu"], "unknown 'relu'"),
     ],
 )

@@ -113,6 +113,7 @@ struct NanFirst {
 };
 
 constexpr int kTopkWarps = 4;
+constexpr int kTopkRounds = 8;
 
 template <typename T>
 __global__ void topk_warp_kernel(const T* __restrict__ z, int64_t rows, int64_t cols, int64_t k,
@@ -132,10 +133,20 @@ __global__ void topk_warp_kernel(const T* __restrict__ z, int64_t rows, int64_t 
   }
   __syncwarp();
   const T* zi = z + row * cols;
-  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-    const int64_t c = c0 + lane;
-    const T x = c < cols ? zi[c] : T(0);
-    warp_offer(x, c, c < cols, hv, hi, k, sh_c[warp], NanFirst{});
+  // kTopkRounds rounds of 32 columns are loaded before the first is offered (in column
+  // order), so the warp waits on one batch of loads instead of one load per round
+  for (int64_t c0 = 0; c0 < cols; c0 += 32 * kTopkRounds) {
+    T x[kTopkRounds];
+#pragma unroll
+    for (int u = 0; u < kTopkRounds; ++u) {
+      const int64_t c = c0 + u * 32 + lane;
+      x[u] = c < cols ? zi[c] : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kTopkRounds; ++u) {
+      const int64_t c = c0 + u * 32 + lane;
+      warp_offer(x[u], c, c < cols, hv, hi, k, sh_c[warp], NanFirst{});
+    }
   }
   T* oi = out + row * cols;
   for (int64_t j = lane; j < cols; j += 32) oi[j] = T(0);

@@ -209,11 +209,21 @@ __global__ void column_sums_kernel(const T* __restrict__ x, int64_t rows, int64_
                                    double* __restrict__ partial) {
   __shared__ double sh[kBY][kBX];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kBX + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * kBY;
   double s = 0.0;
-  if (j < cols)
-    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kBY + threadIdx.y; i < rows;
-         i += static_cast<int64_t>(gridDim.y) * kBY)
-      s += static_cast<double>(x[i * cols + j]);
+  if (j < cols) {
+    int64_t i = static_cast<int64_t>(blockIdx.y) * kBY + threadIdx.y;
+    // four rows' loads in flight before they are added (in row order, as one at a time)
+    for (; i + 3 * step < rows; i += 4 * step) {
+      const T a = x[i * cols + j], b = x[(i + step) * cols + j];
+      const T c = x[(i + 2 * step) * cols + j], d = x[(i + 3 * step) * cols + j];
+      s += static_cast<double>(a);
+      s += static_cast<double>(b);
+      s += static_cast<double>(c);
+      s += static_cast<double>(d);
+    }
+    for (; i < rows; i += step) s += static_cast<double>(x[i * cols + j]);
+  }
   block_col_sum(s, partial + static_cast<int64_t>(blockIdx.y) * cols + j, sh, j < cols);
 }
 

@@ -86,6 +86,22 @@ bool packs_fit(int64_t d, std::initializer_list<const void*> bases) {
 constexpr int kThreads = 128;
 constexpr int kCodeChunk = 512;  // code entries per row staged in shared memory at once
 
+// Stages up to kCodeChunk of a row's code entries (from entry e0, `left` remaining) in
+// shared memory for the whole block; returns how many. Every thread of the block calls it.
+template <typename T>
+__device__ int64_t stage_code(const T* __restrict__ values, const int64_t* __restrict__ idx,
+                              int64_t e0, int64_t left, typename AccOf<T>::type* sv,
+                              int64_t* si) {
+  const int64_t chunk = left < kCodeChunk ? left : kCodeChunk;
+  __syncthreads();  // the previous chunk is used up
+  for (int64_t j = threadIdx.x; j < chunk; j += kThreads) {
+    sv[j] = load(values + e0 + j);
+    si[j] = idx[e0 + j];
+  }
+  __syncthreads();
+  return chunk;
+}
+
 template <typename T>
 __global__ void gather_sum_kernel(const T* __restrict__ values, const int64_t* __restrict__ idx,
                                   int64_t m, const T* __restrict__ W, int64_t d,
@@ -101,13 +117,7 @@ __global__ void gather_sum_kernel(const T* __restrict__ values, const int64_t* _
       acc[u] = (bias != nullptr && c < d) ? load(bias + c) : A(0);
     }
     for (int64_t j0 = 0; j0 < m; j0 += kCodeChunk) {
-      const int64_t chunk = m - j0 < kCodeChunk ? m - j0 : kCodeChunk;
-      __syncthreads();
-      for (int64_t j = threadIdx.x; j < chunk; j += kThreads) {
-        sv[j] = load(values + r * m + j0 + j);
-        si[j] = idx[r * m + j0 + j];
-      }
-      __syncthreads();
+      const int64_t chunk = stage_code(values, idx, r * m + j0, m - j0, sv, si);
       for (int64_t j = 0; j < chunk; ++j) {
         const A v = sv[j];
         if (v == A(0)) continue;  // padding and ReLU'd zeros add nothing
@@ -125,18 +135,28 @@ __global__ void gather_sum_kernel(const T* __restrict__ values, const int64_t* _
   }
 }
 
-template <typename T>
+// Packed: each lane reads 16-byte packs of adjacent columns (rows 16-byte aligned).
+template <typename T, bool Packed>
 __global__ void dots_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx,
                             int64_t entries, int64_t m, const T* __restrict__ W, int64_t d,
                             T* __restrict__ out) {
   using A = typename AccOf<T>::type;
+  constexpr int V = Pack<T>::kSize;
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (e >= entries) return;  // whole warps leave together (entries are per warp)
   const T* gr = g + (e / m) * d;
   const T* w = W + idx[e] * d;
   A acc = 0;
-  for (int64_t c = lane; c < d; c += 32) acc += load(gr + c) * load(w + c);
+  if constexpr (Packed) {
+    for (int64_t q = lane; q < d / V; q += 32) {
+      const Pack<T> a = load_pack(gr, q), b = load_pack(w, q);
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc += a[u] * b[u];
+    }
+  } else {
+    for (int64_t c = lane; c < d; c += 32) acc += load(gr + c) * load(w + c);
+  }
   for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
   if (lane == 0) out[e] = store<T>(acc);
 }
@@ -164,13 +184,7 @@ __global__ void gather_sum_packed_kernel(const T* __restrict__ values,
       for (int u = 0; u < V; ++u) acc[u] = b[u];
     }
     for (int64_t j0 = 0; j0 < m; j0 += kCodeChunk) {
-      const int64_t chunk = m - j0 < kCodeChunk ? m - j0 : kCodeChunk;
-      __syncthreads();
-      for (int64_t j = threadIdx.x; j < chunk; j += kThreads) {
-        sv[j] = load(values + r * m + j0 + j);
-        si[j] = idx[r * m + j0 + j];
-      }
-      __syncthreads();
+      const int64_t chunk = stage_code(values, idx, r * m + j0, m - j0, sv, si);
       if (q >= packs) continue;  // (still at every barrier)
       for (int64_t j = 0; j < chunk; ++j) {
         const A v = sv[j];
@@ -187,28 +201,6 @@ __global__ void gather_sum_packed_kernel(const T* __restrict__ values,
       store_pack(out + r * d, q, o);
     }
   }
-}
-
-// dots_kernel with each lane on packs of adjacent columns.
-template <typename T>
-__global__ void dots_packed_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx,
-                                   int64_t entries, int64_t m, const T* __restrict__ W,
-                                   int64_t d, T* __restrict__ out) {
-  using A = typename AccOf<T>::type;
-  constexpr int V = Pack<T>::kSize;
-  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (e >= entries) return;  // whole warps leave together (entries are per warp)
-  const T* gr = g + (e / m) * d;
-  const T* w = W + idx[e] * d;
-  A acc = 0;
-  for (int64_t q = lane; q < d / V; q += 32) {
-    const Pack<T> a = load_pack(gr, q), b = load_pack(w, q);
-#pragma unroll
-    for (int u = 0; u < V; ++u) acc += a[u] * b[u];
-  }
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
-  if (lane == 0) out[e] = store<T>(acc);
 }
 
 // Latent l's entries are order[start[l] .. start[l + 1]) (entry e = row * m + slot).
@@ -479,11 +471,12 @@ void sae_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* 
   const int64_t entries = rows * m;
   if (entries == 0) return;
   if (packs_fit<T>(d, {g, W})) {
-    dots_packed_kernel<T><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W,
-                                                                          d, out);
+    dots_kernel<T, true><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d,
+                                                                        out);
     return;
   }
-  dots_kernel<T><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d, out);
+  dots_kernel<T, false><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d,
+                                                                       out);
 }
 
 template <typename T>

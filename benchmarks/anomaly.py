@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pyod", type=names(PYOD_MODELS), default=list(PYOD_MODELS), help="'' for none")
     p.add_argument(
         "--pyod-inputs", type=names(PYOD_INPUTS), default=list(PYOD_INPUTS),
-        help="what PyOD's detectors see: the rows as given, standardized, or both",
+        help="what PyOD's detectors see: raw (the rows as given), standardized, or both "
+        "(default: raw,standardized)",
     )  # fmt: skip
     p.add_argument("--epochs", type=count, default=100)
     p.add_argument("--latent-dim", type=count, default=8)

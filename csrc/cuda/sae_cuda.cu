@@ -7,9 +7,10 @@
 //     latent (a stable sort): deterministic, no atomics.
 //   top-k merge: one warp per row holds the row's running top k as a min-heap in shared
 //     memory; a ballot over 32 columns at a time skips those that cannot enter it.
-// Where every row starts on a 16-byte boundary (d a multiple of the pack, aligned
-// tensors), gather_sum, dots, accumulate and the decoder's row passes move 16-byte packs
-// of adjacent columns per lane: the same arithmetic, a fraction of the load instructions.
+// gather_sum, dots, accumulate and the decoder's row passes move packs of V adjacent
+// columns per lane: 16-byte packs where every row starts on a 16-byte boundary (d a
+// multiple of the pack, aligned tensors), single values otherwise; the same arithmetic
+// in the same order either way.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -49,13 +50,35 @@ __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
 }
 
-// 16-byte packs: one load instruction moves 16 bytes a lane (8 half or bfloat16 values)
-// where a scalar load moves 2, so a warp keeps 8x the bytes in flight. Used where every
-// row starts on a 16-byte boundary (the launcher checks the pointers and d).
+// Packs of V adjacent values moved by one load or store: 16-byte packs (8 half or
+// bfloat16 values a lane, where a scalar load moves 2) keep 8x the bytes in flight, but
+// need every row on a 16-byte boundary (the launchers check); V = 1 is the scalar
+// access that any row allows. The kernels take V as a parameter, so both are one code.
+template <int Bytes>
+struct PackBits;
+template <>
+struct PackBits<2> {
+  using type = unsigned short;
+};
+template <>
+struct PackBits<4> {
+  using type = unsigned int;
+};
+template <>
+struct PackBits<8> {
+  using type = uint2;
+};
+template <>
+struct PackBits<16> {
+  using type = uint4;
+};
+
 template <typename T>
+constexpr int kWide = 16 / sizeof(T);  // values in a 16-byte pack
+
+template <typename T, int V>
 struct Pack {
-  static constexpr int kSize = 16 / sizeof(T);
-  uint4 bits;
+  typename PackBits<V * sizeof(T)>::type bits;
   __device__ __forceinline__ typename AccOf<T>::type operator[](int i) const {
     return load(reinterpret_cast<const T*>(&bits) + i);
   }
@@ -64,19 +87,22 @@ struct Pack {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* row, int64_t q) {
-  return Pack<T>{reinterpret_cast<const uint4*>(row)[q]};
+// Pack q of a row (values q * V .. q * V + V - 1).
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* row, int64_t q) {
+  using Bits = typename PackBits<V * sizeof(T)>::type;
+  return Pack<T, V>{reinterpret_cast<const Bits*>(row)[q]};
 }
-template <typename T>
-__device__ __forceinline__ void store_pack(T* row, int64_t q, const Pack<T>& pack) {
-  reinterpret_cast<uint4*>(row)[q] = pack.bits;
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* row, int64_t q, const Pack<T, V>& pack) {
+  using Bits = typename PackBits<V * sizeof(T)>::type;
+  reinterpret_cast<Bits*>(row)[q] = pack.bits;
 }
 
 // Whether rows of d values at these addresses all start on 16-byte boundaries.
 template <typename T>
 bool packs_fit(int64_t d, std::initializer_list<const void*> bases) {
-  if (d % Pack<T>::kSize != 0) return false;
+  if (d % kWide<T> != 0) return false;
   for (const void* base : bases) {
     if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   }
@@ -102,73 +128,12 @@ __device__ int64_t stage_code(const T* __restrict__ values, const int64_t* __res
   return chunk;
 }
 
-template <typename T>
+// One block per row; each thread sums a pack of V adjacent columns.
+template <typename T, int V>
 __global__ void gather_sum_kernel(const T* __restrict__ values, const int64_t* __restrict__ idx,
                                   int64_t m, const T* __restrict__ W, int64_t d,
                                   const T* __restrict__ bias, T* __restrict__ out) {
   using A = typename AccOf<T>::type;
-  __shared__ A sv[kCodeChunk];
-  __shared__ int64_t si[kCodeChunk];
-  const int64_t r = blockIdx.x;
-  for (int64_t c0 = 0; c0 < d; c0 += static_cast<int64_t>(kThreads) * 4) {
-    A acc[4];
-    for (int u = 0; u < 4; ++u) {
-      const int64_t c = c0 + threadIdx.x + u * kThreads;
-      acc[u] = (bias != nullptr && c < d) ? load(bias + c) : A(0);
-    }
-    for (int64_t j0 = 0; j0 < m; j0 += kCodeChunk) {
-      const int64_t chunk = stage_code(values, idx, r * m + j0, m - j0, sv, si);
-      for (int64_t j = 0; j < chunk; ++j) {
-        const A v = sv[j];
-        if (v == A(0)) continue;  // padding and ReLU'd zeros add nothing
-        const T* w = W + si[j] * d;
-        for (int u = 0; u < 4; ++u) {
-          const int64_t c = c0 + threadIdx.x + u * kThreads;
-          if (c < d) acc[u] += v * load(w + c);
-        }
-      }
-    }
-    for (int u = 0; u < 4; ++u) {
-      const int64_t c = c0 + threadIdx.x + u * kThreads;
-      if (c < d) out[r * d + c] = store<T>(acc[u]);
-    }
-  }
-}
-
-// Packed: each lane reads 16-byte packs of adjacent columns (rows 16-byte aligned).
-template <typename T, bool Packed>
-__global__ void dots_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx,
-                            int64_t entries, int64_t m, const T* __restrict__ W, int64_t d,
-                            T* __restrict__ out) {
-  using A = typename AccOf<T>::type;
-  constexpr int V = Pack<T>::kSize;
-  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (e >= entries) return;  // whole warps leave together (entries are per warp)
-  const T* gr = g + (e / m) * d;
-  const T* w = W + idx[e] * d;
-  A acc = 0;
-  if constexpr (Packed) {
-    for (int64_t q = lane; q < d / V; q += 32) {
-      const Pack<T> a = load_pack(gr, q), b = load_pack(w, q);
-#pragma unroll
-      for (int u = 0; u < V; ++u) acc += a[u] * b[u];
-    }
-  } else {
-    for (int64_t c = lane; c < d; c += 32) acc += load(gr + c) * load(w + c);
-  }
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
-  if (lane == 0) out[e] = store<T>(acc);
-}
-
-// gather_sum_kernel with each thread on a pack of adjacent columns.
-template <typename T>
-__global__ void gather_sum_packed_kernel(const T* __restrict__ values,
-                                         const int64_t* __restrict__ idx, int64_t m,
-                                         const T* __restrict__ W, int64_t d,
-                                         const T* __restrict__ bias, T* __restrict__ out) {
-  using A = typename AccOf<T>::type;
-  constexpr int V = Pack<T>::kSize;
   __shared__ A sv[kCodeChunk];
   __shared__ int64_t si[kCodeChunk];
   const int64_t r = blockIdx.x;
@@ -179,7 +144,7 @@ __global__ void gather_sum_packed_kernel(const T* __restrict__ values,
 #pragma unroll
     for (int u = 0; u < V; ++u) acc[u] = 0;
     if (bias != nullptr && q < packs) {
-      const Pack<T> b = load_pack(bias, q);
+      const Pack<T, V> b = load_pack<V>(bias, q);
 #pragma unroll
       for (int u = 0; u < V; ++u) acc[u] = b[u];
     }
@@ -189,60 +154,54 @@ __global__ void gather_sum_packed_kernel(const T* __restrict__ values,
       for (int64_t j = 0; j < chunk; ++j) {
         const A v = sv[j];
         if (v == A(0)) continue;  // padding and ReLU'd zeros add nothing
-        const Pack<T> w = load_pack(W + si[j] * d, q);
+        const Pack<T, V> w = load_pack<V>(W + si[j] * d, q);
 #pragma unroll
         for (int u = 0; u < V; ++u) acc[u] += v * w[u];
       }
     }
     if (q < packs) {
-      Pack<T> o;
+      Pack<T, V> o;
 #pragma unroll
       for (int u = 0; u < V; ++u) o.set(u, acc[u]);
-      store_pack(out + r * d, q, o);
+      store_pack<V>(out + r * d, q, o);
     }
   }
 }
 
-// Latent l's entries are order[start[l] .. start[l + 1]) (entry e = row * m + slot).
-template <typename T>
+// One warp per (row, slot); each lane reads packs of V adjacent columns.
+template <typename T, int V>
+__global__ void dots_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx,
+                            int64_t entries, int64_t m, const T* __restrict__ W, int64_t d,
+                            T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (e >= entries) return;  // whole warps leave together (entries are per warp)
+  const T* gr = g + (e / m) * d;
+  const T* w = W + idx[e] * d;
+  A acc = 0;
+  for (int64_t q = lane; q < d / V; q += 32) {
+    const Pack<T, V> a = load_pack<V>(gr, q), b = load_pack<V>(w, q);
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc += a[u] * b[u];
+  }
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) out[e] = store<T>(acc);
+}
+
+// Latent l's entries are order[start[l] .. start[l + 1]) (entry e = row * m + slot); each
+// thread sums a pack of V adjacent columns over them, in order. Blocks (l, y) split latent
+// l's packs, so a latent chosen by many rows is spread over several blocks;
+// kAccumulateBatch entries' loads are issued before their products are added, so a
+// thread waits on one batch of loads instead of on each entry.
+constexpr int kAccumulateBatch = 4;
+
+template <typename T, int V>
 __global__ void accumulate_kernel(const T* __restrict__ values, const int64_t* __restrict__ order,
                                   const int64_t* __restrict__ start, int64_t m,
                                   const T* __restrict__ src, int64_t d, T* __restrict__ grad_W,
                                   T* __restrict__ grad_b) {
   using A = typename AccOf<T>::type;
-  const int64_t l = blockIdx.x;
-  const int64_t p0 = start[l], p1 = start[l + 1];
-  for (int64_t c = threadIdx.x; c < d; c += kThreads) {
-    A acc = 0;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t e = order[p];
-      const A v = load(values + e);
-      if (v == A(0)) continue;  // as the CPU kernel: a zero takes nothing from src
-      acc += v * load(src + (e / m) * d + c);
-    }
-    grad_W[l * d + c] = store<T>(acc);
-  }
-  if (grad_b != nullptr && threadIdx.x == 0) {
-    A s = 0;
-    for (int64_t p = p0; p < p1; ++p) s += load(values + order[p]);
-    grad_b[l] = store<T>(s);
-  }
-}
-
-// accumulate_kernel with each thread on a pack of adjacent columns, the same sums in the
-// same order. Blocks (l, y) split latent l's packs, so a latent chosen by many rows is
-// spread over several blocks; kAccumulateBatch entries' loads are issued before their
-// products are added, so a thread waits on one batch of loads instead of on each entry.
-constexpr int kAccumulateBatch = 4;
-
-template <typename T>
-__global__ void accumulate_packed_kernel(const T* __restrict__ values,
-                                         const int64_t* __restrict__ order,
-                                         const int64_t* __restrict__ start, int64_t m,
-                                         const T* __restrict__ src, int64_t d,
-                                         T* __restrict__ grad_W, T* __restrict__ grad_b) {
-  using A = typename AccOf<T>::type;
-  constexpr int V = Pack<T>::kSize;
   constexpr int E = kAccumulateBatch;
   const int64_t l = blockIdx.x;
   const int64_t q = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
@@ -259,14 +218,14 @@ __global__ void accumulate_packed_kernel(const T* __restrict__ values,
   int64_t p = p0;
   for (; p + E <= p1; p += E) {
     A v[E];
-    Pack<T> row[E];
+    Pack<T, V> row[E];
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const int64_t e = order[p + j];
       v[j] = load(values + e);
-      row[j].bits = make_uint4(0, 0, 0, 0);
+      row[j] = Pack<T, V>{};
       // as the CPU kernel: a zero takes nothing from src
-      if (v[j] != A(0)) row[j] = load_pack(src + (e / m) * d, q);
+      if (v[j] != A(0)) row[j] = load_pack<V>(src + (e / m) * d, q);
     }
 #pragma unroll
     for (int j = 0; j < E; ++j) {
@@ -279,14 +238,14 @@ __global__ void accumulate_packed_kernel(const T* __restrict__ values,
     const int64_t e = order[p];
     const A v = load(values + e);
     if (v == A(0)) continue;
-    const Pack<T> row = load_pack(src + (e / m) * d, q);
+    const Pack<T, V> row = load_pack<V>(src + (e / m) * d, q);
 #pragma unroll
     for (int u = 0; u < V; ++u) acc[u] += v * row[u];
   }
-  Pack<T> out;
+  Pack<T, V> out;
 #pragma unroll
   for (int u = 0; u < V; ++u) out.set(u, acc[u]);
-  store_pack(grad_W + l * d, q, out);
+  store_pack<V>(grad_W + l * d, q, out);
 }
 
 // --- the streaming top-k ------------------------------------------------------------
@@ -370,9 +329,10 @@ __global__ void heap_init_kernel(int64_t n, A* heap_v, int64_t* heap_i) {
   heap_i[e] = -1;
 }
 
-// One warp per row: the row's squared norm and dot product, then the row update.
+// One warp per row: the row's squared norm and dot product, then the row update;
+// each lane on packs of V adjacent columns.
 // Not __restrict__: set_row_norms_ passes the same rows as target and w.
-template <typename T>
+template <typename T, int V>
 __global__ void row_constraint_kernel(T* target, const T* w, int64_t rows, int64_t d,
                                       double norm, bool project) {
   using A = typename AccOf<T>::type;
@@ -381,50 +341,19 @@ __global__ void row_constraint_kernel(T* target, const T* w, int64_t rows, int64
   if (r >= rows) return;
   T* t = target + r * d;
   const T* wr = w + r * d;
-  A sq = 0, dp = 0;
-  for (int64_t c = lane; c < d; c += 32) {
-    const A wv = load(wr + c);
-    sq += wv * wv;
-    if (project) dp += load(t + c) * wv;
-  }
-  for (int off = 16; off > 0; off /= 2) {
-    sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    dp += __shfl_xor_sync(0xffffffffu, dp, off);
-  }
-  if (!(sq > A(0))) return;  // a row of zeros is left alone
-  if (project) {
-    const A coef = dp / sq;
-    for (int64_t c = lane; c < d; c += 32) t[c] = store<T>(load(t + c) - coef * load(wr + c));
-  } else {
-    const A s = static_cast<A>(norm) / sqrt(sq);
-    for (int64_t c = lane; c < d; c += 32) t[c] = store<T>(load(t + c) * s);
-  }
-}
-
-// row_constraint_kernel with each lane on packs of adjacent columns.
-template <typename T>
-__global__ void row_constraint_packed_kernel(T* target, const T* w, int64_t rows, int64_t d,
-                                             double norm, bool project) {
-  using A = typename AccOf<T>::type;
-  constexpr int V = Pack<T>::kSize;
-  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= rows) return;
-  T* t = target + r * d;
-  const T* wr = w + r * d;
   const int64_t packs = d / V;
   A sq = 0, dp = 0;
   for (int64_t q = lane; q < packs; q += 32) {
-    const Pack<T> wp = load_pack(wr, q);
+    const Pack<T, V> wp = load_pack<V>(wr, q);
     if (project) {
-      const Pack<T> tp = load_pack(static_cast<const T*>(t), q);
-  #pragma unroll
+      const Pack<T, V> tp = load_pack<V>(static_cast<const T*>(t), q);
+#pragma unroll
       for (int u = 0; u < V; ++u) {
         sq += wp[u] * wp[u];
         dp += tp[u] * wp[u];
       }
     } else {
-  #pragma unroll
+#pragma unroll
       for (int u = 0; u < V; ++u) sq += wp[u] * wp[u];
     }
   }
@@ -435,16 +364,16 @@ __global__ void row_constraint_packed_kernel(T* target, const T* w, int64_t rows
   if (!(sq > A(0))) return;  // a row of zeros is left alone
   const A coef = project ? dp / sq : static_cast<A>(norm) / sqrt(sq);
   for (int64_t q = lane; q < packs; q += 32) {
-    Pack<T> tp = load_pack(static_cast<const T*>(t), q);
+    Pack<T, V> tp = load_pack<V>(static_cast<const T*>(t), q);
     if (project) {
-      const Pack<T> wp = load_pack(wr, q);
-  #pragma unroll
+      const Pack<T, V> wp = load_pack<V>(wr, q);
+#pragma unroll
       for (int u = 0; u < V; ++u) tp.set(u, tp[u] - coef * wp[u]);
     } else {
-  #pragma unroll
+#pragma unroll
       for (int u = 0; u < V; ++u) tp.set(u, tp[u] * coef);
     }
-    store_pack(t, q, tp);
+    store_pack<V>(t, q, tp);
   }
 }
 
@@ -452,17 +381,16 @@ unsigned blocks(int64_t n, int per) { return static_cast<unsigned>((n + per - 1)
 
 }  // namespace
 
+// Each launcher runs its kernel on 16-byte packs where every row starts on a 16-byte
+// boundary, else on single values.
 template <typename T>
 void sae_gather_sum(const T* values, const int64_t* idx, int64_t rows, int64_t m, const T* W,
                     int64_t d, const T* bias, T* out, cudaStream_t stream) {
   if (rows == 0 || d == 0) return;
-  if (packs_fit<T>(d, {W, out, bias})) {  // (a null bias is aligned)
-    gather_sum_packed_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        values, idx, m, W, d, bias, out);
-    return;
-  }
-  gather_sum_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(values, idx, m, W, d,
-                                                                            bias, out);
+  const auto kernel = packs_fit<T>(d, {W, out, bias})  // (a null bias is aligned)
+                          ? gather_sum_kernel<T, kWide<T>>
+                          : gather_sum_kernel<T, 1>;
+  kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(values, idx, m, W, d, bias, out);
 }
 
 template <typename T>
@@ -470,13 +398,8 @@ void sae_dots(const T* g, const int64_t* idx, int64_t rows, int64_t m, const T* 
               T* out, cudaStream_t stream) {
   const int64_t entries = rows * m;
   if (entries == 0) return;
-  if (packs_fit<T>(d, {g, W})) {
-    dots_kernel<T, true><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d,
-                                                                        out);
-    return;
-  }
-  dots_kernel<T, false><<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d,
-                                                                       out);
+  const auto kernel = packs_fit<T>(d, {g, W}) ? dots_kernel<T, kWide<T>> : dots_kernel<T, 1>;
+  kernel<<<blocks(entries * 32, 256), 256, 0, stream>>>(g, idx, entries, m, W, d, out);
 }
 
 template <typename T>
@@ -484,15 +407,11 @@ void sae_accumulate(const T* values, const int64_t* order, const int64_t* start,
                     const T* src, int64_t d, int64_t n, T* grad_W, T* grad_b,
                     cudaStream_t stream) {
   if (n == 0) return;
-  if (packs_fit<T>(d, {src, grad_W})) {
-    const int64_t packs = d / Pack<T>::kSize;
-    const dim3 grid(static_cast<unsigned>(n), blocks(packs, kThreads));
-    accumulate_packed_kernel<T><<<grid, kThreads, 0, stream>>>(values, order, start, m, src, d,
-                                                               grad_W, grad_b);
-    return;
-  }
-  accumulate_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(values, order, start, m,
-                                                                         src, d, grad_W, grad_b);
+  const bool wide = packs_fit<T>(d, {src, grad_W});
+  const int64_t packs = wide ? d / kWide<T> : d;
+  const auto kernel = wide ? accumulate_kernel<T, kWide<T>> : accumulate_kernel<T, 1>;
+  const dim3 grid(static_cast<unsigned>(n), blocks(packs, kThreads));
+  kernel<<<grid, kThreads, 0, stream>>>(values, order, start, m, src, d, grad_W, grad_b);
 }
 
 template <typename T>
@@ -522,25 +441,17 @@ void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, i
 template <typename T>
 void sae_remove_parallel(T* grad, const T* w, int64_t rows, int64_t d, cudaStream_t stream) {
   if (rows == 0 || d == 0) return;
-  if (packs_fit<T>(d, {grad, w})) {
-    row_constraint_packed_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d,
-                                                                               0.0, true);
-    return;
-  }
-  row_constraint_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d, 0.0,
-                                                                        true);
+  const auto kernel = packs_fit<T>(d, {grad, w}) ? row_constraint_kernel<T, kWide<T>>
+                                                 : row_constraint_kernel<T, 1>;
+  kernel<<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d, 0.0, true);
 }
 
 template <typename T>
 void sae_set_row_norms(T* w, int64_t rows, int64_t d, double norm, cudaStream_t stream) {
   if (rows == 0 || d == 0) return;
-  if (packs_fit<T>(d, {w})) {
-    row_constraint_packed_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d,
-                                                                               norm, false);
-    return;
-  }
-  row_constraint_kernel<T><<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d, norm,
-                                                                        false);
+  const auto kernel = packs_fit<T>(d, {w}) ? row_constraint_kernel<T, kWide<T>>
+                                           : row_constraint_kernel<T, 1>;
+  kernel<<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d, norm, false);
 }
 
 #define AECORE_SAE_INSTANTIATE(T)                                                               \

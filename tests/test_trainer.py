@@ -713,7 +713,6 @@ def test_a_step_reads_back_only_its_finiteness_checks(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from aecore.training import loop
-    from aecore.training.state import RunState
 
     reads = []
 
@@ -734,6 +733,11 @@ def test_a_step_reads_back_only_its_finiteness_checks(monkeypatch):
     trainer = Trainer(epochs=1, batch_size=10, progress=False, seed=0)
     trainer.fit(model, torch.randn(50, 6))
     assert len(reads) == 2 * 5  # five steps
+
+
+def test_the_epochs_loss_sums_are_read_back_together_and_keep_no_buffer_alive():
+    from aecore.training.state import RunState
+
     state = RunState()
     for i in range(4):
         state.add_terms({"loss": torch.tensor(float(i)), "l0": torch.tensor(2.0)}, 10)

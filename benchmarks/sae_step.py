@@ -3,7 +3,8 @@ decoder's unit-norm constraint), side by side in one run on the same batch:
 
 * ``aecore fused``: ``sae-topk``'s loss through the sparse kernels (``aecore.ops.topk_encode``
   and ``sparse_decode``), stepped as the trainer steps it (its optimizer, torch's fused
-  Adam, and ``aecore.training.optim.gradient_step`` with the loop's finiteness check);
+  Adam, and ``aecore.training.optim.gradient_step``, which checks the loss and the
+  gradient with one read back, as the trainer does);
 * ``aecore dense``: the same model and step through the dense path (every pre-activation
   formed, a dense decoder GEMM);
 * ``stock sparse``: the dense encoder and ``torch.topk``, with ``F.embedding_bag`` as a
@@ -127,11 +128,8 @@ def aecore_steps(
         optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
         loss_fn = loss_fn_of(model)
 
-        def step(x):
-            loss = loss_fn(x)["loss"]
-            if not torch.isfinite(loss):
-                raise RuntimeError("non-finite loss")
-            gradient_step(model, optimizer, loss, 1.0, None, "bench")
+        def step(x):  # the trainer's step in one process (gradient_step checks the loss)
+            gradient_step(model, optimizer, loss_fn(x)["loss"], 1.0, None, "bench")
 
         return step
 

@@ -33,10 +33,12 @@ TORCH_LIBRARY(aecore, m) {
   // decoder that reads only the chosen dictionary rows. With aux_k > 0 the encoder also
   // picks each row's aux_k largest among the latents the bool mask `dead` (n,) marks
   // (AuxK), from the same tiles; its backward is straight-through (see _fused.py).
+  // check_finite: raise on a NaN or infinite pre-activation; else the values become NaN
+  // (no read of the kernels' flag, which on CUDA would wait for them)
   m.def(
       "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k, int aux_k=0, "
-      "Tensor? dead=None) -> (Tensor values, Tensor indices, Tensor aux_values, "
-      "Tensor aux_indices)");
+      "Tensor? dead=None, bool check_finite=True) -> (Tensor values, Tensor indices, "
+      "Tensor aux_values, Tensor aux_indices)");
   m.def(
       "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, "
       "Tensor W_enc, Tensor b_dec) "

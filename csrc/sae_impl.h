@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -84,7 +85,8 @@ using TopkCode = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 template <class K>
 TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
                           const at::Tensor& b_enc_in, const at::Tensor& b_dec_in, int64_t k,
-                          int64_t aux_k, const std::optional<at::Tensor>& dead_in) {
+                          int64_t aux_k, const std::optional<at::Tensor>& dead_in,
+                          bool check_finite) {
   check_sae_matrix<K>(x_in, "x");
   check_sae_matrix<K>(W_in, "W_enc");
   check_same(x_in, W_in, "W_enc");
@@ -146,10 +148,19 @@ TopkCode topk_encode_impl(const at::Tensor& x_in, const at::Tensor& W_in,
     K::template heap_finish<T>(B, k, hv, hi, values.data_ptr<T>());
     if (aux_k > 0) K::template heap_finish<T>(B, aux_k, aux_hv, aux_hi, aux_values.data_ptr<T>());
   });
-  // on CUDA the flag is device memory: reading it waits for the kernels
-  AECORE_CHECK(finite && bad.item<int>() == 0,
-               "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
-               "b_dec holds non-finite values (or they overflow)");
+  if (check_finite) {
+    // on CUDA the flag is device memory: reading it waits for the kernels
+    AECORE_CHECK(finite && bad.item<int>() == 0,
+                 "aecore: topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or "
+                 "b_dec holds non-finite values (or they overflow)");
+  } else {
+    // no read (a host sync on CUDA): every value becomes NaN instead, so the caller's
+    // loss is NaN and its own finiteness check, batched with others, catches it
+    if (!finite) bad.fill_(1);
+    const at::Tensor poisoned = bad.ne(0);
+    values.masked_fill_(poisoned, std::numeric_limits<double>::quiet_NaN());
+    if (aux_k > 0) aux_values.masked_fill_(poisoned, std::numeric_limits<double>::quiet_NaN());
+  }
   return {values, indices, aux_values, aux_indices};
 }
 

@@ -200,8 +200,19 @@ class SparseDictionary(Autoencoder):
 
     def after_optimizer_step(self) -> None:
         if self.unit_decoder:
-            set_row_norms(self.W_dec, float(self.decoder_row_norm))
+            set_row_norms(self.W_dec, self._decoder_row_norm())
         self.firing.commit(self.since_fired)
+
+    def _decoder_row_norm(self) -> float:
+        """``decoder_row_norm`` as a float, read from the buffer only when it changed (a
+        read waits for the device: on CUDA, every step would wait for its optimizer).
+        A new buffer (``.to``, loading) or an in-place change (its version) reads again."""
+        buffer = self.decoder_row_norm
+        seen = self.__dict__.get("_row_norm_seen")
+        if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
+            seen = (buffer, buffer._version, float(buffer))
+            self.__dict__["_row_norm_seen"] = seen
+        return seen[2]
 
     # -- the model ------------------------------------------------------------------------
     def _scaled(self, x: Tensor) -> Tensor:

@@ -451,3 +451,9 @@ def test_topk_encode_cuda_raises_on_non_finite_pre_activations(bad):
         b_enc[68] = bad
     with pytest.raises(RuntimeError, match="NaN or infinite pre-activation"):
         ops.topk_encode(x, W_enc, b_enc, b_dec, 2)
+    # unchecked (the trainer's way: no read of the kernels' flag): every value NaN
+    dead = torch.zeros(70, dtype=torch.bool, device="cuda")
+    dead[60:] = True
+    out = ops.topk_encode(x, W_enc, b_enc, b_dec, 2, aux_k=3, dead=dead, check_finite=False)
+    assert bool(out[0].isnan().all()) and bool(out[2].isnan().all())
+    assert all(bool(((i >= 0) & (i < 70)).all()) for i in out[1::2])

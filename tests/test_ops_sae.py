@@ -153,6 +153,7 @@ def test_opcheck():
     opcheck(torch.ops.aecore.topk_encode, (*args, 3))
     dead = torch.arange(12) % 3 == 0
     opcheck(torch.ops.aecore.topk_encode, (*args, 3, 2, dead))
+    opcheck(torch.ops.aecore.topk_encode, (*args, 3, 2, dead, False))
     values, indices, aux_values, _ = torch.ops.aecore.topk_encode(
         x.detach(), W.detach(), b_enc.detach(), b_dec.detach(), 3
     )
@@ -374,6 +375,20 @@ def test_non_finite_pre_activations_raise(bad, latent, auxk):
     extra = {"aux_k": 2, "dead": dead} if auxk else {}
     with pytest.raises(RuntimeError, match="NaN or infinite pre-activation"):
         ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, **extra)
+    # unchecked: no raise, and every value (AuxK's too) NaN, the indices still in range
+    out = ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, check_finite=False, **extra)
+    assert len(out) == (4 if auxk else 2)
+    for values in out[0::2]:
+        assert values.shape == (4, 2) and bool(values.isnan().all())
+    for indices in out[1::2]:
+        assert bool(((indices >= 0) & (indices < 70)).all())
+    # and finite operands are not touched by it
+    b_enc[latent] = 0.0
+    want = ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, **extra)
+    got = ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, check_finite=False, **extra)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    with pytest.raises(ConfigError, match="check_finite must be a bool, got 0"):
+        ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, check_finite=0)
 
 
 def test_bad_arguments_say_what_was_expected():
@@ -441,6 +456,42 @@ def test_the_models_step_reads_back_only_its_dead_count():
     bad = torch.tensor([[0, 4], [1, 2]])
     with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\)"):
         ops.sparse_decode(values, bad, W, b, check_indices=False)
+
+
+# ops whose result the host reads (each waits for the device on CUDA)
+READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique")
+
+
+@needs_ext
+def test_a_trainer_step_of_a_topk_sae_reads_back_twice(monkeypatch):
+    # the dead count (AuxK's width) at the start and the loss and gradient flags (one
+    # number) at the end; not the encoder's NaN flag (the code turns NaN instead), the
+    # latents that fired (no boolean mask) nor the decoder rows' norm (read once)
+    from aecore.training import loop
+
+    reads, encoder_calls = [], []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in READS:
+                reads.append(name)
+            if name == "topk_encode":
+                encoder_calls.append(args[7:])
+            return func(*args, **(kwargs or {}))
+
+    step = loop.TrainingRun.step
+
+    def counted(self, *args):
+        with Reads():
+            return step(self, *args)
+
+    monkeypatch.setattr(loop.TrainingRun, "step", counted)
+    model = aecore.create("sae-topk", input_shape=(6,), latent_dim=16, k=2, dead_window=1)
+    aecore.Trainer(epochs=1, batch_size=10, progress=False, seed=0).fit(model, torch.randn(50, 6))
+    # five steps, and the decoder rows' norm read at the first
+    assert reads.count("_local_scalar_dense") == 2 * 5 + 1 and len(reads) == 2 * 5 + 1
+    assert encoder_calls and all(call == (False,) for call in encoder_calls)
 
 
 @needs_ext

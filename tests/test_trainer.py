@@ -708,8 +708,8 @@ def test_a_loss_that_breaks_the_contract_is_named(returns, says):
 
 def test_a_step_reads_back_only_its_finiteness_checks(monkeypatch):
     # a value read back waits for the device: the epoch's loss sums stay on it and are
-    # read once when wanted, so a plain model's step reads two flags (its loss and its
-    # gradients finite) whatever number of loss terms it reports
+    # read once when wanted, so a plain model's step reads one number (its loss and its
+    # gradients finite, read together) whatever number of loss terms it reports
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from aecore.training import loop
@@ -732,7 +732,7 @@ def test_a_step_reads_back_only_its_finiteness_checks(monkeypatch):
     model = aecore.create("ae", input_shape=(6,), latent_dim=2, hidden=[8])
     trainer = Trainer(epochs=1, batch_size=10, progress=False, seed=0)
     trainer.fit(model, torch.randn(50, 6))
-    assert len(reads) == 2 * 5  # five steps
+    assert len(reads) == 5  # five steps
 
 
 def test_the_epochs_loss_sums_are_read_back_together_and_keep_no_buffer_alive():

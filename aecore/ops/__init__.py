@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from aecore.errors import ConfigError, NonFiniteError
+from aecore.errors import ConfigError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -200,6 +200,7 @@ def topk_encode(
     straight_through: bool = False,
     aux_k: int = 0,
     dead: Tensor | None = None,
+    check_finite: bool = True,
 ) -> tuple[Tensor, ...]:
     """A top-k SAE encoder: each row's k largest of ``relu((x - b_dec) W_enc^T + b_enc)``.
 
@@ -226,33 +227,33 @@ def topk_encode(
     (B, dead.sum()), beside the fused main code). The backward touches only the
     kept (row, latent) pairs: the gradient of W_enc is accumulated per latent after a
     counting sort of the pairs (deterministic, no atomics).
+
+    ``check_finite=False``: no raise, every value (AuxK's too) NaN instead; raising reads
+    a flag back, on CUDA a wait mid-step, which a step that checks its loss anyway skips.
     """
     k = check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
     if not isinstance(straight_through, bool):
         raise ConfigError(f"topk_encode: straight_through must be a bool, got {straight_through!r}")
+    if not isinstance(check_finite, bool):
+        raise ConfigError(f"topk_encode: check_finite must be a bool, got {check_finite!r}")
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
     limit = topk_encode_max_k(x)
     if not _fused_sae(x) or k > limit:
         return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
     if aux_k <= limit:
-        return _fused_encode(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+        return _fused.encode_or_refuse(
+            x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead, check_finite
+        )
     # AuxK's k past the device's heaps (d / 2 at large d): the main code fused, AuxK's
     # from the dead latents' pre-activations alone, never the whole (B, n) matrix
-    values, indices = _fused_encode(x, W_enc, b_enc, b_dec, k, straight_through)
+    values, indices = _fused.encode_or_refuse(
+        x, W_enc, b_enc, b_dec, k, straight_through, 0, None, check_finite
+    )
     index = dead.nonzero().flatten()
     aux_values, local = reference.sparse_code(
         x, W_enc[index], b_enc[index], b_dec, min(aux_k, len(index)), straight_through=True
     )
     return values, indices, *reference.pad_aux(aux_values, index[local], aux_k)
-
-
-def _fused_encode(*args) -> tuple[Tensor, ...]:
-    try:
-        return _fused.topk_encode(*args)
-    except RuntimeError as exc:  # the kernels' refusal of NaN, typed for the trainer
-        if "NaN or infinite pre-activation" in str(exc):
-            raise NonFiniteError(str(exc).splitlines()[0].removeprefix("aecore: ")) from None
-        raise
 
 
 def topk_encode_max_k(x: Tensor) -> int | float:

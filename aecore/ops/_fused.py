@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from aecore.errors import NonFiniteError
 from aecore.ops._extension import SCHEMAS_LOADED
 from aecore.ops.reference import aux_gate
 from aecore.ops.types import CDStats, GibbsCall, GibbsChain
@@ -48,7 +49,7 @@ if SCHEMAS_LOADED:
         return grad_out.new_empty(grad_out.shape)
 
     @torch.library.register_fake("aecore::topk_encode")
-    def _topk_encode_fake(x, W_enc, b_enc, b_dec, k, aux_k=0, dead=None):
+    def _topk_encode_fake(x, W_enc, b_enc, b_dec, k, aux_k=0, dead=None, check_finite=True):
         B = x.shape[0]
         return (
             x.new_empty((B, k)),
@@ -95,7 +96,7 @@ if SCHEMAS_LOADED:
         return v.new_empty(()), v.new_empty((), dtype=torch.bool)
 
     def _topk_encode_setup(ctx, inputs, output):
-        x, W_enc, _b_enc, b_dec, _k, _aux_k, dead = inputs
+        x, W_enc, _b_enc, b_dec, _k, _aux_k, dead, _check_finite = inputs
         values, indices, _aux_values, aux_indices = output
         ctx.save_for_backward(values, indices, aux_indices, dead, x, W_enc, b_dec)
 
@@ -105,7 +106,7 @@ if SCHEMAS_LOADED:
         grads = _encoder_backward(
             grad_values, values, indices, grad_aux, aux_indices, dead, x, W_enc, b_dec
         )
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
     torch.library.register_autograd(
         "aecore::topk_encode", _topk_encode_backward, setup_context=_topk_encode_setup
@@ -177,9 +178,10 @@ class _TopkEncode(torch.autograd.Function):
     pairs whose "value" is positive, so it is given ones)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead, check_finite):
         out = _below_autograd(
-            torch.ops.aecore.topk_encode.default, x, W_enc, b_enc, b_dec, k, aux_k, dead
+            torch.ops.aecore.topk_encode.default,
+            *(x, W_enc, b_enc, b_dec, k, aux_k, dead, check_finite),
         )
         values, indices, _aux_values, aux_indices = out
         ctx.straight_through = straight_through
@@ -199,7 +201,7 @@ class _TopkEncode(torch.autograd.Function):
         grads = _encoder_backward(
             grad_values, gate, indices, grad_aux, aux_indices, dead, x, W_enc, b_dec
         )
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -224,15 +226,34 @@ def _needs_grad(*tensors: Tensor) -> bool:
 
 
 def topk_encode(
-    x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
+    x,
+    W_enc,
+    b_enc,
+    b_dec,
+    k: int,
+    straight_through: bool = False,
+    aux_k: int = 0,
+    dead=None,
+    check_finite: bool = True,
 ):
     """(values, indices), or with ``dead`` also AuxK's (aux_values, aux_indices)."""
     args = (x, W_enc, b_enc, b_dec, k)
     if _needs_grad(x, W_enc, b_enc, b_dec):
-        out = _TopkEncode.apply(*args, straight_through, aux_k, dead)
+        out = _TopkEncode.apply(*args, straight_through, aux_k, dead, check_finite)
     else:
-        out = _below_autograd(torch.ops.aecore.topk_encode.default, *args, aux_k, dead)
+        op = torch.ops.aecore.topk_encode.default
+        out = _below_autograd(op, *args, aux_k, dead, check_finite)
     return out if dead is not None else out[:2]
+
+
+def encode_or_refuse(*args) -> tuple[Tensor, ...]:
+    """``topk_encode``, its kernels' refusal of NaN typed (``NonFiniteError``) for the trainer."""
+    try:
+        return topk_encode(*args)
+    except RuntimeError as exc:
+        if "NaN or infinite pre-activation" in str(exc):
+            raise NonFiniteError(str(exc).splitlines()[0].removeprefix("aecore: ")) from None
+        raise
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

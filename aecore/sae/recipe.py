@@ -179,8 +179,11 @@ class FiringTracker:
     @torch.no_grad()
     def record_sparse(self, values: Tensor, indices: Tensor, n: int) -> None:
         """``record`` for a sparse code: ``values`` at latents ``indices``, both (B, m)."""
-        fired = torch.zeros(n, dtype=torch.bool, device=values.device)
-        fired[indices[values != 0]] = True
+        # pairs with value 0 mark a spare slot n: a boolean-mask index would read its
+        # count back from the device (a wait each step on CUDA)
+        slots = torch.where(values != 0, indices, n).flatten()
+        fired = torch.zeros(n + 1, dtype=torch.bool, device=values.device)
+        fired = fired.index_fill_(0, slots, True)[:n]
         self._fired = fired if self._fired is None else self._fired | fired
         self._rows += len(values)
 

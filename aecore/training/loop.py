@@ -277,16 +277,16 @@ class TrainingRun:
             checked = {"checked": True} if self.data_checked else {}
             terms = self.model.train_step(x, **checked)
             return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
-        terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where)
-        loss = terms["loss"]
-        # DDP averages gradients over processes; weighting each process's mean by its
-        # share of the global batch makes that the global batch mean
+        lbfgs = isinstance(self.optimizer, torch.optim.LBFGS)  # its line search needs it finite
+        terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where, defer=not lbfgs)
+        # DDP averages processes' gradients: each weighted by its share of the global batch
         scale = len(x) * self.dist.world / global_rows if self.dist.active else 1.0
         self._schedule_lr()
-        if isinstance(self.optimizer, torch.optim.LBFGS):
+        if lbfgs:
             lbfgs_step(self.model, self.optimizer, lambda: self.loss_fn(x)["loss"], scale, where)
         else:
-            gradient_step(self.model, self.optimizer, loss, scale, self.config.grad_clip, where)
+            grad_clip = self.config.grad_clip
+            gradient_step(self.model, self.optimizer, terms["loss"], scale, grad_clip, where)
         return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
 
     def _progress(self) -> float:

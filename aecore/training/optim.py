@@ -59,16 +59,23 @@ def _fusable(params: list[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def finite_loss_terms(loss_fn: Callable, x: torch.Tensor, dist, device, where: StepPlace) -> dict:
+def finite_loss_terms(
+    loss_fn: Callable, x: torch.Tensor, dist, device, where: StepPlace, defer: bool = False
+) -> dict:
     """``loss_fn(x)``'s terms, or a TrainingError (before any weight changes) when the
     loss is not finite, or a kernel met values it cannot rank, in any process: every
-    process learns of it, so none waits on the others."""
+    process learns of it, so none waits on the others.
+
+    ``defer`` (one process only): the loss is left for :func:`gradient_step` to check
+    with the gradient, one read back from the device a step instead of two."""
     try:
         terms, refused = loss_fn(x), None
     except NonFiniteError as exc:  # a top-k of NaN pre-activations
         terms, refused = {"loss": torch.tensor(float("nan"))}, exc
     if refused is None:
         terms = loss_terms(getattr(loss_fn, "__self__", loss_fn), terms)
+        if defer and not dist.active:
+            return terms
     loss = terms["loss"]
     if dist.any([not torch.isfinite(loss)], device)[0]:
         what = f"{refused}" if refused is not None else f"non-finite loss ({loss.item()})"
@@ -91,7 +98,8 @@ def _remedy(where: StepPlace) -> str:
 def gradient_step(
     model, optimizer, loss: torch.Tensor, scale: float, grad_clip: float | None, where: StepPlace
 ) -> None:
-    """Backpropagate ``loss * scale`` and step, unless the gradient is not finite."""
+    """Backpropagate ``loss * scale`` and step, unless the loss or the gradient is not
+    finite: both are read back from the device at once, the step's one wait for it."""
     optimizer.zero_grad(set_to_none=True)
     (loss * scale if scale != 1.0 else loss).backward()
     before = getattr(model, "before_optimizer_step", None)
@@ -99,11 +107,15 @@ def gradient_step(
         before()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    if not torch.isfinite(norm):
+    # both flags in one number: one read
+    flags = int((~torch.isfinite(loss.detach())).to(norm.device) * 2 + ~torch.isfinite(norm))
+    loss_bad, grad_bad = flags >= 2, flags % 2 == 1
+    if loss_bad or grad_bad:
         optimizer.zero_grad(set_to_none=True)
+        what = f"non-finite loss ({loss.item()})" if loss_bad else "non-finite gradient"
         raise TrainingError(
-            f"non-finite gradient at {where}; the model keeps the weights from before "
-            f"this step. {_remedy(where)}"
+            f"{what} at {where}; the model keeps the weights from before this step. "
+            f"{_remedy(where)}"
         )
     if grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(

@@ -222,9 +222,9 @@ at::Tensor topk_sparsify_backward_cuda(const at::Tensor& grad_out, const at::Ten
 
 TopkCode topk_encode_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b_enc,
                           const at::Tensor& b_dec, int64_t k, int64_t aux_k,
-                          const std::optional<at::Tensor>& dead) {
+                          const std::optional<at::Tensor>& dead, bool check_finite) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return topk_encode_impl<CudaKernels>(x, W, b_enc, b_dec, k, aux_k, dead);
+  return topk_encode_impl<CudaKernels>(x, W, b_enc, b_dec, k, aux_k, dead, check_finite);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(

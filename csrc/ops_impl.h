@@ -2,7 +2,7 @@
 // (a backstop; aecore.ops validates first with friendly messages), output allocation,
 // the GEMMs through at::mm / at::addmm (MKL/OpenBLAS or cuBLAS) and calls into the
 // torch-free kernels. `K` is the backend (CpuKernels or CudaKernels) with static methods
-//   unit_pass<T>(UnitPass<T>), column_sums<T>(x, rows, cols, double* out),
+//   unit_pass<T>(UnitPass<T>),
 //   finalize_stats<T>(StatsFinal<T>),
 //   kl_forward<T>(h, rows, cols, rho, beta, T* mean, T* loss),
 //   kl_backward<T>(const T* grad_loss, const T* grad_mean, mean, rows, cols, rho, beta,

@@ -96,7 +96,8 @@ def test_gibbs_cuda_sampling_frequencies(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("B", "H"), [(1, 1), (33, 17), (4096, 16384)])
+# columns: none, one block's part, several blocks with a partial last one, many
+@pytest.mark.parametrize(("B", "H"), [(5, 0), (1, 1), (33, 17), (300, 600), (4096, 16384)])
 def test_kl_cuda_matches_reference(B, H, dtype):
     h = (torch.rand(B, H, dtype=dtype, device="cuda") * 0.3).requires_grad_(True)
     got = ops.kl_sparsity(h, 0.05, 2.0)

@@ -74,10 +74,6 @@ struct CpuKernels {
     cpu::unit_pass<T>(p);
   }
   template <typename T>
-  static void column_sums(const T* x, int64_t rows, int64_t cols, double* out) {
-    cpu::column_sums<T>(x, rows, cols, out);
-  }
-  template <typename T>
   static void finalize_stats(const StatsFinal<T>& f) {
     for (int64_t e = 0; e <= f.V + f.H; ++e) finalize_stats_element(f, e);
   }

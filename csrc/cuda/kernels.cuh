@@ -19,7 +19,8 @@ namespace cuda {
 // whatever order the blocks finish, so results would differ in the last bit between
 // runs, and a seeded training run would not repeat). The workspace, in doubles:
 int64_t unit_pass_workspace(int64_t rows, int64_t cols);
-int64_t column_sums_workspace(int64_t rows, int64_t cols);
+int64_t column_partials_planes(int64_t rows, int64_t cols);
+int64_t kl_forward_workspace(int64_t rows, int64_t cols);
 
 // The Gibbs unit pass (see common/unit_pass.h); `rng` and all buffers are device memory;
 // the accumulators are added to.
@@ -30,15 +31,17 @@ void unit_pass(const UnitPass<T>& p, double* workspace, cudaStream_t stream);
 template <typename T>
 void finalize_stats(const StatsFinal<T>& f, cudaStream_t stream);
 
-// out[j] += sum_i x[i, j].
+// Column sums in column_partials_planes(rows, cols) planes of `cols` doubles:
+// partial[p * cols + j] sums plane p's rows of column j (rows >= 1, cols >= 1).
 template <typename T>
-void column_sums(const T* x, int64_t rows, int64_t cols, double* out, double* workspace,
-                 cudaStream_t stream);
+void column_partials(const T* x, int64_t rows, int64_t cols, double* partial,
+                     cudaStream_t stream);
 
-// mean[j] = sums[j] / rows; loss[0] = beta * sum_j KL(rho || clamp(mean[j])).
+// mean[j] = sum_i h[i, j] / rows; loss[0] = beta * sum_j KL(rho || clamp(mean[j]));
+// rows >= 1; workspace: kl_forward_workspace(rows, cols) doubles.
 template <typename T>
-void kl_finalize(const double* sums, int64_t rows, int64_t cols, double rho, double beta, T* mean,
-                 T* loss, cudaStream_t stream);
+void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
+                T* loss, double* workspace, cudaStream_t stream);
 
 // grad[j] = (grad_loss * beta * dKL/dq(mean[j]) + grad_mean[j]) / rows: the gradient of
 // every row of h (cols values); grad_loss is a device scalar, grad_mean may be null.

@@ -58,12 +58,6 @@ struct CudaKernels {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>
-  static void column_sums(const T* x, int64_t rows, int64_t cols, double* out) {
-    at::Tensor workspace = at::empty({cuda::column_sums_workspace(rows, cols)}, doubles());
-    cuda::column_sums<T>(x, rows, cols, out, workspace.data_ptr<double>(), stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  template <typename T>
   static void finalize_stats(const StatsFinal<T>& f) {
     cuda::finalize_stats<T>(f, stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -71,9 +65,9 @@ struct CudaKernels {
   template <typename T>
   static void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
                          T* loss) {
-    at::Tensor sums = at::zeros({cols}, doubles());
-    column_sums<T>(h, rows, cols, sums.data_ptr<double>());
-    cuda::kl_finalize<T>(sums.data_ptr<double>(), rows, cols, rho, beta, mean, loss, stream());
+    at::Tensor workspace = at::empty({cuda::kl_forward_workspace(rows, cols)}, doubles());
+    cuda::kl_forward<T>(h, rows, cols, rho, beta, mean, loss, workspace.data_ptr<double>(),
+                        stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>

@@ -246,8 +246,8 @@ int64_t unit_pass_workspace(int64_t rows, int64_t cols) {
   return static_cast<int64_t>(grid.y) * (3 * cols + grid.x);
 }
 
-int64_t column_sums_workspace(int64_t rows, int64_t cols) {
-  return static_cast<int64_t>(row_grid(rows, cols).y) * cols;
+int64_t column_partials_planes(int64_t rows, int64_t cols) {
+  return static_cast<int64_t>(row_grid(rows, cols).y);
 }
 
 template <typename T>
@@ -265,12 +265,10 @@ void unit_pass(const UnitPass<T>& p, double* workspace, cudaStream_t stream) {
 }
 
 template <typename T>
-void column_sums(const T* x, int64_t rows, int64_t cols, double* out, double* workspace,
-                 cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return;
-  const dim3 grid = row_grid(rows, cols);
-  column_sums_kernel<T><<<grid, dim3(kBX, kBY), 0, stream>>>(x, rows, cols, workspace);
-  add_partials(workspace, grid.y, cols, out, stream);
+void column_partials(const T* x, int64_t rows, int64_t cols, double* partial,
+                     cudaStream_t stream) {
+  column_sums_kernel<T><<<row_grid(rows, cols), dim3(kBX, kBY), 0, stream>>>(x, rows, cols,
+                                                                            partial);
 }
 
 // The momentum update's two passes: the check clears a device flag (a benign race: every
@@ -327,10 +325,8 @@ template void unit_pass<float>(const UnitPass<float>&, double*, cudaStream_t);
 template void unit_pass<double>(const UnitPass<double>&, double*, cudaStream_t);
 template void finalize_stats<float>(const StatsFinal<float>&, cudaStream_t);
 template void finalize_stats<double>(const StatsFinal<double>&, cudaStream_t);
-template void column_sums<float>(const float*, int64_t, int64_t, double*, double*,
-                                 cudaStream_t);
-template void column_sums<double>(const double*, int64_t, int64_t, double*, double*,
-                                  cudaStream_t);
+template void column_partials<float>(const float*, int64_t, int64_t, double*, cudaStream_t);
+template void column_partials<double>(const double*, int64_t, int64_t, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace aecore

@@ -1,6 +1,8 @@
 // CUDA kernels of the sparsity penalties. KL: the forward's column sums come from
-// rbm_cuda.cu (column_sums); a one-block finalize turns them into means and the loss; the
-// backward is one write pass. Top-k: one warp per row keeps the row's running top k in a
+// rbm_cuda.cu (column_partials, a plane per block of rows); a column per thread adds its
+// planes into the mean and its KL term, each block sums its terms, and one small block
+// adds those into the loss (fixed orders: the same bits every run). The backward is one
+// write pass. Top-k: one warp per row keeps the row's running top k in a
 // shared-memory heap and a ballot over 32 columns at a time skips those that cannot
 // enter it, so the row is read once (k up to kMaxHeap; beyond, a block per row picks
 // the k entries in k rounds).
@@ -20,24 +22,47 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__global__ void kl_finalize_kernel(const double* __restrict__ sums, int64_t rows, int64_t cols,
-                                   double rho, double beta, T* __restrict__ mean,
-                                   T* __restrict__ loss) {
-  __shared__ double sh[kThreads];
-  double s = 0.0;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const double q = sums[j] / static_cast<double>(rows);
-    mean[j] = static_cast<T>(q);
-    s += kl_term(rho, q);
-  }
+// The sum of the block's kThreads values of `s` (a tree, the same order every run), in
+// thread 0.
+__device__ double block_sum(double s, double* sh) {
   sh[threadIdx.x] = s;
   __syncthreads();
   for (int w = kThreads / 2; w > 0; w /= 2) {
     if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) *loss = static_cast<T>(beta * sh[0]);
+  return sh[0];
+}
+
+// One thread per column: its planes' partial sums in plane order, the mean, and the KL
+// term; block b's terms summed into block_terms[b].
+template <typename T>
+__global__ void kl_columns_kernel(const double* __restrict__ partial, int64_t planes,
+                                  int64_t rows, int64_t cols, double rho, T* __restrict__ mean,
+                                  double* __restrict__ block_terms) {
+  __shared__ double sh[kThreads];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  double term = 0.0;
+  if (j < cols) {
+    double s = 0.0;
+    for (int64_t p = 0; p < planes; ++p) s += partial[p * cols + j];
+    const double q = s / static_cast<double>(rows);
+    mean[j] = static_cast<T>(q);
+    term = kl_term(rho, q);
+  }
+  const double total = block_sum(term, sh);
+  if (threadIdx.x == 0) block_terms[blockIdx.x] = total;
+}
+
+// One block: loss[0] = beta * the sum of the column blocks' terms.
+template <typename T>
+__global__ void kl_loss_kernel(const double* __restrict__ block_terms, int64_t blocks,
+                               double beta, T* __restrict__ loss) {
+  __shared__ double sh[kThreads];
+  double s = 0.0;
+  for (int64_t b = threadIdx.x; b < blocks; b += kThreads) s += block_terms[b];
+  const double total = block_sum(s, sh);
+  if (threadIdx.x == 0) *loss = static_cast<T>(beta * total);
 }
 
 // The gradient is constant along a column: one thread per column writes the row that
@@ -172,10 +197,24 @@ __global__ void topk_backward_kernel(const T* __restrict__ grad_out, const int64
 
 }  // namespace
 
+static int64_t kl_column_blocks(int64_t cols) { return (cols + kThreads - 1) / kThreads; }
+
+int64_t kl_forward_workspace(int64_t rows, int64_t cols) {
+  return column_partials_planes(rows, cols) * cols + kl_column_blocks(cols);
+}
+
 template <typename T>
-void kl_finalize(const double* sums, int64_t rows, int64_t cols, double rho, double beta, T* mean,
-                 T* loss, cudaStream_t stream) {
-  kl_finalize_kernel<T><<<1, kThreads, 0, stream>>>(sums, rows, cols, rho, beta, mean, loss);
+void kl_forward(const T* h, int64_t rows, int64_t cols, double rho, double beta, T* mean,
+                T* loss, double* workspace, cudaStream_t stream) {
+  const int64_t planes = column_partials_planes(rows, cols);
+  const int64_t blocks = kl_column_blocks(cols);
+  double* block_terms = workspace + planes * cols;
+  if (cols > 0) {
+    column_partials<T>(h, rows, cols, workspace, stream);
+    kl_columns_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        workspace, planes, rows, cols, rho, mean, block_terms);
+  }
+  kl_loss_kernel<T><<<1, kThreads, 0, stream>>>(block_terms, blocks, beta, loss);  // 0 if none
 }
 
 template <typename T>
@@ -208,8 +247,8 @@ void topk_backward(const T* grad_out, const int64_t* idx, int64_t rows, int64_t 
 }
 
 #define AECORE_INSTANTIATE(T)                                                                     \
-  template void kl_finalize<T>(const double*, int64_t, int64_t, double, double, T*, T*,          \
-                               cudaStream_t);                                                     \
+  template void kl_forward<T>(const T*, int64_t, int64_t, double, double, T*, T*, double*,      \
+                              cudaStream_t);                                                      \
   template void kl_backward<T>(const T*, const T*, const T*, int64_t, int64_t, double, double,  \
                                T*, cudaStream_t);                                                 \
   template void topk_forward<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t*, cudaStream_t); \

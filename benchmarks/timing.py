@@ -76,18 +76,23 @@ def time_in_turns(
     return {n: statistics.median(v) for n, v in samples.items()}, errors
 
 
-def print_profile(step, device: str, title: str, rows: int = 15) -> None:
-    """The ops of one call by self time: on CUDA, device time, which says which kernel
-    to work on next; on the CPU, CPU time."""
+def print_profile(step, device: str, title: str, rows: int = 15, calls: int = 3) -> None:
+    """The ops of ``calls`` calls by self time: on CUDA, device time, which says which
+    kernel to work on next, and then by host time, which says where a call waits or
+    launches slowly (a call that takes longer than its kernels is paying there); on the
+    CPU, CPU time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     step()  # warm
     with profile(activities=activities) as prof:
-        step()
+        for _ in range(calls):
+            step()
         if device == "cuda":
             torch.cuda.synchronize()
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of one call: {title}")
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    averages = prof.key_averages()
+    for clock in ["device", "cpu"] if device == "cuda" else ["cpu"]:
+        print(f"\nprofile of {calls} calls by {clock} time: {title}")
+        key = f"self_{clock}_time_total"
+        print(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))

@@ -320,8 +320,8 @@ def test_bench_kernels_profiles_each_fused_call(capsys, monkeypatch):
     monkeypatch.setattr(kernels, "_cases", lambda device: [kernels._case_kl(device, 16, 32)])
     assert kernels.main(["--quick", "--profile"]) == 0
     out = capsys.readouterr().out
-    assert "profile of one call: kl_sparsity fwd+bwd 16x32, fused" in out
-    assert "aecore::kl_sparsity" in out.split("profile of one call")[1]
+    assert "profile of 3 calls by cpu time: kl_sparsity fwd+bwd 16x32, fused" in out
+    assert "aecore::kl_sparsity" in out.split("profile of 3 calls")[1]
 
 
 @pytest.mark.parametrize(

@@ -463,10 +463,19 @@ READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select
 
 
 @needs_ext
-def test_a_trainer_step_of_a_topk_sae_reads_back_twice(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "settings", "per_step"),
+    [
+        ("sae-topk", {}, 2),
+        ("sae-batchtopk", {"topk_warmup": 1.0}, 2),  # each row's top k, the threshold trained
+        ("sae-batchtopk", {"topk_warmup": 0.0}, 3),  # + whether the candidates were enough
+    ],
+)
+def test_a_trainer_step_of_a_top_k_sae_reads_back_little(monkeypatch, name, settings, per_step):
     # the dead count (AuxK's width) at the start and the loss and gradient flags (one
     # number) at the end; not the encoder's NaN flag (the code turns NaN instead), the
-    # latents that fired (no boolean mask) nor the decoder rows' norm (read once)
+    # latents that fired (no boolean mask), the batch threshold's update (on the device)
+    # nor the decoder rows' norm (read once)
     from aecore.training import loop
 
     reads, encoder_calls = [], []
@@ -487,10 +496,11 @@ def test_a_trainer_step_of_a_topk_sae_reads_back_twice(monkeypatch):
             return step(self, *args)
 
     monkeypatch.setattr(loop.TrainingRun, "step", counted)
-    model = aecore.create("sae-topk", input_shape=(6,), latent_dim=16, k=2, dead_window=1)
+    model = aecore.create(name, input_shape=(6,), latent_dim=16, k=2, dead_window=1, **settings)
     aecore.Trainer(epochs=1, batch_size=10, progress=False, seed=0).fit(model, torch.randn(50, 6))
     # five steps, and the decoder rows' norm read at the first
-    assert reads.count("_local_scalar_dense") == 2 * 5 + 1 and len(reads) == 2 * 5 + 1
+    assert reads.count("_local_scalar_dense") == per_step * 5 + 1
+    assert len(reads) == per_step * 5 + 1
     assert encoder_calls and all(call == (False,) for call in encoder_calls)
 
 

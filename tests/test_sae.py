@@ -66,6 +66,13 @@ def test_batchtopk_keeps_k_per_row_on_average_and_learns_its_threshold():
     with torch.no_grad():  # evaluation never moves the threshold
         rule.train().code(torch.tensor([[9.0, 9.0, 9.0, 9.0]]))
     assert float(rule.threshold) == pytest.approx(0.5)
+    # a batch that keeps nothing (all pre-activations <= 0) leaves the estimate and its
+    # count alone; an empty batch too
+    rule.code(torch.full((2, 4), -1.0))
+    rule.code(torch.zeros(0, 4))
+    assert float(rule.threshold) == pytest.approx(0.5) and int(rule.threshold_batches) == 2
+    rule.code(torch.tensor([[2.0, 1.1, 0.0, 0.0]]))  # kept 2.0 and 1.1: a third batch
+    assert float(rule.threshold) == pytest.approx((0.3 + 0.7 + 1.1) / 3)
 
 
 def test_relu_l1_is_weighted_by_the_decoder_rows_norms():

@@ -199,16 +199,19 @@ class BatchTopK(SparsityRule):
     @torch.no_grad()
     def _update_threshold(self, values: Tensor, kept: Tensor) -> None:
         """The running estimate moved towards the smallest of ``values`` where ``kept``
-        (over every process: each calls this, kept values or not)."""
-        smallest = values[kept].min() if kept.any() else values.new_tensor(torch.inf)
+        (over every process: each calls this, kept values or not). All on the device:
+        nothing is read back (a batch that kept nothing leaves the estimate alone)."""
+        smallest = self.threshold.new_tensor(torch.inf)
+        if values.numel():
+            smallest = torch.where(kept, values, torch.inf).amin().to(smallest)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        if not bool(torch.isfinite(smallest)):
-            return
-        self.threshold_batches += 1
+        counted = torch.isfinite(smallest)
+        self.threshold_batches += counted
         # a plain mean over the first batches, then an exponential moving average
-        rate = max(1.0 / float(self.threshold_batches), self.THRESHOLD_RATE)
-        self.threshold.add_(rate * (smallest - self.threshold))
+        batches = self.threshold_batches.clamp(min=1).to(torch.float64)
+        rate = (1.0 / batches).clamp(min=self.THRESHOLD_RATE).to(smallest)
+        self.threshold.add_(torch.where(counted, rate * (smallest - self.threshold), 0.0))
 
     def thresholds(self, n: int) -> Tensor | None:
         return self.threshold.expand(n).clone()

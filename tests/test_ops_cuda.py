@@ -320,7 +320,10 @@ def test_packed_and_scalar_sae_kernels_agree(dtype, d, m):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [70, 72])  # 72 whole 16-byte packs for every dtype, 70 for float64
+# 72: whole 16-byte packs for every dtype (70 not for float64), a row held in registers by
+# one warp; 4096: by 128 (16-bit) or 256 (float32) threads; float64's 4096 and 8200: past
+# what a block holds, each row read twice
+@pytest.mark.parametrize("d", [70, 72, 4096, 8200])
 def test_decoder_row_passes_cuda_match_reference(dtype, d):
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(300, d, generator=g).to(dtype).cuda()

@@ -7,6 +7,8 @@
 //     latent (a stable sort): deterministic, no atomics.
 //   top-k merge: one warp per row holds the row's running top k as a min-heap in shared
 //     memory; a ballot over 32 columns at a time skips those that cannot enter it.
+//   row passes: a block per row holds the row in registers (rows of up to 1024 packs),
+//     so it is read once; longer rows, a warp per row reading them twice.
 // gather_sum, dots, accumulate and the decoder's row passes move packs of V adjacent
 // columns per lane: 16-byte packs where every row starts on a 16-byte boundary (d a
 // multiple of the pack, aligned tensors), single values otherwise; the same arithmetic
@@ -377,7 +379,94 @@ __global__ void row_constraint_kernel(T* target, const T* w, int64_t rows, int64
   }
 }
 
+// The same passes with each row read once: a block per row holds the row (and the
+// gradient row) in registers, up to kRowCache packs a thread, so the second half of the
+// pass writes from them instead of reading the row again. blockDim.x: a multiple of 32,
+// at most kRowThreads, times kRowCache packs covering the row.
+constexpr int kRowCache = 4;
+constexpr int kRowThreads = 256;
+
+template <typename T, int V>
+__global__ void row_constraint_cached_kernel(T* target, const T* w, int64_t d, double norm,
+                                             bool project) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sh_sq[kRowThreads / 32], sh_dp[kRowThreads / 32];
+  const int64_t r = blockIdx.x;
+  T* t = target + r * d;
+  const T* wr = w + r * d;
+  const int64_t packs = d / V;
+  Pack<T, V> wp[kRowCache], tp[kRowCache];
+  A sq = 0, dp = 0;
+#pragma unroll
+  for (int i = 0; i < kRowCache; ++i) {
+    const int64_t q = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (q >= packs) continue;
+    wp[i] = load_pack<V>(wr, q);
+    if (project) tp[i] = load_pack<V>(static_cast<const T*>(t), q);
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      sq += wp[i][u] * wp[i][u];
+      if (project) dp += tp[i][u] * wp[i][u];
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    dp += __shfl_xor_sync(0xffffffffu, dp, off);
+  }
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    sh_sq[warp] = sq;
+    sh_dp[warp] = dp;
+  }
+  __syncthreads();
+  sq = 0;
+  dp = 0;
+  for (int k = 0; k < warps; ++k) {  // every thread adds the warps' sums in one order
+    sq += sh_sq[k];
+    dp += sh_dp[k];
+  }
+  if (!(sq > A(0))) return;  // a row of zeros is left alone (the same for every thread)
+  const A coef = project ? dp / sq : static_cast<A>(norm) / sqrt(sq);
+#pragma unroll
+  for (int i = 0; i < kRowCache; ++i) {
+    const int64_t q = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (q >= packs) continue;
+    Pack<T, V> out;
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      out.set(u, project ? tp[i][u] - coef * wp[i][u] : wp[i][u] * coef);
+    }
+    store_pack<V>(t, q, out);
+  }
+}
+
 unsigned blocks(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+// Threads a row for the cached pass (0: the row is too long for it), a multiple of 32.
+template <typename T>
+int cached_row_threads(int64_t d) {
+  const int64_t packs = d / kWide<T>;
+  const int64_t threads = (packs + kRowCache - 1) / kRowCache;
+  if (threads > kRowThreads) return 0;
+  return static_cast<int>(threads < 32 ? 32 : (threads + 31) / 32 * 32);
+}
+
+// remove_parallel_ (project: target the gradient) or set_row_norms_ (target == w).
+template <typename T>
+void row_constraint(T* target, const T* w, int64_t rows, int64_t d, double norm, bool project,
+                    cudaStream_t stream) {
+  if (rows == 0 || d == 0) return;
+  const bool packed = project ? packs_fit<T>(d, {target, w}) : packs_fit<T>(d, {w});
+  const int threads = packed ? cached_row_threads<T>(d) : 0;
+  if (threads > 0) {
+    row_constraint_cached_kernel<T, kWide<T>><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        target, w, d, norm, project);
+    return;
+  }
+  const auto kernel = packed ? row_constraint_kernel<T, kWide<T>> : row_constraint_kernel<T, 1>;
+  kernel<<<blocks(rows * 32, 256), 256, 0, stream>>>(target, w, rows, d, norm, project);
+}
+
 
 }  // namespace
 
@@ -440,18 +529,12 @@ void sae_heap_finish(int64_t rows, int64_t k, typename AccOf<T>::type* heap_v, i
 
 template <typename T>
 void sae_remove_parallel(T* grad, const T* w, int64_t rows, int64_t d, cudaStream_t stream) {
-  if (rows == 0 || d == 0) return;
-  const auto kernel = packs_fit<T>(d, {grad, w}) ? row_constraint_kernel<T, kWide<T>>
-                                                 : row_constraint_kernel<T, 1>;
-  kernel<<<blocks(rows * 32, 256), 256, 0, stream>>>(grad, w, rows, d, 0.0, true);
+  row_constraint<T>(grad, w, rows, d, 0.0, true, stream);
 }
 
 template <typename T>
 void sae_set_row_norms(T* w, int64_t rows, int64_t d, double norm, cudaStream_t stream) {
-  if (rows == 0 || d == 0) return;
-  const auto kernel = packs_fit<T>(d, {w}) ? row_constraint_kernel<T, kWide<T>>
-                                           : row_constraint_kernel<T, 1>;
-  kernel<<<blocks(rows * 32, 256), 256, 0, stream>>>(w, w, rows, d, norm, false);
+  row_constraint<T>(w, w, rows, d, norm, false, stream);
 }
 
 #define AECORE_SAE_INSTANTIATE(T)                                                               \

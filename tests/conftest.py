@@ -31,3 +31,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def step_ops(monkeypatch):
+    """The ops every trainer step dispatches, as ``(name, args)`` in order: what a step
+    reads back from the device (``_local_scalar_dense``, ``nonzero``) shows there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aecore.training import loop
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func.__name__.split(".")[0], args))
+            return func(*args, **(kwargs or {}))
+
+    step = loop.TrainingRun.step
+
+    def recorded(self, *args):
+        with Record():
+            return step(self, *args)
+
+    monkeypatch.setattr(loop.TrainingRun, "step", recorded)
+    return seen

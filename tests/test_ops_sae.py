@@ -471,36 +471,18 @@ READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select
         ("sae-batchtopk", {"topk_warmup": 0.0}, 3),  # + whether the candidates were enough
     ],
 )
-def test_a_trainer_step_of_a_top_k_sae_reads_back_little(monkeypatch, name, settings, per_step):
+def test_a_trainer_step_of_a_top_k_sae_reads_back_little(step_ops, name, settings, per_step):
     # the dead count (AuxK's width) at the start and the loss and gradient flags (one
     # number) at the end; not the encoder's NaN flag (the code turns NaN instead), the
     # latents that fired (no boolean mask), the batch threshold's update (on the device)
     # nor the decoder rows' norm (read once)
-    from aecore.training import loop
-
-    reads, encoder_calls = [], []
-
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name in READS:
-                reads.append(name)
-            if name == "topk_encode":
-                encoder_calls.append(args[7:])
-            return func(*args, **(kwargs or {}))
-
-    step = loop.TrainingRun.step
-
-    def counted(self, *args):
-        with Reads():
-            return step(self, *args)
-
-    monkeypatch.setattr(loop.TrainingRun, "step", counted)
     model = aecore.create(name, input_shape=(6,), latent_dim=16, k=2, dead_window=1, **settings)
     aecore.Trainer(epochs=1, batch_size=10, progress=False, seed=0).fit(model, torch.randn(50, 6))
+    reads = [op for op, _ in step_ops if op in READS]
     # five steps, and the decoder rows' norm read at the first
     assert reads.count("_local_scalar_dense") == per_step * 5 + 1
     assert len(reads) == per_step * 5 + 1
+    encoder_calls = [args[7:] for op, args in step_ops if op == "topk_encode"]
     assert encoder_calls and all(call == (False,) for call in encoder_calls)
 
 

@@ -96,8 +96,12 @@ def test_gibbs_cuda_sampling_frequencies(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-# columns: none, one block's part, several blocks with a partial last one, many
-@pytest.mark.parametrize(("B", "H"), [(5, 0), (1, 1), (33, 17), (300, 600), (4096, 16384)])
+# columns: none, one block's part, several blocks with a partial last one, many; 5000
+# rows: row blocks taking four rows at a time and a tail; 70000 columns: more column
+# blocks than the loss kernel's threads
+@pytest.mark.parametrize(
+    ("B", "H"), [(5, 0), (1, 1), (33, 17), (300, 600), (5000, 300), (2, 70000), (4096, 16384)]
+)
 def test_kl_cuda_matches_reference(B, H, dtype):
     h = (torch.rand(B, H, dtype=dtype, device="cuda") * 0.3).requires_grad_(True)
     got = ops.kl_sparsity(h, 0.05, 2.0)
@@ -320,10 +324,10 @@ def test_packed_and_scalar_sae_kernels_agree(dtype, d, m):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
-# 72: whole 16-byte packs for every dtype (70 not for float64), a row held in registers by
-# one warp; 4096: by 128 (16-bit) or 256 (float32) threads; float64's 4096 and 8200: past
-# what a block holds, each row read twice
-@pytest.mark.parametrize("d", [70, 72, 4096, 8200])
+# 70: single values (float64 aside); 72: 16-byte packs, a warp per row; 1040: a block of
+# 64 to 160 threads holds each row, the last slots part filled; 4096: 128 to 256 threads
+# (float64: past a block); 8192: 16-bit rows at the block's limit; 8200: past it for all
+@pytest.mark.parametrize("d", [70, 72, 1040, 4096, 8192, 8200])
 def test_decoder_row_passes_cuda_match_reference(dtype, d):
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(300, d, generator=g).to(dtype).cuda()

@@ -7,14 +7,16 @@
 //     latent (a stable sort): deterministic, no atomics.
 //   top-k merge: one warp per row holds the row's running top k as a min-heap in shared
 //     memory; a ballot over 32 columns at a time skips those that cannot enter it.
-//   row passes: a block per row holds the row in registers (rows of up to 1024 packs),
-//     so it is read once; longer rows, a warp per row reading them twice.
+//   row passes: a block per row holds the row in registers (rows of 129 to 1024 packs),
+//     so it is read once; other rows, a warp per row reading them twice.
 // gather_sum, dots, accumulate and the decoder's row passes move packs of V adjacent
 // columns per lane: 16-byte packs where every row starts on a 16-byte boundary (d a
 // multiple of the pack, aligned tensors), single values otherwise; the same arithmetic
-// in the same order either way.
+// in the same order either way, except the row passes' block-per-row kernel (its sums
+// agree to rounding).
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <initializer_list>
 
@@ -387,7 +389,7 @@ constexpr int kRowCache = 4;
 constexpr int kRowThreads = 256;
 
 template <typename T, int V>
-__global__ void row_constraint_cached_kernel(T* target, const T* w, int64_t d, double norm,
+__global__ void __launch_bounds__(kRowThreads) row_constraint_cached_kernel(T* target, const T* w, int64_t d, double norm,
                                              bool project) {
   using A = typename AccOf<T>::type;
   __shared__ A sh_sq[kRowThreads / 32], sh_dp[kRowThreads / 32];
@@ -442,13 +444,15 @@ __global__ void row_constraint_cached_kernel(T* target, const T* w, int64_t d, d
 
 unsigned blocks(int64_t n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
 
-// Threads a row for the cached pass (0: the row is too long for it), a multiple of 32.
+// Threads a row for the cached pass, a multiple of 32; 0 where the warp kernel serves
+// better: a row too long for a block, or one a warp covers (a block per row of one warp
+// would halve the resident rows, and a short row's second read hits the cache anyway).
 template <typename T>
 int cached_row_threads(int64_t d) {
   const int64_t packs = d / kWide<T>;
   const int64_t threads = (packs + kRowCache - 1) / kRowCache;
-  if (threads > kRowThreads) return 0;
-  return static_cast<int>(threads < 32 ? 32 : (threads + 31) / 32 * 32);
+  if (threads > kRowThreads || threads <= 32) return 0;
+  return static_cast<int>((threads + 31) / 32 * 32);
 }
 
 // remove_parallel_ (project: target the gradient) or set_row_norms_ (target == w).
@@ -458,7 +462,7 @@ void row_constraint(T* target, const T* w, int64_t rows, int64_t d, double norm,
   if (rows == 0 || d == 0) return;
   const bool packed = project ? packs_fit<T>(d, {target, w}) : packs_fit<T>(d, {w});
   const int threads = packed ? cached_row_threads<T>(d) : 0;
-  if (threads > 0) {
+  if (threads > 0 && rows <= INT_MAX) {  // a block per row: the grid's x limit
     row_constraint_cached_kernel<T, kWide<T>><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         target, w, d, norm, project);
     return;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aecore.data import prepare
@@ -30,14 +30,17 @@ def _x(n=64, d=50, seed=0):
 
 @settings(max_examples=25, deadline=None)
 @given(p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@example(p=1.1754943508222875e-38, seed=29409)  # one element masked at a p of 1e-38
 def test_masking_zeroes_a_fraction_p_and_keeps_the_rest(p, seed):
     x = _x(seed=seed) + 0.5  # no zeros of its own
     y = corrupt(x, "masking", p=p, generator=torch.Generator().manual_seed(seed))
     masked = y == 0
     assert torch.equal(y[~masked], x[~masked])
-    # 3200 Bernoulli(p) draws: the rate is within 5 standard deviations of p
+    # 3200 Bernoulli(p) draws: the rate is within 5 standard deviations of p, give or
+    # take a few draws: torch.rand's float32 steps of 2**-24 include 0, so even p=1e-38
+    # hits one element in 2**24 (a 5-sd band is no bound for such rare counts)
     sd = (p * (1 - p) / x.numel()) ** 0.5
-    assert abs(float(masked.float().mean()) - p) <= 5 * sd + 1e-9
+    assert abs(float(masked.float().mean()) - p) <= 5 * sd + 3 / x.numel()
 
 
 @settings(max_examples=25, deadline=None)
@@ -50,7 +53,7 @@ def test_salt_pepper_sets_extremes_at_rate_p(p, seed):
     sd = (p * (1 - p) / x.numel()) ** 0.5
     # an element already at an extreme can be "hit" without changing: at most 2 of them
     rate = float(changed.double().mean())  # float32 would round p=1's 3198/3200 below
-    assert rate <= p + 5 * sd + 1e-9
+    assert rate <= p + 5 * sd + 3 / x.numel()  # rare hits at tiny p (see masking's test)
     assert rate >= p - 5 * sd - 2 / x.numel() - 1e-12
 
 

@@ -28,11 +28,6 @@ from torch import Tensor, nn
 
 from aecore import ops
 
-# a NaN pre-activation makes the training code NaN rather than raising mid-step: the loss
-# is then NaN, and the trainer's one finiteness check a step reports it (a raise would
-# read a flag back from the device, a second wait each step on CUDA)
-NO_READ = {"check_finite": False}
-
 
 class SparsityRule(nn.Module, abc.ABC):
     """Pre-activations (B, n) -> code (B, n), and the rule's penalty terms."""
@@ -64,7 +59,12 @@ class SparsityRule(nn.Module, abc.ABC):
         k = self.row_k()
         if k is None:
             return None
-        return ops.topk_encode(xs, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead, **NO_READ)
+        # check_finite=False: a NaN pre-activation makes the code NaN rather than raising
+        # mid-step (a flag read back, a wait on CUDA); the NaN loss that follows is what
+        # the trainer's one finiteness check a step reports
+        return ops.topk_encode(
+            xs, W_enc, b_enc, b_dec, k, aux_k=aux_k, dead=dead, check_finite=False
+        )
 
     def penalty(self, code: Tensor, pre: Tensor, decoder_norms: Tensor) -> dict[str, Tensor]:
         """Named loss terms (each already weighted) that the model adds to its loss."""
@@ -175,8 +175,8 @@ class BatchTopK(SparsityRule):
         # that it would build the (B, n) matrix; fewer only makes truncation likelier
         m = min(n, max(self.k, min(self.SPARSE_CANDIDATES * self.k, ops.topk_encode_max_k(xs))))
         values, indices, *aux_code = ops.topk_encode(
-            xs, W_enc, b_enc, b_dec, m, aux_k=aux_k, dead=dead, **NO_READ
-        )
+            xs, W_enc, b_enc, b_dec, m, aux_k=aux_k, dead=dead, check_finite=False
+        )  # NaN codes for NaN pre-activations, as above
         cut = _batch_threshold(values, self.k * _global_rows(len(xs), xs.device))
         if warm:  # the batch rule's cut (from the candidates) trains the threshold still
             self._update_threshold(values.detach(), (values.detach() >= cut) & (values > 0))

@@ -29,6 +29,7 @@ from aecore import ops, params, plots
 from aecore.base import Autoencoder
 from aecore.config import DemoRecipe
 from aecore.errors import ConfigError, DataError, TrainingError
+from aecore.host_values import host_value, note_host_value
 from aecore.layers import flatten
 
 UNITS = ("bernoulli", "gaussian")
@@ -315,15 +316,19 @@ class RBM(Autoencoder):
         chain = None
         units = {"visible": self.visible, "hidden": self.hidden}
         if self.persistent:
-            if not bool(self.chain_started):
+            if not host_value(self, "chain_started", bool):
                 # start the fantasy particles at the first batch's hidden states
                 start = ops.gibbs_chain(v, self.W, self.b_v, self.b_h, **units).h0
                 self.chain.copy_(start[torch.arange(self.chains) % len(v)])
                 self.chain_started.fill_(True)
+                note_host_value(self, "chain_started", True)
             chain = self.chain
         if momentum is None:
-            warm = int(self.updates) < self.momentum_warmup
-            momentum = self.initial_momentum if warm else self.momentum
+            momentum = self.momentum
+            if self.momentum_warmup and self.initial_momentum != self.momentum:
+                updates = host_value(self, "updates", int)
+                if updates < self.momentum_warmup:
+                    momentum = self.initial_momentum
         else:  # as the constructor checks its momenta: 1 or more diverges
             momentum = params.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         # the CD statistics, then velocity = momentum * velocity + lr * (gradient -
@@ -340,7 +345,9 @@ class RBM(Autoencoder):
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
                 f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
             )
+        updates = host_value(self, "updates", int)  # cached: no wait for the device
         self.updates.add_(1)
+        note_host_value(self, "updates", updates + 1)
         # CD: the chain's reconstruction; PCD: the mean-field one (see ops.CDStats)
         return {"loss": recon / v.shape[1]}
 

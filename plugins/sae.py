@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from aecore import ops, params
 from aecore.base import Autoencoder
 from aecore.errors import ConfigError, ShapeError
+from aecore.host_values import host_value
 from aecore.sae import rules
 from aecore.sae.loss import sae_loss
 from aecore.sae.recipe import (
@@ -204,15 +205,8 @@ class SparseDictionary(Autoencoder):
         self.firing.commit(self.since_fired)
 
     def _decoder_row_norm(self) -> float:
-        """``decoder_row_norm`` as a float, read from the buffer only when it changed (a
-        read waits for the device: on CUDA, every step would wait for its optimizer).
-        A new buffer (``.to``, loading) or an in-place change (its version) reads again."""
-        buffer = self.decoder_row_norm
-        seen = self.__dict__.get("_row_norm_seen")
-        if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
-            seen = (buffer, buffer._version, float(buffer))
-            self.__dict__["_row_norm_seen"] = seen
-        return seen[2]
+        # read once, not every step: a read waits for the device (for the optimizer, on CUDA)
+        return host_value(self, "decoder_row_norm", float)
 
     # -- the model ------------------------------------------------------------------------
     def _scaled(self, x: Tensor) -> Tensor:

@@ -56,3 +56,13 @@ def step_ops(monkeypatch):
 
     monkeypatch.setattr(loop.TrainingRun, "step", recorded)
     return seen
+
+
+# ops whose result the host reads (each waits for the device on CUDA)
+READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique")
+
+
+@pytest.fixture
+def step_reads(step_ops):
+    """A call listing, in order, the ops in ``step_ops`` that read a result back."""
+    return lambda: [op for op, _ in step_ops if op in READS]

@@ -458,10 +458,6 @@ def test_the_models_step_reads_back_only_its_dead_count():
         ops.sparse_decode(values, bad, W, b, check_indices=False)
 
 
-# ops whose result the host reads (each waits for the device on CUDA)
-READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique")
-
-
 @needs_ext
 @pytest.mark.parametrize(
     ("name", "settings", "per_step"),
@@ -471,14 +467,16 @@ READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select
         ("sae-batchtopk", {"topk_warmup": 0.0}, 3),  # + whether the candidates were enough
     ],
 )
-def test_a_trainer_step_of_a_top_k_sae_reads_back_little(step_ops, name, settings, per_step):
+def test_a_trainer_step_of_a_top_k_sae_reads_back_little(
+    step_ops, step_reads, name, settings, per_step
+):
     # the dead count (AuxK's width) at the start and the loss and gradient flags (one
     # number) at the end; not the encoder's NaN flag (the code turns NaN instead), the
     # latents that fired (no boolean mask), the batch threshold's update (on the device)
     # nor the decoder rows' norm (read once)
     model = aecore.create(name, input_shape=(6,), latent_dim=16, k=2, dead_window=1, **settings)
     aecore.Trainer(epochs=1, batch_size=10, progress=False, seed=0).fit(model, torch.randn(50, 6))
-    reads = [op for op, _ in step_ops if op in READS]
+    reads = step_reads()
     # five steps, and the decoder rows' norm read at the first
     assert reads.count("_local_scalar_dense") == per_step * 5 + 1
     assert len(reads) == per_step * 5 + 1

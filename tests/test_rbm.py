@@ -388,3 +388,33 @@ def test_estimators_scaling_pixel_counts_themselves_do_not_warn_of_grey_values()
     strict = AnomalyDetector("rbm", epochs=1, random_state=0, strict=True)
     with pytest.raises(DataError, match="binary"):
         strict.fit(counts)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_trainer_step_reads_back_one_number(step_ops, step_reads, persistent):
+    # whether the step applied (a refused one must stop the run at once); not the update
+    # count for the momentum schedule nor whether the PCD chain started, which the model
+    # keeps on the host as it changes them
+    pytest.importorskip("aecore._C")
+    schema = torch.ops.aecore.cd_update_.default._schema
+    at = [a.name for a in schema.arguments].index("momentum")
+
+    def momenta():
+        return [args[at] for op, args in step_ops if op == "cd_update_"]
+
+    binary = (torch.rand(50, 6, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    rbm = RBM(input_shape=(6,), latent_dim=3, persistent=persistent, momentum_warmup=3)
+    fit = Trainer(epochs=1, batch_size=10, val_fraction=0.0, progress=False, seed=0).fit
+    fit(rbm, binary)
+    assert momenta() == [0.5, 0.5, 0.5, 0.9, 0.9]
+    # five steps; the first reads the count and the chain's flag once
+    assert len(step_reads()) == 5 + 1 + persistent
+    # a loaded model (a new version of its buffers) reads its count again
+    twin = RBM(input_shape=(6,), latent_dim=3, persistent=persistent, momentum_warmup=3)
+    with torch.no_grad():
+        rbm.updates.fill_(1)
+    twin.load_state_dict(rbm.state_dict())
+    step_ops.clear()
+    fit(twin, binary)
+    assert momenta() == [0.5, 0.5, 0.9, 0.9, 0.9]
+    assert len(step_reads()) == 5 + 1 + persistent

@@ -1,0 +1,42 @@
+"""Host copies of a module's scalar buffers, read from the device only when they change.
+
+Reading a tensor's value on the host waits for the device: on CUDA, a training step
+that reads a counter or flag each time waits for everything queued before it. A buffer
+whose identity (``.to``, loading) and version (any in-place change) match the last read
+still holds the value that read saw, so it is served from the cache; a step that changes
+the buffer itself records the new value, so the next read needs no wait either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+_CACHE = "_host_values"
+
+
+def _key(buffer: Tensor) -> tuple[Tensor, int] | None:
+    # inference tensors keep no version counter: nothing can tell they are unchanged
+    return None if buffer.is_inference() else (buffer, buffer._version)
+
+
+def host_value(module: nn.Module, name: str, cast: Callable[[Tensor], Any]) -> Any:
+    """``cast(buffer)`` for ``module``'s buffer ``name``, read again only if it changed."""
+    buffer = getattr(module, name)
+    key = _key(buffer)
+    seen = module.__dict__.setdefault(_CACHE, {}).get(name)
+    if key is None or seen is None or seen[0] is not key[0] or seen[1] != key[1]:
+        value = cast(buffer)
+        if key is not None:
+            module.__dict__[_CACHE][name] = (*key, value)
+        return value
+    return seen[2]
+
+
+def note_host_value(module: nn.Module, name: str, value: Any) -> None:
+    """Record ``value`` as the host copy of buffer ``name`` just after changing it."""
+    key = _key(getattr(module, name))
+    if key is not None:
+        module.__dict__.setdefault(_CACHE, {})[name] = (*key, value)

@@ -4,7 +4,7 @@ Reading a tensor's value on the host waits for the device: on CUDA, a training s
 that reads a counter or flag each time waits for everything queued before it. A buffer
 whose identity (``.to``, loading) and version (any in-place change) match the last read
 still holds the value that read saw, so it is served from the cache; a step that changes
-the buffer itself records the new value, so the next read needs no wait either.
+the buffer through ``fill_buffer`` records the new value, so the next read needs no wait either.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def host_value(module: nn.Module, name: str, cast: Callable[[Tensor], Any]) -> A
     return seen[2]
 
 
-def note_host_value(module: nn.Module, name: str, value: Any) -> None:
-    """Record ``value`` as the host copy of buffer ``name`` just after changing it."""
-    key = _key(getattr(module, name))
+def fill_buffer(module: nn.Module, name: str, value: Any) -> None:
+    """Set ``module``'s scalar buffer ``name`` to ``value`` and keep it as the host copy."""
+    buffer = getattr(module, name)
+    buffer.fill_(value)  # a host scalar: the device is not waited for
+    key = _key(buffer)
     if key is not None:
         module.__dict__.setdefault(_CACHE, {})[name] = (*key, value)

@@ -29,7 +29,7 @@ from aecore import ops, params, plots
 from aecore.base import Autoencoder
 from aecore.config import DemoRecipe
 from aecore.errors import ConfigError, DataError, TrainingError
-from aecore.host_values import host_value, note_host_value
+from aecore.host_values import fill_buffer, host_value
 from aecore.layers import flatten
 
 UNITS = ("bernoulli", "gaussian")
@@ -320,15 +320,11 @@ class RBM(Autoencoder):
                 # start the fantasy particles at the first batch's hidden states
                 start = ops.gibbs_chain(v, self.W, self.b_v, self.b_h, **units).h0
                 self.chain.copy_(start[torch.arange(self.chains) % len(v)])
-                self.chain_started.fill_(True)
-                note_host_value(self, "chain_started", True)
+                fill_buffer(self, "chain_started", True)
             chain = self.chain
         if momentum is None:
-            momentum = self.momentum
-            if self.momentum_warmup and self.initial_momentum != self.momentum:
-                updates = host_value(self, "updates", int)
-                if updates < self.momentum_warmup:
-                    momentum = self.initial_momentum
+            warm = self.momentum_warmup and host_value(self, "updates", int) < self.momentum_warmup
+            momentum = self.initial_momentum if warm else self.momentum
         else:  # as the constructor checks its momenta: 1 or more diverges
             momentum = params.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         # the CD statistics, then velocity = momentum * velocity + lr * (gradient -
@@ -345,9 +341,7 @@ class RBM(Autoencoder):
                 f"non-finite CD statistics after {int(self.updates)} updates; lower lr "
                 f"(now {self.lr:g}); Gaussian units need a rate 10-100x smaller than binary ones"
             )
-        updates = host_value(self, "updates", int)  # cached: no wait for the device
-        self.updates.add_(1)
-        note_host_value(self, "updates", updates + 1)
+        fill_buffer(self, "updates", host_value(self, "updates", int) + 1)  # no device wait
         # CD: the chain's reconstruction; PCD: the mean-field one (see ops.CDStats)
         return {"loss": recon / v.shape[1]}
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from aecore.host_values import host_value, note_host_value
+from aecore.host_values import fill_buffer, host_value
 
 
 def counted(module):
@@ -27,12 +27,11 @@ def test_a_buffer_is_read_again_only_when_it_changed():
     assert (value(), len(reads)) == (9, 4)
 
 
-def test_a_noted_value_is_served_without_a_read_until_the_buffer_changes_again():
+def test_a_filled_value_is_served_without_a_read_until_the_buffer_changes_again():
     module = nn.Module()
     module.register_buffer("count", torch.tensor(0))
     value, reads = counted(module)
-    module.count.add_(1)
-    note_host_value(module, "count", 1)
+    fill_buffer(module, "count", 1)
     assert (value(), len(reads)) == (1, 0)
     module.count.add_(1)  # changed after the note
     assert (value(), len(reads)) == (2, 1)
@@ -43,5 +42,6 @@ def test_inference_tensors_are_always_read():
         module = nn.Module()
         module.register_buffer("count", torch.tensor(4))
     value, reads = counted(module)
-    note_host_value(module, "count", 99)  # no version to trust: ignored
-    assert (value(), value(), len(reads)) == (4, 4, 2)
+    with torch.inference_mode():
+        fill_buffer(module, "count", 5)  # no version to trust: not kept
+    assert (value(), value(), len(reads)) == (5, 5, 2)

@@ -244,6 +244,25 @@ static void test_kl_dtype() {
         loss, want);
 }
 
+template <typename T>
+static void test_column_sums() {
+  // row blocks with a tail (70 = 32 + 32 + 6 rows: the four-row adds and the single ones),
+  // two column tiles, the second partial; added to what out already holds
+  const int64_t rows = 70, cols = cpu::detail::kColumnTile + 37;
+  std::vector<T> x(rows * cols);
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<double> ud(-1.0, 1.0);
+  for (auto& e : x) e = static_cast<T>(ud(gen));
+  std::vector<double> out(cols, 1.0);
+  cpu::column_sums(x.data(), rows, cols, out.data());
+  for (int64_t j = 0; j < cols; ++j) {
+    double want = 1.0;
+    for (int64_t i = 0; i < rows; ++i) want += static_cast<double>(x[i * cols + j]);
+    CHECK(std::abs(out[j] - want) < (sizeof(T) == 4 ? 1e-4 : 1e-12), "column %ld: %.9g vs %.9g",
+          (long)j, out[j], want);
+  }
+}
+
 static void test_kl() {
   const int64_t rows = 37, cols = 5;
   std::vector<double> h(rows * cols), mean(cols), grad(rows * cols), gmean(cols, 0.25);
@@ -346,6 +365,8 @@ int main() {
   test_log_approx();
   test_kl_dtype<float>();
   test_kl_dtype<double>();
+  test_column_sums<float>();
+  test_column_sums<double>();
   test_kl();
   test_topk();
   test_topk_filter_vs_heap<float>();

@@ -265,6 +265,9 @@ def test_sae_metrics_of_the_true_dictionary():
     assert out["dead"] == 0 and out["dead_fraction"] == 0.0
     assert out["shrinkage"] == pytest.approx(1.0, abs=1e-4)
     assert out["shrinkage_centered"] == pytest.approx(1.0, abs=1e-4)
+    # a tensor of the same rows (whose ``indices`` is a sparse-tensor method, not rows)
+    as_tensor = sae_metrics(model, torch.as_tensor(x), truth=TRUTH, batch_size=700)
+    assert as_tensor["mcc"] == pytest.approx(out["mcc"], abs=1e-6)
 
 
 def test_sae_metrics_on_a_prepared_split_and_with_dead_latents():

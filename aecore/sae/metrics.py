@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from aecore.base import eval_mode
+from aecore.data.split import ArrayView
 from aecore.errors import ConfigError, ShapeError
 
 if TYPE_CHECKING:
@@ -338,7 +339,9 @@ def sae_metrics(
     if n == 0:
         raise ShapeError("x: no rows to evaluate")
     if truth is not None:
-        rows = np.asarray(getattr(x, "indices", np.arange(n)) if rows is None else rows)
+        if rows is None:  # a tensor's ``indices`` is a method (of sparse tensors), not rows
+            rows = x.indices if isinstance(x, ArrayView) else np.arange(n)
+        rows = np.asarray(rows)
         if rows.shape != (n,):
             raise ShapeError(f"rows: expected {n} stream positions, one per row; got {rows.shape}")
         learned = _dictionary(model, dictionary, truth.d)

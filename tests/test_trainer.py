@@ -186,6 +186,25 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_weights():
     assert all(torch.isfinite(v).all() for v in weights(model).values())
 
 
+def test_non_finite_rows_a_loader_streams_are_named_not_blamed_on_scale(monkeypatch):
+    from aecore.training import loop
+
+    bad = torch.from_numpy(X.copy())
+    bad[70, 4] = float("inf")
+    loader = DataLoader(TensorDataset(bad), batch_size=30)
+    fit = Trainer(epochs=1, val_fraction=0.0, progress=False, device="cpu").fit
+    # in the rows the start samples: refused before the data-dependent start reads them
+    model = make()
+    with pytest.raises(DataError, match=r"inf at row 70 of the first epoch's order, feature 4"):
+        fit(model, loader)
+    assert not model.data_initialised
+    assert all(torch.isfinite(v).all() for v in weights(model).values())
+    # past them: the step's loss turns non-finite, and the message names the rows
+    monkeypatch.setattr(loop, "INIT_ROWS", 30)
+    with pytest.raises(TrainingError, match=r"holds NaN or infinite values \(inf at row 10 of"):
+        fit(make(), loader)
+
+
 def test_grad_clip_bounds_the_update():
     model = make(init="random")  # no data-dependent init between the snapshot and the step
     before = weights(model)

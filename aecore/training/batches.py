@@ -235,6 +235,19 @@ class Batches:
                 )
 
 
+def first_non_finite(x: torch.Tensor, rows: str, first: int = 0) -> str | None:
+    """Where ``x``'s first NaN or infinity lies ("inf at row 3 of {rows}, feature 5 (2 in
+    its batch)", ``x``'s rows numbered from ``first``), or None where every value
+    is finite. Reads back from the device: for messages."""
+    bad = ~torch.isfinite(x.flatten(1))
+    count = int(bad.sum())
+    if count == 0:
+        return None
+    row, feature = (int(i) for i in bad.nonzero()[0])
+    value = float(x.flatten(1)[row, feature])
+    return f"{value} at row {first + row} of {rows}, feature {feature} ({count} in its batch)"
+
+
 def _first_tensor(batch: Any) -> torch.Tensor:
     """A (x, y) batch from a labelled Dataset trains on x."""
     if isinstance(batch, (list, tuple)):

@@ -13,7 +13,7 @@ import torch
 
 from aecore.errors import DataError, ShapeError, TrainingInterrupted
 from aecore.training import checkpoint
-from aecore.training.batches import Batches
+from aecore.training.batches import Batches, first_non_finite
 from aecore.training.distributed import DistContext, check_distributed, distributed_loss
 from aecore.training.evaluation import (
     check_in_input_range,
@@ -286,7 +286,9 @@ class TrainingRun:
             lbfgs_step(self.model, self.optimizer, lambda: self.loss_fn(x)["loss"], scale, where)
         else:
             grad_clip = self.config.grad_clip
-            gradient_step(self.model, self.optimizer, terms["loss"], scale, grad_clip, where)
+            gradient_step(
+                self.model, self.optimizer, terms["loss"], scale, grad_clip, where, batch=x
+            )
         return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
 
     def _progress(self) -> float:
@@ -335,7 +337,13 @@ class TrainingRun:
         every process."""
         xs, seen = [], 0
         for x in self.init_data.epoch(0):
-            xs.append(x.to(input_dtype(self.model)))
+            x = x.to(input_dtype(self.model))
+            # a loader's rows are not checked up front: a NaN here would pass into the
+            # data-dependent start (and the start's loss) before any step could see it
+            bad = first_non_finite(x, "the first epoch's order", first=seen)
+            if bad is not None:
+                raise DataError(f"data: {bad}; clean or impute the data first")
+            xs.append(x)
             seen += len(x)
             if seen >= INIT_ROWS:
                 break

@@ -10,6 +10,7 @@ import torch
 
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, NonFiniteError, TrainingError
+from aecore.training.batches import first_non_finite
 from aecore.training.evaluation import loss_terms
 from aecore.training.state import StepPlace
 
@@ -81,12 +82,16 @@ def finite_loss_terms(
         what = f"{refused}" if refused is not None else f"non-finite loss ({loss.item()})"
         raise TrainingError(
             f"{what} at {where}; the model keeps the weights from before this step. "
-            f"{_remedy(where)}"
+            f"{_remedy(where, x)}"
         )
     return terms
 
 
-def _remedy(where: StepPlace) -> str:
+def _remedy(where: StepPlace, batch: torch.Tensor | None) -> str:
+    floats = batch is not None and batch.is_floating_point()
+    bad = first_non_finite(batch, "the batch") if floats else None
+    if bad is not None:  # the rows, not the model: data a loader streams is unchecked
+        return f"The data holds NaN or infinite values ({bad}); clean or impute them first."
     if where.step == 1:  # no step taken yet: no step size to blame
         return (
             "At the first step this is the data's scale, not the step size: normalise the "
@@ -96,7 +101,13 @@ def _remedy(where: StepPlace) -> str:
 
 
 def gradient_step(
-    model, optimizer, loss: torch.Tensor, scale: float, grad_clip: float | None, where: StepPlace
+    model,
+    optimizer,
+    loss: torch.Tensor,
+    scale: float,
+    grad_clip: float | None,
+    where: StepPlace,
+    batch: torch.Tensor | None = None,
 ) -> None:
     """Backpropagate ``loss * scale`` and step, unless the loss or the gradient is not
     finite: both are read back from the device at once, the step's one wait for it."""
@@ -115,7 +126,7 @@ def gradient_step(
         what = f"non-finite loss ({loss.item()})" if loss_bad else "non-finite gradient"
         raise TrainingError(
             f"{what} at {where}; the model keeps the weights from before this step. "
-            f"{_remedy(where)}"
+            f"{_remedy(where, batch)}"
         )
     if grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(

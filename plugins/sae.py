@@ -90,9 +90,11 @@ class SparseDictionary(Autoencoder):
         self.b_dec_init = params.choice("b_dec_init", b_dec_init, B_DEC_INITS)
         self.tied_init = params.flag("tied_init", tied_init)
         self.unit_decoder = params.flag("unit_decoder", unit_decoder)
-        if aux_k == "auto":
-            aux_k = max(1, d // 2)
-        self.aux_k = params.integer("aux_k", aux_k, low=1)
+        auto_aux_k = max(1, min(n, d // 2))
+        # more than the latents would rank the same dead latents: refused as k is
+        self.aux_k = params.integer(
+            "aux_k", auto_aux_k if aux_k == "auto" else aux_k, low=1, high=n
+        )
         self.aux_coefficient = params.number("aux_coefficient", aux_coefficient, low=0.0)
         self.dead_window_setting = dead_window
         if dead_window == "auto":
@@ -126,7 +128,7 @@ class SparseDictionary(Autoencoder):
         self.rule = self.make_rule()
         if not self.rule.uses_aux:  # a saved config holds aux_k's "auto" as its value
             given = {"aux_coefficient": aux_coefficient}
-            given.update({"aux_k": aux_k} if aux_k != max(1, d // 2) else {})
+            given.update({"aux_k": aux_k} if aux_k not in ("auto", auto_aux_k) else {})
             params.warn_unused(type(self), "its rule has no AuxK term", **given)
 
     @abc.abstractmethod

@@ -85,6 +85,13 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         self.__dict__.pop("detector_", None)  # a refit scores by its own score_kind
         return super().fit(X, y)
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # not scikit-learn's outlier detector: predict gives PyOD's labels (1 = outlier),
+        # the reverse of scikit-learn's (-1 = outlier), which a tool trusting the tag reads
+        tags.estimator_type = None
+        return tags
+
     def _kind(self, cls: type | None = None) -> str:
         """The score the detector thresholds: ``score_kind``, checked against the model's
         (``cls``'s, before there is a model)."""

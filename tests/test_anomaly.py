@@ -377,3 +377,20 @@ def test_a_fitted_detector_scores_by_the_kind_its_threshold_was_fitted_on():
     restored = pickle.loads(pickle.dumps(old))
     assert restored.score_kind is None
     np.testing.assert_array_equal(restored.predict(X), detector.labels_)
+
+
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+
+@parametrize_with_checks([aecore.AnomalyDetector(epochs=1, random_state=0)])
+def test_the_detector_passes_scikit_learns_checks(estimator, check):
+    # it does not claim scikit-learn's outlier-detector type: its predict gives PyOD's
+    # labels (1 = outlier), which scikit-learn's outlier checks would read the other way
+    check(estimator)
+
+
+def test_the_detector_is_not_tagged_as_scikit_learns_outlier_detector():
+    from sklearn.base import is_outlier_detector
+
+    assert not is_outlier_detector(aecore.AnomalyDetector())
+    assert is_outlier_detector(aecore.AutoencoderTransformer())  # its -1 / +1 predict

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import aecore
 from aecore.detection import ScoreThreshold, _betainc, binomial_cdf
@@ -377,9 +378,6 @@ def test_a_fitted_detector_scores_by_the_kind_its_threshold_was_fitted_on():
     restored = pickle.loads(pickle.dumps(old))
     assert restored.score_kind is None
     np.testing.assert_array_equal(restored.predict(X), detector.labels_)
-
-
-from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 
 @parametrize_with_checks([aecore.AnomalyDetector(epochs=1, random_state=0)])

@@ -333,15 +333,23 @@ def hyperparameter_names(model: str | type) -> set[str] | None:
     return names - {"self", "input_shape", "latent_dim"}
 
 
-def check_hyperparameters(name: str, cls: type, hparams: Iterable[str]) -> None:
+def check_hyperparameters(
+    name: str, cls: type, hparams: Iterable[str], also: Iterable[str] = (), owner: str = ""
+) -> None:
     """A ConfigError naming the closest known hyperparameter for an unknown one
-    (``input_shape`` and ``latent_dim`` are known to every model)."""
+    (``input_shape`` and ``latent_dim`` are known to every model); ``also``: the names
+    of ``owner``'s own parameters (an estimator's), which a misspelling may be closest to."""
     allowed = hyperparameter_names(cls)
     if allowed is None:
         return
     for key in hparams:
         if key not in allowed and key not in ("input_shape", "latent_dim"):
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            close = difflib.get_close_matches(key, sorted(allowed | set(also)), n=1)
+            if close and close[0] not in allowed:
+                raise ConfigError(
+                    f"{key!r} is neither a parameter of {owner} nor a hyperparameter of "
+                    f"model {name!r}; did you mean {close[0]!r}?"
+                )
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
                 f"model {name!r} has no hyperparameter {key!r}{hint} "

@@ -279,7 +279,8 @@ class AutoencoderTransformer(
             )
         if "input_shape" in self._hparams:
             raise ConfigError("input_shape comes from X's columns, not from the keywords")
-        check_hyperparameters(self.model, model_cls, self._hparams)
+        own = self._get_param_names()
+        check_hyperparameters(self.model, model_cls, self._hparams, own, type(self).__name__)
         allowed = hyperparameter_names(model_cls)
         hparams = dict(self._hparams)
         if self.lr is not None and not model_cls.uses_optimizer and "lr" in (allowed or ()):

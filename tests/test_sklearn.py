@@ -150,6 +150,11 @@ def test_unknown_hparam_given_to_the_constructor_fails_at_fit():
     est = AutoencoderTransformer(hiden=[8])  # scikit-learn validates in fit, not init
     with pytest.raises(ConfigError, match=r"no hyperparameter 'hiden'; did you mean 'hidden'"):
         est.fit(TABLE)
+    # a misspelt setting of the estimator's own: that is the one suggested
+    with pytest.raises(ConfigError, match=r"'epoch' is neither a parameter of .*'epochs'\?"):
+        AutoencoderTransformer(epoch=3).fit(TABLE)
+    with pytest.raises(ConfigError, match=r"AnomalyDetector .*did you mean 'contamination'"):
+        aecore.AnomalyDetector(contamnation=0.2).fit(TABLE)
 
 
 class _SelfUpdating(Autoencoder):

@@ -12,6 +12,7 @@ knows whether the command needs torch at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +181,19 @@ def check_names(settings: dict[str, Any], where: str) -> None:
             raise ConfigError(
                 f"{where} has no training setting {key!r}{hint} (settings: {', '.join(FIELDS)})"
             )
+
+
+def _named_fields_init(init):
+    # the dataclass's own __init__ answers a misspelt keyword with a bare TypeError
+    @functools.wraps(init)
+    def checked(self, *args: Any, **settings: Any) -> None:
+        check_names(settings, "TrainConfig")
+        init(self, *args, **settings)
+
+    return checked
+
+
+TrainConfig.__init__ = _named_fields_init(TrainConfig.__init__)
 
 
 class DemoRecipe:

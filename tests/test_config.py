@@ -44,6 +44,9 @@ def test_replace_validates_and_names_unknown_settings():
     assert config.replace(lr=0.1).epochs == 3 and config.epochs == 3  # a copy
     with pytest.raises(ConfigError, match="has no training setting 'epoch'; did you mean 'epochs'"):
         config.replace(epoch=4)
+    # the constructor too (the dataclass's own answer was a bare TypeError)
+    with pytest.raises(ConfigError, match="TrainConfig has no training setting 'epoch'"):
+        TrainConfig(epoch=4)
     with pytest.raises(ConfigError, match=r"lr must be a number in \(0, inf\)"):
         config.replace(lr=-1.0)
 

@@ -146,11 +146,18 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         super()._set_thresholds(scores, contamination)
         anomaly = -scores.astype(np.float64)
         if len(anomaly) and np.ptp(anomaly) <= 1e-9 * max(1.0, float(np.abs(anomaly).max())):
+            if len(anomaly) == 1:
+                why = "there is one training row: nothing tells a normal range"
+            else:
+                other = " or use the denoising model" if self.model != "denoising" else ""
+                why = (
+                    f"the rows are all alike, or {self.model!r} reproduces them exactly (a "
+                    f"code as wide as the data's variation: give it a smaller latent_dim"
+                    f"{other})"
+                )
             warnings.warn(
-                f"every training row scores the same ({anomaly[0]:.3g}): {self.model!r} "
-                f"reproduces its rows exactly (a code as wide as the data's variation), so "
-                f"the threshold cannot flag a share of them and new rows score alike; give "
-                f"it a smaller code (latent_dim) or use the denoising model",
+                f"every training row scores the same ({anomaly[0]:.3g}), so the threshold "
+                f"cannot flag a share of them and new rows score alike; {why}",
                 UserWarning,
                 stacklevel=4,  # the caller of fit
             )

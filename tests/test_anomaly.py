@@ -349,8 +349,13 @@ def test_a_detector_whose_training_rows_all_score_alike_says_so():
     # one feature, a code of one: the ae learnt the identity, scored every row 0, and
     # flagged none of the contamination share, nor a new row at 1e3, without a word
     x = np.random.default_rng(0).normal(size=(200, 1))
-    with pytest.warns(UserWarning, match="every training row scores the same"):
+    with pytest.warns(UserWarning, match="every training row scores the same.*denoising model"):
         aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(x)
+    # the denoising model is not told to use itself; one row is named as the cause
+    with pytest.warns(UserWarning, match="smaller latent_dim\\)$"):
+        aecore.AnomalyDetector(epochs=2, random_state=0).fit(np.ones((50, 3)))
+    with pytest.warns(UserWarning, match="there is one training row"):
+        aecore.AnomalyDetector(epochs=2, random_state=0).fit(x[:1])
 
 
 def test_asking_an_export_for_a_kind_it_lacks_says_how_to_get_it(tmp_path):

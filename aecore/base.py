@@ -313,6 +313,15 @@ class Autoencoder(nn.Module, abc.ABC):
                 f"got kind={kind!r}"
             )
         self.check_input(x)
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        if not bool(finite.all()):  # one read: a NaN score is above no threshold
+            from aecore.detection import row_list
+
+            raise DataError(
+                f"{type(self).__name__}.score: x holds NaN or infinite values (rows "
+                f"{row_list((~finite).cpu().numpy())}): a detector cannot score them; drop "
+                f"or impute them first"
+            )
         with eval_mode(self):
             if kind != "reconstruction":
                 return self.anomaly_score(x, kind)

@@ -16,7 +16,7 @@ import torch
 
 from aecore import registry
 from aecore.data.normalization import Normalization
-from aecore.errors import RegistryError, ShapeError
+from aecore.errors import DataError, RegistryError, ShapeError
 from aecore.io.model_folder import load, save
 
 VECTOR_SHAPE = (12,)
@@ -157,6 +157,15 @@ def check_shapes(spec: ModelSpec) -> None:
             spec.fail(
                 "shapes", f"score(x) must be finite of shape ({n},); got {tuple(score.shape)}"
             )
+    holed = batch(shape, 3, seed=2)
+    holed.flatten(1)[1, 0] = float("nan")  # a NaN score would be above no threshold
+    for kind in model.score_kinds:
+        try:
+            model.score(holed, kind=kind)
+        except DataError:
+            pass
+        else:
+            spec.fail("shapes", f"score(x, kind={kind!r}) of a row with NaN was not refused")
     bad = batch((*shape[:-1], shape[-1] + 1), 2, seed=3)
     try:
         model(bad)

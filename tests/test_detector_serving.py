@@ -256,6 +256,24 @@ def test_served_scores_are_the_models_own_by_default(digits, tmp_path):
         np.testing.assert_allclose(np.load(out), want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_detectors_folder_and_export_score_by_its_kind_by_default(digits, tmp_path):
+    # a VAE detector on the ELBO: the folder's score() gave the log-likelihood (the
+    # model's default) and its export's the reconstruction error, without a word
+    from aecore.onnx import export_onnx
+    from aecore.runtime import OnnxAutoencoder
+
+    X, _ = digits
+    detector = aecore.AnomalyDetector("vae", score_kind="elbo", epochs=1, random_state=0)
+    detector.fit(X[:150])
+    aecore.save(detector.model_, tmp_path / "v")
+    export_onnx(tmp_path / "v", tmp_path / "v.onnx", part="all")
+    rows = X[150:160]
+    want = detector.decision_function(rows)
+    for served in (aecore.open_model(str(tmp_path / "v")), OnnxAutoencoder(tmp_path / "v.onnx")):
+        np.testing.assert_allclose(served.score(rows), want, rtol=1e-4)
+        np.testing.assert_allclose(served.decision_function(rows), want, rtol=1e-4)
+
+
 def test_values_beyond_float32_are_refused_everywhere(tmp_path):
     # 1e300 once became inf in float32, scored NaN and was labelled an inlier
     from sklearn.datasets import load_wine

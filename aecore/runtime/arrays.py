@@ -145,14 +145,16 @@ class ArrayModel(DetectorMethods, abc.ABC):
         self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> np.ndarray:
         """Anomaly score per row, ``(N,)``, higher for a more anomalous row: the model's
-        ``Autoencoder.score(x, kind)`` on normalised inputs. ``kind`` None is
-        ``default_score_kind``: the model's own default for a model folder and for an
-        export of all parts (which carries its score graph), the reconstruction error for
-        a one-file export. ``"reconstruction"``, the mean squared reconstruction error in
+        ``Autoencoder.score(x, kind)`` on normalised inputs. ``kind`` None is the kind
+        the model's detector thresholds where it has one (what ``decision_function``
+        gives, on a folder and its exports alike), else ``default_score_kind``: the
+        model's own default for a model folder and for an export of all parts that
+        carries its graph, the reconstruction error otherwise. ``"reconstruction"``, the mean squared reconstruction error in
         normalised units (float32), is served by every export. Other kinds (float64) come
         from the export's score graph. Every kind scores rows clipped to the model's
         ``input_range``, as the estimator and the detector's fit saw them."""
-        kind = self.default_score_kind if kind is None else kind
+        if kind is None:
+            kind = self.detector.kind if self.detector is not None else self.default_score_kind
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
             raise ConfigError(f"kind must be a score kind's name; got {kind!r}")

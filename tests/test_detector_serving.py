@@ -272,6 +272,7 @@ def test_a_detectors_folder_and_export_score_by_its_kind_by_default(digits, tmp_
     for served in (aecore.open_model(str(tmp_path / "v")), OnnxAutoencoder(tmp_path / "v.onnx")):
         np.testing.assert_allclose(served.score(rows), want, rtol=1e-4)
         np.testing.assert_allclose(served.decision_function(rows), want, rtol=1e-4)
+        assert served.threshold_ == detector.threshold_  # PyOD's attribute, served too
 
 
 def test_values_beyond_float32_are_refused_everywhere(tmp_path):

@@ -47,6 +47,12 @@ class ArrayModel(DetectorMethods, abc.ABC):
     #: rows given as a DataFrame must have them in that order
     feature_names: list[str] | None = None
 
+    @property
+    def threshold_(self) -> float:
+        """The saved detector's threshold, as ``AnomalyDetector.threshold_`` (PyOD's
+        name); the training rows' scores and labels are not saved with the model."""
+        return self._threshold().threshold
+
     def _anomaly_scores(self, X: Any) -> np.ndarray:
         x = self._check_inputs(X)
         _check_finite(x)

@@ -27,7 +27,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from aecore.detection import DetectorMethods, ScoreThreshold
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, DataError
 from aecore.registry import model_class
 from aecore.sklearn import _DEFAULTS, AutoencoderTransformer
 
@@ -169,6 +169,12 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
 
     def _threshold(self) -> ScoreThreshold:
         check_is_fitted(self)
+        if "detector" in vars(self.model_) and self.model_.detector is None:
+            # the Trainer dropped it: model_ trained on, so its scores moved away from it
+            raise DataError(
+                "model_ was trained further after fit, which dropped its threshold (its "
+                "scores moved): fit the detector again for one"
+            )
         return self.detector_
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -188,6 +188,9 @@ def test_training_a_detectors_model_further_drops_its_stale_threshold(digits, tm
     with pytest.warns(UserWarning, match=r"threshold fitted .* \(contamination 0.1\).* dropped"):
         aecore.Trainer(epochs=2, progress=False).fit(model, X[y == 0].astype(np.float32))
     assert model.detector is None
+    # the estimator does not go on thresholding the new scores with the old threshold
+    with pytest.raises(DataError, match="trained further after fit"):
+        detector.predict(X[:5])
     aecore.save(model, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "model.json").read_text()).get("detector") is None
 

@@ -271,6 +271,23 @@ def test_resume_extends_a_finished_run_exactly(tmp_path):
     assert same(weights(model), weights(ref))
 
 
+def test_resume_refuses_to_replace_a_model_saved_over_the_run(tmp_path):
+    # an import saved over a finished run's folder (overwrite) was replaced by the old
+    # run's weights at the next --resume, without a word
+    fit(epochs=1, out_dir=tmp_path)
+    imported = make(seed=5)
+    aecore.save(imported, tmp_path, overwrite=True, data={"imported_from": "elsewhere"})
+    before = (tmp_path / "model.safetensors").read_bytes()
+    resume = Trainer(epochs=2, batch_size=16, progress=False, out_dir=tmp_path, resume=True)
+    with pytest.raises(ModelFileError, match=r"saved after checkpoint.* \(imported from else"):
+        resume.fit(make(), X)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    # a run's own model (saved with its run id) resumes as before
+    fit(epochs=1, out_dir=tmp_path / "b")
+    resume = Trainer(epochs=2, batch_size=16, progress=False, out_dir=tmp_path / "b", resume=True)
+    assert len(resume.fit(make(), X).epochs) == 2
+
+
 def test_checkpoint_is_pickle_free_safetensors(tmp_path):
     fit(epochs=1, out_dir=tmp_path)
     head = (tmp_path / "checkpoint.safetensors").read_bytes()[:8]

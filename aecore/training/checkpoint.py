@@ -17,6 +17,7 @@ from aecore.base import current_state_keys
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, ModelFileError
 from aecore.io.atomic import atomic_write_text, write_error
+from aecore.io.model_folder import CONFIG
 from aecore.io.model_folder import saved_config as saved_config_of
 from aecore.io.tensors import (
     check_safetensors_header,
@@ -129,6 +130,29 @@ def write(
     save_tensors(out_dir / CHECKPOINT, tensors, meta)
 
 
+def _check_model_not_replaced(out_dir: Path, path: Path) -> None:
+    """A model saved into the folder after the checkpoint by no training run (imported,
+    or saved by hand with overwrite) is not the run's: resuming would replace it."""
+    config = out_dir / CONFIG
+    try:
+        if config.stat().st_mtime_ns <= path.stat().st_mtime_ns:
+            return
+        record = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no saved model, or one that load reports on
+    if not isinstance(record, dict) or record.get("run_id"):
+        return
+    data = record.get("data")
+    origin = data.get("imported_from") if isinstance(data, dict) else None
+    raise ModelFileError(
+        f"cannot resume in {out_dir}: its {CONFIG} holds a model saved after "
+        f"{CHECKPOINT} by no training run"
+        + (f" (imported from {origin})" if origin else "")
+        + ", which the resumed run would replace; train it in another folder, or start "
+        "afresh there with overwrite=True (--overwrite)"
+    )
+
+
 def read(
     out_dir: Path,
     model,
@@ -148,6 +172,7 @@ def read(
     path = out_dir / CHECKPOINT
     if not path.exists():
         raise ModelFileError(f"cannot resume: no {CHECKPOINT} in {out_dir}")
+    _check_model_not_replaced(out_dir, path)
     tensors, meta = load_tensors(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an aecore checkpoint")

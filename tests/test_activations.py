@@ -518,6 +518,15 @@ def test_ce_loss_recovered_is_one_for_the_identity_and_zero_for_zeros(tokens):
     assert half["ce_spliced"] != half["ce_clean"]
     with pytest.raises(ConfigError, match="shape"):
         ce_loss_recovered(model, "transformer.h.0", lambda a: a[..., :3], ids)
+    with pytest.raises(ConfigError, match=r"a torch tensor .*; got numpy.ndarray"):
+        ce_loss_recovered(model, "transformer.h.0", lambda a: a.numpy(), ids)
+    # an SAE itself: it takes rows, so each position goes in as one
+    sae = aecore.create("sae-topk", input_shape=(D,), latent_dim=4 * D, k=4)
+    rows = ce_loss_recovered(model, "transformer.h.0", sae, ids)
+    by_hand = ce_loss_recovered(
+        model, "transformer.h.0", lambda a: sae(a.reshape(-1, D)).reshape(a.shape), ids
+    )
+    assert rows["ce_spliced"] == pytest.approx(by_hand["ce_spliced"], rel=1e-6)
 
 
 # -- memory -------------------------------------------------------------------------

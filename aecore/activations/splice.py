@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aecore.activations.models import find_modules, first_tensor
+from aecore.base import Autoencoder, eval_mode
 from aecore.errors import ConfigError, DataError
 from aecore.params import integer
 
@@ -30,8 +31,9 @@ def ce_loss_recovered(
 ) -> dict[str, float]:
     """Next-token cross-entropy (nats per predicted token) of causal LM ``model`` over
     ``tokens`` (int, (N, seq_len)): clean, with module ``hook``'s output replaced by
-    ``reconstruct(output)`` (float32 (..., d) in, the same shape out), and with that
-    output zeroed; plus ``ce_loss_recovered`` (NaN where zeroing changes nothing).
+    ``reconstruct(output)`` (float32 (..., d) in, the same shape out; an aecore model
+    of d inputs, such as an SAE, may be given itself: each position is a row), and with
+    that output zeroed; plus ``ce_loss_recovered`` (NaN where zeroing changes nothing).
 
     The logits are ``model(ids).logits`` (or the output itself / its element 0). Runs
     in eval mode without gradients on the model's device; a tuple output keeps its
@@ -61,11 +63,23 @@ def ce_loss_recovered(
         if replace[0] is None:
             return None
         acts = first_tensor(output, hook)
-        new = replace[0](acts.float())
-        if not isinstance(new, torch.Tensor) or new.shape != acts.shape:
+        fn = replace[0]
+        if isinstance(fn, Autoencoder) and len(fn.input_shape) == 1:
+            # a model takes rows: the positions, flattened, and back (in eval mode, as
+            # it would serve: a BatchTopK SAE then uses its threshold, not the batch's)
+            with eval_mode(fn):
+                new = fn(acts.float().reshape(-1, acts.shape[-1])).reshape(acts.shape)
+        else:
+            new = fn(acts.float())
+        if not isinstance(new, torch.Tensor):
+            raise ConfigError(
+                f"reconstruct must return a torch tensor of the activations' shape "
+                f"{tuple(acts.shape)}; got {type(new).__module__}.{type(new).__name__}"
+            )
+        if new.shape != acts.shape:
             raise ConfigError(
                 f"reconstruct must return a tensor of the activations' shape "
-                f"{tuple(acts.shape)}; got {getattr(new, 'shape', type(new).__name__)}"
+                f"{tuple(acts.shape)}; got {tuple(new.shape)}"
             )
         return _with_first(output, new.to(acts.dtype))
 

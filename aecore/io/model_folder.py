@@ -179,7 +179,15 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{directory}: not a model folder ({what})")
     path = directory / CONFIG
     if not path.is_file():
-        raise ModelFileError(f"{directory}: not a model folder (no {CONFIG} file)")
+        # another library's SAE (SAELens: cfg.json; sparsify: cfg.json + sae.safetensors)
+        foreign = (directory / "cfg.json").is_file()
+        hint = (
+            ": it looks like a SAELens or sparsify SAE; read it with "
+            "aecore.sae.formats.load_sae, or `aecore import` it into a model folder"
+            if foreign
+            else ""
+        )
+        raise ModelFileError(f"{directory}: not a model folder (no {CONFIG} file){hint}")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

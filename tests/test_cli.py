@@ -395,3 +395,12 @@ def test_the_pca_row_of_a_code_as_wide_as_the_input_says_it_is_exact():
         "PCA (all 16 components: exact)"
     )
     assert _pca_label(SimpleNamespace(latent_dim=8, input_size=16)) == "PCA (8 components)"
+
+
+def test_train_of_a_code_as_wide_as_the_data_names_no_pca_ratio(tmp_path, capsys):
+    # an SAE's code is wider than its input: PCA of as many components is exact, and the
+    # line once printed its rounding error as the baseline ("PCA 1.9e-30, ratio n/a")
+    args = ["train", "sae-topk", "--data", "superposition:600,d=8,n=16,p=0.1", "--quiet"]
+    code, out, _ = run(capsys, *args, "--latent-dim", "16", "--epochs", "1", "--out",
+                       str(tmp_path / "s"))  # fmt: skip
+    assert code == 0 and "PCA of as many components is exact" in out and "n/a" not in out

@@ -161,9 +161,14 @@ def cmd_train(args) -> int:
     m = result.metrics
     if not result.history.is_main:
         return 0
+    pca = (
+        f"PCA {m['pca_test_mse']:.6g}, ratio {format_ratio(m['ratio_to_pca'])}"
+        if m["ratio_to_pca"] is not None
+        # a code as wide as the data (an SAE's): PCA's error is rounding, no baseline
+        else "PCA of as many components is exact"
+    )
     print(
-        f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} "
-        f"(PCA {m['pca_test_mse']:.6g}, ratio {format_ratio(m['ratio_to_pca'])}), "
+        f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} ({pca}), "
         f"weights of epoch {m['kept_epoch']} of {m['epochs_run']}"
     )
     return 0

@@ -431,7 +431,8 @@ def test_bad_arguments_and_data():
         fit(np.zeros((0, 6), np.float32))
     with pytest.raises(
         ShapeError,
-        match=r"does not fit the model: .*expects input of shape \(B, 6\); got \(16, 5\)",
+        match=r"does not fit the model: .*shape \(B, 6\); got \(16, 5\) \(its first batch "
+        r"of the data's 20 rows\)",
     ):
         fit(np.zeros((20, 5), np.float32))
     with pytest.raises(ConfigError, match="expects an aecore.Autoencoder; got Linear"):

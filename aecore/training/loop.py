@@ -328,7 +328,11 @@ class TrainingRun:
         try:
             self.model.check_input(x.to(input_dtype(self.model)))
         except ShapeError as exc:
-            raise ShapeError(f"the data does not fit the model: {exc}") from None
+            given = self.init_data
+            of = f" of the data's {given.n} rows" if given.loader is None else ""
+            raise ShapeError(
+                f"the data does not fit the model: {exc} (its first batch{of})"
+            ) from None
         check_in_input_range(self.model, x)
 
     def _train_sample(self) -> list[torch.Tensor]:

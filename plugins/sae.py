@@ -317,7 +317,9 @@ class BatchTopKSAE(TopKSAE):
     clears the batch's threshold and learns slowly; per-row selection gives every
     latent its chance while the dictionary forms (on the superposition benchmark,
     features matched: MMCS 0.93 without it, 0.99 at 0.8). The inference threshold is
-    estimated in the batch-selection phase."""
+    estimated in the batch-selection phase, as a slow running average: a run of a few
+    hundred steps or fewer leaves it high, so the trained model's L0 at inference is
+    below ``k`` (check ``sae_metrics``'s ``l0``)."""
 
     def __init__(self, *, input_shape, latent_dim, k="auto", topk_warmup=0.8, **recipe):
         self.topk_warmup = params.number("topk_warmup", topk_warmup, low=0.0, high=1.0)

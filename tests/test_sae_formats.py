@@ -106,7 +106,9 @@ def test_sae_lens_loads_the_export_and_computes_the_same(sae_lens, x, tmp_path, 
 
 def test_loading_a_foreign_sae_as_a_model_folder_says_how_to_read_it(x, tmp_path):
     save_saelens(make("sae-topk", x), tmp_path / "sae")
-    with pytest.raises(ModelFileError, match="looks like a SAELens or sparsify SAE.*load_sae"):
+    with pytest.raises(
+        ModelFileError, match=r"a SAELens or sparsify SAE\? aecore.sae.formats.load_sae"
+    ):
         aecore.load(tmp_path / "sae")
 
 

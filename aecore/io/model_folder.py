@@ -179,14 +179,8 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{directory}: not a model folder ({what})")
     path = directory / CONFIG
     if not path.is_file():
-        # another library's SAE (SAELens: cfg.json; sparsify: cfg.json + sae.safetensors)
-        foreign = (directory / "cfg.json").is_file()
-        hint = (
-            ": it looks like a SAELens or sparsify SAE; read it with "
-            "aecore.sae.formats.load_sae, or `aecore import` it into a model folder"
-            if foreign
-            else ""
-        )
+        foreign = (directory / "cfg.json").is_file()  # SAELens's or sparsify's config
+        hint = "; a SAELens or sparsify SAE? aecore.sae.formats.load_sae reads it" * foreign
         raise ModelFileError(f"{directory}: not a model folder (no {CONFIG} file){hint}")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -394,8 +388,8 @@ def check_one_run(directory: Path, record: dict[str, Any], weights_meta: dict) -
                 continue
         found["metrics.jsonl"] = runs - {None}
     wrong = {name: sorted(ids) for name, ids in found.items() if ids - {run_id}}
+    listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
     if wrong and WEIGHTS not in wrong:
-        listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
         warnings.warn(
             f"{directory}: the saved model is run {run_id}'s, but {listed} (another run "
             f"wrote them, and is under way or was stopped): they do not describe this model",
@@ -404,7 +398,6 @@ def check_one_run(directory: Path, record: dict[str, Any], weights_meta: dict) -
         )
         return
     if wrong:
-        listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
         writer = writer_of(directory)
         if writer is not None:
             raise ModelFileError(

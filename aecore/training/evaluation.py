@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from aecore.errors import DataError, TrainingError
+from aecore.errors import DataError, ShapeError, TrainingError
 
 #: rows per chunk in the paired comparison, and the standard errors by which trained
 #: weights must beat a known start
@@ -82,6 +82,23 @@ def check_validation_loss(loss: float, val, step: int) -> None:
         f"the validation loss is {loss} after {step} training steps: the weights diverged "
         f"(or overflow on these rows); lower the learning rate or set grad_clip"
     )
+
+
+def check_first_batch(model, train, given) -> None:
+    """The training batches' first, checked against the model's input shape and range
+    before anything trains; ``given``: the batches of all the rows given to fit."""
+    x = next(train.epoch(0), None)
+    if x is None:
+        raise DataError(
+            "the training data yields no batches (a DataLoader with drop_last=True and "
+            "a batch_size larger than its rows?)"
+        )
+    try:
+        model.check_input(x.to(input_dtype(model)))
+    except ShapeError as exc:
+        of = f" of the data's {given.n} rows" if given.loader is None else ""
+        raise ShapeError(f"the data does not fit the model: {exc} (its first batch{of})") from None
+    check_in_input_range(model, x)
 
 
 def check_in_input_range(model, x: torch.Tensor) -> None:

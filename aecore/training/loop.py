@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from aecore.errors import DataError, ShapeError, TrainingInterrupted
+from aecore.errors import DataError, TrainingInterrupted
 from aecore.training import checkpoint
 from aecore.training.batches import Batches, first_non_finite
 from aecore.training.distributed import DistContext, check_distributed, distributed_loss
 from aecore.training.evaluation import (
-    check_in_input_range,
+    check_first_batch,
     check_validation_loss,
     chunk_losses,
     clearly_lower,
@@ -128,7 +128,7 @@ class TrainingRun:
         self.dist.barrier()  # nobody writes before every process has checked
         self.state.history.run_id = uuid.uuid4().hex[:16]
         seed_device(self.config.seed + self.dist.rank, self.device)
-        self._check_first_batch()
+        check_first_batch(self.model, self.train, self.init_data)
         # data-dependent init and pretraining see the whole data in every process, so
         # all start identical (DDP also broadcasts rank 0's weights)
         fresh = not getattr(self.model, "data_initialised", False)
@@ -318,22 +318,6 @@ class TrainingRun:
         return losses
 
     # -- checks and hooks ----------------------------------------------------------------
-    def _check_first_batch(self) -> None:
-        x = next(self.train.epoch(0), None)
-        if x is None:
-            raise DataError(
-                "the training data yields no batches (a DataLoader with drop_last=True and "
-                "a batch_size larger than its rows?)"
-            )
-        try:
-            self.model.check_input(x.to(input_dtype(self.model)))
-        except ShapeError as exc:
-            given = self.init_data
-            of = f" of the data's {given.n} rows" if given.loader is None else ""
-            raise ShapeError(
-                f"the data does not fit the model: {exc} (its first batch{of})"
-            ) from None
-        check_in_input_range(self.model, x)
 
     def _train_sample(self) -> list[torch.Tensor]:
         """The first batches of the first epoch's order of the rows given to fit, up to

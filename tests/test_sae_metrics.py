@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from aecore.data import prepare
 from aecore.data.superposition import Superposition
-from aecore.errors import ConfigError, ShapeError
+from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.sae.metrics import (
     DeadLatents,
     MeanCorrelation,
@@ -265,6 +265,10 @@ def test_sae_metrics_of_the_true_dictionary():
     assert out["dead"] == 0 and out["dead_fraction"] == 0.0
     assert out["shrinkage"] == pytest.approx(1.0, abs=1e-4)
     assert out["shrinkage_centered"] == pytest.approx(1.0, abs=1e-4)
+    holed = torch.as_tensor(x).clone()
+    holed[1234, 3] = float("nan")  # in the second batch
+    with pytest.raises(DataError, match="NaN or infinite values at row 1234"):
+        sae_metrics(model, holed, batch_size=700)
     # a tensor of the same rows (whose ``indices`` is a sparse-tensor method, not rows)
     as_tensor = sae_metrics(model, torch.as_tensor(x), truth=TRUTH, batch_size=700)
     assert as_tensor["mcc"] == pytest.approx(out["mcc"], abs=1e-6)

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from aecore.base import eval_mode
 from aecore.data.split import ArrayView
-from aecore.errors import ConfigError, ShapeError
+from aecore.errors import ConfigError, DataError, ShapeError
 
 if TYPE_CHECKING:
     from aecore.data.superposition import Superposition
@@ -361,6 +361,10 @@ def sae_metrics(
     with torch.inference_mode(), modes:
         for part in _batches(n, batch_size):
             batch = _tensor(x[part]).to(device, dtype)
+            finite = torch.isfinite(batch.reshape(len(batch), -1)).all(1)
+            if not bool(finite.all()):  # codes of NaN would skew every metric, silently
+                row = part.start + int((~finite).nonzero()[0])
+                raise DataError(f"x: NaN or infinite values at row {row}; drop or impute them")
             z = model.encode(batch)
             if not isinstance(z, torch.Tensor) or z.ndim != 2 or len(z) != len(batch):
                 got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__

@@ -2,8 +2,8 @@
 
 Reading a tensor's value on the host waits for the device: on CUDA, a training step
 that reads a counter or flag each time waits for everything queued before it. A buffer
-whose identity (``.to``, loading) and version (any in-place change) match the last read
-still holds the value that read saw, so it is served from the cache; a step that changes
+whose identity (``.to``, loading) and version (any in-place change through torch) match
+the last read still holds the value that read saw, so it is served from the cache; a step that changes
 the buffer through ``fill_buffer`` records the new value, so the next read needs no wait either.
 """
 
@@ -17,6 +17,18 @@ from torch import Tensor, nn
 _CACHE = "_host_values"
 
 
+class _Cache(dict):
+    """Host copies by buffer name. A copy of the module (deepcopy, pickle) starts empty:
+    a copied buffer is a new tensor whose version restarts, so an entry carried over
+    could match it while holding an older value."""
+
+    def __deepcopy__(self, memo: dict) -> _Cache:
+        return _Cache()
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+
 def _key(buffer: Tensor) -> tuple[Tensor, int] | None:
     # inference tensors keep no version counter: nothing can tell they are unchanged
     return None if buffer.is_inference() else (buffer, buffer._version)
@@ -26,7 +38,7 @@ def host_value(module: nn.Module, name: str, cast: Callable[[Tensor], Any]) -> A
     """``cast(buffer)`` for ``module``'s buffer ``name``, read again only if it changed."""
     buffer = getattr(module, name)
     key = _key(buffer)
-    seen = module.__dict__.setdefault(_CACHE, {}).get(name)
+    seen = module.__dict__.setdefault(_CACHE, _Cache()).get(name)
     if key is None or seen is None or seen[0] is not key[0] or seen[1] != key[1]:
         value = cast(buffer)
         if key is not None:
@@ -41,4 +53,4 @@ def fill_buffer(module: nn.Module, name: str, value: Any) -> None:
     buffer.fill_(value)  # a host scalar: the device is not waited for
     key = _key(buffer)
     if key is not None:
-        module.__dict__.setdefault(_CACHE, {})[name] = (*key, value)
+        module.__dict__.setdefault(_CACHE, _Cache())[name] = (*key, value)

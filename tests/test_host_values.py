@@ -45,3 +45,17 @@ def test_inference_tensors_are_always_read():
     with torch.inference_mode():
         fill_buffer(module, "count", 5)  # no version to trust: not kept
     assert (value(), value(), len(reads)) == (5, 5, 2)
+
+
+def test_a_copy_of_the_module_reads_its_own_buffers_again():
+    # a copied buffer is a new tensor whose version restarts: an entry carried over by
+    # deepcopy's or pickle's memo could match it while holding an older value
+    import copy
+    import pickle
+
+    module = nn.Module()
+    module.register_buffer("count", torch.tensor(0))
+    fill_buffer(module, "count", 1)
+    module.load_state_dict({"count": torch.tensor(0)})  # the cache still holds 1
+    for twin in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert host_value(twin, "count", int) == 0

@@ -91,6 +91,8 @@ class SparseDictionary(Autoencoder):
         self.tied_init = params.flag("tied_init", tied_init)
         self.unit_decoder = params.flag("unit_decoder", unit_decoder)
         auto_aux_k = max(1, min(n, d // 2))
+        if aux_k == d // 2 > n:  # "auto" as saved before it was capped at the latents
+            aux_k = auto_aux_k
         # more than the latents would rank the same dead latents: refused as k is
         self.aux_k = params.integer(
             "aux_k", auto_aux_k if aux_k == "auto" else aux_k, low=1, high=n

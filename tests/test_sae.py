@@ -458,8 +458,11 @@ def test_auxk_of_a_small_dictionary_trains_once_latents_die(name):
     # aux_k's default is d / 2 (here 8), at most the latents: a dictionary of 4 latents
     # once failed the step as soon as one died; a larger aux_k is refused, as k is
     torch.manual_seed(0)
-    with pytest.raises(ConfigError, match=r"aux_k must be an int in \[1, 4\]; got 8"):
-        aecore.create(name, input_shape=(D,), latent_dim=4, k=1, aux_k=8)
+    with pytest.raises(ConfigError, match=r"aux_k must be an int in \[1, 4\]; got 7"):
+        aecore.create(name, input_shape=(D,), latent_dim=4, k=1, aux_k=7)
+    # a saved config holds "auto" resolved: before the cap, d / 2 even past the latents
+    old = aecore.create(name, input_shape=(D,), latent_dim=4, k=1, aux_k=D // 2)
+    assert old.aux_k == 4
     model = aecore.create(name, input_shape=(D,), latent_dim=4, k=1, dead_window=1)
     assert model.aux_k == model.latent_dim
     trainer = aecore.Trainer(epochs=2, batch_size=64, val_fraction=0, progress=False)

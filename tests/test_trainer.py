@@ -279,13 +279,19 @@ def test_resume_refuses_to_replace_a_model_saved_over_the_run(tmp_path):
     aecore.save(imported, tmp_path, overwrite=True, data={"imported_from": "elsewhere"})
     before = (tmp_path / "model.safetensors").read_bytes()
     resume = Trainer(epochs=2, batch_size=16, progress=False, out_dir=tmp_path, resume=True)
-    with pytest.raises(ModelFileError, match=r"saved after checkpoint.* \(imported from else"):
+    with pytest.raises(ModelFileError, match=r"a model imported from elsewhere after checkp"):
         resume.fit(make(), X)
     assert (tmp_path / "model.safetensors").read_bytes() == before
-    # a run's own model (saved with its run id) resumes as before
-    fit(epochs=1, out_dir=tmp_path / "b")
-    resume = Trainer(epochs=2, batch_size=16, progress=False, out_dir=tmp_path / "b", resume=True)
-    assert len(resume.fit(make(), X).epochs) == 2
+    # a run's own model, saved after its checkpoint, resumes as before; so does one saved
+    # by hand (no run id: an interrupted run's, or a folder from before run ids)
+    for own in (True, False):
+        out = tmp_path / f"b{own}"
+        model, _ = fit(epochs=1, out_dir=out)
+        model.run_id = model.run_id if own else ""
+        aecore.save(model, out, overwrite=True)
+        assert bool(json.loads((out / "model.json").read_text()).get("run_id")) is own
+        resume = Trainer(epochs=2, batch_size=16, progress=False, out_dir=out, resume=True)
+        assert len(resume.fit(make(), X).epochs) == 2
 
 
 def test_checkpoint_is_pickle_free_safetensors(tmp_path):

@@ -131,8 +131,9 @@ def write(
 
 
 def _check_model_not_replaced(out_dir: Path, path: Path) -> None:
-    """A model saved into the folder after the checkpoint by no training run (imported,
-    or saved by hand with overwrite) is not the run's: resuming would replace it."""
+    """A model imported into the folder after the checkpoint (``aecore import
+    --overwrite``) is not the run's: resuming would replace it. (A model saved by hand
+    or by a release before run ids may well be the run's own: not refused.)"""
     config = out_dir / CONFIG
     try:
         if config.stat().st_mtime_ns <= path.stat().st_mtime_ns:
@@ -140,16 +141,14 @@ def _check_model_not_replaced(out_dir: Path, path: Path) -> None:
         record = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # no saved model, or one that load reports on
-    if not isinstance(record, dict) or record.get("run_id"):
-        return
-    data = record.get("data")
+    data = record.get("data") if isinstance(record, dict) else None
     origin = data.get("imported_from") if isinstance(data, dict) else None
+    if origin is None or record.get("run_id"):
+        return
     raise ModelFileError(
-        f"cannot resume in {out_dir}: its {CONFIG} holds a model saved after "
-        f"{CHECKPOINT} by no training run"
-        + (f" (imported from {origin})" if origin else "")
-        + ", which the resumed run would replace; train it in another folder, or start "
-        "afresh there with overwrite=True (--overwrite)"
+        f"cannot resume in {out_dir}: its {CONFIG} holds a model imported from {origin} "
+        f"after {CHECKPOINT} was written, which the resumed run would replace; train it "
+        f"in another folder, or start afresh there with overwrite=True (--overwrite)"
     )
 
 

@@ -317,18 +317,19 @@ class TrainingRun:
             check_validation_loss(losses["loss"], self.val, self.state.step)
         return losses
 
-    # -- checks and hooks ----------------------------------------------------------------
+    # -- the start's sample and data-dependent init -------------------------------------
 
     def _train_sample(self) -> list[torch.Tensor]:
         """The first batches of the first epoch's order of the rows given to fit, up to
         INIT_ROWS: a bounded sample (data larger than memory stays on disk), the same in
         every process."""
         xs, seen = [], 0
+        # a loader's, Dataset's or memory map's rows are not checked up front: a NaN here
+        # would pass into the data-dependent start before any step could see it
+        unchecked = self.init_data.in_memory_chunks() is None
         for x in self.init_data.epoch(0):
             x = x.to(input_dtype(self.model))
-            # a loader's rows are not checked up front: a NaN here would pass into the
-            # data-dependent start (and the start's loss) before any step could see it
-            bad = first_non_finite(x, "the first epoch's order", first=seen)
+            bad = first_non_finite(x, "the first epoch's order", first=seen) if unchecked else None
             if bad is not None:
                 raise DataError(f"data: {bad}; clean or impute the data first")
             xs.append(x)

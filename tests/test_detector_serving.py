@@ -276,6 +276,16 @@ def test_a_detectors_folder_and_export_score_by_its_kind_by_default(digits, tmp_
         np.testing.assert_allclose(served.score(rows), want, rtol=1e-4)
         np.testing.assert_allclose(served.decision_function(rows), want, rtol=1e-4)
         assert served.threshold_ == detector.threshold_  # PyOD's attribute, served too
+    # a one-file export holds no ELBO graph: its score() stays the reconstruction error
+    export_onnx(tmp_path / "v", tmp_path / "one.onnx")
+    alone = OnnxAutoencoder(tmp_path / "one.onnx")
+    assert alone.default_score_kind == "reconstruction"
+    np.testing.assert_allclose(
+        alone.score(rows), alone.score(rows, kind="reconstruction"), rtol=1e-6
+    )
+    # no detector: no threshold_, as an attribute lookup says (hasattr, getattr)
+    aecore.save(aecore.create("ae", input_shape=(64,), latent_dim=2), tmp_path / "plain")
+    assert getattr(aecore.open_model(str(tmp_path / "plain")), "threshold_", None) is None
 
 
 def test_values_beyond_float32_are_refused_everywhere(tmp_path):

@@ -51,7 +51,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def threshold_(self) -> float:
         """The saved detector's threshold, as ``AnomalyDetector.threshold_`` (PyOD's
         name); the training rows' scores and labels are not saved with the model."""
-        return self._threshold().threshold
+        if self.detector is None:  # so hasattr / getattr(..., None) work as on PyOD's
+            raise AttributeError("threshold_: this model was saved without a detector")
+        return self.detector.threshold
 
     def _anomaly_scores(self, X: Any) -> np.ndarray:
         x = self._check_inputs(X)
@@ -60,6 +62,10 @@ class ArrayModel(DetectorMethods, abc.ABC):
         if kind != "reconstruction":
             return self._kind_scores(x, kind)
         return self._errors(x, DEFAULT_BATCH_SIZE)
+
+    def _computes(self, kind: str) -> bool:
+        """Whether ``score`` can give ``kind`` (an export holds only some graphs)."""
+        return True
 
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Scores of a kind other than the reconstruction error, on rows clipped to
@@ -152,15 +158,18 @@ class ArrayModel(DetectorMethods, abc.ABC):
     ) -> np.ndarray:
         """Anomaly score per row, ``(N,)``, higher for a more anomalous row: the model's
         ``Autoencoder.score(x, kind)`` on normalised inputs. ``kind`` None is the kind
-        the model's detector thresholds where it has one (what ``decision_function``
-        gives, on a folder and its exports alike), else ``default_score_kind``: the
-        model's own default for a model folder and for an export of all parts that
-        carries its graph, the reconstruction error otherwise. ``"reconstruction"``, the mean squared reconstruction error in
+        the model's detector thresholds where it has one and this model computes it
+        (what ``decision_function`` gives, on a folder and its exports of all parts
+        alike), else ``default_score_kind``: the model's own default for a model folder
+        and for an export of all parts that carries its graph, the reconstruction error
+        otherwise. ``"reconstruction"``, the mean squared reconstruction error in
         normalised units (float32), is served by every export. Other kinds (float64) come
         from the export's score graph. Every kind scores rows clipped to the model's
         ``input_range``, as the estimator and the detector's fit saw them."""
         if kind is None:
-            kind = self.detector.kind if self.detector is not None else self.default_score_kind
+            thresholded = self.detector.kind if self.detector is not None else None
+            computes = thresholded is not None and self._computes(thresholded)
+            kind = thresholded if computes else self.default_score_kind
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
             raise ConfigError(f"kind must be a score kind's name; got {kind!r}")

@@ -165,6 +165,13 @@ class OnnxAutoencoder(ArrayModel):
                 f"pickled (id {state['export_id']!r}): open the file again"
             )
 
+    def _computes(self, kind: str) -> bool:
+        if kind == "reconstruction":
+            return True
+        graph = self._graph(SCORE_PART)
+        meta = graph.session.get_modelmeta().custom_metadata_map if graph is not None else {}
+        return meta.get("aecore.score_kind") == kind
+
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         graph = self._graph(SCORE_PART)
         full = part_paths(self.path)["full"]

@@ -527,6 +527,17 @@ def test_ce_loss_recovered_is_one_for_the_identity_and_zero_for_zeros(tokens):
         model, "transformer.h.0", lambda a: sae(a.reshape(-1, D)).reshape(a.shape), ids
     )
     assert rows["ce_spliced"] == pytest.approx(by_hand["ce_spliced"], rel=1e-6)
+    # a model trained on normalised activations reconstructs in their units, and back
+    from aecore.data.normalization import Normalization
+
+    sae.normalization = Normalization("standardize", np.full(D, 0.5), np.full(D, 2.0))
+    scaled = ce_loss_recovered(model, "transformer.h.0", sae, ids)
+    by_hand = ce_loss_recovered(
+        model, "transformer.h.0",
+        lambda a: (sae((a.reshape(-1, D) - 0.5) / 2.0) * 2.0 + 0.5).reshape(a.shape), ids,
+    )  # fmt: skip
+    assert scaled["ce_spliced"] == pytest.approx(by_hand["ce_spliced"], rel=1e-5)
+    assert scaled["ce_spliced"] != pytest.approx(rows["ce_spliced"], rel=1e-5)
 
 
 # -- memory -------------------------------------------------------------------------

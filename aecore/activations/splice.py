@@ -65,10 +65,7 @@ def ce_loss_recovered(
         acts = first_tensor(output, hook)
         fn = replace[0]
         if isinstance(fn, Autoencoder) and len(fn.input_shape) == 1:
-            # a model takes rows: the positions, flattened, and back (in eval mode, as
-            # it would serve: a BatchTopK SAE then uses its threshold, not the batch's)
-            with eval_mode(fn):
-                new = fn(acts.float().reshape(-1, acts.shape[-1])).reshape(acts.shape)
+            new = _model_reconstruction(fn, acts)
         else:
             new = fn(acts.float())
         if not isinstance(new, torch.Tensor):
@@ -139,3 +136,20 @@ def _logits(output: Any) -> torch.Tensor:
             f"{type(output).__name__}"
         )
     return logits
+
+
+def _model_reconstruction(model: Autoencoder, acts: torch.Tensor) -> torch.Tensor:
+    """An aecore model's reconstruction of activations (..., d), each position a row, in
+    the activations' units: its normalisation applied and inverted, on its device, in
+    eval mode (as it would serve: a BatchTopK SAE then uses its threshold)."""
+    rows = acts.float().reshape(-1, acts.shape[-1])
+    norm = getattr(model, "normalization", None)
+    scaled = norm is not None and norm.kind != "none"
+    if scaled:
+        rows = torch.from_numpy(norm.apply(rows.cpu().numpy()))
+    first = next(model.parameters(), None)
+    with eval_mode(model):
+        out = model(rows.to(first.device if first is not None else rows.device))
+    if scaled:
+        out = torch.from_numpy(norm.invert(out.cpu().numpy()))
+    return out.to(acts.device, torch.float32).reshape(acts.shape)

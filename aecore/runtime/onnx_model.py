@@ -166,11 +166,14 @@ class OnnxAutoencoder(ArrayModel):
             )
 
     def _computes(self, kind: str) -> bool:
-        if kind == "reconstruction":
-            return True
+        return kind == "reconstruction" or self._exported_score_kind() == kind
+
+    def _exported_score_kind(self) -> str | None:
+        """The kind the export's score graph computes; None without one."""
         graph = self._graph(SCORE_PART)
-        meta = graph.session.get_modelmeta().custom_metadata_map if graph is not None else {}
-        return meta.get("aecore.score_kind") == kind
+        if graph is None:
+            return None
+        return graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")
 
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         graph = self._graph(SCORE_PART)
@@ -189,7 +192,7 @@ class OnnxAutoencoder(ArrayModel):
                 f"({score_path(self.path)}), which is missing: {how}; otherwise serve the "
                 f"model folder (torch), or pass kind='reconstruction'"
             )
-        exported = graph.session.get_modelmeta().custom_metadata_map.get("aecore.score_kind")
+        exported = self._exported_score_kind()
         if exported != kind:
             raise DataError(
                 f"{graph.path} computes the score {exported!r}, not {kind!r}: pass "

@@ -149,14 +149,20 @@ class Batches:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + (stream << 40))
         return torch.randperm(self.n, generator=gen)
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the rows are an in-memory tensor or array (not a memory map, Dataset
+        or DataLoader): the data that fit checks for NaN before the first step."""
+        data = self.array
+        return isinstance(data, (torch.Tensor, np.ndarray)) and not isinstance(data, np.memmap)
+
     def in_memory_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor] | None:
         """The rows these batches draw from, in chunks of float32 tensors (as training
         sees them), where the data is an in-memory tensor or array; None for a memory map,
         a Dataset or a DataLoader (another whole pass over them would cost a read)."""
-        data = self.array
-        if not isinstance(data, (torch.Tensor, np.ndarray)) or isinstance(data, np.memmap):
+        if not self.in_memory:
             return None
-        tensor = torch.as_tensor(data)
+        tensor = torch.as_tensor(self.array)
         order = self.rows if self.rows is not None else torch.arange(self.n)
         return (
             tensor.index_select(0, order[i : i + rows].to(tensor.device)).float()

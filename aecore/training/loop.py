@@ -326,7 +326,7 @@ class TrainingRun:
         xs, seen = [], 0
         # a loader's, Dataset's or memory map's rows are not checked up front: a NaN here
         # would pass into the data-dependent start before any step could see it
-        unchecked = self.init_data.in_memory_chunks() is None
+        unchecked = not self.init_data.in_memory
         for x in self.init_data.epoch(0):
             x = x.to(input_dtype(self.model))
             bad = first_non_finite(x, "the first epoch's order", first=seen) if unchecked else None

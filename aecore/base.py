@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from aecore.errors import ConfigError, DataError, ShapeError
+from aecore.keywords import checked_keywords
 
 
 def check_input_shape(input_shape: Any) -> tuple[int, ...]:
@@ -302,6 +303,7 @@ class Autoencoder(nn.Module, abc.ABC):
     score_passes: ClassVar[dict[str, int]] = {}
 
     @torch.no_grad()
+    @checked_keywords
     def score(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """Per-sample anomaly score, shape (B,), higher for a more anomalous row:
         ``"reconstruction"`` (the mean squared reconstruction error) or another of the

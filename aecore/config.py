@@ -172,14 +172,13 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 def check_names(settings: dict[str, Any], where: str) -> None:
     """A ConfigError for keys that are not TrainConfig fields, with a close match."""
-    import difflib
+    from aecore.keywords import did_you_mean
 
     for key in settings:
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"{where} has no training setting {key!r}{hint} (settings: {', '.join(FIELDS)})"
+                f"{where} has no training setting {key!r}{did_you_mean(key, FIELDS)} "
+                f"(settings: {', '.join(FIELDS)})"
             )
 
 

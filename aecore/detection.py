@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from aecore.errors import ConfigError, DataError
+from aecore.keywords import checked_keywords
 
 PROBA_METHODS = ("linear", "unify")
 #: training scores kept exactly up to this many; beyond, this many quantiles of them
@@ -227,6 +228,7 @@ class DetectorMethods(abc.ABC):
             )
         return detector
 
+    @checked_keywords
     def decision_function(self, X: Any) -> np.ndarray:
         """Anomaly score per row: higher is more anomalous."""
         scores = np.asarray(self._anomaly_scores(X), dtype=np.float64)
@@ -238,6 +240,7 @@ class DetectorMethods(abc.ABC):
             )
         return scores
 
+    @checked_keywords
     def predict(self, X: Any, return_confidence: bool = False):
         """1 for outliers (score above the contamination threshold), 0 for inliers; with
         ``return_confidence``, also ``predict_confidence``'s values (PyOD's keyword)."""
@@ -246,6 +249,7 @@ class DetectorMethods(abc.ABC):
         labels = threshold.labels(scores)
         return (labels, threshold.confidence(scores)) if _flag(return_confidence) else labels
 
+    @checked_keywords
     def predict_proba(self, X: Any, method: str = "linear", return_confidence: bool = False):
         """``(n, 2)``: inlier and outlier probabilities (``"linear"`` or ``"unify"``);
         with ``return_confidence``, also ``predict_confidence``'s values."""
@@ -254,6 +258,7 @@ class DetectorMethods(abc.ABC):
         proba = threshold.proba(scores, method)
         return (proba, threshold.confidence(scores)) if _flag(return_confidence) else proba
 
+    @checked_keywords
     def predict_confidence(self, X: Any) -> np.ndarray:
         """How sure each ``predict`` label is, in [0, 1]."""
         scores = self.decision_function(X)

@@ -56,3 +56,8 @@ class OnnxExportError(AecoreError, RuntimeError):
 class IgnoredSettingWarning(UserWarning):
     """A setting was given that has no effect on this model or run (the message says
     which, and what to set instead)."""
+
+
+class KeywordError(ConfigError, TypeError):
+    """A function was called with a keyword it does not take; the message names the
+    closest one. Also a TypeError, as Python's own error for it is."""

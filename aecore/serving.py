@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from aecore.errors import ModelFileError
+from aecore.keywords import checked_keywords
 from aecore.runtime import DEFAULT_BATCH_SIZE, ArrayModel, OnnxAutoencoder
 
 
@@ -63,6 +64,7 @@ class TorchArrayModel(ArrayModel):
         return result.copy() if np.may_share_memory(result, batch) else result
 
 
+@checked_keywords
 def open_model(spec: str) -> ArrayModel:
     """A model folder (torch) or an .onnx file (onnxruntime) by path."""
     path = Path(spec)

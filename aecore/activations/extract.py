@@ -39,12 +39,14 @@ from aecore.activations.writer import CacheWriter
 from aecore.data.sources import load_data
 from aecore.errors import AecoreError, ConfigError, DataError
 from aecore.io.lock import LOCK_FILE, FolderLock
+from aecore.keywords import checked_keywords
 from aecore.params import integer, torch_device
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHARD_ROWS = 65536
 
 
+@checked_keywords
 def extract_activations(
     model: str | nn.Module,
     data: str,

@@ -18,9 +18,11 @@ from torch import nn
 from aecore.activations.models import find_modules, first_tensor
 from aecore.base import Autoencoder, eval_mode
 from aecore.errors import ConfigError, DataError
+from aecore.keywords import checked_keywords
 from aecore.params import integer
 
 
+@checked_keywords
 def ce_loss_recovered(
     model: nn.Module,
     hook: str,

@@ -14,6 +14,7 @@ from aecore.data.normalization import Normalization
 from aecore.data.sources import load_data
 from aecore.data.split import SPLIT_METHODS, ArrayView, Split, split_indices
 from aecore.errors import DataError
+from aecore.keywords import checked_keywords
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Prepared:
         return self.dataset.labels[getattr(self.split, part)]
 
 
+@checked_keywords
 def prepare(
     source: str,
     *,

@@ -31,6 +31,7 @@ from aecore.data.files import csv_header, read_csv, read_idx_images, read_npy, r
 from aecore.data.images import sample_colour_patches, sample_patches
 from aecore.data.superposition import SOURCE_FORM, superposition_rows
 from aecore.errors import DataError
+from aecore.keywords import checked_keywords
 
 SourceResult = tuple[np.ndarray, "np.ndarray | None"]
 
@@ -97,6 +98,7 @@ def source_columns(source: str) -> list[str] | None:
     return csv_header(Path(rest).expanduser()) if kind == "csv" and rest else None
 
 
+@checked_keywords
 def load_data(source: str, *, check_finite: bool = True) -> Dataset:
     """Load a named data source (see the module docstring)."""
     if not isinstance(source, str) or not source:

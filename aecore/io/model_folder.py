@@ -34,6 +34,7 @@ from aecore.errors import (
 from aecore.io.atomic import atomic_write_text
 from aecore.io.lock import writer_of
 from aecore.io.tensors import check_safetensors_header, load_tensors, save_tensors
+from aecore.keywords import checked_keywords
 from aecore.registry import check_hyperparameters, model_class, name_of
 
 WEIGHTS = "model.safetensors"
@@ -42,6 +43,7 @@ FORMAT = "aecore-model"
 FORMAT_VERSION = 1
 
 
+@checked_keywords
 def save(
     model,
     directory: str | os.PathLike,
@@ -210,6 +212,7 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
 SAVE_WAIT_SECONDS = 2.0
 
 
+@checked_keywords
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild a saved model in eval mode, with ``model.normalization`` and
     ``model.metadata`` (the whole ``model.json``) set."""

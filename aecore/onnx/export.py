@@ -40,6 +40,7 @@ from aecore.errors import ConfigError, ModelFileError, OnnxExportError
 from aecore.io.atomic import atomic_write
 from aecore.io.lock import FileLock
 from aecore.io.model_folder import load
+from aecore.keywords import checked_keywords
 from aecore.onnx.fold_normalization import IN_GRAPH_KEY, fold_normalization
 from aecore.onnx.graphs import (
     SIGNATURES,
@@ -69,6 +70,7 @@ MIN_OPSET = 18
 DEFAULT_OPSET = 18
 
 
+@checked_keywords
 def export_onnx(
     model_or_dir: Any,
     path: str | os.PathLike,

@@ -13,6 +13,7 @@ import numpy as np
 from aecore.data.normalization import Normalization
 from aecore.detection import DetectorMethods, ScoreThreshold, row_list
 from aecore.errors import ConfigError, DataError, ShapeError
+from aecore.keywords import checked_keywords
 from aecore.runtime.format import DEFAULT_BATCH_SIZE
 
 
@@ -131,6 +132,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
         return y
 
     # -- public API -------------------------------------------------------------------
+    @checked_keywords
     def encode(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units,
         clipped to the model's ``input_range`` once normalised (as the estimator's
@@ -140,12 +142,14 @@ class ArrayModel(DetectorMethods, abc.ABC):
         x = self._check_inputs(x)
         return self._map("encoder", x, (self.latent_dim,), batch_size, inputs=True)
 
+    @checked_keywords
     def decode(self, z: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Inputs ``(N, *input_shape)`` in data units decoded from codes ``(N, latent_dim)``."""
         z = self._check_codes(z)
         y = self._map("decoder", z, self.input_shape, batch_size, inputs=False)
         return y if self.normalizes_itself else self._invert(y)
 
+    @checked_keywords
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """``decode(encode(x))`` in data units: normalise (and clip, as ``encode``), run
         the model, invert."""
@@ -153,6 +157,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
         y = self._map("full", x, self.input_shape, batch_size, inputs=True)
         return y if self.normalizes_itself else self._invert(y)
 
+    @checked_keywords
     def score(
         self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> np.ndarray:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from aecore.errors import ConfigError, ModelFileError
+from aecore.keywords import checked_keywords
 from aecore.sae import saelens_format, sparsify_format
 from aecore.sae.saelens_format import load_saelens, save_saelens
 from aecore.sae.sparsify_format import load_sparsify, save_sparsify
@@ -69,6 +70,7 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
+@checked_keywords
 def load_sae(path: str | os.PathLike, format: str = "auto"):
     """The aecore SAE in the folder ``path`` (``format``: auto, saelens or sparsify)."""
     fmt = detect_format(path) if format == "auto" else format

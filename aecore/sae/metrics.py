@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from aecore.base import eval_mode
 from aecore.data.split import ArrayView
 from aecore.errors import ConfigError, DataError, ShapeError
+from aecore.keywords import checked_keywords
 
 if TYPE_CHECKING:
     from aecore.data.superposition import Superposition
@@ -312,6 +313,7 @@ def mcc(true_activations: Any, codes: Any, *, batch_size: int = BATCH_SIZE) -> f
     return _feed(MeanCorrelation(), batch_size, names, true_activations, codes).result()
 
 
+@checked_keywords
 def sae_metrics(
     model: Any,
     x: Any,

@@ -16,6 +16,7 @@ from aecore.base import Autoencoder
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, IgnoredSettingWarning
 from aecore.io.lock import FolderLock
+from aecore.keywords import checked_keywords
 from aecore.training.batches import Batches
 from aecore.training.loop import TrainingRun
 from aecore.training.state import History
@@ -89,6 +90,7 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         self.stop_requested = reason
 
+    @checked_keywords
     def fit(self, model, data: Any, val_data: Any = None) -> History:
         """Train ``model`` on ``data`` (arrays, tensors, torch Datasets or a DataLoader),
         with early stopping and the best weights judged on ``val_data``; without it, on

@@ -20,14 +20,13 @@ detection's own defaults for the model, code size and epochs (see the class).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from aecore.detection import DetectorMethods, ScoreThreshold
-from aecore.errors import ConfigError, DataError
+from aecore.errors import ConfigError, DataError, warn
 from aecore.registry import model_class
 from aecore.sklearn import _DEFAULTS, AutoencoderTransformer
 
@@ -155,11 +154,10 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
                     f"code as wide as the data's variation: give it a smaller latent_dim"
                     f"{other})"
                 )
-            warnings.warn(
+            warn(
                 f"every training row scores the same ({anomaly[0]:.3g}), so the threshold "
                 f"cannot flag a share of them and new rows score alike; {why}",
                 UserWarning,
-                stacklevel=4,  # the caller of fit
             )
         self.detector_ = ScoreThreshold.fit(anomaly, contamination, self._kind())
         self.model_.detector = self.detector_  # saved and exported with the model

@@ -1,5 +1,10 @@
 """Exceptions. All derive from ValueError or RuntimeError, so existing handlers work;
-the CLI prints any AecoreError as one line without a traceback."""
+the CLI prints any AecoreError as one line without a traceback. And ``warn``, which
+points a warning at the user's line."""
+
+import os
+import sys
+import warnings
 
 
 class AecoreError(Exception):
@@ -61,3 +66,27 @@ class IgnoredSettingWarning(UserWarning):
 class KeywordError(ConfigError, TypeError):
     """A function was called with a keyword it does not take; the message names the
     closest one. Also a TypeError, as Python's own error for it is."""
+
+
+def _library_folders() -> tuple[str, ...]:
+    # aecore, its built-in plugins and torch (whose Module.__call__ sits between a
+    # user's call and a plugin's forward) are never the line a warning is about
+    import importlib.util
+
+    folders = [os.path.dirname(__file__)]
+    for package in ("aecore_plugins", "torch"):
+        spec = importlib.util.find_spec(package) if package in sys.modules else None
+        if spec is not None and spec.submodule_search_locations:
+            folders.extend(spec.submodule_search_locations)
+    return tuple(os.path.join(folder, "") for folder in folders)
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside the library, however
+    deep in it the warning arises (what a fixed ``stacklevel`` gets wrong once a call
+    passes through a wrapper or another path)."""
+    folders = _library_folders()
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(folders):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from aecore.errors import ConfigError, IgnoredSettingWarning
+from aecore.errors import ConfigError, IgnoredSettingWarning, warn
 
 
 def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -118,11 +117,10 @@ def warn_unused(model: type, why: str, **given: Any) -> None:
     ]
     if unused:
         it, has = ("it", "has") if len(unused) == 1 else ("them", "have")
-        warnings.warn(
+        warn(
             f"{model.__name__}: {why}, so {', '.join(unused)} {has} no effect; leave {it} "
             f"out, or choose what uses {it}",
             IgnoredSettingWarning,
-            stacklevel=3,
         )
 
 

@@ -4,7 +4,6 @@ with PCA on the test split, save)."""
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from aecore.data.units import (
     hparams_for_units,
     per_feature_normalization,
 )
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, warn
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
@@ -159,12 +158,11 @@ def _warn_if_channels_last(source: str, shape: tuple[int, ...]) -> None:
     # (a last axis smaller than both others: small images (4, 4, 3) too)
     if len(shape) == 3 and shape[2] in (1, 3, 4) and min(shape[0], shape[1]) > shape[2]:
         h, w, c = shape
-        warnings.warn(
+        warn(
             f"{source}: rows of shape {shape} look like images with their channels last; "
             f"models take (C, H, W): store them as (N, {c}, {h}, {w}) "
             f"(x.transpose(0, 3, 1, 2)) if so",
             UserWarning,
-            stacklevel=3,
         )
 
 

@@ -14,13 +14,12 @@ import fnmatch
 import importlib
 import inspect
 import re
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from aecore.errors import ConfigError, RegistryError
+from aecore.errors import ConfigError, RegistryError, warn
 
 GROUP = "aecore.models"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -160,7 +159,7 @@ def _warn(message: str) -> None:
     one broken package must not break listing the others (``create`` of its name still
     refuses, naming why)."""
     with contextlib.suppress(BrokenPluginWarning):
-        warnings.warn(message, BrokenPluginWarning, stacklevel=4)
+        warn(message, BrokenPluginWarning)
 
 
 def _norm(name: str) -> str:

@@ -19,7 +19,6 @@ step counter) lives in buffers, so checkpoints resume exactly. As an autoencoder
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch import nn
 from aecore import ops, params, plots
 from aecore.base import Autoencoder
 from aecore.config import DemoRecipe
-from aecore.errors import ConfigError, DataError, TrainingError
+from aecore.errors import ConfigError, DataError, TrainingError, warn
 from aecore.host_values import fill_buffer, host_value
 from aecore.layers import flatten
 
@@ -380,11 +379,7 @@ class RBM(Autoencoder):
             raise DataError(f"{problem}; {fix} (strict=True makes this an error)")
         if category not in self._warned:  # once per model: training sees every batch
             self._warned.add(category)
-            warnings.warn(
-                f"{problem}: {action}; {fix}, or pass strict=True to make this an error",
-                category,
-                stacklevel=3,
-            )
+            warn(f"{problem}: {action}; {fix}, or pass strict=True to make this an error", category)
 
     # -- demo --------------------------------------------------------------------------
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:

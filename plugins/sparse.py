@@ -30,7 +30,6 @@ that pays. The resolved values are what ``get_config`` records.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,7 +39,7 @@ from torch import nn
 from aecore import ops, params, plots
 from aecore.base import Autoencoder, eval_mode
 from aecore.config import DemoRecipe
-from aecore.errors import ConfigError, IgnoredSettingWarning
+from aecore.errors import ConfigError, IgnoredSettingWarning, warn
 from aecore.layers import ACTIVATIONS, OUTPUT_ACTIVATIONS, flatten, init_pca_path, mlp, zero_
 from aecore.layers import activation as make_activation
 from aecore.layers import output_activation as make_output
@@ -291,9 +290,8 @@ def _warn_other_penalties_settings(penalty: str, **given) -> None:
         if given[name] != default
     ]
     if unused:
-        warnings.warn(
+        warn(
             f"penalty={penalty!r} does not use {', '.join(unused)}: pass the penalty those "
             f"settings belong to, or leave them out",
             IgnoredSettingWarning,
-            stacklevel=4,
         )

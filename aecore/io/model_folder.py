@@ -10,7 +10,6 @@ import json
 import os
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from aecore.errors import (
     FileWriteError,
     ModelFileError,
     RegistryError,
+    warn,
 )
 from aecore.io.atomic import atomic_write_text
 from aecore.io.lock import writer_of
@@ -291,10 +291,9 @@ def training_config(record: dict[str, Any], directory: Any = "") -> TrainConfig:
     if isinstance(saved, dict) and set(saved) - set(FIELDS):
         # written by a newer aecore: the settings this version knows still apply
         unknown = sorted(set(saved) - set(FIELDS))
-        warnings.warn(
+        warn(
             f"{directory}: ignoring training settings this aecore does not know: "
-            f"{', '.join(unknown)}",
-            stacklevel=2,
+            f"{', '.join(unknown)}"
         )
         saved = {k: v for k, v in saved.items() if k in FIELDS}
     try:
@@ -393,11 +392,10 @@ def check_one_run(directory: Path, record: dict[str, Any], weights_meta: dict) -
     wrong = {name: sorted(ids) for name, ids in found.items() if ids - {run_id}}
     listed = "; ".join(f"{name} from run(s) {', '.join(ids)}" for name, ids in wrong.items())
     if wrong and WEIGHTS not in wrong:
-        warnings.warn(
+        warn(
             f"{directory}: the saved model is run {run_id}'s, but {listed} (another run "
             f"wrote them, and is under way or was stopped): they do not describe this model",
             UserWarning,
-            stacklevel=3,
         )
         return
     if wrong:

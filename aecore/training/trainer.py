@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from aecore import params
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
-from aecore.errors import ConfigError, IgnoredSettingWarning
+from aecore.errors import ConfigError, IgnoredSettingWarning, warn
 from aecore.io.lock import FolderLock
 from aecore.keywords import checked_keywords
 from aecore.training.batches import Batches
@@ -77,12 +76,11 @@ class Trainer:
         if self.resume and self.out_dir is None:
             raise ConfigError("resume=True needs out_dir (where the checkpoint is)")
         if self.config.checkpoint_every and self.out_dir is None:
-            warnings.warn(
+            warn(
                 f"checkpoint_every={self.config.checkpoint_every} writes checkpoints into "
                 f"out_dir, and this Trainer has none: no checkpoint is written. Pass "
                 f"out_dir=...",
                 IgnoredSettingWarning,
-                stacklevel=2,
             )
         #: why the running fit should stop at its next step (set by request_stop)
         self.stop_requested: str | None = None
@@ -117,6 +115,13 @@ class Trainer:
         else:
             split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
             train, val = split if split is not None else (train, None)
+            if val is not None and val.n > train.n:
+                warn(
+                    f"val_fraction={c.val_fraction:g} holds out {val.n} of the {given.n} rows, "
+                    f"so the model trains on {train.n}: a validation split needs far fewer "
+                    f"rows than training does (the default is {DEFAULTS.val_fraction:g})",
+                    UserWarning,
+                )
         if val is None:
             _warn_settings_needing_validation(c, loader=train.loader is not None)
         if c.optimizer == "lbfgs" and len(train) > 1:  # its curvature pairs mix batches
@@ -125,11 +130,10 @@ class Trainer:
                 if train.loader is not None
                 else f"batch_size={c.batch_size} splits the training rows into"
             )
-            warnings.warn(
+            warn(
                 f"optimizer='lbfgs' is a full-batch method, and {what} {len(train)} batches: "
                 f"use one batch of every training row",
                 UserWarning,
-                stacklevel=2,
             )
         # data-dependent initialisation sees every row the user trains on: a PCA start
         # is then PCA's solution on those rows, whatever the trainer holds out
@@ -169,12 +173,11 @@ def _warn_settings_needing_validation(c: TrainConfig, loader: bool) -> None:
         else "too few rows to hold any out"
     )
     verb = "needs" if len(changed) == 1 else "need"
-    warnings.warn(
+    warn(
         f"{', '.join(changed)} {verb} validation data, and this run has none (no val_data; "
         f"{why}): it runs all {c.epochs} epochs. Pass val_data, or a val_fraction > 0 "
         f"with enough rows",
         IgnoredSettingWarning,
-        stacklevel=3,
     )
 
 
@@ -186,13 +189,12 @@ def _drop_stale_threshold(model) -> None:
     if detector is None:
         return
     model.detector = None
-    warnings.warn(
+    warn(
         f"{type(model).__name__} carries an anomaly threshold fitted to its scores "
         f"before this training (contamination {detector.contamination:g}); training "
         f"changes the scores, so the threshold is dropped: fit aecore.AnomalyDetector "
         f"for a new one",
         UserWarning,
-        stacklevel=3,
     )
 
 
@@ -214,13 +216,12 @@ def _warn_ignored_optimizer_settings(model, config: TrainConfig) -> None:
         and isinstance(getattr(model, name, None), (int, float))
     ]
     verb = "does" if len(changed) == 1 else "do"
-    warnings.warn(
+    warn(
         f"{type(model).__name__} updates its own parameters (train_step), so the "
         f"trainer's {', '.join(changed)} {verb} not apply to it; set the model's own "
         f"hyperparameters instead: aecore.create(..., {', '.join(own) or 'lr=...'}), "
         f"or --set on the command line",
         IgnoredSettingWarning,
-        stacklevel=3,
     )
 
 

@@ -1,0 +1,55 @@
+"""The library's warnings point at the user's own line, however deep in aecore (or a
+torch module call) they arise, and a run that holds out most of its rows says so."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import aecore
+from aecore.errors import IgnoredSettingWarning
+
+
+def _caught(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return caught
+
+
+def _rbm_on_grey_values():
+    model = aecore.create("rbm", input_shape=(5,), latent_dim=3)
+    aecore.Trainer(epochs=1, val_fraction=0, progress=False).fit(model, torch.rand(16, 5))
+
+
+def _patience_without_validation():
+    model = aecore.create("ae", input_shape=(5,), latent_dim=2)
+    aecore.Trainer(epochs=1, patience=2, val_fraction=0, progress=False).fit(
+        model, torch.rand(16, 5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "category", "text"),
+    [
+        (_rbm_on_grey_values, UserWarning, "non-binary values"),
+        (_patience_without_validation, IgnoredSettingWarning, "patience=2 needs validation"),
+    ],
+)
+def test_a_warning_names_the_users_line(call, category, text):
+    ours = [w for w in _caught(call) if issubclass(w.category, category) and text in str(w.message)]
+    assert ours, "the warning was not raised"
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
+def test_a_validation_split_larger_than_the_training_rows_is_named():
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    with pytest.warns(UserWarning, match="holds out 99 of the 100 rows, so the model trains on 1"):
+        aecore.Trainer(epochs=1, val_fraction=0.99, progress=False).fit(model, torch.rand(100, 4))
+    x = np.random.default_rng(0).random((100, 4))
+    with pytest.warns(UserWarning, match="val_fraction=0.9 holds out 90"):
+        aecore.AnomalyDetector("ae", epochs=1, validation_fraction=0.9).fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # half and half is allowed without a word
+        aecore.Trainer(epochs=1, val_fraction=0.5, progress=False).fit(model, torch.rand(100, 4))

@@ -47,9 +47,9 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-#: the methods that take a batch of inputs or codes as their first argument: floating
-#: tensors of another dtype (float64 from ``torch.as_tensor(numpy_array)``) are computed
-#: in the model's dtype
+#: the methods that take a batch of inputs or codes as their first argument: real
+#: tensors of another dtype (float64 from ``torch.as_tensor(numpy_array)``, integer
+#: pixels or counts, bools) are computed in the model's dtype, as training casts them
 TENSOR_METHODS = (
     "forward", "encode", "decode", "loss", "score", "train_step", "encode_sparse",
     "free_energy", "pseudo_likelihood", "elbo", "log_likelihood", "reconstruct",
@@ -57,9 +57,6 @@ TENSOR_METHODS = (
 
 
 def _in_model_dtype(method: Callable) -> Callable:
-    # codes may come as ints or bools (binary hidden states, one-hot rows); inputs of
-    # those dtypes stay refused by check_input, which names the dtype
-    takes_codes = method.__name__ == "decode"
     # a loss is a mean over rows: of none it is no number (NaN, or an error deep inside)
     needs_rows = method.__name__ in ("loss", "train_step")
 
@@ -70,9 +67,7 @@ def _in_model_dtype(method: Callable) -> Callable:
                 f"{type(self).__name__}.{method.__name__} needs at least one row; "
                 f"got an empty batch of shape {tuple(x.shape)}"
             )
-        if isinstance(x, torch.Tensor) and (
-            x.is_floating_point() or (takes_codes and not x.is_complex())
-        ):
+        if isinstance(x, torch.Tensor) and not x.is_complex():
             dtype = self.float_dtype()
             if dtype is not None and x.dtype != dtype:
                 x = x.to(dtype)

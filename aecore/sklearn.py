@@ -37,6 +37,7 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
 
 from aecore import params
 from aecore.config import TrainConfig
+from aecore.data.frames import check_numeric_columns
 from aecore.data.units import (
     check_in_model_range,
     data_units,
@@ -204,6 +205,7 @@ class AutoencoderTransformer(
     # -- fitting ---------------------------------------------------------------------
     def fit(self, X, y=None) -> AutoencoderTransformer:
         """Fit the normalisation and train the model on ``X``; ``y`` is ignored."""
+        check_numeric_columns(X, "X")
         X = validate_data(self, X, dtype=_FLOATS)
         contamination = params.number(
             "contamination", self.contamination, low=0.0, high=0.5, low_open=True
@@ -308,6 +310,7 @@ class AutoencoderTransformer(
     # -- inference -------------------------------------------------------------------
     def _normalized(self, X) -> tuple[np.ndarray, np.dtype]:
         check_is_fitted(self)
+        check_numeric_columns(X, "X")
         X = validate_data(self, X, dtype=_FLOATS, reset=False)
         with np.errstate(over="ignore"):
             x = self.normalization_.apply(X)

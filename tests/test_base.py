@@ -63,8 +63,15 @@ def test_wrong_input_type_and_dtype():
     m = aecore.create("ae", input_shape=(6,), latent_dim=2)
     with pytest.raises(ShapeError, match=r"expects a torch.Tensor of shape \(B, 6\); got list"):
         m.encode([[0.0] * 6])
-    with pytest.raises(ShapeError, match="expects a floating-point tensor; got dtype torch.int64"):
-        m(torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(
+        ShapeError, match="expects a floating-point tensor; got dtype torch.complex"
+    ):
+        m(torch.zeros(2, 6, dtype=torch.complex64))
+    # integer and bool rows are computed in the model's dtype, as training casts them
+    counts = torch.arange(12).reshape(2, 6)
+    for method in (m, m.encode, m.score):
+        torch.testing.assert_close(method(counts), method(counts.float()))
+    torch.testing.assert_close(m.encode(counts > 5), m.encode((counts > 5).float()))
     with pytest.raises(ShapeError, match=r"decode expects codes of shape \(B, 2\); got \(4, 3\)"):
         m.decode(torch.zeros(4, 3))
 

@@ -118,7 +118,7 @@ def test_train_save_eval_export_and_serve_through_onnxruntime(name, tmp_path, ca
 
 
 @pytest.mark.parametrize("name", aecore.list_models())
-def test_float64_inputs_compute_in_the_models_dtype(name):
+def test_float64_and_integer_inputs_compute_in_the_models_dtype(name):
     # torch.as_tensor(numpy_array) gives float64: every method taking a batch accepts it
     shape = _shape(name)
     torch.manual_seed(0)
@@ -131,6 +131,10 @@ def test_float64_inputs_compute_in_the_models_dtype(name):
     torch.testing.assert_close(model.score(x64), model.score(x32))
     torch.testing.assert_close(model(x64), model(x32))
     assert model.score(x64).dtype == torch.float32
+    # integer rows (counts, 0/1 pixels) as training casts them
+    ints = (x32 > 0.5).long()
+    torch.testing.assert_close(model.encode(ints), model.encode(ints.float()))
+    torch.testing.assert_close(model.score(ints), model.score(ints.float()))
     torch.manual_seed(1)
     loss64 = model.loss(x64)["loss"]
     torch.manual_seed(1)

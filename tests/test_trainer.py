@@ -1,6 +1,7 @@
 """Trainer: reproducibility, data kinds, early stopping, non-finite losses, exact resume."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -773,3 +774,33 @@ def test_the_epochs_loss_sums_are_read_back_together_and_keep_no_buffer_alive():
     state.add_terms({"loss": torch.zeros(2**20)[3]}, 1)
     kept = state.pending["loss"][0][0]
     assert kept.untyped_storage().nbytes() == kept.element_size()
+
+
+def test_a_dataframe_trains_as_its_values_and_a_text_column_is_named():
+    pd = pytest.importorskip("pandas")
+    x = np.random.default_rng(0).random((40, 3))
+    frame = pd.DataFrame(x, columns=["a", "b", "c"])
+    trained = []
+    for data in (x, frame):  # indexing a frame by rows picked columns: a KeyError
+        torch.manual_seed(0)
+        model = aecore.create("ae", input_shape=(3,), latent_dim=1)
+        aecore.Trainer(epochs=2, progress=False).fit(model, data)
+        trained.append(model.score(torch.from_numpy(x)))
+    torch.testing.assert_close(trained[0], trained[1])
+    frame["kind"] = ["x"] * 40
+    model = aecore.create("ae", input_shape=(3,), latent_dim=1)
+    with pytest.raises(DataError, match=r"data: column 'kind' \(\w+\) does not hold numbers"):
+        aecore.Trainer(epochs=1, progress=False).fit(model, frame)
+    for estimator in (aecore.AnomalyDetector("ae", epochs=1), aecore.AutoencoderTransformer()):
+        with pytest.raises(DataError, match="X: column 'kind'"):
+            estimator.fit(frame)
+
+
+def test_a_read_only_array_trains_without_a_warning_from_torch():
+    x = np.random.default_rng(0).random((50, 4))
+    x.setflags(write=False)  # np.load(..., mmap_mode="r") loaded into memory, a frame's values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aecore.Trainer(epochs=1, progress=False).fit(
+            aecore.create("ae", input_shape=(4,), latent_dim=2), x
+        )

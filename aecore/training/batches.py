@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from aecore.data.frames import frame_values
 from aecore.data.split import positions_in
 from aecore.errors import DataError
 
@@ -25,6 +27,7 @@ class Batches:
         self.array = None
         self.dataset = None
         self.rows: torch.Tensor | None = None  # the data's rows these batches draw from
+        data = frame_values(data, name)
         if isinstance(data, IterableDataset) or (
             isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
         ):
@@ -162,7 +165,11 @@ class Batches:
         a Dataset or a DataLoader (another whole pass over them would cost a read)."""
         if not self.in_memory:
             return None
-        tensor = torch.as_tensor(self.array)
+        with warnings.catch_warnings():
+            # torch warns of a read-only array (np.load's, a frame's values): the chunks
+            # are copies, and nothing writes to it
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            tensor = torch.as_tensor(self.array)
         order = self.rows if self.rows is not None else torch.arange(self.n)
         return (
             tensor.index_select(0, order[i : i + rows].to(tensor.device)).float()

@@ -1,0 +1,44 @@
+"""pandas DataFrames as training and scoring data: numeric columns only, named when not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from aecore.errors import DataError
+
+
+def is_frame(data: Any) -> bool:
+    """Whether ``data`` is a DataFrame (duck-typed: pandas need not be installed)."""
+    return hasattr(data, "columns") and hasattr(data, "dtypes") and hasattr(data, "to_numpy")
+
+
+def check_numeric_columns(data: Any, name: str) -> None:
+    """A DataError naming a DataFrame's columns that do not hold numbers (strings,
+    categories, dates): a model takes numbers only, and pandas' own error names a value,
+    not its column."""
+    if not is_frame(data):
+        return
+    bad = [
+        f"{column!r} ({dtype})"
+        for column, dtype in zip(data.columns, data.dtypes)
+        if getattr(dtype, "kind", "O") not in "biuf"
+    ]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(
+            f"{name}: column{'s' if len(bad) > 1 else ''} {', '.join(bad[:5])}{more} "
+            f"{'do' if len(bad) > 1 else 'does'} not hold numbers; the model takes numeric "
+            f"columns only: encode them as numbers (one-hot, codes) or drop them"
+        )
+
+
+def frame_values(data: Any, name: str) -> Any:
+    """A DataFrame's values as a float array (after ``check_numeric_columns``); anything
+    else as it is. Indexing a DataFrame by rows the way arrays are indexed would pick
+    columns."""
+    if not is_frame(data):
+        return data
+    check_numeric_columns(data, name)
+    return data.to_numpy(dtype=np.float64, copy=True)  # writable: torch wants that

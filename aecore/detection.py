@@ -9,8 +9,9 @@ probabilities and confidences. numpy only: the torch-free runtime uses it too.
 * ``confidence``: how sure the label is, given how many training scores lie below the
   score (Perini et al. 2020, ExCeeD): with ``c`` of ``n`` training scores at or below
   it, the chance that a row ranks above the contamination cut is
-  ``P(Binomial(n, (1 + c) / (2 + n)) > n - floor(n * contamination))``; for rows
-  labelled inliers, one minus that.
+  ``P(Binomial(n, (1 + c) / (2 + n)) > n - max(1, floor(n * contamination)))``; for
+  rows labelled inliers, one minus that. (PyOD counts no outlier below
+  1/contamination rows, where every flagged row's confidence is then 0.)
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ class ScoreThreshold:
         at = s + SCORE_TOLERANCE * np.abs(s)
         below = np.searchsorted(self.kept_scores, at, side="right") * (n / len(self.kept_scores))
         posterior = (1.0 + below) / (2.0 + n)
-        cut = n - math.floor(n * self.contamination)
+        # PyOD's expected outlier count floor(n * contamination), but at least one: with
+        # fewer rows than 1/contamination it is 0, and every flagged row's confidence 0
+        cut = n - max(1, math.floor(n * self.contamination))
         outlier = 1.0 - binomial_cdf(cut, n, posterior)
         return np.where(self.labels(s) == 1, outlier, 1.0 - outlier)
 

@@ -59,6 +59,18 @@ def test_thresholds_probabilities_and_confidence_are_pyods(contamination):
     )
 
 
+def test_a_flagged_row_has_confidence_with_fewer_rows_than_one_over_contamination():
+    # 8 rows at contamination 0.1 expect floor(0.8) = 0 outliers in PyOD's count, which
+    # gave every flagged row confidence 0; counted as one (the threshold flags the top
+    # training row), a far score gets 0.9 ** 8, as sure as 8 rows can make it
+    train = np.linspace(1.0, 2.0, 8)
+    t = ScoreThreshold.fit(train, 0.1)
+    far, inlier = t.confidence([100.0, 1.5])
+    assert t.labels([100.0, 1.5, 1.99]).tolist() == [1, 0, 1]
+    assert far == pytest.approx(0.9**8) and inlier > 0.99
+    assert 0 < t.confidence([1.99])[0] < far
+
+
 def test_a_threshold_on_a_training_score_moves_off_it():
     # 21 scores at contamination 0.1: the percentile is the 19th score itself, and a
     # served model's float32 rescoring of that row landed a hair above it (an outlier)

@@ -330,8 +330,7 @@ def _read_one_save(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
 
 
 def load_weights(model, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load the weights ``state`` (read from ``path``) into ``model``, naming every
-    mismatch."""
+    """Load the weights ``state`` (read from ``path``) into ``model``, naming mismatches."""
     state = current_state_keys(model, state)  # written by an older version of the model
     floats = {t.dtype for t in state.values() if t.is_floating_point()}
     if floats == {torch.float64}:  # a float64 model loads in float64 (16-bit weights

@@ -34,8 +34,7 @@ _STILL = 1e-10
 
 
 def _tensor(a: Any) -> torch.Tensor:
-    """``a`` as a tensor; arrays are shared, not copied, unless read-only (torch cannot
-    share those)."""
+    """``a`` as a tensor; arrays are shared unless read-only (torch cannot share those)."""
     if isinstance(a, torch.Tensor):
         return a
     a = np.asarray(a)

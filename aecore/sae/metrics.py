@@ -306,8 +306,7 @@ def mmcs(true_features: Any, learned: Any, *, block: int = COSINE_BLOCK) -> floa
 
 
 def mcc(true_activations: Any, codes: Any, *, batch_size: int = BATCH_SIZE) -> float:
-    """Mean correlation coefficient between true activations and codes over the same
-    rows (see ``MeanCorrelation``)."""
+    """Mean correlation of true activations and codes over the same rows (MeanCorrelation)."""
     names = "true_activations, codes"
     return _feed(MeanCorrelation(), batch_size, names, true_activations, codes).result()
 

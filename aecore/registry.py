@@ -189,6 +189,9 @@ def register(name: str, cls: type) -> None:
         )
     if not (isinstance(cls, type) and issubclass(cls, Autoencoder)):
         raise RegistryError(f"{cls!r} is not a subclass of aecore.Autoencoder")
+    if inspect.isabstract(cls):  # as an entry point's class is listed broken for it
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise RegistryError(f"{cls.__name__} leaves abstract methods undefined: {missing}")
     existing = _discover().get(name)
     if existing is not None and existing.load() is not cls:
         raise RegistryError(

@@ -12,6 +12,8 @@ from aecore.testing import (
     ModelSpec,
     check_autoencoder,
     check_config_round_trip,
+    check_loss,
+    check_rows_independent,
     check_shapes,
     parametrize_with_checks,
 )
@@ -48,10 +50,52 @@ class Stochastic(PlainAutoencoder):
         return super().forward(x) + torch.rand_like(x)
 
 
+class DoubleDecode(PlainAutoencoder):
+    def decode(self, z):  # its export could not be served (a float64 output)
+        return super().decode(z).double()
+
+
+class TupleCode(PlainAutoencoder):
+    def encode(self, x):  # (mu, logvar), as a VAE's encoder network gives them
+        z = super().encode(x)
+        return z, z
+
+
+class BatchStatistics(PlainAutoencoder):
+    def encode(self, x):  # centred on its batch: served codes would follow batch_size
+        z = super().encode(x)
+        return z - z.mean(0)
+
+
+class UncheckedDecode(PlainAutoencoder):
+    def decode(self, z):  # no check_code: a wrong width fails deep in torch
+        return (self.decoder_mlp(z) + self.decoder_linear(z)).reshape(-1, *self.input_shape)
+
+
+class NoLossKey(PlainAutoencoder):
+    def loss(self, x):
+        return {"objective": super().loss(x)["loss"]}
+
+
 @pytest.mark.parametrize(
     ("cls", "hparams", "check", "message"),
     [
         (WrongCode, {}, check_shapes, r"WrongCode: shapes: encode gave \(1, 1\), expected"),
+        (DoubleDecode, {}, check_shapes, "decode returned torch.float64, but the model computes"),
+        (TupleCode, {}, check_shapes, "encode returned a tuple; expected a tensor"),
+        (
+            UncheckedDecode,
+            {},
+            check_shapes,
+            r"decode\(\) of shape \(2, 4\) raised RuntimeError: .*expected a ShapeError",
+        ),
+        (
+            BatchStatistics,
+            {},
+            check_rows_independent,
+            r"encode of a row differs by .* in a batch of 5 from the row alone",
+        ),
+        (NoLossKey, {}, check_loss, r"loss\(\) must return a dict with key 'loss'; got the keys"),
         (LossyConfig, {"hidden": [7]}, check_config_round_trip, "LossyConfig: config round"),
         # the defaults alone rebuild the same shapes: the left-out key is named
         (LossyConfig, {}, check_config_round_trip, r"leaves out the hyperparameters \['hidden'\]"),
@@ -113,3 +157,11 @@ def test_parametrize_with_checks_gives_one_item_per_shape_and_check():
 def test_kit_rejects_non_models():
     with pytest.raises(ConformanceError, match="is not a subclass of aecore.Autoencoder"):
         check_autoencoder(torch.nn.Linear)
+
+
+def test_a_model_of_another_input_rank_is_pointed_at_model_spec():
+    class Sequences(PlainAutoencoder):
+        input_ranks = (2,)
+
+    with pytest.raises(ConformanceError, match=r"input_ranks \(2,\) .*ModelSpec\(Sequences"):
+        check_autoencoder(Sequences)

@@ -5,6 +5,7 @@ with an error naming the model and the operation."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from aecore.onnx import (
     export_protos,
     register_export_decomposition,
 )
+from aecore.onnx.diagnose import quiet
 from aecore.onnx.graphs import BATCH_DIM
 from aecore.runtime import OnnxAutoencoder, part_paths
 from aecore.testing import IMAGE_SHAPE, VECTOR_SHAPE, ConformanceError, ModelSpec
@@ -290,6 +292,47 @@ def test_the_kit_check_catches_an_export_that_differs(registered):
         ConformanceError, match=r"onnx parity: full graph at batch 1: onnxruntime differs"
     ):
         check_onnx_parity(ModelSpec(_ExportsDifferently, (6,)))
+
+
+class _DoubleDecode(_Tiny):
+    def decode(self, z):
+        return super().decode(z).double()
+
+
+class _NumpyConfig(_Tiny):
+    def get_config(self):
+        return {**super().get_config(), "scale": np.float32(1.0)}
+
+
+class _WideDecodeInput(_Tiny):
+    def decode(self, z):  # a code one wider than the decoder takes: fails in tracing
+        return self.dec(torch.cat([z, z[:, :1]], 1)).reshape(-1, *self.input_shape)
+
+
+def test_exports_that_nothing_could_serve_are_refused_by_name(registered, tmp_path):
+    # a float64 output wrote a graph the runtime refused to open (or, with a
+    # normalisation, failed onnx.checker); a numpy number in the config was json's TypeError
+    model = registered("tiny-f64", _DoubleDecode)
+    with pytest.raises(
+        OnnxExportError, match=r"tiny-f64 \(full\).*'x_hat' is float64, not float32"
+    ):
+        export_onnx(model, tmp_path / "m.onnx")
+    model.normalization = Normalization("minmax", [0.0], [2.0])
+    with pytest.raises(OnnxExportError, match="is float64, not float32"):
+        export_onnx(model, tmp_path / "m.onnx", part="all")
+    model = registered("tiny-np", _NumpyConfig)
+    with pytest.raises(OnnxExportError, match=r"_NumpyConfig.get_config\(\) is not JSON-serial"):
+        export_onnx(model, tmp_path / "m.onnx")
+    # a shape mismatch met while tracing: one error, without the traceback torch's fake
+    # tensors log (to the stderr torch's handler holds, which the CLI printed)
+    model = registered("tiny-wide", _WideDecodeInput)
+    with pytest.raises(OnnxExportError, match="failed in tracing"):
+        export_onnx(model, tmp_path / "m.onnx")
+    fake_tensors = logging.getLogger("torch._subclasses.fake_tensor")
+    with quiet():
+        assert not fake_tensors.isEnabledFor(logging.ERROR)
+    assert fake_tensors.isEnabledFor(logging.ERROR)
+    assert not list(tmp_path.iterdir())
 
 
 def test_unregistered_model_is_refused(tmp_path):

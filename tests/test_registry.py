@@ -119,6 +119,27 @@ def test_process_local_registration_round_trip():
         registry.name_of(Local)
 
 
+def test_a_class_leaving_abstract_methods_is_refused_by_register_too():
+    # it was listed 'ok', and create failed with Python's "Can't instantiate abstract class"
+    from aecore.base import Autoencoder
+
+    class NoConfig(Autoencoder):
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+        def loss(self, x):
+            return {"loss": x.sum()}
+
+    with pytest.raises(
+        RegistryError, match="NoConfig leaves abstract methods undefined: get_config"
+    ):
+        registry.register("noconfig", NoConfig)
+    assert "noconfig" not in aecore.list_models()
+
+
 def test_list_models_filters_by_name_and_capability():
     assert registry.list_models() == sorted(registry.list_models())
     assert registry.list_models(filter="d*") == ["deep", "denoising"]
@@ -211,7 +232,7 @@ def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_
     )
     ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    assert int(ran.stdout.strip()) == 14  # 7 checks, vector and image inputs
+    assert int(ran.stdout.strip()) == 16  # 8 checks, vector and image inputs
     # the kit in the plugin's own pytest suite: one item per check, in one line
     (tmp_path / "test_tiny.py").write_text(
         "from aecore.testing import parametrize_with_checks\n\n\n"
@@ -227,7 +248,7 @@ def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_
         cwd=tmp_path,
     )
     assert ran.returncode == 0, ran.stdout[-3000:]
-    assert "14 passed" in ran.stdout
+    assert "16 passed" in ran.stdout
 
 
 def test_a_misspelt_hyperparameter_names_the_closest_one_everywhere(tmp_path, capsys):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import aecore
-from aecore.errors import ConfigError, DataError, FileWriteError, ModelFileError
+from aecore.errors import ConfigError, DataError, FileWriteError, ModelFileError, ShapeError
+from aecore_plugins.ae import PlainAutoencoder
 
 ROWS = np.random.default_rng(0).random((120, 16)).astype(np.float32)
 
@@ -335,3 +336,34 @@ def test_a_resume_under_another_normalisation_says_what_differs(tmp_path):
         )
         with pytest.raises(ModelFileError, match=says):
             trainer.fit(again, ROWS)
+
+
+class _WideCode(PlainAutoencoder):
+    """A plugin whose code is one column wider than its latent_dim."""
+
+    def encode(self, x):
+        z = super().encode(x)
+        return torch.cat([z, z[:, :1]], 1)
+
+    def decode(self, z):
+        return super().decode(z[:, : self.latent_dim])
+
+
+def test_a_plugin_giving_codes_of_another_width_is_refused_at_fit_and_when_served(tmp_path):
+    # it trained, saved and served (5, 4) codes for latent_dim 3, and failed with numpy's
+    # broadcast error once the batch size split the rows
+    from aecore.testing.checks import registered
+
+    model = _WideCode(input_shape=(6,), latent_dim=3)
+    with pytest.raises(
+        ShapeError, match=r"_WideCode.encode gave \(2, 4\) for 2 rows; expected \(2, 3\)"
+    ):
+        aecore.Trainer(epochs=1, progress=False).fit(model, torch.rand(20, 6))
+    with registered(_WideCode):
+        aecore.save(model, tmp_path / "m")
+        served = aecore.open_model(str(tmp_path / "m"))
+        rows = np.random.default_rng(0).random((5, 6), dtype=np.float32)
+        for batch_size in (64, 2):
+            with pytest.raises(ShapeError, match=r"its encoder part gave \(\d, 4\) .* expected"):
+                served.encode(rows, batch_size=batch_size)
+        served.reconstruct(rows)  # its other parts keep the contract

@@ -102,9 +102,12 @@ def quiet() -> Iterator[None]:
         logging.getLogger(n)
         for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental")
     ]
+    # fake tensors log a failed meta kernel's traceback as an error (a plugin's shape
+    # mismatch met while tracing), which our error already names
+    loggers.append(logging.getLogger("torch._subclasses.fake_tensor"))
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL if lg.name.endswith("fake_tensor") else logging.ERROR)
     try:
         with (
             warnings.catch_warnings(),

@@ -44,6 +44,7 @@ from aecore.keywords import checked_keywords
 from aecore.onnx.fold_normalization import IN_GRAPH_KEY, fold_normalization
 from aecore.onnx.graphs import (
     SIGNATURES,
+    check_float32_io,
     check_model,
     check_standard,
     name_batch_axis,
@@ -197,6 +198,7 @@ def export_protos(model: nn.Module, name: str, parts=PARTS, *, opset: int = DEFA
     for p, proto in raw.items():
         name_batch_axis(proto)
         check_standard(proto, name, p)
+        check_float32_io(proto, name, p)
         folded = fold_normalization(proto, p, norm, model.input_shape)
         del proto.metadata_props[:]
         extra = {IN_GRAPH_KEY: "1"} if folded else {}
@@ -229,7 +231,13 @@ def _export_copy(model: nn.Module, name: str) -> nn.Module:
 
 
 def _metadata(model: nn.Module, name: str) -> dict[str, str]:
-    config = json.dumps(model.get_config(), sort_keys=True)
+    try:
+        config = json.dumps(model.get_config(), sort_keys=True)
+    except TypeError as exc:
+        raise OnnxExportError(
+            f"cannot export {name}: {type(model).__name__}.get_config() is not "
+            f"JSON-serialisable ({exc}): return plain numbers, strings, lists and dicts"
+        ) from None
     norm = getattr(model, "normalization", None) or Normalization("none")
     metadata = {
         "aecore.format": FORMAT,

@@ -111,6 +111,21 @@ def check_standard(proto, name: str, part: str) -> None:
             )
 
 
+def check_float32_io(proto, name: str, part: str) -> None:
+    """Every graph input and output is float32, what the runtime serves (a plugin that
+    returns float64 from a float32 model exports a graph nothing can serve)."""
+    import onnx
+
+    for value in (*proto.graph.input, *proto.graph.output):
+        elem = value.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT:
+            raise OnnxExportError(
+                f"cannot export {name} ({part}) to ONNX: its {value.name!r} is "
+                f"{onnx.helper.tensor_dtype_to_np_dtype(elem)}, not float32: the model "
+                f"computes in float32, so return its dtype (a .double() in encode or decode?)"
+            )
+
+
 def check_model(proto, name: str, part: str) -> None:
     import onnx
 

@@ -230,12 +230,21 @@ class ArrayModel(DetectorMethods, abc.ABC):
         if n <= batch_size:  # the common case: one call, no copy into an output buffer
             if not n:
                 return np.empty((0, *out_shape), np.float32)
-            return self._forward(part, prepare(x))
+            return self._checked_forward(part, prepare(x), out_shape)
         out = np.empty((n, *out_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = x[start : start + batch_size]
-            out[start : start + len(chunk)] = self._forward(part, prepare(chunk))
+            out[start : start + len(chunk)] = self._checked_forward(part, prepare(chunk), out_shape)
         return out
+
+    def _checked_forward(self, part: str, batch: np.ndarray, out_shape: tuple) -> np.ndarray:
+        y = self._forward(part, batch)
+        if y.shape[1:] != out_shape:  # a plugin's wrong width, not served as it is
+            raise ShapeError(
+                f"{self.name}: its {part} part gave {y.shape} for {len(batch)} rows; "
+                f"expected {(len(batch), *out_shape)}"
+            )
+        return y
 
     def _check_inputs(self, x: Any) -> np.ndarray:
         if type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self.input_shape:

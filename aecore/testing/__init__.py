@@ -35,6 +35,7 @@ from aecore.testing.checks import (
     check_config_round_trip,
     check_construction,
     check_loss,
+    check_rows_independent,
     check_save_load,
     check_shapes,
     check_training_lowers_loss,
@@ -53,6 +54,7 @@ __all__ = [
     "check_construction",
     "check_loss",
     "check_onnx_parity",
+    "check_rows_independent",
     "check_save_load",
     "check_shapes",
     "check_training_lowers_loss",
@@ -72,7 +74,11 @@ def model_specs(cls_or_name: type | str, hparams: dict[str, Any] | None = None) 
         raise ConformanceError(f"{cls!r} is not a subclass of aecore.Autoencoder")
     shapes = [s for s in (VECTOR_SHAPE, IMAGE_SHAPE) if len(s) in cls.input_ranks]
     if not shapes:
-        raise ConformanceError(f"{cls.__name__}: accepts neither vector nor image inputs")
+        raise ConformanceError(
+            f"{cls.__name__}: its input_ranks {tuple(cls.input_ranks)} take neither vector "
+            f"{VECTOR_SHAPE} nor image {IMAGE_SHAPE} inputs: check it on a shape of its own, "
+            f"each check called on aecore.testing.ModelSpec({cls.__name__}, input_shape)"
+        )
     return [ModelSpec(cls, shape, dict(hparams or {})) for shape in shapes]
 
 

@@ -135,19 +135,33 @@ def _check_given_values(spec: ModelSpec, config: dict) -> None:
             )
 
 
+def _output(spec: ModelSpec, method: str, value: Any, shape: tuple, dtype) -> None:
+    """A tensor of ``shape`` in the model's dtype (a float64 output fails to export,
+    or to be served, far from its cause)."""
+    if not isinstance(value, torch.Tensor):
+        spec.fail("shapes", f"{method} returned a {type(value).__name__}; expected a tensor")
+    if tuple(value.shape) != shape:
+        spec.fail("shapes", f"{method} gave {tuple(value.shape)}, expected {shape}")
+    if dtype is not None and value.dtype != dtype:
+        spec.fail(
+            "shapes",
+            f"{method} returned {value.dtype}, but the model computes in {dtype}: return its dtype",
+        )
+
+
 def check_shapes(spec: ModelSpec) -> None:
     shape = spec.input_shape
     model = spec.build().eval()
+    dtype = model.float_dtype()
     for n in (1, 5):
         x = batch(shape, n, seed=2)
         with torch.no_grad():
             z = model.encode(x)
-            if tuple(z.shape) != (n, LATENT_DIM):
-                spec.fail("shapes", f"encode gave {tuple(z.shape)}, expected {(n, LATENT_DIM)}")
+            _output(spec, "encode", z, (n, LATENT_DIM), dtype)
             x_hat = model.decode(z)
+            _output(spec, "decode", x_hat, (n, *shape), dtype)
             y1, y2 = model(x), model(x)
-        if tuple(x_hat.shape) != (n, *shape):
-            spec.fail("shapes", f"decode gave {tuple(x_hat.shape)}, expected {(n, *shape)}")
+            _output(spec, "model(x)", y1, (n, *shape), dtype)
         if not torch.equal(y1, y2):
             spec.fail("shapes", "model(x) is not deterministic in eval mode")
         if not torch.isfinite(y1).all():
@@ -166,23 +180,58 @@ def check_shapes(spec: ModelSpec) -> None:
             pass
         else:
             spec.fail("shapes", f"score(x, kind={kind!r}) of a row with NaN was not refused")
+    # each door checks what it takes (Autoencoder.check_input, check_code): a wrong
+    # width otherwise fails deep in torch ("mat1 and mat2 shapes cannot be multiplied")
     bad = batch((*shape[:-1], shape[-1] + 1), 2, seed=3)
-    try:
-        model(bad)
-    except ShapeError:
-        pass
-    else:
+    wide_code = torch.rand(2, LATENT_DIM + 1)
+    for method, given in (("model", bad), ("encode", bad), ("decode", wide_code)):
+        call = model if method == "model" else getattr(model, method)
+        try:
+            with torch.no_grad():
+                call(given)
+        except ShapeError:
+            continue
+        except Exception as exc:
+            got = f"raised {type(exc).__name__}: {exc}"
+        else:
+            got = "was accepted"
         spec.fail(
-            "shapes", f"input of shape {tuple(bad.shape)} was accepted; expected a ShapeError"
+            "shapes",
+            f"{method}() of shape {tuple(given.shape)} {got}; expected a ShapeError (call "
+            f"self.check_input(x) in encode, self.check_code(z) in decode)",
         )
+
+
+def check_rows_independent(spec: ModelSpec) -> None:
+    """In eval mode a row's code and reconstruction do not depend on the other rows of
+    its batch: a served model runs batches of any size (batch statistics belong to
+    training mode)."""
+    model = spec.build().eval()
+    x = batch(spec.input_shape, 5, seed=7)
+    with torch.no_grad():
+        together = model.encode(x), model(x)
+        alone = [torch.cat([f(x[i : i + 1]) for i in range(5)]) for f in (model.encode, model)]
+    for what, a, b in zip(("encode", "model(x)"), together, alone):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+            gap = float((a - b).abs().max())
+            spec.fail(
+                "rows independent",
+                f"{what} of a row differs by {gap:.3g} in a batch of 5 from the row alone",
+            )
 
 
 def check_loss(spec: ModelSpec) -> None:
     model = spec.build().train()
     x = batch(spec.input_shape, 8, seed=4)
-    terms = model.loss(x) if model.uses_optimizer else model.train_step(x)
+    method = "loss" if model.uses_optimizer else "train_step"
+    terms = getattr(model, method)(x)
     if not isinstance(terms, dict) or "loss" not in terms:
-        spec.fail("loss", f"expected a dict with key 'loss'; got {type(terms).__name__}")
+        got = (
+            f"the keys {sorted(map(str, terms))}"
+            if isinstance(terms, dict)
+            else f"a {type(terms).__name__}"
+        )
+        spec.fail("loss", f"{method}() must return a dict with key 'loss'; got {got}")
     for key, value in terms.items():
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             spec.fail("loss", f"term {key!r} must be a scalar tensor")
@@ -247,6 +296,7 @@ CORE_CHECKS = [
     check_construction,
     check_config_round_trip,
     check_shapes,
+    check_rows_independent,
     check_loss,
     check_training_lowers_loss,
     check_save_load,

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from aecore.base import eval_mode
 from aecore.errors import DataError, ShapeError, TrainingError
 
 #: rows per chunk in the paired comparison, and the standard errors by which trained
@@ -99,6 +100,27 @@ def check_first_batch(model, train, given) -> None:
         of = f" of the data's {given.n} rows" if given.loader is None else ""
         raise ShapeError(f"the data does not fit the model: {exc} (its first batch{of})") from None
     check_in_input_range(model, x)
+    device = next((p.device for p in model.parameters()), x.device)
+    check_output_shapes(model, x[:2].to(device, input_dtype(model)))
+
+
+def check_output_shapes(model, x: torch.Tensor) -> None:
+    """A ShapeError unless ``encode`` gives (B, latent_dim) codes and ``decode`` rows of
+    the input's shape, on a couple of rows in eval mode (a plugin's wrong width would
+    otherwise train, save and serve codes of another width)."""
+    name = type(model).__name__
+    devices = [x.device] if x.device.type == "cuda" else []
+    # forked: a model drawing noise in eval mode must not shift the run's random stream
+    with torch.random.fork_rng(devices), torch.no_grad(), eval_mode(model):
+        z = model.encode(x)
+        want = (len(x), model.latent_dim)
+        if not isinstance(z, torch.Tensor) or tuple(z.shape) != want:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else f"a {type(z).__name__}"
+            raise ShapeError(f"{name}.encode gave {got} for {len(x)} rows; expected {want}")
+        x_hat = model.decode(z)
+        if not isinstance(x_hat, torch.Tensor) or x_hat.shape != x.shape:
+            got = tuple(x_hat.shape) if isinstance(x_hat, torch.Tensor) else type(x_hat).__name__
+            raise ShapeError(f"{name}.decode gave {got}; expected {tuple(x.shape)}")
 
 
 def check_in_input_range(model, x: torch.Tensor) -> None:
@@ -119,10 +141,10 @@ def check_in_input_range(model, x: torch.Tensor) -> None:
         )
 
 
-def loss_terms(model, terms) -> dict:
-    """``terms``, what ``model.loss`` returned, if it keeps the contract: a dict of
-    scalar tensors with a ``"loss"`` entry (a plugin's float or bare tensor named here,
-    not deep in the trainer)."""
+def loss_terms(model, terms, method: str = "loss") -> dict:
+    """``terms``, what ``model.loss`` (or ``method``) returned, if it keeps the contract:
+    a dict of scalar tensors with a ``"loss"`` entry (a plugin's float or bare tensor
+    named here, not deep in the trainer)."""
     if isinstance(terms, dict) and "loss" in terms:
         bad = [k for k, v in terms.items() if not (isinstance(v, torch.Tensor) and v.numel() == 1)]
         if not bad:
@@ -131,9 +153,13 @@ def loss_terms(model, terms) -> dict:
         shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
         got = f"{bad[0]!r} as {type(value).__name__}{shape}"
     else:
-        got = "no 'loss' entry" if isinstance(terms, dict) else f"a {type(terms).__name__}"
+        got = (
+            f"the entries {sorted(map(str, terms))} but no 'loss'"
+            if isinstance(terms, dict)
+            else f"a {type(terms).__name__}"
+        )
     raise TrainingError(
-        f"{type(model).__name__}.loss must return a dict of scalar tensors with a 'loss' "
+        f"{type(model).__name__}.{method} must return a dict of scalar tensors with a 'loss' "
         f"entry (the objective; other entries are logged); got {got}"
     )
 

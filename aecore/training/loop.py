@@ -21,6 +21,7 @@ from aecore.training.evaluation import (
     chunk_losses,
     clearly_lower,
     input_dtype,
+    loss_terms,
     mean_losses,
     seed_device,
 )
@@ -275,8 +276,8 @@ class TrainingRun:
         self._report_progress()
         if self.optimizer is None:
             checked = {"checked": True} if self.data_checked else {}
-            terms = self.model.train_step(x, **checked)
-            return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
+            terms = loss_terms(self.model, self.model.train_step(x, **checked), "train_step")
+            return {k: v.detach() for k, v in terms.items()}
         lbfgs = isinstance(self.optimizer, torch.optim.LBFGS)  # its line search needs it finite
         terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where, defer=not lbfgs)
         # DDP averages processes' gradients: each weighted by its share of the global batch

@@ -104,6 +104,12 @@ class Trainer:
                 f"{type(model).__name__}.get_config() is not JSON-serialisable ({exc}): "
                 f"return plain numbers, strings, lists and dicts"
             ) from None
+        if not model.uses_optimizer and not callable(getattr(model, "train_step", None)):
+            raise ConfigError(
+                f"{type(model).__name__} sets uses_optimizer = False (it updates its own "
+                f"parameters) but has no train_step(x) method doing the update: define one "
+                f"returning its loss terms, or leave uses_optimizer True"
+            )
         _warn_ignored_optimizer_settings(model, self.config)
         _drop_stale_threshold(model)
         c = self.config.for_model(model)

@@ -299,6 +299,14 @@ def test_a_setting_given_twice_is_refused(capsys, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_set_reads_pythons_true_false_and_none_as_jsons():
+    # "False" stayed a string, which a plugin without its own check took as true
+    from aecore.cli.train import parse_set
+
+    got = parse_set(["bias=False", "a=True", "b=None", "c=false", "d=[1, 2]", "e=relu"])
+    assert got == {"bias": False, "a": True, "b": None, "c": False, "d": [1, 2], "e": "relu"}
+
+
 @pytest.mark.parametrize("bench", ["kernels", "onnx", "quality", "anomaly", "sae", "sae-step"])
 def test_a_benchmarks_json_file_is_checked_before_it_runs(capsys, tmp_path, bench):
     # an existing file was replaced at the end of the run; a bad folder failed only then

@@ -397,9 +397,16 @@ def test_resume_errors(tmp_path):
     fit(epochs=1, out_dir=tmp_path)
     other = aecore.create("ae", input_shape=(6,), latent_dim=3, hidden=[8])
     with pytest.raises(
-        ModelFileError, match="cannot resume: .* was written for a model with config"
+        ModelFileError,
+        match=r"cannot resume: .* other hyperparameters \(latent_dim 2 then, 3 now\): give the "
+        r"ones it was trained with",
     ):
         Trainer(epochs=2, batch_size=16, device="cpu", out_dir=tmp_path, resume=True).fit(other, X)
+    # another model whose config rebuilds this one's (its own keys at their defaults)
+    # resumed and replaced the saved model
+    denoiser = aecore.create("denoising", input_shape=(6,), latent_dim=2, hidden=[8])
+    with pytest.raises(ModelFileError, match=r"written for a PlainAutoencoder .* not a Denoising"):
+        Trainer(epochs=2, batch_size=16, out_dir=tmp_path, resume=True).fit(denoiser, X)
     with pytest.raises(
         ConfigError, match=r"cannot resume exactly: the checkpoint used batch_size=16"
     ):
@@ -735,7 +742,7 @@ def test_rows_outside_a_bounded_models_range_are_refused():
         (lambda loss: {"loss": float(loss)}, r"got 'loss' as float"),
         (lambda loss: {"loss": loss, "extra": 1.0}, r"got 'extra' as float"),
         (lambda loss: loss, r"got a Tensor"),
-        (lambda loss: {"objective": loss}, r"got no 'loss' entry"),
+        (lambda loss: {"objective": loss}, r"got the entries \['objective'\] but no 'loss'"),
     ],
 )
 def test_a_loss_that_breaks_the_contract_is_named(returns, says):
@@ -804,3 +811,14 @@ def test_a_read_only_array_trains_without_a_warning_from_torch():
         aecore.Trainer(epochs=1, progress=False).fit(
             aecore.create("ae", input_shape=(4,), latent_dim=2), x
         )
+
+
+def test_a_model_updating_itself_without_a_train_step_or_its_terms_is_named():
+    # a bare AttributeError ('float' object has no attribute 'items') from the loop
+    model = aecore.create("ae", input_shape=(4,), latent_dim=2)
+    model.uses_optimizer = False
+    with pytest.raises(ConfigError, match="uses_optimizer = False .* no train_step"):
+        Trainer(epochs=1, progress=False).fit(model, torch.rand(20, 4))
+    model.train_step = lambda x: 0.5
+    with pytest.raises(TrainingError, match=r"train_step must return a dict .* got a float"):
+        Trainer(epochs=1, progress=False).fit(model, torch.rand(20, 4))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from aecore._version import __version__
 from aecore.cli import activations, demo, inference, interchange, train
@@ -107,9 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # a command's warnings read like its errors: not a file, a line number and source
+    return f"aecore: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        return _run(args)
+    formatting, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = formatting
+
+
+def _run(args) -> int:
     try:
         threads = getattr(args, "threads", None)
         if threads is not None:

@@ -44,7 +44,7 @@ def add_commands(sub) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model hyperparameter (JSON value), repeatable",
+        help="model hyperparameter (JSON value; True, False, None as JSON's), repeatable",
     )
     add_config_flags(s)
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -120,8 +120,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+#: Python's spellings of JSON's literals: read as strings, "False" would be true
+PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set key=value``: values are JSON when they parse as JSON, else strings."""
+    """``--set key=value``: values are JSON when they parse as JSON (Python's True,
+    False and None too), else strings."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, eq, raw = item.partition("=")
@@ -130,6 +135,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value (e.g. hidden=[256,128]); got {item!r}")
         if key in out:  # the earlier value would be dropped without a word
             raise ConfigError(f"--set {key} is given twice; give it once")
+        if raw.strip() in PYTHON_LITERALS:
+            out[key] = PYTHON_LITERALS[raw.strip()]
+            continue
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:

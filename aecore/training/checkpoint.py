@@ -108,7 +108,7 @@ def write(
         tensors[f"rng.loader_start.{i}"] = start
     meta = {
         "format": FORMAT,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_class": _class_path(model),
         "model_config": model.get_config(),
         "normalization": _normalization(model),
         "optimizer": optim,
@@ -175,10 +175,18 @@ def read(
     tensors, meta = load_tensors(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an aecore checkpoint")
+    saved_class, this_class = meta.get("model_class"), _class_path(model)
+    if saved_class is not None and saved_class != this_class:  # its config may rebuild this
+        raise ModelFileError(
+            f"cannot resume: {path} was written for a {saved_class.rpartition('.')[2]} "
+            f"({saved_class}), not a {type(model).__name__}: resume with the model it "
+            f"trained, or start afresh (--overwrite)"
+        )
     if not _same_model(model, meta["model_config"]):
         raise ModelFileError(
-            f"cannot resume: {path} was written for a model with config "
-            f"{meta['model_config']}, not {model.get_config()}"
+            f"cannot resume: {path} was written for a model with other hyperparameters "
+            f"({_config_changes(meta['model_config'], model.get_config())}): give the ones "
+            f"it was trained with (--set, --latent-dim), or start afresh (--overwrite)"
         )
     saved_norm, norm = meta.get("normalization"), _normalization(model)
     if saved_norm is not None and norm is not None and not _same_scaling(saved_norm, norm):
@@ -336,6 +344,16 @@ def _state(tensors: dict[str, torch.Tensor], prefix: str, model) -> dict:
     """The state dict stored under ``prefix``, in the keys the model has now."""
     n = len(prefix)
     return current_state_keys(model, {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def _class_path(model) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """``"hidden [32] then, [256] now; dropout 0.1 then, 0.0 now"``."""
+    keys = [k for k in {**saved, **now} if saved.get(k) != now.get(k)]
+    return "; ".join(f"{k} {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys)
 
 
 def _same_model(model, saved_config: dict[str, Any]) -> bool:

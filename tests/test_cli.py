@@ -287,6 +287,13 @@ def test_eval_refuses_a_data_file_that_changed_and_names_a_missing_one(
     code, _, err = run(capsys, "eval", "c")
     assert code != 0 and "now holds 250 rows; the model was trained on its 200" in err
     assert run(capsys, "eval", "c", "--data", "csv:x.csv")[0] == 0  # other data, by choice
+    # as many rows, other values (another folder's file of the same name): evaluated
+    # as if they were the held-out rows
+    np.savetxt("x.csv", rows[50:], delimiter=",")
+    code, _, err = run(capsys, "eval", "c")
+    assert code != 0 and "csv:x.csv holds other values than the model was trained on" in err
+    np.savetxt("x.csv", rows[:200], delimiter=",")
+    assert run(capsys, "eval", "c")[0] == 0
     monkeypatch.chdir(tmp_path / "c")
     code, _, err = run(capsys, "eval", ".")
     assert code != 0 and "relative path is from the directory training ran in" in err
@@ -412,3 +419,31 @@ def test_train_of_a_code_as_wide_as_the_data_names_no_pca_ratio(tmp_path, capsys
     code, out, _ = run(capsys, *args, "--latent-dim", "16", "--epochs", "1", "--out",
                        str(tmp_path / "s"))  # fmt: skip
     assert code == 0 and "PCA of as many components is exact" in out and "n/a" not in out
+
+
+def test_a_commands_warnings_print_as_one_line(tmp_path):
+    # they named the launcher script's line and echoed `sys.exit(main())`
+    ran = subprocess.run(
+        [sys.executable, "-m", "aecore", "train", "ae", "--data", "digits", "--epochs", "1",
+         "--patience", "3", "--val-fraction", "0", "--out", str(tmp_path / "m"), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stderr.strip().splitlines()
+    assert lines and all(line.startswith("aecore: warning: ") for line in lines), lines
+    assert "patience=3 needs validation data" in ran.stderr
+
+
+def test_eval_reads_a_csvs_columns_by_name_as_encode_does(capsys, tmp_path, monkeypatch):
+    # a CSV of the same columns in another order was evaluated by position, without a word
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    rows = np.random.default_rng(0).random((80, 4))
+    np.savetxt("a.csv", rows, delimiter=",", header="w,x,y,z", comments="")
+    np.savetxt("b.csv", rows[:, ::-1], delimiter=",", header="z,y,x,w", comments="")
+    args = ["train", "ae", "--data", "csv:a.csv", "--latent-dim", "2", "--epochs", "1"]
+    assert run(capsys, *args, "--out", "m")[0] == 0
+    code, _, err = run(capsys, "eval", "m", "--data", "csv:b.csv")
+    assert code != 0 and "columns are in another order than at fit (w, x, y, z)" in err
+    assert run(capsys, "eval", "m", "--data", "csv:a.csv")[0] == 0

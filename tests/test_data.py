@@ -134,6 +134,32 @@ def test_inf_in_image_is_located(tmp_path):
         load_data(f"npy:{tmp_path / 'i.npy'}")
 
 
+def test_a_csv_with_pandas_index_or_a_header_of_wavelengths_reads_its_data(tmp_path):
+    # df.to_csv(path) writes the index as a first column under an empty header cell: it
+    # became a feature (named ''); a header of wavelengths became a data row
+    from aecore.data.sources import source_columns
+
+    (tmp_path / "i.csv").write_text(",a,b\n0,1.5,2\n1,3,4\n2,5,6\n")
+    np.testing.assert_array_equal(
+        load_data(f"csv:{tmp_path / 'i.csv'}").x, [[1.5, 2], [3, 4], [5, 6]]
+    )
+    assert source_columns(f"csv:{tmp_path / 'i.csv'}") == ["a", "b"]
+    (tmp_path / "w.csv").write_text("400,410,420\n0.1,0.2,0.3\n0.4,0.5,0.6\n")
+    assert load_data(f"csv:{tmp_path / 'w.csv'}").x.shape == (2, 3)
+    (tmp_path / "d.csv").write_text("400,410,430\n0.1,0.2,0.3\n")  # not evenly spaced: data
+    assert load_data(f"csv:{tmp_path / 'd.csv'}").x.shape == (2, 3)
+    (tmp_path / "n.csv").write_text("1,2,3\n4,5,6\n")  # integer rows below: data
+    assert load_data(f"csv:{tmp_path / 'n.csv'}").x.shape == (2, 3)
+
+
+def test_a_binary_file_read_as_csv_is_named_in_a_short_message(tmp_path):
+    # the whole binary "cell" (262 KB of NUL bytes) went into the one-line error
+    np.save(tmp_path / "x.npy", np.zeros((300, 100)))
+    with pytest.raises(DataError, match=r"characters\); .*\(the file is binary") as raised:
+        load_data(f"csv:{tmp_path / 'x.npy'}")
+    assert len(str(raised.value)) < 1000  # not the 240,000 characters of the cell
+
+
 def test_non_numeric_csv(tmp_path):
     (tmp_path / "b.csv").write_text("a,b\n1,2\n3,oops\n")
     with pytest.raises(DataError, match=r"line 3: non-numeric value 'oops'"):

@@ -188,6 +188,14 @@ def cmd_eval(args) -> int:
     from aecore.pipeline import evaluate
 
     model = load(args.model_dir)
+    names = getattr(model, "feature_names", None)
+    if args.data is not None and names is not None:  # columns go by name, as encode's do
+        from aecore.data.sources import source_columns
+        from aecore.runtime.arrays import check_columns
+
+        columns = source_columns(args.data)
+        if columns is not None:
+            check_columns(columns, names)
     prepared = prepare_like(model.metadata, args.data)
     metrics = evaluate(model, prepared)
     training = model.metadata.get("training")

@@ -112,32 +112,39 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
 
 def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
     """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised); a
-    first row with no number in it, or equal to ``names`` (a model's columns, which may
-    be numbers such as wavelengths), is a header."""
+    first row with no number in it, equal to ``names`` (a model's columns, which may
+    be numbers such as wavelengths) or of evenly spaced integers (wavelengths again), is
+    a header. A header whose first cell is empty is pandas' ``to_csv`` with its index:
+    that column is the index, not data, and is dropped."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
     width = None
     # utf-8-sig: a byte-order mark would otherwise make the first row look like a header
-    first = True
+    first, skip = True, 0
+    following = _first_rows(p)[1:]
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            if first and _is_header(line, names):
-                first = False
+            if first and _is_header(line, names, following[0] if following else None):
+                first, skip = False, int(_indexed(_header_cells(line)))
                 continue
             first = False
-            cells = [c.strip() for c in line.split(",")]
+            cells = [c.strip() for c in line.split(",")][skip:]
             try:
                 values = [float(c) for c in cells]
             except ValueError:
                 bad = next(c for c in cells if not _is_float(c))
                 other = next((d for d in (";", "\t", "|") if d in bad), None)
                 hint = f" (the file separates values by {other!r}: save it with commas)"
+                hint = hint if other else ""
+                if "\x00" in bad or "\ufffd" in bad:
+                    hint = " (the file is binary, not text: is it a .npy or another format?)"
+                shown = repr(bad) if len(bad) <= 60 else f"{bad[:60]!r}... ({len(bad)} characters)"
                 raise DataError(
-                    f"csv: {p} line {lineno}: non-numeric value {bad!r}; every cell after the "
-                    f"header must be a number{hint if other else ''}"
+                    f"csv: {p} line {lineno}: non-numeric value {shown}; every cell after the "
+                    f"header must be a number{hint}"
                 ) from None
             if width is None:
                 width = len(values)
@@ -151,24 +158,47 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
 
 def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | None:
     """The column names of a CSV's header row (``read_csv``'s rule), or None."""
+    rows = _first_rows(Path(path))
+    if not rows or not _is_header(rows[0], names, rows[1] if len(rows) > 1 else None):
+        return None
+    cells = _header_cells(rows[0])
+    return cells[1:] if _indexed(cells) else cells
+
+
+def _first_rows(path: Path, count: int = 2) -> list[str]:
+    """The first ``count`` non-empty lines (what a header is told apart by)."""
+    rows = []
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
-                return _header_cells(line) if _is_header(line, names) else None
-    return None
+                rows.append(line.strip())
+                if len(rows) == count:
+                    break
+    return rows
 
 
-def _is_header(line: str, names: list[str] | None) -> bool:
+def _indexed(header: list[str]) -> bool:
+    """pandas writes its index as a first column whose header cell is empty."""
+    return len(header) > 1 and header[0] == ""
+
+
+def _is_header(line: str, names: list[str] | None, following: str | None = None) -> bool:
     """Whether a CSV's first row is its header: it names the columns ``names`` (a
     model's, which may be numbers), it is pandas' header for unnamed columns (0, 1, ...,
-    n - 1, from three columns on: a data row so is unlikely), or no cell of it is a
-    number (a first data row with one missing cell is not a header, and is refused as
+    n - 1, from three columns on: a data row so is unlikely), it is evenly spaced integers
+    (wavelengths) above a ``following`` row that is not all integers, or no cell of it is
+    a number (a first data row with one missing cell is not a header, and is refused as
     such)."""
     cells = _header_cells(line)
     if names is not None and cells == list(names):
         return True
     if len(cells) >= 3 and cells == [str(i) for i in range(len(cells))]:
         return True
+    if len(cells) >= 3 and all(c.lstrip("-").isdigit() for c in cells) and following:
+        steps = {int(b) - int(a) for a, b in zip(cells, cells[1:])}
+        data = [c.strip() for c in following.split(",")]
+        if len(steps) == 1 and steps != {0} and not all(c.lstrip("-").isdigit() for c in data):
+            return True
     return not any(_is_float(c) for c in cells)
 
 

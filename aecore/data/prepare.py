@@ -65,6 +65,7 @@ def prepare(
     record = {
         "source": source,
         "rows": len(dataset),
+        "fingerprint": fingerprint(dataset.x),
         "shape": list(dataset.shape),
         "seed": seed,
         "val_fraction": val_fraction,
@@ -101,7 +102,7 @@ def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Pre
             f"{exc} (the data source recorded at training, {data['source']!r}: a relative "
             f"path is from the directory training ran in; pass --data to name it)"
         ) from None
-    rows = data.get("rows")
+    rows, recorded_print = data.get("rows"), data.get("fingerprint")
     if recorded and isinstance(rows, int) and rows != len(prepared.dataset):
         # the split is drawn by row count: other rows would put training rows in the test
         raise DataError(
@@ -109,6 +110,27 @@ def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Pre
             f"on its {rows}, and a split of the changed data would mix training rows into "
             f"the test rows. Restore the data, or pass --data to evaluate on other data"
         )
+    if (  # (folders saved before fingerprints were recorded have none)
+        recorded
+        and isinstance(recorded_print, float)
+        and not np.isclose(prepared.record["fingerprint"], recorded_print, rtol=1e-9, atol=0)
+    ):
+        raise DataError(
+            f"{data['source']} holds other values than the model was trained on (a relative "
+            f"path is from the directory training ran in): its test rows would not be the "
+            f"ones held out. Run from there, or pass --data to evaluate on other data"
+        )
     # inference always uses the normalisation stored with the model
     prepared.normalization = Normalization.from_dict(model_record.get("normalization"))
     return prepared
+
+
+def fingerprint(x: Any) -> float:
+    """A number that other rows, or the same ones reordered, change: up to 64 evenly
+    spaced rows, each value weighted by a fixed pseudo-random weight (cheap on a memory
+    map or an activation cache: 64 rows are read)."""
+    n = len(x)
+    picks = np.unique(np.linspace(0, n - 1, min(n, 64)).round().astype(np.int64))
+    rows = np.asarray(x[picks], dtype=np.float64).reshape(len(picks), -1)
+    weights = np.random.default_rng(0).random(rows.shape) + 0.5
+    return float((np.nan_to_num(rows) * weights).sum())

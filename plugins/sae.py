@@ -286,7 +286,7 @@ def _k(value, latent_dim: int) -> int:
         return params.integer("k", value, low=1, high=latent_dim)
     except ConfigError as exc:
         raise ConfigError(
-            f"{exc} (k counts active latents: at most latent_dim={latent_dim})"
+            f"{exc}, or 'auto' (k counts active latents: at most latent_dim={latent_dim})"
         ) from None
 
 

@@ -619,6 +619,18 @@ def test_a_first_batch_refused_leaves_no_cache_behind(lm_dir, tokens, tmp_path):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
+def test_token_ids_beyond_a_plain_modules_embedding_are_named(importable, tmp_path):
+    # a model without a transformers config failed with torch's bare IndexError, and
+    # negative ids were said to lie outside 0..inf
+    for bad, row in ((100, 3), (-1, 5)):
+        ids = np.random.default_rng(0).integers(0, 100, (8, 5))
+        ids[row, 2] = bad
+        np.save(tmp_path / "ids.npy", ids)
+        with pytest.raises(DataError, match=rf"token id {bad} in input row {row} .*\(0..99\)"):
+            extract_activations("tiny_mlp:Pooled", f"npy:{tmp_path / 'ids.npy'}", ["head"],
+                                tmp_path / "c", dtype="float32")  # fmt: skip
+
+
 def test_a_resume_sees_input_rows_changed_anywhere(lm_dir, tmp_path):
     # only the first and last 16 rows were fingerprinted: a file rewritten in between
     # resumed into a cache mixing two data sets
@@ -637,7 +649,7 @@ def test_ce_loss_recovered_on_a_whole_model_output_and_bad_tokens(tokens):
     model, ids = _tiny_lm(), tokens[0]
     same = ce_loss_recovered(model, "transformer", lambda a: a, ids)
     assert same["ce_loss_recovered"] == 1.0
-    with pytest.raises(DataError, match=r"the model's vocabulary is 0..99"):
+    with pytest.raises(DataError, match=r"the model takes 0..99"):
         ce_loss_recovered(model, "transformer.h.0", lambda a: a, ids + 100)
     with pytest.raises(DataError, match=r"N >= 1"):
         ce_loss_recovered(model, "transformer.h.0", lambda a: a, ids[:0])

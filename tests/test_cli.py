@@ -447,3 +447,29 @@ def test_eval_reads_a_csvs_columns_by_name_as_encode_does(capsys, tmp_path, monk
     code, _, err = run(capsys, "eval", "m", "--data", "csv:b.csv")
     assert code != 0 and "columns are in another order than at fit (w, x, y, z)" in err
     assert run(capsys, "eval", "m", "--data", "csv:a.csv")[0] == 0
+
+
+def test_arguments_users_get_wrong_are_named_before_anything_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # an unset shell variable as --out wrote the model into the current directory
+    with pytest.raises(SystemExit):
+        main(["train", "ae", "--data", "digits", "--out", ""])
+    assert "--out is empty" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    (tmp_path / "afile.txt").write_text("kept")
+    code, _, err = run(capsys, "train", "ae", "--data", "digits", "--out", "afile.txt")
+    assert code != 0 and "--out afile.txt is a file" in err
+    assert (tmp_path / "afile.txt").read_text() == "kept"
+    code, _, err = run(capsys, *train_args(1, "m"), "--resume", "--overwrite")
+    assert code != 0 and "give one" in err
+    code, _, err = run(capsys, *train_args(1, "m"), "--set", "dropout=[32,")
+    assert code != 0 and "--set dropout=[32,: not valid JSON" in err
+    # "rerun with --debug": where users put it, at the end, it was an unknown argument
+    with pytest.raises(ValueError, match="hidden must be"):
+        main([*train_args(1, "m")[:-2], "--set", "hidden=[-1]", "--debug"])
+
+
+def test_running_out_of_memory_is_the_users_error_not_an_internal_one():
+    from aecore.cli.main import _out_of_memory
+
+    assert _out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp] can't allocate memory"))
+    assert _out_of_memory(MemoryError()) and not _out_of_memory(RuntimeError("mat1 and mat2"))

@@ -264,6 +264,11 @@ def test_data_units_tell_unit_interval_intensities_one_scale_and_units_of_their_
     faint = digits * 16.0
     faint[:, 0] = np.random.default_rng(1).random(len(faint)) * 0.02
     assert data_units(faint) == INTENSITY
+    # a year beside pixel counts varies as little, but its offset would set one scale
+    # from 0 to 2024 and squash the pixels into [0, 0.008]: nothing trained
+    years = np.random.default_rng(2).integers(2015, 2025, len(digits))
+    assert data_units(np.column_stack([digits, years])) == OWN
+    assert data_units(np.column_stack([digits, years - 2015])) == INTENSITY
 
     assert data_units(np.full((5, 3), 7.0)) == SHARED  # nothing varies: nothing to rescale
     # rows seen through a view (a memory map's split) count, not the whole array

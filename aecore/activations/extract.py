@@ -34,6 +34,8 @@ from aecore.activations.models import (
     first_tensor,
     legacy_fingerprint,
     load_model,
+    vocabulary,
+    vocabulary_size,
 )
 from aecore.activations.writer import CacheWriter
 from aecore.data.sources import load_data
@@ -253,14 +255,14 @@ def _batch(inputs, first: int, size: int, net: nn.Module, device: torch.device) 
         dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
         rows = torch.from_numpy(np.array(block))  # float64 rows stay float64 for float64
         return rows.to(device, dtype or torch.float32)
-    vocab = getattr(getattr(net, "config", None), "vocab_size", None)
+    vocab = vocabulary_size(net)
     low, high = int(block.min()), int(block.max())
-    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+    if low < 0 or (vocab is not None and high >= vocab):
         bad = low if low < 0 else high
         row = first + int(np.argwhere(block == bad)[0][0])
         raise DataError(
             f"data: token id {bad} in input row {row} is outside the model's vocabulary "
-            f"(0..{vocab - 1 if isinstance(vocab, int) else 'inf'})"
+            f"({vocabulary(vocab)})"
         )
     return torch.as_tensor(block.astype(np.int64)).to(device)
 

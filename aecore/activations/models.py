@@ -146,6 +146,24 @@ def close_module_names(model: nn.Module, name: str, count: int = 6) -> list[str]
     return merged[:count] or every[:count]
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """How many token ids ``model`` embeds: a transformers config's ``vocab_size``, else
+    its input embedding's rows (None where it embeds no tokens)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int):
+        return vocab
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, nn.Embedding):
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return embedding.num_embeddings if embedding is not None else None
+
+
+def vocabulary(vocab: int | None) -> str:
+    """The ids a vocabulary takes, for messages."""
+    return f"0..{vocab - 1}" if vocab is not None else "non-negative ids"
+
+
 def fingerprint(model: nn.Module) -> str:
     """``MODEL_SCHEME`` and a sha256 of the model's structure (its modules' repr: layer
     types and their settings, an activation swapped included), of the names, shapes and

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecore.activations.models import find_modules, first_tensor
+from aecore.activations.models import find_modules, first_tensor, vocabulary, vocabulary_size
 from aecore.base import Autoencoder, eval_mode
 from aecore.errors import ConfigError, DataError
 from aecore.keywords import checked_keywords
@@ -52,11 +52,11 @@ def ce_loss_recovered(
             f"tokens: expected integer token ids of shape (N >= 1, seq_len >= 2); got "
             f"{ids.dtype} {tuple(ids.shape)}"
         )
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if int(ids.min()) < 0 or (isinstance(vocab, int) and int(ids.max()) >= vocab):
+    vocab = vocabulary_size(model)
+    if int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab):
         raise DataError(
-            f"tokens: ids in [{int(ids.min())}, {int(ids.max())}]; the model's vocabulary is "
-            f"0..{vocab - 1 if isinstance(vocab, int) else 'inf'}"
+            f"tokens: ids in [{int(ids.min())}, {int(ids.max())}]; the model takes "
+            f"{vocabulary(vocab)}"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     replace: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None]

@@ -115,7 +115,15 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug works wherever it is put: errors say "rerun with --debug", and users add
+    # it at the end, where the subcommand's parser would refuse it
+    debug = "--debug" in argv
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    for key, value in vars(args).items():
+        if isinstance(value, str) and not value.strip():  # an unset shell variable
+            parser.error(f"{_argument_name(parser, key)} is empty: give a path or value")
     if args.debug:
         return _run(args)
     formatting, warnings.formatwarning = warnings.formatwarning, _one_line_warning
@@ -146,6 +154,12 @@ def _run(args) -> int:
         missing = _missing_package(exc)
         if missing:
             print(f"aecore: error: {missing}", file=sys.stderr)
+        elif _out_of_memory(exc):
+            print(
+                f"aecore: error: out of memory ({type(exc).__name__}: {exc}): a smaller "
+                f"model, batch size or data set",
+                file=sys.stderr,
+            )
         elif isinstance(exc, (AecoreError, OSError)):
             print(f"aecore: error: {exc}", file=sys.stderr)
         else:
@@ -158,6 +172,26 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("aecore: interrupted", file=sys.stderr)
         return 130
+
+
+def _argument_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    """How the command line spells the argument stored as ``dest`` (``--out``)."""
+    actions = list(parser._actions)
+    while actions:
+        action = actions.pop()
+        if isinstance(action, argparse._SubParsersAction):
+            actions.extend(a for p in action.choices.values() for a in p._actions)
+        elif action.dest == dest:
+            return max(action.option_strings, key=len, default=action.metavar or dest)
+    return dest
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text)
+    )
 
 
 _PIP_NAMES = {"sklearn": "scikit-learn", "onnxruntime": "onnxruntime", "PIL": "pillow"}

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from aecore.cli.tables import format_ratio, print_table
@@ -140,7 +141,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             continue
         try:
             out[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if raw.strip()[:1] in ("[", "{", '"'):  # meant as JSON, not a plain string
+                raise ConfigError(f"--set {item}: not valid JSON ({exc.msg})") from None
             out[key] = raw
     return out
 
@@ -148,6 +151,12 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def cmd_train(args) -> int:
     from aecore.pipeline import train
 
+    if args.resume and args.overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite replaces it: give one"
+        )
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a folder to write the model into")
     config = config_from_args(args)
     hparams = parse_set(args.set)
     with GracefulStop() as stopper:

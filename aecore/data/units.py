@@ -48,7 +48,11 @@ def data_units(train) -> str:
         spread = float(varying.max()) > SHARED_SCALE_SPREAD * typical
         # (intensities keep a faint pixel faint: a residue after resizing is no unit)
         gap = not intensity and float(varying.min()) * SHARED_SCALE_GAP < typical
-        if spread or gap:
+        # one scale from the table's lowest value to its highest (min-max as a whole)
+        # must not be set by a feature's offset: a year column (2015-2024) beside pixel
+        # counts varies as little as they do, but would squash them into [0, 0.008]
+        offset = float((low + ranges).max() - low.min()) > SHARED_SCALE_SPREAD * typical
+        if spread or gap or offset:
             return OWN
     # one scale (or one feature: nothing to weigh against another)
     return INTENSITY if intensity else SHARED

@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from aecore.base import current_state_keys
@@ -18,7 +17,6 @@ from aecore.config import TrainConfig
 from aecore.errors import ConfigError, ModelFileError
 from aecore.io.atomic import atomic_write_text, write_error
 from aecore.io.model_folder import CONFIG
-from aecore.io.model_folder import saved_config as saved_config_of
 from aecore.io.tensors import (
     check_safetensors_header,
     flatten_state,
@@ -26,6 +24,7 @@ from aecore.io.tensors import (
     save_tensors,
     unflatten_state,
 )
+from aecore.training.model_identity import check_same_model, normalization_record, registry_name
 from aecore.training.state import History, RunState
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -109,8 +108,9 @@ def write(
     meta = {
         "format": FORMAT,
         "model_class": _class_path(model),
+        "model_name": registry_name(type(model)),
         "model_config": model.get_config(),
-        "normalization": _normalization(model),
+        "normalization": normalization_record(model),
         "optimizer": optim,
         "epoch": state.epoch,
         "epoch_step": state.epoch_step,
@@ -175,35 +175,7 @@ def read(
     tensors, meta = load_tensors(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an aecore checkpoint")
-    saved_class, this_class = meta.get("model_class"), _class_path(model)
-    if saved_class is not None and saved_class != this_class:  # its config may rebuild this
-        raise ModelFileError(
-            f"cannot resume: {path} was written for a {saved_class.rpartition('.')[2]} "
-            f"({saved_class}), not a {type(model).__name__}: resume with the model it "
-            f"trained, or start afresh (--overwrite)"
-        )
-    if not _same_model(model, meta["model_config"]):
-        raise ModelFileError(
-            f"cannot resume: {path} was written for a model with other hyperparameters "
-            f"({_config_changes(meta['model_config'], model.get_config())}): give the ones "
-            f"it was trained with (--set, --latent-dim), or start afresh (--overwrite)"
-        )
-    saved_norm, norm = meta.get("normalization"), _normalization(model)
-    if saved_norm is not None and norm is not None and not _same_scaling(saved_norm, norm):
-        before, after = _describe(saved_norm), _describe(norm)
-        if before == after:  # the same kind fitted on other rows: other data
-            raise ModelFileError(
-                f"cannot resume: {path} was trained on other data (normalised {before} "
-                f"with scale {_first(saved_norm, 'scale')} and shift "
-                f"{_first(saved_norm, 'shift')}; this data gives {_first(norm, 'scale')} and "
-                f"{_first(norm, 'shift')}); resume on the data it was trained on, or start "
-                f"afresh (--overwrite)"
-            )
-        raise ModelFileError(
-            f"cannot resume: {path} was trained on data normalised {before}, and this run "
-            f"normalises it {after}; resume with the normalisation it was trained with "
-            f"(--normalize), or start afresh (--overwrite)"
-        )
+    check_same_model(path, meta, model)
     if meta["world_size"] != world:
         raise ConfigError(
             f"cannot resume exactly: the checkpoint was written by {meta['world_size']} "
@@ -348,50 +320,6 @@ def _state(tensors: dict[str, torch.Tensor], prefix: str, model) -> dict:
 
 def _class_path(model) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
-
-
-def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
-    """``"hidden [32] then, [256] now; dropout 0.1 then, 0.0 now"``."""
-    keys = [k for k in {**saved, **now} if saved.get(k) != now.get(k)]
-    return "; ".join(f"{k} {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys)
-
-
-def _same_model(model, saved_config: dict[str, Any]) -> bool:
-    """Whether the checkpoint's model config builds this model. Compared after a rebuild,
-    so that hyperparameters added since the checkpoint (at their defaults) match, and
-    without those that only change how the trained model scores."""
-    scoring = set(getattr(model, "scoring_hparams", ()))
-    mine = {k: v for k, v in model.get_config().items() if k not in scoring}
-    if {k: v for k, v in saved_config.items() if k not in scoring} == mine:
-        return True
-    try:
-        rebuilt = type(model)(**saved_config_of(type(model), saved_config)).get_config()
-    except Exception:  # a config this class no longer takes
-        return False
-    return {k: v for k, v in rebuilt.items() if k not in scoring} == mine
-
-
-def _normalization(model) -> dict[str, Any] | None:
-    norm = getattr(model, "normalization", None)
-    return norm.to_dict() if norm is not None else None
-
-
-def _same_scaling(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if a.get("kind") != b.get("kind") or len(a.get("shift", ())) != len(b.get("shift", ())):
-        return False
-    return all(np.allclose(a.get(k, ()), b.get(k, ()), rtol=1e-9) for k in ("shift", "scale"))
-
-
-def _first(norm: dict[str, Any], key: str) -> str:
-    values = list(norm.get(key, ()))
-    return f"{values[0]:.4g}" + (", ..." if len(values) > 1 else "") if values else "none"
-
-
-def _describe(norm: dict[str, Any]) -> str:
-    if norm.get("kind", "none") == "none":
-        return "not at all"
-    size = len(norm.get("scale", ()))
-    return f"by {norm['kind']} ({'per feature' if size > 1 else 'one scale for all'})"
 
 
 def _changed_settings(

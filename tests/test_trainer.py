@@ -828,3 +828,6 @@ def test_a_model_updating_itself_without_a_train_step_or_its_terms_is_named():
     model.train_step = lambda x: 0.5
     with pytest.raises(TrainingError, match=r"train_step must return a dict .* got a float"):
         Trainer(epochs=1, progress=False).fit(model, torch.rand(20, 4))
+    model.train_step = lambda x: {"loss": 0.5, "recon": 0.25}  # plain numbers: as before
+    history = Trainer(epochs=1, progress=False).fit(model, torch.rand(20, 4))
+    assert history.epochs[-1]["train_recon"] == 0.25

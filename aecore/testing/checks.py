@@ -233,6 +233,8 @@ def check_loss(spec: ModelSpec) -> None:
         )
         spec.fail("loss", f"{method}() must return a dict with key 'loss'; got {got}")
     for key, value in terms.items():
+        if method == "train_step" and isinstance(value, (int, float)):
+            value = torch.tensor(float(value))  # an own update rule may report numbers
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             spec.fail("loss", f"term {key!r} must be a scalar tensor")
         if not torch.isfinite(value):

@@ -5,6 +5,7 @@ and the paired test that decides whether trained weights beat a known start."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -144,7 +145,10 @@ def check_in_input_range(model, x: torch.Tensor) -> None:
 def loss_terms(model, terms, method: str = "loss") -> dict:
     """``terms``, what ``model.loss`` (or ``method``) returned, if it keeps the contract:
     a dict of scalar tensors with a ``"loss"`` entry (a plugin's float or bare tensor
-    named here, not deep in the trainer)."""
+    named here, not deep in the trainer). A ``train_step`` (an own update rule, no
+    autograd) may report plain numbers."""
+    if method != "loss" and isinstance(terms, dict):
+        terms = {k: torch.tensor(float(v)) if _is_number(v) else v for k, v in terms.items()}
     if isinstance(terms, dict) and "loss" in terms:
         bad = [k for k, v in terms.items() if not (isinstance(v, torch.Tensor) and v.numel() == 1)]
         if not bad:
@@ -162,6 +166,10 @@ def loss_terms(model, terms, method: str = "loss") -> dict:
         f"{type(model).__name__}.{method} must return a dict of scalar tensors with a 'loss' "
         f"entry (the objective; other entries are logged); got {got}"
     )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def input_dtype(model) -> torch.dtype:

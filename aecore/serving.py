@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.errors import ModelFileError
+from aecore.errors import ModelFileError, ShapeError
 from aecore.keywords import checked_keywords
 from aecore.runtime import DEFAULT_BATCH_SIZE, ArrayModel, OnnxAutoencoder
 
@@ -59,6 +59,12 @@ class TorchArrayModel(ArrayModel):
                 out = self.model.decode(x)
             else:
                 out = self.model(x)
+        want = (len(batch), *(self.input_shape if part != "encoder" else (self.latent_dim,)))
+        if tuple(out.shape) != want:  # a plugin's wrong width, not served as it is
+            raise ShapeError(
+                f"{type(self.model).__name__}: its {part} part gave {tuple(out.shape)} for "
+                f"{len(batch)} rows; expected {want}"
+            )
         result = out.float().numpy()
         # the caller changes outputs in place: never hand back a view of the input
         return result.copy() if np.may_share_memory(result, batch) else result

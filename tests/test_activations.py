@@ -631,6 +631,19 @@ def test_token_ids_beyond_a_plain_modules_embedding_are_named(importable, tmp_pa
                                 tmp_path / "c", dtype="float32")  # fmt: skip
 
 
+def test_the_vocabulary_of_a_plain_module_is_its_largest_embedding():
+    from torch import nn
+
+    from aecore.activations.models import vocabulary_size
+
+    class Positions(nn.Module):  # positions declared before tokens
+        def __init__(self):
+            super().__init__()
+            self.pos, self.tok = nn.Embedding(16, 4), nn.Embedding(1000, 4)
+
+    assert vocabulary_size(Positions()) == 1000 and vocabulary_size(nn.Linear(2, 2)) is None
+
+
 def test_a_resume_sees_input_rows_changed_anywhere(lm_dir, tmp_path):
     # only the first and last 16 rows were fingerprinted: a file rewritten in between
     # resumed into a cache mixing two data sets

@@ -465,9 +465,15 @@ def test_arguments_users_get_wrong_are_named_before_anything_runs(capsys, tmp_pa
     assert code != 0 and "give one" in err
     code, _, err = run(capsys, *train_args(1, "m"), "--set", "dropout=[32,")
     assert code != 0 and "--set dropout=[32,: not valid JSON" in err
+    with pytest.raises(SystemExit):  # named as the subcommand spells it, with its usage
+        main(["encode", "", "--input", "a.npy", "--output", "b.npy"])
+    err = capsys.readouterr().err
+    assert "aecore encode: error: model is empty" in err and "--model" not in err
     # "rerun with --debug": where users put it, at the end, it was an unknown argument
     with pytest.raises(ValueError, match="hidden must be"):
         main([*train_args(1, "m")[:-2], "--set", "hidden=[-1]", "--debug"])
+    with pytest.raises(ValueError, match="hidden must be"):  # argparse's prefix of it too
+        main(["--deb", *train_args(1, "m")[:-2], "--set", "hidden=[-1]"])
 
 
 def test_running_out_of_memory_is_the_users_error_not_an_internal_one():

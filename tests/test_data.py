@@ -144,12 +144,21 @@ def test_a_csv_with_pandas_index_or_a_header_of_wavelengths_reads_its_data(tmp_p
         load_data(f"csv:{tmp_path / 'i.csv'}").x, [[1.5, 2], [3, 4], [5, 6]]
     )
     assert source_columns(f"csv:{tmp_path / 'i.csv'}") == ["a", "b"]
-    (tmp_path / "w.csv").write_text("400,410,420\n0.1,0.2,0.3\n0.4,0.5,0.6\n")
-    assert load_data(f"csv:{tmp_path / 'w.csv'}").x.shape == (2, 3)
-    (tmp_path / "d.csv").write_text("400,410,430\n0.1,0.2,0.3\n")  # not evenly spaced: data
-    assert load_data(f"csv:{tmp_path / 'd.csv'}").x.shape == (2, 3)
-    (tmp_path / "n.csv").write_text("1,2,3\n4,5,6\n")  # integer rows below: data
-    assert load_data(f"csv:{tmp_path / 'n.csv'}").x.shape == (2, 3)
+    nm = ",".join(str(400 + 10 * i) for i in range(16))
+    values = ",".join(["0.5"] * 16)
+    (tmp_path / "w.csv").write_text(f"{nm}\n{values}\n{values}\n")
+    assert load_data(f"csv:{tmp_path / 'w.csv'}").x.shape == (2, 16)
+    (tmp_path / "d.csv").write_text(f"{nm.replace('550', '551')}\n{values}\n")  # uneven
+    assert len(load_data(f"csv:{tmp_path / 'd.csv'}").x) == 2
+    (tmp_path / "r.csv").write_text("10,20,30,40\n0.5,0.5,0.5,0.5\n")  # a short ramp: data
+    assert len(load_data(f"csv:{tmp_path / 'r.csv'}").x) == 2
+    (tmp_path / "n.csv").write_text(f"{nm}\n{nm}\n")  # integer rows below: data
+    assert load_data(f"csv:{tmp_path / 'n.csv'}").x.shape == (2, 16)
+    # a model of an older version, which trained on the index, keeps it
+    from aecore.data.files import csv_header, read_csv
+
+    assert csv_header(tmp_path / "i.csv", ["", "a", "b"]) == ["", "a", "b"]
+    assert read_csv(str(tmp_path / "i.csv"), ["", "a", "b"]).shape == (3, 3)
 
 
 def test_a_binary_file_read_as_csv_is_named_in_a_short_message(tmp_path):

@@ -59,12 +59,14 @@ def test_a_misspelt_keyword_names_the_closest_one(name):
         assert isinstance(raised.value, KeywordError) and isinstance(raised.value, TypeError)
 
 
-@pytest.mark.parametrize("method", ["encode", "reconstruct", "score", "predict", "predict_proba"])
+@pytest.mark.parametrize("method", ["predict", "predict_proba"])
 def test_served_models_name_the_closest_keyword(served, method):
+    # (encode, reconstruct and score keep Python's own error: the batch-1 serving path
+    # does not pay for a wrapper)
     x = np.random.default_rng(0).random((3, 6), dtype=np.float32)
     for model in served:
         getattr(model, method)(x)  # the right call works
-        typo = {"predict": "return_confidance", "predict_proba": "methd"}.get(method, "batchsize")
+        typo = {"predict": "return_confidance", "predict_proba": "methd"}[method]
         with pytest.raises(KeywordError, match="did you mean"):
             getattr(model, method)(x, **{typo: 1})
 

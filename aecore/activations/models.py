@@ -148,15 +148,18 @@ def close_module_names(model: nn.Module, name: str, count: int = 6) -> list[str]
 
 def vocabulary_size(model: nn.Module) -> int | None:
     """How many token ids ``model`` embeds: a transformers config's ``vocab_size``, else
-    its input embedding's rows (None where it embeds no tokens)."""
+    its input embedding's rows, else its largest embedding's (None where it has none)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         return vocab
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
-    if not isinstance(embedding, nn.Embedding):
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    return embedding.num_embeddings if embedding is not None else None
+    if isinstance(embedding, nn.Embedding):
+        return embedding.num_embeddings
+    # the largest embedding: the tokens' (positions and types have fewer rows), so no
+    # valid id is refused
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
 
 
 def vocabulary(vocab: int | None) -> str:

@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     # it at the end, where the subcommand's parser would refuse it
     debug = "--debug" in argv
     args = parser.parse_args([a for a in argv if a != "--debug"])
-    args.debug = debug
+    args.debug = args.debug or debug  # (--deb, argparse's prefix, sets it too)
+    command = _subparser(parser, args)
     for key, value in vars(args).items():
         if isinstance(value, str) and not value.strip():  # an unset shell variable
-            parser.error(f"{_argument_name(parser, key)} is empty: give a path or value")
+            command.error(f"{_argument_name(command, key)} is empty: give a path or value")
     if args.debug:
         return _run(args)
     formatting, warnings.formatwarning = warnings.formatwarning, _one_line_warning
@@ -174,14 +175,20 @@ def _run(args) -> int:
         return 130
 
 
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` were parsed by: its arguments, its usage."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs and subs[0].dest else None
+        if chosen not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[chosen]
+
+
 def _argument_name(parser: argparse.ArgumentParser, dest: str) -> str:
     """How the command line spells the argument stored as ``dest`` (``--out``)."""
-    actions = list(parser._actions)
-    while actions:
-        action = actions.pop()
-        if isinstance(action, argparse._SubParsersAction):
-            actions.extend(a for p in action.choices.values() for a in p._actions)
-        elif action.dest == dest:
+    for action in parser._actions:
+        if action.dest == dest:
             return max(action.option_strings, key=len, default=action.metavar or dest)
     return dest
 

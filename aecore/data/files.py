@@ -113,8 +113,8 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
 def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
     """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised); a
     first row with no number in it, equal to ``names`` (a model's columns, which may
-    be numbers such as wavelengths) or of evenly spaced integers (wavelengths again), is
-    a header. A header whose first cell is empty is pandas' ``to_csv`` with its index:
+    be numbers such as wavelengths) or of evenly spaced integers (wavelengths again,
+    from 16 columns on, above a row that is not all integers), is a header. A header whose first cell is empty is pandas' ``to_csv`` with its index:
     that column is the index, not data, and is dropped."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
@@ -128,7 +128,7 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
             if not line:
                 continue
             if first and _is_header(line, names, following[0] if following else None):
-                first, skip = False, int(_indexed(_header_cells(line)))
+                first, skip = False, int(_indexed(_header_cells(line), names))
                 continue
             first = False
             cells = [c.strip() for c in line.split(",")][skip:]
@@ -162,7 +162,7 @@ def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | 
     if not rows or not _is_header(rows[0], names, rows[1] if len(rows) > 1 else None):
         return None
     cells = _header_cells(rows[0])
-    return cells[1:] if _indexed(cells) else cells
+    return cells[1:] if _indexed(cells, names) else cells
 
 
 def _first_rows(path: Path, count: int = 2) -> list[str]:
@@ -177,9 +177,14 @@ def _first_rows(path: Path, count: int = 2) -> list[str]:
     return rows
 
 
-def _indexed(header: list[str]) -> bool:
-    """pandas writes its index as a first column whose header cell is empty."""
-    return len(header) > 1 and header[0] == ""
+#: the fewest columns of evenly spaced integers read as a header of wavelengths
+WAVELENGTH_COLUMNS = 16
+
+
+def _indexed(header: list[str], names: list[str] | None = None) -> bool:
+    """pandas writes its index as a first column whose header cell is empty (kept where
+    ``names``, a model's columns, include it: older versions trained on it)."""
+    return len(header) > 1 and header[0] == "" and not (names and names[0] == "")
 
 
 def _is_header(line: str, names: list[str] | None, following: str | None = None) -> bool:
@@ -194,7 +199,13 @@ def _is_header(line: str, names: list[str] | None, following: str | None = None)
         return True
     if len(cells) >= 3 and cells == [str(i) for i in range(len(cells))]:
         return True
-    if len(cells) >= 3 and all(c.lstrip("-").isdigit() for c in cells) and following:
+    # (many columns: a short data row may be evenly spaced integers; a spectrum's header
+    # of wavelengths runs to hundreds)
+    if (
+        len(cells) >= WAVELENGTH_COLUMNS
+        and all(c.lstrip("-").isdigit() for c in cells)
+        and following
+    ):
         steps = {int(b) - int(a) for a, b in zip(cells, cells[1:])}
         data = [c.strip() for c in following.split(",")]
         if len(steps) == 1 and steps != {0} and not all(c.lstrip("-").isdigit() for c in data):

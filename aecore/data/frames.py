@@ -20,10 +20,15 @@ def check_numeric_columns(data: Any, name: str) -> None:
     not its column."""
     if not is_frame(data):
         return
+    try:  # numbers held as objects convert, as scikit-learn converts them
+        data.to_numpy(dtype=np.float64)
+        return
+    except (TypeError, ValueError):
+        pass
     bad = [
-        f"{column!r} ({dtype})"
-        for column, dtype in zip(data.columns, data.dtypes)
-        if getattr(dtype, "kind", "O") not in "biuf"
+        f"{column!r} ({data[column].dtype})"
+        for column in data.columns
+        if not _numeric(data[column])
     ]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -42,3 +47,11 @@ def frame_values(data: Any, name: str) -> Any:
         return data
     check_numeric_columns(data, name)
     return data.to_numpy(dtype=np.float64, copy=True)  # writable: torch wants that
+
+
+def _numeric(column: Any) -> bool:
+    try:
+        column.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return True

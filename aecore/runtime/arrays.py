@@ -13,7 +13,6 @@ import numpy as np
 from aecore.data.normalization import Normalization
 from aecore.detection import DetectorMethods, ScoreThreshold, row_list
 from aecore.errors import ConfigError, DataError, ShapeError
-from aecore.keywords import checked_keywords
 from aecore.runtime.format import DEFAULT_BATCH_SIZE
 
 
@@ -132,7 +131,6 @@ class ArrayModel(DetectorMethods, abc.ABC):
         return y
 
     # -- public API -------------------------------------------------------------------
-    @checked_keywords
     def encode(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Codes ``(N, latent_dim)`` float32 of inputs ``(N, *input_shape)`` in data units,
         clipped to the model's ``input_range`` once normalised (as the estimator's
@@ -142,14 +140,12 @@ class ArrayModel(DetectorMethods, abc.ABC):
         x = self._check_inputs(x)
         return self._map("encoder", x, (self.latent_dim,), batch_size, inputs=True)
 
-    @checked_keywords
     def decode(self, z: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Inputs ``(N, *input_shape)`` in data units decoded from codes ``(N, latent_dim)``."""
         z = self._check_codes(z)
         y = self._map("decoder", z, self.input_shape, batch_size, inputs=False)
         return y if self.normalizes_itself else self._invert(y)
 
-    @checked_keywords
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """``decode(encode(x))`` in data units: normalise (and clip, as ``encode``), run
         the model, invert."""
@@ -157,7 +153,6 @@ class ArrayModel(DetectorMethods, abc.ABC):
         y = self._map("full", x, self.input_shape, batch_size, inputs=True)
         return y if self.normalizes_itself else self._invert(y)
 
-    @checked_keywords
     def score(
         self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> np.ndarray:
@@ -230,21 +225,12 @@ class ArrayModel(DetectorMethods, abc.ABC):
         if n <= batch_size:  # the common case: one call, no copy into an output buffer
             if not n:
                 return np.empty((0, *out_shape), np.float32)
-            return self._checked_forward(part, prepare(x), out_shape)
+            return self._forward(part, prepare(x))
         out = np.empty((n, *out_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = x[start : start + batch_size]
-            out[start : start + len(chunk)] = self._checked_forward(part, prepare(chunk), out_shape)
+            out[start : start + len(chunk)] = self._forward(part, prepare(chunk))
         return out
-
-    def _checked_forward(self, part: str, batch: np.ndarray, out_shape: tuple) -> np.ndarray:
-        y = self._forward(part, batch)
-        if y.shape[1:] != out_shape:  # a plugin's wrong width, not served as it is
-            raise ShapeError(
-                f"{self.name}: its {part} part gave {y.shape} for {len(batch)} rows; "
-                f"expected {(len(batch), *out_shape)}"
-            )
-        return y
 
     def _check_inputs(self, x: Any) -> np.ndarray:
         if type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self.input_shape:

@@ -13,7 +13,6 @@ import numpy as np
 from aecore.data.normalization import Normalization
 from aecore.detection import ScoreThreshold
 from aecore.errors import ConfigError, DataError, ModelFileError
-from aecore.keywords import checked_keywords
 from aecore.runtime.arrays import ArrayModel
 from aecore.runtime.format import (
     DEFAULT_BATCH_SIZE,
@@ -207,7 +206,6 @@ class OnnxAutoencoder(ArrayModel):
         scores = self._map(SCORE_PART, x, (), batch, inputs=True)
         return scores.astype(np.float64)
 
-    @checked_keywords
     def reconstruct(self, x: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """``decode(encode(x))`` in data units (see ``ArrayModel.reconstruct``)."""
         fast = self._serve

@@ -531,7 +531,9 @@ def test_settings_that_cannot_apply_are_named_not_dropped(tmp_path, recwarn):
     with pytest.warns(IgnoredSettingWarning, match=r"lr=0.5 does not apply.*lr=... \(now 0.1\)"):
         Trainer(lr=0.5, epochs=1, progress=False).fit(rbm, x)
     # each setting the model has its own of is named with its value
-    with pytest.warns(IgnoredSettingWarning, match=r"create\(\.\.\., weight_decay=\.\.\. \(now"):
+    with pytest.warns(
+        IgnoredSettingWarning, match=r"instead: weight_decay=\.\.\. \(now 0.0002\) \(--set"
+    ):
         Trainer(weight_decay=0.1, epochs=1, progress=False).fit(rbm, x)
     ae = aecore.create("ae", input_shape=(16,), latent_dim=4)
     with pytest.warns(

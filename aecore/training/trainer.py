@@ -138,7 +138,8 @@ class Trainer:
             )
             warn(
                 f"optimizer='lbfgs' is a full-batch method, and {what} {len(train)} batches: "
-                f"use one batch of every training row",
+                f"use one batch of every training row (batch_size, --batch-size, at least "
+                f"the rows)",
                 UserWarning,
             )
         # data-dependent initialisation sees every row the user trains on: a PCA start
@@ -225,8 +226,8 @@ def _warn_ignored_optimizer_settings(model, config: TrainConfig) -> None:
     warn(
         f"{type(model).__name__} updates its own parameters (train_step), so the "
         f"trainer's {', '.join(changed)} {verb} not apply to it; set the model's own "
-        f"hyperparameters instead: aecore.create(..., {', '.join(own) or 'lr=...'}), "
-        f"or --set on the command line",
+        f"hyperparameters instead: {', '.join(own) or 'lr=...'} (--set on the command "
+        f"line, or aecore.create(..., ...))",
         IgnoredSettingWarning,
     )
 

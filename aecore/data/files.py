@@ -111,23 +111,22 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
 
 
 def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
-    """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised); a
-    first row with no number in it, equal to ``names`` (a model's columns, which may
-    be numbers such as wavelengths) or of evenly spaced integers (wavelengths again,
-    from 16 columns on, above a row that is not all integers), is a header. A header whose first cell is empty is pandas' ``to_csv`` with its index:
-    that column is the index, not data, and is dropped."""
+    """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised),
+    after a header row if the first row is one (``_is_header``). A header whose first
+    cell is empty is pandas' ``to_csv`` with its index: that column is the index, not
+    data, and is dropped (unless ``names``, a model's columns, include it)."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
     width = None
     # utf-8-sig: a byte-order mark would otherwise make the first row look like a header
     first, skip = True, 0
-    following = _first_rows(p)[1:]
+    following = (_first_rows(p)[1:] or [None])[0]
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            if first and _is_header(line, names, following[0] if following else None):
+            if first and _is_header(line, names, following):
                 first, skip = False, int(_indexed(_header_cells(line), names))
                 continue
             first = False
@@ -201,16 +200,15 @@ def _is_header(line: str, names: list[str] | None, following: str | None = None)
         return True
     # (many columns: a short data row may be evenly spaced integers; a spectrum's header
     # of wavelengths runs to hundreds)
-    if (
-        len(cells) >= WAVELENGTH_COLUMNS
-        and all(c.lstrip("-").isdigit() for c in cells)
-        and following
-    ):
+    if len(cells) >= WAVELENGTH_COLUMNS and _integers(cells) and following:
         steps = {int(b) - int(a) for a, b in zip(cells, cells[1:])}
-        data = [c.strip() for c in following.split(",")]
-        if len(steps) == 1 and steps != {0} and not all(c.lstrip("-").isdigit() for c in data):
+        if len(steps) == 1 and steps != {0} and not _integers(following.split(",")):
             return True
     return not any(_is_float(c) for c in cells)
+
+
+def _integers(cells: list[str]) -> bool:
+    return all(c.strip().lstrip("-").isdigit() for c in cells)
 
 
 def _header_cells(line: str) -> list[str]:

@@ -18,13 +18,8 @@ def check_numeric_columns(data: Any, name: str) -> None:
     """A DataError naming a DataFrame's columns that do not hold numbers (strings,
     categories, dates): a model takes numbers only, and pandas' own error names a value,
     not its column."""
-    if not is_frame(data):
+    if not is_frame(data) or _numeric(data):  # numbers held as objects convert too
         return
-    try:  # numbers held as objects convert, as scikit-learn converts them
-        data.to_numpy(dtype=np.float64)
-        return
-    except (TypeError, ValueError):
-        pass
     bad = [
         f"{column!r} ({data[column].dtype})"
         for column in data.columns
@@ -45,13 +40,17 @@ def frame_values(data: Any, name: str) -> Any:
     columns."""
     if not is_frame(data):
         return data
-    check_numeric_columns(data, name)
-    return data.to_numpy(dtype=np.float64, copy=True)  # writable: torch wants that
-
-
-def _numeric(column: Any) -> bool:
     try:
-        column.to_numpy(dtype=np.float64)
+        return data.to_numpy(dtype=np.float64, copy=True)  # writable: torch wants that
+    except (TypeError, ValueError):
+        check_numeric_columns(data, name)  # names the columns
+        raise
+
+
+def _numeric(values: Any) -> bool:
+    """Whether a frame's or a column's values convert to float64."""
+    try:
+        values.to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
         return False
     return True

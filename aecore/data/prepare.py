@@ -107,8 +107,8 @@ def prepare_like(model_record: dict[str, Any], source: str | None = None) -> Pre
     if recorded and isinstance(shape, list) and shape != now:
         raise DataError(
             f"{data['source']} now gives rows of shape {tuple(now)}; the model was trained on "
-            f"{tuple(shape)} (a CSV saved by pandas with its index: older versions read the "
-            f"index as a feature, and this one drops it). Pass --data to name other data"
+            f"{tuple(shape)} (for a CSV saved by pandas with its index: older versions read "
+            f"the index as a feature, this one drops it). Pass --data to name other data"
         )
     if recorded and isinstance(rows, int) and rows != len(prepared.dataset):
         # the split is drawn by row count: other rows would put training rows in the test

@@ -329,7 +329,7 @@ class RBM(Autoencoder):
         # the CD statistics, then velocity = momentum * velocity + lr * (gradient -
         # weight_decay * W); W += velocity, and the PCD chain advanced: one call, and
         # nothing changes if a statistic is not finite
-        recon, applied = ops.cd_update_(
+        recon, applied = ops.cd_update_own_(
             v, self.W, self.b_v, self.b_h,
             [self.velocity_W, self.velocity_b_v, self.velocity_b_h],
             self.lr, momentum, self.weight_decay, self.k,

@@ -185,7 +185,8 @@ def test_cd_update_is_cd_step_then_momentum_step_then_the_chain(pcd, dtype, stri
         assert torch.equal(chain, stats.chain)
 
 
-def test_cd_update_refuses_operands_it_would_write_to_twice():
+@pytest.mark.parametrize("op", ["cd_update_", "cd_update_own_"])
+def test_cd_update_refuses_operands_it_would_write_to_twice(op):
     c = {"B": 8, "V": 6, "H": 4, "dtype": torch.float32, "seed": 5, "noncontig": False}
     v, params, velocities, _ = rbm_state(c, False, 3)
     before = clone(params) + clone(velocities)
@@ -195,7 +196,7 @@ def test_cd_update_refuses_operands_it_would_write_to_twice():
     ):
         kw = {"velocities": velocities, **change}
         with pytest.raises(ConfigError, match="written in place, but its elements share memory"):
-            ops.cd_update_(v, *params, lr=0.1, momentum=0.5, **kw)
+            CD_UPDATES[op](v, *params, lr=0.1, momentum=0.5, **kw)
         assert all(torch.equal(a, b) for a, b in zip(params + velocities, before))
 
 
@@ -232,15 +233,53 @@ def test_cd_update_with_non_finite_statistics_changes_nothing(pcd):
         (lambda a: a.update(chain=torch.zeros(4, 5)), ShapeError, "chain must have shape"),
     ],
 )
-def test_cd_update_bad_operands_are_named_and_nothing_changes(change, error, match):
+@pytest.mark.parametrize("op", ["cd_update_", "cd_update_own_"])
+def test_cd_update_bad_operands_are_named_and_nothing_changes(change, error, match, op):
+    """cd_update_own_ skips the checks, but a call the kernels refuse gets cd_update_'s
+    message, with nothing changed, all the same."""
     v, W, b_v, b_h = make_rbm(4, 6, 3, torch.float32, 8)
     velocities = [torch.zeros(t.shape) for t in (W, b_v, b_h)]
     args = dict(v=v, W=W, b_v=b_v, b_h=b_h, velocities=velocities, lr=0.1, momentum=0.5)
     change(args)
     before = [t.clone() for t in (W, b_v, b_h)]
     with pytest.raises(error, match=f"cd_update_: .*{match}"):
-        ops.cd_update_(**args)
+        CD_UPDATES[op](**args)
     assert all(torch.equal(a, b) for a, b in zip((W, b_v, b_h), before))
+
+
+def own_update(v, W, b_v, b_h, velocities, lr, momentum, weight_decay=0.0, k=1, *, chain=None,
+               visible="bernoulli", hidden="bernoulli", sample_visible=True):  # fmt: skip
+    """cd_update_own_ with cd_update_'s defaults."""
+    return ops.cd_update_own_(
+        v, W, b_v, b_h, velocities, lr, momentum, weight_decay, k, chain=chain,
+        visible=visible, hidden=hidden, sample_visible=sample_visible,
+    )  # fmt: skip
+
+
+CD_UPDATES = {"cd_update_": ops.cd_update_, "cd_update_own_": own_update}
+
+
+@pytest.mark.parametrize("pcd", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_cd_update_own_is_cd_update(pcd, strided, grad):
+    """The same step as cd_update_ for the same generator state: on the kernels, on the
+    reference's update where a parameter is strided, with or without grad mode."""
+    c = {"B": 9, "V": 7, "H": 5, "dtype": torch.float32, "seed": 4, "noncontig": False}
+    v, params, velocities, chain = rbm_state(c, pcd, 6)
+    if strided:
+        params[0] = params[0].t().contiguous().t()
+    p2, vel2 = clone(params), clone(velocities)
+    chain2 = None if chain is None else chain.clone()
+    torch.manual_seed(3)
+    with torch.set_grad_enabled(grad):
+        got = own_update(v, *params, velocities, 0.1, 0.5, 0.01, 2, chain=chain)
+    torch.manual_seed(3)
+    want = ops.cd_update_(v, *p2, vel2, 0.1, 0.5, 0.01, 2, chain=chain2)
+    assert torch.equal(got[0], want[0]) and bool(got[1]) and bool(want[1])
+    assert all(torch.equal(a, b) for a, b in zip(params + velocities, p2 + vel2))
+    if pcd:
+        assert torch.equal(chain, chain2)
 
 
 @needs_ext
@@ -272,7 +311,7 @@ def test_momentum_step_refuses_operands_it_cannot_write_before_changing_anything
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize(
-    "op", ["momentum_step_", "cd_update_", "set_row_norms_", "remove_parallel_"]
+    "op", ["momentum_step_", "cd_update_", "cd_update_own_", "set_row_norms_", "remove_parallel_"]
 )
 def test_in_place_ops_bump_the_version_so_autograd_sees_the_change(impl, op, monkeypatch):
     # a backward that saved a tensor one of these ops changed must be refused, as after
@@ -281,15 +320,16 @@ def test_in_place_ops_bump_the_version_so_autograd_sees_the_change(impl, op, mon
         pytest.skip("CPU extension not loaded")
     if impl == "reference":
         monkeypatch.setattr(ops, "fused", lambda t: False)
+        monkeypatch.setattr(ops.updates, "fused", lambda t: False)
         monkeypatch.setattr(ops, "_fused_sae", lambda t: False)
     W = torch.randn(6, 4)
     with torch.no_grad():
         if op == "momentum_step_":
             ops.momentum_step_([W], [torch.zeros(6, 4)], [torch.randn(6, 4)], 0.1, 0.5)
-        elif op == "cd_update_":
+        elif op in ("cd_update_", "cd_update_own_"):
             v = torch.rand(3, 6)
             velocities = [torch.zeros(6, 4), torch.zeros(6), torch.zeros(4)]
-            ops.cd_update_(v, W, torch.zeros(6), torch.zeros(4), velocities, 0.1, 0.5)
+            CD_UPDATES[op](v, W, torch.zeros(6), torch.zeros(4), velocities, 0.1, 0.5)
         elif op == "set_row_norms_":
             ops.set_row_norms_(W, 2.0)
         else:

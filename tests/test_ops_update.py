@@ -231,6 +231,9 @@ def test_cd_update_with_non_finite_statistics_changes_nothing(pcd):
         (lambda a: a.update(momentum="0.9"), ConfigError, "momentum must be a real number"),
         (lambda a: a.update(k=0), ConfigError, "k must lie in"),
         (lambda a: a.update(chain=torch.zeros(4, 5)), ShapeError, "chain must have shape"),
+        (lambda a: a.update(k=10_001), ConfigError, "k must lie in"),
+        (lambda a: a.update(visible="gaussian", hidden="gaussian"), ConfigError, "no normalis"),
+        (lambda a: a.update(hidden="Bernoulli"), ConfigError, "hidden must be 'bernoulli' or"),
     ],
 )
 @pytest.mark.parametrize("op", ["cd_update_", "cd_update_own_"])

@@ -79,11 +79,13 @@ def cd_update_own_(
     shapes, dtypes, devices and contiguity themselves; where they refuse the call, or
     do not run on v's device, this is :func:`cd_update_`, checks and fallbacks and all
     (a refused call changes nothing). The units and numbers must be valid: the model
-    checked them when it was built."""
+    checked them when it was built; what the kernels do not check is checked here."""
+    units = visible in UNITS and hidden in UNITS and not visible == hidden == "gaussian"
+    steps = type(k) is int and 1 <= k <= check.MAX_GIBBS_STEPS
     # (strided parameters take cd_update_'s reference update: decided before the seed is
     # drawn, so that the samples are those cd_update_ draws)
     contiguous = all(t.is_contiguous() for t in (W, b_v, b_h, *velocities))
-    if fused(v) and contiguous and visible in UNITS and hidden in UNITS:
+    if fused(v) and units and steps and contiguous:
         call = GibbsCall(
             v=v, W=W, b_v=b_v, b_h=b_h, k=k, chain=chain,
             gaussian_visible=visible == "gaussian", gaussian_hidden=hidden == "gaussian",

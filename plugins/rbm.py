@@ -167,7 +167,7 @@ class RBM(Autoencoder):
 
     @classmethod
     def rescaled_hparams(cls, given: dict) -> dict:
-        # the caller's own min-max scaling made the grey values: no warning about them
+        # grey values handed to (or made by) the estimator are meant so: no warning about them
         return {} if given.keys() & cls._UNIT_CHOICES else {"probabilities": True}
 
     @property

@@ -548,3 +548,27 @@ def test_an_estimator_pickled_before_scores_were_in_data_units_still_scores():
     del old._error_scale  # what an earlier version pickled
     x = est.normalization_.apply(TABLE)
     assert old.score(TABLE) == pytest.approx(float(np.mean(est._scores(x, "reconstruction"))))
+
+
+def test_grey_values_in_unit_range_train_an_rbm_without_its_warning():
+    """Grey pixels already in [0, 1] (digits / 16, or a MinMaxScaler's output in a
+    pipeline) are the RBM's probabilities, as the estimator's own scaling makes them: no
+    NonBinaryDataWarning on a normal use; a caller who chose the units keeps the choice."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    X = load_digits().data[:200]
+    fits = {
+        "estimator": lambda: AutoencoderTransformer("rbm", epochs=1).fit(X / 16.0),
+        "detector": lambda: aecore.AnomalyDetector("rbm", epochs=1).fit(X / 16.0),
+        "pipeline": lambda: make_pipeline(
+            MinMaxScaler(), AutoencoderTransformer("rbm", epochs=1)
+        ).fit(X),
+    }
+    for name, fit in fits.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit()
+        assert not [w for w in caught if "non-binary" in str(w.message)], name
+    with pytest.warns(UserWarning, match="non-binary"):
+        AutoencoderTransformer("rbm", epochs=1, probabilities=False).fit(X / 16.0)

@@ -64,11 +64,9 @@ def hparams_for_units(model_cls: type, units: str, given: dict[str, Any]) -> dic
     intensities) its Gaussian-unit ones (``real_valued_hparams``): min-max scaling it
     for Bernoulli units clips every new row beyond the training range to its edge, where
     an anomaly cannot be told from the most extreme normal row (one-class iris: vae
-    0.878 -> 0.997; wine 0.745 -> 0.982); on intensities, which are min-max scaled as a
-    whole, its ``rescaled_hparams``."""
-    if units == UNIT:
-        return dict(given)
-    name = "rescaled_hparams" if units == INTENSITY else "real_valued_hparams"
+    0.878 -> 0.997; wine 0.745 -> 0.982); on data in [0, 1] or intensities (min-max
+    scaled as a whole), grey values meant as such, its ``rescaled_hparams``."""
+    name = "rescaled_hparams" if units in (UNIT, INTENSITY) else "real_valued_hparams"
     hook = getattr(model_cls, name, None)
     return dict(given) if hook is None else {**hook(dict(given)), **given}
 

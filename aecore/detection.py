@@ -235,11 +235,13 @@ class DetectorMethods(abc.ABC):
     def decision_function(self, X: Any) -> np.ndarray:
         """Anomaly score per row: higher is more anomalous."""
         scores = np.asarray(self._anomaly_scores(X), dtype=np.float64)
-        if not np.isfinite(scores).all():
-            # NaN > threshold is False: such a row would pass as an inlier
+        # a score overflowing to +inf is above every threshold: an outlier, as the
+        # estimator's float64 arithmetic finds it; NaN and -inf would pass as inliers
+        bad = np.isnan(scores) | (scores == -np.inf)
+        if bad.any():
             raise DataError(
-                f"the model's score of rows {row_list(~np.isfinite(scores))} is not finite: their values overflow "
-                f"the model's float32 arithmetic; rescale or drop them"
+                f"the model's score of rows {row_list(bad)} is not a number or -inf: their "
+                f"values overflow the model's float32 arithmetic; rescale or drop them"
             )
         return scores
 

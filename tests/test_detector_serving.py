@@ -303,16 +303,28 @@ def test_values_beyond_float32_are_refused_everywhere(tmp_path):
 
 
 def test_a_score_that_is_not_finite_is_never_an_inlier():
+    # NaN and -inf are below no threshold: refused; +inf (a served float32 score that
+    # overflowed where the estimator's float64 one did not) is an outlier, not an error
     from aecore.detection import DetectorMethods, ScoreThreshold
 
     class Overflowing(DetectorMethods):
         detector = ScoreThreshold.fit(np.arange(10.0), 0.1)
+        scores = np.array([0.5, np.nan, -np.inf])
 
         def _anomaly_scores(self, X):
-            return np.array([0.5, np.nan, np.inf])
+            return self.scores
 
-    with pytest.raises(DataError, match="score of rows 1, 2 is not finite"):
+    with pytest.raises(DataError, match="score of rows 1, 2 is not a number or -inf"):
         Overflowing().predict(np.zeros((3, 2)))
+    served = Overflowing()
+    served.scores = np.array([0.5, np.inf])
+    assert served.predict(np.zeros((2, 2))).tolist() == [0, 1]
+    for method in ("linear", "unify"):
+        assert served.predict_proba(np.zeros((2, 2)), method=method)[1].tolist() == [0.0, 1.0]
+    extreme = Overflowing()
+    extreme.scores = np.array([0.5, 1e300])  # as sure as for any score above every other
+    confidence = served.predict_confidence(np.zeros((2, 2)))
+    assert confidence.tolist() == extreme.predict_confidence(np.zeros((2, 2))).tolist()
 
 
 def test_a_feature_far_from_zero_keeps_its_variation_when_served(tmp_path):

@@ -261,7 +261,9 @@ class AutoencoderTransformer(
         self.history_ = history
         self.n_iter_ = len(history.epochs)
         self._n_features_out = net.latent_dim
-        self.validation_fraction_ = validation_fraction
+        # the fraction used: none where the hold-out of so few rows came out empty
+        validated = any("val_loss" in e for e in history.epochs)
+        self.validation_fraction_ = validation_fraction if validated else 0.0
         self._error_scale = error_scale(np.asarray(X, dtype=np.float64))
         self._set_thresholds(self._scores(x), contamination)
         return self
@@ -294,7 +296,8 @@ class AutoencoderTransformer(
         if isinstance(self.random_state, (int, np.integer)) and not isinstance(
             self.random_state, bool
         ):
-            return params.integer("random_state", int(self.random_state), low=0)
+            # the trainer's seed range, named by the estimator's parameter
+            return params.integer("random_state", int(self.random_state), low=0, high=2**32 - 1)
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
 
     def _latent_dim(self, n_features: int) -> Any:
@@ -334,7 +337,8 @@ class AutoencoderTransformer(
         products round differently for different batch sizes, and a row's result
         must not depend on which other rows came with it."""
         fn = getattr(copy.deepcopy(self.model_).double().eval(), method)
-        x = np.asarray(x, dtype=np.float64)
+        # (inverse_transform's codes come as given: a read-only view of a DataFrame's)
+        x = np.require(x, dtype=np.float64, requirements=["C", "W"])
         out = [
             fn(torch.from_numpy(np.ascontiguousarray(x[i : i + _CHUNK_ROWS])), **kwargs).numpy()
             for i in range(0, len(x), _CHUNK_ROWS)

@@ -572,3 +572,19 @@ def test_grey_values_in_unit_range_train_an_rbm_without_its_warning():
         assert not [w for w in caught if "non-binary" in str(w.message)], name
     with pytest.warns(UserWarning, match="non-binary"):
         AutoencoderTransformer("rbm", epochs=1, probabilities=False).fit(X / 16.0)
+
+
+def test_estimator_records_and_names_what_it_used():
+    X = load_iris().data
+    few = AutoencoderTransformer("ae", latent_dim=2, epochs=1, random_state=0).fit(X[:5])
+    assert few.validation_fraction_ == 0.0  # 10% of 5 rows is no row: nothing held out
+    many = AutoencoderTransformer("ae", latent_dim=2, epochs=1, random_state=0).fit(X)
+    assert many.validation_fraction_ == many.validation_fraction > 0
+    with pytest.raises(ConfigError, match=r"random_state must be an int in \[0, 4294967295\]"):
+        AutoencoderTransformer("ae", epochs=1, random_state=2**40).fit(X)
+    # codes read only (pandas' copy-on-write views are): decoded without torch's warning
+    codes = many.transform(X)
+    codes.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert many.inverse_transform(codes).shape == X.shape

@@ -440,7 +440,7 @@ def test_contamination_outside_0_to_half_is_refused(contamination):
         ({"patience": 0}, r"patience must be an int in \[1, inf\]"),
         ({"epochs": 0}, r"epochs must be an int in \[1, inf\]"),
         ({"lr": -1.0}, r"lr must be a number in \(0, inf\)"),
-        ({"random_state": -3}, r"random_state must be an int in \[0, inf\]"),
+        ({"random_state": -3}, r"random_state must be an int in \[0, 4294967295\]"),
         ({"latent_dim": 0}, r"latent_dim must be a positive int"),
         ({"hidden": [0]}, r"hidden must be a list of positive ints"),
     ],

@@ -476,6 +476,10 @@ def test_the_activations_source_trains_through_the_pipeline(cache_dir, tmp_path)
 def test_a_prepared_split_of_a_cache_keeps_the_caches_order(cache_dir):
     from aecore.data import prepare
 
+    # activations keep their geometry by default (an SAE then takes raw activations),
+    # as the command line's SAEs do; other data is min-max scaled
+    assert prepare(f"activations:{cache_dir}:{HOOKS[0]}").normalization.kind == "none"
+    assert prepare("digits").normalization.kind == "minmax"
     cache = ActivationCache(cache_dir, HOOKS[0])
     view = prepare(f"activations:{cache_dir}:{HOOKS[0]}", normalize="none", seed=0).view("train")
     batches = Batches(view, 32, shuffle=True, seed=5, name="train")

@@ -40,7 +40,7 @@ class Prepared:
 def prepare(
     source: str,
     *,
-    normalize: str = "minmax",
+    normalize: str | None = None,
     per_feature: bool | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -48,7 +48,12 @@ def prepare(
     split: str = "random",
 ) -> Prepared:
     """Load ``source``, split it (seeded; ``split="stratified"`` keeps each label's share
-    in every part), fit the normalisation on the train rows."""
+    in every part), fit the normalisation on the train rows. ``normalize`` None:
+    ``"none"`` for an activation cache (``activations:...``: activations keep their
+    geometry, so a sparse autoencoder trained on them takes raw activations, as
+    ``aecore train`` makes it), ``"minmax"`` for other data."""
+    if normalize is None:
+        normalize = "none" if source.startswith("activations:") else "minmax"
     if split not in SPLIT_METHODS:
         raise DataError(f"split must be one of {', '.join(SPLIT_METHODS)}; got {split!r}")
     dataset = load_data(source)

@@ -5,7 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -233,6 +233,7 @@ def test_split_rejects_bad_fractions():
     st.sampled_from(["minmax", "standardize"]),
     st.booleans(),
 )
+@example(np.array([[5e-324], [0.0]]), "minmax", False)  # a subnormal spread: constant
 def test_normalization_round_trips(x, kind, per_feature):
     norm = Normalization.fit(kind, x, per_feature=per_feature)
     y = norm.apply(x)

@@ -80,10 +80,12 @@ class Normalization:
             with np.errstate(over="ignore", invalid="ignore"):  # refused below
                 scale = np.sqrt(np.maximum(total_sq / count - offset**2, 0.0))
         # constant: a spread that is rounding next to the values' size (a feature in
-        # small units, farads at 1e-13, still varies and is rescaled)
+        # small units, farads at 1e-13, still varies and is rescaled), or one whose
+        # reciprocal overflows float32 (subnormal values: dividing by it gave inf, NaN)
         size = np.maximum(np.abs(lo), np.abs(hi))
+        smallest = 1.0 / float(np.finfo(np.float32).max)
         with np.errstate(invalid="ignore"):  # (infinite data: refused below)
-            scale = np.where(scale > 1e-12 * size, scale, 0.0)
+            scale = np.where((scale > 1e-12 * size) & (scale > smallest), scale, 0.0)
         big = float(np.finfo(np.float32).max)
         if (
             not (np.isfinite(shift).all() and np.isfinite(scale).all())

@@ -415,3 +415,32 @@ def test_a_served_score_refuses_rows_it_cannot_score(digits, tmp_path):
     for served in served_copies(detector, tmp_path):
         with pytest.raises(DataError, match=r"NaN or infinite values \(rows 1\)"):
             served.score(bad)
+
+
+def test_a_one_file_export_says_which_score_it_gives_and_how_to_get_the_detectors(tmp_path, capsys):
+    # a one-file export of an RBM detector scores reconstruction errors, while its
+    # threshold is in free energy: the command line names the kind it wrote, and the
+    # detector methods point at an export of all parts
+    from sklearn.datasets import load_wine
+
+    from aecore.cli.main import main
+    from aecore.onnx import export_onnx
+    from aecore.runtime import OnnxAutoencoder
+
+    X = load_wine().data
+    detector = aecore.AnomalyDetector("rbm", epochs=2, random_state=0).fit(X[:100])
+    folder, everything = served_copies(detector, tmp_path)
+    export_onnx(detector.model_, tmp_path / "one.onnx", part="full")
+    one = OnnxAutoencoder(tmp_path / "one.onnx")
+    assert folder.score_kind() == everything.score_kind() == "free_energy"
+    assert one.score_kind() == "reconstruction" and one.score_kind("free_energy") == "free_energy"
+    with pytest.raises(DataError, match=r"this export lacks.*--all"):
+        one.predict(X[:3])
+    np.save(tmp_path / "x.npy", X[:3])
+    for model, kind in [(tmp_path / "one.onnx", "reconstruction"), (tmp_path / "m", "free_energy")]:
+        out = tmp_path / f"{kind}.npy"
+        assert (
+            main(["score", str(model), "--input", str(tmp_path / "x.npy"), "--output", str(out)])
+            == 0
+        )
+        assert f"score ({kind}): 3 rows" in capsys.readouterr().out

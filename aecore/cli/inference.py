@@ -5,8 +5,9 @@ through ``aecore.runtime``; that path never imports torch, so these commands wor
 an environment with only numpy and onnxruntime). Both paths compute the same thing:
 inputs in data units are normalised with the stored normalisation, outputs of
 ``reconstruct`` / ``decode`` are inverted back to data units, and ``score`` is the
-model's anomaly score per row (``--kind``; by default the model's own, e.g. an RBM's
-free energy; ``reconstruction`` is the mean squared error in normalised units).
+model's anomaly score per row (``--kind``; by default its detector's kind, else the
+model's own, e.g. an RBM's free energy, where the model computes it; ``reconstruction``
+is the mean squared error in normalised units; the output line names the kind).
 
 Inputs: ``.npy`` (memory-mapped) or ``.csv`` (numeric, optional header), one row per
 sample; rows of ``prod(input_shape)`` values are reshaped for image models. Outputs:
@@ -36,7 +37,7 @@ _COMMANDS = {
     "encode": ("codes (N, latent_dim) of inputs", "inputs"),
     "decode": ("inputs, in data units, decoded from codes (N, latent_dim)", "codes"),
     "reconstruct": ("reconstructions of inputs, in data units", "inputs"),
-    "score": ("anomaly score per row (the model's default kind, or --kind)", "inputs"),
+    "score": ("anomaly score per row (its detector's or default kind, or --kind)", "inputs"),
 }
 
 
@@ -58,7 +59,8 @@ def add_commands(sub) -> None:
             s.add_argument(
                 "--kind",
                 help="the score: reconstruction (mean squared error, normalised units) or "
-                "another of the model's kinds (default: the model's own)",
+                "another of the model's kinds (default: its detector's kind, else the model's "
+                "own, where the model computes it; the output line names it)",
             )
         s.set_defaults(func=cmd_apply, action=command)
 
@@ -116,8 +118,11 @@ def cmd_apply(args) -> int:
         result = getattr(model, args.action)(rows, batch_size=args.batch_size, **kind)
     write_array(out_path, result, overwrite=args.overwrite)
     backend = "onnxruntime" if isinstance(model, OnnxAutoencoder) else "torch"
+    # which score: a one-file export of an RBM detector gives the reconstruction error,
+    # not the free energy its threshold is in
+    what = f"score ({model.score_kind(args.kind)})" if args.action == "score" else args.action
     print(
-        f"{args.action}: {len(result)} rows of {args.input} through {model.name} "
+        f"{what}: {len(result)} rows of {args.input} through {model.name} "
         f"({backend}) -> {out_path} {tuple(result.shape)}"
     )
     return 0

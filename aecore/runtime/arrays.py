@@ -153,6 +153,15 @@ class ArrayModel(DetectorMethods, abc.ABC):
         y = self._map("full", x, self.input_shape, batch_size, inputs=True)
         return y if self.normalizes_itself else self._invert(y)
 
+    def score_kind(self, kind: str | None = None) -> str | None:
+        """The kind ``score(x, kind=kind)`` gives: ``kind`` itself, or for None the
+        detector's kind where this model computes it, else ``default_score_kind``."""
+        if kind is not None:
+            return kind
+        thresholded = self.detector.kind if self.detector is not None else None
+        computes = thresholded is not None and self._computes(thresholded)
+        return thresholded if computes else self.default_score_kind
+
     def score(
         self, x: Any, *, kind: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> np.ndarray:
@@ -166,10 +175,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
         normalised units (float32), is served by every export. Other kinds (float64) come
         from the export's score graph. Every kind scores rows clipped to the model's
         ``input_range``, as the estimator and the detector's fit saw them."""
-        if kind is None:
-            thresholded = self.detector.kind if self.detector is not None else None
-            computes = thresholded is not None and self._computes(thresholded)
-            kind = thresholded if computes else self.default_score_kind
+        kind = self.score_kind(kind)
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
             raise ConfigError(f"kind must be a score kind's name; got {kind!r}")

@@ -179,18 +179,16 @@ class OnnxAutoencoder(ArrayModel):
         graph = self._graph(SCORE_PART)
         full = part_paths(self.path)["full"]
         if graph is None:
-            how = (
-                f"`aecore export MODEL_DIR --out {full} --all` writes one for a model that "
-                f"computes that score deterministically"
-                if kind == self.default_score_kind
-                else f"an export of all parts holds the score graph of the model's detector "
-                f"(aecore.AnomalyDetector(score_kind={kind!r})) or else of its default "
-                f"kind, {self.default_score_kind!r}"
-            )
+            thresholded = self.detector is not None and self.detector.kind == kind
             raise DataError(
-                f"scoring by the model's {kind!r} needs the export's score graph "
-                f"({score_path(self.path)}), which is missing: {how}; otherwise serve the "
-                f"model folder (torch), or pass kind='reconstruction'"
+                f"scoring by {kind!r} needs the export's score graph "
+                f"({score_path(self.path)}), which this export lacks: an export of all "
+                f"parts (`aecore export MODEL_DIR --out {full} --all`, or "
+                f"export_onnx(..., part='all')) writes one for the kind of the model's "
+                f"detector (aecore.AnomalyDetector(score_kind={kind!r}) fits one) or else "
+                f"of its default kind, where the model computes it deterministically; or "
+                f"serve the model folder (torch)"
+                + ("" if thresholded else ", or pass kind='reconstruction'")
             )
         exported = self._exported_score_kind()
         if exported != kind:

@@ -114,6 +114,8 @@ class Autoencoder(nn.Module, abc.ABC):
     * ``default_normalize``: the data normalisation that ``aecore train`` and the
       estimators' ``normalize="auto"`` apply to a model that says so; without it they
       choose by the data (``aecore.data.units``).
+    * ``overcomplete = True``: a code meant to be wider than the input (a sparse
+      dictionary): ``aecore train`` warns where ``latent_dim`` is not.
     * ``evaluation_metrics(x_test, prepared) -> dict``: extra numbers for ``aecore eval``
       on (up to 20000 rows of) the normalised test split (floats; a ``"baselines"``
       dict of label -> test MSE adds rows to its table). A loaded model has

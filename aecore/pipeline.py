@@ -113,6 +113,14 @@ def train(
         hparams = hparams_for_units(model_class(name), units, hparams)
     torch.manual_seed(config.seed)  # the model's initial weights follow the seed too
     model = create(name, input_shape=prepared.dataset.shape, latent_dim=latent_dim, **hparams)
+    if getattr(model, "overcomplete", False) and model.latent_dim <= model.input_size:
+        warn(
+            f"{name} learns a dictionary of {model.latent_dim} latents for "
+            f"{model.input_size}-dimensional rows, no wider than they are (PCA does as well "
+            f"with as many components): sparse dictionaries are usually several times "
+            f"wider; pass --latent-dim (latent_dim=)",
+            UserWarning,
+        )
     if own_units:
         prepared.normalization = per_feature_normalization(model.input_range, train_rows)
         prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)

@@ -68,6 +68,8 @@ class SparseDictionary(Autoencoder):
     input_ranks: ClassVar[tuple[int, ...]] = (1,)
     #: activations keep their geometry: no per-feature scaling before the model
     default_normalize: ClassVar[str] = "none"
+    #: a dictionary is wider than its input (``aecore train`` warns of a narrower one)
+    overcomplete: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -381,15 +383,9 @@ class JumpReLUSAE(SparseDictionary):
     straight-through estimate of the thresholds' gradient."""
 
     def __init__(
-        self,
-        *,
-        input_shape,
-        latent_dim,
-        l0_coefficient=0.001,
-        bandwidth=0.001,
-        threshold=0.001,
-        **recipe,
-    ) -> None:
+        self, *, input_shape, latent_dim, l0_coefficient=0.001, bandwidth=0.001,
+        threshold=0.001, **recipe,
+    ) -> None:  # fmt: skip
         self.l0_coefficient = params.number("l0_coefficient", l0_coefficient, low=0.0)
         self.bandwidth = params.number("bandwidth", bandwidth, low=0.0, low_open=True)
         self.threshold = params.number("threshold", threshold, low=0.0, low_open=True)

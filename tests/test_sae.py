@@ -3,6 +3,7 @@ and the models built from them (the registry-driven tests check every SAE plugin
 contract, saving, ONNX export and scikit-learn conformance too)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -533,3 +534,17 @@ def test_empty_batches_and_bad_sparse_indices_say_what_they_are():
     values, indices = model.encode_sparse(sparse_data(4))
     with pytest.raises(ConfigError, match=r"indices must lie in \[0, 64\)"):
         model.decode_sparse(values, indices + N)
+
+
+def test_training_a_dictionary_no_wider_than_its_input_warns(tmp_path):
+    # `aecore train sae-topk` without --latent-dim made 8 latents for 64-dimensional
+    # activations without a word (worse than PCA, which the run's summary showed last)
+    from aecore.pipeline import train
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(200, 16)).astype("f4"))
+    settings = dict(epochs=1, progress=False, hparams={"k": 2})
+    with pytest.warns(UserWarning, match="dictionary of 8 latents for 16-dimensional rows"):
+        train("sae-topk", f"npy:{tmp_path / 'x.npy'}", None, latent_dim=8, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train("sae-topk", f"npy:{tmp_path / 'x.npy'}", None, latent_dim=64, **settings)

@@ -1,8 +1,10 @@
 """The in-place training updates of models with their own update rule (the RBM's):
 :func:`momentum_step_`, :func:`cd_update_` (a whole CD / PCD step in one call) and
 :func:`cd_update_own_` (the same for a model's own, already checked operands). The
-kernels check their operands before changing anything, so the Python checks, which cost
-more than a small RBM's update, run only where a call is refused, to explain it."""
+kernels check their operands before changing anything, so momentum_step_'s and
+cd_update_own_'s Python checks, which cost a real part of a small RBM's step, run only
+where the kernels refuse a call, to explain it; cd_update_ checks first, as the other
+ops do."""
 
 from __future__ import annotations
 

@@ -166,6 +166,9 @@ class AutoencoderTransformer(
         return {**super().get_params(deep=deep), **self._hparams}
 
     def set_params(self, **params: Any) -> AutoencoderTransformer:
+        """scikit-learn's ``set_params``, the model's hyperparameters included; a new
+        ``model`` drops the hyperparameters set for the old one that it does not take
+        (a grid over models from one estimator), and is checked against the others."""
         own_names = set(self._get_param_names())
         own = {k: v for k, v in params.items() if k in own_names}
         extra = {k: v for k, v in params.items() if k not in own_names}
@@ -179,8 +182,11 @@ class AutoencoderTransformer(
                     f"are: {valid!r} (hyperparameters of model "
                     f"{own.get('model', self.model)!r} included)."
                 )
+        kept = self._hparams
+        if "model" in own and allowed is not None:
+            kept = {k: v for k, v in kept.items() if k in allowed}
         super().set_params(**own)
-        self._hparams = {**self._hparams, **extra}
+        self._hparams = {**kept, **extra}
         return self
 
     @staticmethod

@@ -138,6 +138,17 @@ def test_set_params_rejects_what_the_model_does_not_take():
     est.set_params(model="denoising", p=0.2, hidden=[8])
     assert est.get_params()["p"] == 0.2
     assert est.fit(TABLE[:40]).model_.p == 0.2
+    # switching again drops what the new model does not take and keeps what it does:
+    # a grid over models from one estimator fits every one of them
+    est.set_params(model="ae")
+    assert "p" not in est.get_params() and est.get_params()["hidden"] == [8]
+    assert est.fit(TABLE[:40]).model_.hidden == [8]
+    grid = GridSearchCV(
+        AutoencoderTransformer("ae", latent_dim=2, epochs=1, random_state=0, dropout=0.1),
+        {"model": ["ae", "rbm"]}, cv=2, error_score="raise",
+    )  # fmt: skip
+    grid.fit(TABLE[:40])
+    assert np.isfinite(grid.cv_results_["mean_test_score"]).all()
 
 
 def test_hparam_names_follow_kwargs_to_the_parent_model():

@@ -346,7 +346,7 @@ class AutoencoderTransformer(
         # (inverse_transform's codes come as given: a read-only view of a DataFrame's)
         x = np.require(x, dtype=np.float64, requirements=["C", "W"])
         out = [
-            fn(torch.from_numpy(np.ascontiguousarray(x[i : i + _CHUNK_ROWS])), **kwargs).numpy()
+            fn(torch.from_numpy(x[i : i + _CHUNK_ROWS]), **kwargs).numpy()
             for i in range(0, len(x), _CHUNK_ROWS)
         ]
         return np.concatenate(out)

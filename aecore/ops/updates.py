@@ -8,6 +8,8 @@ ops do."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
@@ -93,10 +95,10 @@ def cd_update_own_(
             gaussian_visible=visible == "gaussian", gaussian_hidden=hidden == "gaussian",
             sample_visible=sample_visible, generator=None, noise=None, stats=True,
         )  # fmt: skip
+        # (train_step runs without grad already: entering no_grad costs a few µs)
+        quiet = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
         try:
-            if not torch.is_grad_enabled():  # (as in train_step: entering costs a few µs)
-                return _fused.cd_update_(call, velocities, lr, momentum, weight_decay)
-            with torch.no_grad():
+            with quiet:
                 return _fused.cd_update_(call, velocities, lr, momentum, weight_decay)
         except (RuntimeError, TypeError):
             pass  # cd_update_'s checks name what is wrong, or it runs the reference

@@ -153,7 +153,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
         y = self._map("full", x, self.input_shape, batch_size, inputs=True)
         return y if self.normalizes_itself else self._invert(y)
 
-    def score_kind(self, kind: str | None = None) -> str | None:
+    def score_kind(self, kind: str | None = None) -> str:
         """The kind ``score(x, kind=kind)`` gives: ``kind`` itself, or for None the
         detector's kind where this model computes it, else ``default_score_kind``."""
         if kind is not None:

@@ -165,13 +165,10 @@ class Autoencoder(nn.Module, abc.ABC):
 
     @classmethod
     def real_valued_hparams(cls, given: dict[str, Any]) -> dict[str, Any]:
-        """Hyperparameters that suit real-valued data (Gaussian in place of Bernoulli
-        units), which ``normalize="auto"`` (the estimators, ``aecore train``) sets on
-        real-valued data (neither in [0, 1] nor intensities from zero such as pixel
-        counts), where min-max scaling for Bernoulli units would clip every
-        new row beyond the training range to its edge.
-        ``given`` (the caller's hyperparameters) always wins: return nothing where it
-        chooses the units or rules Gaussian ones out."""
+        """Hyperparameters for real-valued data (Gaussian in place of Bernoulli units),
+        which ``normalize="auto"`` (the estimators, ``aecore train``) sets on data
+        neither in [0, 1] nor intensities from zero such as pixel counts. ``given`` (the
+        caller's hyperparameters) always wins: return nothing where it sets the units."""
         return {}
 
     @classmethod
@@ -304,7 +301,8 @@ class Autoencoder(nn.Module, abc.ABC):
     def score(self, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """Per-sample anomaly score, shape (B,), higher for a more anomalous row:
         ``"reconstruction"`` (the mean squared reconstruction error) or another of the
-        model's ``score_kinds`` (None: ``default_score_kind``)."""
+        model's ``score_kinds`` (None: ``default_score_kind``), of rows as given
+        (``bounded_score``: beyond the ``input_range``, a row scores higher)."""
         kind = self.default_score_kind if kind is None else kind
         if kind not in self.score_kinds:
             raise ConfigError(
@@ -316,16 +314,33 @@ class Autoencoder(nn.Module, abc.ABC):
         if not bool(finite.all()):  # one read: a NaN score is above no threshold
             from aecore.detection import row_list
 
+            rows = row_list((~finite).cpu().numpy())
             raise DataError(
                 f"{type(self).__name__}.score: x holds NaN or infinite values (rows "
-                f"{row_list((~finite).cpu().numpy())}): a detector cannot score them; drop "
-                f"or impute them first"
+                f"{rows}): a detector cannot score them; drop or impute them first"
             )
         with eval_mode(self):
-            if kind != "reconstruction":
-                return self.anomaly_score(x, kind)
-            x_hat = self(x)
-        return (x_hat - x).pow(2).flatten(1).mean(1)
+            return self.bounded_score(x, kind, self.anomaly_score)
+
+    #: kinds that are mean squared errors per feature, charged the mean squared distance
+    #: beyond the input range; others are in nats summed over features, charged half the
+    #: summed squared distance (a unit-variance Gaussian's tail)
+    mean_error_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
+
+    def bounded_score(self, x: torch.Tensor, kind: str, compute: Callable) -> torch.Tensor:
+        """``compute(x, kind)`` of ``x`` clipped to the ``input_range`` plus a charge for
+        the distance beyond, so a score keeps rising as a row leaves the range; the
+        reconstruction error is measured against the row as given instead."""
+        bounds = self.input_range
+        inside = x if bounds is None else x.clamp(*bounds)
+        if kind == "reconstruction":
+            return (self(inside) - x).pow(2).flatten(1).mean(1)
+        score = compute(inside, kind)
+        if bounds is None:
+            return score
+        beyond = (x - inside).pow(2).flatten(1)
+        charge = beyond.mean(1) if kind in self.mean_error_kinds else 0.5 * beyond.sum(1)
+        return score + charge.to(score.dtype)
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """The model's own scores (``score_kinds`` beyond ``"reconstruction"``): a model
@@ -336,11 +351,9 @@ class Autoencoder(nn.Module, abc.ABC):
         )
 
     def traceable_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """The ``kind`` score in one pass that an ONNX export traces (no Python loops over
-        chunks of rows or samples, no host checks). A model whose ``anomaly_score`` works
+        """``anomaly_score`` in one pass that an ONNX export traces (no Python loops over
+        chunks of rows or samples, no host checks): a model whose ``anomaly_score`` works
         in chunks overrides this with the same computation unchunked."""
-        if kind == "reconstruction":
-            return (self(x) - x).pow(2).flatten(1).mean(1)
         return self.anomaly_score(x, kind)
 
     @property

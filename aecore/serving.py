@@ -35,11 +35,10 @@ class TorchArrayModel(ArrayModel):
     def _kind_scores(self, X, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         import torch
 
+        # as given: the model clips rows to its input range and charges what lies beyond
         x = self._apply(self._check_inputs(X))
         if not len(x):
             return np.empty((0,), np.float64)
-        if self.input_range is not None:  # as the estimator clips new rows
-            x = np.clip(x, *self.input_range)
         batch = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
         scores = [
             self.model.score(batch[i : i + batch_size], kind=kind).double()

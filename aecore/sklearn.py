@@ -317,7 +317,7 @@ class AutoencoderTransformer(
         )
 
     # -- inference -------------------------------------------------------------------
-    def _normalized(self, X) -> tuple[np.ndarray, np.dtype]:
+    def _normalized(self, X, clip: bool = True) -> tuple[np.ndarray, np.dtype]:
         check_is_fitted(self)
         check_numeric_columns(X, "X")
         X = validate_data(self, X, dtype=_FLOATS, reset=False)
@@ -333,7 +333,7 @@ class AutoencoderTransformer(
                 f"drop them"
             )
         bounds = self.model_.input_range
-        if bounds is not None:  # rows beyond the training range: the model's range holds
+        if clip and bounds is not None:  # beyond the training range: the model's range holds
             x = np.clip(x, *bounds)
         return x, X.dtype
 
@@ -376,8 +376,9 @@ class AutoencoderTransformer(
     def score_samples(self, X) -> np.ndarray:
         """The negative of the model's per-sample anomaly score (``model_.score``: its
         default kind, the reconstruction error in normalised units unless the model has
-        a better one, e.g. an RBM's free energy): higher is more normal."""
-        x, _ = self._normalized(X)
+        a better one, e.g. an RBM's free energy): higher is more normal. Rows beyond the
+        training range score lower the further out they lie (``Autoencoder.score``)."""
+        x, _ = self._normalized(X, clip=False)
         return self._scores(x)
 
     def decision_function(self, X) -> np.ndarray:
@@ -397,10 +398,12 @@ class AutoencoderTransformer(
         standardises for one model, min-max scales for another), unlike
         ``score_samples``'s default kind (an RBM's free energy leaves out its partition
         function, so it does not compare models)."""
-        x, _ = self._normalized(X)
+        x, _ = self._normalized(X, clip=False)
         if not hasattr(self, "_error_scale"):  # pickled before it was kept: as then
             return float(np.mean(self._scores(x, kind="reconstruction")))
-        restored = self._chunks("forward", x).reshape(len(x), -1)
-        invert = self.normalization_.invert
+        bounds = self.model_.input_range
+        inside = x if bounds is None else np.clip(x, *bounds)
+        restored = self._chunks("forward", inside).reshape(len(x), -1)
+        invert = self.normalization_.invert  # against the rows as given, as score_samples
         error = (invert(restored, np.float64) - invert(x, np.float64)) / self._error_scale
         return -float(np.mean(error**2))

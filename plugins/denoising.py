@@ -109,6 +109,7 @@ class DenoisingAutoencoder(PlainAutoencoder):
     score_kinds = ("reconstruction", "denoising")
     default_score_kind = "reconstruction"
     exportable_score_kinds = score_kinds
+    mean_error_kinds = score_kinds
     score_passes: ClassVar[dict[str, int]] = {"denoising": 1 + SCORE_CORRUPTIONS}
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:

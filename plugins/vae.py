@@ -289,8 +289,6 @@ class VariationalAutoencoder(Autoencoder):
         return -self._per_row_batch(x, kind, self.score_passes[kind], None, None, self.fixed_draws)
 
     def traceable_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        if kind == "reconstruction":
-            return super().traceable_score(x, kind)
         mean, logvar = self.posterior(x)
         eps = self.fixed_draws[: self.score_passes[kind]].to(mean.dtype)
         return -self._estimate(kind, flatten(x), mean, logvar, [eps]).to(x.dtype)

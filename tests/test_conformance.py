@@ -14,6 +14,7 @@ from aecore.testing import (
     check_config_round_trip,
     check_loss,
     check_rows_independent,
+    check_scores_beyond_range,
     check_shapes,
     parametrize_with_checks,
 )
@@ -72,6 +73,12 @@ class UncheckedDecode(PlainAutoencoder):
         return (self.decoder_mlp(z) + self.decoder_linear(z)).reshape(-1, *self.input_shape)
 
 
+class ClippedScore(PlainAutoencoder):
+    def bounded_score(self, x, kind, compute):  # a row beyond the range scored clipped
+        inside = x.clamp(*self.input_range)
+        return (self(inside) - inside).pow(2).flatten(1).mean(1)
+
+
 class NoLossKey(PlainAutoencoder):
     def loss(self, x):
         return {"objective": super().loss(x)["loss"]}
@@ -94,6 +101,12 @@ class NoLossKey(PlainAutoencoder):
             {},
             check_rows_independent,
             r"encode of a row differs by .* in a batch of 5 from the row alone",
+        ),
+        (
+            ClippedScore,
+            {"output_activation": "sigmoid"},
+            check_scores_beyond_range,
+            r"score\(x, kind='reconstruction'\) of a row with one feature at .* must rise",
         ),
         (NoLossKey, {}, check_loss, r"loss\(\) must return a dict with key 'loss'; got the keys"),
         (LossyConfig, {"hidden": [7]}, check_config_round_trip, "LossyConfig: config round"),

@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import aecore
 from aecore.errors import ConfigError, DataError, ModelFileError
@@ -66,6 +67,41 @@ def test_served_detectors_clip_new_rows_to_the_models_range_as_the_estimator_doe
             atol=1e-5,
         )
     assert np.array_equal(detector.labels_, detector.predict(X[y == 0]))
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"model": "ae", "output_activation": "sigmoid"},
+        {"model": "rbm", "visible": "bernoulli"},
+        {"model": "vae", "decoder": "bernoulli"},
+        {"model": "denoising", "output_activation": "sigmoid", "score_kind": "denoising"},
+    ],
+    ids=lambda h: h["model"],
+)
+def test_rows_beyond_the_models_range_score_higher_the_farther_out_on_every_path(
+    digits, tmp_path, hparams
+):
+    # rows were clipped to the model's range before scoring: one a hundred times brighter
+    # than any training pixel scored as its clipped, ordinary self, and passed as normal
+    X, y = digits
+    detector = aecore.AnomalyDetector(**hparams, latent_dim=4, epochs=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an RBM's note on grey values
+        detector.fit(X[y == 0])
+    assert detector.model_.input_range == (0.0, 1.0)
+    rows = np.repeat(X[y == 0][:1], 5, axis=0)
+    rows[:, 20] = [1.0, 1.5, 3.0, 10.0, 100.0]  # at the edge, then farther and farther out
+    want = detector.decision_function(rows)
+    assert np.all(np.diff(want) > 0), want
+    assert detector.predict(rows)[-1] == 1
+    # rows inside the range score as before: by the model on the rows themselves
+    edge = torch.from_numpy(rows[:1]).float()
+    inside = detector.model_.score(edge, kind=detector.detector_.kind).double().numpy()
+    np.testing.assert_allclose(want[:1], inside, rtol=1e-4)
+    for served in served_copies(detector, tmp_path):
+        np.testing.assert_allclose(served.decision_function(rows), want, rtol=1e-4)
+        assert np.array_equal(served.predict(rows), detector.predict(rows))
 
 
 def test_served_detectors_refuse_rows_with_nan_or_inf(digits, tmp_path):

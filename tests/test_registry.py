@@ -232,7 +232,7 @@ def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_
     )
     ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
-    assert int(ran.stdout.strip()) == 16  # 8 checks, vector and image inputs
+    assert int(ran.stdout.strip()) == 18  # 9 checks, vector and image inputs
     # the kit in the plugin's own pytest suite: one item per check, in one line
     (tmp_path / "test_tiny.py").write_text(
         "from aecore.testing import parametrize_with_checks\n\n\n"

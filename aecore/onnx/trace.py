@@ -28,11 +28,11 @@ class PartGraph(nn.Module):
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         if self.part == "decoder":
             return self.model.decode(inp)
+        if self.part == "score":  # clips, and charges rows beyond the range
+            return self.model.bounded_score(inp, self.score_kind, self.model.traceable_score)
         x = clipped(self.model, inp)
         if self.part == "encoder":
             return self.model.encode(x)
-        if self.part == "score":
-            return self.model.traceable_score(x, self.score_kind)
         return self.model(x)
 
 

@@ -19,8 +19,8 @@ from aecore.runtime.format import DEFAULT_BATCH_SIZE
 class ArrayModel(DetectorMethods, abc.ABC):
     """numpy front end shared by the ONNX runtime and the command line's PyTorch path:
     input checks, normalisation, batching, and PyOD's detector methods
-    (``decision_function`` is the detector's kind of ``score`` on rows clipped to the
-    model's ``input_range``, as the estimator scores new rows; ``predict``,
+    (``decision_function`` is the detector's kind of ``score``, as the estimator scores
+    new rows; ``predict``,
     ``predict_proba`` and ``predict_confidence`` use the ``detector`` threshold saved
     with the model).
     Subclasses set ``name``, ``input_shape``, ``latent_dim``, ``normalization`` and
@@ -34,9 +34,12 @@ class ArrayModel(DetectorMethods, abc.ABC):
     #: with the normalisation folded into its graphs)
     normalizes_itself: bool = False
 
-    #: the range of normalised inputs the model takes (None: any real values): the
-    #: detector methods clip rows to it, as the estimator clips new rows
+    #: the range of normalised inputs the model takes (None: any real values): rows are
+    #: clipped to it, and scores charge the distance beyond, as the estimator's
     input_range: tuple[float, float] | None = None
+    #: whether the graphs clip rows to the input range (and a score graph charges what
+    #: lies beyond) themselves: rows go in as given
+    graphs_clip: bool = False
     #: what ``score`` gives by default: the model's ``Autoencoder.default_score_kind``
     #: where it can be computed (an ONNX export with its score graph), else the
     #: reconstruction error
@@ -68,8 +71,8 @@ class ArrayModel(DetectorMethods, abc.ABC):
         return True
 
     def _kind_scores(self, X: Any, kind: str, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """Scores of a kind other than the reconstruction error, on rows clipped to
-        ``input_range`` (float64)."""
+        """Scores of a kind other than the reconstruction error (float64), as
+        ``Autoencoder.score`` gives them."""
         raise DataError(
             f"scoring by the model's {kind!r} needs the model itself: serve the model "
             f"folder (torch), or pass kind='reconstruction'"
@@ -173,8 +176,8 @@ class ArrayModel(DetectorMethods, abc.ABC):
         and for an export of all parts that carries its graph, the reconstruction error
         otherwise. ``"reconstruction"``, the mean squared reconstruction error in
         normalised units (float32), is served by every export. Other kinds (float64) come
-        from the export's score graph. Every kind scores rows clipped to the model's
-        ``input_range``, as the estimator and the detector's fit saw them."""
+        from the export's score graph. A model with an ``input_range`` scores rows
+        clipped to it and charges the distance beyond, as ``Autoencoder.score``."""
         kind = self.score_kind(kind)
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
@@ -199,9 +202,11 @@ class ArrayModel(DetectorMethods, abc.ABC):
         return out
 
     def _row_errors(self, x: np.ndarray) -> np.ndarray:
-        x = self._inputs(x)
-        err = self._forward("full", x)
-        err -= x
+        # the error against the row as given: one beyond the input range is charged
+        # for its distance from it, as Autoencoder.score charges it
+        given = self._unclipped(x)
+        err = self._forward("full", self._clipped(given))
+        err -= given
         if self.normalizes_itself and self._inv is not None:
             err *= self._inv  # (x_hat - x) / scale: the shift cancels
         err = err.reshape(len(err), -1)
@@ -212,14 +217,17 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def _inputs(self, x: np.ndarray) -> np.ndarray:
         """Rows in data units -> what the forward pass takes (float32): normalised unless
         the graphs normalise themselves, clipped to the model's input range."""
-        if not self.normalizes_itself:
-            x = self._apply(x)
-            return x if self.input_range is None else np.clip(x, *self.input_range)
-        x = _float32(x)
-        if self.input_range is None:
+        return self._clipped(self._unclipped(x))
+
+    def _unclipped(self, x: np.ndarray) -> np.ndarray:
+        return _float32(x) if self.normalizes_itself else self._apply(x)
+
+    def _clipped(self, x: np.ndarray) -> np.ndarray:
+        """``_unclipped``'s rows clipped to the input range, unless the graphs clip."""
+        if self.input_range is None or self.graphs_clip:
             return x
-        lo, hi = self.input_range  # in data units, feature by feature
-        if self._shift is not None:
+        lo, hi = self.input_range
+        if self.normalizes_itself and self._shift is not None:  # in data units
             lo, hi = self._shift + lo * self._scale, self._shift + hi * self._scale
         return np.clip(x, lo, hi)
 

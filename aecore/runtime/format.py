@@ -16,7 +16,7 @@ SCORE_PART = "score"
 #: the score graph's forward passes per row (its metadata; 1 where absent)
 PASSES_KEY = "aecore.score_passes"
 #: the range a model with bounded inputs takes, in normalised units (JSON ``[lo, hi]``;
-#: absent for any real values): the detector methods clip rows to it, as fit's were
+#: absent for any real values): rows are clipped to it, scores charge what lies beyond
 INPUT_RANGE_KEY = "aecore.input_range"
 #: "1" when the graphs that take rows clip them to the input range themselves
 INPUTS_CLIPPED_KEY = "aecore.inputs_clipped"

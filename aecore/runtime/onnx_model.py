@@ -148,7 +148,8 @@ class OnnxAutoencoder(ArrayModel):
         # clipped by the graph if need be; older exports left that to the runtime)
         self._serve = None
         takes_data_units = self.normalizes_itself or norm.kind == "none"
-        clips = self.input_range is None or meta.get(INPUTS_CLIPPED_KEY) == "1"
+        self.graphs_clip = meta.get(INPUTS_CLIPPED_KEY) == "1"
+        clips = self.input_range is None or self.graphs_clip
         if self.part == "full" and takes_data_units and clips:
             self._serve = (graph.run, graph.output, graph.input)
 

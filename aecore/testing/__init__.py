@@ -37,6 +37,7 @@ from aecore.testing.checks import (
     check_loss,
     check_rows_independent,
     check_save_load,
+    check_scores_beyond_range,
     check_shapes,
     check_training_lowers_loss,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "check_onnx_parity",
     "check_rows_independent",
     "check_save_load",
+    "check_scores_beyond_range",
     "check_shapes",
     "check_training_lowers_loss",
     "model_specs",

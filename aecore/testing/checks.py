@@ -220,6 +220,27 @@ def check_rows_independent(spec: ModelSpec) -> None:
             )
 
 
+def check_scores_beyond_range(spec: ModelSpec) -> None:
+    """A model with an ``input_range`` scores a row higher the farther it lies beyond
+    it, by every kind: a detector must not pass a far-out row as its clipped self."""
+    model = spec.build().eval()
+    if model.input_range is None:
+        return
+    lo, hi = model.input_range
+    values = [hi, hi + 1.0, hi + 10.0, hi + 100.0, lo, lo - 10.0]
+    rows = batch(spec.input_shape, 1, seed=8).repeat(6, *[1] * len(spec.input_shape))
+    rows.flatten(1)[:, 0] = torch.tensor(values)
+    for kind in model.score_kinds:
+        s = model.score(rows, kind=kind)
+        if not (torch.all(s[1:4] > s[:3]) and s[5] > s[4]):
+            spec.fail(
+                "scores beyond range",
+                f"score(x, kind={kind!r}) of a row with one feature at {values} "
+                f"(input_range {model.input_range}) is {[round(float(v), 4) for v in s]}: "
+                f"it must rise beyond the range (Autoencoder.bounded_score)",
+            )
+
+
 def check_loss(spec: ModelSpec) -> None:
     model = spec.build().train()
     x = batch(spec.input_shape, 8, seed=4)
@@ -299,6 +320,7 @@ CORE_CHECKS = [
     check_config_round_trip,
     check_shapes,
     check_rows_independent,
+    check_scores_beyond_range,
     check_loss,
     check_training_lowers_loss,
     check_save_load,

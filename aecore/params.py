@@ -51,6 +51,16 @@ def number(
     return float(value)
 
 
+def number_or_auto(name: str, value: Any, auto: float, **bounds: Any) -> float:
+    """``number(name, value, **bounds)``, or ``auto`` where ``value`` is ``"auto"``."""
+    if isinstance(value, str) and value == "auto":
+        return auto
+    try:
+        return number(name, value, **bounds)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("; got", ", or 'auto'; got")) from None
+
+
 def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """An int in [low, high], as a Python int (numpy integers, such as ``np.arange``'s,
     included: JSON and ``range`` take them as ints)."""

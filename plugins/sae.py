@@ -15,21 +15,21 @@ sparsity rule (``aecore.sae.rules``) the only difference between architectures:
   al. 2024).
 
 The training recipe, on by default and each switchable: inputs scaled to a mean square
-of 1 per element, so a row's mean squared norm is d (``normalize_inputs``; ``c`` above, folded into the weights when the model
-is saved), the decoder bias started at the inputs' geometric median (``b_dec_init``),
-tied initialisation ``W_enc = W_dec`` (``tied_init``), decoder rows held at unit norm
-with the gradient's component along them removed before each step (``unit_decoder``),
-AuxK for latents dead for ``dead_window`` rows (``"auto"``: 200 * latent_dim / k, at
-least 10,000; ``aux_k`` of them reconstruct the
-residual, weight ``aux_coefficient``; top-k rules), and a learning rate scaled by
-``lr_scale``: ``"auto"`` is ``1.5 * sqrt(16384 / latent_dim)``, times the trainer's
-``lr`` (the default 1e-3 gives 1.5e-3 at 16384 latents, 6e-3 at 1024: Gao et al.'s
-1 / sqrt(n) scaling), decaying linearly to zero over the last ``lr_decay`` of the run.
+of 1 per element, a row's mean squared norm d (``normalize_inputs``; ``c`` above, folded
+into the weights when saved), the decoder bias started at the inputs' geometric median
+(``b_dec_init``), tied initialisation ``W_enc = W_dec`` (``tied_init``), decoder rows
+held at unit norm with the gradient's component along them removed before each step
+(``unit_decoder``), AuxK for latents dead for ``dead_window`` rows (``"auto"``: 200 *
+latent_dim / k, at least 10,000; ``aux_k`` of them reconstruct the residual, weight
+``aux_coefficient``; top-k rules), and a learning rate scaled by ``lr_scale``:
+``"auto"`` is ``1.5 * sqrt(16384 / latent_dim)``, times the trainer's ``lr`` (the
+default 1e-3 gives 1.5e-3 at 16384 latents, 6e-3 at 1024: Gao et al.'s 1 / sqrt(n)
+scaling), decaying linearly to zero over the last ``lr_decay`` of the run.
 
 The loss is the reconstruction's squared error relative to the data's variance
 (``fvu``: the fraction of variance unexplained, the variance measured once on the rows
-that start the model) plus the rule's penalty and AuxK. ``encode`` returns the dense (B, latent_dim) code;
-``encode_sparse`` the (values, indices) of its nonzeros.
+that start the model) plus the rule's penalty and AuxK. ``encode`` returns the dense
+(B, latent_dim) code; ``encode_sparse`` the (values, indices) of its nonzeros.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aecore import ops, params
-from aecore.base import Autoencoder
+from aecore.base import Autoencoder, check_input_shape
 from aecore.errors import ConfigError, ShapeError
 from aecore.host_values import host_value
 from aecore.sae import rules
@@ -297,7 +297,7 @@ class TopKSAE(SparseDictionary):
     quarter of a smaller dictionary)."""
 
     def __init__(self, *, input_shape, latent_dim, k="auto", **recipe) -> None:
-        self.k = _k(k, check_latents(latent_dim))
+        self.k = _k(k, params.integer("latent_dim", latent_dim, low=1))
         super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
 
     def make_rule(self) -> rules.SparsityRule:
@@ -343,7 +343,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def __init__(
         self, *, input_shape, latent_dim, k="auto", prefixes="auto", topk_warmup=0.8, **recipe
     ) -> None:
-        n = check_latents(latent_dim)
+        n = params.integer("latent_dim", latent_dim, low=1)
         if prefixes == "auto":
             prefixes = sorted({max(1, n // 2**i) for i in range(4, 0, -1)} | {n})
         self.prefixes = params.int_list("prefixes", prefixes, allow_empty=False)
@@ -364,43 +364,47 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 class ReLUSAE(SparseDictionary):
     """``sae-relu``: ReLU latents under an L1 penalty (``l1_coefficient``) weighted by
-    the decoder rows' norms."""
+    the decoder rows' norms. ``"auto"``, 0.1 / sqrt(d): a latent then pays its way once
+    it carries about a tenth of a row's norm (1% of its variance), at any width (a fixed
+    0.05 did at d = 64 and zeroed every latent at d = 128)."""
 
-    def __init__(self, *, input_shape, latent_dim, l1_coefficient=0.05, **recipe) -> None:
-        self.l1_coefficient = params.number("l1_coefficient", l1_coefficient, low=0.0)
+    def __init__(self, *, input_shape, latent_dim, l1_coefficient="auto", **recipe) -> None:
+        self.l1_setting = l1_coefficient
+        auto = 0.1 / math.sqrt(math.prod(check_input_shape(input_shape)))
+        self.l1_coefficient = params.number_or_auto("l1_coefficient", l1_coefficient, auto, low=0)
         super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
 
     def make_rule(self) -> rules.SparsityRule:
         return rules.ReLUL1(self.l1_coefficient)
 
     def rule_config(self) -> dict[str, Any]:
-        return {"l1_coefficient": self.l1_coefficient}
+        return {"l1_coefficient": self.l1_setting}
 
 
 class JumpReLUSAE(SparseDictionary):
-    """``sae-jumprelu``: a learned threshold per latent (starting at ``threshold``)
-    under an L0 penalty (``l0_coefficient``); ``bandwidth`` is the width of the
-    straight-through estimate of the thresholds' gradient."""
+    """``sae-jumprelu``: a learned threshold per latent under an L0 penalty
+    (``l0_coefficient``: a latent pays its way once it explains about that fraction of
+    the variance); ``bandwidth`` is the width of the straight-through estimate of the
+    thresholds' gradient. ``"auto"``: the paper's bandwidth 0.001 for inputs of unit
+    mean squared norm, times sqrt(d) for this recipe's; thresholds start where penalty
+    and gain balance, sqrt(l0_coefficient * d) (from 0.001 they hardly moved)."""
 
     def __init__(
-        self, *, input_shape, latent_dim, l0_coefficient=0.001, bandwidth=0.001,
-        threshold=0.001, **recipe,
+        self, *, input_shape, latent_dim, l0_coefficient=0.01, bandwidth="auto",
+        threshold="auto", **recipe,
     ) -> None:  # fmt: skip
+        d = math.prod(check_input_shape(input_shape))
         self.l0_coefficient = params.number("l0_coefficient", l0_coefficient, low=0.0)
-        self.bandwidth = params.number("bandwidth", bandwidth, low=0.0, low_open=True)
-        self.threshold = params.number("threshold", threshold, low=0.0, low_open=True)
+        self.settings = {"bandwidth": bandwidth, "threshold": threshold}
+        self.bandwidth = params.number_or_auto(
+            "bandwidth", bandwidth, 0.001 * math.sqrt(d), low=0, low_open=True
+        )
+        auto = max(math.sqrt(self.l0_coefficient * d), self.bandwidth)
+        self.threshold = params.number_or_auto("threshold", threshold, auto, low=0, low_open=True)
         super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
 
     def make_rule(self) -> rules.SparsityRule:
         return rules.JumpReLU(self.latent_dim, self.l0_coefficient, self.bandwidth, self.threshold)
 
     def rule_config(self) -> dict[str, Any]:
-        return {
-            "l0_coefficient": self.l0_coefficient,
-            "bandwidth": self.bandwidth,
-            "threshold": self.threshold,
-        }
-
-
-def check_latents(latent_dim: Any) -> int:
-    return params.integer("latent_dim", latent_dim, low=1)
+        return {"l0_coefficient": self.l0_coefficient, **self.settings}

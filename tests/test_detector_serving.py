@@ -480,3 +480,38 @@ def test_a_one_file_export_says_which_score_it_gives_and_how_to_get_the_detector
             == 0
         )
         assert f"score ({kind}): 3 rows" in capsys.readouterr().out
+
+
+def test_the_command_line_predicts_with_the_saved_detector(digits, tmp_path, capsys):
+    # a pipeline without Python had scores but no labels: it had to re-derive the
+    # threshold, which the model folder and its export already carry
+    from aecore.cli.main import main
+
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", latent_dim=4, epochs=2, random_state=0)
+    detector.fit(X[y == 0])
+    rows = X[:40]
+    np.save(tmp_path / "rows.npy", rows)
+    labels = detector.predict(rows)
+    proba = detector.predict_proba(rows, method="unify")[:, 1]
+    confidence = detector.predict_confidence(rows)
+    served_copies(detector, tmp_path)  # the folder m and the export m.onnx
+    for model in (tmp_path / "m", tmp_path / "m.onnx"):
+        out = tmp_path / f"{model.name}.npy"
+        args = ["predict", str(model), "--input", str(tmp_path / "rows.npy")]
+        assert main([*args, "--output", str(out)]) == 0
+        assert np.array_equal(np.load(out), labels)
+        said = capsys.readouterr().out
+        assert f"{int(labels.sum())} outliers: reconstruction score above" in said
+        out = tmp_path / f"{model.name}.csv"
+        assert main([*args, "--output", str(out), "--proba", "unify", "--confidence"]) == 0
+        table = np.loadtxt(out, delimiter=",")
+        assert np.array_equal(table[:, 0], labels)
+        np.testing.assert_allclose(table[:, 1], proba, rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(table[:, 2], confidence, rtol=1e-3, atol=1e-6)
+    plain = aecore.AutoencoderTransformer("ae", latent_dim=4, epochs=1, random_state=0).fit(X)
+    aecore.save(plain.model_, tmp_path / "plain")
+    args = ["predict", str(tmp_path / "plain"), "--input", str(tmp_path / "rows.npy")]
+    assert main([*args, "--output", str(tmp_path / "no.npy")]) == 1
+    assert "without a detector threshold: `aecore score`" in capsys.readouterr().err
+    assert not (tmp_path / "no.npy").exists()

@@ -1,4 +1,5 @@
-"""``aecore encode | decode | reconstruct | score | export``: apply or export a model.
+"""``aecore encode | decode | reconstruct | score | predict | export``: apply or export a
+model.
 
 MODEL is a model folder (run by PyTorch) or an ``.onnx`` file (run by onnxruntime,
 through ``aecore.runtime``; that path never imports torch, so these commands work in
@@ -7,7 +8,9 @@ inputs in data units are normalised with the stored normalisation, outputs of
 ``reconstruct`` / ``decode`` are inverted back to data units, and ``score`` is the
 model's anomaly score per row (``--kind``; by default its detector's kind, else the
 model's own, e.g. an RBM's free energy, where the model computes it; ``reconstruction``
-is the mean squared error in normalised units; the output line names the kind).
+is the mean squared error in normalised units; the output line names the kind), and
+``predict`` applies the detector saved with the model (``aecore.AnomalyDetector``):
+labels, 1 for outliers, with ``--proba`` and ``--confidence`` columns on request.
 
 Inputs: ``.npy`` (memory-mapped) or ``.csv`` (numeric, optional header), one row per
 sample; rows of ``prod(input_shape)`` values are reshaped for image models. Outputs:
@@ -25,6 +28,7 @@ import numpy as np
 from aecore.data.dataset import as_dataset
 from aecore.data.files import csv_header, read_csv
 from aecore.data.sources import load_data
+from aecore.detection import PROBA_METHODS
 from aecore.errors import ConfigError, DataError
 from aecore.io.atomic import atomic_write
 from aecore.runtime import DEFAULT_BATCH_SIZE, OnnxAutoencoder, part_paths, score_path
@@ -38,6 +42,7 @@ _COMMANDS = {
     "decode": ("inputs, in data units, decoded from codes (N, latent_dim)", "codes"),
     "reconstruct": ("reconstructions of inputs, in data units", "inputs"),
     "score": ("anomaly score per row (its detector's or default kind, or --kind)", "inputs"),
+    "predict": ("outlier labels per row (1 = outlier) by the model's detector", "inputs"),
 }
 
 
@@ -49,12 +54,22 @@ def add_commands(sub) -> None:
         s.add_argument("--input", required=True, help=f"{takes}: .npy or .csv, one row each")
         s.add_argument("--output", required=True, help=".npy or .csv (by extension)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        s.add_argument(
-            "--batch-size",
-            type=int,
-            default=DEFAULT_BATCH_SIZE,
-            help=f"rows per model call (default {DEFAULT_BATCH_SIZE})",
-        )
+        if command != "predict":
+            s.add_argument(
+                "--batch-size",
+                type=int,
+                default=DEFAULT_BATCH_SIZE,
+                help=f"rows per model call (default {DEFAULT_BATCH_SIZE})",
+            )
+        else:
+            s.add_argument(
+                "--proba",
+                choices=PROBA_METHODS,
+                help="add a column: the outlier probability by this method",
+            )
+            s.add_argument(
+                "--confidence", action="store_true", help="add a column: the label's confidence"
+            )
         if command == "score":
             s.add_argument(
                 "--kind",
@@ -114,8 +129,11 @@ def cmd_apply(args) -> int:
         if names is not None and header is not None:
             check_columns(header, names)
         rows = as_model_rows(data, model.input_shape)
-        kind = {"kind": args.kind} if args.action == "score" else {}
-        result = getattr(model, args.action)(rows, batch_size=args.batch_size, **kind)
+        if args.action == "predict":
+            result = predictions(model, rows, args.proba, args.confidence)
+        else:
+            kind = {"kind": args.kind} if args.action == "score" else {}
+            result = getattr(model, args.action)(rows, batch_size=args.batch_size, **kind)
     write_array(out_path, result, overwrite=args.overwrite)
     backend = "onnxruntime" if isinstance(model, OnnxAutoencoder) else "torch"
     # which score: a one-file export of an RBM detector gives the reconstruction error,
@@ -125,7 +143,32 @@ def cmd_apply(args) -> int:
         f"{what}: {len(result)} rows of {args.input} through {model.name} "
         f"({backend}) -> {out_path} {tuple(result.shape)}"
     )
+    if args.action == "predict":
+        labels = result if result.ndim == 1 else result[:, 0]
+        detector = model.detector
+        print(
+            f"{int(labels.sum())} outliers: {detector.kind} score above {detector.threshold:.6g} "
+            f"(contamination {detector.contamination:g})"
+        )
     return 0
+
+
+def predictions(model, rows, proba: str | None, confidence: bool) -> np.ndarray:
+    """The detector's labels (N,) or, with extra columns, (N, 1 + extras): label, outlier
+    probability, confidence; each row scored once."""
+    threshold = model.detector
+    if threshold is None:
+        raise DataError(
+            f"{model.name} was saved without a detector threshold: `aecore score` gives its "
+            f"raw anomaly scores; aecore.AnomalyDetector fits a threshold (save its model_)"
+        )
+    scores = model.decision_function(rows)
+    columns = [threshold.labels(scores)]
+    if proba is not None:
+        columns.append(threshold.proba(scores, proba)[:, 1])
+    if confidence:
+        columns.append(threshold.confidence(scores))
+    return columns[0] if len(columns) == 1 else np.column_stack(columns).astype(np.float64)
 
 
 def cmd_export(args) -> int:

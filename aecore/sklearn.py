@@ -238,7 +238,8 @@ class AutoencoderTransformer(
             patience=self.patience,
             val_fraction=validation_fraction,
         )
-        trainer = Trainer(config, progress=False)
+        names = {"val_fraction": "validation_fraction"}  # in the trainer's warnings
+        trainer = Trainer(config, progress=False, setting_names=names)
 
         # seeded model construction without touching the caller's global torch RNG
         devices = [trainer.device] if trainer.device.type == "cuda" else []
@@ -376,8 +377,8 @@ class AutoencoderTransformer(
     def score_samples(self, X) -> np.ndarray:
         """The negative of the model's per-sample anomaly score (``model_.score``: its
         default kind, the reconstruction error in normalised units unless the model has
-        a better one, e.g. an RBM's free energy): higher is more normal. Rows beyond the
-        training range score lower the further out they lie (``Autoencoder.score``)."""
+        a better one, e.g. an RBM's free energy): higher is more normal; lower the farther
+        a row lies beyond the model's input range (``Autoencoder.score``)."""
         x, _ = self._normalized(X, clip=False)
         return self._scores(x)
 

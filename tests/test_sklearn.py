@@ -599,3 +599,16 @@ def test_estimator_records_and_names_what_it_used():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert many.inverse_transform(codes).shape == X.shape
+
+
+def test_the_trainers_warnings_name_the_estimators_parameters():
+    # they said "val_fraction" and "Pass val_data", neither of which the estimator takes
+    from aecore.errors import IgnoredSettingWarning
+
+    with pytest.warns(IgnoredSettingWarning) as caught:
+        small(patience=3, validation_fraction=0.0).fit(TABLE)
+    said = " ".join(str(w.message) for w in caught)
+    assert "patience=3 needs validation data" in said and "validation_fraction=0)" in said
+    assert "val_data" not in said and "a validation_fraction > 0" in said
+    with pytest.warns(UserWarning, match=r"^validation_fraction=0.9 holds out 108 of the 120"):
+        small(validation_fraction=0.9).fit(TABLE)

@@ -58,6 +58,7 @@ class Trainer:
         overwrite: bool = False,
         progress: bool | None = None,
         allow_changes: bool = False,
+        setting_names: dict[str, str] | None = None,
         **settings: Any,
     ) -> None:
         if config is not None and not isinstance(config, TrainConfig):
@@ -82,8 +83,14 @@ class Trainer:
                 f"out_dir=...",
                 IgnoredSettingWarning,
             )
+        #: what the caller calls the settings in messages (a scikit-learn estimator's
+        #: validation_fraction; such a caller takes no val_data either)
+        self.setting_names = dict(setting_names or {})
         #: why the running fit should stop at its next step (set by request_stop)
         self.stop_requested: str | None = None
+
+    def _named(self, setting: str) -> str:
+        return self.setting_names.get(setting, setting)
 
     def request_stop(self, reason: str) -> None:
         self.stop_requested = reason
@@ -123,13 +130,13 @@ class Trainer:
             train, val = split if split is not None else (train, None)
             if val is not None and val.n > train.n:
                 warn(
-                    f"val_fraction={c.val_fraction:g} holds out {val.n} of the {given.n} rows, "
+                    f"{self._named('val_fraction')}={c.val_fraction:g} holds out {val.n} of the {given.n} rows, "
                     f"so the model trains on {train.n}: a validation split needs far fewer "
                     f"rows than training does (the default is {DEFAULTS.val_fraction:g})",
                     UserWarning,
                 )
         if val is None:
-            _warn_settings_needing_validation(c, loader=train.loader is not None)
+            _warn_settings_needing_validation(c, train.loader is not None, self._named)
         if c.optimizer == "lbfgs" and len(train) > 1:  # its curvature pairs mix batches
             what = (
                 f"the DataLoader (batch_size={train.loader.batch_size}) yields"
@@ -164,7 +171,7 @@ OPTIMIZER_SETTINGS = ("lr", "optimizer", "weight_decay", "grad_clip")
 VALIDATION_SETTINGS = ("patience", "min_delta", "smoothing")
 
 
-def _warn_settings_needing_validation(c: TrainConfig, loader: bool) -> None:
+def _warn_settings_needing_validation(c: TrainConfig, loader: bool, named) -> None:
     changed = [
         f"{name}={getattr(c, name)!r}"
         for name in VALIDATION_SETTINGS
@@ -172,18 +179,20 @@ def _warn_settings_needing_validation(c: TrainConfig, loader: bool) -> None:
     ]
     if not changed:
         return
+    fraction = named("val_fraction")
     why = (
         "a DataLoader holds none out"
         if loader
-        else "val_fraction=0"
+        else f"{fraction}=0"
         if not c.val_fraction
         else "too few rows to hold any out"
     )
     verb = "needs" if len(changed) == 1 else "need"
+    takes_val_data = fraction == "val_fraction"  # not a caller that names it otherwise
     warn(
-        f"{', '.join(changed)} {verb} validation data, and this run has none (no val_data; "
-        f"{why}): it runs all {c.epochs} epochs. Pass val_data, or a val_fraction > 0 "
-        f"with enough rows",
+        f"{', '.join(changed)} {verb} validation data, and this run has none "
+        f"({'no val_data; ' * takes_val_data}{why}): it runs all {c.epochs} epochs. Pass "
+        f"{'val_data, or ' * takes_val_data}a {fraction} > 0 with enough rows",
         IgnoredSettingWarning,
     )
 

@@ -580,3 +580,21 @@ def test_the_l0_coefficient_sets_a_jumprelu_dictionarys_sparsity():
     weak, strong = (_trained("sae-jumprelu", 64, l0_coefficient=c) for c in (0.003, 0.03))
     assert strong[1] < weak[1] / 3, (weak, strong)
     assert weak[0] < 0.25 and strong[1] >= 2, (weak, strong)
+
+
+@pytest.mark.parametrize("name", SAES)
+@pytest.mark.parametrize("progress", [0.0, 1.0])
+def test_a_training_loss_compiles_in_one_graph_with_dead_latents(name, progress):
+    # reading the dead latents' count (and BatchTopK's exactness flag) back to the host
+    # split the compiled step in two and waited for the device every step
+    torch.manual_seed(0)
+    model = make(name, dead_window=10)
+    x = sparse_data(64)
+    model.init_from_data(x)
+    model.since_fired[::3] = 100  # a third of the latents dead
+    model.set_progress(progress)
+    model.train()
+    want = model.loss(x)["loss"]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model.loss(x)["loss"], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)

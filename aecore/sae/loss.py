@@ -25,7 +25,7 @@ def sae_loss(model, x: Tensor) -> dict[str, Tensor]:
         dead, n_dead = _dead_to_revive(model)
         # AuxK picks at most the dead latents (aux_k's default, d / 2, may pass the
         # dictionary's size)
-        aux_k = min(model.aux_k, n_dead)
+        aux_k = model.aux_k if torch.is_tensor(n_dead) else min(model.aux_k, n_dead)
         code = model.rule.sparse_training_code(
             xs, model.W_enc, model.b_enc, model.b_dec, aux_k=aux_k, dead=dead
         )
@@ -44,6 +44,8 @@ def _dead_to_revive(model) -> tuple[Tensor | None, int]:
     if not _aux_term(model, True):
         return None, 0
     dead = model.dead_latents()
+    if torch.compiler.is_compiling():  # no count read back: a code padded to aux_k,
+        return dead, dead.sum()  # scaled by the count (recipe.aux_error)
     n_dead = int(dead.sum())
     return (dead if n_dead else None), n_dead
 

@@ -167,6 +167,8 @@ class BatchTopK(SparsityRule):
         self, xs: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, aux_k: int = 0, dead=None
     ) -> tuple[Tensor, ...] | None:
         warm = self.row_k() is not None  # the warm-up selects each row's k
+        if not warm and torch.compiler.is_compiling():
+            return None  # its exactness check reads a flag back: the dense path compiles
         # The batch's top k * rows from each row's top m candidates: exact unless a row
         # keeps all of its m (then entries past them might pass the cut, and every
         # process computes this batch densely instead)

@@ -248,7 +248,7 @@ def test_third_party_plugin_distribution_is_discovered_trained_saved_loaded(tmp_
         cwd=tmp_path,
     )
     assert ran.returncode == 0, ran.stdout[-3000:]
-    assert "16 passed" in ran.stdout
+    assert "18 passed" in ran.stdout
 
 
 def test_a_misspelt_hyperparameter_names_the_closest_one_everywhere(tmp_path, capsys):

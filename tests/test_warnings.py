@@ -48,7 +48,7 @@ def test_a_validation_split_larger_than_the_training_rows_is_named():
     with pytest.warns(UserWarning, match="holds out 99 of the 100 rows, so the model trains on 1"):
         aecore.Trainer(epochs=1, val_fraction=0.99, progress=False).fit(model, torch.rand(100, 4))
     x = np.random.default_rng(0).random((100, 4))
-    with pytest.warns(UserWarning, match="val_fraction=0.9 holds out 90"):
+    with pytest.warns(UserWarning, match="^validation_fraction=0.9 holds out 90"):
         aecore.AnomalyDetector("ae", epochs=1, validation_fraction=0.9).fit(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # half and half is allowed without a word

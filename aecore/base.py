@@ -322,15 +322,13 @@ class Autoencoder(nn.Module, abc.ABC):
         with eval_mode(self):
             return self.bounded_score(x, kind, self.anomaly_score)
 
-    #: kinds that are mean squared errors per feature, charged the mean squared distance
-    #: beyond the input range; others are in nats summed over features, charged half the
-    #: summed squared distance (a unit-variance Gaussian's tail)
-    mean_error_kinds: ClassVar[tuple[str, ...]] = ("reconstruction",)
-
     def bounded_score(self, x: torch.Tensor, kind: str, compute: Callable) -> torch.Tensor:
-        """``compute(x, kind)`` of ``x`` clipped to the ``input_range`` plus a charge for
-        the distance beyond, so a score keeps rising as a row leaves the range; the
-        reconstruction error is measured against the row as given instead."""
+        """``kind``'s score of rows as given, so it keeps rising as a row leaves the
+        ``input_range``: the reconstruction error of the row clipped to the range is
+        measured against the row as given; another kind, ``compute(x, kind)`` of the
+        clipped row, in nats summed over features, is charged half the summed squared
+        distance beyond the range (a unit-variance Gaussian's tail). A model whose kind
+        is a squared error of its own measures it against the row as given instead."""
         bounds = self.input_range
         inside = x if bounds is None else x.clamp(*bounds)
         if kind == "reconstruction":
@@ -338,13 +336,13 @@ class Autoencoder(nn.Module, abc.ABC):
         score = compute(inside, kind)
         if bounds is None:
             return score
-        beyond = (x - inside).pow(2).flatten(1)
-        charge = beyond.mean(1) if kind in self.mean_error_kinds else 0.5 * beyond.sum(1)
-        return score + charge.to(score.dtype)
+        return score + 0.5 * (x - inside).pow(2).flatten(1).sum(1).to(score.dtype)
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """The model's own scores (``score_kinds`` beyond ``"reconstruction"``): a model
         that lists such kinds defines this."""
+        if kind == "reconstruction":
+            return (self(x) - x).pow(2).flatten(1).mean(1)
         raise TypeError(
             f"{type(self).__name__} lists {kind!r} in score_kinds but defines no "
             f"anomaly_score(x, kind) to compute it"
@@ -354,6 +352,8 @@ class Autoencoder(nn.Module, abc.ABC):
         """``anomaly_score`` in one pass that an ONNX export traces (no Python loops over
         chunks of rows or samples, no host checks): a model whose ``anomaly_score`` works
         in chunks overrides this with the same computation unchunked."""
+        if kind == "reconstruction":
+            return (self(x) - x).pow(2).flatten(1).mean(1)
         return self.anomaly_score(x, kind)
 
     @property

@@ -95,7 +95,8 @@ class AutoencoderTransformer(
         Gaussian ones (the ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible
         units: its ``real_valued_hparams``) gets those, unless the given hyperparameters
         choose otherwise. The model trains and scores in normalised units, new rows
-        clipped to the model's input range; ``inverse_transform`` returns data units.
+        clipped to the model's input range (scores charge what lies beyond it);
+        ``inverse_transform`` returns data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.

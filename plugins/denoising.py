@@ -109,7 +109,6 @@ class DenoisingAutoencoder(PlainAutoencoder):
     score_kinds = ("reconstruction", "denoising")
     default_score_kind = "reconstruction"
     exportable_score_kinds = score_kinds
-    mean_error_kinds = score_kinds
     score_passes: ClassVar[dict[str, int]] = {"denoising": 1 + SCORE_CORRUPTIONS}
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -117,9 +116,22 @@ class DenoisingAutoencoder(PlainAutoencoder):
         restoring it from ``SCORE_CORRUPTIONS`` fixed corruptions (the same for every
         row, so a row's score depends on nothing else in its batch; salt-and-pepper
         takes each row's own minimum and maximum)."""
-        errors = (self(x) - x).pow(2).flatten(1).mean(1)
-        for corrupted in self.fixed_corruptions(x):
-            errors = errors + (self(corrupted) - x).pow(2).flatten(1).mean(1) / SCORE_CORRUPTIONS
+        if kind == "reconstruction":
+            return super().anomaly_score(x, kind)
+        return self._restoration_errors(x, x)
+
+    def bounded_score(self, x: torch.Tensor, kind: str, compute) -> torch.Tensor:
+        # both errors against the row as given, from its clipped self, as the
+        # reconstruction error is: never below it, rising as the row leaves the range
+        if kind != "denoising" or self.input_range is None:
+            return super().bounded_score(x, kind, compute)
+        return self._restoration_errors(x.clamp(*self.input_range), x)
+
+    def _restoration_errors(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        errors = (self(inputs) - target).pow(2).flatten(1).mean(1)
+        for corrupted in self.fixed_corruptions(inputs):
+            restored = self(corrupted) - target
+            errors = errors + restored.pow(2).flatten(1).mean(1) / SCORE_CORRUPTIONS
         return errors
 
     def fixed_corruptions(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -9,10 +9,10 @@ that many training steps (Sønderby et al. 2016; Bowman et al. 2016).
 
 The decoder is Bernoulli (the net outputs logits; ``decode`` returns probabilities, and
 inputs must lie in [0, 1], e.g. ``--normalize minmax``) or Gaussian with a learned
-per-feature standard deviation (``decoder_std="learned"``, floored at
-``min_decoder_std`` so that constant pixels cannot drive the likelihood to infinity) or
-a fixed one (``decoder_std=0.1``). ``encode`` returns the posterior mean, so
-``model(x) = decode(encode(x))`` is deterministic and is what ONNX exports.
+per-feature standard deviation (``decoder_std="learned"``, floored at ``min_decoder_std``
+so constant pixels cannot drive the likelihood to infinity) or a fixed one
+(``decoder_std=0.1``). ``encode`` returns the posterior mean: ``model(x)`` is
+deterministic, and it is what ONNX exports.
 
 ``elbo(x)`` and ``log_likelihood(x, k)`` (importance-weighted, Burda et al. 2016) are
 nats per input; the anomaly score is -log p(x) from ``score_draws`` fixed draws.
@@ -195,8 +195,7 @@ class VariationalAutoencoder(Autoencoder):
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of q(z|x), each ``(B, latent_dim)``."""
         self.check_input(x)
-        mean, logvar = self.encoder_head(self.encoder_body(x)).chunk(2, dim=1)
-        return mean, logvar
+        return self.encoder_head(self.encoder_body(x)).chunk(2, dim=1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.posterior(x)[0]
@@ -281,14 +280,17 @@ class VariationalAutoencoder(Autoencoder):
 
     @property
     def score_passes(self) -> dict[str, int]:  # draws a row
-        n = self.score_draws
-        return {"elbo": n or 10, "log_likelihood": n or 100}
+        return {"elbo": self.score_draws or 10, "log_likelihood": self.score_draws or 100}
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "reconstruction":
+            return super().anomaly_score(x, kind)
         # the draws the export's score graph holds (traceable_score)
         return -self._per_row_batch(x, kind, self.score_passes[kind], None, None, self.fixed_draws)
 
     def traceable_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "reconstruction":
+            return super().traceable_score(x, kind)
         mean, logvar = self.posterior(x)
         eps = self.fixed_draws[: self.score_passes[kind]].to(mean.dtype)
         return -self._estimate(kind, flatten(x), mean, logvar, [eps]).to(x.dtype)

@@ -114,6 +114,14 @@ def test_the_denoising_score_is_fixed_and_a_rows_own(corruption):
     torch.testing.assert_close(model.score(x[3:5], kind="denoising"), score[3:5])
     torch.testing.assert_close(model.score(x.flip(0), kind="denoising"), score.flip(0))
     assert (score > model.score(x)).all()
+    # so also for rows beyond a bounded model's range: both errors are measured against
+    # the row as given (the restoration's against the clipped row once fell below it)
+    bounded = DenoisingAutoencoder(
+        input_shape=(12,), latent_dim=3, corruption=corruption, output_activation="sigmoid"
+    ).eval()
+    far = x.clone()
+    far[:, 0] = torch.linspace(1.0, 4.0, 10)
+    assert (bounded.score(far, kind="denoising") > bounded.score(far)).all()
 
 
 @pytest.mark.parametrize(

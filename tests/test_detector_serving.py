@@ -515,3 +515,35 @@ def test_the_command_line_predicts_with_the_saved_detector(digits, tmp_path, cap
     assert main([*args, "--output", str(tmp_path / "no.npy")]) == 1
     assert "without a detector threshold: `aecore score`" in capsys.readouterr().err
     assert not (tmp_path / "no.npy").exists()
+
+
+def test_an_export_from_before_scores_charged_rows_scores_them_as_it_did(digits, tmp_path):
+    # its threshold was fitted on scores of clipped rows, and its score graph (if any)
+    # clips without charging: the runtime keeps the whole export on that rule
+    import onnx
+
+    from aecore.onnx import export_onnx
+    from aecore.runtime import OnnxAutoencoder
+
+    X, y = digits
+    detector = aecore.AnomalyDetector("ae", output_activation="sigmoid", latent_dim=4,
+                                      epochs=2, random_state=0)  # fmt: skip
+    detector.fit(X[y == 0])
+    export_onnx(detector.model_, tmp_path / "new.onnx")
+    graph = onnx.load(tmp_path / "new.onnx")
+    kept = [p for p in graph.metadata_props if p.key != "aecore.scores_charged"]
+    assert len(kept) == len(graph.metadata_props) - 1
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, tmp_path / "old.onnx")
+    rows = np.repeat(X[y == 0][:1], 3, axis=0)
+    rows[:, 20] = [1.0, 3.0, 30.0]
+    model = detector.model_
+    with torch.no_grad():
+        clipped = model.score(torch.from_numpy(np.clip(rows, 0, 1)).float()).numpy()
+        given = model.score(torch.from_numpy(rows).float()).numpy()
+    np.testing.assert_allclose(OnnxAutoencoder(tmp_path / "old.onnx").score(rows), clipped,
+                               rtol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(OnnxAutoencoder(tmp_path / "new.onnx").score(rows), given,
+                               rtol=1e-4)  # fmt: skip
+    assert given[2] > given[1] > given[0] == pytest.approx(clipped[2])

@@ -386,3 +386,16 @@ def test_bad_targets(tmp_path):
 def test_part_paths_from_any_part():
     names = {p: f.name for p, f in part_paths("dir/m.decoder.onnx").items()}
     assert names == {"full": "m.onnx", "encoder": "m.encoder.onnx", "decoder": "m.decoder.onnx"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_traced_score_is_the_models_score_for_every_kind(name):
+    # a score graph is traced from traceable_score: it once forwarded "reconstruction"
+    # to anomaly_score, which gave an RBM's free energy under that name
+    cls = aecore.model_class(name)
+    model = _fresh(cls, _shape(cls), {}).eval()
+    x = torch.rand(5, *model.input_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for kind in model.exportable_score_kinds:
+            traced = model.traceable_score(x, kind)
+            torch.testing.assert_close(traced, model.score(x, kind=kind), rtol=1e-4, atol=1e-5)

@@ -62,9 +62,10 @@ def hparams_for_units(model_cls: type, units: str, given: dict[str, Any]) -> dic
     """``given`` plus the model's hyperparameters for data of ``units`` (each hook's
     values yield to ``given``): on real-valued data (neither in [0, 1] nor
     intensities) its Gaussian-unit ones (``real_valued_hparams``): min-max scaling it
-    for Bernoulli units clips every new row beyond the training range to its edge, where
-    an anomaly cannot be told from the most extreme normal row (one-class iris: vae
-    0.878 -> 0.997; wine 0.745 -> 0.982); on data in [0, 1] or intensities (min-max
+    for Bernoulli units feeds the model every new row beyond the training range clipped
+    to its edge, where it tells an anomaly from the most extreme normal row only by the
+    charge for the distance (one-class iris, clipped alone: vae 0.878 -> 0.997; wine
+    0.745 -> 0.982); on data in [0, 1] or intensities (min-max
     scaled as a whole), grey values meant as such, its ``rescaled_hparams``."""
     name = "rescaled_hparams" if units in (UNIT, INTENSITY) else "real_valued_hparams"
     hook = getattr(model_cls, name, None)
@@ -89,9 +90,9 @@ def shared_scale_normalization(input_range, train) -> Normalization:
 
 def check_in_model_range(input_range, lo: float, hi: float, normalize: str, name: Any) -> None:
     """The training rows, normalised (their range ``[lo, hi]``), must lie in the range
-    the model takes: new rows are clipped to it, so training on values beyond it would
-    fit what the model is never served (and a detector would label training rows by
-    scores they do not get)."""
+    the model takes: new rows are clipped to it (and charged for the distance), so
+    training on values beyond it would fit what the model is never served (and a
+    detector would label training rows by scores they do not get)."""
     if input_range is None:
         return
     if float(lo) < input_range[0] or float(hi) > input_range[1]:

@@ -63,6 +63,7 @@ from aecore.runtime.format import (
     PASSES_KEY,
     SCORE_KINDS_KEY,
     SCORE_PART,
+    SCORES_CHARGED_KEY,
     part_paths,
     score_path,
 )
@@ -269,7 +270,11 @@ def input_range_metadata(model) -> dict[str, str]:
     bounds = getattr(model, "input_range", None)
     if bounds is None:
         return {}
-    return {INPUT_RANGE_KEY: json.dumps([float(b) for b in bounds]), INPUTS_CLIPPED_KEY: "1"}
+    return {
+        INPUT_RANGE_KEY: json.dumps([float(b) for b in bounds]),
+        INPUTS_CLIPPED_KEY: "1",
+        SCORES_CHARGED_KEY: "1",
+    }
 
 
 def detector_metadata(model) -> dict[str, str]:

@@ -37,8 +37,9 @@ class PartGraph(nn.Module):
 
 
 def clipped(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Rows clipped to the model's input range, as the estimator takes new rows (and the
-    detector's fit saw them): every graph that takes rows does so."""
+    """Rows clipped to the model's input range, as the estimator's ``transform`` takes
+    new rows: every graph that takes rows does so (the score graph through
+    ``Autoencoder.bounded_score``, which also charges the distance beyond)."""
     lo_hi = model.input_range
     return x.clamp(*lo_hi) if lo_hi is not None else x
 

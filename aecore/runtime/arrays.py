@@ -40,6 +40,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
     #: whether the graphs clip rows to the input range (and a score graph charges what
     #: lies beyond) themselves: rows go in as given
     graphs_clip: bool = False
+    #: whether scores charge rows beyond the input range (an export from before they
+    #: did scores them as their clipped selves throughout, as it always did)
+    scores_charged: bool = True
     #: what ``score`` gives by default: the model's ``Autoencoder.default_score_kind``
     #: where it can be computed (an ONNX export with its score graph), else the
     #: reconstruction error
@@ -177,7 +180,8 @@ class ArrayModel(DetectorMethods, abc.ABC):
         otherwise. ``"reconstruction"``, the mean squared reconstruction error in
         normalised units (float32), is served by every export. Other kinds (float64) come
         from the export's score graph. A model with an ``input_range`` scores rows
-        clipped to it and charges the distance beyond, as ``Autoencoder.score``."""
+        clipped to it and charges the distance beyond, as ``Autoencoder.score`` (an
+        export made before that charge scores the clipped rows alone, as it did)."""
         kind = self.score_kind(kind)
         batch_size = _check_batch_size(batch_size)
         if not isinstance(kind, str):
@@ -206,7 +210,7 @@ class ArrayModel(DetectorMethods, abc.ABC):
         # for its distance from it, as Autoencoder.score charges it
         given = self._unclipped(x)
         err = self._forward("full", self._clipped(given))
-        err -= given
+        err -= given if self.scores_charged else self._clipped(given, always=True)
         if self.normalizes_itself and self._inv is not None:
             err *= self._inv  # (x_hat - x) / scale: the shift cancels
         err = err.reshape(len(err), -1)
@@ -222,9 +226,9 @@ class ArrayModel(DetectorMethods, abc.ABC):
     def _unclipped(self, x: np.ndarray) -> np.ndarray:
         return _float32(x) if self.normalizes_itself else self._apply(x)
 
-    def _clipped(self, x: np.ndarray) -> np.ndarray:
+    def _clipped(self, x: np.ndarray, always: bool = False) -> np.ndarray:
         """``_unclipped``'s rows clipped to the input range, unless the graphs clip."""
-        if self.input_range is None or self.graphs_clip:
+        if self.input_range is None or (self.graphs_clip and not always):
             return x
         lo, hi = self.input_range
         if self.normalizes_itself and self._shift is not None:  # in data units

@@ -20,6 +20,9 @@ PASSES_KEY = "aecore.score_passes"
 INPUT_RANGE_KEY = "aecore.input_range"
 #: "1" when the graphs that take rows clip them to the input range themselves
 INPUTS_CLIPPED_KEY = "aecore.inputs_clipped"
+#: "1" when scores charge rows for their distance beyond the input range (an export
+#: without it scores rows as their clipped selves, as it always did)
+SCORES_CHARGED_KEY = "aecore.scores_charged"
 #: the kind ``score`` gives by default, as the model's ``Autoencoder.score`` does (absent:
 #: the reconstruction error, which exports before this key always gave)
 DEFAULT_SCORE_KEY = "aecore.default_score_kind"

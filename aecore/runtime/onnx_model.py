@@ -26,6 +26,7 @@ from aecore.runtime.format import (
     PASSES_KEY,
     SCORE_KINDS_KEY,
     SCORE_PART,
+    SCORES_CHARGED_KEY,
     part_paths,
     score_path,
 )
@@ -149,6 +150,7 @@ class OnnxAutoencoder(ArrayModel):
         self._serve = None
         takes_data_units = self.normalizes_itself or norm.kind == "none"
         self.graphs_clip = meta.get(INPUTS_CLIPPED_KEY) == "1"
+        self.scores_charged = meta.get(SCORES_CHARGED_KEY) == "1" or self.input_range is None
         clips = self.input_range is None or self.graphs_clip
         if self.part == "full" and takes_data_units and clips:
             self._serve = (graph.run, graph.output, graph.input)

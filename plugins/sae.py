@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aecore import ops, params
+from aecore import params
 from aecore.base import Autoencoder, check_input_shape
-from aecore.errors import ConfigError, ShapeError
+from aecore.errors import ConfigError
 from aecore.host_values import host_value
-from aecore.sae import rules
+from aecore.sae import rules, sparse_codes
 from aecore.sae.loss import sae_loss
 from aecore.sae.recipe import (
     FiringTracker,
@@ -232,22 +232,13 @@ class SparseDictionary(Autoencoder):
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The code's nonzeros per row as ``(values, indices)``, both (B, m), m the most
-        nonzeros of any row (rows with fewer pad with zero values)."""
-        z = self.encode(x)
-        m = max(int((z != 0).sum(1).max()) if len(z) else 0, 1)
-        values, indices = z.topk(m, dim=1)
-        return values, indices
+        nonzeros of any row (rows with fewer pad with zero values); rows with NaN or
+        infinite values are refused."""
+        return sparse_codes.encode_sparse(self, x)
 
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         """``decode`` from ``encode_sparse``'s output, touching only the chosen rows."""
-        if values.shape != indices.shape or values.dim() != 2:
-            raise ShapeError(
-                f"decode_sparse expects values and indices of one shape (B, m); got "
-                f"{tuple(values.shape)} and {tuple(indices.shape)}"
-            )
-        # the op checks the indices (an error naming the range, not torch's)
-        out = ops.sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec, self.b_dec)
-        return out / self.input_scale
+        return sparse_codes.decode_sparse(self, values, indices)
 
     def dictionary(self) -> Tensor:
         """The learned directions in input units, one unit-norm row per latent."""
@@ -281,23 +272,25 @@ class SparseDictionary(Autoencoder):
         return unfold_input_scale(state)
 
 
-def _k(value, latent_dim: int) -> int:
-    if value == "auto":
-        return min(32, max(1, latent_dim // 4))
+def _k(value, latent_dim: int, input_shape) -> int:
+    if isinstance(value, str) and value == "auto":
+        # a code of more active latents than half the input's dimensions is no sparse one
+        d = math.prod(check_input_shape(input_shape))
+        return max(1, min(32, latent_dim // 4, d // 2))
     try:
         return params.integer("k", value, low=1, high=latent_dim)
     except ConfigError as exc:
-        raise ConfigError(
-            f"{exc}, or 'auto' (k counts active latents: at most latent_dim={latent_dim})"
-        ) from None
+        message = str(exc).replace("; got", ", or 'auto'; got")
+        raise ConfigError(f"{message} (k counts active latents: at most latent_dim)") from None
 
 
 class TopKSAE(SparseDictionary):
     """``sae-topk``: each row keeps its ``k`` largest latents (``"auto"``: 32, or a
-    quarter of a smaller dictionary)."""
+    quarter of a smaller dictionary, or half the input's dimensions if fewer)."""
 
     def __init__(self, *, input_shape, latent_dim, k="auto", **recipe) -> None:
-        self.k = _k(k, params.integer("latent_dim", latent_dim, low=1))
+        n = params.integer("latent_dim", latent_dim, low=1)
+        self.k = _k(k, n, input_shape)
         super().__init__(input_shape=input_shape, latent_dim=latent_dim, **recipe)
 
     def make_rule(self) -> rules.SparsityRule:

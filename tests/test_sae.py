@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import aecore
 from aecore import ops
 from aecore.data.superposition import superposition_from_source
-from aecore.errors import ConfigError, ShapeError
+from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.sae import rules
 from aecore.sae.recipe import (
     FiringTracker,
@@ -306,12 +306,12 @@ def test_matryoshka_prefixes_reconstruct_on_their_own():
 @pytest.mark.parametrize(
     ("name", "hparams", "message"),
     [
-        ("sae-topk", {"k": 0}, "k must be an int"),
+        ("sae-topk", {"k": 0}, r"k must be an int in \[1, 64\], or 'auto'; got 0 \(k counts"),
         ("sae-topk", {"k": N + 1}, "at most latent_dim"),
         ("sae-matryoshka", {"prefixes": [8, 4, 64]}, "increasing sizes ending at"),
         ("sae-matryoshka", {"prefixes": [8, 32]}, "ending at latent_dim=64"),
-        ("sae-relu", {"l1_coefficient": -1}, "l1_coefficient must be a number"),
-        ("sae-jumprelu", {"bandwidth": 0}, "bandwidth must be a number"),
+        ("sae-relu", {"l1_coefficient": -1}, r"l1_coefficient must be .*, or 'auto'; got -1"),
+        ("sae-jumprelu", {"bandwidth": 0}, r"bandwidth must be a number in \(0, inf\), or 'auto'"),
         ("sae-topk", {"b_dec_init": "median"}, "b_dec_init must be one of"),
         ("sae-topk", {"lr_decay": 2}, "lr_decay must be a number in"),
     ],
@@ -598,3 +598,34 @@ def test_a_training_loss_compiles_in_one_graph_with_dead_latents(name, progress)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: model.loss(x)["loss"], fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_k_keeps_a_code_sparser_than_its_input():
+    # at d = 16 with 128 latents "auto" chose k = 32, twice the input's dimensions
+    assert aecore.create("sae-topk", input_shape=(16,), latent_dim=128).k == 8
+    assert aecore.create("sae-topk", input_shape=(768,), latent_dim=16384).k == 32
+    assert aecore.create("sae-batchtopk", input_shape=(64,), latent_dim=40).k == 10
+
+
+def test_encode_sparse_refuses_rows_it_cannot_code():
+    # a NaN counted as a nonzero: every latent of the dictionary came back, all NaN
+    model = make("sae-relu")
+    model.init_from_data(sparse_data(64))
+    x = sparse_data(4)
+    x[2, 3] = float("nan")
+    with pytest.raises(
+        DataError, match=r"encode_sparse: x holds NaN or infinite values \(rows 2\)"
+    ):
+        model.encode_sparse(x)
+
+
+def test_unscaled_inputs_far_from_unit_scale_are_named():
+    # normalize_inputs=False with the recipe's unit-scale defaults trained to FVU 65
+    # without a word
+    x = sparse_data(256) * 1e-4
+    with pytest.warns(UserWarning, match=r"normalize_inputs=False, and these inputs have a mean"):
+        make(normalize_inputs=False).init_from_data(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(normalize_inputs=False).init_from_data(x * 1e4)
+        make().init_from_data(x)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from aecore import ops
+from aecore.errors import warn
 from aecore.ops import reference
 
 GEOMETRIC_MEDIAN_STEPS = 100
@@ -39,6 +40,13 @@ def input_statistics(x: Tensor, normalize_inputs: bool) -> tuple[float, float]:
     (the loss's unit: 1 where the rows do not vary)."""
     x = x.flatten(1).double()
     mean_sq = float(x.pow(2).mean())
+    if not normalize_inputs and not 0.01 <= mean_sq <= 100:
+        warn(
+            f"normalize_inputs=False, and these inputs have a mean square of {mean_sq:.3g} "
+            f"per element: the SAE recipe's defaults (lr_scale, the sparsity penalties' "
+            f"'auto' values, unit decoder rows) are sized for 1; keep normalize_inputs=True "
+            f"or scale the inputs"
+        )
     c = 1.0 / math.sqrt(mean_sq) if normalize_inputs and mean_sq > 0 else 1.0
     variance = float((x - x.mean(0)).pow(2).sum(1).mean()) * c**2
     return c, (variance if variance > 0 else 1.0)

@@ -471,6 +471,14 @@ def test_the_activations_source_trains_through_the_pipeline(cache_dir, tmp_path)
                    latent_dim=4, epochs=1, progress=False)  # fmt: skip
     assert result.metrics["test_rows"] == round(N_INPUTS * SEQ * 0.2)
     assert (tmp_path / "model" / "model.json").exists()
+    # an SAE trained on a hook names it in a SAELens export (its hook_name was null)
+    from aecore.sae.formats import save_sae
+
+    train("sae-topk", f"activations:{cache_dir}:{HOOKS[1]}", tmp_path / "sae", latent_dim=64,
+          epochs=1, progress=False)  # fmt: skip
+    save_sae(aecore.load(tmp_path / "sae"), tmp_path / "lens", "saelens")
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == HOOKS[1]
 
 
 def test_a_prepared_split_of_a_cache_keeps_the_caches_order(cache_dir):

@@ -478,3 +478,22 @@ def test_an_imported_sae_trains_on_as_the_saved_one(x, tmp_path, name):
         assert history.kept_epoch == 3
     assert losses["imported"] == pytest.approx(losses["native"], rel=1e-3)
     assert losses["reloaded"] == pytest.approx(losses["native"], rel=1e-3)
+
+
+def test_the_hook_name_survives_an_import_and_a_second_export(x, tmp_path, capsys):
+    # an imported SAE lost its hook point: exporting it again wrote hook_name null
+    aecore.save(make("sae-jumprelu", x), tmp_path / "model")
+    args = ["export", tmp_path / "model", "--format", "saelens"]
+    assert run(capsys, *args, "--out", tmp_path / "a", "--hook-name", "blocks.2.hook_resid")[0] == 0
+    assert run(capsys, "import", tmp_path / "a", "--out", tmp_path / "back")[0] == 0
+    assert (
+        run(capsys, "export", tmp_path / "back", "--format", "saelens", "--out", tmp_path / "b")[0]
+        == 0
+    )
+    cfg = json.loads((tmp_path / "b" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid"
+    # a name given on the command line wins
+    out = tmp_path / "c"
+    assert run(capsys, "export", tmp_path / "back", "--format", "saelens", "--out", out,
+               "--hook-name", "blocks.3")[0] == 0  # fmt: skip
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.3"

@@ -99,7 +99,11 @@ def add_commands(sub) -> None:
         default="onnx",
         help="onnx (default), or an SAE folder for SAELens or sparsify",
     )
-    s.add_argument("--hook-name", help="SAELens: the hook point the SAE reads (metadata)")
+    s.add_argument(
+        "--hook-name",
+        help="SAELens: the hook point the SAE reads (metadata; default: the hook of "
+        "the activation cache it trained on, or of the SAELens folder it was imported from)",
+    )
     which = s.add_mutually_exclusive_group()
     which.add_argument(
         "--part", choices=["full", "encoder", "decoder"], default="full", help="default: full"

@@ -41,6 +41,12 @@ def cmd_import(args) -> int:
     fmt = detect_format(args.src) if args.format == "auto" else args.format
     model = load_sae(args.src, fmt)
     source = {"format": fmt, "path": str(Path(args.src).resolve())}
+    if fmt == "saelens":  # a later export names the same hook point
+        from aecore.sae.saelens_format import hook_of_folder
+
+        hook = hook_of_folder(args.src)
+        if hook is not None:
+            source["hook_name"] = hook
     from aecore.io.lock import FolderLock
 
     with FolderLock(args.out, "import into"):  # never into a folder a run is writing

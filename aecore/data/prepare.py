@@ -80,6 +80,9 @@ def prepare(
         "split_method": split,
         "split": parts.to_dict(),
     }
+    hook = getattr(dataset.x, "hook", None)  # an activation cache's: an SAE export names it
+    if hook is not None:
+        record["hook"] = hook
     return Prepared(dataset, parts, norm, record)
 
 

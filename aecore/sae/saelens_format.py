@@ -24,6 +24,7 @@ architectures and activation normalisations are refused.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,28 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64,
 
 
 # -- export ----------------------------------------------------------------------------
+def recorded_hook(model) -> str | None:
+    """The hook point a saved model read: its activation cache's at training, or the
+    SAELens folder's it was imported from (None when neither is recorded)."""
+    data = (getattr(model, "metadata", None) or {}).get("data") or {}
+    hook = data.get("hook")
+    if hook is None:
+        hook = (data.get("imported_from") or {}).get("hook_name")
+    return hook if isinstance(hook, str) else None
+
+
+def hook_of_folder(path: str | os.PathLike) -> str | None:
+    """The hook point a SAELens folder's cfg.json names (in its metadata, or at the top
+    level as older sae-lens versions wrote it), or None."""
+    try:
+        cfg = json.loads((Path(path) / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return None
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = metadata.get("hook_name", cfg.get("hook_name"))
+    return hook if isinstance(hook, str) else None
+
+
 def save_saelens(
     model, path: str | os.PathLike, *, overwrite: bool = False, hook_name: str | None = None
 ) -> Path:
@@ -69,6 +92,8 @@ def save_saelens(
     kind = sae_kind(model)
     if hook_name is not None and not isinstance(hook_name, str):
         raise ConfigError(f"hook_name must be a string; got {hook_name!r}")
+    if hook_name is None:
+        hook_name = recorded_hook(model)
     sae = raw_sae(model)
     n, d = sae.W_enc.shape
     dtype = model.W_enc.dtype if model.W_enc.dtype in DTYPES.values() else torch.float32

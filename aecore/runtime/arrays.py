@@ -20,9 +20,8 @@ class ArrayModel(DetectorMethods, abc.ABC):
     """numpy front end shared by the ONNX runtime and the command line's PyTorch path:
     input checks, normalisation, batching, and PyOD's detector methods
     (``decision_function`` is the detector's kind of ``score``, as the estimator scores
-    new rows; ``predict``,
-    ``predict_proba`` and ``predict_confidence`` use the ``detector`` threshold saved
-    with the model).
+    new rows; ``predict``, ``predict_proba`` and ``predict_confidence`` use the
+    ``detector`` threshold saved with the model).
     Subclasses set ``name``, ``input_shape``, ``latent_dim``, ``normalization`` and
     ``detector``, and implement ``_forward``."""
 

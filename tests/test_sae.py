@@ -219,6 +219,9 @@ def test_the_sparse_code_round_trips(name):
         rebuilt = torch.zeros_like(dense).scatter(1, indices, values)
         torch.testing.assert_close(rebuilt, dense)
         torch.testing.assert_close(model.decode_sparse(values, indices), model.decode(dense))
+        # int32 indices, as numpy and other libraries often hold them
+        narrow = model.decode_sparse(values, indices.int())
+        torch.testing.assert_close(narrow, model.decode(dense))
     with pytest.raises(ShapeError, match="one shape"):
         model.decode_sparse(values, indices[:, :1])
 

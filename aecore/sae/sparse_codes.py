@@ -31,6 +31,8 @@ def decode_sparse(model, values: Tensor, indices: Tensor) -> Tensor:
             f"decode_sparse expects values and indices of one shape (B, m); got "
             f"{tuple(values.shape)} and {tuple(indices.shape)}"
         )
+    if indices.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        indices = indices.long()  # what numpy and other libraries hand over as often
     # the op checks the indices (an error naming the range, not torch's)
     out = ops.sparse_decode(values.to(model.W_dec.dtype), indices, model.W_dec, model.b_dec)
     return out / model.input_scale

@@ -147,6 +147,13 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         if len(anomaly) and np.ptp(anomaly) <= 1e-9 * max(1.0, float(np.abs(anomaly).max())):
             if len(anomaly) == 1:
                 why = "there is one training row: nothing tells a normal range"
+            elif self.model_.latent_dim >= self.n_features_in_:  # no narrower code exists
+                why = (
+                    f"a code of {self.model_.latent_dim} copies {self.n_features_in_} "
+                    f"feature(s) exactly: score by a density instead (model='vae' or 'rbm') "
+                    f"or by restoring corrupted rows (model='denoising', "
+                    f"score_kind='denoising')"
+                )
             else:
                 other = " or use the denoising model" if self.model != "denoising" else ""
                 why = (

@@ -143,7 +143,11 @@ class DenoisingAutoencoder(PlainAutoencoder):
         if self.corruption == "gaussian":
             noise = as_x(rng.standard_normal(shape))
             return [x + self.sigma * noise[r] for r in range(SCORE_CORRUPTIONS)]
-        hit = rng.random_sample(shape) < self.p
+        draws = rng.random_sample(shape)
+        hit = draws < self.p
+        if self.p > 0:  # a value each at least: on three features p=0.3 hit none at all
+            lowest = draws.reshape(SCORE_CORRUPTIONS, -1).argmin(1)
+            hit.reshape(SCORE_CORRUPTIONS, -1)[np.arange(SCORE_CORRUPTIONS), lowest] = True
         if self.corruption == "masking":
             keep = as_x(~hit)
             return [x * keep[r] for r in range(SCORE_CORRUPTIONS)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -361,8 +362,15 @@ def test_a_detector_whose_training_rows_all_score_alike_says_so():
     # one feature, a code of one: the ae learnt the identity, scored every row 0, and
     # flagged none of the contamination share, nor a new row at 1e3, without a word
     x = np.random.default_rng(0).normal(size=(200, 1))
-    with pytest.warns(UserWarning, match="every training row scores the same.*denoising model"):
+    with pytest.warns(UserWarning, match="every training row scores the same.*a code of 1 copies"):
         aecore.AnomalyDetector("ae", epochs=2, random_state=0).fit(x)
+    # the remedies it names work (a smaller latent_dim, once advised, does not exist)
+    far = np.array([[0.0], [100.0]])
+    for remedy in ({"model": "vae"}, {"model": "denoising", "score_kind": "denoising"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            fitted = aecore.AnomalyDetector(**remedy, epochs=5, random_state=0).fit(x)
+        assert list(fitted.predict(far)) == [0, 1], remedy
     # the denoising model is not told to use itself; one row is named as the cause
     with pytest.warns(UserWarning, match="smaller latent_dim\\)$"):
         aecore.AnomalyDetector(epochs=2, random_state=0).fit(np.ones((50, 3)))

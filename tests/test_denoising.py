@@ -187,3 +187,13 @@ def test_demo_figure_and_metrics(tmp_path):
         metrics["denoised_mse"] / metrics["pca_denoised_mse"]
     )
     assert metrics["corrupted_mse"] > 0
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_every_fixed_corruption_corrupts_a_narrow_row(d):
+    # on three features p=0.3 masked none of them: the "denoising" score was exactly
+    # twice the reconstruction error
+    model = DenoisingAutoencoder(input_shape=(d,), latent_dim=1, corruption="masking", p=0.3)
+    x = torch.rand(5, d) + 0.5  # no zeros, which masking would leave as they are
+    for corrupted in model.fixed_corruptions(x):
+        assert (corrupted != x).any(1).all()

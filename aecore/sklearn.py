@@ -91,12 +91,11 @@ class AutoencoderTransformer(
         units of their own and each is rescaled on its own (standardised, or min-max
         scaled for models that need [0, 1]), so no result depends on the unit a feature
         is recorded in. On real-valued data (neither in [0, 1] nor intensities from zero
-        such as pixel counts) a model with Bernoulli units that offers
-        Gaussian ones (the ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible
-        units: its ``real_valued_hparams``) gets those, unless the given hyperparameters
-        choose otherwise. The model trains and scores in normalised units, new rows
-        clipped to the model's input range (scores charge what lies beyond it);
-        ``inverse_transform`` returns data units.
+        such as pixel counts) a model with Bernoulli units that offers Gaussian ones (the
+        ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible units: its
+        ``real_valued_hparams``) gets those, unless the given hyperparameters choose
+        otherwise. The model trains and scores in normalised units, new rows clipped to its
+        input range (scores charge what lies beyond); ``inverse_transform`` gives data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.
@@ -239,7 +238,7 @@ class AutoencoderTransformer(
             patience=self.patience,
             val_fraction=validation_fraction,
         )
-        names = {"val_fraction": "validation_fraction"}  # in the trainer's warnings
+        names = {"val_fraction": "validation_fraction", "grad_clip": None}  # in its messages
         trainer = Trainer(config, progress=False, setting_names=names)
 
         # seeded model construction without touching the caller's global torch RNG

@@ -612,3 +612,29 @@ def test_the_trainers_warnings_name_the_estimators_parameters():
     assert "val_data" not in said and "a validation_fraction > 0" in said
     with pytest.warns(UserWarning, match=r"^validation_fraction=0.9 holds out 108 of the 120"):
         small(validation_fraction=0.9).fit(TABLE)
+
+
+def test_estimator_messages_offer_only_what_the_estimator_takes():
+    # a diverging fit told the user to "set grad_clip", which neither estimator takes
+    from aecore.errors import IgnoredSettingWarning, TrainingError
+
+    X = np.random.RandomState(0).randn(100, 6)
+    with pytest.raises(TrainingError, match="Lower the learning rate") as info:
+        aecore.AnomalyDetector("vae", epochs=3, lr=10.0, random_state=0).fit(X)
+    assert "grad_clip" not in str(info.value)
+    # a hold-out of every row was dropped in silence (0.95 warned, 0.99 did not)
+    with pytest.warns(
+        IgnoredSettingWarning, match=r"validation_fraction=0.99 would hold out all 50"
+    ):
+        small(validation_fraction=0.99).fit(X[:50])
+
+
+def test_a_column_of_times_is_named_not_read_as_nanoseconds():
+    import pandas as pd
+
+    from aecore.errors import DataError
+
+    frame = pd.DataFrame(np.random.RandomState(0).randn(30, 3), columns=list("abc"))
+    frame["t"] = pd.Timestamp("2020-01-01")
+    with pytest.raises(DataError, match=r"column 't' \(datetime64"):
+        small().fit(frame)

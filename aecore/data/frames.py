@@ -48,7 +48,11 @@ def frame_values(data: Any, name: str) -> Any:
 
 
 def _numeric(values: Any) -> bool:
-    """Whether a frame's or a column's values convert to float64."""
+    """Whether a frame's or a column's values convert to float64 (times do, as counts of
+    nanoseconds, which no model should read as a quantity)."""
+    dtypes = list(values.dtypes) if hasattr(values, "columns") else [values.dtype]
+    if any(getattr(dtype, "kind", None) in ("m", "M") for dtype in dtypes):
+        return False
     try:
         values.to_numpy(dtype=np.float64)
     except (TypeError, ValueError):

@@ -13,7 +13,7 @@ import torch
 from aecore import params
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
-from aecore.errors import ConfigError, IgnoredSettingWarning, warn
+from aecore.errors import ConfigError, IgnoredSettingWarning, TrainingError, warn
 from aecore.io.lock import FolderLock
 from aecore.keywords import checked_keywords
 from aecore.training.batches import Batches
@@ -84,7 +84,8 @@ class Trainer:
                 IgnoredSettingWarning,
             )
         #: what the caller calls the settings in messages (a scikit-learn estimator's
-        #: validation_fraction; such a caller takes no val_data either)
+        #: validation_fraction; such a caller takes no val_data either; None: a setting
+        #: the caller does not offer, which the advice then leaves out)
         self.setting_names = dict(setting_names or {})
         #: why the running fit should stop at its next step (set by request_stop)
         self.stop_requested: str | None = None
@@ -128,6 +129,13 @@ class Trainer:
         else:
             split = train.hold_out(c.val_fraction, c.seed) if c.val_fraction else None
             train, val = split if split is not None else (train, None)
+            if split is None and train.loader is None and round(c.val_fraction * train.n):
+                warn(
+                    f"{self._named('val_fraction')}={c.val_fraction:g} would hold out all "
+                    f"{train.n} rows and leave none to train on: the run trains on every "
+                    f"row without validation",
+                    IgnoredSettingWarning,
+                )
             if val is not None and val.n > train.n:
                 warn(
                     f"{self._named('val_fraction')}={c.val_fraction:g} holds out {val.n} of the {given.n} rows, "
@@ -157,6 +165,11 @@ class Trainer:
                 return run.execute()
             with FolderLock(self.out_dir, "train into"):  # one run writes a folder at a time
                 return run.execute()
+        except TrainingError as exc:
+            if "grad_clip" not in self.setting_names or type(exc) is not TrainingError:
+                raise
+            # a caller without grad_clip (an estimator) is not told to set it
+            raise TrainingError(str(exc).replace(" or set grad_clip", "")) from None
         finally:
             # a stop request ends this fit, not every later one of this trainer
             self.stop_requested = None
@@ -185,7 +198,7 @@ def _warn_settings_needing_validation(c: TrainConfig, loader: bool, named) -> No
         if loader
         else f"{fraction}=0"
         if not c.val_fraction
-        else "too few rows to hold any out"
+        else f"{fraction}={c.val_fraction:g} leaves no split of these rows"
     )
     verb = "needs" if len(changed) == 1 else "need"
     takes_val_data = fraction == "val_fraction"  # not a caller that names it otherwise

@@ -108,3 +108,22 @@ def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
     # the next write cleans up what the killed writer left behind
     save_tensors(path, {"w": torch.zeros(1)}, {"epoch": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]
+
+
+def test_a_signal_with_nothing_to_checkpoint_exits_with_its_own_code(monkeypatch, capsys):
+    # SIGTERM before training began exited 130 (SIGINT's code) saying only "interrupted":
+    # a scheduler read it as a user's Ctrl-C
+    from aecore.cli import train as train_command
+    from aecore.cli.main import main
+    from aecore.cli.train import GracefulStop, SignalStop
+
+    with pytest.raises(SignalStop, match="SIGTERM before training began") as info:
+        GracefulStop()._handle(signal.SIGTERM, None)
+
+    def interrupted(args):
+        raise info.value
+
+    monkeypatch.setattr(train_command, "cmd_train", interrupted)
+    assert main(["train", "ae", "--data", "digits", "--out", "unused"]) == 143
+    said = capsys.readouterr().err
+    assert "aecore: interrupted: SIGTERM before training began: nothing to resume" in said

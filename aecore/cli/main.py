@@ -170,9 +170,10 @@ def _run(args) -> int:
                 file=sys.stderr,
             )
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("aecore: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT's 130 unless a handler names its signal
+        signum = getattr(exc, "signum", 2)
+        print(f"aecore: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 128 + signum
 
 
 def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:

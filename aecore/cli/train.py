@@ -247,6 +247,14 @@ def _pca_label(model) -> str:
     return f"PCA ({model.latent_dim} components)"
 
 
+class SignalStop(KeyboardInterrupt):
+    """A signal that stops the command without a checkpoint: exit 128 + its number."""
+
+    def __init__(self, signum: int, why: str) -> None:
+        super().__init__(why)
+        self.signum = signum
+
+
 class GracefulStop:
     """SIGTERM/SIGINT ask the trainer to checkpoint at the next step and stop; a
     second signal interrupts at once."""
@@ -259,9 +267,11 @@ class GracefulStop:
         self.trainer = trainer
 
     def _handle(self, signum, frame) -> None:
-        if self.trainer is None or self.trainer.stop_requested is not None:
-            raise KeyboardInterrupt
         name = signal.Signals(signum).name
+        if self.trainer is None:
+            raise SignalStop(signum, f"{name} before training began: nothing to resume")
+        if self.trainer.stop_requested is not None:
+            raise SignalStop(signum, f"a second {name}: stopped at once, without a checkpoint")
         self.trainer.request_stop(name)
         print(
             f"\n{name} received: checkpointing at the next step (send again to stop at once)",

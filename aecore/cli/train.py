@@ -181,8 +181,9 @@ def cmd_train(args) -> int:
     pca = (
         f"PCA {m['pca_test_mse']:.6g}, ratio {format_ratio(m['ratio_to_pca'])}"
         if m["ratio_to_pca"] is not None
-        # a code as wide as the data (an SAE's): PCA's error is rounding, no baseline
-        else "PCA of as many components is exact"
+        # PCA's error is rounding: a code as wide as the data (an SAE's), or data that
+        # varies in fewer directions than the code has units (constant data, say)
+        else "PCA of as many components is exact: no ratio"
     )
     print(
         f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} ({pca}), "

@@ -323,16 +323,14 @@ class Autoencoder(nn.Module, abc.ABC):
             return self.bounded_score(x, kind, self.anomaly_score)
 
     def bounded_score(self, x: torch.Tensor, kind: str, compute: Callable) -> torch.Tensor:
-        """``kind``'s score of rows as given, so it keeps rising as a row leaves the
-        ``input_range``: the reconstruction error of the row clipped to the range is
-        measured against the row as given; another kind, ``compute(x, kind)`` of the
-        clipped row, in nats summed over features, is charged half the summed squared
-        distance beyond the range (a unit-variance Gaussian's tail). A model whose kind
-        is a squared error of its own measures it against the row as given instead."""
+        """``kind``'s score of rows as given, rising as a row leaves the ``input_range``:
+        the clipped row's reconstruction error against the row as given; another kind
+        (nats summed over features), ``compute`` of the clipped row plus half the summed
+        squared distance beyond (a unit-variance Gaussian's tail)."""
         bounds = self.input_range
         inside = x if bounds is None else x.clamp(*bounds)
         if kind == "reconstruction":
-            return (self(inside) - x).pow(2).flatten(1).mean(1)
+            return squared_error(self(inside), x)
         score = compute(inside, kind)
         if bounds is None:
             return score
@@ -341,8 +339,6 @@ class Autoencoder(nn.Module, abc.ABC):
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """The model's own scores (``score_kinds`` beyond ``"reconstruction"``): a model
         that lists such kinds defines this."""
-        if kind == "reconstruction":
-            return (self(x) - x).pow(2).flatten(1).mean(1)
         raise TypeError(
             f"{type(self).__name__} lists {kind!r} in score_kinds but defines no "
             f"anomaly_score(x, kind) to compute it"
@@ -353,7 +349,7 @@ class Autoencoder(nn.Module, abc.ABC):
         chunks of rows or samples, no host checks): a model whose ``anomaly_score`` works
         in chunks overrides this with the same computation unchunked."""
         if kind == "reconstruction":
-            return (self(x) - x).pow(2).flatten(1).mean(1)
+            return squared_error(self(x), x)
         return self.anomaly_score(x, kind)
 
     @property
@@ -365,6 +361,11 @@ class Autoencoder(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, latent_dim={self.latent_dim}"
+
+
+def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The mean squared error of each row, (B,): the reconstruction error."""
+    return (x_hat - x).pow(2).flatten(1).mean(1)
 
 
 def current_state_keys(model: Any, state: dict[str, Any]) -> dict[str, Any]:

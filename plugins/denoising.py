@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from aecore import params, plots
-from aecore.base import eval_mode
+from aecore.base import eval_mode, squared_error
 from aecore.config import DemoRecipe
 from aecore.layers import flatten, pca_basis, reconstruction_from_logits
 from aecore_plugins.ae import PlainAutoencoder
@@ -116,8 +116,6 @@ class DenoisingAutoencoder(PlainAutoencoder):
         restoring it from ``SCORE_CORRUPTIONS`` fixed corruptions (the same for every
         row, so a row's score depends on nothing else in its batch; salt-and-pepper
         takes each row's own minimum and maximum)."""
-        if kind == "reconstruction":
-            return super().anomaly_score(x, kind)
         return self._restoration_errors(x, x)
 
     def bounded_score(self, x: torch.Tensor, kind: str, compute) -> torch.Tensor:
@@ -128,10 +126,9 @@ class DenoisingAutoencoder(PlainAutoencoder):
         return self._restoration_errors(x.clamp(*self.input_range), x)
 
     def _restoration_errors(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        errors = (self(inputs) - target).pow(2).flatten(1).mean(1)
+        errors = squared_error(self(inputs), target)
         for corrupted in self.fixed_corruptions(inputs):
-            restored = self(corrupted) - target
-            errors = errors + restored.pow(2).flatten(1).mean(1) / SCORE_CORRUPTIONS
+            errors = errors + squared_error(self(corrupted), target) / SCORE_CORRUPTIONS
         return errors
 
     def fixed_corruptions(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -207,7 +207,7 @@ class RBM(Autoencoder):
     exportable_score_kinds = score_kinds
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        return self.free_energy(x) if kind == "free_energy" else super().anomaly_score(x, kind)
+        return self.free_energy(x)
 
     def free_energy(self, x: torch.Tensor) -> torch.Tensor:
         """F(v) with p(v) ∝ exp(-F(v)), per sample (B,); the hidden units summed out."""

@@ -283,8 +283,6 @@ class VariationalAutoencoder(Autoencoder):
         return {"elbo": self.score_draws or 10, "log_likelihood": self.score_draws or 100}
 
     def anomaly_score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        if kind == "reconstruction":
-            return super().anomaly_score(x, kind)
         # the draws the export's score graph holds (traceable_score)
         return -self._per_row_batch(x, kind, self.score_passes[kind], None, None, self.fixed_draws)
 

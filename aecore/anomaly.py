@@ -124,13 +124,18 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
             return AUTO_LATENT_DIM if n_features > AUTO_LATENT_DIM else max(1, n_features // 2)
         return self.latent_dim
 
-    def _validation_fraction(self, n_rows: int) -> float:
+    def _validation_fraction(self, n_rows: int) -> tuple[float, str | None]:
         # a hold-out of a few rows cannot tell epochs apart: on 14 rows a class (digits)
         # or 5 (wine) early stopping picked worse weights than training on every row
         value = self.validation_fraction
         if isinstance(value, str) and value == "auto":
             held_out = round(_DEFAULTS.val_fraction * n_rows)
-            return _DEFAULTS.val_fraction if held_out >= MIN_HOLD_OUT_ROWS else 0.0
+            if held_out >= MIN_HOLD_OUT_ROWS:
+                return _DEFAULTS.val_fraction, f"'auto' ({_DEFAULTS.val_fraction:g})"
+            return 0.0, (
+                f"'auto', which holds out none of {n_rows} rows (fewer than "
+                f"{MIN_HOLD_OUT_ROWS} held out cannot tell epochs apart)"
+            )
         if not isinstance(value, str):
             try:
                 return super()._validation_fraction(n_rows)

@@ -226,20 +226,15 @@ class AutoencoderTransformer(
         units = data_units(X) if normalize == "auto" else None
         if units is not None:
             hparams = hparams_for_units(model_class(self.model), units, hparams)
-        validation_fraction = self._validation_fraction(len(X))
+        validation_fraction, stated = self._validation_fraction(len(X))
         seed = self._seed()
         trainer_lr = None if "lr" in hparams else self.lr
-        config = TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=trainer_lr,
-            seed=seed,
-            device=self.device,
-            patience=self.patience,
-            val_fraction=validation_fraction,
-        )
+        config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=trainer_lr,
+                             seed=seed, device=self.device, patience=self.patience,
+                             val_fraction=validation_fraction)  # fmt: skip
         names = {"val_fraction": "validation_fraction", "grad_clip": None}  # in its messages
-        trainer = Trainer(config, progress=False, setting_names=names)
+        values = {"val_fraction": stated} if stated else {}
+        trainer = Trainer(config, progress=False, setting_names=names, setting_values=values)
 
         # seeded model construction without touching the caller's global torch RNG
         devices = [trainer.device] if trainer.device.type == "cuda" else []
@@ -311,11 +306,14 @@ class AutoencoderTransformer(
         """The code size of the model fit builds (``create`` checks it)."""
         return self.latent_dim
 
-    def _validation_fraction(self, n_rows: int) -> float:
+    def _validation_fraction(self, n_rows: int) -> tuple[float, str | None]:
+        """The fraction fit holds out, and how messages state it where fit chose the
+        number (None: as the number)."""
         # named by the estimator's parameter, not TrainConfig's field, in the error
-        return params.number(
+        fraction = params.number(
             "validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True
         )
+        return fraction, None
 
     # -- inference -------------------------------------------------------------------
     def _normalized(self, X, clip: bool = True) -> tuple[np.ndarray, np.dtype]:

@@ -16,7 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import aecore
 from aecore.detection import ScoreThreshold, _betainc, binomial_cdf
-from aecore.errors import ConfigError, DataError, ModelFileError
+from aecore.errors import ConfigError, DataError, IgnoredSettingWarning, ModelFileError
 
 
 def _pyod_detector(train, contamination):
@@ -308,6 +308,12 @@ def test_a_detector_holds_out_rows_only_where_enough_remain_to_judge_epochs():
     for bad in ("half", None, 1.0):
         with pytest.raises(ConfigError, match=r"must be 'auto' or a number in \[0, 1\); got"):
             aecore.AnomalyDetector(validation_fraction=bad).fit(few)
+    # a setting that needs validation named the user's 'auto' as "validation_fraction=0"
+    with pytest.warns(IgnoredSettingWarning) as caught:
+        aecore.AnomalyDetector("ae", epochs=2, patience=1, random_state=0).fit(few)
+    said = " ".join(str(w.message) for w in caught)
+    assert "validation_fraction='auto', which holds out none of 150 rows" in said
+    assert "validation_fraction=0" not in said
 
 
 def test_the_anomaly_benchmark_reports_both_libraries(tmp_path, capsys):

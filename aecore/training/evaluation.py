@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -64,7 +64,14 @@ def _merged(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield run[0] if len(run) == 1 else torch.cat(run)
 
 
-def check_validation_loss(loss: float, val, step: int) -> None:
+def divergence_advice(named: Callable[[str], str | None] = str) -> str:
+    """What to change when the weights diverge, in the caller's names for the settings
+    (an estimator offers no gradient clipping)."""
+    clip = named("grad_clip")
+    return "lower the learning rate" + (f" or set {clip}" if clip else "")
+
+
+def check_validation_loss(loss: float, val, step: int, named=str) -> None:
     """A validation loss that is not finite: the validation rows' fault where they hold
     NaN or infinities, else the weights' (they diverged)."""
     if math.isfinite(loss):
@@ -82,7 +89,7 @@ def check_validation_loss(loss: float, val, step: int) -> None:
         )
     raise TrainingError(
         f"the validation loss is {loss} after {step} training steps: the weights diverged "
-        f"(or overflow on these rows); lower the learning rate or set grad_clip"
+        f"(or overflow on these rows); {divergence_advice(named)}"
     )
 
 

@@ -279,17 +279,16 @@ class TrainingRun:
             terms = loss_terms(self.model, self.model.train_step(x, **checked), "train_step")
             return {k: v.detach() for k, v in terms.items()}
         lbfgs = isinstance(self.optimizer, torch.optim.LBFGS)  # its line search needs it finite
-        terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where, defer=not lbfgs)
+        named = self.trainer.setting_name
+        terms = finite_loss_terms(self.loss_fn, x, self.dist, self.device, where, not lbfgs, named)
         # DDP averages processes' gradients: each weighted by its share of the global batch
         scale = len(x) * self.dist.world / global_rows if self.dist.active else 1.0
         self._schedule_lr()
         if lbfgs:
             lbfgs_step(self.model, self.optimizer, lambda: self.loss_fn(x)["loss"], scale, where)
         else:
-            grad_clip = self.config.grad_clip
-            gradient_step(
-                self.model, self.optimizer, terms["loss"], scale, grad_clip, where, batch=x
-            )
+            clip = self.config.grad_clip
+            gradient_step(self.model, self.optimizer, terms["loss"], scale, clip, where, x, named)
         return {k: torch.as_tensor(v).detach() for k, v in terms.items()}
 
     def _progress(self) -> float:
@@ -315,7 +314,8 @@ class TrainingRun:
         losses = mean_losses(self.model, self.val.epoch(0) if on_val else batches,
                              self.config.seed, self.device)  # fmt: skip
         if on_val:  # a loss that is not finite would choose no epoch
-            check_validation_loss(losses["loss"], self.val, self.state.step)
+            named = self.trainer.setting_name
+            check_validation_loss(losses["loss"], self.val, self.state.step, named)
         return losses
 
     # -- the start's sample and data-dependent init -------------------------------------

@@ -11,7 +11,7 @@ import torch
 from aecore.config import TrainConfig
 from aecore.errors import ConfigError, NonFiniteError, TrainingError
 from aecore.training.batches import first_non_finite
-from aecore.training.evaluation import loss_terms
+from aecore.training.evaluation import divergence_advice, loss_terms
 from aecore.training.state import StepPlace
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -61,11 +61,18 @@ def _fusable(params: list[torch.Tensor]) -> bool:
 
 
 def finite_loss_terms(
-    loss_fn: Callable, x: torch.Tensor, dist, device, where: StepPlace, defer: bool = False
+    loss_fn: Callable,
+    x: torch.Tensor,
+    dist,
+    device,
+    where: StepPlace,
+    defer: bool = False,
+    named: Callable[[str], str | None] = str,
 ) -> dict:
     """``loss_fn(x)``'s terms, or a TrainingError (before any weight changes) when the
     loss is not finite, or a kernel met values it cannot rank, in any process: every
-    process learns of it, so none waits on the others.
+    process learns of it, so none waits on the others. ``named``: what the caller calls a
+    training setting (None: one it does not offer), for the advice.
 
     ``defer`` (one process only): the loss is left for :func:`gradient_step` to check
     with the gradient, one read back from the device a step instead of two."""
@@ -82,12 +89,12 @@ def finite_loss_terms(
         what = f"{refused}" if refused is not None else f"non-finite loss ({loss.item()})"
         raise TrainingError(
             f"{what} at {where}; the model keeps the weights from before this step. "
-            f"{_remedy(where, x)}"
+            f"{_remedy(where, x, named)}"
         )
     return terms
 
 
-def _remedy(where: StepPlace, batch: torch.Tensor | None) -> str:
+def _remedy(where: StepPlace, batch: torch.Tensor | None, named) -> str:
     floats = batch is not None and batch.is_floating_point()
     bad = first_non_finite(batch, "the batch") if floats else None
     if bad is not None:  # the rows, not the model: data a loader streams is unchecked
@@ -97,7 +104,7 @@ def _remedy(where: StepPlace, batch: torch.Tensor | None) -> str:
             "At the first step this is the data's scale, not the step size: normalise the "
             "data (normalize='auto' or 'standardize') or rescale it."
         )
-    return "Lower the learning rate or set grad_clip."
+    return divergence_advice(named).capitalize() + "."
 
 
 def gradient_step(
@@ -108,6 +115,7 @@ def gradient_step(
     grad_clip: float | None,
     where: StepPlace,
     batch: torch.Tensor | None = None,
+    named: Callable[[str], str | None] = str,
 ) -> None:
     """Backpropagate ``loss * scale`` and step, unless the loss or the gradient is not
     finite: both are read back from the device at once, the step's one wait for it."""
@@ -126,7 +134,7 @@ def gradient_step(
         what = f"non-finite loss ({loss.item()})" if loss_bad else "non-finite gradient"
         raise TrainingError(
             f"{what} at {where}; the model keeps the weights from before this step. "
-            f"{_remedy(where, batch)}"
+            f"{_remedy(where, batch, named)}"
         )
     if grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(

@@ -13,7 +13,7 @@ import torch
 from aecore import params
 from aecore.base import Autoencoder
 from aecore.config import TrainConfig
-from aecore.errors import ConfigError, IgnoredSettingWarning, TrainingError, warn
+from aecore.errors import ConfigError, IgnoredSettingWarning, warn
 from aecore.io.lock import FolderLock
 from aecore.keywords import checked_keywords
 from aecore.training.batches import Batches
@@ -58,7 +58,8 @@ class Trainer:
         overwrite: bool = False,
         progress: bool | None = None,
         allow_changes: bool = False,
-        setting_names: dict[str, str] | None = None,
+        setting_names: dict[str, str | None] | None = None,
+        setting_values: dict[str, str] | None = None,
         **settings: Any,
     ) -> None:
         if config is not None and not isinstance(config, TrainConfig):
@@ -87,11 +88,19 @@ class Trainer:
         #: validation_fraction; such a caller takes no val_data either; None: a setting
         #: the caller does not offer, which the advice then leaves out)
         self.setting_names = dict(setting_names or {})
+        #: how the caller states a setting's value where it chose the number the trainer
+        #: got (an estimator's validation_fraction='auto'), in messages about it
+        self.setting_values = dict(setting_values or {})
         #: why the running fit should stop at its next step (set by request_stop)
         self.stop_requested: str | None = None
 
-    def _named(self, setting: str) -> str:
+    def setting_name(self, setting: str) -> str | None:
+        """What this trainer's caller calls ``setting`` (None: a setting it does not offer)."""
         return self.setting_names.get(setting, setting)
+
+    def stated(self, setting: str, value: Any) -> str:
+        """``name=value`` as the caller would write it."""
+        return f"{self.setting_name(setting)}={self.setting_values.get(setting, f'{value:g}')}"
 
     def request_stop(self, reason: str) -> None:
         self.stop_requested = reason
@@ -131,20 +140,20 @@ class Trainer:
             train, val = split if split is not None else (train, None)
             if split is None and train.loader is None and round(c.val_fraction * train.n):
                 warn(
-                    f"{self._named('val_fraction')}={c.val_fraction:g} would hold out all "
+                    f"{self.stated('val_fraction', c.val_fraction)} would hold out all "
                     f"{train.n} rows and leave none to train on: the run trains on every "
                     f"row without validation",
                     IgnoredSettingWarning,
                 )
             if val is not None and val.n > train.n:
                 warn(
-                    f"{self._named('val_fraction')}={c.val_fraction:g} holds out {val.n} of the {given.n} rows, "
+                    f"{self.stated('val_fraction', c.val_fraction)} holds out {val.n} of the {given.n} rows, "
                     f"so the model trains on {train.n}: a validation split needs far fewer "
                     f"rows than training does (the default is {DEFAULTS.val_fraction:g})",
                     UserWarning,
                 )
         if val is None:
-            _warn_settings_needing_validation(c, train.loader is not None, self._named)
+            _warn_settings_needing_validation(c, train.loader is not None, self)
         if c.optimizer == "lbfgs" and len(train) > 1:  # its curvature pairs mix batches
             what = (
                 f"the DataLoader (batch_size={train.loader.batch_size}) yields"
@@ -165,11 +174,6 @@ class Trainer:
                 return run.execute()
             with FolderLock(self.out_dir, "train into"):  # one run writes a folder at a time
                 return run.execute()
-        except TrainingError as exc:
-            if "grad_clip" not in self.setting_names or type(exc) is not TrainingError:
-                raise
-            # a caller without grad_clip (an estimator) is not told to set it
-            raise TrainingError(str(exc).replace(" or set grad_clip", "")) from None
         finally:
             # a stop request ends this fit, not every later one of this trainer
             self.stop_requested = None
@@ -184,7 +188,7 @@ OPTIMIZER_SETTINGS = ("lr", "optimizer", "weight_decay", "grad_clip")
 VALIDATION_SETTINGS = ("patience", "min_delta", "smoothing")
 
 
-def _warn_settings_needing_validation(c: TrainConfig, loader: bool, named) -> None:
+def _warn_settings_needing_validation(c: TrainConfig, loader: bool, trainer: Trainer) -> None:
     changed = [
         f"{name}={getattr(c, name)!r}"
         for name in VALIDATION_SETTINGS
@@ -192,13 +196,14 @@ def _warn_settings_needing_validation(c: TrainConfig, loader: bool, named) -> No
     ]
     if not changed:
         return
-    fraction = named("val_fraction")
+    fraction = trainer.setting_name("val_fraction")
+    stated = trainer.stated("val_fraction", c.val_fraction)
     why = (
         "a DataLoader holds none out"
         if loader
-        else f"{fraction}=0"
+        else stated
         if not c.val_fraction
-        else f"{fraction}={c.val_fraction:g} leaves no split of these rows"
+        else f"{stated} leaves no split of these rows"
     )
     verb = "needs" if len(changed) == 1 else "need"
     takes_val_data = fraction == "val_fraction"  # not a caller that names it otherwise

@@ -481,3 +481,29 @@ def test_running_out_of_memory_is_the_users_error_not_an_internal_one():
 
     assert _out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp] can't allocate memory"))
     assert _out_of_memory(MemoryError()) and not _out_of_memory(RuntimeError("mat1 and mat2"))
+
+
+def test_eval_lays_rows_out_for_the_model_and_lists_settings_a_resume_changed(capsys, tmp_path):
+    # `eval --data digits` of a model of digits:image failed inside the model ("expects
+    # (B, 1, 8, 8); got (359, 64)"), as did images for a vector model; and a resume's
+    # --allow-changes settings were recorded in the folder but never shown
+    image = tmp_path / "conv"
+    assert main(["train", "conv", "--data", "digits:image", "--epochs", "1", "--quiet",
+                 "--set", "channels=[4]", "--out", str(image)]) == 0  # fmt: skip
+    capsys.readouterr()
+    code, on_images, _ = run(capsys, "eval", str(image))
+    assert code == 0
+    code, on_rows, err = run(capsys, "eval", str(image), "--data", "digits")
+    assert code == 0, err
+    assert on_rows.splitlines()[1:] == on_images.splitlines()[1:]  # the same test rows
+    vector = tmp_path / "ae"
+    assert main(train_args(1, vector)) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "eval", str(vector), "--data", "digits:image")
+    assert code == 0, err
+    assert main([*train_args(2, vector), "--resume", "--lr", "0.0005", "--allow-changes"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "eval", str(vector))
+    assert "changed on resume after epoch 1: lr 0.001 -> 0.0005" in out
+    code, out, _ = run(capsys, "eval", str(vector), "--json")
+    assert json.loads(out)["training_changes"] == [{"epoch": 1, "changed": {"lr": [0.001, 0.0005]}}]

@@ -13,9 +13,10 @@ is the mean squared error in normalised units; the output line names the kind), 
 labels, 1 for outliers, with ``--proba`` and ``--confidence`` columns on request.
 
 Inputs: ``.npy`` (memory-mapped) or ``.csv`` (numeric, optional header), one row per
-sample; rows of ``prod(input_shape)`` values are reshaped for image models. Outputs:
-``.npy`` (``(N, ...)`` arrays) or ``.csv`` (one row per sample, flattened), chosen by
-extension; an existing output is only replaced with ``--overwrite``.
+sample; rows of ``prod(input_shape)`` values are reshaped for image models, and images
+flattened for vector models. Outputs: ``.npy`` (``(N, ...)`` arrays) or ``.csv`` (one row
+per sample, flattened), chosen by extension; an existing output is only replaced with
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.data.dataset import as_dataset
+from aecore.data.dataset import as_dataset, rows_in_shape
 from aecore.data.files import csv_header, read_csv
 from aecore.data.sources import load_data
 from aecore.detection import PROBA_METHODS
@@ -132,7 +133,7 @@ def cmd_apply(args) -> int:
         header = csv_header(args.input, names) if is_csv else None
         if names is not None and header is not None:
             check_columns(header, names)
-        rows = as_model_rows(data, model.input_shape)
+        rows = rows_in_shape(data, model.input_shape)
         if args.action == "predict":
             result = predictions(model, rows, args.proba, args.confidence)
         else:
@@ -206,14 +207,6 @@ def read_rows(path: Path, names: list[str] | None = None) -> np.ndarray:
     if suffix == ".csv" and names is not None:
         return as_dataset(read_csv(str(path), names), source=f"csv:{path}").x
     return load_data(f"{suffix[1:]}:{path}").x
-
-
-def as_model_rows(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    """Flat rows (N, prod(input_shape)) -> (N, *input_shape) for image models; other
-    shapes pass through for the model to check."""
-    if len(input_shape) > 1 and x.ndim == 2 and x.shape[1] == int(np.prod(input_shape)):
-        return x.reshape(len(x), *input_shape)
-    return x
 
 
 def check_output(path: Path, overwrite: bool) -> None:

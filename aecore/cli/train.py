@@ -193,9 +193,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import numpy as np
+
     from aecore.data import prepare_like
+    from aecore.data.dataset import rows_in_shape
     from aecore.io.model_folder import load
     from aecore.pipeline import evaluate
+    from aecore.training.state import listed_changes
 
     model = load(args.model_dir)
     names = getattr(model, "feature_names", None)
@@ -207,10 +211,15 @@ def cmd_eval(args) -> int:
         if columns is not None:
             check_columns(columns, names)
     prepared = prepare_like(model.metadata, args.data)
+    dataset = prepared.dataset  # --data digits for a model of digits:image, say
+    if isinstance(dataset.x, np.ndarray):  # not a lazy store (an activation cache)
+        dataset.x = rows_in_shape(dataset.x, model.input_shape)
     metrics = evaluate(model, prepared)
     training = model.metadata.get("training")
+    # settings a resume changed (--allow-changes): the run is not one of its settings
+    changes = (model.metadata.get("metrics") or {}).get("training_changes") or []
     if args.json:
-        print(json.dumps({**metrics, "training": training}, indent=2))
+        print(json.dumps({**metrics, "training": training, "training_changes": changes}, indent=2))
         return 0
     name = model.metadata["model"]
     print(
@@ -237,6 +246,10 @@ def cmd_eval(args) -> int:
         defaults = TrainConfig().for_model(model).to_dict()  # with the model's own lr
         changed = [f"{k}={v}" for k, v in training.items() if defaults.get(k) != v]
         print(f"trained with: {', '.join(changed) or 'the default settings'}")
+    for change in changes:
+        print(
+            f"changed on resume after epoch {change['epoch']}: {listed_changes(change['changed'])}"
+        )
     return 0
 
 

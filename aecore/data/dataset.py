@@ -93,3 +93,15 @@ def check_all_finite(x: np.ndarray, source: str) -> None:
                 f" ({count} non-finite value{'s' if count > 1 else ''} in rows "
                 f"{start}-{start + len(block) - 1}); clean or impute the data first"
             )
+
+
+def rows_in_shape(x: Any, input_shape: tuple[int, ...]) -> Any:
+    """Rows laid out for a model taking ``input_shape``: flat rows of as many values as
+    images of it (in C order, as ``digits`` holds ``digits:image``'s pixels), and images
+    as flat rows for a vector model. Another layout (channels last, say) passes as it is,
+    for the model to name."""
+    shape, given = tuple(input_shape), tuple(x.shape[1:])
+    flat = len(shape) == 1 or len(given) == 1
+    if given == shape or not flat or int(np.prod(given)) != int(np.prod(shape)):
+        return x
+    return x.reshape(len(x), *shape)

@@ -26,7 +26,7 @@ from aecore.training.evaluation import (
     seed_device,
 )
 from aecore.training.optim import finite_loss_terms, gradient_step, lbfgs_step, make_optimizer
-from aecore.training.state import History, RunState, StepPlace
+from aecore.training.state import History, RunState, StepPlace, listed_changes
 
 #: rows of training data that data-dependent initialisation sees at most
 INIT_ROWS = 10000
@@ -164,7 +164,7 @@ class TrainingRun:
         )  # fmt: skip
         if changed:  # allowed: said, and recorded in the history (and model.json)
             self.state.history.changes.append({"epoch": self.state.epoch, "changed": changed})
-            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            listed = listed_changes(changed)
             if self.is_main:  # said whether progress is shown or not
                 print(f"resuming after epoch {self.state.epoch} with changed settings: "
                       f"{listed}", file=sys.stderr)  # fmt: skip

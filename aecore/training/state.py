@@ -165,6 +165,11 @@ class RunState:
         return self.smoothed - self.best_val > max(min_delta, 2.0 * spread)
 
 
+def listed_changes(changed: dict[str, list[Any]]) -> str:
+    """A resume's changed settings ({setting: [before, after]}) as "lr 0.001 -> 0.0005"."""
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+
+
 @dataclass(frozen=True)
 class StepPlace:
     """Which step a message is about: "epoch E, step S (global step G)" as text."""

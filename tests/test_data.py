@@ -58,9 +58,20 @@ def test_npz_uncompressed_member_is_memory_mapped_and_keys_are_chosen(tmp_path):
 def test_csv_with_header(tmp_path):
     (tmp_path / "d.csv").write_text("a,b,c\n1,2,3\n4,5,6\n")
     np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'd.csv'}").x, [[1, 2, 3], [4, 5, 6]])
+    # its first row was taken for a header and the error named line 2
     (tmp_path / "s.csv").write_text("1;2;3\n4;5;6\n")
-    with pytest.raises(DataError, match="separates values by ';': save it with commas"):
+    with pytest.raises(DataError, match=r"s\.csv separates values by ';', not commas \(line 1"):
         load_data(f"csv:{tmp_path / 's.csv'}")
+    (tmp_path / "t.csv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(DataError, match=r"separates values by '\\t', not commas"):
+        load_data(f"csv:{tmp_path / 't.csv'}")
+    (tmp_path / "d.csv").write_text("1,5;2;3\n4;5;6\n")  # decimal commas
+    with pytest.raises(DataError, match="value '5;2;3'.*separates values by ';': save it with"):
+        load_data(f"csv:{tmp_path / 'd.csv'}")
+    # a trailing comma on every line was "non-numeric value ''; every cell after the header"
+    (tmp_path / "e.csv").write_text("1,2,3,\n4,5,6,\n")
+    with pytest.raises(DataError, match=r"line 1: column 4 is empty \(the line ends with a comma"):
+        load_data(f"csv:{tmp_path / 'e.csv'}")
     # pandas' header for unnamed columns (DataFrame(X).to_csv(index=False)) was a data row
     (tmp_path / "p.csv").write_text("0,1,2\n1,2,3\n4,5,6\n")
     np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'p.csv'}").x, [[1, 2, 3], [4, 5, 6]])

@@ -275,7 +275,7 @@ def test_a_csv_drops_only_a_header_and_tiny_data_is_refused_before_training(tmp_
     (tmp_path / "h.csv").write_text("a,b\n1,2\n3,4\n")
     assert read_csv(str(tmp_path / "h.csv")).shape == (2, 2)
     (tmp_path / "m.csv").write_text(",2\n3,4\n")
-    with pytest.raises(DataError, match=r"line 1: non-numeric value ''"):
+    with pytest.raises(DataError, match=r"line 1: column 1 is empty \(a missing value"):
         read_csv(str(tmp_path / "m.csv"))
     np.save(tmp_path / "r2.npy", ROWS[:2])
     with pytest.raises(DataError, match="2 rows are too few .* at least one test row"):

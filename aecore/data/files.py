@@ -120,7 +120,9 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
     width = None
     # utf-8-sig: a byte-order mark would otherwise make the first row look like a header
     first, skip = True, 0
-    following = (_first_rows(p)[1:] or [None])[0]
+    top = _first_rows(p)
+    _check_separator(p, top)
+    following = (top[1:] or [None])[0]
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -135,6 +137,8 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
                 values = [float(c) for c in cells]
             except ValueError:
                 bad = next(c for c in cells if not _is_float(c))
+                if bad == "":
+                    raise DataError(_empty_cell(p, lineno, line, cells, skip)) from None
                 other = next((d for d in (";", "\t", "|") if d in bad), None)
                 hint = f" (the file separates values by {other!r}: save it with commas)"
                 hint = hint if other else ""
@@ -142,8 +146,8 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
                     hint = " (the file is binary, not text: is it a .npy or another format?)"
                 shown = repr(bad) if len(bad) <= 60 else f"{bad[:60]!r}... ({len(bad)} characters)"
                 raise DataError(
-                    f"csv: {p} line {lineno}: non-numeric value {shown}; every cell after the "
-                    f"header must be a number{hint}"
+                    f"csv: {p} line {lineno}: non-numeric value {shown}; every cell but a "
+                    f"header's must be a number{hint}"
                 ) from None
             if width is None:
                 width = len(values)
@@ -153,6 +157,28 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
     if not rows:
         raise DataError(f"csv: {p} holds no data rows")
     return np.asarray(rows, dtype=np.float64)
+
+
+def _check_separator(path: Path, top: list[str]) -> None:
+    """A file whose first lines separate values by another character than a comma
+    would otherwise be read as one column, or its first row taken for a header."""
+    if not top or any("," in line for line in top):
+        return
+    for other in (";", "\t", "|"):
+        if all(other in line for line in top):
+            raise DataError(
+                f"csv: {path} separates values by {other!r}, not commas (line 1: "
+                f"{top[0][:60]!r}): save it with commas"
+            )
+
+
+def _empty_cell(path: Path, lineno: int, line: str, cells: list[str], skip: int) -> str:
+    column = cells.index("") + 1 + skip
+    if line.endswith(",") and column == len(cells) + skip:
+        why = "the line ends with a comma: remove the trailing separators"
+    else:
+        why = "a missing value: fill it in or drop the row"
+    return f"csv: {path} line {lineno}: column {column} is empty ({why})"
 
 
 def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | None:

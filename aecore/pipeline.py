@@ -121,6 +121,15 @@ def train(
             f"wider; pass --latent-dim (latent_dim=)",
             UserWarning,
         )
+    # a bottleneck model (started at PCA; a sparse code wider than its rows is not one)
+    if getattr(model, "pca_start", False) and model.latent_dim >= model.input_size:
+        warn(
+            f"{name} has a code of {model.latent_dim} for rows of {model.input_size} values: a "
+            f"code as wide as its input can copy it, so its reconstruction error tells nothing "
+            f"about a row (an outlier scores as low as the rest); pass a smaller --latent-dim "
+            f"(latent_dim=), such as {max(1, model.input_size // 2)}",
+            UserWarning,
+        )
     if own_units:
         prepared.normalization = per_feature_normalization(model.input_range, train_rows)
         prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)

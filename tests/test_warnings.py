@@ -53,3 +53,19 @@ def test_a_validation_split_larger_than_the_training_rows_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # half and half is allowed without a word
         aecore.Trainer(epochs=1, val_fraction=0.5, progress=False).fit(model, torch.rand(100, 4))
+
+
+def test_a_bottleneck_model_with_a_code_as_wide_as_its_rows_is_named(tmp_path):
+    # `aecore train ae` on a 6-column CSV kept the default code of 8: the model copied
+    # its input and an outlier 25 standard deviations out scored 1e-11, as normal rows did
+    from aecore.pipeline import train
+
+    rows = np.random.default_rng(0).standard_normal((200, 6))
+    np.save(tmp_path / "six.npy", rows)
+    settings = {"epochs": 1, "val_fraction": 0, "progress": False}
+    with pytest.warns(UserWarning, match=r"ae has a code of 8 for rows of 6 values: .* such as 3"):
+        train("ae", f"npy:{tmp_path / 'six.npy'}", None, latent_dim=8, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a narrower code, or a sparse code, is meant
+        train("ae", f"npy:{tmp_path / 'six.npy'}", None, latent_dim=3, **settings)
+        train("sparse", f"npy:{tmp_path / 'six.npy'}", None, latent_dim=8, **settings)

@@ -278,7 +278,8 @@ def test_served_scores_are_the_models_own_by_default(digits, tmp_path):
         np.testing.assert_allclose(served.score(rows, kind="reconstruction"), error, rtol=1e-4)
     # a one-file export computes the reconstruction error only: its default says so, and
     # asked for more it says what it lacks; a kind the model lacks is named as such
-    export_onnx(model, tmp_path / "full.onnx")
+    with pytest.warns(UserWarning, match=r"free_energy \(its default\).*part='all' \(--all\)"):
+        export_onnx(model, tmp_path / "full.onnx")
     alone = OnnxAutoencoder(tmp_path / "full.onnx")
     assert alone.default_score_kind == "reconstruction"
     np.testing.assert_allclose(alone.score(rows), error, rtol=1e-4)
@@ -313,7 +314,8 @@ def test_a_detectors_folder_and_export_score_by_its_kind_by_default(digits, tmp_
         np.testing.assert_allclose(served.decision_function(rows), want, rtol=1e-4)
         assert served.threshold_ == detector.threshold_  # PyOD's attribute, served too
     # a one-file export holds no ELBO graph: its score() stays the reconstruction error
-    export_onnx(tmp_path / "v", tmp_path / "one.onnx")
+    with pytest.warns(UserWarning, match=r"vae scores rows by elbo \(its detector's\)"):
+        export_onnx(tmp_path / "v", tmp_path / "one.onnx")
     alone = OnnxAutoencoder(tmp_path / "one.onnx")
     assert alone.default_score_kind == "reconstruction"
     np.testing.assert_allclose(
@@ -466,7 +468,8 @@ def test_a_one_file_export_says_which_score_it_gives_and_how_to_get_the_detector
     X = load_wine().data
     detector = aecore.AnomalyDetector("rbm", epochs=2, random_state=0).fit(X[:100])
     folder, everything = served_copies(detector, tmp_path)
-    export_onnx(detector.model_, tmp_path / "one.onnx", part="full")
+    with pytest.warns(UserWarning, match=r"rbm scores rows by free_energy \(its detector's\)"):
+        export_onnx(detector.model_, tmp_path / "one.onnx", part="full")
     one = OnnxAutoencoder(tmp_path / "one.onnx")
     assert folder.score_kind() == everything.score_kind() == "free_energy"
     assert one.score_kind() == "reconstruction" and one.score_kind("free_energy") == "free_energy"
@@ -547,3 +550,30 @@ def test_an_export_from_before_scores_charged_rows_scores_them_as_it_did(digits,
     np.testing.assert_allclose(OnnxAutoencoder(tmp_path / "new.onnx").score(rows), given,
                                rtol=1e-4)  # fmt: skip
     assert given[2] > given[1] > given[0] == pytest.approx(clipped[2])
+
+
+def test_an_export_that_cannot_serve_the_models_score_says_so_when_written(tmp_path):
+    # an export of all parts of a model whose detector's kind it cannot compute wrote no
+    # score graph in silence; the served model then advised the very export just run
+    from sklearn.datasets import load_wine
+
+    from aecore import registry
+    from aecore.onnx import export_onnx
+    from aecore.runtime import OnnxAutoencoder
+
+    class TorchOnly(registry.model_class("denoising")):
+        exportable_score_kinds = ("reconstruction",)
+
+    registry.register("denoising-torch-only", TorchOnly)
+    try:
+        X = load_wine().data
+        detector = aecore.AnomalyDetector(
+            "denoising-torch-only", score_kind="denoising", epochs=2, random_state=0
+        ).fit(X[:100])
+        with pytest.warns(UserWarning, match=r"by denoising \(its detector's\).*deterministic"):
+            export_onnx(detector.model_, tmp_path / "m.onnx", part="all")
+        served = OnnxAutoencoder(tmp_path / "m.onnx")
+        with pytest.raises(DataError, match="export of all parts has none: the model does not"):
+            served.predict(X[:3])
+    finally:
+        registry.unregister("denoising-torch-only")

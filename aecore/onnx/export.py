@@ -36,7 +36,7 @@ from torch import nn
 from aecore._version import __version__
 from aecore.base import Autoencoder
 from aecore.data.normalization import Normalization
-from aecore.errors import ConfigError, ModelFileError, OnnxExportError
+from aecore.errors import ConfigError, ModelFileError, OnnxExportError, warn
 from aecore.io.atomic import atomic_write
 from aecore.io.lock import FileLock
 from aecore.io.model_folder import load
@@ -123,6 +123,7 @@ def export_onnx(
     parts = (part,)
     if part == "all":
         parts = (*PARTS, SCORE_PART) if exported_score_kind(model) else PARTS
+    _warn_if_scored_otherwise(model, name, part)
     protos = export_protos(model, name, parts, opset=opset)
     with contextlib.ExitStack() as held:  # one writer per target file
         for target in targets.values():
@@ -137,6 +138,28 @@ def export_onnx(
         if part == "all" and SCORE_PART not in protos:
             targets[SCORE_PART].unlink(missing_ok=True)
     return targets["full"] if part == "all" else path
+
+
+def _warn_if_scored_otherwise(model, name: str, part: str) -> None:
+    """An export whose ``score`` would be the reconstruction error while the model (its
+    detector, or its default) scores by another kind: served scores would differ from
+    the model's, and the runtime's ``predict`` refuses."""
+    detector = getattr(model, "detector", None)
+    kind = detector.kind if detector is not None else getattr(model, "default_score_kind", None)
+    if part not in ("full", "all") or kind in (None, "reconstruction"):
+        return
+    if kind not in getattr(model, "exportable_score_kinds", ()):
+        why = "it does not compute that deterministically (exportable_score_kinds)"
+    elif part == "full":
+        why = "a one-file export has no score graph: part='all' (--all) adds it"
+    else:
+        return
+    whose = "its detector's" if detector is not None else "its default"
+    warn(
+        f"{name} scores rows by {kind} ({whose}), and this export serves the reconstruction "
+        f"error instead: {why}. Served scores differ from the model's, and predict() refuses",
+        UserWarning,
+    )
 
 
 def _is_aecore_export(path: Path) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import functools
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -18,6 +17,7 @@ from torch import nn
 
 from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.keywords import checked_keywords
+from aecore.model_methods import adapt_tensor_methods, check_score_override
 
 
 def check_input_shape(input_shape: Any) -> tuple[int, ...]:
@@ -45,36 +45,6 @@ def check_positive_int(name: str, value: Any) -> int:
     if not ok:
         raise ConfigError(f"{name} must be a positive int; got {value!r}")
     return int(value)
-
-
-#: the methods that take a batch of inputs or codes as their first argument: real
-#: tensors of another dtype (float64 from ``torch.as_tensor(numpy_array)``, integer
-#: pixels or counts, bools) are computed in the model's dtype, as training casts them
-TENSOR_METHODS = (
-    "forward", "encode", "decode", "loss", "score", "train_step", "encode_sparse",
-    "free_energy", "pseudo_likelihood", "elbo", "log_likelihood", "reconstruct",
-)  # fmt: skip
-
-
-def _in_model_dtype(method: Callable) -> Callable:
-    # a loss is a mean over rows: of none it is no number (NaN, or an error deep inside)
-    needs_rows = method.__name__ in ("loss", "train_step")
-
-    @functools.wraps(method)
-    def wrapper(self, x, *args, **kwargs):
-        if needs_rows and isinstance(x, torch.Tensor) and x.dim() and len(x) == 0:
-            raise DataError(
-                f"{type(self).__name__}.{method.__name__} needs at least one row; "
-                f"got an empty batch of shape {tuple(x.shape)}"
-            )
-        if isinstance(x, torch.Tensor) and not x.is_complex():
-            dtype = self.float_dtype()
-            if dtype is not None and x.dtype != dtype:
-                x = x.to(dtype)
-        return method(self, x, *args, **kwargs)
-
-    wrapper.__aecore_dtype_adapter__ = True
-    return wrapper
 
 
 class Autoencoder(nn.Module, abc.ABC):
@@ -203,7 +173,8 @@ class Autoencoder(nn.Module, abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _adapt_tensor_methods(cls)
+        check_score_override(cls)
+        adapt_tensor_methods(cls)
 
     def float_dtype(self) -> torch.dtype | None:
         """The dtype the model computes in: its first floating parameter's (or buffer's)."""
@@ -383,14 +354,7 @@ def _mark_weights_loaded(module: nn.Module, _incompatible_keys: Any) -> None:
     module.data_initialised = True
 
 
-def _adapt_tensor_methods(cls: type) -> None:
-    for name in TENSOR_METHODS:
-        method = cls.__dict__.get(name)
-        if callable(method) and not getattr(method, "__aecore_dtype_adapter__", False):
-            setattr(cls, name, _in_model_dtype(method))
-
-
-_adapt_tensor_methods(Autoencoder)
+adapt_tensor_methods(Autoencoder)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,28 @@ def test_abstract_methods_are_required():
         Incomplete(input_shape=(3,), latent_dim=1)
 
 
+def test_a_score_override_without_a_kind_is_refused_naming_the_hooks_to_define():
+    # the README once listed score(x) as a hook: such a plugin crashed the detectors and
+    # the conformance kit with "unexpected keyword argument 'kind'", and served models
+    # bypassed it in silence
+    with pytest.raises(TypeError, match=r"OwnScore overrides score\(x\) without a kind: .*"
+                       r"anomaly_score\(x, kind\).*score_kinds"):  # fmt: skip
+
+        class OwnScore(Halving):
+            def score(self, x):
+                return (self(x) - x).abs().flatten(1).mean(1)
+
+    class L1Score(Halving):  # the contract: a kind of its own, scored through score()
+        score_kinds = ("reconstruction", "l1")
+        default_score_kind = "l1"
+
+        def anomaly_score(self, x, kind):
+            return (self(x) - x).abs().flatten(1).mean(1)
+
+    x = torch.tensor([[[[2.0, 4.0]]]])
+    assert L1Score(input_shape=[1, 1, 2], latent_dim=1).score(x).tolist() == [2.0]
+
+
 @pytest.mark.parametrize(
     ("shape", "message"),
     [

@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import importlib
 import inspect
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -324,15 +325,42 @@ def hyperparameter_names(model: str | type) -> set[str] | None:
         if klass is Autoencoder and klass is not cls:
             # the base takes no **kwargs: the class below read them itself
             return None
-        passes_kwargs_on = False
+        passes_kwargs_on, own = False, set()
         for p in inspect.signature(klass.__init__).parameters.values():
             if p.kind is p.VAR_KEYWORD:
                 passes_kwargs_on = True
             elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                names.add(p.name)
+                own.add(p.name)
+        own -= {"self", "input_shape", "latent_dim"}
+        if klass is not cls and not own and not passes_kwargs_on:
+            return None  # nothing for **kwargs to reach here: the class below read them
+        names |= own
         if not passes_kwargs_on:
             break
-    return names - {"self", "input_shape", "latent_dim"}
+    return names
+
+
+def config_json(model: Any, error: type[Exception] = ConfigError) -> str:
+    """``model.get_config()`` as JSON, refused (``error``) where it would not rebuild the
+    model: values JSON cannot hold, or hyperparameters left out (rebuilt at their
+    defaults, the model would load or resume as another one, its weights not fitting)."""
+    name = type(model).__name__
+    config = model.get_config()
+    try:
+        text = json.dumps(config)
+    except TypeError as exc:
+        raise error(
+            f"{name}.get_config() is not JSON-serialisable ({exc}): return plain numbers, "
+            f"strings, lists and dicts"
+        ) from None
+    left_out = sorted((hyperparameter_names(type(model)) or set()) - set(config))
+    if left_out:
+        raise error(
+            f"{name}.get_config() leaves out the hyperparameter(s) {', '.join(left_out)}: "
+            f"the saved model would be rebuilt with their defaults; return them too "
+            f"({{**self.base_config(), ...}})"
+        )
+    return text
 
 
 def check_hyperparameters(

@@ -379,3 +379,51 @@ def test_a_plugin_reading_its_own_keywords_and_one_with_a_bad_config():
         aecore.Trainer(epochs=1, progress=False).fit(
             NumpyConfig(input_shape=(4,), latent_dim=2), torch.rand(16, 4)
         )
+
+
+def test_hyperparameters_a_model_reads_from_its_own_kwargs_or_leaves_out_are_named(tmp_path):
+    # a subclass of a plugin base reading **kwargs itself was said to take no
+    # hyperparameters ("its hyperparameters: none"), so create refused every one; and a
+    # get_config leaving one out trained and saved, then its folder would not load
+    import torch
+
+    from aecore.errors import ConfigError, ModelFileError
+
+    class Base(aecore.Autoencoder):
+        def __init__(self, *, input_shape, latent_dim):
+            super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+            self.enc = torch.nn.Linear(self.input_size, latent_dim)
+
+        def encode(self, x):
+            return self.enc(x.flatten(1))
+
+        def decode(self, z):
+            return z @ self.enc.weight
+
+        def loss(self, x):
+            return {"loss": (self(x) - x).pow(2).mean()}
+
+        def get_config(self):
+            return self.base_config()
+
+    class Reads(Base):
+        def __init__(self, *, input_shape, latent_dim, **kw):
+            super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+            self.scale = kw.get("scale", 1.0)
+
+    class Forgets(Base):
+        def __init__(self, *, input_shape, latent_dim, width=4):
+            super().__init__(input_shape=input_shape, latent_dim=latent_dim)
+            self.width = width
+
+    assert registry.hyperparameter_names(Reads) is None
+    forgets = Forgets(input_shape=(4,), latent_dim=2, width=8)
+    with pytest.raises(ConfigError, match=r"Forgets.get_config\(\) leaves out .* width: the"):
+        aecore.Trainer(epochs=1, progress=False).fit(forgets, torch.rand(16, 4))
+    registry.register("forgets", Forgets)
+    try:
+        with pytest.raises(ModelFileError, match=r"leaves out the hyperparameter\(s\) width"):
+            aecore.save(forgets, tmp_path / "f")
+    finally:
+        registry.unregister("forgets")
+    assert not (tmp_path / "f" / "model.json").exists()

@@ -35,7 +35,7 @@ from aecore.io.atomic import atomic_write_text
 from aecore.io.lock import writer_of
 from aecore.io.tensors import check_safetensors_header, load_tensors, save_tensors
 from aecore.keywords import checked_keywords
-from aecore.registry import check_hyperparameters, model_class, name_of
+from aecore.registry import check_hyperparameters, config_json, model_class, name_of
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -85,17 +85,13 @@ def save(
             f"another directory"
         )
     name = name_of(model)
-    config = model.get_config()
-    try:
-        config_json = json.dumps(config)
-    except TypeError as exc:
-        raise ModelFileError(f"{name}.get_config() is not JSON-serialisable: {exc}") from None
+    config = json.loads(config_json(model, ModelFileError))
     norm = getattr(model, "normalization", None) or Normalization("none")
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": name,
-        "config": json.loads(config_json),
+        "config": config,
         "input_shape": list(model.input_shape),
         "latent_dim": model.latent_dim,
         "normalization": norm.to_dict(),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from aecore.config import TrainConfig
 from aecore.errors import ConfigError, IgnoredSettingWarning, warn
 from aecore.io.lock import FolderLock
 from aecore.keywords import checked_keywords
+from aecore.registry import config_json
 from aecore.training.batches import Batches
 from aecore.training.loop import TrainingRun
 from aecore.training.state import History
@@ -114,13 +114,7 @@ class Trainer:
             raise ConfigError(
                 f"Trainer.fit expects an aecore.Autoencoder; got {type(model).__name__}"
             )
-        try:  # checkpoints and saved folders record it: fail before training, not after
-            json.dumps(model.get_config())
-        except TypeError as exc:
-            raise ConfigError(
-                f"{type(model).__name__}.get_config() is not JSON-serialisable ({exc}): "
-                f"return plain numbers, strings, lists and dicts"
-            ) from None
+        config_json(model)  # checkpoints and saved folders record it: fail before training
         if not model.uses_optimizer and not callable(getattr(model, "train_step", None)):
             raise ConfigError(
                 f"{type(model).__name__} sets uses_optimizer = False (it updates its own "

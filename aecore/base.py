@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -155,12 +156,21 @@ class Autoencoder(nn.Module, abc.ABC):
         if len(shape) not in self.input_ranks:
             expected = " or ".join(f"{r}-D" for r in self.input_ranks)
             # grey images (H, W) for a model of (C, H, W): one channel axis is missing
-            grey = "; grey images take a channel axis, (1, H, W): x[:, None]" * (
-                len(shape) == 2 and 3 in self.input_ranks
-            )
+            hint = ""
+            if len(shape) == 2 and 3 in self.input_ranks:
+                hint = "; grey images take a channel axis, (1, H, W): x[:, None]"
+            elif len(shape) == 1 and 3 in self.input_ranks:
+                side = math.isqrt(shape[0])
+                square = f": rows of {shape[0]} values as (1, {side}, {side})" * (
+                    side * side == shape[0]
+                )
+                hint = (
+                    f"; images are (C, H, W){square}, or on the command line an image "
+                    f"source (digits:image, colour_patches, images in a .npy)"
+                )
             raise ConfigError(
                 f"{type(self).__name__} accepts {expected} input shapes "
-                f"(without the batch axis); got input_shape={shape}{grey}"
+                f"(without the batch axis); got input_shape={shape}{hint}"
             )
         self.input_shape: tuple[int, ...] = shape
         self.latent_dim: int = check_positive_int("latent_dim", latent_dim)

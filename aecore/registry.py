@@ -13,7 +13,6 @@ import difflib
 import fnmatch
 import importlib
 import inspect
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -338,29 +337,6 @@ def hyperparameter_names(model: str | type) -> set[str] | None:
         if not passes_kwargs_on:
             break
     return names
-
-
-def config_json(model: Any, error: type[Exception] = ConfigError) -> str:
-    """``model.get_config()`` as JSON, refused (``error``) where it would not rebuild the
-    model: values JSON cannot hold, or hyperparameters left out (rebuilt at their
-    defaults, the model would load or resume as another one, its weights not fitting)."""
-    name = type(model).__name__
-    config = model.get_config()
-    try:
-        text = json.dumps(config)
-    except TypeError as exc:
-        raise error(
-            f"{name}.get_config() is not JSON-serialisable ({exc}): return plain numbers, "
-            f"strings, lists and dicts"
-        ) from None
-    left_out = sorted((hyperparameter_names(type(model)) or set()) - set(config))
-    if left_out:
-        raise error(
-            f"{name}.get_config() leaves out the hyperparameter(s) {', '.join(left_out)}: "
-            f"the saved model would be rebuilt with their defaults; return them too "
-            f"({{**self.base_config(), ...}})"
-        )
-    return text
 
 
 def check_hyperparameters(

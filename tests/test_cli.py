@@ -174,6 +174,8 @@ def test_data_shape_the_model_does_not_accept(tmp_path, capsys):
     assert (
         "ImagesOnly accepts 3-D input shapes (without the batch axis); got input_shape=(64,)" in err
     )
+    # and says how to get images (the message named the shape alone)
+    assert "rows of 64 values as (1, 8, 8), or on the command line an image source" in err
 
 
 def test_debug_shows_the_traceback(tmp_path):

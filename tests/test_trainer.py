@@ -456,6 +456,15 @@ def test_bad_arguments_and_data():
         r"of the data's 20 rows\)",
     ):
         fit(np.zeros((20, 5), np.float32))
+    # images for a model of another layout: the served models' hints (the message named
+    # the shapes alone)
+    conv = aecore.create("conv", input_shape=(3, 5, 7), latent_dim=2)
+    for rows, hint in [
+        (np.zeros((20, 5, 7, 3), np.float32), r"channels come first: x.transpose\(0, 3, 1, 2\)"),
+        (np.zeros((20, 105), np.float32), r"reshape to \(N, 3, 5, 7\) with x.reshape"),
+    ]:
+        with pytest.raises(ShapeError, match=rf"its first batch of the data's 20 rows\); {hint}"):
+            Trainer(epochs=1, progress=False).fit(conv, rows)
     with pytest.raises(ConfigError, match="expects an aecore.Autoencoder; got Linear"):
         Trainer().fit(torch.nn.Linear(2, 2), X)
 

@@ -105,3 +105,21 @@ def rows_in_shape(x: Any, input_shape: tuple[int, ...]) -> Any:
     if given == shape or not flat or int(np.prod(given)) != int(np.prod(shape)):
         return x
     return x.reshape(len(x), *shape)
+
+
+def layout_hint(got: tuple[int, ...], shape: tuple[int, ...], name: str = "x") -> str:
+    """How an array of shape ``got`` (rows first) becomes rows of ``shape``, as the tail
+    of an error message ("; channels come first: ..."), or "" where no rule applies."""
+    rows, shape = tuple(got[1:]), tuple(shape)
+    if tuple(got) == shape:
+        return f"; for a single sample pass {name}[None]"
+    if len(shape) == 3 and rows == (*shape[1:], shape[0]):
+        # channels last: a reshape would scramble the pixels
+        return f"; channels come first: {name}.transpose(0, 3, 1, 2)"
+    if len(got) == 4 and len(set(shape)) == 3 and sorted(rows) == sorted(shape):
+        axes = ", ".join(str(1 + rows.index(d)) for d in shape)
+        return f"; its axes are in another order: {name}.transpose(0, {axes})"
+    if got and 0 not in got and int(np.prod(rows)) == int(np.prod(shape)):
+        wanted = ", ".join(map(str, shape))
+        return f"; reshape to (N, {wanted}) with {name}.reshape(-1, {wanted})"
+    return ""

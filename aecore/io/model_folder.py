@@ -35,7 +35,8 @@ from aecore.io.atomic import atomic_write_text
 from aecore.io.lock import writer_of
 from aecore.io.tensors import check_safetensors_header, load_tensors, save_tensors
 from aecore.keywords import checked_keywords
-from aecore.registry import check_hyperparameters, config_json, model_class, name_of
+from aecore.model_config import config_json
+from aecore.registry import check_hyperparameters, model_class, name_of
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from aecore.data.dataset import layout_hint
 from aecore.data.normalization import Normalization
 from aecore.detection import DetectorMethods, ScoreThreshold, row_list
 from aecore.errors import ConfigError, DataError, ShapeError
@@ -286,17 +287,7 @@ def _check_array(x: Any, shape: tuple[int, ...], what: str, name: str) -> np.nda
             f"{what} as a float or integer array of shape {expected}; got dtype {x.dtype}"
         )
     if x.shape[1:] != shape or x.ndim != len(shape) + 1:
-        hint = ""
-        if x.shape == shape:
-            hint = f"; for a single sample pass {name}[None]"
-        elif len(shape) == 3 and x.shape[1:] == (*shape[1:], shape[0]):
-            # channels last: a reshape would scramble the pixels
-            hint = f"; channels come first: {name}.transpose(0, 3, 1, 2)"
-        elif x.ndim == 4 and len(set(shape)) == 3 and sorted(x.shape[1:]) == sorted(shape):
-            axes = ", ".join(str(1 + list(x.shape[1:]).index(d)) for d in shape)
-            hint = f"; its axes are in another order: {name}.transpose(0, {axes})"
-        elif x.ndim >= 1 and x.size and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
-            hint = f"; reshape to {expected} with {name}.reshape(-1, {', '.join(map(str, shape))})"
+        hint = layout_hint(x.shape, shape, name)
         raise ShapeError(f"{what} of shape {expected}; got shape {tuple(x.shape)}{hint}")
     return x
 

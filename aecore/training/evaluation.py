@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from aecore.base import eval_mode
+from aecore.data.dataset import layout_hint
 from aecore.errors import DataError, ShapeError, TrainingError
 
 #: rows per chunk in the paired comparison, and the standard errors by which trained
@@ -106,7 +107,10 @@ def check_first_batch(model, train, given) -> None:
         model.check_input(x.to(input_dtype(model)))
     except ShapeError as exc:
         of = f" of the data's {given.n} rows" if given.loader is None else ""
-        raise ShapeError(f"the data does not fit the model: {exc} (its first batch{of})") from None
+        hint = layout_hint(tuple(x.shape), model.input_shape)
+        raise ShapeError(
+            f"the data does not fit the model: {exc} (its first batch{of}){hint}"
+        ) from None
     check_in_input_range(model, x)
     device = next((p.device for p in model.parameters()), x.device)
     check_output_shapes(model, x[:2].to(device, input_dtype(model)))

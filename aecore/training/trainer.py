@@ -15,7 +15,7 @@ from aecore.config import TrainConfig
 from aecore.errors import ConfigError, IgnoredSettingWarning, warn
 from aecore.io.lock import FolderLock
 from aecore.keywords import checked_keywords
-from aecore.registry import config_json
+from aecore.model_config import config_json
 from aecore.training.batches import Batches
 from aecore.training.loop import TrainingRun
 from aecore.training.state import History

@@ -1,7 +1,8 @@
 """Run exported models with onnxruntime: numpy in, numpy out, no torch needed.
 
-Needs only ``numpy`` and ``onnxruntime`` (``pip install aecore[runtime]``); importing
-this module never imports torch. Export with ``aecore export DIR --out model.onnx --all``
+Needs only ``numpy`` and ``onnxruntime``; importing this module never imports torch (the
+package declares torch for training: a serving image installs aecore with ``--no-deps``,
+see the README). Export with ``aecore export DIR --out model.onnx --all``
 (or ``aecore.export_onnx(model, "model.onnx", part="all")``), then::
 
     from aecore.runtime import OnnxAutoencoder
@@ -13,9 +14,11 @@ this module never imports torch. Export with ``aecore export DIR --out model.onn
 Units: ``encode``, ``reconstruct`` and ``score`` take data in the units the model was
 trained on (raw features, e.g. pixel values 0..16); the normalisation stored in the
 file is applied first, exactly as in training. ``reconstruct`` and ``decode`` return
-data units (the normalisation inverted). ``score`` is the mean squared reconstruction
-error per row *in normalised units*, i.e. ``Autoencoder.score`` of the model on
-normalised inputs, so features count equally whatever their raw scale.
+data units (the normalisation inverted). ``score`` is ``Autoencoder.score`` of the
+model on normalised inputs: by default the kind of the exported detector, else the
+model's default kind where the export holds its score graph, else the mean squared
+reconstruction error per row *in normalised units*, so features count equally whatever
+their raw scale; ``score_kind()`` says which.
 
 ``model.onnx`` (the full graph) serves ``reconstruct`` and ``score``; ``encode`` and
 ``decode`` use ``model.encoder.onnx`` and ``model.decoder.onnx`` beside it, which

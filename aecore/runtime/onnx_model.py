@@ -68,7 +68,7 @@ class OnnxAutoencoder(ArrayModel):
             import onnxruntime
         except ImportError:
             raise ImportError(
-                "aecore.runtime needs onnxruntime: pip install onnxruntime (or aecore[runtime])"
+                "aecore.runtime needs onnxruntime: pip install onnxruntime"
             ) from None
         self._ort = onnxruntime
         self.path = Path(path)

@@ -14,7 +14,7 @@ import torch
 
 from aecore.base import eval_mode
 from aecore.data.dataset import layout_hint
-from aecore.errors import DataError, ShapeError, TrainingError
+from aecore.errors import DataError, ShapeError, TrainingError, warn
 
 #: rows per chunk in the paired comparison, and the standard errors by which trained
 #: weights must beat a known start
@@ -112,8 +112,29 @@ def check_first_batch(model, train, given) -> None:
             f"the data does not fit the model: {exc} (its first batch{of}){hint}"
         ) from None
     check_in_input_range(model, x)
+    _warn_if_data_units(model, x)
     device = next((p.device for p in model.parameters()), x.device)
     check_output_shapes(model, x[:2].to(device, input_dtype(model)))
+
+
+def _warn_if_data_units(model, x: torch.Tensor) -> None:
+    """A model carrying a normalisation (saved and served with it: data units in) that is
+    given rows its normalisation would shrink tenfold and more (pixels 0..255 under a
+    min-max by 255): it would train on data units and be served normalised ones."""
+    normalization = getattr(model, "normalization", None)
+    if normalization is None or normalization.kind == "none" or x.is_complex():
+        return
+    rows = x.detach().cpu().double().numpy()
+    given = float(np.sqrt(np.mean(rows**2)))
+    applied = float(np.sqrt(np.mean(normalization.apply(rows) ** 2)))
+    if given > 10 and 0.01 < applied < min(10.0, given / 10):
+        warn(
+            f"{type(model).__name__}.normalization ({normalization.kind}) is applied to data "
+            f"before the saved or served model, but Trainer.fit trains on rows as given, and "
+            f"these look like data units (root mean square {given:.3g}; normalised, "
+            f"{applied:.3g}): pass model.normalization.apply(rows)",
+            UserWarning,
+        )
 
 
 def check_output_shapes(model, x: torch.Tensor) -> None:

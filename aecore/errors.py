@@ -71,14 +71,16 @@ class KeywordError(ConfigError, TypeError):
 def _library_folders() -> tuple[str, ...]:
     # aecore, its built-in plugins and torch (whose Module.__call__ sits between a
     # user's call and a plugin's forward) are never the line a warning is about
+    import contextlib
     import importlib.util
 
+    # (and contextlib, whose frames sit between a `with` of the library's and its body)
     folders = [os.path.dirname(__file__)]
     for package in ("aecore_plugins", "torch"):
         spec = importlib.util.find_spec(package) if package in sys.modules else None
         if spec is not None and spec.submodule_search_locations:
             folders.extend(spec.submodule_search_locations)
-    return tuple(os.path.join(folder, "") for folder in folders)
+    return (*(os.path.join(folder, "") for folder in folders), contextlib.__file__)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

@@ -148,9 +148,12 @@ def _discover() -> dict[str, ModelEntry]:
     for entry in _entries.values():
         if entry.conflict:  # neither claimant can be used: say so once, not silently
             _warn(
-                f"aecore: {conflict_message(entry)}; that name is unusable until one is uninstalled"
+                f"aecore {conflict_message(entry)}; that name is unusable until one is uninstalled"
             )
     return _entries
+
+
+_warned: set[str] = set()
 
 
 def _warn(message: str) -> None:
@@ -158,6 +161,9 @@ def _warn(message: str) -> None:
     warnings are turned into errors (``-W error``, a plugin author's pytest settings):
     one broken package must not break listing the others (``create`` of its name still
     refuses, naming why)."""
+    if message in _warned:  # a refresh (register, unregister) finds the same again
+        return
+    _warned.add(message)
     with contextlib.suppress(BrokenPluginWarning):
         warn(message, BrokenPluginWarning)
 
@@ -167,7 +173,13 @@ def _norm(name: str) -> str:
 
 
 def refresh() -> None:
-    """Forget the cached entry-point table (after installing a plugin at run time)."""
+    """Forget the cached entry-point table (after installing a plugin at run time), and
+    which broken plugins were warned about."""
+    _warned.clear()
+    _forget_entries()
+
+
+def _forget_entries() -> None:
     global _entries
     _entries = None
     metadata_cache = getattr(metadata, "_cache_clear", None)
@@ -199,13 +211,13 @@ def register(name: str, cls: type) -> None:
             f"({existing.target})"
         )
     _local[name] = cls
-    refresh()
+    _forget_entries()
 
 
 def unregister(name: str) -> None:
     """Undo ``register`` for a name registered in this process."""
     _local.pop(name, None)
-    refresh()
+    _forget_entries()
 
 
 def model_entries() -> list[ModelEntry]:

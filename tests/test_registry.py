@@ -86,6 +86,18 @@ def test_broken_plugins_are_listed_with_reason_and_others_keep_working(extra_sit
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert aecore.list_models() == usable == aecore.list_models()
+    # said once: a process-local model registered and dropped (the conformance kit does
+    # it per check) warned about every broken plugin again, from contextlib's line
+    registry.refresh()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            registry.register("local-ae", aecore.model_class("ae"))
+            registry.unregister("local-ae")
+            aecore.list_models()
+    broken = [w for w in caught if issubclass(w.category, registry.BrokenPluginWarning)]
+    assert len(broken) == 3  # one per broken plugin
+    assert all(w.filename == __file__ for w in broken), {w.filename for w in broken}
 
 
 def test_two_distributions_claiming_one_name_is_an_error_naming_both(extra_site):

@@ -67,9 +67,7 @@ class OnnxAutoencoder(ArrayModel):
         try:
             import onnxruntime
         except ImportError:
-            raise ImportError(
-                "aecore.runtime needs onnxruntime: pip install onnxruntime"
-            ) from None
+            raise ImportError("aecore.runtime needs onnxruntime: pip install onnxruntime") from None
         self._ort = onnxruntime
         self.path = Path(path)
         self.providers = _check_providers(onnxruntime, providers)

@@ -380,7 +380,11 @@ def create(name: str, *, input_shape: Any, latent_dim: int, **hparams: Any):
     ConfigError that names the closest one."""
     cls = model_class(name)
     check_hyperparameters(name, cls, hparams)
-    return cls(input_shape=input_shape, latent_dim=latent_dim, **hparams)
+    model = cls(input_shape=input_shape, latent_dim=latent_dim, **hparams)
+    if "input_shape" not in vars(model):  # every later use would fail far from the cause
+        what = "super().__init__(input_shape=..., latent_dim=...)"
+        raise RegistryError(f"{cls.__name__}.__init__ did not call {what}")
+    return model
 
 
 def name_of(model_or_cls: Any) -> str:

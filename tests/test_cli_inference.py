@@ -132,6 +132,10 @@ def test_cli_errors_are_one_line(saved, tmp_path, capsys):
             "no such model folder or .onnx file",
         ),
         (["export", folder, "--out", path], "exists; pass overwrite=True (--overwrite)"),
+        (  # the missing input is the cause (only the output that exists was named)
+            ["encode", path, "--input", tmp_path / "gone.npy", "--output", tmp_path / "taken.npy"],
+            "gone.npy: not found; expected a .npy or .csv file",
+        ),
     ]
     for argv, message in cases:
         rc, _, err = _cli(capsys, *argv)

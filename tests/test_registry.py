@@ -439,3 +439,20 @@ def test_hyperparameters_a_model_reads_from_its_own_kwargs_or_leaves_out_are_nam
     finally:
         registry.unregister("forgets")
     assert not (tmp_path / "f" / "model.json").exists()
+
+
+def test_a_plugin_that_skips_the_base_constructor_is_named():
+    # `aecore train` said "internal error: AttributeError: 'NoSuper' object has no
+    # attribute 'input_shape'"
+    import torch
+
+    class NoSuper(aecore.model_class("ae")):
+        def __init__(self, *, input_shape, latent_dim):
+            torch.nn.Module.__init__(self)
+
+    registry.register("no-super", NoSuper)
+    try:
+        with pytest.raises(RegistryError, match=r"NoSuper.__init__ did not call super"):
+            aecore.create("no-super", input_shape=(4,), latent_dim=2)
+    finally:
+        registry.unregister("no-super")

@@ -118,6 +118,9 @@ def add_commands(sub) -> None:
 # -- commands ------------------------------------------------------------------------
 def cmd_apply(args) -> int:
     out_path = Path(args.output)
+    if not Path(args.input).expanduser().is_file():  # before the output's checks: the cause
+        what = "a directory" if Path(args.input).expanduser().is_dir() else "not found"
+        raise DataError(f"--input {args.input}: {what}; expected a .npy or .csv file")
     check_output(out_path, args.overwrite)
     if out_path.exists() and out_path.resolve() == Path(args.input).resolve():
         raise DataError(f"--output {out_path} is the --input file: write the results elsewhere")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aecore import params
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
 from aecore.data.sources import source_columns
@@ -22,6 +23,7 @@ from aecore.data.units import (
     hparams_for_units,
     per_feature_normalization,
 )
+from aecore.detection import ScoreThreshold
 from aecore.errors import ConfigError, warn
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
@@ -75,6 +77,7 @@ def train(
     overwrite: bool = False,
     progress: bool | None = None,
     trainer_hook=None,
+    contamination: float | None = None,
     **settings: Any,
 ) -> TrainResult:
     """Train registry model ``name`` on ``source`` (split 70/10/20 with the config's
@@ -86,8 +89,14 @@ def train(
 
     Training settings are ``config`` (default ``TrainConfig()``) with ``settings``
     (its field names) on top; ``trainer_hook(trainer)`` runs before training starts.
+    ``contamination`` also fits an anomaly threshold, saved with the model: the score
+    (the model's default kind) above which that share of the training rows lies, what
+    ``aecore predict`` and the detector methods of a served model use.
     """
     config = (config or TrainConfig()).replace(**settings)
+    if contamination is not None:  # before training: not after hours of it
+        contamination = params.number("contamination", contamination, low=0.0, high=0.5,
+                                      low_open=True)  # fmt: skip
     hparams = dict(hparams or {})
     for key, source_of in (
         ("latent_dim", "latent_dim= (--latent-dim)"),
@@ -164,9 +173,22 @@ def train(
         metrics["epochs_run"] = len(history.epochs)
         if history.changes:  # settings a resume changed (allow_changes)
             metrics["training_changes"] = history.changes
+        if contamination is not None:
+            model.detector = _fit_detector(model, prepared.view("train"), contamination)
         if out is not None and history.is_main:  # under torchrun, rank 0 writes
             save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)
+
+
+@torch.no_grad()
+def _fit_detector(model, rows, contamination: float) -> ScoreThreshold:
+    """The threshold flagging ``contamination`` of ``rows`` (normalised training rows) by
+    the model's default score, as ``aecore.AnomalyDetector`` fits one."""
+    scores = [
+        model.score(torch.as_tensor(rows[np.arange(i, min(i + EVAL_BATCH, len(rows)))]))
+        for i in range(0, len(rows), EVAL_BATCH)
+    ]
+    return ScoreThreshold.fit(torch.cat(scores).numpy(), contamination, model.default_score_kind)
 
 
 def _warn_if_channels_last(source: str, shape: tuple[int, ...]) -> None:

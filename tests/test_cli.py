@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import aecore
@@ -509,3 +510,24 @@ def test_eval_lays_rows_out_for_the_model_and_lists_settings_a_resume_changed(ca
     assert "changed on resume after epoch 1: lr 0.001 -> 0.0005" in out
     code, out, _ = run(capsys, "eval", str(vector), "--json")
     assert json.loads(out)["training_changes"] == [{"epoch": 1, "changed": {"lr": [0.001, 0.0005]}}]
+
+
+def test_train_fits_the_threshold_predict_uses_when_asked(capsys, tmp_path):
+    # a command-line pipeline had no way to a detector: `aecore predict` on anything
+    # `aecore train` saved said it was saved without a threshold
+    out = tmp_path / "m"
+    code, said, err = run(capsys, *train_args(1, out), "--contamination", "0.05")
+    assert code == 0, err
+    assert "anomaly threshold: reconstruction score above" in said
+    detector = aecore.load(out).detector
+    assert detector.contamination == 0.05 and detector.kind == "reconstruction"
+    rows = aecore.prepare("digits").dataset.x[:100]
+    np.save(tmp_path / "rows.npy", rows)
+    code, said, err = run(capsys, "predict", str(out), "--input", str(tmp_path / "rows.npy"),
+                          "--output", str(tmp_path / "labels.npy"))  # fmt: skip
+    assert code == 0, err
+    assert "(contamination 0.05)" in said
+    assert set(np.unique(np.load(tmp_path / "labels.npy"))) <= {0, 1}
+    code, _, err = run(capsys, *train_args(1, tmp_path / "n"), "--contamination", "0.7")
+    assert code == 1 and "contamination must be a number in (0, 0.5]; got 0.7" in err
+    assert not (tmp_path / "n").exists()  # refused before anything trained

@@ -168,7 +168,8 @@ def predictions(model, rows, proba: str | None, confidence: bool) -> np.ndarray:
     if threshold is None:
         raise DataError(
             f"{model.name} was saved without a detector threshold: `aecore score` gives its "
-            f"raw anomaly scores; aecore.AnomalyDetector fits a threshold (save its model_)"
+            f"raw anomaly scores; `aecore train ... --contamination 0.1` fits a threshold, "
+            f"as aecore.AnomalyDetector does (save its model_)"
         )
     scores = model.decision_function(rows)
     columns = [threshold.labels(scores)]

@@ -54,6 +54,13 @@ def add_commands(sub) -> None:
         action="store_true",
         help="with --resume: continue with changed training settings (listed and recorded)",
     )
+    s.add_argument(
+        "--contamination",
+        type=float,
+        default=None,
+        help="also fit an anomaly threshold flagging this share of the training rows, in "
+        "(0, 0.5], by the model's default score (what `aecore predict` uses)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace a run or model in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument(
@@ -174,6 +181,7 @@ def cmd_train(args) -> int:
             overwrite=args.overwrite,
             progress=None if not args.quiet else False,
             trainer_hook=stopper.attach,
+            contamination=args.contamination,
         )
     m = result.metrics
     if not result.history.is_main:
@@ -189,6 +197,12 @@ def cmd_train(args) -> int:
         f"saved {args.model} to {args.out}: test MSE {m['test_mse']:.6g} ({pca}), "
         f"weights of epoch {m['kept_epoch']} of {m['epochs_run']}"
     )
+    detector = result.model.detector if args.contamination is not None else None
+    if detector is not None:
+        print(
+            f"anomaly threshold: {detector.kind} score above {detector.threshold:.6g} flags "
+            f"{detector.contamination:g} of the training rows (aecore predict uses it)"
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from aecore.data import ArrayView, Normalization, load_data, prepare, split_indices
 from aecore.data.files import read_idx
+from aecore.data.sources import source_columns
 from aecore.errors import DataError
 
 
@@ -72,6 +73,12 @@ def test_csv_with_header(tmp_path):
     (tmp_path / "e.csv").write_text("1,2,3,\n4,5,6,\n")
     with pytest.raises(DataError, match=r"line 1: column 4 is empty \(the line ends with a comma"):
         load_data(f"csv:{tmp_path / 'e.csv'}")
+    # a header of numbers (years, sensor ids) was read as a data row without a word
+    (tmp_path / "n.csv").write_text("2019,2020,2021\n1.5,2,3\n4,5,6.5\n")
+    with pytest.warns(UserWarning, match=r"first row \(2019,2020,2021\) is integers .*:header"):
+        assert load_data(f"csv:{tmp_path / 'n.csv'}").x.shape == (3, 3)
+    assert load_data(f"csv:{tmp_path / 'n.csv'}:header").x.tolist() == [[1.5, 2, 3], [4, 5, 6.5]]
+    assert source_columns(f"csv:{tmp_path / 'n.csv'}:header") == ["2019", "2020", "2021"]
     # pandas' header for unnamed columns (DataFrame(X).to_csv(index=False)) was a data row
     (tmp_path / "p.csv").write_text("0,1,2\n1,2,3\n4,5,6\n")
     np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'p.csv'}").x, [[1, 2, 3], [4, 5, 6]])
@@ -159,10 +166,12 @@ def test_a_csv_with_pandas_index_or_a_header_of_wavelengths_reads_its_data(tmp_p
     values = ",".join(["0.5"] * 16)
     (tmp_path / "w.csv").write_text(f"{nm}\n{values}\n{values}\n")
     assert load_data(f"csv:{tmp_path / 'w.csv'}").x.shape == (2, 16)
-    (tmp_path / "d.csv").write_text(f"{nm.replace('550', '551')}\n{values}\n")  # uneven
-    assert len(load_data(f"csv:{tmp_path / 'd.csv'}").x) == 2
-    (tmp_path / "r.csv").write_text("10,20,30,40\n0.5,0.5,0.5,0.5\n")  # a short ramp: data
-    assert len(load_data(f"csv:{tmp_path / 'r.csv'}").x) == 2
+    # uneven, or a short ramp: data, said to be read so (":header" if not)
+    (tmp_path / "d.csv").write_text(f"{nm.replace('550', '551')}\n{values}\n")
+    (tmp_path / "r.csv").write_text("10,20,30,40\n0.5,0.5,0.5,0.5\n")
+    for name in ("d.csv", "r.csv"):
+        with pytest.warns(UserWarning, match="is integers where the next is not: read as data"):
+            assert len(load_data(f"csv:{tmp_path / name}").x) == 2
     (tmp_path / "n.csv").write_text(f"{nm}\n{nm}\n")  # integer rows below: data
     assert load_data(f"csv:{tmp_path / 'n.csv'}").x.shape == (2, 16)
     # a model of an older version, which trained on the index, keeps it

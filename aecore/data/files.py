@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aecore.errors import DataError
+from aecore.errors import DataError, warn
 
 
 def existing_file(path: str, what: str) -> Path:
@@ -110,11 +110,20 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
     )
 
 
-def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
+def csv_source(rest: str) -> tuple[str, bool | None]:
+    """The path and header choice of a ``csv:PATH[:header]`` source: ``:header`` says
+    the first row is the header (numbers too: years, sensor ids), else it is guessed."""
+    if rest.endswith(":header"):
+        return rest[: -len(":header")], True
+    return rest, None
+
+
+def read_csv(path: str, names: list[str] | None = None, header: bool | None = None) -> np.ndarray:
     """A numeric CSV as float64 rows (a timestamp keeps its digits until normalised),
-    after a header row if the first row is one (``_is_header``). A header whose first
-    cell is empty is pandas' ``to_csv`` with its index: that column is the index, not
-    data, and is dropped (unless ``names``, a model's columns, include it)."""
+    after a header row if the first row is one (``header``, or None: ``_is_header``'s
+    guess). A header whose first cell is empty is pandas' ``to_csv`` with its index: that
+    column is the index, not data, and is dropped (unless ``names``, a model's columns,
+    include it)."""
     p = existing_file(path, "csv")
     rows: list[list[float]] = []
     width = None
@@ -128,9 +137,11 @@ def read_csv(path: str, names: list[str] | None = None) -> np.ndarray:
             line = line.strip()
             if not line:
                 continue
-            if first and _is_header(line, names, following):
+            if first and (header or _is_header(line, names, following)):
                 first, skip = False, int(_indexed(_header_cells(line), names))
                 continue
+            if first and following and _integers(line.split(",")):
+                _warn_if_header_of_numbers(p, line, following)
             first = False
             cells = [c.strip() for c in line.split(",")][skip:]
             try:
@@ -181,10 +192,25 @@ def _empty_cell(path: Path, lineno: int, line: str, cells: list[str], skip: int)
     return f"csv: {path} line {lineno}: column {column} is empty ({why})"
 
 
-def csv_header(path: str | Path, names: list[str] | None = None) -> list[str] | None:
+def _warn_if_header_of_numbers(path: Path, line: str, following: str) -> None:
+    """A first row of integers above rows that are not may be a header of numbers (years,
+    sensor ids): read as data, it would add a row and shift every output row."""
+    if _integers(following.split(",")) or line.count(",") < 1:
+        return
+    warn(
+        f"csv: {path}: its first row ({line[:40]}) is integers where the next is not: read "
+        f"as data. If it is a header, give the source as csv:{path}:header",
+        UserWarning,
+    )
+
+
+def csv_header(
+    path: str | Path, names: list[str] | None = None, header: bool | None = None
+) -> list[str] | None:
     """The column names of a CSV's header row (``read_csv``'s rule), or None."""
     rows = _first_rows(Path(path))
-    if not rows or not _is_header(rows[0], names, rows[1] if len(rows) > 1 else None):
+    following = rows[1] if len(rows) > 1 else None
+    if not rows or not (header or _is_header(rows[0], names, following)):
         return None
     cells = _header_cells(rows[0])
     return cells[1:] if _indexed(cells, names) else cells

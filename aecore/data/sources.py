@@ -4,7 +4,8 @@
 * ``digits`` / ``digits:image``: scikit-learn's bundled 8x8 digits as (N, 64) / (N, 1, 8, 8)
 * ``npy:PATH``: memory-mapped, so data larger than RAM streams from disk
 * ``npz:PATH[:KEY]``: memory-mapped when the archive is uncompressed (``np.savez``)
-* ``csv:PATH``: numeric CSV, an optional header row
+* ``csv:PATH[:header]``: numeric CSV, an optional header row (``:header``: the first row
+  is one, numbers too)
 * ``idx:PATH[:LABELS]``: MNIST / Fashion-MNIST IDX files, gzipped or not
 * ``patches[:N]``: 8x8 patches of scikit-learn's sample images (Ng's sparse-coding exercise)
 * ``colour_patches[:N]``: 8x8 colour patches of the same images, (N, 3, 8, 8) pixels 0..255
@@ -27,7 +28,7 @@ import numpy as np
 
 from aecore.activations.cache import ActivationCache
 from aecore.data.dataset import Dataset, as_dataset
-from aecore.data.files import csv_header, read_csv, read_idx_images, read_npy, read_npz
+from aecore.data.files import csv_header, csv_source, read_csv, read_idx_images, read_npy, read_npz
 from aecore.data.images import sample_colour_patches, sample_patches
 from aecore.data.superposition import SOURCE_FORM, superposition_rows
 from aecore.errors import DataError
@@ -79,7 +80,7 @@ SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
     "digits": ("digits, digits:image", _digits),
     "npy": ("npy:PATH", lambda rest: (read_npy(rest), None)),
     "npz": ("npz:PATH[:KEY]", lambda rest: (read_npz(rest), None)),
-    "csv": ("csv:PATH", lambda rest: (read_csv(rest), None)),
+    "csv": ("csv:PATH[:header]", lambda rest: (read_csv(*_csv_path(rest)), None)),
     "idx": ("idx:PATH[:LABELS]", read_idx_images),
     "patches": ("patches", lambda rest: (sample_patches(_count("patches", rest, 10000)), None)),
     "colour_patches": (
@@ -95,7 +96,15 @@ SOURCE_FORMS = ", ".join(forms for forms, _ in SOURCES.values())
 def source_columns(source: str) -> list[str] | None:
     """The column names a source gives (a CSV's header row), or None."""
     kind, _, rest = source.partition(":")
-    return csv_header(Path(rest).expanduser()) if kind == "csv" and rest else None
+    if kind != "csv" or not rest:
+        return None
+    path, header = csv_source(rest)
+    return csv_header(Path(path).expanduser(), header=header)
+
+
+def _csv_path(rest: str) -> tuple[str, None, bool | None]:
+    path, header = csv_source(rest)
+    return path, None, header
 
 
 @checked_keywords

@@ -133,8 +133,8 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
             if held_out >= MIN_HOLD_OUT_ROWS:
                 return _DEFAULTS.val_fraction, f"'auto' ({_DEFAULTS.val_fraction:g})"
             return 0.0, (
-                f"'auto', which holds out none of {n_rows} rows (fewer than "
-                f"{MIN_HOLD_OUT_ROWS} held out cannot tell epochs apart)"
+                f"'auto', which holds out none of {n_rows} rows: fewer than "
+                f"{MIN_HOLD_OUT_ROWS} held out cannot tell epochs apart"
             )
         if not isinstance(value, str):
             try:

@@ -226,8 +226,9 @@ class DetectorMethods(abc.ABC):
         if detector is None:
             raise DataError(
                 "this model has no detector threshold: fit aecore.AnomalyDetector (PyOD's "
-                "conventions, a contamination threshold) and save its model_, or call "
-                "decision_function for the raw scores"
+                "conventions, a contamination threshold) and save its model_, or train with "
+                "`aecore train ... --contamination`; or call decision_function for the raw "
+                "scores"
             )
         return detector
 

@@ -4,6 +4,7 @@ folder that does not load."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -24,11 +25,15 @@ def config_json(model: Any, error: type[Exception] = ConfigError) -> str:
             f"{name}.get_config() is not JSON-serialisable ({exc}): return plain numbers, "
             f"strings, lists and dicts"
         ) from None
-    left_out = sorted((hyperparameter_names(type(model)) or set()) - set(config))
+    # the class's own declared keywords: one it takes through **kwargs may be one it
+    # fixes for its parent (and leaves out on purpose)
+    own = set(inspect.signature(type(model).__init__).parameters)
+    declared = (hyperparameter_names(type(model)) or set()) & own
+    left_out = sorted(declared - set(config))
     if left_out:
         raise error(
             f"{name}.get_config() leaves out the hyperparameter(s) {', '.join(left_out)}: "
-            f"the saved model would be rebuilt with their defaults; return them too "
-            f"({{**self.base_config(), ...}})"
+            f"the saved model would be rebuilt with their defaults; return them too (on "
+            f"super().get_config(), or self.base_config())"
         )
     return text

@@ -54,8 +54,11 @@ def check_score_override(cls: type) -> None:
     a ``score`` without ``kind`` would fail inside them, or be bypassed by the served
     model (which scores through ``anomaly_score``)."""
     method = cls.__dict__.get("score")
-    if not callable(method) or "kind" in inspect.signature(method).parameters:
+    if not callable(method):
         return
+    parameters = inspect.signature(method).parameters.values()
+    if any(p.name == "kind" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return  # (a pass-through of **kwargs reaches the base's kind)
     raise TypeError(
         f"{cls.__name__} overrides score(x) without a kind: keep score and define "
         f"anomaly_score(x, kind) instead, listing the kind in score_kinds (and "

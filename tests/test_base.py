@@ -66,6 +66,12 @@ def test_a_score_override_without_a_kind_is_refused_naming_the_hooks_to_define()
     x = torch.tensor([[[[2.0, 4.0]]]])
     assert L1Score(input_shape=[1, 1, 2], latent_dim=1).score(x).tolist() == [2.0]
 
+    class PassesKind(Halving):  # a pass-through reaches the base's kind: allowed
+        def score(self, x, **kwargs):
+            return super().score(x, **kwargs)
+
+    assert PassesKind(input_shape=[1, 1, 2], latent_dim=1).score(x).tolist() == [5.0]
+
 
 @pytest.mark.parametrize(
     ("shape", "message"),

@@ -70,7 +70,7 @@ def test_csv_with_header(tmp_path):
     with pytest.raises(DataError, match="value '5;2;3'.*separates values by ';': save it with"):
         load_data(f"csv:{tmp_path / 'd.csv'}")
     # a trailing comma on every line was "non-numeric value ''; every cell after the header"
-    (tmp_path / "e.csv").write_text("1,2,3,\n4,5,6,\n")
+    (tmp_path / "e.csv").write_text("1,2,3,,\n4,5,6,,\n")
     with pytest.raises(DataError, match=r"line 1: column 4 is empty \(the line ends with a comma"):
         load_data(f"csv:{tmp_path / 'e.csv'}")
     # a header of numbers (years, sensor ids) was read as a data row without a word
@@ -392,3 +392,16 @@ def test_a_csv_keeps_the_digits_of_a_feature_far_from_zero(tmp_path):
     np.savetxt(tmp_path / "t.csv", np.column_stack([stamps, stamps * 0]), delimiter=",")
     x = load_data(f"csv:{tmp_path / 't.csv'}").x
     assert x.dtype == np.float64 and len(np.unique(x[:, 0])) == 6
+
+
+def test_rows_are_laid_out_for_a_model_only_where_the_layout_is_certain():
+    from aecore.data.dataset import layout_hint, rows_in_shape
+
+    flat, images = np.zeros((2, 12)), np.zeros((2, 3, 2, 2))
+    assert rows_in_shape(flat, (3, 2, 2)).shape == (2, 3, 2, 2)
+    assert rows_in_shape(images, (12,)).shape == (2, 12)
+    # channels last for a vector model: flattened, its pixels would be scrambled
+    last = np.zeros((2, 8, 8, 3))
+    assert rows_in_shape(last, (192,)) is last
+    assert layout_hint(last.shape, (3, 8, 8)) == "; channels come first: x.transpose(0, 3, 1, 2)"
+    assert rows_in_shape(np.zeros((2, 5)), (3, 2, 2)).shape == (2, 5)  # not as many values

@@ -87,3 +87,15 @@ def test_rows_in_data_units_for_a_model_carrying_a_normalisation_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(model.normalization.apply(pixels).astype(np.float32))
+
+
+def test_a_normalisation_that_does_not_fit_the_model_is_named_before_training():
+    # (the data-units check applied it and failed with numpy's ValueError on the rows)
+    from aecore.errors import ConfigError
+
+    model = aecore.create("ae", input_shape=(6,), latent_dim=2)
+    model.normalization = aecore.Normalization.fit(
+        "standardize", np.random.default_rng(0).random((50, 5)), per_feature=True
+    )
+    with pytest.raises(ConfigError, match=r"normalization does not fit: .* 5 features; the model"):
+        aecore.Trainer(epochs=1, progress=False).fit(model, np.zeros((50, 6), np.float32))

@@ -184,8 +184,9 @@ def _check_separator(path: Path, top: list[str]) -> None:
 
 
 def _empty_cell(path: Path, lineno: int, line: str, cells: list[str], skip: int) -> str:
-    column = cells.index("") + 1 + skip
-    if line.endswith(",") and column == len(cells) + skip:
+    first = cells.index("")
+    column = first + 1 + skip
+    if line.endswith(",") and not any(cells[first:]):  # every cell from there on empty
         why = "the line ends with a comma: remove the trailing separators"
     else:
         why = "a missing value: fill it in or drop the row"

@@ -141,11 +141,11 @@ def export_onnx(
 
 
 def _warn_if_scored_otherwise(model, name: str, part: str) -> None:
-    """An export whose ``score`` would be the reconstruction error while the model (its
-    detector, or its default) scores by another kind: served scores would differ from
-    the model's, and the runtime's ``predict`` refuses."""
-    detector = getattr(model, "detector", None)
-    kind = detector.kind if detector is not None else getattr(model, "default_score_kind", None)
+    """An export whose ``score`` would be the reconstruction error while the model's
+    detector scores by another kind: served scores would differ from the model's, and the
+    runtime's ``predict`` refuses."""
+    detector = getattr(model, "detector", None)  # without one, the served kind is named
+    kind = getattr(detector, "kind", None)  # by score_kind(), and predict has no threshold
     if part not in ("full", "all") or kind in (None, "reconstruction"):
         return
     if kind not in getattr(model, "exportable_score_kinds", ()):
@@ -154,9 +154,8 @@ def _warn_if_scored_otherwise(model, name: str, part: str) -> None:
         why = "a one-file export has no score graph: part='all' (--all) adds it"
     else:
         return
-    whose = "its detector's" if detector is not None else "its default"
     warn(
-        f"{name} scores rows by {kind} ({whose}), and this export serves the reconstruction "
+        f"{name} scores rows by {kind} (its detector's), and this export serves the reconstruction "
         f"error instead: {why}. Served scores differ from the model's, and predict() refuses",
         UserWarning,
     )

@@ -181,12 +181,12 @@ class OnnxAutoencoder(ArrayModel):
         full = part_paths(self.path)["full"]
         if graph is None:
             thresholded = self.detector is not None and self.detector.kind == kind
-            if self._graph("encoder") is not None:  # exported with all parts: none to add
+            if thresholded and self._graph("encoder") is not None:
+                # an export of all parts writes its detector's kind where the model can
                 raise DataError(
                     f"scoring by {kind!r} needs a score graph, and this export of all parts "
                     f"has none: the model does not compute {kind!r} deterministically (its "
                     f"exportable_score_kinds); serve the model folder (torch)"
-                    + ("" if thresholded else ", or pass kind='reconstruction'")
                 )
             raise DataError(
                 f"scoring by {kind!r} needs the export's score graph "

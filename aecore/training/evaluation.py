@@ -14,7 +14,7 @@ import torch
 
 from aecore.base import eval_mode
 from aecore.data.dataset import layout_hint
-from aecore.errors import DataError, ShapeError, TrainingError, warn
+from aecore.errors import ConfigError, DataError, ShapeError, TrainingError, warn
 
 #: rows per chunk in the paired comparison, and the standard errors by which trained
 #: weights must beat a known start
@@ -124,6 +124,10 @@ def _warn_if_data_units(model, x: torch.Tensor) -> None:
     normalization = getattr(model, "normalization", None)
     if normalization is None or normalization.kind == "none" or x.is_complex():
         return
+    try:  # it is saved and served with the model: a misfit named before training
+        normalization.check_features(model.input_size)
+    except ValueError as exc:
+        raise ConfigError(f"{type(model).__name__}.normalization does not fit: {exc}") from None
     rows = x.detach().cpu().double().numpy()
     given = float(np.sqrt(np.mean(rows**2)))
     applied = float(np.sqrt(np.mean(normalization.apply(rows) ** 2)))

@@ -130,15 +130,7 @@ def train(
             f"wider; pass --latent-dim (latent_dim=)",
             UserWarning,
         )
-    # a bottleneck model (started at PCA; a sparse code wider than its rows is not one)
-    if getattr(model, "pca_start", False) and model.latent_dim >= model.input_size:
-        warn(
-            f"{name} has a code of {model.latent_dim} for rows of {model.input_size} values: a "
-            f"code as wide as its input can copy it, so its reconstruction error tells nothing "
-            f"about a row (an outlier scores as low as the rest); pass a smaller --latent-dim "
-            f"(latent_dim=), such as {max(1, model.input_size // 2)}",
-            UserWarning,
-        )
+    _warn_if_code_copies(model, name, "--latent-dim (latent_dim=)")
     if own_units:
         prepared.normalization = per_feature_normalization(model.input_range, train_rows)
         prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)
@@ -178,6 +170,21 @@ def train(
         if out is not None and history.is_main:  # under torchrun, rank 0 writes
             save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)
+
+
+def _warn_if_code_copies(model, name: str, setting: str) -> None:
+    """A bottleneck model (one the registry starts at PCA, without a sparsity penalty: a
+    sparse code wider than its rows is meant) whose code is as wide as its rows: it can
+    learn to copy them, and its reconstruction error then tells rows apart no more."""
+    bottleneck = getattr(type(model), "pca_start", False) and not hasattr(model, "penalty")
+    if bottleneck and model.latent_dim >= model.input_size:
+        warn(
+            f"{name} has a code of {model.latent_dim} for rows of {model.input_size} values: a "
+            f"code as wide as its input can copy it, so its reconstruction error tells nothing "
+            f"about a row (an outlier scores as low as the rest); pass a smaller {setting}, "
+            f"such as {max(1, model.input_size // 2)}",
+            UserWarning,
+        )
 
 
 @torch.no_grad()

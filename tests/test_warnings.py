@@ -69,6 +69,10 @@ def test_a_bottleneck_model_with_a_code_as_wide_as_its_rows_is_named(tmp_path):
         warnings.simplefilter("error")  # a narrower code, or a sparse code, is meant
         train("ae", f"npy:{tmp_path / 'six.npy'}", None, latent_dim=3, **settings)
         train("sparse", f"npy:{tmp_path / 'six.npy'}", None, latent_dim=8, **settings)
+    # whatever the model's start (linear_path=False: no PCA start, the same copy)
+    with pytest.warns(UserWarning, match=r"ae has a code of 8 for rows of 6 values"):
+        train("ae", f"npy:{tmp_path / 'six.npy'}", None, latent_dim=8,
+              hparams={"linear_path": False}, **settings)  # fmt: skip
 
 
 def test_rows_in_data_units_for_a_model_carrying_a_normalisation_are_named():

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -531,3 +532,18 @@ def test_train_fits_the_threshold_predict_uses_when_asked(capsys, tmp_path):
     code, _, err = run(capsys, *train_args(1, tmp_path / "n"), "--contamination", "0.7")
     assert code == 1 and "contamination must be a number in (0, 0.5]; got 0.7" in err
     assert not (tmp_path / "n").exists()  # refused before anything trained
+
+
+def test_eval_on_data_in_other_units_says_so(capsys, tmp_path):
+    # pixels in [0, 1] for a model of 0..255 gave a ratio to PCA of 109890 without a word
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 1, 4, 4)).astype(np.uint8)
+    np.save(tmp_path / "u8.npy", pixels)
+    np.save(tmp_path / "unit.npy", pixels / 255.0)
+    out = tmp_path / "m"
+    assert main(["train", "ae", "--data", f"npy:{tmp_path / 'u8.npy'}", "--latent-dim", "2",
+                 "--epochs", "1", "--quiet", "--out", str(out)]) == 0  # fmt: skip
+    with pytest.warns(UserWarning, match=r"root mean square of 0.00\d+, where the training"):
+        assert main(["eval", str(out), "--data", f"npy:{tmp_path / 'unit.npy'}"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["eval", str(out), "--data", f"npy:{tmp_path / 'u8.npy'}"]) == 0

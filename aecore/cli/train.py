@@ -16,7 +16,7 @@ from aecore.cli.tables import format_ratio, print_table
 from aecore.config import TrainConfig
 from aecore.data.sources import SOURCE_FORMS
 from aecore.data.split import SPLIT_METHODS
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, warn
 
 
 def add_commands(sub) -> None:
@@ -228,6 +228,8 @@ def cmd_eval(args) -> int:
     dataset = prepared.dataset  # --data digits for a model of digits:image, say
     if isinstance(dataset.x, np.ndarray):  # not a lazy store (an activation cache)
         dataset.x = rows_in_shape(dataset.x, model.input_shape)
+    if args.data is not None:
+        _warn_if_other_units(prepared, args.data)
     metrics = evaluate(model, prepared)
     training = model.metadata.get("training")
     # settings a resume changed (--allow-changes): the run is not one of its settings
@@ -265,6 +267,26 @@ def cmd_eval(args) -> int:
             f"changed on resume after epoch {change['epoch']}: {listed_changes(change['changed'])}"
         )
     return 0
+
+
+def _warn_if_other_units(prepared, source: str) -> None:
+    """Other data through the saved normalisation lands near unit scale when it is in
+    the training data's units; pixels in [0, 1] for a model of 0..255, say, would be
+    scored at a scale of a few thousandths, and the ratio to PCA would mean nothing."""
+    import numpy as np
+
+    if prepared.normalization.kind == "none" or not len(prepared.split.test):
+        return
+    view = prepared.view("test")
+    rows = view[np.arange(min(len(view), 1000))]
+    scale = float(np.sqrt(np.mean(np.square(rows, dtype=np.float64))))
+    if not 0.01 <= scale <= 100:
+        warn(
+            f"{source}: normalised as the training data was ({prepared.normalization.kind}), "
+            f"its rows have a root mean square of {scale:.3g}, where the training rows' is "
+            f"near 1: is it in other units (pixels in [0, 1] for a model of 0..255)?",
+            UserWarning,
+        )
 
 
 def _pca_label(model) -> str:

@@ -49,7 +49,9 @@ class RBM(Autoencoder):
     ``persistent`` (PCD with ``chains`` fantasy particles); ``lr`` (default 0.1 for
     Bernoulli–Bernoulli, 0.01 when a layer is Gaussian: the guide advises a rate one
     or two orders of magnitude smaller for them);
-    ``momentum`` reached after ``momentum_warmup`` updates at ``initial_momentum``;
+    ``momentum`` reached after ``momentum_warmup`` updates at ``initial_momentum``
+    (``"auto"``: 0.9, the guide's, for CD; 0.5 for PCD, whose chains cannot follow larger
+    steps);
     ``weight_decay`` (L2 on the weights); ``sample_visible`` (sample the reconstructions
     instead of using their means); ``strict`` (non-binary data for Bernoulli visible
     units is an error instead of a warning); ``probabilities`` (values in [0, 1] are
@@ -76,7 +78,7 @@ class RBM(Autoencoder):
         persistent=False,
         chains=64,
         lr=None,
-        momentum=0.9,
+        momentum="auto",
         initial_momentum=0.5,
         momentum_warmup=100,
         weight_decay=2e-4,
@@ -99,7 +101,12 @@ class RBM(Autoencoder):
         if lr is None:
             lr = 0.1 if self.visible == self.hidden == "bernoulli" else 0.01
         self.lr = params.number("lr", lr, low=0.0, low_open=True)
-        self.momentum = params.number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        # PCD's chains follow the weights only under small steps: at 0.9 (an effective
+        # step of 10 lr) they fell behind and the model collapsed to the mean digit
+        self.momentum = params.number_or_auto(
+            "momentum", momentum, 0.5 if self.persistent else 0.9, low=0.0, high=1.0,
+            high_open=True,
+        )  # fmt: skip
         self.initial_momentum = params.number(
             "initial_momentum", initial_momentum, low=0.0, high=1.0, high_open=True
         )

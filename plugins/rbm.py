@@ -6,8 +6,8 @@ hidden units with unit-variance Gaussian noise (the top layer of Hinton &
 Salakhutdinov's deep autoencoder). Training follows Hinton's "A Practical Guide to
 Training Restricted Boltzmann Machines" (2010): CD-k or persistent CD (Tieleman 2008),
 small random weights, visible biases at log(p / (1 - p)) of the data, momentum 0.5 for
-the first updates then 0.9, L2 weight decay on the weights only, mean-field visible
-reconstructions. The Gibbs sampling and CD statistics run through ``aecore.ops``
+the first updates then 0.9 (PCD: 0.5), L2 weight decay on the weights only, mean-field
+visible reconstructions. The Gibbs sampling and CD statistics run through ``aecore.ops``
 (fused kernels where built) for every combination of unit types.
 
 The RBM updates its own parameters (``uses_optimizer = False``): the Trainer calls
@@ -101,12 +101,10 @@ class RBM(Autoencoder):
         if lr is None:
             lr = 0.1 if self.visible == self.hidden == "bernoulli" else 0.01
         self.lr = params.number("lr", lr, low=0.0, low_open=True)
-        # PCD's chains follow the weights only under small steps: at 0.9 (an effective
-        # step of 10 lr) they fell behind and the model collapsed to the mean digit
-        self.momentum = params.number_or_auto(
-            "momentum", momentum, 0.5 if self.persistent else 0.9, low=0.0, high=1.0,
-            high_open=True,
-        )  # fmt: skip
+        # PCD's chains follow the weights only under small steps (at 0.9 they fell behind)
+        auto = 0.5 if self.persistent else 0.9
+        self.momentum = params.number_or_auto("momentum", momentum, auto, low=0.0, high=1.0,
+                                              high_open=True)  # fmt: skip
         self.initial_momentum = params.number(
             "initial_momentum", initial_momentum, low=0.0, high=1.0, high_open=True
         )
@@ -243,6 +241,10 @@ class RBM(Autoencoder):
             )
         self.check_input(x)
         v = flatten(x)
+        lo, hi = (float(t) for t in torch.aminmax(v)) if v.numel() else (0.0, 1.0)
+        if lo < 0 or hi > 1:  # no states or probabilities of a binary unit: no number
+            raise DataError(f"pseudo_likelihood needs visible values in [0, 1]; got values "
+                            f"in [{lo:.4g}, {hi:.4g}]: normalise them as for training")  # fmt: skip
         gen = torch.Generator().manual_seed(params.integer("seed", seed, low=0))
         cols = torch.randint(0, v.shape[1], (v.shape[0],), generator=gen).to(v.device)
         rows = torch.arange(v.shape[0], device=v.device)
@@ -391,20 +393,14 @@ class RBM(Autoencoder):
     # -- demo --------------------------------------------------------------------------
     def demo_figures(self, prepared, out_dir) -> list[tuple[str, object]]:
         samples = self.sample(12, steps=1000, seed=0).cpu().numpy()
-        figures = [
-            (
-                "samples: visible means after a 1000-step Gibbs chain from random states",
-                plots.image_rows([("samples", samples)], out_dir / "samples.png"),
-            )
-        ]
+        # fmt: off
+        figures = [("samples: visible means after a 1000-step Gibbs chain from random states",
+                    plots.image_rows([("samples", samples)], out_dir / "samples.png"))]
         filters = self.W.t().cpu().numpy().reshape(-1, *self.input_shape)  # images stay so
         if plots.as_images(filters[:1]) is not None:
-            figures.append(
-                (
-                    "filters: each hidden unit's weights to the visible units",
-                    plots.filter_grid(filters, out_dir / "filters.png"),
-                )
-            )
+            figures.append(("filters: each hidden unit's weights to the visible units",
+                            plots.filter_grid(filters, out_dir / "filters.png")))
+        # fmt: on
         return figures
 
     def extra_repr(self) -> str:

@@ -99,6 +99,11 @@ def test_pseudo_likelihood_needs_bernoulli_visible_units():
     rbm = RBM(input_shape=(4,), latent_dim=2, visible="gaussian")
     with pytest.raises(ConfigError, match="pseudo_likelihood .* needs visible='bernoulli'"):
         rbm.pseudo_likelihood(torch.zeros(2, 4))
+    # pixel counts 0..16 gave a number (-1290) where training clips them with a warning
+    with pytest.raises(
+        DataError, match=r"needs visible values in \[0, 1\]; got values in \[0, 16\]"
+    ):
+        RBM(input_shape=(4,), latent_dim=2).pseudo_likelihood(torch.tensor([[0.0, 16, 3, 1]]))
 
 
 # -- training -------------------------------------------------------------------------

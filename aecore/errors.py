@@ -36,7 +36,12 @@ class TrainingError(AecoreError, RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Training stopped on SIGTERM/SIGINT after writing a checkpoint to resume from."""
+    """Training stopped on SIGTERM/SIGINT, after writing a checkpoint to resume from
+    (``saved``), or with none to write (a model's layer-wise pretraining keeps none)."""
+
+    def __init__(self, message: str, saved: bool = True) -> None:
+        super().__init__(message)
+        self.saved = saved
 
 
 class NonFiniteError(AecoreError, RuntimeError):

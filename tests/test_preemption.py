@@ -127,3 +127,28 @@ def test_a_signal_with_nothing_to_checkpoint_exits_with_its_own_code(monkeypatch
     assert main(["train", "ae", "--data", "digits", "--out", "unused"]) == 143
     said = capsys.readouterr().err
     assert "aecore: interrupted: SIGTERM before training began: nothing to resume" in said
+
+
+def test_a_signal_during_pretraining_says_nothing_is_saved_and_exits_with_its_code():
+    # a deep model's pretraining keeps no checkpoint: the handler promised one, and the
+    # run exited 75, which tells a scheduler to resume what was never saved
+    import torch
+
+    import aecore
+    from aecore.cli.train import GracefulStop, SignalStop
+    from aecore.errors import TrainingInterrupted
+
+    model = aecore.create("deep", input_shape=(8,), latent_dim=2, hidden=[6], pretrain_epochs=2)
+    trainer = aecore.Trainer(epochs=1, progress=False)
+    trainer.request_stop("SIGTERM")
+    with pytest.raises(TrainingInterrupted, match="during pretraining, which is not") as info:
+        trainer.fit(model, torch.rand(40, 8))
+    assert not info.value.saved
+    stopper = GracefulStop()
+    stopper.attach(aecore.Trainer(progress=False))
+    stopper._handle(signal.SIGTERM, None)
+    with pytest.raises(SignalStop) as stopped, stopper.unsaved_stop_exits():
+        raise info.value
+    assert stopped.value.signum == signal.SIGTERM
+    with pytest.raises(TrainingInterrupted), stopper.unsaved_stop_exits():  # saved: 75 stands
+        raise TrainingInterrupted("checkpoint saved")

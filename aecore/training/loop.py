@@ -142,7 +142,7 @@ class TrainingRun:
             def pretraining_pass():  # a stop cannot wait out pretraining, nor resume it
                 for batch in self.train.epoch(next(passes), stream=Batches.PRETRAIN_STREAM):
                     if self._stop_now():
-                        raise TrainingInterrupted(self._interrupted_message(pretraining=True))
+                        raise self._interrupted(pretraining=True)
                     yield batch
 
             pretrain(pretraining_pass, self.log)
@@ -219,7 +219,7 @@ class TrainingRun:
                 if self._stop_now():
                     bar.close()
                     self._save_checkpoint()
-                    raise TrainingInterrupted(self._interrupted_message())
+                    raise self._interrupted()
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     self._save_checkpoint()
             bar.close()
@@ -403,6 +403,7 @@ class TrainingRun:
     def _data_summary(self) -> dict:
         return {"train": self.train.summary(), "val": self.val and self.val.summary()}
 
-    def _interrupted_message(self, pretraining: bool = False) -> str:
+    def _interrupted(self, pretraining: bool = False) -> TrainingInterrupted:
         reason = self.trainer.stop_requested or "a stop request in another process"
-        return checkpoint.interrupted_message(reason, self.out_dir, self.state.step, pretraining)
+        said = checkpoint.interrupted_message(reason, self.out_dir, self.state.step, pretraining)
+        return TrainingInterrupted(said, saved=not pretraining and self.out_dir is not None)

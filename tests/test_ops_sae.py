@@ -391,6 +391,21 @@ def test_non_finite_pre_activations_raise(bad, latent, auxk):
         ops.topk_encode(x, W, b_enc, torch.zeros(3), 2, check_finite=0)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_the_reference_path_checks_finiteness_too(bad):
+    # 16-bit on the CPU (and no extension, and CUDA's k > 256) runs the reference, which
+    # returned NaN values under the default check_finite=True without a word
+    from aecore.errors import NonFiniteError
+
+    x, W = torch.randn(4, 3).bfloat16(), torch.randn(8, 3).bfloat16()
+    b_enc = torch.zeros(8, dtype=torch.bfloat16)
+    b_enc[5] = bad
+    with pytest.raises(NonFiniteError, match="NaN or infinite pre-activation"):
+        ops.topk_encode(x, W, b_enc, torch.zeros(3, dtype=torch.bfloat16), 2)
+    values, _ = ops.topk_encode(x, W, b_enc, torch.zeros(3).bfloat16(), 2, check_finite=False)
+    assert not bool(torch.isfinite(values).all())
+
+
 def test_bad_arguments_say_what_was_expected():
     x, W, b_enc, b_dec = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(5), torch.zeros(3)
     with pytest.raises(ShapeError, match=r"W_enc must be \(n, 3\)"):

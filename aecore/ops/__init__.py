@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from aecore.errors import ConfigError
+from aecore.errors import ConfigError, NonFiniteError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -242,7 +242,14 @@ def topk_encode(
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
     limit = topk_encode_max_k(x)
     if not _fused_sae(x) or k > limit:
-        return reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+        out = reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+        # torch.topk ranks NaN and +inf first: any there reach the kept values
+        if check_finite and not bool(torch.isfinite(out[0]).all()):
+            raise NonFiniteError(
+                "topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or b_dec "
+                "holds non-finite values (or they overflow)"
+            )
+        return out
     if aux_k <= limit:
         return _fused.encode_or_refuse(
             x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead, check_finite

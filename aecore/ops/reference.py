@@ -212,9 +212,11 @@ def topk_encode(
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]`` (B, d)."""
+    """``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]`` (B, d), from the gathered
+    rows (B, k, d): memory ``gather_decode``'s embedding bag avoids, for a function that
+    differentiates twice (the fused op's backward, and the embedding bag's, do not)."""
     check.sparse_decode_args(values, indices, W_dec, b_dec)
-    return gather_decode(values, indices, W_dec, b_dec)
+    return torch.einsum("bk,bkd->bd", values, W_dec[indices]) + b_dec
 
 
 @torch.no_grad()

@@ -415,3 +415,15 @@ def test_small_problems_restore_the_thread_settings():
         torch.testing.assert_close(a.chain, b.chain, rtol=0, atol=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_noise_and_a_generator_together_are_refused():
+    # the generator was silently ignored: noise supplies every draw
+    from aecore.errors import ConfigError
+
+    v, W = torch.rand(4, 3), torch.randn(3, 2)
+    noise = ops.GibbsNoise(h0=torch.rand(4, 2), h=torch.rand(1, 4, 2), v=torch.rand(1, 4, 3))
+    ops.gibbs_chain(v, W, torch.zeros(3), torch.zeros(2), noise=noise)  # alone: fine
+    with pytest.raises(ConfigError, match="pass generator or noise, not both"):
+        ops.gibbs_chain(v, W, torch.zeros(3), torch.zeros(2), generator=torch.Generator(),
+                        noise=noise)  # fmt: skip

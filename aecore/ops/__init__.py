@@ -35,7 +35,10 @@ exactly on the same device and thread count.
 
 The Gibbs ops and the in-place updates (``*_``) are not differentiable (the Gibbs ops
 detach their inputs); kl_sparsity, topk_sparsify, topk_encode and sparse_decode are,
-with fused backward kernels.
+with fused backward kernels: first derivatives only (``create_graph=True`` is refused:
+the references in :mod:`aecore.ops.reference` differentiate twice), and not under
+``torch.func`` transforms (``grad``, ``vmap`` of a gradient): their autograd functions
+are the classic kind.
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ def gibbs_chain(
     from the last step. ``visible`` and ``hidden`` pick each layer's unit type (not both
     Gaussian); ``sample_visible=False`` uses the visible means as the state (mean-field
     reconstructions, as Hinton's CD-1 code does). ``k`` in [1, 10000]. ``generator`` (on
-    v's device) seeds the sampling; ``noise`` supplies the random numbers explicitly.
+    v's device) seeds the sampling (under ``torch.compile(fullgraph=True)`` a generator
+    argument is a graph break: seed with ``torch.manual_seed`` there); ``noise`` supplies
+    the random numbers explicitly (then no ``generator``).
 
     Fused kernels: GEMMs through ATen (BLAS / cuBLAS), then one pass per GEMM output that
     adds the bias, applies the mean function and samples with Philox, no noise tensor made.

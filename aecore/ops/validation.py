@@ -149,6 +149,8 @@ def gibbs_call(
     stats = op != "gibbs_chain"
     _gibbs_operands(op, v, W, b_v, b_h, k, chain, visible, hidden, sample_visible)
     generator_arg(op, generator, v)
+    if generator is not None and noise is not None:  # noise holds every draw: none is left
+        raise ConfigError(f"{op}: pass generator or noise, not both: noise supplies every draw")
     noise_arg(op, noise, v, W, k, chain, sample_visible)
     return GibbsCall(
         v=v,

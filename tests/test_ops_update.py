@@ -338,3 +338,28 @@ def test_in_place_ops_bump_the_version_so_autograd_sees_the_change(impl, op, mon
         else:
             ops.remove_parallel_(W, torch.randn(6, 4))
     assert W._version > 0
+
+
+def test_the_references_validate_as_the_ops_do():
+    # the reference is the drop-in its docstring promises: a negative norm flipped every
+    # row, one weight row was broadcast over all, a NaN lr made the parameters NaN and
+    # returned applied=True, and the ops' keywords were refused
+    from aecore.errors import NonFiniteError
+
+    w, g = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ConfigError, match="norm"):
+        reference.set_row_norms_(w, -1.0)
+    with pytest.raises(ShapeError):
+        reference.remove_parallel_(g, w[:1])
+    p, v = torch.zeros(3), torch.zeros(3)
+    with pytest.raises(ConfigError):
+        reference.momentum_step_([p], [v], [torch.ones(3)], float("nan"), 0.5)
+    assert bool(reference.momentum_step_([p], [v], [torch.ones(3)], 0.1, 0.5))  # decay: None
+    x, W = torch.randn(2, 3), torch.randn(5, 3)
+    b_enc = torch.zeros(5)
+    b_enc[1] = float("nan")
+    with pytest.raises(NonFiniteError):
+        reference.topk_encode(x, W, b_enc, torch.zeros(3), 2)
+    reference.topk_encode(x, W, b_enc, torch.zeros(3), 2, check_finite=False)
+    values, indices = torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]])
+    reference.sparse_decode(values, indices, torch.randn(5, 3), torch.zeros(3), check_indices=False)

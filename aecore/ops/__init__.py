@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from aecore.errors import ConfigError, NonFiniteError
+from aecore.errors import ConfigError
 from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
@@ -248,12 +248,8 @@ def topk_encode(
     limit = topk_encode_max_k(x)
     if not _fused_sae(x) or k > limit:
         out = reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
-        # torch.topk ranks NaN and +inf first: any there reach the kept values
-        if check_finite and not bool(torch.isfinite(out[0]).all()):
-            raise NonFiniteError(
-                "topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or b_dec "
-                "holds non-finite values (or they overflow)"
-            )
+        if check_finite:
+            reference.refuse_non_finite(out[0])
         return out
     if aux_k <= limit:
         return _fused.encode_or_refuse(
@@ -310,7 +306,7 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
         # do, so that autograd refuses a backward that saved the old values
         increment_version(grad)
     else:
-        reference.remove_parallel_(grad, weight)
+        reference.project_out_(grad, weight)
 
 
 @torch.no_grad()
@@ -323,4 +319,4 @@ def set_row_norms_(weight: Tensor, norm: float) -> None:
         torch.ops.aecore.set_row_norms_(weight.detach(), norm)
         increment_version(weight)
     else:
-        reference.set_row_norms_(weight, norm)
+        reference.scale_rows_(weight, norm)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aecore.errors import NonFiniteError
 from aecore.ops import validation as check
 from aecore.ops.types import KL_EPS, CDStats, GibbsCall, GibbsChain, GibbsNoise
 
@@ -200,7 +201,16 @@ def gather_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
 
 
 def topk_encode(
-    x, W_enc, b_enc, b_dec, k: int, *, straight_through: bool = False, aux_k: int = 0, dead=None
+    x,
+    W_enc,
+    b_enc,
+    b_dec,
+    k: int,
+    *,
+    straight_through: bool = False,
+    aux_k: int = 0,
+    dead=None,
+    check_finite: bool = True,
 ):
     """Each row's k largest pre-activations ``(x - b_dec) W_enc^T + b_enc``, ReLU'd, as
     ``(values, indices)`` (B, k), best first; with ``dead``, also the ``aux_k`` largest
@@ -208,20 +218,42 @@ def topk_encode(
     pre-activations are made."""
     check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
-    return sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+    out = sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
+    if check_finite:
+        refuse_non_finite(out[0])
+    return out
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+def refuse_non_finite(values: Tensor) -> None:
+    """The kernels' refusal of non-finite pre-activations, on a top-k's kept values
+    (torch.topk ranks NaN and +inf first: any there reach them)."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            "topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or b_dec "
+            "holds non-finite values (or they overflow)"
+        )
+
+
+def sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *, check_indices: bool = True
+) -> Tensor:
     """``b_dec + sum_j values[:, j] * W_dec[indices[:, j]]`` (B, d), from the gathered
     rows (B, k, d): memory ``gather_decode``'s embedding bag avoids, for a function that
     differentiates twice (the fused op's backward, and the embedding bag's, do not)."""
-    check.sparse_decode_args(values, indices, W_dec, b_dec)
+    check.sparse_decode_args(values, indices, W_dec, b_dec, check_indices)
     return torch.einsum("bk,bkd->bd", values, W_dec[indices]) + b_dec
 
 
 @torch.no_grad()
 def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
     """``grad[r] -= (<grad[r], w[r]> / |w[r]|^2) w[r]`` in place (rows of zeros alone)."""
+    check.rows_args("remove_parallel_", "grad", weight=weight, grad=grad)
+    project_out_(grad, weight)
+
+
+@torch.no_grad()
+def project_out_(grad: Tensor, weight: Tensor) -> None:
+    """remove_parallel_'s body, for validated arguments."""
     sq = (weight * weight).sum(1, keepdim=True)
     coef = (grad * weight).sum(1, keepdim=True) / torch.where(sq > 0, sq, torch.ones_like(sq))
     grad.sub_(coef * weight)
@@ -230,6 +262,13 @@ def remove_parallel_(grad: Tensor, weight: Tensor) -> None:
 @torch.no_grad()
 def set_row_norms_(weight: Tensor, norm: float) -> None:
     """``w[r] *= norm / |w[r]|`` in place (rows of zeros alone)."""
+    check.rows_args("set_row_norms_", "weight", weight=weight)
+    scale_rows_(weight, check.positive("set_row_norms_", "norm", norm))
+
+
+@torch.no_grad()
+def scale_rows_(weight: Tensor, norm: float) -> None:
+    """set_row_norms_'s body, for validated arguments."""
     length = weight.norm(dim=1, keepdim=True)
     weight.mul_(torch.where(length > 0, norm / length, torch.ones_like(length)))
 
@@ -241,10 +280,20 @@ def momentum_step_(
     steps: list[Tensor],
     lr: float,
     momentum: float,
-    weight_decay: list[float],
+    weight_decay: list[float] | None = None,
 ) -> Tensor:
     """``v = momentum v + lr (step - weight_decay p)``, ``p += v`` for each entry, unless
     some step is not finite (then nothing changes); returns whether it applied."""
+    decay = check.weight_decays(
+        weight_decay, len(params) if isinstance(params, (list, tuple)) else 0
+    )
+    check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
+    return momentum_update_(params, velocities, steps, lr, momentum, decay)
+
+
+@torch.no_grad()
+def momentum_update_(params, velocities, steps, lr, momentum, weight_decay) -> Tensor:
+    """momentum_step_'s body, for validated arguments."""
     ok = torch.stack([torch.isfinite(s).all() for s in steps]).all()
     if not bool(ok):
         return ok
@@ -264,7 +313,7 @@ def run_cd_update(
     (``statistics(c)``, by default run_gibbs), momentum_step_ on (W, b_v, b_h), then the
     PCD chain advanced, unless a statistic is not finite."""
     stats = (statistics or run_gibbs)(c)
-    applied = momentum_step_(
+    applied = momentum_update_(
         [c.W, c.b_v, c.b_h], list(velocities), [stats.dW, stats.db_v, stats.db_h],
         lr, momentum, [weight_decay, 0.0, 0.0],
     )  # fmt: skip

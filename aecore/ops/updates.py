@@ -58,7 +58,7 @@ def momentum_step_(
                 raise
             # non-contiguous operands: the reference below, after the same checks
     check.momentum_step_args(params, velocities, steps, lr, momentum, decay)
-    return reference.momentum_step_(params, velocities, steps, lr, momentum, decay)
+    return reference.momentum_update_(params, velocities, steps, lr, momentum, decay)
 
 
 def cd_update_own_(

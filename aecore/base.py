@@ -18,7 +18,11 @@ from torch import nn
 
 from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.keywords import checked_keywords
-from aecore.model_methods import adapt_tensor_methods, check_score_override
+from aecore.model_methods import (
+    adapt_tensor_methods,
+    check_score_override,
+    record_given_keywords,
+)
 
 
 def check_input_shape(input_shape: Any) -> tuple[int, ...]:
@@ -185,6 +189,7 @@ class Autoencoder(nn.Module, abc.ABC):
         super().__init_subclass__(**kwargs)
         check_score_override(cls)
         adapt_tensor_methods(cls)
+        record_given_keywords(cls)
 
     def float_dtype(self) -> torch.dtype | None:
         """The dtype the model computes in: its first floating parameter's (or buffer's)."""

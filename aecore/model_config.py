@@ -25,9 +25,10 @@ def config_json(model: Any, error: type[Exception] = ConfigError) -> str:
             f"{name}.get_config() is not JSON-serialisable ({exc}): return plain numbers, "
             f"strings, lists and dicts"
         ) from None
-    # the class's own declared keywords: one it takes through **kwargs may be one it
-    # fixes for its parent (and leaves out on purpose)
+    # the class's own declared keywords, and those it was given: one it passes its
+    # parent through **kwargs unasked may be one it fixes (and leaves out on purpose)
     own = set(inspect.signature(type(model).__init__).parameters)
+    own |= getattr(model, "_given_keywords", frozenset())
     declared = (hyperparameter_names(type(model)) or set()) & own
     left_out = sorted(declared - set(config))
     if left_out:

@@ -49,6 +49,24 @@ def adapt_tensor_methods(cls: type) -> None:
             setattr(cls, name, _in_model_dtype(method))
 
 
+def record_given_keywords(cls: type) -> None:
+    """Wraps ``cls.__init__`` so that a model remembers the keywords it was built with
+    (``_given_keywords``, those of the outermost constructor): ``get_config`` must give
+    them back, or a saved model is rebuilt otherwise (``model_config.config_json``)."""
+    init = cls.__dict__.get("__init__")
+    if init is None or getattr(init, "__aecore_records__", False):
+        return
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if "_given_keywords" not in self.__dict__:  # a subclass's super().__init__ is not
+            self.__dict__["_given_keywords"] = frozenset(kwargs)
+        init(self, *args, **kwargs)
+
+    wrapper.__aecore_records__ = True
+    cls.__init__ = wrapper
+
+
 def check_score_override(cls: type) -> None:
     """Every tool (the detectors, ``aecore score``, exports) calls ``score(x, kind=...)``:
     a ``score`` without ``kind`` would fail inside them, or be bypassed by the served

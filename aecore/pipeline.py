@@ -15,6 +15,7 @@ import torch
 from aecore import params
 from aecore.config import TrainConfig
 from aecore.data import ArrayView, Prepared, prepare, prepare_like
+from aecore.data.prepare import normalised_scale
 from aecore.data.sources import source_columns
 from aecore.data.units import (
     OWN,
@@ -24,7 +25,7 @@ from aecore.data.units import (
     per_feature_normalization,
 )
 from aecore.detection import ScoreThreshold
-from aecore.errors import ConfigError, warn
+from aecore.errors import ConfigError, DataError, warn
 from aecore.io.lock import FolderLock
 from aecore.io.model_folder import save
 from aecore.layers import pca_basis
@@ -135,6 +136,7 @@ def train(
         prepared.normalization = per_feature_normalization(model.input_range, train_rows)
         prepared.record.update(normalize=prepared.normalization.kind, per_feature=True)
     model.normalization = prepared.normalization
+    prepared.record["normalised_scale"] = normalised_scale(prepared, "train")  # for eval
     columns = source_columns(source)  # a CSV's header: served CSVs must name them so
     if columns is not None and len(columns) == model.input_size:
         model.feature_names = columns
@@ -166,7 +168,10 @@ def train(
         if history.changes:  # settings a resume changed (allow_changes)
             metrics["training_changes"] = history.changes
         if contamination is not None:
-            model.detector = _fit_detector(model, prepared.view("train"), contamination)
+            try:  # the trained model is saved whatever the threshold's fate
+                model.detector = _fit_detector(model, prepared.view("train"), contamination)
+            except DataError as exc:
+                warn(f"no anomaly threshold saved with the model: {exc}", UserWarning)
         if out is not None and history.is_main:  # under torchrun, rank 0 writes
             save(model, out, metrics=metrics, data=prepared.record, training=config, overwrite=True)
     return TrainResult(model, history, prepared, metrics, config)

@@ -242,9 +242,10 @@ class RBM(Autoencoder):
         self.check_input(x)
         v = flatten(x)
         lo, hi = (float(t) for t in torch.aminmax(v)) if v.numel() else (0.0, 1.0)
-        if lo < 0 or hi > 1:  # no states or probabilities of a binary unit: no number
+        if lo < -1 or hi > 2:  # other units (pixel counts): no states of a binary unit
             raise DataError(f"pseudo_likelihood needs visible values in [0, 1]; got values "
                             f"in [{lo:.4g}, {hi:.4g}]: normalise them as for training")  # fmt: skip
+        v = self._visible_data(x) if lo < 0 or hi > 1 else v  # new rows past the range: clipped
         gen = torch.Generator().manual_seed(params.integer("seed", seed, low=0))
         cols = torch.randint(0, v.shape[1], (v.shape[0],), generator=gen).to(v.device)
         rows = torch.arange(v.shape[0], device=v.device)

@@ -542,8 +542,30 @@ def test_eval_on_data_in_other_units_says_so(capsys, tmp_path):
     out = tmp_path / "m"
     assert main(["train", "ae", "--data", f"npy:{tmp_path / 'u8.npy'}", "--latent-dim", "2",
                  "--epochs", "1", "--quiet", "--out", str(out)]) == 0  # fmt: skip
-    with pytest.warns(UserWarning, match=r"root mean square of 0.00\d+, where the training"):
+    with pytest.warns(
+        UserWarning, match=r"root mean square of 0.00\d+, where the training rows' was 0.5"
+    ):
         assert main(["eval", str(out), "--data", f"npy:{tmp_path / 'unit.npy'}"]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["eval", str(out), "--data", f"npy:{tmp_path / 'u8.npy'}"]) == 0
+        # heavy-tailed counts are small once min-max scaled: in their units, no warning
+        counts = np.random.default_rng(0).pareto(1.0, (300, 4)) * 10
+        np.save(tmp_path / "counts.npy", counts)
+        args = [
+            "train",
+            "ae",
+            "--data",
+            f"npy:{tmp_path / 'counts.npy'}",
+            "--latent-dim",
+            "2",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--normalize",
+            "minmax",
+            "--out",
+            str(tmp_path / "c"),
+        ]
+        assert main(args) == 0  # fmt: skip
+        assert main(["eval", str(tmp_path / "c"), "--data", f"npy:{tmp_path / 'counts.npy'}"]) == 0

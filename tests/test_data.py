@@ -1,6 +1,7 @@
 """Data sources, splits, normalisation, and their error messages."""
 
 import gzip
+import warnings
 import zipfile
 
 import numpy as np
@@ -79,6 +80,10 @@ def test_csv_with_header(tmp_path):
         assert load_data(f"csv:{tmp_path / 'n.csv'}").x.shape == (3, 3)
     assert load_data(f"csv:{tmp_path / 'n.csv'}:header").x.tolist() == [[1.5, 2, 3], [4, 5, 6.5]]
     assert source_columns(f"csv:{tmp_path / 'n.csv'}:header") == ["2019", "2020", "2021"]
+    with warnings.catch_warnings():  # said to be data: read so, without the warning
+        warnings.simplefilter("error")
+        assert load_data(f"csv:{tmp_path / 'n.csv'}:noheader").x.shape == (3, 3)
+    assert source_columns(f"csv:{tmp_path / 'n.csv'}:noheader") is None
     # pandas' header for unnamed columns (DataFrame(X).to_csv(index=False)) was a data row
     (tmp_path / "p.csv").write_text("0,1,2\n1,2,3\n4,5,6\n")
     np.testing.assert_array_equal(load_data(f"csv:{tmp_path / 'p.csv'}").x, [[1, 2, 3], [4, 5, 6]])

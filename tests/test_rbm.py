@@ -104,6 +104,11 @@ def test_pseudo_likelihood_needs_bernoulli_visible_units():
         DataError, match=r"needs visible values in \[0, 1\]; got values in \[0, 16\]"
     ):
         RBM(input_shape=(4,), latent_dim=2).pseudo_likelihood(torch.tensor([[0.0, 16, 3, 1]]))
+    # test rows min-max scaled by the training rows pass a little beyond 1: clipped, as
+    # training and serving do
+    with pytest.warns(DataRangeWarning, match="clipping them to"):
+        near = RBM(input_shape=(4,), latent_dim=2).pseudo_likelihood(torch.tensor([[0, 1.2, 1, 0]]))
+    assert torch.isfinite(near).all()
 
 
 # -- training -------------------------------------------------------------------------

@@ -442,6 +442,18 @@ def test_hyperparameters_a_model_reads_from_its_own_kwargs_or_leaves_out_are_nam
     aecore.Trainer(epochs=1, val_fraction=0, progress=False).fit(
         FixesOne(input_shape=(4,), latent_dim=2), torch.rand(16, 4)
     )
+
+    class PassesOn(aecore.model_class("ae")):  # what it is given and passes on counts
+        def __init__(self, *, input_shape, latent_dim, extra=1, **kw):
+            super().__init__(input_shape=input_shape, latent_dim=latent_dim, **kw)
+            self.extra = extra
+
+        def get_config(self):
+            return {**self.base_config(), "extra": self.extra}
+
+    passes_on = PassesOn(input_shape=(4,), latent_dim=2, activation="tanh", hidden=[5])
+    with pytest.raises(ConfigError, match=r"leaves out the hyperparameter\(s\) activation, hidden"):
+        aecore.Trainer(epochs=1, progress=False).fit(passes_on, torch.rand(16, 4))
     forgets = Forgets(input_shape=(4,), latent_dim=2, width=8)
     with pytest.raises(ConfigError, match=r"Forgets.get_config\(\) leaves out .* width: the"):
         aecore.Trainer(epochs=1, progress=False).fit(forgets, torch.rand(16, 4))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 
@@ -147,7 +148,9 @@ def _run(args) -> int:
             raise
         if isinstance(exc, TrainingInterrupted):
             print(f"aecore: {exc}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            # nothing saved (a stop in pretraining another process asked for): not the
+            # code that tells a scheduler to resume
+            return EXIT_INTERRUPTED if exc.saved else 128 + signal.SIGTERM
         if isinstance(exc, BrokenPipeError):  # the reader closed early (| head): done
             # what is left unflushed goes nowhere, not into an error at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

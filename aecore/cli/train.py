@@ -230,7 +230,8 @@ def cmd_eval(args) -> int:
     if isinstance(dataset.x, np.ndarray):  # not a lazy store (an activation cache)
         dataset.x = rows_in_shape(dataset.x, model.input_shape)
     if args.data is not None:
-        _warn_if_other_units(prepared, args.data)
+        recorded = (model.metadata.get("data") or {}).get("normalised_scale")
+        _warn_if_other_units(prepared, args.data, recorded)
     metrics = evaluate(model, prepared)
     training = model.metadata.get("training")
     # settings a resume changed (--allow-changes): the run is not one of its settings
@@ -270,24 +271,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _warn_if_other_units(prepared, source: str) -> None:
-    """Other data through the saved normalisation lands near unit scale when it is in
-    the training data's units; pixels in [0, 1] for a model of 0..255, say, would be
-    scored at a scale of a few thousandths, and the ratio to PCA would mean nothing."""
-    import numpy as np
+def _warn_if_other_units(prepared, source: str, trained_scale: float | None) -> None:
+    """Other data through the saved normalisation is as large as the training rows were
+    when it is in their units; pixels in [0, 1] for a model of 0..255, say, would be a
+    few thousandths of it, and the ratio to PCA would mean nothing."""
+    from aecore.data.prepare import normalised_scale
 
-    if prepared.normalization.kind == "none" or not len(prepared.split.test):
-        return
-    view = prepared.view("test")
-    rows = view[np.arange(min(len(view), 1000))]
-    scale = float(np.sqrt(np.mean(np.square(rows, dtype=np.float64))))
-    if not 0.01 <= scale <= 100:
-        warn(
-            f"{source}: normalised as the training data was ({prepared.normalization.kind}), "
-            f"its rows have a root mean square of {scale:.3g}, where the training rows' is "
-            f"near 1: is it in other units (pixels in [0, 1] for a model of 0..255)?",
-            UserWarning,
-        )
+    scale = normalised_scale(prepared, "test")
+    if not trained_scale or not scale or 0.01 <= scale / trained_scale <= 100:
+        return  # (a folder saved before the training rows' scale was recorded: no guess)
+    warn(
+        f"{source}: normalised as the training data was ({prepared.normalization.kind}), its "
+        f"rows have a root mean square of {scale:.3g}, where the training rows' was "
+        f"{trained_scale:.3g}: is it in other units (pixels in [0, 1] for a model of 0..255)?",
+        UserWarning,
+    )
 
 
 def _pca_label(model) -> str:

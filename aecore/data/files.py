@@ -111,10 +111,11 @@ def _memmap_stored_member(path: Path, archive: zipfile.ZipFile, info: zipfile.Zi
 
 
 def csv_source(rest: str) -> tuple[str, bool | None]:
-    """The path and header choice of a ``csv:PATH[:header]`` source: ``:header`` says
-    the first row is the header (numbers too: years, sensor ids), else it is guessed."""
-    if rest.endswith(":header"):
-        return rest[: -len(":header")], True
+    """The path and header choice of a ``csv:PATH[:header|:noheader]`` source: the first
+    row is the header (numbers too: years, sensor ids), or data, or else guessed."""
+    for suffix, header in ((":header", True), (":noheader", False)):
+        if rest.endswith(suffix):
+            return rest[: -len(suffix)], header
     return rest, None
 
 
@@ -137,10 +138,10 @@ def read_csv(path: str, names: list[str] | None = None, header: bool | None = No
             line = line.strip()
             if not line:
                 continue
-            if first and (header or _is_header(line, names, following)):
+            if first and header is not False and (header or _is_header(line, names, following)):
                 first, skip = False, int(_indexed(_header_cells(line), names))
                 continue
-            if first and following and _integers(line.split(",")):
+            if first and header is None and following and _integers(line.split(",")):
                 _warn_if_header_of_numbers(p, line, following)
             first = False
             cells = [c.strip() for c in line.split(",")][skip:]
@@ -200,7 +201,8 @@ def _warn_if_header_of_numbers(path: Path, line: str, following: str) -> None:
         return
     warn(
         f"csv: {path}: its first row ({line[:40]}) is integers where the next is not: read "
-        f"as data. If it is a header, give the source as csv:{path}:header",
+        f"as data. Name the source csv:{path}:header if it is a header, :noheader if not "
+        f"(an --input file: drop the row, or save the rows as .npy)",
         UserWarning,
     )
 
@@ -211,7 +213,7 @@ def csv_header(
     """The column names of a CSV's header row (``read_csv``'s rule), or None."""
     rows = _first_rows(Path(path))
     following = rows[1] if len(rows) > 1 else None
-    if not rows or not (header or _is_header(rows[0], names, following)):
+    if not rows or header is False or not (header or _is_header(rows[0], names, following)):
         return None
     cells = _header_cells(rows[0])
     return cells[1:] if _indexed(cells, names) else cells

@@ -149,3 +149,13 @@ def fingerprint(x: Any) -> float:
     rows = np.asarray(x[picks], dtype=np.float64).reshape(len(picks), -1)
     weights = np.random.default_rng(0).random(rows.shape) + 0.5
     return float((np.nan_to_num(rows) * weights).sum())
+
+
+def normalised_scale(prepared: Prepared, part: str, rows: int = 1000) -> float | None:
+    """The root mean square of up to ``rows`` of a part, normalised: how large the
+    model's inputs are (what data in other units than at training changes)."""
+    view = prepared.view(part)
+    if not len(view):
+        return None
+    sample = np.asarray(view[np.arange(min(len(view), rows))], dtype=np.float64)
+    return float(np.sqrt(np.mean(np.square(sample))))

@@ -4,8 +4,8 @@
 * ``digits`` / ``digits:image``: scikit-learn's bundled 8x8 digits as (N, 64) / (N, 1, 8, 8)
 * ``npy:PATH``: memory-mapped, so data larger than RAM streams from disk
 * ``npz:PATH[:KEY]``: memory-mapped when the archive is uncompressed (``np.savez``)
-* ``csv:PATH[:header]``: numeric CSV, an optional header row (``:header``: the first row
-  is one, numbers too)
+* ``csv:PATH[:header|:noheader]``: numeric CSV, an optional header row (guessed, or
+  ``:header``: the first row is one, numbers too; ``:noheader``: it is data)
 * ``idx:PATH[:LABELS]``: MNIST / Fashion-MNIST IDX files, gzipped or not
 * ``patches[:N]``: 8x8 patches of scikit-learn's sample images (Ng's sparse-coding exercise)
 * ``colour_patches[:N]``: 8x8 colour patches of the same images, (N, 3, 8, 8) pixels 0..255
@@ -80,7 +80,7 @@ SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
     "digits": ("digits, digits:image", _digits),
     "npy": ("npy:PATH", lambda rest: (read_npy(rest), None)),
     "npz": ("npz:PATH[:KEY]", lambda rest: (read_npz(rest), None)),
-    "csv": ("csv:PATH[:header]", lambda rest: (read_csv(*_csv_path(rest)), None)),
+    "csv": ("csv:PATH[:header|:noheader]", lambda rest: (read_csv(*_csv_path(rest)), None)),
     "idx": ("idx:PATH[:LABELS]", read_idx_images),
     "patches": ("patches", lambda rest: (sample_patches(_count("patches", rest, 10000)), None)),
     "colour_patches": (

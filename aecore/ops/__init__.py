@@ -247,10 +247,9 @@ def topk_encode(
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
     limit = topk_encode_max_k(x)
     if not _fused_sae(x) or k > limit:
-        out = reference.sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
-        if check_finite:
-            reference.refuse_non_finite(out[0])
-        return out
+        return reference.sparse_code(
+            x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead, check_finite
+        )
     if aux_k <= limit:
         return _fused.encode_or_refuse(
             x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead, check_finite

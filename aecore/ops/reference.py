@@ -182,10 +182,24 @@ def aux_gate(dead: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor
 
 
 def sparse_code(
-    x, W_enc, b_enc, b_dec, k: int, straight_through: bool = False, aux_k: int = 0, dead=None
+    x,
+    W_enc,
+    b_enc,
+    b_dec,
+    k: int,
+    straight_through: bool = False,
+    aux_k: int = 0,
+    dead=None,
+    check_finite: bool = False,
 ):
-    """topk_encode's body, for validated arguments."""
+    """topk_encode's body, for validated arguments; ``check_finite``: the kernels'
+    refusal of any non-finite pre-activation (-inf too, which no top-k keeps)."""
     pre = F.linear(x - b_dec, W_enc, b_enc)
+    if check_finite and not bool(torch.isfinite(pre).all()):
+        raise NonFiniteError(
+            "topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or b_dec "
+            "holds non-finite values (or they overflow)"
+        )
     values, indices = pre.topk(k, dim=1)
     values = _straight_through_relu(values) if straight_through else values.relu()
     if dead is None:
@@ -218,20 +232,7 @@ def topk_encode(
     pre-activations are made."""
     check.topk_encode_args(x, W_enc, b_enc, b_dec, k)
     aux_k = check.aux_args(x, W_enc, aux_k, dead)
-    out = sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead)
-    if check_finite:
-        refuse_non_finite(out[0])
-    return out
-
-
-def refuse_non_finite(values: Tensor) -> None:
-    """The kernels' refusal of non-finite pre-activations, on a top-k's kept values
-    (torch.topk ranks NaN and +inf first: any there reach them)."""
-    if not bool(torch.isfinite(values).all()):
-        raise NonFiniteError(
-            "topk_encode met a NaN or infinite pre-activation: x, W_enc, b_enc or b_dec "
-            "holds non-finite values (or they overflow)"
-        )
+    return sparse_code(x, W_enc, b_enc, b_dec, k, straight_through, aux_k, dead, check_finite)
 
 
 def sparse_decode(

@@ -691,7 +691,7 @@ def test_a_stop_asked_for_by_another_process_is_named_so():
     trainer = Trainer(epochs=1, progress=False, device="cpu")
     rows = Batches(X, 16, True, 0, "data")
     run = TrainingRun(trainer, trainer.config, make(), rows, None, init_data=rows)
-    assert "interrupted by a stop request in another process" in run._interrupted_message()
+    assert "interrupted by a stop request in another process" in str(run._interrupted())
 
 
 def test_lbfgs_on_mini_batches_is_named():

@@ -1,5 +1,6 @@
 """What ``Autoencoder`` does to a subclass's methods when the class is created: tensors
-of another dtype are computed in the model's, and a ``score`` the tools cannot call is
+of another dtype are computed in the model's, the keywords a model is built with are
+recorded (for ``model_config.config_json``), and a ``score`` the tools cannot call is
 refused at once, naming the hooks to define instead."""
 
 from __future__ import annotations

@@ -37,11 +37,13 @@ class TrainingError(AecoreError, RuntimeError):
 
 class TrainingInterrupted(TrainingError):
     """Training stopped on SIGTERM/SIGINT, after writing a checkpoint to resume from
-    (``saved``), or with none to write (a model's layer-wise pretraining keeps none)."""
+    (``saved``), or with none to write (a model's layer-wise pretraining keeps none);
+    ``reason``: what asked for the stop (a signal's name, as the command line gives it)."""
 
-    def __init__(self, message: str, saved: bool = True) -> None:
+    def __init__(self, message: str, saved: bool = True, reason: str | None = None) -> None:
         super().__init__(message)
         self.saved = saved
+        self.reason = reason
 
 
 class NonFiniteError(AecoreError, RuntimeError):

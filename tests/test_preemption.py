@@ -129,13 +129,16 @@ def test_a_signal_with_nothing_to_checkpoint_exits_with_its_own_code(monkeypatch
     assert "aecore: interrupted: SIGTERM before training began: nothing to resume" in said
 
 
-def test_a_signal_during_pretraining_says_nothing_is_saved_and_exits_with_its_code():
+def test_a_signal_during_pretraining_says_nothing_is_saved_and_exits_with_its_code(
+    monkeypatch, capsys
+):
     # a deep model's pretraining keeps no checkpoint: the handler promised one, and the
     # run exited 75, which tells a scheduler to resume what was never saved
     import torch
 
     import aecore
-    from aecore.cli.train import GracefulStop, SignalStop
+    from aecore.cli import train as train_command
+    from aecore.cli.main import main
     from aecore.errors import TrainingInterrupted
 
     model = aecore.create("deep", input_shape=(8,), latent_dim=2, hidden=[6], pretrain_epochs=2)
@@ -144,11 +147,12 @@ def test_a_signal_during_pretraining_says_nothing_is_saved_and_exits_with_its_co
     with pytest.raises(TrainingInterrupted, match="during pretraining, which is not") as info:
         trainer.fit(model, torch.rand(40, 8))
     assert not info.value.saved
-    stopper = GracefulStop()
-    stopper.attach(aecore.Trainer(progress=False))
-    stopper._handle(signal.SIGTERM, None)
-    with pytest.raises(SignalStop) as stopped, stopper.unsaved_stop_exits():
-        raise info.value
-    assert stopped.value.signum == signal.SIGTERM
-    with pytest.raises(TrainingInterrupted), stopper.unsaved_stop_exits():  # saved: 75 stands
-        raise TrainingInterrupted("checkpoint saved")
+    for raised, code in [(info.value, 128 + signal.SIGTERM),
+                         (TrainingInterrupted("checkpoint saved"), 75)]:  # fmt: skip
+
+        def stopped(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(train_command, "cmd_train", stopped)
+        assert main(["train", "ae", "--data", "digits", "--out", "unused"]) == code
+    assert "during pretraining, which is not checkpointed" in capsys.readouterr().err

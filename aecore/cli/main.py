@@ -148,9 +148,11 @@ def _run(args) -> int:
             raise
         if isinstance(exc, TrainingInterrupted):
             print(f"aecore: {exc}", file=sys.stderr)
-            # nothing saved (a stop in pretraining another process asked for): not the
-            # code that tells a scheduler to resume
-            return EXIT_INTERRUPTED if exc.saved else 128 + signal.SIGTERM
+            if exc.saved:
+                return EXIT_INTERRUPTED
+            # nothing saved to resume (a model's pretraining keeps no checkpoint): the
+            # signal's own code, as before training, not the one that says "resume"
+            return 128 + getattr(signal.Signals, exc.reason or "", signal.SIGTERM)
         if isinstance(exc, BrokenPipeError):  # the reader closed early (| head): done
             # what is left unflushed goes nowhere, not into an error at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -5,7 +5,6 @@ drift from the library's defaults."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import signal
@@ -17,7 +16,7 @@ from aecore.cli.tables import format_ratio, print_table
 from aecore.config import TrainConfig
 from aecore.data.sources import SOURCE_FORMS
 from aecore.data.split import SPLIT_METHODS
-from aecore.errors import ConfigError, TrainingInterrupted, warn
+from aecore.errors import ConfigError, warn
 
 
 def add_commands(sub) -> None:
@@ -167,7 +166,7 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--out {args.out} is a file; give a folder to write the model into")
     config = config_from_args(args)
     hparams = parse_set(args.set)
-    with GracefulStop() as stopper, stopper.unsaved_stop_exits():
+    with GracefulStop() as stopper:
         result = train(
             args.model,
             args.data,
@@ -311,7 +310,6 @@ class GracefulStop:
     def __init__(self) -> None:
         self.trainer = None
         self.previous: dict[int, Any] = {}
-        self.signum: int | None = None  # the signal that asked for the stop
 
     def attach(self, trainer) -> None:
         self.trainer = trainer
@@ -323,24 +321,12 @@ class GracefulStop:
         if self.trainer.stop_requested is not None:
             raise SignalStop(signum, f"a second {name}: stopped at once, without a checkpoint")
         self.trainer.request_stop(name)
-        self.signum = signum
         print(
             f"\n{name} received: stopping at the next step, with a checkpoint once training "
             f"has begun (a model's layer-wise pretraining keeps none; send again to stop at "
             f"once)",
             file=sys.stderr,
         )
-
-    @contextlib.contextmanager
-    def unsaved_stop_exits(self):
-        """A stop with nothing saved to resume (in pretraining) exits 128 + the signal's
-        number, as a stop before training does: 75 would tell a scheduler to resume."""
-        try:
-            yield
-        except TrainingInterrupted as exc:
-            if exc.saved or self.signum is None:
-                raise
-            raise SignalStop(self.signum, str(exc)) from None
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):

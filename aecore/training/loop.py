@@ -406,4 +406,5 @@ class TrainingRun:
     def _interrupted(self, pretraining: bool = False) -> TrainingInterrupted:
         reason = self.trainer.stop_requested or "a stop request in another process"
         said = checkpoint.interrupted_message(reason, self.out_dir, self.state.step, pretraining)
-        return TrainingInterrupted(said, saved=not pretraining and self.out_dir is not None)
+        saved = not pretraining and self.out_dir is not None
+        return TrainingInterrupted(said, saved, self.trainer.stop_requested)

@@ -141,7 +141,7 @@ def read_csv(path: str, names: list[str] | None = None, header: bool | None = No
             if first and header is not False and (header or _is_header(line, names, following)):
                 first, skip = False, int(_indexed(_header_cells(line), names))
                 continue
-            if first and header is None and following and _integers(line.split(",")):
+            if first and header is None:
                 _warn_if_header_of_numbers(p, line, following)
             first = False
             cells = [c.strip() for c in line.split(",")][skip:]
@@ -194,10 +194,13 @@ def _empty_cell(path: Path, lineno: int, line: str, cells: list[str], skip: int)
     return f"csv: {path} line {lineno}: column {column} is empty ({why})"
 
 
-def _warn_if_header_of_numbers(path: Path, line: str, following: str) -> None:
+def _warn_if_header_of_numbers(path: Path, line: str, following: str | None) -> None:
     """A first row of integers above rows that are not may be a header of numbers (years,
     sensor ids): read as data, it would add a row and shift every output row."""
-    if _integers(following.split(",")) or line.count(",") < 1:
+    cells = line.split(",")
+    if len(cells) < 2 or not _integers(cells) or not following:
+        return
+    if _integers(following.split(",")):
         return
     warn(
         f"csv: {path}: its first row ({line[:40]}) is integers where the next is not: read "

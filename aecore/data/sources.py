@@ -80,7 +80,7 @@ SOURCES: dict[str, tuple[str, Callable[[str], SourceResult]]] = {
     "digits": ("digits, digits:image", _digits),
     "npy": ("npy:PATH", lambda rest: (read_npy(rest), None)),
     "npz": ("npz:PATH[:KEY]", lambda rest: (read_npz(rest), None)),
-    "csv": ("csv:PATH[:header|:noheader]", lambda rest: (read_csv(*_csv_path(rest)), None)),
+    "csv": ("csv:PATH[:header|:noheader]", lambda rest: (_csv(rest), None)),
     "idx": ("idx:PATH[:LABELS]", read_idx_images),
     "patches": ("patches", lambda rest: (sample_patches(_count("patches", rest, 10000)), None)),
     "colour_patches": (
@@ -102,9 +102,9 @@ def source_columns(source: str) -> list[str] | None:
     return csv_header(Path(path).expanduser(), header=header)
 
 
-def _csv_path(rest: str) -> tuple[str, None, bool | None]:
+def _csv(rest: str) -> np.ndarray:
     path, header = csv_source(rest)
-    return path, None, header
+    return read_csv(path, header=header)
 
 
 @checked_keywords

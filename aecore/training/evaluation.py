@@ -112,15 +112,16 @@ def check_first_batch(model, train, given) -> None:
             f"the data does not fit the model: {exc} (its first batch{of}){hint}"
         ) from None
     check_in_input_range(model, x)
-    _warn_if_data_units(model, x)
+    _check_normalization(model, x)
     device = next((p.device for p in model.parameters()), x.device)
     check_output_shapes(model, x[:2].to(device, input_dtype(model)))
 
 
-def _warn_if_data_units(model, x: torch.Tensor) -> None:
-    """A model carrying a normalisation (saved and served with it: data units in) that is
-    given rows its normalisation would shrink tenfold and more (pixels 0..255 under a
-    min-max by 255): it would train on data units and be served normalised ones."""
+def _check_normalization(model, x: torch.Tensor) -> None:
+    """The normalisation a model carries (saved and served with it: data units in): one
+    that does not fit the model is refused; rows it would shrink tenfold and more (pixels
+    0..255 under a min-max by 255) are warned about: the model would train on data units
+    and be served normalised ones."""
     normalization = getattr(model, "normalization", None)
     if normalization is None or normalization.kind == "none" or x.is_complex():
         return

@@ -363,3 +363,35 @@ def test_the_references_validate_as_the_ops_do():
     reference.topk_encode(x, W, b_enc, torch.zeros(3), 2, check_finite=False)
     values, indices = torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]])
     reference.sparse_decode(values, indices, torch.randn(5, 3), torch.zeros(3), check_indices=False)
+
+
+def test_in_place_ops_refuse_inference_tensors_outside_inference_mode():
+    # the kernels write through raw pointers, so torch's own refusal never fired
+    with torch.inference_mode():
+        frozen = torch.randn(6, 5)
+        frozen_vector = torch.zeros(3)
+    before = frozen.clone()
+    with pytest.raises(ConfigError, match="weight is an inference tensor"):
+        ops.set_row_norms_(frozen, 1.0)
+    with pytest.raises(ConfigError, match="grad is an inference tensor"):
+        ops.remove_parallel_(frozen, torch.randn(6, 5))
+    with pytest.raises(ConfigError, match=r"params\[1\] is an inference tensor"):
+        ops.momentum_step_([torch.zeros(4), frozen_vector], [torch.zeros(4), torch.zeros(3)],
+                           [torch.ones(4), torch.ones(3)], 0.1, 0.5)  # fmt: skip
+    assert torch.equal(frozen, before) and not frozen_vector.any()
+    with torch.inference_mode():  # inside inference mode the write is allowed
+        ops.set_row_norms_(frozen, 2.0)
+    torch.testing.assert_close(frozen.norm(dim=1), torch.full((6,), 2.0))
+
+
+@pytest.mark.parametrize("op", ["cd_update_", "cd_update_own_"])
+def test_cd_update_refuses_inference_tensors_outside_inference_mode(op):
+    c = {"B": 8, "V": 6, "H": 4, "dtype": torch.float32, "seed": 5, "noncontig": False}
+    v, params, velocities, _ = rbm_state(c, False, 3)
+    with torch.inference_mode():
+        frozen_W = params[0].clone()
+    before = clone(params[1:]) + clone(velocities)
+    with pytest.raises(ConfigError, match="W is an inference tensor"):
+        CD_UPDATES[op](v, frozen_W, *params[1:], lr=0.1, momentum=0.5, velocities=velocities)
+    assert torch.equal(frozen_W, params[0])
+    assert all(torch.equal(a, b) for a, b in zip(params[1:] + velocities, before))

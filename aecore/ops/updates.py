@@ -43,7 +43,8 @@ def momentum_step_(
         check.momentum_step_args(params, velocities, steps, lr, momentum, [])
     decay = check.weight_decays(weight_decay, len(params))
     numbers = check.is_real(lr) and check.is_real(momentum)
-    if numbers and params and isinstance(params[0], Tensor) and fused(params[0]):
+    frozen = check.any_inference_tensor(params, velocities)
+    if numbers and params and isinstance(params[0], Tensor) and fused(params[0]) and not frozen:
         # The kernels check their operands before changing anything; the Python checks
         # (which would cost more than the update at RBM sizes) only explain a refusal
         try:
@@ -89,7 +90,8 @@ def cd_update_own_(
     # (strided parameters take cd_update_'s reference update: decided before the seed is
     # drawn, so that the samples are those cd_update_ draws)
     contiguous = all(t.is_contiguous() for t in (W, b_v, b_h, *velocities))
-    if fused(v) and units and steps and contiguous:
+    frozen = check.any_inference_tensor([W, b_v, b_h, chain], velocities)
+    if fused(v) and units and steps and contiguous and not frozen:
         call = GibbsCall(
             v=v, W=W, b_v=b_v, b_h=b_h, k=k, chain=chain,
             gaussian_visible=visible == "gaussian", gaussian_hidden=hidden == "gaussian",

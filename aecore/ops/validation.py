@@ -284,12 +284,33 @@ def positive(op: str, name: str, value) -> float:
 
 def writable(op: str, name: str, t: torch.Tensor) -> None:
     """Only a strided view (expand, as_strided) can repeat elements: an in-place write
-    there would fail half-way through an update, after other tensors changed."""
+    there would fail half-way through an update, after other tensors changed. An inference
+    tensor is refused outside inference mode, as torch's own in-place ops refuse it (the
+    kernels write through raw pointers, which torch would not stop)."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ConfigError(
+            f"{op}: {name} is an inference tensor (made under torch.inference_mode()), which "
+            f"cannot be written in place outside inference mode; call the op inside "
+            f"torch.inference_mode() or pass a normal tensor (.clone() outside inference mode)"
+        )
     if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
         raise ConfigError(
             f"{op}: {name} is written in place, but its elements share memory (a view "
             f"such as expand's); pass a tensor of its own (.clone())"
         )
+
+
+def any_inference_tensor(*groups) -> bool:
+    """Whether a list in ``groups`` holds an inference tensor that ``writable`` refuses (a
+    cheap test, so the fused fast paths can skip to the checks that explain it)."""
+    if torch.is_inference_mode_enabled():
+        return False
+    return any(
+        isinstance(t, torch.Tensor) and t.is_inference()
+        for group in groups
+        if isinstance(group, (list, tuple))
+        for t in group
+    )
 
 
 def weight_decays(weight_decay, n: int) -> list[float]:

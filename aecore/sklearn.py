@@ -41,12 +41,14 @@ from aecore.data.frames import check_numeric_columns
 from aecore.data.units import (
     check_in_model_range,
     data_units,
+    declared_normalize,
     error_scale,
     fit_normalization,
     hparams_for_units,
 )
 from aecore.detection import row_list
-from aecore.errors import ConfigError, DataError, RegistryError, ShapeError
+from aecore.errors import ConfigError, DataError, ShapeError
+from aecore.estimator_params import ModelHyperparameters
 from aecore.registry import check_hyperparameters, create, hyperparameter_names, model_class
 from aecore.training import Trainer
 
@@ -62,7 +64,11 @@ model_hparam_names = hyperparameter_names
 
 
 class AutoencoderTransformer(
-    ClassNamePrefixFeaturesOutMixin, TransformerMixin, OutlierMixin, BaseEstimator
+    ModelHyperparameters,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    OutlierMixin,
+    BaseEstimator,
 ):
     """An aecore autoencoder as a scikit-learn transformer and outlier detector.
 
@@ -94,8 +100,10 @@ class AutoencoderTransformer(
         such as pixel counts) a model with Bernoulli units that offers Gaussian ones (the
         ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible units: its
         ``real_valued_hparams``) gets those, unless the given hyperparameters choose
-        otherwise. The model trains and scores in normalised units, new rows clipped to its
-        input range (scores charge what lies beyond); ``inverse_transform`` gives data units.
+        otherwise. A model that declares its own (``default_normalize``: the SAEs keep
+        activations as they are) gets it, except on features in units of their own. The
+        model trains and scores in normalised units, new rows clipped to its input range
+        (scores charge what lies beyond); ``inverse_transform`` gives data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.
@@ -161,43 +169,6 @@ class AutoencoderTransformer(
         # private, so scikit-learn's checks do not take them for fitted state
         self._hparams = hparams
 
-    # -- parameters: the estimator's own plus the model's hparams --------------------
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {**super().get_params(deep=deep), **self._hparams}
-
-    def set_params(self, **params: Any) -> AutoencoderTransformer:
-        """scikit-learn's ``set_params``, the model's hyperparameters included; a new
-        ``model`` drops the hyperparameters set for the old one that it does not take
-        (a grid over models from one estimator), and is checked against the others."""
-        own_names = set(self._get_param_names())
-        own = {k: v for k, v in params.items() if k in own_names}
-        extra = {k: v for k, v in params.items() if k not in own_names}
-        # check everything before changing anything, against the model being set
-        allowed = self._known_hparams(own.get("model", self.model))
-        for key in extra:
-            if "__" in key or (allowed is not None and key not in allowed):
-                valid = sorted(own_names | (allowed or set()))
-                raise ValueError(
-                    f"Invalid parameter {key!r} for estimator {self}. Valid parameters "
-                    f"are: {valid!r} (hyperparameters of model "
-                    f"{own.get('model', self.model)!r} included)."
-                )
-        kept = self._hparams
-        if "model" in own and allowed is not None:
-            kept = {k: v for k, v in kept.items() if k in allowed}
-        super().set_params(**own)
-        self._hparams = {**kept, **extra}
-        return self
-
-    @staticmethod
-    def _known_hparams(model: Any) -> set[str] | None:
-        """The model's hparam names; None when they cannot be known here (an unknown
-        model name is reported by ``fit``, with the registry's message)."""
-        try:
-            return model_hparam_names(model)
-        except RegistryError:
-            return None
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         # codes come back in the input's float dtype (trained in float32, evaluated in
@@ -220,10 +191,10 @@ class AutoencoderTransformer(
             "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
-        declared = getattr(model_class(self.model), "default_normalize", None)
-        if normalize == "auto" and declared is not None:
-            normalize = declared  # the SAEs: activations keep their geometry
         units = data_units(X) if normalize == "auto" else None
+        declared = declared_normalize(model_class(self.model), units) if units else None
+        if declared is not None:  # the SAEs: activations keep their geometry
+            normalize, units = declared, None
         if units is not None:
             hparams = hparams_for_units(model_class(self.model), units, hparams)
         validation_fraction, stated = self._validation_fraction(len(X))

@@ -46,6 +46,9 @@ class ScoreThreshold:
     n: int
     #: the model's score the threshold is over (``Autoencoder.score``'s ``kind``)
     kind: str = "reconstruction"
+    #: mean and standard deviation of all the training scores ("unify"'s); None in
+    #: thresholds saved before they were kept: then those of ``kept_scores``
+    moments: tuple[float, float] | None = None
 
     @classmethod
     def fit(cls, scores: Any, contamination: float, kind: str = "reconstruction") -> ScoreThreshold:
@@ -60,14 +63,17 @@ class ScoreThreshold:
             )
         threshold = float(np.percentile(s, 100.0 * (1.0 - contamination)))
         above = s[s > threshold]
-        if threshold in s and len(above):
+        if tied(s):  # rounding would pick the rows flagged: none is
+            threshold = float(s[-1]) + SCORE_TOLERANCE * abs(float(s[-1]))
+        elif threshold in s and len(above):
             # on a training score, a served model's float32 rescoring of that row would
             # land a hair to either side: midway to the next score, no row's label moves
             threshold = 0.5 * (threshold + float(above[0]))
         kept = (
             s if len(s) <= MAX_KEPT_SCORES else np.quantile(s, np.linspace(0, 1, MAX_KEPT_SCORES))
         )
-        return cls(float(contamination), threshold, kept, len(s), kind)
+        moments = (float(np.mean(s)), float(np.std(s)))
+        return cls(float(contamination), threshold, kept, len(s), kind, moments)
 
     # -- decisions ------------------------------------------------------------------------
     def labels(self, scores: Any) -> np.ndarray:
@@ -117,6 +123,7 @@ class ScoreThreshold:
             "n": self.n,
             "kind": self.kind,
             "kept_scores": [float(v) for v in self.kept_scores],
+            **({"moments": list(self.moments)} if self.moments is not None else {}),
         }
 
     @classmethod
@@ -125,9 +132,13 @@ class ScoreThreshold:
             raise DataError(f"malformed detector threshold: expected an object, got {data!r:.60}")
         try:
             kept = np.asarray(data["kept_scores"], dtype=np.float64)
+            moments = data.get("moments")
+            if moments is not None:
+                mean, std = (float(v) for v in moments)
+                moments = (mean, std)
             made = cls(
                 float(data["contamination"]), float(data["threshold"]), kept, int(data["n"]),
-                str(data.get("kind", "reconstruction")),
+                str(data.get("kind", "reconstruction")), moments,
             )  # fmt: skip
         except KeyError as exc:
             raise DataError(f"malformed detector threshold: it lacks the field {exc}") from None
@@ -135,6 +146,9 @@ class ScoreThreshold:
             raise DataError(f"malformed detector threshold: {exc}") from None
         if kept.ndim != 1 or len(kept) == 0 or made.n < len(kept) or np.any(np.diff(kept) < 0):
             raise DataError("malformed detector threshold: kept_scores must be ascending")
+        if moments is not None and not (np.isfinite(moments).all() and moments[1] >= 0):
+            raise DataError(f"malformed detector threshold: moments {moments} are not a mean "
+                            f"and a standard deviation")  # fmt: skip
         return made
 
     def _scores(self, scores: Any) -> np.ndarray:
@@ -144,6 +158,8 @@ class ScoreThreshold:
         return s
 
     def _moments(self) -> tuple[float, float]:
+        if self.moments is not None:
+            return self.moments
         return float(np.mean(self.kept_scores)), float(np.std(self.kept_scores))
 
 
@@ -269,6 +285,13 @@ class DetectorMethods(abc.ABC):
         """How sure each ``predict`` label is, in [0, 1]."""
         scores = self.decision_function(X)
         return self._threshold().confidence(scores)
+
+
+def tied(scores: np.ndarray) -> bool:
+    """Whether the scores all agree within rounding (a model that copies its rows scores
+    each by its float error): no threshold among them means anything."""
+    s = np.asarray(scores, dtype=np.float64)
+    return bool(len(s)) and float(np.ptp(s)) <= 1e-9 * max(1.0, float(np.abs(s).max()))
 
 
 def row_list(bad: np.ndarray) -> str:

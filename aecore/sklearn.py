@@ -181,7 +181,17 @@ class AutoencoderTransformer(
 
     # -- fitting ---------------------------------------------------------------------
     def fit(self, X, y=None) -> AutoencoderTransformer:
-        """Fit the normalisation and train the model on ``X``; ``y`` is ignored."""
+        """Fit the normalisation and train the model on ``X``; ``y`` is ignored. A fit
+        that fails leaves the estimator as it was: a fitted one still works."""
+        before = dict(self.__dict__)
+        try:
+            return self._fit(X)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _fit(self, X) -> AutoencoderTransformer:
         check_numeric_columns(X, "X")
         X = validate_data(self, X, dtype=_FLOATS)
         contamination = params.number(
@@ -238,11 +248,18 @@ class AutoencoderTransformer(
         validated = any("val_loss" in e for e in history.epochs)
         self.validation_fraction_ = validation_fraction if validated else 0.0
         self._error_scale = error_scale(np.asarray(X, dtype=np.float64))
-        self._set_thresholds(self._scores(x), contamination)
+        self._set_thresholds(self._training_scores(X, x, seed), contamination)
         return self
 
+    def _training_scores(self, X: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:
+        """The training rows' ``score_samples`` that the threshold is set over (``X`` as
+        given, ``x`` normalised; ``seed`` the fit's)."""
+        return self._scores(x)
+
     def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
-        """The outlier threshold from the training rows' ``score_samples``."""
+        """The outlier threshold from the training rows' ``score_samples`` (the
+        ``contamination`` share below it even where they tie, as scikit-learn's outlier
+        detectors promise)."""
         self.offset_ = float(np.percentile(scores, 100.0 * contamination))
 
     def _model_hparams(self, model_cls: type) -> dict[str, Any]:

@@ -355,7 +355,9 @@ def test_the_detector_thresholds_the_score_kind_asked_for(tmp_path):
     X = X[y == 0] / 16.0
     with pytest.raises(ConfigError, match="score_kind must be one of denoising's score kinds"):
         aecore.AnomalyDetector(score_kind="elbo").fit(X)  # refused before training
-    detector = aecore.AnomalyDetector(score_kind="denoising", epochs=2, random_state=0).fit(X)
+    detector = aecore.AnomalyDetector(
+        score_kind="denoising", epochs=2, random_state=0, cross_fit=0
+    ).fit(X)  # the model's own scores of its training rows
     model = detector.model_.double()
     x = torch.from_numpy(detector.normalization_.apply(X)).double()
     want = model.score(x, kind="denoising").numpy()
@@ -401,7 +403,7 @@ def test_a_fitted_detector_scores_by_the_kind_its_threshold_was_fitted_on():
 
     X, y = load_digits(return_X_y=True)
     X = X[y == 0] / 16.0
-    detector = aecore.AnomalyDetector(epochs=2, random_state=0).fit(X)
+    detector = aecore.AnomalyDetector(epochs=2, random_state=0, cross_fit=0).fit(X)
     detector.set_params(score_kind="denoising")  # takes effect at the next fit
     np.testing.assert_allclose(detector.decision_function(X), detector.decision_scores_)
     old = pickle.loads(pickle.dumps(detector))

@@ -44,7 +44,10 @@ def test_served_detectors_clip_new_rows_to_the_models_range_as_the_estimator_doe
     # error once skipped that, and flagged 148 of 178 rows where the estimator flagged 18
     X, y = digits
     hparams = {"model": "ae", **hparams}
-    detector = aecore.AnomalyDetector(**hparams, latent_dim=4, epochs=3, random_state=0)
+    # (training rows scored by the model itself: their labels are predict's)
+    detector = aecore.AnomalyDetector(
+        **hparams, latent_dim=4, epochs=3, random_state=0, cross_fit=0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deep's RBM pre-training notes grey values
         detector.fit(X[y == 0])
@@ -162,7 +165,9 @@ def test_fit_refuses_training_rows_outside_the_models_range(digits):
     with pytest.raises(DataError, match=r"normalize='none' .* normalize with 'minmax'"):
         aecore.AnomalyDetector("rbm", visible="bernoulli", normalize="none").fit(wine)
     # the defaults follow the model's range: the training rows get their own labels
-    detector = aecore.AnomalyDetector("rbm", visible="bernoulli", epochs=2, random_state=0)
+    detector = aecore.AnomalyDetector(
+        "rbm", visible="bernoulli", epochs=2, random_state=0, cross_fit=0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the RBM's note on grey values
         detector.fit(wine)

@@ -1,0 +1,118 @@
+"""The detector's threshold on new rows: cross-fitted training scores, ties, the
+"unify" moments, and fits that fail leaving the fitted estimator as it was."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import aecore
+from aecore.detection import MAX_KEPT_SCORES, ScoreThreshold
+from aecore.errors import ConfigError, DataError
+from aecore.sklearn import AutoencoderTransformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digit_split(digit=0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X[y == digit] / 16.0, test_size=0.3, random_state=0)
+
+
+def test_the_threshold_holds_on_new_normal_rows():
+    # thresholded on its own training scores, a detector trained on 124 rows of one digit
+    # flagged most new rows of that digit at contamination=0.1; out-of-fold scores do not
+    train, new = _digit_split()
+    own = aecore.AnomalyDetector(random_state=0, cross_fit=0).fit(train)
+    crossed = aecore.AnomalyDetector(random_state=0).fit(train)
+    assert own.validation_fraction_ == crossed.validation_fraction_ == 0.0
+    assert own.predict(new).mean() > 0.3
+    assert crossed.predict(new).mean() <= 0.2
+    # the model is the fit on every row either way; the training labels keep PyOD's share
+    np.testing.assert_array_equal(own.decision_function(new), crossed.decision_function(new))
+    assert abs(crossed.labels_.mean() - 0.1) < 0.02
+    assert np.array_equal(crossed.labels_, crossed.decision_scores_ > crossed.threshold_)
+
+
+def test_cross_fit_is_checked_before_training_and_auto_follows_the_hold_out():
+    train, _ = _digit_split()
+    for bad in ("yes", 1, -2, 2.5, True):
+        with pytest.raises(ConfigError, match="cross_fit must be 'auto', 0 or at least 2"):
+            aecore.AnomalyDetector(cross_fit=bad).fit(train)
+    with pytest.raises(DataError, match="cross_fit=5 needs at least 10 rows"):
+        aecore.AnomalyDetector(cross_fit=5).fit(train[:9])
+    detector = aecore.AnomalyDetector(epochs=2, random_state=0)
+    assert detector.set_params(validation_fraction=0.2).fit(train)._folds(len(train)) == 0
+    assert detector.set_params(validation_fraction="auto").fit(train)._folds(len(train)) == 3
+    assert detector._folds(19) == 0  # too few rows to cross-fit
+
+
+def test_scores_that_tie_flag_no_row():
+    # rounding noise among equal scores once decided which 10% were flagged
+    scores = 1.0 + np.random.default_rng(0).normal(size=200) * 1e-15
+    threshold = ScoreThreshold.fit(scores, 0.1)
+    assert threshold.labels(scores).sum() == 0
+    assert threshold.labels(np.array([2.0]))[0] == 1
+    spread = ScoreThreshold.fit(np.arange(200.0), 0.1)
+    assert spread.labels(np.arange(200.0)).sum() == 20
+
+
+def test_unify_uses_every_training_score_beyond_the_kept_quantiles():
+    scores = np.random.default_rng(1).lognormal(size=MAX_KEPT_SCORES + 9999)
+    threshold = ScoreThreshold.fit(scores, 0.1)
+    assert len(threshold.kept_scores) == MAX_KEPT_SCORES
+    new = np.array([0.5, 2.0, 8.0])
+    from math import erf, sqrt
+
+    want = [max(0.0, erf((s - scores.mean()) / (scores.std() * sqrt(2)))) for s in new]
+    np.testing.assert_allclose(threshold.proba(new, "unify")[:, 1], want, rtol=1e-12)
+    again = ScoreThreshold.from_dict(threshold.to_dict())
+    np.testing.assert_array_equal(again.proba(new, "unify"), threshold.proba(new, "unify"))
+    saved_before = {k: v for k, v in threshold.to_dict().items() if k != "moments"}
+    older = ScoreThreshold.from_dict(saved_before)  # kept quantiles' moments, as then
+    assert older.moments is None and np.isfinite(older.proba(new, "unify")).all()
+    with pytest.raises(DataError, match="moments .* are not a mean and a standard deviation"):
+        ScoreThreshold.from_dict({**threshold.to_dict(), "moments": [0.0, -1.0]})
+    with pytest.raises(DataError, match="malformed detector threshold"):
+        ScoreThreshold.from_dict({**threshold.to_dict(), "moments": "wide"})
+
+
+def test_a_fit_that_fails_leaves_the_fitted_detector_working():
+    train, new = _digit_split()
+    detector = aecore.AnomalyDetector(epochs=2, random_state=0).fit(train)
+    labels, proba = detector.predict(new), detector.predict_proba(new)
+    broken = train.copy()
+    broken[3, 5] = np.nan
+    with pytest.raises(ValueError):
+        detector.fit(broken)
+    np.testing.assert_array_equal(detector.predict(new), labels)
+    np.testing.assert_array_equal(detector.predict_proba(new), proba)
+    np.testing.assert_array_equal(detector.predict_confidence(new).shape, (len(new),))
+
+
+def test_a_fit_that_fails_leaves_the_fitted_transformer_working():
+    from sklearn.datasets import load_iris, load_wine
+
+    wine, iris = load_wine().data, load_iris().data
+    est = AutoencoderTransformer(epochs=2, random_state=0).fit(wine)
+    codes = est.transform(wine)
+    with pytest.raises(ConfigError):
+        est.set_params(latent_dim=0).fit(iris)
+    assert est.n_features_in_ == 13
+    np.testing.assert_array_equal(est.transform(wine), codes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.set_params(latent_dim=2).fit(iris)  # and a good refit goes through
+    assert est.n_features_in_ == 4

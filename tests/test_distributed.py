@@ -167,3 +167,50 @@ def test_sae_training_in_two_processes_matches_one(tmp_path, name):
         # the gradient all-reduce adds in another order; a top-k choice between two
         # near-equal latents can amplify that a little
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
+
+
+PER_RANK = """
+import json, os, sys
+import numpy as np, torch
+import aecore
+from aecore.errors import ConfigError
+
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+out = {}
+shard = np.random.default_rng(rank).random((96, 8)).astype("float32")  # its own rows
+try:
+    model = aecore.create("ae", input_shape=(8,), latent_dim=2)
+    aecore.Trainer(epochs=1, batch_size=32, progress=False, device="cpu").fit(model, shard)
+except ConfigError as exc:
+    out["refused"] = str(exc)
+data = np.random.default_rng(0).random((96, 8)).astype("float32")
+model = aecore.create("deep", input_shape=(8,), latent_dim=2, hidden=[6], pretrain_epochs=2)
+history = aecore.Trainer(epochs=2, batch_size=32, progress=False, device="cpu",
+                         val_fraction=0.25).fit(model, data)
+out["weights"] = [float(t.double().sum()) for t in model.state_dict().values()]
+out["run_id"] = history.run_id
+out["val"] = [e.get("val_loss") for e in history.epochs]
+json.dump(out, open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
+"""
+
+
+def test_processes_agree_on_their_data_their_pretrained_start_and_their_run(tmp_path):
+    # shards passed per process trained each on part of its own, the copies drifting
+    # apart; deep's RBMs pretrained from each process's seed, and each drew a run id
+    script = tmp_path / "per_rank.py"
+    script.write_text(PER_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert "processes were given different training data (process 0: 86 rows" in got["refused"]
+        assert "every process passes the whole data set" in got["refused"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["val"] == ranks[1]["val"]
+    assert ranks[0]["run_id"] == ranks[1]["run_id"]

@@ -189,7 +189,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_weights():
 
 
 def test_non_finite_rows_a_loader_streams_are_named_not_blamed_on_scale(monkeypatch):
-    from aecore.training import loop
+    from aecore.training import data_start
 
     bad = torch.from_numpy(X.copy())
     bad[70, 4] = float("inf")
@@ -202,7 +202,7 @@ def test_non_finite_rows_a_loader_streams_are_named_not_blamed_on_scale(monkeypa
     assert not model.data_initialised
     assert all(torch.isfinite(v).all() for v in weights(model).values())
     # past them: the step's loss turns non-finite, and the message names the rows
-    monkeypatch.setattr(loop, "INIT_ROWS", 30)
+    monkeypatch.setattr(data_start, "INIT_ROWS", 30)
     with pytest.raises(TrainingError, match=r"holds NaN or infinite values \(inf at row 10 of"):
         fit(make(), loader)
 
@@ -258,6 +258,34 @@ def test_resume_mid_epoch_is_exact(tmp_path, loader, stop_at):
     assert hist.metric("val_loss") == pytest.approx(ref_hist.metric("val_loss"), rel=1e-6)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3, 4]
+
+
+def test_a_mid_epoch_resume_refuses_a_new_batch_order_and_says_how_to_finish_it(tmp_path):
+    # the saved step counted batches of the old size and order: resumed with another,
+    # the rest of the epoch skipped 480 of 1000 rows (or repeated some) without a word
+    def stopped(out):
+        torch.manual_seed(0)
+        model = Counting(input_shape=(6,), latent_dim=2, hidden=[8])
+        trainer = Trainer(epochs=3, batch_size=16, seed=0, device="cpu", progress=False,
+                          out_dir=out)  # fmt: skip
+        model.on_step = lambda n: n == 9 and trainer.request_stop("SIGTERM")  # mid epoch 2
+        with pytest.raises(TrainingInterrupted):
+            trainer.fit(model, X, VAL)
+        return model
+
+    model = stopped(tmp_path)
+    for change in ({"batch_size": 8}, {"seed": 1}, {"shuffle": False}):
+        settings = {"batch_size": 16, "seed": 0, **change}
+        with pytest.raises(ConfigError, match=r"in the middle of epoch 2 with another .*"
+                           r"resume with .* and epochs=2 to finish that epoch"):  # fmt: skip
+            Trainer(epochs=3, device="cpu", progress=False, out_dir=tmp_path, resume=True,
+                    allow_changes=True, **settings).fit(model, X, VAL)  # fmt: skip
+    # as advised: finish the epoch, then change
+    Trainer(epochs=2, batch_size=16, seed=0, device="cpu", progress=False, out_dir=tmp_path,
+            resume=True).fit(model, X, VAL)  # fmt: skip
+    history = Trainer(epochs=3, batch_size=8, seed=0, device="cpu", progress=False,
+                      out_dir=tmp_path, resume=True, allow_changes=True).fit(model, X, VAL)  # fmt: skip
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
 
 
 def test_resume_extends_a_finished_run_exactly(tmp_path):

@@ -199,6 +199,16 @@ def read(
             f"{paced_note}; allow_changes=True (--allow-changes) continues with the new "
             f"ones and records the change)"
         )
+    reordered = [name for name in ("batch_size", "seed", "shuffle") if name in changed]
+    if reordered and meta["epoch_step"]:  # its steps were counted in the old batches
+        before = ", ".join(f"{name}={changed[name][0]!r}" for name in reordered)
+        raise ConfigError(
+            f"cannot resume in the middle of epoch {meta['epoch'] + 1} with another "
+            f"{' or '.join(reordered)}: its first {meta['epoch_step']} batches came in the "
+            f"old order and size, so the rest of the epoch would skip or repeat rows; "
+            f"resume with {before} and epochs={meta['epoch'] + 1} to finish that epoch, "
+            f"then with the new settings"
+        )
     trained = len((meta.get("history") or {}).get("epochs") or ())
     if config.epochs < trained:  # it would end at once, recording the smaller budget
         raise ConfigError(

@@ -70,6 +70,23 @@ class DistContext:
         dist.all_gather(out, local)
         return [o.to(device="cpu", dtype=t.dtype) for o in out]
 
+    def from_main(self, value):
+        """Rank 0's ``value`` (any picklable object) in every process."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def share_weights(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers copied into every process's ``module``."""
+        if self.active:
+            for t in module.state_dict().values():
+                sent = t.to(torch.uint8) if t.dtype == torch.bool else t  # gloo has no bool
+                dist.broadcast(sent, src=0)
+                if sent is not t:
+                    t.copy_(sent.bool())
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -97,6 +114,30 @@ def distributed_loss(model, device: torch.device):
 
     return DistributedDataParallel(
         _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def check_same_data(dist_ctx: DistContext, summary: dict, device: torch.device) -> None:
+    """Refuse a run whose processes were given different training rows: each process
+    must pass the whole data set (aecore splits every batch across them). With shards,
+    each process trained on part of its own and the copies of the model drifted apart."""
+    if not dist_ctx.active:
+        return
+    mine = [float("nan") if summary.get(k) is None else float(summary[k])
+            for k in ("rows", "sum", "sample")]  # fmt: skip
+    t = torch.tensor(mine, dtype=torch.float64, device=device)
+    every = [torch.empty_like(t) for _ in range(dist_ctx.world)]
+    dist.all_gather(every, t)
+    rows = [e.cpu() for e in every]
+    if all(torch.equal(r.nan_to_num(-1.0), rows[0].nan_to_num(-1.0)) for r in rows):
+        return
+    seen = "; ".join(
+        f"process {i}: {int(r[0])} rows" + ("" if r[1].isnan() else f", sum {float(r[1]):.6g}")
+        for i, r in enumerate(rows)
+    )
+    raise ConfigError(
+        f"the processes were given different training data ({seen}): under torchrun every "
+        f"process passes the whole data set, and aecore splits each batch across them"
     )
 
 

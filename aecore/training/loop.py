@@ -11,10 +11,16 @@ from typing import Any
 
 import torch
 
-from aecore.errors import DataError, TrainingInterrupted
+from aecore.errors import TrainingError, TrainingInterrupted
 from aecore.training import checkpoint
-from aecore.training.batches import Batches, first_non_finite
-from aecore.training.distributed import DistContext, check_distributed, distributed_loss
+from aecore.training.batches import Batches
+from aecore.training.data_start import data_init, train_sample
+from aecore.training.distributed import (
+    DistContext,
+    check_distributed,
+    check_same_data,
+    distributed_loss,
+)
 from aecore.training.evaluation import (
     check_first_batch,
     check_validation_loss,
@@ -27,9 +33,6 @@ from aecore.training.evaluation import (
 )
 from aecore.training.optim import finite_loss_terms, gradient_step, lbfgs_step, make_optimizer
 from aecore.training.state import History, RunState, StepPlace, listed_changes
-
-#: rows of training data that data-dependent initialisation sees at most
-INIT_ROWS = 10000
 
 
 class TrainingRun:
@@ -58,6 +61,7 @@ class TrainingRun:
         try:
             if self.dist.active:
                 check_distributed(self.model, self.train, self.config, self.dist.world)
+                check_same_data(self.dist, self.train.summary(), self.device)
             self.model.to(self.device)
             if self.model.uses_optimizer:
                 self.optimizer = make_optimizer(self.model, self.config)
@@ -95,7 +99,7 @@ class TrainingRun:
         if self.val is not None:
             worse = self._gap_is_real()
         else:
-            worse = self.evaluate(self._train_sample())["loss"] > state.best_val
+            worse = self.evaluate(train_sample(self.model, self.init_data))["loss"] > state.best_val
         if worse:
             self.model.load_state_dict(state.best_state)
             state.history.kept_epoch = state.history.best_epoch
@@ -127,13 +131,13 @@ class TrainingRun:
         if self.out_dir is not None and not self.trainer.overwrite:
             checkpoint.check_fresh(self.out_dir)
         self.dist.barrier()  # nobody writes before every process has checked
-        self.state.history.run_id = uuid.uuid4().hex[:16]
+        self.state.history.run_id = self.dist.from_main(uuid.uuid4().hex[:16])
         seed_device(self.config.seed + self.dist.rank, self.device)
         check_first_batch(self.model, self.train, self.init_data)
         # data-dependent init and pretraining see the whole data in every process, so
         # all start identical (DDP also broadcasts rank 0's weights)
         fresh = not getattr(self.model, "data_initialised", False)
-        self._data_init()
+        data_init(self.model, self.init_data, self.device)
         pretrain = getattr(self.model, "pretrain", None)
         if pretrain is not None and fresh:  # trained or loaded weights are trained on
             # every pass over the data is a fresh seeded shuffle
@@ -146,6 +150,8 @@ class TrainingRun:
                     yield batch
 
             pretrain(pretraining_pass, self.log)
+        # pretraining draws from each process's own seed: rank 0's result is the start
+        self.dist.share_weights(self.model)
         if self.val is not None:
             if getattr(self.model, "pca_start", False):
                 self.state.start_state = {
@@ -154,7 +160,9 @@ class TrainingRun:
             loss = self.evaluate()["loss"]
             self.state.record_val(loss, 0, self.model, self.config.min_delta, self.config.smoothing)
         else:  # the start to fall back on: its loss on a sample of the training rows
-            self.state.record_start(self.evaluate(self._train_sample())["loss"], self.model)
+            self.state.record_start(
+                self.evaluate(train_sample(self.model, self.init_data))["loss"], self.model
+            )
 
     def _resume(self) -> None:
         changed = checkpoint.read(
@@ -318,41 +326,6 @@ class TrainingRun:
             check_validation_loss(losses["loss"], self.val, self.state.step, named)
         return losses
 
-    # -- the start's sample and data-dependent init -------------------------------------
-
-    def _train_sample(self) -> list[torch.Tensor]:
-        """The first batches of the first epoch's order of the rows given to fit, up to
-        INIT_ROWS: a bounded sample (data larger than memory stays on disk), the same in
-        every process."""
-        xs, seen = [], 0
-        # a loader's, Dataset's or memory map's rows are not checked up front: a NaN here
-        # would pass into the data-dependent start before any step could see it
-        unchecked = not self.init_data.in_memory
-        for x in self.init_data.epoch(0):
-            x = x.to(input_dtype(self.model))
-            bad = first_non_finite(x, "the first epoch's order", first=seen) if unchecked else None
-            if bad is not None:
-                raise DataError(f"data: {bad}; clean or impute the data first")
-            xs.append(x)
-            seen += len(x)
-            if seen >= INIT_ROWS:
-                break
-        return xs
-
-    def _data_init(self) -> None:
-        model = self.model
-        init = getattr(model, "init_from_data", None)
-        if getattr(model, "data_initialised", False):
-            # a model that was trained or loaded continues from its weights; given weights
-            # may still need what its recipe measures on the data (an imported SAE's scale)
-            needs = getattr(model, "needs_data_statistics", False)
-            init = getattr(model, "adopt_data_statistics", None) if needs else None
-        if init is None:
-            return
-        with torch.no_grad():
-            init(torch.cat(self._train_sample()).to(self.device))
-        model.data_initialised = True
-
     # -- processes, files and messages ---------------------------------------------------
     @property
     def is_main(self) -> bool:
@@ -391,14 +364,22 @@ class TrainingRun:
         # collectives first: every process takes part, only rank 0 writes
         rng_states = self.dist.gather(torch.get_rng_state(), self.device)
         sums, count = self._global_sums()
-        if not self.is_main:
-            return
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        checkpoint.write(
-            self.out_dir, self.model, self.optimizer, self.state, self.config,
-            rng_states=rng_states, sums=sums, count=count, cuda_rng=cuda_rng,
-            data=self._data_summary(),
-        )  # fmt: skip
+        failed = None
+        if self.is_main:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            try:
+                checkpoint.write(
+                    self.out_dir, self.model, self.optimizer, self.state, self.config,
+                    rng_states=rng_states, sums=sums, count=count, cuda_rng=cuda,
+                    data=self._data_summary(),
+                )  # fmt: skip
+            except Exception as exc:
+                failed = exc
+        # no process goes on, or stops saying it saved, before the file is on disk
+        if self.dist.any([failed is not None], self.device)[0]:
+            if failed is not None:
+                raise failed
+            raise TrainingError("process 0 could not write the checkpoint (its error says why)")
 
     def _data_summary(self) -> dict:
         return {"train": self.train.summary(), "val": self.val and self.val.summary()}

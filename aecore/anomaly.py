@@ -39,7 +39,7 @@ MIN_HOLD_OUT_ROWS = 20
 #: ``latent_dim="auto"``'s code size, on data with more features than this
 AUTO_LATENT_DIM = 8
 #: ``cross_fit="auto"``'s folds, and the fewest rows it cross-fits
-AUTO_FOLDS, MIN_CROSS_FIT_ROWS = 3, 20
+AUTO_FOLDS, MIN_CROSS_FIT_ROWS = 2, 20
 
 
 class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
@@ -63,11 +63,12 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
     nothing stops it early: thresholded on its own training scores, the default
     detector flagged 25-78% of new normal rows of a digit or a wine cultivar at
     ``contamination=0.1``. With K folds, each row is scored by a model fitted (as this
-    one is) on the other folds, as PyOD's KNN scores each row without itself: 0-19% on
-    those (3 folds). ``"auto"``: ``AUTO_FOLDS`` folds when no rows are held out for
-    validation (early stopping guards the fit otherwise) and there are at least
-    ``MIN_CROSS_FIT_ROWS``; 0: the model's scores of its own training rows. It costs
-    K more fits; ``model_`` is the fit on every row either way."""
+    one is) on the other folds, as PyOD's KNN scores each row without itself: 0-13% on
+    those (2 folds; 0-19% with 3). ``"auto"``: ``AUTO_FOLDS`` folds when no rows are
+    held out for validation (early stopping guards the fit otherwise) and there are at
+    least ``MIN_CROSS_FIT_ROWS``; 0: the model's scores of its own training rows. It
+    costs K more fits, each on (K - 1) / K of the rows; ``model_`` is the fit on every
+    row either way."""
 
     def __init__(
         self,

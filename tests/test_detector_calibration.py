@@ -55,7 +55,7 @@ def test_cross_fit_is_checked_before_training_and_auto_follows_the_hold_out():
         aecore.AnomalyDetector(cross_fit=5).fit(train[:9])
     detector = aecore.AnomalyDetector(epochs=2, random_state=0)
     assert detector.set_params(validation_fraction=0.2).fit(train)._folds(len(train)) == 0
-    assert detector.set_params(validation_fraction="auto").fit(train)._folds(len(train)) == 3
+    assert detector.set_params(validation_fraction="auto").fit(train)._folds(len(train)) == 2
     assert detector._folds(19) == 0  # too few rows to cross-fit
 
 

@@ -172,6 +172,25 @@ def test_sae_lens_batchtopk_checkpoints_import_as_batchtopk(sae_lens, x, tmp_pat
         assert_same(model, inference.encode, inference, x / 3)
 
 
+@pytest.mark.parametrize("name", ["sae-batchtopk", "sae-matryoshka"])
+def test_training_an_imported_batchtopk_goes_on_from_its_threshold(x, tmp_path, name):
+    # the import counted no batches behind the threshold: the first training batch
+    # replaced it outright, and the inference code's L0 jumped
+    import copy
+
+    save_saelens(make(name, x), tmp_path / "sae")
+    imported = load_saelens(tmp_path / "sae")
+    fresh = copy.deepcopy(imported)
+    fresh.rule.threshold_batches.zero_()  # a first estimate, as the import once left it
+    for model in (imported, fresh):
+        model.train()
+        model.set_progress(1.0)  # past any top-k warm-up: batch selection
+        model.loss(x)
+    moved, replaced = (float(m.rule.threshold) - 0.1 for m in (imported, fresh))
+    assert abs(replaced) > 0.01
+    assert abs(moved) <= 1.01 * imported.rule.THRESHOLD_RATE * abs(replaced)
+
+
 # -- sparsify ---------------------------------------------------------------------------
 def test_sparsify_round_trip(x, tmp_path):
     model = make("sae-topk", x)

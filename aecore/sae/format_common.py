@@ -227,6 +227,8 @@ def build_sae(name: str, sae: RawSAE, hparams: dict[str, Any], where: Path, reco
         model.rule.log_threshold.copy_(sae.thresholds.clamp_min(tiny).log().to(dtype))
     elif name in ("sae-batchtopk", "sae-matryoshka"):
         model.rule.threshold.fill_(float(sae.thresholds[0]))
+        if float(sae.thresholds[0]) > 0:  # an estimate to go on from, not replace outright
+            model.rule.threshold_batches.fill_(math.ceil(1 / model.rule.THRESHOLD_RATE))
     model.normalization = Normalization("none")
     model.data_initialised = True
     return model.eval()

@@ -281,6 +281,18 @@ def test_the_dead_window_follows_the_firing_rate_by_default():
     assert make(dead_window=77).dead_window == 77
 
 
+def test_the_dead_fraction_is_logged_for_training_rows_only():
+    # the firing tracker follows the training rows: under a val_ name it passed the
+    # training count off as the validation rows'
+    torch.manual_seed(0)
+    model = make(k=8)
+    history = aecore.Trainer(epochs=1, batch_size=128, progress=False, val_fraction=0.25).fit(
+        model, torch.randn(512, model.input_size)
+    )
+    assert "train_dead_fraction" in history.epochs[-1]
+    assert "val_dead_fraction" not in history.epochs[-1] and "val_l0" in history.epochs[-1]
+
+
 def test_the_learning_rate_scales_with_the_dictionary_and_decays_at_the_end():
     model = make(lr_decay=0.25)
     assert model.lr_scale == pytest.approx(1.5 * math.sqrt(16384 / N))

@@ -52,7 +52,8 @@ def _dead_to_revive(model) -> tuple[Tensor | None, int]:
 
 def _finish(model, loss: Tensor, terms: dict[str, Tensor], l0: Tensor) -> dict[str, Tensor]:
     terms["l0"] = l0.detach()
-    terms["dead_fraction"] = model.dead_latents().float().mean()
+    if model.training:  # the firing tracker follows the training rows, not these
+        terms["dead_fraction"] = model.dead_latents().float().mean()
     return {"loss": loss, **terms}
 
 

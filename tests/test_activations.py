@@ -25,7 +25,7 @@ from aecore.activations import (
 )
 from aecore.cli.main import main
 from aecore.data import load_data
-from aecore.errors import ConfigError, DataError, ModelFileError
+from aecore.errors import ConfigError, DataError, ModelFileError, ShapeError
 from aecore.training.batches import Batches
 
 transformers = pytest.importorskip("transformers")
@@ -539,6 +539,10 @@ def test_ce_loss_recovered_is_one_for_the_identity_and_zero_for_zeros(tokens):
         model, "transformer.h.0", lambda a: sae(a.reshape(-1, D)).reshape(a.shape), ids
     )
     assert rows["ce_spliced"] == pytest.approx(by_hand["ce_spliced"], rel=1e-6)
+    narrow = aecore.create("sae-topk", input_shape=(D // 2,), latent_dim=2 * D, k=4)
+    with pytest.raises(ShapeError, match=rf"'transformer.h.0' outputs {D} features per "
+                       rf"position, but the TopKSAE spliced in takes {D // 2}"):  # fmt: skip
+        ce_loss_recovered(model, "transformer.h.0", narrow, ids)
     # a model trained on normalised activations reconstructs in their units, and back
     from aecore.data.normalization import Normalization
 

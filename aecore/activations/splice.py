@@ -17,7 +17,7 @@ from torch import nn
 
 from aecore.activations.models import find_modules, first_tensor, vocabulary, vocabulary_size
 from aecore.base import Autoencoder, eval_mode
-from aecore.errors import ConfigError, DataError
+from aecore.errors import ConfigError, DataError, ShapeError
 from aecore.keywords import checked_keywords
 from aecore.params import integer
 
@@ -67,6 +67,12 @@ def ce_loss_recovered(
         acts = first_tensor(output, hook)
         fn = replace[0]
         if isinstance(fn, Autoencoder) and len(fn.input_shape) == 1:
+            if acts.shape[-1] != fn.input_size:
+                raise ShapeError(
+                    f"{hook!r} outputs {acts.shape[-1]} features per position, but the "
+                    f"{type(fn).__name__} spliced in takes {fn.input_size}: was it trained on "
+                    f"another hook or model?"
+                )
             new = _model_reconstruction(fn, acts)
         else:
             new = fn(acts.float())

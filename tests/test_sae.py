@@ -510,6 +510,24 @@ def test_shrinkage_centered_measures_about_b_dec_in_the_inputs_units():
     assert sae_metrics(model, x)["shrinkage_centered"] == pytest.approx(want, rel=1e-5)
 
 
+def test_a_16_bit_sae_saves_and_loads_as_the_same_function(tmp_path):
+    # folded in bfloat16, the scale came back as another (0.9375 as 0.9336), and the
+    # loaded model's outputs moved by 0.2% of their range
+    import copy
+
+    x = sparse_data(256) * 3
+    model = make("sae-relu")
+    model.init_from_data(x)
+    model.to(torch.bfloat16).eval()
+    aecore.save(model, tmp_path / "m")
+    loaded = aecore.load(tmp_path / "m")
+    assert loaded.W_enc.dtype == torch.float32  # 16-bit weights load in float32
+    assert float(loaded.input_scale) == float(model.input_scale)
+    with torch.no_grad():
+        want = copy.deepcopy(model).float()(x)
+        torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["sae-topk", "sae-batchtopk", "sae-matryoshka"])
 def test_a_16_bit_sae_trains_and_encodes(name):
     # the training loss took bfloat16; encode's top-k once refused it

@@ -93,7 +93,12 @@ def geometric_median(x: Tensor, steps: int = GEOMETRIC_MEDIAN_STEPS, tol: float 
 
 def fold_input_scale(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """An SAE state with its input scale ``c`` folded into the weights (``c`` = 1 after):
-    the same function of raw inputs. Changes ``state`` in place and returns it."""
+    the same function of raw inputs. Changes ``state`` in place and returns it. A 16-bit
+    state is folded in float32, in which 16-bit weights load: folded in 16 bits, the
+    rounded scale came back another (bfloat16: 0.9375 as 0.9336) and so did the weights."""
+    for key in ("W_enc", "W_dec", "b_dec", "decoder_row_norm", "input_variance", "input_scale"):
+        if state[key].dtype in (torch.float16, torch.bfloat16):
+            state[key] = state[key].float()
     c = state["input_scale"]
     state["W_enc"] = state["W_enc"] * c
     state["W_dec"] = state["W_dec"] / c

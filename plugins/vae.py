@@ -113,9 +113,9 @@ class VariationalAutoencoder(Autoencoder):
         if self.backbone == "conv" and len(self.input_shape) != 3:
             raise ConfigError(
                 f"backbone='conv' needs a 3-D input_shape (C, H, W); got "
-                f"input_shape={self.input_shape} ({len(self.input_shape)}-D). Use "
-                f"backbone='mlp' for vectors, or reshape the data to images "
-                f"(e.g. --data digits:image)"
+                f"input_shape={self.input_shape} ({len(self.input_shape)}-D): for rows of "
+                f"features use backbone='mlp'; for images train on (C, H, W) arrays (on the "
+                f"command line an image source, e.g. --data digits:image)"
             )
         # a learned Gaussian scale doubles the decoder's output: (loc, raw scale) per feature
         self.outputs_per_feature = 2 if self._learned_std else 1

@@ -333,7 +333,8 @@ def test_sample_draws_from_the_prior():
         ({"score_draws": 0}, r"score_draws must be an int in \[1, inf\]; got 0"),
         (
             {"backbone": "conv"},
-            r"backbone='conv' needs a 3-D input_shape \(C, H, W\); got input_shape=\(12,\)",
+            r"backbone='conv' needs a 3-D input_shape \(C, H, W\); got input_shape=\(12,\) "
+            r"\(1-D\): for rows of features use backbone='mlp'; for images train on",
         ),
     ],
 )

@@ -286,8 +286,10 @@ def writable(op: str, name: str, t: torch.Tensor) -> None:
     """Only a strided view (expand, as_strided) can repeat elements: an in-place write
     there would fail half-way through an update, after other tensors changed. An inference
     tensor is refused outside inference mode, as torch's own in-place ops refuse it (the
-    kernels write through raw pointers, which torch would not stop)."""
-    if t.is_inference() and not torch.is_inference_mode_enabled():
+    kernels write through raw pointers, which torch would not stop; a compiled graph has
+    no inference tensors to ask about)."""
+    frozen = not torch.compiler.is_compiling() and t.is_inference()
+    if frozen and not torch.is_inference_mode_enabled():
         raise ConfigError(
             f"{op}: {name} is an inference tensor (made under torch.inference_mode()), which "
             f"cannot be written in place outside inference mode; call the op inside "
@@ -303,7 +305,7 @@ def writable(op: str, name: str, t: torch.Tensor) -> None:
 def any_inference_tensor(*groups) -> bool:
     """Whether a list in ``groups`` holds an inference tensor that ``writable`` refuses (a
     cheap test, so the fused fast paths can skip to the checks that explain it)."""
-    if torch.is_inference_mode_enabled():
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return False
     return any(
         isinstance(t, torch.Tensor) and t.is_inference()

@@ -135,9 +135,13 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         folds = self._folds(len(X))
         if not folds or tied(-own):  # a model that copies its rows: say so, not fold biases
             return own
+        # each fold as the fit on every row was made (its code size, the hyperparameters
+        # the data's units chose, its normalisation), so their scores share its units
+        config = {k: v for k, v in self.model_.get_config().items() if k != "input_shape"}
         scores = np.empty(len(X))
         for train, held in KFold(folds, shuffle=True, random_state=seed).split(X):
-            fold = clone(self).set_params(cross_fit=0)
+            fold = clone(self).set_params(cross_fit=0, **config)
+            fold._fold_of = self.normalization_
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the fit on every row said what applies
                 fold.fit(X[train])
@@ -253,6 +257,7 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         if "detector" in state:
             state.setdefault("detector_", state.pop("detector"))
         state.setdefault("score_kind", None)  # pickled before it was a parameter
+        state.setdefault("cross_fit", 0)  # (then thresholds were not cross-fitted)
         super().__setstate__(state)
 
     def _anomaly_scores(self, X) -> np.ndarray:

@@ -41,7 +41,6 @@ from aecore.data.frames import check_numeric_columns
 from aecore.data.units import (
     check_in_model_range,
     data_units,
-    declared_normalize,
     error_scale,
     fit_normalization,
     hparams_for_units,
@@ -101,8 +100,7 @@ class AutoencoderTransformer(
         ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible units: its
         ``real_valued_hparams``) gets those, unless the given hyperparameters choose
         otherwise. A model that declares its own (``default_normalize``: the SAEs keep
-        activations as they are) gets it, except on features in units of their own. The
-        model trains and scores in normalised units, new rows clipped to its input range
+        activations as they are) gets it. The model trains and scores in normalised units, new rows clipped to its input range
         (scores charge what lies beyond); ``inverse_transform`` gives data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
@@ -201,10 +199,11 @@ class AutoencoderTransformer(
             "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
-        units = data_units(X) if normalize == "auto" else None
-        declared = declared_normalize(model_class(self.model), units) if units else None
-        if declared is not None:  # the SAEs: activations keep their geometry
-            normalize, units = declared, None
+        fold_of = self.__dict__.pop("_fold_of", None)  # a cross-fit fold: the full fit's
+        declared = getattr(model_class(self.model), "default_normalize", None)
+        if normalize == "auto" and declared is not None:
+            normalize = declared  # the SAEs: activations keep their geometry
+        units = data_units(X) if normalize == "auto" and fold_of is None else None
         if units is not None:
             hparams = hparams_for_units(model_class(self.model), units, hparams)
         validation_fraction, stated = self._validation_fraction(len(X))
@@ -227,7 +226,11 @@ class AutoencoderTransformer(
                 latent_dim=self._latent_dim(X.shape[1]),
                 **hparams,
             )
-            normalization = fit_normalization(net.input_range, normalize, units, X)
+            normalization = (
+                fit_normalization(net.input_range, normalize, units, X)
+                if fold_of is None
+                else fold_of
+            )
             # apply() may hand back X itself (a read-only memory map, say): torch
             # wants memory it may write
             x = np.require(normalization.apply(X), requirements=["C", "W"])
@@ -257,9 +260,7 @@ class AutoencoderTransformer(
         return self._scores(x)
 
     def _set_thresholds(self, scores: np.ndarray, contamination: float) -> None:
-        """The outlier threshold from the training rows' ``score_samples`` (the
-        ``contamination`` share below it even where they tie, as scikit-learn's outlier
-        detectors promise)."""
+        """The outlier threshold from the training rows' ``score_samples``."""
         self.offset_ = float(np.percentile(scores, 100.0 * contamination))
 
     def _model_hparams(self, model_cls: type) -> dict[str, Any]:

@@ -116,3 +116,33 @@ def test_a_fit_that_fails_leaves_the_fitted_transformer_working():
         warnings.simplefilter("error")
         est.set_params(latent_dim=2).fit(iris)  # and a good refit goes through
     assert est.n_features_in_ == 4
+
+
+@pytest.mark.parametrize("name", ["rbm", "vae"])
+def test_each_fold_is_made_as_the_fit_on_every_row(name):
+    # one value beyond [0, 1] gave the full model Gaussian units and standardised rows;
+    # the fold without it chose Bernoulli units and raw rows, and its scores, in other
+    # units, set the threshold: 27% (rbm) of new normal rows flagged at 0.1
+    rng = np.random.RandomState(0)
+    X = 0.05 + 0.9 * rng.rand(80, 6)
+    X[0, 0] = 1.3
+    new = 0.05 + 0.9 * rng.rand(4000, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = aecore.AnomalyDetector(name, epochs=20, random_state=1, cross_fit=2).fit(X)
+    assert detector.normalization_.kind == "standardize"
+    assert detector.predict(new).mean() <= 0.12
+
+
+def test_a_detector_pickled_before_cross_fit_clones_and_refits():
+    import pickle
+
+    from sklearn.base import clone
+
+    train, new = _digit_split()
+    detector = aecore.AnomalyDetector(epochs=2, random_state=0).fit(train)
+    del detector.cross_fit  # as pickled before it was a parameter
+    old = pickle.loads(pickle.dumps(detector))
+    assert old.get_params()["cross_fit"] == 0 and "cross_fit=0" in repr(old)
+    np.testing.assert_array_equal(old.predict(new), detector.predict(new))
+    clone(old).fit(train)

@@ -58,15 +58,6 @@ def data_units(train) -> str:
     return INTENSITY if intensity else SHARED
 
 
-def declared_normalize(model_cls: type, units: str) -> str | None:
-    """The normalisation ``normalize="auto"`` takes from the model (its
-    ``default_normalize``: an SAE's activations keep their geometry) on data of
-    ``units``, or None where the data decides. Features in units of their own always
-    decide: no geometry is kept by a table of quantities as recorded (a dictionary on
-    wine's proline and hue reconstructs worse than each feature's mean)."""
-    return None if units == OWN else getattr(model_cls, "default_normalize", None)
-
-
 def hparams_for_units(model_cls: type, units: str, given: dict[str, Any]) -> dict[str, Any]:
     """``given`` plus the model's hyperparameters for data of ``units`` (each hook's
     values yield to ``given``): on real-valued data (neither in [0, 1] nor

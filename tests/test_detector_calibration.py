@@ -7,20 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
+from test_sklearn import one_torch_thread  # noqa: F401  (one torch thread, module-wide)
 
 import aecore
 from aecore.detection import MAX_KEPT_SCORES, ScoreThreshold
 from aecore.errors import ConfigError, DataError
 from aecore.sklearn import AutoencoderTransformer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _digit_split(digit=0):

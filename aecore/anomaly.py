@@ -105,8 +105,11 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
 
     def _fit(self, X) -> AnomalyDetector:
         self._kind(model_class(self.model))
-        rows = getattr(X, "shape", None) or (len(X),) if hasattr(X, "__len__") else (0,)
-        self._folds(int(rows[0]) if rows else 0)  # checked before training
+        try:
+            rows = int(X.shape[0]) if hasattr(X, "shape") else len(X)
+        except (TypeError, IndexError):
+            rows = 0  # not rows at all: validate_data names what is wrong
+        self._folds(rows)  # checked before training
         self.__dict__.pop("detector_", None)  # a refit scores by its own score_kind
         return super()._fit(X)
 

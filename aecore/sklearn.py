@@ -100,8 +100,9 @@ class AutoencoderTransformer(
         ``vae``'s decoder, the ``rbm``'s and ``deep``'s visible units: its
         ``real_valued_hparams``) gets those, unless the given hyperparameters choose
         otherwise. A model that declares its own (``default_normalize``: the SAEs keep
-        activations as they are) gets it. The model trains and scores in normalised units, new rows clipped to its input range
-        (scores charge what lies beyond); ``inverse_transform`` gives data units.
+        activations as they are) gets it. The model trains and scores in normalised units,
+        new rows clipped to its input range (scores charge what lies beyond);
+        ``inverse_transform`` gives data units.
     contamination : float in (0, 0.5], default=0.1
         Share of the training rows ``predict`` flags as outliers: ``offset_`` is
         that percentile of the training ``score_samples``.
@@ -199,7 +200,8 @@ class AutoencoderTransformer(
             "normalize", self.normalize, ["auto", "standardize", "minmax", "none"]
         )
         hparams = self._model_hparams(model_class(self.model))
-        fold_of = self.__dict__.pop("_fold_of", None)  # a cross-fit fold: the full fit's
+        # a cross-fit fold (AnomalyDetector) keeps the full fit's normalisation
+        fold_of = self.__dict__.pop("_fold_of", None)
         declared = getattr(model_class(self.model), "default_normalize", None)
         if normalize == "auto" and declared is not None:
             normalize = declared  # the SAEs: activations keep their geometry

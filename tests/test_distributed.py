@@ -176,6 +176,8 @@ import aecore
 from aecore.errors import ConfigError
 
 torch.set_num_threads(1)
+# one process group for both fits (one aecore creates is closed at the end of its fit)
+torch.distributed.init_process_group("gloo")
 rank = int(os.environ["RANK"])
 out = {}
 shard = np.random.default_rng(rank).random((96, 8)).astype("float32")  # its own rows

@@ -131,6 +131,8 @@ def check_same_data(dist_ctx: DistContext, summary: dict, device: torch.device) 
     rows = [e.cpu() for e in every]
     if all(torch.equal(r.nan_to_num(-1.0), rows[0].nan_to_num(-1.0)) for r in rows):
         return
+    # every process refuses alike; none closes the group while another still reads
+    dist.barrier()
     seen = "; ".join(
         f"process {i}: {int(r[0])} rows" + ("" if r[1].isnan() else f", sum {float(r[1]):.6g}")
         for i, r in enumerate(rows)

@@ -288,8 +288,7 @@ def writable(op: str, name: str, t: torch.Tensor) -> None:
     tensor is refused outside inference mode, as torch's own in-place ops refuse it (the
     kernels write through raw pointers, which torch would not stop; a compiled graph has
     no inference tensors to ask about)."""
-    frozen = not torch.compiler.is_compiling() and t.is_inference()
-    if frozen and not torch.is_inference_mode_enabled():
+    if frozen(t):
         raise ConfigError(
             f"{op}: {name} is an inference tensor (made under torch.inference_mode()), which "
             f"cannot be written in place outside inference mode; call the op inside "
@@ -302,17 +301,17 @@ def writable(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
-def any_inference_tensor(*groups) -> bool:
-    """Whether a list in ``groups`` holds an inference tensor that ``writable`` refuses (a
-    cheap test, so the fused fast paths can skip to the checks that explain it)."""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+def frozen(t) -> bool:
+    """An inference tensor outside inference mode: one torch refuses to write in place."""
+    if torch.compiler.is_compiling() or not isinstance(t, torch.Tensor):
         return False
-    return any(
-        isinstance(t, torch.Tensor) and t.is_inference()
-        for group in groups
-        if isinstance(group, (list, tuple))
-        for t in group
-    )
+    return t.is_inference() and not torch.is_inference_mode_enabled()
+
+
+def any_inference_tensor(*groups) -> bool:
+    """Whether a list in ``groups`` holds a tensor ``writable`` refuses as ``frozen`` (a
+    cheap test, so the fused fast paths can skip to the checks that explain it)."""
+    return any(frozen(t) for group in groups if isinstance(group, (list, tuple)) for t in group)
 
 
 def weight_decays(weight_decay, n: int) -> list[float]:

@@ -134,8 +134,8 @@ class TrainingRun:
         self.state.history.run_id = self.dist.from_main(uuid.uuid4().hex[:16])
         seed_device(self.config.seed + self.dist.rank, self.device)
         check_first_batch(self.model, self.train, self.init_data)
-        # data-dependent init and pretraining see the whole data in every process, so
-        # all start identical (DDP also broadcasts rank 0's weights)
+        # data-dependent init sees the whole data in every process, so all start
+        # identical (pretraining draws from each one's seed: rank 0's is shared below)
         fresh = not getattr(self.model, "data_initialised", False)
         data_init(self.model, self.init_data, self.device)
         pretrain = getattr(self.model, "pretrain", None)

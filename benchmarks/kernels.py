@@ -24,6 +24,7 @@ import torch
 from aecore import ops
 from aecore.ops import reference
 from aecore_benchmarks.args import count, json_file, write_json
+from aecore_benchmarks.optimizer_step import AE_DIGITS_SHAPES, SAE_SHAPES, adam_case
 from aecore_benchmarks.timing import print_profile, time_in_turns
 
 
@@ -214,6 +215,8 @@ TARGETS = {
         ("kl_sparsity fwd+bwd 256x1024", "eager reference", "fused", ">=", 4.0),
         ("kl_sparsity fwd+bwd 4096x4096", "eager reference", "fused", ">=", 2.0),
         ("topk_sparsify fwd+bwd 256x1024", "eager reference", "fused", ">=", 3.0),
+        ("adam_step_ ae", "torch.optim.Adam (fused=True)", "fused", ">=", 1.5),
+        ("adam_step_ SAE", "torch.optim.Adam (fused=True)", "fused", ">=", 1.0),
         ("RBM", "scikit-learn BernoulliRBM", "fused", ">=", 4.0),
         ("RBM", "scikit-learn BernoulliRBM", "Trainer.fit (rbm plugin)", ">=", 4.0),
     ],
@@ -232,6 +235,8 @@ def _cases(device):
             _case_kl(device, 256, 1024),
             _case_kl(device, 4096, 4096),
             _case_topk(device, 256, 1024, 16),
+            adam_case(device, AE_DIGITS_SHAPES, "ae on digits"),
+            adam_case(device, SAE_SHAPES, "SAE 512x16384"),
         ]
     else:
         out += [_case_kl(device, 4096, 16384), _case_topk(device, 4096, 16384, 32)]

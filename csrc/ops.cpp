@@ -65,6 +65,13 @@ TORCH_LIBRARY(aecore, m) {
       "Tensor(g!)? chain, bool gaussian_visible, bool gaussian_hidden, bool sample_visible, "
       "Tensor rng, float lr, float momentum, float weight_decay, Tensor? noise_h0, "
       "Tensor? noise_h, Tensor? noise_v) -> (Tensor recon_error, Tensor applied)");
+  // torch.optim.Adam's step (AdamW's with decoupled) on each (parameter, gradient,
+  // moments, step count), the gradients clipped to a total norm of max_norm; nothing
+  // changes unless that norm is finite. Returns the norm (float64, before clipping).
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled, float? max_norm) -> Tensor");
 }
 
 // Autograd for the sparsity penalties in C++: they are cheap at typical sizes, where a

@@ -36,10 +36,13 @@ def one_thread():
 @pytest.fixture
 def step_ops(monkeypatch):
     """The ops every trainer step dispatches, as ``(name, args)`` in order: what a step
-    reads back from the device (``_local_scalar_dense``, ``nonzero``) shows there."""
+    reads back from the device (``_local_scalar_dense``, ``nonzero``) shows there. The
+    step runs as on a device whose reads wait (on the CPU a read is free, and taken)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from aecore.training import loop
+    from aecore.training import loop, state
+
+    monkeypatch.setattr(state, "read_is_free", lambda t: False)
 
     seen = []
 

@@ -814,9 +814,16 @@ def test_a_step_reads_back_only_its_finiteness_checks(step_ops):
     assert len(reads) == 5  # five steps
 
 
-def test_the_epochs_loss_sums_are_read_back_together_and_keep_no_buffer_alive():
+def test_the_epochs_loss_sums_are_read_back_together_and_keep_no_buffer_alive(monkeypatch):
+    from aecore.training import state as run_state
     from aecore.training.state import RunState
 
+    state = RunState()
+    assert run_state.read_is_free(torch.zeros(()))  # a CPU term is summed as it comes
+    state.add_terms({"loss": torch.tensor(2.0)}, 10)
+    assert state.pending == {} and state.epoch_sums() == {"loss": 20.0}
+    # as on a device whose reads wait
+    monkeypatch.setattr(run_state, "read_is_free", lambda t: False)
     state = RunState()
     for i in range(4):
         state.add_terms({"loss": torch.tensor(float(i)), "l0": torch.tensor(2.0)}, 10)

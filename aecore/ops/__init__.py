@@ -25,6 +25,9 @@ Each layer's units are ``"bernoulli"`` (sigmoid means, 0/1 samples) or ``"gaussi
 * :func:`cd_update_`: a whole CD / PCD training step in place (cd_step, then
   momentum_step_, then the chain advanced) in one call; :func:`cd_update_own_`, the same
   for a model's own operands, checked only where the kernels refuse them.
+* :func:`adam_step_`: torch.optim.Adam's (or AdamW's) step with gradient clipping,
+  skipped unless the gradients' norm is finite; on the CPU one call for all parameters
+  (CUDA runs the reference: torch's fused Adam serves it).
 
 Sampling is reproducible: the fused kernels draw from Philox-4x32-10 keyed by a seed and
 an offset taken from ``generator`` (or torch's default generator), so the same seed gives
@@ -54,7 +57,7 @@ from aecore.ops import _fused, reference
 from aecore.ops import validation as check
 from aecore.ops._extension import CUDA_TOPK_ENCODE_MAX_K, OPS, backend, backend_report, fused
 from aecore.ops.types import KL_EPS, CDStats, GibbsChain, GibbsNoise
-from aecore.ops.updates import cd_update_, cd_update_own_, momentum_step_
+from aecore.ops.updates import adam_step_, cd_update_, cd_update_own_, momentum_step_
 from aecore.ops.validation import MAX_GIBBS_STEPS
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "CDStats",
     "GibbsChain",
     "GibbsNoise",
+    "adam_step_",
     "backend",
     "backend_report",
     "cd_step",

@@ -17,8 +17,12 @@ from aecore.errors import ConfigError
 #: the public ops, in the order backend_report lists them
 OPS = (
     "gibbs_chain", "cd_step", "kl_sparsity", "topk_sparsify", "topk_encode", "sparse_decode",
-    "remove_parallel_", "set_row_norms_", "momentum_step_", "cd_update_",
+    "remove_parallel_", "set_row_norms_", "momentum_step_", "cd_update_", "adam_step_",
 )  # fmt: skip
+
+#: ops with CPU kernels alone: on CUDA torch's own fused Adam is one kernel already, and
+#: what the CPU kernel saves is the host's per-tensor work
+CPU_ONLY = ("adam_step_",)
 
 #: the largest k of the CUDA topk_encode kernel (its per-row heap lives in shared memory);
 #: a larger k runs the reference
@@ -87,7 +91,7 @@ def backend(op: str, device: str | torch.device = "cpu") -> str:
     if op not in OPS:
         raise ConfigError(f"backend: unknown op {op!r}; the ops are {', '.join(OPS)}")
     kind = torch.device(device).type
-    if kind not in _STATUS:
+    if kind not in _STATUS or (op in CPU_ONLY and kind != "cpu"):
         return f"reference: no fused kernels for {kind}"
     loaded, reason = _STATUS[kind]
     return f"fused {kind}" if loaded else f"reference: {reason}"

@@ -91,6 +91,10 @@ if SCHEMAS_LOADED:
     def _momentum_step_fake(params, velocities, steps, lr, momentum, weight_decay):
         return params[0].new_empty((), dtype=torch.bool)
 
+    @torch.library.register_fake("aecore::adam_step_")
+    def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *numbers):
+        return params[0].new_empty((), dtype=torch.float64)
+
     @torch.library.register_fake("aecore::cd_update_")
     def _cd_update_fake(v, W, b_v, b_h, vel_W, vel_b_v, vel_b_h, k, chain, *rest):
         return v.new_empty(()), v.new_empty((), dtype=torch.bool)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aecore.errors import NonFiniteError
+from aecore.errors import ConfigError, NonFiniteError
+from aecore.ops import adam_args
 from aecore.ops import validation as check
 from aecore.ops.types import KL_EPS, CDStats, GibbsCall, GibbsChain, GibbsNoise
 
@@ -329,3 +330,53 @@ def cd_update_(v, W, b_v, b_h, velocities, lr, momentum, weight_decay=0.0, k=1, 
         v, W, b_v, b_h, velocities, lr, momentum, weight_decay, k, **kwargs
     )
     return run_cd_update(call, velocities, lr, momentum, weight_decay)
+
+
+@torch.no_grad()
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    decoupled: bool = False,
+    max_norm: float | None = None,
+) -> Tensor:
+    """torch.optim.Adam's step (AdamW's with ``decoupled``) after clipping the gradients
+    to a total norm of ``max_norm``, unless that norm is not finite (then nothing
+    changes); returns the norm before clipping (float64)."""
+    hyper = adam_args.adam_hyperparameters(lr, betas, eps, weight_decay, max_norm)
+    adam_args.adam_step_args(params, grads, exp_avgs, exp_avg_sqs, steps)
+    return adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *hyper, decoupled)
+
+
+@torch.no_grad()
+def adam_update_(
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+    max_norm, decoupled,
+) -> Tensor:  # fmt: skip
+    """adam_step_'s body, for validated arguments."""
+    norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+    counts = [float(s) + 1.0 for s in steps]
+    if any(t < 1.0 for t in counts):
+        raise ConfigError(f"adam_step_: step counts must not be negative, got {counts}")
+    if not bool(torch.isfinite(norm)):
+        return norm
+    scale = 1.0 if max_norm is None else min(1.0, max_norm / (float(norm) + 1e-6))
+    for p, g, m, v, s, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, counts):
+        g = g * scale
+        if decoupled:
+            p.mul_(1.0 - lr * weight_decay)
+        elif weight_decay:
+            g = g + weight_decay * p
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = v.sqrt() / math.sqrt(1.0 - beta2**t) + eps
+        p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+        s.fill_(t)
+    return norm

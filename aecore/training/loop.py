@@ -186,18 +186,16 @@ class TrainingRun:
 
         state, config = self.state, self.config
         dtype = input_dtype(self.model)
+        self.model.train()
         while state.epoch < config.epochs:
             epoch = state.epoch + 1
             start = time.perf_counter()
-            self.model.train()
-            bar = tqdm(
-                total=len(self.train),
-                initial=state.epoch_step,
-                desc=f"epoch {epoch}/{config.epochs}",
-                disable=not self.show_progress,
-                leave=False,
-                file=sys.stderr,
-            )
+            if not self.model.training:  # (walking every module costs a small step's time)
+                self.model.train()
+            bar = None
+            if self.show_progress:  # (a disabled bar still costs a small step's time)
+                bar = tqdm(total=len(self.train), initial=state.epoch_step, leave=False,
+                           desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr)  # fmt: skip
             if state.epoch_step == 0:
                 state.epoch_rng = torch.get_rng_state()
                 state.epoch_loader_rng = [g.get_state() for g in state.loader_generators]
@@ -221,16 +219,18 @@ class TrainingRun:
                 state.add_terms(terms, len(x))
                 state.epoch_step += 1
                 state.step += 1
-                if not bar.disable:  # formatting the postfix costs as much as a small step
+                if bar is not None:  # formatting the postfix costs as much as a small step
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(terms['loss']):.4g}", refresh=False)
                 if self._stop_now():
-                    bar.close()
+                    if bar is not None:
+                        bar.close()
                     self._save_checkpoint()
                     raise self._interrupted()
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     self._save_checkpoint()
-            bar.close()
+            if bar is not None:
+                bar.close()
             self._end_epoch(epoch, start)
 
     def _end_epoch(self, epoch: int, start: float) -> None:

@@ -61,6 +61,12 @@ class History:
         return history
 
 
+def read_is_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value costs no wait: a CPU tensor's does (a device's waits
+    for its queue, so its values are read back together when wanted)."""
+    return t.device.type == "cpu"
+
+
 class RunState:
     """Where a run is: completed epochs and steps, the running epoch's metric sums,
     early-stopping bookkeeping (on the smoothed validation loss) and the best weights."""
@@ -92,6 +98,9 @@ class RunState:
     def add_terms(self, terms: dict[str, torch.Tensor], rows: int) -> None:
         """A step's loss terms (detached means over its ``rows`` rows) into the epoch's sums."""
         for k, v in terms.items():
+            if read_is_free(v):  # no tensors kept, none stacked
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * rows
+                continue
             v = v.reshape(())
             if v.untyped_storage().nbytes() > v.element_size():
                 v = v.clone()  # a view would keep its whole buffer alive until then

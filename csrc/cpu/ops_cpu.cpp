@@ -4,12 +4,16 @@
 
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <optional>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "cpu/adam_cpu.h"
 #include "cpu/rbm_cpu.h"
 #include "cpu/sae_cpu.h"
 #include "cpu/sparsity_cpu.h"
@@ -183,6 +187,96 @@ std::tuple<at::Tensor, at::Tensor> cd_update_cpu(
                                     lr, momentum, weight_decay, noise_h0, noise_h, noise_v);
 }
 
+// Adam (decoupled: AdamW) on every (parameter, gradient, moments, step), torch.optim's
+// formulas, after one read of the gradients: nothing changes unless their norm is finite.
+// Returns that norm (float64, before clipping to max_norm).
+at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
+                         double beta1, double beta2, double eps, double weight_decay,
+                         bool decoupled, std::optional<double> max_norm) {
+  const char* op = "adam_step_";
+  const size_t n = params.size();
+  AECORE_CHECK(n >= 1, "aecore: ", op, " needs at least one parameter");
+  AECORE_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                   steps.size() == n,
+               "aecore: ", op, " needs one gradient, two moments and a step per parameter; got ",
+               n, " parameters, ", grads.size(), " gradients, ", exp_avgs.size(), " exp_avgs, ",
+               exp_avg_sqs.size(), " exp_avg_sqs, ", steps.size(), " steps");
+  AECORE_CHECK(std::isfinite(lr) && lr >= 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 &&
+                   beta2 < 1 && std::isfinite(eps) && eps >= 0 && std::isfinite(weight_decay) &&
+                   weight_decay >= 0,
+               "aecore: ", op, " needs lr, eps, weight_decay >= 0 (finite) and betas in [0, 1); "
+               "got lr=", lr, ", betas=(", beta1, ", ", beta2, "), eps=", eps,
+               ", weight_decay=", weight_decay);
+  AECORE_CHECK(!max_norm.has_value() || (std::isfinite(*max_norm) && *max_norm > 0), "aecore: ",
+               op, " needs max_norm > 0 (finite) or None");
+  const at::Tensor& first = params[0];
+  AECORE_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
+               "aecore: ", op, " needs float32 or float64 parameters, got ",
+               first.scalar_type());
+  std::vector<at::Tensor> g(n);
+  for (size_t i = 0; i < n; ++i) {
+    for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
+      AECORE_CHECK(t->layout() == at::kStrided && t->is_cpu() &&
+                       t->scalar_type() == first.scalar_type(),
+                   "aecore: ", op, " tensors must be dense, on the CPU and of one dtype");
+      AECORE_CHECK(t->sizes() == params[i].sizes(), "aecore: ", op, " entry ", i,
+                   ": parameter, gradient and moment shapes differ");
+    }
+    AECORE_CHECK(params[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
+                     exp_avg_sqs[i].is_contiguous(),
+                 "aecore: ", op, " changes parameters and moments in place: they must be "
+                 "contiguous");
+    AECORE_CHECK(steps[i].is_cpu() && steps[i].numel() == 1 &&
+                     (steps[i].scalar_type() == at::kFloat ||
+                      steps[i].scalar_type() == at::kDouble),
+                 "aecore: ", op, " steps[", i, "] must be a float32 or float64 CPU scalar");
+    g[i] = grads[i].contiguous();
+  }
+  std::vector<double> counts(n);  // each parameter's step count after this step
+  for (size_t i = 0; i < n; ++i) {
+    counts[i] = (steps[i].scalar_type() == at::kFloat
+                     ? static_cast<double>(*steps[i].data_ptr<float>())
+                     : *steps[i].data_ptr<double>()) + 1.0;
+    AECORE_CHECK(counts[i] >= 1.0, "aecore: ", op, " step counts must not be negative, got ",
+                 counts[i] - 1.0, " at steps[", i, "]");
+  }
+  double squares = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "aecore_adam_norm", [&] {
+    for (size_t i = 0; i < n; ++i)
+      squares += cpu::sum_squares<scalar_t>(g[i].data_ptr<scalar_t>(), g[i].numel());
+  });
+  const double norm = std::sqrt(squares);
+  at::Tensor out = at::scalar_tensor(norm, first.options().dtype(at::kDouble));
+  if (!std::isfinite(norm)) return out;
+  // torch.nn.utils.clip_grad_norm_'s coefficient
+  const double scale = max_norm.has_value() ? std::min(1.0, *max_norm / (norm + 1e-6)) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "aecore_adam_step", [&] {
+    for (size_t i = 0; i < n; ++i) {
+      at::Tensor step = steps[i];
+      const double t = counts[i];
+      cpu::AdamCoefs<scalar_t> c;
+      c.beta1 = static_cast<scalar_t>(beta1);
+      c.beta2 = static_cast<scalar_t>(beta2);
+      c.eps = static_cast<scalar_t>(eps);
+      c.step_size = static_cast<scalar_t>(lr / (1.0 - std::pow(beta1, t)));
+      c.bc2_sqrt = static_cast<scalar_t>(std::sqrt(1.0 - std::pow(beta2, t)));
+      c.grad_scale = static_cast<scalar_t>(scale);
+      c.decay = static_cast<scalar_t>(decoupled ? 1.0 - lr * weight_decay : weight_decay);
+      c.decoupled = decoupled;
+      cpu::adam_update<scalar_t>(params[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
+                                 exp_avg_sqs[i].data_ptr<scalar_t>(), g[i].data_ptr<scalar_t>(),
+                                 params[i].numel(), c);
+      if (step.scalar_type() == at::kFloat) {
+        *step.data_ptr<float>() = static_cast<float>(t);
+      } else {
+        *step.data_ptr<double>() = t;
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("gibbs_chain", &gibbs_chain_cpu);
   m.impl("cd_step", &cd_step_cpu);
@@ -198,6 +292,7 @@ TORCH_LIBRARY_IMPL(aecore, CPU, m) {
   m.impl("set_row_norms_", &set_row_norms_impl<CpuKernels>);
   m.impl("momentum_step_", &momentum_step_impl<CpuKernels>);
   m.impl("cd_update_", &cd_update_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
 }
 
 }  // namespace aecore

@@ -1,6 +1,7 @@
 """``aecore bench kernels``: the fused kernels against the eager reference, the reference
-under torch.compile, a floor (the GEMMs alone, or one pass over memory) and, for the RBM,
-scikit-learn's BernoulliRBM. Prints a table of medians and ratios and writes JSON.
+under torch.compile, a floor (the GEMMs alone, or one pass over memory), for the RBM
+scikit-learn's BernoulliRBM, and for the optimizer step torch's fused Adam. Prints a
+table of medians and ratios and writes JSON.
 
 The speed targets are checked from the same run (ratios from one run on one machine: a
 benchmark, not a timed test). Times are wall-clock medians; on a shared machine they

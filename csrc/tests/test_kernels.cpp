@@ -3,6 +3,7 @@
 //   * The vectorised Philox batch against the scalar generator.
 //   * The fused unit pass against a plain scalar loop (means, samples, column sums).
 //   * Sampling frequencies against probabilities; KL and top-k against direct formulas.
+//   * Adam's update and the gradients' sum of squares against a scalar loop.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "cpu/adam_cpu.h"
 #include "cpu/rbm_cpu.h"
 #include "cpu/sparsity_cpu.h"
 #include "cpu/topk_cpu.h"
@@ -349,6 +351,73 @@ static void test_topk_filter_vs_heap() {
     }
 }
 
+// adam_update against the formula written out per element (double), both weight decays,
+// both forms of the first moment's lerp; sum_squares against a plain double sum, across
+// block and lane boundaries and thread counts.
+template <typename T>
+static void test_adam() {
+  std::mt19937 gen(11);
+  std::normal_distribution<double> nd;
+  for (int64_t n : std::vector<int64_t>{1, 15, 16, 17, 1000, (1 << 16) + 3, (1 << 18) + 5}) {
+    std::vector<T> x(n);
+    double want = 0.0;
+    for (auto& e : x) {
+      e = static_cast<T>(nd(gen));
+      want += static_cast<double>(e) * static_cast<double>(e);
+    }
+    const double got = cpu::sum_squares<T>(x.data(), n);
+    CHECK(std::fabs(got - want) <= 1e-12 * want, "n=%ld: sum of squares %.17g, want %.17g",
+          (long)n, got, want);
+  }
+  for (bool decoupled : {false, true})
+    for (double beta1 : {0.9, 0.0}) {
+      const int64_t n = 1037;
+      const double lr = 0.01, beta2 = 0.99, eps = 1e-6, wd = 0.05, scale = 0.5, t = 3.0;
+      std::vector<T> p(n), m(n), v(n), g(n);
+      for (int64_t i = 0; i < n; ++i) {
+        p[i] = static_cast<T>(nd(gen));
+        m[i] = static_cast<T>(nd(gen) * 0.1);
+        v[i] = static_cast<T>(std::fabs(nd(gen)) * 0.01);
+        g[i] = static_cast<T>(nd(gen));
+      }
+      std::vector<T> p0 = p, m0 = m, v0 = v;
+      cpu::AdamCoefs<T> c;
+      c.beta1 = static_cast<T>(beta1);
+      c.beta2 = static_cast<T>(beta2);
+      c.eps = static_cast<T>(eps);
+      c.step_size = static_cast<T>(lr / (1.0 - std::pow(beta1, t)));
+      c.bc2_sqrt = static_cast<T>(std::sqrt(1.0 - std::pow(beta2, t)));
+      c.grad_scale = static_cast<T>(scale);
+      c.decay = static_cast<T>(decoupled ? 1.0 - lr * wd : wd);
+      c.decoupled = decoupled;
+      cpu::adam_update<T>(p.data(), m.data(), v.data(), g.data(), n, c);
+      const double tol = sizeof(T) == 4 ? 1e-5 : 1e-12;
+      int bad = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        double gi = static_cast<double>(g[i]) * scale, pi = p0[i];
+        if (decoupled) {
+          pi *= 1.0 - lr * wd;
+        } else {
+          gi += wd * pi;
+        }
+        const double mi = beta1 * m0[i] + (1.0 - beta1) * gi;
+        const double vi = beta2 * v0[i] + (1.0 - beta2) * gi * gi;
+        const double step = lr / (1.0 - std::pow(beta1, t));
+        const double pw = pi - step * mi / (std::sqrt(vi) / std::sqrt(1.0 - std::pow(beta2, t)) + eps);
+        bad += std::fabs(p[i] - pw) > tol * (1.0 + std::fabs(pw)) ||
+               std::fabs(m[i] - mi) > tol * (1.0 + std::fabs(mi)) ||
+               std::fabs(v[i] - vi) > tol * (1.0 + std::fabs(vi));
+      }
+      CHECK(bad == 0, "decoupled=%d beta1=%g: %d of %ld elements off the formula",
+            (int)decoupled, beta1, bad, (long)n);
+      if (beta1 == 0.0) {  // torch's lerp from the nearer end: the moment is g itself
+        for (int64_t i = 0; i < n && !decoupled; ++i) bad += m[i] != static_cast<T>(
+            static_cast<T>(g[i] * c.grad_scale) + c.decay * p0[i]);
+        CHECK(bad == 0, "beta1=0: %d first moments are not the gradient", bad);
+      }
+    }
+}
+
 int main() {
   test_philox_kat();
   test_philox_batch();
@@ -371,6 +440,8 @@ int main() {
   test_topk();
   test_topk_filter_vs_heap<float>();
   test_topk_filter_vs_heap<double>();
+  test_adam<float>();
+  test_adam<double>();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -4,6 +4,7 @@ size 1 and every collective is a no-op."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -12,14 +13,21 @@ import torch.distributed as dist
 from aecore.errors import ConfigError
 
 
+def _destroy_group_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class DistContext:
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, owns: bool = False):
-        self.rank, self.world, self.local_rank, self.owns = rank, world, local_rank, owns
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
 
     @classmethod
     def from_env(cls, device: torch.device) -> DistContext:
         """Join the process group torchrun describes in the environment (gloo on CPU,
-        NCCL on CUDA), or use one the caller already initialised."""
+        NCCL on CUDA), or use one already initialised. A group made here outlives the
+        fit, for the process's later fits (creating it again after destroying it fails
+        or hangs: torchrun's rendezvous is closed by then), and is destroyed at exit."""
         if not dist.is_available():
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -30,7 +38,8 @@ class DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns=True)
+        atexit.register(_destroy_group_at_exit)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
 
     def device_for(self, device: torch.device) -> torch.device:
         """This process's device: under torchrun each process takes its local GPU."""
@@ -90,10 +99,6 @@ class DistContext:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
-
-    def close(self) -> None:
-        if self.owns and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class _LossModule(torch.nn.Module):

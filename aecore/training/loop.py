@@ -58,29 +58,26 @@ class TrainingRun:
 
     # -- the run ---------------------------------------------------------------------
     def execute(self) -> History:
-        try:
-            if self.dist.active:
-                check_distributed(self.model, self.train, self.config, self.dist.world)
-                check_same_data(self.dist, self.train.summary(), self.device)
-            self.model.to(self.device)
-            if self.model.uses_optimizer:
-                self.optimizer = make_optimizer(self.model, self.config)
-            if self.trainer.resume:
-                self._resume()
-            else:
-                self._start()
-            if self.dist.active:
-                self.loss_fn = distributed_loss(self.model, self.device)
-            # a model that checks each batch may check in-memory data once instead
-            check = getattr(self.model, "check_training_data", None)
-            chunks = None if check is None else self.train.in_memory_chunks()
-            self.data_checked = chunks is not None and bool(check(chunks))
-            # which process this is (a resume replaces the history with the saved one)
-            self.state.history.rank = self.dist.rank
-            self.state.history.world_size = self.dist.world
-            self._epochs()
-        finally:
-            self.dist.close()
+        if self.dist.active:
+            check_distributed(self.model, self.train, self.config, self.dist.world)
+            check_same_data(self.dist, self.train.summary(), self.device)
+        self.model.to(self.device)
+        if self.model.uses_optimizer:
+            self.optimizer = make_optimizer(self.model, self.config)
+        if self.trainer.resume:
+            self._resume()
+        else:
+            self._start()
+        if self.dist.active:
+            self.loss_fn = distributed_loss(self.model, self.device)
+        # a model that checks each batch may check in-memory data once instead
+        check = getattr(self.model, "check_training_data", None)
+        chunks = None if check is None else self.train.in_memory_chunks()
+        self.data_checked = chunks is not None and bool(check(chunks))
+        # which process this is (a resume replaces the history with the saved one)
+        self.state.history.rank = self.dist.rank
+        self.state.history.world_size = self.dist.world
+        self._epochs()
         self._keep_best_weights()
         self.model.eval()
         self.model.run_id = self.state.history.run_id  # aecore.save records it

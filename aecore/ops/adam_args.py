@@ -74,3 +74,20 @@ def adam_step_args(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
                 f"its parameter), got shape {_shape(step)} on {step.device}"
             )
         writable(OP, f"steps[{i}]", step)
+    _distinct_writes(lists)
+
+
+def _distinct_writes(lists: dict) -> None:
+    """The tensors the step writes share no memory (each update would read another's)."""
+    spans = []
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i, t in enumerate(lists[name]):
+            start = t.data_ptr()
+            spans.append((start, start + t.numel() * t.element_size(), f"{name}[{i}]"))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ConfigError(
+                f"{OP}: {second} shares memory with {first}; the step writes both in place: "
+                f"pass tensors of their own"
+            )

@@ -361,10 +361,15 @@ def adam_update_(
     max_norm, decoupled,
 ) -> Tensor:  # fmt: skip
     """adam_step_'s body, for validated arguments."""
-    norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+    squares = torch.stack([g.double().square().sum() for g in grads]).sum()
+    norm = squares.sqrt()
     counts = [float(s) + 1.0 for s in steps]
-    if any(t < 1.0 for t in counts):
-        raise ConfigError(f"adam_step_: step counts must not be negative, got {counts}")
+    if not all(math.isfinite(t) and t >= 1.0 for t in counts):  # (NaN fails t >= 1 too)
+        raise ConfigError(
+            f"adam_step_: step counts must be finite numbers >= 0, got {[t - 1 for t in counts]}"
+        )
+    if float(squares) > torch.finfo(params[0].dtype).max:  # as torch's norm in that dtype
+        norm = torch.full_like(norm, math.inf)
     if not bool(torch.isfinite(norm)):
         return norm
     scale = 1.0 if max_norm is None else min(1.0, max_norm / (float(norm) + 1e-6))

@@ -178,7 +178,8 @@ def adam_step_(
     moment, step count): ``torch.optim.AdamW``'s with ``decoupled``; the gradients first
     clipped to a total norm of ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``, but
     without changing them). If that norm is not finite nothing changes. Returns the norm
-    before clipping, a float64 scalar. ``steps``: the counts of steps taken (float
+    before clipping, a float64 scalar: inf where the sum of squares exceeds the largest
+    number of the gradients' dtype (as torch's norm, computed in that dtype, overflows). ``steps``: the counts of steps taken (float
     scalars, as ``torch.optim.Adam`` keeps them), each advanced by one.
 
     On the CPU kernels (float32/64; parameters and moments contiguous) the whole step is

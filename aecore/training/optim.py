@@ -164,24 +164,25 @@ def gradient_step(
 
 def _adam_state(optimizer, live: list[torch.Tensor]) -> tuple[list, list, list]:
     """The moments and step counts of ``live`` in ``optimizer.state``, started as torch's
-    Adam starts them; the lists are kept on the optimizer while the parameters and the
-    state are the same (gathering them each step cost a tenth of a small model's step)."""
+    Adam starts them; the lists are kept on the optimizer while the parameters and their
+    state dicts are the same (gathering them each step cost a tenth of a small model's
+    step). A state dict's entries replaced in place would go unseen: aecore never does."""
     state = optimizer.state
     kept = optimizer.__dict__.get("_aecore_adam_lists")
     if (
         kept is not None
         and kept[0] is state
         and len(kept[1]) == len(live)
-        and all(a is b for a, b in zip(kept[1], live))
+        and all(a is b and state[a] is d for a, b, d in zip(kept[1], live, kept[3]))
     ):
         return kept[2]
     for p in live:
         if not state[p]:
-            state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state[p]["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     lists = tuple([state[p][key] for p in live] for key in ("exp_avg", "exp_avg_sq", "step"))
-    optimizer.__dict__["_aecore_adam_lists"] = (state, live, lists)
+    optimizer.__dict__["_aecore_adam_lists"] = (state, live, lists, [state[p] for p in live])
     return lists
 
 
@@ -194,8 +195,9 @@ def fused_adam_step(optimizer, grad_clip: float | None) -> float | None:
     into aecore's CPU kernels (:func:`aecore.ops.adam_step_`), where that is the same
     update: torch's Adam or AdamW with its default flags, on CPU tensors of the kernels'
     dtypes, and no step hooks. The optimizer's state stays torch's (its checkpoints load
-    either way). Returns the gradients' norm (the step applied only if it is finite), or
-    None where ``optimizer.step()`` must run."""
+    either way); the gradients are left as the backward made them (the clipping scales
+    them inside the update). Returns the gradients' norm (the step applied only if it is
+    finite), or None where ``optimizer.step()`` must run."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return None
     if len(optimizer.param_groups) != 1 or optimizer._optimizer_step_pre_hooks:

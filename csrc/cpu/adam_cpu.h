@@ -14,13 +14,15 @@
 namespace aecore {
 namespace cpu {
 
-// Adam's coefficients for one parameter at its step t (computed in double by the caller):
-// step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t); decay: the parameter's
-// factor 1 - lr * weight_decay when decoupled (AdamW), else the L2 term's weight_decay.
+// Adam's coefficients for one parameter at its step t, each computed in double by the
+// caller and rounded once, as torch.optim computes its scalars: weight1 = 1 - beta1 (the
+// first moment's lerp weight), weight2 = 1 - beta2, step_size = lr / (1 - beta1^t),
+// bc2_sqrt = sqrt(1 - beta2^t); decay: the parameter's factor 1 - lr * weight_decay when
+// decoupled (AdamW), else the L2 term's weight_decay; none where weight_decay is 0.
 template <typename T>
 struct AdamCoefs {
-  T beta1, beta2, eps, step_size, bc2_sqrt, grad_scale, decay;
-  bool decoupled;
+  T weight1, beta2, weight2, eps, step_size, bc2_sqrt, grad_scale, decay;
+  bool decoupled, has_decay;
 };
 
 namespace detail {
@@ -64,22 +66,24 @@ __attribute__((always_inline)) inline void adam_rows_impl(T* __restrict__ p, T* 
                                                           T* __restrict__ v,
                                                           const T* __restrict__ g, int64_t n,
                                                           const AdamCoefs<T> c) {
-  const T one_minus_beta1 = T(1) - c.beta1, one_minus_beta2 = T(1) - c.beta2;
   // torch's lerp: from the nearer end, so that a weight of 1 (beta1 = 0) gives g exactly
-  const bool from_g = one_minus_beta1 >= T(0.5);
+  const bool from_g = c.weight1 >= T(0.5);
+  const T rest1 = T(1) - c.weight1;
   for (int64_t i = 0; i < n; ++i) {
     T gi = g[i] * c.grad_scale;
     T pi = p[i];
-    if (c.decoupled) {
-      pi *= c.decay;
-    } else {
-      gi += c.decay * pi;
+    if (c.has_decay) {  // (0 * an infinite parameter would be NaN: torch adds no term)
+      if (c.decoupled) {
+        pi *= c.decay;
+      } else {
+        gi += c.decay * pi;
+      }
     }
-    const T mi = from_g ? gi - (gi - m[i]) * c.beta1 : m[i] + one_minus_beta1 * (gi - m[i]);
-    const T vi = c.beta2 * v[i] + one_minus_beta2 * gi * gi;
+    const T mi = from_g ? gi - (gi - m[i]) * rest1 : m[i] + c.weight1 * (gi - m[i]);
+    const T vi = c.beta2 * v[i] + c.weight2 * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    p[i] = pi - c.step_size * mi / (std::sqrt(vi) / c.bc2_sqrt + c.eps);
+    p[i] = pi - c.step_size * (mi / (std::sqrt(vi) / c.bc2_sqrt + c.eps));
   }
 }
 AECORE_CLONES static void adam_rows(float* p, float* m, float* v, const float* g, int64_t n,

@@ -4,9 +4,12 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -187,6 +190,22 @@ std::tuple<at::Tensor, at::Tensor> cd_update_cpu(
                                     lr, momentum, weight_decay, noise_h0, noise_h, noise_v);
 }
 
+// The tensors adam_step_ writes must not share memory: the update would read what another
+// entry's update wrote (sorted by address, each must end before the next begins).
+inline void check_distinct_writes(at::TensorList params, at::TensorList exp_avgs,
+                                  at::TensorList exp_avg_sqs, at::TensorList steps) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps})
+    for (const at::Tensor& t : list) {
+      const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.emplace_back(start, start + t.numel() * t.element_size());
+    }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    AECORE_CHECK(spans[i].first >= spans[i - 1].second, "aecore: adam_step_ writes its "
+                 "parameters, moments and step counts in place: no two may share memory");
+}
+
 // Adam (decoupled: AdamW) on every (parameter, gradient, moments, step), torch.optim's
 // formulas, after one read of the gradients: nothing changes unless their norm is finite.
 // Returns that norm (float64, before clipping to max_norm).
@@ -238,15 +257,20 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     counts[i] = (steps[i].scalar_type() == at::kFloat
                      ? static_cast<double>(*steps[i].data_ptr<float>())
                      : *steps[i].data_ptr<double>()) + 1.0;
-    AECORE_CHECK(counts[i] >= 1.0, "aecore: ", op, " step counts must not be negative, got ",
-                 counts[i] - 1.0, " at steps[", i, "]");
+    AECORE_CHECK(std::isfinite(counts[i]) && counts[i] >= 1.0, "aecore: ", op,
+                 " step counts must be finite numbers >= 0, got ", counts[i] - 1.0,
+                 " at steps[", i, "]");
   }
-  double squares = 0.0;
+  check_distinct_writes(params, exp_avgs, exp_avg_sqs, steps);
+  double norm = 0.0;
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "aecore_adam_norm", [&] {
     for (size_t i = 0; i < n; ++i)
-      squares += cpu::sum_squares<scalar_t>(g[i].data_ptr<scalar_t>(), g[i].numel());
+      norm += cpu::sum_squares<scalar_t>(g[i].data_ptr<scalar_t>(), g[i].numel());
+    // squares beyond the gradients' dtype overflow there, as torch's norm in it does
+    norm = norm > static_cast<double>(std::numeric_limits<scalar_t>::max())
+               ? std::numeric_limits<double>::infinity()
+               : std::sqrt(norm);
   });
-  const double norm = std::sqrt(squares);
   at::Tensor out = at::scalar_tensor(norm, first.options().dtype(at::kDouble));
   if (!std::isfinite(norm)) return out;
   // torch.nn.utils.clip_grad_norm_'s coefficient
@@ -256,14 +280,16 @@ at::Tensor adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       at::Tensor step = steps[i];
       const double t = counts[i];
       cpu::AdamCoefs<scalar_t> c;
-      c.beta1 = static_cast<scalar_t>(beta1);
+      c.weight1 = static_cast<scalar_t>(1.0 - beta1);
       c.beta2 = static_cast<scalar_t>(beta2);
+      c.weight2 = static_cast<scalar_t>(1.0 - beta2);
       c.eps = static_cast<scalar_t>(eps);
       c.step_size = static_cast<scalar_t>(lr / (1.0 - std::pow(beta1, t)));
       c.bc2_sqrt = static_cast<scalar_t>(std::sqrt(1.0 - std::pow(beta2, t)));
       c.grad_scale = static_cast<scalar_t>(scale);
       c.decay = static_cast<scalar_t>(decoupled ? 1.0 - lr * weight_decay : weight_decay);
       c.decoupled = decoupled;
+      c.has_decay = weight_decay != 0.0;
       cpu::adam_update<scalar_t>(params[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
                                  exp_avg_sqs[i].data_ptr<scalar_t>(), g[i].data_ptr<scalar_t>(),
                                  params[i].numel(), c);

@@ -382,14 +382,16 @@ static void test_adam() {
       }
       std::vector<T> p0 = p, m0 = m, v0 = v;
       cpu::AdamCoefs<T> c;
-      c.beta1 = static_cast<T>(beta1);
+      c.weight1 = static_cast<T>(1.0 - beta1);
       c.beta2 = static_cast<T>(beta2);
+      c.weight2 = static_cast<T>(1.0 - beta2);
       c.eps = static_cast<T>(eps);
       c.step_size = static_cast<T>(lr / (1.0 - std::pow(beta1, t)));
       c.bc2_sqrt = static_cast<T>(std::sqrt(1.0 - std::pow(beta2, t)));
       c.grad_scale = static_cast<T>(scale);
       c.decay = static_cast<T>(decoupled ? 1.0 - lr * wd : wd);
       c.decoupled = decoupled;
+      c.has_decay = true;
       cpu::adam_update<T>(p.data(), m.data(), v.data(), g.data(), n, c);
       const double tol = sizeof(T) == 4 ? 1e-5 : 1e-12;
       int bad = 0;

@@ -2,9 +2,10 @@
 decoder's unit-norm constraint), side by side in one run on the same batch:
 
 * ``aecore fused``: ``sae-topk``'s loss through the sparse kernels (``aecore.ops.topk_encode``
-  and ``sparse_decode``), stepped as the trainer steps it (its optimizer, torch's fused
-  Adam, and ``aecore.training.optim.gradient_step``, which checks the loss and the
-  gradient with one read back, as the trainer does);
+  and ``sparse_decode``), stepped as the trainer steps it
+  (``aecore.training.optim.gradient_step``, which checks the loss and the gradient and
+  takes Adam's step: on the CPU in one call to ``aecore.ops.adam_step_``, elsewhere
+  torch's fused Adam);
 * ``aecore dense``: the same model and step through the dense path (every pre-activation
   formed, a dense decoder GEMM);
 * ``stock sparse``: the dense encoder and ``torch.topk``, with ``F.embedding_bag`` as a

@@ -149,3 +149,22 @@ def test_a_detector_pickled_before_cross_fit_clones_and_refits():
     assert old.get_params()["cross_fit"] == 0 and "cross_fit=0" in repr(old)
     np.testing.assert_array_equal(old.predict(new), detector.predict(new))
     clone(old).fit(train)
+
+
+def test_the_pipelines_threshold_is_fitted_on_rows_the_model_did_not_train_on():
+    # `aecore train ae --data digits --contamination 0.1` thresholded the training rows'
+    # scores, and flagged 37% of the test rows
+    import torch
+
+    from aecore import pipeline
+
+    result = pipeline.train("ae", "digits", None, contamination=0.1, epochs=60, progress=False)
+    assert result.metrics["threshold_rows"] == "val"
+    rows = result.prepared.view("test")
+    scores = result.model.score(torch.as_tensor(rows[np.arange(len(rows))])).numpy()
+    assert (scores > result.model.detector.threshold).mean() <= 0.2
+    # without validation rows: the training rows', said
+    with pytest.warns(UserWarning, match=r"fitted on the training rows.*there are 0: raise"):
+        bare = pipeline.train("ae", "digits", None, contamination=0.1, epochs=1,
+                              val_fraction=0.0, progress=False)  # fmt: skip
+    assert bare.metrics["threshold_rows"] == "train"

@@ -18,6 +18,9 @@ from aecore.data.sources import SOURCE_FORMS
 from aecore.data.split import SPLIT_METHODS
 from aecore.errors import ConfigError, warn
 
+#: which rows a saved anomaly threshold was fitted on (``metrics["threshold_rows"]``)
+ROWS = {"val": "validation", "train": "training"}
+
 
 def add_commands(sub) -> None:
     s = sub.add_parser("train", help="train a model on a data source and save it")
@@ -58,8 +61,9 @@ def add_commands(sub) -> None:
         "--contamination",
         type=float,
         default=None,
-        help="also fit an anomaly threshold flagging this share of the training rows, in "
-        "(0, 0.5], by the model's default score (what `aecore predict` uses)",
+        help="also fit an anomaly threshold flagging this share of the validation rows "
+        "(the training rows where they are too few), in (0, 0.5], by the model's default "
+        "score (what `aecore predict` uses)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace a run or model in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -201,7 +205,8 @@ def cmd_train(args) -> int:
     if detector is not None:
         print(
             f"anomaly threshold: {detector.kind} score above {detector.threshold:.6g} flags "
-            f"{detector.contamination:g} of the training rows (aecore predict uses it)"
+            f"{detector.contamination:g} of the {ROWS[m['threshold_rows']]} rows (aecore "
+            f"predict uses it)"
         )
     return 0
 

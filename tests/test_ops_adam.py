@@ -175,7 +175,7 @@ def bad_calls():
         (args(steps=lambda c: [torch.tensor(math.nan), c["steps"][1]]), ConfigError,
          "step counts must be finite numbers >= 0"),
         (args(exp_avg_sqs=lambda c: c["exp_avgs"]), ConfigError,
-         r"exp_avgs\[0\] shares memory with|exp_avg_sqs\[0\] shares memory with"),
+         r"exp_avg(_sq)?s\[(\d)\] shares memory with exp_avg(_sq)?s\[\2\]"),
         (args(steps=lambda c: [c["steps"][0], c["steps"][0]]), ConfigError,
          r"steps\[\d\] shares memory with steps\[\d\]"),
         (args(params=lambda c: [c["params"][0].half(), c["params"][1]]), ConfigError,

@@ -3,7 +3,7 @@ conventions, for pipelines that already speak them.
 
 After ``fit(X)``: ``decision_scores_`` (the training rows' anomaly scores, higher = more
 anomalous: the model's default ``score`` in normalised units, e.g. the reconstruction
-error; cross-fitted on small data, see ``cross_fit``), ``threshold_`` (the
+error; cross-fitted, see ``cross_fit``), ``threshold_`` (the
 ``contamination`` share of them lies above it) and ``labels_`` (1 = outlier). Then
 ``decision_function``, ``predict`` (0 / 1), ``predict_proba(method="linear" | "unify")``
 and ``predict_confidence`` on new rows. The threshold travels with the model:
@@ -143,7 +143,10 @@ class AnomalyDetector(DetectorMethods, AutoencoderTransformer):
         config = {k: v for k, v in self.model_.get_config().items() if k != "input_shape"}
         scores = np.empty(len(X))
         for train, held in KFold(folds, shuffle=True, random_state=seed).split(X):
-            fold = clone(self).set_params(cross_fit=0, **config)
+            # and its early stopping: on half the rows "auto" could hold out none
+            fold = clone(self).set_params(
+                cross_fit=0, validation_fraction=self.validation_fraction_, **config
+            )
             fold._fold_of = self.normalization_
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the fit on every row said what applies

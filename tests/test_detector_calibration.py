@@ -168,3 +168,17 @@ def test_the_pipelines_threshold_is_fitted_on_rows_the_model_did_not_train_on():
         bare = pipeline.train("ae", "digits", None, contamination=0.1, epochs=1,
                               val_fraction=0.0, progress=False)  # fmt: skip
     assert bare.metrics["threshold_rows"] == "train"
+
+
+def test_each_fold_stops_early_as_the_fit_on_every_row_did(monkeypatch):
+    # on 300 rows "auto" holds out 30 for early stopping; each fold's 150 would hold out
+    # none by the same rule, and the folds trained unlike the model they stand in for
+    from aecore import anomaly
+
+    folds = []
+    real_clone = anomaly.clone
+    monkeypatch.setattr(anomaly, "clone", lambda est: folds.append(real_clone(est)) or folds[-1])
+    X = np.random.default_rng(0).random((300, 6))
+    detector = aecore.AnomalyDetector("ae", epochs=3, random_state=0).fit(X)
+    assert detector.validation_fraction_ == 0.1
+    assert len(folds) == 2 and all(f.validation_fraction_ == 0.1 for f in folds)

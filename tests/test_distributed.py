@@ -218,3 +218,30 @@ def test_processes_agree_on_their_data_their_pretrained_start_and_their_run(tmp_
     assert ranks[0]["val"] == ranks[1]["val"]
     assert ranks[0]["run_id"] == ranks[1]["run_id"]
     assert ranks[0]["group_kept"] and ranks[1]["group_kept"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "refused"),
+    [("nccl", "cpu", True), ("cuda:gloo", "cpu", True), ("gloo", "cpu", False),
+     ("cpu:gloo,cuda:nccl", "cpu", False), ("nccl", "cuda", False)],
+)  # fmt: skip
+def test_a_kept_group_without_a_backend_for_the_device_is_refused_by_name(
+    monkeypatch, backend, device, refused
+):
+    # a CUDA fit's NCCL group, kept for the process's later fits, failed a CPU fit with
+    # "No backend type associated with device type cpu" deep inside torch
+    import torch.distributed as dist
+
+    from aecore.training.distributed import DistContext
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    if refused:
+        with pytest.raises(
+            ConfigError, match=rf"process group \({backend}\) has no backend for cpu"
+        ):
+            DistContext.from_env(torch.device(device))
+    else:
+        assert DistContext.from_env(torch.device(device)).world == 2

@@ -18,6 +18,24 @@ def _destroy_group_at_exit() -> None:
         dist.destroy_process_group()
 
 
+def _check_group_serves(device: torch.device) -> None:
+    """The process group in place has a backend for ``device`` (one made for a CUDA fit,
+    NCCL, has none for CPU tensors: the fit failed deep inside torch)."""
+    backend = str(dist.get_backend())
+    if ":" in backend:  # "cpu:gloo,cuda:nccl"
+        served = {part.split(":")[0] for part in backend.split(",")}
+    else:
+        served = {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}}.get(backend, {device.type})
+    if device.type not in served:
+        raise ConfigError(
+            f"this process's process group ({backend}) has no backend for {device.type} "
+            f"tensors, and it cannot be made again under torchrun: fit on "
+            f"{' or '.join(sorted(served))}, or create the group yourself before the first "
+            f"fit with a backend for each device, e.g. "
+            f"torch.distributed.init_process_group('cpu:gloo,cuda:nccl')"
+        )
+
+
 class DistContext:
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
         self.rank, self.world, self.local_rank = rank, world, local_rank
@@ -32,6 +50,7 @@ class DistContext:
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if dist.is_initialized():
+            _check_group_serves(device)
             return cls(dist.get_rank(), dist.get_world_size(), local_rank)
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()

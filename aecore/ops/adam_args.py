@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from aecore import params
 from aecore.errors import ConfigError, ShapeError
-from aecore.ops.validation import _shape, finite, is_real, tensor, writable
+from aecore.ops.validation import _shape, tensor, writable
 
 OP = "adam_step_"
 LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")
@@ -15,25 +16,21 @@ LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")
 def adam_hyperparameters(lr, betas, eps, weight_decay, max_norm) -> tuple:
     """(lr, beta1, beta2, eps, weight_decay, max_norm) as floats (max_norm may be None),
     in torch.optim.Adam's ranges."""
-
-    def number(name, value, low, high=None):
-        if not is_real(value) or not finite(value) or value < low or (high and value >= high):
-            where = f"in [{low:g}, {high:g})" if high else f">= {low:g}"
-            raise ConfigError(f"{OP}: {name} must be a finite number {where}, got {value!r}")
-        return float(value)
-
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ConfigError(f"{OP}: betas must be a pair (beta1, beta2), got {betas!r}")
-    if max_norm is not None and not (is_real(max_norm) and finite(max_norm) and max_norm > 0):
-        raise ConfigError(f"{OP}: max_norm must be a positive finite number or None, got "
-                          f"{max_norm!r}")  # fmt: skip
+    if max_norm is not None:
+        try:
+            max_norm = params.number(f"{OP}: max_norm", max_norm, low=0.0, low_open=True)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("; got", ", or None; got")) from None
+    beta = {"low": 0.0, "high": 1.0, "high_open": True}
     return (
-        number("lr", lr, 0.0),
-        number("betas[0]", betas[0], 0.0, 1.0),
-        number("betas[1]", betas[1], 0.0, 1.0),
-        number("eps", eps, 0.0),
-        number("weight_decay", weight_decay, 0.0),
-        None if max_norm is None else float(max_norm),
+        params.number(f"{OP}: lr", lr, low=0.0),
+        params.number(f"{OP}: betas[0]", betas[0], **beta),
+        params.number(f"{OP}: betas[1]", betas[1], **beta),
+        params.number(f"{OP}: eps", eps, low=0.0),
+        params.number(f"{OP}: weight_decay", weight_decay, low=0.0),
+        max_norm,
     )
 
 

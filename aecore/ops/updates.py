@@ -179,8 +179,9 @@ def adam_step_(
     clipped to a total norm of ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``, but
     without changing them). If that norm is not finite nothing changes. Returns the norm
     before clipping, a float64 scalar: inf where the sum of squares exceeds the largest
-    number of the gradients' dtype (as torch's norm, computed in that dtype, overflows). ``steps``: the counts of steps taken (float
-    scalars, as ``torch.optim.Adam`` keeps them), each advanced by one.
+    number of the gradients' dtype (as torch's norm, computed in that dtype, overflows).
+    ``steps``: the counts of steps taken (float scalars, as ``torch.optim.Adam`` keeps
+    them), each advanced by one.
 
     On the CPU kernels (float32/64; parameters and moments contiguous) the whole step is
     one call: one read of the gradients, then one pass per parameter. At the sizes of
